@@ -1,0 +1,4 @@
+//! Operator-facing surfaces: logging set-up today; metrics, config dump and
+//! readiness come with the observability work.
+
+pub mod logging;

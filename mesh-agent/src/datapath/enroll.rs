@@ -1,0 +1,460 @@
+//! Per-pod enrollment: the in-pod listeners, the map entries that make the
+//! kernel programs capture the pod, and the pod's `sk_lookup` link.
+//!
+//! Order matters so that no step opens a window of leaked plaintext or of
+//! spurious drops: enrolling opens the listeners first, then publishes the
+//! inbound steering (listener, addresses, `sk_lookup`), and only then the
+//! outbound capture (netns cookie). Un-enrolling runs the same steps backwards.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+};
+
+use aya::maps::{HashMap, MapData, SockMap};
+use mesh_common::{
+    INBOUND_PLAINTEXT_PORT, IpKey, LISTENER_PLAINTEXT, LISTENERS_PER_POD, MAX_PODS, OUTBOUND_PORT,
+    PodSlot, PortKey, direction, maps,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Datapath, DatapathError, ip_key,
+    netns::{self, NetnsError, NetnsWorker},
+};
+use crate::{
+    proxy::{PodContext, PodListeners, Proxy},
+    state::{Snapshot, Workload, WorkloadKey},
+};
+
+/// Why a pod could not be enrolled. Other pods are not affected.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    /// The pod's network namespace cannot be entered.
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    /// An in-pod listener cannot be opened.
+    #[error(
+        "cannot open the in-pod listener {addr}: {source} (is something in the pod already bound to it?)"
+    )]
+    Listener {
+        /// The listener address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A datapath (map, link) operation failed.
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    /// All pod slots are taken.
+    #[error("this agent already enrolls {MAX_PODS} pods, its maximum")]
+    SlotsExhausted,
+}
+
+struct EnrolledPod {
+    workload: Workload,
+    cookie: u64,
+    slot: u32,
+    cancel: CancellationToken,
+    _worker: Arc<NetnsWorker>,
+}
+
+/// The result of one reconciliation.
+#[derive(Debug, Default)]
+pub struct ReconcileReport {
+    /// Pods enrolled after the pass.
+    pub enrolled: usize,
+    /// Pods newly enrolled in this pass.
+    pub added: Vec<WorkloadKey>,
+    /// Pods un-enrolled in this pass.
+    pub removed: Vec<WorkloadKey>,
+    /// Pods that should be enrolled but are not, with why.
+    pub failed: Vec<(WorkloadKey, String)>,
+}
+
+/// Keeps the kernel's view of enrolled pods equal to the store's.
+pub struct Enroller {
+    dp: Datapath,
+    enrolled_netns: HashMap<MapData, u64, PodSlot>,
+    pod_addrs: HashMap<MapData, IpKey, PodSlot>,
+    excluded: HashMap<MapData, PortKey, u8>,
+    probe_sources: HashMap<MapData, IpKey, u8>,
+    listeners: SockMap<MapData>,
+    pods: BTreeMap<WorkloadKey, EnrolledPod>,
+    free_slots: Vec<u32>,
+    proxy: Proxy,
+}
+
+impl Enroller {
+    /// Takes the maps it writes out of the datapath.
+    pub fn new(mut dp: Datapath, proxy: Proxy) -> Result<Self, DatapathError> {
+        Ok(Self {
+            enrolled_netns: dp.take_map(maps::ENROLLED_NETNS)?,
+            pod_addrs: dp.take_map(maps::POD_ADDRS)?,
+            excluded: dp.take_map(maps::EXCLUDED_PORTS)?,
+            probe_sources: dp.take_map(maps::PROBE_SOURCES)?,
+            listeners: dp.take_map(maps::INBOUND_LISTENERS)?,
+            dp,
+            pods: BTreeMap::new(),
+            free_slots: (0..MAX_PODS).rev().collect(),
+            proxy,
+        })
+    }
+
+    /// Makes the enrolled set equal to the snapshot's enrolled pods, then
+    /// removes kernel state no current pod owns (left by a previous agent or
+    /// a failed step).
+    pub fn reconcile(&mut self, snap: &Snapshot) -> ReconcileReport {
+        let mut report = ReconcileReport::default();
+        let desired: BTreeMap<&WorkloadKey, &Workload> =
+            snap.workloads.iter().filter(|(_, w)| w.enrolled).collect();
+
+        let stale: Vec<WorkloadKey> = self
+            .pods
+            .iter()
+            .filter(|(k, p)| desired.get(k).is_none_or(|w| **w != p.workload))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in stale {
+            if let Some(pod) = self.pods.remove(&key) {
+                let changed = desired.contains_key(&key);
+                self.unenroll(pod);
+                if changed {
+                    tracing::info!(pod = %key, "pod changed; re-enrolling");
+                } else {
+                    tracing::info!(pod = %key, "pod unenrolled");
+                    report.removed.push(key);
+                }
+            }
+        }
+        for (key, workload) in desired {
+            if self.pods.contains_key(key) {
+                continue;
+            }
+            match self.enroll(workload) {
+                Ok(pod) => {
+                    tracing::info!(
+                        pod = %key,
+                        netns = %workload.netns.display(),
+                        netns_cookie = pod.cookie,
+                        slot = pod.slot,
+                        ips = ?workload.ips,
+                        "pod enrolled"
+                    );
+                    self.pods.insert(key.clone(), pod);
+                    report.added.push(key.clone());
+                }
+                Err(e) => {
+                    tracing::error!(pod = %key, error = %e, "pod enrollment failed");
+                    report.failed.push((key.clone(), e.to_string()));
+                }
+            }
+        }
+        if let Err(e) = self.sync_probe_sources(&snap.node.probe_sources) {
+            tracing::error!(error = %e, "cannot update probe sources");
+        }
+        if let Err(e) = self.sweep() {
+            tracing::error!(error = %e, "cannot remove stale datapath state");
+        }
+        report.enrolled = self.pods.len();
+        report
+    }
+
+    fn enroll(&mut self, w: &Workload) -> Result<EnrolledPod, EnrollError> {
+        let worker = Arc::new(NetnsWorker::spawn(&w.name, &w.netns)?);
+        let (listeners, cookie) = worker.run_blocking(open_listeners)??;
+        let slot = self.free_slots.pop().ok_or(EnrollError::SlotsExhausted)?;
+        let result = self.publish(w, cookie, slot, &listeners);
+        if let Err(e) = result {
+            self.withdraw(w, cookie, slot);
+            self.free_slots.push(slot);
+            return Err(e);
+        }
+        let cancel = CancellationToken::new();
+        let ctx = Arc::new(PodContext {
+            key: w.key(),
+            ips: w.ips.clone(),
+            netns_cookie: cookie,
+            worker: worker.clone(),
+        });
+        self.proxy.serve_pod(ctx, listeners, cancel.clone());
+        Ok(EnrolledPod {
+            workload: w.clone(),
+            cookie,
+            slot,
+            cancel,
+            _worker: worker,
+        })
+    }
+
+    /// Writes the pod's kernel state: inbound first, outbound capture last.
+    fn publish(
+        &mut self,
+        w: &Workload,
+        cookie: u64,
+        slot: u32,
+        l: &PodListeners,
+    ) -> Result<(), EnrollError> {
+        let value = PodSlot {
+            slot,
+            _pad: 0,
+            netns_cookie: cookie,
+        };
+        let map_err = |map: &'static str| {
+            move |e: aya::maps::MapError| DatapathError::Map {
+                map,
+                message: e.to_string(),
+            }
+        };
+        self.listeners
+            .set(
+                slot * LISTENERS_PER_POD + LISTENER_PLAINTEXT,
+                &l.inbound_plaintext,
+                0,
+            )
+            .map_err(map_err(maps::INBOUND_LISTENERS))?;
+        for (ports, dir) in [
+            (&w.exclude_outbound_ports, direction::OUTBOUND),
+            (&w.exclude_inbound_ports, direction::INBOUND),
+        ] {
+            for port in ports {
+                let key = PortKey {
+                    netns_cookie: cookie,
+                    port: *port,
+                    direction: dir,
+                    _pad: [0; 5],
+                };
+                self.excluded
+                    .insert(&key, &1, 0)
+                    .map_err(map_err(maps::EXCLUDED_PORTS))?;
+            }
+        }
+        for ip in &w.ips {
+            self.pod_addrs
+                .insert(&ip_key(*ip), &value, 0)
+                .map_err(map_err(maps::POD_ADDRS))?;
+        }
+        let ns = File::open(&w.netns).map_err(|source| NetnsError::Open {
+            path: w.netns.clone(),
+            source,
+        })?;
+        self.dp.attach_sk_lookup(&ns, cookie)?;
+        self.enrolled_netns
+            .insert(&cookie, &value, 0)
+            .map_err(map_err(maps::ENROLLED_NETNS))?;
+        Ok(())
+    }
+
+    /// Removes the pod's kernel state: outbound capture first. Best effort:
+    /// every step runs; failures are logged (the sweep retries them).
+    fn withdraw(&mut self, w: &Workload, cookie: u64, slot: u32) {
+        let log = |what: &str, r: Result<(), String>| {
+            if let Err(e) = r {
+                tracing::debug!(pod = %w.key(), what, error = %e, "withdraw step failed");
+            }
+        };
+        log(
+            "enrolled_netns",
+            self.enrolled_netns
+                .remove(&cookie)
+                .map_err(|e| e.to_string()),
+        );
+        log(
+            "sk_lookup",
+            self.dp.detach_sk_lookup(cookie).map_err(|e| e.to_string()),
+        );
+        for ip in &w.ips {
+            log(
+                "pod_addrs",
+                self.pod_addrs
+                    .remove(&ip_key(*ip))
+                    .map_err(|e| e.to_string()),
+            );
+        }
+        for (ports, dir) in [
+            (&w.exclude_outbound_ports, direction::OUTBOUND),
+            (&w.exclude_inbound_ports, direction::INBOUND),
+        ] {
+            for port in ports {
+                let key = PortKey {
+                    netns_cookie: cookie,
+                    port: *port,
+                    direction: dir,
+                    _pad: [0; 5],
+                };
+                log(
+                    "excluded_ports",
+                    self.excluded.remove(&key).map_err(|e| e.to_string()),
+                );
+            }
+        }
+        let index = slot * LISTENERS_PER_POD + LISTENER_PLAINTEXT;
+        log(
+            "listeners",
+            self.listeners
+                .clear_index(&index)
+                .map_err(|e| e.to_string()),
+        );
+    }
+
+    fn unenroll(&mut self, pod: EnrolledPod) {
+        self.withdraw(&pod.workload, pod.cookie, pod.slot);
+        // Stops the accept loops; the listeners close. Open connections finish on their own.
+        pod.cancel.cancel();
+        self.free_slots.push(pod.slot);
+    }
+
+    fn sync_probe_sources(&mut self, sources: &[IpAddr]) -> Result<(), DatapathError> {
+        let want: HashSet<IpKey> = sources.iter().map(|ip| ip_key(*ip)).collect();
+        let have: Vec<IpKey> = self.probe_sources.keys().filter_map(Result::ok).collect();
+        let err = |e: aya::maps::MapError| DatapathError::Map {
+            map: maps::PROBE_SOURCES,
+            message: e.to_string(),
+        };
+        for key in have.iter().filter(|k| !want.contains(k)) {
+            self.probe_sources.remove(key).map_err(err)?;
+        }
+        for key in want.iter().filter(|k| !have.contains(k)) {
+            self.probe_sources.insert(key, &1, 0).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes map entries and sk_lookup pins that no enrolled pod owns.
+    fn sweep(&mut self) -> Result<(), DatapathError> {
+        let cookies: BTreeSet<u64> = self.pods.values().map(|p| p.cookie).collect();
+        let addrs: HashSet<IpKey> = self
+            .pods
+            .values()
+            .flat_map(|p| p.workload.ips.iter().map(|ip| ip_key(*ip)))
+            .collect();
+        let ports: HashSet<PortKey> = self
+            .pods
+            .values()
+            .flat_map(|p| {
+                let out = p
+                    .workload
+                    .exclude_outbound_ports
+                    .iter()
+                    .map(move |port| (p.cookie, *port, direction::OUTBOUND));
+                let inb = p
+                    .workload
+                    .exclude_inbound_ports
+                    .iter()
+                    .map(move |port| (p.cookie, *port, direction::INBOUND));
+                out.chain(inb)
+            })
+            .map(|(netns_cookie, port, direction)| PortKey {
+                netns_cookie,
+                port,
+                direction,
+                _pad: [0; 5],
+            })
+            .collect();
+        let mut swept = 0usize;
+        let stale: Vec<u64> = self
+            .enrolled_netns
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !cookies.contains(k))
+            .collect();
+        for key in &stale {
+            let _ = self.enrolled_netns.remove(key);
+        }
+        swept += stale.len();
+        let stale: Vec<IpKey> = self
+            .pod_addrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !addrs.contains(k))
+            .collect();
+        for key in &stale {
+            let _ = self.pod_addrs.remove(key);
+        }
+        swept += stale.len();
+        let stale: Vec<PortKey> = self
+            .excluded
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !ports.contains(k))
+            .collect();
+        for key in &stale {
+            let _ = self.excluded.remove(key);
+        }
+        swept += stale.len();
+        for cookie in self.dp.pinned_sk_lookup_cookies()? {
+            if !cookies.contains(&cookie) {
+                self.dp.detach_sk_lookup(cookie)?;
+                swept += 1;
+            }
+        }
+        if swept > 0 {
+            tracing::info!(entries = swept, "removed stale datapath state");
+        }
+        Ok(())
+    }
+
+    /// Stops every pod's listeners, leaving the kernel state pinned: captured
+    /// traffic fails closed until the next agent takes over.
+    pub fn shutdown(&mut self) {
+        for pod in self.pods.values() {
+            pod.cancel.cancel();
+        }
+    }
+
+    /// Un-enrolls every pod and removes its kernel state (before `uninstall`).
+    pub fn unenroll_all(&mut self) {
+        let pods = std::mem::take(&mut self.pods);
+        for (_, pod) in pods {
+            self.unenroll(pod);
+        }
+    }
+}
+
+/// Opens the pod's listeners; runs inside the pod's netns. Returns them with
+/// the netns cookie.
+fn open_listeners() -> Result<(PodListeners, u64), EnrollError> {
+    let open = |addr: SocketAddr, dual_stack: bool| {
+        netns::listener(addr, dual_stack).map_err(|source| EnrollError::Listener { addr, source })
+    };
+    let out4 = open(
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT),
+        false,
+    )?;
+    let cookie = netns::netns_cookie(&out4).map_err(|source| EnrollError::Listener {
+        addr: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT),
+        source,
+    })?;
+    let mut outbound = vec![out4];
+    // IPv6 may be disabled in the pod: then there is nothing to capture on v6.
+    match open(
+        SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT),
+        false,
+    ) {
+        Ok(l) => outbound.push(l),
+        Err(e) => tracing::debug!(error = %e, "no IPv6 outbound listener"),
+    }
+    // One dual-stack socket is the sk_lookup target for both families. It
+    // must be bound to the wildcard: binding a specific IPv6 address makes a
+    // socket v6-only, and sk_lookup refuses v6-only sockets for IPv4 lookups.
+    // (The bind address matters little otherwise: sk_lookup ignores it.)
+    let inbound_plaintext = match open(
+        SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), INBOUND_PLAINTEXT_PORT),
+        true,
+    ) {
+        Ok(l) => l,
+        Err(_) => open(
+            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), INBOUND_PLAINTEXT_PORT),
+            false,
+        )?,
+    };
+    Ok((
+        PodListeners {
+            outbound,
+            inbound_plaintext,
+        },
+        cookie,
+    ))
+}

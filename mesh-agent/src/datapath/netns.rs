@@ -1,0 +1,198 @@
+//! Network namespaces: a worker thread that lives inside a pod's netns and
+//! creates sockets there, and the socket helpers the datapath needs.
+//!
+//! A socket keeps the netns it was created in for its whole life, whichever
+//! thread later uses it. So the agent enters a pod's netns only for the
+//! `socket()` call, on a thread dedicated to that pod, and hands the socket
+//! to the tokio runtime.
+
+use std::{
+    fs::File,
+    io,
+    net::SocketAddr,
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+    sync::mpsc,
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Errors entering or using a network namespace.
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    /// The netns path cannot be opened: the pod is gone or the path is wrong.
+    #[error(
+        "network namespace {path} cannot be opened ({source}): is the pod still running, and is the path right?"
+    )]
+    Open {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// `setns()` failed: the agent lacks CAP_SYS_ADMIN or the path is not a netns.
+    #[error(
+        "cannot enter network namespace {path} ({source}): the agent needs CAP_SYS_ADMIN and the path must be a network namespace"
+    )]
+    Enter {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The worker thread could not be started.
+    #[error("cannot start the worker thread for network namespace {path}: {source}")]
+    Thread {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The worker thread has stopped (the pod was un-enrolled).
+    #[error("the worker for network namespace {0} has stopped")]
+    Stopped(PathBuf),
+}
+
+fn setns_net(fd: &impl AsFd) -> io::Result<()> {
+    // SAFETY: setns() on a valid fd borrowed for the duration of the call;
+    // it only changes the calling thread's network namespace.
+    let rc = unsafe { libc::setns(fd.as_fd().as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A thread that entered a network namespace and stays there, running jobs.
+/// Dropping the worker stops the thread once queued jobs are done.
+pub struct NetnsWorker {
+    path: PathBuf,
+    tx: mpsc::Sender<Job>,
+}
+
+impl NetnsWorker {
+    /// Starts a worker inside the netns at `path`.
+    pub fn spawn(label: &str, path: &Path) -> Result<Self, NetnsError> {
+        let ns = File::open(path).map_err(|source| NetnsError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
+        let mut name = format!("ns-{label}");
+        name.truncate(15);
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                let entered = setns_net(&ns);
+                let ok = entered.is_ok();
+                let _ = ready_tx.send(entered);
+                drop(ns);
+                if ok {
+                    for job in rx {
+                        job();
+                    }
+                }
+            })
+            .map_err(|source| NetnsError::Thread {
+                path: path.to_owned(),
+                source,
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Self {
+                path: path.to_owned(),
+                tx,
+            }),
+            Ok(Err(source)) => Err(NetnsError::Enter {
+                path: path.to_owned(),
+                source,
+            }),
+            Err(_) => Err(NetnsError::Stopped(path.to_owned())),
+        }
+    }
+
+    /// Runs `f` on the worker (inside the netns) and waits for its result.
+    pub fn run_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, NetnsError> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| NetnsError::Stopped(self.path.clone()))?;
+        rx.recv()
+            .map_err(|_| NetnsError::Stopped(self.path.clone()))
+    }
+
+    /// Runs `f` on the worker (inside the netns) without blocking the caller's thread.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, NetnsError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| NetnsError::Stopped(self.path.clone()))?;
+        rx.await.map_err(|_| NetnsError::Stopped(self.path.clone()))
+    }
+
+    /// The netns path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A non-blocking TCP socket of `addr`'s family, in the calling thread's
+/// netns, carrying `mark` (`SO_MARK`) so the kernel programs leave it alone.
+pub fn tcp_socket(addr: &SocketAddr, mark: u32) -> io::Result<Socket> {
+    let sock = Socket::new(
+        Domain::for_address(*addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    sock.set_mark(mark)?;
+    Ok(sock)
+}
+
+/// The cookie of the network namespace a socket lives in (`SO_NETNS_COOKIE`, Linux 5.14).
+pub fn netns_cookie(fd: &impl AsFd) -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into the live u64.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            std::ptr::from_mut(&mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A listening socket in the calling thread's netns, non-blocking, marked.
+/// `dual_stack` clears `IPV6_V6ONLY` on an IPv6 socket (one socket for both
+/// families, used as the `sk_lookup` target); other IPv6 sockets are v6-only.
+pub fn listener(addr: SocketAddr, dual_stack: bool) -> io::Result<std::net::TcpListener> {
+    let sock = tcp_socket(&addr, mesh_common::BYPASS_MARK)?;
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(!dual_stack)?;
+    }
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    Ok(sock.into())
+}

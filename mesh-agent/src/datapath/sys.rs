@@ -1,0 +1,231 @@
+//! Small system facts and calls the datapath needs that aya does not expose.
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::Path,
+};
+
+use super::DatapathError;
+
+/// `BPF_OBJ_GET`: opens a pinned bpffs object.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let attr = ObjGetAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: the bpf syscall reads `size_of::<ObjGetAttr>()` bytes of a live,
+    // zero-padded attr whose path pointer outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            std::ptr::from_ref(&attr),
+            size_of::<ObjGetAttr>() as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a fresh fd that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_LINK_UPDATE`: atomically replaces the program behind a link.
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    #[repr(C)]
+    struct LinkUpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: the bpf syscall reads the live attr of the size given; both
+    // fds are borrowed for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            std::ptr::from_ref(&attr),
+            size_of::<LinkUpdateAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Capabilities the datapath needs, by number (linux/capability.h).
+const NEEDED_CAPS: [(u32, &str); 4] = [
+    (12, "CAP_NET_ADMIN"),
+    (21, "CAP_SYS_ADMIN"),
+    (38, "CAP_PERFMON"),
+    (39, "CAP_BPF"),
+];
+
+/// Fails with the missing capabilities' names unless all are effective.
+pub fn check_privileges() -> Result<(), DatapathError> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let missing: Vec<&str> = NEEDED_CAPS
+        .iter()
+        .filter(|(bit, _)| cap_eff & (1u64 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(DatapathError::Privileges {
+            missing: missing.join(", "),
+        })
+    }
+}
+
+/// The kernel release, if it is 5.17 or newer and has the program types.
+pub fn check_kernel() -> Result<String, DatapathError> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let version = aya::util::KernelVersion::current()
+        .map_err(|e| DatapathError::Kernel(format!("cannot read the kernel version: {e}")))?;
+    if version < aya::util::KernelVersion::new(5, 17, 0) {
+        return Err(DatapathError::Kernel(format!("running {release}")));
+    }
+    for (name, supported) in super::probe_program_types() {
+        if !supported {
+            return Err(DatapathError::Kernel(format!(
+                "{release} has no {name} programs"
+            )));
+        }
+    }
+    Ok(release)
+}
+
+/// Makes sure the bpffs that holds `pin_dir` is mounted (mounting
+/// `/sys/fs/bpf` if it is missing).
+pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let bpf_mounts: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, point, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "bpf").then_some(point)
+        })
+        .collect();
+    if bpf_mounts.iter().any(|m| pin_dir.starts_with(m)) {
+        return Ok(());
+    }
+    let mount_point = Path::new("/sys/fs/bpf");
+    if !pin_dir.starts_with(mount_point) {
+        return Err(DatapathError::Bpffs {
+            path: pin_dir.to_owned(),
+            source: io::Error::new(io::ErrorKind::NotFound, "no bpf filesystem mounted there"),
+        });
+    }
+    std::fs::create_dir_all(mount_point).map_err(|source| DatapathError::Bpffs {
+        path: mount_point.to_owned(),
+        source,
+    })?;
+    let c = |s: &str| CString::new(s).unwrap_or_default();
+    let (src, target, fstype) = (c("bpf"), c("/sys/fs/bpf"), c("bpf"));
+    // SAFETY: mount(2) with NUL-terminated strings that outlive the call and no data.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(DatapathError::Bpffs {
+            path: mount_point.to_owned(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    tracing::info!(path = "/sys/fs/bpf", "mounted bpffs");
+    Ok(())
+}
+
+/// Fails unless `dir` is a directory on a cgroup2 filesystem.
+pub fn check_cgroup2(dir: &Path) -> Result<(), DatapathError> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let c_path = CString::new(dir.as_os_str().as_bytes()).map_err(|_| DatapathError::Cgroup {
+        path: dir.to_owned(),
+        reason: "path contains NUL".into(),
+    })?;
+    // SAFETY: statfs is plain old data; zero is a valid initial value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs(2) with a NUL-terminated path and a live output struct.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(DatapathError::Cgroup {
+            path: dir.to_owned(),
+            reason: io::Error::last_os_error().to_string(),
+        });
+    }
+    if st.f_type as i64 != CGROUP2_SUPER_MAGIC {
+        return Err(DatapathError::Cgroup {
+            path: dir.to_owned(),
+            reason: "not a cgroup2 directory".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The cgroup2 mount point, from /proc/self/mounts (`/sys/fs/cgroup` on a
+/// unified host, `/sys/fs/cgroup/unified` on a hybrid one).
+pub fn cgroup2_mount() -> Option<std::path::PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, point, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| std::path::PathBuf::from(point))
+    })
+}
+
+/// Lifts RLIMIT_MEMLOCK for kernels that still charge BPF maps to it (< 5.11).
+pub fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a live struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        tracing::debug!("cannot lift RLIMIT_MEMLOCK (fine on Linux 5.11+)");
+    }
+}

@@ -1,0 +1,13 @@
+//! The mesh node agent: an eBPF datapath that captures enrolled pods' TCP
+//! traffic inside their network namespaces, and the proxy that carries it.
+//!
+//! Data flows one way: [`sync`] fills [`state`]; [`datapath`] and [`proxy`]
+//! act on it; [`admin`] reports.
+
+pub mod admin;
+pub mod agent;
+pub mod cli;
+pub mod datapath;
+pub mod proxy;
+pub mod state;
+pub mod sync;

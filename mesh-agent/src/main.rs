@@ -1,0 +1,5 @@
+//! `mesh-agent`: the mesh node agent and its CLI. See `mesh_agent::cli`.
+
+fn main() -> std::process::ExitCode {
+    mesh_agent::cli::main()
+}

@@ -1,0 +1,100 @@
+//! The byte relay: both directions at once, with half-close (a FIN on one side
+//! becomes a FIN on the other) and reset propagation (an error on either side
+//! resets both). Each direction owns one buffer that grows while reads fill it,
+//! so bulk transfers move large chunks and idle connections stay small; no
+//! allocation per byte or per read.
+
+use std::{io, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+};
+
+const INITIAL_BUFFER: usize = 16 * 1024;
+const MAX_BUFFER: usize = 256 * 1024;
+
+/// How a relayed connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayOutcome {
+    /// Both sides closed cleanly.
+    Closed,
+    /// One side failed (reset, timeout); both were reset.
+    Reset(String),
+}
+
+/// Bytes moved and how it ended.
+#[derive(Debug, Clone)]
+pub struct RelayResult {
+    /// Bytes from `client` to `server`.
+    pub sent: u64,
+    /// Bytes from `server` to `client`.
+    pub received: u64,
+    /// How it ended.
+    pub outcome: RelayOutcome,
+}
+
+async fn pump(
+    from: &mut OwnedReadHalf,
+    to: &mut OwnedWriteHalf,
+    moved: &mut u64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; INITIAL_BUFFER];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            // Half-close: pass the FIN on.
+            to.shutdown().await?;
+            return Ok(());
+        }
+        to.write_all(&buf[..n]).await?;
+        *moved += n as u64;
+        if n == buf.len() && buf.len() < MAX_BUFFER {
+            buf.resize(buf.len() * 2, 0);
+        }
+    }
+}
+
+/// Relays between `client` and `server` until both directions are closed, or
+/// resets both when either fails.
+pub async fn relay(client: TcpStream, server: TcpStream) -> RelayResult {
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let (mut sent, mut received) = (0u64, 0u64);
+    let outcome = {
+        let up = pump(&mut cr, &mut sw, &mut sent);
+        let down = pump(&mut sr, &mut cw, &mut received);
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        loop {
+            let r = tokio::select! {
+                r = &mut up, if !up_done => { up_done = true; r }
+                r = &mut down, if !down_done => { down_done = true; r }
+            };
+            if let Err(e) = r {
+                break RelayOutcome::Reset(e.to_string());
+            }
+            if up_done && down_done {
+                break RelayOutcome::Closed;
+            }
+        }
+    };
+    if outcome != RelayOutcome::Closed {
+        // Reset both sides: linger 0 turns the close into an RST, and
+        // `forget` keeps the write halves from sending a FIN on drop first.
+        for half in [cw, sw] {
+            let _ = socket2::SockRef::from(half.as_ref()).set_linger(Some(Duration::ZERO));
+            half.forget();
+        }
+    }
+    RelayResult {
+        sent,
+        received,
+        outcome,
+    }
+}

@@ -1,0 +1,190 @@
+//! The store every part of the agent reads: the node, its workloads and which
+//! of them are enrolled. Sources (`sync`) publish whole snapshots; readers
+//! take the latest `Arc<Snapshot>` and never see a half-applied change.
+
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, sync::Arc};
+
+use tokio::sync::watch;
+
+/// What the agent knows about its node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The node's name (Kubernetes `spec.nodeName`).
+    pub name: String,
+    /// Addresses whose inbound connections bypass capture: the node's own
+    /// addresses, from which kubelet health probes come.
+    pub probe_sources: Vec<IpAddr>,
+}
+
+/// A workload (pod) the agent knows about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    /// Pod name.
+    pub name: String,
+    /// Pod namespace.
+    pub namespace: String,
+    /// Service account (part of the SPIFFE identity).
+    pub service_account: String,
+    /// Pod UID, when known.
+    pub uid: Option<String>,
+    /// The pod's addresses.
+    pub ips: Vec<IpAddr>,
+    /// Path of the pod's network namespace (for example `/var/run/netns/x` or `/proc/PID/ns/net`).
+    pub netns: PathBuf,
+    /// The pod's cgroup directory, when known (informational: enrollment is by netns).
+    pub cgroup: Option<PathBuf>,
+    /// Whether the pod's traffic goes through the mesh.
+    pub enrolled: bool,
+    /// Destination ports of the pod's outbound connections that bypass the mesh.
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Ports of the pod's inbound connections that bypass the mesh.
+    pub exclude_inbound_ports: Vec<u16>,
+}
+
+impl Workload {
+    /// `namespace/name`, the key used in logs and maps.
+    pub fn key(&self) -> WorkloadKey {
+        WorkloadKey {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+}
+
+/// Identifies a workload: `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkloadKey {
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+}
+
+impl std::fmt::Display for WorkloadKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One consistent view of everything the sources know.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Bumped on every published change.
+    pub generation: u64,
+    /// The node.
+    pub node: NodeInfo,
+    /// Workloads by key.
+    pub workloads: BTreeMap<WorkloadKey, Workload>,
+}
+
+impl Snapshot {
+    /// The workload that owns `ip`, if any.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        let ip = canonical(ip);
+        self.workloads.values().find(|w| w.ips.contains(&ip))
+    }
+
+    /// Workloads whose traffic goes through the mesh.
+    pub fn enrolled(&self) -> impl Iterator<Item = &Workload> {
+        self.workloads.values().filter(|w| w.enrolled)
+    }
+}
+
+/// `::ffff:a.b.c.d` as `a.b.c.d`; every other address unchanged.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}
+
+/// The store: sources publish, readers subscribe.
+#[derive(Clone)]
+pub struct Store {
+    tx: Arc<watch::Sender<Arc<Snapshot>>>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Store {
+    /// An empty store (generation 0).
+    pub fn new() -> Self {
+        let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
+        Self { tx: Arc::new(tx) }
+    }
+
+    /// The current snapshot.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    /// A receiver that wakes on every published change.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    /// Replaces node and workloads; returns the new generation. Publishes
+    /// nothing (and returns the current generation) when nothing changed.
+    pub fn publish(&self, node: NodeInfo, workloads: BTreeMap<WorkloadKey, Workload>) -> u64 {
+        let mut generation = 0;
+        self.tx.send_if_modified(|current| {
+            if current.node == node && current.workloads == workloads {
+                generation = current.generation;
+                return false;
+            }
+            generation = current.generation + 1;
+            *current = Arc::new(Snapshot {
+                generation,
+                node,
+                workloads,
+            });
+            true
+        });
+        generation
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str, ip: &str) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: "default".into(),
+            service_account: "sa".into(),
+            uid: None,
+            ips: vec![ip.parse().expect("test ip")],
+            netns: PathBuf::from("/var/run/netns/x"),
+            cgroup: None,
+            enrolled: true,
+            exclude_outbound_ports: vec![],
+            exclude_inbound_ports: vec![],
+        }
+    }
+
+    #[test]
+    fn publish_bumps_generation_only_on_change() {
+        let store = Store::new();
+        let w = workload("a", "198.18.1.10");
+        let map: BTreeMap<_, _> = [(w.key(), w)].into();
+        assert_eq!(store.publish(NodeInfo::default(), map.clone()), 1);
+        assert_eq!(store.publish(NodeInfo::default(), map), 1);
+        assert_eq!(store.publish(NodeInfo::default(), BTreeMap::new()), 2);
+    }
+
+    #[test]
+    fn lookup_by_v4_mapped_address() {
+        let w = workload("a", "198.18.1.10");
+        let snap = Snapshot {
+            workloads: [(w.key(), w)].into(),
+            ..Default::default()
+        };
+        let mapped: IpAddr = "::ffff:198.18.1.10".parse().expect("test ip");
+        assert_eq!(
+            snap.workload_by_ip(mapped).map(|w| w.name.as_str()),
+            Some("a")
+        );
+    }
+}

@@ -1,0 +1,431 @@
+//! The file source: one YAML (or JSON) document describing the node and its
+//! pods, for running without a cluster (the lab, demos, debugging). The file
+//! is re-read while the agent runs; a file that does not parse or validate is
+//! rejected as a whole and the last good state stays in force.
+//!
+//! ```yaml
+//! node:
+//!   name: node-1
+//!   probeSources: ["198.18.1.1"]     # node addresses: kubelet probes bypass capture
+//! pods:
+//!   - name: web
+//!     namespace: default
+//!     serviceAccount: web
+//!     ips: ["198.18.1.10", "fd18:1::10"]
+//!     netns: /var/run/netns/web
+//!     cgroup: /sys/fs/cgroup/kubepods/web   # optional
+//!     enrolled: true                        # default true
+//!     excludeOutboundPorts: [53]
+//!     excludeInboundPorts: [9100]
+//! ```
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::{NodeInfo, Store, Workload, WorkloadKey};
+
+/// Why a workload file was rejected. The message names the file and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// The file cannot be read.
+    #[error("cannot read workload file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML for the model (with line and column).
+    #[error("workload file {path} does not parse: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// serde_yaml's message: field path, line and column.
+        message: String,
+    },
+    /// The file parses but a field is wrong.
+    #[error("workload file {path}: {field}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The offending field, for example `pods[2].ips[0]`.
+        field: String,
+        /// What is wrong and what to write instead.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FileModel {
+    node: NodeModel,
+    #[serde(default)]
+    pods: Vec<PodModel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NodeModel {
+    name: String,
+    #[serde(default)]
+    probe_sources: Vec<IpAddr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PodModel {
+    name: String,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    #[serde(default = "default_service_account")]
+    service_account: String,
+    #[serde(default)]
+    uid: Option<String>,
+    ips: Vec<IpAddr>,
+    netns: PathBuf,
+    #[serde(default)]
+    cgroup: Option<PathBuf>,
+    #[serde(default = "default_true")]
+    enrolled: bool,
+    #[serde(default)]
+    exclude_outbound_ports: Vec<u16>,
+    #[serde(default)]
+    exclude_inbound_ports: Vec<u16>,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+fn default_service_account() -> String {
+    "default".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+/// The parsed and validated content of a workload file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadFile {
+    /// The node.
+    pub node: NodeInfo,
+    /// The pods, by key.
+    pub workloads: BTreeMap<WorkloadKey, Workload>,
+}
+
+/// Parses and validates `text`, the content of the file at `path` (named in errors).
+pub fn parse(path: &Path, text: &str) -> Result<WorkloadFile, FileError> {
+    let model: FileModel = serde_yaml::from_str(text).map_err(|e| FileError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    let invalid = |field: String, reason: String| FileError::Invalid {
+        path: path.to_owned(),
+        field,
+        reason,
+    };
+    if !is_dns_label_ish(&model.node.name) {
+        return Err(invalid(
+            "node.name".into(),
+            format!("{:?} is not a valid node name", model.node.name),
+        ));
+    }
+    let mut workloads = BTreeMap::new();
+    let mut owner_of_ip: HashMap<IpAddr, String> = HashMap::new();
+    let mut owner_of_netns: HashMap<PathBuf, String> = HashMap::new();
+    for (i, pod) in model.pods.into_iter().enumerate() {
+        let at = |field: &str| format!("pods[{i}].{field}");
+        if !is_dns_label_ish(&pod.name) {
+            return Err(invalid(
+                at("name"),
+                format!("{:?} is not a valid pod name", pod.name),
+            ));
+        }
+        if !is_dns_label_ish(&pod.namespace) {
+            return Err(invalid(
+                at("namespace"),
+                format!("{:?} is not a valid namespace", pod.namespace),
+            ));
+        }
+        if !is_dns_label_ish(&pod.service_account) {
+            return Err(invalid(
+                at("serviceAccount"),
+                format!(
+                    "{:?} is not a valid service account name",
+                    pod.service_account
+                ),
+            ));
+        }
+        if pod.ips.is_empty() {
+            return Err(invalid(
+                at("ips"),
+                "a pod needs at least one address".into(),
+            ));
+        }
+        let key = WorkloadKey {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+        };
+        for (j, ip) in pod.ips.iter().enumerate() {
+            let ip = ip.to_canonical();
+            if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+                return Err(invalid(
+                    at(&format!("ips[{j}]")),
+                    format!("{ip} cannot be a pod address"),
+                ));
+            }
+            if let Some(other) = owner_of_ip.insert(ip, key.to_string()) {
+                return Err(invalid(
+                    at(&format!("ips[{j}]")),
+                    format!("{ip} is also the address of pod {other}"),
+                ));
+            }
+        }
+        if !pod.netns.is_absolute() {
+            return Err(invalid(
+                at("netns"),
+                format!("{} is not an absolute path", pod.netns.display()),
+            ));
+        }
+        if pod.enrolled {
+            if let Some(other) = owner_of_netns.insert(pod.netns.clone(), key.to_string()) {
+                return Err(invalid(
+                    at("netns"),
+                    format!(
+                        "{} is also the network namespace of pod {other}",
+                        pod.netns.display()
+                    ),
+                ));
+            }
+        }
+        for (field, ports) in [
+            ("excludeOutboundPorts", &pod.exclude_outbound_ports),
+            ("excludeInboundPorts", &pod.exclude_inbound_ports),
+        ] {
+            if let Some(j) = ports.iter().position(|p| *p == 0) {
+                return Err(invalid(
+                    at(&format!("{field}[{j}]")),
+                    "port 0 is not a port".into(),
+                ));
+            }
+        }
+        if workloads.contains_key(&key) {
+            return Err(invalid(at("name"), format!("pod {key} is listed twice")));
+        }
+        let mut ips: Vec<IpAddr> = pod.ips.iter().map(|ip| ip.to_canonical()).collect();
+        ips.dedup();
+        let mut out = pod.exclude_outbound_ports;
+        out.sort_unstable();
+        out.dedup();
+        let mut inb = pod.exclude_inbound_ports;
+        inb.sort_unstable();
+        inb.dedup();
+        workloads.insert(
+            key,
+            Workload {
+                name: pod.name,
+                namespace: pod.namespace,
+                service_account: pod.service_account,
+                uid: pod.uid,
+                ips,
+                netns: pod.netns,
+                cgroup: pod.cgroup,
+                enrolled: pod.enrolled,
+                exclude_outbound_ports: out,
+                exclude_inbound_ports: inb,
+            },
+        );
+    }
+    let probe_sources = model
+        .node
+        .probe_sources
+        .iter()
+        .map(|ip| ip.to_canonical())
+        .collect();
+    Ok(WorkloadFile {
+        node: NodeInfo {
+            name: model.node.name,
+            probe_sources,
+        },
+        workloads,
+    })
+}
+
+/// A Kubernetes-style name: 1..=253 characters of `[a-z0-9.-]`, starting and
+/// ending alphanumeric.
+fn is_dns_label_ish(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+}
+
+/// Reads and parses the file at `path`.
+pub fn load(path: &Path) -> Result<WorkloadFile, FileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| FileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// Publishes `file` into `store`, returning the generation.
+pub fn publish(store: &Store, file: WorkloadFile) -> u64 {
+    store.publish(file.node, file.workloads)
+}
+
+/// Re-reads `path` every `interval` and publishes every new valid content.
+/// An invalid file is logged once per distinct content and otherwise ignored:
+/// the last good state stays in force.
+pub async fn watch(path: PathBuf, store: Store, interval: Duration, cancel: CancellationToken) {
+    let mut last_seen: Option<Vec<u8>> = std::fs::read(&path).ok();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(e) => {
+                if last_seen.is_some() {
+                    tracing::error!(file = %path.display(), error = %e, "workload file unreadable; keeping the last good state");
+                    last_seen = None;
+                }
+                continue;
+            }
+        };
+        if last_seen.as_deref() == Some(bytes.as_slice()) {
+            continue;
+        }
+        last_seen = Some(bytes.clone());
+        let text = String::from_utf8_lossy(&bytes);
+        match parse(&path, &text) {
+            Ok(file) => {
+                let generation = publish(&store, file);
+                tracing::info!(file = %path.display(), generation, "workload file reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "workload file rejected; keeping the last good state");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node:
+  name: node-1
+  probeSources: ["198.18.1.1"]
+pods:
+  - name: a
+    ips: ["198.18.1.10", "fd18:1::10"]
+    netns: /var/run/netns/a
+    excludeOutboundPorts: [53, 53]
+  - name: b
+    namespace: shop
+    serviceAccount: cart
+    ips: ["198.18.1.11"]
+    netns: /var/run/netns/b
+    enrolled: false
+"#;
+
+    fn err(text: &str) -> String {
+        match parse(Path::new("w.yaml"), text) {
+            Ok(f) => panic!("expected an error, parsed {f:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn parses_the_documented_shape() {
+        let f = parse(Path::new("w.yaml"), GOOD).expect("good file");
+        assert_eq!(f.node.name, "node-1");
+        assert_eq!(f.workloads.len(), 2);
+        let a = &f.workloads[&WorkloadKey {
+            namespace: "default".into(),
+            name: "a".into(),
+        }];
+        assert!(a.enrolled);
+        assert_eq!(a.service_account, "default");
+        assert_eq!(a.exclude_outbound_ports, vec![53]);
+        let b = &f.workloads[&WorkloadKey {
+            namespace: "shop".into(),
+            name: "b".into(),
+        }];
+        assert!(!b.enrolled);
+        assert_eq!(b.service_account, "cart");
+    }
+
+    #[test]
+    fn errors_name_the_field_and_line() {
+        let e =
+            err("node:\n  name: n\npods:\n  - name: a\n    ips: [\"300.1.1.1\"]\n    netns: /x\n");
+        assert!(e.contains("pods[0].ips[0]") && e.contains("line 5"), "{e}");
+        let e = err(
+            "node:\n  name: n\npods:\n  - name: a\n    ips: [\"1.2.3.4\"]\n    netns: /x\n    colour: red\n",
+        );
+        assert!(
+            e.contains("unknown field `colour`") && e.contains("line 7"),
+            "{e}"
+        );
+        let e = err(
+            "node:\n  name: n\npods:\n  - name: a\n    ips: [\"1.2.3.4\"]\n    netns: /x\n    excludeInboundPorts: [70000]\n",
+        );
+        assert!(e.contains("pods[0].excludeInboundPorts[0]"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors() {
+        let base = |pods: &str| format!("node:\n  name: n\npods:\n{pods}");
+        let cases = [
+            (
+                "  - name: A\n    ips: [1.2.3.4]\n    netns: /x\n",
+                "pods[0].name",
+            ),
+            ("  - name: a\n    ips: []\n    netns: /x\n", "pods[0].ips"),
+            (
+                "  - name: a\n    ips: [127.0.0.1]\n    netns: /x\n",
+                "pods[0].ips[0]",
+            ),
+            (
+                "  - name: a\n    ips: [1.2.3.4]\n    netns: x\n",
+                "pods[0].netns",
+            ),
+            (
+                "  - name: a\n    ips: [1.2.3.4]\n    netns: /x\n    excludeOutboundPorts: [0]\n",
+                "pods[0].excludeOutboundPorts[0]",
+            ),
+            (
+                "  - name: a\n    ips: [1.2.3.4]\n    netns: /x\n  - name: b\n    ips: [1.2.3.4]\n    netns: /y\n",
+                "also the address of pod default/a",
+            ),
+            (
+                "  - name: a\n    ips: [1.2.3.4]\n    netns: /x\n  - name: b\n    ips: [1.2.3.5]\n    netns: /x\n",
+                "also the network namespace",
+            ),
+            (
+                "  - name: a\n    ips: [1.2.3.4]\n    netns: /x\n  - name: a\n    ips: [1.2.3.5]\n    netns: /y\n",
+                "listed twice",
+            ),
+        ];
+        for (pods, want) in cases {
+            let e = err(&base(pods));
+            assert!(e.contains(want), "want {want:?} in {e:?}");
+        }
+        assert!(err("{{{").contains("does not parse"));
+        assert!(err("pods: []\n").contains("missing field `node`"));
+    }
+}

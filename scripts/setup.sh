@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs everything `make demo` and `make test` need, idempotently: a second
+# run costs about a second. Versions are pinned here and in the toolchain files.
+set -euo pipefail
+
+USER_TOOLCHAIN=1.99.1              # rust-toolchain.toml
+EBPF_TOOLCHAIN=nightly-2026-06-15  # mesh-ebpf/rust-toolchain.toml (LLVM 22, for bpf-linker 0.10.x)
+BPF_LINKER_VERSION=0.10.4          # 0.10.0 emits BTF the kernel rejects; >=0.11 needs a system LLVM 21+
+DEBIAN_PACKAGES=(iproute2 iperf3 bpftool tcpdump procps)
+
+say() { printf '[setup] %s\n' "$*"; }
+
+if ! command -v rustup >/dev/null; then
+    say "rustup is required (https://rustup.rs); it is not installed"; exit 1
+fi
+# rustup's auto-install may be off (RUSTUP_AUTO_INSTALL=0): install explicitly.
+have_toolchain() { rustup toolchain list | grep -q "^$1"; }
+if ! have_toolchain "$USER_TOOLCHAIN" || ! rustup component list --toolchain "$USER_TOOLCHAIN" --installed 2>/dev/null | grep -q '^clippy'; then
+    say "installing Rust $USER_TOOLCHAIN"
+    rustup toolchain install "$USER_TOOLCHAIN" --profile minimal --component clippy,rustfmt
+fi
+if ! have_toolchain "$EBPF_TOOLCHAIN" || ! rustup component list --toolchain "$EBPF_TOOLCHAIN" --installed 2>/dev/null | grep -q '^rust-src'; then
+    say "installing Rust $EBPF_TOOLCHAIN with rust-src (kernel programs)"
+    rustup toolchain install "$EBPF_TOOLCHAIN" --profile minimal --component rust-src
+fi
+
+CARGO_BIN="${CARGO_HOME:-$HOME/.cargo}/bin"
+if ! "$CARGO_BIN/bpf-linker" --version 2>/dev/null | grep -qx "bpf-linker $BPF_LINKER_VERSION"; then
+    say "installing bpf-linker $BPF_LINKER_VERSION (about two minutes)"
+    cargo "+$EBPF_TOOLCHAIN" install bpf-linker --version "$BPF_LINKER_VERSION" --locked --force
+fi
+
+missing=()
+for p in "${DEBIAN_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing Debian packages: ${missing[*]}"
+    if [ "$(id -u)" -ne 0 ]; then say "need root to install Debian packages"; exit 1; fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+say "ready: Rust $USER_TOOLCHAIN, $EBPF_TOOLCHAIN, bpf-linker $BPF_LINKER_VERSION, ${DEBIAN_PACKAGES[*]}"
