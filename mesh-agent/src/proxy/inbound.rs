@@ -13,7 +13,7 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::{PodContext, ProxyStats, RelayOutcome, relay, reset};
+use super::{PodContext, ProxyStats, account, relay, reset};
 
 /// Accepts steered connections of one pod until cancelled.
 pub async fn serve(
@@ -76,20 +76,7 @@ async fn handle(ctx: Arc<PodContext>, client: TcpStream, peer: SocketAddr, stats
         }
     };
     let result = relay(client, app).await;
-    stats.bytes_sent.fetch_add(result.sent, Ordering::Relaxed);
-    stats
-        .bytes_received
-        .fetch_add(result.received, Ordering::Relaxed);
-    let outcome = match &result.outcome {
-        RelayOutcome::Closed => {
-            stats.completed.fetch_add(1, Ordering::Relaxed);
-            "closed".to_string()
-        }
-        RelayOutcome::Reset(e) => {
-            stats.failed.fetch_add(1, Ordering::Relaxed);
-            format!("reset: {e}")
-        }
-    };
+    let outcome = account(&stats, &result);
     tracing::info!(
         direction = "inbound",
         dst_workload = %ctx.key,

@@ -166,6 +166,22 @@ impl Proxy {
     }
 }
 
+/// Adds a finished relay to the counters; returns its outcome for the access log.
+fn account(stats: &ProxyStats, result: &RelayResult) -> String {
+    stats.bytes_sent.fetch_add(result.sent, Ordering::Relaxed);
+    stats.bytes_received.fetch_add(result.received, Ordering::Relaxed);
+    match &result.outcome {
+        RelayOutcome::Closed => {
+            stats.completed.fetch_add(1, Ordering::Relaxed);
+            "closed".to_owned()
+        }
+        RelayOutcome::Reset(e) => {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            format!("reset: {e}")
+        }
+    }
+}
+
 fn into_tokio(l: std::net::TcpListener) -> std::io::Result<tokio::net::TcpListener> {
     l.set_nonblocking(true)?;
     tokio::net::TcpListener::from_std(l)

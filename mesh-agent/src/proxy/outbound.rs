@@ -12,7 +12,7 @@ use mesh_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::{PodContext, ProxyStats, RelayOutcome, relay, reset};
+use super::{PodContext, ProxyStats, account, relay, reset};
 use crate::datapath::OrigDstTable;
 
 /// Accepts captured connections of one pod until cancelled.
@@ -95,20 +95,7 @@ async fn handle(
         .map(|a| a.to_string())
         .unwrap_or_default();
     let result = relay(client, upstream).await;
-    stats.bytes_sent.fetch_add(result.sent, Ordering::Relaxed);
-    stats
-        .bytes_received
-        .fetch_add(result.received, Ordering::Relaxed);
-    let outcome = match &result.outcome {
-        RelayOutcome::Closed => {
-            stats.completed.fetch_add(1, Ordering::Relaxed);
-            "closed".to_string()
-        }
-        RelayOutcome::Reset(e) => {
-            stats.failed.fetch_add(1, Ordering::Relaxed);
-            format!("reset: {e}")
-        }
-    };
+    let outcome = account(&stats, &result);
     tracing::info!(
         direction = "outbound",
         src_workload = %ctx.key,
