@@ -169,7 +169,9 @@ impl Proxy {
 /// Adds a finished relay to the counters; returns its outcome for the access log.
 fn account(stats: &ProxyStats, result: &RelayResult) -> String {
     stats.bytes_sent.fetch_add(result.sent, Ordering::Relaxed);
-    stats.bytes_received.fetch_add(result.received, Ordering::Relaxed);
+    stats
+        .bytes_received
+        .fetch_add(result.received, Ordering::Relaxed);
     match &result.outcome {
         RelayOutcome::Closed => {
             stats.completed.fetch_add(1, Ordering::Relaxed);

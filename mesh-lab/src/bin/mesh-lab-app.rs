@@ -1,0 +1,580 @@
+//! `mesh-lab-app`: the application that runs inside lab pods — an echo
+//! server, a checking client, a one-shot probe and a long-lived connection.
+
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use mesh_lab::app::{ClientReport, HoldReport, Pattern, PatternChecker, ProbeOutcome, error_kind};
+
+const CHUNK: usize = 64 * 1024;
+const MAX_LOCAL_SAMPLES: usize = 5;
+
+/// The mesh lab's test application.
+#[derive(Debug, Parser)]
+#[command(name = "mesh-lab-app", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Echo server: echoes every byte until EOF, then shuts down its write
+    /// side. Prints `listening <addr>` once per bound listener.
+    Echo {
+        /// Address to listen on (repeatable). `[::]:PORT` is dual-stack.
+        #[arg(long = "listen", required = true)]
+        listen: Vec<SocketAddr>,
+        /// On accept, first write `peer=<client address as seen>\n`.
+        #[arg(long)]
+        greeting_peer: bool,
+    },
+    /// Opens N connections (C at a time), sends a per-connection pattern,
+    /// checks the echo byte for byte; prints one JSON report. Exit 1 if any failed.
+    Client {
+        /// Server address.
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Number of connections.
+        #[arg(long, default_value_t = 1)]
+        conns: u64,
+        /// Connections in flight at once.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        concurrency: u64,
+        /// Bytes sent on each connection.
+        #[arg(long, default_value_t = 1024)]
+        bytes: u64,
+        /// Timeout for connect and for each read or write, in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        /// Keep each connection open this long after sending, before shutdown.
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+        /// Expect the server's `peer=` greeting line first (echo --greeting-peer)
+        /// and report the addresses it names.
+        #[arg(long)]
+        greeting: bool,
+    },
+    /// One connection attempt; prints one word: echoed, connected, refused,
+    /// reset, timeout or `error:<text>`. Always exits 0. A server that closes
+    /// without reading what was sent makes the kernel answer with a reset, so
+    /// `connected` means the peer read the text (or never got it) and closed.
+    Probe {
+        /// Server address.
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Total time allowed, in milliseconds.
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+        /// Text to send and expect back.
+        #[arg(long, default_value = "ping", value_parser = non_empty)]
+        send: String,
+        /// Put this `SO_MARK` on the socket (the mesh agent's own mark is 1337).
+        #[arg(long)]
+        mark: Option<u32>,
+    },
+    /// One long connection sending a small message every interval and reading
+    /// its echo; prints `{"rounds_ok":n,"error":null|"<kind>"}`. Exit 1 on error.
+    Hold {
+        /// Server address.
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Time between messages, in milliseconds.
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+        /// How long to keep the connection, in milliseconds.
+        #[arg(long)]
+        duration_ms: u64,
+        /// Timeout for connect and for each echo, in milliseconds.
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
+}
+
+fn non_empty(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        Err("must not be empty".to_owned())
+    } else {
+        Ok(s.to_owned())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Echo {
+            listen,
+            greeting_peer,
+        } => echo(&listen, greeting_peer).map(|()| true),
+        Cmd::Client {
+            connect,
+            conns,
+            concurrency,
+            bytes,
+            timeout_ms,
+            hold_ms,
+            greeting,
+        } => {
+            let opts = ClientOpts {
+                addr: connect,
+                bytes,
+                timeout: Duration::from_millis(timeout_ms),
+                hold: Duration::from_millis(hold_ms),
+                greeting,
+            };
+            let report = client(&opts, conns, concurrency);
+            print_json(&report).map(|()| report.failed == 0)
+        }
+        Cmd::Probe {
+            connect,
+            timeout_ms,
+            send,
+            mark,
+        } => {
+            let outcome = probe(
+                connect,
+                Duration::from_millis(timeout_ms),
+                send.as_bytes(),
+                mark,
+            );
+            print_line(&outcome.to_string()).map(|()| true)
+        }
+        Cmd::Hold {
+            connect,
+            interval_ms,
+            duration_ms,
+            timeout_ms,
+        } => {
+            let report = hold(
+                connect,
+                Duration::from_millis(interval_ms),
+                Duration::from_millis(duration_ms),
+                Duration::from_millis(timeout_ms),
+            );
+            print_json(&report).map(|()| report.error.is_none())
+        }
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("mesh-lab-app: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn print_line(line: &str) -> Result<()> {
+    let mut out = io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()?;
+    Ok(())
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    print_line(&serde_json::to_string(value).context("encoding the report")?)
+}
+
+// ---------------------------------------------------------------- echo
+
+fn echo(listen: &[SocketAddr], greeting_peer: bool) -> Result<()> {
+    let mut listeners = Vec::new();
+    for addr in listen {
+        let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        let local = listener
+            .local_addr()
+            .context("getsockname on the listener")?;
+        print_line(&format!("listening {local}"))?;
+        listeners.push(listener);
+    }
+    thread::scope(|s| {
+        for listener in &listeners {
+            s.spawn(move || serve(listener, greeting_peer));
+        }
+    });
+    Ok(())
+}
+
+fn serve(listener: &TcpListener, greeting_peer: bool) {
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                let spawned = thread::Builder::new().spawn(move || {
+                    if let Err(e) = echo_conn(stream, peer, greeting_peer) {
+                        eprintln!("echo {peer}: {e}");
+                    }
+                });
+                if let Err(e) = spawned {
+                    eprintln!("echo {peer}: no thread: {e}");
+                }
+            }
+            Err(e) => {
+                eprintln!("accept: {e}");
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+fn echo_conn(mut stream: TcpStream, peer: SocketAddr, greeting_peer: bool) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    if greeting_peer {
+        stream.write_all(format!("peer={peer}\n").as_bytes())?;
+    }
+    let mut buf = vec![0; CHUNK];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => stream.write_all(&buf[..n])?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    stream.shutdown(Shutdown::Write)
+}
+
+// ---------------------------------------------------------------- client
+
+struct ClientOpts {
+    addr: SocketAddr,
+    bytes: u64,
+    timeout: Duration,
+    hold: Duration,
+    greeting: bool,
+}
+
+#[derive(Default)]
+struct ConnResult {
+    error: Option<String>,
+    peer: Option<String>,
+    local: Option<String>,
+    greeting_peer: Option<String>,
+    sent: u64,
+    received: u64,
+}
+
+#[derive(Default)]
+struct Totals {
+    ok: u64,
+    failed: u64,
+    errors: BTreeMap<String, u64>,
+    peers: BTreeSet<String>,
+    locals: Vec<String>,
+    greeting_peers: BTreeSet<String>,
+    sent: u64,
+    received: u64,
+}
+
+impl Totals {
+    fn add(&mut self, r: ConnResult) {
+        match r.error {
+            None => self.ok += 1,
+            Some(kind) => {
+                self.failed += 1;
+                *self.errors.entry(kind).or_default() += 1;
+            }
+        }
+        self.peers.extend(r.peer);
+        if self.locals.len() < MAX_LOCAL_SAMPLES {
+            self.locals.extend(r.local);
+        }
+        self.greeting_peers.extend(r.greeting_peer);
+        self.sent += r.sent;
+        self.received += r.received;
+    }
+}
+
+fn client(opts: &ClientOpts, conns: u64, concurrency: u64) -> ClientReport {
+    let start = Instant::now();
+    let next = AtomicU64::new(0);
+    let totals = Mutex::new(Totals::default());
+    thread::scope(|s| {
+        for _ in 0..concurrency.min(conns) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= conns {
+                        break;
+                    }
+                    let r = one_connection(opts, i);
+                    totals.lock().unwrap_or_else(PoisonError::into_inner).add(r);
+                }
+            });
+        }
+    });
+    let t = totals.into_inner().unwrap_or_else(PoisonError::into_inner);
+    ClientReport {
+        ok: t.ok,
+        failed: t.failed,
+        errors: t.errors,
+        peer_addrs: t.peers.into_iter().collect(),
+        local_addrs: t.locals,
+        bytes_sent: t.sent,
+        bytes_received: t.received,
+        elapsed_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+        greeting_peers: opts
+            .greeting
+            .then(|| t.greeting_peers.into_iter().collect()),
+    }
+}
+
+fn one_connection(opts: &ClientOpts, index: u64) -> ConnResult {
+    let mut r = ConnResult::default();
+    let mut stream = match TcpStream::connect_timeout(&opts.addr, opts.timeout) {
+        Ok(s) => s,
+        Err(e) => {
+            r.error = Some(error_kind(&e));
+            return r;
+        }
+    };
+    r.peer = stream.peer_addr().ok().map(|a| a.to_string());
+    r.local = stream.local_addr().ok().map(|a| a.to_string());
+    if let Err(e) = exchange(&mut stream, opts, index, &mut r) {
+        r.error = Some(error_kind(&e));
+    }
+    r
+}
+
+fn exchange(
+    stream: &mut TcpStream,
+    opts: &ClientOpts,
+    index: u64,
+    r: &mut ConnResult,
+) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(opts.timeout + opts.hold))?;
+    stream.set_write_timeout(Some(opts.timeout))?;
+    if opts.greeting {
+        r.greeting_peer = Some(read_greeting(stream)?);
+    }
+    let mut writer = stream.try_clone()?;
+    let (write_result, read_result, checker) = thread::scope(|s| {
+        let w = s.spawn(|| send_pattern(&mut writer, index, opts.bytes, opts.hold));
+        let mut checker = PatternChecker::new(index);
+        let read_result = read_checking(stream, &mut checker);
+        if read_result.is_err() {
+            // Unblock the writer.
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        let write_result = w
+            .join()
+            .unwrap_or_else(|_| Err((0, io::Error::other("writer thread panicked"))));
+        (write_result, read_result, checker)
+    });
+    r.received = checker.received();
+    let sent = match write_result {
+        Ok(n) => n,
+        Err((n, e)) => {
+            r.sent = n;
+            read_result?;
+            return Err(e);
+        }
+    };
+    r.sent = sent;
+    read_result?;
+    if !checker.matches(sent) {
+        r.error = Some("mismatch".to_owned());
+    }
+    Ok(())
+}
+
+/// Writes `bytes` of the connection's pattern, waits `hold`, shuts down the
+/// write side. On error returns what was written so far with the error.
+fn send_pattern(
+    stream: &mut TcpStream,
+    index: u64,
+    bytes: u64,
+    hold: Duration,
+) -> Result<u64, (u64, io::Error)> {
+    let mut pattern = Pattern::new(index);
+    let mut buf = vec![0; CHUNK];
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = usize::try_from(bytes - sent).map_or(CHUNK, |left| left.min(CHUNK));
+        pattern.fill(&mut buf[..n]);
+        stream.write_all(&buf[..n]).map_err(|e| (sent, e))?;
+        sent += n as u64;
+    }
+    if !hold.is_zero() {
+        thread::sleep(hold);
+    }
+    stream.shutdown(Shutdown::Write).map_err(|e| (sent, e))?;
+    Ok(sent)
+}
+
+fn read_checking(stream: &mut TcpStream, checker: &mut PatternChecker) -> io::Result<()> {
+    let mut buf = vec![0; CHUNK];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                checker.feed(&buf[..n]);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads the `peer=<addr>\n` line byte by byte (so no echo byte is consumed).
+fn read_greeting(stream: &mut TcpStream) -> io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 256 {
+        match stream.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) if byte[0] == b'\n' => {
+                let text = String::from_utf8_lossy(&line);
+                return text
+                    .strip_prefix("peer=")
+                    .map(str::to_owned)
+                    .ok_or_else(|| io::Error::other(format!("bad greeting {text:?}")));
+            }
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::other("no greeting line"))
+}
+
+// ---------------------------------------------------------------- probe
+
+fn probe(addr: SocketAddr, timeout: Duration, text: &[u8], mark: Option<u32>) -> ProbeOutcome {
+    let deadline = Instant::now() + timeout;
+    match connect_marked(addr, timeout, mark) {
+        Ok(mut stream) => probe_exchange(&mut stream, deadline, text)
+            .unwrap_or_else(|e| ProbeOutcome::from_io(&e)),
+        Err(e) => ProbeOutcome::from_io(&e),
+    }
+}
+
+/// `connect_timeout`, on a socket carrying `mark` (`SO_MARK`) when given.
+fn connect_marked(addr: SocketAddr, timeout: Duration, mark: Option<u32>) -> io::Result<TcpStream> {
+    let Some(mark) = mark else {
+        return TcpStream::connect_timeout(&addr, timeout);
+    };
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    sock.set_mark(mark)?;
+    sock.connect_timeout(&addr.into(), timeout)?;
+    Ok(sock.into())
+}
+
+/// Time left before `deadline`, `None` once it has passed.
+fn remaining(deadline: Instant) -> Option<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    (!left.is_zero()).then_some(left)
+}
+
+fn probe_exchange(
+    stream: &mut TcpStream,
+    deadline: Instant,
+    text: &[u8],
+) -> io::Result<ProbeOutcome> {
+    let mismatch = || ProbeOutcome::Error("mismatch".to_owned());
+    let Some(left) = remaining(deadline) else {
+        return Ok(ProbeOutcome::Timeout);
+    };
+    stream.set_write_timeout(Some(left))?;
+    stream.write_all(text)?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    while reply.len() < text.len() {
+        let Some(left) = remaining(deadline) else {
+            return Ok(ProbeOutcome::Timeout);
+        };
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut buf)? {
+            0 if reply.is_empty() => return Ok(ProbeOutcome::Connected),
+            0 => return Ok(mismatch()),
+            n => reply.extend_from_slice(&buf[..n]),
+        }
+    }
+    Ok(if reply == text {
+        ProbeOutcome::Echoed
+    } else {
+        mismatch()
+    })
+}
+
+// ---------------------------------------------------------------- hold
+
+fn hold(addr: SocketAddr, interval: Duration, duration: Duration, timeout: Duration) -> HoldReport {
+    let mut report = HoldReport::default();
+    match TcpStream::connect_timeout(&addr, timeout) {
+        Ok(mut stream) => {
+            let start = Instant::now();
+            let result = hold_rounds(
+                &mut stream,
+                start,
+                interval,
+                start + duration,
+                timeout,
+                &mut report.rounds_ok,
+            );
+            match result {
+                Ok(()) => {
+                    let _ = stream.shutdown(Shutdown::Write);
+                }
+                Err(kind) => report.error = Some(kind),
+            }
+        }
+        Err(e) => report.error = Some(hold_error_kind(&e)),
+    }
+    report
+}
+
+fn hold_error_kind(e: &io::Error) -> String {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        "closed".to_owned()
+    } else {
+        error_kind(e)
+    }
+}
+
+/// Sends `hold <round>\n` every `interval` until `end`, checking each echo.
+/// Fails with the error kind.
+fn hold_rounds(
+    stream: &mut TcpStream,
+    start: Instant,
+    interval: Duration,
+    end: Instant,
+    timeout: Duration,
+    rounds_ok: &mut u64,
+) -> Result<(), String> {
+    let io_kind = |e: io::Error| hold_error_kind(&e);
+    stream.set_nodelay(true).map_err(io_kind)?;
+    stream.set_read_timeout(Some(timeout)).map_err(io_kind)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io_kind)?;
+    let mut round: u32 = 0;
+    loop {
+        let msg = format!("hold {round:08}\n");
+        stream.write_all(msg.as_bytes()).map_err(io_kind)?;
+        let mut back = vec![0; msg.len()];
+        stream.read_exact(&mut back).map_err(io_kind)?;
+        if back != msg.as_bytes() {
+            return Err("mismatch".to_owned());
+        }
+        *rounds_ok += 1;
+        round += 1;
+        let next = start + interval * round;
+        if next >= end {
+            return Ok(());
+        }
+        thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+}
