@@ -1,0 +1,182 @@
+//! `cargo xtask bench`: throughput (iperf3), request/response latency at a
+//! fixed rate (sockperf ping-pong), new-connection rate (mesh-lab-app) and
+//! the agent's memory, for the same pods without the mesh (baseline) and
+//! through it, same node and cross node. Prints a table; writes
+//! `target/bench.json`. Numbers, not assertions: nothing here fails on speed.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::{Context as _, bail};
+use mesh_lab::{Lab, LabSpec, NodeSpec, app::ClientReport};
+use serde::Serialize;
+
+use crate::labkit::{self, Bins};
+
+const SECONDS: &str = "4";
+const LATENCY_RATE: &str = "2000";
+const CONNS: &str = "2000";
+
+#[derive(Debug, Serialize)]
+struct Row {
+    scenario: String,
+    throughput_gbit_s: f64,
+    latency_p50_us: f64,
+    latency_p99_us: f64,
+    connections_per_s: f64,
+}
+
+/// Runs the suite with the binaries in `bin_dir`; writes JSON into `target_dir`.
+pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
+    let bins = Bins::in_dir(bin_dir)?;
+    let lab = Lab::new(
+        LabSpec::new()
+            .node(NodeSpec::with_pods(["client", "local"]))
+            .node(NodeSpec::with_pods(["remote"])),
+    )?;
+    let mut servers = Vec::new();
+    for pod in ["local", "remote"] {
+        let ip = lab.pod(pod)?.ipv4().to_string();
+        let mut iperf = Command::new("iperf3");
+        iperf.args(["-s", "-p", "5201", "-B", &ip]);
+        servers.push(lab.spawn_in_pod(pod, iperf)?);
+        let mut sockperf = Command::new("sockperf");
+        sockperf.args(["server", "--tcp", "-i", &ip, "-p", "11111"]);
+        servers.push(lab.spawn_in_pod(pod, sockperf)?);
+        servers.push(labkit::echo(&lab, &bins, pod, 8080)?);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut rows = Vec::new();
+    labkit::write_workloads(&lab, 0, &[("client", false), ("local", false)])?;
+    labkit::write_workloads(&lab, 1, &[("remote", false)])?;
+    rows.push(measure(&lab, &bins, "no mesh, same node", "local")?);
+    rows.push(measure(&lab, &bins, "no mesh, cross node", "remote")?);
+
+    labkit::write_workloads(&lab, 0, &[("client", true), ("local", true)])?;
+    labkit::write_workloads(&lab, 1, &[("remote", true)])?;
+    let agents = [
+        labkit::start_agent(&lab, &bins, 0)?,
+        labkit::start_agent(&lab, &bins, 1)?,
+    ];
+    let idle_rss = labkit::rss_kib(agents[0].pid());
+    rows.push(measure(&lab, &bins, "mesh, same node", "local")?);
+    rows.push(measure(&lab, &bins, "mesh, cross node", "remote")?);
+    let rss: Vec<Option<u64>> = agents.iter().map(|a| labkit::rss_kib(a.pid())).collect();
+    let redirected = labkit::counters(&lab, &bins, 0)?
+        .get("connect_redirected")
+        .copied()
+        .unwrap_or(0);
+    drop(agents);
+    drop(servers);
+    lab.close()?;
+
+    println!();
+    println!(
+        "{:<22} {:>16} {:>14} {:>14} {:>12}",
+        "scenario", "throughput", "latency p50", "latency p99", "new conns"
+    );
+    for r in &rows {
+        println!(
+            "{:<22} {:>11.2} Gb/s {:>11.1} us {:>11.1} us {:>10.0}/s",
+            r.scenario,
+            r.throughput_gbit_s,
+            r.latency_p50_us,
+            r.latency_p99_us,
+            r.connections_per_s
+        );
+    }
+    let kib =
+        |v: Option<u64>| v.map_or("?".to_owned(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
+    println!(
+        "\nagent memory (RSS): idle {}, after the runs node 0 {} / node 1 {}; node 0 redirected {redirected} connects",
+        kib(idle_rss),
+        kib(rss[0]),
+        kib(rss[1])
+    );
+    println!(
+        "latency: sockperf TCP ping-pong at {LATENCY_RATE} msg/s for {SECONDS} s, round trip; throughput: iperf3 one stream for {SECONDS} s; new conns: {CONNS} connections, 16 at a time, 64 B echoed each"
+    );
+    let json = serde_json::json!({ "rows": rows, "agent_rss_kib": { "idle": idle_rss, "node0": rss[0], "node1": rss[1] } });
+    let path = target_dir.join("bench.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
+    println!("written to {}", path.display());
+    Ok(())
+}
+
+fn measure(lab: &Lab, bins: &Bins, scenario: &str, server: &str) -> anyhow::Result<Row> {
+    eprintln!("==> {scenario}");
+    let ip = lab.pod(server)?.ipv4().to_string();
+    let timeout = Duration::from_secs(60);
+
+    let mut iperf = Command::new("iperf3");
+    iperf.args(["-c", &ip, "-p", "5201", "-t", SECONDS, "-J"]);
+    let out = lab.run_in_pod_timeout("client", iperf, timeout)?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    let bps = json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| {
+            format!(
+                "iperf3 gave no result: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })?;
+
+    let mut sockperf = Command::new("sockperf");
+    sockperf.args([
+        "ping-pong",
+        "--tcp",
+        "-i",
+        &ip,
+        "-p",
+        "11111",
+        "-t",
+        SECONDS,
+        "--mps",
+        LATENCY_RATE,
+        "--full-rtt",
+    ]);
+    let out = lab.run_in_pod_timeout("client", sockperf, timeout)?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let p50 = percentile(&text, "50.000")?;
+    let p99 = percentile(&text, "99.000")?;
+
+    let mut client = Command::new(&bins.app);
+    client.args([
+        "client",
+        "--connect",
+        &format!("{ip}:8080"),
+        "--conns",
+        CONNS,
+        "--concurrency",
+        "16",
+        "--bytes",
+        "64",
+    ]);
+    let report = ClientReport::from_output(&lab.run_in_pod_timeout("client", client, timeout)?)?;
+    if report.failed > 0 {
+        bail!(
+            "{scenario}: {} of {CONNS} connections failed: {:?}",
+            report.failed,
+            report.errors
+        );
+    }
+    let rate = report.ok as f64 / (report.elapsed_ms.max(1) as f64 / 1000.0);
+    Ok(Row {
+        scenario: scenario.to_owned(),
+        throughput_gbit_s: bps / 1e9,
+        latency_p50_us: p50,
+        latency_p99_us: p99,
+        connections_per_s: rate,
+    })
+}
+
+/// `---> percentile 99.000 =   62.318` from sockperf's output, in microseconds.
+fn percentile(text: &str, which: &str) -> anyhow::Result<f64> {
+    text.lines()
+        .find_map(|l| {
+            let rest = l.split_once(&format!("percentile {which} ="))?.1;
+            rest.trim().split_whitespace().next()?.parse().ok()
+        })
+        .with_context(|| format!("no percentile {which} in sockperf output:\n{text}"))
+}

@@ -1,0 +1,105 @@
+//! What the demo and the benchmarks share: agents and apps in a lab.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use mesh_lab::{Lab, LabChild, app::ProbeOutcome};
+
+/// Binaries the lab runs.
+pub struct Bins {
+    /// `mesh-agent`.
+    pub agent: PathBuf,
+    /// `mesh-lab-app`.
+    pub app: PathBuf,
+}
+
+impl Bins {
+    /// The binaries in `dir` (a cargo profile directory).
+    pub fn in_dir(dir: &Path) -> anyhow::Result<Self> {
+        let bins = Self {
+            agent: dir.join("mesh-agent"),
+            app: dir.join("mesh-lab-app"),
+        };
+        for b in [&bins.agent, &bins.app] {
+            if !b.is_file() {
+                bail!("{} is missing: build the workspace first", b.display());
+            }
+        }
+        Ok(bins)
+    }
+}
+
+/// Writes node `node`'s workload file listing `pods`; returns its path.
+pub fn write_workloads(lab: &Lab, node: usize, pods: &[(&str, bool)]) -> anyhow::Result<PathBuf> {
+    let path = lab.scratch_path(&format!("workloads-n{node}.yaml"));
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, lab.workload_file_yaml(node, pods))?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+/// Starts node `node`'s agent on its workload file and waits until it is ready.
+pub fn start_agent(lab: &Lab, bins: &Bins, node: usize) -> anyhow::Result<LabChild> {
+    let n = lab.node(node)?;
+    let mut cmd = Command::new(&bins.agent);
+    cmd.arg("run")
+        .arg("--workloads")
+        .arg(lab.scratch_path(&format!("workloads-n{node}.yaml")))
+        .arg("--pin-dir")
+        .arg(n.pin_dir())
+        .arg("--cgroup")
+        .arg(n.cgroup_dir())
+        .args(["--reload-interval-ms", "200"]);
+    let agent = lab.spawn_in_node(node, cmd)?;
+    agent
+        .wait_for_log("agent ready", Duration::from_secs(20))
+        .with_context(|| format!("agent on node {node} did not start"))?;
+    Ok(agent)
+}
+
+/// The kernel counters of node `node`'s agent.
+pub fn counters(lab: &Lab, bins: &Bins, node: usize) -> anyhow::Result<BTreeMap<String, u64>> {
+    let out = Command::new(&bins.agent)
+        .args(["stats", "--json", "--pin-dir"])
+        .arg(lab.node(node)?.pin_dir())
+        .output()?;
+    if !out.status.success() {
+        bail!("mesh-agent stats: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Starts an echo server in `pod` on `[::]:port`.
+pub fn echo(lab: &Lab, bins: &Bins, pod: &str, port: u16) -> anyhow::Result<LabChild> {
+    let mut cmd = Command::new(&bins.app);
+    cmd.args(["echo", "--listen", &format!("[::]:{port}")]);
+    let child = lab.spawn_in_pod(pod, cmd)?;
+    child.wait_for_log("listening", Duration::from_secs(10))?;
+    Ok(child)
+}
+
+/// One probe connection from `from` to `to`.
+pub fn probe(lab: &Lab, bins: &Bins, from: &str, to: &str) -> anyhow::Result<ProbeOutcome> {
+    let mut cmd = Command::new(&bins.app);
+    cmd.args(["probe", "--connect", to]);
+    ProbeOutcome::from_output(&lab.run_in_pod(from, cmd)?)
+}
+
+/// `ip:port` of `pod`'s IPv4 address.
+pub fn addr(lab: &Lab, pod: &str, port: u16) -> anyhow::Result<String> {
+    Ok(format!("{}:{port}", lab.pod(pod)?.ipv4()))
+}
+
+/// The resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
