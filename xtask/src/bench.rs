@@ -176,7 +176,7 @@ fn percentile(text: &str, which: &str) -> anyhow::Result<f64> {
     text.lines()
         .find_map(|l| {
             let rest = l.split_once(&format!("percentile {which} ="))?.1;
-            rest.trim().split_whitespace().next()?.parse().ok()
+            rest.split_whitespace().next()?.parse().ok()
         })
         .with_context(|| format!("no percentile {which} in sockperf output:\n{text}"))
 }
