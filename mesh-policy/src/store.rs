@@ -1,0 +1,674 @@
+//! The indexed policy set and the per-connection decision.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use crate::compile::{
+    self, CompiledAuthz, CompiledPeerAuthn, CompiledRule, Effect, Match, Origin, Scope, WrittenMode,
+};
+use crate::error::{PolicyName, PolicyWarning, Report};
+use crate::model::Kind;
+use crate::parse::{Resource, parse_documents};
+
+/// Istio's default root namespace.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+
+/// The workload a connection is for (the destination pod).
+#[derive(Debug, Clone, Copy)]
+pub struct WorkloadRef<'a> {
+    /// Its namespace.
+    pub namespace: &'a str,
+    /// Its pod labels.
+    pub labels: &'a BTreeMap<String, String>,
+}
+
+/// What is known of an inbound connection. Borrowed, so a decision
+/// allocates nothing unless an AUDIT policy matches.
+#[derive(Debug, Clone, Copy)]
+pub struct Connection<'a> {
+    /// The verified peer identity, as a SPIFFE ID with or without the
+    /// `spiffe://` scheme (`cluster.local/ns/default/sa/sleep`); `None` for
+    /// plaintext. The source namespace and service account are read from it
+    /// (`<trust domain>/ns/<namespace>/sa/<service account>`).
+    pub source_principal: Option<&'a str>,
+    /// The direct peer's address (`ipBlocks`, `source.ip`). A v4-mapped v6
+    /// address (a dual-stack listener's view of a v4 peer) is treated as v4.
+    pub source_ip: IpAddr,
+    /// The original client address when the transport carries one that the
+    /// agent trusts (`remoteIpBlocks`, `remote.ip`); `None`: the direct
+    /// peer's address, as Istio does for a TCP connection without PROXY
+    /// protocol or `X-Forwarded-For`.
+    pub remote_ip: Option<IpAddr>,
+    /// The address the client dialled (`destination.ip`).
+    pub destination_ip: IpAddr,
+    /// The workload port the client dialled (`ports`, `destination.port`,
+    /// `portLevelMtls`).
+    pub destination_port: u16,
+}
+
+/// The effective PeerAuthentication mode of a workload port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum MtlsMode {
+    /// Plaintext inbound is rejected.
+    Strict,
+    /// mTLS and plaintext are accepted (plaintext is authorized with no
+    /// principal). The default.
+    Permissive,
+    /// Written `DISABLE`. The node agent cannot turn mutual TLS off for
+    /// mesh (HBONE) traffic, so this behaves like [`MtlsMode::Permissive`],
+    /// as in Istio ambient.
+    Disable,
+}
+
+impl MtlsMode {
+    /// Whether a plaintext connection is accepted.
+    pub fn accepts_plaintext(self) -> bool {
+        !matches!(self, MtlsMode::Strict)
+    }
+}
+
+impl fmt::Display for MtlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MtlsMode::Strict => "STRICT",
+            MtlsMode::Permissive => "PERMISSIVE",
+            MtlsMode::Disable => "DISABLE",
+        })
+    }
+}
+
+/// The effective mode and the PeerAuthentication that decided it (`None`:
+/// the built-in default, PERMISSIVE).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MtlsSetting {
+    /// The mode.
+    pub mode: MtlsMode,
+    /// The deciding policy.
+    pub policy: Option<PolicyName>,
+}
+
+/// Why a connection is denied; `Display` is the text of the deny log line.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum DenyReason {
+    /// Plaintext to a workload port whose mode is STRICT.
+    MtlsRequired {
+        /// The PeerAuthentication that made it STRICT.
+        policy: Option<PolicyName>,
+    },
+    /// A DENY policy matched.
+    DeniedBy(PolicyName),
+    /// A CUSTOM policy matched: the agent cannot call the external
+    /// authorizer, so it denies (fail closed).
+    CustomUnsupported(PolicyName),
+    /// A rejected (malformed) DENY/CUSTOM policy applies to the workload:
+    /// it denies everything (fail closed).
+    RejectedPolicy(PolicyName),
+    /// ALLOW policies apply to the workload and none matched.
+    NoAllowMatched,
+}
+
+impl DenyReason {
+    /// The policy named in the reason, if any.
+    pub fn policy(&self) -> Option<&PolicyName> {
+        match self {
+            DenyReason::MtlsRequired { policy } => policy.as_ref(),
+            DenyReason::DeniedBy(p)
+            | DenyReason::CustomUnsupported(p)
+            | DenyReason::RejectedPolicy(p) => Some(p),
+            DenyReason::NoAllowMatched => None,
+        }
+    }
+}
+
+impl fmt::Display for DenyReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DenyReason::MtlsRequired { policy: Some(p) } => {
+                write!(
+                    f,
+                    "plaintext rejected: PeerAuthentication {p} requires mTLS (STRICT)"
+                )
+            }
+            DenyReason::MtlsRequired { policy: None } => {
+                write!(f, "plaintext rejected: mTLS required (STRICT)")
+            }
+            DenyReason::DeniedBy(p) => write!(f, "denied by AuthorizationPolicy {p}"),
+            DenyReason::CustomUnsupported(p) => write!(
+                f,
+                "denied by AuthorizationPolicy {p}: action CUSTOM cannot be enforced at L4 (fail closed)"
+            ),
+            DenyReason::RejectedPolicy(p) => write!(
+                f,
+                "denied by AuthorizationPolicy {p}, which was rejected as malformed (fail closed)"
+            ),
+            DenyReason::NoAllowMatched => f.write_str("no ALLOW policy matched"),
+        }
+    }
+}
+
+/// The decision for one connection.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum Decision {
+    /// Let it through.
+    Allow {
+        /// The ALLOW policy that matched; `None` when no ALLOW policy
+        /// applies to the workload.
+        allowed_by: Option<PolicyName>,
+        /// AUDIT (and dry-run) policies that matched: to be counted and
+        /// logged.
+        audited_by: Vec<PolicyName>,
+    },
+    /// Close it (the client must see a reset).
+    Deny {
+        /// Why; names the policy, or says no ALLOW policy matched.
+        reason: DenyReason,
+        /// AUDIT (and dry-run) policies that matched.
+        audited_by: Vec<PolicyName>,
+    },
+}
+
+impl Decision {
+    /// Whether the connection may proceed.
+    pub fn is_allowed(&self) -> bool {
+        matches!(self, Decision::Allow { .. })
+    }
+
+    /// The deny reason, if denied.
+    pub fn deny_reason(&self) -> Option<&DenyReason> {
+        match self {
+            Decision::Deny { reason, .. } => Some(reason),
+            Decision::Allow { .. } => None,
+        }
+    }
+
+    /// The AUDIT policies that matched.
+    pub fn audited_by(&self) -> &[PolicyName] {
+        match self {
+            Decision::Allow { audited_by, .. } | Decision::Deny { audited_by, .. } => audited_by,
+        }
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Decision::Allow {
+                allowed_by: Some(p),
+                ..
+            } => write!(f, "allowed by AuthorizationPolicy {p}"),
+            Decision::Allow {
+                allowed_by: None, ..
+            } => f.write_str("allowed (no ALLOW policy applies)"),
+            Decision::Deny { reason, .. } => reason.fmt(f),
+        }
+    }
+}
+
+/// Selector policies filed under one label value: (full selector, policy).
+type Selected<T> = Vec<(BTreeMap<String, String>, T)>;
+
+/// Policies of one level (the mesh, or one namespace): those without a
+/// selector, and those with one, indexed by one of their labels.
+#[derive(Debug, Clone)]
+struct Bucket<T> {
+    wide: Vec<T>,
+    /// label key -> label value -> policies.
+    by_label: HashMap<String, HashMap<String, Selected<T>>>,
+}
+
+impl<T> Default for Bucket<T> {
+    fn default() -> Self {
+        Self {
+            wide: Vec::new(),
+            by_label: HashMap::new(),
+        }
+    }
+}
+
+impl<T> Bucket<T> {
+    fn insert(&mut self, labels: BTreeMap<String, String>, item: T) {
+        let Some((k, v)) = labels.iter().next().map(|(k, v)| (k.clone(), v.clone())) else {
+            self.wide.push(item);
+            return;
+        };
+        self.by_label
+            .entry(k)
+            .or_default()
+            .entry(v)
+            .or_default()
+            .push((labels, item));
+    }
+
+    /// Calls `f` on every policy selecting a workload with `labels`: each
+    /// selector policy is filed under exactly one of its labels, so it is
+    /// visited at most once, and only if the workload has that label.
+    fn for_each<'s>(&'s self, labels: &BTreeMap<String, String>, mut f: impl FnMut(&'s T)) {
+        self.wide.iter().for_each(&mut f);
+        if self.by_label.is_empty() {
+            return;
+        }
+        for (k, v) in labels {
+            let Some(list) = self
+                .by_label
+                .get(k.as_str())
+                .and_then(|m| m.get(v.as_str()))
+            else {
+                continue;
+            };
+            for (selector, item) in list {
+                if selector.iter().all(|(sk, sv)| labels.get(sk) == Some(sv)) {
+                    f(item);
+                }
+            }
+        }
+    }
+
+    fn sort_by_key<K: Ord>(&mut self, mut key: impl FnMut(&T) -> K) {
+        self.wide.sort_by_key(&mut key);
+        for inner in self.by_label.values_mut() {
+            for list in inner.values_mut() {
+                list.sort_by_key(|(_, t)| key(t));
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.wide.len()
+            + self
+                .by_label
+                .values()
+                .flat_map(HashMap::values)
+                .map(Vec::len)
+                .sum::<usize>()
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct NamespacePolicies {
+    authz: Bucket<Arc<CompiledAuthz>>,
+    /// The namespace-wide PeerAuthentication in force (oldest).
+    peer_namespace: Option<Arc<CompiledPeerAuthn>>,
+    peer_workload: Bucket<Arc<CompiledPeerAuthn>>,
+}
+
+/// The policies in force, indexed for per-connection decisions that cost
+/// O(policies selecting the workload): a lookup by namespace, then by the
+/// workload's labels; no scan of the mesh.
+///
+/// Build a new store from each full snapshot of the policies
+/// ([`PolicyStore::build`]) and swap it in (e.g. behind an `ArcSwap`);
+/// then re-evaluate open connections.
+#[derive(Debug, Clone)]
+pub struct PolicyStore {
+    root_namespace: String,
+    /// Root-namespace AuthorizationPolicies: without selector for every
+    /// workload; with one for the matching workloads of every namespace.
+    mesh: Bucket<Arc<CompiledAuthz>>,
+    /// The mesh-wide PeerAuthentication in force (oldest).
+    peer_mesh: Option<Arc<CompiledPeerAuthn>>,
+    namespaces: HashMap<String, NamespacePolicies>,
+    authz_count: usize,
+    peer_count: usize,
+}
+
+impl Default for PolicyStore {
+    fn default() -> Self {
+        Self::new(DEFAULT_ROOT_NAMESPACE)
+    }
+}
+
+/// Evaluation context: the connection, normalized once.
+struct Ctx<'a> {
+    principal: Option<&'a str>,
+    namespace: Option<&'a str>,
+    service_account: Option<&'a str>,
+    source_ip: IpAddr,
+    remote_ip: IpAddr,
+    destination_ip: IpAddr,
+    port: u16,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(c: &Connection<'a>) -> Self {
+        let principal = c
+            .source_principal
+            .map(|p| p.strip_prefix("spiffe://").unwrap_or(p))
+            .filter(|p| !p.is_empty());
+        let (namespace, service_account) = principal.and_then(ns_sa).unzip();
+        let source_ip = c.source_ip.to_canonical();
+        Ctx {
+            principal,
+            namespace,
+            service_account,
+            source_ip,
+            remote_ip: c.remote_ip.map_or(source_ip, |ip| ip.to_canonical()),
+            destination_ip: c.destination_ip.to_canonical(),
+            port: c.destination_port,
+        }
+    }
+}
+
+/// `td/ns/<ns>/sa/<sa>` -> `(ns, sa)`.
+fn ns_sa(principal: &str) -> Option<(&str, &str)> {
+    let mut it = principal.split('/');
+    let (_td, ns_kw, ns, sa_kw, sa) = (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
+    (it.next().is_none() && ns_kw == "ns" && sa_kw == "sa" && !ns.is_empty() && !sa.is_empty())
+        .then_some((ns, sa))
+}
+
+fn check<T>(pos: &[T], neg: &[T], f: impl Fn(&T) -> bool) -> bool {
+    (pos.is_empty() || pos.iter().any(&f)) && !neg.iter().any(&f)
+}
+
+impl Match {
+    fn matches(&self, c: &Ctx<'_>) -> bool {
+        let ip = |ip: IpAddr| move |n: &IpNet| n.contains(&ip);
+        let sa = |(ns, sa): &(Box<str>, Box<str>)| {
+            c.namespace == Some(&**ns) && c.service_account == Some(&**sa)
+        };
+        check(&self.ports, &self.not_ports, |p| *p == c.port)
+            && check(&self.principals, &self.not_principals, |m| {
+                m.matches(c.principal)
+            })
+            && check(&self.namespaces, &self.not_namespaces, |m| {
+                m.matches(c.namespace)
+            })
+            && check(&self.service_accounts, &self.not_service_accounts, sa)
+            && check(&self.source_ips, &self.not_source_ips, ip(c.source_ip))
+            && check(&self.remote_ips, &self.not_remote_ips, ip(c.remote_ip))
+            && check(
+                &self.destination_ips,
+                &self.not_destination_ips,
+                ip(c.destination_ip),
+            )
+    }
+}
+
+impl CompiledRule {
+    fn matches(&self, c: &Ctx<'_>) -> bool {
+        self.clauses
+            .iter()
+            .all(|clause| clause.iter().any(|m| m.matches(c)))
+    }
+}
+
+impl CompiledAuthz {
+    fn matches(&self, c: &Ctx<'_>) -> bool {
+        self.rules.iter().any(|r| r.matches(c))
+    }
+}
+
+impl PolicyStore {
+    /// An empty store: every connection allowed, every port PERMISSIVE.
+    /// `root_namespace` is Istio's root namespace (`istio-system` by
+    /// default): its policies without selector apply to the whole mesh.
+    pub fn new(root_namespace: &str) -> Self {
+        Self {
+            root_namespace: root_namespace.to_owned(),
+            mesh: Bucket::default(),
+            peer_mesh: None,
+            namespaces: HashMap::new(),
+            authz_count: 0,
+            peer_count: 0,
+        }
+    }
+
+    /// Builds a store from a full snapshot of the policies. Malformed
+    /// policies are rejected (reported, and enforced fail-closed, see
+    /// [`crate::RejectEffect`]); the others are enforced. Of two objects
+    /// with the same kind, namespace and name, the later one wins.
+    pub fn build(root_namespace: &str, resources: &[Resource]) -> (Self, Report) {
+        let mut store = Self::new(root_namespace);
+        let mut report = Report::default();
+
+        // Last one wins for duplicates (a re-applied object).
+        let mut latest: BTreeMap<(Kind, &str, &str), usize> = BTreeMap::new();
+        for (i, r) in resources.iter().enumerate() {
+            let m = r.metadata();
+            let key = (
+                r.kind(),
+                m.namespace.as_deref().unwrap_or_default(),
+                m.name.as_deref().unwrap_or_default(),
+            );
+            if latest.insert(key, i).is_some() {
+                report.warnings.push(PolicyWarning {
+                    kind: key.0,
+                    policy: PolicyName::new(key.1, key.2),
+                    field: "metadata.name".into(),
+                    message: "defined more than once: the last definition is used".into(),
+                });
+            }
+        }
+        let mut mesh_peers: Vec<Arc<CompiledPeerAuthn>> = Vec::new();
+        let mut ns_peers: HashMap<String, Vec<Arc<CompiledPeerAuthn>>> = HashMap::new();
+        for &i in latest.values() {
+            match &resources[i] {
+                Resource::AuthorizationPolicy(ap) => {
+                    if let Some((scope, p)) =
+                        compile::compile_authz(ap, root_namespace, &mut report)
+                    {
+                        store.authz_count += 1;
+                        let Scope { namespace, labels } = scope;
+                        let p = Arc::new(p);
+                        if namespace == root_namespace {
+                            store.mesh.insert(labels, p);
+                        } else {
+                            store
+                                .namespaces
+                                .entry(namespace)
+                                .or_default()
+                                .authz
+                                .insert(labels, p);
+                        }
+                    }
+                }
+                Resource::PeerAuthentication(pa) => {
+                    if let Some((scope, p)) =
+                        compile::compile_peer_authn(pa, root_namespace, &mut report)
+                    {
+                        store.peer_count += 1;
+                        let p = Arc::new(p);
+                        if !scope.labels.is_empty() {
+                            store
+                                .namespaces
+                                .entry(scope.namespace)
+                                .or_default()
+                                .peer_workload
+                                .insert(scope.labels, p);
+                        } else if scope.namespace == root_namespace {
+                            mesh_peers.push(p);
+                        } else {
+                            ns_peers.entry(scope.namespace).or_default().push(p);
+                        }
+                    }
+                }
+            }
+        }
+        let by_name = |p: &Arc<CompiledAuthz>| p.name.clone();
+        store.mesh.sort_by_key(by_name);
+        for ns in store.namespaces.values_mut() {
+            ns.authz.sort_by_key(by_name);
+            ns.peer_workload.sort_by_key(|p| p.order.clone());
+        }
+        store.peer_mesh = mesh_peers.into_iter().min_by(|a, b| a.order.cmp(&b.order));
+        for (ns, list) in ns_peers {
+            store.namespaces.entry(ns).or_default().peer_namespace =
+                list.into_iter().min_by(|a, b| a.order.cmp(&b.order));
+        }
+        (store, report)
+    }
+
+    /// Parses `text` (YAML or JSON documents) and builds a store from it;
+    /// the report has the parse errors first.
+    pub fn from_text(root_namespace: &str, text: &str) -> (Self, Report) {
+        let parsed = parse_documents(text);
+        let (store, mut report) = Self::build(root_namespace, &parsed.resources);
+        let mut errors = parsed.errors;
+        errors.append(&mut report.errors);
+        report.errors = errors;
+        (store, report)
+    }
+
+    /// The root namespace.
+    pub fn root_namespace(&self) -> &str {
+        &self.root_namespace
+    }
+
+    /// Number of AuthorizationPolicies in force (rejected ones included
+    /// when they still have a fail-closed effect).
+    pub fn authorization_policy_count(&self) -> usize {
+        self.authz_count
+    }
+
+    /// Number of PeerAuthentications in force.
+    pub fn peer_authentication_count(&self) -> usize {
+        self.peer_count
+    }
+
+    fn for_each_authz<'s>(&'s self, w: &WorkloadRef<'_>, mut f: impl FnMut(&'s CompiledAuthz)) {
+        self.mesh.for_each(w.labels, |p| f(p));
+        if w.namespace == self.root_namespace {
+            return; // already visited as the mesh level
+        }
+        if let Some(ns) = self.namespaces.get(w.namespace) {
+            ns.authz.for_each(w.labels, |p| f(p));
+        }
+    }
+
+    /// The AuthorizationPolicies that apply to a workload, in evaluation
+    /// order (for the admin API and the benchmark).
+    pub fn policies_for(&self, workload: &WorkloadRef<'_>) -> Vec<PolicyName> {
+        let mut out = Vec::new();
+        self.for_each_authz(workload, |p| out.push(p.name.clone()));
+        out
+    }
+
+    /// The effective PeerAuthentication mode of a workload port:
+    /// workload policy (its `portLevelMtls` for this port first) over
+    /// namespace policy over mesh policy, `UNSET` inheriting; PERMISSIVE
+    /// when nothing is set.
+    pub fn mtls_mode(&self, workload: &WorkloadRef<'_>, port: u16) -> MtlsMode {
+        self.mtls_setting(workload, port).mode
+    }
+
+    /// [`PolicyStore::mtls_mode`] with the deciding policy.
+    pub fn mtls_setting(&self, workload: &WorkloadRef<'_>, port: u16) -> MtlsSetting {
+        let mut setting = MtlsSetting {
+            mode: MtlsMode::Permissive,
+            policy: None,
+        };
+        let mut apply = |mode: WrittenMode, p: &CompiledPeerAuthn| {
+            let mode = match mode {
+                WrittenMode::Unset => return,
+                WrittenMode::Strict => MtlsMode::Strict,
+                WrittenMode::Permissive => MtlsMode::Permissive,
+                WrittenMode::Disable => MtlsMode::Disable,
+            };
+            setting = MtlsSetting {
+                mode,
+                policy: Some(p.name.clone()),
+            };
+        };
+        if let Some(p) = &self.peer_mesh {
+            apply(p.mode, p);
+        }
+        let ns = self.namespaces.get(workload.namespace);
+        if workload.namespace != self.root_namespace
+            && let Some(p) = ns.and_then(|ns| ns.peer_namespace.as_ref())
+        {
+            apply(p.mode, p);
+        }
+        let mut best: Option<&Arc<CompiledPeerAuthn>> = None;
+        if let Some(ns) = ns {
+            ns.peer_workload.for_each(workload.labels, |p| {
+                if best.is_none_or(|b| p.order < b.order) {
+                    best = Some(p);
+                }
+            });
+        }
+        if let Some(p) = best {
+            match p.ports.get(&port) {
+                Some(&m) if m != WrittenMode::Unset => apply(m, p),
+                _ => apply(p.mode, p),
+            }
+        }
+        setting
+    }
+
+    /// Decides an inbound connection to `workload`: PeerAuthentication
+    /// (plaintext to a STRICT port is denied), then Istio's order — any
+    /// matching DENY (or CUSTOM, or rejected DENY) denies; else, if ALLOW
+    /// policies apply, one must match; else allow. AUDIT policies never
+    /// change the decision; those that match are listed.
+    pub fn evaluate(&self, conn: &Connection<'_>, workload: &WorkloadRef<'_>) -> Decision {
+        let ctx = Ctx::new(conn);
+        let mut deny: Option<DenyReason> = None;
+        if ctx.principal.is_none() {
+            let m = self.mtls_setting(workload, conn.destination_port);
+            if m.mode == MtlsMode::Strict {
+                deny = Some(DenyReason::MtlsRequired { policy: m.policy });
+            }
+        }
+        let mut allow_applies = false;
+        let mut allowed_by: Option<&PolicyName> = None;
+        let mut audited_by = Vec::new();
+        self.for_each_authz(workload, |p| match p.effect {
+            Effect::Deny => {
+                if deny.is_none() && p.matches(&ctx) {
+                    deny = Some(match p.origin {
+                        Origin::Written => DenyReason::DeniedBy(p.name.clone()),
+                        Origin::Custom => DenyReason::CustomUnsupported(p.name.clone()),
+                        Origin::Rejected => DenyReason::RejectedPolicy(p.name.clone()),
+                    });
+                }
+            }
+            Effect::Allow => {
+                allow_applies = true;
+                if allowed_by.is_none() && p.matches(&ctx) {
+                    allowed_by = Some(&p.name);
+                }
+            }
+            Effect::Audit => {
+                if p.matches(&ctx) {
+                    audited_by.push(p.name.clone());
+                }
+            }
+        });
+        if let Some(reason) = deny {
+            Decision::Deny { reason, audited_by }
+        } else if allow_applies && allowed_by.is_none() {
+            Decision::Deny {
+                reason: DenyReason::NoAllowMatched,
+                audited_by,
+            }
+        } else {
+            Decision::Allow {
+                allowed_by: allowed_by.cloned(),
+                audited_by,
+            }
+        }
+    }
+
+    /// Total policies indexed (AuthorizationPolicies and
+    /// PeerAuthentications), for diagnostics.
+    pub fn len(&self) -> usize {
+        self.mesh.len()
+            + usize::from(self.peer_mesh.is_some())
+            + self
+                .namespaces
+                .values()
+                .map(|n| {
+                    n.authz.len() + n.peer_workload.len() + usize::from(n.peer_namespace.is_some())
+                })
+                .sum::<usize>()
+    }
+
+    /// No policy at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
