@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     datapath::{Datapath, DatapathConfig, counters::Counters, enroll::Enroller},
+    identity::{CertManager, LocalCa, MeshCa, MeshTls, TrustDomain},
     proxy::{Proxy, ProxyStats},
     state::Store,
     sync,
@@ -18,8 +19,10 @@ use crate::{
 /// How the agent runs.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
-    /// The workload file.
+    /// The workload file (unused with `kube`).
     pub workloads: PathBuf,
+    /// Sync from the Kubernetes API server instead of the workload file.
+    pub kube: Option<sync::kube::KubeArgs>,
     /// bpffs pin directory.
     pub pin_dir: PathBuf,
     /// cgroup2 directory the cgroup programs attach to.
@@ -30,6 +33,16 @@ pub struct RunConfig {
     pub kernel_log_level: u8,
     /// How often the workload file is re-read.
     pub reload_interval: Duration,
+    /// The mesh CA directory (`ca.crt`, `ca.key`), from `mesh-agent ca init`.
+    pub ca_dir: Option<PathBuf>,
+    /// The mesh's trust domain.
+    pub trust_domain: String,
+    /// Lifetime of the workload certificates the agent issues.
+    pub cert_ttl: Duration,
+    /// Istio's root namespace: policies there apply mesh-wide.
+    pub root_namespace: String,
+    /// Where the admin, metrics and readiness endpoints listen.
+    pub admin: crate::admin::AdminConfig,
 }
 
 /// How long the control loop waits before retrying pods that failed to enroll.
@@ -37,7 +50,20 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
-    let file = sync::file::load(&cfg.workloads)?;
+    let file = match &cfg.kube {
+        // Flags checked before anything is loaded.
+        Some(k) => k.config().map(|_| None)?,
+        None => Some(sync::file::load(&cfg.workloads)?),
+    };
+    let node_name = match (&file, &cfg.kube) {
+        (Some(f), _) => f.node.name.clone(),
+        (None, k) => k
+            .as_ref()
+            .and_then(|k| k.node_name.clone())
+            .unwrap_or_default(),
+    };
+    crate::datapath::check_privileges()?;
+    let tls = load_identity(&cfg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(
             std::thread::available_parallelism()
@@ -48,6 +74,13 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the data-plane runtime")?;
+    // Served from the start: readiness answers 503 until the programs are
+    // attached and the first enrollment pass is done.
+    let admin = crate::admin::Admin::new(&cfg.pin_dir);
+    let datapath_ready = admin.readiness().block("datapath");
+    let enrollment_hooks = admin.enrollment_hooks();
+    let listeners = admin.start(&cfg.admin, runtime.handle())?;
+    admin.certificates().set_source(tls.manager().clone());
 
     let (mut dp, summary) = Datapath::load(&DatapathConfig {
         pin_dir: cfg.pin_dir.clone(),
@@ -66,14 +99,23 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
             }
         })
         .collect();
+    let features = crate::datapath::probe_program_types();
+    admin.register_datapath(&summary, &features, &cfg.pin_dir, &cfg.cgroup);
+    admin.set_info(
+        "sources",
+        serde_json::json!([format!("file:{}", cfg.workloads.display())]),
+    );
+    datapath_ready.release();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         kernel = %summary.kernel,
-        node = %file.node.name,
+        node = %node_name,
         cgroup = %cfg.cgroup.display(),
         pin_dir = %cfg.pin_dir.display(),
         programs = %programs.join(","),
         source = %cfg.workloads.display(),
+        features = %features.iter().map(|(f, ok)| format!("{f}:{}", if *ok { "yes" } else { "no" })).collect::<Vec<_>>().join(","),
+        listeners = %listeners,
         "datapath loaded"
     );
     if let Some(logger) = dp.take_logger() {
@@ -81,23 +123,54 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
 
     let store = Store::new();
-    sync::file::publish(&store, file);
-    let proxy = Proxy::new(dp.orig_dst.clone(), runtime.handle().clone());
+    if let Some(file) = file {
+        sync::file::publish(&store, file);
+    }
+    admin.register_store(&store);
+    {
+        // Rotates certificates at half-life (new handshakes get the new one).
+        let _enter = runtime.enter();
+        tls.manager().spawn_sweeper(Duration::from_secs(1));
+    }
+    let proxy = Proxy::new(
+        dp.orig_dst.clone(),
+        store.clone(),
+        tls,
+        &cfg.root_namespace,
+        runtime.handle().clone(),
+    );
     let stats = proxy.stats();
+    {
+        let stats = stats.clone();
+        admin.stats().register("proxy", move || {
+            let counters = stats
+                .snapshot()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.into()));
+            serde_json::Value::Object(counters.collect())
+        });
+    }
     let enroller = Enroller::new(dp, proxy)?;
 
     let cancel = CancellationToken::new();
-    runtime.spawn(sync::file::watch(
-        cfg.workloads.clone(),
-        store.clone(),
-        cfg.reload_interval,
-        cancel.clone(),
-    ));
+    if let Some(kube) = &cfg.kube {
+        // Returns once the first complete state is published: the control
+        // loop never starts from an empty snapshot (it would un-enroll the
+        // pods a previous agent enrolled).
+        runtime.block_on(kube.start(store.clone(), cancel.clone()))?;
+    } else {
+        runtime.spawn(sync::file::watch(
+            cfg.workloads.clone(),
+            store.clone(),
+            cfg.reload_interval,
+            cancel.clone(),
+        ));
+    }
     let control = {
         let (store, cancel) = (store.clone(), cancel.clone());
         std::thread::Builder::new()
             .name("mesh-control".into())
-            .spawn(move || control_loop(enroller, store, cancel))
+            .spawn(move || control_loop(enroller, store, cancel, enrollment_hooks))
             .context("cannot start the control thread")?
     };
 
@@ -110,6 +183,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })?;
+    admin.readiness().shutting_down();
     cancel.cancel();
     if control.join().is_err() {
         tracing::error!("control loop panicked");
@@ -122,7 +196,33 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn control_loop(mut enroller: Enroller, store: Store, cancel: CancellationToken) {
+/// Loads the mesh CA and builds the certificate manager and TLS configurations.
+fn load_identity(cfg: &RunConfig) -> anyhow::Result<Arc<MeshTls>> {
+    let dir = cfg.ca_dir.as_ref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "no mesh CA: pass --ca-dir DIR (create one with `mesh-agent ca init --out DIR`)"
+        )
+    })?;
+    let trust_domain = TrustDomain::new(&cfg.trust_domain)?;
+    let ca = Arc::new(MeshCa::load_dir(dir)?);
+    let provider = LocalCa::new(ca.clone(), trust_domain.clone()).with_ttl(cfg.cert_ttl);
+    let manager = Arc::new(CertManager::new(Arc::new(provider)));
+    let tls = MeshTls::new(manager)?;
+    tracing::info!(
+        ca = %ca.subject(),
+        trust_domain = %trust_domain.as_str(),
+        cert_ttl_s = cfg.cert_ttl.as_secs(),
+        "mesh identity loaded"
+    );
+    Ok(Arc::new(tls))
+}
+
+fn control_loop(
+    mut enroller: Enroller,
+    store: Store,
+    cancel: CancellationToken,
+    mut hooks: crate::admin::EnrollmentHooks,
+) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
@@ -150,6 +250,8 @@ fn control_loop(mut enroller: Enroller, store: Store, cancel: CancellationToken)
             ready = true;
             tracing::info!(pods = report.enrolled, "agent ready");
         }
+        // After the "agent ready" line: the first pass lets readiness go.
+        hooks.applied(snap.generation, &report);
         let retry = !report.failed.is_empty();
         let stop = rt.block_on(async {
             tokio::select! {

@@ -8,6 +8,11 @@ pub mod admin;
 pub mod agent;
 pub mod cli;
 pub mod datapath;
+pub mod identity;
 pub mod proxy;
 pub mod state;
 pub mod sync;
+
+/// Istio `AuthorizationPolicy` / `PeerAuthentication` engine (the `mesh-policy`
+/// crate, kept free of agent dependencies so that it fuzzes on its own).
+pub use mesh_policy as policy;

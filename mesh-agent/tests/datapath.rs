@@ -40,7 +40,10 @@ fn pod_to_pod_on_one_node_goes_through_the_agent_both_ways() {
     assert_eq!(delta(&before, &after, "connect_redirected"), 3);
     assert_eq!(delta(&before, &after, "sockops_recorded"), 3);
     assert_eq!(delta(&before, &after, "peername_restored"), 3);
-    assert_eq!(delta(&before, &after, "lookup_steered_plaintext"), 3);
+    // Both pods are in the mesh: the agent tunnels (HBONE, port 15008), never
+    // plaintext, and the three connections share one pooled tunnel connection.
+    assert_eq!(delta(&before, &after, "lookup_steered_hbone"), 1);
+    assert_eq!(delta(&before, &after, "lookup_steered_plaintext"), 0);
     // The agent recovered the original destination on both sides and relayed every byte.
     mesh.wait_agent_log_count(0, "direction=\"outbound\"", 3);
     let log = mesh.agent(0).log_contents().expect("agent log");
@@ -53,6 +56,11 @@ fn pod_to_pod_on_one_node_goes_through_the_agent_both_ways() {
             "{line}"
         );
         assert!(line.contains("src_workload=default/a"), "{line}");
+        assert!(
+            line.contains("security=\"mutual_tls\"")
+                && line.contains("dst_identity=spiffe://cluster.local/ns/default/sa/b"),
+            "{line}"
+        );
     }
     let inbound = log
         .lines()
@@ -72,7 +80,7 @@ fn ipv6_pod_to_pod_goes_through_the_agent() {
     let after = mesh.counters(0);
     assert_eq!(delta(&before, &after, "connect_redirected"), 3);
     assert_eq!(delta(&before, &after, "peername_restored"), 3);
-    assert_eq!(delta(&before, &after, "lookup_steered_plaintext"), 3);
+    assert_eq!(delta(&before, &after, "lookup_steered_hbone"), 1);
     mesh.wait_agent_log_count(0, &format!("dst={b}"), 6);
 }
 
@@ -326,10 +334,12 @@ fn a_thousand_connections_are_all_redirected_and_echoed_byte_exact() {
         "connect_redirected",
         "sockops_recorded",
         "peername_restored",
-        "lookup_steered_plaintext",
     ] {
         assert_eq!(delta(&before, &after, name), 1000, "{name}");
     }
+    // 1000 tunnelled streams over one pooled connection (32 in flight < 100 per connection).
+    assert_eq!(delta(&before, &after, "lookup_steered_hbone"), 1);
+    assert_eq!(delta(&before, &after, "lookup_steered_plaintext"), 0);
     for name in [
         "connect_record_failed",
         "sockops_record_failed",

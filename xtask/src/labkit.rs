@@ -43,8 +43,21 @@ pub fn write_workloads(lab: &Lab, node: usize, pods: &[(&str, bool)]) -> anyhow:
     Ok(path)
 }
 
+/// The lab's mesh CA directory, made with `mesh-agent ca init` on first use.
+pub fn ca_dir(lab: &Lab, bins: &Bins) -> anyhow::Result<PathBuf> {
+    let dir = lab.scratch_path("ca");
+    if !dir.join("ca.crt").exists() {
+        let out = Command::new(&bins.agent).args(["ca", "init", "--out"]).arg(&dir).output()?;
+        if !out.status.success() {
+            bail!("mesh-agent ca init: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(dir)
+}
+
 /// Starts node `node`'s agent on its workload file and waits until it is ready.
 pub fn start_agent(lab: &Lab, bins: &Bins, node: usize) -> anyhow::Result<LabChild> {
+    let ca = ca_dir(lab, bins)?;
     let n = lab.node(node)?;
     let mut cmd = Command::new(&bins.agent);
     cmd.arg("run")
@@ -54,6 +67,8 @@ pub fn start_agent(lab: &Lab, bins: &Bins, node: usize) -> anyhow::Result<LabChi
         .arg(n.pin_dir())
         .arg("--cgroup")
         .arg(n.cgroup_dir())
+        .arg("--ca-dir")
+        .arg(&ca)
         .args(["--reload-interval-ms", "200"]);
     let agent = lab.spawn_in_node(node, cmd)?;
     agent

@@ -12,6 +12,10 @@ use crate::{
     sync,
 };
 
+pub mod client;
+pub mod query;
+pub mod render;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "mesh-agent",
@@ -24,9 +28,13 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once; boxing buys nothing
 enum Command {
     /// Run the agent: load the datapath, enroll pods, proxy their traffic.
     Run(RunArgs),
+    /// The mesh certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Validate a workload file and exit (non-zero, with the reason, if invalid).
     Check {
         /// The workload file.
@@ -48,13 +56,34 @@ enum Command {
         #[arg(long, env = "MESH_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    #[command(flatten)]
+    Query(query::QueryCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create a new root CA for a new mesh (ca.crt, ca.key with mode 0600); never overwrites.
+    Init {
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// The mesh's trust domain.
+        #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// Validity of the root, in days.
+        #[arg(long, default_value_t = crate::identity::DEFAULT_CA_DAYS)]
+        days: u32,
+    },
 }
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// The workload file (YAML) describing the node and its pods; re-read on change.
-    #[arg(long, env = "MESH_WORKLOADS")]
-    workloads: PathBuf,
+    /// The workload file (YAML) describing the node and its pods; re-read on
+    /// change. Not read with --kube.
+    #[arg(long, env = "MESH_WORKLOADS", required_unless_present = "kube")]
+    workloads: Option<PathBuf>,
+    #[command(flatten)]
+    kube: sync::kube::KubeArgs,
     /// bpffs directory where programs and maps are pinned.
     #[arg(long, env = "MESH_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
@@ -73,6 +102,40 @@ struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Plain, env = "MESH_LOG_FORMAT")]
     log_format: LogFormat,
+    #[command(flatten)]
+    endpoints: query::EndpointArgs,
+    /// The mesh CA directory (ca.crt, ca.key), from `mesh-agent ca init`.
+    #[arg(long, env = "MESH_CA_DIR")]
+    ca_dir: Option<PathBuf>,
+    /// The mesh's trust domain (SPIFFE).
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Lifetime of workload certificates (`90s`, `30m`, `24h`); rotated at half-life.
+    #[arg(long, env = "MESH_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    cert_ttl: Duration,
+    /// Istio's root namespace: AuthorizationPolicy/PeerAuthentication there apply mesh-wide.
+    #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = crate::proxy::authz::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
+}
+
+/// `90s`, `30m`, `24h`, `2d` or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m or 24h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
+    };
+    if secs == 0 {
+        return Err("a duration must be positive".into());
+    }
+    Ok(Duration::from_secs(secs))
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -100,14 +163,25 @@ pub fn main() -> ExitCode {
                 }
             };
             agent::run(RunConfig {
-                workloads: args.workloads,
+                workloads: args.workloads.unwrap_or_default(),
+                kube: args.kube.kube.then_some(args.kube),
                 pin_dir: args.pin_dir,
                 cgroup,
                 ebpf_object: args.ebpf_object,
                 kernel_log_level: args.kernel_log as u8,
                 reload_interval: Duration::from_millis(args.reload_interval_ms.max(50)),
+                admin: args.endpoints.config(),
+                ca_dir: args.ca_dir,
+                trust_domain: args.trust_domain,
+                cert_ttl: args.cert_ttl,
+                root_namespace: args.root_namespace,
             })
         }
+        Command::Ca(CaCommand::Init {
+            out,
+            trust_domain,
+            days,
+        }) => ca_init(&out, &trust_domain, days),
         Command::Check { workloads } => sync::file::load(&workloads)
             .map(|f| {
                 let enrolled = f.workloads.values().filter(|w| w.enrolled).count();
@@ -123,6 +197,7 @@ pub fn main() -> ExitCode {
         Command::Uninstall { pin_dir } => datapath::uninstall(&pin_dir)
             .map(|n| println!("removed {n} pinned objects under {}", pin_dir.display()))
             .map_err(anyhow::Error::from),
+        Command::Query(q) => query::run(&q),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -131,6 +206,22 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn ca_init(out: &std::path::Path, trust_domain: &str, days: u32) -> anyhow::Result<()> {
+    let td = crate::identity::TrustDomain::new(trust_domain)?;
+    let (cert, key) = crate::identity::MeshCa::init_dir(out, &td, days)?;
+    println!(
+        "created the mesh CA for trust domain {trust_domain}: {} and {}",
+        cert.display(),
+        key.display()
+    );
+    println!(
+        "distribute it with: kubectl -n mesh-system create secret generic mesh-ca --from-file={} --from-file={}",
+        cert.display(),
+        key.display()
+    );
+    Ok(())
 }
 
 fn stats(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {

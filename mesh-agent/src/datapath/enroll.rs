@@ -15,8 +15,8 @@ use std::{
 
 use aya::maps::{HashMap, MapData, SockMap};
 use mesh_common::{
-    INBOUND_PLAINTEXT_PORT, IpKey, LISTENER_PLAINTEXT, LISTENERS_PER_POD, MAX_PODS, OUTBOUND_PORT,
-    PodSlot, PortKey, direction, maps,
+    INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, IpKey, LISTENER_HBONE, LISTENER_PLAINTEXT,
+    LISTENERS_PER_POD, MAX_PODS, OUTBOUND_PORT, PodSlot, PortKey, direction, maps,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -25,6 +25,7 @@ use super::{
     netns::{self, NetnsError, NetnsWorker},
 };
 use crate::{
+    identity::SpiffeId,
     proxy::{PodContext, PodListeners, Proxy},
     state::{Snapshot, Workload, WorkloadKey},
 };
@@ -51,6 +52,9 @@ pub enum EnrollError {
     /// All pod slots are taken.
     #[error("this agent already enrolls {MAX_PODS} pods, its maximum")]
     SlotsExhausted,
+    /// The pod's namespace or service account cannot form a SPIFFE identity.
+    #[error("the pod has no valid identity: {0}")]
+    Identity(#[from] crate::identity::SpiffeIdError),
 }
 
 struct EnrolledPod {
@@ -108,8 +112,11 @@ impl Enroller {
     /// a failed step).
     pub fn reconcile(&mut self, snap: &Snapshot) -> ReconcileReport {
         let mut report = ReconcileReport::default();
-        let desired: BTreeMap<&WorkloadKey, &Workload> =
-            snap.workloads.iter().filter(|(_, w)| w.enrolled).collect();
+        let desired: BTreeMap<&WorkloadKey, &Workload> = snap
+            .workloads
+            .iter()
+            .filter(|(_, w)| w.enrolled && w.is_local(&snap.node))
+            .collect();
 
         let stale: Vec<WorkloadKey> = self
             .pods
@@ -163,6 +170,7 @@ impl Enroller {
     }
 
     fn enroll(&mut self, w: &Workload) -> Result<EnrolledPod, EnrollError> {
+        let identity = SpiffeId::new(self.proxy.trust_domain(), &w.namespace, &w.service_account)?;
         let worker = Arc::new(NetnsWorker::spawn(&w.name, &w.netns)?);
         let (listeners, cookie) = worker.run_blocking(open_listeners)??;
         let slot = self.free_slots.pop().ok_or(EnrollError::SlotsExhausted)?;
@@ -178,6 +186,9 @@ impl Enroller {
             ips: w.ips.clone(),
             netns_cookie: cookie,
             worker: worker.clone(),
+            identity,
+            service_account: w.service_account.clone(),
+            labels: w.labels.clone(),
         });
         self.proxy.serve_pod(ctx, listeners, cancel.clone());
         Ok(EnrolledPod {
@@ -208,13 +219,14 @@ impl Enroller {
                 message: e.to_string(),
             }
         };
-        self.listeners
-            .set(
-                slot * LISTENERS_PER_POD + LISTENER_PLAINTEXT,
-                &l.inbound_plaintext,
-                0,
-            )
-            .map_err(map_err(maps::INBOUND_LISTENERS))?;
+        for (kind, listener) in [
+            (LISTENER_PLAINTEXT, &l.inbound_plaintext),
+            (LISTENER_HBONE, &l.inbound_hbone),
+        ] {
+            self.listeners
+                .set(slot * LISTENERS_PER_POD + kind, listener, 0)
+                .map_err(map_err(maps::INBOUND_LISTENERS))?;
+        }
         for (ports, dir) in [
             (&w.exclude_outbound_ports, direction::OUTBOUND),
             (&w.exclude_inbound_ports, direction::INBOUND),
@@ -290,13 +302,15 @@ impl Enroller {
                 );
             }
         }
-        let index = slot * LISTENERS_PER_POD + LISTENER_PLAINTEXT;
-        log(
-            "listeners",
-            self.listeners
-                .clear_index(&index)
-                .map_err(|e| e.to_string()),
-        );
+        for kind in [LISTENER_PLAINTEXT, LISTENER_HBONE] {
+            let index = slot * LISTENERS_PER_POD + kind;
+            log(
+                "listeners",
+                self.listeners
+                    .clear_index(&index)
+                    .map_err(|e| e.to_string()),
+            );
+        }
     }
 
     fn unenroll(&mut self, pod: EnrolledPod) {
@@ -440,20 +454,18 @@ fn open_listeners() -> Result<(PodListeners, u64), EnrollError> {
     // must be bound to the wildcard: binding a specific IPv6 address makes a
     // socket v6-only, and sk_lookup refuses v6-only sockets for IPv4 lookups.
     // (The bind address matters little otherwise: sk_lookup ignores it.)
-    let inbound_plaintext = match open(
-        SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), INBOUND_PLAINTEXT_PORT),
-        true,
-    ) {
-        Ok(l) => l,
-        Err(_) => open(
-            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), INBOUND_PLAINTEXT_PORT),
-            false,
-        )?,
+    let steered = |port: u16| match open(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port), true)
+    {
+        Ok(l) => Ok(l),
+        Err(_) => open(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port), false),
     };
+    let inbound_plaintext = steered(INBOUND_PLAINTEXT_PORT)?;
+    let inbound_hbone = steered(INBOUND_HBONE_PORT)?;
     Ok((
         PodListeners {
             outbound,
             inbound_plaintext,
+            inbound_hbone,
         },
         cookie,
     ))

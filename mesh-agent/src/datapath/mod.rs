@@ -19,7 +19,7 @@ pub mod enroll;
 pub mod netns;
 mod sys;
 
-pub use sys::cgroup2_mount;
+pub use sys::{cgroup2_mount, check_privileges};
 
 use std::{
     fs::File,

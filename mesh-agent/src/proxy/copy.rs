@@ -6,6 +6,8 @@
 
 use std::{io, time::Duration};
 
+use tokio_util::sync::CancellationToken;
+
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{
@@ -13,6 +15,9 @@ use tokio::{
         tcp::{OwnedReadHalf, OwnedWriteHalf},
     },
 };
+
+/// The outcome text of a relay cut by a policy change.
+pub const CLOSED_BY_POLICY: &str = "closed by policy";
 
 const INITIAL_BUFFER: usize = 16 * 1024;
 const MAX_BUFFER: usize = 256 * 1024;
@@ -60,7 +65,11 @@ async fn pump(
 
 /// Relays between `client` and `server` until both directions are closed, or
 /// resets both when either fails.
-pub async fn relay(client: TcpStream, server: TcpStream) -> RelayResult {
+pub async fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    cancel: &CancellationToken,
+) -> RelayResult {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     let (mut cr, mut cw) = client.into_split();
@@ -75,6 +84,7 @@ pub async fn relay(client: TcpStream, server: TcpStream) -> RelayResult {
             let r = tokio::select! {
                 r = &mut up, if !up_done => { up_done = true; r }
                 r = &mut down, if !down_done => { down_done = true; r }
+                _ = cancel.cancelled() => break RelayOutcome::Reset(CLOSED_BY_POLICY.to_owned()),
             };
             if let Err(e) = r {
                 break RelayOutcome::Reset(e.to_string());

@@ -13,13 +13,13 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::{PodContext, ProxyStats, account, relay, reset};
+use super::{PodContext, Shared, account, authz::Subject, relay, reset};
 
 /// Accepts steered connections of one pod until cancelled.
 pub async fn serve(
     ctx: Arc<PodContext>,
     listener: TcpListener,
-    stats: Arc<ProxyStats>,
+    shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -35,13 +35,17 @@ pub async fn serve(
                 continue;
             }
         };
-        stats.inbound_accepted.fetch_add(1, Ordering::Relaxed);
-        let (ctx, stats) = (ctx.clone(), stats.clone());
-        tokio::spawn(async move { handle(ctx, client, peer, stats).await });
+        shared
+            .stats
+            .inbound_accepted
+            .fetch_add(1, Ordering::Relaxed);
+        let (ctx, shared) = (ctx.clone(), shared.clone());
+        tokio::spawn(async move { handle(ctx, client, peer, shared).await });
     }
 }
 
-async fn handle(ctx: Arc<PodContext>, client: TcpStream, peer: SocketAddr, stats: Arc<ProxyStats>) {
+async fn handle(ctx: Arc<PodContext>, client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let stats = &shared.stats;
     let start = Instant::now();
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let dst = match client.local_addr() {
@@ -58,6 +62,31 @@ async fn handle(ctx: Arc<PodContext>, client: TcpStream, peer: SocketAddr, stats
         reset(client);
         return;
     }
+    // Plaintext: no identity. STRICT PeerAuthentication and principal rules deny it.
+    let subject = Subject {
+        principal: None,
+        source_ip: peer.ip(),
+        destination: dst,
+        workload: ctx.key.clone(),
+        labels: ctx.labels.clone(),
+    };
+    let decision = shared.authz.check(&subject);
+    if let Some(reason) = decision.deny_reason() {
+        stats.failed.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            direction = "inbound",
+            dst_workload = %ctx.key,
+            src = %peer,
+            dst = %dst,
+            security = "none",
+            policy = reason.policy().map(|p| p.to_string()).unwrap_or_default(),
+            reason = %reason,
+            "connection denied"
+        );
+        reset(client);
+        return;
+    }
+    let tracked = shared.authz.track(subject);
     let app = match ctx.connect(dst).await {
         Ok(s) => s,
         Err(e) => {
@@ -75,13 +104,14 @@ async fn handle(ctx: Arc<PodContext>, client: TcpStream, peer: SocketAddr, stats
             return;
         }
     };
-    let result = relay(client, app).await;
-    let outcome = account(&stats, &result);
+    let result = relay(client, app, &tracked.cancel).await;
+    let outcome = account(stats, &result);
     tracing::info!(
         direction = "inbound",
         dst_workload = %ctx.key,
         src = %peer,
         dst = %dst,
+        security = "none",
         bytes_sent = result.sent,
         bytes_received = result.received,
         duration_ms = start.elapsed().as_millis() as u64,

@@ -1,11 +1,17 @@
 //! The L4 proxy: the in-pod outbound listener (captured connects), the in-pod
-//! inbound listener (steered by `sk_lookup`), and the byte relay between them
-//! and the sockets the agent opens from inside the pod's netns.
+//! inbound listeners (steered by `sk_lookup`: HBONE on 15008, plaintext on
+//! every other port), and the byte relays between them and the sockets the
+//! agent opens from inside the pod's netns.
 //!
-//! Plaintext for now; mutual TLS (HBONE) is the next layer.
+//! Outbound to a mesh workload goes through an HBONE tunnel (mTLS HTTP/2
+//! CONNECT) under the source pod's identity; outbound to anything else is
+//! passed through in plaintext.
 
+pub mod authz;
 mod copy;
+pub mod hbone;
 mod inbound;
+mod inbound_hbone;
 mod outbound;
 
 use std::{
@@ -27,7 +33,8 @@ use crate::{
         OrigDstTable,
         netns::{self, NetnsWorker},
     },
-    state::WorkloadKey,
+    identity::{MeshTls, SpiffeId},
+    state::{Store, WorkloadKey},
 };
 
 /// How long the agent waits for an upstream or delivery connect.
@@ -43,6 +50,12 @@ pub struct PodContext {
     pub netns_cookie: u64,
     /// Creates sockets inside the pod's netns.
     pub worker: Arc<NetnsWorker>,
+    /// The pod's SPIFFE identity.
+    pub identity: SpiffeId,
+    /// The pod's service account (baggage, logs).
+    pub service_account: String,
+    /// The pod's labels (policy selectors).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl PodContext {
@@ -71,6 +84,8 @@ pub struct PodListeners {
     pub outbound: Vec<std::net::TcpListener>,
     /// Inbound plaintext (the `sk_lookup` target), dual-stack where possible.
     pub inbound_plaintext: std::net::TcpListener,
+    /// Inbound HBONE (the `sk_lookup` target for port 15008), dual-stack where possible.
+    pub inbound_hbone: std::net::TcpListener,
 }
 
 /// Counters of the proxy, for logs and metrics.
@@ -108,27 +123,80 @@ impl ProxyStats {
     }
 }
 
+/// What every connection handler shares.
+pub struct Shared {
+    /// The kernel's original destinations.
+    pub orig_dst: Arc<OrigDstTable>,
+    /// The state store (who is in the mesh).
+    pub store: Store,
+    /// Certificates and TLS configurations.
+    pub tls: Arc<MeshTls>,
+    /// Tunnel connections.
+    pub pool: Arc<hbone::Pool>,
+    /// Counters.
+    pub stats: Arc<ProxyStats>,
+    /// Authorization of inbound connections.
+    pub authz: Arc<authz::Authz>,
+}
+
 /// The proxy: serves the listeners of every enrolled pod.
 #[derive(Clone)]
 pub struct Proxy {
-    orig_dst: Arc<OrigDstTable>,
+    shared: Arc<Shared>,
     handle: Handle,
-    stats: Arc<ProxyStats>,
 }
 
 impl Proxy {
     /// A proxy that runs its tasks on `handle`.
-    pub fn new(orig_dst: Arc<OrigDstTable>, handle: Handle) -> Self {
-        Self {
+    pub fn new(
+        orig_dst: Arc<OrigDstTable>,
+        store: Store,
+        tls: Arc<MeshTls>,
+        root_namespace: &str,
+        handle: Handle,
+    ) -> Self {
+        let authz = Arc::new(authz::Authz::new(root_namespace));
+        authz.update(&store.current().policies);
+        let shared = Arc::new(Shared {
             orig_dst,
-            handle,
+            store: store.clone(),
+            tls,
+            pool: Arc::new(hbone::Pool::default()),
             stats: Arc::default(),
-        }
+            authz: authz.clone(),
+        });
+        // Policy changes apply to new connections at once and re-check open ones.
+        let mut changes = store.subscribe();
+        handle.spawn(async move {
+            while changes.changed().await.is_ok() {
+                let snapshot = changes.borrow_and_update().clone();
+                authz.update(&snapshot.policies);
+            }
+        });
+        let pool = shared.pool.clone();
+        handle.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                pool.sweep();
+            }
+        });
+        Self { shared, handle }
+    }
+
+    /// The mesh's trust domain.
+    pub fn trust_domain(&self) -> crate::identity::TrustDomain {
+        self.shared.tls.trust_domain().clone()
+    }
+
+    /// The tunnel pool.
+    pub fn pool(&self) -> Arc<hbone::Pool> {
+        self.shared.pool.clone()
     }
 
     /// The proxy's counters.
     pub fn stats(&self) -> Arc<ProxyStats> {
-        self.stats.clone()
+        self.shared.stats.clone()
     }
 
     /// Starts accepting on a pod's listeners until `cancel` fires.
@@ -142,14 +210,12 @@ impl Proxy {
         for l in listeners.outbound {
             match into_tokio(l) {
                 Ok(l) => {
-                    let task = outbound::serve(
+                    self.handle.spawn(outbound::serve(
                         ctx.clone(),
                         l,
-                        self.orig_dst.clone(),
-                        self.stats.clone(),
+                        self.shared.clone(),
                         cancel.clone(),
-                    );
-                    self.handle.spawn(task);
+                    ));
                 }
                 Err(e) => {
                     tracing::error!(pod = %ctx.key, error = %e, "cannot serve outbound listener")
@@ -158,10 +224,21 @@ impl Proxy {
         }
         match into_tokio(listeners.inbound_plaintext) {
             Ok(l) => {
-                self.handle
-                    .spawn(inbound::serve(ctx, l, self.stats.clone(), cancel));
+                self.handle.spawn(inbound::serve(
+                    ctx.clone(),
+                    l,
+                    self.shared.clone(),
+                    cancel.clone(),
+                ));
             }
             Err(e) => tracing::error!(pod = %ctx.key, error = %e, "cannot serve inbound listener"),
+        }
+        match into_tokio(listeners.inbound_hbone) {
+            Ok(l) => {
+                self.handle
+                    .spawn(inbound_hbone::serve(ctx, l, self.shared.clone(), cancel));
+            }
+            Err(e) => tracing::error!(pod = %ctx.key, error = %e, "cannot serve HBONE listener"),
         }
     }
 }

@@ -2,7 +2,12 @@
 //! of them are enrolled. Sources (`sync`) publish whole snapshots; readers
 //! take the latest `Arc<Snapshot>` and never see a half-applied change.
 
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+};
 
 use tokio::sync::watch;
 
@@ -17,7 +22,7 @@ pub struct NodeInfo {
 }
 
 /// A workload (pod) the agent knows about.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Workload {
     /// Pod name.
     pub name: String,
@@ -39,9 +44,20 @@ pub struct Workload {
     pub exclude_outbound_ports: Vec<u16>,
     /// Ports of the pod's inbound connections that bypass the mesh.
     pub exclude_inbound_ports: Vec<u16>,
+    /// The pod's labels (policy selectors); empty for the file source.
+    pub labels: BTreeMap<String, String>,
+    /// The node the pod runs on when it is not this agent's node (then it has
+    /// no netns here: the agent only needs its addresses and identity, to
+    /// tunnel to it). `None`: a local pod.
+    pub node: Option<String>,
 }
 
 impl Workload {
+    /// Whether the pod runs on `node` (this agent's node).
+    pub fn is_local(&self, node: &NodeInfo) -> bool {
+        self.node.as_deref().is_none_or(|n| n == node.name)
+    }
+
     /// `namespace/name`, the key used in logs and maps.
     pub fn key(&self) -> WorkloadKey {
         WorkloadKey {
@@ -75,6 +91,92 @@ pub struct Snapshot {
     pub node: NodeInfo,
     /// Workloads by key.
     pub workloads: BTreeMap<WorkloadKey, Workload>,
+    /// Services by `namespace/name` (the Kubernetes source; empty for the file source).
+    pub services: BTreeMap<ServiceKey, Service>,
+    /// Istio security policies as the API server returned them.
+    pub policies: Policies,
+}
+
+/// Identifies a service: `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    /// Service namespace.
+    pub namespace: String,
+    /// Service name.
+    pub name: String,
+}
+
+impl std::fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A service: its virtual IPs and ports, and its ready endpoints.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Service name.
+    pub name: String,
+    /// Service namespace.
+    pub namespace: String,
+    /// The cluster IPs (one per family); empty for a headless service.
+    pub vips: Vec<IpAddr>,
+    /// The service ports.
+    pub ports: Vec<ServicePort>,
+    /// Ready endpoints (from the service's EndpointSlices), sorted by address.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// One port of a service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServicePort {
+    /// The port's name (`""` when the service has a single unnamed port).
+    pub name: String,
+    /// The port on the VIP.
+    pub port: u16,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
+}
+
+/// A ready endpoint of a service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The endpoint's address.
+    pub ip: IpAddr,
+    /// Target port by service port name.
+    pub ports: BTreeMap<String, u16>,
+    /// The pod behind the endpoint, when the slice names it.
+    pub workload: Option<WorkloadKey>,
+    /// The node the endpoint runs on, when the slice names it.
+    pub node_name: Option<String>,
+}
+
+impl Service {
+    /// The ready `ip:port` targets for a connection to the VIP's `port`
+    /// (empty when the port is not a TCP port of the service or nothing is ready).
+    pub fn targets(&self, port: u16) -> Vec<SocketAddr> {
+        let Some(sp) = self
+            .ports
+            .iter()
+            .find(|p| p.port == port && p.protocol == "TCP")
+        else {
+            return Vec::new();
+        };
+        self.endpoints
+            .iter()
+            .filter_map(|e| e.ports.get(&sp.name).map(|p| SocketAddr::new(e.ip, *p)))
+            .collect()
+    }
+}
+
+/// Istio security policies, raw (`serde_json::Value` objects as served, sorted
+/// by namespace and name, `managedFields` dropped); the policy engine parses them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policies {
+    /// `security.istio.io` AuthorizationPolicy objects.
+    pub authorization: Vec<serde_json::Value>,
+    /// `security.istio.io` PeerAuthentication objects.
+    pub peer_authentication: Vec<serde_json::Value>,
 }
 
 impl Snapshot {
@@ -87,6 +189,19 @@ impl Snapshot {
     /// Workloads whose traffic goes through the mesh.
     pub fn enrolled(&self) -> impl Iterator<Item = &Workload> {
         self.workloads.values().filter(|w| w.enrolled)
+    }
+
+    /// Enrolled workloads on this agent's node: the ones it captures.
+    pub fn local_enrolled(&self) -> impl Iterator<Item = &Workload> {
+        self.workloads
+            .values()
+            .filter(|w| w.enrolled && w.is_local(&self.node))
+    }
+
+    /// The service whose virtual IP is `ip`, if any.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Service> {
+        let ip = canonical(ip);
+        self.services.values().find(|s| s.vips.contains(&ip))
     }
 }
 
@@ -124,8 +239,9 @@ impl Store {
         self.tx.subscribe()
     }
 
-    /// Replaces node and workloads; returns the new generation. Publishes
-    /// nothing (and returns the current generation) when nothing changed.
+    /// Replaces node and workloads (services and policies stay); returns the
+    /// new generation. Publishes nothing (and returns the current generation)
+    /// when nothing changed.
     pub fn publish(&self, node: NodeInfo, workloads: BTreeMap<WorkloadKey, Workload>) -> u64 {
         let mut generation = 0;
         self.tx.send_if_modified(|current| {
@@ -138,7 +254,29 @@ impl Store {
                 generation,
                 node,
                 workloads,
+                services: current.services.clone(),
+                policies: current.policies.clone(),
             });
+            true
+        });
+        generation
+    }
+
+    /// Replaces everything but the generation with `next`'s content; returns
+    /// the new generation, or the current one when nothing changed.
+    pub fn publish_snapshot(&self, next: Snapshot) -> u64 {
+        let mut generation = 0;
+        self.tx.send_if_modified(|current| {
+            if current.node == next.node
+                && current.workloads == next.workloads
+                && current.services == next.services
+                && current.policies == next.policies
+            {
+                generation = current.generation;
+                return false;
+            }
+            generation = current.generation + 1;
+            *current = Arc::new(Snapshot { generation, ..next });
             true
         });
         generation
@@ -161,6 +299,8 @@ mod tests {
             enrolled: true,
             exclude_outbound_ports: vec![],
             exclude_inbound_ports: vec![],
+            labels: BTreeMap::new(),
+            node: None,
         }
     }
 

@@ -17,6 +17,10 @@
 //!     enrolled: true                        # default true
 //!     excludeOutboundPorts: [53]
 //!     excludeInboundPorts: [9100]
+//!     labels: {app: web}                    # optional (policy selectors)
+//!   - name: db                              # a pod on another node: no netns,
+//!     node: node-2                          # known for its addresses and identity
+//!     ips: ["198.18.2.10"]
 //! ```
 
 use std::{
@@ -29,7 +33,7 @@ use std::{
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::state::{NodeInfo, Store, Workload, WorkloadKey};
+use crate::state::{NodeInfo, Policies, Snapshot, Store, Workload, WorkloadKey};
 
 /// Why a workload file was rejected. The message names the file and the field.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +72,10 @@ struct FileModel {
     node: NodeModel,
     #[serde(default)]
     pods: Vec<PodModel>,
+    /// Istio `AuthorizationPolicy` / `PeerAuthentication` objects, as
+    /// `kubectl get -o yaml` prints them.
+    #[serde(default)]
+    policies: Vec<serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,7 +97,12 @@ struct PodModel {
     #[serde(default)]
     uid: Option<String>,
     ips: Vec<IpAddr>,
-    netns: PathBuf,
+    #[serde(default)]
+    netns: Option<PathBuf>,
+    #[serde(default)]
+    node: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
     #[serde(default)]
     cgroup: Option<PathBuf>,
     #[serde(default = "default_true")]
@@ -117,6 +130,9 @@ pub struct WorkloadFile {
     pub node: NodeInfo,
     /// The pods, by key.
     pub workloads: BTreeMap<WorkloadKey, Workload>,
+    /// The security policies (checked by the policy engine, which reports a
+    /// malformed one without rejecting the others).
+    pub policies: Policies,
 }
 
 /// Parses and validates `text`, the content of the file at `path` (named in errors).
@@ -187,23 +203,43 @@ pub fn parse(path: &Path, text: &str) -> Result<WorkloadFile, FileError> {
                 ));
             }
         }
-        if !pod.netns.is_absolute() {
-            return Err(invalid(
-                at("netns"),
-                format!("{} is not an absolute path", pod.netns.display()),
-            ));
-        }
-        if pod.enrolled {
-            if let Some(other) = owner_of_netns.insert(pod.netns.clone(), key.to_string()) {
+        let remote = pod.node.as_deref().is_some_and(|n| n != model.node.name);
+        let netns = match (&pod.netns, remote) {
+            (Some(_), true) => {
                 return Err(invalid(
                     at("netns"),
-                    format!(
-                        "{} is also the network namespace of pod {other}",
-                        pod.netns.display()
-                    ),
+                    "a pod on another node has no network namespace here: drop `netns` or `node`"
+                        .into(),
                 ));
             }
-        }
+            (None, true) => PathBuf::new(),
+            (None, false) => {
+                return Err(invalid(
+                    at("netns"),
+                    "a pod on this node needs its network namespace path".into(),
+                ));
+            }
+            (Some(netns), false) => {
+                if !netns.is_absolute() {
+                    return Err(invalid(
+                        at("netns"),
+                        format!("{} is not an absolute path", netns.display()),
+                    ));
+                }
+                if pod.enrolled {
+                    if let Some(other) = owner_of_netns.insert(netns.clone(), key.to_string()) {
+                        return Err(invalid(
+                            at("netns"),
+                            format!(
+                                "{} is also the network namespace of pod {other}",
+                                netns.display()
+                            ),
+                        ));
+                    }
+                }
+                netns.clone()
+            }
+        };
         for (field, ports) in [
             ("excludeOutboundPorts", &pod.exclude_outbound_ports),
             ("excludeInboundPorts", &pod.exclude_inbound_ports),
@@ -234,11 +270,13 @@ pub fn parse(path: &Path, text: &str) -> Result<WorkloadFile, FileError> {
                 service_account: pod.service_account,
                 uid: pod.uid,
                 ips,
-                netns: pod.netns,
+                netns,
                 cgroup: pod.cgroup,
                 enrolled: pod.enrolled,
                 exclude_outbound_ports: out,
                 exclude_inbound_ports: inb,
+                labels: pod.labels,
+                node: pod.node.filter(|_| remote),
             },
         );
     }
@@ -248,12 +286,32 @@ pub fn parse(path: &Path, text: &str) -> Result<WorkloadFile, FileError> {
         .iter()
         .map(|ip| ip.to_canonical())
         .collect();
+    let mut policies = Policies::default();
+    for (i, doc) in model.policies.into_iter().enumerate() {
+        let value = serde_json::to_value(doc).map_err(|e| {
+            invalid(
+                format!("policies[{i}]"),
+                format!("not representable as JSON: {e}"),
+            )
+        })?;
+        match value.get("kind").and_then(|k| k.as_str()) {
+            Some("AuthorizationPolicy") => policies.authorization.push(value),
+            Some("PeerAuthentication") => policies.peer_authentication.push(value),
+            other => {
+                return Err(invalid(
+                    format!("policies[{i}].kind"),
+                    format!("{other:?} is not AuthorizationPolicy or PeerAuthentication"),
+                ));
+            }
+        }
+    }
     Ok(WorkloadFile {
         node: NodeInfo {
             name: model.node.name,
             probe_sources,
         },
         workloads,
+        policies,
     })
 }
 
@@ -279,7 +337,12 @@ pub fn load(path: &Path) -> Result<WorkloadFile, FileError> {
 
 /// Publishes `file` into `store`, returning the generation.
 pub fn publish(store: &Store, file: WorkloadFile) -> u64 {
-    store.publish(file.node, file.workloads)
+    store.publish_snapshot(Snapshot {
+        node: file.node,
+        workloads: file.workloads,
+        policies: file.policies,
+        ..Snapshot::default()
+    })
 }
 
 /// Re-reads `path` every `interval` and publishes every new valid content.

@@ -1,3 +1,6 @@
-//! Sources that fill the state store. Today: a local workload file.
+//! Sources that fill the state store: a local workload file, or the
+//! Kubernetes API server (with pod discovery on the node).
 
+pub mod discovery;
 pub mod file;
+pub mod kube;

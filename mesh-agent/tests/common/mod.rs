@@ -82,8 +82,27 @@ impl Mesh {
         self.start_agent_with(node, &[]);
     }
 
+    /// The lab's mesh CA directory (made on first use with `mesh-agent ca init`).
+    pub fn ca_dir(&self) -> PathBuf {
+        let dir = self.lab.scratch_path("ca");
+        if !dir.join("ca.crt").exists() {
+            let out = Command::new(agent_bin())
+                .args(["ca", "init", "--out"])
+                .arg(&dir)
+                .output()
+                .expect("ca init");
+            assert!(
+                out.status.success(),
+                "mesh-agent ca init: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        dir
+    }
+
     /// Starts node `node`'s agent with extra arguments and waits until ready.
     pub fn start_agent_with(&mut self, node: usize, extra: &[&str]) {
+        let ca_dir = self.ca_dir();
         let n = self.lab.node(node).expect("node");
         let mut cmd = Command::new(agent_bin());
         cmd.arg("run")
@@ -93,6 +112,8 @@ impl Mesh {
             .arg(n.pin_dir())
             .arg("--cgroup")
             .arg(n.cgroup_dir())
+            .arg("--ca-dir")
+            .arg(&ca_dir)
             .args(["--reload-interval-ms", "100"])
             .args(extra)
             .env("MESH_LOG", "info");

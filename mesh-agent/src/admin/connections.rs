@@ -1,0 +1,359 @@
+//! What the proxy reports about each connection, through one handle:
+//! [`Telemetry::open`] when a connection is accepted and its destination
+//! known, [`ConnectionTracker::close`] when it ends. Between the two the
+//! connection is listed by `/connections` (`mesh-agent connections`); at
+//! open and close the `istio_tcp_*` metrics count it; at close the access
+//! log writes its line.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Instant, SystemTime},
+};
+
+use super::{
+    access_log::{self, ConnectionRecord, Direction, Endpoint, Outcome},
+    certs::unix,
+    metrics::{
+        ConnectionLabels, Metrics, PeerLabels, Reporter, ResponseFlags, SecurityPolicy,
+        ServiceLabels, UNKNOWN,
+    },
+};
+use crate::state::Workload;
+
+/// One side of a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// Its address (for the destination: what the client dialled).
+    pub addr: Option<SocketAddr>,
+    /// The pod's name, when the address is a known workload's.
+    pub pod: Option<String>,
+    /// Metric labels (workload, namespace, principal, app, …).
+    pub labels: PeerLabels,
+}
+
+impl Peer {
+    /// A peer known only by its address (every label `unknown`).
+    pub fn unknown(addr: Option<SocketAddr>) -> Self {
+        Self {
+            addr,
+            pod: None,
+            labels: PeerLabels::unknown(),
+        }
+    }
+
+    /// A known workload at `addr`, with its authenticated identity if any.
+    pub fn from_workload(addr: Option<SocketAddr>, w: &Workload, identity: Option<&str>) -> Self {
+        Self {
+            addr,
+            pod: Some(w.name.clone()),
+            labels: PeerLabels::from_workload(w, identity),
+        }
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        let known = |s: &String| (s != UNKNOWN).then(|| s.clone());
+        Endpoint {
+            addr: self.addr,
+            workload: self.pod.clone(),
+            namespace: known(&self.labels.namespace),
+            identity: known(&self.labels.principal),
+        }
+    }
+}
+
+/// A connection as the proxy knows it once its destination is known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Connection {
+    /// Outbound (`reporter="source"`) or inbound (`reporter="destination"`).
+    pub direction: Direction,
+    /// The client.
+    pub src: Peer,
+    /// The server.
+    pub dst: Peer,
+    /// The service the client dialled, if it dialled a service address.
+    pub dst_service: Option<ServiceLabels>,
+    /// mTLS or plaintext.
+    pub security_policy: SecurityPolicy,
+}
+
+impl Connection {
+    fn labels(&self, response_flags: ResponseFlags) -> ConnectionLabels {
+        ConnectionLabels {
+            reporter: match self.direction {
+                Direction::Outbound => Reporter::Source,
+                Direction::Inbound => Reporter::Destination,
+            },
+            source: self.src.labels.clone(),
+            destination: self.dst.labels.clone(),
+            destination_service: self.dst_service.clone(),
+            security_policy: self.security_policy,
+            response_flags,
+        }
+    }
+}
+
+/// An open connection as `/connections` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OpenConnection {
+    /// Registry-assigned id, unique for the agent's life.
+    pub id: u64,
+    /// Outbound or inbound.
+    pub direction: Direction,
+    /// The client.
+    pub src: Endpoint,
+    /// The server.
+    pub dst: Endpoint,
+    /// The service the client dialled, if any.
+    pub dst_service: Option<String>,
+    /// `mutual_tls` or `none`.
+    pub security_policy: String,
+    /// When it opened, Unix seconds.
+    pub opened_at: i64,
+    /// How long it has been open, milliseconds.
+    pub age_ms: u64,
+}
+
+struct Entry {
+    conn: OpenConnection,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct Inner {
+    next_id: u64,
+    open: BTreeMap<u64, Entry>,
+}
+
+/// The connections open now.
+#[derive(Clone, Default)]
+pub struct ConnectionRegistry {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl std::fmt::Debug for ConnectionRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionRegistry")
+            .field("open", &self.len())
+            .finish()
+    }
+}
+
+impl ConnectionRegistry {
+    /// Lists `conn` until the returned guard drops.
+    pub fn track(&self, conn: &Connection) -> ConnectionGuard {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.next_id += 1;
+        let id = inner.next_id;
+        inner.open.insert(
+            id,
+            Entry {
+                conn: OpenConnection {
+                    id,
+                    direction: conn.direction,
+                    src: conn.src.endpoint(),
+                    dst: conn.dst.endpoint(),
+                    dst_service: conn.dst_service.as_ref().map(|s| s.host.clone()),
+                    security_policy: conn.security_policy.as_str().to_owned(),
+                    opened_at: unix(SystemTime::now()),
+                    age_ms: 0,
+                },
+                since: Instant::now(),
+            },
+        );
+        ConnectionGuard {
+            registry: self.clone(),
+            id,
+        }
+    }
+
+    /// How many connections are open.
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .open
+            .len()
+    }
+
+    /// Whether no connection is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The open connections, oldest first.
+    pub fn list(&self) -> Vec<OpenConnection> {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner
+            .open
+            .values()
+            .map(|e| OpenConnection {
+                age_ms: u64::try_from(e.since.elapsed().as_millis()).unwrap_or(u64::MAX),
+                ..e.conn.clone()
+            })
+            .collect()
+    }
+}
+
+/// Removes its connection from the registry when dropped.
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    registry: ConnectionRegistry,
+    id: u64,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.registry
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .open
+            .remove(&self.id);
+    }
+}
+
+/// What the proxy reports through: metrics, the open-connection registry
+/// and the access log. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Telemetry {
+    /// The metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// The open connections.
+    pub connections: ConnectionRegistry,
+}
+
+impl Telemetry {
+    /// Reports through `metrics` and a fresh connection registry.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            connections: ConnectionRegistry::default(),
+        }
+    }
+
+    /// A connection opened: counts it (`istio_tcp_connections_opened_total`)
+    /// and lists it until the tracker is closed or dropped.
+    pub fn open(&self, conn: Connection) -> ConnectionTracker {
+        self.metrics
+            .connection_opened(&conn.labels(ResponseFlags::None));
+        ConnectionTracker {
+            guard: Some(self.connections.track(&conn)),
+            telemetry: self.clone(),
+            conn,
+            start: Instant::now(),
+        }
+    }
+}
+
+/// An open connection being reported; [`close`](Self::close) it with its
+/// byte counts and outcome. Dropped without closing (a task cancelled at
+/// shutdown), it is reported closed with outcome `error`.
+#[derive(Debug)]
+pub struct ConnectionTracker {
+    telemetry: Telemetry,
+    conn: Connection,
+    start: Instant,
+    guard: Option<ConnectionGuard>,
+}
+
+impl ConnectionTracker {
+    /// The connection.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// The connection closed after relaying `sent` bytes from the client to
+    /// the server and `received` back: counts it, writes its access-log
+    /// line and unlists it.
+    pub fn close(mut self, sent: u64, received: u64, outcome: Outcome) {
+        self.finish(sent, received, outcome);
+    }
+
+    fn finish(&mut self, sent: u64, received: u64, outcome: Outcome) {
+        let Some(guard) = self.guard.take() else {
+            return;
+        };
+        let flags = match outcome {
+            Outcome::Denied { .. } => ResponseFlags::Denied,
+            Outcome::ConnectFailed(_) => ResponseFlags::ConnectFailure,
+            Outcome::Closed | Outcome::Reset(_) | Outcome::Error(_) => ResponseFlags::None,
+        };
+        self.telemetry
+            .metrics
+            .connection_closed(&self.conn.labels(flags), sent, received);
+        access_log::log_connection(&ConnectionRecord {
+            direction: self.conn.direction,
+            src: self.conn.src.endpoint(),
+            dst: self.conn.dst.endpoint(),
+            dst_service: self.conn.dst_service.as_ref().map(|s| s.host.clone()),
+            bytes_sent: sent,
+            bytes_received: received,
+            duration: self.start.elapsed(),
+            outcome,
+        });
+        drop(guard);
+    }
+}
+
+impl Drop for ConnectionTracker {
+    fn drop(&mut self) {
+        if self.guard.is_some() {
+            self.finish(0, 0, Outcome::Error("dropped before it was closed".into()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::certs::Certificates;
+
+    fn workload(name: &str) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: "default".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tracker_lists_until_closed_and_counts_once() {
+        let telemetry = Telemetry::new(Arc::new(Metrics::new(None, Certificates::default())));
+        let conn = Connection {
+            direction: Direction::Outbound,
+            src: Peer::from_workload(
+                Some("198.18.1.10:40000".parse().expect("addr")),
+                &workload("a"),
+                None,
+            ),
+            dst: Peer::unknown(Some("198.18.9.9:80".parse().expect("addr"))),
+            dst_service: None,
+            security_policy: SecurityPolicy::None,
+        };
+        let t = telemetry.open(conn.clone());
+        let listed = telemetry.connections.list();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].src.workload.as_deref(), Some("a"));
+        assert_eq!(listed[0].src.namespace.as_deref(), Some("default"));
+        assert_eq!(listed[0].src.identity, None);
+        assert_eq!(listed[0].dst.workload, None);
+        t.close(10, 20, Outcome::Closed);
+        assert!(telemetry.connections.is_empty());
+        let text = telemetry.metrics.encode().expect("encode");
+        assert!(text.contains("istio_tcp_connections_closed_total{reporter=\"source\""));
+        // Dropped without close: still counted once, as closed.
+        drop(telemetry.open(conn));
+        assert!(telemetry.connections.is_empty());
+        let closed: u64 = telemetry
+            .metrics
+            .encode()
+            .expect("encode")
+            .lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_closed_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        assert_eq!(closed, 2);
+    }
+}

@@ -1,0 +1,810 @@
+//! Prometheus metrics (`:15020/metrics`, OpenMetrics text).
+//!
+//! - Istio's TCP metrics with Istio's standard labels, as ztunnel reports
+//!   them at L4: `istio_tcp_connections_opened_total`,
+//!   `istio_tcp_connections_closed_total`, `istio_tcp_sent_bytes_total`
+//!   (server to client, "sent during response") and
+//!   `istio_tcp_received_bytes_total` (client to server, "received during
+//!   request"). Labels carry workload names, namespaces, principals, app and
+//!   version labels and services — never addresses or ports — and `unknown`
+//!   for what the agent does not know, so cardinality stays bounded by the
+//!   number of workloads and services.
+//! - The agent's own: `mesh_enrolled_pods`, `mesh_certificates`,
+//!   `mesh_certificate_expiry_seconds{identity}`, `mesh_pool_connections`,
+//!   `mesh_pool_streams`, `mesh_policy_decisions_total{result}`.
+//! - The kernel's, read from the pinned maps at scrape time:
+//!   `mesh_ebpf_decisions_total{decision}` (one series per kernel counter),
+//!   `mesh_ebpf_map_entries{map}` and `mesh_ebpf_map_capacity{map}`.
+
+use std::{fmt, sync::Arc, time::SystemTime};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+    },
+    registry::Registry,
+};
+
+use super::{certs::Certificates, kernel::KernelSource};
+use crate::state::{Service, Workload};
+
+/// The `Content-Type` of the encoded metrics.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The label value of anything the agent does not know.
+pub const UNKNOWN: &str = "unknown";
+
+/// The cluster's DNS domain, for service host names.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// Which proxy reports: the client's side or the server's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reporter {
+    /// The outbound side (the client pod's node).
+    Source,
+    /// The inbound side (the server pod's node).
+    Destination,
+}
+
+impl Reporter {
+    /// `source` or `destination`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Source => "source",
+            Self::Destination => "destination",
+        }
+    }
+}
+
+/// Whether the connection was mutually authenticated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SecurityPolicy {
+    /// Mutual TLS (HBONE).
+    MutualTls,
+    /// Plaintext.
+    None,
+}
+
+impl SecurityPolicy {
+    /// `mutual_tls` or `none`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MutualTls => "mutual_tls",
+            Self::None => "none",
+        }
+    }
+}
+
+/// Why a connection ended abnormally, as ztunnel reports `response_flags`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ResponseFlags {
+    /// Nothing abnormal (`-`).
+    #[default]
+    None,
+    /// Refused by an authorization policy (`DENY`).
+    Denied,
+    /// The destination could not be reached (`CONNECT`).
+    ConnectFailure,
+}
+
+impl ResponseFlags {
+    /// `-`, `DENY` or `CONNECT`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "-",
+            Self::Denied => "DENY",
+            Self::ConnectFailure => "CONNECT",
+        }
+    }
+}
+
+/// The result of an authorization decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PolicyDecision {
+    /// The connection may proceed.
+    Allow,
+    /// The connection is refused.
+    Deny,
+}
+
+impl PolicyDecision {
+    /// `allow` or `deny`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+/// The labels of one side of a connection.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PeerLabels {
+    /// The workload's name (the Deployment's for its pods, else the pod's).
+    pub workload: String,
+    /// The workload's namespace.
+    pub namespace: String,
+    /// The peer's identity (SPIFFE ID) when authenticated.
+    pub principal: String,
+    /// The `app` label.
+    pub app: String,
+    /// The `version` label.
+    pub version: String,
+    /// Istio's canonical service.
+    pub canonical_service: String,
+    /// Istio's canonical revision.
+    pub canonical_revision: String,
+}
+
+impl Default for PeerLabels {
+    fn default() -> Self {
+        Self::unknown()
+    }
+}
+
+impl PeerLabels {
+    /// A peer the agent knows nothing about: every label `unknown`.
+    pub fn unknown() -> Self {
+        let u = || UNKNOWN.to_owned();
+        Self {
+            workload: u(),
+            namespace: u(),
+            principal: u(),
+            app: u(),
+            version: u(),
+            canonical_service: u(),
+            canonical_revision: u(),
+        }
+    }
+
+    /// The labels of a known workload; `principal` is its authenticated
+    /// identity, if any (`unknown` otherwise, as Istio reports plaintext peers).
+    pub fn from_workload(w: &Workload, principal: Option<&str>) -> Self {
+        let label = |keys: &[&str]| {
+            keys.iter()
+                .find_map(|k| w.labels.get(*k).filter(|v| !v.is_empty()))
+                .cloned()
+        };
+        let workload = workload_name(w);
+        Self {
+            app: label(&["app", "app.kubernetes.io/name"]).unwrap_or_else(|| UNKNOWN.into()),
+            version: label(&["version", "app.kubernetes.io/version"])
+                .unwrap_or_else(|| UNKNOWN.into()),
+            canonical_service: label(&[
+                "service.istio.io/canonical-name",
+                "app.kubernetes.io/name",
+                "app",
+            ])
+            .unwrap_or_else(|| workload.clone()),
+            canonical_revision: label(&[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ])
+            .unwrap_or_else(|| "latest".into()),
+            workload,
+            namespace: w.namespace.clone(),
+            principal: principal.unwrap_or(UNKNOWN).to_owned(),
+        }
+    }
+}
+
+/// The workload name Istio would report for a pod: its Deployment's name
+/// for a pod of a ReplicaSet (`<deployment>-<pod-template-hash>-<suffix>`),
+/// else the pod's name.
+pub fn workload_name(w: &Workload) -> String {
+    if let Some(hash) = w.labels.get("pod-template-hash")
+        && let Some((prefix, _)) = w.name.rsplit_once('-')
+        && let Some(deployment) = prefix
+            .strip_suffix(hash.as_str())
+            .and_then(|p| p.strip_suffix('-'))
+        && !deployment.is_empty()
+    {
+        return deployment.to_owned();
+    }
+    w.name.clone()
+}
+
+/// The destination service of a connection.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceLabels {
+    /// `name.namespace.svc.cluster.local`.
+    pub host: String,
+    /// The service's name.
+    pub name: String,
+    /// The service's namespace.
+    pub namespace: String,
+}
+
+impl ServiceLabels {
+    /// The labels of `s`.
+    pub fn from_service(s: &Service) -> Self {
+        Self {
+            host: format!("{}.{}.svc.{CLUSTER_DOMAIN}", s.name, s.namespace),
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+        }
+    }
+}
+
+/// Everything the TCP metrics of one connection are labelled with.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ConnectionLabels {
+    /// Which side reports.
+    pub reporter: Reporter,
+    /// The client.
+    pub source: PeerLabels,
+    /// The server.
+    pub destination: PeerLabels,
+    /// The service the client dialled, if it dialled a service address.
+    pub destination_service: Option<ServiceLabels>,
+    /// mTLS or plaintext.
+    pub security_policy: SecurityPolicy,
+    /// Why it ended abnormally, if it did.
+    pub response_flags: ResponseFlags,
+}
+
+/// The encoded label set of the `istio_tcp_*` metrics (Istio's names).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TcpLabels {
+    reporter: &'static str,
+    source_workload: String,
+    source_workload_namespace: String,
+    source_principal: String,
+    source_app: String,
+    source_version: String,
+    source_canonical_service: String,
+    source_canonical_revision: String,
+    destination_workload: String,
+    destination_workload_namespace: String,
+    destination_principal: String,
+    destination_app: String,
+    destination_version: String,
+    destination_service: String,
+    destination_service_name: String,
+    destination_service_namespace: String,
+    destination_canonical_service: String,
+    destination_canonical_revision: String,
+    request_protocol: &'static str,
+    response_flags: &'static str,
+    connection_security_policy: &'static str,
+}
+
+impl From<&ConnectionLabels> for TcpLabels {
+    fn from(l: &ConnectionLabels) -> Self {
+        let (s, d) = (&l.source, &l.destination);
+        let svc = l.destination_service.as_ref();
+        let svc_field = |f: fn(&ServiceLabels) -> &String| {
+            svc.map_or_else(|| UNKNOWN.to_owned(), |s| f(s).clone())
+        };
+        Self {
+            reporter: l.reporter.as_str(),
+            source_workload: s.workload.clone(),
+            source_workload_namespace: s.namespace.clone(),
+            source_principal: s.principal.clone(),
+            source_app: s.app.clone(),
+            source_version: s.version.clone(),
+            source_canonical_service: s.canonical_service.clone(),
+            source_canonical_revision: s.canonical_revision.clone(),
+            destination_workload: d.workload.clone(),
+            destination_workload_namespace: d.namespace.clone(),
+            destination_principal: d.principal.clone(),
+            destination_app: d.app.clone(),
+            destination_version: d.version.clone(),
+            destination_service: svc_field(|s| &s.host),
+            destination_service_name: svc_field(|s| &s.name),
+            destination_service_namespace: svc_field(|s| &s.namespace),
+            destination_canonical_service: d.canonical_service.clone(),
+            destination_canonical_revision: d.canonical_revision.clone(),
+            request_protocol: "tcp",
+            response_flags: l.response_flags.as_str(),
+            connection_security_policy: l.security_policy.as_str(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+/// Decrements its gauge when dropped (an open pool connection or stream).
+#[derive(Debug)]
+pub struct GaugeGuard(Gauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The agent's metrics registry and the handles its parts update.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    tcp_opened: Family<TcpLabels, Counter>,
+    tcp_closed: Family<TcpLabels, Counter>,
+    tcp_sent: Family<TcpLabels, Counter>,
+    tcp_received: Family<TcpLabels, Counter>,
+    enrolled_pods: Gauge,
+    pool_connections: Gauge,
+    pool_streams: Gauge,
+    policy_decisions: Family<ResultLabel, Counter>,
+}
+
+impl Metrics {
+    /// A registry with every metric; the kernel metrics come from `kernel`
+    /// (none without it), the certificate metrics from `certificates`.
+    pub fn new(kernel: Option<Arc<dyn KernelSource>>, certificates: Certificates) -> Self {
+        let mut registry = Registry::default();
+        let tcp_opened = Family::<TcpLabels, Counter>::default();
+        let tcp_closed = Family::<TcpLabels, Counter>::default();
+        let tcp_sent = Family::<TcpLabels, Counter>::default();
+        let tcp_received = Family::<TcpLabels, Counter>::default();
+        registry.register(
+            "istio_tcp_connections_opened",
+            "Total number of TCP connections opened",
+            tcp_opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "Total number of TCP connections closed",
+            tcp_closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Total bytes sent during response of TCP connections (server to client)",
+            tcp_sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Total bytes received during request of TCP connections (client to server)",
+            tcp_received.clone(),
+        );
+        let enrolled_pods = Gauge::default();
+        registry.register(
+            "mesh_enrolled_pods",
+            "Pods whose traffic this agent captures",
+            enrolled_pods.clone(),
+        );
+        let pool_connections = Gauge::default();
+        registry.register(
+            "mesh_pool_connections",
+            "Open connections in the agent's upstream connection pool",
+            pool_connections.clone(),
+        );
+        let pool_streams = Gauge::default();
+        registry.register(
+            "mesh_pool_streams",
+            "Streams open on the agent's pooled connections",
+            pool_streams.clone(),
+        );
+        let policy_decisions = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "mesh_policy_decisions",
+            "Authorization decisions by result",
+            policy_decisions.clone(),
+        );
+        registry.register_collector(Box::new(CertificateCollector(certificates)));
+        if let Some(kernel) = kernel {
+            registry.register_collector(Box::new(KernelCollector(kernel)));
+        }
+        Self {
+            registry,
+            tcp_opened,
+            tcp_closed,
+            tcp_sent,
+            tcp_received,
+            enrolled_pods,
+            pool_connections,
+            pool_streams,
+            policy_decisions,
+        }
+    }
+
+    /// Counts an opened connection.
+    pub fn connection_opened(&self, l: &ConnectionLabels) {
+        self.tcp_opened.get_or_create(&TcpLabels::from(l)).inc();
+    }
+
+    /// Counts a closed connection and its bytes: `sent` from the client to
+    /// the server (`istio_tcp_received_bytes_total`, as Istio counts it from
+    /// the server's view), `received` from the server to the client
+    /// (`istio_tcp_sent_bytes_total`). These are the relay's `sent` and
+    /// `received`.
+    pub fn connection_closed(&self, l: &ConnectionLabels, sent: u64, received: u64) {
+        let labels = TcpLabels::from(l);
+        self.tcp_closed.get_or_create(&labels).inc();
+        self.add_bytes_labels(&labels, sent, received);
+    }
+
+    /// Adds bytes of a connection that is still open (for long connections
+    /// reported periodically); same directions as [`Self::connection_closed`],
+    /// which must then be given only the bytes not yet added.
+    pub fn add_bytes(&self, l: &ConnectionLabels, sent: u64, received: u64) {
+        self.add_bytes_labels(&TcpLabels::from(l), sent, received);
+    }
+
+    fn add_bytes_labels(&self, labels: &TcpLabels, sent: u64, received: u64) {
+        // Always create both series, so a connection that moved no bytes
+        // still shows up as 0 next to its open/close counts.
+        self.tcp_received.get_or_create(labels).inc_by(sent);
+        self.tcp_sent.get_or_create(labels).inc_by(received);
+    }
+
+    /// Sets the number of enrolled pods.
+    pub fn set_enrolled_pods(&self, n: usize) {
+        self.enrolled_pods.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts an authorization decision.
+    pub fn policy_decision(&self, decision: PolicyDecision) {
+        self.policy_decisions
+            .get_or_create(&ResultLabel {
+                result: decision.as_str(),
+            })
+            .inc();
+    }
+
+    /// Sets the pool gauges outright.
+    pub fn set_pool(&self, connections: u64, streams: u64) {
+        self.pool_connections
+            .set(i64::try_from(connections).unwrap_or(i64::MAX));
+        self.pool_streams
+            .set(i64::try_from(streams).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a pooled connection open until the guard drops.
+    pub fn pool_connection(&self) -> GaugeGuard {
+        self.pool_connections.inc();
+        GaugeGuard(self.pool_connections.clone())
+    }
+
+    /// Counts a pooled stream open until the guard drops.
+    pub fn pool_stream(&self) -> GaugeGuard {
+        self.pool_streams.inc();
+        GaugeGuard(self.pool_streams.clone())
+    }
+
+    /// Every metric, in the OpenMetrics text format.
+    pub fn encode(&self) -> Result<String, fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// `mesh_certificates` and `mesh_certificate_expiry_seconds{identity}`, at
+/// scrape time. (Collectors' help texts carry their own final period, which
+/// the registry adds to registered metrics.)
+#[derive(Debug)]
+struct CertificateCollector(Certificates);
+
+impl Collector for CertificateCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let certs = self.0.list();
+        let count = ConstGauge::new(i64::try_from(certs.len()).unwrap_or(i64::MAX));
+        let m = encoder.encode_descriptor(
+            "mesh_certificates",
+            "Workload certificates the agent holds.",
+            None,
+            MetricType::Gauge,
+        )?;
+        count.encode(m)?;
+        if certs.is_empty() {
+            return Ok(());
+        }
+        let now = SystemTime::now();
+        let mut m = encoder.encode_descriptor(
+            "mesh_certificate_expiry_seconds",
+            "Seconds until the workload certificate of an identity expires.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for c in &certs {
+            let labels = [("identity", c.identity.as_str())];
+            ConstGauge::new(c.expires_in(now)).encode(m.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The kernel counters and map occupancy, read at scrape time.
+#[derive(Debug)]
+struct KernelCollector(Arc<dyn KernelSource>);
+
+impl Collector for KernelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        match self.0.counters() {
+            Ok(reading) => {
+                let mut m = encoder.encode_descriptor(
+                    "mesh_ebpf_decisions",
+                    "Decisions of the kernel programs, by counter.",
+                    None,
+                    MetricType::Counter,
+                )?;
+                for (name, value) in reading {
+                    let labels = [("decision", name)];
+                    ConstCounter::new(value).encode(m.encode_family(&labels)?)?;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read the kernel counters for a scrape"),
+        }
+        let occupancy = self.0.occupancy();
+        if occupancy.is_empty() {
+            return Ok(());
+        }
+        let mut m = encoder.encode_descriptor(
+            "mesh_ebpf_map_entries",
+            "Entries in the datapath's maps.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for o in &occupancy {
+            let labels = [("map", o.map)];
+            ConstGauge::new(i64::try_from(o.entries).unwrap_or(i64::MAX))
+                .encode(m.encode_family(&labels)?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "mesh_ebpf_map_capacity",
+            "Maximum entries of the datapath's maps.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for o in &occupancy {
+            let labels = [("map", o.map)];
+            ConstGauge::new(i64::try_from(o.capacity).unwrap_or(i64::MAX))
+                .encode(m.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::BTreeMap,
+        time::{Duration, SystemTime},
+    };
+
+    use super::*;
+    use crate::{
+        admin::{
+            certs::{CertificateInfo, CertificateSource},
+            kernel::{KernelPodAddr, MapOccupancy},
+        },
+        datapath::DatapathError,
+    };
+
+    #[derive(Debug)]
+    struct FakeKernel;
+
+    impl KernelSource for FakeKernel {
+        fn counters(&self) -> Result<Vec<(&'static str, u64)>, DatapathError> {
+            Ok(vec![
+                ("connect_redirected", 3),
+                ("lookup_dropped_no_listener", 1),
+            ])
+        }
+        fn occupancy(&self) -> Vec<MapOccupancy> {
+            vec![MapOccupancy {
+                map: "ENROLLED_NETNS",
+                entries: 2,
+                capacity: 1024,
+            }]
+        }
+        fn pod_addrs(&self) -> Result<Vec<KernelPodAddr>, DatapathError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn pod(name: &str, labels: &[(&str, &str)]) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: "default".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<BTreeMap<_, _>>(),
+            ..Default::default()
+        }
+    }
+
+    fn labels() -> ConnectionLabels {
+        ConnectionLabels {
+            reporter: Reporter::Source,
+            source: PeerLabels::from_workload(&pod("a", &[]), None),
+            destination: PeerLabels::from_workload(
+                &pod(
+                    "web-5d9c7b8f6d-x2x7q",
+                    &[
+                        ("pod-template-hash", "5d9c7b8f6d"),
+                        ("app", "web"),
+                        ("version", "v2"),
+                    ],
+                ),
+                Some("spiffe://cluster.local/ns/default/sa/web"),
+            ),
+            destination_service: Some(ServiceLabels {
+                host: "web.default.svc.cluster.local".into(),
+                name: "web".into(),
+                namespace: "default".into(),
+            }),
+            security_policy: SecurityPolicy::MutualTls,
+            response_flags: ResponseFlags::None,
+        }
+    }
+
+    const SERIES: &str = "{reporter=\"source\",source_workload=\"a\",source_workload_namespace=\"default\",\
+source_principal=\"unknown\",source_app=\"unknown\",source_version=\"unknown\",source_canonical_service=\"a\",\
+source_canonical_revision=\"latest\",destination_workload=\"web\",destination_workload_namespace=\"default\",\
+destination_principal=\"spiffe://cluster.local/ns/default/sa/web\",destination_app=\"web\",destination_version=\"v2\",\
+destination_service=\"web.default.svc.cluster.local\",destination_service_name=\"web\",\
+destination_service_namespace=\"default\",destination_canonical_service=\"web\",destination_canonical_revision=\"v2\",\
+request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"mutual_tls\"}";
+
+    #[test]
+    fn encodes_a_known_sequence_exactly() {
+        let m = Metrics::new(Some(Arc::new(FakeKernel)), Certificates::default());
+        let l = labels();
+        m.connection_opened(&l);
+        m.connection_opened(&l);
+        m.connection_closed(&l, 100, 2048);
+        m.connection_closed(&l, 5, 0);
+        m.set_enrolled_pods(2);
+        m.policy_decision(PolicyDecision::Deny);
+        let stream = m.pool_stream();
+        let _conn = m.pool_connection();
+        let _stream2 = m.pool_stream();
+        drop(stream);
+        let expected = format!(
+            "# HELP istio_tcp_connections_opened Total number of TCP connections opened.\n\
+# TYPE istio_tcp_connections_opened counter\n\
+istio_tcp_connections_opened_total{SERIES} 2\n\
+# HELP istio_tcp_connections_closed Total number of TCP connections closed.\n\
+# TYPE istio_tcp_connections_closed counter\n\
+istio_tcp_connections_closed_total{SERIES} 2\n\
+# HELP istio_tcp_sent_bytes Total bytes sent during response of TCP connections (server to client).\n\
+# TYPE istio_tcp_sent_bytes counter\n\
+istio_tcp_sent_bytes_total{SERIES} 2048\n\
+# HELP istio_tcp_received_bytes Total bytes received during request of TCP connections (client to server).\n\
+# TYPE istio_tcp_received_bytes counter\n\
+istio_tcp_received_bytes_total{SERIES} 105\n\
+# HELP mesh_enrolled_pods Pods whose traffic this agent captures.\n\
+# TYPE mesh_enrolled_pods gauge\n\
+mesh_enrolled_pods 2\n\
+# HELP mesh_pool_connections Open connections in the agent's upstream connection pool.\n\
+# TYPE mesh_pool_connections gauge\n\
+mesh_pool_connections 1\n\
+# HELP mesh_pool_streams Streams open on the agent's pooled connections.\n\
+# TYPE mesh_pool_streams gauge\n\
+mesh_pool_streams 1\n\
+# HELP mesh_policy_decisions Authorization decisions by result.\n\
+# TYPE mesh_policy_decisions counter\n\
+mesh_policy_decisions_total{{result=\"deny\"}} 1\n\
+# HELP mesh_certificates Workload certificates the agent holds.\n\
+# TYPE mesh_certificates gauge\n\
+mesh_certificates 0\n\
+# HELP mesh_ebpf_decisions Decisions of the kernel programs, by counter.\n\
+# TYPE mesh_ebpf_decisions counter\n\
+mesh_ebpf_decisions_total{{decision=\"connect_redirected\"}} 3\n\
+mesh_ebpf_decisions_total{{decision=\"lookup_dropped_no_listener\"}} 1\n\
+# HELP mesh_ebpf_map_entries Entries in the datapath's maps.\n\
+# TYPE mesh_ebpf_map_entries gauge\n\
+mesh_ebpf_map_entries{{map=\"ENROLLED_NETNS\"}} 2\n\
+# HELP mesh_ebpf_map_capacity Maximum entries of the datapath's maps.\n\
+# TYPE mesh_ebpf_map_capacity gauge\n\
+mesh_ebpf_map_capacity{{map=\"ENROLLED_NETNS\"}} 1024\n\
+# EOF\n"
+        );
+        assert_eq!(m.encode().expect("encode"), expected);
+    }
+
+    #[test]
+    fn response_flags_and_reporter_make_separate_series() {
+        let m = Metrics::new(None, Certificates::default());
+        let mut l = labels();
+        m.connection_closed(&l, 0, 0);
+        l.response_flags = ResponseFlags::Denied;
+        l.reporter = Reporter::Destination;
+        l.security_policy = SecurityPolicy::None;
+        l.destination_service = None;
+        m.connection_closed(&l, 0, 0);
+        let text = m.encode().expect("encode");
+        let closed: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_closed_total"))
+            .collect();
+        assert_eq!(closed.len(), 2, "{text}");
+        let denied = closed
+            .iter()
+            .find(|l| l.contains("response_flags=\"DENY\""))
+            .expect("denied series");
+        assert!(denied.contains("reporter=\"destination\""), "{denied}");
+        assert!(
+            denied.contains("destination_service=\"unknown\""),
+            "{denied}"
+        );
+        assert!(
+            denied.contains("connection_security_policy=\"none\""),
+            "{denied}"
+        );
+        // A connection without bytes still has (zero) byte series.
+        assert!(text.contains("istio_tcp_sent_bytes_total{reporter=\"destination\""));
+    }
+
+    #[test]
+    fn workload_names_follow_deployments_and_stay_pod_names_otherwise() {
+        let p = |name: &str, hash: Option<&str>| {
+            let labels: Vec<(&str, &str)> =
+                hash.map(|h| ("pod-template-hash", h)).into_iter().collect();
+            workload_name(&pod(name, &labels))
+        };
+        assert_eq!(p("web-5d9c7b8f6d-x2x7q", Some("5d9c7b8f6d")), "web");
+        assert_eq!(
+            p("my-web-app-5d9c7b8f6d-x2x7q", Some("5d9c7b8f6d")),
+            "my-web-app"
+        );
+        assert_eq!(p("web-0", None), "web-0");
+        assert_eq!(p("web-abc-x2x7q", Some("5d9c7b8f6d")), "web-abc-x2x7q");
+        assert_eq!(
+            p("5d9c7b8f6d-x2x7q", Some("5d9c7b8f6d")),
+            "5d9c7b8f6d-x2x7q"
+        );
+        let unknown = PeerLabels::unknown();
+        assert_eq!(unknown.workload, "unknown");
+        assert_eq!(unknown.principal, "unknown");
+    }
+
+    struct OneCert;
+    impl CertificateSource for OneCert {
+        fn certificates(&self) -> Vec<CertificateInfo> {
+            let now = SystemTime::now();
+            vec![CertificateInfo {
+                identity: "spiffe://cluster.local/ns/default/sa/a".into(),
+                serial: "0a".into(),
+                not_before: now,
+                not_after: now + Duration::from_secs(3600),
+                chain_len: 2,
+            }]
+        }
+    }
+
+    #[test]
+    fn certificate_metrics_are_read_at_scrape_time() {
+        let certs = Certificates::default();
+        let m = Metrics::new(None, certs.clone());
+        assert!(
+            m.encode()
+                .expect("encode")
+                .contains("\nmesh_certificates 0\n")
+        );
+        assert!(
+            !m.encode()
+                .expect("encode")
+                .contains("mesh_certificate_expiry_seconds{")
+        );
+        certs.set_source(Arc::new(OneCert));
+        let text = m.encode().expect("encode");
+        assert!(text.contains("\nmesh_certificates 1\n"), "{text}");
+        let line = text
+            .lines()
+            .find(|l| {
+                l.starts_with(
+                    "mesh_certificate_expiry_seconds{identity=\"spiffe://cluster.local/ns/default/sa/a\"} ",
+                )
+            })
+            .expect("expiry series");
+        let secs: i64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .expect("value");
+        assert!((3590..=3600).contains(&secs), "{line}");
+    }
+}

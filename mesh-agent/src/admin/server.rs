@@ -1,0 +1,285 @@
+//! The three HTTP/1 servers (hyper 1, on the agent's runtime) and their
+//! routes. Routes are plain functions of the request line, so they are
+//! tested without a socket.
+//!
+//! | server | path | what |
+//! |---|---|---|
+//! | admin (`127.0.0.1:15000`) | `GET /config_dump` | the agent's configuration, JSON |
+//! | | `GET /logging`, `POST`/`PUT /logging?level=…` | read or change the log filter |
+//! | | `GET /stats` | kernel and proxy counters, JSON |
+//! | | `GET /connections` | open proxied connections, JSON |
+//! | | `GET /healthz/ready` | readiness, as on the readiness server |
+//! | metrics (`0.0.0.0:15020`) | `GET /metrics` (`/stats/prometheus`) | Prometheus, OpenMetrics text |
+//! | readiness (`0.0.0.0:15021`) | `GET /healthz/ready` | 200 when ready, 503 before |
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use super::{
+    certs::Certificates,
+    config_dump::ConfigDump,
+    connections::Telemetry,
+    logging::LogControl,
+    metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE,
+    readiness::{Readiness, ReadyState},
+};
+
+/// How long a client may take to send its request head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+const JSON: &str = "application/json";
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// What the routes serve from.
+#[derive(Clone, Debug)]
+pub struct AdminState {
+    /// `/config_dump`.
+    pub config_dump: ConfigDump,
+    /// `/stats` (same mechanism: named JSON parts).
+    pub stats: ConfigDump,
+    /// Metrics and open connections.
+    pub telemetry: Telemetry,
+    /// The agent's certificates.
+    pub certificates: Certificates,
+    /// Readiness.
+    pub readiness: Readiness,
+    /// The log filter.
+    pub log: LogControl,
+}
+
+/// A response: status, content type, body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// `Content-Type`.
+    pub content_type: &'static str,
+    /// The body.
+    pub body: String,
+}
+
+impl Reply {
+    fn new(status: StatusCode, content_type: &'static str, body: impl Into<String>) -> Self {
+        Self {
+            status,
+            content_type,
+            body: body.into(),
+        }
+    }
+
+    fn json(status: StatusCode, value: &serde_json::Value) -> Self {
+        let mut body = serde_json::to_string_pretty(value).unwrap_or_else(|_| "{}".into());
+        body.push('\n');
+        Self::new(status, JSON, body)
+    }
+
+    fn error(status: StatusCode, message: impl Into<String>) -> Self {
+        Self::json(status, &serde_json::json!({ "error": message.into() }))
+    }
+
+    fn not_found(path: &str) -> Self {
+        Self::error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"))
+    }
+
+    fn method_not_allowed(method: &Method, path: &str) -> Self {
+        Self::error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not supported on {path}"),
+        )
+    }
+}
+
+/// A route: the reply to a request line.
+pub type Route = fn(&AdminState, &Method, &str, Option<&str>) -> Reply;
+
+/// The admin server's routes.
+pub fn admin_route(state: &AdminState, method: &Method, path: &str, query: Option<&str>) -> Reply {
+    let get = method == Method::GET || method == Method::HEAD;
+    match path {
+        "/" if get => Reply::new(
+            StatusCode::OK,
+            TEXT,
+            "mesh-agent admin\n  GET  /config_dump\n  GET  /stats\n  GET  /connections\n  \
+             GET  /logging\n  POST /logging?level=LEVEL\n  GET  /healthz/ready\n",
+        ),
+        "/config_dump" if get => Reply::json(StatusCode::OK, &state.config_dump.dump()),
+        "/stats" if get => Reply::json(StatusCode::OK, &state.stats.dump()),
+        "/connections" if get => Reply::json(
+            StatusCode::OK,
+            &serde_json::to_value(state.telemetry.connections.list())
+                .unwrap_or(serde_json::Value::Null),
+        ),
+        "/logging" => logging(state, method, query),
+        "/healthz/ready" if get => readiness_reply(&state.readiness),
+        "/" | "/config_dump" | "/stats" | "/connections" | "/healthz/ready" => {
+            Reply::method_not_allowed(method, path)
+        }
+        _ => Reply::not_found(path),
+    }
+}
+
+fn logging(state: &AdminState, method: &Method, query: Option<&str>) -> Reply {
+    let result = if method == Method::GET || method == Method::HEAD {
+        state.log.current()
+    } else if method == Method::POST || method == Method::PUT {
+        match query.and_then(|q| query_param(q, "level")) {
+            Some(level) => {
+                let result = state.log.set(&level);
+                if let Ok(now) = &result {
+                    tracing::info!(level = %now, "log level changed");
+                }
+                result
+            }
+            None => {
+                return Reply::error(
+                    StatusCode::BAD_REQUEST,
+                    "missing the level: POST /logging?level=debug (or directives such as \
+                     level=info,mesh_agent::proxy=debug)",
+                );
+            }
+        }
+    } else {
+        return Reply::method_not_allowed(method, "/logging");
+    };
+    match result {
+        Ok(level) => Reply::json(StatusCode::OK, &serde_json::json!({ "level": level })),
+        Err(e @ super::logging::LoggingError::InvalidLevel { .. }) => {
+            Reply::error(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        Err(e) => Reply::error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// The metrics server's routes.
+pub fn metrics_route(
+    state: &AdminState,
+    method: &Method,
+    path: &str,
+    _query: Option<&str>,
+) -> Reply {
+    match path {
+        "/metrics" | "/stats/prometheus" if method == Method::GET || method == Method::HEAD => {
+            match state.telemetry.metrics.encode() {
+                Ok(text) => Reply::new(StatusCode::OK, METRICS_CONTENT_TYPE, text),
+                Err(_) => Reply::error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the metrics could not be encoded",
+                ),
+            }
+        }
+        "/metrics" | "/stats/prometheus" => Reply::method_not_allowed(method, path),
+        _ => Reply::not_found(path),
+    }
+}
+
+/// The readiness server's routes.
+pub fn readiness_route(
+    state: &AdminState,
+    method: &Method,
+    path: &str,
+    _query: Option<&str>,
+) -> Reply {
+    match path {
+        "/healthz/ready" if method == Method::GET || method == Method::HEAD => {
+            readiness_reply(&state.readiness)
+        }
+        "/healthz/ready" => Reply::method_not_allowed(method, path),
+        _ => Reply::not_found(path),
+    }
+}
+
+fn readiness_reply(readiness: &Readiness) -> Reply {
+    match readiness.state() {
+        ReadyState::Ready => Reply::new(StatusCode::OK, TEXT, "ready\n"),
+        ReadyState::Waiting(what) => Reply::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            TEXT,
+            format!("not ready: waiting for {}\n", what.join(", ")),
+        ),
+        ReadyState::ShuttingDown => Reply::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            TEXT,
+            "not ready: shutting down\n",
+        ),
+    }
+}
+
+/// The value of `key` in a query string, percent-decoded (`+` is a space).
+pub fn query_param(query: &str, key: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(k)? == key).then(|| percent_decode(v))?
+    })
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = [bytes.next()?, bytes.next()?];
+                let hex = std::str::from_utf8(&hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+            }
+            _ => out.push(b),
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Serves `route` on `listener` until the task is dropped (the runtime
+/// shuts down). Each connection runs in its own task.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, route: Route) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let reply = route(&state, req.method(), req.uri().path(), req.uri().query());
+                let head = req.method() == Method::HEAD;
+                async move { Ok::<_, Infallible>(into_response(reply, head)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+fn into_response(reply: Reply, head: bool) -> Response<Full<Bytes>> {
+    let len = reply.body.len();
+    let body = if head {
+        Bytes::new()
+    } else {
+        Bytes::from(reply.body)
+    };
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = reply.status;
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(reply.content_type),
+    );
+    if head {
+        headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(len));
+    }
+    resp
+}

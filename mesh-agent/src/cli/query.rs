@@ -1,0 +1,101 @@
+//! The subcommands that ask a running agent (its admin endpoint):
+//! `status`, `workloads`, `policies`, `certs`, `connections`; and the
+//! `run` options that place the agent's endpoints.
+
+use std::net::SocketAddr;
+
+use clap::Subcommand;
+use serde_json::Value;
+
+use super::{client, render};
+use crate::admin::{AdminConfig, DEFAULT_ADMIN_ADDR, DEFAULT_METRICS_ADDR, DEFAULT_READINESS_ADDR};
+
+/// Where `mesh-agent run` serves its HTTP endpoints.
+#[derive(Clone, Debug, clap::Args)]
+pub struct EndpointArgs {
+    /// Admin endpoint (`/config_dump`, `/logging`, `/stats`, `/connections`); keep it on loopback.
+    #[arg(long, env = "MESH_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+    /// Prometheus metrics (`/metrics`).
+    #[arg(long, env = "MESH_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    /// Readiness probe (`/healthz/ready`).
+    #[arg(long, env = "MESH_READINESS_ADDR", default_value = DEFAULT_READINESS_ADDR)]
+    pub readiness_addr: SocketAddr,
+}
+
+impl EndpointArgs {
+    /// The agent's endpoint configuration.
+    pub fn config(&self) -> AdminConfig {
+        AdminConfig {
+            admin_addr: self.admin_addr,
+            metrics_addr: self.metrics_addr,
+            readiness_addr: self.readiness_addr,
+        }
+    }
+}
+
+/// How to reach the agent and how to print.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Target {
+    /// The agent's admin address (run the command in the node's network namespace).
+    #[arg(long, env = "MESH_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The subcommands that query a running agent.
+#[derive(Clone, Debug, Subcommand)]
+pub enum QueryCommand {
+    /// Summarise a running agent: readiness, datapath, sources, listeners, counts.
+    Status(Target),
+    /// List the workloads a running agent knows and their enrollment.
+    Workloads(Target),
+    /// List the security policies a running agent has.
+    Policies(Target),
+    /// List a running agent's workload certificates (no keys).
+    Certs(Target),
+    /// List the connections a running agent is proxying now.
+    Connections(Target),
+}
+
+/// Runs a query subcommand, printing to stdout.
+pub fn run(cmd: &QueryCommand) -> anyhow::Result<()> {
+    print!("{}", output(cmd)?);
+    Ok(())
+}
+
+/// What a query subcommand prints.
+pub fn output(cmd: &QueryCommand) -> anyhow::Result<String> {
+    let (target, path) = match cmd {
+        QueryCommand::Connections(t) => (t, "/connections"),
+        QueryCommand::Status(t)
+        | QueryCommand::Workloads(t)
+        | QueryCommand::Policies(t)
+        | QueryCommand::Certs(t) => (t, "/config_dump"),
+    };
+    let addr = client::resolve(&target.admin_addr)?;
+    let answer = client::get_json(addr, path)?;
+    Ok(format_answer(cmd, &answer, target.json))
+}
+
+/// The text of a query subcommand for the agent's `answer`.
+pub fn format_answer(cmd: &QueryCommand, answer: &Value, json: bool) -> String {
+    let part = |key: &str| answer.get(key).cloned().unwrap_or(Value::Null);
+    let (value, text): (Value, fn(&Value) -> String) = match cmd {
+        QueryCommand::Status(_) => (answer.clone(), render::status),
+        QueryCommand::Workloads(_) => (part("workloads"), render::workloads),
+        QueryCommand::Policies(_) => (part("policies"), render::policies),
+        QueryCommand::Certs(_) => (part("certificates"), render::certs),
+        QueryCommand::Connections(_) => (answer.clone(), render::connections),
+    };
+    if json {
+        let mut out = serde_json::to_string_pretty(&value).unwrap_or_else(|_| "null".into());
+        out.push('\n');
+        out
+    } else {
+        text(&value)
+    }
+}

@@ -1,0 +1,520 @@
+//! Human tables of what the admin endpoint returns. Pure functions of the
+//! JSON, so the text is tested for fixed input. Missing members render as
+//! `-`, so a newer or older agent still prints something useful.
+
+use serde_json::Value;
+
+/// A column-aligned table: two spaces between columns, no trailing spaces.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut text = String::new();
+        for (i, (cell, w)) in cells.zip(&widths).enumerate() {
+            if i > 0 {
+                text.push_str("  ");
+            }
+            text.push_str(cell);
+            text.extend(std::iter::repeat_n(
+                ' ',
+                w.saturating_sub(cell.chars().count()),
+            ));
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&mut headers.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+/// A string member, or `-`.
+fn s(v: &Value, key: &str) -> String {
+    match v.get(key) {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(Value::Bool(b)) => b.to_string(),
+        _ => "-".into(),
+    }
+}
+
+fn arr<'a>(v: &'a Value, key: &str) -> &'a [Value] {
+    v.get(key)
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
+}
+
+fn u(v: &Value, key: &str) -> Option<u64> {
+    v.get(key).and_then(Value::as_u64)
+}
+
+/// `1h02m`, `3m04s`, `5s`, `250ms`.
+pub fn duration_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    match secs {
+        0 => format!("{ms}ms"),
+        1..60 => format!("{secs}s"),
+        60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
+        3600..86_400 => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("{}d{:02}h", secs / 86_400, secs % 86_400 / 3600),
+    }
+}
+
+/// `mesh-agent status`: the agent part of the config dump, summarised.
+pub fn status(dump: &Value) -> String {
+    let agent = &dump["agent"];
+    let datapath = &dump["datapath"];
+    let ready = match agent.get("ready").and_then(Value::as_bool) {
+        Some(true) => "ready".to_owned(),
+        Some(false) => {
+            let waiting: Vec<&str> = arr(agent, "waiting_for")
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            if waiting.is_empty() {
+                "not ready".to_owned()
+            } else {
+                format!("not ready (waiting for {})", waiting.join(", "))
+            }
+        }
+        None => "-".to_owned(),
+    };
+    let programs = arr(datapath, "programs");
+    let readopted = programs
+        .iter()
+        .filter(|p| p.get("readopted").and_then(Value::as_bool) == Some(true))
+        .count();
+    let names: Vec<String> = programs.iter().map(|p| s(p, "name")).collect();
+    let features = datapath
+        .get("features")
+        .and_then(Value::as_object)
+        .map(|f| {
+            f.iter()
+                .map(|(k, v)| {
+                    if v.as_bool() == Some(true) {
+                        k.clone()
+                    } else {
+                        format!("{k} (missing)")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_else(|| "-".into());
+    let sources: Vec<String> = arr(agent, "sources")
+        .iter()
+        .filter_map(Value::as_str)
+        .map(str::to_owned)
+        .collect();
+    let listeners = agent
+        .get("listeners")
+        .and_then(Value::as_object)
+        .map(|l| {
+            ["admin", "metrics", "readiness"]
+                .iter()
+                .filter_map(|k| {
+                    l.get(*k)
+                        .and_then(Value::as_str)
+                        .map(|a| format!("{k} {a}"))
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_else(|| "-".into());
+    let workloads = arr(dump, "workloads");
+    let count = |status: &str| {
+        workloads
+            .iter()
+            .filter(|w| w.get("status").and_then(Value::as_str) == Some(status))
+            .count()
+    };
+    let rows = [
+        ("Agent", ready),
+        ("Version", s(agent, "version")),
+        ("Node", s(&dump["node"], "name")),
+        (
+            "Uptime",
+            u(agent, "uptime_seconds").map_or("-".into(), |s| duration_ms(s * 1000)),
+        ),
+        ("Kernel", s(datapath, "kernel")),
+        (
+            "Programs",
+            if names.is_empty() {
+                "-".into()
+            } else {
+                format!(
+                    "{} ({} attached, {readopted} re-adopted)",
+                    names.join(", "),
+                    names.len()
+                )
+            },
+        ),
+        ("Features", features),
+        (
+            "Sources",
+            if sources.is_empty() {
+                "-".into()
+            } else {
+                sources.join(", ")
+            },
+        ),
+        ("Listeners", listeners),
+        (
+            "Workloads",
+            format!(
+                "{} ({} enrolled, {} pending, {} failed)",
+                workloads.len(),
+                count("enrolled"),
+                count("pending"),
+                count("failed")
+            ),
+        ),
+        ("Certificates", arr(dump, "certificates").len().to_string()),
+        (
+            "Connections",
+            u(agent, "open_connections").map_or("-".into(), |n| format!("{n} open")),
+        ),
+    ];
+    rows.iter()
+        .map(|(k, v)| format!("{:<14}{v}\n", format!("{k}:")))
+        .collect()
+}
+
+/// `mesh-agent workloads`: the workloads part of the config dump; failed
+/// enrollments are explained below the table.
+pub fn workloads(workloads: &Value) -> String {
+    let list = workloads.as_array().map_or(&[][..], Vec::as_slice);
+    if list.is_empty() {
+        return "no workloads\n".into();
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|w| {
+            let ips: Vec<&str> = arr(w, "ips").iter().filter_map(Value::as_str).collect();
+            vec![
+                s(w, "namespace"),
+                s(w, "name"),
+                if ips.is_empty() {
+                    "-".into()
+                } else {
+                    ips.join(",")
+                },
+                s(w, "status"),
+                s(w, "slot"),
+                s(w, "netns"),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &["NAMESPACE", "NAME", "IPS", "STATUS", "SLOT", "NETNS"],
+        &rows,
+    );
+    for w in list {
+        if let Some(e) = w.get("error").and_then(Value::as_str) {
+            out.push_str(&format!("{}/{}: {e}\n", s(w, "namespace"), s(w, "name")));
+        }
+    }
+    out
+}
+
+/// `mesh-agent policies`: the policies part of the config dump.
+pub fn policies(policies: &Value) -> String {
+    let mut rows = Vec::new();
+    for p in arr(policies, "authorization") {
+        let meta = &p["metadata"];
+        let spec = &p["spec"];
+        rows.push(vec![
+            "AuthorizationPolicy".into(),
+            s(meta, "namespace"),
+            s(meta, "name"),
+            spec.get("action")
+                .and_then(Value::as_str)
+                .unwrap_or("ALLOW")
+                .to_owned(),
+            arr(spec, "rules").len().to_string(),
+        ]);
+    }
+    for p in arr(policies, "peer_authentication") {
+        let meta = &p["metadata"];
+        rows.push(vec![
+            "PeerAuthentication".into(),
+            s(meta, "namespace"),
+            s(meta, "name"),
+            s(&p["spec"]["mtls"], "mode"),
+            "-".into(),
+        ]);
+    }
+    if rows.is_empty() {
+        return "no policies\n".into();
+    }
+    table(
+        &["KIND", "NAMESPACE", "NAME", "ACTION/MODE", "RULES"],
+        &rows,
+    )
+}
+
+/// `mesh-agent certs`: the certificates part of the config dump.
+pub fn certs(certs: &Value) -> String {
+    let list = certs.as_array().map_or(&[][..], Vec::as_slice);
+    if list.is_empty() {
+        return "no certificates\n".into();
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|c| {
+            let expires =
+                c.get("expires_in_seconds")
+                    .and_then(Value::as_i64)
+                    .map_or("-".into(), |s| match u64::try_from(s) {
+                        Ok(s) => duration_ms(s * 1000),
+                        Err(_) => "expired".into(),
+                    });
+            vec![s(c, "identity"), s(c, "serial"), s(c, "not_after"), expires]
+        })
+        .collect();
+    table(&["IDENTITY", "SERIAL", "NOT AFTER", "EXPIRES IN"], &rows)
+}
+
+/// `mesh-agent connections`: the open connections.
+pub fn connections(conns: &Value) -> String {
+    let list = conns.as_array().map_or(&[][..], Vec::as_slice);
+    if list.is_empty() {
+        return "no open connections\n".into();
+    }
+    let workload = |e: &Value| match (e.get("namespace"), e.get("workload")) {
+        (Some(Value::String(ns)), Some(Value::String(w))) => format!("{ns}/{w}"),
+        (_, Some(Value::String(w))) => w.clone(),
+        _ => "-".into(),
+    };
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|c| {
+            let (src, dst) = (&c["src"], &c["dst"]);
+            let peer = if c.get("direction").and_then(Value::as_str) == Some("inbound") {
+                src
+            } else {
+                dst
+            };
+            vec![
+                s(c, "id"),
+                s(c, "direction"),
+                workload(src),
+                s(src, "addr"),
+                workload(dst),
+                s(dst, "addr"),
+                s(peer, "identity"),
+                s(c, "security_policy"),
+                u(c, "age_ms").map_or("-".into(), duration_ms),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "DIRECTION",
+            "SOURCE",
+            "SOURCE ADDR",
+            "DESTINATION",
+            "DESTINATION ADDR",
+            "PEER IDENTITY",
+            "SECURITY",
+            "AGE",
+        ],
+        &rows,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::cli::query::{QueryCommand, Target, format_answer};
+
+    /// A config dump as an agent with four pods, one policy pair and one
+    /// certificate answers it.
+    fn dump() -> Value {
+        json!({
+            "agent": {
+                "version": "0.1.0",
+                "ready": true,
+                "waiting_for": [],
+                "uptime_seconds": 3725,
+                "open_connections": 1,
+                "sources": ["file:/etc/mesh/workloads.yaml"],
+                "listeners": {"admin": "127.0.0.1:15000", "metrics": "0.0.0.0:15020", "readiness": "0.0.0.0:15021"}
+            },
+            "node": {"name": "node-1", "probe_sources": ["10.0.0.1"], "generation": 3},
+            "datapath": {
+                "kernel": "6.8.0-45-generic",
+                "programs": [
+                    {"name": "redirect_connect4", "readopted": false},
+                    {"name": "redirect_connect6", "readopted": true}
+                ],
+                "features": {"cgroup_sock_addr": true, "sk_lookup": true, "sock_ops": false}
+            },
+            "workloads": [
+                {"namespace": "default", "name": "a", "ips": ["10.1.0.10", "fd00::10"], "status": "enrolled", "slot": 1023, "netns": "/var/run/netns/a"},
+                {"namespace": "default", "name": "b", "ips": ["10.1.0.11"], "status": "failed", "error": "cannot enter netns /var/run/netns/b: No such file or directory", "netns": "/var/run/netns/b"},
+                {"namespace": "shop", "name": "cart-7d9f", "ips": ["10.1.0.12"], "status": "pending", "netns": "/proc/4242/ns/net"},
+                {"namespace": "shop", "name": "db", "ips": [], "status": "not enrolled", "netns": "/var/run/netns/db"}
+            ],
+            "policies": {
+                "authorization": [
+                    {"metadata": {"namespace": "shop", "name": "deny-a"}, "spec": {"action": "DENY", "rules": [{}, {}]}},
+                    {"metadata": {"namespace": "shop", "name": "allow-all"}, "spec": {}}
+                ],
+                "peer_authentication": [
+                    {"metadata": {"namespace": "istio-system", "name": "default"}, "spec": {"mtls": {"mode": "STRICT"}}}
+                ]
+            },
+            "certificates": [
+                {"identity": "spiffe://cluster.local/ns/default/sa/a", "serial": "3f2a", "not_after": "2026-11-26T17:55:20Z", "expires_in_seconds": 86000},
+                {"identity": "spiffe://cluster.local/ns/shop/sa/cart", "serial": "01", "not_after": "2026-11-25T00:00:00Z", "expires_in_seconds": -5}
+            ]
+        })
+    }
+
+    fn open_connections() -> Value {
+        json!([
+            {"id": 7, "direction": "outbound",
+             "src": {"addr": "10.1.0.10:40312", "workload": "a", "namespace": "default"},
+             "dst": {"addr": "10.1.0.12:8080", "workload": "cart-7d9f", "namespace": "shop", "identity": "spiffe://cluster.local/ns/shop/sa/cart"},
+             "security_policy": "mutual_tls", "opened_at": 0, "age_ms": 65000},
+            {"id": 9, "direction": "inbound",
+             "src": {"addr": "10.2.0.5:51000"},
+             "dst": {"addr": "10.1.0.10:80", "workload": "a", "namespace": "default"},
+             "security_policy": "none", "opened_at": 0, "age_ms": 250}
+        ])
+    }
+
+    #[test]
+    fn status_summarises_the_agent() {
+        assert_eq!(
+            status(&dump()),
+            "\
+Agent:        ready
+Version:      0.1.0
+Node:         node-1
+Uptime:       1h02m
+Kernel:       6.8.0-45-generic
+Programs:     redirect_connect4, redirect_connect6 (2 attached, 1 re-adopted)
+Features:     cgroup_sock_addr, sk_lookup, sock_ops (missing)
+Sources:      file:/etc/mesh/workloads.yaml
+Listeners:    admin 127.0.0.1:15000, metrics 0.0.0.0:15020, readiness 0.0.0.0:15021
+Workloads:    4 (1 enrolled, 1 pending, 1 failed)
+Certificates: 2
+Connections:  1 open
+"
+        );
+        let waiting = json!({"agent": {"ready": false, "waiting_for": ["datapath", "workloads"]}});
+        assert!(
+            status(&waiting)
+                .starts_with("Agent:        not ready (waiting for datapath, workloads)\n")
+        );
+        // An empty answer still renders, with dashes.
+        assert!(status(&json!({})).contains("Kernel:       -\n"));
+    }
+
+    #[test]
+    fn workloads_table() {
+        assert_eq!(
+            workloads(&dump()["workloads"]),
+            "\
+NAMESPACE  NAME       IPS                 STATUS        SLOT  NETNS
+default    a          10.1.0.10,fd00::10  enrolled      1023  /var/run/netns/a
+default    b          10.1.0.11           failed        -     /var/run/netns/b
+shop       cart-7d9f  10.1.0.12           pending       -     /proc/4242/ns/net
+shop       db         -                   not enrolled  -     /var/run/netns/db
+default/b: cannot enter netns /var/run/netns/b: No such file or directory
+"
+        );
+        assert_eq!(workloads(&json!([])), "no workloads\n");
+    }
+
+    #[test]
+    fn policies_table() {
+        assert_eq!(
+            policies(&dump()["policies"]),
+            "\
+KIND                 NAMESPACE     NAME       ACTION/MODE  RULES
+AuthorizationPolicy  shop          deny-a     DENY         2
+AuthorizationPolicy  shop          allow-all  ALLOW        0
+PeerAuthentication   istio-system  default    STRICT       -
+"
+        );
+        assert_eq!(
+            policies(&json!({"authorization": [], "peer_authentication": []})),
+            "no policies\n"
+        );
+    }
+
+    #[test]
+    fn certs_table() {
+        assert_eq!(
+            certs(&dump()["certificates"]),
+            "\
+IDENTITY                                SERIAL  NOT AFTER             EXPIRES IN
+spiffe://cluster.local/ns/default/sa/a  3f2a    2026-11-26T17:55:20Z  23h53m
+spiffe://cluster.local/ns/shop/sa/cart  01      2026-11-25T00:00:00Z  expired
+"
+        );
+        assert_eq!(certs(&json!([])), "no certificates\n");
+    }
+
+    #[test]
+    fn connections_table() {
+        assert_eq!(
+            connections(&open_connections()),
+            "\
+ID  DIRECTION  SOURCE     SOURCE ADDR      DESTINATION     DESTINATION ADDR  PEER IDENTITY                           SECURITY    AGE
+7   outbound   default/a  10.1.0.10:40312  shop/cart-7d9f  10.1.0.12:8080    spiffe://cluster.local/ns/shop/sa/cart  mutual_tls  1m05s
+9   inbound    -          10.2.0.5:51000   default/a       10.1.0.10:80      -                                       none        250ms
+"
+        );
+        assert_eq!(connections(&json!([])), "no open connections\n");
+    }
+
+    #[test]
+    fn json_output_is_the_part_and_parses() {
+        let target = Target {
+            admin_addr: "127.0.0.1:15000".into(),
+            json: true,
+        };
+        let cases = [
+            (QueryCommand::Status(target.clone()), dump(), dump()),
+            (
+                QueryCommand::Workloads(target.clone()),
+                dump(),
+                dump()["workloads"].clone(),
+            ),
+            (
+                QueryCommand::Policies(target.clone()),
+                dump(),
+                dump()["policies"].clone(),
+            ),
+            (
+                QueryCommand::Certs(target.clone()),
+                dump(),
+                dump()["certificates"].clone(),
+            ),
+            (
+                QueryCommand::Connections(target),
+                open_connections(),
+                open_connections(),
+            ),
+        ];
+        for (cmd, answer, expected) in cases {
+            let out = format_answer(&cmd, &answer, true);
+            let parsed: Value = serde_json::from_str(&out).expect("--json parses");
+            assert_eq!(parsed, expected, "{cmd:?}");
+        }
+    }
+}

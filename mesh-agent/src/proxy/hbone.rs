@@ -1,0 +1,623 @@
+//! HBONE, Istio ambient's tunnel: HTTP/2 `CONNECT` to `dst_ip:port` over
+//! mutual TLS (TLS 1.3, ALPN `h2`, no SNI) to the destination pod's IP on
+//! port 15008, under the source workload's SPIFFE identity.
+//!
+//! - [`Pool`]: client HTTP/2 connections keyed by (source identity,
+//!   destination identity, destination address, source IP), many streams per
+//!   connection up to a limit, one connection attempt per key at a time (no
+//!   storm when many streams start at once), broken connections replaced
+//!   without failing the request, idle ones released, PING keep-alive.
+//! - [`serve_connection`]: the server side, one TLS connection of the
+//!   in-pod HBONE listener, answering each CONNECT as Istio does.
+//! - [`relay_h2`]: bytes between a TCP stream and an HTTP/2 stream, with
+//!   flow control, half-close and reset propagation.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::{Bytes, BytesMut};
+use h2::{Ping, Reason, RecvStream, SendStream, client::SendRequest};
+use http::{Method, Request, Response, StatusCode};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use super::copy::{RelayOutcome, RelayResult};
+use crate::identity::SpiffeId;
+
+/// HTTP/2 stream window (Istio's): 4 MiB.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+/// HTTP/2 connection window (Istio's): 16 MiB.
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// HTTP/2 max frame size (Istio's): 1 MiB.
+pub const MAX_FRAME: u32 = 1 << 20;
+/// Streams one pooled connection carries at most (or the peer's lower limit).
+pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
+/// How often an idle-looking tunnel connection is pinged.
+pub const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a PING may go unanswered before the connection is closed.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection without streams stays pooled.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// HBONE failures, each saying what happened.
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    /// TCP connect to the peer's port 15008 failed.
+    #[error("cannot reach the peer's HBONE port {addr}: {source}")]
+    Connect {
+        /// The peer address.
+        addr: SocketAddr,
+        /// The error.
+        source: io::Error,
+    },
+    /// The TLS handshake failed (identity, root, expiry...).
+    #[error("mTLS handshake with {addr} failed: {reason}")]
+    Tls {
+        /// The peer address.
+        addr: SocketAddr,
+        /// Why, in words.
+        reason: String,
+    },
+    /// HTTP/2 failed on the tunnel connection.
+    #[error("HTTP/2 error on the tunnel to {addr}: {source}")]
+    H2 {
+        /// The peer address.
+        addr: SocketAddr,
+        /// The error.
+        source: h2::Error,
+    },
+    /// The peer answered the CONNECT with an error status.
+    #[error("the peer refused the tunnel to {target}: HTTP {status}")]
+    Status {
+        /// The CONNECT target.
+        target: SocketAddr,
+        /// The status.
+        status: StatusCode,
+    },
+}
+
+/// What identifies a reusable tunnel connection.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// Who we are (the certificate presented).
+    pub source: SpiffeId,
+    /// Who the peer must be.
+    pub destination: SpiffeId,
+    /// The peer's HBONE address (`pod_ip:15008`).
+    pub address: SocketAddr,
+    /// The source pod's IP (the connection leaves from its netns).
+    pub source_ip: IpAddr,
+}
+
+struct PooledConn {
+    id: u64,
+    sender: SendRequest<Bytes>,
+    active: AtomicUsize,
+    limit: usize,
+    dead: Arc<AtomicBool>,
+    idle_since: Mutex<Instant>,
+}
+
+impl PooledConn {
+    fn try_reserve(self: &Arc<Self>) -> Option<StreamGuard> {
+        if self.dead.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut current = self.active.load(Ordering::Acquire);
+        loop {
+            if current >= self.limit {
+                return None;
+            }
+            match self.active.compare_exchange(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(StreamGuard { conn: self.clone() }),
+                Err(now) => current = now,
+            }
+        }
+    }
+}
+
+/// Holds a stream slot on a pooled connection until dropped.
+pub struct StreamGuard {
+    conn: Arc<PooledConn>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.conn.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self
+                .conn
+                .idle_since
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        }
+    }
+}
+
+/// Pool counters (also the evidence, in tests, that connections are reused).
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    /// Tunnel (TLS + HTTP/2) connections established.
+    pub connections_opened: AtomicU64,
+    /// Tunnel connections closed (broken, idle, keep-alive timeout).
+    pub connections_closed: AtomicU64,
+    /// Streams (CONNECTs) opened.
+    pub streams_opened: AtomicU64,
+}
+
+/// The client-side pool of tunnel connections.
+#[derive(Default)]
+pub struct Pool {
+    conns: Mutex<HashMap<PoolKey, Vec<Arc<PooledConn>>>>,
+    connecting: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    next_id: AtomicU64,
+    stats: Arc<PoolStats>,
+}
+
+/// A freshly established tunnel connection: the request handle and the
+/// future that drives the connection (the pool spawns it).
+pub type Established = (
+    SendRequest<Bytes>,
+    h2::client::Connection<Box<dyn IoStream>, Bytes>,
+);
+
+/// The byte stream under a tunnel connection (TLS over TCP).
+pub trait IoStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> IoStream for T {}
+
+impl Pool {
+    /// The pool's counters.
+    pub fn stats(&self) -> Arc<PoolStats> {
+        self.stats.clone()
+    }
+
+    /// Live connections and the streams they carry, for metrics and config dumps.
+    pub fn occupancy(&self) -> (usize, usize) {
+        let conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        let live = conns
+            .values()
+            .flatten()
+            .filter(|c| !c.dead.load(Ordering::Acquire));
+        live.fold((0, 0), |(c, s), conn| {
+            (c + 1, s + conn.active.load(Ordering::Acquire))
+        })
+    }
+
+    fn pick(&self, key: &PoolKey) -> Option<(Arc<PooledConn>, StreamGuard)> {
+        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = conns.get_mut(key)?;
+        list.retain(|c| !c.dead.load(Ordering::Acquire));
+        list.iter()
+            .find_map(|c| c.try_reserve().map(|g| (c.clone(), g)))
+    }
+
+    /// Opens a CONNECT stream for `request` on a pooled connection for `key`,
+    /// establishing one with `connect` when none has room. A connection found
+    /// broken is dropped and the request retried once on a new one.
+    pub async fn send<F, Fut>(
+        &self,
+        key: &PoolKey,
+        request: Request<()>,
+        connect: F,
+    ) -> Result<(Response<RecvStream>, SendStream<Bytes>, StreamGuard), HboneError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Established, HboneError>>,
+    {
+        let mut last_error = None;
+        for _attempt in 0..2 {
+            let (conn, guard) = self.checkout(key, &connect).await?;
+            match send_on(&conn, &request, key.address).await {
+                Ok((response, send)) => {
+                    self.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
+                    return Ok((response, send, guard));
+                }
+                Err(e) => {
+                    // The connection is unusable (GOAWAY, reset, closed): retire it.
+                    tracing::debug!(conn = conn.id, error = %e, "tunnel connection unusable; replacing it");
+                    conn.dead.store(true, Ordering::Release);
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.unwrap_or(HboneError::Status {
+            target: key.address,
+            status: StatusCode::SERVICE_UNAVAILABLE,
+        }))
+    }
+
+    async fn checkout<F, Fut>(
+        &self,
+        key: &PoolKey,
+        connect: &F,
+    ) -> Result<(Arc<PooledConn>, StreamGuard), HboneError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Established, HboneError>>,
+    {
+        if let Some(found) = self.pick(key) {
+            return Ok(found);
+        }
+        // One connection attempt per key at a time: concurrent callers wait
+        // for it and then share it, instead of each dialling (no storm).
+        let gate = {
+            let mut connecting = self
+                .connecting
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            connecting.entry(key.clone()).or_default().clone()
+        };
+        let _turn = gate.lock().await;
+        if let Some(found) = self.pick(key) {
+            return Ok(found);
+        }
+        let (sender, connection) = connect().await?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let limit = sender
+            .current_max_send_streams()
+            .clamp(1, MAX_STREAMS_PER_CONNECTION);
+        let dead = Arc::new(AtomicBool::new(false));
+        let conn = Arc::new(PooledConn {
+            id,
+            sender,
+            active: AtomicUsize::new(0),
+            limit,
+            dead: dead.clone(),
+            idle_since: Mutex::new(Instant::now()),
+        });
+        self.stats
+            .connections_opened
+            .fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(drive(connection, dead, key.address, id, self.stats.clone()));
+        tracing::debug!(conn = id, peer = %key.address, source = %key.source, destination = %key.destination, "tunnel connection established");
+        let guard = conn.try_reserve().ok_or(HboneError::Status {
+            target: key.address,
+            status: StatusCode::SERVICE_UNAVAILABLE,
+        })?;
+        self.conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key.clone())
+            .or_default()
+            .push(conn.clone());
+        Ok((conn, guard))
+    }
+
+    /// Drops connections that carried no stream for `IDLE_TIMEOUT` and forgets
+    /// dead ones. Run it periodically.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        for list in conns.values_mut() {
+            list.retain(|c| {
+                let idle = c.active.load(Ordering::Acquire) == 0
+                    && now.duration_since(
+                        *c.idle_since.lock().unwrap_or_else(PoisonError::into_inner),
+                    ) >= IDLE_TIMEOUT;
+                !(idle || c.dead.load(Ordering::Acquire))
+            });
+        }
+        conns.retain(|_, list| !list.is_empty());
+        let mut connecting = self
+            .connecting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        connecting.retain(|k, gate| conns.contains_key(k) || Arc::strong_count(gate) > 1);
+    }
+}
+
+async fn send_on(
+    conn: &PooledConn,
+    request: &Request<()>,
+    addr: SocketAddr,
+) -> Result<(Response<RecvStream>, SendStream<Bytes>), HboneError> {
+    let h2_err = |source| HboneError::H2 { addr, source };
+    let mut sender = conn.sender.clone().ready().await.map_err(h2_err)?;
+    let mut req = Request::builder()
+        .method(request.method().clone())
+        .uri(request.uri().clone());
+    for (name, value) in request.headers() {
+        req = req.header(name, value);
+    }
+    let req = req.body(()).map_err(|_| HboneError::Status {
+        target: addr,
+        status: StatusCode::BAD_REQUEST,
+    })?;
+    let (response, send) = sender.send_request(req, false).map_err(h2_err)?;
+    let response = response.await.map_err(h2_err)?;
+    Ok((response, send))
+}
+
+/// Drives a client connection: the HTTP/2 state machine plus PING keep-alive.
+async fn drive(
+    mut connection: h2::client::Connection<Box<dyn IoStream>, Bytes>,
+    dead: Arc<AtomicBool>,
+    peer: SocketAddr,
+    id: u64,
+    stats: Arc<PoolStats>,
+) {
+    let ping_pong = connection.ping_pong();
+    let keepalive = async move {
+        let Some(mut ping_pong) = ping_pong else {
+            return std::future::pending::<()>().await;
+        };
+        loop {
+            tokio::time::sleep(PING_INTERVAL).await;
+            match tokio::time::timeout(PING_TIMEOUT, ping_pong.ping(Ping::opaque())).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(conn = id, %peer, error = %e, "tunnel keep-alive failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(conn = id, %peer, "tunnel keep-alive timed out; closing the connection");
+                    return;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        r = &mut connection => {
+            if let Err(e) = r {
+                tracing::debug!(conn = id, %peer, error = %e, "tunnel connection ended");
+            }
+        }
+        _ = keepalive => {}
+    }
+    dead.store(true, Ordering::Release);
+    stats.connections_closed.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The client side of an HTTP/2 handshake with Istio's window settings.
+pub async fn client_handshake(
+    io: Box<dyn IoStream>,
+    addr: SocketAddr,
+) -> Result<Established, HboneError> {
+    h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(0)
+        .enable_push(false)
+        .handshake(io)
+        .await
+        .map_err(|source| HboneError::H2 { addr, source })
+}
+
+/// The CONNECT request for `target` with the headers Istio sends.
+pub fn connect_request(target: SocketAddr, client: SocketAddr, baggage: &str) -> Request<()> {
+    let mut req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .header("forwarded", format!("for=\"{client}\""))
+        .header("traceparent", traceparent());
+    if !baggage.is_empty() {
+        req = req.header("baggage", baggage);
+    }
+    // A SocketAddr always renders as a valid authority, and the header values are ASCII.
+    req.body(()).unwrap_or_else(|_| Request::new(()))
+}
+
+/// Istio's baggage: the source's cluster, namespace, workload and service names.
+pub fn baggage(namespace: &str, workload: &str, service: &str) -> String {
+    format!(
+        "k8s.cluster.name=Kubernetes,k8s.namespace.name={namespace},k8s.deployment.name={workload},service.name={service},service.version=latest"
+    )
+}
+
+/// A fresh W3C `traceparent` (version 00, sampled).
+fn traceparent() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(1);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mix = |x: u64| {
+        let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let (a, b, c) = (
+        mix(seed ^ n),
+        mix(seed.rotate_left(17) ^ n),
+        mix(n ^ 0xA5A5),
+    );
+    format!("00-{a:016x}{b:016x}-{:016x}-01", c | 1)
+}
+
+/// The server side of an HTTP/2 handshake with Istio's window settings.
+pub async fn server_handshake<T: IoStream>(
+    io: T,
+) -> Result<h2::server::Connection<T, Bytes>, h2::Error> {
+    h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION as u32)
+        .handshake(io)
+        .await
+}
+
+/// Sends a bodiless response with `status`, ending the stream.
+pub fn respond_status(respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode) {
+    let response = Response::builder()
+        .status(status)
+        .body(())
+        .unwrap_or_else(|_| Response::new(()));
+    if let Err(e) = respond.send_response(response, true) {
+        tracing::debug!(error = %e, "cannot send HBONE response");
+    }
+}
+
+/// The CONNECT target of a request: its `:authority` as an address.
+pub fn connect_target(req: &Request<RecvStream>) -> Result<SocketAddr, StatusCode> {
+    if req.method() != Method::CONNECT {
+        return Err(StatusCode::BAD_REQUEST);
+    }
+    let authority = req.uri().authority().ok_or(StatusCode::BAD_REQUEST)?;
+    let addr: SocketAddr = authority
+        .as_str()
+        .parse()
+        .map_err(|_| StatusCode::BAD_REQUEST)?;
+    Ok(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
+}
+
+/// The client address a `forwarded: for="ip:port"` (or `for=ip`) header names.
+pub fn forwarded_for(req: &Request<RecvStream>) -> Option<IpAddr> {
+    let value = req.headers().get("forwarded")?.to_str().ok()?;
+    let for_part = value
+        .split(';')
+        .flat_map(|p| p.split(','))
+        .find_map(|p| p.trim().strip_prefix("for="))?;
+    let raw = for_part.trim_matches('"');
+    raw.parse::<SocketAddr>()
+        .map(|a| a.ip())
+        .or_else(|_| {
+            raw.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+        })
+        .ok()
+        .map(|ip| ip.to_canonical())
+}
+
+const INITIAL_BUFFER: usize = 16 * 1024;
+const MAX_BUFFER: usize = 256 * 1024;
+
+/// Relays between a TCP stream and an HTTP/2 stream until both directions
+/// are closed; an error on either side resets both (TCP RST, `RST_STREAM`).
+pub async fn relay_h2(
+    tcp: TcpStream,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> RelayResult {
+    let _ = tcp.set_nodelay(true);
+    let (mut tr, mut tw) = tcp.into_split();
+    let (mut sent, mut received) = (0u64, 0u64);
+    let outcome = {
+        let up = async {
+            let mut buf = BytesMut::with_capacity(INITIAL_BUFFER);
+            let mut cap = INITIAL_BUFFER;
+            loop {
+                buf.reserve(cap);
+                let n = tr.read_buf(&mut buf).await?;
+                if n == 0 {
+                    send.send_data(Bytes::new(), true)
+                        .map_err(io::Error::other)?;
+                    return io::Result::Ok(());
+                }
+                if n >= cap && cap < MAX_BUFFER {
+                    cap *= 2;
+                }
+                let mut chunk = buf.split().freeze();
+                sent += chunk.len() as u64;
+                while !chunk.is_empty() {
+                    send.reserve_capacity(chunk.len());
+                    let granted = std::future::poll_fn(|cx| send.poll_capacity(cx))
+                        .await
+                        .ok_or_else(|| {
+                            io::Error::new(io::ErrorKind::BrokenPipe, "tunnel stream closed")
+                        })?
+                        .map_err(io::Error::other)?;
+                    let part = chunk.split_to(granted.min(chunk.len()));
+                    send.send_data(part, false).map_err(io::Error::other)?;
+                }
+            }
+        };
+        let down = async {
+            while let Some(data) = recv.data().await {
+                let data = data.map_err(io::Error::other)?;
+                let n = data.len();
+                tw.write_all(&data).await?;
+                received += n as u64;
+                recv.flow_control()
+                    .release_capacity(n)
+                    .map_err(io::Error::other)?;
+            }
+            tw.shutdown().await?;
+            io::Result::Ok(())
+        };
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        loop {
+            let r = tokio::select! {
+                r = &mut up, if !up_done => { up_done = true; r }
+                r = &mut down, if !down_done => { down_done = true; r }
+                _ = cancel.cancelled() => break RelayOutcome::Reset(super::copy::CLOSED_BY_POLICY.to_owned()),
+            };
+            if let Err(e) = r {
+                break RelayOutcome::Reset(e.to_string());
+            }
+            if up_done && down_done {
+                break RelayOutcome::Closed;
+            }
+        }
+    };
+    if outcome != RelayOutcome::Closed {
+        send.send_reset(Reason::CANCEL);
+        let _ = socket2::SockRef::from(tw.as_ref()).set_linger(Some(Duration::ZERO));
+        tw.forget();
+    }
+    RelayResult {
+        sent,
+        received,
+        outcome,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_is_w3c_shaped_and_unique() {
+        let a = traceparent();
+        let b = traceparent();
+        assert_ne!(a, b);
+        let parts: Vec<&str> = a.split('-').collect();
+        assert_eq!(parts.len(), 4, "{a}");
+        assert_eq!(
+            (parts[0], parts[1].len(), parts[2].len(), parts[3]),
+            ("00", 32, 16, "01")
+        );
+        assert!(
+            parts[1]
+                .chars()
+                .chain(parts[2].chars())
+                .all(|c| c.is_ascii_hexdigit())
+        );
+    }
+
+    #[test]
+    fn connect_request_carries_istio_headers() {
+        let target: SocketAddr = "198.18.2.10:5432".parse().expect("addr");
+        let client: SocketAddr = "198.18.1.10:40000".parse().expect("addr");
+        let req = connect_request(target, client, &baggage("default", "web", "web"));
+        assert_eq!(req.method(), Method::CONNECT);
+        assert_eq!(req.uri().to_string(), "198.18.2.10:5432");
+        assert_eq!(req.headers()["forwarded"], "for=\"198.18.1.10:40000\"");
+        assert!(
+            req.headers()["baggage"]
+                .to_str()
+                .expect("ascii")
+                .contains("k8s.namespace.name=default")
+        );
+    }
+}

@@ -1,0 +1,213 @@
+//! The inbound HBONE listener (`sk_lookup` steers port 15008 of the pod's
+//! addresses here): terminate mutual TLS presenting the pod's identity,
+//! verify the peer's SPIFFE identity (the TLS layer does: chain to the mesh
+//! root, our trust domain), then answer each HTTP/2 CONNECT as Istio does:
+//! 200 and a relay to the app, 400 for a bad method or a target that is not
+//! this pod, 503 when the app cannot be reached.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use h2::RecvStream;
+use http::{Request, Response, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use super::{PodContext, Shared, account, authz::Subject, hbone, reset};
+use crate::identity::{SpiffeId, describe_tls_error, peer_identity};
+
+/// How long a client may take to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts tunnel connections of one pod until cancelled.
+pub async fn serve(
+    ctx: Arc<PodContext>,
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(pod = %ctx.key, error = %e, "HBONE accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (ctx, shared, cancel) = (ctx.clone(), shared.clone(), cancel.clone());
+        tokio::spawn(async move { connection(ctx, tcp, peer, shared, cancel).await });
+    }
+}
+
+async fn connection(
+    ctx: Arc<PodContext>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    let _ = tcp.set_nodelay(true);
+    let acceptor = TlsAcceptor::from(shared.tls.server_config(&ctx.identity));
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::warn!(pod = %ctx.key, src = %peer, reason = %describe_tls_error(&e), "HBONE handshake rejected");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(pod = %ctx.key, src = %peer, reason = "no TLS handshake within 10 s", "HBONE handshake rejected");
+            return;
+        }
+    };
+    let peer_id = match tls.get_ref().1.peer_certificates().map(peer_identity) {
+        Some(Ok(id)) => id,
+        Some(Err(e)) => {
+            tracing::warn!(pod = %ctx.key, src = %peer, reason = %e, "HBONE handshake rejected");
+            return;
+        }
+        None => {
+            tracing::warn!(pod = %ctx.key, src = %peer, reason = "no client certificate", "HBONE handshake rejected");
+            return;
+        }
+    };
+    let mut conn = match hbone::server_handshake(tls).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(pod = %ctx.key, src = %peer, src_identity = %peer_id, error = %e, "HBONE HTTP/2 handshake failed");
+            return;
+        }
+    };
+    loop {
+        let next = tokio::select! {
+            _ = cancel.cancelled() => { conn.graceful_shutdown(); None }
+            n = conn.accept() => n,
+        };
+        let Some(next) = next else { break };
+        match next {
+            Ok((req, respond)) => {
+                let (ctx, shared, peer_id) = (ctx.clone(), shared.clone(), peer_id.clone());
+                tokio::spawn(async move { stream(ctx, req, respond, peer, peer_id, shared).await });
+            }
+            Err(e) => {
+                tracing::debug!(pod = %ctx.key, src = %peer, error = %e, "HBONE connection ended");
+                break;
+            }
+        }
+    }
+    // Drive the connection until its remaining streams finish.
+    let _ = std::future::poll_fn(|cx| conn.poll_closed(cx)).await;
+}
+
+async fn stream(
+    ctx: Arc<PodContext>,
+    req: Request<RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    peer: SocketAddr,
+    peer_id: SpiffeId,
+    shared: Arc<Shared>,
+) {
+    let start = Instant::now();
+    shared
+        .stats
+        .inbound_accepted
+        .fetch_add(1, Ordering::Relaxed);
+    let src_ip = hbone::forwarded_for(&req).unwrap_or(peer.ip());
+    let refuse =
+        |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode, reason: &str| {
+            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                direction = "inbound",
+                dst_workload = %ctx.key,
+                src = %src_ip,
+                src_identity = %peer_id,
+                security = "mutual_tls",
+                status = status.as_u16(),
+                reason,
+                duration_ms = start.elapsed().as_millis() as u64,
+                "connection failed"
+            );
+            hbone::respond_status(respond, status);
+        };
+    let target = match hbone::connect_target(&req) {
+        Ok(t) => t,
+        Err(status) => {
+            let reason = format!("bad HBONE request: {} {}", req.method(), req.uri());
+            return refuse(&mut respond, status, &reason);
+        }
+    };
+    if !ctx.ips.contains(&target.ip()) {
+        let reason = format!("CONNECT target {target} is not this pod");
+        return refuse(&mut respond, StatusCode::BAD_REQUEST, &reason);
+    }
+    let subject = Subject {
+        principal: Some(peer_id.to_string()),
+        source_ip: src_ip,
+        destination: target,
+        workload: ctx.key.clone(),
+        labels: ctx.labels.clone(),
+    };
+    let decision = shared.authz.check(&subject);
+    if let Some(reason) = decision.deny_reason() {
+        shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            direction = "inbound",
+            dst_workload = %ctx.key,
+            src = %src_ip,
+            src_identity = %peer_id,
+            dst = %target,
+            security = "mutual_tls",
+            policy = reason.policy().map(|p| p.to_string()).unwrap_or_default(),
+            reason = %reason,
+            "connection denied"
+        );
+        hbone::respond_status(&mut respond, StatusCode::UNAUTHORIZED);
+        return;
+    }
+    let tracked = shared.authz.track(subject);
+    let app = match ctx.connect(target).await {
+        Ok(s) => s,
+        Err(e) => {
+            let reason = format!("cannot reach the app at {target}: {e}");
+            return refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE, &reason);
+        }
+    };
+    let response = Response::builder()
+        .status(StatusCode::OK)
+        .body(())
+        .unwrap_or_else(|_| Response::new(()));
+    let send = match respond.send_response(response, false) {
+        Ok(s) => s,
+        Err(e) => {
+            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(pod = %ctx.key, error = %e, "tunnel stream gone before the response");
+            reset(app);
+            return;
+        }
+    };
+    let result = hbone::relay_h2(app, send, req.into_body(), &tracked.cancel).await;
+    let outcome = account(&shared.stats, &result);
+    tracing::info!(
+        direction = "inbound",
+        dst_workload = %ctx.key,
+        src = %src_ip,
+        src_identity = %peer_id,
+        dst = %target,
+        security = "mutual_tls",
+        bytes_sent = result.received,
+        bytes_received = result.sent,
+        duration_ms = start.elapsed().as_millis() as u64,
+        outcome,
+        "connection closed"
+    );
+}
