@@ -47,9 +47,15 @@ pub fn write_workloads(lab: &Lab, node: usize, pods: &[(&str, bool)]) -> anyhow:
 pub fn ca_dir(lab: &Lab, bins: &Bins) -> anyhow::Result<PathBuf> {
     let dir = lab.scratch_path("ca");
     if !dir.join("ca.crt").exists() {
-        let out = Command::new(&bins.agent).args(["ca", "init", "--out"]).arg(&dir).output()?;
+        let out = Command::new(&bins.agent)
+            .args(["ca", "init", "--out"])
+            .arg(&dir)
+            .output()?;
         if !out.status.success() {
-            bail!("mesh-agent ca init: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "mesh-agent ca init: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
     Ok(dir)

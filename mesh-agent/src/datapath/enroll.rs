@@ -59,6 +59,7 @@ pub enum EnrollError {
 
 struct EnrolledPod {
     workload: Workload,
+    identity: SpiffeId,
     cookie: u64,
     slot: u32,
     cancel: CancellationToken,
@@ -165,6 +166,9 @@ impl Enroller {
         if let Err(e) = self.sweep() {
             tracing::error!(error = %e, "cannot remove stale datapath state");
         }
+        // Forget certificates and TLS configurations of pods no longer here.
+        let identities: Vec<SpiffeId> = self.pods.values().map(|p| p.identity.clone()).collect();
+        self.proxy.retain_identities(&identities);
         report.enrolled = self.pods.len();
         report
     }
@@ -186,13 +190,14 @@ impl Enroller {
             ips: w.ips.clone(),
             netns_cookie: cookie,
             worker: worker.clone(),
-            identity,
+            identity: identity.clone(),
             service_account: w.service_account.clone(),
             labels: w.labels.clone(),
         });
         self.proxy.serve_pod(ctx, listeners, cancel.clone());
         Ok(EnrolledPod {
             workload: w.clone(),
+            identity,
             cookie,
             slot,
             cancel,

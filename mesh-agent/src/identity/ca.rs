@@ -205,7 +205,7 @@ pub enum CaError {
 pub struct MeshCa {
     issuer: Issuer<'static, KeyPair>,
     /// The CA certificate followed by its issuers, without the root (sent to
-    /// peers after the leaf). Empty-rooted: a root CA contributes nothing.
+    /// peers after the leaf); empty when the CA is itself the root.
     intermediates: Vec<CertificateDer<'static>>,
     roots: Vec<CertificateDer<'static>>,
     not_before: SystemTime,

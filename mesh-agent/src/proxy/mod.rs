@@ -184,6 +184,11 @@ impl Proxy {
         Self { shared, handle }
     }
 
+    /// Forgets certificates and TLS configurations of identities not in `keep`.
+    pub fn retain_identities(&self, keep: &[SpiffeId]) {
+        self.shared.tls.retain(keep.iter());
+    }
+
     /// The mesh's trust domain.
     pub fn trust_domain(&self) -> crate::identity::TrustDomain {
         self.shared.tls.trust_domain().clone()

@@ -69,6 +69,36 @@ impl Mesh {
         self.write_workload_text(node, &self.lab.workload_file_yaml(node, pods));
     }
 
+    /// Node `node`'s workload YAML: its own pods (`local`, with enrollment),
+    /// and pods of other nodes it must know to tunnel to them (`remote`).
+    pub fn workloads_yaml(
+        &self,
+        node: usize,
+        local: &[(&str, bool)],
+        remote: &[(&str, bool)],
+    ) -> String {
+        let mut text = self.lab.workload_file_yaml(node, local);
+        if local.is_empty() {
+            text = text.replace("pods: []\n", "pods:\n");
+        }
+        for (name, enrolled) in remote {
+            let pod = self.lab.pod(name).expect("pod");
+            let other = self.lab.node(pod.node()).expect("node");
+            let ips: Vec<String> = pod.ips().iter().map(|ip| format!("\"{ip}\"")).collect();
+            text.push_str(&format!(
+                "  - name: {name}\n    namespace: default\n    serviceAccount: {name}\n    node: {}\n    ips: [{}]\n    enrolled: {enrolled}\n",
+                other.name(),
+                ips.join(", ")
+            ));
+        }
+        text
+    }
+
+    /// Appends `policies:` (YAML list items, indented by two spaces) to a workload YAML.
+    pub fn with_policies(text: &str, policies: &str) -> String {
+        format!("{text}policies:\n{policies}")
+    }
+
     /// Writes node `node`'s workload file verbatim (atomically, by rename).
     pub fn write_workload_text(&self, node: usize, text: &str) {
         let path = self.workload_path(node);

@@ -1,0 +1,275 @@
+//! Istio AuthorizationPolicy and PeerAuthentication, enforced by the agents
+//! of a two-node lab on real connections.
+
+mod common;
+
+use std::{process::Command, time::Duration};
+
+use common::Mesh;
+use mesh_lab::{
+    LabSpec, NodeSpec, PodSpec,
+    app::{HoldReport, ProbeOutcome},
+    lab_app_path,
+};
+
+/// Node 0: `a` (enrolled, namespace default), `b` (enrolled, namespace
+/// shop), `p` (not enrolled: a plaintext client). Node 1: `c` (enrolled,
+/// the server, labels app=c), `q` (not enrolled). Echo servers on c (8080,
+/// 9090). `policies` (YAML list items) go to both agents.
+fn mesh_with(policies: &str) -> Mesh {
+    let mut mesh = Mesh::new(
+        LabSpec::new()
+            .node(
+                NodeSpec::new()
+                    .pod(PodSpec::new("a"))
+                    .pod(PodSpec::new("b"))
+                    .pod(PodSpec::new("p")),
+            )
+            .node(
+                NodeSpec::new()
+                    .pod(PodSpec::new("c"))
+                    .pod(PodSpec::new("q")),
+            ),
+    );
+    write(&mesh, policies);
+    mesh.echo("c", &[8080, 9090]);
+    mesh.start_agent(0);
+    mesh.start_agent(1);
+    mesh
+}
+
+/// Writes both nodes' files with `policies`.
+fn write(mesh: &Mesh, policies: &str) {
+    let in_shop = |text: String| {
+        // b lives in namespace shop (serviceAccount b).
+        text.replacen(
+            "- name: b\n    namespace: default",
+            "- name: b\n    namespace: shop",
+            1,
+        )
+    };
+    let label_c = |text: String| {
+        text.replacen(
+            "- name: c\n    namespace: default\n",
+            "- name: c\n    namespace: default\n    labels: {app: c}\n",
+            1,
+        )
+    };
+    let n0 = mesh.workloads_yaml(
+        0,
+        &[("a", true), ("b", true), ("p", false)],
+        &[("c", true), ("q", false)],
+    );
+    let n1 = mesh.workloads_yaml(
+        1,
+        &[("c", true), ("q", false)],
+        &[("a", true), ("b", true), ("p", false)],
+    );
+    let (n0, n1) = (label_c(in_shop(n0)), label_c(in_shop(n1)));
+    let (n0, n1) = if policies.is_empty() {
+        (n0, n1)
+    } else {
+        (
+            Mesh::with_policies(&n0, policies),
+            Mesh::with_policies(&n1, policies),
+        )
+    };
+    mesh.write_workload_text(0, &n0);
+    mesh.write_workload_text(1, &n1);
+}
+
+fn authz(name: &str, namespace: &str, spec: &str) -> String {
+    format!(
+        "  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n    metadata: {{name: {name}, namespace: {namespace}}}\n    spec: {spec}\n"
+    )
+}
+
+fn peer_auth(name: &str, mode: &str) -> String {
+    format!(
+        "  - apiVersion: security.istio.io/v1\n    kind: PeerAuthentication\n    metadata: {{name: {name}, namespace: default}}\n    spec: {{mtls: {{mode: {mode}}}}}\n"
+    )
+}
+
+fn denied(o: &ProbeOutcome) -> bool {
+    matches!(
+        o,
+        ProbeOutcome::Reset | ProbeOutcome::Refused | ProbeOutcome::Connected
+    )
+}
+
+#[test]
+fn allow_by_principal_and_deny_by_namespace() {
+    let policies = authz(
+        "only-a",
+        "default",
+        r#"{selector: {matchLabels: {app: c}}, action: ALLOW, rules: [{from: [{source: {principals: ["cluster.local/ns/default/sa/a"]}}]}]}"#,
+    );
+    let mesh = mesh_with(&policies);
+    let c = mesh.v4("c", 8080);
+    assert_eq!(mesh.probe("a", &c, &[]), ProbeOutcome::Echoed);
+    let b = mesh.probe("b", &c, &[]);
+    assert!(denied(&b), "b (not in the ALLOW list) got {b}");
+    mesh.wait_agent_log_count(1, "connection denied", 1);
+    let log = mesh.agent(1).log_contents().expect("log");
+    let line = log
+        .lines()
+        .find(|l| l.contains("connection denied"))
+        .expect("deny line");
+    assert!(
+        line.contains("no ALLOW policy matched") && line.contains("sa/b"),
+        "{line}"
+    );
+
+    // DENY by namespace: shop's workloads may not reach c at all.
+    let policies = authz(
+        "no-shop",
+        "default",
+        r#"{action: DENY, rules: [{from: [{source: {namespaces: ["shop"]}}]}]}"#,
+    );
+    write(&mesh, &policies);
+    mesh.wait_agent_log_count(1, "policies applied", 2);
+    assert_eq!(mesh.probe("a", &c, &[]), ProbeOutcome::Echoed);
+    let b = mesh.probe("b", &c, &[]);
+    assert!(denied(&b), "b (namespace shop) got {b}");
+    mesh.wait_agent_log_count(1, "denied by AuthorizationPolicy default/no-shop", 1);
+}
+
+#[test]
+fn ip_blocks_ports_and_allow_nothing() {
+    let p_ip = "198.18.1.12";
+    let policies = authz(
+        "rules",
+        "default",
+        &format!(
+            r#"{{action: ALLOW, rules: [{{from: [{{source: {{ipBlocks: ["{p_ip}/32"]}}}}]}}, {{to: [{{operation: {{ports: ["8080"]}}}}], from: [{{source: {{principals: ["*"]}}}}]}}]}}"#
+        ),
+    );
+    let mesh = mesh_with(&policies);
+    assert_eq!(mesh.lab.pod("p").expect("p").ipv4().to_string(), p_ip);
+    // A plaintext client allowed by its address (PERMISSIVE by default).
+    assert_eq!(
+        mesh.probe("p", &mesh.v4("c", 9090), &[]),
+        ProbeOutcome::Echoed
+    );
+    // Another plaintext client is not.
+    let q = mesh.probe("q", &mesh.v4("c", 8080), &[]);
+    assert!(denied(&q), "q got {q}");
+    // Mesh clients: port 8080 allowed, 9090 not.
+    assert_eq!(
+        mesh.probe("a", &mesh.v4("c", 8080), &[]),
+        ProbeOutcome::Echoed
+    );
+    let port = mesh.probe("a", &mesh.v4("c", 9090), &[]);
+    assert!(denied(&port), "a to 9090 got {port}");
+
+    // Allow nothing.
+    write(&mesh, &authz("nothing", "default", "{}"));
+    mesh.wait_agent_log_count(1, "policies applied", 2);
+    for (from, port) in [("a", 8080), ("b", 9090), ("p", 8080)] {
+        let o = mesh.probe(from, &mesh.v4("c", port), &[]);
+        assert!(denied(&o), "{from} to {port} under allow-nothing got {o}");
+    }
+}
+
+#[test]
+fn strict_rejects_plaintext_and_permissive_accepts_it() {
+    let mesh = mesh_with(&peer_auth("strict", "STRICT"));
+    let p = mesh.probe("p", &mesh.v4("c", 8080), &[]);
+    assert!(denied(&p), "plaintext under STRICT got {p}");
+    mesh.wait_agent_log_count(1, "requires mTLS (STRICT)", 1);
+    assert_eq!(
+        mesh.probe("a", &mesh.v4("c", 8080), &[]),
+        ProbeOutcome::Echoed
+    );
+
+    write(&mesh, &peer_auth("permissive", "PERMISSIVE"));
+    mesh.wait_agent_log_count(1, "policies applied", 2);
+    assert_eq!(
+        mesh.probe("p", &mesh.v4("c", 8080), &[]),
+        ProbeOutcome::Echoed
+    );
+    assert_eq!(
+        mesh.probe("a", &mesh.v4("c", 8080), &[]),
+        ProbeOutcome::Echoed
+    );
+}
+
+#[test]
+fn an_open_connection_is_closed_when_a_deny_policy_arrives() {
+    let mesh = mesh_with("");
+    let mut hold = Command::new(lab_app_path().expect("app"));
+    hold.args([
+        "hold",
+        "--connect",
+        &mesh.v4("c", 8080),
+        "--interval-ms",
+        "100",
+        "--duration-ms",
+        "8000",
+    ]);
+    let child = mesh.lab.spawn_in_pod("a", hold).expect("hold");
+    std::thread::sleep(Duration::from_millis(1500));
+    write(
+        &mesh,
+        &authz(
+            "deny-a",
+            "default",
+            r#"{action: DENY, rules: [{from: [{source: {principals: ["cluster.local/ns/default/sa/a"]}}]}]}"#,
+        ),
+    );
+    mesh.wait_agent_log_count(1, "open connection closed by policy change", 1);
+    let status = child
+        .wait_timeout(Duration::from_secs(15))
+        .expect("wait")
+        .expect("hold ended");
+    let log = child.log_contents().expect("hold output");
+    let report: HoldReport = serde_json::from_str(
+        log.lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .expect("json"),
+    )
+    .expect("report");
+    assert!(
+        !status.success(),
+        "the held connection survived the DENY: {log}"
+    );
+    assert!(
+        report.error.is_some() && report.rounds_ok >= 5,
+        "{report:?}"
+    );
+    // New connections from a are denied too; others still pass.
+    let a = mesh.probe("a", &mesh.v4("c", 8080), &[]);
+    assert!(denied(&a), "a after DENY got {a}");
+    assert_eq!(
+        mesh.probe("b", &mesh.v4("c", 8080), &[]),
+        ProbeOutcome::Echoed
+    );
+}
+
+#[test]
+fn a_malformed_policy_is_reported_and_the_others_keep_working() {
+    let policies = authz(
+        "bad-cidr",
+        "default",
+        r#"{action: DENY, rules: [{from: [{source: {ipBlocks: ["300.1.2.3/40"]}}]}]}"#,
+    ) + &authz(
+        "deny-b",
+        "default",
+        r#"{action: DENY, rules: [{from: [{source: {namespaces: ["shop"]}}]}]}"#,
+    );
+    let mesh = mesh_with(&policies);
+    mesh.wait_agent_log_count(1, "policy rejected", 1);
+    let log = mesh.agent(1).log_contents().expect("log");
+    let line = log
+        .lines()
+        .find(|l| l.contains("policy rejected"))
+        .expect("line");
+    assert!(
+        line.contains("bad-cidr") && line.contains("ipBlocks"),
+        "{line}"
+    );
+    // A rejected DENY fails closed for its scope (namespace default): c is closed to all.
+    let a = mesh.probe("a", &mesh.v4("c", 8080), &[]);
+    assert!(denied(&a), "a under a rejected DENY got {a}");
+}
