@@ -226,16 +226,16 @@ pub fn parse(path: &Path, text: &str) -> Result<WorkloadFile, FileError> {
                         format!("{} is not an absolute path", netns.display()),
                     ));
                 }
-                if pod.enrolled {
-                    if let Some(other) = owner_of_netns.insert(netns.clone(), key.to_string()) {
-                        return Err(invalid(
-                            at("netns"),
-                            format!(
-                                "{} is also the network namespace of pod {other}",
-                                netns.display()
-                            ),
-                        ));
-                    }
+                if pod.enrolled
+                    && let Some(other) = owner_of_netns.insert(netns.clone(), key.to_string())
+                {
+                    return Err(invalid(
+                        at("netns"),
+                        format!(
+                            "{} is also the network namespace of pod {other}",
+                            netns.display()
+                        ),
+                    ));
                 }
                 netns.clone()
             }
