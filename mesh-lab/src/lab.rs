@@ -203,6 +203,40 @@ impl Lab {
         render_workload_yaml(node_info, &rows)
     }
 
+    /// [`Lab::workload_file_yaml`] plus pods of other nodes that the agent of
+    /// `node` must know to tunnel to them (`remote`: name, enrolled), listed
+    /// with their node's name and addresses and no netns.
+    ///
+    /// # Panics
+    ///
+    /// If `node` or a pod name is not in the lab: that is a bug in the test.
+    pub fn workload_file_yaml_with_remote(
+        &self,
+        node: usize,
+        local: &[(&str, bool)],
+        remote: &[(&str, bool)],
+    ) -> String {
+        let mut text = self.workload_file_yaml(node, local);
+        if local.is_empty() && !remote.is_empty() {
+            text = text.replace("pods: []\n", "pods:\n");
+        }
+        for (name, enrolled) in remote {
+            let pod = self
+                .pod(name)
+                .unwrap_or_else(|e| panic!("workload_file_yaml_with_remote: {e}"));
+            let other = self
+                .node(pod.node())
+                .unwrap_or_else(|e| panic!("workload_file_yaml_with_remote: {e}"));
+            let ips: Vec<String> = pod.ips().iter().map(|ip| format!("\"{ip}\"")).collect();
+            text.push_str(&format!(
+                "  - name: {name}\n    namespace: default\n    serviceAccount: {name}\n    node: {}\n    ips: [{}]\n    enrolled: {enrolled}\n",
+                other.name(),
+                ips.join(", ")
+            ));
+        }
+        text
+    }
+
     /// Starts `cmd` in pod `pod`: in its cgroup and netns, with
     /// `PR_SET_PDEATHSIG(SIGKILL)`, stdout and stderr to a log file.
     pub fn spawn_in_pod(&self, pod: &str, cmd: Command) -> Result<LabChild> {

@@ -47,13 +47,33 @@ pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(500));
 
     let mut rows = Vec::new();
-    labkit::write_workloads(&lab, 0, &[("client", false), ("local", false)])?;
-    labkit::write_workloads(&lab, 1, &[("remote", false)])?;
+    labkit::write_workloads(
+        &lab,
+        0,
+        &[("client", false), ("local", false)],
+        &[("remote", false)],
+    )?;
+    labkit::write_workloads(
+        &lab,
+        1,
+        &[("remote", false)],
+        &[("client", false), ("local", false)],
+    )?;
     rows.push(measure(&lab, &bins, "no mesh, same node", "local")?);
     rows.push(measure(&lab, &bins, "no mesh, cross node", "remote")?);
 
-    labkit::write_workloads(&lab, 0, &[("client", true), ("local", true)])?;
-    labkit::write_workloads(&lab, 1, &[("remote", true)])?;
+    labkit::write_workloads(
+        &lab,
+        0,
+        &[("client", true), ("local", true)],
+        &[("remote", true)],
+    )?;
+    labkit::write_workloads(
+        &lab,
+        1,
+        &[("remote", true)],
+        &[("client", true), ("local", true)],
+    )?;
     let agents = [
         labkit::start_agent(&lab, &bins, 0)?,
         labkit::start_agent(&lab, &bins, 1)?,
@@ -96,7 +116,12 @@ pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
     println!(
         "latency: sockperf TCP ping-pong at {LATENCY_RATE} msg/s for {SECONDS} s, round trip; throughput: iperf3 one stream for {SECONDS} s; new conns: {CONNS} connections, 16 at a time, 64 B echoed each"
     );
-    let json = serde_json::json!({ "rows": rows, "agent_rss_kib": { "idle": idle_rss, "node0": rss[0], "node1": rss[1] } });
+    let policy = mesh_policy::bench::bench_evaluate(1000, 200_000);
+    println!(
+        "policy evaluation with 1000 AuthorizationPolicies in the mesh: {:.0} ns per decision",
+        policy.per_evaluation().as_nanos()
+    );
+    let json = serde_json::json!({ "policy_eval_ns_1000_policies": policy.per_evaluation().as_nanos() as u64, "rows": rows, "agent_rss_kib": { "idle": idle_rss, "node0": rss[0], "node1": rss[1] } });
     let path = target_dir.join("bench.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
     println!("written to {}", path.display());

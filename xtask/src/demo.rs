@@ -7,8 +7,9 @@ use mesh_lab::{Lab, LabSpec, NodeSpec, PodSpec};
 
 use crate::labkit::{self, Bins};
 
-const COUNTERS_SHOWN: [&str; 6] = [
+const COUNTERS_SHOWN: [&str; 7] = [
     "connect_redirected",
+    "lookup_steered_hbone",
     "lookup_steered_plaintext",
     "connect_not_enrolled",
     "lookup_bypass_loopback",
@@ -42,12 +43,9 @@ pub fn run(bin_dir: &Path) -> anyhow::Result<()> {
         );
     }
     println!("\n  enrolled in the mesh: frontend, backend, db   (legacy is not)\n");
-    labkit::write_workloads(
-        &lab,
-        0,
-        &[("frontend", true), ("backend", true), ("legacy", false)],
-    )?;
-    labkit::write_workloads(&lab, 1, &[("db", true)])?;
+    let node0 = [("frontend", true), ("backend", true), ("legacy", false)];
+    labkit::write_workloads(&lab, 0, &node0, &[("db", true)])?;
+    labkit::write_workloads(&lab, 1, &[("db", true)], &node0)?;
     let _apps = [
         labkit::echo(&lab, &bins, "backend", 8080)?,
         labkit::echo(&lab, &bins, "legacy", 8080)?,

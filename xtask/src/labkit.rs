@@ -34,11 +34,17 @@ impl Bins {
     }
 }
 
-/// Writes node `node`'s workload file listing `pods`; returns its path.
-pub fn write_workloads(lab: &Lab, node: usize, pods: &[(&str, bool)]) -> anyhow::Result<PathBuf> {
+/// Writes node `node`'s workload file listing its `pods` and the `remote`
+/// pods of other nodes (to tunnel to them); returns its path.
+pub fn write_workloads(
+    lab: &Lab,
+    node: usize,
+    pods: &[(&str, bool)],
+    remote: &[(&str, bool)],
+) -> anyhow::Result<PathBuf> {
     let path = lab.scratch_path(&format!("workloads-n{node}.yaml"));
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, lab.workload_file_yaml(node, pods))?;
+    std::fs::write(&tmp, lab.workload_file_yaml_with_remote(node, pods, remote))?;
     std::fs::rename(&tmp, &path)?;
     Ok(path)
 }

@@ -42,7 +42,16 @@ enum Cmd {
     Bench,
     /// Remove lab namespaces, cgroups and pins whose owner process is gone.
     LabClean,
+    /// Fuzz the policy parser and evaluator for a bounded time (installs cargo-fuzz if missing).
+    Fuzz {
+        /// How long to fuzz, in seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
 }
+
+/// The nightly cargo-fuzz runs on (the kernel programs' pinned one).
+const FUZZ_TOOLCHAIN: &str = "nightly-2026-06-15";
 
 fn root() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -166,6 +175,42 @@ fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
                 cargo().args(["build", "--release", "--workspace", "--bins"]),
             )?;
             bench::run(&root().join("target/release"), &root().join("target"))?;
+        }
+        Cmd::Fuzz { seconds } => {
+            let installed = Command::new("cargo")
+                .args([&format!("+{FUZZ_TOOLCHAIN}"), "fuzz", "--version"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !installed {
+                run(
+                    "install cargo-fuzz",
+                    Command::new("cargo").args([
+                        &format!("+{FUZZ_TOOLCHAIN}"),
+                        "install",
+                        "cargo-fuzz",
+                        "--version",
+                        "0.13.2",
+                        "--locked",
+                    ]),
+                )?;
+            }
+            let mut cmd = Command::new("cargo");
+            cmd.current_dir(root().join("fuzz"))
+                .args([
+                    &format!("+{FUZZ_TOOLCHAIN}"),
+                    "fuzz",
+                    "run",
+                    "policy",
+                    "corpus/policy",
+                    "seeds/policy",
+                    "--",
+                ])
+                .arg(format!("-max_total_time={seconds}"));
+            for k in ["RUSTUP_TOOLCHAIN", "RUSTC", "CARGO"] {
+                cmd.env_remove(k);
+            }
+            std::fs::create_dir_all(root().join("fuzz/corpus/policy"))?;
+            run("fuzz policy", &mut cmd)?;
         }
         Cmd::LabClean => {
             require_root("lab-clean")?;

@@ -77,21 +77,7 @@ impl Mesh {
         local: &[(&str, bool)],
         remote: &[(&str, bool)],
     ) -> String {
-        let mut text = self.lab.workload_file_yaml(node, local);
-        if local.is_empty() {
-            text = text.replace("pods: []\n", "pods:\n");
-        }
-        for (name, enrolled) in remote {
-            let pod = self.lab.pod(name).expect("pod");
-            let other = self.lab.node(pod.node()).expect("node");
-            let ips: Vec<String> = pod.ips().iter().map(|ip| format!("\"{ip}\"")).collect();
-            text.push_str(&format!(
-                "  - name: {name}\n    namespace: default\n    serviceAccount: {name}\n    node: {}\n    ips: [{}]\n    enrolled: {enrolled}\n",
-                other.name(),
-                ips.join(", ")
-            ));
-        }
-        text
+        self.lab.workload_file_yaml_with_remote(node, local, remote)
     }
 
     /// Appends `policies:` (YAML list items, indented by two spaces) to a workload YAML.
