@@ -16,7 +16,7 @@ use std::{
 
 use common::{AGENT_TIMEOUT, Mesh, agent_bin};
 use mesh_agent::cli::client::{self, ClientError};
-use mesh_lab::{LabSpec, NodeSpec, PodSpec};
+use mesh_lab::{LabSpec, NodeSpec, PodSpec, app::ProbeOutcome};
 
 const ADMIN: &str = "127.0.0.1:15000";
 const METRICS: &str = "127.0.0.1:15020";
@@ -72,17 +72,25 @@ fn cli_ok(mesh: &Mesh, node: usize, args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf-8")
 }
 
-/// One node: `a` and `b` enrolled, `c` not; an echo server on `b`.
+/// An AuthorizationPolicy on `b` denying connections from `d`'s identity.
+const DENY_D: &str = "  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n    \
+metadata: {name: deny-d, namespace: default}\n    spec: {action: DENY, rules: [{from: [{source: \
+{principals: [cluster.local/ns/default/sa/d]}}]}]}\n";
+
+/// One node: `a`, `b` and `d` enrolled, `c` not; a policy denying `d`.
 fn lab() -> Mesh {
     let mesh = Mesh::new(
         LabSpec::new().node(
             NodeSpec::new()
                 .pod(PodSpec::new("a"))
                 .pod(PodSpec::new("b"))
-                .pod(PodSpec::new("c")),
+                .pod(PodSpec::new("c"))
+                .pod(PodSpec::new("d")),
         ),
     );
-    mesh.write_workloads(0, &[("a", true), ("b", true), ("c", false)]);
+    let pods = [("a", true), ("b", true), ("c", false), ("d", true)];
+    let yaml = mesh.lab.workload_file_yaml(0, &pods);
+    mesh.write_workload_text(0, &Mesh::with_policies(&yaml, DENY_D));
     mesh
 }
 
@@ -229,7 +237,8 @@ fn admin_endpoint_cli_and_kernel_metrics() {
         [
             row("a", "enrolled"),
             row("b", "enrolled"),
-            row("c", "not enrolled")
+            row("c", "not enrolled"),
+            row("d", "enrolled")
         ]
     );
     let programs = dump["datapath"]["programs"].as_array().expect("programs");
@@ -239,7 +248,7 @@ fn admin_endpoint_cli_and_kernel_metrics() {
     // The CLI: JSON parses, tables list the pods, no agent is a clear error.
     let json = cli_ok(&mesh, 0, &["workloads", "--json", "--admin-addr", ADMIN]);
     let parsed: serde_json::Value = serde_json::from_str(&json).expect("--json parses");
-    assert_eq!(parsed.as_array().map(Vec::len), Some(3));
+    assert_eq!(parsed.as_array().map(Vec::len), Some(4));
     let table = cli_ok(&mesh, 0, &["workloads", "--admin-addr", ADMIN]);
     assert!(table.starts_with("NAMESPACE  NAME  IPS"), "{table}");
     let a_ip = mesh.lab.pod("a").expect("pod").ipv4().to_string();
@@ -252,8 +261,14 @@ fn admin_endpoint_cli_and_kernel_metrics() {
     let status = cli_ok(&mesh, 0, &["status", "--admin-addr", ADMIN]);
     assert!(status.starts_with("Agent:        ready\n"), "{status}");
     assert!(
-        status.contains("Workloads:    3 (2 enrolled, 0 pending, 0 failed)"),
+        status.contains("Workloads:    4 (3 enrolled, 0 pending, 0 failed)"),
         "{status}"
+    );
+    let policies = cli_ok(&mesh, 0, &["policies", "--admin-addr", ADMIN]);
+    assert_eq!(
+        policies,
+        "KIND                 NAMESPACE  NAME    ACTION/MODE  RULES\n\
+         AuthorizationPolicy  default    deny-d  DENY         1\n"
     );
     for sub in ["status", "policies", "certs", "connections"] {
         let json = cli_ok(&mesh, 0, &[sub, "--json", "--admin-addr", ADMIN]);
@@ -300,10 +315,32 @@ fn admin_endpoint_cli_and_kernel_metrics() {
             .unwrap_or_else(|| panic!("no {prefix} in:\n{text}"))
     };
     assert!(value("mesh_ebpf_decisions_total{decision=\"connect_redirected\"} ") >= 2);
-    assert!(value("mesh_ebpf_decisions_total{decision=\"lookup_steered_plaintext\"} ") >= 2);
-    assert_eq!(value("mesh_ebpf_map_entries{map=\"ENROLLED_NETNS\"} "), 2);
-    assert_eq!(value("mesh_enrolled_pods "), 2);
+    // Inbound steering: to the plaintext or the HBONE listener, whichever the
+    // peer used (HBONE streams share pooled connections: one steer may carry both).
+    assert!(
+        value("mesh_ebpf_decisions_total{decision=\"lookup_steered_plaintext\"} ")
+            + value("mesh_ebpf_decisions_total{decision=\"lookup_steered_hbone\"} ")
+            >= 1,
+        "{text}"
+    );
+    assert_eq!(value("mesh_ebpf_map_entries{map=\"ENROLLED_NETNS\"} "), 3);
+    assert_eq!(value("mesh_enrolled_pods "), 3);
     assert!(text.ends_with("# EOF\n"));
+    // The workloads' certificates, issued on first use, are listed (no keys).
+    let certs = cli_ok(&mesh, 0, &["certs", "--admin-addr", ADMIN]);
+    for sa in ["a", "b"] {
+        assert!(
+            certs.contains(&format!("spiffe://cluster.local/ns/default/sa/{sa} ")),
+            "{certs}"
+        );
+    }
+    assert!(value("mesh_certificates ") >= 2);
+    assert!(
+        text.contains(
+            "mesh_certificate_expiry_seconds{identity=\"spiffe://cluster.local/ns/default/sa/a\"} "
+        ),
+        "{text}"
+    );
     let (_, stats) = get(&mesh, 0, ADMIN, "/stats");
     let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats JSON");
     assert!(
@@ -317,7 +354,8 @@ fn admin_endpoint_cli_and_kernel_metrics() {
 }
 
 /// Waits for the proxy to report through `mesh_agent::admin::Telemetry`
-/// (issue 6 wiring in `proxy/`): exact Istio TCP counts and the access log.
+/// (issue 6 wiring in `proxy/`): exact Istio TCP counts, policy decisions
+/// and the access log after known traffic, including a denied connection.
 #[test]
 #[ignore = "waits for the proxy to report through admin::Telemetry (issue 6 wiring)"]
 fn istio_tcp_metrics_and_access_log_count_known_traffic() {
@@ -329,11 +367,22 @@ fn istio_tcp_metrics_and_access_log_count_known_traffic() {
     assert_eq!((report.ok, report.failed), (3, 0), "{report:?}");
     // Both sides of each connection close and log (outbound and inbound).
     mesh.wait_agent_log_count(0, "access: connection closed", 6);
+    // d is denied by b's policy (at b's inbound side).
+    let denied = mesh.probe("d", &b, &[]);
+    assert!(
+        matches!(
+            denied,
+            ProbeOutcome::Reset | ProbeOutcome::Refused | ProbeOutcome::Connected
+        ),
+        "d got {denied}"
+    );
+    mesh.wait_agent_log_count(0, "outcome=\"denied\"", 1);
 
     let (_, text) = get(&mesh, 0, METRICS, "/metrics");
-    let series = |metric: &str, reporter: &str| -> Vec<(String, u64)> {
+    let series = |metric: &str, reporter: &str, src: &str| -> Vec<(String, u64)> {
         text.lines()
             .filter(|l| l.starts_with(&format!("{metric}{{reporter=\"{reporter}\"")))
+            .filter(|l| l.contains(&format!("source_workload=\"{src}\"")))
             .map(|l| {
                 let (labels, v) = l.rsplit_once(' ').expect("sample");
                 (labels.to_owned(), v.parse().expect("value"))
@@ -347,17 +396,20 @@ fn istio_tcp_metrics_and_access_log_count_known_traffic() {
             ("istio_tcp_received_bytes_total", 3000),
             ("istio_tcp_sent_bytes_total", 3000),
         ] {
-            let s = series(metric, reporter);
+            let s = series(metric, reporter, "a");
             assert_eq!(s.len(), 1, "{metric} {reporter}: {s:?}\n{text}");
             let (labels, value) = &s[0];
             assert_eq!(*value, expect, "{labels}");
             for l in [
                 "source_workload=\"a\"",
                 "source_workload_namespace=\"default\"",
+                "source_principal=\"spiffe://cluster.local/ns/default/sa/a\"",
                 "destination_workload=\"b\"",
                 "destination_workload_namespace=\"default\"",
+                "destination_principal=\"spiffe://cluster.local/ns/default/sa/b\"",
                 "request_protocol=\"tcp\"",
                 "response_flags=\"-\"",
+                "connection_security_policy=\"mutual_tls\"",
             ] {
                 assert!(labels.contains(l), "{l} missing: {labels}");
             }
@@ -365,25 +417,43 @@ fn istio_tcp_metrics_and_access_log_count_known_traffic() {
             assert!(!labels.contains(&b), "{labels}");
         }
     }
+    // The denied connection: opened, then closed with DENY, no bytes.
+    let closed = series("istio_tcp_connections_closed_total", "destination", "d");
+    assert_eq!(closed.len(), 1, "{closed:?}\n{text}");
+    assert!(
+        closed[0].0.contains("response_flags=\"DENY\""),
+        "{closed:?}"
+    );
+    assert_eq!(closed[0].1, 1);
+    let decision = |result: &str| -> u64 {
+        let prefix = format!("mesh_policy_decisions_total{{result=\"{result}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!((decision("allow"), decision("deny")), (3, 1), "{text}");
 
     let log = mesh.agent(0).log_contents().expect("agent log");
     let lines: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("access: connection closed"))
         .collect();
-    assert_eq!(lines.len(), 6, "{log}");
     for direction in ["outbound", "inbound"] {
         let mine: Vec<&&str> = lines
             .iter()
             .filter(|l| l.contains(&format!("direction=\"{direction}\"")))
+            .filter(|l| l.contains("src.workload=\"a\""))
             .collect();
         assert_eq!(mine.len(), 3, "{direction}: {lines:#?}");
         for l in mine {
             for field in [
-                "src.workload=\"a\"",
                 "src.namespace=\"default\"",
+                "src.identity=\"spiffe://cluster.local/ns/default/sa/a\"",
                 "dst.workload=\"b\"",
+                "dst.identity=\"spiffe://cluster.local/ns/default/sa/b\"",
                 &format!("dst.addr={b}"),
+                "security=\"mutual_tls\"",
                 "bytes_sent=1000",
                 "bytes_recv=1000",
                 "duration_ms=",
@@ -392,5 +462,23 @@ fn istio_tcp_metrics_and_access_log_count_known_traffic() {
                 assert!(l.contains(field), "{field} missing: {l}");
             }
         }
+    }
+    let denied_line = lines
+        .iter()
+        .find(|l| l.contains("outcome=\"denied\""))
+        .expect("denied access line");
+    for field in [
+        "direction=\"inbound\"",
+        "src.workload=\"d\"",
+        "src.identity=\"spiffe://cluster.local/ns/default/sa/d\"",
+        "dst.workload=\"b\"",
+        "policy=\"default/deny-d\"",
+        "bytes_sent=0",
+        "bytes_recv=0",
+    ] {
+        assert!(
+            denied_line.contains(field),
+            "{field} missing: {denied_line}"
+        );
     }
 }

@@ -7,6 +7,8 @@
 
 use std::{fmt, net::SocketAddr, time::Duration};
 
+use super::metrics::SecurityPolicy;
+
 /// The `tracing` target of access-log lines.
 pub const ACCESS_TARGET: &str = "access";
 
@@ -62,6 +64,8 @@ pub enum Outcome {
     Denied {
         /// The denying policy (`namespace/name`), when one matched.
         policy: Option<String>,
+        /// Why, in the policy engine's words (for example `no ALLOW policy matched`).
+        reason: String,
     },
     /// The proxy gave up on the connection for another reason (no original
     /// destination, a loop, shut down).
@@ -81,18 +85,19 @@ impl Outcome {
         }
     }
 
-    /// The error detail, if any.
-    pub fn error(&self) -> Option<&str> {
+    /// The error detail or the denial's reason, if any.
+    pub fn reason(&self) -> Option<&str> {
         match self {
             Self::Reset(e) | Self::ConnectFailed(e) | Self::Error(e) => Some(e),
-            Self::Closed | Self::Denied { .. } => None,
+            Self::Denied { reason, .. } => Some(reason),
+            Self::Closed => None,
         }
     }
 
     /// The denying policy, if any.
     pub fn policy(&self) -> Option<&str> {
         match self {
-            Self::Denied { policy } => policy.as_deref(),
+            Self::Denied { policy, .. } => policy.as_deref(),
             _ => None,
         }
     }
@@ -110,6 +115,8 @@ pub struct ConnectionRecord {
     /// The destination service (`name.namespace.svc.cluster.local`), when the
     /// client dialled a service address.
     pub dst_service: Option<String>,
+    /// `mutual_tls` or `none`, when known.
+    pub security: Option<SecurityPolicy>,
     /// Bytes relayed from the client to the server.
     pub bytes_sent: u64,
     /// Bytes relayed from the server to the client.
@@ -136,12 +143,13 @@ pub fn log_connection(r: &ConnectionRecord) {
         dst.workload = r.dst.workload.as_deref(),
         dst.namespace = r.dst.namespace.as_deref(),
         dst.identity = r.dst.identity.as_deref(),
+        security = r.security.map(SecurityPolicy::as_str),
         bytes_sent = r.bytes_sent,
         bytes_recv = r.bytes_received,
         duration_ms,
         outcome = r.outcome.as_str(),
         policy = r.outcome.policy(),
-        error = r.outcome.error(),
+        reason = r.outcome.reason(),
         "connection closed"
     );
 }
@@ -208,6 +216,7 @@ mod tests {
                 identity: None,
             },
             dst_service: None,
+            security: Some(SecurityPolicy::MutualTls),
             bytes_sent: 100,
             bytes_received: 2048,
             duration: Duration::from_millis(1500),
@@ -226,7 +235,8 @@ mod tests {
             "access: connection closed direction=\"outbound\" src.addr=198.18.1.10:40000 \
              src.workload=\"a\" src.namespace=\"default\" \
              src.identity=\"spiffe://cluster.local/ns/default/sa/a\" dst.addr=198.18.1.11:8080 \
-             dst.workload=\"b\" dst.namespace=\"default\" bytes_sent=100 bytes_recv=2048 \
+             dst.workload=\"b\" dst.namespace=\"default\" security=\"mutual_tls\" bytes_sent=100 \
+             bytes_recv=2048 \
              duration_ms=1500 outcome=\"closed\""
         );
     }
@@ -239,10 +249,14 @@ mod tests {
         r.bytes_received = 0;
         r.outcome = Outcome::Denied {
             policy: Some("default/deny-a".into()),
+            reason: "denied by DENY policy default/deny-a".into(),
         };
         let out = capture(LogFormat::Plain, || log_connection(&r));
         assert!(
-            out.contains("outcome=\"denied\" policy=\"default/deny-a\""),
+            out.contains(
+                "outcome=\"denied\" policy=\"default/deny-a\" \
+                 reason=\"denied by DENY policy default/deny-a\""
+            ),
             "{out}"
         );
         assert!(!out.contains("error="), "{out}");
@@ -270,7 +284,8 @@ mod tests {
         assert_eq!(v["bytes_recv"], 2048);
         assert_eq!(v["duration_ms"], 1500);
         assert_eq!(v["outcome"], "reset");
-        assert_eq!(v["error"], "connection reset by peer");
+        assert_eq!(v["reason"], "connection reset by peer");
+        assert_eq!(v["security"], "mutual_tls");
         assert!(v.get("dst.identity").is_none(), "{v}");
         assert!(v.get("policy").is_none(), "{v}");
     }

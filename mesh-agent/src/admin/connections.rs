@@ -288,6 +288,7 @@ impl ConnectionTracker {
             src: self.conn.src.endpoint(),
             dst: self.conn.dst.endpoint(),
             dst_service: self.conn.dst_service.as_ref().map(|s| s.host.clone()),
+            security: Some(self.conn.security_policy),
             bytes_sent: sent,
             bytes_received: received,
             duration: self.start.elapsed(),

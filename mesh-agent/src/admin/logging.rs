@@ -195,6 +195,43 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_level_reaches_the_output_layers() {
+        use std::sync::{Arc, Mutex};
+
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let (filter, handle) = reload::Layer::new(EnvFilter::new("info"));
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::registry()
+            .with(filter)
+            .with(output_layers(LogFormat::Plain, move || writer.clone()));
+        let control = LogControl::new(handle);
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::debug!("hidden");
+            control.set("debug").expect("set");
+            tracing::debug!("shown");
+            tracing::debug!(target: "access", "access shown");
+        });
+        let out = String::from_utf8(buf.0.lock().expect("buf").clone()).expect("utf-8");
+        assert!(!out.contains("hidden"), "{out}");
+        assert!(out.contains("DEBUG shown"), "{out}");
+        assert!(out.contains("DEBUG access: access shown"), "{out}");
+    }
+
+    #[test]
     fn without_init_changes_are_refused() {
         let control = LogControl { handle: None };
         assert!(matches!(

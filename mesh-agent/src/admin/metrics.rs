@@ -16,7 +16,11 @@
 //!   `mesh_ebpf_decisions_total{decision}` (one series per kernel counter),
 //!   `mesh_ebpf_map_entries{map}` and `mesh_ebpf_map_capacity{map}`.
 
-use std::{fmt, sync::Arc, time::SystemTime};
+use std::{
+    fmt,
+    sync::{Arc, PoisonError, RwLock},
+    time::SystemTime,
+};
 
 use prometheus_client::{
     collector::Collector,
@@ -323,8 +327,10 @@ impl Drop for GaugeGuard {
     }
 }
 
+/// Reads the pool's (connections, streams) at scrape time.
+pub type PoolSource = dyn Fn() -> (u64, u64) + Send + Sync;
+
 /// The agent's metrics registry and the handles its parts update.
-#[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     tcp_opened: Family<TcpLabels, Counter>,
@@ -335,6 +341,13 @@ pub struct Metrics {
     pool_connections: Gauge,
     pool_streams: Gauge,
     policy_decisions: Family<ResultLabel, Counter>,
+    pool_source: RwLock<Option<Arc<PoolSource>>>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
 impl Metrics {
@@ -404,6 +417,7 @@ impl Metrics {
             pool_connections,
             pool_streams,
             policy_decisions,
+            pool_source: RwLock::new(None),
         }
     }
 
@@ -459,6 +473,15 @@ impl Metrics {
             .set(i64::try_from(streams).unwrap_or(i64::MAX));
     }
 
+    /// Reads the pool gauges from `source` at every scrape (instead of
+    /// [`Self::set_pool`] or the guards), for a pool that counts itself.
+    pub fn set_pool_source(&self, source: impl Fn() -> (u64, u64) + Send + Sync + 'static) {
+        *self
+            .pool_source
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(source));
+    }
+
     /// Counts a pooled connection open until the guard drops.
     pub fn pool_connection(&self) -> GaugeGuard {
         self.pool_connections.inc();
@@ -473,6 +496,15 @@ impl Metrics {
 
     /// Every metric, in the OpenMetrics text format.
     pub fn encode(&self) -> Result<String, fmt::Error> {
+        let source = self
+            .pool_source
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(source) = source {
+            let (connections, streams) = source();
+            self.set_pool(connections, streams);
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
@@ -736,6 +768,23 @@ mesh_ebpf_map_capacity{{map=\"ENROLLED_NETNS\"}} 1024\n\
         );
         // A connection without bytes still has (zero) byte series.
         assert!(text.contains("istio_tcp_sent_bytes_total{reporter=\"destination\""));
+    }
+
+    #[test]
+    fn pool_gauges_follow_a_source_at_scrape_time() {
+        let m = Metrics::new(None, Certificates::default());
+        let n = Arc::new(std::sync::atomic::AtomicU64::new(3));
+        let seen = n.clone();
+        m.set_pool_source(move || (seen.load(std::sync::atomic::Ordering::Relaxed), 7));
+        let text = m.encode().expect("encode");
+        assert!(text.contains("\nmesh_pool_connections 3\n"), "{text}");
+        assert!(text.contains("\nmesh_pool_streams 7\n"), "{text}");
+        n.store(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            m.encode()
+                .expect("encode")
+                .contains("\nmesh_pool_connections 1\n")
+        );
     }
 
     #[test]

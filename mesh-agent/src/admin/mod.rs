@@ -68,11 +68,11 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        let parse = |s: &str| s.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+        // The DEFAULT_*_ADDR constants, as addresses.
         Self {
-            admin_addr: parse(DEFAULT_ADMIN_ADDR),
-            metrics_addr: parse(DEFAULT_METRICS_ADDR),
-            readiness_addr: parse(DEFAULT_READINESS_ADDR),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 15000)),
+            metrics_addr: SocketAddr::from(([0, 0, 0, 0], 15020)),
+            readiness_addr: SocketAddr::from(([0, 0, 0, 0], 15021)),
         }
     }
 }

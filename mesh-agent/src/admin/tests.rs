@@ -248,6 +248,14 @@ fn stats_connections_and_unknown_paths() {
 }
 
 #[test]
+fn default_addresses_match_their_constants() {
+    let d = AdminConfig::default();
+    assert_eq!(d.admin_addr.to_string(), DEFAULT_ADMIN_ADDR);
+    assert_eq!(d.metrics_addr.to_string(), DEFAULT_METRICS_ADDR);
+    assert_eq!(d.readiness_addr.to_string(), DEFAULT_READINESS_ADDR);
+}
+
+#[test]
 fn query_params_are_percent_decoded() {
     assert_eq!(
         query_param("level=debug", "level").as_deref(),

@@ -315,6 +315,35 @@ mod tests {
     }
 
     #[test]
+    fn publish_snapshot_replaces_everything_and_publish_keeps_services() {
+        let store = Store::new();
+        let w = workload("a", "198.18.1.10");
+        let svc = Service {
+            name: "web".into(),
+            namespace: "default".into(),
+            vips: vec!["10.96.0.1".parse().expect("vip")],
+            ..Default::default()
+        };
+        let key = ServiceKey {
+            namespace: "default".into(),
+            name: "web".into(),
+        };
+        let snap = Snapshot {
+            workloads: [(w.key(), w)].into(),
+            services: [(key.clone(), svc)].into(),
+            ..Default::default()
+        };
+        assert_eq!(store.publish_snapshot(snap.clone()), 1);
+        assert_eq!(store.publish_snapshot(snap), 1, "unchanged");
+        let vip = "10.96.0.1".parse().expect("vip");
+        assert!(store.current().service_by_vip(vip).is_some());
+        // The file source's publish replaces workloads only.
+        assert_eq!(store.publish(NodeInfo::default(), BTreeMap::new()), 2);
+        assert!(store.current().services.contains_key(&key));
+        assert!(store.current().workloads.is_empty());
+    }
+
+    #[test]
     fn lookup_by_v4_mapped_address() {
         let w = workload("a", "198.18.1.10");
         let snap = Snapshot {

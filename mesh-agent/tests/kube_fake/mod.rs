@@ -483,6 +483,12 @@ async fn handle(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Res
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
+    // Read together, after the delay: a watch accepted here is cut by any
+    // later outage or drop (it compares against this epoch).
+    let (outage, epoch) = {
+        let inner = shared.lock();
+        (outage || inner.outage, inner.epoch)
+    };
     if outage {
         return json_response(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -544,7 +550,7 @@ async fn handle(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Res
         }
     };
     if watch {
-        watch_response(shared, res, selector, &q)
+        watch_response(shared, res, selector, &q, epoch)
     } else {
         let inner = shared.lock();
         let items: Vec<Value> = inner
@@ -597,6 +603,7 @@ fn watch_response(
     res: Res,
     selector: FieldSelector,
     q: &BTreeMap<String, String>,
+    epoch: u64,
 ) -> Response<Body> {
     let from: u64 = q
         .get("resourceVersion")
@@ -611,7 +618,7 @@ fn watch_response(
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(64);
     tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + timeout;
-        let (epoch, too_old, rv0) = {
+        let (too_old, rv0) = {
             let mut inner = shared.lock();
             let from = if from == 0 { inner.rv } else { from };
             let too_old = from < inner.compacted;
@@ -620,7 +627,7 @@ fn watch_response(
                     .requests
                     .push(format!("GONE {} rv={from}", res.path()));
             }
-            (inner.epoch, too_old, from)
+            (too_old, from)
         };
         if too_old {
             let gone = status(

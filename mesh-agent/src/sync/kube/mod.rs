@@ -795,3 +795,47 @@ impl SyncLoop {
 fn progress<T>(ev: &KindEvent<T>) -> bool {
     !matches!(ev, KindEvent::Init)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_https_client_builds_with_the_single_tls_provider() {
+        // Building the TLS configuration panics when rustls has more than one
+        // crypto provider compiled in and none installed: catch that here,
+        // without a server (nothing is sent).
+        client(Some("https://127.0.0.1:6443"))
+            .await
+            .expect("https client");
+        match client(Some("not a url")).await {
+            Err(e) => assert!(e.to_string().contains("--api-server"), "{e}"),
+            Ok(_) => panic!("a bad URL was accepted"),
+        }
+    }
+
+    #[test]
+    fn flags_make_the_config() {
+        let args = KubeArgs {
+            kube: true,
+            node_name: Some("n1".into()),
+            pod_namespace: Some("mesh-system".into()),
+            exclude_namespaces: vec!["monitoring".into()],
+            probe_sources: vec!["::ffff:10.0.0.1".parse().expect("ip")],
+            ..KubeArgs::default()
+        };
+        let cfg = args.config().expect("config");
+        assert_eq!(cfg.node_name, "n1");
+        assert!(
+            ["kube-system", "mesh-system", "monitoring"]
+                .iter()
+                .all(|ns| cfg.excluded_namespaces.contains(*ns))
+        );
+        assert_eq!(
+            cfg.probe_sources,
+            vec!["10.0.0.1".parse::<IpAddr>().expect("ip")]
+        );
+        let e = KubeArgs::default().config().expect_err("no node name");
+        assert!(e.to_string().contains("NODE_NAME"), "{e}");
+    }
+}
