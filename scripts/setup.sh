@@ -40,4 +40,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+# `kubectl kustomize` renders deploy/ in the manifest test. Any kubectl with
+# kustomize built in will do; Debian's is kubernetes-client.
+if ! command -v kubectl >/dev/null; then
+    say "installing kubectl (Debian kubernetes-client)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubernetes-client
+fi
 say "ready: Rust $USER_TOOLCHAIN, $EBPF_TOOLCHAIN, bpf-linker $BPF_LINKER_VERSION, ${DEBIAN_PACKAGES[*]}"

@@ -137,8 +137,16 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         store.clone(),
         tls,
         &cfg.root_namespace,
+        admin.telemetry().clone(),
         runtime.handle().clone(),
     );
+    {
+        let pool = proxy.pool();
+        admin.metrics().set_pool_source(move || {
+            let (connections, streams) = pool.occupancy();
+            (connections as u64, streams as u64)
+        });
+    }
     let stats = proxy.stats();
     {
         let stats = stats.clone();

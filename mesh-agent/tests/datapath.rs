@@ -52,13 +52,13 @@ fn pod_to_pod_on_one_node_goes_through_the_agent_both_ways() {
         .filter(|l| l.contains("connection closed") && l.contains("direction=\"outbound\""));
     for line in outbound {
         assert!(
-            line.contains(&format!("dst={b}")) && line.contains("bytes_sent=100000"),
+            line.contains(&format!("dst.addr={b}")) && line.contains("bytes_sent=100000"),
             "{line}"
         );
-        assert!(line.contains("src_workload=default/a"), "{line}");
+        assert!(line.contains("src.workload=\"a\""), "{line}");
         assert!(
             line.contains("security=\"mutual_tls\"")
-                && line.contains("dst_identity=spiffe://cluster.local/ns/default/sa/b"),
+                && line.contains("dst.identity=\"spiffe://cluster.local/ns/default/sa/b\""),
             "{line}"
         );
     }
@@ -81,7 +81,7 @@ fn ipv6_pod_to_pod_goes_through_the_agent() {
     assert_eq!(delta(&before, &after, "connect_redirected"), 3);
     assert_eq!(delta(&before, &after, "peername_restored"), 3);
     assert_eq!(delta(&before, &after, "lookup_steered_hbone"), 1);
-    mesh.wait_agent_log_count(0, &format!("dst={b}"), 6);
+    mesh.wait_agent_log_count(0, &format!("dst.addr={b}"), 6);
 }
 
 #[test]

@@ -96,11 +96,11 @@ fn cross_node_connections_are_tunnelled_and_pooled() {
     assert_eq!((v6.ok, v6.failed), (10, 0), "{v6:?}");
     mesh.wait_agent_log_count(
         1,
-        "src_identity=spiffe://cluster.local/ns/default/sa/a",
+        "src.identity=\"spiffe://cluster.local/ns/default/sa/a\"",
         330,
     );
     let log = mesh.agent(1).log_contents().expect("log");
-    assert!(log.contains("dst_workload=default/c") && log.contains("security=\"mutual_tls\""));
+    assert!(log.contains("dst.workload=\"c\"") && log.contains("security=\"mutual_tls\""));
 }
 
 #[test]

@@ -357,7 +357,7 @@ fn admin_endpoint_cli_and_kernel_metrics() {
 /// (issue 6 wiring in `proxy/`): exact Istio TCP counts, policy decisions
 /// and the access log after known traffic, including a denied connection.
 #[test]
-#[ignore = "waits for the proxy to report through admin::Telemetry (issue 6 wiring)"]
+
 fn istio_tcp_metrics_and_access_log_count_known_traffic() {
     let mut mesh = lab();
     mesh.echo("b", &[8080]);

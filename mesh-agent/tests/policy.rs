@@ -109,11 +109,11 @@ fn allow_by_principal_and_deny_by_namespace() {
     assert_eq!(mesh.probe("a", &c, &[]), ProbeOutcome::Echoed);
     let b = mesh.probe("b", &c, &[]);
     assert!(denied(&b), "b (not in the ALLOW list) got {b}");
-    mesh.wait_agent_log_count(1, "connection denied", 1);
+    mesh.wait_agent_log_count(1, "outcome=\"denied\"", 1);
     let log = mesh.agent(1).log_contents().expect("log");
     let line = log
         .lines()
-        .find(|l| l.contains("connection denied"))
+        .find(|l| l.contains("outcome=\"denied\""))
         .expect("deny line");
     assert!(
         line.contains("no ALLOW policy matched") && line.contains("sa/b"),

@@ -33,7 +33,8 @@ pub enum LogFormat {
 }
 
 /// The level used when neither `MESH_LOG` nor `RUST_LOG` is set (or valid).
-pub const DEFAULT_LEVEL: &str = "info";
+/// kube-rs logs every retry of a watch at error level; the agent logs the outage itself, once.
+pub const DEFAULT_LEVEL: &str = "info,kube_client=off,kube_runtime=off";
 
 /// Handle on the installed filter, set once by [`init`].
 static FILTER: OnceLock<LogControl> = OnceLock::new();

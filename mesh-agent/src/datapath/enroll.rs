@@ -63,6 +63,9 @@ struct EnrolledPod {
     cookie: u64,
     slot: u32,
     cancel: CancellationToken,
+    /// Duplicates of the listener fds, to shut them down synchronously on
+    /// un-enrollment (so a re-enrollment can bind the same ports at once).
+    listener_fds: Vec<std::net::TcpListener>,
     _worker: Arc<NetnsWorker>,
 }
 
@@ -177,6 +180,12 @@ impl Enroller {
         let identity = SpiffeId::new(self.proxy.trust_domain(), &w.namespace, &w.service_account)?;
         let worker = Arc::new(NetnsWorker::spawn(&w.name, &w.netns)?);
         let (listeners, cookie) = worker.run_blocking(open_listeners)??;
+        let listener_fds = listeners
+            .outbound
+            .iter()
+            .chain([&listeners.inbound_plaintext, &listeners.inbound_hbone])
+            .filter_map(|l| l.try_clone().ok())
+            .collect();
         let slot = self.free_slots.pop().ok_or(EnrollError::SlotsExhausted)?;
         let result = self.publish(w, cookie, slot, &listeners);
         if let Err(e) = result {
@@ -201,6 +210,7 @@ impl Enroller {
             cookie,
             slot,
             cancel,
+            listener_fds,
             _worker: worker,
         })
     }
@@ -320,8 +330,13 @@ impl Enroller {
 
     fn unenroll(&mut self, pod: EnrolledPod) {
         self.withdraw(&pod.workload, pod.cookie, pod.slot);
-        // Stops the accept loops; the listeners close. Open connections finish on their own.
+        // Stops the accept loops. Shutting the listening sockets down here
+        // (not when the tasks drop them) frees their ports at once.
+        // Open connections finish on their own.
         pod.cancel.cancel();
+        for l in &pod.listener_fds {
+            let _ = socket2::SockRef::from(l).shutdown(std::net::Shutdown::Both);
+        }
         self.free_slots.push(pod.slot);
     }
 

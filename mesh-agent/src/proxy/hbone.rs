@@ -478,23 +478,23 @@ pub fn connect_target(req: &Request<RecvStream>) -> Result<SocketAddr, StatusCod
     Ok(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
 }
 
-/// The client address a `forwarded: for="ip:port"` (or `for=ip`) header names.
-pub fn forwarded_for(req: &Request<RecvStream>) -> Option<IpAddr> {
+/// The client address a `forwarded: for="ip:port"` (or `for=ip`, port 0) header names.
+pub fn forwarded_for(req: &Request<RecvStream>) -> Option<SocketAddr> {
     let value = req.headers().get("forwarded")?.to_str().ok()?;
     let for_part = value
         .split(';')
         .flat_map(|p| p.split(','))
         .find_map(|p| p.trim().strip_prefix("for="))?;
     let raw = for_part.trim_matches('"');
-    raw.parse::<SocketAddr>()
-        .map(|a| a.ip())
-        .or_else(|_| {
-            raw.trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<IpAddr>()
-        })
-        .ok()
-        .map(|ip| ip.to_canonical())
+    let addr = raw.parse::<SocketAddr>().ok().or_else(|| {
+        let ip = raw
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok()?;
+        Some(SocketAddr::new(ip, 0))
+    })?;
+    Some(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
 }
 
 const INITIAL_BUFFER: usize = 16 * 1024;

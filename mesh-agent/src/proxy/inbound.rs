@@ -7,13 +7,13 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
-    time::Instant,
 };
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::{PodContext, Shared, account, authz::Subject, relay, reset};
+use crate::admin::{Connection, Direction, Outcome, PolicyDecision, SecurityPolicy};
 
 /// Accepts steered connections of one pod until cancelled.
 pub async fn serve(
@@ -46,7 +46,6 @@ pub async fn serve(
 
 async fn handle(ctx: Arc<PodContext>, client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let stats = &shared.stats;
-    let start = Instant::now();
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let dst = match client.local_addr() {
         Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
@@ -63,6 +62,14 @@ async fn handle(ctx: Arc<PodContext>, client: TcpStream, peer: SocketAddr, share
         return;
     }
     // Plaintext: no identity. STRICT PeerAuthentication and principal rules deny it.
+    let snapshot = shared.store.current();
+    let tracker = shared.telemetry.open(Connection {
+        direction: Direction::Inbound,
+        src: super::peer(&snapshot, peer, None),
+        dst: super::peer(&snapshot, dst, Some(&ctx.identity)),
+        dst_service: None,
+        security_policy: SecurityPolicy::None,
+    });
     let subject = Subject {
         principal: None,
         source_ip: peer.ip(),
@@ -73,49 +80,36 @@ async fn handle(ctx: Arc<PodContext>, client: TcpStream, peer: SocketAddr, share
     let decision = shared.authz.check(&subject);
     if let Some(reason) = decision.deny_reason() {
         stats.failed.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(
-            direction = "inbound",
-            dst_workload = %ctx.key,
-            src = %peer,
-            dst = %dst,
-            security = "none",
-            policy = reason.policy().map(|p| p.to_string()).unwrap_or_default(),
-            reason = %reason,
-            "connection denied"
+        shared
+            .telemetry
+            .metrics
+            .policy_decision(PolicyDecision::Deny);
+        tracker.close(
+            0,
+            0,
+            Outcome::Denied {
+                policy: reason.policy().map(|p| p.to_string()),
+                reason: reason.to_string(),
+            },
         );
         reset(client);
         return;
     }
+    shared
+        .telemetry
+        .metrics
+        .policy_decision(PolicyDecision::Allow);
     let tracked = shared.authz.track(subject);
     let app = match ctx.connect(dst).await {
         Ok(s) => s,
         Err(e) => {
             stats.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
-                direction = "inbound",
-                dst_workload = %ctx.key,
-                src = %peer,
-                dst = %dst,
-                error = %e,
-                duration_ms = start.elapsed().as_millis() as u64,
-                "connection failed"
-            );
+            tracker.close(0, 0, Outcome::ConnectFailed(e.to_string()));
             reset(client);
             return;
         }
     };
     let result = relay(client, app, &tracked.cancel).await;
     let outcome = account(stats, &result);
-    tracing::info!(
-        direction = "inbound",
-        dst_workload = %ctx.key,
-        src = %peer,
-        dst = %dst,
-        security = "none",
-        bytes_sent = result.sent,
-        bytes_received = result.received,
-        duration_ms = start.elapsed().as_millis() as u64,
-        outcome,
-        "connection closed"
-    );
+    tracker.close(result.sent, result.received, outcome);
 }

@@ -19,6 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::{PodContext, Shared, account, authz::Subject, hbone, reset};
+use crate::admin::{Connection, Direction, Outcome, PolicyDecision, SecurityPolicy};
 use crate::identity::{SpiffeId, describe_tls_error, peer_identity};
 
 /// How long a client may take to complete the TLS handshake.
@@ -122,7 +123,8 @@ async fn stream(
         .stats
         .inbound_accepted
         .fetch_add(1, Ordering::Relaxed);
-    let src_ip = hbone::forwarded_for(&req).unwrap_or(peer.ip());
+    let src = hbone::forwarded_for(&req).unwrap_or(SocketAddr::new(peer.ip(), 0));
+    let src_ip = src.ip();
     let refuse =
         |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode, reason: &str| {
             shared.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -150,6 +152,14 @@ async fn stream(
         let reason = format!("CONNECT target {target} is not this pod");
         return refuse(&mut respond, StatusCode::BAD_REQUEST, &reason);
     }
+    let snapshot = shared.store.current();
+    let tracker = shared.telemetry.open(Connection {
+        direction: Direction::Inbound,
+        src: super::peer(&snapshot, src, Some(&peer_id)),
+        dst: super::peer(&snapshot, target, Some(&ctx.identity)),
+        dst_service: None,
+        security_policy: SecurityPolicy::MutualTls,
+    });
     let subject = Subject {
         principal: Some(peer_id.to_string()),
         source_ip: src_ip,
@@ -160,26 +170,37 @@ async fn stream(
     let decision = shared.authz.check(&subject);
     if let Some(reason) = decision.deny_reason() {
         shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(
-            direction = "inbound",
-            dst_workload = %ctx.key,
-            src = %src_ip,
-            src_identity = %peer_id,
-            dst = %target,
-            security = "mutual_tls",
-            policy = reason.policy().map(|p| p.to_string()).unwrap_or_default(),
-            reason = %reason,
-            "connection denied"
+        shared
+            .telemetry
+            .metrics
+            .policy_decision(PolicyDecision::Deny);
+        tracker.close(
+            0,
+            0,
+            Outcome::Denied {
+                policy: reason.policy().map(|p| p.to_string()),
+                reason: reason.to_string(),
+            },
         );
         hbone::respond_status(&mut respond, StatusCode::UNAUTHORIZED);
         return;
     }
+    shared
+        .telemetry
+        .metrics
+        .policy_decision(PolicyDecision::Allow);
     let tracked = shared.authz.track(subject);
     let app = match ctx.connect(target).await {
         Ok(s) => s,
         Err(e) => {
-            let reason = format!("cannot reach the app at {target}: {e}");
-            return refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE, &reason);
+            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+            tracker.close(
+                0,
+                0,
+                Outcome::ConnectFailed(format!("cannot reach the app at {target}: {e}")),
+            );
+            hbone::respond_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            return;
         }
     };
     let response = Response::builder()
@@ -190,24 +211,17 @@ async fn stream(
         Ok(s) => s,
         Err(e) => {
             shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(pod = %ctx.key, error = %e, "tunnel stream gone before the response");
+            tracker.close(
+                0,
+                0,
+                Outcome::Error(format!("tunnel stream gone before the response: {e}")),
+            );
             reset(app);
             return;
         }
     };
     let result = hbone::relay_h2(app, send, req.into_body(), &tracked.cancel).await;
     let outcome = account(&shared.stats, &result);
-    tracing::info!(
-        direction = "inbound",
-        dst_workload = %ctx.key,
-        src = %src_ip,
-        src_identity = %peer_id,
-        dst = %target,
-        security = "mutual_tls",
-        bytes_sent = result.received,
-        bytes_received = result.sent,
-        duration_ms = start.elapsed().as_millis() as u64,
-        outcome,
-        "connection closed"
-    );
+    // relay_h2 counts from the TCP side (the app): swap to client -> server.
+    tracker.close(result.received, result.sent, outcome);
 }

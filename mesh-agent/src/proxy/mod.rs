@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 pub use copy::{RelayOutcome, RelayResult, relay};
 
 use crate::{
+    admin::{Outcome, Telemetry},
     datapath::{
         OrigDstTable,
         netns::{self, NetnsWorker},
@@ -137,6 +138,8 @@ pub struct Shared {
     pub stats: Arc<ProxyStats>,
     /// Authorization of inbound connections.
     pub authz: Arc<authz::Authz>,
+    /// Metrics, access log and the open-connection list.
+    pub telemetry: Telemetry,
 }
 
 /// The proxy: serves the listeners of every enrolled pod.
@@ -153,6 +156,7 @@ impl Proxy {
         store: Store,
         tls: Arc<MeshTls>,
         root_namespace: &str,
+        telemetry: Telemetry,
         handle: Handle,
     ) -> Self {
         let authz = Arc::new(authz::Authz::new(root_namespace));
@@ -164,6 +168,7 @@ impl Proxy {
             pool: Arc::new(hbone::Pool::default()),
             stats: Arc::default(),
             authz: authz.clone(),
+            telemetry,
         });
         // Policy changes apply to new connections at once and re-check open ones.
         let mut changes = store.subscribe();
@@ -249,7 +254,7 @@ impl Proxy {
 }
 
 /// Adds a finished relay to the counters; returns its outcome for the access log.
-fn account(stats: &ProxyStats, result: &RelayResult) -> String {
+fn account(stats: &ProxyStats, result: &RelayResult) -> Outcome {
     stats.bytes_sent.fetch_add(result.sent, Ordering::Relaxed);
     stats
         .bytes_received
@@ -257,12 +262,33 @@ fn account(stats: &ProxyStats, result: &RelayResult) -> String {
     match &result.outcome {
         RelayOutcome::Closed => {
             stats.completed.fetch_add(1, Ordering::Relaxed);
-            "closed".to_owned()
+            Outcome::Closed
+        }
+        RelayOutcome::Reset(e) if e == copy::CLOSED_BY_POLICY => {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            Outcome::Denied {
+                policy: None,
+                reason: "closed by a policy change".to_owned(),
+            }
         }
         RelayOutcome::Reset(e) => {
             stats.failed.fetch_add(1, Ordering::Relaxed);
-            format!("reset: {e}")
+            Outcome::Reset(e.clone())
         }
+    }
+}
+
+/// The telemetry view of a peer: its workload (if the state knows the
+/// address) and identity.
+fn peer(
+    snapshot: &crate::state::Snapshot,
+    addr: SocketAddr,
+    identity: Option<&SpiffeId>,
+) -> crate::admin::Peer {
+    let identity = identity.map(|id| id.to_string());
+    match snapshot.workload_by_ip(addr.ip()) {
+        Some(w) => crate::admin::Peer::from_workload(Some(addr), w, identity.as_deref()),
+        None => crate::admin::Peer::unknown(Some(addr)),
     }
 }
 

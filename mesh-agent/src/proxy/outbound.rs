@@ -8,7 +8,6 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
-    time::Instant,
 };
 
 use mesh_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
@@ -17,11 +16,14 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    PodContext, Shared, account,
+    PodContext, RelayResult, Shared, account,
     hbone::{self, HboneError, PoolKey},
-    relay, reset,
+    peer, relay, reset,
 };
-use crate::{identity::SpiffeId, state::Workload};
+use crate::{
+    admin::{Connection, Direction, Outcome, SecurityPolicy, ServiceLabels},
+    identity::SpiffeId,
+};
 
 /// Accepts captured connections of one pod until cancelled.
 pub async fn serve(
@@ -60,15 +62,19 @@ fn is_loop(ctx: &PodContext, dst: SocketAddr) -> bool {
             && [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT].contains(&dst.port()))
 }
 
-async fn handle(ctx: Arc<PodContext>, client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    let start = Instant::now();
-    let Some(dst) = shared.orig_dst.take(ctx.netns_cookie, peer).await else {
+async fn handle(
+    ctx: Arc<PodContext>,
+    client: TcpStream,
+    peer_addr: SocketAddr,
+    shared: Arc<Shared>,
+) {
+    let Some(dst) = shared.orig_dst.take(ctx.netns_cookie, peer_addr).await else {
         shared
             .stats
             .no_original_destination
             .fetch_add(1, Ordering::Relaxed);
         shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(pod = %ctx.key, client = %peer, "no original destination for captured connection; resetting it");
+        tracing::warn!(pod = %ctx.key, client = %peer_addr, "no original destination for captured connection; resetting it");
         reset(client);
         return;
     };
@@ -80,99 +86,92 @@ async fn handle(ctx: Arc<PodContext>, client: TcpStream, peer: SocketAddr, share
         return;
     }
     let snapshot = shared.store.current();
-    let mesh_peer = snapshot
-        .workload_by_ip(dst.ip())
-        .filter(|w| w.enrolled)
-        .cloned();
-    match mesh_peer {
-        Some(peer_workload) => tunnel(ctx, client, dst, &peer_workload, shared, start).await,
-        None => passthrough(ctx, client, dst, shared, start).await,
-    }
-}
-
-/// Plaintext to a destination outside the mesh.
-async fn passthrough(
-    ctx: Arc<PodContext>,
-    client: TcpStream,
-    dst: SocketAddr,
-    shared: Arc<Shared>,
-    start: Instant,
-) {
-    let upstream = match ctx.connect(dst).await {
-        Ok(s) => s,
-        Err(e) => {
-            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
-                direction = "outbound",
-                src_workload = %ctx.key,
-                dst = %dst,
-                security = "none",
-                error = %e,
-                duration_ms = start.elapsed().as_millis() as u64,
-                "connection failed"
-            );
-            reset(client);
-            return;
-        }
-    };
-    let src = upstream
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    let result = relay(client, upstream, &CancellationToken::new()).await;
-    let outcome = account(&shared.stats, &result);
-    tracing::info!(
-        direction = "outbound",
-        src_workload = %ctx.key,
-        src = %src,
-        dst = %dst,
-        security = "none",
-        bytes_sent = result.sent,
-        bytes_received = result.received,
-        duration_ms = start.elapsed().as_millis() as u64,
-        outcome,
-        "connection closed"
-    );
-}
-
-/// Through an HBONE tunnel to a mesh workload, under the pod's identity.
-async fn tunnel(
-    ctx: Arc<PodContext>,
-    client: TcpStream,
-    dst: SocketAddr,
-    peer: &Workload,
-    shared: Arc<Shared>,
-    start: Instant,
-) {
-    let peer_id = match SpiffeId::new(
-        shared.tls.trust_domain().clone(),
-        &peer.namespace,
-        &peer.service_account,
-    ) {
-        Ok(id) => id,
-        Err(e) => {
-            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(pod = %ctx.key, dst = %dst, error = %e, "destination has no valid identity; resetting");
-            reset(client);
-            return;
-        }
-    };
+    let mesh_peer = snapshot.workload_by_ip(dst.ip()).filter(|w| w.enrolled);
+    let peer_id = mesh_peer.map(|w| {
+        SpiffeId::new(
+            shared.tls.trust_domain().clone(),
+            &w.namespace,
+            &w.service_account,
+        )
+    });
     let source_ip = ctx
         .ips
         .iter()
         .copied()
         .find(|ip| ip.is_ipv4() == dst.is_ipv4())
         .unwrap_or_else(|| ctx.ips.first().copied().unwrap_or(dst.ip()));
+    let src = SocketAddr::new(source_ip, client.peer_addr().map_or(0, |a| a.port()));
+    let tracker = shared.telemetry.open(Connection {
+        direction: Direction::Outbound,
+        src: peer(&snapshot, src, Some(&ctx.identity)),
+        dst: peer(
+            &snapshot,
+            dst,
+            peer_id.as_ref().and_then(|r| r.as_ref().ok()),
+        ),
+        dst_service: snapshot
+            .service_by_vip(dst.ip())
+            .map(ServiceLabels::from_service),
+        security_policy: if mesh_peer.is_some() {
+            SecurityPolicy::MutualTls
+        } else {
+            SecurityPolicy::None
+        },
+    });
+    let result = match peer_id {
+        Some(Ok(peer_id)) => tunnel(&ctx, client, dst, src, peer_id, &shared).await,
+        Some(Err(e)) => {
+            reset(client);
+            Err(format!("the destination has no valid identity: {e}"))
+        }
+        None => passthrough(&ctx, client, dst, &shared).await,
+    };
+    match result {
+        Ok(r) => {
+            let outcome = account(&shared.stats, &r);
+            tracker.close(r.sent, r.received, outcome);
+        }
+        Err(e) => {
+            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+            tracker.close(0, 0, Outcome::ConnectFailed(e));
+        }
+    }
+}
+
+/// Plaintext to a destination outside the mesh.
+async fn passthrough(
+    ctx: &PodContext,
+    client: TcpStream,
+    dst: SocketAddr,
+    _shared: &Shared,
+) -> Result<RelayResult, String> {
+    match ctx.connect(dst).await {
+        Ok(upstream) => Ok(relay(client, upstream, &CancellationToken::new()).await),
+        Err(e) => {
+            reset(client);
+            Err(e.to_string())
+        }
+    }
+}
+
+/// Through an HBONE tunnel to a mesh workload, under the pod's identity.
+async fn tunnel(
+    ctx: &Arc<PodContext>,
+    client: TcpStream,
+    dst: SocketAddr,
+    src: SocketAddr,
+    peer_id: SpiffeId,
+    shared: &Arc<Shared>,
+) -> Result<RelayResult, String> {
     let key = PoolKey {
         source: ctx.identity.clone(),
-        destination: peer_id.clone(),
+        destination: peer_id,
         address: SocketAddr::new(dst.ip(), INBOUND_HBONE_PORT),
-        source_ip,
+        source_ip: src.ip(),
     };
-    let client_addr = SocketAddr::new(source_ip, client.peer_addr().map_or(0, |a| a.port()));
     let request = hbone::connect_request(
         dst,
-        client_addr,
+        src,
         &hbone::baggage(&ctx.key.namespace, &ctx.key.name, &ctx.service_account),
     );
     let connect = || {
@@ -213,46 +212,17 @@ async fn tunnel(
                     })
                 }
             });
-    let (response, send, _guard) = match opened {
-        Ok(o) => o,
+    match opened {
+        Ok((response, send, _guard)) => Ok(hbone::relay_h2(
+            client,
+            send,
+            response.into_body(),
+            &CancellationToken::new(),
+        )
+        .await),
         Err(e) => {
-            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
-                direction = "outbound",
-                src_workload = %ctx.key,
-                src_identity = %ctx.identity,
-                dst = %dst,
-                dst_identity = %peer_id,
-                security = "mutual_tls",
-                error = %e,
-                duration_ms = start.elapsed().as_millis() as u64,
-                "connection failed"
-            );
             reset(client);
-            return;
+            Err(e.to_string())
         }
-    };
-    let result = hbone::relay_h2(
-        client,
-        send,
-        response.into_body(),
-        &CancellationToken::new(),
-    )
-    .await;
-    let outcome = account(&shared.stats, &result);
-    tracing::info!(
-        direction = "outbound",
-        src_workload = %ctx.key,
-        src_identity = %ctx.identity,
-        src = %client_addr,
-        dst = %dst,
-        dst_workload = %peer.key(),
-        dst_identity = %peer_id,
-        security = "mutual_tls",
-        bytes_sent = result.sent,
-        bytes_received = result.received,
-        duration_ms = start.elapsed().as_millis() as u64,
-        outcome,
-        "connection closed"
-    );
+    }
 }
