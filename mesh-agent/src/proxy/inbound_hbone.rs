@@ -32,22 +32,11 @@ pub async fn serve(
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = cancel.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(pod = %ctx.key, error = %e, "HBONE accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    super::accept_loop(&ctx, listener, &cancel, "hbone", |tcp, peer| {
         let (ctx, shared, cancel) = (ctx.clone(), shared.clone(), cancel.clone());
         tokio::spawn(async move { connection(ctx, tcp, peer, shared, cancel).await });
-    }
+    })
+    .await;
 }
 
 async fn connection(

@@ -292,6 +292,32 @@ fn peer(
     }
 }
 
+/// Accepts on one of a pod's listeners until `cancel` fires, handing each
+/// connection to `handle` (which spawns its task). Accept errors (for
+/// example running out of file descriptors) are logged and retried after a
+/// short pause rather than ending the listener.
+async fn accept_loop(
+    ctx: &PodContext,
+    listener: tokio::net::TcpListener,
+    cancel: &CancellationToken,
+    listener_kind: &'static str,
+    mut handle: impl FnMut(TcpStream, SocketAddr),
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => handle(stream, peer),
+            Err(e) => {
+                tracing::warn!(pod = %ctx.key, listener = listener_kind, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 fn into_tokio(l: std::net::TcpListener) -> std::io::Result<tokio::net::TcpListener> {
     l.set_nonblocking(true)?;
     tokio::net::TcpListener::from_std(l)

@@ -32,26 +32,15 @@ pub async fn serve(
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = cancel.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let (client, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(pod = %ctx.key, error = %e, "outbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    super::accept_loop(&ctx, listener, &cancel, "outbound", |client, peer| {
         shared
             .stats
             .outbound_accepted
             .fetch_add(1, Ordering::Relaxed);
         let (ctx, shared) = (ctx.clone(), shared.clone());
         tokio::spawn(async move { handle(ctx, client, peer, shared).await });
-    }
+    })
+    .await;
 }
 
 /// Whether the agent must refuse to dial `dst` for this pod: loopback, or the
