@@ -400,8 +400,7 @@ fn bad_workload_files_are_rejected_clearly_and_do_not_disturb_enrolled_pods() {
         let log = mesh.agent(0).log_contents().expect("log");
         let line = log
             .lines()
-            .filter(|l| l.contains("workload file rejected"))
-            .last()
+            .rfind(|l| l.contains("workload file rejected"))
             .expect("line");
         assert!(line.contains(want), "want {want:?} in {line}");
         assert_eq!(

@@ -346,8 +346,7 @@ fn bad_peers_are_rejected_with_a_clear_reason() {
         let log = mesh.agent(1).log_contents().expect("log");
         let line = log
             .lines()
-            .filter(|l| l.contains("HBONE handshake rejected"))
-            .last()
+            .rfind(|l| l.contains("HBONE handshake rejected"))
             .expect("line");
         assert!(line.contains(reason), "{label}: want {reason:?} in {line}");
     };
