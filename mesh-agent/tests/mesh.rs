@@ -472,3 +472,50 @@ fn certificates_rotate_under_a_long_connection() {
         ProbeOutcome::Echoed
     );
 }
+
+#[test]
+fn a_service_vip_is_balanced_over_its_endpoints_and_skips_one_that_refuses() {
+    let mut mesh = Mesh::new(
+        LabSpec::new()
+            .node(NodeSpec::new().pod(PodSpec::new("a")))
+            .node(
+                NodeSpec::new()
+                    .pod(PodSpec::new("e1"))
+                    .pod(PodSpec::new("e2")),
+            ),
+    );
+    let service = "services:\n  - name: web\n    namespace: default\n    vips: [\"198.18.200.1\"]\n    ports: [{name: http, port: 80, targetPort: 8080}]\n    endpoints: [e1, e2]\n";
+    let n0 = mesh.workloads_yaml(0, &[("a", true)], &[("e1", true), ("e2", true)]) + service;
+    let n1 = mesh.workloads_yaml(1, &[("e1", true), ("e2", true)], &[("a", true)]) + service;
+    mesh.write_workload_text(0, &n0);
+    mesh.write_workload_text(1, &n1);
+    mesh.echo("e1", &[8080]);
+    mesh.start_agent(0);
+    mesh.start_agent(1);
+
+    // e2 has no app on 8080: its agent answers 503 and the client's agent tries e1.
+    let report = mesh.client(
+        "a",
+        "198.18.200.1:80",
+        &["--conns", "20", "--concurrency", "4"],
+    );
+    assert_eq!((report.ok, report.failed), (20, 0), "{report:?}");
+    assert_eq!(
+        report.peer_addrs,
+        vec!["198.18.200.1:80".to_owned()],
+        "{report:?}"
+    );
+    mesh.wait_agent_log_count(0, "dst.workload=\"e1\"", 20);
+    assert_eq!(mesh.agent_log_count(0, "dst.workload=\"e2\""), 0);
+
+    // With both endpoints up, the connections spread over both.
+    mesh.echo("e2", &[8080]);
+    let report = mesh.client("a", "198.18.200.1:80", &["--conns", "20"]);
+    assert_eq!((report.ok, report.failed), (20, 0), "{report:?}");
+    mesh.wait_agent_log_count(0, "dst.workload=\"e2\"", 5);
+    let log = mesh.agent(0).log_contents().expect("log");
+    assert!(
+        log.contains("dst.service=\"web.default.svc.cluster.local\""),
+        "{log}"
+    );
+}

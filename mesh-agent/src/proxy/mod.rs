@@ -140,6 +140,8 @@ pub struct Shared {
     pub authz: Arc<authz::Authz>,
     /// Metrics, access log and the open-connection list.
     pub telemetry: Telemetry,
+    /// Rotates the first endpoint tried for service VIPs.
+    pub next_endpoint: std::sync::atomic::AtomicUsize,
 }
 
 /// The proxy: serves the listeners of every enrolled pod.
@@ -169,6 +171,7 @@ impl Proxy {
             stats: Arc::default(),
             authz: authz.clone(),
             telemetry,
+            next_endpoint: std::sync::atomic::AtomicUsize::new(0),
         });
         // Policy changes apply to new connections at once and re-check open ones.
         let mut changes = store.subscribe();

@@ -16,7 +16,7 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    PodContext, RelayResult, Shared, account,
+    PodContext, Shared, account,
     hbone::{self, HboneError, PoolKey},
     peer, relay, reset,
 };
@@ -75,83 +75,145 @@ async fn handle(
         return;
     }
     let snapshot = shared.store.current();
-    let mesh_peer = snapshot.workload_by_ip(dst.ip()).filter(|w| w.enrolled);
-    let peer_id = mesh_peer.map(|w| {
-        SpiffeId::new(
-            shared.tls.trust_domain().clone(),
-            &w.namespace,
-            &w.service_account,
-        )
-    });
-    let source_ip = ctx
-        .ips
-        .iter()
-        .copied()
-        .find(|ip| ip.is_ipv4() == dst.is_ipv4())
-        .unwrap_or_else(|| ctx.ips.first().copied().unwrap_or(dst.ip()));
-    let src = SocketAddr::new(source_ip, client.peer_addr().map_or(0, |a| a.port()));
+    let service = snapshot.service_by_vip(dst.ip());
+    // A service VIP is load-balanced over its ready endpoints, starting at a
+    // rotating offset; an endpoint that refuses is skipped for the next one.
+    let targets = match service {
+        Some(svc) => {
+            let mut targets = svc.targets(dst.port());
+            // Endpoints of the family the client dialled, when there are any.
+            if targets.iter().any(|t| t.is_ipv4() == dst.is_ipv4()) {
+                targets.retain(|t| t.is_ipv4() == dst.is_ipv4());
+            }
+            if !targets.is_empty() {
+                let start = shared.next_endpoint.fetch_add(1, Ordering::Relaxed) % targets.len();
+                targets.rotate_left(start);
+            }
+            targets
+        }
+        None => vec![dst],
+    };
+    let dst_service = service.map(ServiceLabels::from_service);
+    let mut last_error = format!("service {dst} has no ready endpoint");
+    let mut client = Some(client);
+    for target in targets {
+        let Some(stream) = client.take() else { break };
+        let source_ip = ctx
+            .ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == target.is_ipv4())
+            .unwrap_or_else(|| ctx.ips.first().copied().unwrap_or(target.ip()));
+        let src = SocketAddr::new(source_ip, stream.peer_addr().map_or(0, |a| a.port()));
+        let mesh_peer = snapshot.workload_by_ip(target.ip()).filter(|w| w.enrolled);
+        let peer_id = match mesh_peer
+            .map(|w| {
+                SpiffeId::new(
+                    shared.tls.trust_domain().clone(),
+                    &w.namespace,
+                    &w.service_account,
+                )
+            })
+            .transpose()
+        {
+            Ok(id) => id,
+            Err(e) => {
+                last_error = format!("{target} has no valid identity: {e}");
+                client = Some(stream);
+                continue;
+            }
+        };
+        let opened = match &peer_id {
+            Some(id) => open_tunnel(&ctx, target, src, id.clone(), &shared)
+                .await
+                .map(Upstream::Tunnel),
+            None => ctx
+                .connect(target)
+                .await
+                .map(Upstream::Direct)
+                .map_err(|e| e.to_string()),
+        };
+        let upstream = match opened {
+            Ok(u) => u,
+            Err(e) => {
+                if service.is_some() {
+                    tracing::debug!(pod = %ctx.key, endpoint = %target, error = %e, "endpoint refused; trying the next one");
+                }
+                last_error = e;
+                client = Some(stream);
+                continue;
+            }
+        };
+        let tracker = shared.telemetry.open(Connection {
+            direction: Direction::Outbound,
+            src: peer(&snapshot, src, Some(&ctx.identity)),
+            dst: peer(&snapshot, target, peer_id.as_ref()),
+            dst_service: dst_service.clone(),
+            security_policy: if peer_id.is_some() {
+                SecurityPolicy::MutualTls
+            } else {
+                SecurityPolicy::None
+            },
+        });
+        let never = CancellationToken::new();
+        let result = match upstream {
+            Upstream::Direct(tcp) => relay(stream, tcp, &never).await,
+            Upstream::Tunnel((response, send, _guard)) => {
+                hbone::relay_h2(stream, send, response.into_body(), &never).await
+            }
+        };
+        let outcome = account(&shared.stats, &result);
+        tracker.close(result.sent, result.received, outcome);
+        return;
+    }
+    // Nothing took the connection.
+    shared.stats.failed.fetch_add(1, Ordering::Relaxed);
     let tracker = shared.telemetry.open(Connection {
         direction: Direction::Outbound,
-        src: peer(&snapshot, src, Some(&ctx.identity)),
-        dst: peer(
+        src: peer(
             &snapshot,
-            dst,
-            peer_id.as_ref().and_then(|r| r.as_ref().ok()),
+            SocketAddr::new(ctx.ips.first().copied().unwrap_or(dst.ip()), 0),
+            Some(&ctx.identity),
         ),
-        dst_service: snapshot
-            .service_by_vip(dst.ip())
-            .map(ServiceLabels::from_service),
-        security_policy: if mesh_peer.is_some() {
-            SecurityPolicy::MutualTls
-        } else {
-            SecurityPolicy::None
-        },
+        dst: peer(&snapshot, dst, None),
+        dst_service,
+        security_policy: SecurityPolicy::None,
     });
-    let result = match peer_id {
-        Some(Ok(peer_id)) => tunnel(&ctx, client, dst, src, peer_id, &shared).await,
-        Some(Err(e)) => {
-            reset(client);
-            Err(format!("the destination has no valid identity: {e}"))
-        }
-        None => passthrough(&ctx, client, dst, &shared).await,
-    };
-    match result {
-        Ok(r) => {
-            let outcome = account(&shared.stats, &r);
-            tracker.close(r.sent, r.received, outcome);
-        }
-        Err(e) => {
-            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-            tracker.close(0, 0, Outcome::ConnectFailed(e));
-        }
+    tracker.close(0, 0, Outcome::ConnectFailed(last_error));
+    if let Some(stream) = client {
+        reset(stream);
     }
 }
 
-/// Plaintext to a destination outside the mesh.
-async fn passthrough(
-    ctx: &PodContext,
-    client: TcpStream,
-    dst: SocketAddr,
-    _shared: &Shared,
-) -> Result<RelayResult, String> {
-    match ctx.connect(dst).await {
-        Ok(upstream) => Ok(relay(client, upstream, &CancellationToken::new()).await),
-        Err(e) => {
-            reset(client);
-            Err(e.to_string())
-        }
-    }
+/// Where a captured connection goes once connected.
+enum Upstream {
+    /// A plain TCP connection (destination outside the mesh).
+    Direct(TcpStream),
+    /// An HBONE stream (and the pool slot it holds).
+    Tunnel(
+        (
+            http::Response<h2::RecvStream>,
+            h2::SendStream<bytes::Bytes>,
+            hbone::StreamGuard,
+        ),
+    ),
 }
 
-/// Through an HBONE tunnel to a mesh workload, under the pod's identity.
-async fn tunnel(
+/// Opens an HBONE stream to `dst` under the pod's identity, requiring `peer_id`.
+async fn open_tunnel(
     ctx: &Arc<PodContext>,
-    client: TcpStream,
     dst: SocketAddr,
     src: SocketAddr,
     peer_id: SpiffeId,
     shared: &Arc<Shared>,
-) -> Result<RelayResult, String> {
+) -> Result<
+    (
+        http::Response<h2::RecvStream>,
+        h2::SendStream<bytes::Bytes>,
+        hbone::StreamGuard,
+    ),
+    String,
+> {
     let key = PoolKey {
         source: ctx.identity.clone(),
         destination: peer_id,
@@ -186,32 +248,17 @@ async fn tunnel(
             hbone::client_handshake(Box::new(tls), key.address).await
         }
     };
-    let opened =
-        shared
-            .pool
-            .send(&key, request, connect)
-            .await
-            .and_then(|(response, send, guard)| {
-                if response.status() == http::StatusCode::OK {
-                    Ok((response, send, guard))
-                } else {
-                    Err(HboneError::Status {
-                        target: dst,
-                        status: response.status(),
-                    })
-                }
-            });
-    match opened {
-        Ok((response, send, _guard)) => Ok(hbone::relay_h2(
-            client,
-            send,
-            response.into_body(),
-            &CancellationToken::new(),
-        )
-        .await),
-        Err(e) => {
-            reset(client);
-            Err(e.to_string())
+    let (response, send, guard) = shared
+        .pool
+        .send(&key, request, connect)
+        .await
+        .map_err(|e| e.to_string())?;
+    if response.status() != http::StatusCode::OK {
+        return Err(HboneError::Status {
+            target: dst,
+            status: response.status(),
         }
+        .to_string());
     }
+    Ok((response, send, guard))
 }

@@ -3,7 +3,7 @@
 //! take the latest `Arc<Snapshot>` and never see a half-applied change.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
@@ -95,6 +95,62 @@ pub struct Snapshot {
     pub services: BTreeMap<ServiceKey, Service>,
     /// Istio security policies as the API server returned them.
     pub policies: Policies,
+    /// Address indexes, built on first use (a snapshot never changes).
+    pub index: Index,
+}
+
+/// Lookup tables of a snapshot, built lazily once: the proxy resolves the
+/// address of every connection, which must not scan every workload and
+/// service of the cluster.
+#[derive(Default)]
+pub struct Index(std::sync::OnceLock<Tables>);
+
+#[derive(Default)]
+struct Tables {
+    workloads: HashMap<IpAddr, WorkloadKey>,
+    services: HashMap<IpAddr, ServiceKey>,
+}
+
+impl Index {
+    fn tables(&self, snap: &Snapshot) -> &Tables {
+        self.0.get_or_init(|| {
+            let mut t = Tables::default();
+            for (k, w) in &snap.workloads {
+                for ip in &w.ips {
+                    t.workloads
+                        .entry(canonical(*ip))
+                        .or_insert_with(|| k.clone());
+                }
+            }
+            for (k, s) in &snap.services {
+                for ip in &s.vips {
+                    t.services
+                        .entry(canonical(*ip))
+                        .or_insert_with(|| k.clone());
+                }
+            }
+            t
+        })
+    }
+}
+
+// The index is derived data: a copy starts empty, and it never makes two
+// snapshots differ.
+impl Clone for Index {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+impl PartialEq for Index {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for Index {}
+impl std::fmt::Debug for Index {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Index")
+    }
 }
 
 /// Identifies a service: `namespace/name`.
@@ -182,8 +238,8 @@ pub struct Policies {
 impl Snapshot {
     /// The workload that owns `ip`, if any.
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
-        let ip = canonical(ip);
-        self.workloads.values().find(|w| w.ips.contains(&ip))
+        let key = self.index.tables(self).workloads.get(&canonical(ip))?;
+        self.workloads.get(key)
     }
 
     /// Workloads whose traffic goes through the mesh.
@@ -200,8 +256,8 @@ impl Snapshot {
 
     /// The service whose virtual IP is `ip`, if any.
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Service> {
-        let ip = canonical(ip);
-        self.services.values().find(|s| s.vips.contains(&ip))
+        let key = self.index.tables(self).services.get(&canonical(ip))?;
+        self.services.get(key)
     }
 }
 
@@ -256,6 +312,7 @@ impl Store {
                 workloads,
                 services: current.services.clone(),
                 policies: current.policies.clone(),
+                index: Index::default(),
             });
             true
         });

@@ -33,7 +33,10 @@ use std::{
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::state::{NodeInfo, Policies, Snapshot, Store, Workload, WorkloadKey};
+use crate::state::{
+    Endpoint, NodeInfo, Policies, Service, ServiceKey, ServicePort, Snapshot, Store, Workload,
+    WorkloadKey,
+};
 
 /// Why a workload file was rejected. The message names the file and the field.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +79,32 @@ struct FileModel {
     /// `kubectl get -o yaml` prints them.
     #[serde(default)]
     policies: Vec<serde_yaml::Value>,
+    /// Services: virtual IPs load-balanced over pods of this file.
+    #[serde(default)]
+    services: Vec<ServiceModel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ServiceModel {
+    name: String,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    vips: Vec<IpAddr>,
+    ports: Vec<ServicePortModel>,
+    /// Names of the pods (in the service's namespace) behind it, all ready.
+    #[serde(default)]
+    endpoints: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ServicePortModel {
+    #[serde(default)]
+    name: String,
+    port: u16,
+    #[serde(default)]
+    target_port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,6 +162,8 @@ pub struct WorkloadFile {
     /// The security policies (checked by the policy engine, which reports a
     /// malformed one without rejecting the others).
     pub policies: Policies,
+    /// The services, by key.
+    pub services: BTreeMap<ServiceKey, Service>,
 }
 
 /// Parses and validates `text`, the content of the file at `path` (named in errors).
@@ -305,7 +336,10 @@ pub fn parse(path: &Path, text: &str) -> Result<WorkloadFile, FileError> {
             }
         }
     }
+    let services = parse_services(model.services, &workloads, &owner_of_ip)
+        .map_err(|(field, reason)| invalid(field, reason))?;
     Ok(WorkloadFile {
+        services,
         node: NodeInfo {
             name: model.node.name,
             probe_sources,
@@ -313,6 +347,94 @@ pub fn parse(path: &Path, text: &str) -> Result<WorkloadFile, FileError> {
         workloads,
         policies,
     })
+}
+
+/// Builds the services: every listed endpoint pod must exist in the
+/// service's namespace; its addresses become the endpoints, with each port's
+/// target port (the port itself when none is given).
+fn parse_services(
+    models: Vec<ServiceModel>,
+    workloads: &BTreeMap<WorkloadKey, Workload>,
+    owner_of_ip: &HashMap<IpAddr, String>,
+) -> Result<BTreeMap<ServiceKey, Service>, (String, String)> {
+    let mut services = BTreeMap::new();
+    let mut vip_owner: HashMap<IpAddr, String> = HashMap::new();
+    for (i, m) in models.into_iter().enumerate() {
+        let at = |field: &str| format!("services[{i}].{field}");
+        let key = ServiceKey {
+            namespace: m.namespace.clone(),
+            name: m.name.clone(),
+        };
+        if !is_dns_label_ish(&m.name) || !is_dns_label_ish(&m.namespace) {
+            return Err((at("name"), format!("{key} is not a valid service name")));
+        }
+        if m.vips.is_empty() {
+            return Err((at("vips"), "a service needs at least one virtual IP".into()));
+        }
+        let vips: Vec<IpAddr> = m.vips.iter().map(|ip| ip.to_canonical()).collect();
+        for (j, vip) in vips.iter().enumerate() {
+            if let Some(pod) = owner_of_ip.get(vip) {
+                return Err((
+                    at(&format!("vips[{j}]")),
+                    format!("{vip} is the address of pod {pod}"),
+                ));
+            }
+            if let Some(other) = vip_owner.insert(*vip, key.to_string()) {
+                return Err((
+                    at(&format!("vips[{j}]")),
+                    format!("{vip} is also the address of service {other}"),
+                ));
+            }
+        }
+        if m.ports.is_empty() {
+            return Err((at("ports"), "a service needs at least one port".into()));
+        }
+        let mut ports = Vec::new();
+        let mut targets = BTreeMap::new();
+        for (j, p) in m.ports.iter().enumerate() {
+            if p.port == 0 || p.target_port == Some(0) {
+                return Err((at(&format!("ports[{j}]")), "port 0 is not a port".into()));
+            }
+            ports.push(ServicePort {
+                name: p.name.clone(),
+                port: p.port,
+                protocol: "TCP".into(),
+            });
+            targets.insert(p.name.clone(), p.target_port.unwrap_or(p.port));
+        }
+        let mut endpoints = Vec::new();
+        for (j, pod) in m.endpoints.iter().enumerate() {
+            let wk = WorkloadKey {
+                namespace: m.namespace.clone(),
+                name: pod.clone(),
+            };
+            let Some(w) = workloads.get(&wk) else {
+                return Err((
+                    at(&format!("endpoints[{j}]")),
+                    format!("no pod {wk} in this file"),
+                ));
+            };
+            for ip in &w.ips {
+                endpoints.push(Endpoint {
+                    ip: *ip,
+                    ports: targets.clone(),
+                    workload: Some(wk.clone()),
+                    node_name: w.node.clone(),
+                });
+            }
+        }
+        services.insert(
+            key,
+            Service {
+                name: m.name,
+                namespace: m.namespace,
+                vips,
+                ports,
+                endpoints,
+            },
+        );
+    }
+    Ok(services)
 }
 
 /// A Kubernetes-style name: 1..=253 characters of `[a-z0-9.-]`, starting and
@@ -341,6 +463,7 @@ pub fn publish(store: &Store, file: WorkloadFile) -> u64 {
         node: file.node,
         workloads: file.workloads,
         policies: file.policies,
+        services: file.services,
         ..Snapshot::default()
     })
 }

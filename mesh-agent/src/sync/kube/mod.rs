@@ -727,6 +727,7 @@ impl SyncLoop {
                 authorization: self.authorization.live().values().cloned().collect(),
                 peer_authentication: self.peer_authentication.live().values().cloned().collect(),
             },
+            index: Default::default(),
         };
         let before = self.store.current().generation;
         let generation = self.store.publish_snapshot(snapshot);
