@@ -157,6 +157,9 @@ fn excluded_ports_marked_sockets_and_probe_sources_are_not_captured() {
     );
     mesh.write_workload_text(0, &text);
     mesh.wait_agent_log_count(0, "workloads applied generation=2", 1);
+    // Changed pods are updated in place: capture never lapses.
+    mesh.wait_agent_log_count(0, "pod updated", 2);
+    assert_eq!(mesh.agent_log_count(0, "pod unenrolled"), 0);
 
     let before = mesh.counters(0);
     // Outbound exclusion: a's connect to 9191 is not redirected (b's inbound still is).

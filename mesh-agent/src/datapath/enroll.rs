@@ -129,12 +129,29 @@ impl Enroller {
             .map(|(k, _)| k.clone())
             .collect();
         for key in stale {
-            if let Some(pod) = self.pods.remove(&key) {
-                let changed = desired.contains_key(&key);
-                self.unenroll(pod);
-                if changed {
-                    tracing::info!(pod = %key, "pod changed; re-enrolling");
-                } else {
+            let Some(pod) = self.pods.remove(&key) else {
+                continue;
+            };
+            match desired.get(&key) {
+                // Same netns: update in place. Capture never lapses (no
+                // plaintext window) and the listeners keep their sockets.
+                Some(w) if w.netns == pod.workload.netns => match self.update(pod, w) {
+                    Ok(updated) => {
+                        tracing::info!(pod = %key, ips = ?w.ips, "pod updated");
+                        self.pods.insert(key, updated);
+                    }
+                    Err((pod, e)) => {
+                        tracing::error!(pod = %key, error = %e, "pod update failed; keeping its previous settings");
+                        report.failed.push((key.clone(), e.to_string()));
+                        self.pods.insert(key, pod);
+                    }
+                },
+                Some(_) => {
+                    self.unenroll(pod);
+                    tracing::info!(pod = %key, "pod moved to another netns; re-enrolling");
+                }
+                None => {
+                    self.unenroll(pod);
                     tracing::info!(pod = %key, "pod unenrolled");
                     report.removed.push(key);
                 }
@@ -184,8 +201,12 @@ impl Enroller {
             .outbound
             .iter()
             .chain([&listeners.inbound_plaintext, &listeners.inbound_hbone])
-            .filter_map(|l| l.try_clone().ok())
-            .collect();
+            .map(std::net::TcpListener::try_clone)
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|source| EnrollError::Listener {
+                addr: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT),
+                source,
+            })?;
         let slot = self.free_slots.pop().ok_or(EnrollError::SlotsExhausted)?;
         let result = self.publish(w, cookie, slot, &listeners);
         if let Err(e) = result {
@@ -193,6 +214,27 @@ impl Enroller {
             self.free_slots.push(slot);
             return Err(e);
         }
+        let cancel = self.serve(w, &identity, cookie, &worker, listeners);
+        Ok(EnrolledPod {
+            workload: w.clone(),
+            identity,
+            cookie,
+            slot,
+            cancel,
+            listener_fds,
+            _worker: worker,
+        })
+    }
+
+    /// Starts the proxy on a pod's listeners; returns what stops it.
+    fn serve(
+        &self,
+        w: &Workload,
+        identity: &SpiffeId,
+        cookie: u64,
+        worker: &Arc<NetnsWorker>,
+        listeners: PodListeners,
+    ) -> CancellationToken {
         let cancel = CancellationToken::new();
         let ctx = Arc::new(PodContext {
             key: w.key(),
@@ -204,15 +246,38 @@ impl Enroller {
             labels: w.labels.clone(),
         });
         self.proxy.serve_pod(ctx, listeners, cancel.clone());
-        Ok(EnrolledPod {
-            workload: w.clone(),
-            identity,
-            cookie,
-            slot,
-            cancel,
-            listener_fds,
-            _worker: worker,
-        })
+        cancel
+    }
+
+    /// Applies a changed workload (same netns) without un-enrolling: new map
+    /// entries are written (stale ones go in the sweep), and the accept loops
+    /// restart with the new context on the same listening sockets, whose
+    /// queued connections are not lost.
+    fn update(
+        &mut self,
+        mut pod: EnrolledPod,
+        w: &Workload,
+    ) -> Result<EnrolledPod, (EnrolledPod, EnrollError)> {
+        let identity =
+            match SpiffeId::new(self.proxy.trust_domain(), &w.namespace, &w.service_account) {
+                Ok(id) => id,
+                Err(e) => return Err((pod, e.into())),
+            };
+        let listeners = match pod_listeners(&pod.listener_fds) {
+            Ok(l) => l,
+            Err(source) => {
+                let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT);
+                return Err((pod, EnrollError::Listener { addr, source }));
+            }
+        };
+        if let Err(e) = self.publish(w, pod.cookie, pod.slot, &listeners) {
+            return Err((pod, e));
+        }
+        pod.cancel.cancel();
+        pod.cancel = self.serve(w, &identity, pod.cookie, &pod._worker, listeners);
+        pod.workload = w.clone();
+        pod.identity = identity;
+        Ok(pod)
     }
 
     /// Writes the pod's kernel state: inbound first, outbound capture last.
@@ -445,6 +510,26 @@ impl Enroller {
             self.unenroll(pod);
         }
     }
+}
+
+/// Fresh handles on a pod's listening sockets (duplicated fds, so the
+/// sockets live on when one set is dropped), in `listener_fds` order:
+/// outbound..., plaintext, HBONE.
+fn pod_listeners(fds: &[std::net::TcpListener]) -> std::io::Result<PodListeners> {
+    let mut dups = fds
+        .iter()
+        .map(std::net::TcpListener::try_clone)
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let (Some(inbound_hbone), Some(inbound_plaintext)) = (dups.pop(), dups.pop()) else {
+        return Err(std::io::Error::other(
+            "the pod has fewer listeners than expected",
+        ));
+    };
+    Ok(PodListeners {
+        outbound: dups,
+        inbound_plaintext,
+        inbound_hbone,
+    })
 }
 
 /// Opens the pod's listeners; runs inside the pod's netns. Returns them with
