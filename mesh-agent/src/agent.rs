@@ -41,6 +41,8 @@ pub struct RunConfig {
     pub cert_ttl: Duration,
     /// Istio's root namespace: policies there apply mesh-wide.
     pub root_namespace: String,
+    /// How long a stopping agent keeps serving its open connections.
+    pub drain_timeout: Duration,
     /// Where the admin, metrics and readiness endpoints listen.
     pub admin: crate::admin::AdminConfig,
 }
@@ -196,9 +198,34 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     if control.join().is_err() {
         tracing::error!("control loop panicked");
     }
+    // The listeners are closed: new connections go to a successor agent if
+    // there is one (and fail closed if not). Open ones finish, up to the
+    // drain deadline, so an upgrade does not cut them.
+    let telemetry = admin.telemetry().clone();
+    let open = telemetry.connections.len();
+    if open > 0 {
+        tracing::info!(
+            open,
+            deadline_s = cfg.drain_timeout.as_secs(),
+            "draining open connections"
+        );
+        let drained = runtime.block_on(async {
+            let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
+            while !telemetry.connections.is_empty() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            telemetry.connections.len()
+        });
+        if drained > 0 {
+            tracing::warn!(
+                open = drained,
+                "drain deadline reached; cutting the remaining connections"
+            );
+        }
+    }
     log_counters(&cfg.pin_dir, &stats);
-    // Open connections are cut when the process exits; the kernel state
-    // stays pinned so captured traffic fails closed until the next agent.
+    // The kernel state stays pinned so captured traffic fails closed until
+    // the next agent.
     runtime.shutdown_timeout(Duration::from_secs(1));
     tracing::info!("agent stopped; datapath left pinned (fails closed until the next agent)");
     Ok(())

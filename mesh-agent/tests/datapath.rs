@@ -499,3 +499,72 @@ fn without_privileges_the_agent_says_what_it_lacks() {
         "{stderr}"
     );
 }
+
+#[test]
+fn an_upgrade_hands_over_without_cutting_open_connections() {
+    let mut mesh = one_node();
+    // A long connection through the first agent.
+    let mut hold = std::process::Command::new(mesh_lab::lab_app_path().expect("app"));
+    hold.args([
+        "hold",
+        "--connect",
+        &mesh.v4("b", 8080),
+        "--interval-ms",
+        "100",
+        "--duration-ms",
+        "6000",
+    ]);
+    let held = mesh.lab.spawn_in_pod("a", hold).expect("hold");
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    // The new agent starts next to the old one (DaemonSet maxSurge), then the
+    // old one is told to stop: it drains, the new one takes new connections.
+    let old = mesh.take_agent(0);
+    mesh.start_agent_with(
+        0,
+        &[
+            "--admin-addr",
+            "127.0.0.1:15100",
+            "--metrics-addr",
+            "0.0.0.0:15120",
+            "--readiness-addr",
+            "0.0.0.0:15121",
+        ],
+    );
+    old.signal(libc::SIGTERM).expect("SIGTERM");
+    old.wait_for_log(
+        "draining open connections",
+        std::time::Duration::from_secs(10),
+    )
+    .expect("old agent drains");
+    for _ in 0..5 {
+        assert_eq!(
+            mesh.probe("a", &mesh.v4("b", 8080), &[]),
+            ProbeOutcome::Echoed
+        );
+        assert_eq!(
+            mesh.probe("c", &mesh.v4("b", 9191), &[]),
+            ProbeOutcome::Echoed
+        );
+    }
+    let status = held
+        .wait_timeout(std::time::Duration::from_secs(20))
+        .expect("wait")
+        .expect("hold ended");
+    let out = held.log_contents().expect("hold output");
+    assert!(
+        status.success(),
+        "the open connection was cut during the upgrade: {out}"
+    );
+    let exited = old
+        .wait_timeout(std::time::Duration::from_secs(20))
+        .expect("wait")
+        .expect("old agent exited");
+    assert!(exited.success(), "{}", old.log_tail(20));
+    assert!(
+        !old.log_contents()
+            .expect("log")
+            .contains("drain deadline reached")
+    );
+    // The new agent served the probes.
+    assert!(mesh.agent_log_count(0, "outcome=\"closed\"") >= 10);
+}

@@ -116,6 +116,10 @@ struct RunArgs {
     /// Istio's root namespace: AuthorizationPolicy/PeerAuthentication there apply mesh-wide.
     #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = crate::proxy::authz::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
+    /// On SIGTERM, how long open connections keep being served (new ones go
+    /// to the next agent) before the agent exits (`30s`, `2m`).
+    #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
 }
 
 /// `90s`, `30m`, `24h`, `2d` or plain seconds.
@@ -175,6 +179,7 @@ pub fn main() -> ExitCode {
                 trust_domain: args.trust_domain,
                 cert_ttl: args.cert_ttl,
                 root_namespace: args.root_namespace,
+                drain_timeout: args.drain_timeout,
             })
         }
         Command::Ca(CaCommand::Init {

@@ -135,17 +135,17 @@ impl Enroller {
             match desired.get(&key) {
                 // Same netns: update in place. Capture never lapses (no
                 // plaintext window) and the listeners keep their sockets.
-                Some(w) if w.netns == pod.workload.netns => match self.update(pod, w) {
-                    Ok(updated) => {
-                        tracing::info!(pod = %key, ips = ?w.ips, "pod updated");
-                        self.pods.insert(key, updated);
+                Some(w) if w.netns == pod.workload.netns => {
+                    let mut pod = pod;
+                    match self.update(&mut pod, w) {
+                        Ok(()) => tracing::info!(pod = %key, ips = ?w.ips, "pod updated"),
+                        Err(e) => {
+                            tracing::error!(pod = %key, error = %e, "pod update failed; keeping its previous settings");
+                            report.failed.push((key.clone(), e.to_string()));
+                        }
                     }
-                    Err((pod, e)) => {
-                        tracing::error!(pod = %key, error = %e, "pod update failed; keeping its previous settings");
-                        report.failed.push((key.clone(), e.to_string()));
-                        self.pods.insert(key, pod);
-                    }
-                },
+                    self.pods.insert(key, pod);
+                }
                 Some(_) => {
                     self.unenroll(pod);
                     tracing::info!(pod = %key, "pod moved to another netns; re-enrolling");
@@ -253,31 +253,19 @@ impl Enroller {
     /// entries are written (stale ones go in the sweep), and the accept loops
     /// restart with the new context on the same listening sockets, whose
     /// queued connections are not lost.
-    fn update(
-        &mut self,
-        mut pod: EnrolledPod,
-        w: &Workload,
-    ) -> Result<EnrolledPod, (EnrolledPod, EnrollError)> {
-        let identity =
-            match SpiffeId::new(self.proxy.trust_domain(), &w.namespace, &w.service_account) {
-                Ok(id) => id,
-                Err(e) => return Err((pod, e.into())),
-            };
-        let listeners = match pod_listeners(&pod.listener_fds) {
-            Ok(l) => l,
-            Err(source) => {
-                let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT);
-                return Err((pod, EnrollError::Listener { addr, source }));
-            }
-        };
-        if let Err(e) = self.publish(w, pod.cookie, pod.slot, &listeners) {
-            return Err((pod, e));
-        }
+    fn update(&mut self, pod: &mut EnrolledPod, w: &Workload) -> Result<(), EnrollError> {
+        let identity = SpiffeId::new(self.proxy.trust_domain(), &w.namespace, &w.service_account)?;
+        let listeners =
+            pod_listeners(&pod.listener_fds).map_err(|source| EnrollError::Listener {
+                addr: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT),
+                source,
+            })?;
+        self.publish(w, pod.cookie, pod.slot, &listeners)?;
         pod.cancel.cancel();
         pod.cancel = self.serve(w, &identity, pod.cookie, &pod._worker, listeners);
         pod.workload = w.clone();
         pod.identity = identity;
-        Ok(pod)
+        Ok(())
     }
 
     /// Writes the pod's kernel state: inbound first, outbound capture last.
@@ -500,6 +488,13 @@ impl Enroller {
     pub fn shutdown(&mut self) {
         for pod in self.pods.values() {
             pod.cancel.cancel();
+            // Leave the listening sockets' reuseport groups and the sockmap
+            // at once, so that a successor agent (which bound the same ports
+            // with SO_REUSEPORT and put its own sockets in the sockmap) takes
+            // every new connection; open connections keep being served.
+            for l in &pod.listener_fds {
+                let _ = socket2::SockRef::from(l).shutdown(std::net::Shutdown::Both);
+            }
         }
     }
 

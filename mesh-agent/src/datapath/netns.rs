@@ -189,6 +189,9 @@ pub fn netns_cookie(fd: &impl AsFd) -> io::Result<u64> {
 pub fn listener(addr: SocketAddr, dual_stack: bool) -> io::Result<std::net::TcpListener> {
     let sock = tcp_socket(&addr, mesh_common::BYPASS_MARK)?;
     sock.set_reuse_address(true)?;
+    // Two agents serve a pod during an upgrade (the new one starts before the
+    // old one drains): both bind the same in-pod ports.
+    sock.set_reuse_port(true)?;
     if addr.is_ipv6() {
         sock.set_only_v6(!dual_stack)?;
     }

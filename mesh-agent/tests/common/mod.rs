@@ -152,6 +152,11 @@ impl Mesh {
         log
     }
 
+    /// Takes node `node`'s agent out of the harness (to run a second one next to it).
+    pub fn take_agent(&mut self, node: usize) -> LabChild {
+        self.agents[node].take().expect("agent running")
+    }
+
     /// Node `node`'s agent.
     pub fn agent(&self, node: usize) -> &LabChild {
         self.agents[node].as_ref().expect("agent running")
