@@ -519,3 +519,23 @@ fn a_service_vip_is_balanced_over_its_endpoints_and_skips_one_that_refuses() {
         "{log}"
     );
 }
+
+#[test]
+fn a_broken_tunnel_connection_is_replaced_without_failing_the_next_connection() {
+    let mut mesh = two_nodes(&[]);
+    let c = mesh.v4("c", 8080);
+    assert_eq!(mesh.probe("a", &c, &[]), ProbeOutcome::Echoed);
+    // The peer agent goes away and comes back: the pooled connection to it is dead.
+    let old = mesh.take_agent(1);
+    old.kill().expect("kill the peer agent");
+    mesh.start_agent(1);
+    // The very next connection succeeds (on a new tunnel connection).
+    for _ in 0..3 {
+        assert_eq!(mesh.probe("a", &c, &[]), ProbeOutcome::Echoed);
+    }
+    let before = mesh.counters(1);
+    let r = mesh.client("a", &c, &["--conns", "10"]);
+    assert_eq!((r.ok, r.failed), (10, 0), "{r:?}");
+    // And it is pooled again: no new TLS connection for those ten.
+    assert_eq!(delta(&before, &mesh.counters(1), "lookup_steered_hbone"), 0);
+}
