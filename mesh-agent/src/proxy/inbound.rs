@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::{PodContext, Shared, account, authz::Subject, relay, reset};
-use crate::admin::{Connection, Direction, Outcome, PolicyDecision, SecurityPolicy};
+use crate::admin::{Connection, Direction, Outcome, SecurityPolicy};
 
 /// Accepts steered connections of one pod until cancelled.
 pub async fn serve(
@@ -66,29 +66,10 @@ async fn handle(ctx: Arc<PodContext>, client: TcpStream, peer: SocketAddr, share
         workload: ctx.key.clone(),
         labels: ctx.labels.clone(),
     };
-    let decision = shared.authz.check(&subject);
-    if let Some(reason) = decision.deny_reason() {
-        stats.failed.fetch_add(1, Ordering::Relaxed);
-        shared
-            .telemetry
-            .metrics
-            .policy_decision(PolicyDecision::Deny);
-        tracker.close(
-            0,
-            0,
-            Outcome::Denied {
-                policy: reason.policy().map(|p| p.to_string()),
-                reason: reason.to_string(),
-            },
-        );
+    let Some((tracked, tracker)) = super::authorize(&shared, subject, tracker) else {
         reset(client);
         return;
-    }
-    shared
-        .telemetry
-        .metrics
-        .policy_decision(PolicyDecision::Allow);
-    let tracked = shared.authz.track(subject);
+    };
     let app = match ctx.connect(dst).await {
         Ok(s) => s,
         Err(e) => {

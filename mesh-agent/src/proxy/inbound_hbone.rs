@@ -19,7 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::{PodContext, Shared, account, authz::Subject, hbone, reset};
-use crate::admin::{Connection, Direction, Outcome, PolicyDecision, SecurityPolicy};
+use crate::admin::{Connection, Direction, Outcome, SecurityPolicy};
 use crate::identity::{SpiffeId, describe_tls_error, peer_identity};
 
 /// How long a client may take to complete the TLS handshake.
@@ -156,29 +156,10 @@ async fn stream(
         workload: ctx.key.clone(),
         labels: ctx.labels.clone(),
     };
-    let decision = shared.authz.check(&subject);
-    if let Some(reason) = decision.deny_reason() {
-        shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-        shared
-            .telemetry
-            .metrics
-            .policy_decision(PolicyDecision::Deny);
-        tracker.close(
-            0,
-            0,
-            Outcome::Denied {
-                policy: reason.policy().map(|p| p.to_string()),
-                reason: reason.to_string(),
-            },
-        );
+    let Some((tracked, tracker)) = super::authorize(&shared, subject, tracker) else {
         hbone::respond_status(&mut respond, StatusCode::UNAUTHORIZED);
         return;
-    }
-    shared
-        .telemetry
-        .metrics
-        .policy_decision(PolicyDecision::Allow);
-    let tracked = shared.authz.track(subject);
+    };
     let app = match ctx.connect(target).await {
         Ok(s) => s,
         Err(e) => {

@@ -281,6 +281,40 @@ fn account(stats: &ProxyStats, result: &RelayResult) -> Outcome {
     }
 }
 
+/// Decides an inbound connection: counts the decision; a denied one is
+/// closed in telemetry with the policy's reason (the caller refuses it); an
+/// allowed one is registered for re-checks when policies change.
+fn authorize(
+    shared: &Shared,
+    subject: authz::Subject,
+    tracker: crate::admin::ConnectionTracker,
+) -> Option<(authz::Tracked, crate::admin::ConnectionTracker)> {
+    use crate::admin::PolicyDecision;
+    let decision = shared.authz.check(&subject);
+    if let Some(reason) = decision.deny_reason() {
+        shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+        shared
+            .telemetry
+            .metrics
+            .policy_decision(PolicyDecision::Deny);
+        let policy = reason.policy().map(|p| p.to_string());
+        tracker.close(
+            0,
+            0,
+            Outcome::Denied {
+                policy,
+                reason: reason.to_string(),
+            },
+        );
+        return None;
+    }
+    shared
+        .telemetry
+        .metrics
+        .policy_decision(PolicyDecision::Allow);
+    Some((shared.authz.track(subject), tracker))
+}
+
 /// The telemetry view of a peer: its workload (if the state knows the
 /// address) and identity.
 fn peer(
