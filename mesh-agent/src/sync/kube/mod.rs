@@ -668,6 +668,8 @@ impl SyncLoop {
                 ips: pod.ips.clone(),
                 labels: pod.labels.clone(),
                 enrolled: e.enrolled,
+                exclude_outbound_ports: pod.exclude_outbound_ports.clone(),
+                exclude_inbound_ports: pod.exclude_inbound_ports.clone(),
                 ..Workload::default()
             };
             if pod.node_name != self.cfg.node_name {

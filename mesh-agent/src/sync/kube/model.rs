@@ -56,6 +56,43 @@ pub struct PodFacts {
     pub host_network: bool,
     /// Phase `Succeeded` or `Failed`: no process, nothing to enroll.
     pub terminal: bool,
+    /// Destination ports whose outbound connections bypass the mesh
+    /// (annotation `traffic.sidecar.istio.io/excludeOutboundPorts`).
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Ports whose inbound connections bypass the mesh
+    /// (annotation `traffic.sidecar.istio.io/excludeInboundPorts`).
+    pub exclude_inbound_ports: Vec<u16>,
+}
+
+/// Istio's annotation listing outbound ports to leave alone.
+pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+/// Istio's annotation listing inbound ports to leave alone.
+pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+
+/// The ports of a comma-separated annotation value (`"53, 9100"`); entries
+/// that are not ports are logged and skipped (an exclusion that cannot be
+/// read is not applied: the port stays in the mesh).
+pub fn annotation_ports(pod: &str, name: &str, value: &str) -> Vec<u16> {
+    let mut ports: Vec<u16> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| match p.parse::<u16>() {
+            Ok(port) if port > 0 => Some(port),
+            _ => {
+                tracing::warn!(
+                    pod,
+                    annotation = name,
+                    entry = p,
+                    "not a port; ignored (the port stays in the mesh)"
+                );
+                None
+            }
+        })
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 impl PodFacts {
@@ -82,6 +119,13 @@ impl PodFacts {
         }
         ips.dedup();
         let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or_default();
+        let annotation = |name: &str| {
+            let value = meta.annotations.as_ref().and_then(|a| a.get(name));
+            let pod = meta.name.as_deref().unwrap_or_default();
+            value
+                .map(|v| annotation_ports(pod, name, v))
+                .unwrap_or_default()
+        };
         Some(Self {
             name: meta.name.clone()?,
             namespace: meta.namespace.clone()?,
@@ -95,6 +139,8 @@ impl PodFacts {
             labels: meta.labels.clone().unwrap_or_default(),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             terminal: matches!(phase, "Succeeded" | "Failed"),
+            exclude_outbound_ports: annotation(EXCLUDE_OUTBOUND_PORTS),
+            exclude_inbound_ports: annotation(EXCLUDE_INBOUND_PORTS),
         })
     }
 
@@ -104,6 +150,18 @@ impl PodFacts {
             namespace: self.namespace.clone(),
             name: self.name.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod annotation_tests {
+    use super::annotation_ports;
+
+    #[test]
+    fn exclusion_annotations_parse_leniently() {
+        assert_eq!(annotation_ports("p", "a", "53, 9100,53"), vec![53, 9100]);
+        assert_eq!(annotation_ports("p", "a", "x, 0, 70000, 15"), vec![15]);
+        assert!(annotation_ports("p", "a", "").is_empty());
     }
 }
 
