@@ -103,10 +103,11 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .collect();
     let features = crate::datapath::probe_program_types();
     admin.register_datapath(&summary, &features, &cfg.pin_dir, &cfg.cgroup);
-    admin.set_info(
-        "sources",
-        serde_json::json!([format!("file:{}", cfg.workloads.display())]),
-    );
+    let source = match &cfg.kube {
+        Some(_) => "kubernetes".to_owned(),
+        None => format!("file:{}", cfg.workloads.display()),
+    };
+    admin.set_info("sources", serde_json::json!([source]));
     datapath_ready.release();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -115,7 +116,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         cgroup = %cfg.cgroup.display(),
         pin_dir = %cfg.pin_dir.display(),
         programs = %programs.join(","),
-        source = %cfg.workloads.display(),
+        source = %source,
         features = %features.iter().map(|(f, ok)| format!("{f}:{}", if *ok { "yes" } else { "no" })).collect::<Vec<_>>().join(","),
         listeners = %listeners,
         "datapath loaded"
