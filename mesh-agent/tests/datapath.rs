@@ -568,3 +568,61 @@ fn an_upgrade_hands_over_without_cutting_open_connections() {
     // The new agent served the probes.
     assert!(mesh.agent_log_count(0, "outcome=\"closed\"") >= 10);
 }
+
+#[test]
+fn a_pod_vanishing_mid_connection_ends_that_connection_and_nothing_else() {
+    let mut mesh = one_node();
+    let mut hold = std::process::Command::new(mesh_lab::lab_app_path().expect("app"));
+    hold.args([
+        "hold",
+        "--connect",
+        &mesh.v4("b", 8080),
+        "--interval-ms",
+        "100",
+        "--duration-ms",
+        "20000",
+        "--timeout-ms",
+        "2000",
+    ]);
+    let held = mesh.lab.spawn_in_pod("a", hold).expect("hold");
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    // b goes away: its app dies, its netns is deleted, it leaves the file.
+    let b_netns = mesh.lab.pod("b").expect("b").netns().to_owned();
+    mesh.apps.remove(0); // the echo server of b (started first in one_node)
+    let out = std::process::Command::new("ip")
+        .args(["netns", "del", &b_netns])
+        .output()
+        .expect("ip netns del");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    mesh.write_workloads(0, &[("a", true), ("c", false), ("d", false)]);
+    mesh.wait_agent_log_count(0, "pod unenrolled", 1);
+    // The held connection ends (it does not hang), with an error.
+    let status = held
+        .wait_timeout(std::time::Duration::from_secs(15))
+        .expect("wait")
+        .expect("hold ended");
+    assert!(
+        !status.success(),
+        "the connection to a vanished pod kept going: {}",
+        held.log_tail(5)
+    );
+    // The agent is fine and the rest of the mesh works.
+    assert!(
+        mesh.agent(0).try_wait().expect("try_wait").is_none(),
+        "the agent died"
+    );
+    assert_eq!(
+        mesh.probe("a", &mesh.v4("d", 8080), &[]),
+        ProbeOutcome::Echoed
+    );
+    assert_eq!(
+        mesh.probe("c", &mesh.v4("d", 8080), &[]),
+        ProbeOutcome::Echoed
+    );
+    let log = mesh.agent(0).log_contents().expect("log");
+    assert!(!log.contains("panicked"), "{log}");
+}
