@@ -118,6 +118,7 @@ pub fn run(bin_dir: &Path) -> anyhow::Result<()> {
     println!("\n  stopping the agent on node 0 ...");
     let stopped = agents.remove(0);
     stopped.terminate()?;
+    let earlier_log = stopped.log_contents()?;
     let down = labkit::probe(&lab, &bins, "frontend", &labkit::addr(&lab, "db", 5432)?)?;
     let down_in = labkit::probe(&lab, &bins, "legacy", &labkit::addr(&lab, "backend", 8080)?)?;
     println!(
@@ -129,10 +130,11 @@ pub fn run(bin_dir: &Path) -> anyhow::Result<()> {
 
     std::thread::sleep(Duration::from_millis(300));
     println!("\n  access log of node 0's agent (one line per connection, last 6):");
-    let log = agents[0].log_contents()?;
+    // The first agent's lines (before the restart), then the second's.
+    let log = earlier_log + &agents[0].log_contents()?;
     let lines: Vec<&str> = log
         .lines()
-        .filter(|l| l.contains("connection closed"))
+        .filter(|l| l.contains("connection closed") && !l.contains("bytes_sent=16384"))
         .collect();
     for l in lines.iter().rev().take(6).rev() {
         println!(
