@@ -504,16 +504,7 @@ fn without_privileges_the_agent_says_what_it_lacks() {
 fn an_upgrade_hands_over_without_cutting_open_connections() {
     let mut mesh = one_node();
     // A long connection through the first agent.
-    let mut hold = std::process::Command::new(mesh_lab::lab_app_path().expect("app"));
-    hold.args([
-        "hold",
-        "--connect",
-        &mesh.v4("b", 8080),
-        "--interval-ms",
-        "100",
-        "--duration-ms",
-        "6000",
-    ]);
+    let hold = mesh.hold_command(&mesh.v4("b", 8080), 6000, &[]);
     let held = mesh.lab.spawn_in_pod("a", hold).expect("hold");
     std::thread::sleep(std::time::Duration::from_millis(800));
     // The new agent starts next to the old one (DaemonSet maxSurge), then the
@@ -572,18 +563,7 @@ fn an_upgrade_hands_over_without_cutting_open_connections() {
 #[test]
 fn a_pod_vanishing_mid_connection_ends_that_connection_and_nothing_else() {
     let mut mesh = one_node();
-    let mut hold = std::process::Command::new(mesh_lab::lab_app_path().expect("app"));
-    hold.args([
-        "hold",
-        "--connect",
-        &mesh.v4("b", 8080),
-        "--interval-ms",
-        "100",
-        "--duration-ms",
-        "20000",
-        "--timeout-ms",
-        "2000",
-    ]);
+    let hold = mesh.hold_command(&mesh.v4("b", 8080), 20000, &["--timeout-ms", "2000"]);
     let held = mesh.lab.spawn_in_pod("a", hold).expect("hold");
     std::thread::sleep(std::time::Duration::from_millis(800));
     // b goes away: its app dies, its netns is deleted, it leaves the file.

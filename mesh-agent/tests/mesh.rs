@@ -18,7 +18,6 @@ use mesh_agent::identity::{LocalCa, MeshCa, SpiffeId, TrustDomain, WorkloadCert,
 use mesh_lab::{
     LabSpec, NodeSpec, PodSpec,
     app::{HoldReport, Pattern, ProbeOutcome},
-    lab_app_path,
 };
 use rustls::{
     ClientConfig, DigitallySignedStruct, SignatureScheme,
@@ -397,16 +396,7 @@ fn bad_peers_are_rejected_with_a_clear_reason() {
 fn certificates_rotate_under_a_long_connection() {
     let mesh = two_nodes(&["--cert-ttl", "4s"]);
     // A long connection across several rotations (half-life 2 s).
-    let mut hold = Command::new(lab_app_path().expect("app"));
-    hold.args([
-        "hold",
-        "--connect",
-        &mesh.v4("c", 8080),
-        "--interval-ms",
-        "100",
-        "--duration-ms",
-        "9000",
-    ]);
+    let hold = mesh.hold_command(&mesh.v4("c", 8080), 9000, &[]);
     let rt = runtime();
     let c_ip = mesh.lab.pod("c").expect("c").ipv4();
     let x_netns = mesh.lab.pod("x").expect("x").netns_path();

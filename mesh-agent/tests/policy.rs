@@ -3,13 +3,12 @@
 
 mod common;
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use common::Mesh;
 use mesh_lab::{
     LabSpec, NodeSpec, PodSpec,
     app::{HoldReport, ProbeOutcome},
-    lab_app_path,
 };
 
 /// Node 0: `a` (enrolled, namespace default), `b` (enrolled, namespace
@@ -197,16 +196,7 @@ fn strict_rejects_plaintext_and_permissive_accepts_it() {
 #[test]
 fn an_open_connection_is_closed_when_a_deny_policy_arrives() {
     let mesh = mesh_with("");
-    let mut hold = Command::new(lab_app_path().expect("app"));
-    hold.args([
-        "hold",
-        "--connect",
-        &mesh.v4("c", 8080),
-        "--interval-ms",
-        "100",
-        "--duration-ms",
-        "8000",
-    ]);
+    let hold = mesh.hold_command(&mesh.v4("c", 8080), 8000, &[]);
     let child = mesh.lab.spawn_in_pod("a", hold).expect("hold");
     std::thread::sleep(Duration::from_millis(1500));
     write(

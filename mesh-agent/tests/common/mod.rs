@@ -247,6 +247,23 @@ impl Mesh {
         ClientReport::from_output(&out).expect("client report")
     }
 
+    /// A `mesh-lab-app hold` command: one connection to `to`, a message
+    /// every 100 ms for `duration_ms`, plus `extra` arguments.
+    pub fn hold_command(&self, to: &str, duration_ms: u64, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(lab_app_path().expect("mesh-lab-app"));
+        cmd.args([
+            "hold",
+            "--connect",
+            to,
+            "--interval-ms",
+            "100",
+            "--duration-ms",
+            &duration_ms.to_string(),
+        ])
+        .args(extra);
+        cmd
+    }
+
     /// Runs `mesh-lab-app probe` in `from` against `to`.
     pub fn probe(&self, from: &str, to: &str, args: &[&str]) -> ProbeOutcome {
         let mut cmd = Command::new(lab_app_path().expect("mesh-lab-app"));
