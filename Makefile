@@ -1,11 +1,12 @@
 # The two commands: `make demo` runs the lab demo, `make test` the whole suite.
 # Both install what they need first (scripts/setup.sh, idempotent).
 # Lab tests and the demo need root (network namespaces, cgroups, eBPF).
+# `make check` (fmt, clippy, unit and root-free tests) runs as any user.
 
 CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all setup build demo test bench lab-clean clean
+.PHONY: all setup build check demo test bench lab-clean clean
 
 all: build
 
@@ -14,6 +15,10 @@ setup:
 
 build: setup
 	$(CARGO) build --workspace --bins
+
+check:
+	@./scripts/setup.sh --rust-only
+	$(CARGO) xtask check
 
 demo: setup
 	$(CARGO) xtask demo

@@ -3,13 +3,20 @@
 # run costs about a second. Versions are pinned here and in the toolchain files.
 set -euo pipefail
 
-USER_TOOLCHAIN=1.99.1              # rust-toolchain.toml
-EBPF_TOOLCHAIN=nightly-2026-06-15  # mesh-ebpf/rust-toolchain.toml (LLVM 22, for bpf-linker 0.10.x)
+cd "$(dirname "$0")/.."
+# The toolchains are named once, in their toolchain files.
+channel_of() { sed -n 's/^channel *= *"\(.*\)"/\1/p' "$1"; }
+USER_TOOLCHAIN=$(channel_of rust-toolchain.toml)
+EBPF_TOOLCHAIN=$(channel_of mesh-ebpf/rust-toolchain.toml)  # LLVM 22, for bpf-linker 0.10.x
 BPF_LINKER_VERSION=0.10.4          # 0.10.0 emits BTF the kernel rejects; >=0.11 needs a system LLVM 21+
-DEBIAN_PACKAGES=(iproute2 iperf3 bpftool tcpdump procps)
+# sockperf: `cargo xtask bench` (latency).
+DEBIAN_PACKAGES=(iproute2 iperf3 bpftool tcpdump procps sockperf)
 
 say() { printf '[setup] %s\n' "$*"; }
 
+if [ -z "$USER_TOOLCHAIN" ] || [ -z "$EBPF_TOOLCHAIN" ]; then
+    say "cannot read the toolchain channels from rust-toolchain.toml and mesh-ebpf/rust-toolchain.toml"; exit 1
+fi
 if ! command -v rustup >/dev/null; then
     say "rustup is required (https://rustup.rs); it is not installed"; exit 1
 fi
@@ -28,6 +35,12 @@ CARGO_BIN="${CARGO_HOME:-$HOME/.cargo}/bin"
 if ! "$CARGO_BIN/bpf-linker" --version 2>/dev/null | grep -qx "bpf-linker $BPF_LINKER_VERSION"; then
     say "installing bpf-linker $BPF_LINKER_VERSION (about two minutes)"
     cargo "+$EBPF_TOOLCHAIN" install bpf-linker --version "$BPF_LINKER_VERSION" --locked --force
+fi
+
+if [ "${1:-}" = "--rust-only" ]; then
+    # `make check`: toolchains only, nothing that needs root.
+    say "ready: Rust $USER_TOOLCHAIN, $EBPF_TOOLCHAIN, bpf-linker $BPF_LINKER_VERSION"
+    exit 0
 fi
 
 missing=()

@@ -2,6 +2,7 @@
 //! workload file, load the datapath, publish the state, enroll pods, then
 //! watch the file. The data plane runs on a multi-thread runtime; the control
 //! loop (enrollment) on its own thread with a small runtime.
+#![forbid(unsafe_code)]
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 

@@ -64,6 +64,8 @@
 //!   rejected ("R2 type=ctx expected=fp").
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// aya's program macros generate the undocumented `extern "C"` entry points.
+#![allow(missing_docs)]
 
 use core::ptr::{read_volatile, write_volatile};
 

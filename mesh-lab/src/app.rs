@@ -1,6 +1,7 @@
 //! The pure pieces of `mesh-lab-app` (the application run inside lab pods),
 //! shared with the tests that read its output: the data pattern, the error
 //! kinds and the JSON reports.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::fmt;

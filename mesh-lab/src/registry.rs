@@ -1,5 +1,6 @@
 //! Process-wide lab bookkeeping: lab ids, the live-lab list the signal thread
 //! cleans up, and sweeping what dead processes left behind.
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,4 +1,5 @@
 //! What a lab should contain: nodes and the pods on them.
+#![forbid(unsafe_code)]
 
 use std::collections::HashSet;
 

@@ -1,5 +1,6 @@
 //! The lab's names and addresses, computed from a [`LabSpec`] and a lab id
 //! without touching the system.
+#![forbid(unsafe_code)]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};

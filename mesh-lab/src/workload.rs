@@ -1,4 +1,5 @@
 //! The agent's workload file (file-mode sync), rendered from lab facts.
+#![forbid(unsafe_code)]
 
 use std::fmt::Write as _;
 

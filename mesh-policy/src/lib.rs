@@ -93,7 +93,7 @@
 //!   at one level the oldest (`creationTimestamp`, then name) wins.
 //!   `DISABLE` behaves as PERMISSIVE (ambient). A selector PeerAuthentication
 //!   in the root namespace is ignored, with a warning (as in Istio).
-
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod bench;

@@ -3,6 +3,7 @@
 //! the agent's memory, for the same pods without the mesh (baseline) and
 //! through it, same node and cross node. Prints a table; writes
 //! `target/bench.json`. Numbers, not assertions: nothing here fails on speed.
+#![forbid(unsafe_code)]
 
 use std::{path::Path, process::Command, time::Duration};
 

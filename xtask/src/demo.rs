@@ -1,5 +1,6 @@
 //! `cargo xtask demo`: two lab nodes, the real agent with real eBPF on each,
 //! traffic between enrolled and un-enrolled pods, and what the mesh did.
+#![forbid(unsafe_code)]
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 

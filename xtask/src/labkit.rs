@@ -1,4 +1,5 @@
 //! What the demo and the benchmarks share: agents and apps in a lab.
+#![forbid(unsafe_code)]
 
 use std::{
     collections::BTreeMap,

@@ -2,8 +2,9 @@
 //!
 //! - `build-ebpf`: build the kernel object on its own (the agent's build.rs
 //!   also builds and embeds it).
-//! - `test`: format check, clippy with `-D warnings`, then every test,
-//!   including the lab tests (root).
+//! - `check`: format check, clippy with `-D warnings`, the unit tests and the
+//!   integration tests that need no root. For contributors; runs as any user.
+//! - `test`: `check`, then every test, including the lab tests (root).
 //! - `demo`: the lab demo (root).
 //! - `bench`: the benchmark suite (root).
 //! - `lab-clean`: remove lab leftovers of killed runs.
@@ -30,7 +31,10 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// fmt check, clippy -D warnings, build, unit and lab tests.
+    /// fmt check, clippy -D warnings, unit tests and the root-free
+    /// integration tests: everything that runs without root.
+    Check,
+    /// `check`, then every test including the lab tests (root).
     Test {
         /// Extra arguments for `cargo test` (for example a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -50,8 +54,81 @@ enum Cmd {
     },
 }
 
-/// The nightly cargo-fuzz runs on (the kernel programs' pinned one).
-const FUZZ_TOOLCHAIN: &str = "nightly-2026-06-15";
+/// Integration test targets that need no root (no lab): `check` runs them.
+/// Every other integration test is a lab test and runs in `test` only.
+const ROOT_FREE_TESTS: [&str; 4] = ["kube_sync", "kube_outage", "deploy_manifests", "check_cli"];
+
+/// The nightly the kernel programs build with (and cargo-fuzz runs on), read
+/// from the one file that names it.
+fn ebpf_toolchain() -> anyhow::Result<String> {
+    let path = root().join("mesh-ebpf/rust-toolchain.toml");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    text.lines()
+        .find_map(|line| {
+            let value = line.trim().strip_prefix("channel")?.trim_start();
+            let value = value.strip_prefix('=')?.trim();
+            Some(value.strip_prefix('"')?.strip_suffix('"')?.to_owned())
+        })
+        .with_context(|| format!("no `channel = \"...\"` in {}", path.display()))
+}
+
+/// The workspace's integration tests that are not root-free, as (package,
+/// test target): every `tests/*.rs` file of a member crate.
+fn lab_tests() -> anyhow::Result<Vec<(String, String)>> {
+    let mut found = Vec::new();
+    for package in ["mesh-agent", "mesh-lab", "mesh-policy", "mesh-common"] {
+        let dir = root().join(package).join("tests");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry
+                .with_context(|| format!("cannot list {}", dir.display()))?
+                .path();
+            let Some(test) = path.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            if path.extension().is_some_and(|e| e == "rs") && !ROOT_FREE_TESTS.contains(&test) {
+                found.push((package.to_owned(), test.to_owned()));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// fmt, clippy, unit and doc tests, and the root-free integration tests.
+fn check() -> anyhow::Result<()> {
+    run(
+        "cargo fmt --check",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+    )?;
+    run(
+        "cargo clippy -D warnings",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    run(
+        "unit and doc tests",
+        cargo().args(["test", "--workspace", "--lib", "--bins"]),
+    )?;
+    run("doc tests", cargo().args(["test", "--workspace", "--doc"]))?;
+    let mut root_free = cargo();
+    root_free.args(["test", "-p", "mesh-agent"]);
+    for t in ROOT_FREE_TESTS {
+        if root().join(format!("mesh-agent/tests/{t}.rs")).exists() {
+            root_free.args(["--test", t]);
+        }
+    }
+    run("root-free integration tests", &mut root_free)
+}
 
 fn root() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -129,32 +206,38 @@ fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
                     .display()
             );
         }
+        Cmd::Check => {
+            let start = Instant::now();
+            check()?;
+            eprintln!(
+                "==> check passed in {:.0}s (lab tests: `make test`, as root)",
+                start.elapsed().as_secs_f64()
+            );
+        }
         Cmd::Test { args } => {
             let start = Instant::now();
             require_root("make test (lab tests)")?;
-            run(
-                "cargo fmt --check",
-                cargo().args(["fmt", "--all", "--", "--check"]),
-            )?;
-            run(
-                "cargo clippy -D warnings",
-                cargo().args([
-                    "clippy",
-                    "--workspace",
-                    "--all-targets",
-                    "--",
-                    "-D",
-                    "warnings",
-                ]),
-            )?;
+            if args.is_empty() {
+                check()?;
+            }
             run(
                 "cargo build (binaries the lab tests run)",
                 cargo().args(["build", "--workspace", "--bins"]),
             )?;
-            run(
-                "cargo test",
-                cargo().args(["test", "--workspace"]).args(&args),
-            )?;
+            if args.is_empty() {
+                // Unit, doc and root-free tests ran in `check`.
+                let mut lab = cargo();
+                lab.arg("test");
+                for (package, test) in lab_tests()? {
+                    lab.args(["-p", &package, "--test", &test]);
+                }
+                run("lab tests", &mut lab)?;
+            } else {
+                run(
+                    "cargo test",
+                    cargo().args(["test", "--workspace"]).args(&args),
+                )?;
+            }
             eprintln!(
                 "==> all checks passed in {:.0}s",
                 start.elapsed().as_secs_f64()
@@ -177,15 +260,16 @@ fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
             bench::run(&root().join("target/release"), &root().join("target"))?;
         }
         Cmd::Fuzz { seconds } => {
+            let toolchain = ebpf_toolchain()?;
             let installed = Command::new("cargo")
-                .args([&format!("+{FUZZ_TOOLCHAIN}"), "fuzz", "--version"])
+                .args([&format!("+{toolchain}"), "fuzz", "--version"])
                 .output()
                 .is_ok_and(|o| o.status.success());
             if !installed {
                 run(
                     "install cargo-fuzz",
                     Command::new("cargo").args([
-                        &format!("+{FUZZ_TOOLCHAIN}"),
+                        &format!("+{toolchain}"),
                         "install",
                         "cargo-fuzz",
                         "--version",
@@ -197,7 +281,7 @@ fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
             let mut cmd = Command::new("cargo");
             cmd.current_dir(root().join("fuzz"))
                 .args([
-                    &format!("+{FUZZ_TOOLCHAIN}"),
+                    &format!("+{toolchain}"),
                     "fuzz",
                     "run",
                     "policy",

@@ -8,6 +8,7 @@
 //! through [`Telemetry`] (`admin.telemetry()`): [`Telemetry::open`] when a
 //! connection's destination is known, [`ConnectionTracker::close`] when it
 //! ends.
+#![forbid(unsafe_code)]
 
 pub mod access_log;
 pub mod certs;

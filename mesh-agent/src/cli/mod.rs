@@ -1,5 +1,6 @@
 //! The command line: `run` (the agent), and the diagnostics that work with
 //! or without a running agent.
+#![forbid(unsafe_code)]
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 

@@ -1,6 +1,7 @@
 //! The kernel programs' counters (per-CPU array `COUNTERS`), summed over CPUs.
 //! Readable from a running agent or straight from the pinned map, so
 //! `mesh-agent stats` works even while no agent runs.
+#![forbid(unsafe_code)]
 
 use std::path::Path;
 

@@ -5,6 +5,7 @@
 //! spurious drops: enrolling opens the listeners first, then publishes the
 //! inbound steering (listener, addresses, `sk_lookup`), and only then the
 //! outbound capture (netns cookie). Un-enrolling runs the same steps backwards.
+#![forbid(unsafe_code)]
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},

@@ -26,6 +26,7 @@
 //! let outbound = tls.client_config(&me, vec![them]); // for tokio_rustls::TlsConnector
 //! # Ok(()) }
 //! ```
+#![forbid(unsafe_code)]
 
 mod ca;
 mod cert;

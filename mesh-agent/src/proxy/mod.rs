@@ -6,6 +6,7 @@
 //! Outbound to a mesh workload goes through an HBONE tunnel (mTLS HTTP/2
 //! CONNECT) under the source pod's identity; outbound to anything else is
 //! passed through in plaintext.
+#![forbid(unsafe_code)]
 
 pub mod authz;
 mod copy;

@@ -1,6 +1,7 @@
 //! The store every part of the agent reads: the node, its workloads and which
 //! of them are enrolled. Sources (`sync`) publish whole snapshots; readers
 //! take the latest `Arc<Snapshot>` and never see a half-applied change.
+#![forbid(unsafe_code)]
 
 use std::{
     collections::{BTreeMap, HashMap},
