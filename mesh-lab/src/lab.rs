@@ -14,7 +14,7 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use crate::child::{
     ChildShared, LabChild, LogMode, Pipes, Placement, TERMINATE_GRACE, spawn_placed,
 };
-use crate::registry;
+use crate::registry::{self, KEPT_MARKER, SCRATCH_PREFIX};
 use crate::spec::LabSpec;
 use crate::sys::{self, BPFFS_DIR, NETNS_DIR};
 use crate::topology::{NodeInfo, PodInfo, Topology, node_name};
@@ -25,12 +25,6 @@ pub const DEFAULT_RUN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Set to `1` to keep each lab's scratch dir (logs) after cleanup.
 pub const KEEP_ENV: &str = "MESH_LAB_KEEP";
-
-/// Marker file in a scratch dir kept with [`KEEP_ENV`]: sweeps leave such dirs alone.
-pub(crate) const KEPT_MARKER: &str = "KEPT";
-
-/// Prefix of every scratch dir in `std::env::temp_dir()`.
-pub(crate) const SCRATCH_PREFIX: &str = "mesh-lab-";
 
 /// Sysctls set in every lab netns: no duplicate address detection (addresses
 /// usable at once, link-local included) and no reverse-path filter whatever the
@@ -76,6 +70,16 @@ pub(crate) struct LabInner {
     cleaned: Mutex<bool>,
 }
 
+impl registry::Live for LabInner {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn cleanup(&self) -> Vec<String> {
+        LabInner::cleanup(self)
+    }
+}
+
 #[derive(Default)]
 struct Children {
     closed: bool,
@@ -101,7 +105,7 @@ impl Lab {
             file_seq: AtomicU64::new(0),
             cleaned: Mutex::new(false),
         });
-        registry::register(Arc::clone(&inner));
+        registry::register(inner.clone());
         // From here on, dropping `lab` (also on error) removes what was made.
         let lab = Self { inner };
         lab.inner
@@ -353,7 +357,7 @@ impl Drop for Lab {
         for e in self.inner.cleanup() {
             eprintln!("mesh-lab: cleaning up {}: {e}", self.inner.id);
         }
-        registry::unregister(&self.inner);
+        registry::unregister(&self.inner.id);
     }
 }
 

@@ -11,10 +11,23 @@ use anyhow::{Result, bail};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::lab::{KEPT_MARKER, LabInner, SCRATCH_PREFIX};
 use crate::sys::{self, BPFFS_DIR, NETNS_DIR};
 
-static LIVE: Mutex<Vec<Arc<LabInner>>> = Mutex::new(Vec::new());
+/// Marker file in a scratch dir kept with `MESH_LAB_KEEP`: sweeps leave such dirs alone.
+pub(crate) const KEPT_MARKER: &str = "KEPT";
+
+/// Prefix of every scratch dir in `std::env::temp_dir()`.
+pub(crate) const SCRATCH_PREFIX: &str = "mesh-lab-";
+
+/// A live lab as the registry sees it: something to clean up on a signal.
+pub(crate) trait Live: Send + Sync {
+    /// The lab's id (for messages).
+    fn id(&self) -> &str;
+    /// Removes everything the lab made; returns what could not be removed.
+    fn cleanup(&self) -> Vec<String>;
+}
+
+static LIVE: Mutex<Vec<Arc<dyn Live>>> = Mutex::new(Vec::new());
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// A fresh lab id: `ml<pid>x<seq>`.
@@ -26,16 +39,16 @@ pub(crate) fn next_id() -> String {
     )
 }
 
-pub(crate) fn register(lab: Arc<LabInner>) {
+pub(crate) fn register(lab: Arc<dyn Live>) {
     LIVE.lock()
         .unwrap_or_else(PoisonError::into_inner)
         .push(lab);
 }
 
-pub(crate) fn unregister(lab: &Arc<LabInner>) {
+pub(crate) fn unregister(id: &str) {
     LIVE.lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .retain(|l| !Arc::ptr_eq(l, lab));
+        .retain(|l| l.id() != id);
 }
 
 /// Before a lab is made: sweep leftovers of dead processes. The first call in
@@ -66,7 +79,7 @@ fn install_signal_cleanup() -> Result<()> {
         .name("mesh-lab-signals".into())
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
-                let labs: Vec<Arc<LabInner>> =
+                let labs: Vec<Arc<dyn Live>> =
                     LIVE.lock().unwrap_or_else(PoisonError::into_inner).clone();
                 eprintln!(
                     "mesh-lab: got signal {sig}, cleaning up {} lab(s) before exiting",
@@ -74,7 +87,7 @@ fn install_signal_cleanup() -> Result<()> {
                 );
                 for lab in labs {
                     for e in lab.cleanup() {
-                        eprintln!("mesh-lab: cleaning up {}: {e}", lab.id);
+                        eprintln!("mesh-lab: cleaning up {}: {e}", lab.id());
                     }
                 }
                 std::process::exit(128 + sig);

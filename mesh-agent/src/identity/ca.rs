@@ -22,7 +22,10 @@ use rustls::pki_types::{
 };
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::{CertificateProvider, IssueError, SpiffeId, TrustDomain, WorkloadCert, fmt_time, tls};
+use super::{
+    CertificateProvider, IssueError, SpiffeId, TrustDomain, WorkloadCert, fmt_time, tls,
+    unix_to_system,
+};
 
 /// File name of the CA certificate written by `ca init`.
 pub const CA_CERT_FILE: &str = "ca.crt";
@@ -702,13 +705,6 @@ fn validity(x509: &X509Certificate<'_>) -> (SystemTime, SystemTime) {
         unix_to_system(v.not_before.timestamp()),
         unix_to_system(v.not_after.timestamp()),
     )
-}
-
-pub(super) fn unix_to_system(secs: i64) -> SystemTime {
-    match u64::try_from(secs) {
-        Ok(s) => SystemTime::UNIX_EPOCH + Duration::from_secs(s),
-        Err(_) => SystemTime::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()),
-    }
 }
 
 /// A time for rcgen, if X.509 can carry it (years 0 to 9999).

@@ -49,6 +49,15 @@ pub use tls::{
     peer_identity, server_name,
 };
 
+/// Seconds since the Unix epoch (negative: before it) as a `SystemTime`.
+fn unix_to_system(secs: i64) -> std::time::SystemTime {
+    use std::time::{Duration, SystemTime};
+    match u64::try_from(secs) {
+        Ok(s) => SystemTime::UNIX_EPOCH + Duration::from_secs(s),
+        Err(_) => SystemTime::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()),
+    }
+}
+
 /// A time as `YYYY-MM-DDTHH:MM:SSZ` (UTC), for messages and logs.
 fn fmt_time(t: std::time::SystemTime) -> String {
     let secs = match t.duration_since(std::time::SystemTime::UNIX_EPOCH) {

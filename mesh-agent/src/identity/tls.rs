@@ -32,7 +32,7 @@ use x509_parser::{
     prelude::{FromDer, X509Certificate},
 };
 
-use super::{CertManager, SpiffeId, TrustDomain, ca::unix_to_system, fmt_time};
+use super::{CertManager, SpiffeId, TrustDomain, fmt_time, unix_to_system};
 
 /// The one ALPN protocol the mesh speaks over mutual TLS (HBONE is HTTP/2).
 pub const ALPN_H2: &[u8] = b"h2";
