@@ -4,26 +4,22 @@
 mod common;
 
 use std::{
-    fs::File,
     net::SocketAddr,
-    os::fd::AsRawFd,
-    path::Path,
     process::Command,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use common::{Mesh, delta};
-use mesh_agent::identity::{LocalCa, MeshCa, SpiffeId, TrustDomain, WorkloadCert, crypto_provider};
+use common::{
+    Mesh, delta,
+    rogue::{client_config, connect as rogue_connect, runtime, tcp_from},
+};
+use mesh_agent::identity::{LocalCa, MeshCa, SpiffeId, TrustDomain, WorkloadCert};
 use mesh_lab::{
     LabSpec, NodeSpec, PodSpec,
     app::{HoldReport, Pattern, ProbeOutcome},
 };
-use rustls::{
-    ClientConfig, DigitallySignedStruct, SignatureScheme,
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    pki_types::{CertificateDer, ServerName, UnixTime},
-};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Two nodes: `a` (enrolled) and `x` (not) on node 0; `c` (enrolled) and
@@ -173,134 +169,6 @@ fn the_wire_between_nodes_carries_only_tls() {
         needles.iter().any(|n| contains(&plain, n)),
         "the control capture does not show the payload: the search is broken"
     );
-}
-
-/// Accepts any server certificate (the rogue client wants the server's verdict) and remembers it.
-#[derive(Debug)]
-struct AcceptAny {
-    provider: Arc<rustls::crypto::CryptoProvider>,
-    seen: Mutex<Option<Vec<u8>>>,
-}
-
-impl ServerCertVerifier for AcceptAny {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        *self.seen.lock().expect("lock") = Some(end_entity.to_vec());
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            m,
-            c,
-            d,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            m,
-            c,
-            d,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-fn client_config(cert: &WorkloadCert) -> (Arc<ClientConfig>, Arc<AcceptAny>) {
-    let provider = crypto_provider();
-    let verifier = Arc::new(AcceptAny {
-        provider: provider.clone(),
-        seen: Mutex::new(None),
-    });
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .dangerous()
-        .with_custom_certificate_verifier(verifier.clone())
-        .with_client_auth_cert(cert.chain().to_vec(), cert.key().clone_key())
-        .expect("client cert");
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    config.enable_sni = false;
-    (Arc::new(config), verifier)
-}
-
-/// A TCP connection made from inside the netns at `netns` (the test process
-/// is outside the lab cgroup, so nothing captures it; the destination's
-/// sk_lookup still steers it).
-fn tcp_from(netns: &Path, to: SocketAddr) -> tokio::net::TcpStream {
-    let netns = netns.to_owned();
-    let std_stream = std::thread::spawn(move || {
-        let ns = File::open(&netns).expect("open netns");
-        // SAFETY: setns on a valid fd, changing only this short-lived thread's netns.
-        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect")
-    })
-    .join()
-    .expect("thread");
-    std_stream.set_nonblocking(true).expect("nonblocking");
-    tokio::net::TcpStream::from_std(std_stream).expect("tokio stream")
-}
-
-/// Opens HBONE to `to` from `netns` with `cert` and sends CONNECT `target`;
-/// returns the HTTP status, or the error text.
-async fn rogue_connect(
-    netns: &Path,
-    to: SocketAddr,
-    cert: &WorkloadCert,
-    target: SocketAddr,
-) -> Result<u16, String> {
-    let (config, _) = client_config(cert);
-    let tcp = tcp_from(netns, to);
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(ServerName::IpAddress(to.ip().into()), tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut sender, conn) = h2::client::handshake(tls)
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let req = http::Request::builder()
-        .method("CONNECT")
-        .uri(target.to_string())
-        .body(())
-        .expect("request");
-    let (response, _send) = sender.send_request(req, false).map_err(|e| e.to_string())?;
-    let response = tokio::time::timeout(Duration::from_secs(10), response)
-        .await
-        .map_err(|_| "no response".to_owned())?
-        .map_err(|e| e.to_string())?;
-    Ok(response.status().as_u16())
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
 }
 
 #[test]

@@ -125,6 +125,9 @@ pub struct ConnectionRecord {
     pub duration: Duration,
     /// How it ended.
     pub outcome: Outcome,
+    /// The client address the peer claimed in an HBONE `forwarded` header,
+    /// if it sent one: information only, never used for policy or `src.*`.
+    pub forwarded_for: Option<String>,
 }
 
 /// Writes the access-log line of a closed connection (`info`, target
@@ -150,6 +153,7 @@ pub fn log_connection(r: &ConnectionRecord) {
         outcome = r.outcome.as_str(),
         policy = r.outcome.policy(),
         reason = r.outcome.reason(),
+        forwarded_for = r.forwarded_for.as_deref(),
         "connection closed"
     );
 }
@@ -221,6 +225,7 @@ mod tests {
             bytes_received: 2048,
             duration: Duration::from_millis(1500),
             outcome: Outcome::Closed,
+            forwarded_for: None,
         }
     }
 
@@ -294,5 +299,18 @@ mod tests {
     fn other_lines_keep_no_target() {
         let out = capture(LogFormat::Plain, || tracing::info!(pods = 2, "agent ready"));
         assert!(out.contains(" INFO agent ready pods=2"), "{out}");
+    }
+
+    #[test]
+    fn a_claimed_client_address_is_a_field_of_its_own() {
+        let mut r = record();
+        r.direction = Direction::Inbound;
+        r.forwarded_for = Some("198.18.2.12:40000".into());
+        let out = capture(LogFormat::Json, || log_connection(&r));
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+        assert_eq!(v["forwarded_for"], "198.18.2.12:40000");
+        assert_eq!(v["src.addr"], "198.18.1.10:40000");
+        let out = capture(LogFormat::Plain, || log_connection(&record()));
+        assert!(!out.contains("forwarded_for"), "{out}");
     }
 }

@@ -43,6 +43,18 @@ impl Peer {
         }
     }
 
+    /// A peer whose address is not a known workload's but whose identity
+    /// was verified (an mTLS client certificate): every label `unknown`
+    /// except the principal, so the access log and metrics still name who
+    /// it was. `None` is [`Peer::unknown`].
+    pub fn unknown_with_identity(addr: Option<SocketAddr>, identity: Option<&str>) -> Self {
+        let mut peer = Self::unknown(addr);
+        if let Some(id) = identity {
+            peer.labels.principal = id.to_owned();
+        }
+        peer
+    }
+
     /// A known workload at `addr`, with its authenticated identity if any.
     pub fn from_workload(addr: Option<SocketAddr>, w: &Workload, identity: Option<&str>) -> Self {
         Self {
@@ -243,6 +255,7 @@ impl Telemetry {
             telemetry: self.clone(),
             conn,
             start: Instant::now(),
+            forwarded_for: None,
         }
     }
 }
@@ -256,12 +269,21 @@ pub struct ConnectionTracker {
     conn: Connection,
     start: Instant,
     guard: Option<ConnectionGuard>,
+    forwarded_for: Option<String>,
 }
 
 impl ConnectionTracker {
     /// The connection.
     pub fn connection(&self) -> &Connection {
         &self.conn
+    }
+
+    /// Records the client address a peer claimed (an HBONE `forwarded`
+    /// header): written to the access log as `forwarded_for`, for
+    /// information only. Nothing the peer chooses is used for policy or for
+    /// the source's attribution (`src.*`, which is the tunnel's TCP peer).
+    pub fn set_forwarded_for(&mut self, claimed: Option<SocketAddr>) {
+        self.forwarded_for = claimed.map(|a| a.to_string());
     }
 
     /// The connection closed after relaying `sent` bytes from the client to
@@ -293,6 +315,7 @@ impl ConnectionTracker {
             bytes_received: received,
             duration: self.start.elapsed(),
             outcome,
+            forwarded_for: self.forwarded_for.take(),
         });
         drop(guard);
     }
@@ -356,5 +379,40 @@ mod tests {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum();
         assert_eq!(closed, 2);
+    }
+
+    #[test]
+    fn a_verified_identity_at_an_unknown_address_is_the_source_principal() {
+        let telemetry = Telemetry::new(Arc::new(Metrics::new(None, Certificates::default())));
+        let principal = "spiffe://cluster.local/ns/default/sa/intruder";
+        let conn = Connection {
+            direction: Direction::Inbound,
+            src: Peer::unknown_with_identity(
+                Some("198.18.9.9:40000".parse().expect("addr")),
+                Some(principal),
+            ),
+            dst: Peer::from_workload(
+                Some("198.18.2.10:8080".parse().expect("addr")),
+                &workload("c"),
+                Some("spiffe://cluster.local/ns/default/sa/c"),
+            ),
+            dst_service: None,
+            security_policy: SecurityPolicy::MutualTls,
+        };
+        let t = telemetry.open(conn);
+        let listed = telemetry.connections.list();
+        assert_eq!(listed[0].src.identity.as_deref(), Some(principal));
+        assert_eq!(listed[0].src.workload, None);
+        t.close(0, 0, Outcome::Closed);
+        let text = telemetry.metrics.encode().expect("encode");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_connections_closed_total{"))
+            .expect("closed series");
+        assert!(
+            line.contains(&format!("source_principal=\"{principal}\""))
+                && line.contains("source_workload=\"unknown\""),
+            "{line}"
+        );
     }
 }

@@ -59,6 +59,14 @@ async fn handle(ctx: Arc<PodContext>, client: TcpStream, peer: SocketAddr, share
         dst_service: None,
         security_policy: SecurityPolicy::None,
     });
+    // Delivering to the agent's own port would be accepted here again: a loop.
+    if ctx.is_agent_listener(dst) {
+        stats.agent_port_refused.fetch_add(1, Ordering::Relaxed);
+        stats.failed.fetch_add(1, Ordering::Relaxed);
+        tracker.close(0, 0, Outcome::Error(super::agent_port_reason(dst)));
+        reset(client);
+        return;
+    }
     let subject = Subject {
         principal: None,
         source_ip: peer.ip(),

@@ -112,16 +112,19 @@ async fn stream(
         .stats
         .inbound_accepted
         .fetch_add(1, Ordering::Relaxed);
-    let src = hbone::forwarded_for(&req).unwrap_or(SocketAddr::new(peer.ip(), 0));
-    let src_ip = src.ip();
+    // The source is the tunnel's TCP peer, as ztunnel has it: policy and
+    // telemetry never use an address the peer chose. Its `forwarded` header
+    // is kept as information only.
+    let claimed = hbone::forwarded_for(&req);
     let refuse =
         |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode, reason: &str| {
             shared.stats.failed.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 direction = "inbound",
                 dst_workload = %ctx.key,
-                src = %src_ip,
+                src = %peer,
                 src_identity = %peer_id,
+                forwarded_for = claimed.map(tracing::field::display),
                 security = "mutual_tls",
                 status = status.as_u16(),
                 reason,
@@ -141,17 +144,27 @@ async fn stream(
         let reason = format!("CONNECT target {target} is not this pod");
         return refuse(&mut respond, StatusCode::BAD_REQUEST, &reason);
     }
+    // Delivering to the agent's own port would come back into the agent: a loop.
+    if ctx.is_agent_listener(target) {
+        shared
+            .stats
+            .agent_port_refused
+            .fetch_add(1, Ordering::Relaxed);
+        let reason = super::agent_port_reason(target);
+        return refuse(&mut respond, StatusCode::BAD_REQUEST, &reason);
+    }
     let snapshot = shared.store.current();
-    let tracker = shared.telemetry.open(Connection {
+    let mut tracker = shared.telemetry.open(Connection {
         direction: Direction::Inbound,
-        src: super::peer(&snapshot, src, Some(&peer_id)),
+        src: super::peer(&snapshot, peer, Some(&peer_id)),
         dst: super::peer(&snapshot, target, Some(&ctx.identity)),
         dst_service: None,
         security_policy: SecurityPolicy::MutualTls,
     });
+    tracker.set_forwarded_for(claimed);
     let subject = Subject {
         principal: Some(peer_id.to_string()),
-        source_ip: src_ip,
+        source_ip: peer.ip(),
         destination: target,
         workload: ctx.key.clone(),
         labels: ctx.labels.clone(),

@@ -42,6 +42,16 @@ use crate::{
 /// How long the agent waits for an upstream or delivery connect.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The ports the agent listens on inside every enrolled pod's netns
+/// (outbound capture, inbound plaintext, inbound HBONE). A connection the
+/// agent makes from the pod's netns to one of them would reach the agent
+/// itself, not an app: see [`PodContext::is_agent_listener`].
+pub const AGENT_POD_PORTS: [u16; 3] = [
+    mesh_common::OUTBOUND_PORT,
+    mesh_common::INBOUND_PLAINTEXT_PORT,
+    mesh_common::INBOUND_HBONE_PORT,
+];
+
 /// What the proxy knows of an enrolled pod.
 pub struct PodContext {
     /// The pod.
@@ -61,6 +71,17 @@ pub struct PodContext {
 }
 
 impl PodContext {
+    /// Whether a connection made from this pod's netns to `dst` would land
+    /// on one of the agent's own listeners in the pod (a port of
+    /// [`AGENT_POD_PORTS`] on the pod's addresses, loopback or the
+    /// unspecified address). The agent must never dial such an address: the
+    /// delivery would be accepted by the agent again and again (a loop).
+    /// Outbound (captured connects), inbound plaintext and inbound HBONE
+    /// CONNECT targets all refuse on this one check.
+    pub fn is_agent_listener(&self, dst: SocketAddr) -> bool {
+        is_agent_listener(&self.ips, dst)
+    }
+
     /// Connects to `dst` from a socket created inside the pod's netns,
     /// marked so the kernel programs leave it alone.
     pub async fn connect(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {
@@ -78,6 +99,13 @@ impl PodContext {
             )),
         }
     }
+}
+
+/// [`PodContext::is_agent_listener`] for a pod with addresses `pod_ips`.
+fn is_agent_listener(pod_ips: &[IpAddr], dst: SocketAddr) -> bool {
+    let ip = dst.ip().to_canonical();
+    AGENT_POD_PORTS.contains(&dst.port())
+        && (ip.is_loopback() || ip.is_unspecified() || pod_ips.contains(&ip))
 }
 
 /// The listeners opened inside a pod's netns.
@@ -103,6 +131,9 @@ pub struct ProxyStats {
     pub failed: AtomicU64,
     /// Outbound connections with no recorded original destination (reset).
     pub no_original_destination: AtomicU64,
+    /// Connections refused because they were addressed to one of the
+    /// agent's own listeners in the pod ([`PodContext::is_agent_listener`]).
+    pub agent_port_refused: AtomicU64,
     /// Bytes relayed from clients to servers.
     pub bytes_sent: AtomicU64,
     /// Bytes relayed from servers to clients.
@@ -119,6 +150,7 @@ impl ProxyStats {
             ("completed", v(&self.completed)),
             ("failed", v(&self.failed)),
             ("no_original_destination", v(&self.no_original_destination)),
+            ("agent_port_refused", v(&self.agent_port_refused)),
             ("bytes_sent", v(&self.bytes_sent)),
             ("bytes_received", v(&self.bytes_received)),
         ]
@@ -317,7 +349,8 @@ fn authorize(
 }
 
 /// The telemetry view of a peer: its workload (if the state knows the
-/// address) and identity.
+/// address) and its verified identity, which is reported even when the
+/// address is not a known workload's.
 fn peer(
     snapshot: &crate::state::Snapshot,
     addr: SocketAddr,
@@ -326,8 +359,17 @@ fn peer(
     let identity = identity.map(|id| id.to_string());
     match snapshot.workload_by_ip(addr.ip()) {
         Some(w) => crate::admin::Peer::from_workload(Some(addr), w, identity.as_deref()),
-        None => crate::admin::Peer::unknown(Some(addr)),
+        None => crate::admin::Peer::unknown_with_identity(Some(addr), identity.as_deref()),
     }
+}
+
+/// The `reason` of a connection refused because it was addressed to one of
+/// the agent's own listeners in the pod.
+fn agent_port_reason(dst: SocketAddr) -> String {
+    format!(
+        "{dst} is one of the agent's own ports in the pod (15001, 15006, 15008), not an app: \
+         refused, as delivering it would loop back into the agent"
+    )
 }
 
 /// Accepts on one of a pod's listeners until `cancel` fires, handing each
@@ -366,4 +408,59 @@ fn into_tokio(l: std::net::TcpListener) -> std::io::Result<tokio::net::TcpListen
 pub fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("socket address")
+    }
+
+    #[test]
+    fn agent_listeners_are_the_agent_ports_on_the_pods_own_addresses() {
+        let ips: Vec<IpAddr> = vec![
+            "198.18.2.10".parse().expect("ip"),
+            "fd00:198:18:2::10".parse().expect("ip"),
+        ];
+        for own in [
+            "198.18.2.10:15006",
+            "198.18.2.10:15008",
+            "198.18.2.10:15001",
+            "[::ffff:198.18.2.10]:15006",
+            "[fd00:198:18:2::10]:15006",
+            "127.0.0.1:15001",
+            "[::1]:15006",
+            "0.0.0.0:15008",
+        ] {
+            assert!(is_agent_listener(&ips, addr(own)), "{own}");
+        }
+        for other in [
+            "198.18.2.10:8080",
+            "198.18.2.10:15000",
+            "198.18.2.10:15020",
+            "198.18.2.11:15006",
+            "[fd00:198:18:2::11]:15008",
+        ] {
+            assert!(!is_agent_listener(&ips, addr(other)), "{other}");
+        }
+    }
+
+    #[test]
+    fn a_peer_at_an_unknown_address_keeps_its_verified_identity() {
+        let snapshot = crate::state::Snapshot::default();
+        let td = crate::identity::TrustDomain::new("cluster.local").expect("trust domain");
+        let id = SpiffeId::new(td, "default", "intruder").expect("identity");
+        let p = peer(&snapshot, addr("198.18.9.9:40000"), Some(&id));
+        assert_eq!(
+            p.labels.principal,
+            "spiffe://cluster.local/ns/default/sa/intruder"
+        );
+        assert_eq!(p.labels.workload, crate::admin::metrics::UNKNOWN);
+        assert_eq!(p.pod, None);
+        // Without a verified identity (plaintext) there is nothing to report.
+        let p = peer(&snapshot, addr("198.18.9.9:40000"), None);
+        assert_eq!(p.labels.principal, crate::admin::metrics::UNKNOWN);
+    }
 }

@@ -10,7 +10,7 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
-use mesh_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use mesh_common::INBOUND_HBONE_PORT;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
@@ -43,12 +43,59 @@ pub async fn serve(
     .await;
 }
 
-/// Whether the agent must refuse to dial `dst` for this pod: loopback, or the
-/// pod's own capture ports (a loop).
+/// Whether the agent must refuse to dial `dst` for this pod: loopback or
+/// unspecified (the pod itself), or one of the agent's own listeners in the
+/// pod (a loop).
 fn is_loop(ctx: &PodContext, dst: SocketAddr) -> bool {
-    dst.ip().is_loopback()
-        || (ctx.ips.contains(&dst.ip().to_canonical())
-            && [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT].contains(&dst.port()))
+    let ip = dst.ip().to_canonical();
+    ip.is_loopback() || ip.is_unspecified() || ctx.is_agent_listener(dst)
+}
+
+/// Why a captured connection could not be sent on (the access log's `reason`).
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    /// A service address with no ready endpoint for the port.
+    #[error("service {0} has no ready endpoint")]
+    NoEndpoint(SocketAddr),
+    /// A service endpoint that is the pod itself or one of the agent's own
+    /// ports in the pod.
+    #[error(
+        "endpoint {0} is this pod's loopback or one of the agent's own ports in it: refused (a loop)"
+    )]
+    Loop(SocketAddr),
+    /// A mesh workload whose identity cannot be formed.
+    #[error("{target} has no valid identity: {source}")]
+    NoIdentity {
+        /// The endpoint.
+        target: SocketAddr,
+        /// Why.
+        source: crate::identity::SpiffeIdError,
+    },
+    /// The HBONE tunnel failed: connect, mTLS (identity check) or the
+    /// peer's refusal (HTTP status).
+    #[error(transparent)]
+    Tunnel(#[from] HboneError),
+    /// A destination outside the mesh could not be reached.
+    #[error("cannot connect to {target}: {source}")]
+    Direct {
+        /// The destination.
+        target: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// The last endpoint tried for a captured connection, for the telemetry
+/// of a connection that nothing took.
+struct Attempt {
+    /// The source address the upstream connection used (pod IP, client port).
+    src: SocketAddr,
+    /// The endpoint.
+    target: SocketAddr,
+    /// Whether it was an mTLS (HBONE) attempt.
+    mutual_tls: bool,
+    /// The identity the endpoint had to prove, if known.
+    peer_id: Option<SpiffeId>,
 }
 
 async fn handle(
@@ -69,11 +116,28 @@ async fn handle(
     };
     let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
     if is_loop(&ctx, dst) {
+        if ctx.is_agent_listener(dst) {
+            shared
+                .stats
+                .agent_port_refused
+                .fetch_add(1, Ordering::Relaxed);
+        }
         shared.stats.failed.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(pod = %ctx.key, dst = %dst, "refusing to proxy to a loopback or capture address");
         reset(client);
         return;
     }
+    // The client's port: the source port of every upstream attempt's report.
+    let client_port = peer_addr.port();
+    let source_for = |target: SocketAddr| {
+        let ip = ctx
+            .ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == target.is_ipv4())
+            .unwrap_or_else(|| ctx.ips.first().copied().unwrap_or(target.ip()));
+        SocketAddr::new(ip, client_port)
+    };
     let snapshot = shared.store.current();
     let service = snapshot.service_by_vip(dst.ip());
     // A service VIP is load-balanced over its ready endpoints, starting at a
@@ -94,17 +158,23 @@ async fn handle(
         None => vec![dst],
     };
     let dst_service = service.map(ServiceLabels::from_service);
-    let mut last_error = format!("service {dst} has no ready endpoint");
+    let mut last_error = SendError::NoEndpoint(dst);
+    let mut last_attempt: Option<Attempt> = None;
     let mut client = Some(client);
     for target in targets {
         let Some(stream) = client.take() else { break };
-        let source_ip = ctx
-            .ips
-            .iter()
-            .copied()
-            .find(|ip| ip.is_ipv4() == target.is_ipv4())
-            .unwrap_or_else(|| ctx.ips.first().copied().unwrap_or(target.ip()));
-        let src = SocketAddr::new(source_ip, stream.peer_addr().map_or(0, |a| a.port()));
+        if is_loop(&ctx, target) {
+            if ctx.is_agent_listener(target) {
+                shared
+                    .stats
+                    .agent_port_refused
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            last_error = SendError::Loop(target);
+            client = Some(stream);
+            continue;
+        }
+        let src = source_for(target);
         let mesh_peer = snapshot.workload_by_ip(target.ip()).filter(|w| w.enrolled);
         let peer_id = match mesh_peer
             .map(|w| {
@@ -117,8 +187,14 @@ async fn handle(
             .transpose()
         {
             Ok(id) => id,
-            Err(e) => {
-                last_error = format!("{target} has no valid identity: {e}");
+            Err(source) => {
+                last_attempt = Some(Attempt {
+                    src,
+                    target,
+                    mutual_tls: true,
+                    peer_id: None,
+                });
+                last_error = SendError::NoIdentity { target, source };
                 client = Some(stream);
                 continue;
             }
@@ -126,12 +202,13 @@ async fn handle(
         let opened = match &peer_id {
             Some(id) => open_tunnel(&ctx, target, src, id.clone(), &shared)
                 .await
-                .map(Upstream::Tunnel),
+                .map(Upstream::Tunnel)
+                .map_err(SendError::Tunnel),
             None => ctx
                 .connect(target)
                 .await
                 .map(Upstream::Direct)
-                .map_err(|e| e.to_string()),
+                .map_err(|source| SendError::Direct { target, source }),
         };
         let upstream = match opened {
             Ok(u) => u,
@@ -139,6 +216,12 @@ async fn handle(
                 if service.is_some() {
                     tracing::debug!(pod = %ctx.key, endpoint = %target, error = %e, "endpoint refused; trying the next one");
                 }
+                last_attempt = Some(Attempt {
+                    src,
+                    target,
+                    mutual_tls: peer_id.is_some(),
+                    peer_id,
+                });
                 last_error = e;
                 client = Some(stream);
                 continue;
@@ -166,20 +249,28 @@ async fn handle(
         tracker.close(result.sent, result.received, outcome);
         return;
     }
-    // Nothing took the connection.
+    // Nothing took the connection: report it as what was tried (an mTLS
+    // attempt to the identity the endpoint had to prove, from the client's
+    // real source address) and why it failed.
     shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+    let attempt = last_attempt.unwrap_or(Attempt {
+        src: source_for(dst),
+        target: dst,
+        mutual_tls: false,
+        peer_id: None,
+    });
     let tracker = shared.telemetry.open(Connection {
         direction: Direction::Outbound,
-        src: peer(
-            &snapshot,
-            SocketAddr::new(ctx.ips.first().copied().unwrap_or(dst.ip()), 0),
-            Some(&ctx.identity),
-        ),
-        dst: peer(&snapshot, dst, None),
+        src: peer(&snapshot, attempt.src, Some(&ctx.identity)),
+        dst: peer(&snapshot, attempt.target, attempt.peer_id.as_ref()),
         dst_service,
-        security_policy: SecurityPolicy::None,
+        security_policy: if attempt.mutual_tls {
+            SecurityPolicy::MutualTls
+        } else {
+            SecurityPolicy::None
+        },
     });
-    tracker.close(0, 0, Outcome::ConnectFailed(last_error));
+    tracker.close(0, 0, Outcome::ConnectFailed(last_error.to_string()));
     if let Some(stream) = client {
         reset(stream);
     }
@@ -212,7 +303,7 @@ async fn open_tunnel(
         h2::SendStream<bytes::Bytes>,
         hbone::StreamGuard,
     ),
-    String,
+    HboneError,
 > {
     let key = PoolKey {
         source: ctx.identity.clone(),
@@ -248,17 +339,12 @@ async fn open_tunnel(
             hbone::client_handshake(Box::new(tls), key.address).await
         }
     };
-    let (response, send, guard) = shared
-        .pool
-        .send(&key, request, connect)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (response, send, guard) = shared.pool.send(&key, request, connect).await?;
     if response.status() != http::StatusCode::OK {
         return Err(HboneError::Status {
             target: dst,
             status: response.status(),
-        }
-        .to_string());
+        });
     }
     Ok((response, send, guard))
 }

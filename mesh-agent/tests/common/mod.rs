@@ -3,6 +3,8 @@
 //! eBPF, and `mesh-lab-app` processes as the pods' apps.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod rogue;
+
 use std::{
     collections::BTreeMap,
     path::PathBuf,

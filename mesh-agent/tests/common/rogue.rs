@@ -1,0 +1,181 @@
+//! A hand-made HBONE client for tests that play a hostile (or forged) peer:
+//! mTLS with any certificate the test issues, HTTP/2 CONNECT to any target
+//! with any headers, from inside any netns of the lab.
+
+use std::{
+    fs::File,
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use mesh_agent::identity::{LocalCa, MeshCa, SpiffeId, TrustDomain, WorkloadCert, crypto_provider};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    pki_types::{CertificateDer, ServerName, UnixTime},
+};
+
+use super::Mesh;
+
+/// Accepts any server certificate (the rogue client wants the server's
+/// verdict) and remembers it.
+#[derive(Debug)]
+pub struct AcceptAny {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    /// The last server certificate seen (DER).
+    pub seen: Mutex<Option<Vec<u8>>>,
+}
+
+impl ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        *self.seen.lock().expect("lock") = Some(end_entity.to_vec());
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            m,
+            c,
+            d,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            m,
+            c,
+            d,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A TLS 1.3 `h2` client configuration presenting `cert`, trusting any server.
+pub fn client_config(cert: &WorkloadCert) -> (Arc<ClientConfig>, Arc<AcceptAny>) {
+    let provider = crypto_provider();
+    let verifier = Arc::new(AcceptAny {
+        provider: provider.clone(),
+        seen: Mutex::new(None),
+    });
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_client_auth_cert(cert.chain().to_vec(), cert.key().clone_key())
+        .expect("client cert");
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.enable_sni = false;
+    (Arc::new(config), verifier)
+}
+
+/// A TCP connection made from inside the netns at `netns` (the test process
+/// is outside the lab cgroup, so nothing captures it; the destination's
+/// sk_lookup still steers it).
+pub fn tcp_from(netns: &Path, to: SocketAddr) -> tokio::net::TcpStream {
+    let netns = netns.to_owned();
+    let std_stream = std::thread::spawn(move || {
+        let ns = File::open(&netns).expect("open netns");
+        // SAFETY: setns on a valid fd, changing only this short-lived thread's netns.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect")
+    })
+    .join()
+    .expect("thread");
+    std_stream.set_nonblocking(true).expect("nonblocking");
+    tokio::net::TcpStream::from_std(std_stream).expect("tokio stream")
+}
+
+/// Opens HBONE to `to` from `netns` with `cert` and sends CONNECT `target`
+/// with the extra `headers`; returns the HTTP status, or the error text.
+pub async fn connect_with_headers(
+    netns: &Path,
+    to: SocketAddr,
+    cert: &WorkloadCert,
+    target: SocketAddr,
+    headers: &[(&str, &str)],
+) -> Result<u16, String> {
+    let (config, _) = client_config(cert);
+    let tcp = tcp_from(netns, to);
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::IpAddress(to.ip().into()), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) = h2::client::handshake(tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut req = http::Request::builder()
+        .method("CONNECT")
+        .uri(target.to_string());
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(()).expect("request");
+    let (response, _send) = sender.send_request(req, false).map_err(|e| e.to_string())?;
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .map_err(|_| "no response".to_owned())?
+        .map_err(|e| e.to_string())?;
+    Ok(response.status().as_u16())
+}
+
+/// [`connect_with_headers`] without extra headers.
+pub async fn connect(
+    netns: &Path,
+    to: SocketAddr,
+    cert: &WorkloadCert,
+    target: SocketAddr,
+) -> Result<u16, String> {
+    connect_with_headers(netns, to, cert, target, &[]).await
+}
+
+/// A valid mesh certificate (the lab's CA, trust domain `cluster.local`)
+/// for `spiffe://cluster.local/ns/default/sa/<service_account>`.
+pub fn mesh_cert(mesh: &Mesh, service_account: &str) -> WorkloadCert {
+    let td = TrustDomain::new("cluster.local").expect("td");
+    let ca = LocalCa::new(
+        Arc::new(MeshCa::load_dir(&mesh.ca_dir()).expect("lab CA")),
+        td.clone(),
+    );
+    let id = SpiffeId::new(td, "default", service_account).expect("id");
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    ca.issue_valid_between(&id, now - hour, now + hour)
+        .expect("issue")
+}
+
+/// A current-thread runtime for the async helpers.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
