@@ -113,6 +113,7 @@
 
 #![deny(missing_docs)]
 
+pub mod admission;
 pub mod bench;
 mod compile;
 pub mod error;
