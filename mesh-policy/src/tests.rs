@@ -887,6 +887,9 @@ fn hostile_inputs_do_not_panic() {
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: x}\nspec: {selector: {matchLabels: {a: b}}, portLevelMtls: {[1]: {mode: STRICT}}}",
         "apiVersion: v1\nkind: List\nitems: [{kind: List, items: [{kind: List, items: []}]}]",
         "!!binary aGVsbG8=",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x}\nspec: {rules: [{to: [{operation: {ports: ['000000000000000000000000000000065535', '0000000000000000000000000000000000000']}}]}]}",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x}\nspec: {rules: [{from: [{source: {ipBlocks: ['::ffff:0.0.0.0/96', '::ffff:0:0/128', '::ffff:0:0/95', '::ffff:1.2.3.4/200']}}]}]}",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, annotations: {istio.io/dry-run: [a]}}\nspec: {rules: [{when: [{key: source.serviceAccount, values: ['/', 'a/', '/b', '']}]}]}",
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: y}\nspec: !tag {}",
     ];
     for input in inputs {
