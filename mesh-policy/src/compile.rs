@@ -21,6 +21,16 @@ use crate::model::{
 /// The annotation Istio uses for dry-run AuthorizationPolicies.
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 
+/// A boolean as Go's `strconv.ParseBool` reads it (what Istio uses for
+/// `istio.io/dry-run`): `None` for anything else (`"tRuE"`, `"yes"`, `""`).
+pub fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
 /// A string matcher (`principals`, `namespaces`): exact, `prefix*`,
 /// `*suffix`, or `*` (present and non-empty).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,11 +159,24 @@ pub(crate) fn compile_authz(
 ) -> Option<(Scope, CompiledAuthz)> {
     let namespace = ap.metadata.namespace.as_deref().unwrap_or_default();
     let name = PolicyName::new(namespace, ap.metadata.name.as_deref().unwrap_or_default());
-    let dry_run = ap
-        .metadata
-        .annotations
-        .get(DRY_RUN_ANNOTATION)
-        .is_some_and(|v| v.as_str().eq_ignore_ascii_case("true"));
+    // Read as Istio does (Go's `strconv.ParseBool`); an unreadable value is
+    // reported and the policy is enforced, as Istio's control plane does.
+    let dry_run = match ap.metadata.annotations.get(DRY_RUN_ANNOTATION) {
+        None => false,
+        Some(v) => parse_bool(v.as_str()).unwrap_or_else(|| {
+            report.errors.push(PolicyError::BadAnnotation {
+                kind: Kind::AuthorizationPolicy,
+                policy: name.clone(),
+                field: format!("metadata.annotations[{DRY_RUN_ANNOTATION}]"),
+                value: v.as_str().to_owned(),
+                message: "expected a boolean as Istio reads it (1, t, T, TRUE, true, True, 0, f, \
+                          F, FALSE, false, False): the policy is enforced, not dry-run; fix the \
+                          value to dry-run it"
+                    .into(),
+            });
+            false
+        }),
+    };
     let written_action = ap.raw_action.as_deref();
     let reject_effect = if dry_run {
         RejectEffect::None
@@ -179,7 +202,21 @@ pub(crate) fn compile_authz(
 
     let has_target_refs = spec.target_refs.as_ref().is_some_and(|v| !v.is_empty());
     let has_target_ref = spec.target_ref.as_ref().is_some_and(|v| !v.is_null());
-    if has_target_refs || has_target_ref {
+    let attachments = usize::from(spec.selector.is_some())
+        + usize::from(has_target_ref)
+        + usize::from(has_target_refs);
+    let mut problems: Problems = Vec::new();
+    if attachments > 1 {
+        // The API server refuses it (CEL `oneof(selector, targetRef,
+        // targetRefs)`); rejected here, fail closed in the selector's scope,
+        // rather than ignored as a waypoint policy.
+        problems.push((
+            "spec".into(),
+            "only one of selector, targetRef or targetRefs can be set (the API server refuses \
+             this policy): keep the selector for the node agent, or targetRefs for a waypoint"
+                .into(),
+        ));
+    } else if has_target_refs || has_target_ref {
         report.errors.push(PolicyError::TargetRefs {
             policy: name,
             field: if has_target_refs {
@@ -191,7 +228,6 @@ pub(crate) fn compile_authz(
         return None;
     }
 
-    let mut problems: Problems = Vec::new();
     let (effect, mode, custom) = match spec.action.as_deref() {
         None | Some("ALLOW") => (Effect::Allow, Mode::Grant, false),
         Some("DENY") => (Effect::Deny, Mode::Deny, false),
@@ -416,16 +452,16 @@ fn compile_rule(
                     service_accounts(&f, &source.not_service_accounts, policy_namespace, problems);
             }
             if let Some(f) = list("ipBlocks", &source.ip_blocks) {
-                m.source_ips = cidrs(&f, &source.ip_blocks, problems);
+                m.source_ips = cidrs(&f, &source.ip_blocks, problems, warnings);
             }
             if let Some(f) = list("notIpBlocks", &source.not_ip_blocks) {
-                m.not_source_ips = cidrs(&f, &source.not_ip_blocks, problems);
+                m.not_source_ips = cidrs(&f, &source.not_ip_blocks, problems, warnings);
             }
             if let Some(f) = list("remoteIpBlocks", &source.remote_ip_blocks) {
-                m.remote_ips = cidrs(&f, &source.remote_ip_blocks, problems);
+                m.remote_ips = cidrs(&f, &source.remote_ip_blocks, problems, warnings);
             }
             if let Some(f) = list("notRemoteIpBlocks", &source.not_remote_ip_blocks) {
-                m.not_remote_ips = cidrs(&f, &source.not_remote_ip_blocks, problems);
+                m.not_remote_ips = cidrs(&f, &source.not_remote_ip_blocks, problems, warnings);
             }
             for (name, values) in [
                 ("requestPrincipals", &source.request_principals),
@@ -522,16 +558,26 @@ fn compile_rule(
         let mut m = Match::default();
         match key {
             "source.ip" => {
-                m.source_ips = cidrs(&vp, &strs(&cond.values), problems);
-                m.not_source_ips = cidrs(&np, &strs(&cond.not_values), problems);
+                m.source_ips = cidrs(&vp, &strs(&cond.values), problems, warnings);
+                m.not_source_ips = cidrs(&np, &strs(&cond.not_values), problems, warnings);
             }
             "remote.ip" => {
-                m.remote_ips = cidrs(&vp, &strs(&cond.values), problems);
-                m.not_remote_ips = cidrs(&np, &strs(&cond.not_values), problems);
+                m.remote_ips = cidrs(&vp, &strs(&cond.values), problems, warnings);
+                m.not_remote_ips = cidrs(&np, &strs(&cond.not_values), problems, warnings);
             }
             "destination.ip" => {
-                m.destination_ips = cidrs(&vp, &strs(&cond.values), problems);
-                m.not_destination_ips = cidrs(&np, &strs(&cond.not_values), problems);
+                m.destination_ips = cidrs(&vp, &strs(&cond.values), problems, warnings);
+                m.not_destination_ips = cidrs(&np, &strs(&cond.not_values), problems, warnings);
+            }
+            "source.serviceAccount" => {
+                let (values, not_values) = (strs(&cond.values), strs(&cond.not_values));
+                if !values.is_empty() {
+                    m.service_accounts = service_accounts(&vp, &values, policy_namespace, problems);
+                }
+                if !not_values.is_empty() {
+                    m.not_service_accounts =
+                        service_accounts(&np, &not_values, policy_namespace, problems);
+                }
             }
             "destination.port" => {
                 m.ports = ports(&vp, &cond.values, problems);
@@ -613,6 +659,9 @@ fn l7_key(key: &str) -> Result<(), String> {
         | "request.auth.presenter"
         | "connection.sni" => Ok(()),
         _ if key.starts_with("request.headers") => map_key("request.headers"),
+        _ if key.starts_with("request.experimental.inline.headers") => {
+            map_key("request.experimental.inline.headers")
+        }
         _ if key.starts_with("request.auth.claims") => map_key("request.auth.claims"),
         _ if key.starts_with("experimental.envoy.filters.") => {
             let open = key.find('[').unwrap_or(0);
@@ -695,14 +744,37 @@ pub(crate) fn pattern(v: &str, principal: bool) -> Result<StrMatch, String> {
     Ok(StrMatch::Exact(v.into()))
 }
 
+/// The API server's limits on `serviceAccounts`, `notServiceAccounts` and
+/// the values of a `source.serviceAccount` condition.
+const MAX_SERVICE_ACCOUNTS: usize = 16;
+const MAX_SERVICE_ACCOUNT_LEN: usize = 320;
+
+/// `<namespace>/<service account>`, or `<service account>` in the policy's
+/// namespace; matched against the peer principal's `ns` and `sa` (see
+/// `Ctx` in the store).
 fn service_accounts(
     field: &str,
     values: &[String],
     policy_namespace: &str,
     problems: &mut Problems,
 ) -> Vec<(Box<str>, Box<str>)> {
+    if values.len() > MAX_SERVICE_ACCOUNTS {
+        problems.push((
+            field.to_owned(),
+            format!(
+                "at most {MAX_SERVICE_ACCOUNTS} service accounts (the API server's limit): split the rule"
+            ),
+        ));
+    }
     let mut out = Vec::with_capacity(values.len());
     for (i, v) in values.iter().enumerate() {
+        if v.len() > MAX_SERVICE_ACCOUNT_LEN {
+            problems.push((
+                format!("{field}[{i}]"),
+                format!("bad service account: longer than {MAX_SERVICE_ACCOUNT_LEN} characters"),
+            ));
+            continue;
+        }
         let (ns, sa) = match v.split_once('/') {
             Some((ns, sa)) => (ns, sa),
             None => (policy_namespace, v.as_str()),
@@ -719,55 +791,95 @@ fn service_accounts(
     out
 }
 
-/// Parses IPs and CIDRs (v4 or v6). A v4-mapped v6 block is stored as v4,
-/// as connection addresses are.
-fn cidrs(field: &str, values: &[String], problems: &mut Problems) -> Vec<IpNet> {
+/// Parses IPs and CIDRs (v4 or v6). An IPv4-mapped IPv6 block
+/// (`::ffff:10.0.0.0/104`) stays an IPv6 block: connection addresses are
+/// canonical (a v4-mapped peer is IPv4), so it never matches, as in Istio
+/// (Envoy's and ztunnel's CIDR matches never cross address families); a
+/// warning gives the IPv4 block that was probably meant.
+fn cidrs(
+    field: &str,
+    values: &[String],
+    problems: &mut Problems,
+    warnings: &mut Vec<(String, String)>,
+) -> Vec<IpNet> {
     let mut out = Vec::with_capacity(values.len());
     for (i, v) in values.iter().enumerate() {
         match cidr(v) {
-            Ok(n) => out.push(n),
+            Ok(n) => {
+                if let Some(v4) = v4_mapped(&n) {
+                    warnings.push((
+                        format!("{field}[{i}]"),
+                        format!(
+                            "{v} is an IPv4-mapped IPv6 range: IPv4 peers are matched as IPv4 and never \
+                             match an IPv6 range (as in Istio), so this value matches no connection; \
+                             write {v4} to match IPv4 peers"
+                        ),
+                    ));
+                }
+                out.push(n);
+            }
             Err(msg) => problems.push((format!("{field}[{i}]"), msg)),
         }
     }
     out
 }
 
+/// An IP or CIDR (v4 or v6), host bits allowed (as Go's
+/// `netip.ParsePrefix`, which Istio uses).
 pub(crate) fn cidr(v: &str) -> Result<IpNet, String> {
-    let net = if v.contains('/') {
-        IpNet::from_str(v).map_err(|_| format!("bad CIDR {v:?}"))?
+    if v.contains('/') {
+        IpNet::from_str(v).map_err(|_| format!("bad CIDR {v:?}"))
     } else {
-        IpNet::from(IpAddr::from_str(v).map_err(|_| format!("bad IP address {v:?}"))?)
-    };
-    if let IpNet::V6(n) = net
-        && let Some(v4) = n.addr().to_ipv4_mapped()
-        && n.prefix_len() >= 96
-        && let Ok(n4) = Ipv4Net::new(v4, n.prefix_len() - 96)
-    {
-        return Ok(IpNet::V4(n4));
+        Ok(IpNet::from(
+            IpAddr::from_str(v).map_err(|_| format!("bad IP address {v:?}"))?,
+        ))
     }
-    Ok(net)
 }
 
+/// The IPv4 block an IPv6 block inside `::ffff:0:0/96` stands for.
+fn v4_mapped(net: &IpNet) -> Option<Ipv4Net> {
+    let IpNet::V6(n) = net else { return None };
+    let prefix = n.prefix_len().checked_sub(96)?;
+    let v4 = n.trunc().addr().to_ipv4_mapped()?;
+    Ipv4Net::new(v4, prefix).ok()
+}
+
+/// AuthorizationPolicy ports (`ports`, `notPorts`, `destination.port`):
+/// 0..=65535 as Istio validates them; port 0 is valid and matches no
+/// connection.
 fn ports(field: &str, values: &[Scalar], problems: &mut Problems) -> Vec<u16> {
     let mut out = Vec::with_capacity(values.len());
     for (i, v) in values.iter().enumerate() {
-        match port(v.as_str()) {
+        match port_number(v.as_str()) {
             Some(p) => out.push(p),
             None => problems.push((
                 format!("{field}[{i}]"),
-                format!("bad port {:?}: expected a number in 1..65535", v.as_str()),
+                format!("bad port {:?}: expected a number in 0..65535", v.as_str()),
             )),
         }
     }
     out
 }
 
-/// A port: decimal digits only, 1..=65535.
-pub(crate) fn port(v: &str) -> Option<u16> {
-    if v.is_empty() || v.len() > 5 || !v.bytes().all(|b| b.is_ascii_digit()) {
+/// A port number as Go's `strconv.ParseUint(v, 10, 32)` reads it (decimal
+/// digits only, leading zeros allowed), at most 65535.
+pub(crate) fn port_number(v: &str) -> Option<u16> {
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    v.parse::<u16>().ok().filter(|p| *p != 0)
+    let digits = v.trim_start_matches('0');
+    if digits.len() > 5 {
+        return None;
+    }
+    if digits.is_empty() {
+        return Some(0);
+    }
+    digits.parse::<u16>().ok()
+}
+
+/// A `portLevelMtls` port: 1..=65535 (Istio refuses port 0 there).
+pub(crate) fn port(v: &str) -> Option<u16> {
+    port_number(v).filter(|p| *p != 0)
 }
 
 /// Lowers a PeerAuthentication; `None` when it has no effect.

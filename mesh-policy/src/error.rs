@@ -147,6 +147,22 @@ pub enum PolicyError {
         /// `spec.targetRef` or `spec.targetRefs`.
         field: String,
     },
+    /// An annotation whose value Istio cannot read (`istio.io/dry-run:
+    /// "tRuE"`): it is ignored, as Istio's control plane does, and the
+    /// policy is enforced.
+    #[error("{kind} {policy}: {field}: invalid value {value:?}: {message}")]
+    BadAnnotation {
+        /// Its kind.
+        kind: Kind,
+        /// `namespace/name`.
+        policy: PolicyName,
+        /// `metadata.annotations[<name>]`.
+        field: String,
+        /// The value as written.
+        value: String,
+        /// What the agent does instead, and what to write.
+        message: String,
+    },
     /// `action: CUSTOM` needs an external authorizer the node agent cannot
     /// call: the connections its rules select are denied (fail closed).
     #[error(
@@ -164,6 +180,7 @@ impl PolicyError {
     pub fn policy(&self) -> Option<&PolicyName> {
         match self {
             PolicyError::Rejected { policy, .. }
+            | PolicyError::BadAnnotation { policy, .. }
             | PolicyError::TargetRefs { policy, .. }
             | PolicyError::CustomAction { policy } => Some(policy),
             _ => None,

@@ -46,13 +46,19 @@
 //!   (Istio's documented rule). Elsewhere: no selector, every workload of its
 //!   namespace; a selector, the matching workloads of its namespace.
 //!   `targetRef(s)` policies bind to waypoints/gateways and are reported,
-//!   not enforced (ztunnel ignores them too).
+//!   not enforced (ztunnel ignores them too). A policy setting more than one
+//!   of `selector`, `targetRef` and `targetRefs` (which the API server
+//!   refuses) is rejected, fail closed in its selector's scope.
 //! - **Decision.** A STRICT port refuses plaintext. Then any matching DENY
 //!   denies; else if any ALLOW policy applies, one must match; else allow.
 //!   `spec: {}` (ALLOW, no rules) allows nothing; `rules: [{}]` allows
 //!   everything. AUDIT policies (and policies annotated
 //!   `istio.io/dry-run: "true"`) never change the decision; the matching
-//!   ones are listed in the [`Decision`] to be counted and logged.
+//!   ones are listed in the [`Decision`] to be counted and logged. The
+//!   annotation is read like Go's `strconv.ParseBool` ([`parse_bool`]:
+//!   `1`, `t`, `T`, `TRUE`, `true`, `True` and their false forms); any other
+//!   value (`"tRuE"`, `"yes"`) is reported ([`PolicyError::BadAnnotation`])
+//!   and the policy is enforced, as Istio's control plane does.
 //! - **Matching.** Within a rule `from`, `to` and every `when` are ANDed;
 //!   the entries of `from` (and of `to`) are ORed; the fields of a source
 //!   are ANDed; the values of a field are ORed; a `not*` field matches when
@@ -64,11 +70,22 @@
 //!   direct peer; `remoteIpBlocks`/`remote.ip` the original client when the
 //!   transport gives one ([`Connection::remote_ip`]), else the direct peer
 //!   (Istio's TCP semantics; ztunnel instead treats them as L7 — the project
-//!   asks for them at L4). `serviceAccounts` (`name` or `ns/name`) is
-//!   supported. L4 `when` keys: `source.ip`, `source.namespace`,
-//!   `source.principal`, `destination.ip`, `destination.port`, `remote.ip`.
+//!   asks for them at L4). `serviceAccounts` (`name` or `ns/name`, at most
+//!   16) is supported. L4 `when` keys: `source.ip`, `source.namespace`,
+//!   `source.principal`, `source.serviceAccount` (the same `ns/name` or
+//!   `name` values as `serviceAccounts`, matched against the
+//!   `ns/<ns>/sa/<sa>` of the peer's principal; an L4 key in Istio's API
+//!   and its sidecars, which ztunnel instead handles as L7), `destination.ip`,
+//!   `destination.port`, `remote.ip`.
+//! - **Addresses and ports.** Connection addresses are canonical (a
+//!   v4-mapped IPv6 peer is IPv4), and an address never matches a block of
+//!   the other family: an IPv4-mapped IPv6 block (`::ffff:10.0.0.0/104`)
+//!   matches no connection, as in Istio (it is warned about, with the IPv4
+//!   block probably meant). Ports are 0..=65535 as Istio validates them
+//!   (leading zeros allowed); port 0 matches no connection.
 //! - **L7 fail-safe.** `requestPrincipals`, `hosts`, `methods`, `paths`,
-//!   their `not*` forms, and `when` keys `request.*`, `connection.sni`,
+//!   their `not*` forms, and `when` keys `request.*` (including
+//!   `request.experimental.inline.headers[...]`), `connection.sni`,
 //!   `experimental.*`: an ALLOW (or AUDIT) rule using them never matches; a
 //!   DENY rule drops them and still denies on what remains — an entry, or a
 //!   whole rule, left with nothing matches everything (Istio's documented
@@ -78,7 +95,7 @@
 //! - **CUSTOM** (external authorization) cannot be honoured: reported as an
 //!   error and enforced as DENY of what its rules select (fail closed;
 //!   ztunnel ignores CUSTOM policies).
-//! - **Malformed policies** (bad CIDR, port outside 1..65535, unknown
+//! - **Malformed policies** (bad CIDR, port outside 0..65535, unknown
 //!   action, unknown field, bad pattern such as `a*b` or a `spiffe://`
 //!   principal, unknown `when` key, empty source, …) are rejected with an
 //!   error naming the resource and the field path, and fail closed
@@ -96,6 +113,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod admission;
 pub mod bench;
 mod compile;
 pub mod error;
@@ -106,7 +124,7 @@ mod store;
 #[cfg(test)]
 mod tests;
 
-pub use compile::DRY_RUN_ANNOTATION;
+pub use compile::{DRY_RUN_ANNOTATION, parse_bool};
 pub use error::{PolicyError, PolicyName, PolicyWarning, RejectEffect, Report};
 pub use model::Kind;
 pub use parse::{Parsed, Resource, parse_documents, parse_value};

@@ -3,6 +3,7 @@
 //! Policies are written in a shorthand, `;`-separated:
 //! `AP <ns>/<name> <spec as flow YAML>` (AuthorizationPolicy),
 //! `PA <ns>/<name>[@<creationTimestamp>] <spec>` (PeerAuthentication),
+//! `AP~<value> <ns>/<name> <spec>` (annotated `istio.io/dry-run: '<value>'`),
 //! `@<fixture>` (a named policy from [`FIXTURES`]), or `RAW:<yaml>` (a raw
 //! document, `\n` for newlines).
 //!
@@ -83,6 +84,11 @@ fn expand(spec: &str) -> String {
             continue;
         }
         let (kind, rest) = part.split_once(' ').expect("kind");
+        // `AP~<value>`: an AuthorizationPolicy annotated `istio.io/dry-run: '<value>'`.
+        let (kind, dry_run) = match kind.split_once('~') {
+            Some((k, v)) => (k, Some(v)),
+            None => (kind, None),
+        };
         let kind = match kind {
             "AP" => "AuthorizationPolicy",
             "PA" => "PeerAuthentication",
@@ -101,8 +107,12 @@ fn expand(spec: &str) -> String {
             Some((k, api)) => (api.to_owned(), k),
             None => ("apiVersion: security.istio.io/v1".to_owned(), kind),
         };
-        let mut doc =
-            format!("{api}\nkind: {kind}\nmetadata: {{name: {name}, namespace: {ns}{ts}}}\n");
+        let annotations = dry_run
+            .map(|v| format!(", annotations: {{istio.io/dry-run: '{v}'}}"))
+            .unwrap_or_default();
+        let mut doc = format!(
+            "{api}\nkind: {kind}\nmetadata: {{name: {name}, namespace: {ns}{ts}{annotations}}}\n"
+        );
         if !spec.is_empty() {
             doc.push_str(&format!("spec: {spec}\n"));
         }
@@ -284,7 +294,23 @@ const AUTHZ: &[(&str, &str, &str, &str)] = &[
     ("ipBlocks v6 out", "AP shop/p {rules: [{from: [{source: {ipBlocks: ['fd00::/64']}}]}]}", "src=fd01::1", "deny:no-allow"),
     ("ipBlocks v6 vs v4 peer", "AP shop/p {rules: [{from: [{source: {ipBlocks: ['fd00::/64']}}]}]}", "src=10.0.0.1", "deny:no-allow"),
     ("ipBlocks v4-mapped peer", "AP shop/p {rules: [{from: [{source: {ipBlocks: [10.0.0.0/24]}}]}]}", "src=::ffff:10.0.0.5", "allow:shop/p"),
-    ("ipBlocks v4-mapped block", "AP shop/p {rules: [{from: [{source: {ipBlocks: ['::ffff:10.0.0.0/120']}}]}]}", "src=10.0.0.3", "allow:shop/p"),
+    // An IPv4-mapped IPv6 block is an IPv6 block: IPv4 peers (and v4-mapped peers,
+    // which are compared as IPv4) never match it, as in Istio (Envoy and ztunnel).
+    ("ipBlocks v4-mapped block never matches v4 peer", "AP shop/p {rules: [{from: [{source: {ipBlocks: ['::ffff:10.0.0.0/120']}}]}]}", "src=10.0.0.3", "deny:no-allow"),
+    ("ipBlocks v4-mapped /104 never matches v4 peer", "AP shop/p {rules: [{from: [{source: {ipBlocks: ['::ffff:10.0.0.0/104']}}]}]}", "src=10.0.0.3", "deny:no-allow"),
+    ("ipBlocks v4-mapped block vs v4-mapped peer", "AP shop/p {rules: [{from: [{source: {ipBlocks: ['::ffff:10.0.0.0/104']}}]}]}", "src=::ffff:10.0.0.3", "deny:no-allow"),
+    ("ipBlocks v4-mapped single address", "AP shop/p {rules: [{from: [{source: {ipBlocks: ['::ffff:10.0.0.3']}}]}]}", "src=10.0.0.3", "deny:no-allow"),
+    ("ipBlocks ::ffff:0:0/96 never matches v4 peer", "AP shop/p {rules: [{from: [{source: {ipBlocks: ['::ffff:0:0/96']}}]}]}", "src=192.0.2.1", "deny:no-allow"),
+    ("ipBlocks ::/0 never matches v4 peer", "AP shop/p {rules: [{from: [{source: {ipBlocks: ['::/0']}}]}]}", "src=192.0.2.1", "deny:no-allow"),
+    ("ipBlocks ::/0 matches v6 peer", "AP shop/p {rules: [{from: [{source: {ipBlocks: ['::/0']}}]}]}", "src=fd00::1", "allow:shop/p"),
+    ("ipBlocks 0.0.0.0/0 never matches v6 peer", "AP shop/p {rules: [{from: [{source: {ipBlocks: [0.0.0.0/0]}}]}]}", "src=fd00::1", "deny:no-allow"),
+    ("notIpBlocks v4-mapped block excludes no v4 peer", "AP shop/p {rules: [{from: [{source: {notIpBlocks: ['::ffff:10.0.0.0/104']}}]}]}", "src=10.0.0.3", "allow:shop/p"),
+    ("DENY ipBlocks v4-mapped block: v4 peer not denied", "AP shop/p {action: DENY, rules: [{from: [{source: {ipBlocks: ['::ffff:10.0.0.0/104']}}]}]}", "src=10.0.0.3", "allow"),
+    ("remoteIpBlocks v4-mapped block", "AP shop/p {rules: [{from: [{source: {remoteIpBlocks: ['::ffff:192.0.2.0/120']}}]}]}", "remote=192.0.2.9", "deny:no-allow"),
+    ("when source.ip v4-mapped block", "AP shop/p {rules: [{when: [{key: source.ip, values: ['::ffff:10.0.0.0/104']}]}]}", "src=10.0.0.3", "deny:no-allow"),
+    ("when remote.ip v4-mapped block", "AP shop/p {rules: [{when: [{key: remote.ip, values: ['::ffff:10.0.0.0/104']}]}]}", "src=10.0.0.3", "deny:no-allow"),
+    ("when destination.ip v4-mapped block", "AP shop/p {rules: [{when: [{key: destination.ip, values: ['::ffff:10.1.0.0/112']}]}]}", "dst=10.1.0.1", "deny:no-allow"),
+    ("when destination.ip v4-mapped dst compared as v4", "AP shop/p {rules: [{when: [{key: destination.ip, values: [10.1.0.0/16]}]}]}", "dst=::ffff:10.1.0.1", "allow:shop/p"),
     ("ipBlocks plaintext by IP", "AP shop/p {rules: [{from: [{source: {ipBlocks: [10.0.0.0/8]}}]}]}", "src=10.2.3.4", "allow:shop/p"),
     ("ipBlocks /0 matches all v4", "AP shop/p {rules: [{from: [{source: {ipBlocks: [0.0.0.0/0]}}]}]}", "src=192.0.2.1", "allow:shop/p"),
     ("notIpBlocks excludes", "AP shop/p {rules: [{from: [{source: {notIpBlocks: [10.0.0.0/24]}}]}]}", "src=10.0.0.5", "deny:no-allow"),
@@ -311,6 +337,14 @@ const AUTHZ: &[(&str, &str, &str, &str)] = &[
     ("ports out", "AP shop/p {rules: [{to: [{operation: {ports: ['8080']}}]}]}", "port=9090", "deny:no-allow"),
     ("ports as YAML integers", "AP shop/p {rules: [{to: [{operation: {ports: [8080, 9090]}}]}]}", "port=9090", "allow:shop/p"),
     ("ports 65535", "AP shop/p {rules: [{to: [{operation: {ports: ['65535']}}]}]}", "port=65535", "allow:shop/p"),
+    // Port 0 is valid in Istio (0..=65535) and matches no connection.
+    ("ports 0 matches nothing", "AP shop/p {rules: [{to: [{operation: {ports: ['0']}}]}]}", "port=8080", "deny:no-allow"),
+    ("ports 0 as a YAML integer", "AP shop/p {rules: [{to: [{operation: {ports: [0]}}]}]}", "port=8080", "deny:no-allow"),
+    ("ports 0 next to a real port", "AP shop/p {rules: [{to: [{operation: {ports: ['0', '8080']}}]}]}", "port=8080", "allow:shop/p"),
+    ("notPorts 0 excludes nothing", "AP shop/p {rules: [{to: [{operation: {notPorts: ['0']}}]}]}", "port=8080", "allow:shop/p"),
+    ("DENY ports 0 denies nothing", "AP shop/p {action: DENY, rules: [{to: [{operation: {ports: ['0']}}]}]}", "port=8080", "allow"),
+    ("when destination.port 0 matches nothing", "AP shop/p {rules: [{when: [{key: destination.port, values: ['0']}]}]}", "port=8080", "deny:no-allow"),
+    ("ports with leading zeros (Go ParseUint)", "AP shop/p {rules: [{to: [{operation: {ports: ['0008080']}}]}]}", "port=8080", "allow:shop/p"),
     ("notPorts excludes", "AP shop/p {rules: [{to: [{operation: {notPorts: ['8080']}}]}]}", "port=8080", "deny:no-allow"),
     ("notPorts others", "AP shop/p {rules: [{to: [{operation: {notPorts: ['8080']}}]}]}", "port=9090", "allow:shop/p"),
     ("to entries ORed", "AP shop/p {rules: [{to: [{operation: {ports: ['80']}}, {operation: {ports: ['8080']}}]}]}", "port=8080", "allow:shop/p"),
@@ -337,6 +371,21 @@ const AUTHZ: &[(&str, &str, &str, &str)] = &[
     ("when conditions ANDed: both", "AP shop/p {rules: [{when: [{key: source.namespace, values: [a]}, {key: destination.port, values: ['8080']}]}]}", "id=a/x port=8080", "allow:shop/p"),
     ("when conditions ANDed: one", "AP shop/p {rules: [{when: [{key: source.namespace, values: [a]}, {key: destination.port, values: ['8080']}]}]}", "id=a/x port=9", "deny:no-allow"),
     ("DENY when", "AP shop/p {action: DENY, rules: [{when: [{key: source.ip, values: [192.0.2.0/24]}]}]}", "src=192.0.2.1", "deny:shop/p"),
+    // source.serviceAccount: `<ns>/<sa>` or `<sa>` (the policy's namespace), from the peer's principal.
+    ("when source.serviceAccount ns/sa", "AP shop/p {rules: [{when: [{key: source.serviceAccount, values: [a/x]}]}]}", "id=a/x", "allow:shop/p"),
+    ("when source.serviceAccount other sa", "AP shop/p {rules: [{when: [{key: source.serviceAccount, values: [a/x]}]}]}", "id=a/y", "deny:no-allow"),
+    ("when source.serviceAccount other ns", "AP shop/p {rules: [{when: [{key: source.serviceAccount, values: [a/x]}]}]}", "id=b/x", "deny:no-allow"),
+    ("when source.serviceAccount plaintext", "AP shop/p {rules: [{when: [{key: source.serviceAccount, values: [a/x]}]}]}", "", "deny:no-allow"),
+    ("when source.serviceAccount other trust domain", "AP shop/p {rules: [{when: [{key: source.serviceAccount, values: [a/x]}]}]}", "p=other.td/ns/a/sa/x", "allow:shop/p"),
+    ("when source.serviceAccount non-k8s principal", "AP shop/p {rules: [{when: [{key: source.serviceAccount, values: [a/x]}]}]}", "p=cluster.local/ns/a/sa/x/extra", "deny:no-allow"),
+    ("when source.serviceAccount name is policy ns", "AP shop/p {rules: [{when: [{key: source.serviceAccount, values: [x]}]}]}", "id=shop/x", "allow:shop/p"),
+    ("when source.serviceAccount name, other ns", "AP shop/p {rules: [{when: [{key: source.serviceAccount, values: [x]}]}]}", "id=a/x", "deny:no-allow"),
+    ("when source.serviceAccount notValues excludes", "AP shop/p {rules: [{when: [{key: source.serviceAccount, notValues: [a/x]}]}]}", "id=a/x", "deny:no-allow"),
+    ("when source.serviceAccount notValues others", "AP shop/p {rules: [{when: [{key: source.serviceAccount, notValues: [a/x]}]}]}", "id=a/y", "allow:shop/p"),
+    ("when source.serviceAccount notValues plaintext", "AP shop/p {rules: [{when: [{key: source.serviceAccount, notValues: [a/x]}]}]}", "", "allow:shop/p"),
+    ("when source.serviceAccount with principals", "AP shop/p {rules: [{from: [{source: {principals: ['*']}}], when: [{key: source.serviceAccount, values: [a/x]}]}]}", "id=a/x", "allow:shop/p"),
+    ("DENY when source.serviceAccount", "AP shop/p {action: DENY, rules: [{when: [{key: source.serviceAccount, values: [evil/x]}]}]}", "id=evil/x", "deny:shop/p"),
+    ("DENY when source.serviceAccount other", "AP shop/p {action: DENY, rules: [{when: [{key: source.serviceAccount, values: [evil/x]}]}]}", "id=evil/y", "allow"),
     // --- scope
     ("mesh ALLOW-nothing applies everywhere", "@mesh-allow-nothing", "id=a/x", "deny:no-allow"),
     ("mesh ALLOW-nothing in other namespace", "@mesh-allow-nothing", "wl=other:app=x", "deny:no-allow"),
@@ -376,6 +425,21 @@ const AUTHZ: &[(&str, &str, &str, &str)] = &[
     ("AUDIT with ALLOW", "@audit-all ; @allow-all", "", "allow:shop/allow-all audit:shop/audit-all"),
     ("AUDIT L7 rule never matches", "AP shop/a {action: AUDIT, rules: [{to: [{operation: {methods: [GET]}}]}]}", "", "allow"),
     ("dry-run DENY only audited", "RAW:apiVersion: security.istio.io/v1\\nkind: AuthorizationPolicy\\nmetadata: {name: d, namespace: shop, annotations: {istio.io/dry-run: 'true'}}\\nspec: {action: DENY, rules: [{}]}", "", "allow audit:shop/d"),
+    // istio.io/dry-run is read like Go's strconv.ParseBool; anything else is invalid and the policy is enforced.
+    ("dry-run '1'", "AP~1 shop/d {action: DENY, rules: [{}]}", "", "allow audit:shop/d"),
+    ("dry-run 't'", "AP~t shop/d {action: DENY, rules: [{}]}", "", "allow audit:shop/d"),
+    ("dry-run 'T'", "AP~T shop/d {action: DENY, rules: [{}]}", "", "allow audit:shop/d"),
+    ("dry-run 'TRUE'", "AP~TRUE shop/d {action: DENY, rules: [{}]}", "", "allow audit:shop/d"),
+    ("dry-run 'True'", "AP~True shop/d {action: DENY, rules: [{}]}", "", "allow audit:shop/d"),
+    ("dry-run 'true'", "AP~true shop/d {action: DENY, rules: [{}]}", "", "allow audit:shop/d"),
+    ("dry-run 'tRuE' invalid: enforced", "AP~tRuE shop/d {action: DENY, rules: [{}]}", "", "deny:shop/d"),
+    ("dry-run 'yes' invalid: enforced", "AP~yes shop/d {action: DENY, rules: [{}]}", "", "deny:shop/d"),
+    ("dry-run ' true' invalid: enforced", "RAW:apiVersion: security.istio.io/v1\\nkind: AuthorizationPolicy\\nmetadata: {name: d, namespace: shop, annotations: {istio.io/dry-run: ' true'}}\\nspec: {action: DENY, rules: [{}]}", "", "deny:shop/d"),
+    ("dry-run empty invalid: enforced", "AP~ shop/d {action: DENY, rules: [{}]}", "", "deny:shop/d"),
+    ("dry-run '0': enforced", "AP~0 shop/d {action: DENY, rules: [{}]}", "", "deny:shop/d"),
+    ("dry-run 'F': enforced", "AP~F shop/d {action: DENY, rules: [{}]}", "", "deny:shop/d"),
+    ("dry-run 'False': enforced", "AP~False shop/d {action: DENY, rules: [{}]}", "", "deny:shop/d"),
+    ("dry-run 'tRuE' ALLOW enforced", "AP~tRuE shop/d {}", "", "deny:no-allow"),
     ("dry-run ALLOW-nothing not enforced", "RAW:apiVersion: security.istio.io/v1\\nkind: AuthorizationPolicy\\nmetadata: {name: d, namespace: shop, annotations: {istio.io/dry-run: 'true'}}\\nspec: {}", "", "allow"),
     // --- L7 fail-safe
     ("ALLOW methods never matches", "AP shop/p {rules: [{to: [{operation: {methods: [GET]}}]}]}", "id=a/x", "deny:no-allow"),
@@ -386,6 +450,10 @@ const AUTHZ: &[(&str, &str, &str, &str)] = &[
     ("ALLOW notPaths never matches", "AP shop/p {rules: [{to: [{operation: {notPaths: [/admin]}}]}]}", "", "deny:no-allow"),
     ("ALLOW when header never matches", "AP shop/p {rules: [{when: [{key: 'request.headers[x-user]', values: [bob]}]}]}", "", "deny:no-allow"),
     ("ALLOW when sni never matches", "AP shop/p {rules: [{when: [{key: connection.sni, values: [a.example]}]}]}", "", "deny:no-allow"),
+    ("ALLOW when inline header never matches", "AP shop/p {rules: [{when: [{key: 'request.experimental.inline.headers[x-user]', values: [bob]}]}]}", "id=a/x", "deny:no-allow"),
+    ("DENY when inline header only denies all", "AP shop/p {action: DENY, rules: [{when: [{key: 'request.experimental.inline.headers[x-user]', values: [bob]}]}]}", "id=a/x", "deny:shop/p"),
+    ("DENY inline header + ns: match", "AP shop/p {action: DENY, rules: [{from: [{source: {namespaces: [a]}}], when: [{key: 'request.experimental.inline.headers[x-user]', notValues: [bob]}]}]}", "id=a/x", "deny:shop/p"),
+    ("DENY inline header + ns: other", "AP shop/p {action: DENY, rules: [{from: [{source: {namespaces: [a]}}], when: [{key: 'request.experimental.inline.headers[x-user]', notValues: [bob]}]}]}", "id=b/x", "allow"),
     ("ALLOW when jwt claim never matches", "AP shop/p {rules: [{when: [{key: 'request.auth.claims[iss]', values: [x]}]}]}", "", "deny:no-allow"),
     ("DENY methods only denies all", "AP shop/p {action: DENY, rules: [{to: [{operation: {methods: [POST]}}]}]}", "id=a/x", "deny:shop/p"),
     ("DENY methods only denies plaintext", "AP shop/p {action: DENY, rules: [{to: [{operation: {methods: [POST]}}]}]}", "", "deny:shop/p"),
@@ -409,7 +477,7 @@ const AUTHZ: &[(&str, &str, &str, &str)] = &[
     // --- rejected policies fail closed
     ("rejected ALLOW grants nothing", "AP shop/p {rules: [{from: [{source: {ipBlocks: [10.0.0.0/33]}}]}]}", "src=10.0.0.1", "deny:no-allow"),
     ("rejected ALLOW, valid ALLOW grants", "AP shop/p {rules: [{from: [{source: {ipBlocks: [bad]}}]}]} ; @allow-all", "", "allow:shop/allow-all"),
-    ("rejected DENY denies all", "AP shop/p {action: DENY, rules: [{to: [{operation: {ports: ['0']}}]}]}", "id=a/x port=9", "deny:rejected:shop/p"),
+    ("rejected DENY denies all", "AP shop/p {action: DENY, rules: [{to: [{operation: {ports: ['65536']}}]}]}", "id=a/x port=9", "deny:rejected:shop/p"),
     ("rejected DENY beats ALLOW", "AP shop/p {action: DENY, rules: [{to: [{operation: {ports: [http]}}]}]} ; @allow-all", "", "deny:rejected:shop/p"),
     ("rejected DENY scoped by selector", "AP shop/p {action: DENY, selector: {matchLabels: {app: web}}, rules: [{to: [{operation: {ports: ['99999']}}]}]}", "wl=shop:app=db", "allow"),
     ("rejected DENY selected workload", "AP shop/p {action: DENY, selector: {matchLabels: {app: web}}, rules: [{to: [{operation: {ports: ['99999']}}]}]}", "", "deny:rejected:shop/p"),
@@ -422,6 +490,9 @@ const AUTHZ: &[(&str, &str, &str, &str)] = &[
     ("rejected mesh DENY hits every namespace", "AP istio-system/p {action: DENY, rules: [{from: [{source: {principals: ['a*b']}}]}]}", "wl=other:app=x", "deny:rejected:istio-system/p"),
     ("rejected AUDIT has no effect", "AP shop/a {action: AUDIT, rules: [{to: [{operation: {ports: ['x']}}]}]}", "", "allow"),
     ("rejected ALLOW other namespace", "AP other/p {rules: [{to: [{operation: {ports: ['x']}}]}]}", "", "allow"),
+    ("selector and targetRefs DENY fails closed", "AP shop/t {selector: {matchLabels: {app: web}}, targetRefs: [{kind: Service, name: web}], action: DENY, rules: [{}]}", "", "deny:rejected:shop/t"),
+    ("selector and targetRefs DENY keeps selector scope", "AP shop/t {selector: {matchLabels: {app: web}}, targetRefs: [{kind: Service, name: web}], action: DENY, rules: [{}]}", "wl=shop:app=db", "allow"),
+    ("selector and targetRefs ALLOW grants nothing", "AP shop/t {selector: {matchLabels: {app: web}}, targetRefs: [{kind: Service, name: web}], rules: [{}]}", "", "deny:no-allow"),
     ("targetRefs not enforced", "AP shop/t {targetRefs: [{kind: Service, group: '', name: web}]}", "", "allow"),
     // --- PeerAuthentication in the decision
     ("STRICT rejects plaintext", "@mesh-strict", "", "deny:mtls:istio-system/default"),
@@ -546,7 +617,10 @@ const DIAGNOSTICS: &[(&str, &str, &str)] = &[
     ("bad notIpBlocks", "AP shop/p {rules: [{from: [{source: {notIpBlocks: [10.0.0.1, nope]}}]}]}", "E:spec.rules[0].from[0].source.notIpBlocks[1]: bad IP address"),
     ("bad remoteIpBlocks", "AP shop/p {rules: [{from: [{source: {remoteIpBlocks: ['1.2.3.4/']}}]}]}", "E:source.remoteIpBlocks[0]: bad CIDR"),
     ("bad notRemoteIpBlocks", "AP shop/p {rules: [{from: [{source: {notRemoteIpBlocks: ['fd00::/129']}}]}]}", "E:source.notRemoteIpBlocks[0]: bad CIDR"),
-    ("port 0", "AP shop/p {rules: [{to: [{operation: {ports: ['0']}}]}]}", "E:spec.rules[0].to[0].operation.ports[0]: bad port \"0\": expected a number in 1..65535"),
+    ("port 0 is valid", "AP shop/p {rules: [{to: [{operation: {ports: ['0']}}]}]}", "clean"),
+    ("notPorts 0 is valid", "AP shop/p {rules: [{to: [{operation: {notPorts: [0]}}]}]}", "clean"),
+    ("when destination.port 0 is valid", "AP shop/p {rules: [{when: [{key: destination.port, values: ['0']}]}]}", "clean"),
+    ("port out of range message", "AP shop/p {rules: [{to: [{operation: {ports: ['99999']}}]}]}", "E:spec.rules[0].to[0].operation.ports[0]: bad port \"99999\": expected a number in 0..65535"),
     ("port 65536", "AP shop/p {rules: [{to: [{operation: {ports: ['65536']}}]}]}", "E:bad port \"65536\""),
     ("port name", "AP shop/p {rules: [{to: [{operation: {ports: [http]}}]}]}", "E:bad port \"http\""),
     ("port with sign", "AP shop/p {rules: [{to: [{operation: {ports: ['+80']}}]}]}", "E:bad port \"+80\""),
@@ -569,6 +643,23 @@ const DIAGNOSTICS: &[(&str, &str, &str)] = &[
     ("when header bad map key", "AP shop/p {rules: [{when: [{key: request.headers, values: [a]}]}]}", "E:should have the form request.headers[name]"),
     ("when claims bad map key", "AP shop/p {rules: [{when: [{key: 'request.auth.claims[]', values: [a]}]}]}", "E:should have the form request.auth.claims[name]"),
     ("when L7 empty value", "AP shop/p {rules: [{when: [{key: connection.sni, values: ['']}]}]}", "E:spec.rules[0].when[0].values[0]: empty value"),
+    ("ipBlocks v4-mapped warned", "AP shop/p {rules: [{from: [{source: {ipBlocks: ['::ffff:10.0.0.0/104']}}]}]}", "W:AuthorizationPolicy shop/p: spec.rules[0].from[0].source.ipBlocks[0]: ::ffff:10.0.0.0/104 is an IPv4-mapped IPv6 range && W:10.0.0.0/8 && !E:"),
+    ("notIpBlocks v4-mapped warned", "AP shop/p {rules: [{from: [{source: {notIpBlocks: ['::ffff:10.0.0.1']}}]}]}", "W:source.notIpBlocks[0]: ::ffff:10.0.0.1 is an IPv4-mapped IPv6 && W:10.0.0.1/32"),
+    ("when destination.ip v4-mapped warned", "AP shop/p {rules: [{when: [{key: destination.ip, values: ['::ffff:0:0/96']}]}]}", "W:spec.rules[0].when[0].values[0]: ::ffff:0:0/96 is an IPv4-mapped && W:0.0.0.0/0"),
+    ("short v6 block covering mapped space not warned", "AP shop/p {rules: [{from: [{source: {ipBlocks: ['::/0', 'fd00::/8']}}]}]}", "clean"),
+    ("when source.serviceAccount is clean", "AP shop/p {rules: [{when: [{key: source.serviceAccount, values: [a/x, y], notValues: [b/z]}]}]}", "clean"),
+    ("when source.serviceAccount too many slashes", "AP shop/p {rules: [{when: [{key: source.serviceAccount, values: [a/b/c]}]}]}", "E:AuthorizationPolicy shop/p rejected: spec.rules[0].when[0].values[0]: bad service account \"a/b/c\""),
+    ("when source.serviceAccount wildcard", "AP shop/p {rules: [{when: [{key: source.serviceAccount, notValues: ['a/*']}]}]}", "E:spec.rules[0].when[0].notValues[0]: bad service account"),
+    ("when source.serviceAccount empty value", "AP shop/p {rules: [{when: [{key: source.serviceAccount, values: ['']}]}]}", "E:spec.rules[0].when[0].values[0]: bad service account"),
+    ("when source.serviceAccount over 16 values", "AP shop/p {rules: [{when: [{key: source.serviceAccount, values: [a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q]}]}]}", "E:spec.rules[0].when[0].values: at most 16 service accounts"),
+    ("serviceAccounts over 16 values", "AP shop/p {rules: [{from: [{source: {serviceAccounts: [a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q]}}]}]}", "E:spec.rules[0].from[0].source.serviceAccounts: at most 16 service accounts"),
+    ("L7 when inline header", "AP shop/p {rules: [{when: [{key: 'request.experimental.inline.headers[x-user]', values: [bob]}]}]}", "W:spec.rules[0].when[0] (key request.experimental.inline.headers[x-user]) && W:never matches && !E:"),
+    ("L7 DENY when inline header", "AP shop/p {action: DENY, rules: [{when: [{key: 'request.experimental.inline.headers[x-user]', values: [bob]}]}]}", "W:denies every connection to the workloads in scope && !E:"),
+    ("when inline header bad map key", "AP shop/p {rules: [{when: [{key: request.experimental.inline.headers, values: [a]}]}]}", "E:should have the form request.experimental.inline.headers[name]"),
+    ("when inline header empty name", "AP shop/p {rules: [{when: [{key: 'request.experimental.inline.headers[]', values: [a]}]}]}", "E:should have the form request.experimental.inline.headers[name]"),
+    ("selector and targetRefs", "AP shop/t {selector: {matchLabels: {app: web}}, targetRefs: [{kind: Service, name: web}], action: DENY, rules: [{}]}", "E:AuthorizationPolicy shop/t rejected: spec: only one of selector, targetRef or targetRefs can be set && E:fail closed: every connection && !E:policies attached with targetRefs"),
+    ("targetRef and targetRefs", "AP shop/t {targetRef: {kind: Gateway, name: gw}, targetRefs: [{kind: Service, name: web}]}", "E:AuthorizationPolicy shop/t rejected: spec: only one of selector, targetRef or targetRefs can be set"),
+    ("empty selector with targetRefs", "AP shop/t {selector: {}, targetRefs: [{kind: Service, name: web}]}", "E:only one of selector, targetRef or targetRefs"),
     ("unknown action", "AP shop/p {action: REJECT, rules: [{}]}", "E:AuthorizationPolicy shop/p rejected: spec.action: unknown action \"REJECT\" (expected ALLOW, DENY, AUDIT or CUSTOM) && E:fail closed: every connection to the workloads in its scope is denied"),
     ("rejected AUDIT effect", "AP shop/p {action: AUDIT, rules: [{to: [{operation: {ports: [x]}}]}]}", "E:not evaluated (AUDIT never changes a decision)"),
     ("unknown source field", "AP shop/p {rules: [{from: [{source: {principal: [a]}}]}]}", "E:spec.rules[0].from[0].source.principal: unknown field `principal`"),
@@ -619,6 +710,10 @@ const DIAGNOSTICS: &[(&str, &str, &str)] = &[
     ("L7 empty value rejected", "AP shop/p {rules: [{to: [{operation: {methods: ['']}}]}]}", "E:operation.methods[0]: empty value"),
     ("DENY without rules", "AP shop/p {action: DENY}", "W:without rules matches nothing"),
     ("dry-run annotation as a YAML bool", "RAW:apiVersion: security.istio.io/v1\\nkind: AuthorizationPolicy\\nmetadata: {name: d, namespace: shop, annotations: {istio.io/dry-run: true}}\\nspec: {action: DENY, rules: [{}]}", "W:dry-run && !E:metadata"),
+    ("dry-run invalid value reported", "AP~tRuE shop/d {action: DENY, rules: [{}]}", "E:AuthorizationPolicy shop/d: metadata.annotations[istio.io/dry-run]: invalid value \"tRuE\" && E:enforced, not dry-run && !W:dry-run:"),
+    ("dry-run empty value reported", "AP~ shop/d {action: DENY, rules: [{}]}", "E:metadata.annotations[istio.io/dry-run]: invalid value \"\""),
+    ("dry-run '1' warned", "AP~1 shop/d {action: DENY, rules: [{}]}", "W:metadata.annotations[istio.io/dry-run]: dry-run && !E:"),
+    ("dry-run 'False' clean", "AP~False shop/d {action: DENY, rules: [{}]}", "clean"),
     ("dry-run warned", "RAW:apiVersion: security.istio.io/v1\\nkind: AuthorizationPolicy\\nmetadata: {name: d, namespace: shop, annotations: {istio.io/dry-run: 'true'}}\\nspec: {action: DENY, rules: [{}]}", "W:metadata.annotations[istio.io/dry-run]: dry-run"),
     ("duplicate", "@from-a ; @from-a", "W:AuthorizationPolicy shop/from-a: metadata.name: defined more than once"),
     ("mesh allow-nothing warned", "@mesh-allow-nothing", "W:denies every connection in the mesh"),
@@ -792,6 +887,9 @@ fn hostile_inputs_do_not_panic() {
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: x}\nspec: {selector: {matchLabels: {a: b}}, portLevelMtls: {[1]: {mode: STRICT}}}",
         "apiVersion: v1\nkind: List\nitems: [{kind: List, items: [{kind: List, items: []}]}]",
         "!!binary aGVsbG8=",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x}\nspec: {rules: [{to: [{operation: {ports: ['000000000000000000000000000000065535', '0000000000000000000000000000000000000']}}]}]}",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x}\nspec: {rules: [{from: [{source: {ipBlocks: ['::ffff:0.0.0.0/96', '::ffff:0:0/128', '::ffff:0:0/95', '::ffff:1.2.3.4/200']}}]}]}",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, annotations: {istio.io/dry-run: [a]}}\nspec: {rules: [{when: [{key: source.serviceAccount, values: ['/', 'a/', '/b', '']}]}]}",
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: y}\nspec: !tag {}",
     ];
     for input in inputs {

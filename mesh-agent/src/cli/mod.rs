@@ -13,6 +13,7 @@ use crate::{
     sync,
 };
 
+pub mod check;
 pub mod client;
 pub mod query;
 pub mod render;
@@ -36,11 +37,15 @@ enum Command {
     /// The mesh certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
-    /// Validate a workload file and exit (non-zero, with the reason, if invalid).
+    /// Validate a workload file and compile its policies; exit non-zero,
+    /// naming the policy and field, if anything is invalid.
     Check {
         /// The workload file.
         #[arg(long, env = "MESH_WORKLOADS")]
         workloads: PathBuf,
+        /// Istio's root namespace, as given to `run`.
+        #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = crate::proxy::authz::DEFAULT_ROOT_NAMESPACE)]
+        root_namespace: String,
     },
     /// Print the kernel programs' counters (from the pinned map; no agent needed).
     Stats {
@@ -188,17 +193,10 @@ pub fn main() -> ExitCode {
             trust_domain,
             days,
         }) => ca_init(&out, &trust_domain, days),
-        Command::Check { workloads } => sync::file::load(&workloads)
-            .map(|f| {
-                let enrolled = f.workloads.values().filter(|w| w.enrolled).count();
-                println!(
-                    "{}: ok ({} pods, {} enrolled)",
-                    workloads.display(),
-                    f.workloads.len(),
-                    enrolled
-                );
-            })
-            .map_err(anyhow::Error::from),
+        Command::Check {
+            workloads,
+            root_namespace,
+        } => check::run(&workloads, &root_namespace),
         Command::Stats { pin_dir, json } => stats(&pin_dir, json),
         Command::Uninstall { pin_dir } => datapath::uninstall(&pin_dir)
             .map(|n| println!("removed {n} pinned objects under {}", pin_dir.display()))

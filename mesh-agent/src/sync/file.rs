@@ -21,7 +21,17 @@
 //!   - name: db                              # a pod on another node: no netns,
 //!     node: node-2                          # known for its addresses and identity
 //!     ips: ["198.18.2.10"]
+//! policies:                                 # AuthorizationPolicy / PeerAuthentication
+//!   - apiVersion: security.istio.io/v1      # objects, as `kubectl get -o yaml` prints them
+//!     kind: AuthorizationPolicy
+//!     metadata: {name: deny-all, namespace: default}
+//!     spec: {action: DENY, rules: [{}]}
 //! ```
+//!
+//! Policy objects are checked as the API server would check them (name,
+//! `apiVersion`, `kind`, one of `selector`/`targetRefs`, the dry-run
+//! annotation): one it would refuse rejects the file, so that no policy is
+//! silently dropped.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -159,8 +169,11 @@ pub struct WorkloadFile {
     pub node: NodeInfo,
     /// The pods, by key.
     pub workloads: BTreeMap<WorkloadKey, Workload>,
-    /// The security policies (checked by the policy engine, which reports a
-    /// malformed one without rejecting the others).
+    /// The security policies. An object the API server would refuse (no
+    /// or a bad `metadata.name`, an unsupported `apiVersion`, `selector`
+    /// with `targetRefs`, a bad `istio.io/dry-run`) rejects the file; a
+    /// malformed spec is left to the policy engine, which reports it and
+    /// fails closed without rejecting the others.
     pub policies: Policies,
     /// The services, by key.
     pub services: BTreeMap<ServiceKey, Service>,
@@ -319,6 +332,23 @@ pub fn parse(path: &Path, text: &str) -> Result<WorkloadFile, FileError> {
         .collect();
     let mut policies = Policies::default();
     for (i, doc) in model.policies.into_iter().enumerate() {
+        // What the API server would refuse is refused here, file and all:
+        // the engine cannot scope such an object and could only drop it (a
+        // deny-all without a name would silently allow).
+        if let Some(p) = crate::policy::admission::check_object(&doc)
+            .into_iter()
+            .next()
+        {
+            let field = if p.field == "(root)" {
+                format!("policies[{i}]")
+            } else {
+                format!("policies[{i}].{}", p.field)
+            };
+            return Err(invalid(
+                field,
+                format!("{}{}", policy_label(&doc), p.message),
+            ));
+        }
         let value = serde_json::to_value(doc).map_err(|e| {
             invalid(
                 format!("policies[{i}]"),
@@ -347,6 +377,25 @@ pub fn parse(path: &Path, text: &str) -> Result<WorkloadFile, FileError> {
         workloads,
         policies,
     })
+}
+
+/// `"AuthorizationPolicy shop/deny-all: "`, as far as `doc` tells, to
+/// name the policy in an error.
+fn policy_label(doc: &serde_yaml::Value) -> String {
+    let kind = doc.get("kind").and_then(serde_yaml::Value::as_str);
+    let meta = doc.get("metadata");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(serde_yaml::Value::as_str);
+    let namespace = meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(serde_yaml::Value::as_str)
+        .unwrap_or(crate::policy::parse::DEFAULT_NAMESPACE);
+    match (kind, name) {
+        (Some(k), Some(n)) => format!("{k} {namespace}/{n}: "),
+        (Some(k), None) => format!("{k} in namespace {namespace}: "),
+        _ => String::new(),
+    }
 }
 
 /// Builds the services: every listed endpoint pod must exist in the
@@ -613,5 +662,57 @@ pods:
         }
         assert!(err("{{{").contains("does not parse"));
         assert!(err("pods: []\n").contains("missing field `node`"));
+    }
+
+    /// A policy object the API server would refuse rejects the file (the
+    /// last good state stays in force) with the policy's field path; the
+    /// engine alone could only drop it, and a dropped deny-all allows.
+    #[test]
+    fn policy_objects_are_checked_like_the_api_server() {
+        let file = |policy: &str| format!("node:\n  name: n\npolicies:\n{policy}");
+        let ok = file(
+            "  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n    metadata: {name: deny-all, namespace: shop, annotations: {istio.io/dry-run: '1'}}\n    spec: {action: DENY, selector: {matchLabels: {app: a}}, rules: [{}]}\n  - apiVersion: security.istio.io/v1beta1\n    kind: PeerAuthentication\n    metadata: {name: default}\n    spec: {mtls: {mode: STRICT}}\n",
+        );
+        let f = parse(Path::new("w.yaml"), &ok).expect("valid policies");
+        assert_eq!(f.policies.authorization.len(), 1);
+        assert_eq!(f.policies.peer_authentication.len(), 1);
+        let cases = [
+            (
+                "  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n    metadata: {namespace: shop}\n    spec: {action: DENY, rules: [{}]}\n",
+                "w.yaml: policies[0].metadata.name: AuthorizationPolicy in namespace shop: missing",
+            ),
+            (
+                "  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n    metadata: {name: Deny_All, namespace: shop}\n    spec: {action: DENY, rules: [{}]}\n",
+                "policies[0].metadata.name: AuthorizationPolicy shop/Deny_All: \"Deny_All\" is not a valid name",
+            ),
+            (
+                "  - apiVersion: security.istio.io/v1alpha1\n    kind: AuthorizationPolicy\n    metadata: {name: deny-all}\n    spec: {action: DENY, rules: [{}]}\n",
+                "policies[0].apiVersion: AuthorizationPolicy default/deny-all: unsupported apiVersion",
+            ),
+            (
+                "  - kind: AuthorizationPolicy\n    metadata: {name: deny-all}\n    spec: {action: DENY, rules: [{}]}\n",
+                "policies[0].apiVersion: AuthorizationPolicy default/deny-all: missing",
+            ),
+            (
+                "  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n    metadata: {name: deny-all}\n    spec: {action: DENY, selector: {matchLabels: {app: a}}, targetRefs: [{kind: Service, name: a}], rules: [{}]}\n",
+                "policies[0].spec: AuthorizationPolicy default/deny-all: only one of selector, targetRef or targetRefs",
+            ),
+            (
+                "  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n    metadata: {name: deny-all, annotations: {istio.io/dry-run: tRuE}}\n    spec: {action: DENY, rules: [{}]}\n",
+                "policies[0].metadata.annotations[istio.io/dry-run]: AuthorizationPolicy default/deny-all: invalid value \"tRuE\"",
+            ),
+            (
+                "  - apiVersion: security.istio.io/v1\n    kind: Sidecar\n    metadata: {name: s}\n",
+                "policies[0].kind",
+            ),
+            (
+                "  - [a, b]\n",
+                "policies[0]: expected an AuthorizationPolicy",
+            ),
+        ];
+        for (policy, want) in cases {
+            let e = err(&file(policy));
+            assert!(e.contains(want), "want {want:?} in {e:?}");
+        }
     }
 }
