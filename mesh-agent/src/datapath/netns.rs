@@ -10,7 +10,10 @@ use std::{
     fs::File,
     io,
     net::SocketAddr,
-    os::fd::{AsFd, AsRawFd},
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::fs::MetadataExt as _,
+    },
     path::{Path, PathBuf},
     sync::mpsc,
 };
@@ -53,6 +56,91 @@ pub enum NetnsError {
     Stopped(PathBuf),
 }
 
+/// A network namespace's identity: the device and inode of its nsfs file,
+/// the same whichever path (`/proc/<pid>/ns/net`, a bind mount under
+/// `/var/run/netns`) names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NetnsId {
+    dev: u64,
+    ino: u64,
+}
+
+impl NetnsId {
+    /// The identity of the namespace `file` (opened from a netns path) is.
+    pub fn of(file: &File) -> io::Result<Self> {
+        let meta = file.metadata()?;
+        Ok(Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+}
+
+impl std::fmt::Display for NetnsId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // As `ls -l /proc/<pid>/ns/net` shows it.
+        write!(f, "net:[{}]", self.ino)
+    }
+}
+
+/// Opens the netns at `path` and reads its identity.
+pub fn open(path: &Path) -> Result<(File, NetnsId), NetnsError> {
+    let err = |source| NetnsError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let ns = File::open(path).map_err(err)?;
+    let id = NetnsId::of(&ns).map_err(err)?;
+    Ok((ns, id))
+}
+
+/// The namespaces no pod may be enrolled in: enrolling one would capture the
+/// node's own processes under the pod's identity.
+#[derive(Clone, Debug, Default)]
+pub struct ReservedNetns {
+    entries: Vec<(NetnsId, &'static str)>,
+}
+
+impl ReservedNetns {
+    /// The agent's own netns (`/proc/self/ns/net`: the node's, where the
+    /// agent runs) and the host's (`<proc_root>/1/ns/net`: init's). A path
+    /// that cannot be read is skipped with a warning (it then cannot be
+    /// what a pod's path opens either, unless the pod's path is it).
+    pub fn new(proc_root: &Path) -> Self {
+        let mut out = Self::default();
+        out.add(
+            Path::new("/proc/self/ns/net"),
+            "the agent's own network namespace",
+        );
+        out.add(
+            &proc_root.join("1/ns/net"),
+            "the host's network namespace (init's)",
+        );
+        out
+    }
+
+    /// Refuses the netns at `path` too, described as `what` in errors.
+    pub fn add(&mut self, path: &Path, what: &'static str) {
+        match open(path) {
+            Ok((_, id)) => {
+                if !self.entries.iter().any(|(i, _)| *i == id) {
+                    self.entries.push((id, what));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read a network namespace pods must not use")
+            }
+        }
+    }
+
+    /// What `id` is, if it is reserved.
+    pub fn reserved(&self, id: NetnsId) -> Option<&'static str> {
+        self.entries
+            .iter()
+            .find_map(|(i, what)| (*i == id).then_some(*what))
+    }
+}
+
 fn setns_net(fd: &impl AsFd) -> io::Result<()> {
     // SAFETY: setns() on a valid fd borrowed for the duration of the call;
     // it only changes the calling thread's network namespace.
@@ -76,10 +164,13 @@ pub struct NetnsWorker {
 impl NetnsWorker {
     /// Starts a worker inside the netns at `path`.
     pub fn spawn(label: &str, path: &Path) -> Result<Self, NetnsError> {
-        let ns = File::open(path).map_err(|source| NetnsError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
+        let (ns, _) = open(path)?;
+        Self::spawn_in(label, path, ns)
+    }
+
+    /// Starts a worker inside the netns `ns`, already opened from `path`
+    /// (so that the namespace entered is the one that was checked).
+    pub fn spawn_in(label: &str, path: &Path, ns: File) -> Result<Self, NetnsError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
         let mut name = format!("ns-{label}");

@@ -1,0 +1,205 @@
+//! Hardening (issue 9, items 6 and 7): a workload's netns path is not trusted
+//! blindly (never the agent's or the host's netns, never one netns for two
+//! pods), the metrics endpoint is not exposed to pods or the node link by
+//! default, and the agent refuses to start with an expired mesh CA.
+
+mod common;
+
+use std::{fs::File, os::fd::AsRawFd as _, path::Path, process::Command};
+
+use common::{Mesh, agent_bin, delta};
+use mesh_lab::{LabSpec, NodeSpec, PodSpec, app::ProbeOutcome, lab_app_path};
+use serde_json::Value;
+
+const ADMIN: &str = "127.0.0.1:15000";
+
+/// Runs `f` on a thread inside the network namespace at `netns`.
+fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> T {
+    let ns = File::open(netns).expect("open netns");
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: setns on a valid netns fd; only this scoped thread moves.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("thread in netns")
+    })
+}
+
+/// The agent's workloads (`mesh-agent workloads --json`, run in the node),
+/// by pod name: (status, error).
+fn workloads(mesh: &Mesh) -> std::collections::BTreeMap<String, (String, String)> {
+    let mut cmd = Command::new(agent_bin());
+    cmd.args(["workloads", "--json", "--admin-addr", ADMIN]);
+    let out = mesh.lab.run_in_node(0, cmd).expect("mesh-agent workloads");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Value = serde_json::from_slice(&out.stdout).expect("workloads JSON");
+    rows.as_array()
+        .expect("array")
+        .iter()
+        .map(|w| {
+            let s = |k: &str| w[k].as_str().unwrap_or_default().to_owned();
+            (s("name"), (s("status"), s("error")))
+        })
+        .collect()
+}
+
+/// A workload-file entry for pod `name` claiming the netns at `netns`.
+fn pod_entry(name: &str, ip: &str, netns: &str) -> String {
+    format!(
+        "  - name: {name}\n    namespace: default\n    serviceAccount: {name}\n    \
+         ips: [\"{ip}\"]\n    netns: {netns}\n    enrolled: true\n"
+    )
+}
+
+fn one_node() -> Mesh {
+    Mesh::new(
+        LabSpec::new().node(
+            NodeSpec::new()
+                .pod(PodSpec::new("a"))
+                .pod(PodSpec::new("b"))
+                .pod(PodSpec::new("c"))
+                .pod(PodSpec::new("d")),
+        ),
+    )
+}
+
+#[test]
+fn a_pod_claiming_the_agents_or_the_nodes_netns_is_refused_and_node_traffic_is_not_captured() {
+    let mut mesh = one_node();
+    let node_netns = mesh.lab.node(0).expect("node").netns_path();
+    let mut text = mesh
+        .lab
+        .workload_file_yaml(0, &[("a", true), ("b", true), ("c", false), ("d", false)]);
+    text.push_str(&pod_entry("self-ns", "192.0.2.10", "/proc/self/ns/net"));
+    text.push_str(&pod_entry(
+        "node-ns",
+        "192.0.2.11",
+        &node_netns.display().to_string(),
+    ));
+    mesh.write_workload_text(0, &text);
+    mesh.echo("b", &[8080]);
+    mesh.echo("c", &[8080]);
+    mesh.start_agent(0);
+
+    // Both are refused, with the reason; the real pods are enrolled.
+    let rows = workloads(&mesh);
+    for name in ["self-ns", "node-ns"] {
+        let (status, error) = &rows[name];
+        assert_eq!(status, "failed", "{name}: {rows:?}");
+        assert!(
+            error.contains("the agent's own network namespace")
+                && error.contains("refusing to enroll it"),
+            "{name}: {error}"
+        );
+    }
+    assert_eq!(rows["a"].0, "enrolled", "{rows:?}");
+    assert_eq!(rows["b"].0, "enrolled", "{rows:?}");
+    let log = mesh.agent(0).log_contents().expect("log");
+    assert!(
+        log.contains("pod enrollment failed") && log.contains("pod=default/self-ns"),
+        "{log}"
+    );
+
+    // A process of the node (in the cgroup the programs cover, in the node's
+    // netns) connecting out is not captured: it reaches c directly.
+    let before = mesh.counters(0);
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", node_netns.display()))
+        .arg(lab_app_path().expect("mesh-lab-app"))
+        .args(["probe", "--connect", &mesh.v4("c", 8080)]);
+    let out = mesh.lab.run_in_pod("c", cmd).expect("probe from the node");
+    assert_eq!(
+        ProbeOutcome::from_output(&out).expect("probe outcome"),
+        ProbeOutcome::Echoed,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = mesh.counters(0);
+    assert_eq!(delta(&before, &after, "connect_redirected"), 0);
+    assert!(
+        delta(&before, &after, "connect_not_enrolled") >= 1,
+        "the probe did not go through the connect program: {before:?} -> {after:?}"
+    );
+    // The enrolled pods still work.
+    assert_eq!(
+        mesh.probe("a", &mesh.v4("b", 8080), &[]),
+        ProbeOutcome::Echoed
+    );
+    mesh.stop_agent(0);
+}
+
+#[test]
+fn two_pods_sharing_one_netns_the_second_is_refused_and_the_first_keeps_working() {
+    let mut mesh = one_node();
+    let base = mesh
+        .lab
+        .workload_file_yaml(0, &[("a", true), ("b", true), ("c", false), ("d", false)]);
+    mesh.write_workload_text(0, &base);
+    mesh.echo("b", &[8080]);
+    mesh.echo("d", &[8080]);
+    mesh.start_agent(0);
+    assert_eq!(
+        mesh.probe("a", &mesh.v4("b", 8080), &[]),
+        ProbeOutcome::Echoed
+    );
+
+    // b-twin claims the netns of b (enrolled); x and y arrive together,
+    // both claiming the netns of d. Each through another path than its
+    // sibling's (the file source already refuses the same path twice): the
+    // netns of the pod's process, as the Kubernetes source finds it.
+    let proc_netns = |app: usize| format!("/proc/{}/ns/net", mesh.apps[app].pid());
+    let d_netns = mesh
+        .lab
+        .pod("d")
+        .expect("pod")
+        .netns_path()
+        .display()
+        .to_string();
+    let mut text = base.clone();
+    text.push_str(&pod_entry("b-twin", "192.0.2.20", &proc_netns(0)));
+    text.push_str(&pod_entry("x", "192.0.2.21", &d_netns));
+    text.push_str(&pod_entry("y", "192.0.2.22", &proc_netns(1)));
+    mesh.write_workload_text(0, &text);
+    mesh.wait_agent_log_count(0, "workloads applied", 2);
+
+    let rows = workloads(&mesh);
+    for (pod, other) in [
+        ("b-twin", "default/b"),
+        ("x", "default/y"),
+        ("y", "default/x"),
+    ] {
+        let (status, error) = &rows[pod];
+        assert_eq!(status, "failed", "{pod}: {rows:?}");
+        assert!(
+            error.contains(&format!("also claimed by pod {other}")),
+            "{pod}: {error}"
+        );
+    }
+    assert_eq!(rows["b"].0, "enrolled", "{rows:?}");
+    // b keeps working, through the agent.
+    let before = mesh.counters(0);
+    assert_eq!(
+        mesh.probe("a", &mesh.v4("b", 8080), &[]),
+        ProbeOutcome::Echoed
+    );
+    assert_eq!(delta(&before, &mesh.counters(0), "connect_redirected"), 1);
+    // d was never enrolled (neither claimant won): reached directly.
+    assert_eq!(
+        mesh.probe("c", &mesh.v4("d", 8080), &[]),
+        ProbeOutcome::Echoed
+    );
+    // The status and the reason are in `mesh-agent status` too.
+    let mut cmd = Command::new(agent_bin());
+    cmd.args(["status", "--admin-addr", ADMIN]);
+    let out = mesh.lab.run_in_node(0, cmd).expect("status");
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(status.contains("3 failed"), "{status}");
+    mesh.stop_agent(0);
+}
