@@ -8,6 +8,7 @@ mod common;
 use std::{fs::File, os::fd::AsRawFd as _, path::Path, process::Command};
 
 use common::{Mesh, agent_bin, delta};
+use mesh_agent::cli::client;
 use mesh_lab::{LabSpec, NodeSpec, PodSpec, app::ProbeOutcome, lab_app_path};
 use serde_json::Value;
 
@@ -201,5 +202,97 @@ fn two_pods_sharing_one_netns_the_second_is_refused_and_the_first_keeps_working(
     let out = mesh.lab.run_in_node(0, cmd).expect("status");
     let status = String::from_utf8_lossy(&out.stdout);
     assert!(status.contains("3 failed"), "{status}");
+    mesh.stop_agent(0);
+}
+
+/// `GET path` on `addr` from the netns at `netns`.
+fn get_from(netns: &Path, addr: String, path: &str) -> (u16, String) {
+    let addr = addr.parse().expect("addr");
+    in_netns(netns, || client::get(addr, path)).unwrap_or_else(|e| panic!("GET {addr}{path}: {e}"))
+}
+
+/// Whether a connection to `addr` from the netns at `netns` is refused
+/// (the address is reachable, nothing listens there for that peer).
+fn refused(netns: &Path, addr: String) -> bool {
+    let addr = addr.parse().expect("addr");
+    let connect = in_netns(netns, || {
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))
+    });
+    match connect {
+        Ok(_) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => true,
+        Err(e) => panic!("connect to {addr}: {e} (the address should be reachable)"),
+    }
+}
+
+#[test]
+fn metrics_are_not_served_to_pods_or_the_node_link_by_default() {
+    let mut mesh = Mesh::new(
+        LabSpec::new()
+            .node(
+                NodeSpec::new()
+                    .pod(PodSpec::new("a"))
+                    .pod(PodSpec::new("b"))
+                    .pod(PodSpec::new("c")),
+            )
+            .node(NodeSpec::new().pod(PodSpec::new("e"))),
+    );
+    mesh.write_workloads(0, &[("a", true), ("b", true), ("c", false)]);
+    mesh.start_agent(0);
+    let node = mesh.lab.node(0).expect("node").clone();
+    let pod_c = mesh.lab.pod("c").expect("c").netns_path();
+    // Another node on the node link.
+    let peer = mesh.lab.node(1).expect("node 1").netns_path();
+    let (bridge, link) = (node.bridge_v4(), node.link_v4());
+
+    // Readiness stays reachable for the kubelet (from a pod, through its
+    // gateway, the node's bridge address; from the node link) and says
+    // nothing else.
+    for (from, addr) in [(&pod_c, bridge), (&peer, link)] {
+        assert_eq!(
+            get_from(from, format!("{addr}:15021"), "/healthz/ready"),
+            (200, "ready\n".to_owned())
+        );
+        for path in [
+            "/metrics",
+            "/stats/prometheus",
+            "/config_dump",
+            "/stats",
+            "/connections",
+        ] {
+            let (status, _) = get_from(from, format!("{addr}:15021"), path);
+            assert_eq!(status, 404, "{path} on the readiness port");
+        }
+    }
+    // Metrics: not from a pod, not from the node link.
+    assert!(refused(&pod_c, format!("{bridge}:15020")));
+    assert!(refused(&peer, format!("{link}:15020")));
+    // On the node's loopback, with the workloads' identities.
+    let (status, body) = get_from(&node.netns_path(), "127.0.0.1:15020".into(), "/metrics");
+    assert_eq!(status, 200);
+    assert!(body.contains("mesh_enrolled_pods 2"), "{body}");
+    mesh.stop_agent(0);
+
+    // With a pod IP (here the node link's address), metrics are served
+    // there, and only there.
+    mesh.start_agent_with(0, &["--pod-ip", &link.to_string()]);
+    let (status, body) = get_from(&peer, format!("{link}:15020"), "/metrics");
+    assert_eq!(status, 200);
+    assert!(body.contains("mesh_enrolled_pods 2"), "{body}");
+    assert!(refused(&pod_c, format!("{bridge}:15020")));
+    assert!(
+        mesh.agent(0)
+            .log_contents()
+            .expect("log")
+            .contains(&format!("metrics={link}:15020")),
+        "the start-up line names the metrics address"
+    );
+    mesh.stop_agent(0);
+
+    // --metrics-loopback wins over the pod IP.
+    mesh.start_agent_with(0, &["--pod-ip", &link.to_string(), "--metrics-loopback"]);
+    assert!(refused(&peer, format!("{link}:15020")));
+    let (status, _) = get_from(&node.netns_path(), "127.0.0.1:15020".into(), "/metrics");
+    assert_eq!(status, 200);
     mesh.stop_agent(0);
 }
