@@ -238,7 +238,19 @@ fn metrics_are_not_served_to_pods_or_the_node_link_by_default() {
             .node(NodeSpec::new().pod(PodSpec::new("e"))),
     );
     mesh.write_workloads(0, &[("a", true), ("b", true), ("c", false)]);
+    // The lab's CA, made to expire in 10 days: the agent warns at start.
+    let out = Command::new(agent_bin())
+        .args(["ca", "init", "--days", "10", "--out"])
+        .arg(mesh.lab.scratch_path("ca"))
+        .output()
+        .expect("ca init");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     mesh.start_agent(0);
+    mesh.wait_agent_log_count(0, "the mesh CA expires soon", 1);
     let node = mesh.lab.node(0).expect("node").clone();
     let pod_c = mesh.lab.pod("c").expect("c").netns_path();
     // Another node on the node link.
@@ -271,6 +283,7 @@ fn metrics_are_not_served_to_pods_or_the_node_link_by_default() {
     let (status, body) = get_from(&node.netns_path(), "127.0.0.1:15020".into(), "/metrics");
     assert_eq!(status, 200);
     assert!(body.contains("mesh_enrolled_pods 2"), "{body}");
+    assert!(body.contains("\nmesh_ca_expiring 1\n"), "{body}");
     mesh.stop_agent(0);
 
     // With a pod IP (here the node link's address), metrics are served
@@ -295,4 +308,69 @@ fn metrics_are_not_served_to_pods_or_the_node_link_by_default() {
     let (status, _) = get_from(&node.netns_path(), "127.0.0.1:15020".into(), "/metrics");
     assert_eq!(status, 200);
     mesh.stop_agent(0);
+}
+
+/// A self-signed CA (`ca.crt`, `ca.key`) valid between the two instants, in a new directory.
+fn ca_dir_valid_between(
+    name: &str,
+    not_before: std::time::SystemTime,
+    not_after: std::time::SystemTime,
+) -> std::path::PathBuf {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
+    let dir = std::env::temp_dir().join(format!("mesh-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_before = not_before.into();
+    params.not_after = not_after.into();
+    let cert = params.self_signed(&key).expect("self-signed");
+    std::fs::write(dir.join("ca.crt"), cert.pem()).expect("write ca.crt");
+    std::fs::write(dir.join("ca.key"), key.serialize_pem()).expect("write ca.key");
+    std::fs::write(dir.join("workloads.yaml"), "node:\n  name: n0\npods: []\n")
+        .expect("write workloads");
+    dir
+}
+
+#[test]
+fn the_agent_refuses_to_start_with_an_expired_or_not_yet_valid_ca() {
+    common::require_root();
+    let day = std::time::Duration::from_secs(86_400);
+    let now = std::time::SystemTime::now();
+    for (name, not_before, not_after, want) in [
+        ("expired-ca", now - 30 * day, now - day, "expired at"),
+        (
+            "future-ca",
+            now + day,
+            now + 30 * day,
+            "is not valid before",
+        ),
+    ] {
+        let dir = ca_dir_valid_between(name, not_before, not_after);
+        let out = Command::new(agent_bin())
+            .args([
+                "run",
+                "--pin-dir",
+                "/sys/fs/bpf/mesh-expired-ca-test",
+                "--ca-dir",
+            ])
+            .arg(&dir)
+            .arg("--workloads")
+            .arg(dir.join("workloads.yaml"))
+            .output()
+            .expect("mesh-agent run");
+        let _ = std::fs::remove_dir_all(&dir);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: the agent started: {stderr}");
+        assert!(
+            stderr.contains("error: the CA certificate in") && stderr.contains(want),
+            "{name}: {stderr}"
+        );
+        assert!(
+            !std::path::Path::new("/sys/fs/bpf/mesh-expired-ca-test").exists(),
+            "{name}: the datapath was loaded before the CA was checked"
+        );
+    }
 }

@@ -10,7 +10,9 @@
 //!   for what the agent does not know, so cardinality stays bounded by the
 //!   number of workloads and services.
 //! - The agent's own: `mesh_enrolled_pods`, `mesh_certificates`,
-//!   `mesh_certificate_expiry_seconds{identity}`, `mesh_pool_connections`,
+//!   `mesh_certificate_expiry_seconds{identity}`, `mesh_ca_expiry_seconds`,
+//!   `mesh_ca_expiring` (1 from 30 days before the CA expires),
+//!   `mesh_pool_connections`,
 //!   `mesh_pool_streams`, `mesh_policy_decisions_total{result}`.
 //! - The kernel's, read from the pinned maps at scrape time:
 //!   `mesh_ebpf_decisions_total{decision}` (one series per kernel counter),
@@ -528,10 +530,27 @@ impl Collector for CertificateCollector {
             MetricType::Gauge,
         )?;
         count.encode(m)?;
+        let now = SystemTime::now();
+        if let Some(ca) = self.0.ca() {
+            let m = encoder.encode_descriptor(
+                "mesh_ca_expiry_seconds",
+                "Seconds until the mesh CA certificate expires (negative once expired).",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(ca.expires_in(now)).encode(m)?;
+            let expiring = !matches!(ca.expiry_at(now), crate::identity::CaExpiry::Valid);
+            let m = encoder.encode_descriptor(
+                "mesh_ca_expiring",
+                "1 when the mesh CA expires within 30 days (or is not valid): install a new CA.",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::from(expiring)).encode(m)?;
+        }
         if certs.is_empty() {
             return Ok(());
         }
-        let now = SystemTime::now();
         let mut m = encoder.encode_descriptor(
             "mesh_certificate_expiry_seconds",
             "Seconds until the workload certificate of an identity expires.",

@@ -249,6 +249,18 @@ impl Admin {
             Value::Object(out)
         });
         let certificates = self.state.certificates.clone();
+        self.config_dump().register("ca", move || {
+            let now = SystemTime::now();
+            certificates.ca().map_or(Value::Null, |ca| {
+                json!({
+                    "not_before": certs::rfc3339(ca.not_before),
+                    "not_after": certs::rfc3339(ca.not_after),
+                    "expires_in_seconds": ca.expires_in(now),
+                    "state": format!("{:?}", ca.expiry_at(now)),
+                })
+            })
+        });
+        let certificates = self.state.certificates.clone();
         self.config_dump().register("certificates", move || {
             let now = SystemTime::now();
             certificates.list().iter().map(|c| c.to_json(now)).collect()

@@ -98,6 +98,9 @@ struct EnrolledPod {
     _worker: Arc<NetnsWorker>,
 }
 
+/// A pod's netns, opened, with its identity.
+type OpenedNetns = Result<(File, NetnsId), NetnsError>;
+
 /// The result of one reconciliation.
 #[derive(Debug, Default)]
 pub struct ReconcileReport {
@@ -201,7 +204,7 @@ impl Enroller {
         // The pods to enroll now, with the netns each names: no two pods
         // may share one (the kernel knows a netns by its cookie only), and
         // none may be the agent's or the host's.
-        let new: Vec<(&WorkloadKey, &Workload, Result<(File, NetnsId), NetnsError>)> = desired
+        let new: Vec<(&WorkloadKey, &Workload, OpenedNetns)> = desired
             .iter()
             .filter(|(k, _)| !self.pods.contains_key(**k))
             .map(|(k, w)| (*k, *w, netns::open(&w.netns)))
