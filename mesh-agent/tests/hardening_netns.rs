@@ -102,6 +102,12 @@ fn a_pod_claiming_the_agents_or_the_nodes_netns_is_refused_and_node_traffic_is_n
     }
     assert_eq!(rows["a"].0, "enrolled", "{rows:?}");
     assert_eq!(rows["b"].0, "enrolled", "{rows:?}");
+    let (_, metrics) = get_from(&node_netns, "127.0.0.1:15020".into(), "/metrics");
+    assert!(
+        metrics.contains("\nmesh_enrolled_pods 2\n")
+            && metrics.contains("\nmesh_enrollment_failed_pods 2\n"),
+        "{metrics}"
+    );
     let log = mesh.agent(0).log_contents().expect("log");
     assert!(
         log.contains("pod enrollment failed") && log.contains("pod=default/self-ns"),
@@ -202,6 +208,13 @@ fn two_pods_sharing_one_netns_the_second_is_refused_and_the_first_keeps_working(
     let out = mesh.lab.run_in_node(0, cmd).expect("status");
     let status = String::from_utf8_lossy(&out.stdout);
     assert!(status.contains("3 failed"), "{status}");
+    // And in the metrics (on the node's loopback).
+    let node = mesh.lab.node(0).expect("node").netns_path();
+    let (_, metrics) = get_from(&node, "127.0.0.1:15020".into(), "/metrics");
+    assert!(
+        metrics.contains("\nmesh_enrollment_failed_pods 3\n"),
+        "{metrics}"
+    );
     mesh.stop_agent(0);
 }
 

@@ -9,7 +9,8 @@
 //!   version labels and services — never addresses or ports — and `unknown`
 //!   for what the agent does not know, so cardinality stays bounded by the
 //!   number of workloads and services.
-//! - The agent's own: `mesh_enrolled_pods`, `mesh_certificates`,
+//! - The agent's own: `mesh_enrolled_pods`, `mesh_enrollment_failed_pods`,
+//!   `mesh_certificates`,
 //!   `mesh_certificate_expiry_seconds{identity}`, `mesh_ca_expiry_seconds`,
 //!   `mesh_ca_expiring` (1 from 30 days before the CA expires),
 //!   `mesh_pool_connections`,
@@ -340,6 +341,7 @@ pub struct Metrics {
     tcp_sent: Family<TcpLabels, Counter>,
     tcp_received: Family<TcpLabels, Counter>,
     enrolled_pods: Gauge,
+    enrollment_failed: Gauge,
     pool_connections: Gauge,
     pool_streams: Gauge,
     policy_decisions: Family<ResultLabel, Counter>,
@@ -387,6 +389,12 @@ impl Metrics {
             "Pods whose traffic this agent captures",
             enrolled_pods.clone(),
         );
+        let enrollment_failed = Gauge::default();
+        registry.register(
+            "mesh_enrollment_failed_pods",
+            "Pods that should be enrolled but are not (refused or failing; see the config dump for why)",
+            enrollment_failed.clone(),
+        );
         let pool_connections = Gauge::default();
         registry.register(
             "mesh_pool_connections",
@@ -416,6 +424,7 @@ impl Metrics {
             tcp_sent,
             tcp_received,
             enrolled_pods,
+            enrollment_failed,
             pool_connections,
             pool_streams,
             policy_decisions,
@@ -456,6 +465,12 @@ impl Metrics {
     /// Sets the number of enrolled pods.
     pub fn set_enrolled_pods(&self, n: usize) {
         self.enrolled_pods.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the number of pods whose enrollment failed or was refused.
+    pub fn set_enrollment_failed(&self, n: usize) {
+        self.enrollment_failed
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Counts an authorization decision.
@@ -729,6 +744,9 @@ istio_tcp_received_bytes_total{SERIES} 105\n\
 # HELP mesh_enrolled_pods Pods whose traffic this agent captures.\n\
 # TYPE mesh_enrolled_pods gauge\n\
 mesh_enrolled_pods 2\n\
+# HELP mesh_enrollment_failed_pods Pods that should be enrolled but are not (refused or failing; see the config dump for why).\n\
+# TYPE mesh_enrollment_failed_pods gauge\n\
+mesh_enrollment_failed_pods 0\n\
 # HELP mesh_pool_connections Open connections in the agent's upstream connection pool.\n\
 # TYPE mesh_pool_connections gauge\n\
 mesh_pool_connections 1\n\

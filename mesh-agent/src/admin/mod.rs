@@ -422,6 +422,7 @@ impl EnrollmentHooks {
     /// The first call lets readiness go.
     pub fn applied(&mut self, generation: u64, report: &ReconcileReport) {
         self.metrics.set_enrolled_pods(report.enrolled);
+        self.metrics.set_enrollment_failed(report.failed.len());
         {
             let mut s = self.state.write().unwrap_or_else(PoisonError::into_inner);
             s.passes += 1;

@@ -128,7 +128,12 @@ impl ReservedNetns {
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read a network namespace pods must not use")
+                tracing::warn!(
+                    path = %path.display(),
+                    what,
+                    error = %e,
+                    "cannot identify a network namespace no pod may use; pods naming it by another path are not refused"
+                )
             }
         }
     }
