@@ -4,6 +4,7 @@
 //! default, and the agent refuses to start with an expired mesh CA.
 
 mod common;
+mod kube_fake;
 
 use std::{fs::File, os::fd::AsRawFd as _, path::Path, process::Command};
 
@@ -386,4 +387,84 @@ fn the_agent_refuses_to_start_with_an_expired_or_not_yet_valid_ca() {
             "{name}: the datapath was loaded before the CA was checked"
         );
     }
+}
+
+/// Binds `127.0.0.1:0` inside the netns at `netns` (for the fake API server).
+fn listener_in_netns(netns: &Path) -> std::net::TcpListener {
+    in_netns(netns, || {
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind in the node netns")
+    })
+}
+
+#[test]
+fn in_kubernetes_mode_a_pod_whose_process_is_in_the_node_netns_is_refused() {
+    use kube_fake::{FakeApiServer, objects};
+    use serde_json::json;
+    const UID_GOOD: &str = "9006d0-0001";
+    const UID_HOST: &str = "4057e7-0002";
+    let (good, host) = (format!("pod{UID_GOOD}"), format!("pod{UID_HOST}"));
+    let mut mesh = Mesh::new(
+        LabSpec::new().node(
+            NodeSpec::new()
+                .pod(PodSpec::new(good.as_str()))
+                .pod(PodSpec::new(host.as_str())),
+        ),
+    );
+    let node = mesh.lab.node(0).expect("node").clone();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = listener_in_netns(&node.netns_path());
+    let api = runtime.block_on(FakeApiServer::start_on(listener));
+    api.apply(objects::namespace(
+        "shop",
+        json!({"istio.io/dataplane-mode": "ambient"}),
+    ));
+    api.apply(objects::node(node.name(), &node.bridge_v4().to_string()));
+    for (name, uid, lab_pod) in [("good", UID_GOOD, &good), ("host", UID_HOST, &host)] {
+        let ip = mesh.lab.pod(lab_pod).expect("pod").ipv4().to_string();
+        api.apply(objects::pod(
+            "shop",
+            name,
+            uid,
+            node.name(),
+            &[&ip],
+            json!({}),
+        ));
+    }
+    // good's process is in its own netns; host's process is in its pod's
+    // cgroup but in the node's netns (as a hostNetwork pod's would be): the
+    // /proc discovery finds the node's netns for it.
+    mesh.echo(&good, &[8080]);
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", node.netns_path().display()))
+        .arg(lab_app_path().expect("mesh-lab-app"))
+        .args(["echo", "--listen", "127.0.0.1:18080"]);
+    let child = mesh.lab.spawn_in_pod(&host, cmd).expect("spawn host app");
+    child
+        .wait_for_log("listening", std::time::Duration::from_secs(10))
+        .expect("host app listening");
+    mesh.apps.push(child);
+
+    mesh.write_workloads(0, &[]); // not read in --kube mode
+    let url = api.url();
+    mesh.start_agent_with(
+        0,
+        &["--kube", "--api-server", &url, "--node-name", node.name()],
+    );
+    mesh.wait_agent_log_count(0, "pod enrolled", 1);
+    mesh.wait_agent_log_count(0, "pod enrollment failed", 1);
+    let rows = workloads(&mesh);
+    assert_eq!(rows["good"].0, "enrolled", "{rows:?}");
+    let (status, error) = &rows["host"];
+    assert_eq!(status, "failed", "{rows:?}");
+    assert!(
+        error.contains("the agent's own network namespace") && error.contains("/ns/net"),
+        "{error}"
+    );
+    mesh.stop_agent(0);
+    drop(api);
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
 }
