@@ -98,9 +98,6 @@ struct EnrolledPod {
     _worker: Arc<NetnsWorker>,
 }
 
-/// A pod's netns, opened, with its identity.
-type OpenedNetns = Result<(File, NetnsId), NetnsError>;
-
 /// The result of one reconciliation.
 #[derive(Debug, Default)]
 pub struct ReconcileReport {
@@ -204,24 +201,25 @@ impl Enroller {
         // The pods to enroll now, with the netns each names: no two pods
         // may share one (the kernel knows a netns by its cookie only), and
         // none may be the agent's or the host's.
-        let new: Vec<(&WorkloadKey, &Workload, OpenedNetns)> = desired
+        // (Identified one at a time, without holding the files open.)
+        let new: Vec<(&WorkloadKey, &Workload, Result<NetnsId, NetnsError>)> = desired
             .iter()
             .filter(|(k, _)| !self.pods.contains_key(**k))
-            .map(|(k, w)| (*k, *w, netns::open(&w.netns)))
+            .map(|(k, w)| (*k, *w, netns::open(&w.netns).map(|(_, id)| id)))
             .collect();
         let mut claims: std::collections::HashMap<NetnsId, Vec<&WorkloadKey>> =
             std::collections::HashMap::new();
         for (key, _, opened) in &new {
-            if let Ok((_, id)) = opened {
+            if let Ok(id) = opened {
                 claims.entry(*id).or_default().push(key);
             }
         }
         for (key, workload, opened) in new {
-            let checked = opened.map_err(EnrollError::from).and_then(|(ns, id)| {
+            let checked = opened.map_err(EnrollError::from).and_then(|id| {
                 self.check_netns(key, workload, id, &claims)?;
-                Ok((ns, id))
+                Ok(id)
             });
-            match checked.and_then(|(ns, id)| self.enroll(workload, ns, id)) {
+            match checked.and_then(|id| self.enroll(workload, id)) {
                 Ok(pod) => {
                     tracing::info!(
                         pod = %key,
@@ -287,13 +285,14 @@ impl Enroller {
         }
     }
 
-    fn enroll(
-        &mut self,
-        w: &Workload,
-        ns: File,
-        netns_id: NetnsId,
-    ) -> Result<EnrolledPod, EnrollError> {
+    /// Enrolls a pod in the netns `netns_id` (checked): the worker enters
+    /// that namespace, or nothing if the path names another one by now.
+    fn enroll(&mut self, w: &Workload, netns_id: NetnsId) -> Result<EnrolledPod, EnrollError> {
         let identity = SpiffeId::new(self.proxy.trust_domain(), &w.namespace, &w.service_account)?;
+        let (ns, id) = netns::open(&w.netns)?;
+        if id != netns_id {
+            return Err(NetnsError::Changed(w.netns.clone()).into());
+        }
         let worker = Arc::new(NetnsWorker::spawn_in(&w.name, &w.netns, ns)?);
         let (listeners, cookie) = worker.run_blocking(open_listeners)??;
         // The same namespace under another (dev, ino) cannot happen; the

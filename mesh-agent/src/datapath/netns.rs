@@ -51,6 +51,11 @@ pub enum NetnsError {
         /// The I/O error.
         source: io::Error,
     },
+    /// The path named another netns when it was checked (the pod restarted?).
+    #[error(
+        "network namespace {0} changed while the pod was being enrolled (did the pod restart?); retrying"
+    )]
+    Changed(PathBuf),
     /// The worker thread has stopped (the pod was un-enrolled).
     #[error("the worker for network namespace {0} has stopped")]
     Stopped(PathBuf),
