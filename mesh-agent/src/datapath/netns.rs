@@ -300,3 +300,34 @@ pub fn listener(addr: SocketAddr, dual_stack: bool) -> io::Result<std::net::TcpL
     sock.listen(1024)?;
     Ok(sock.into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_netns_is_known_by_its_identity_whatever_the_path() {
+        let (_, own) = open(Path::new("/proc/self/ns/net")).unwrap();
+        let (_, same) = open(&PathBuf::from(format!(
+            "/proc/{}/ns/net",
+            std::process::id()
+        )))
+        .unwrap();
+        assert_eq!(own, same);
+        let reserved = ReservedNetns::new(Path::new("/proc"));
+        assert_eq!(
+            reserved.reserved(own),
+            Some("the agent's own network namespace")
+        );
+        // Not a netns file: another identity, not reserved.
+        let other = NetnsId::of(&File::open("/proc/self/stat").unwrap()).unwrap();
+        assert_ne!(other, own);
+        assert_eq!(reserved.reserved(other), None);
+        assert!(own.to_string().starts_with("net:["), "{own}");
+        let missing = open(Path::new("/nonexistent/ns/net")).unwrap_err();
+        assert!(
+            missing.to_string().contains("is the pod still running"),
+            "{missing}"
+        );
+    }
+}
