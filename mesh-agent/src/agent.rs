@@ -162,7 +162,11 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
             serde_json::Value::Object(counters.collect())
         });
     }
-    let enroller = Enroller::new(dp, proxy)?;
+    let mut enroller = Enroller::new(dp, proxy)?;
+    if let Some(kube) = &cfg.kube {
+        // The host's /proc is mounted elsewhere: refuse its init's netns too.
+        enroller.refuse_host_netns(&kube.proc_root);
+    }
 
     let cancel = CancellationToken::new();
     if let Some(kube) = &cfg.kube {

@@ -341,6 +341,19 @@ fn daemonset_invariants() {
         .and_then(|v| v.field_ref.as_ref())
         .expect("NODE_NAME from a fieldRef");
     assert_eq!(field.field_path, "spec.nodeName");
+    // POD_IP from the downward API: metrics are served on the pod IP only
+    // (without it, on loopback, where Prometheus cannot scrape them).
+    let pod_ip = env.iter().find(|e| e.name == "POD_IP").expect("POD_IP");
+    let field = pod_ip
+        .value_from
+        .as_ref()
+        .and_then(|v| v.field_ref.as_ref())
+        .expect("POD_IP from a fieldRef");
+    assert_eq!(field.field_path, "status.podIP");
+    assert!(
+        !env.iter().any(|e| e.name == "MESH_METRICS_ADDR"),
+        "metrics follow POD_IP, not a fixed address"
+    );
 
     // Readiness on :15021/healthz/ready.
     let http = agent

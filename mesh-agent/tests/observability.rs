@@ -28,7 +28,7 @@ const ENDPOINTS: &[&str] = &[
     "--admin-addr",
     "127.0.0.1:15000",
     "--metrics-addr",
-    "0.0.0.0:15020",
+    "127.0.0.1:15020",
     "--readiness-addr",
     "0.0.0.0:15021",
 ];
@@ -197,7 +197,7 @@ fn readiness_flips_only_once_the_agent_is_ready() {
         assert!(loaded.contains(field), "{field} missing: {loaded}");
     }
     assert!(
-        loaded.contains("admin=127.0.0.1:15000,metrics=0.0.0.0:15020,readiness=0.0.0.0:15021"),
+        loaded.contains("admin=127.0.0.1:15000,metrics=127.0.0.1:15020,readiness=0.0.0.0:15021"),
         "{loaded}"
     );
     // Shutting down: stop cleanly (the readiness flip to 503 is checked in-process).

@@ -48,6 +48,11 @@ impl CertificateInfo {
 pub trait CertificateSource: Send + Sync + 'static {
     /// The certificates held now.
     fn certificates(&self) -> Vec<CertificateInfo>;
+
+    /// The validity of the CA the certificates are signed with, if known.
+    fn ca(&self) -> Option<crate::identity::CaValidity> {
+        None
+    }
 }
 
 /// The shared view of the agent's certificates: empty until a source is set.
@@ -79,6 +84,16 @@ impl Certificates {
         out.sort_by(|a, b| a.identity.cmp(&b.identity));
         out
     }
+
+    /// The mesh CA's validity (none before a source is set, or when the
+    /// source has no local CA).
+    pub fn ca(&self) -> Option<crate::identity::CaValidity> {
+        self.source
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .and_then(|s| s.ca())
+    }
 }
 
 /// The identity code's certificate manager: what it holds now, without
@@ -96,6 +111,10 @@ impl CertificateSource for crate::identity::CertManager {
                 chain_len: c.chain().len(),
             })
             .collect()
+    }
+
+    fn ca(&self) -> Option<crate::identity::CaValidity> {
+        self.ca_validity()
     }
 }
 

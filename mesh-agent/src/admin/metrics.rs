@@ -9,8 +9,11 @@
 //!   version labels and services — never addresses or ports — and `unknown`
 //!   for what the agent does not know, so cardinality stays bounded by the
 //!   number of workloads and services.
-//! - The agent's own: `mesh_enrolled_pods`, `mesh_certificates`,
-//!   `mesh_certificate_expiry_seconds{identity}`, `mesh_pool_connections`,
+//! - The agent's own: `mesh_enrolled_pods`, `mesh_enrollment_failed_pods`,
+//!   `mesh_certificates`,
+//!   `mesh_certificate_expiry_seconds{identity}`, `mesh_ca_expiry_seconds`,
+//!   `mesh_ca_expiring` (1 from 30 days before the CA expires),
+//!   `mesh_pool_connections`,
 //!   `mesh_pool_streams`, `mesh_policy_decisions_total{result}`.
 //! - The kernel's, read from the pinned maps at scrape time:
 //!   `mesh_ebpf_decisions_total{decision}` (one series per kernel counter),
@@ -338,6 +341,7 @@ pub struct Metrics {
     tcp_sent: Family<TcpLabels, Counter>,
     tcp_received: Family<TcpLabels, Counter>,
     enrolled_pods: Gauge,
+    enrollment_failed: Gauge,
     pool_connections: Gauge,
     pool_streams: Gauge,
     policy_decisions: Family<ResultLabel, Counter>,
@@ -385,6 +389,12 @@ impl Metrics {
             "Pods whose traffic this agent captures",
             enrolled_pods.clone(),
         );
+        let enrollment_failed = Gauge::default();
+        registry.register(
+            "mesh_enrollment_failed_pods",
+            "Pods that should be enrolled but are not (refused or failing; see the config dump for why)",
+            enrollment_failed.clone(),
+        );
         let pool_connections = Gauge::default();
         registry.register(
             "mesh_pool_connections",
@@ -414,6 +424,7 @@ impl Metrics {
             tcp_sent,
             tcp_received,
             enrolled_pods,
+            enrollment_failed,
             pool_connections,
             pool_streams,
             policy_decisions,
@@ -454,6 +465,12 @@ impl Metrics {
     /// Sets the number of enrolled pods.
     pub fn set_enrolled_pods(&self, n: usize) {
         self.enrolled_pods.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the number of pods whose enrollment failed or was refused.
+    pub fn set_enrollment_failed(&self, n: usize) {
+        self.enrollment_failed
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Counts an authorization decision.
@@ -528,10 +545,27 @@ impl Collector for CertificateCollector {
             MetricType::Gauge,
         )?;
         count.encode(m)?;
+        let now = SystemTime::now();
+        if let Some(ca) = self.0.ca() {
+            let m = encoder.encode_descriptor(
+                "mesh_ca_expiry_seconds",
+                "Seconds until the mesh CA certificate expires (negative once expired).",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(ca.expires_in(now)).encode(m)?;
+            let expiring = !matches!(ca.expiry_at(now), crate::identity::CaExpiry::Valid);
+            let m = encoder.encode_descriptor(
+                "mesh_ca_expiring",
+                "1 when the mesh CA expires within 30 days (or is not valid): install a new CA.",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::from(expiring)).encode(m)?;
+        }
         if certs.is_empty() {
             return Ok(());
         }
-        let now = SystemTime::now();
         let mut m = encoder.encode_descriptor(
             "mesh_certificate_expiry_seconds",
             "Seconds until the workload certificate of an identity expires.",
@@ -710,6 +744,9 @@ istio_tcp_received_bytes_total{SERIES} 105\n\
 # HELP mesh_enrolled_pods Pods whose traffic this agent captures.\n\
 # TYPE mesh_enrolled_pods gauge\n\
 mesh_enrolled_pods 2\n\
+# HELP mesh_enrollment_failed_pods Pods that should be enrolled but are not (refused or failing; see the config dump for why).\n\
+# TYPE mesh_enrollment_failed_pods gauge\n\
+mesh_enrollment_failed_pods 0\n\
 # HELP mesh_pool_connections Open connections in the agent's upstream connection pool.\n\
 # TYPE mesh_pool_connections gauge\n\
 mesh_pool_connections 1\n\

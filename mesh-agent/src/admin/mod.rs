@@ -51,9 +51,14 @@ use crate::{
 
 /// The default admin address (loopback only: it changes the log level).
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
-/// The default metrics address.
-pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
-/// The default readiness address.
+/// The default metrics address when the agent's pod IP is not known
+/// (loopback: metrics name every workload and SPIFFE ID of the node, so
+/// they are not served to pods or the node's links unless asked for).
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:15020";
+/// The metrics port (on the pod IP, or loopback).
+pub const METRICS_PORT: u16 = 15020;
+/// The default readiness address (all addresses: kubelet probes the pod
+/// IP; it tells ready or not, nothing else).
 pub const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
 
 /// Where the agent serves its HTTP endpoints.
@@ -72,7 +77,7 @@ impl Default for AdminConfig {
         // The DEFAULT_*_ADDR constants, as addresses.
         Self {
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 15000)),
-            metrics_addr: SocketAddr::from(([0, 0, 0, 0], 15020)),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], METRICS_PORT)),
             readiness_addr: SocketAddr::from(([0, 0, 0, 0], 15021)),
         }
     }
@@ -245,6 +250,18 @@ impl Admin {
             Value::Object(out)
         });
         let certificates = self.state.certificates.clone();
+        self.config_dump().register("ca", move || {
+            let now = SystemTime::now();
+            certificates.ca().map_or(Value::Null, |ca| {
+                json!({
+                    "not_before": certs::rfc3339(ca.not_before),
+                    "not_after": certs::rfc3339(ca.not_after),
+                    "expires_in_seconds": ca.expires_in(now),
+                    "state": format!("{:?}", ca.expiry_at(now)),
+                })
+            })
+        });
+        let certificates = self.state.certificates.clone();
         self.config_dump().register("certificates", move || {
             let now = SystemTime::now();
             certificates.list().iter().map(|c| c.to_json(now)).collect()
@@ -406,6 +423,7 @@ impl EnrollmentHooks {
     /// The first call lets readiness go.
     pub fn applied(&mut self, generation: u64, report: &ReconcileReport) {
         self.metrics.set_enrolled_pods(report.enrolled);
+        self.metrics.set_enrollment_failed(report.failed.len());
         {
             let mut s = self.state.write().unwrap_or_else(PoisonError::into_inner);
             s.passes += 1;

@@ -9,7 +9,7 @@
 //! | | `GET /stats` | kernel and proxy counters, JSON |
 //! | | `GET /connections` | open proxied connections, JSON |
 //! | | `GET /healthz/ready` | readiness, as on the readiness server |
-//! | metrics (`0.0.0.0:15020`) | `GET /metrics` (`/stats/prometheus`) | Prometheus, OpenMetrics text |
+//! | metrics (pod IP or `127.0.0.1`, `:15020`) | `GET /metrics` (`/stats/prometheus`) | Prometheus, OpenMetrics text |
 //! | readiness (`0.0.0.0:15021`) | `GET /healthz/ready` | 200 when ready, 503 before |
 
 use std::{convert::Infallible, sync::Arc, time::Duration};

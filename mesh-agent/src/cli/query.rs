@@ -2,13 +2,13 @@
 //! `status`, `workloads`, `policies`, `certs`, `connections`; and the
 //! `run` options that place the agent's endpoints.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use clap::Subcommand;
 use serde_json::Value;
 
 use super::{client, render};
-use crate::admin::{AdminConfig, DEFAULT_ADMIN_ADDR, DEFAULT_METRICS_ADDR, DEFAULT_READINESS_ADDR};
+use crate::admin::{AdminConfig, DEFAULT_ADMIN_ADDR, DEFAULT_READINESS_ADDR, METRICS_PORT};
 
 /// Where `mesh-agent run` serves its HTTP endpoints.
 #[derive(Clone, Debug, clap::Args)]
@@ -16,10 +16,20 @@ pub struct EndpointArgs {
     /// Admin endpoint (`/config_dump`, `/logging`, `/stats`, `/connections`); keep it on loopback.
     #[arg(long, env = "MESH_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
-    /// Prometheus metrics (`/metrics`).
-    #[arg(long, env = "MESH_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
-    pub metrics_addr: SocketAddr,
-    /// Readiness probe (`/healthz/ready`).
+    /// Prometheus metrics (`/metrics`; they name every workload and SPIFFE
+    /// ID of the node). Default: the agent's pod IP (`--pod-ip`) on port
+    /// 15020 if given, else loopback (`127.0.0.1:15020`); never all addresses
+    /// unless asked for.
+    #[arg(long, env = "MESH_METRICS_ADDR", conflicts_with = "metrics_loopback")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Serve metrics on loopback only (`127.0.0.1:15020`), even with a pod IP.
+    #[arg(long, env = "MESH_METRICS_LOOPBACK")]
+    pub metrics_loopback: bool,
+    /// The agent's own pod IP (the downward API's `status.podIP`): where
+    /// metrics are served by default.
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<IpAddr>,
+    /// Readiness probe (`/healthz/ready`; says ready or not, nothing else).
     #[arg(long, env = "MESH_READINESS_ADDR", default_value = DEFAULT_READINESS_ADDR)]
     pub readiness_addr: SocketAddr,
 }
@@ -29,9 +39,24 @@ impl EndpointArgs {
     pub fn config(&self) -> AdminConfig {
         AdminConfig {
             admin_addr: self.admin_addr,
-            metrics_addr: self.metrics_addr,
+            metrics_addr: metrics_addr(self.metrics_addr, self.metrics_loopback, self.pod_ip),
             readiness_addr: self.readiness_addr,
         }
+    }
+}
+
+/// Where metrics are served: the address asked for, else loopback if asked
+/// for, else the pod IP, else loopback (safe where no pod IP is known: the
+/// file mode and the lab).
+pub fn metrics_addr(
+    explicit: Option<SocketAddr>,
+    loopback: bool,
+    pod_ip: Option<IpAddr>,
+) -> SocketAddr {
+    match (explicit, loopback, pod_ip) {
+        (Some(addr), _, _) => addr,
+        (None, false, Some(ip)) => SocketAddr::new(ip, METRICS_PORT),
+        (None, _, _) => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), METRICS_PORT),
     }
 }
 
@@ -97,5 +122,35 @@ pub fn format_answer(cmd: &QueryCommand, answer: &Value, json: bool) -> String {
         out
     } else {
         text(&value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_default_to_the_pod_ip_or_loopback_never_all_addresses() {
+        let pod: IpAddr = "10.1.2.3".parse().expect("ip");
+        let any: SocketAddr = "0.0.0.0:9999".parse().expect("addr");
+        assert_eq!(
+            metrics_addr(None, false, None).to_string(),
+            "127.0.0.1:15020"
+        );
+        assert_eq!(
+            metrics_addr(None, false, Some(pod)).to_string(),
+            "10.1.2.3:15020"
+        );
+        assert_eq!(
+            metrics_addr(None, true, Some(pod)).to_string(),
+            "127.0.0.1:15020"
+        );
+        assert_eq!(metrics_addr(Some(any), false, Some(pod)), any);
+        assert_eq!(
+            crate::admin::AdminConfig::default()
+                .metrics_addr
+                .to_string(),
+            "127.0.0.1:15020"
+        );
     }
 }

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Datapath, DatapathError, ip_key,
-    netns::{self, NetnsError, NetnsWorker},
+    netns::{self, NetnsError, NetnsId, NetnsWorker, ReservedNetns},
 };
 use crate::{
     identity::SpiffeId,
@@ -56,12 +56,41 @@ pub enum EnrollError {
     /// The pod's namespace or service account cannot form a SPIFFE identity.
     #[error("the pod has no valid identity: {0}")]
     Identity(#[from] crate::identity::SpiffeIdError),
+    /// The pod's netns is the agent's or the host's: enrolling it would
+    /// capture the node's own processes under the pod's identity.
+    #[error(
+        "the pod's network namespace {} ({id}) is {what}: refusing to enroll it, which would capture the node's own traffic under the pod's identity; give the pod's own netns path",
+        path.display()
+    )]
+    ReservedNetns {
+        /// The pod's netns path.
+        path: std::path::PathBuf,
+        /// The namespace it names.
+        id: NetnsId,
+        /// Which reserved namespace it is.
+        what: &'static str,
+    },
+    /// Another pod claims the same netns.
+    #[error(
+        "the pod's network namespace {} ({id}) is also claimed by pod {other}: one netns cannot carry two pods' identities, so this pod is refused (a pod already enrolled keeps working); check both pods' netns paths",
+        path.display()
+    )]
+    SharedNetns {
+        /// The pod's netns path.
+        path: std::path::PathBuf,
+        /// The namespace it names.
+        id: NetnsId,
+        /// The other pod claiming it.
+        other: WorkloadKey,
+    },
 }
 
 struct EnrolledPod {
     workload: Workload,
     identity: SpiffeId,
     cookie: u64,
+    /// The netns it is enrolled in (no other pod may claim it).
+    netns_id: NetnsId,
     slot: u32,
     cancel: CancellationToken,
     /// Duplicates of the listener fds, to shut them down synchronously on
@@ -94,6 +123,7 @@ pub struct Enroller {
     pods: BTreeMap<WorkloadKey, EnrolledPod>,
     free_slots: Vec<u32>,
     proxy: Proxy,
+    reserved: ReservedNetns,
 }
 
 impl Enroller {
@@ -109,7 +139,18 @@ impl Enroller {
             pods: BTreeMap::new(),
             free_slots: (0..MAX_PODS).rev().collect(),
             proxy,
+            reserved: ReservedNetns::new(std::path::Path::new("/proc")),
         })
+    }
+
+    /// Also refuses the host's netns as seen through `proc_root` (the host's
+    /// `/proc` mounted in the agent's container, where `/proc/1` is not the
+    /// host's init).
+    pub fn refuse_host_netns(&mut self, proc_root: &std::path::Path) {
+        self.reserved.add(
+            &proc_root.join("1/ns/net"),
+            "the host's network namespace (init's)",
+        );
     }
 
     /// Makes the enrolled set equal to the snapshot's enrolled pods, then
@@ -158,11 +199,28 @@ impl Enroller {
                 }
             }
         }
-        for (key, workload) in desired {
-            if self.pods.contains_key(key) {
-                continue;
+        // The pods to enroll now, with the netns each names: no two pods
+        // may share one (the kernel knows a netns by its cookie only), and
+        // none may be the agent's or the host's.
+        // (Identified one at a time, without holding the files open.)
+        let new: Vec<(&WorkloadKey, &Workload, Result<NetnsId, NetnsError>)> = desired
+            .iter()
+            .filter(|(k, _)| !self.pods.contains_key(**k))
+            .map(|(k, w)| (*k, *w, netns::open(&w.netns).map(|(_, id)| id)))
+            .collect();
+        let mut claims: std::collections::HashMap<NetnsId, Vec<&WorkloadKey>> =
+            std::collections::HashMap::new();
+        for (key, _, opened) in &new {
+            if let Ok(id) = opened {
+                claims.entry(*id).or_default().push(key);
             }
-            match self.enroll(workload) {
+        }
+        for (key, workload, opened) in new {
+            let checked = opened.map_err(EnrollError::from).and_then(|id| {
+                self.check_netns(key, workload, id, &claims)?;
+                Ok(id)
+            });
+            match checked.and_then(|id| self.enroll(workload, id)) {
                 Ok(pod) => {
                     tracing::info!(
                         pod = %key,
@@ -194,10 +252,59 @@ impl Enroller {
         report
     }
 
-    fn enroll(&mut self, w: &Workload) -> Result<EnrolledPod, EnrollError> {
+    /// Refuses a netns that is reserved (the agent's, the host's), enrolled
+    /// for another pod, or claimed by another pod of this pass (`claims`).
+    fn check_netns(
+        &self,
+        key: &WorkloadKey,
+        w: &Workload,
+        id: NetnsId,
+        claims: &std::collections::HashMap<NetnsId, Vec<&WorkloadKey>>,
+    ) -> Result<(), EnrollError> {
+        if let Some(what) = self.reserved.reserved(id) {
+            return Err(EnrollError::ReservedNetns {
+                path: w.netns.clone(),
+                id,
+                what,
+            });
+        }
+        let enrolled = self
+            .pods
+            .iter()
+            .find(|(k, p)| *k != key && p.netns_id == id)
+            .map(|(k, _)| k);
+        let arriving = claims
+            .get(&id)
+            .and_then(|keys| keys.iter().find(|k| **k != key).copied());
+        match enrolled.or(arriving) {
+            Some(other) => Err(EnrollError::SharedNetns {
+                path: w.netns.clone(),
+                id,
+                other: other.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Enrolls a pod in the netns `netns_id` (checked): the worker enters
+    /// that namespace, or nothing if the path names another one by now.
+    fn enroll(&mut self, w: &Workload, netns_id: NetnsId) -> Result<EnrolledPod, EnrollError> {
         let identity = SpiffeId::new(self.proxy.trust_domain(), &w.namespace, &w.service_account)?;
-        let worker = Arc::new(NetnsWorker::spawn(&w.name, &w.netns)?);
+        let (ns, id) = netns::open(&w.netns)?;
+        if id != netns_id {
+            return Err(NetnsError::Changed(w.netns.clone()).into());
+        }
+        let worker = Arc::new(NetnsWorker::spawn_in(&w.name, &w.netns, ns)?);
         let (listeners, cookie) = worker.run_blocking(open_listeners)??;
+        // The same namespace under another (dev, ino) cannot happen; the
+        // cookie is what the kernel keys capture on, so check it too.
+        if let Some((other, _)) = self.pods.iter().find(|(_, p)| p.cookie == cookie) {
+            return Err(EnrollError::SharedNetns {
+                path: w.netns.clone(),
+                id: netns_id,
+                other: other.clone(),
+            });
+        }
         let listener_fds = listeners
             .outbound
             .iter()
@@ -220,6 +327,7 @@ impl Enroller {
             workload: w.clone(),
             identity,
             cookie,
+            netns_id,
             slot,
             cancel,
             listener_fds,

@@ -10,7 +10,10 @@ use std::{
     fs::File,
     io,
     net::SocketAddr,
-    os::fd::{AsFd, AsRawFd},
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::fs::MetadataExt as _,
+    },
     path::{Path, PathBuf},
     sync::mpsc,
 };
@@ -48,9 +51,104 @@ pub enum NetnsError {
         /// The I/O error.
         source: io::Error,
     },
+    /// The path named another netns when it was checked (the pod restarted?).
+    #[error(
+        "network namespace {0} changed while the pod was being enrolled (did the pod restart?); retrying"
+    )]
+    Changed(PathBuf),
     /// The worker thread has stopped (the pod was un-enrolled).
     #[error("the worker for network namespace {0} has stopped")]
     Stopped(PathBuf),
+}
+
+/// A network namespace's identity: the device and inode of its nsfs file,
+/// the same whichever path (`/proc/<pid>/ns/net`, a bind mount under
+/// `/var/run/netns`) names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NetnsId {
+    dev: u64,
+    ino: u64,
+}
+
+impl NetnsId {
+    /// The identity of the namespace `file` (opened from a netns path) is.
+    pub fn of(file: &File) -> io::Result<Self> {
+        let meta = file.metadata()?;
+        Ok(Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+}
+
+impl std::fmt::Display for NetnsId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // As `ls -l /proc/<pid>/ns/net` shows it.
+        write!(f, "net:[{}]", self.ino)
+    }
+}
+
+/// Opens the netns at `path` and reads its identity.
+pub fn open(path: &Path) -> Result<(File, NetnsId), NetnsError> {
+    let err = |source| NetnsError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let ns = File::open(path).map_err(err)?;
+    let id = NetnsId::of(&ns).map_err(err)?;
+    Ok((ns, id))
+}
+
+/// The namespaces no pod may be enrolled in: enrolling one would capture the
+/// node's own processes under the pod's identity.
+#[derive(Clone, Debug, Default)]
+pub struct ReservedNetns {
+    entries: Vec<(NetnsId, &'static str)>,
+}
+
+impl ReservedNetns {
+    /// The agent's own netns (`/proc/self/ns/net`: the node's, where the
+    /// agent runs) and the host's (`<proc_root>/1/ns/net`: init's). A path
+    /// that cannot be read is skipped with a warning (it then cannot be
+    /// what a pod's path opens either, unless the pod's path is it).
+    pub fn new(proc_root: &Path) -> Self {
+        let mut out = Self::default();
+        out.add(
+            Path::new("/proc/self/ns/net"),
+            "the agent's own network namespace",
+        );
+        out.add(
+            &proc_root.join("1/ns/net"),
+            "the host's network namespace (init's)",
+        );
+        out
+    }
+
+    /// Refuses the netns at `path` too, described as `what` in errors.
+    pub fn add(&mut self, path: &Path, what: &'static str) {
+        match open(path) {
+            Ok((_, id)) => {
+                if !self.entries.iter().any(|(i, _)| *i == id) {
+                    self.entries.push((id, what));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    what,
+                    error = %e,
+                    "cannot identify a network namespace no pod may use; pods naming it by another path are not refused"
+                )
+            }
+        }
+    }
+
+    /// What `id` is, if it is reserved.
+    pub fn reserved(&self, id: NetnsId) -> Option<&'static str> {
+        self.entries
+            .iter()
+            .find_map(|(i, what)| (*i == id).then_some(*what))
+    }
 }
 
 fn setns_net(fd: &impl AsFd) -> io::Result<()> {
@@ -76,10 +174,13 @@ pub struct NetnsWorker {
 impl NetnsWorker {
     /// Starts a worker inside the netns at `path`.
     pub fn spawn(label: &str, path: &Path) -> Result<Self, NetnsError> {
-        let ns = File::open(path).map_err(|source| NetnsError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
+        let (ns, _) = open(path)?;
+        Self::spawn_in(label, path, ns)
+    }
+
+    /// Starts a worker inside the netns `ns`, already opened from `path`
+    /// (so that the namespace entered is the one that was checked).
+    pub fn spawn_in(label: &str, path: &Path, ns: File) -> Result<Self, NetnsError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
         let mut name = format!("ns-{label}");
@@ -198,4 +299,35 @@ pub fn listener(addr: SocketAddr, dual_stack: bool) -> io::Result<std::net::TcpL
     sock.bind(&addr.into())?;
     sock.listen(1024)?;
     Ok(sock.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_netns_is_known_by_its_identity_whatever_the_path() {
+        let (_, own) = open(Path::new("/proc/self/ns/net")).unwrap();
+        let (_, same) = open(&PathBuf::from(format!(
+            "/proc/{}/ns/net",
+            std::process::id()
+        )))
+        .unwrap();
+        assert_eq!(own, same);
+        let reserved = ReservedNetns::new(Path::new("/proc"));
+        assert_eq!(
+            reserved.reserved(own),
+            Some("the agent's own network namespace")
+        );
+        // Not a netns file: another identity, not reserved.
+        let other = NetnsId::of(&File::open("/proc/self/stat").unwrap()).unwrap();
+        assert_ne!(other, own);
+        assert_eq!(reserved.reserved(other), None);
+        assert!(own.to_string().starts_with("net:["), "{own}");
+        let missing = open(Path::new("/nonexistent/ns/net")).unwrap_err();
+        assert!(
+            missing.to_string().contains("is the pod still running"),
+            "{missing}"
+        );
+    }
 }

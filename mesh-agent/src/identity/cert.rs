@@ -34,6 +34,12 @@ pub trait CertificateProvider: Send + Sync + 'static {
 
     /// The trust domain this provider issues for.
     fn trust_domain(&self) -> &TrustDomain;
+
+    /// The validity of the CA it signs with, when it has one (watched for
+    /// expiry). None by default (a remote issuer).
+    fn ca_validity(&self) -> Option<super::CaValidity> {
+        None
+    }
 }
 
 /// Why a certificate could not be issued.

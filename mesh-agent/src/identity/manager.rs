@@ -8,7 +8,14 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use super::{CertificateProvider, IssueError, SpiffeId, WorkloadCert, fmt_time};
+use super::{
+    CA_EXPIRY_WARNING, CaExpiry, CaValidity, CertificateProvider, IssueError, SpiffeId,
+    WorkloadCert, fmt_time,
+};
+
+/// How often the sweeper checks the CA's expiry (and warns while it is
+/// close); the first check is at start.
+const CA_CHECK_PERIOD: Duration = Duration::from_secs(3600);
 
 /// The longest a failed rotation waits before it is tried again (the current
 /// certificate, still valid, is served meanwhile).
@@ -145,21 +152,60 @@ impl CertManager {
         rotated
     }
 
+    /// The validity of the CA the provider signs with, if it has one.
+    pub fn ca_validity(&self) -> Option<CaValidity> {
+        self.provider.ca_validity()
+    }
+
+    /// Checks the CA's validity at `now` and warns (log) when it expires
+    /// within [`CA_EXPIRY_WARNING`], has expired or is not valid yet.
+    /// Returns the state (none without a local CA).
+    pub fn check_ca_expiry(&self, now: SystemTime) -> Option<CaExpiry> {
+        let ca = self.ca_validity()?;
+        let state = ca.expiry_at(now);
+        let days_left = ca.expires_in(now) / 86_400;
+        let not_after = fmt_time(ca.not_after);
+        match state {
+            CaExpiry::Valid => tracing::debug!(%not_after, days_left, "mesh CA valid"),
+            CaExpiry::ExpiringSoon => tracing::warn!(
+                %not_after,
+                days_left,
+                warn_days = CA_EXPIRY_WARNING.as_secs() / 86_400,
+                "the mesh CA expires soon: install a new CA before then, or every mTLS handshake will fail"
+            ),
+            CaExpiry::Expired => tracing::error!(
+                %not_after,
+                "the mesh CA has expired: no workload certificate can be issued; install a new CA"
+            ),
+            CaExpiry::NotYetValid => tracing::error!(
+                not_before = %fmt_time(ca.not_before),
+                "the mesh CA is not valid yet: is this machine's clock right?"
+            ),
+        }
+        Some(state)
+    }
+
     /// Spawns a task calling [`rotate_due`](Self::rotate_due) every `period`
     /// (a tenth of the certificate TTL, capped at a minute, is a good choice),
-    /// so idle identities are rotated before their next handshake. The task
-    /// ends when the manager is dropped.
+    /// so idle identities are rotated before their next handshake, and
+    /// [`check_ca_expiry`](Self::check_ca_expiry) at once and then hourly.
+    /// The task ends when the manager is dropped.
     pub fn spawn_sweeper(self: &Arc<Self>, period: Duration) -> tokio::task::JoinHandle<()> {
         let weak: Weak<Self> = Arc::downgrade(self);
         let period = period.max(Duration::from_millis(10));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut ca_checked: Option<tokio::time::Instant> = None;
             loop {
                 tick.tick().await;
                 let Some(manager) = weak.upgrade() else {
                     break;
                 };
+                if ca_checked.is_none_or(|at| at.elapsed() >= CA_CHECK_PERIOD) {
+                    manager.check_ca_expiry(SystemTime::now());
+                    ca_checked = Some(tokio::time::Instant::now());
+                }
                 manager.rotate_due();
             }
         })
@@ -226,5 +272,70 @@ impl CertManager {
                 _ => Err(error),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{
+        admin::{Certificates, Metrics},
+        identity::{LocalCa, MeshCa, TrustDomain},
+    };
+
+    /// A manager signing with a new root CA valid for `days`.
+    fn manager(days: u32) -> Arc<CertManager> {
+        let td = TrustDomain::default();
+        let generated = MeshCa::generate(&td, days).unwrap();
+        let ca = MeshCa::from_pem(
+            generated.cert_pem.as_bytes(),
+            generated.key_pem.as_bytes(),
+            None,
+        )
+        .unwrap();
+        Arc::new(CertManager::new(Arc::new(LocalCa::new(Arc::new(ca), td))))
+    }
+
+    /// The value of an unlabelled gauge in the metrics text.
+    fn gauge(text: &str, name: &str) -> i64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+            .parse()
+            .unwrap()
+    }
+
+    fn metrics_of(manager: &Arc<CertManager>) -> String {
+        let certificates = Certificates::default();
+        certificates.set_source(manager.clone());
+        Metrics::new(None, certificates).encode().unwrap()
+    }
+
+    #[test]
+    fn a_ca_expiring_within_30_days_warns_and_sets_the_metric() {
+        let now = SystemTime::now();
+        let short = manager(10);
+        assert_eq!(short.check_ca_expiry(now), Some(CaExpiry::ExpiringSoon));
+        let text = metrics_of(&short);
+        assert_eq!(gauge(&text, "mesh_ca_expiring"), 1);
+        let left = gauge(&text, "mesh_ca_expiry_seconds");
+        assert!((9 * 86_400..=10 * 86_400).contains(&left), "{left}");
+
+        let long = manager(365);
+        assert_eq!(long.check_ca_expiry(now), Some(CaExpiry::Valid));
+        assert_eq!(gauge(&metrics_of(&long), "mesh_ca_expiring"), 0);
+        // The same CA, seen later: warned from 30 days out, then expired.
+        let ca = long.ca_validity().unwrap();
+        let before = |d: u64| ca.not_after - Duration::from_secs(d);
+        assert_eq!(ca.expiry_at(before(31 * 86_400)), CaExpiry::Valid);
+        assert_eq!(ca.expiry_at(before(30 * 86_400)), CaExpiry::ExpiringSoon);
+        assert_eq!(ca.expiry_at(ca.not_after), CaExpiry::Expired);
+        assert_eq!(
+            ca.expiry_at(ca.not_before - Duration::from_secs(1)),
+            CaExpiry::NotYetValid
+        );
+        assert!(ca.expires_in(ca.not_after + Duration::from_secs(60)) == -60);
     }
 }

@@ -38,8 +38,8 @@ mod tls;
 mod tests;
 
 pub use ca::{
-    CA_CERT_FILE, CA_KEY_FILE, CLOCK_SKEW, CaError, DEFAULT_CA_DAYS, DEFAULT_CERT_TTL, GeneratedCa,
-    LocalCa, MAX_CA_DAYS, MeshCa,
+    CA_CERT_FILE, CA_EXPIRY_WARNING, CA_KEY_FILE, CLOCK_SKEW, CaError, CaExpiry, CaValidity,
+    DEFAULT_CA_DAYS, DEFAULT_CERT_TTL, GeneratedCa, LocalCa, MAX_CA_DAYS, MeshCa,
 };
 pub use cert::{CertificateProvider, IssueError, WorkloadCert};
 pub use manager::CertManager;
