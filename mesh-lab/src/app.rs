@@ -208,6 +208,23 @@ impl HoldReport {
     }
 }
 
+/// What `mesh-lab-app flow` prints.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowReport {
+    /// Bytes sent or received.
+    pub bytes: u64,
+    /// How the stream ended: `eof` (the peer's clean FIN), `sent` (all bytes
+    /// sent), `reset`, `broken_pipe`, `timeout`, `closed`, `other:<text>`.
+    pub end: String,
+}
+
+impl FlowReport {
+    /// Parses the report from a `flow` run's output.
+    pub fn from_output(out: &Output) -> Result<Self> {
+        parse_last_json_line(out)
+    }
+}
+
 fn parse_last_json_line<T: for<'de> Deserialize<'de>>(out: &Output) -> Result<T> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout

@@ -47,6 +47,8 @@ pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
 pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a PING may go unanswered before the connection is closed.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts [`Pool::send`] makes to open a stream (the first and the retries).
+pub const SEND_ATTEMPTS: usize = 4;
 /// How long a connection without streams stays pooled.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -158,6 +160,8 @@ pub struct PoolStats {
     pub connections_closed: AtomicU64,
     /// Streams (CONNECTs) opened.
     pub streams_opened: AtomicU64,
+    /// Stream attempts retried (GOAWAY, `REFUSED_STREAM`, broken connection).
+    pub streams_retried: AtomicU64,
 }
 
 /// The client-side pool of tunnel connections.
@@ -207,8 +211,11 @@ impl Pool {
     }
 
     /// Opens a CONNECT stream for `request` on a pooled connection for `key`,
-    /// establishing one with `connect` when none has room. A connection found
-    /// broken is dropped and the request retried once on a new one.
+    /// establishing one with `connect` when none has room. A stream that
+    /// never reached the peer's application — the connection was found
+    /// broken or going away (GOAWAY: the peer is stopping, e.g. upgrading),
+    /// or the stream was refused (`REFUSED_STREAM`) — is retried, on another
+    /// or a new connection, up to [`SEND_ATTEMPTS`] times in all.
     pub async fn send<F, Fut>(
         &self,
         key: &PoolKey,
@@ -220,7 +227,7 @@ impl Pool {
         Fut: Future<Output = Result<Established, HboneError>>,
     {
         let mut last_error = None;
-        for _attempt in 0..2 {
+        for attempt in 1..=SEND_ATTEMPTS {
             let (conn, guard) = self.checkout(key, &connect).await?;
             match send_on(&conn, &request, key.address).await {
                 Ok((response, send)) => {
@@ -228,9 +235,15 @@ impl Pool {
                     return Ok((response, send, guard));
                 }
                 Err(e) => {
-                    // The connection is unusable (GOAWAY, reset, closed): retire it.
-                    tracing::debug!(conn = conn.id, error = %e, "tunnel connection unusable; replacing it");
-                    conn.dead.store(true, Ordering::Release);
+                    let refused = matches!(&e, HboneError::H2 { source, .. }
+                        if !source.is_go_away() && source.reason() == Some(Reason::REFUSED_STREAM));
+                    if !refused {
+                        // The connection is unusable (GOAWAY, reset, closed):
+                        // retire it, so the retry takes another or a new one.
+                        conn.dead.store(true, Ordering::Release);
+                    }
+                    self.stats.streams_retried.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(conn = conn.id, attempt, refused, error = %e, "tunnel stream not accepted; retrying");
                     last_error = Some(e);
                 }
             }
@@ -509,6 +522,8 @@ pub async fn relay_h2(
     cancel: &tokio_util::sync::CancellationToken,
 ) -> RelayResult {
     let _ = tcp.set_nodelay(true);
+    // An agent death while the relay runs resets the app (see `copy::relay`).
+    super::copy::abort_on_close(&tcp);
     let (mut tr, mut tw) = tcp.into_split();
     let (mut sent, mut received) = (0u64, 0u64);
     let outcome = {
@@ -551,6 +566,8 @@ pub async fn relay_h2(
                     .release_capacity(n)
                     .map_err(io::Error::other)?;
             }
+            // The peer's FIN: pass it on as a graceful close.
+            super::copy::restore_linger(tw.as_ref());
             tw.shutdown().await?;
             io::Result::Ok(())
         };

@@ -38,7 +38,8 @@ pub async fn serve(
             .outbound_accepted
             .fetch_add(1, Ordering::Relaxed);
         let (ctx, shared) = (ctx.clone(), shared.clone());
-        tokio::spawn(async move { handle(ctx, client, peer, shared).await });
+        let task = handle(ctx, client, peer, shared.clone());
+        shared.spawn_tracked(task);
     })
     .await;
 }
