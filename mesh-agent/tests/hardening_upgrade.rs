@@ -21,7 +21,11 @@ use mesh_lab::{
 fn two_nodes() -> Mesh {
     let mut mesh = Mesh::new(
         LabSpec::new()
-            .node(NodeSpec::new().pod(PodSpec::new("a")).pod(PodSpec::new("b")))
+            .node(
+                NodeSpec::new()
+                    .pod(PodSpec::new("a"))
+                    .pod(PodSpec::new("b")),
+            )
             .node(NodeSpec::new().pod(PodSpec::new("c"))),
     );
     let n0 = mesh.workloads_yaml(0, &[("a", true), ("b", true)], &[("c", true)]);
@@ -124,7 +128,10 @@ fn upgrades_under_load_lose_no_connection_same_node_or_across_nodes() {
         upgrade(&mut mesh, 1, generation);
     }
     std::fs::write(&stop, b"").expect("stop file");
-    let reports = [("same node", report(&same_node)), ("cross node", report(&cross_node))];
+    let reports = [
+        ("same node", report(&same_node)),
+        ("cross node", report(&cross_node)),
+    ];
     for (name, r) in &reports {
         assert!(r.ok > 0, "{name}: no connection went through: {r:?}");
     }
