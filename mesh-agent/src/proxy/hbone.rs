@@ -235,15 +235,13 @@ impl Pool {
                     return Ok((response, send, guard));
                 }
                 Err(e) => {
-                    let refused = matches!(&e, HboneError::H2 { source, .. }
-                        if !source.is_go_away() && source.reason() == Some(Reason::REFUSED_STREAM));
-                    if !refused {
-                        // The connection is unusable (GOAWAY, reset, closed):
-                        // retire it, so the retry takes another or a new one.
-                        conn.dead.store(true, Ordering::Release);
-                    }
+                    // The connection is going away (GOAWAY), broken, or
+                    // refusing streams (REFUSED_STREAM: at its limit or
+                    // stopping): no new streams on it; its open streams go
+                    // on. The retry takes another connection or a new one.
+                    conn.dead.store(true, Ordering::Release);
                     self.stats.streams_retried.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(conn = conn.id, attempt, refused, error = %e, "tunnel stream not accepted; retrying");
+                    tracing::debug!(conn = conn.id, attempt, error = %e, "tunnel stream not accepted; retrying on another connection");
                     last_error = Some(e);
                 }
             }
@@ -602,6 +600,101 @@ pub async fn relay_h2(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn test_key() -> PoolKey {
+        let td = crate::identity::TrustDomain::new("cluster.local").expect("trust domain");
+        PoolKey {
+            source: SpiffeId::new(td.clone(), "default", "a").expect("id"),
+            destination: SpiffeId::new(td, "default", "c").expect("id"),
+            address: "198.18.2.10:15008".parse().expect("addr"),
+            source_ip: "198.18.1.10".parse().expect("ip"),
+        }
+    }
+
+    /// How a test server treats the streams of its connection.
+    #[derive(Clone, Copy)]
+    enum Behaviour {
+        /// Answers every stream with `REFUSED_STREAM`.
+        Refuse,
+        /// Sends a GOAWAY (last stream 0) and closes: streams are not processed.
+        GoAway,
+        /// Answers 200.
+        Serve,
+    }
+
+    /// An in-memory tunnel connection whose server side acts as `behaviour`.
+    async fn connect_to(behaviour: Behaviour) -> Result<Established, HboneError> {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        tokio::spawn(async move {
+            let Ok(mut conn) = server_handshake(server_io).await else {
+                return;
+            };
+            if let Behaviour::GoAway = behaviour {
+                conn.abrupt_shutdown(Reason::NO_ERROR);
+            }
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                match behaviour {
+                    Behaviour::Refuse => respond.send_reset(Reason::REFUSED_STREAM),
+                    _ => respond_status(&mut respond, StatusCode::OK),
+                }
+            }
+        });
+        client_handshake(Box::new(client_io), test_key().address).await
+    }
+
+    /// Sends one CONNECT through a fresh pool whose n-th connection behaves
+    /// as `plan[n]` (the last entry for any further one); returns the
+    /// response status (or the error) and the connections opened.
+    async fn send_with(plan: &[Behaviour]) -> (Result<StatusCode, String>, u64, u64) {
+        let pool = Pool::default();
+        let dialled = AtomicUsize::new(0);
+        let connect = || {
+            let n = dialled.fetch_add(1, Ordering::SeqCst);
+            connect_to(plan[n.min(plan.len() - 1)])
+        };
+        let target: SocketAddr = "198.18.2.10:8080".parse().expect("addr");
+        let client: SocketAddr = "198.18.1.10:40000".parse().expect("addr");
+        let request = connect_request(target, client, "");
+        let result = tokio::time::timeout(
+            Duration::from_secs(10),
+            pool.send(&test_key(), request, connect),
+        )
+        .await
+        .expect("the pool answered in time");
+        let status = result
+            .map(|(response, _, _)| response.status())
+            .map_err(|e| e.to_string());
+        let stats = pool.stats();
+        (
+            status,
+            stats.connections_opened.load(Ordering::Relaxed),
+            stats.streams_retried.load(Ordering::Relaxed),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_refused_stream_is_retried_on_a_new_connection() {
+        let (status, opened, retried) = send_with(&[Behaviour::Refuse, Behaviour::Serve]).await;
+        assert_eq!(status, Ok(StatusCode::OK));
+        assert_eq!((opened, retried), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn streams_cut_by_goaway_twice_are_retried_on_a_third_connection() {
+        // An upgrade: the stopping agent's connections all go away.
+        let plan = [Behaviour::GoAway, Behaviour::GoAway, Behaviour::Serve];
+        let (status, opened, retried) = send_with(&plan).await;
+        assert_eq!(status, Ok(StatusCode::OK));
+        assert_eq!((opened, retried), (3, 2));
+    }
+
+    #[tokio::test]
+    async fn retries_are_bounded() {
+        let (status, opened, retried) = send_with(&[Behaviour::Refuse]).await;
+        assert!(status.is_err(), "{status:?}");
+        assert_eq!(opened, SEND_ATTEMPTS as u64);
+        assert_eq!(retried, SEND_ATTEMPTS as u64);
+    }
 
     #[test]
     fn traceparent_is_w3c_shaped_and_unique() {
