@@ -405,6 +405,20 @@ mod tests {
     }
 
     #[test]
+    fn flow_report_json_shape() {
+        let r = FlowReport {
+            bytes: 42,
+            end: "reset".to_owned(),
+        };
+        let text = serde_json::to_string(&r).expect("serializes");
+        assert_eq!(text, r#"{"bytes":42,"end":"reset"}"#);
+        assert_eq!(
+            serde_json::from_str::<FlowReport>(&text).expect("parses"),
+            r
+        );
+    }
+
+    #[test]
     fn hold_report_json_shape() {
         let r = HoldReport {
             rounds_ok: 3,
