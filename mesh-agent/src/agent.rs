@@ -152,6 +152,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         });
     }
     let stats = proxy.stats();
+    let in_flight = proxy.in_flight();
     {
         let stats = stats.clone();
         admin.stats().register("proxy", move || {
@@ -207,24 +208,32 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // The listeners are closed: new connections go to a successor agent if
     // there is one (and fail closed if not). Open ones finish, up to the
     // drain deadline, so an upgrade does not cut them.
+    // Connection tasks count too: a connection accepted just before the
+    // stop, not yet connected onwards (so not yet open in telemetry), and
+    // tunnel connections still serving streams sent before our GOAWAY.
     let telemetry = admin.telemetry().clone();
     let open = telemetry.connections.len();
-    if open > 0 {
+    let tasks = in_flight.count();
+    if open > 0 || tasks > 0 {
         tracing::info!(
             open,
+            tasks,
             deadline_s = cfg.drain_timeout.as_secs(),
             "draining open connections"
         );
-        let drained = runtime.block_on(async {
+        let (open, tasks) = runtime.block_on(async {
             let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
-            while !telemetry.connections.is_empty() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            while (!telemetry.connections.is_empty() || in_flight.count() > 0)
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            telemetry.connections.len()
+            (telemetry.connections.len(), in_flight.count())
         });
-        if drained > 0 {
+        if open > 0 || tasks > 0 {
             tracing::warn!(
-                open = drained,
+                open,
+                tasks,
                 "drain deadline reached; cutting the remaining connections"
             );
         }

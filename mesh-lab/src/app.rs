@@ -209,6 +209,23 @@ impl HoldReport {
     }
 }
 
+/// What `mesh-lab-app flow` prints.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowReport {
+    /// Bytes sent or received.
+    pub bytes: u64,
+    /// How the stream ended: `eof` (the peer's clean FIN), `sent` (all bytes
+    /// sent), `reset`, `broken_pipe`, `timeout`, `closed`, `other:<text>`.
+    pub end: String,
+}
+
+impl FlowReport {
+    /// Parses the report from a `flow` run's output.
+    pub fn from_output(out: &Output) -> Result<Self> {
+        parse_last_json_line(out)
+    }
+}
+
 fn parse_last_json_line<T: for<'de> Deserialize<'de>>(out: &Output) -> Result<T> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout
@@ -386,6 +403,20 @@ mod tests {
             stderr: Vec::new(),
         };
         assert_eq!(ClientReport::from_output(&out).expect("parses"), r);
+    }
+
+    #[test]
+    fn flow_report_json_shape() {
+        let r = FlowReport {
+            bytes: 42,
+            end: "reset".to_owned(),
+        };
+        let text = serde_json::to_string(&r).expect("serializes");
+        assert_eq!(text, r#"{"bytes":42,"end":"reset"}"#);
+        assert_eq!(
+            serde_json::from_str::<FlowReport>(&text).expect("parses"),
+            r
+        );
     }
 
     #[test]

@@ -8,7 +8,10 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, bail};
-use mesh_lab::{Lab, LabSpec, NodeSpec, app::ClientReport};
+use mesh_lab::{
+    Lab, LabChild, LabSpec, NodeSpec,
+    app::{ClientReport, HoldReport},
+};
 use serde::Serialize;
 
 use crate::labkit::{self, Bins};
@@ -87,7 +90,7 @@ pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
         .get("connect_redirected")
         .copied()
         .unwrap_or(0);
-    drop(agents);
+    let upgrade = measure_upgrades(&lab, &bins, agents)?;
     drop(servers);
     lab.close()?;
 
@@ -117,6 +120,7 @@ pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
     println!(
         "latency: sockperf TCP ping-pong at {LATENCY_RATE} msg/s for {SECONDS} s, round trip; throughput: iperf3 one stream for {SECONDS} s; new conns: {CONNS} connections, 16 at a time, 64 B echoed each"
     );
+    print_upgrades(&upgrade);
     // Policy evaluation, built with optimizations like the agent (xtask itself is a debug build).
     let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args([
@@ -135,7 +139,7 @@ pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
     for line in policy_lines.lines() {
         println!("  {line}");
     }
-    let json = serde_json::json!({ "policy_evaluation": policy_lines.lines().collect::<Vec<_>>(), "rows": rows, "agent_rss_kib": { "idle": idle_rss, "node0": rss[0], "node1": rss[1] } });
+    let json = serde_json::json!({ "policy_evaluation": policy_lines.lines().collect::<Vec<_>>(), "rows": rows, "agent_rss_kib": { "idle": idle_rss, "node0": rss[0], "node1": rss[1] }, "upgrade": upgrade });
     let path = target_dir.join("bench.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
     println!("written to {}", path.display());
@@ -218,4 +222,146 @@ fn percentile(text: &str, which: &str) -> anyhow::Result<f64> {
             rest.split_whitespace().next()?.parse().ok()
         })
         .with_context(|| format!("no percentile {which} in sockperf output:\n{text}"))
+}
+
+// ---------------------------------------------------------------- upgrades
+
+/// Upgrades of both nodes' agents under load.
+const UPGRADES: usize = 3;
+/// Long-lived connections per destination held across the upgrades.
+const LONG_LIVED: usize = 2;
+
+/// Connections attempted and failed across [`UPGRADES`] upgrade rounds
+/// (target: 0 failed).
+#[derive(Debug, Serialize)]
+struct UpgradeRow {
+    /// Upgrade rounds (each upgrades node 0's then node 1's agent).
+    rounds: usize,
+    /// Short connections attempted (same node and cross node).
+    short_attempted: u64,
+    /// Short connections that failed.
+    short_failed: u64,
+    /// Short connection failures by kind.
+    short_errors: std::collections::BTreeMap<String, u64>,
+    /// Long-lived connections held across all the upgrades.
+    long_attempted: u64,
+    /// Long-lived connections cut.
+    long_failed: u64,
+}
+
+/// Generation `generation`'s admin endpoints: every agent generation gets
+/// its own ports (an old one drains while the next ones start).
+fn generation_endpoints(generation: usize) -> Vec<String> {
+    let base = 15100 + 100 * generation;
+    [
+        ("--admin-addr", base),
+        ("--metrics-addr", base + 20),
+        ("--readiness-addr", base + 21),
+    ]
+    .iter()
+    .flat_map(|(flag, port)| [(*flag).to_owned(), format!("127.0.0.1:{port}")])
+    .collect()
+}
+
+/// Runs short connections (same node and cross node, 16 in flight each)
+/// and a few long-lived ones from `client` while both nodes' agents are
+/// upgraded [`UPGRADES`] times (the new agent starts next to the old one,
+/// then the old one gets SIGTERM and drains); counts what failed. Consumes
+/// the running agents and stops the last generation.
+fn measure_upgrades(lab: &Lab, bins: &Bins, agents: [LabChild; 2]) -> anyhow::Result<UpgradeRow> {
+    eprintln!("==> upgrades under load");
+    let stop = lab.scratch_path("bench-upgrade-stop");
+    let targets = [
+        labkit::addr(lab, "local", 8080)?,
+        labkit::addr(lab, "remote", 8080)?,
+    ];
+    let mut short = Vec::new();
+    for to in &targets {
+        let mut cmd = Command::new(&bins.app);
+        cmd.args(["client", "--connect", to, "--bytes", "64"])
+            .args(["--concurrency", "16", "--stop-file"])
+            .arg(&stop);
+        short.push(lab.spawn_in_pod("client", cmd)?);
+    }
+    // Long enough to span every upgrade, short enough for the drain (30 s).
+    let mut long = Vec::new();
+    for to in &targets {
+        for _ in 0..LONG_LIVED {
+            let mut cmd = Command::new(&bins.app);
+            cmd.args(["hold", "--connect", to, "--duration-ms", "15000"]);
+            long.push(lab.spawn_in_pod("client", cmd)?);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let [mut current0, mut current1] = agents;
+    let mut retired = Vec::new();
+    for round in 1..=UPGRADES {
+        for (node, current) in [(0, &mut current0), (1, &mut current1)] {
+            let next = labkit::start_agent_with(lab, bins, node, &generation_endpoints(round))?;
+            let old = std::mem::replace(current, next);
+            old.signal(libc::SIGTERM)?;
+            retired.push(old);
+        }
+    }
+    std::fs::write(&stop, b"")?;
+    let mut row = UpgradeRow {
+        rounds: UPGRADES,
+        short_attempted: 0,
+        short_failed: 0,
+        short_errors: Default::default(),
+        long_attempted: 0,
+        long_failed: 0,
+    };
+    for child in &short {
+        let report: ClientReport = last_json(child, Duration::from_secs(60))?;
+        row.short_attempted += report.ok + report.failed;
+        row.short_failed += report.failed;
+        for (kind, n) in report.errors {
+            *row.short_errors.entry(kind).or_default() += n;
+        }
+    }
+    for child in &long {
+        let report: HoldReport = last_json(child, Duration::from_secs(60))?;
+        row.long_attempted += 1;
+        row.long_failed += u64::from(report.error.is_some());
+    }
+    for old in &retired {
+        if old.wait_timeout(Duration::from_secs(40))?.is_none() {
+            old.kill()?;
+        }
+    }
+    for agent in [current0, current1] {
+        agent.terminate()?;
+    }
+    Ok(row)
+}
+
+/// Waits for `child` to exit and parses the last JSON line of its output.
+fn last_json<T: serde::de::DeserializeOwned>(
+    child: &LabChild,
+    timeout: Duration,
+) -> anyhow::Result<T> {
+    if child.wait_timeout(timeout)?.is_none() {
+        child.kill()?;
+        bail!("{} did not finish", child.label());
+    }
+    let log = child.log_contents()?;
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| format!("no JSON report from {}: {log}", child.label()))?;
+    Ok(serde_json::from_str(line)?)
+}
+
+fn print_upgrades(row: &UpgradeRow) {
+    println!(
+        "upgrades under load: {} rounds (both nodes each): short connections {} failed of {} {:?}; long-lived {} cut of {}",
+        row.rounds,
+        row.short_failed,
+        row.short_attempted,
+        row.short_errors,
+        row.long_failed,
+        row.long_attempted
+    );
 }

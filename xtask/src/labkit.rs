@@ -90,6 +90,36 @@ pub fn start_agent(lab: &Lab, bins: &Bins, node: usize) -> anyhow::Result<LabChi
     Ok(agent)
 }
 
+/// Starts another agent on node `node` with `extra` arguments (e.g. other
+/// admin ports, for a second agent next to a running one during an upgrade)
+/// and waits until it is ready.
+pub fn start_agent_with(
+    lab: &Lab,
+    bins: &Bins,
+    node: usize,
+    extra: &[String],
+) -> anyhow::Result<LabChild> {
+    let ca = ca_dir(lab, bins)?;
+    let n = lab.node(node)?;
+    let mut cmd = Command::new(&bins.agent);
+    cmd.arg("run")
+        .arg("--workloads")
+        .arg(lab.scratch_path(&format!("workloads-n{node}.yaml")))
+        .arg("--pin-dir")
+        .arg(n.pin_dir())
+        .arg("--cgroup")
+        .arg(n.cgroup_dir())
+        .arg("--ca-dir")
+        .arg(&ca)
+        .args(["--reload-interval-ms", "200"])
+        .args(extra);
+    let agent = lab.spawn_in_node(node, cmd)?;
+    agent
+        .wait_for_log("agent ready", Duration::from_secs(20))
+        .with_context(|| format!("agent on node {node} did not start"))?;
+    Ok(agent)
+}
+
 /// The kernel counters of node `node`'s agent.
 pub fn counters(lab: &Lab, bins: &Bins, node: usize) -> anyhow::Result<BTreeMap<String, u64>> {
     let out = Command::new(&bins.agent)

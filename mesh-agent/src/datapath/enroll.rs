@@ -601,6 +601,9 @@ impl Enroller {
             // at once, so that a successor agent (which bound the same ports
             // with SO_REUSEPORT and put its own sockets in the sockmap) takes
             // every new connection; open connections keep being served.
+            // Connections still in the accept queues move to the successor's
+            // listeners (`tcp_migrate_req`, set at enrollment), not reset;
+            // with no successor they are reset (fail closed).
             for l in &pod.listener_fds {
                 let _ = socket2::SockRef::from(l).shutdown(std::net::Shutdown::Both);
             }
@@ -636,9 +639,39 @@ fn pod_listeners(fds: &[std::net::TcpListener]) -> std::io::Result<PodListeners>
     })
 }
 
+/// The pod netns' `net.ipv4.tcp_migrate_req` (Linux 5.14+), seen from a
+/// thread inside that netns.
+const MIGRATE_REQ_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Turns on `net.ipv4.tcp_migrate_req` in the pod's netns (runs inside it).
+///
+/// During an upgrade both agents' listeners share each in-pod port
+/// (`SO_REUSEPORT`); the kernel spreads new connections over both (for the
+/// outbound port by hash, for `sk_lookup`-steered ones by the reuseport
+/// selection after the lookup). When the old agent stops it shuts its
+/// listeners down; without migration, the connections still queued in their
+/// accept queues (and half-open ones) are reset. With it, the kernel moves
+/// them to the successor's listener of the same group, and that listener
+/// alone gets new ones: no connection is lost. Only listeners in a reuseport
+/// group are affected (the pod's own apps' ones too, to the same effect).
+fn enable_accept_queue_migration() {
+    match std::fs::read_to_string(MIGRATE_REQ_SYSCTL) {
+        Ok(v) if v.trim() == "1" => {}
+        Ok(_) => {
+            if let Err(e) = std::fs::write(MIGRATE_REQ_SYSCTL, "1") {
+                tracing::warn!(sysctl = MIGRATE_REQ_SYSCTL, error = %e, "cannot enable accept-queue migration in the pod; connections queued at an upgrade may be reset");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(sysctl = MIGRATE_REQ_SYSCTL, error = %e, "no accept-queue migration in this kernel (5.14+ needed); connections queued at an upgrade may be reset");
+        }
+    }
+}
+
 /// Opens the pod's listeners; runs inside the pod's netns. Returns them with
 /// the netns cookie.
 fn open_listeners() -> Result<(PodListeners, u64), EnrollError> {
+    enable_accept_queue_migration();
     let open = |addr: SocketAddr, dual_stack: bool| {
         netns::listener(addr, dual_stack).map_err(|source| EnrollError::Listener { addr, source })
     };

@@ -51,7 +51,9 @@ async fn pump(
     loop {
         let n = from.read(&mut buf).await?;
         if n == 0 {
-            // Half-close: pass the FIN on.
+            // Half-close: pass the FIN on, as a graceful close (normal
+            // linger) from here on.
+            restore_linger(to.as_ref());
             to.shutdown().await?;
             return Ok(());
         }
@@ -72,6 +74,12 @@ pub async fn relay(
 ) -> RelayResult {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
+    // While the relay runs, a close of either socket is an abort: if the
+    // agent dies, the kernel closes them with an RST, so neither app takes a
+    // cut stream for a complete one. Each side gets normal linger back when
+    // the relay passes a FIN to it.
+    abort_on_close(&client);
+    abort_on_close(&server);
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
     let (mut sent, mut received) = (0u64, 0u64);
@@ -106,5 +114,20 @@ pub async fn relay(
         sent,
         received,
         outcome,
+    }
+}
+
+/// Zero linger: closing the socket (the agent exiting or dying included)
+/// sends an RST, not a FIN.
+pub(crate) fn abort_on_close(stream: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(error = %e, "cannot set zero linger on a relayed socket");
+    }
+}
+
+/// Normal linger: closing the socket is a graceful close (FIN).
+pub(crate) fn restore_linger(stream: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).set_linger(None) {
+        tracing::debug!(error = %e, "cannot restore linger on a relayed socket");
     }
 }

@@ -47,6 +47,8 @@ pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
 pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a PING may go unanswered before the connection is closed.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts [`Pool::send`] makes to open a stream (the first and the retries).
+pub const SEND_ATTEMPTS: usize = 4;
 /// How long a connection without streams stays pooled.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -158,6 +160,8 @@ pub struct PoolStats {
     pub connections_closed: AtomicU64,
     /// Streams (CONNECTs) opened.
     pub streams_opened: AtomicU64,
+    /// Stream attempts retried (GOAWAY, `REFUSED_STREAM`, broken connection).
+    pub streams_retried: AtomicU64,
 }
 
 /// The client-side pool of tunnel connections.
@@ -207,8 +211,11 @@ impl Pool {
     }
 
     /// Opens a CONNECT stream for `request` on a pooled connection for `key`,
-    /// establishing one with `connect` when none has room. A connection found
-    /// broken is dropped and the request retried once on a new one.
+    /// establishing one with `connect` when none has room. A stream that
+    /// never reached the peer's application — the connection was found
+    /// broken or going away (GOAWAY: the peer is stopping, e.g. upgrading),
+    /// or the stream was refused (`REFUSED_STREAM`) — is retried, on another
+    /// or a new connection, up to [`SEND_ATTEMPTS`] times in all.
     pub async fn send<F, Fut>(
         &self,
         key: &PoolKey,
@@ -220,7 +227,7 @@ impl Pool {
         Fut: Future<Output = Result<Established, HboneError>>,
     {
         let mut last_error = None;
-        for _attempt in 0..2 {
+        for attempt in 1..=SEND_ATTEMPTS {
             let (conn, guard) = self.checkout(key, &connect).await?;
             match send_on(&conn, &request, key.address).await {
                 Ok((response, send)) => {
@@ -228,9 +235,13 @@ impl Pool {
                     return Ok((response, send, guard));
                 }
                 Err(e) => {
-                    // The connection is unusable (GOAWAY, reset, closed): retire it.
-                    tracing::debug!(conn = conn.id, error = %e, "tunnel connection unusable; replacing it");
+                    // The connection is going away (GOAWAY), broken, or
+                    // refusing streams (REFUSED_STREAM: at its limit or
+                    // stopping): no new streams on it; its open streams go
+                    // on. The retry takes another connection or a new one.
                     conn.dead.store(true, Ordering::Release);
+                    self.stats.streams_retried.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(conn = conn.id, attempt, error = %e, "tunnel stream not accepted; retrying on another connection");
                     last_error = Some(e);
                 }
             }
@@ -509,6 +520,8 @@ pub async fn relay_h2(
     cancel: &tokio_util::sync::CancellationToken,
 ) -> RelayResult {
     let _ = tcp.set_nodelay(true);
+    // An agent death while the relay runs resets the app (see `copy::relay`).
+    super::copy::abort_on_close(&tcp);
     let (mut tr, mut tw) = tcp.into_split();
     let (mut sent, mut received) = (0u64, 0u64);
     let outcome = {
@@ -551,6 +564,8 @@ pub async fn relay_h2(
                     .release_capacity(n)
                     .map_err(io::Error::other)?;
             }
+            // The peer's FIN: pass it on as a graceful close.
+            super::copy::restore_linger(tw.as_ref());
             tw.shutdown().await?;
             io::Result::Ok(())
         };
@@ -585,6 +600,101 @@ pub async fn relay_h2(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn test_key() -> PoolKey {
+        let td = crate::identity::TrustDomain::new("cluster.local").expect("trust domain");
+        PoolKey {
+            source: SpiffeId::new(td.clone(), "default", "a").expect("id"),
+            destination: SpiffeId::new(td, "default", "c").expect("id"),
+            address: "198.18.2.10:15008".parse().expect("addr"),
+            source_ip: "198.18.1.10".parse().expect("ip"),
+        }
+    }
+
+    /// How a test server treats the streams of its connection.
+    #[derive(Clone, Copy)]
+    enum Behaviour {
+        /// Answers every stream with `REFUSED_STREAM`.
+        Refuse,
+        /// Sends a GOAWAY (last stream 0) and closes: streams are not processed.
+        GoAway,
+        /// Answers 200.
+        Serve,
+    }
+
+    /// An in-memory tunnel connection whose server side acts as `behaviour`.
+    async fn connect_to(behaviour: Behaviour) -> Result<Established, HboneError> {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        tokio::spawn(async move {
+            let Ok(mut conn) = server_handshake(server_io).await else {
+                return;
+            };
+            if let Behaviour::GoAway = behaviour {
+                conn.abrupt_shutdown(Reason::NO_ERROR);
+            }
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                match behaviour {
+                    Behaviour::Refuse => respond.send_reset(Reason::REFUSED_STREAM),
+                    _ => respond_status(&mut respond, StatusCode::OK),
+                }
+            }
+        });
+        client_handshake(Box::new(client_io), test_key().address).await
+    }
+
+    /// Sends one CONNECT through a fresh pool whose n-th connection behaves
+    /// as `plan[n]` (the last entry for any further one); returns the
+    /// response status (or the error) and the connections opened.
+    async fn send_with(plan: &[Behaviour]) -> (Result<StatusCode, String>, u64, u64) {
+        let pool = Pool::default();
+        let dialled = AtomicUsize::new(0);
+        let connect = || {
+            let n = dialled.fetch_add(1, Ordering::SeqCst);
+            connect_to(plan[n.min(plan.len() - 1)])
+        };
+        let target: SocketAddr = "198.18.2.10:8080".parse().expect("addr");
+        let client: SocketAddr = "198.18.1.10:40000".parse().expect("addr");
+        let request = connect_request(target, client, "");
+        let result = tokio::time::timeout(
+            Duration::from_secs(10),
+            pool.send(&test_key(), request, connect),
+        )
+        .await
+        .expect("the pool answered in time");
+        let status = result
+            .map(|(response, _, _)| response.status())
+            .map_err(|e| e.to_string());
+        let stats = pool.stats();
+        (
+            status,
+            stats.connections_opened.load(Ordering::Relaxed),
+            stats.streams_retried.load(Ordering::Relaxed),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_refused_stream_is_retried_on_a_new_connection() {
+        let (status, opened, retried) = send_with(&[Behaviour::Refuse, Behaviour::Serve]).await;
+        assert_eq!(status, Ok(StatusCode::OK));
+        assert_eq!((opened, retried), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn streams_cut_by_goaway_twice_are_retried_on_a_third_connection() {
+        // An upgrade: the stopping agent's connections all go away.
+        let plan = [Behaviour::GoAway, Behaviour::GoAway, Behaviour::Serve];
+        let (status, opened, retried) = send_with(&plan).await;
+        assert_eq!(status, Ok(StatusCode::OK));
+        assert_eq!((opened, retried), (3, 2));
+    }
+
+    #[tokio::test]
+    async fn retries_are_bounded() {
+        let (status, opened, retried) = send_with(&[Behaviour::Refuse]).await;
+        assert!(status.is_err(), "{status:?}");
+        assert_eq!(opened, SEND_ATTEMPTS as u64);
+        assert_eq!(retried, SEND_ATTEMPTS as u64);
+    }
 
     #[test]
     fn traceparent_is_w3c_shaped_and_unique() {

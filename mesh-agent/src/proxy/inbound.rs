@@ -27,8 +27,10 @@ pub async fn serve(
             .stats
             .inbound_accepted
             .fetch_add(1, Ordering::Relaxed);
-        let (ctx, shared) = (ctx.clone(), shared.clone());
-        tokio::spawn(async move { handle(ctx, client, peer, shared).await });
+        // From accept on, the agent dying resets the app (see copy::relay).
+        super::copy::abort_on_close(&client);
+        let task = handle(ctx.clone(), client, peer, shared.clone());
+        shared.spawn_tracked(task);
     })
     .await;
 }

@@ -33,8 +33,8 @@ pub async fn serve(
     cancel: CancellationToken,
 ) {
     super::accept_loop(&ctx, listener, &cancel, "hbone", |tcp, peer| {
-        let (ctx, shared, cancel) = (ctx.clone(), shared.clone(), cancel.clone());
-        tokio::spawn(async move { connection(ctx, tcp, peer, shared, cancel).await });
+        let task = connection(ctx.clone(), tcp, peer, shared.clone(), cancel.clone());
+        shared.spawn_tracked(task);
     })
     .await;
 }
@@ -78,16 +78,26 @@ async fn connection(
             return;
         }
     };
+    // On cancel (the agent stops, an upgrade): GOAWAY, then keep accepting.
+    // Streams the peer opened before it saw the GOAWAY are served; h2 ends
+    // `accept` once the last one finishes. The peer's pool retries streams
+    // past the GOAWAY's last stream id on another connection.
+    let mut going_away = false;
     loop {
         let next = tokio::select! {
-            _ = cancel.cancelled() => { conn.graceful_shutdown(); None }
+            _ = cancel.cancelled(), if !going_away => {
+                conn.graceful_shutdown();
+                going_away = true;
+                continue;
+            }
             n = conn.accept() => n,
         };
         let Some(next) = next else { break };
         match next {
             Ok((req, respond)) => {
-                let (ctx, shared, peer_id) = (ctx.clone(), shared.clone(), peer_id.clone());
-                tokio::spawn(async move { stream(ctx, req, respond, peer, peer_id, shared).await });
+                let (ctx, peer_id) = (ctx.clone(), peer_id.clone());
+                let task = stream(ctx, req, respond, peer, peer_id, shared.clone());
+                shared.spawn_tracked(task);
             }
             Err(e) => {
                 tracing::debug!(pod = %ctx.key, src = %peer, error = %e, "HBONE connection ended");

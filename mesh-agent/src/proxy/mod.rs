@@ -19,7 +19,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -175,6 +175,50 @@ pub struct Shared {
     pub telemetry: Telemetry,
     /// Rotates the first endpoint tried for service VIPs.
     pub next_endpoint: std::sync::atomic::AtomicUsize,
+    /// Connection tasks from accept to their end (what a stopping agent drains).
+    pub in_flight: Arc<InFlight>,
+}
+
+impl Shared {
+    /// Spawns a connection task counted in [`Shared::in_flight`] until it ends,
+    /// so a stopping agent waits for it (connections it accepted but has not
+    /// yet connected onwards included), not only for the open relays.
+    pub fn spawn_tracked<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let guard = self.in_flight.enter();
+        tokio::spawn(async move {
+            let _guard = guard;
+            task.await;
+        });
+    }
+}
+
+/// Counts the connection tasks of the proxy (accepted connections, tunnel
+/// connections and their streams) that have not finished.
+#[derive(Debug, Default)]
+pub struct InFlight(AtomicUsize);
+
+impl InFlight {
+    /// Tasks not finished.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(self.clone())
+    }
+}
+
+/// One counted task; uncounted on drop.
+struct InFlightGuard(Arc<InFlight>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The proxy: serves the listeners of every enrolled pod.
@@ -205,6 +249,7 @@ impl Proxy {
             authz: authz.clone(),
             telemetry,
             next_endpoint: std::sync::atomic::AtomicUsize::new(0),
+            in_flight: Arc::default(),
         });
         // Policy changes apply to new connections at once and re-check open ones.
         let mut changes = store.subscribe();
@@ -243,6 +288,11 @@ impl Proxy {
     /// The proxy's counters.
     pub fn stats(&self) -> Arc<ProxyStats> {
         self.shared.stats.clone()
+    }
+
+    /// The proxy's unfinished connection tasks.
+    pub fn in_flight(&self) -> Arc<InFlight> {
+        self.shared.in_flight.clone()
     }
 
     /// Starts accepting on a pod's listeners until `cancel` fires.

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use mesh_lab::app::{ClientReport, HoldReport, Pattern, PatternChecker, ProbeOutcome, error_kind};
+use mesh_lab::app::{
+    ClientReport, FlowReport, HoldReport, Pattern, PatternChecker, ProbeOutcome, error_kind,
+};
 
 const CHUNK: usize = 64 * 1024;
 const MAX_LOCAL_SAMPLES: usize = 5;
@@ -64,6 +66,34 @@ enum Cmd {
         /// and report the addresses it names.
         #[arg(long)]
         greeting: bool,
+        /// Keep opening connections until this file exists instead of
+        /// stopping after `--conns` (a load that spans an event, e.g. an
+        /// upgrade, however long it takes).
+        #[arg(long)]
+        stop_file: Option<std::path::PathBuf>,
+    },
+    /// One connection that moves bytes one way until the other side ends it
+    /// (or `--bytes` are sent); prints `{"bytes":n,"end":"<how>"}` where `end`
+    /// says how the stream ended: `eof` (a clean FIN), `sent` (all `--bytes`
+    /// sent, then FIN), `reset`, `broken_pipe`, `timeout`, ... Exit 0.
+    /// Tells a cut stream (reset) from a complete one (eof).
+    Flow {
+        /// Server address to connect to (or `--listen`).
+        #[arg(long, conflicts_with = "listen", required_unless_present = "listen")]
+        connect: Option<SocketAddr>,
+        /// Address to listen on: serves one connection (or `--connect`).
+        /// Prints `listening <addr>` first.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Send (otherwise receive and discard).
+        #[arg(long)]
+        send: bool,
+        /// With `--send`: stop after this many bytes (then FIN); unlimited if absent.
+        #[arg(long)]
+        bytes: Option<u64>,
+        /// Per-read/write timeout in milliseconds.
+        #[arg(long, default_value_t = 20000)]
+        timeout_ms: u64,
     },
     /// One connection attempt; prints one word: echoed, connected, refused,
     /// reset, timeout or `error:<text>`. Always exits 0. A server that closes
@@ -124,6 +154,7 @@ fn main() -> ExitCode {
             timeout_ms,
             hold_ms,
             greeting,
+            stop_file,
         } => {
             let opts = ClientOpts {
                 addr: connect,
@@ -131,10 +162,31 @@ fn main() -> ExitCode {
                 timeout: Duration::from_millis(timeout_ms),
                 hold: Duration::from_millis(hold_ms),
                 greeting,
+                stop_file,
+            };
+            let conns = if opts.stop_file.is_some() {
+                u64::MAX
+            } else {
+                conns
             };
             let report = client(&opts, conns, concurrency);
             print_json(&report).map(|()| report.failed == 0)
         }
+        Cmd::Flow {
+            connect,
+            listen,
+            send,
+            bytes,
+            timeout_ms,
+        } => flow(
+            connect,
+            listen,
+            send,
+            bytes,
+            Duration::from_millis(timeout_ms),
+        )
+        .and_then(|report| print_json(&report))
+        .map(|()| true),
         Cmd::Probe {
             connect,
             timeout_ms,
@@ -251,6 +303,8 @@ struct ClientOpts {
     timeout: Duration,
     hold: Duration,
     greeting: bool,
+    /// With `--stop-file`: stop opening connections once it exists.
+    stop_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Default)]
@@ -303,7 +357,7 @@ fn client(opts: &ClientOpts, conns: u64, concurrency: u64) -> ClientReport {
             s.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= conns {
+                    if i >= conns || opts.stop_file.as_ref().is_some_and(|f| f.exists()) {
                         break;
                     }
                     let r = one_connection(opts, i);
@@ -446,6 +500,79 @@ fn read_greeting(stream: &mut TcpStream) -> io::Result<String> {
         }
     }
     Err(io::Error::other("no greeting line"))
+}
+
+// ---------------------------------------------------------------- flow
+
+fn flow(
+    connect: Option<SocketAddr>,
+    listen: Option<SocketAddr>,
+    send: bool,
+    bytes: Option<u64>,
+    timeout: Duration,
+) -> Result<FlowReport> {
+    let mut stream = match (connect, listen) {
+        (Some(addr), _) => match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(s) => s,
+            Err(e) => {
+                return Ok(FlowReport {
+                    bytes: 0,
+                    end: error_kind(&e),
+                });
+            }
+        },
+        (None, Some(addr)) => {
+            let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+            let local = listener
+                .local_addr()
+                .context("getsockname on the listener")?;
+            print_line(&format!("listening {local}"))?;
+            listener.accept().context("accept")?.0
+        }
+        (None, None) => anyhow::bail!("--connect or --listen is required"),
+    };
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut moved = 0u64;
+    let mut buf = vec![0u8; CHUNK];
+    let end = if send {
+        let mut pattern = Pattern::new(0);
+        loop {
+            let n = bytes.map_or(CHUNK, |b| {
+                usize::try_from(b - moved).map_or(CHUNK, |left| left.min(CHUNK))
+            });
+            if n == 0 {
+                let _ = stream.shutdown(Shutdown::Write);
+                break "sent".to_owned();
+            }
+            pattern.fill(&mut buf[..n]);
+            match stream.write(&buf[..n]) {
+                Ok(0) => break "closed".to_owned(),
+                Ok(k) => moved += k as u64,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break flow_error_kind(&e),
+            }
+        }
+    } else {
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => break "eof".to_owned(),
+                Ok(n) => moved += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break flow_error_kind(&e),
+            }
+        }
+    };
+    Ok(FlowReport { bytes: moved, end })
+}
+
+/// `broken_pipe` for EPIPE (a write after the peer's reset), else [`error_kind`].
+fn flow_error_kind(e: &io::Error) -> String {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        "broken_pipe".to_owned()
+    } else {
+        error_kind(e)
+    }
 }
 
 // ---------------------------------------------------------------- probe
