@@ -22,13 +22,17 @@ pub async fn serve(
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {
-    super::accept_loop(&ctx, listener, &cancel, "inbound", |client, peer| {
+    let limits = shared.limits.clone();
+    super::accept_loop(&ctx, listener, &cancel, "inbound", &limits, |client, peer, permit| {
         shared
             .stats
             .inbound_accepted
             .fetch_add(1, Ordering::Relaxed);
         let (ctx, shared) = (ctx.clone(), shared.clone());
-        tokio::spawn(async move { handle(ctx, client, peer, shared).await });
+        tokio::spawn(async move {
+            let _permit = permit;
+            handle(ctx, client, peer, shared).await
+        });
     })
     .await;
 }
