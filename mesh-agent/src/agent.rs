@@ -268,7 +268,9 @@ fn resource_bounds(overrides: &crate::proxy::limits::LimitOverrides) -> Arc<Boun
     tracing::info!(
         fd_limit = fd_limit.soft,
         fd_limit_hard = fd_limit.hard,
-        raised_from = fd_limit.raised_from.map_or_else(|| "-".to_owned(), |n| n.to_string()),
+        raised_from = fd_limit
+            .raised_from
+            .map_or_else(|| "-".to_owned(), |n| n.to_string()),
         max_connections = l.max_connections,
         max_handshakes = l.max_handshakes,
         max_connections_per_peer = l.max_connections_per_peer,

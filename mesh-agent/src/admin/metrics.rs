@@ -594,7 +594,11 @@ impl fmt::Debug for LimitsCollector {
 
 impl Collector for LimitsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let source = self.0.read().unwrap_or_else(PoisonError::into_inner).clone();
+        let source = self
+            .0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let Some(source) = source else {
             return Ok(());
         };

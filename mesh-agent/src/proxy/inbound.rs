@@ -23,17 +23,24 @@ pub async fn serve(
     cancel: CancellationToken,
 ) {
     let limits = shared.limits.clone();
-    super::accept_loop(&ctx, listener, &cancel, "inbound", &limits, |client, peer, permit| {
-        shared
-            .stats
-            .inbound_accepted
-            .fetch_add(1, Ordering::Relaxed);
-        let (ctx, shared) = (ctx.clone(), shared.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            handle(ctx, client, peer, shared).await
-        });
-    })
+    super::accept_loop(
+        &ctx,
+        listener,
+        &cancel,
+        "inbound",
+        &limits,
+        |client, peer, permit| {
+            shared
+                .stats
+                .inbound_accepted
+                .fetch_add(1, Ordering::Relaxed);
+            let (ctx, shared) = (ctx.clone(), shared.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                handle(ctx, client, peer, shared).await
+            });
+        },
+    )
     .await;
 }
 

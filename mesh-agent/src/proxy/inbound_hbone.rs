@@ -36,13 +36,20 @@ pub async fn serve(
     cancel: CancellationToken,
 ) {
     let limits = shared.limits.clone();
-    super::accept_loop(&ctx, listener, &cancel, "hbone", &limits, |tcp, peer, permit| {
-        let (ctx, shared, cancel) = (ctx.clone(), shared.clone(), cancel.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            connection(ctx, tcp, peer, shared, cancel).await
-        });
-    })
+    super::accept_loop(
+        &ctx,
+        listener,
+        &cancel,
+        "hbone",
+        &limits,
+        |tcp, peer, permit| {
+            let (ctx, shared, cancel) = (ctx.clone(), shared.clone(), cancel.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                connection(ctx, tcp, peer, shared, cancel).await
+            });
+        },
+    )
     .await;
 }
 

@@ -616,7 +616,11 @@ impl Bounds {
     pub fn to_json(&self) -> serde_json::Value {
         let u = self.usage();
         let pairs = |v: &[(&'static str, u64)]| {
-            serde_json::Value::Object(v.iter().map(|(k, n)| ((*k).to_owned(), (*n).into())).collect())
+            serde_json::Value::Object(
+                v.iter()
+                    .map(|(k, n)| ((*k).to_owned(), (*n).into()))
+                    .collect(),
+            )
         };
         serde_json::json!({
             "limits": self.limits.to_json(),
@@ -665,7 +669,10 @@ impl Activity {
         if self.active.load(Ordering::Acquire) > 0 {
             return None;
         }
-        let since = *self.idle_since.lock().unwrap_or_else(PoisonError::into_inner);
+        let since = *self
+            .idle_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if self.served.load(Ordering::Acquire) == 0 {
             Some((since + limits.first_request_timeout, Expiry::FirstRequest))
         } else {
@@ -702,7 +709,12 @@ mod tests {
     use crate::identity::TrustDomain;
 
     fn id(sa: &str) -> SpiffeId {
-        SpiffeId::new(TrustDomain::new("cluster.local").expect("td"), "default", sa).expect("id")
+        SpiffeId::new(
+            TrustDomain::new("cluster.local").expect("td"),
+            "default",
+            sa,
+        )
+        .expect("id")
     }
 
     fn small() -> Limits {
@@ -749,7 +761,11 @@ mod tests {
         let c1 = b.peer_connection(&c).expect("another peer is not affected");
         assert_eq!(b.usage().peers, 2);
         drop((a1, a2, c1));
-        assert_eq!(b.usage().peers, 0, "no entry stays for a peer holding nothing");
+        assert_eq!(
+            b.usage().peers,
+            0,
+            "no entry stays for a peer holding nothing"
+        );
         assert!(b.peer_streams.in_use.lock().expect("lock").is_empty());
     }
 
@@ -790,7 +806,10 @@ mod tests {
         };
         let l = tiny.clone().with_overrides(&o);
         assert_eq!(l.max_connections, 7);
-        assert_eq!(l.max_streams_per_connection, 1, "a cap of 0 would refuse everything");
+        assert_eq!(
+            l.max_streams_per_connection, 1,
+            "a cap of 0 would refuse everything"
+        );
         assert_eq!(l.idle_timeout, Duration::from_secs(2));
         assert_eq!(l.max_handshakes, tiny.max_handshakes);
     }
@@ -803,7 +822,9 @@ mod tests {
             ..Limits::default()
         };
         let a = Activity::new();
-        let (at, why) = a.deadline(&limits).expect("a deadline before the first stream");
+        let (at, why) = a
+            .deadline(&limits)
+            .expect("a deadline before the first stream");
         assert_eq!(why, Expiry::FirstRequest);
         assert!(at <= Instant::now() + Duration::from_secs(5));
         let s = a.stream();
