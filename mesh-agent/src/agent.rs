@@ -151,6 +151,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         bounds.clone(),
         runtime.handle().clone(),
     );
+    runtime.spawn(limits::trim_after_bursts(bounds.clone()));
     {
         let b = bounds.clone();
         admin.config_dump().register("limits", move || b.to_json());
