@@ -12,7 +12,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     datapath::{Datapath, DatapathConfig, counters::Counters, enroll::Enroller},
     identity::{CertManager, LocalCa, MeshCa, MeshTls, TrustDomain},
-    proxy::{Proxy, ProxyStats},
+    proxy::{
+        Proxy, ProxyStats,
+        limits::{self, Bounds, Limits},
+    },
     state::Store,
     sync,
 };
@@ -46,6 +49,9 @@ pub struct RunConfig {
     pub drain_timeout: Duration,
     /// Where the admin, metrics and readiness endpoints listen.
     pub admin: crate::admin::AdminConfig,
+    /// Connection caps and deadlines set explicitly (the rest follow the
+    /// file-descriptor limit).
+    pub limits: crate::proxy::limits::LimitOverrides,
 }
 
 /// How long the control loop waits before retrying pods that failed to enroll.
@@ -53,6 +59,7 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    let bounds = resource_bounds(&cfg.limits);
     let file = match &cfg.kube {
         // Flags checked before anything is loaded.
         Some(k) => k.config().map(|_| None)?,
@@ -142,8 +149,24 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         tls,
         &cfg.root_namespace,
         admin.telemetry().clone(),
+        bounds.clone(),
         runtime.handle().clone(),
     );
+    runtime.spawn(limits::trim_after_bursts(bounds.clone()));
+    {
+        let b = bounds.clone();
+        admin.config_dump().register("limits", move || b.to_json());
+        admin.metrics().set_limits_source(move || {
+            let u = bounds.usage();
+            crate::admin::metrics::LimitsReading {
+                in_use: u.in_use,
+                refused: u.refused,
+                closed: u.closed,
+                peers: u.peers,
+                fd_limit: u.fd_limit,
+            }
+        });
+    }
     {
         let pool = proxy.pool();
         admin.metrics().set_pool_source(move || {
@@ -244,6 +267,36 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     runtime.shutdown_timeout(Duration::from_secs(1));
     tracing::info!("agent stopped; datapath left pinned (fails closed until the next agent)");
     Ok(())
+}
+
+/// Raises the soft file-descriptor limit to the hard one (a proxy holds two
+/// descriptors per connection) and sizes the connection caps from it.
+fn resource_bounds(overrides: &crate::proxy::limits::LimitOverrides) -> Arc<Bounds> {
+    let fd_limit = match crate::process::raise_fd_limit() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "file-descriptor limit not raised");
+            crate::process::fd_limit().unwrap_or_default()
+        }
+    };
+    let l = Limits::for_fd_limit(fd_limit.soft).with_overrides(overrides);
+    tracing::info!(
+        fd_limit = fd_limit.soft,
+        fd_limit_hard = fd_limit.hard,
+        raised_from = fd_limit
+            .raised_from
+            .map_or_else(|| "-".to_owned(), |n| n.to_string()),
+        max_connections = l.max_connections,
+        max_handshakes = l.max_handshakes,
+        max_connections_per_peer = l.max_connections_per_peer,
+        max_streams_per_peer = l.max_streams_per_peer,
+        max_streams_per_connection = l.max_streams_per_connection,
+        handshake_timeout_s = l.handshake_timeout.as_secs_f64(),
+        first_request_timeout_s = l.first_request_timeout.as_secs_f64(),
+        idle_timeout_s = l.idle_timeout.as_secs_f64(),
+        "resource limits"
+    );
+    Arc::new(Bounds::new(l, fd_limit))
 }
 
 /// Loads the mesh CA and builds the certificate manager and TLS configurations.

@@ -85,6 +85,7 @@ pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
     let idle_rss = labkit::rss_kib(agents[0].pid());
     rows.push(measure(&lab, &bins, "mesh, same node", "local")?);
     rows.push(measure(&lab, &bins, "mesh, cross node", "remote")?);
+    let per_1000 = memory_per_1000_connections(&lab, &bins, &agents, "client", "remote")?;
     let rss: Vec<Option<u64>> = agents.iter().map(|a| labkit::rss_kib(a.pid())).collect();
     let redirected = labkit::counters(&lab, &bins, 0)?
         .get("connect_redirected")
@@ -118,6 +119,9 @@ pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
         kib(rss[1])
     );
     println!(
+        "agent memory per 1 000 open connections (cross node, both agents): {per_1000:.0} KiB ({OPEN_CONNS} idle connections held)"
+    );
+    println!(
         "latency: sockperf TCP ping-pong at {LATENCY_RATE} msg/s for {SECONDS} s, round trip; throughput: iperf3 one stream for {SECONDS} s; new conns: {CONNS} connections, 16 at a time, 64 B echoed each"
     );
     print_upgrades(&upgrade);
@@ -139,7 +143,7 @@ pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
     for line in policy_lines.lines() {
         println!("  {line}");
     }
-    let json = serde_json::json!({ "policy_evaluation": policy_lines.lines().collect::<Vec<_>>(), "rows": rows, "agent_rss_kib": { "idle": idle_rss, "node0": rss[0], "node1": rss[1] }, "upgrade": upgrade });
+    let json = serde_json::json!({ "policy_evaluation": policy_lines.lines().collect::<Vec<_>>(), "rows": rows, "agent_rss_kib": { "idle": idle_rss, "node0": rss[0], "node1": rss[1] }, "agent_kib_per_1000_open_connections": per_1000, "upgrade": upgrade });
     let path = target_dir.join("bench.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
     println!("written to {}", path.display());
@@ -212,6 +216,67 @@ fn measure(lab: &Lab, bins: &Bins, scenario: &str, server: &str) -> anyhow::Resu
         latency_p99_us: p99,
         connections_per_s: rate,
     })
+}
+
+/// Idle connections held open for the memory measurement.
+const OPEN_CONNS: u64 = 2000;
+
+/// Memory per 1 000 open connections: the agents' RSS growth (both nodes:
+/// each connection crosses both) while `OPEN_CONNS` idle connections from
+/// `from` to `to`'s echo server are held open through the mesh, divided by
+/// the number of connections, times 1 000. In KiB.
+fn memory_per_1000_connections(
+    lab: &Lab,
+    bins: &Bins,
+    agents: &[mesh_lab::LabChild],
+    from: &str,
+    to: &str,
+) -> anyhow::Result<f64> {
+    eprintln!("==> memory per 1 000 open connections");
+    let fds = |pid: u32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let rss_total = || -> anyhow::Result<u64> {
+        agents
+            .iter()
+            .map(|a| labkit::rss_kib(a.pid()).context("agent RSS"))
+            .sum()
+    };
+    // Settle first: the previous runs' connections are gone.
+    std::thread::sleep(Duration::from_secs(2));
+    let before = rss_total()?;
+    let fds_before: usize = agents.iter().map(|a| fds(a.pid())).sum();
+    let n = OPEN_CONNS.to_string();
+    let mut client = Command::new(&bins.app);
+    client.args([
+        "client",
+        "--connect",
+        &labkit::addr(lab, to, 8080)?,
+        "--conns",
+        &n,
+        "--concurrency",
+        &n,
+        "--bytes",
+        "64",
+        "--hold-ms",
+        "15000",
+        "--timeout-ms",
+        "30000",
+    ]);
+    let child = lab.spawn_in_pod(from, client)?;
+    // Held: each connection is at least one descriptor in each agent.
+    let want = fds_before + 2 * usize::try_from(OPEN_CONNS)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    while agents.iter().map(|a| fds(a.pid())).sum::<usize>() < want {
+        if std::time::Instant::now() > deadline {
+            bail!("the {OPEN_CONNS} connections did not all open through the mesh");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let held = rss_total()?;
+    if child.wait_timeout(Duration::from_secs(60))?.is_none() {
+        bail!("the memory client did not finish");
+    }
+    Ok(held.saturating_sub(before) as f64 / OPEN_CONNS as f64 * 1000.0)
 }
 
 /// `---> percentile 99.000 =   62.318` from sockperf's output, in microseconds.

@@ -15,6 +15,10 @@
 //!   `mesh_ca_expiring` (1 from 30 days before the CA expires),
 //!   `mesh_pool_connections`,
 //!   `mesh_pool_streams`, `mesh_policy_decisions_total{result}`.
+//! - The proxy's limits, read at scrape time once the agent registers them:
+//!   `mesh_limit_in_use{limit}`, `mesh_limit_max{limit}`,
+//!   `mesh_limit_refused_total{limit}`, `mesh_limit_closed_total{reason}`,
+//!   `mesh_limit_peers` and `mesh_fd_limit` (the soft `RLIMIT_NOFILE`).
 //! - The kernel's, read from the pinned maps at scrape time:
 //!   `mesh_ebpf_decisions_total{decision}` (one series per kernel counter),
 //!   `mesh_ebpf_map_entries{map}` and `mesh_ebpf_map_capacity{map}`.
@@ -333,6 +337,26 @@ impl Drop for GaugeGuard {
 /// Reads the pool's (connections, streams) at scrape time.
 pub type PoolSource = dyn Fn() -> (u64, u64) + Send + Sync;
 
+/// The proxy's limits at scrape time (see `proxy::limits`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LimitsReading {
+    /// (limit, in use, maximum).
+    pub in_use: Vec<(&'static str, u64, u64)>,
+    /// (limit, connections refused so far).
+    pub refused: Vec<(&'static str, u64)>,
+    /// (deadline, connections closed by it so far).
+    pub closed: Vec<(&'static str, u64)>,
+    /// Peer identities holding inbound HBONE connections.
+    pub peers: u64,
+    /// The soft file-descriptor limit.
+    pub fd_limit: u64,
+}
+
+/// Reads the proxy's limits at scrape time.
+pub type LimitsSource = dyn Fn() -> LimitsReading + Send + Sync;
+
+type SharedLimitsSource = Arc<RwLock<Option<Arc<LimitsSource>>>>;
+
 /// The agent's metrics registry and the handles its parts update.
 pub struct Metrics {
     registry: Registry,
@@ -346,6 +370,7 @@ pub struct Metrics {
     pool_streams: Gauge,
     policy_decisions: Family<ResultLabel, Counter>,
     pool_source: RwLock<Option<Arc<PoolSource>>>,
+    limits_source: SharedLimitsSource,
 }
 
 impl fmt::Debug for Metrics {
@@ -414,6 +439,8 @@ impl Metrics {
             policy_decisions.clone(),
         );
         registry.register_collector(Box::new(CertificateCollector(certificates)));
+        let limits_source = SharedLimitsSource::default();
+        registry.register_collector(Box::new(LimitsCollector(limits_source.clone())));
         if let Some(kernel) = kernel {
             registry.register_collector(Box::new(KernelCollector(kernel)));
         }
@@ -429,6 +456,7 @@ impl Metrics {
             pool_streams,
             policy_decisions,
             pool_source: RwLock::new(None),
+            limits_source,
         }
     }
 
@@ -495,6 +523,15 @@ impl Metrics {
     pub fn set_pool_source(&self, source: impl Fn() -> (u64, u64) + Send + Sync + 'static) {
         *self
             .pool_source
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(source));
+    }
+
+    /// Reads the `mesh_limit_*` and `mesh_fd_limit` metrics from `source` at
+    /// every scrape (none are reported before).
+    pub fn set_limits_source(&self, source: impl Fn() -> LimitsReading + Send + Sync + 'static) {
+        *self
+            .limits_source
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(source));
     }
@@ -576,6 +613,81 @@ impl Collector for CertificateCollector {
             let labels = [("identity", c.identity.as_str())];
             ConstGauge::new(c.expires_in(now)).encode(m.encode_family(&labels)?)?;
         }
+        Ok(())
+    }
+}
+
+/// The proxy's limits, read at scrape time; nothing until a source is set.
+struct LimitsCollector(SharedLimitsSource);
+
+impl fmt::Debug for LimitsCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LimitsCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for LimitsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let source = self
+            .0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(source) = source else {
+            return Ok(());
+        };
+        let r = source();
+        let gauge = |n: u64| ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX));
+        let mut m = encoder.encode_descriptor(
+            "mesh_limit_in_use",
+            "Slots of each connection limit in use (per-peer limits: the most any peer holds).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (limit, used, _) in &r.in_use {
+            gauge(*used).encode(m.encode_family(&[("limit", *limit)])?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "mesh_limit_max",
+            "The maximum of each connection limit.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (limit, _, max) in &r.in_use {
+            gauge(*max).encode(m.encode_family(&[("limit", *limit)])?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "mesh_limit_refused",
+            "Connections and streams refused by a limit, by limit.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (limit, n) in &r.refused {
+            ConstCounter::new(*n).encode(m.encode_family(&[("limit", *limit)])?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "mesh_limit_closed",
+            "HBONE connections closed by a deadline, by deadline.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, n) in &r.closed {
+            ConstCounter::new(*n).encode(m.encode_family(&[("reason", *reason)])?)?;
+        }
+        let m = encoder.encode_descriptor(
+            "mesh_limit_peers",
+            "Peer identities holding inbound HBONE connections.",
+            None,
+            MetricType::Gauge,
+        )?;
+        gauge(r.peers).encode(m)?;
+        let m = encoder.encode_descriptor(
+            "mesh_fd_limit",
+            "The agent's soft file-descriptor limit (RLIMIT_NOFILE), raised to the hard limit at start.",
+            None,
+            MetricType::Gauge,
+        )?;
+        gauge(r.fd_limit).encode(m)?;
         Ok(())
     }
 }
@@ -822,6 +934,31 @@ mesh_ebpf_map_capacity{{map=\"ENROLLED_NETNS\"}} 1024\n\
                 .expect("encode")
                 .contains("\nmesh_pool_connections 1\n")
         );
+    }
+
+    #[test]
+    fn limit_metrics_appear_once_a_source_is_set() {
+        let m = Metrics::new(None, Certificates::default());
+        assert!(!m.encode().expect("encode").contains("mesh_limit"));
+        m.set_limits_source(|| LimitsReading {
+            in_use: vec![("connections", 3, 10)],
+            refused: vec![("connections", 2), ("peer_streams", 1)],
+            closed: vec![("idle_timeout", 4)],
+            peers: 1,
+            fd_limit: 20000,
+        });
+        let text = m.encode().expect("encode");
+        for line in [
+            "mesh_limit_in_use{limit=\"connections\"} 3\n",
+            "mesh_limit_max{limit=\"connections\"} 10\n",
+            "mesh_limit_refused_total{limit=\"connections\"} 2\n",
+            "mesh_limit_refused_total{limit=\"peer_streams\"} 1\n",
+            "mesh_limit_closed_total{reason=\"idle_timeout\"} 4\n",
+            "mesh_limit_peers 1\n",
+            "mesh_fd_limit 20000\n",
+        ] {
+            assert!(text.contains(line), "{line:?} not in\n{text}");
+        }
     }
 
     #[test]

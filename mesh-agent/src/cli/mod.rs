@@ -126,6 +126,55 @@ struct RunArgs {
     /// to the next agent) before the agent exits (`30s`, `2m`).
     #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// Connection caps and HBONE deadlines (`mesh-agent run`). Caps left unset
+/// are sized from the file-descriptor limit (see `/config_dump` `limits`).
+#[derive(Debug, clap::Args)]
+struct LimitArgs {
+    /// Concurrent proxied connections, all pods and directions (each inbound
+    /// HBONE stream counts as one); beyond it new ones are reset.
+    #[arg(long, env = "MESH_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Inbound HBONE connections between accept and their first CONNECT.
+    #[arg(long, env = "MESH_MAX_HANDSHAKES")]
+    max_handshakes: Option<usize>,
+    /// Concurrent inbound HBONE connections per peer identity.
+    #[arg(long, env = "MESH_MAX_CONNECTIONS_PER_PEER")]
+    max_connections_per_peer: Option<usize>,
+    /// Concurrent inbound HBONE streams per peer identity (beyond: HTTP 503).
+    #[arg(long, env = "MESH_MAX_STREAMS_PER_PEER")]
+    max_streams_per_peer: Option<usize>,
+    /// Concurrent streams per inbound HBONE connection (default 100, as Istio).
+    #[arg(long, env = "MESH_MAX_STREAMS_PER_CONNECTION")]
+    max_streams_per_connection: Option<u32>,
+    /// Deadline for an inbound HBONE connection's TLS and HTTP/2 handshakes (default 10s).
+    #[arg(long, env = "MESH_HBONE_HANDSHAKE_TIMEOUT", value_parser = parse_duration)]
+    hbone_handshake_timeout: Option<Duration>,
+    /// Deadline for the first CONNECT after the HTTP/2 handshake (default 10s).
+    #[arg(long, env = "MESH_HBONE_FIRST_REQUEST_TIMEOUT", value_parser = parse_duration)]
+    hbone_first_request_timeout: Option<Duration>,
+    /// An inbound HBONE connection without streams this long is closed
+    /// (GOAWAY; default 60s, above the client pools' 30s).
+    #[arg(long, env = "MESH_HBONE_IDLE_TIMEOUT", value_parser = parse_duration)]
+    hbone_idle_timeout: Option<Duration>,
+}
+
+impl LimitArgs {
+    fn overrides(&self) -> crate::proxy::limits::LimitOverrides {
+        crate::proxy::limits::LimitOverrides {
+            max_connections: self.max_connections,
+            max_handshakes: self.max_handshakes,
+            max_connections_per_peer: self.max_connections_per_peer,
+            max_streams_per_peer: self.max_streams_per_peer,
+            max_streams_per_connection: self.max_streams_per_connection,
+            handshake_timeout: self.hbone_handshake_timeout,
+            first_request_timeout: self.hbone_first_request_timeout,
+            idle_timeout: self.hbone_idle_timeout,
+        }
+    }
 }
 
 /// `90s`, `30m`, `24h`, `2d` or plain seconds.
@@ -186,6 +235,7 @@ pub fn main() -> ExitCode {
                 cert_ttl: args.cert_ttl,
                 root_namespace: args.root_namespace,
                 drain_timeout: args.drain_timeout,
+                limits: args.limits.overrides(),
             })
         }
         Command::Ca(CaCommand::Init {

@@ -452,15 +452,17 @@ fn traceparent() -> String {
     format!("00-{a:016x}{b:016x}-{:016x}-01", c | 1)
 }
 
-/// The server side of an HTTP/2 handshake with Istio's window settings.
+/// The server side of an HTTP/2 handshake with Istio's window settings,
+/// allowing the client `max_streams` concurrent streams.
 pub async fn server_handshake<T: IoStream>(
     io: T,
+    max_streams: u32,
 ) -> Result<h2::server::Connection<T, Bytes>, h2::Error> {
     h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION as u32)
+        .max_concurrent_streams(max_streams)
         .handshake(io)
         .await
 }
@@ -626,7 +628,7 @@ mod tests {
     async fn connect_to(behaviour: Behaviour) -> Result<Established, HboneError> {
         let (client_io, server_io) = tokio::io::duplex(1 << 20);
         tokio::spawn(async move {
-            let Ok(mut conn) = server_handshake(server_io).await else {
+            let Ok(mut conn) = server_handshake(server_io, 100).await else {
                 return;
             };
             if let Behaviour::GoAway = behaviour {

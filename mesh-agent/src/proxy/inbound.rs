@@ -22,16 +22,27 @@ pub async fn serve(
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {
-    super::accept_loop(&ctx, listener, &cancel, "inbound", |client, peer| {
-        shared
-            .stats
-            .inbound_accepted
-            .fetch_add(1, Ordering::Relaxed);
-        // From accept on, the agent dying resets the app (see copy::relay).
-        super::copy::abort_on_close(&client);
-        let task = handle(ctx.clone(), client, peer, shared.clone());
-        shared.spawn_tracked(task);
-    })
+    let limits = shared.limits.clone();
+    super::accept_loop(
+        &ctx,
+        listener,
+        &cancel,
+        "inbound",
+        &limits,
+        |client, peer, permit| {
+            shared
+                .stats
+                .inbound_accepted
+                .fetch_add(1, Ordering::Relaxed);
+            // From accept on, the agent dying resets the app (see copy::relay).
+            super::copy::abort_on_close(&client);
+            let task = handle(ctx.clone(), client, peer, shared.clone());
+            shared.spawn_tracked(async move {
+                let _permit = permit;
+                task.await
+            });
+        },
+    )
     .await;
 }
 

@@ -8,7 +8,7 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use bytes::Bytes;
@@ -18,12 +18,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::{PodContext, Shared, account, authz::Subject, hbone, reset};
+use super::{
+    PodContext, Shared, account,
+    authz::Subject,
+    hbone,
+    limits::{self, Expiry},
+    reset,
+};
 use crate::admin::{Connection, Direction, Outcome, SecurityPolicy};
 use crate::identity::{SpiffeId, describe_tls_error, peer_identity};
-
-/// How long a client may take to complete the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts tunnel connections of one pod until cancelled.
 pub async fn serve(
@@ -32,10 +35,21 @@ pub async fn serve(
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {
-    super::accept_loop(&ctx, listener, &cancel, "hbone", |tcp, peer| {
-        let task = connection(ctx.clone(), tcp, peer, shared.clone(), cancel.clone());
-        shared.spawn_tracked(task);
-    })
+    let limits = shared.limits.clone();
+    super::accept_loop(
+        &ctx,
+        listener,
+        &cancel,
+        "hbone",
+        &limits,
+        |tcp, peer, permit| {
+            let task = connection(ctx.clone(), tcp, peer, shared.clone(), cancel.clone());
+            shared.spawn_tracked(async move {
+                let _permit = permit;
+                task.await
+            });
+        },
+    )
     .await;
 }
 
@@ -47,16 +61,29 @@ async fn connection(
     cancel: CancellationToken,
 ) {
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    let bounds = shared.limits.clone();
+    let limits = bounds.limits().clone();
+    // Held from accept to the first CONNECT: idle sockets cannot pile up.
+    let mut handshake = match bounds.handshake() {
+        Ok(p) => Some(p),
+        Err(_) => return reset(tcp),
+    };
+    let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
     let _ = tcp.set_nodelay(true);
     let acceptor = TlsAcceptor::from(shared.tls.server_config(&ctx.identity));
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::warn!(pod = %ctx.key, src = %peer, reason = %describe_tls_error(&e), "HBONE handshake rejected");
             return;
         }
         Err(_) => {
-            tracing::warn!(pod = %ctx.key, src = %peer, reason = "no TLS handshake within 10 s", "HBONE handshake rejected");
+            bounds.expired(Expiry::Handshake);
+            let reason = format!(
+                "no TLS handshake within {} s",
+                limits.handshake_timeout.as_secs_f64()
+            );
+            tracing::warn!(pod = %ctx.key, src = %peer, reason, "HBONE handshake rejected");
             return;
         }
     };
@@ -71,10 +98,24 @@ async fn connection(
             return;
         }
     };
-    let mut conn = match hbone::server_handshake(tls).await {
-        Ok(c) => c,
-        Err(e) => {
+    let Ok(_peer_slot) = bounds.peer_connection(&peer_id) else {
+        tracing::debug!(pod = %ctx.key, src = %peer, src_identity = %peer_id, "HBONE connection refused: the peer holds its maximum of connections");
+        return;
+    };
+    let handshake_result = tokio::time::timeout_at(
+        deadline,
+        hbone::server_handshake(tls, limits.max_streams_per_connection),
+    )
+    .await;
+    let mut conn = match handshake_result {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             tracing::warn!(pod = %ctx.key, src = %peer, src_identity = %peer_id, error = %e, "HBONE HTTP/2 handshake failed");
+            return;
+        }
+        Err(_) => {
+            bounds.expired(Expiry::Handshake);
+            tracing::warn!(pod = %ctx.key, src = %peer, src_identity = %peer_id, deadline_s = limits.handshake_timeout.as_secs_f64(), "HBONE connection closed: no HTTP/2 handshake in time");
             return;
         }
     };
@@ -83,7 +124,10 @@ async fn connection(
     // `accept` once the last one finishes. The peer's pool retries streams
     // past the GOAWAY's last stream id on another connection.
     let mut going_away = false;
+    let activity = limits::Activity::new();
+    let mut expired = false;
     loop {
+        let idle = activity.deadline(&limits);
         let next = tokio::select! {
             _ = cancel.cancelled(), if !going_away => {
                 conn.graceful_shutdown();
@@ -91,13 +135,40 @@ async fn connection(
                 continue;
             }
             n = conn.accept() => n,
+            _ = activity.changed() => continue,
+            _ = sleep_until(idle.map(|(at, _)| at)) => {
+                // Re-checked: a stream may have opened since.
+                match activity.deadline(&limits) {
+                    Some((at, why)) if at <= Instant::now() => {
+                        bounds.expired(why);
+                        tracing::info!(pod = %ctx.key, src = %peer, src_identity = %peer_id, reason = why.as_str(), "HBONE connection closed: no stream in time");
+                        conn.graceful_shutdown();
+                        expired = true;
+                        None
+                    }
+                    _ => continue,
+                }
+            }
         };
         let Some(next) = next else { break };
         match next {
-            Ok((req, respond)) => {
+            Ok((req, mut respond)) => {
+                handshake.take();
+                let permit = match bounds.stream(&peer_id) {
+                    Ok(p) => p,
+                    Err(refusal) => {
+                        tracing::debug!(pod = %ctx.key, src = %peer, src_identity = %peer_id, limit = refusal.as_str(), "HBONE stream refused by a limit");
+                        hbone::respond_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+                        continue;
+                    }
+                };
+                let open = activity.stream();
                 let (ctx, peer_id) = (ctx.clone(), peer_id.clone());
                 let task = stream(ctx, req, respond, peer, peer_id, shared.clone());
-                shared.spawn_tracked(task);
+                shared.spawn_tracked(async move {
+                    let _slots = (permit, open);
+                    task.await
+                });
             }
             Err(e) => {
                 tracing::debug!(pod = %ctx.key, src = %peer, error = %e, "HBONE connection ended");
@@ -105,8 +176,23 @@ async fn connection(
             }
         }
     }
-    // Drive the connection until its remaining streams finish.
-    let _ = std::future::poll_fn(|cx| conn.poll_closed(cx)).await;
+    drop(handshake);
+    // Drive the connection until its remaining streams finish (a peer closed
+    // for a deadline has none and gets a bounded grace to take its GOAWAY).
+    let closed = std::future::poll_fn(|cx| conn.poll_closed(cx));
+    if expired {
+        let _ = tokio::time::timeout(limits::GOAWAY_GRACE, closed).await;
+    } else {
+        let _ = closed.await;
+    }
+}
+
+/// Sleeps until `at`, or forever without a deadline.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn stream(

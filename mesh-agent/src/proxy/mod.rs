@@ -13,6 +13,7 @@ mod copy;
 pub mod hbone;
 mod inbound;
 mod inbound_hbone;
+pub mod limits;
 mod outbound;
 
 use std::{
@@ -177,6 +178,8 @@ pub struct Shared {
     pub next_endpoint: std::sync::atomic::AtomicUsize,
     /// Connection tasks from accept to their end (what a stopping agent drains).
     pub in_flight: Arc<InFlight>,
+    /// Connection, stream and handshake caps and deadlines.
+    pub limits: Arc<limits::Bounds>,
 }
 
 impl Shared {
@@ -236,6 +239,7 @@ impl Proxy {
         tls: Arc<MeshTls>,
         root_namespace: &str,
         telemetry: Telemetry,
+        limits: Arc<limits::Bounds>,
         handle: Handle,
     ) -> Self {
         let authz = Arc::new(authz::Authz::new(root_namespace));
@@ -250,6 +254,7 @@ impl Proxy {
             telemetry,
             next_endpoint: std::sync::atomic::AtomicUsize::new(0),
             in_flight: Arc::default(),
+            limits,
         });
         // Policy changes apply to new connections at once and re-check open ones.
         let mut changes = store.subscribe();
@@ -283,6 +288,11 @@ impl Proxy {
     /// The tunnel pool.
     pub fn pool(&self) -> Arc<hbone::Pool> {
         self.shared.pool.clone()
+    }
+
+    /// The limits the proxy enforces, and their usage.
+    pub fn limits(&self) -> Arc<limits::Bounds> {
+        self.shared.limits.clone()
     }
 
     /// The proxy's counters.
@@ -423,15 +433,18 @@ fn agent_port_reason(dst: SocketAddr) -> String {
 }
 
 /// Accepts on one of a pod's listeners until `cancel` fires, handing each
-/// connection to `handle` (which spawns its task). Accept errors (for
-/// example running out of file descriptors) are logged and retried after a
-/// short pause rather than ending the listener.
+/// connection to `handle` (which spawns its task) with its slot of the
+/// global connection cap; beyond the cap a connection is reset at once (not
+/// left in the backlog). Accept errors (for example running out of file
+/// descriptors) are logged and retried after a short pause rather than
+/// ending the listener.
 async fn accept_loop(
     ctx: &PodContext,
     listener: tokio::net::TcpListener,
     cancel: &CancellationToken,
     listener_kind: &'static str,
-    mut handle: impl FnMut(TcpStream, SocketAddr),
+    limits: &limits::Bounds,
+    mut handle: impl FnMut(TcpStream, SocketAddr, limits::Permit),
 ) {
     loop {
         let accepted = tokio::select! {
@@ -439,7 +452,10 @@ async fn accept_loop(
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((stream, peer)) => handle(stream, peer),
+            Ok((stream, peer)) => match limits.connection() {
+                Ok(permit) => handle(stream, peer, permit),
+                Err(_) => reset(stream),
+            },
             Err(e) => {
                 tracing::warn!(pod = %ctx.key, listener = listener_kind, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;

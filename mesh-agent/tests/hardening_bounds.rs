@@ -1,0 +1,561 @@
+//! Issue 9, item 5: bounds on what a peer can make the agent hold. In the
+//! lab, against a real agent: HBONE peers that stall after TLS, after the
+//! HTTP/2 preface, or sit without streams are closed by the (flag-shortened)
+//! deadlines; connections beyond the per-peer, handshake and global caps are
+//! refused and counted while those under them work; the agent raises its
+//! soft `RLIMIT_NOFILE` and reports it. Deadlines are checked only against
+//! generous upper bounds.
+
+mod common;
+
+use std::{
+    fs::File,
+    net::SocketAddr,
+    os::{fd::AsRawFd, unix::process::CommandExt as _},
+    path::Path,
+    process::Command,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use common::{AGENT_TIMEOUT, Mesh, agent_bin};
+use mesh_agent::{
+    cli::client,
+    identity::{LocalCa, MeshCa, SpiffeId, TrustDomain, WorkloadCert, crypto_provider},
+};
+use mesh_lab::{LabChild, LabSpec, NodeSpec, PodSpec};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    pki_types::{CertificateDer, ServerName, UnixTime},
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+const ADMIN: &str = "127.0.0.1:15000";
+const METRICS: &str = "127.0.0.1:15020";
+/// A generous upper bound for anything a deadline of a few seconds closes.
+const CLOSE_WITHIN: Duration = Duration::from_secs(30);
+
+/// One node: `c` enrolled with an echo server on 8080, `x` not enrolled
+/// (the peer the test plays, from x's netns).
+fn lab() -> Mesh {
+    let mut mesh = Mesh::new(
+        LabSpec::new().node(
+            NodeSpec::new()
+                .pod(PodSpec::new("c"))
+                .pod(PodSpec::new("x")),
+        ),
+    );
+    mesh.write_workloads(0, &[("c", true), ("x", false)]);
+    mesh.echo("c", &[8080]);
+    mesh
+}
+
+/// Starts node 0's agent with `extra` flags (and, if given, a lowered soft
+/// `RLIMIT_NOFILE`), waits until it is ready.
+fn start_agent(mesh: &Mesh, extra: &[&str], soft_nofile: Option<u64>) -> LabChild {
+    let n = mesh.lab.node(0).expect("node");
+    let mut cmd = Command::new(agent_bin());
+    cmd.arg("run")
+        .arg("--workloads")
+        .arg(mesh.workload_path(0))
+        .arg("--pin-dir")
+        .arg(n.pin_dir())
+        .arg("--cgroup")
+        .arg(n.cgroup_dir())
+        .arg("--ca-dir")
+        .arg(mesh.ca_dir())
+        .args(["--reload-interval-ms", "100"])
+        .args(["--admin-addr", ADMIN, "--metrics-addr", METRICS])
+        .args(extra)
+        .env("MESH_LOG", "info");
+    if let Some(soft) = soft_nofile {
+        let hard = nofile().1;
+        // SAFETY: runs between fork and exec; setrlimit is async-signal-safe
+        // and the struct lives on the stack.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let agent = mesh.lab.spawn_in_node(0, cmd).expect("spawn agent");
+    if let Err(e) = agent.wait_for_log("agent ready", AGENT_TIMEOUT) {
+        panic!(
+            "agent did not become ready: {e:#}\n{}",
+            agent.log_contents().unwrap_or_default()
+        );
+    }
+    agent
+}
+
+/// This process's (soft, hard) `RLIMIT_NOFILE`.
+fn nofile() -> (u64, u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the owned struct.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    (lim.rlim_cur, lim.rlim_max)
+}
+
+/// Runs `f` on a thread inside the network namespace at `netns`.
+fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> T {
+    let ns = File::open(netns).expect("open netns");
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: setns on a valid netns fd; only this scoped thread moves.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("thread in netns")
+    })
+}
+
+/// `GET path` on the agent's `addr`, from node 0's netns.
+fn get(mesh: &Mesh, addr: &str, path: &str) -> String {
+    let netns = mesh.lab.node(0).expect("node").netns_path();
+    let addr = addr.parse().expect("addr");
+    let (status, body) = in_netns(&netns, || client::get(addr, path)).expect("HTTP GET");
+    assert_eq!(status, 200, "{path}: {body}");
+    body
+}
+
+/// The value of the metric series `series` (name and labels, exactly).
+fn metric(mesh: &Mesh, series: &str) -> u64 {
+    let text = get(mesh, METRICS, "/metrics");
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+fn limits_dump(mesh: &Mesh) -> serde_json::Value {
+    let dump: serde_json::Value =
+        serde_json::from_str(&get(mesh, ADMIN, "/config_dump")).expect("config_dump JSON");
+    dump["limits"].clone()
+}
+
+/// Accepts any server certificate (the test wants the server's verdict).
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A valid mesh certificate for `default/x`, from the lab's CA.
+fn x_cert(mesh: &Mesh) -> WorkloadCert {
+    let td = TrustDomain::new("cluster.local").expect("td");
+    let ca = Arc::new(MeshCa::load_dir(&mesh.ca_dir()).expect("lab CA"));
+    let id = SpiffeId::new(td.clone(), "default", "x").expect("id");
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    LocalCa::new(ca, td)
+        .issue_valid_between(&id, now - hour, now + hour)
+        .expect("issue")
+}
+
+fn client_config(cert: &WorkloadCert) -> Arc<ClientConfig> {
+    let provider = crypto_provider();
+    let mut config = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+        .with_client_auth_cert(cert.chain().to_vec(), cert.key().clone_key())
+        .expect("client cert");
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.enable_sni = false;
+    Arc::new(config)
+}
+
+/// A TCP connection made from inside the netns at `netns` (the test process
+/// is outside the lab cgroup: nothing captures it; sk_lookup still steers it).
+fn tcp_from(netns: &Path, to: SocketAddr) -> tokio::net::TcpStream {
+    let s = in_netns(netns, || {
+        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect")
+    });
+    s.set_nonblocking(true).expect("nonblocking");
+    tokio::net::TcpStream::from_std(s).expect("tokio stream")
+}
+
+type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// mTLS to `to` from `netns` with `cert`.
+async fn tls_from(netns: &Path, to: SocketAddr, cert: &WorkloadCert) -> Result<Tls, String> {
+    let tcp = tcp_from(netns, to);
+    tokio_rustls::TlsConnector::from(client_config(cert))
+        .connect(ServerName::IpAddress(to.ip().into()), tcp)
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))
+}
+
+/// Reads (and discards) until the peer closes; `true` if it did within `within`.
+async fn closed_within(mut io: impl AsyncRead + Unpin, within: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(within, async {
+        loop {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// An HBONE tunnel connection (TLS + HTTP/2) and its driver's handle.
+struct Tunnel {
+    sender: h2::client::SendRequest<Bytes>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+async fn tunnel(netns: &Path, to: SocketAddr, cert: &WorkloadCert) -> Result<Tunnel, String> {
+    let tls = tls_from(netns, to, cert).await?;
+    let (sender, conn) = h2::client::handshake(tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(Tunnel { sender, driver })
+}
+
+/// A CONNECT stream kept open (both halves) while held.
+struct Stream {
+    _send: h2::SendStream<Bytes>,
+    _recv: h2::RecvStream,
+}
+
+/// CONNECT `target` on `t`: the status and, on 200, the open stream.
+async fn connect(t: &Tunnel, target: SocketAddr) -> Result<(u16, Option<Stream>), String> {
+    let mut sender = t.sender.clone().ready().await.map_err(|e| e.to_string())?;
+    let req = http::Request::builder()
+        .method("CONNECT")
+        .uri(target.to_string())
+        .body(())
+        .expect("request");
+    let (response, send) = sender.send_request(req, false).map_err(|e| e.to_string())?;
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .map_err(|_| "no response".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let stream = (status == 200).then(|| Stream {
+        _send: send,
+        _recv: response.into_body(),
+    });
+    Ok((status, stream))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+struct Addrs {
+    x_netns: std::path::PathBuf,
+    hbone: SocketAddr,
+    app: SocketAddr,
+}
+
+fn addrs(mesh: &Mesh) -> Addrs {
+    let c_ip = mesh.lab.pod("c").expect("c").ipv4();
+    Addrs {
+        x_netns: mesh.lab.pod("x").expect("x").netns_path(),
+        hbone: SocketAddr::new(c_ip.into(), 15008),
+        app: SocketAddr::new(c_ip.into(), 8080),
+    }
+}
+
+#[test]
+fn hbone_peers_that_stall_after_tls_or_the_preface_or_sit_idle_are_closed() {
+    let mesh = lab();
+    let _agent = start_agent(
+        &mesh,
+        &[
+            "--hbone-handshake-timeout",
+            "2s",
+            "--hbone-first-request-timeout",
+            "2s",
+            "--hbone-idle-timeout",
+            "2s",
+        ],
+        None,
+    );
+    let a = addrs(&mesh);
+    let cert = x_cert(&mesh);
+    let rt = runtime();
+
+    // Control: a well-behaved peer gets its tunnel.
+    rt.block_on(async {
+        let t = tunnel(&a.x_netns, a.hbone, &cert).await.expect("tunnel");
+        assert_eq!(connect(&t, a.app).await.expect("CONNECT").0, 200);
+    });
+
+    // mTLS completes, then nothing (no HTTP/2 preface): closed.
+    let stalled_after_tls = rt.block_on(async {
+        let tls = tls_from(&a.x_netns, a.hbone, &cert).await.expect("mTLS");
+        closed_within(tls, CLOSE_WITHIN).await
+    });
+    assert!(
+        stalled_after_tls,
+        "a peer that completed mTLS and sent nothing was still connected after {CLOSE_WITHIN:?}"
+    );
+
+    // The HTTP/2 preface and SETTINGS, then no request: closed.
+    let stalled_after_preface = rt.block_on(async {
+        let mut tls = tls_from(&a.x_netns, a.hbone, &cert).await.expect("mTLS");
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .expect("preface");
+        // An empty SETTINGS frame.
+        tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+            .await
+            .expect("settings");
+        tls.flush().await.expect("flush");
+        closed_within(tls, CLOSE_WITHIN).await
+    });
+    assert!(
+        stalled_after_preface,
+        "a peer that sent the HTTP/2 preface and no request was still connected after {CLOSE_WITHIN:?}"
+    );
+
+    // A tunnel whose only stream ended sits idle: closed (GOAWAY).
+    let idle_closed = rt.block_on(async {
+        let t = tunnel(&a.x_netns, a.hbone, &cert).await.expect("tunnel");
+        let (status, stream) = connect(&t, a.app).await.expect("CONNECT");
+        assert_eq!(status, 200);
+        drop(stream);
+        tokio::time::timeout(CLOSE_WITHIN, t.driver).await.is_ok()
+    });
+    assert!(
+        idle_closed,
+        "a tunnel without streams was still open after {CLOSE_WITHIN:?}"
+    );
+
+    assert!(
+        metric(
+            &mesh,
+            "mesh_limit_closed_total{reason=\"handshake_timeout\"}"
+        ) >= 1
+    );
+    assert!(
+        metric(
+            &mesh,
+            "mesh_limit_closed_total{reason=\"first_request_timeout\"}"
+        ) >= 1
+    );
+    assert!(metric(&mesh, "mesh_limit_closed_total{reason=\"idle_timeout\"}") >= 1);
+    let limits = limits_dump(&mesh);
+    assert_eq!(limits["limits"]["idle_timeout_s"], 2.0, "{limits}");
+}
+
+#[test]
+fn hbone_connections_streams_and_handshakes_beyond_their_caps_are_refused_and_counted() {
+    let mesh = lab();
+    let _agent = start_agent(
+        &mesh,
+        &[
+            "--max-connections-per-peer",
+            "2",
+            "--max-streams-per-peer",
+            "3",
+            "--max-handshakes",
+            "2",
+            "--hbone-handshake-timeout",
+            "120s",
+        ],
+        None,
+    );
+    let a = addrs(&mesh);
+    let cert = x_cert(&mesh);
+    let rt = runtime();
+    rt.block_on(async {
+        // Two connections, three streams: all served.
+        let t1 = tunnel(&a.x_netns, a.hbone, &cert).await.expect("tunnel 1");
+        let (s1, _h1) = connect(&t1, a.app).await.expect("s1");
+        let (s2, _h2) = connect(&t1, a.app).await.expect("s2");
+        let t2 = tunnel(&a.x_netns, a.hbone, &cert).await.expect("tunnel 2");
+        let (s3, _h3) = connect(&t2, a.app).await.expect("s3");
+        assert_eq!((s1, s2, s3), (200, 200, 200));
+        // A fourth stream of the same identity: 503.
+        let s4 = connect(&t2, a.app).await.expect("s4");
+        assert_eq!(s4.0, 503, "a stream beyond the per-peer cap was served");
+        // A third connection of the same identity: closed, no tunnel.
+        let refused = match tunnel(&a.x_netns, a.hbone, &cert).await {
+            Ok(t3) => connect(&t3, a.app).await,
+            Err(e) => Err(e),
+        };
+        assert!(
+            !matches!(refused, Ok((200, _))),
+            "a connection beyond the per-peer cap was served: {:?}",
+            refused.map(|r| r.0)
+        );
+        // The connections under the cap still work.
+        let (s5, _) = connect(&t1, a.app).await.expect("s5");
+        assert_eq!(s5, 503, "the per-peer stream cap still holds");
+    });
+    assert_eq!(
+        metric(&mesh, "mesh_limit_refused_total{limit=\"peer_streams\"}"),
+        2
+    );
+    assert_eq!(
+        metric(
+            &mesh,
+            "mesh_limit_refused_total{limit=\"peer_connections\"}"
+        ),
+        1
+    );
+
+    // Three idle TCP connections to 15008 with room for two in the handshake
+    // phase: one is refused at once (the others wait for a TLS handshake).
+    rt.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..3 {
+            let tcp = tcp_from(&a.x_netns, a.hbone);
+            set.spawn(async move { closed_within(tcp, Duration::from_secs(600)).await });
+        }
+        let first = tokio::time::timeout(CLOSE_WITHIN, set.join_next()).await;
+        assert!(
+            matches!(first, Ok(Some(Ok(true)))),
+            "no idle connection beyond the handshake cap was refused"
+        );
+        set.abort_all();
+    });
+    assert_eq!(
+        metric(&mesh, "mesh_limit_refused_total{limit=\"handshakes\"}"),
+        1
+    );
+    // Once those are gone, a tunnel is served again.
+    let served = rt.block_on(async {
+        let deadline = Instant::now() + CLOSE_WITHIN;
+        loop {
+            if let Ok(t) = tunnel(&a.x_netns, a.hbone, &cert).await
+                && let Ok((200, _)) = connect(&t, a.app).await
+            {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    assert!(served, "no tunnel once the idle connections were closed");
+    let limits = limits_dump(&mesh);
+    assert_eq!(limits["limits"]["max_connections_per_peer"], 2, "{limits}");
+    assert_eq!(limits["refused"]["handshakes"], 1, "{limits}");
+}
+
+/// Echo round trip of `msg` on a plaintext connection; `false` if the
+/// connection was refused (reset or closed).
+async fn echo(tcp: &mut tokio::net::TcpStream, msg: &[u8]) -> bool {
+    if tcp.write_all(msg).await.is_err() {
+        return false;
+    }
+    let mut buf = vec![0u8; msg.len()];
+    matches!(
+        tokio::time::timeout(CLOSE_WITHIN, tcp.read_exact(&mut buf)).await,
+        Ok(Ok(_)) if buf == msg
+    )
+}
+
+#[test]
+fn connections_beyond_the_global_cap_are_refused_counted_and_the_slot_comes_back() {
+    let mesh = lab();
+    let _agent = start_agent(&mesh, &["--max-connections", "2"], None);
+    let a = addrs(&mesh);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c1 = tcp_from(&a.x_netns, a.app);
+        let mut c2 = tcp_from(&a.x_netns, a.app);
+        assert!(echo(&mut c1, b"one").await, "first connection");
+        assert!(echo(&mut c2, b"two").await, "second connection");
+        let mut c3 = tcp_from(&a.x_netns, a.app);
+        assert!(
+            !echo(&mut c3, b"three").await,
+            "a connection beyond the global cap was served"
+        );
+        drop(c1);
+        // The freed slot serves a new connection.
+        let deadline = Instant::now() + CLOSE_WITHIN;
+        loop {
+            let mut c4 = tcp_from(&a.x_netns, a.app);
+            if echo(&mut c4, b"four").await {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the freed slot never served");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(echo(&mut c2, b"still").await, "a served connection was cut");
+    });
+    assert!(metric(&mesh, "mesh_limit_refused_total{limit=\"connections\"}") >= 1);
+    assert_eq!(metric(&mesh, "mesh_limit_max{limit=\"connections\"}"), 2);
+}
+
+#[test]
+fn the_agent_raises_its_file_descriptor_limit_and_reports_it() {
+    let (_, hard) = nofile();
+    assert!(hard > 512, "the test needs a hard RLIMIT_NOFILE above 512");
+    let mesh = lab();
+    let _agent = start_agent(&mesh, &[], Some(512));
+    let limits = limits_dump(&mesh);
+    assert_eq!(limits["fd_limit"]["soft"], hard, "{limits}");
+    assert_eq!(limits["fd_limit"]["raised_from"], 512, "{limits}");
+    assert_eq!(metric(&mesh, "mesh_fd_limit"), hard);
+    // The default caps leave room under the limit.
+    let max = limits["limits"]["max_connections"]
+        .as_u64()
+        .expect("max_connections");
+    assert!(max > 0 && 2 * max < hard, "{limits}");
+}
