@@ -133,7 +133,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         runtime.spawn(crate::datapath::drive_kernel_log(logger));
     }
 
-    let store = Store::new();
+    let store = Store::with_root_namespace(&cfg.root_namespace);
     if let Some(file) = file {
         sync::file::publish(&store, file);
     }
@@ -147,7 +147,6 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         dp.orig_dst.clone(),
         store.clone(),
         tls,
-        &cfg.root_namespace,
         admin.telemetry().clone(),
         bounds.clone(),
         runtime.handle().clone(),

@@ -220,7 +220,7 @@ pub fn build(
             authorization: objects.raw(Kind::AuthorizationPolicies),
             peer_authentication: objects.raw(Kind::PeerAuthentications),
         },
-        index: Default::default(),
+        ..Default::default()
     };
     Built {
         snapshot,
