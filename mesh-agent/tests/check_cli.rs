@@ -126,3 +126,24 @@ fn check_rejects_a_policy_the_api_server_would_refuse() {
         "{err}"
     );
 }
+
+#[test]
+fn check_names_the_field_of_a_policy_error_in_the_file() {
+    let s = Scratch::new("located");
+    let peer = "  - apiVersion: security.istio.io/v1\n    kind: PeerAuthentication\n    metadata: {name: default, namespace: shop}\n    spec: {mtls: {mode: STRICT}}\n";
+    // The bad policy is the file's third, the second AuthorizationPolicy.
+    let out = s.check(
+        &(authz("fine", "{rules: [{}]}")
+            + peer
+            + &authz(
+                "deny-bad-cidr",
+                "{action: DENY, rules: [{from: [{source: {ipBlocks: ['10.0.0.0/33']}}]}]}",
+            )),
+    );
+    let err = stderr(&out);
+    assert!(!out.status.success(), "check passed a bad policy: {err}");
+    assert!(
+        err.contains("workloads.yaml: policies[2].spec.rules[0].from[0].source.ipBlocks[0]\n"),
+        "{err}"
+    );
+}

@@ -105,6 +105,20 @@ pub fn rejects_policy(error: &PolicyError) -> bool {
     }
 }
 
+/// The log message of an error whose policy is rejected.
+const REJECTED: &str = "policy rejected";
+/// The log message of an error whose policy is still enforced.
+const REPORTED: &str = "policy error reported, policy still enforced";
+
+/// The message [`CompiledPolicies::log`] logs `error` with.
+fn log_message(error: &PolicyError) -> &'static str {
+    if rejects_policy(error) {
+        REJECTED
+    } else {
+        REPORTED
+    }
+}
+
 /// The field path an error names, from its document's root.
 fn error_field(error: &PolicyError) -> Option<String> {
     match error {
@@ -137,11 +151,7 @@ impl CompiledPolicies {
     /// published them, at `generation`).
     pub fn log(&self, generation: u64) {
         for e in &self.report.errors {
-            if rejects_policy(&e.finding) {
-                tracing::error!(error = %e, "policy rejected");
-            } else {
-                tracing::error!(error = %e, "policy error reported, policy still enforced");
-            }
+            tracing::error!(error = %e, "{}", log_message(&e.finding));
         }
         for w in &self.report.warnings {
             tracing::warn!(warning = %w, "policy enforced more strictly than written");
@@ -276,7 +286,11 @@ mod tests {
         let store = Store::new();
         let policies = Policies {
             authorization: vec![
-                object("AuthorizationPolicy", "{name: fine, namespace: web}", "{rules: [{}]}"),
+                object(
+                    "AuthorizationPolicy",
+                    "{name: fine, namespace: web}",
+                    "{rules: [{}]}",
+                ),
                 bad_deny(),
             ],
             peer_authentication: vec![],
@@ -315,6 +329,7 @@ mod tests {
             "{e}"
         );
         assert!(rejects_policy(&e.finding));
+        assert_eq!(log_message(&e.finding), "policy rejected");
         assert_eq!(compiled.report.rejected(), 1);
     }
 
@@ -372,8 +387,10 @@ mod tests {
             e.field.as_deref(),
             Some("metadata.annotations[istio.io/dry-run]")
         );
-        // Reported, not rejected: the deny-all is enforced.
+        // Reported, not rejected: the deny-all is enforced, and the log
+        // line does not say it was rejected.
         assert!(!rejects_policy(&e.finding));
+        assert!(!log_message(&e.finding).contains("rejected"));
         assert_eq!(compiled.report.rejected(), 0);
         assert!(!decide(&compiled, "shop").is_allowed());
     }
