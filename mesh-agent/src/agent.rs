@@ -10,8 +10,9 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    datapath::{Datapath, DatapathConfig, counters::Counters, enroll::Enroller},
+    datapath::{Datapath, DatapathConfig, counters::Counters},
     identity::{CertManager, LocalCa, MeshCa, MeshTls, TrustDomain},
+    pods::Enroller,
     proxy::{
         Proxy, ProxyStats,
         limits::{self, Bounds, Limits},

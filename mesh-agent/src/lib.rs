@@ -9,6 +9,7 @@ pub mod agent;
 pub mod cli;
 pub mod datapath;
 pub mod identity;
+pub mod pods;
 pub mod process;
 pub mod proxy;
 pub mod state;

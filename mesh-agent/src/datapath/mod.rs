@@ -6,7 +6,7 @@
 //! attaching: [`Datapath`]), `pins` (the pin layout, re-adoption, [`uninstall`]),
 //! `orig_dst` ([`OrigDstTable`], read by the proxy), `keys` (addresses as
 //! map keys), `sys` (system facts and calls aya does not expose), and the
-//! public [`counters`], [`enroll`] and [`netns`]. The files import one way:
+//! public [`counters`] and [`netns`]. The files import one way:
 //! `load` → `pins`, `orig_dst` → `keys`, everything → `error`; this file only
 //! re-exports.
 //!
@@ -14,7 +14,6 @@
 //! instead of leaking plaintext (the pin layout is documented in `pins.rs`).
 
 pub mod counters;
-pub mod enroll;
 mod error;
 mod keys;
 mod load;

@@ -21,11 +21,11 @@ use mesh_common::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    Datapath, DatapathError, ip_key,
-    netns::{self, NetnsError, NetnsId, NetnsWorker, ReservedNetns},
-};
 use crate::{
+    datapath::{
+        Datapath, DatapathError, ip_key,
+        netns::{self, NetnsError, NetnsId, NetnsWorker, ReservedNetns},
+    },
     identity::SpiffeId,
     proxy::{PodContext, PodListeners, Proxy},
     state::{Snapshot, Workload, WorkloadKey},
