@@ -124,6 +124,23 @@ impl PodMaps {
     }
 }
 
+/// Removes the entries of `map` whose keys `keep` refuses (best effort: a
+/// failed removal is retried at the next sweep); returns how many it found.
+fn remove_stale<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    keep: impl Fn(&K) -> bool,
+) -> usize {
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !keep(k))
+        .collect();
+    for key in &stale {
+        let _ = map.remove(key);
+    }
+    stale.len()
+}
+
 /// A map error, naming the map.
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
     move |e| DatapathError::Map {
@@ -225,37 +242,9 @@ impl PodKernel for PodMaps {
             .iter()
             .flat_map(|(cookie, p)| p.port_keys(*cookie))
             .collect();
-        let mut swept = 0usize;
-        let stale: Vec<u64> = self
-            .enrolled_netns
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !cookies.contains(k))
-            .collect();
-        for key in &stale {
-            let _ = self.enrolled_netns.remove(key);
-        }
-        swept += stale.len();
-        let stale: Vec<IpKey> = self
-            .pod_addrs
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !addrs.contains(k))
-            .collect();
-        for key in &stale {
-            let _ = self.pod_addrs.remove(key);
-        }
-        swept += stale.len();
-        let stale: Vec<PortKey> = self
-            .excluded
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !ports.contains(k))
-            .collect();
-        for key in &stale {
-            let _ = self.excluded.remove(key);
-        }
-        swept += stale.len();
+        let mut swept = remove_stale(&mut self.enrolled_netns, |k| cookies.contains(k));
+        swept += remove_stale(&mut self.pod_addrs, |k| addrs.contains(k));
+        swept += remove_stale(&mut self.excluded, |k| ports.contains(k));
         for cookie in self.dp.pinned_sk_lookup_cookies()? {
             if !cookies.contains(&cookie) {
                 self.dp.detach_sk_lookup(cookie)?;
