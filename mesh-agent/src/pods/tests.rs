@@ -231,6 +231,18 @@ fn key(name: &str) -> WorkloadKey {
     }
 }
 
+fn publish(slot: u32, cookie: u64) -> Event {
+    Event::Publish { slot, cookie }
+}
+
+fn withdraw(slot: u32, cookie: u64, serving: bool) -> Event {
+    Event::Withdraw {
+        slot,
+        cookie,
+        serving,
+    }
+}
+
 /// The slot the first pod gets (slots are handed out from 0).
 const FIRST_SLOT: u32 = 0;
 
@@ -250,19 +262,13 @@ fn enroll_opens_publishes_then_serves_each_pod_in_its_own_slot() {
         fakes.events(),
         vec![
             Event::Open { cookie: 100 },
-            Event::Publish {
-                slot: FIRST_SLOT,
-                cookie: 100
-            },
+            publish(FIRST_SLOT, 100),
             Event::Serve {
                 cookie: 100,
                 identity: "spiffe://cluster.local/ns/default/sa/a".into()
             },
             Event::Open { cookie: 101 },
-            Event::Publish {
-                slot: FIRST_SLOT + 1,
-                cookie: 101
-            },
+            publish(FIRST_SLOT + 1, 101),
             Event::Serve {
                 cookie: 101,
                 identity: "spiffe://cluster.local/ns/default/sa/b".into()
@@ -302,10 +308,7 @@ fn update_in_place_keeps_the_slot_and_never_withdraws_capture() {
     assert_eq!(
         fakes.events(),
         vec![
-            Event::Publish {
-                slot: FIRST_SLOT,
-                cookie: 100
-            },
+            publish(FIRST_SLOT, 100),
             Event::Serve {
                 cookie: 100,
                 identity: "spiffe://cluster.local/ns/default/sa/renamed".into()
@@ -338,14 +341,7 @@ fn removal_withdraws_capture_before_the_listeners_stop_and_frees_the_slot() {
     assert_eq!(report.removed, vec![key("a")]);
     assert_eq!(
         fakes.events(),
-        vec![
-            Event::Withdraw {
-                slot: FIRST_SLOT,
-                cookie: 100,
-                serving: true
-            },
-            Event::Sweep(vec![]),
-        ],
+        vec![withdraw(FIRST_SLOT, 100, true), Event::Sweep(vec![]),],
         "capture is withdrawn while the listeners still serve"
     );
     assert!(fakes.with(|s| s.serving[&100].is_cancelled()));
@@ -353,10 +349,7 @@ fn removal_withdraws_capture_before_the_listeners_stop_and_frees_the_slot() {
 
     // The slot is free again.
     enroller.reconcile(&snapshot(&[&b]));
-    assert!(fakes.events().contains(&Event::Publish {
-        slot: FIRST_SLOT,
-        cookie: 101
-    }));
+    assert!(fakes.events().contains(&publish(FIRST_SLOT, 101)));
 }
 
 #[test]
@@ -376,16 +369,9 @@ fn a_pod_moved_to_another_netns_is_withdrawn_then_enrolled_again() {
     assert_eq!(
         events[..3],
         [
-            Event::Withdraw {
-                slot: FIRST_SLOT,
-                cookie: 100,
-                serving: true
-            },
+            withdraw(FIRST_SLOT, 100, true),
             Event::Open { cookie: 101 },
-            Event::Publish {
-                slot: FIRST_SLOT,
-                cookie: 101
-            },
+            publish(FIRST_SLOT, 101),
         ]
     );
 }
@@ -410,15 +396,8 @@ fn a_failed_enrollment_withdraws_what_it_wrote_frees_its_slot_and_is_retried() {
         fakes.events(),
         vec![
             Event::Open { cookie: 100 },
-            Event::Publish {
-                slot: FIRST_SLOT,
-                cookie: 100
-            },
-            Event::Withdraw {
-                slot: FIRST_SLOT,
-                cookie: 100,
-                serving: false
-            },
+            publish(FIRST_SLOT, 100),
+            withdraw(FIRST_SLOT, 100, false),
             Event::Sweep(vec![]),
         ],
         "never served; what was written is withdrawn"
@@ -428,10 +407,7 @@ fn a_failed_enrollment_withdraws_what_it_wrote_frees_its_slot_and_is_retried() {
     fakes.with(|s| s.fail_publish.clear());
     let report = enroller.reconcile(&snapshot(&[&a]));
     assert_eq!(report.added, vec![key("a")]);
-    assert!(fakes.events().contains(&Event::Publish {
-        slot: FIRST_SLOT,
-        cookie: 100
-    }));
+    assert!(fakes.events().contains(&publish(FIRST_SLOT, 100)));
 }
 
 #[test]
@@ -502,10 +478,7 @@ fn a_pod_without_a_valid_identity_or_netns_is_reported_and_others_enroll() {
     assert!(report.failed[0].1.contains("no valid identity"));
     assert!(report.failed[1].1.contains("cannot be opened"));
     // Only the valid pod got a slot (the first one).
-    assert!(fakes.events().contains(&Event::Publish {
-        slot: FIRST_SLOT,
-        cookie: 100
-    }));
+    assert!(fakes.events().contains(&publish(FIRST_SLOT, 100)));
 }
 
 #[test]
