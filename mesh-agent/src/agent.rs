@@ -10,8 +10,9 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    datapath::{Datapath, DatapathConfig, counters::Counters, enroll::Enroller},
+    datapath::{Datapath, DatapathConfig, PodMaps, counters::Counters},
     identity::{CertManager, LocalCa, MeshCa, MeshTls, TrustDomain},
+    pods::Enroller,
     proxy::{
         Proxy, ProxyStats,
         limits::{self, Bounds, Limits},
@@ -185,7 +186,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
             serde_json::Value::Object(counters.collect())
         });
     }
-    let mut enroller = Enroller::new(dp, proxy)?;
+    let mut enroller = Enroller::new(PodMaps::new(dp)?, proxy);
     if let Some(kube) = &cfg.kube {
         // The host's /proc is mounted elsewhere: refuse its init's netns too.
         enroller.refuse_host_netns(&kube.proc_root);

@@ -45,7 +45,8 @@ pub use readiness::{BlockReady, Readiness};
 pub use server::AdminState;
 
 use crate::{
-    datapath::{LoadSummary, enroll::ReconcileReport},
+    datapath::LoadSummary,
+    pods::ReconcileReport,
     state::{Snapshot, Store, WorkloadKey},
 };
 

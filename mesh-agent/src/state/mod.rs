@@ -70,6 +70,15 @@ impl Workload {
         self.node.as_deref().is_none_or(|n| n == node.name)
     }
 
+    /// The pod's SPIFFE identity in `trust_domain` (from its namespace and
+    /// service account): the one place a workload's identity is derived.
+    pub fn identity(
+        &self,
+        trust_domain: &crate::identity::TrustDomain,
+    ) -> Result<crate::identity::SpiffeId, crate::identity::SpiffeIdError> {
+        crate::identity::SpiffeId::new(trust_domain.clone(), &self.namespace, &self.service_account)
+    }
+
     /// `namespace/name`, the key used in logs and maps.
     pub fn key(&self) -> WorkloadKey {
         WorkloadKey {
