@@ -19,7 +19,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::{AGENT_TIMEOUT, Mesh, agent_bin};
+use common::{Mesh, agent_bin};
 use mesh_agent::{
     cli::client,
     identity::{LocalCa, MeshCa, SpiffeId, TrustDomain, WorkloadCert, crypto_provider},
@@ -88,12 +88,7 @@ fn start_agent(mesh: &Mesh, extra: &[&str], soft_nofile: Option<u64>) -> LabChil
         }
     }
     let agent = mesh.lab.spawn_in_node(0, cmd).expect("spawn agent");
-    if let Err(e) = agent.wait_for_log("agent ready", AGENT_TIMEOUT) {
-        panic!(
-            "agent did not become ready: {e:#}\n{}",
-            agent.log_contents().unwrap_or_default()
-        );
-    }
+    mesh.wait_started_agent_ready(0, &agent, extra);
     agent
 }
 
