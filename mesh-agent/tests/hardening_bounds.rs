@@ -9,9 +9,8 @@
 mod common;
 
 use std::{
-    fs::File,
     net::SocketAddr,
-    os::{fd::AsRawFd, unix::process::CommandExt as _},
+    os::unix::process::CommandExt as _,
     path::Path,
     process::Command,
     sync::Arc,
@@ -19,7 +18,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::{Mesh, agent_bin};
+use common::{Mesh, agent_bin, in_netns};
 use mesh_agent::{
     cli::client,
     identity::{LocalCa, MeshCa, SpiffeId, TrustDomain, WorkloadCert, crypto_provider},
@@ -101,21 +100,6 @@ fn nofile() -> (u64, u64) {
     // SAFETY: getrlimit writes into the owned struct.
     assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
     (lim.rlim_cur, lim.rlim_max)
-}
-
-/// Runs `f` on a thread inside the network namespace at `netns`.
-fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> T {
-    let ns = File::open(netns).expect("open netns");
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            // SAFETY: setns on a valid netns fd; only this scoped thread moves.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("thread in netns")
-    })
 }
 
 /// `GET path` on the agent's `addr`, from node 0's netns.

@@ -6,29 +6,14 @@
 mod common;
 mod kube_fake;
 
-use std::{fs::File, os::fd::AsRawFd as _, path::Path, process::Command};
+use std::{path::Path, process::Command};
 
-use common::{Mesh, agent_bin, delta};
+use common::{Mesh, agent_bin, delta, in_netns};
 use mesh_agent::cli::client;
 use mesh_lab::{LabSpec, NodeSpec, PodSpec, app::ProbeOutcome, lab_app_path};
 use serde_json::Value;
 
 const ADMIN: &str = "127.0.0.1:15000";
-
-/// Runs `f` on a thread inside the network namespace at `netns`.
-fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> T {
-    let ns = File::open(netns).expect("open netns");
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            // SAFETY: setns on a valid netns fd; only this scoped thread moves.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("thread in netns")
-    })
-}
 
 /// The agent's workloads (`mesh-agent workloads --json`, run in the node),
 /// by pod name: (status, error).

@@ -6,9 +6,9 @@
 
 mod common;
 
-use std::{fs::File, net::SocketAddr, os::fd::AsRawFd as _, path::Path};
+use std::net::SocketAddr;
 
-use common::{Mesh, rogue};
+use common::{Mesh, in_netns, rogue};
 use mesh_agent::{admin::DEFAULT_ADMIN_ADDR, cli::client};
 use mesh_lab::{LabSpec, NodeSpec, PodSpec, app::ProbeOutcome};
 
@@ -70,21 +70,6 @@ fn counter(stats: &serde_json::Value, name: &str) -> u64 {
     stats[name]
         .as_u64()
         .unwrap_or_else(|| panic!("no proxy counter {name}: {stats:#}"))
-}
-
-/// Runs `f` on a thread inside the network namespace at `netns`.
-fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> T {
-    let ns = File::open(netns).expect("open netns");
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            // SAFETY: setns on a valid netns fd; only this scoped thread moves.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("thread in netns")
-    })
 }
 
 /// The access-log lines of node `node`'s agent that contain every `needle`.

@@ -7,14 +7,11 @@
 mod common;
 
 use std::{
-    fs::File,
-    os::fd::AsRawFd as _,
-    path::Path,
     process::Command,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use common::{AGENT_TIMEOUT, Mesh, agent_bin};
+use common::{AGENT_TIMEOUT, Mesh, agent_bin, in_netns};
 use mesh_agent::cli::client::{self, ClientError};
 use mesh_lab::{LabSpec, NodeSpec, PodSpec, app::ProbeOutcome};
 
@@ -32,21 +29,6 @@ const ENDPOINTS: &[&str] = &[
     "--readiness-addr",
     "0.0.0.0:15021",
 ];
-
-/// Runs `f` on a thread inside the network namespace at `netns`.
-fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> T {
-    let ns = File::open(netns).expect("open node netns");
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            // SAFETY: setns on a valid netns fd; only this scoped thread moves.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("thread in node netns")
-    })
-}
 
 /// `GET path` on `addr` from inside node `node`'s netns.
 fn get(mesh: &Mesh, node: usize, addr: &str, path: &str) -> (u16, String) {
