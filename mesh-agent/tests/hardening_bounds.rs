@@ -9,9 +9,8 @@
 mod common;
 
 use std::{
-    fs::File,
     net::SocketAddr,
-    os::{fd::AsRawFd, unix::process::CommandExt as _},
+    os::unix::process::CommandExt as _,
     path::Path,
     process::Command,
     sync::Arc,
@@ -19,7 +18,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::{AGENT_TIMEOUT, Mesh, agent_bin};
+use common::{Mesh, agent_bin, in_netns};
 use mesh_agent::{
     cli::client,
     identity::{LocalCa, MeshCa, SpiffeId, TrustDomain, WorkloadCert, crypto_provider},
@@ -88,12 +87,7 @@ fn start_agent(mesh: &Mesh, extra: &[&str], soft_nofile: Option<u64>) -> LabChil
         }
     }
     let agent = mesh.lab.spawn_in_node(0, cmd).expect("spawn agent");
-    if let Err(e) = agent.wait_for_log("agent ready", AGENT_TIMEOUT) {
-        panic!(
-            "agent did not become ready: {e:#}\n{}",
-            agent.log_contents().unwrap_or_default()
-        );
-    }
+    mesh.wait_started_agent_ready(0, &agent, extra);
     agent
 }
 
@@ -106,21 +100,6 @@ fn nofile() -> (u64, u64) {
     // SAFETY: getrlimit writes into the owned struct.
     assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
     (lim.rlim_cur, lim.rlim_max)
-}
-
-/// Runs `f` on a thread inside the network namespace at `netns`.
-fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> T {
-    let ns = File::open(netns).expect("open netns");
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            // SAFETY: setns on a valid netns fd; only this scoped thread moves.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("thread in netns")
-    })
 }
 
 /// `GET path` on the agent's `addr`, from node 0's netns.

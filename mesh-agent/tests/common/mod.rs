@@ -7,10 +7,15 @@ pub mod rogue;
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
+    fs::File,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
     process::{Command, Output},
-    time::Duration,
+    time::{Duration, Instant},
 };
+
+use mesh_agent::cli::client::{self, ClientError};
 
 use mesh_lab::{
     Lab, LabChild, LabSpec,
@@ -18,8 +23,11 @@ use mesh_lab::{
     lab_app_path,
 };
 
-/// How long to wait for the agent's start-up and reload log lines.
+/// How long to wait for the agent to become ready or to apply a change.
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How often the waits below ask the agent's endpoints.
+const POLL: Duration = Duration::from_millis(50);
 
 /// The agent binary under test (built by cargo for this test run).
 pub fn agent_bin() -> PathBuf {
@@ -44,6 +52,8 @@ pub struct Mesh {
     /// The lab (dropped last: it removes everything).
     pub lab: Lab,
     agents: Vec<Option<LabChild>>,
+    /// Where each node's agent serves its endpoints (from its flags).
+    endpoints: Vec<Endpoints>,
     /// Children the test started (apps), stopped before the lab goes.
     pub apps: Vec<LabChild>,
 }
@@ -54,9 +64,13 @@ impl Mesh {
         require_root();
         let lab = Lab::new(spec).expect("lab");
         let agents = (0..lab.nodes().len()).map(|_| None).collect();
+        let endpoints = (0..lab.nodes().len())
+            .map(|_| Endpoints::from_flags(&[]))
+            .collect();
         Self {
             lab,
             agents,
+            endpoints,
             apps: Vec::new(),
         }
     }
@@ -85,6 +99,25 @@ impl Mesh {
     /// Appends `policies:` (YAML list items, indented by two spaces) to a workload YAML.
     pub fn with_policies(text: &str, policies: &str) -> String {
         format!("{text}policies:\n{policies}")
+    }
+
+    /// Writes node `node`'s workload file verbatim (like
+    /// [`Mesh::write_workload_text`]) and waits until the running agent has
+    /// published it (the file source bumps the generation on each accepted
+    /// write) and enrolled by it.
+    pub fn write_workload_text_applied(&self, node: usize, text: &str) {
+        let before = self.published_generation(node);
+        self.write_workload_text(node, text);
+        self.wait_dump(node, &format!("a generation after {before}"), |dump| {
+            let published = generation(dump, "node");
+            published > before && generation(dump, "enrollment") >= published
+        });
+    }
+
+    /// Writes node `node`'s workload file listing `pods` and waits until the
+    /// running agent applied it (see [`Mesh::write_workload_text_applied`]).
+    pub fn write_workloads_applied(&self, node: usize, pods: &[(&str, bool)]) {
+        self.write_workload_text_applied(node, &self.lab.workload_file_yaml(node, pods));
     }
 
     /// Writes node `node`'s workload file verbatim (atomically, by rename).
@@ -136,13 +169,211 @@ impl Mesh {
             .args(extra)
             .env("MESH_LOG", "info");
         let agent = self.lab.spawn_in_node(node, cmd).expect("spawn agent");
-        if let Err(e) = agent.wait_for_log("agent ready", AGENT_TIMEOUT) {
-            panic!(
-                "agent on node {node} did not become ready: {e:#}\n{}",
-                agent.log_contents().unwrap_or_default()
-            );
-        }
+        self.endpoints[node] = Endpoints::from_flags(extra);
         self.agents[node] = Some(agent);
+        self.wait_ready(node);
+    }
+
+    /// Waits until node `node`'s agent answers 200 on `/healthz/ready` (its
+    /// first enrollment pass is done); panics with its log if it does not
+    /// within [`AGENT_TIMEOUT`] or exits first.
+    pub fn wait_ready(&self, node: usize) {
+        self.wait_agent_ready(node, self.agent(node), self.endpoints[node].readiness);
+    }
+
+    /// Waits until `agent`, an agent the test started itself in node `node`
+    /// with `flags`, answers 200 on `/healthz/ready` (see [`Mesh::wait_ready`]).
+    pub fn wait_started_agent_ready(&self, node: usize, agent: &LabChild, flags: &[&str]) {
+        self.wait_agent_ready(node, agent, Endpoints::from_flags(flags).readiness);
+    }
+
+    fn wait_agent_ready(&self, node: usize, agent: &LabChild, addr: SocketAddr) {
+        let deadline = Instant::now() + AGENT_TIMEOUT;
+        loop {
+            let answer = self.get_in_node(node, addr, "/healthz/ready");
+            if matches!(answer, Ok((200, _))) {
+                return;
+            }
+            let exited = agent.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() >= deadline {
+                panic!(
+                    "agent on node {node} did not become ready (exit: {exited:?}, \
+                     last answer on {addr}: {answer:?}):\n{}",
+                    agent.log_contents().unwrap_or_default()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// `GET path` on `addr` from a thread inside node `node`'s netns.
+    pub fn get_in_node(
+        &self,
+        node: usize,
+        addr: SocketAddr,
+        path: &str,
+    ) -> Result<(u16, String), ClientError> {
+        let netns = self.lab.node(node).expect("node").netns_path();
+        in_netns(&netns, || client::get(addr, path))
+    }
+
+    /// `GET path` on node `node`'s agent's admin endpoint, as JSON (must answer 200).
+    pub fn admin_json(&self, node: usize, path: &str) -> serde_json::Value {
+        let addr = self.endpoints[node].admin;
+        let (status, body) = self
+            .get_in_node(node, addr, path)
+            .unwrap_or_else(|e| panic!("GET {path} on {addr} in node {node}: {e}"));
+        assert_eq!(status, 200, "GET {path} on {addr} in node {node}: {body}");
+        serde_json::from_str(&body).expect("admin endpoint JSON")
+    }
+
+    /// Node `node`'s agent's `/config_dump`.
+    pub fn config_dump(&self, node: usize) -> serde_json::Value {
+        self.admin_json(node, "/config_dump")
+    }
+
+    /// The snapshot generation node `node`'s agent has published (its config dump's `node.generation`).
+    pub fn published_generation(&self, node: usize) -> u64 {
+        generation(&self.config_dump(node), "node")
+    }
+
+    /// The snapshot generation node `node`'s agent last enrolled by (its
+    /// config dump's `enrollment.generation`).
+    pub fn applied_generation(&self, node: usize) -> u64 {
+        generation(&self.config_dump(node), "enrollment")
+    }
+
+    /// Waits until node `node`'s agent has enrolled by snapshot `generation` or a later one.
+    pub fn wait_applied(&self, node: usize, generation_at_least: u64) {
+        self.wait_dump(
+            node,
+            &format!("enrollment by generation {generation_at_least}"),
+            |dump| generation(dump, "enrollment") >= generation_at_least,
+        );
+    }
+
+    /// Polls node `node`'s config dump until `done` holds; panics, naming
+    /// `what` and showing the dump and the agent's log, after [`AGENT_TIMEOUT`].
+    pub fn wait_dump(
+        &self,
+        node: usize,
+        what: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + AGENT_TIMEOUT;
+        loop {
+            let dump = self.config_dump(node);
+            if done(&dump) {
+                return dump;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "node {node}'s agent: no {what} in its config dump:\n{dump:#}\nlog:\n{}",
+                    self.agent(node).log_contents().unwrap_or_default()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Waits until node `node`'s agent holds no inbound HBONE handshake
+    /// (its config dump's `limits.in_use.handshakes` is 0): a rejected
+    /// handshake is logged before its slot is given back.
+    pub fn wait_handshakes_done(&self, node: usize) {
+        self.wait_dump(node, "handshakes in use = 0", |dump| {
+            dump["limits"]["in_use"]["handshakes"].as_u64() == Some(0)
+        });
+    }
+
+    /// Waits until node `node`'s agent's last enrollment pass left exactly
+    /// `count` pods enrolled (its config dump's `enrollment.enrolled`).
+    pub fn wait_enrolled(&self, node: usize, count: u64) {
+        self.wait_dump(node, &format!("{count} pods enrolled"), |dump| {
+            dump["enrollment"]["enrolled"].as_u64() == Some(count)
+        });
+    }
+
+    /// Waits until `agent` (an agent taken out of the harness and told to
+    /// stop) holds no listening socket in any of `pods`' network namespaces:
+    /// new connections then reach its successor only.
+    pub fn wait_listeners_closed(&self, agent: &LabChild, pods: &[&str]) {
+        let owner = format!("pid={},", agent.pid());
+        let deadline = Instant::now() + AGENT_TIMEOUT;
+        for pod in pods {
+            loop {
+                let mut cmd = Command::new("ss");
+                cmd.args(["-Hltnp"]);
+                let out = self.lab.run_in_pod(pod, cmd).expect("ss");
+                assert!(
+                    out.status.success(),
+                    "ss: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let sockets = String::from_utf8_lossy(&out.stdout).into_owned();
+                if !sockets.contains(&owner) {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    panic!(
+                        "{} still listens in {pod}:\n{sockets}\n{}",
+                        agent.label(),
+                        agent.log_tail(30)
+                    );
+                }
+                std::thread::sleep(POLL);
+            }
+        }
+    }
+
+    /// The status (`enrolled`, `failed`, `pending`, `not enrolled`) of each
+    /// workload node `node`'s agent knows, by name.
+    pub fn workload_status(&self, node: usize) -> BTreeMap<String, String> {
+        statuses(&self.config_dump(node))
+    }
+
+    /// Waits until node `node`'s agent reports `pods` (name, status) in its config dump.
+    pub fn wait_workload_status(&self, node: usize, pods: &[(&str, &str)]) {
+        self.wait_dump(node, &format!("workloads {pods:?}"), |dump| {
+            let now = statuses(dump);
+            pods.iter()
+                .all(|(name, status)| now.get(*name).map(String::as_str) == Some(*status))
+        });
+    }
+
+    /// Istio's `istio_tcp_connections_closed_total` on node `node`'s agent,
+    /// summed over its series.
+    pub fn closed_connections(&self, node: usize) -> u64 {
+        let addr = self.endpoints[node].metrics;
+        let (status, text) = self
+            .get_in_node(node, addr, "/metrics")
+            .unwrap_or_else(|e| panic!("GET /metrics on {addr} in node {node}: {e}"));
+        assert_eq!(status, 200, "/metrics: {text}");
+        text.lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_closed_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// Waits until node `node`'s agent has closed at least `count` connections
+    /// in all and has none open: each closed connection is counted, then
+    /// access-logged, then unlisted, so its access-log line is then written.
+    pub fn wait_closed(&self, node: usize, count: u64) {
+        let deadline = Instant::now() + AGENT_TIMEOUT;
+        loop {
+            let closed = self.closed_connections(node);
+            let open = self.admin_json(node, "/connections");
+            let open = open.as_array().map_or(0, Vec::len);
+            if closed >= count && open == 0 {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "node {node}'s agent closed {closed} connections (wanted {count}), {open} open:\n{}",
+                    self.agent(node).log_contents().unwrap_or_default()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
     }
 
     /// Stops node `node`'s agent (SIGTERM) and checks it exited cleanly.
@@ -164,7 +395,13 @@ impl Mesh {
         self.agents[node].as_ref().expect("agent running")
     }
 
-    /// Waits for `needle` in node `node`'s agent log, after `skip` occurrences.
+    /// Waits until node `node`'s agent log holds `count` lines with `needle`.
+    ///
+    /// Only for what the agent reports nowhere but its log, when that report
+    /// is the test's subject (a rejected workload file changes no state: the
+    /// last good one stays; the CA-expiry warning). Synchronise on an
+    /// endpoint everywhere else ([`Mesh::wait_ready`], [`Mesh::wait_applied`],
+    /// [`Mesh::wait_closed`], ...).
     pub fn wait_agent_log_count(&self, node: usize, needle: &str, count: usize) {
         let agent = self.agent(node);
         let deadline = std::time::Instant::now() + AGENT_TIMEOUT;
@@ -314,6 +551,83 @@ impl Drop for Mesh {
             a.take();
         }
     }
+}
+
+/// Where an agent serves its endpoints, as its `run` flags set them.
+#[derive(Clone, Copy, Debug)]
+struct Endpoints {
+    admin: SocketAddr,
+    metrics: SocketAddr,
+    readiness: SocketAddr,
+}
+
+impl Endpoints {
+    /// The addresses to query from the node's netns for an agent run with
+    /// `flags` (the defaults unless set; an unspecified address is asked on loopback).
+    fn from_flags(flags: &[&str]) -> Self {
+        let flag = |name: &str| {
+            flags
+                .windows(2)
+                .find(|w| w[0] == name)
+                .map(|w| w[1].parse::<SocketAddr>().expect("address flag"))
+        };
+        let local = |mut a: SocketAddr| {
+            if a.ip().is_unspecified() {
+                a.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+            }
+            a
+        };
+        let metrics_default = match flag_value(flags, "--pod-ip") {
+            Some(ip) if !flags.contains(&"--metrics-loopback") => {
+                SocketAddr::new(ip.parse().expect("--pod-ip"), 15020)
+            }
+            _ => "127.0.0.1:15020".parse().expect("addr"),
+        };
+        Self {
+            admin: local(flag("--admin-addr").unwrap_or(([127, 0, 0, 1], 15000).into())),
+            metrics: local(flag("--metrics-addr").unwrap_or(metrics_default)),
+            readiness: local(flag("--readiness-addr").unwrap_or(([0, 0, 0, 0], 15021).into())),
+        }
+    }
+}
+
+fn flag_value<'a>(flags: &[&'a str], name: &str) -> Option<&'a str> {
+    flags.windows(2).find(|w| w[0] == name).map(|w| w[1])
+}
+
+/// The `generation` of the config dump's part `part` (`node`: published;
+/// `enrollment`: the one the agent last enrolled by).
+fn generation(dump: &serde_json::Value, part: &str) -> u64 {
+    dump[part]["generation"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {part}.generation in the config dump: {dump:#}"))
+}
+
+fn statuses(dump: &serde_json::Value) -> BTreeMap<String, String> {
+    dump["workloads"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| {
+            let s = |k: &str| w[k].as_str().unwrap_or_default().to_owned();
+            (s("name"), s("status"))
+        })
+        .collect()
+}
+
+/// Runs `f` on a thread inside the network namespace at `netns`.
+pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> T {
+    let ns = File::open(netns).expect("open netns");
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: setns on a valid netns fd; only this scoped thread moves.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("thread in netns")
+    })
 }
 
 /// `after - before` for each counter named.
