@@ -9,7 +9,7 @@ use crate::model::{AuthorizationPolicy, Kind};
 use crate::rule::{CompiledAuthz, CompiledRule, Effect, Origin, Scope};
 
 use super::rule::{Mode, compile_rule};
-use super::values::{Problems, compile_selector};
+use super::values::{Problems, compile_selector, report_rejected};
 
 /// The annotation Istio uses for dry-run AuthorizationPolicies.
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
@@ -237,15 +237,7 @@ fn reject_authz(
     scope: Scope,
     report: &mut Report,
 ) -> Option<(Scope, CompiledAuthz)> {
-    for (field, message) in problems {
-        report.errors.push(PolicyError::Rejected {
-            kind: Kind::AuthorizationPolicy,
-            policy: name.clone(),
-            field,
-            message,
-            effect,
-        });
-    }
+    report_rejected(report, Kind::AuthorizationPolicy, &name, problems, effect);
     let (effect, rules) = match effect {
         // One rule without clauses: matches every connection.
         RejectEffect::DenyAll => (Effect::Deny, vec![CompiledRule::default()]),

@@ -3,11 +3,11 @@
 
 use std::collections::BTreeMap;
 
-use crate::error::{PolicyError, PolicyName, PolicyWarning, RejectEffect, Report};
+use crate::error::{PolicyName, PolicyWarning, RejectEffect, Report};
 use crate::model::{Kind, MutualTls, PeerAuthentication};
 use crate::rule::{CompiledPeerAuthn, Scope, WrittenMode};
 
-use super::values::{Problems, compile_selector, port};
+use super::values::{Problems, compile_selector, port, report_rejected};
 
 /// Lowers a PeerAuthentication; `None` when it has no effect.
 pub(crate) fn compile_peer_authn(
@@ -83,15 +83,13 @@ pub(crate) fn compile_peer_authn(
     }
     let rejected = !problems.is_empty();
     if rejected {
-        for (field, message) in problems {
-            report.errors.push(PolicyError::Rejected {
-                kind: Kind::PeerAuthentication,
-                policy: name.clone(),
-                field,
-                message,
-                effect: RejectEffect::Strict,
-            });
-        }
+        report_rejected(
+            report,
+            Kind::PeerAuthentication,
+            &name,
+            problems,
+            RejectEffect::Strict,
+        );
         mode = WrittenMode::Strict;
         ports.clear();
     }

@@ -1,6 +1,6 @@
 //! Parsers of written field values (selectors, principal and namespace
 //! patterns, service accounts, CIDRs, ports), each reporting its problems
-//! with the field path.
+//! with the field path; and the report of a rejected policy's problems.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -8,11 +8,32 @@ use std::str::FromStr;
 
 use ipnet::{IpNet, Ipv4Net};
 
-use crate::model::{Scalar, WorkloadSelector};
+use crate::error::{PolicyError, PolicyName, RejectEffect, Report};
+use crate::model::{Kind, Scalar, WorkloadSelector};
 use crate::rule::StrMatch;
 
 /// Errors found in one policy: `(field path, message)`.
 pub(super) type Problems = Vec<(String, String)>;
+
+/// Reports each problem of a rejected policy, with the effect its
+/// rejection has.
+pub(super) fn report_rejected(
+    report: &mut Report,
+    kind: Kind,
+    name: &PolicyName,
+    problems: Problems,
+    effect: RejectEffect,
+) {
+    for (field, message) in problems {
+        report.errors.push(PolicyError::Rejected {
+            kind,
+            policy: name.clone(),
+            field,
+            message,
+            effect,
+        });
+    }
+}
 
 /// Warnings found in one policy: `(field path, message)`.
 pub(super) type Warnings = Vec<(String, String)>;
