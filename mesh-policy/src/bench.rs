@@ -9,8 +9,9 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
+use crate::connection::{Connection, WorkloadRef};
 use crate::parse::parse_documents;
-use crate::store::{Connection, PolicyStore, WorkloadRef};
+use crate::store::PolicyStore;
 
 /// Result of [`bench_evaluate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -116,19 +116,21 @@
 pub mod admission;
 pub mod bench;
 mod compile;
+mod connection;
+mod decision;
 pub mod error;
 pub mod model;
 pub mod parse;
+mod rule;
 mod store;
 
 #[cfg(test)]
 mod tests;
 
 pub use compile::{DRY_RUN_ANNOTATION, parse_bool};
+pub use connection::{Connection, WorkloadRef};
+pub use decision::{Decision, DenyReason, MtlsMode, MtlsSetting};
 pub use error::{PolicyError, PolicyName, PolicyWarning, RejectEffect, Report};
 pub use model::Kind;
 pub use parse::{Parsed, Resource, parse_documents, parse_value};
-pub use store::{
-    Connection, DEFAULT_ROOT_NAMESPACE, Decision, DenyReason, MtlsMode, MtlsSetting, PolicyStore,
-    WorkloadRef,
-};
+pub use store::{DEFAULT_ROOT_NAMESPACE, PolicyStore};

@@ -11,7 +11,11 @@ use rustls::{
     sign::CertifiedKey,
 };
 
-use super::{SpiffeId, TrustDomain, tls};
+use super::ca::validity::CaValidity;
+use super::clock::fmt_time;
+use super::peer::parse_leaf;
+use super::provider::crypto_provider;
+use super::spiffe::{SpiffeId, TrustDomain};
 
 /// Issues workload certificates. [`LocalCa`](super::LocalCa) signs them with
 /// the mesh CA; other issuers (Istio's CA, SPIRE's delegated identity API) can
@@ -37,7 +41,7 @@ pub trait CertificateProvider: Send + Sync + 'static {
 
     /// The validity of the CA it signs with, when it has one (watched for
     /// expiry). None by default (a remote issuer).
-    fn ca_validity(&self) -> Option<super::CaValidity> {
+    fn ca_validity(&self) -> Option<CaValidity> {
         None
     }
 }
@@ -58,7 +62,7 @@ pub enum IssueError {
     /// The CA certificate is no longer valid.
     #[error(
         "cannot issue a certificate for {id}: the mesh CA certificate expired at {}; install a new CA",
-        super::fmt_time(*not_after)
+        fmt_time(*not_after)
     )]
     CaExpired {
         /// The identity asked for.
@@ -121,13 +125,13 @@ impl WorkloadCert {
         let Some(leaf) = chain.first() else {
             return Err(invalid("the chain is empty".into()));
         };
-        let info = tls::parse_leaf(leaf).map_err(|e| invalid(e.to_string()))?;
+        let info = parse_leaf(leaf).map_err(|e| invalid(e.to_string()))?;
         match info.identity {
             Ok(ref presented) if *presented == identity => {}
             Ok(presented) => return Err(invalid(format!("it names {presented}"))),
             Err(e) => return Err(invalid(e.to_string())),
         }
-        let certified = CertifiedKey::from_der(chain, key.clone_key(), &tls::crypto_provider())
+        let certified = CertifiedKey::from_der(chain, key.clone_key(), &crypto_provider())
             .map_err(|e| invalid(format!("its key does not fit: {e}")))?;
         Ok(Self {
             identity,
@@ -212,8 +216,8 @@ impl fmt::Debug for WorkloadCert {
         f.debug_struct("WorkloadCert")
             .field("identity", &self.identity.to_string())
             .field("serial", &self.serial_hex())
-            .field("not_before", &super::fmt_time(self.not_before))
-            .field("not_after", &super::fmt_time(self.not_after))
+            .field("not_before", &fmt_time(self.not_before))
+            .field("not_after", &fmt_time(self.not_after))
             .field("chain_len", &self.certified.cert.len())
             .finish_non_exhaustive()
     }

@@ -26,54 +26,48 @@
 //! let outbound = tls.client_config(&me, vec![them]); // for tokio_rustls::TlsConnector
 //! # Ok(()) }
 //! ```
+//!
+//! # Files (one job each; imports flow down this list, never back up)
+//!
+//! - `config.rs`: [`MeshTls`], the server and client configurations; uses
+//!   `resolver.rs` (the certificate resolvers, over the [`CertManager`] of
+//!   `manager.rs`) and `verify.rs` (the SPIFFE verifiers and the chain check).
+//! - `issue.rs`: [`LocalCa`], workload certificates signed by the mesh CA.
+//! - `ca/`: the mesh CA — `authority.rs` (the loaded CA, leaf signing and
+//!   self-test), `load.rs` (PEM loading and checks), `generate.rs`
+//!   (`ca init`), `validity.rs` (expiry), `error.rs`, `limits.rs`.
+//! - `cert.rs`: the [`CertificateProvider`] seam and [`WorkloadCert`].
+//! - `verify.rs` uses `peer.rs`: [`PeerCertError`], [`peer_identity`],
+//!   [`describe_tls_error`] and the leaf parser.
+//! - Leaves: `provider.rs` ([`crypto_provider`]), `spiffe.rs`, `clock.rs`.
 #![forbid(unsafe_code)]
 
 mod ca;
 mod cert;
+mod clock;
+mod config;
+mod issue;
 mod manager;
+mod peer;
+mod provider;
+mod resolver;
 mod spiffe;
-mod tls;
+mod verify;
 
 #[cfg(test)]
 mod tests;
 
 pub use ca::{
     CA_CERT_FILE, CA_EXPIRY_WARNING, CA_KEY_FILE, CLOCK_SKEW, CaError, CaExpiry, CaValidity,
-    DEFAULT_CA_DAYS, DEFAULT_CERT_TTL, GeneratedCa, LocalCa, MAX_CA_DAYS, MeshCa,
+    DEFAULT_CA_DAYS, GeneratedCa, MAX_CA_DAYS, MeshCa,
 };
 pub use cert::{CertificateProvider, IssueError, WorkloadCert};
+pub use config::{ALPN_H2, MeshTls, TlsSetupError, server_name};
+pub use issue::{DEFAULT_CERT_TTL, LocalCa};
 pub use manager::CertManager;
+pub use peer::{PeerCertError, describe_tls_error, peer_identity};
+pub use provider::crypto_provider;
 pub use spiffe::{DEFAULT_TRUST_DOMAIN, SpiffeId, SpiffeIdError, TrustDomain};
-pub use tls::{
-    ALPN_H2, MeshTls, PeerCertError, TlsSetupError, crypto_provider, describe_tls_error,
-    peer_identity, server_name,
-};
 
-/// Seconds since the Unix epoch (negative: before it) as a `SystemTime`.
-fn unix_to_system(secs: i64) -> std::time::SystemTime {
-    use std::time::{Duration, SystemTime};
-    match u64::try_from(secs) {
-        Ok(s) => SystemTime::UNIX_EPOCH + Duration::from_secs(s),
-        Err(_) => SystemTime::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()),
-    }
-}
-
-/// A time as `YYYY-MM-DDTHH:MM:SSZ` (UTC), for messages and logs.
-fn fmt_time(t: std::time::SystemTime) -> String {
-    let secs = match t.duration_since(std::time::SystemTime::UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        Err(e) => i64::try_from(e.duration().as_secs()).map_or(i64::MIN, |s| -s),
-    };
-    match time::OffsetDateTime::from_unix_timestamp(secs) {
-        Ok(t) => format!(
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        ),
-        Err(_) => format!("{secs} s after 1970"),
-    }
-}
+/// For `manager.rs`, which reads it as `super::fmt_time`.
+use clock::fmt_time;

@@ -1,0 +1,209 @@
+//! The compiled (lowered) policies and their matching against a
+//! connection.
+//!
+//! A rule becomes a list of *clauses* that are ANDed (`from`, `to`, and one
+//! per `when` condition); a clause is a list of [`Match`]es that are ORed
+//! (the entries of `from`/`to`); a [`Match`] ANDs its fields, ORs the values
+//! of a field, and requires none of the `not*` values. A [`Match`] with no
+//! field matches everything: that is what is left of a DENY entry whose
+//! fields were all L7 (Istio's "enforced without the HTTP rules").
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::connection::Connection;
+use crate::error::PolicyName;
+
+/// A string matcher (`principals`, `namespaces`): exact, `prefix*`,
+/// `*suffix`, or `*` (present and non-empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StrMatch {
+    Exact(Box<str>),
+    Prefix(Box<str>),
+    Suffix(Box<str>),
+    Presence,
+}
+
+impl StrMatch {
+    /// An absent value (plaintext: no principal, no namespace) matches no
+    /// positive pattern, not even `*`.
+    pub(crate) fn matches(&self, value: Option<&str>) -> bool {
+        let Some(v) = value else { return false };
+        match self {
+            StrMatch::Exact(e) => v == &**e,
+            StrMatch::Prefix(p) => v.starts_with(&**p),
+            StrMatch::Suffix(s) => v.ends_with(&**s),
+            StrMatch::Presence => !v.is_empty(),
+        }
+    }
+}
+
+/// One ANDed set of L4 conditions (see the module doc).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Match {
+    pub principals: Vec<StrMatch>,
+    pub not_principals: Vec<StrMatch>,
+    pub namespaces: Vec<StrMatch>,
+    pub not_namespaces: Vec<StrMatch>,
+    /// `(namespace, service account)`.
+    pub service_accounts: Vec<(Box<str>, Box<str>)>,
+    pub not_service_accounts: Vec<(Box<str>, Box<str>)>,
+    pub source_ips: Vec<IpNet>,
+    pub not_source_ips: Vec<IpNet>,
+    pub remote_ips: Vec<IpNet>,
+    pub not_remote_ips: Vec<IpNet>,
+    pub destination_ips: Vec<IpNet>,
+    pub not_destination_ips: Vec<IpNet>,
+    pub ports: Vec<u16>,
+    pub not_ports: Vec<u16>,
+}
+
+/// A lowered rule: clauses ANDed, matches of a clause ORed. No clause: the
+/// rule matches everything (`rules: [{}]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct CompiledRule {
+    pub clauses: Vec<Vec<Match>>,
+}
+
+/// What a matching policy does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Effect {
+    Allow,
+    Deny,
+    Audit,
+}
+
+/// Why a policy has its effect (named in deny reasons).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// As written (L7 parts possibly removed, never widening).
+    Written,
+    /// `action: CUSTOM`, enforced as DENY of what its rules select.
+    Custom,
+    /// Rejected: fail-closed stand-in.
+    Rejected,
+}
+
+/// A lowered AuthorizationPolicy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CompiledAuthz {
+    pub name: PolicyName,
+    pub effect: Effect,
+    pub origin: Origin,
+    /// Empty: matches nothing.
+    pub rules: Vec<CompiledRule>,
+}
+
+/// Where a policy applies. `labels` empty: the whole namespace (the whole
+/// mesh in the root namespace); otherwise the workloads of the namespace
+/// carrying all the labels (of every namespace, in the root namespace).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Scope {
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A PeerAuthentication mode as written (`UNSET` inherits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WrittenMode {
+    Unset,
+    Disable,
+    Permissive,
+    Strict,
+}
+
+/// A lowered PeerAuthentication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CompiledPeerAuthn {
+    pub name: PolicyName,
+    /// Among competing policies at one level: rejected ones first, then
+    /// the oldest (`creationTimestamp`; absent sorts first), then by name.
+    pub order: (bool, String, PolicyName),
+    pub mode: WrittenMode,
+    pub ports: BTreeMap<u16, WrittenMode>,
+}
+
+/// Evaluation context: the connection, normalized once.
+pub(crate) struct Ctx<'a> {
+    /// The peer principal without `spiffe://`; `None` for plaintext.
+    pub principal: Option<&'a str>,
+    namespace: Option<&'a str>,
+    service_account: Option<&'a str>,
+    source_ip: IpAddr,
+    remote_ip: IpAddr,
+    destination_ip: IpAddr,
+    port: u16,
+}
+
+impl<'a> Ctx<'a> {
+    pub(crate) fn new(c: &Connection<'a>) -> Self {
+        let principal = c
+            .source_principal
+            .map(|p| p.strip_prefix("spiffe://").unwrap_or(p))
+            .filter(|p| !p.is_empty());
+        let (namespace, service_account) = principal.and_then(ns_sa).unzip();
+        let source_ip = c.source_ip.to_canonical();
+        Ctx {
+            principal,
+            namespace,
+            service_account,
+            source_ip,
+            remote_ip: c.remote_ip.map_or(source_ip, |ip| ip.to_canonical()),
+            destination_ip: c.destination_ip.to_canonical(),
+            port: c.destination_port,
+        }
+    }
+}
+
+/// `td/ns/<ns>/sa/<sa>` -> `(ns, sa)`.
+fn ns_sa(principal: &str) -> Option<(&str, &str)> {
+    let mut it = principal.split('/');
+    let (_td, ns_kw, ns, sa_kw, sa) = (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
+    (it.next().is_none() && ns_kw == "ns" && sa_kw == "sa" && !ns.is_empty() && !sa.is_empty())
+        .then_some((ns, sa))
+}
+
+fn check<T>(pos: &[T], neg: &[T], f: impl Fn(&T) -> bool) -> bool {
+    (pos.is_empty() || pos.iter().any(&f)) && !neg.iter().any(&f)
+}
+
+impl Match {
+    fn matches(&self, c: &Ctx<'_>) -> bool {
+        let ip = |ip: IpAddr| move |n: &IpNet| n.contains(&ip);
+        let sa = |(ns, sa): &(Box<str>, Box<str>)| {
+            c.namespace == Some(&**ns) && c.service_account == Some(&**sa)
+        };
+        check(&self.ports, &self.not_ports, |p| *p == c.port)
+            && check(&self.principals, &self.not_principals, |m| {
+                m.matches(c.principal)
+            })
+            && check(&self.namespaces, &self.not_namespaces, |m| {
+                m.matches(c.namespace)
+            })
+            && check(&self.service_accounts, &self.not_service_accounts, sa)
+            && check(&self.source_ips, &self.not_source_ips, ip(c.source_ip))
+            && check(&self.remote_ips, &self.not_remote_ips, ip(c.remote_ip))
+            && check(
+                &self.destination_ips,
+                &self.not_destination_ips,
+                ip(c.destination_ip),
+            )
+    }
+}
+
+impl CompiledRule {
+    fn matches(&self, c: &Ctx<'_>) -> bool {
+        self.clauses
+            .iter()
+            .all(|clause| clause.iter().any(|m| m.matches(c)))
+    }
+}
+
+impl CompiledAuthz {
+    /// Whether any of its rules matches the connection.
+    pub(crate) fn matches(&self, c: &Ctx<'_>) -> bool {
+        self.rules.iter().any(|r| r.matches(c))
+    }
+}
