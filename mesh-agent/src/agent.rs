@@ -158,7 +158,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         admin.config_dump().register("limits", move || b.to_json());
         admin.metrics().set_limits_source(move || {
             let u = bounds.usage();
-            crate::admin::metrics::LimitsReading {
+            crate::telemetry::LimitsReading {
                 in_use: u.in_use,
                 refused: u.refused,
                 closed: u.closed,

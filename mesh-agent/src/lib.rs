@@ -2,7 +2,8 @@
 //! traffic inside their network namespaces, and the proxy that carries it.
 //!
 //! Data flows one way: [`sync`] fills [`state`]; [`datapath`] and [`proxy`]
-//! act on it; [`admin`] reports.
+//! act on it and report through [`telemetry`]; [`admin`] serves the
+//! reports.
 
 pub mod admin;
 pub mod agent;
@@ -13,6 +14,7 @@ pub mod process;
 pub mod proxy;
 pub mod state;
 pub mod sync;
+pub mod telemetry;
 
 /// Istio `AuthorizationPolicy` / `PeerAuthentication` engine (the `mesh-policy`
 /// crate, kept free of agent dependencies so that it fuzzes on its own).

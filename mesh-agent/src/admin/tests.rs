@@ -14,6 +14,7 @@ use super::{
 use crate::{
     datapath::{DatapathError, enroll::ReconcileReport},
     state::{NodeInfo, Workload},
+    telemetry::{Connection, Direction, Outcome, Peer, SecurityPolicy, metrics},
 };
 
 #[derive(Debug)]

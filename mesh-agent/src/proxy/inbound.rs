@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::{PodContext, Shared, account, authz::Subject, relay, reset};
-use crate::admin::{Connection, Direction, Outcome, SecurityPolicy};
+use crate::telemetry::{Connection, Direction, Outcome, SecurityPolicy};
 
 /// Accepts steered connections of one pod until cancelled.
 pub async fn serve(

@@ -25,8 +25,10 @@ use super::{
     limits::{self, Expiry},
     reset,
 };
-use crate::admin::{Connection, Direction, Outcome, SecurityPolicy};
-use crate::identity::{SpiffeId, describe_tls_error, peer_identity};
+use crate::{
+    identity::{SpiffeId, describe_tls_error, peer_identity},
+    telemetry::{Connection, Direction, Outcome, SecurityPolicy},
+};
 
 /// Accepts tunnel connections of one pod until cancelled.
 pub async fn serve(

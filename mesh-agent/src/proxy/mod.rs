@@ -31,13 +31,13 @@ use tokio_util::sync::CancellationToken;
 pub use copy::{RelayOutcome, RelayResult, relay};
 
 use crate::{
-    admin::{Outcome, Telemetry},
     datapath::{
         OrigDstTable,
         netns::{self, NetnsWorker},
     },
     identity::{MeshTls, SpiffeId},
     state::{Store, WorkloadKey},
+    telemetry::{Outcome, Telemetry},
 };
 
 /// How long the agent waits for an upstream or delivery connect.
@@ -380,9 +380,9 @@ fn account(stats: &ProxyStats, result: &RelayResult) -> Outcome {
 fn authorize(
     shared: &Shared,
     subject: authz::Subject,
-    tracker: crate::admin::ConnectionTracker,
-) -> Option<(authz::Tracked, crate::admin::ConnectionTracker)> {
-    use crate::admin::PolicyDecision;
+    tracker: crate::telemetry::ConnectionTracker,
+) -> Option<(authz::Tracked, crate::telemetry::ConnectionTracker)> {
+    use crate::telemetry::PolicyDecision;
     let decision = shared.authz.check(&subject);
     if let Some(reason) = decision.deny_reason() {
         shared.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -415,11 +415,11 @@ fn peer(
     snapshot: &crate::state::Snapshot,
     addr: SocketAddr,
     identity: Option<&SpiffeId>,
-) -> crate::admin::Peer {
+) -> crate::telemetry::Peer {
     let identity = identity.map(|id| id.to_string());
     match snapshot.workload_by_ip(addr.ip()) {
-        Some(w) => crate::admin::Peer::from_workload(Some(addr), w, identity.as_deref()),
-        None => crate::admin::Peer::unknown_with_identity(Some(addr), identity.as_deref()),
+        Some(w) => crate::telemetry::Peer::from_workload(Some(addr), w, identity.as_deref()),
+        None => crate::telemetry::Peer::unknown_with_identity(Some(addr), identity.as_deref()),
     }
 }
 
@@ -523,10 +523,10 @@ mod tests {
             p.labels.principal,
             "spiffe://cluster.local/ns/default/sa/intruder"
         );
-        assert_eq!(p.labels.workload, crate::admin::metrics::UNKNOWN);
+        assert_eq!(p.labels.workload, crate::telemetry::metrics::UNKNOWN);
         assert_eq!(p.pod, None);
         // Without a verified identity (plaintext) there is nothing to report.
         let p = peer(&snapshot, addr("198.18.9.9:40000"), None);
-        assert_eq!(p.labels.principal, crate::admin::metrics::UNKNOWN);
+        assert_eq!(p.labels.principal, crate::telemetry::metrics::UNKNOWN);
     }
 }

@@ -21,8 +21,8 @@ use super::{
     peer, relay, reset,
 };
 use crate::{
-    admin::{Connection, Direction, Outcome, SecurityPolicy, ServiceLabels},
     identity::SpiffeId,
+    telemetry::{Connection, Direction, Outcome, SecurityPolicy, ServiceLabels},
 };
 
 /// Accepts captured connections of one pod until cancelled.

@@ -12,9 +12,9 @@ use std::{
     time::{Instant, SystemTime},
 };
 
+use super::unix;
 use super::{
     access_log::{self, ConnectionRecord, Direction, Endpoint, Outcome},
-    certs::unix,
     metrics::{
         ConnectionLabels, Metrics, PeerLabels, Reporter, ResponseFlags, SecurityPolicy,
         ServiceLabels, UNKNOWN,
@@ -332,7 +332,6 @@ impl Drop for ConnectionTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admin::certs::Certificates;
 
     fn workload(name: &str) -> Workload {
         Workload {
@@ -344,7 +343,7 @@ mod tests {
 
     #[test]
     fn tracker_lists_until_closed_and_counts_once() {
-        let telemetry = Telemetry::new(Arc::new(Metrics::new(None, Certificates::default())));
+        let telemetry = Telemetry::new(Arc::new(Metrics::new()));
         let conn = Connection {
             direction: Direction::Outbound,
             src: Peer::from_workload(
@@ -383,7 +382,7 @@ mod tests {
 
     #[test]
     fn a_verified_identity_at_an_unknown_address_is_the_source_principal() {
-        let telemetry = Telemetry::new(Arc::new(Metrics::new(None, Certificates::default())));
+        let telemetry = Telemetry::new(Arc::new(Metrics::new()));
         let principal = "spiffe://cluster.local/ns/default/sa/intruder";
         let conn = Connection {
             direction: Direction::Inbound,

@@ -1,0 +1,33 @@
+//! What the proxy reports, and what is derived from it: the open-connection
+//! list, the access log and the Istio metric families with their labels.
+//!
+//! The proxy reports through one handle, [`Telemetry`]:
+//! [`Telemetry::open`] when a connection's destination is known,
+//! [`ConnectionTracker::close`] when it ends. `admin` serves what is
+//! collected here (`/metrics`, `/connections`) and registers its own
+//! collectors (certificates, kernel maps) into the [`Metrics`] registry;
+//! nothing here imports `admin`.
+#![forbid(unsafe_code)]
+
+pub mod access_log;
+pub mod connections;
+pub mod metrics;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use access_log::{
+    ACCESS_TARGET, ConnectionRecord, Direction, Endpoint, Outcome, log_connection,
+};
+pub use connections::{Connection, ConnectionTracker, OpenConnection, Peer, Telemetry};
+pub use metrics::{
+    ConnectionLabels, LimitsReading, Metrics, PeerLabels, PolicyDecision, Reporter, ResponseFlags,
+    SecurityPolicy, ServiceLabels,
+};
+
+/// Seconds since the Unix epoch (negative before it).
+pub fn unix(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
