@@ -269,6 +269,8 @@ impl Admin {
         let connections = self.state.telemetry.connections.clone();
         self.stats()
             .register("connections", move || json!({ "open": connections.len() }));
+        let counters = self.state.telemetry.counters.clone();
+        self.stats().register("proxy", move || counters.to_json());
     }
 
     /// Binds the three servers and serves them on `handle`'s runtime until

@@ -59,17 +59,6 @@ struct Open {
     cancel: CancellationToken,
 }
 
-/// Decision counters.
-#[derive(Debug, Default)]
-pub struct AuthzStats {
-    /// Connections allowed.
-    pub allowed: AtomicU64,
-    /// Connections denied at open.
-    pub denied: AtomicU64,
-    /// Open connections closed because a policy change denied them.
-    pub revoked: AtomicU64,
-}
-
 /// The authorizer.
 pub struct Authz {
     root_namespace: String,
@@ -77,8 +66,6 @@ pub struct Authz {
     applied: Mutex<Option<Policies>>,
     open: Mutex<HashMap<u64, Open>>,
     next_id: AtomicU64,
-    /// Decision counters.
-    pub stats: AuthzStats,
 }
 
 /// Keeps a connection registered for re-checks; unregisters on drop.
@@ -108,7 +95,6 @@ impl Authz {
             applied: Mutex::new(None),
             open: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
-            stats: AuthzStats::default(),
         }
     }
 
@@ -120,15 +106,9 @@ impl Authz {
             .clone()
     }
 
-    /// Decides a new connection and counts the decision.
+    /// Decides a new connection (the caller reports the decision).
     pub fn check(&self, subject: &Subject) -> Decision {
         let decision = subject.decide(&self.current());
-        let counter = if decision.is_allowed() {
-            &self.stats.allowed
-        } else {
-            &self.stats.denied
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
         for audit in decision.audited_by() {
             tracing::info!(policy = %audit, dst_workload = %subject.workload, src = %subject.source_ip, "connection matched an AUDIT policy");
         }
@@ -212,7 +192,6 @@ impl Authz {
                     "open connection closed by policy change"
                 );
                 conn.cancel.cancel();
-                self.stats.revoked.fetch_add(1, Ordering::Relaxed);
                 closed += 1;
             }
         }

@@ -33,7 +33,10 @@ use tokio::{
 };
 
 use super::copy::{RelayOutcome, RelayResult};
-use crate::identity::SpiffeId;
+use crate::{
+    identity::SpiffeId,
+    telemetry::{ProxyCounters, ProxyEvent},
+};
 
 /// HTTP/2 stream window (Istio's): 4 MiB.
 pub const STREAM_WINDOW: u32 = 4 << 20;
@@ -151,26 +154,16 @@ impl Drop for StreamGuard {
     }
 }
 
-/// Pool counters (also the evidence, in tests, that connections are reused).
-#[derive(Debug, Default)]
-pub struct PoolStats {
-    /// Tunnel (TLS + HTTP/2) connections established.
-    pub connections_opened: AtomicU64,
-    /// Tunnel connections closed (broken, idle, keep-alive timeout).
-    pub connections_closed: AtomicU64,
-    /// Streams (CONNECTs) opened.
-    pub streams_opened: AtomicU64,
-    /// Stream attempts retried (GOAWAY, `REFUSED_STREAM`, broken connection).
-    pub streams_retried: AtomicU64,
-}
-
-/// The client-side pool of tunnel connections.
+/// The client-side pool of tunnel connections. It reports the connections
+/// it establishes and the stream attempts it retries to the proxy's
+/// counters (also the evidence, in tests, that connections are reused);
+/// its occupancy is read at scrape time ([`Pool::occupancy`]).
 #[derive(Default)]
 pub struct Pool {
     conns: Mutex<HashMap<PoolKey, Vec<Arc<PooledConn>>>>,
     connecting: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
     next_id: AtomicU64,
-    stats: Arc<PoolStats>,
+    counters: Arc<ProxyCounters>,
 }
 
 /// A freshly established tunnel connection: the request handle and the
@@ -185,9 +178,17 @@ pub trait IoStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> IoStream for T {}
 
 impl Pool {
-    /// The pool's counters.
-    pub fn stats(&self) -> Arc<PoolStats> {
-        self.stats.clone()
+    /// An empty pool counting into `counters`.
+    pub fn new(counters: Arc<ProxyCounters>) -> Self {
+        Self {
+            counters,
+            ..Self::default()
+        }
+    }
+
+    /// The counters the pool reports to.
+    pub fn counters(&self) -> &ProxyCounters {
+        &self.counters
     }
 
     /// Live connections and the streams they carry, for metrics and config dumps.
@@ -231,7 +232,6 @@ impl Pool {
             let (conn, guard) = self.checkout(key, &connect).await?;
             match send_on(&conn, &request, key.address).await {
                 Ok((response, send)) => {
-                    self.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
                     return Ok((response, send, guard));
                 }
                 Err(e) => {
@@ -240,7 +240,7 @@ impl Pool {
                     // stopping): no new streams on it; its open streams go
                     // on. The retry takes another connection or a new one.
                     conn.dead.store(true, Ordering::Release);
-                    self.stats.streams_retried.fetch_add(1, Ordering::Relaxed);
+                    self.counters.count(ProxyEvent::StreamRetried);
                     tracing::debug!(conn = conn.id, attempt, error = %e, "tunnel stream not accepted; retrying on another connection");
                     last_error = Some(e);
                 }
@@ -291,10 +291,8 @@ impl Pool {
             dead: dead.clone(),
             idle_since: Mutex::new(Instant::now()),
         });
-        self.stats
-            .connections_opened
-            .fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(drive(connection, dead, key.address, id, self.stats.clone()));
+        self.counters.count(ProxyEvent::TunnelOpened);
+        tokio::spawn(drive(connection, dead, key.address, id));
         tracing::debug!(conn = id, peer = %key.address, source = %key.source, destination = %key.destination, "tunnel connection established");
         let guard = conn.try_reserve().ok_or(HboneError::Status {
             target: key.address,
@@ -360,7 +358,6 @@ async fn drive(
     dead: Arc<AtomicBool>,
     peer: SocketAddr,
     id: u64,
-    stats: Arc<PoolStats>,
 ) {
     let ping_pong = connection.ping_pong();
     let keepalive = async move {
@@ -391,7 +388,6 @@ async fn drive(
         _ = keepalive => {}
     }
     dead.store(true, Ordering::Release);
-    stats.connections_closed.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The client side of an HTTP/2 handshake with Istio's window settings.
@@ -666,11 +662,11 @@ mod tests {
         let status = result
             .map(|(response, _, _)| response.status())
             .map_err(|e| e.to_string());
-        let stats = pool.stats();
+        let counters = pool.counters();
         (
             status,
-            stats.connections_opened.load(Ordering::Relaxed),
-            stats.streams_retried.load(Ordering::Relaxed),
+            counters.get(ProxyEvent::TunnelOpened),
+            counters.get(ProxyEvent::StreamRetried),
         )
     }
 

@@ -5,11 +5,7 @@
 //! 200 and a relay to the app, 400 for a bad method or a target that is not
 //! this pod, 503 when the app cannot be reached.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, atomic::Ordering},
-    time::Instant,
-};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use h2::RecvStream;
@@ -27,7 +23,7 @@ use super::{
 };
 use crate::{
     identity::{SpiffeId, describe_tls_error, peer_identity},
-    telemetry::{Connection, Direction, Outcome, SecurityPolicy},
+    telemetry::{Connection, Direction, Outcome, ProxyEvent, SecurityPolicy},
 };
 
 /// Accepts tunnel connections of one pod until cancelled.
@@ -206,50 +202,46 @@ async fn stream(
     shared: Arc<Shared>,
 ) {
     let start = Instant::now();
-    shared
-        .stats
-        .inbound_accepted
-        .fetch_add(1, Ordering::Relaxed);
+    shared.telemetry.count(ProxyEvent::InboundAccepted);
     // The source is the tunnel's TCP peer, as ztunnel has it: policy and
     // telemetry never use an address the peer chose. Its `forwarded` header
     // is kept as information only.
     let claimed = hbone::forwarded_for(&req);
-    let refuse =
-        |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode, reason: &str| {
-            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
-                direction = "inbound",
-                dst_workload = %ctx.key,
-                src = %peer,
-                src_identity = %peer_id,
-                forwarded_for = claimed.map(tracing::field::display),
-                security = "mutual_tls",
-                status = status.as_u16(),
-                reason,
-                duration_ms = start.elapsed().as_millis() as u64,
-                "connection failed"
-            );
-            hbone::respond_status(respond, status);
-        };
+    let refuse = |respond: &mut h2::server::SendResponse<Bytes>,
+                  status: StatusCode,
+                  reason: &str,
+                  event: Option<ProxyEvent>| {
+        shared.telemetry.refused(event);
+        tracing::info!(
+            direction = "inbound",
+            dst_workload = %ctx.key,
+            src = %peer,
+            src_identity = %peer_id,
+            forwarded_for = claimed.map(tracing::field::display),
+            security = "mutual_tls",
+            status = status.as_u16(),
+            reason,
+            duration_ms = start.elapsed().as_millis() as u64,
+            "connection failed"
+        );
+        hbone::respond_status(respond, status);
+    };
     let target = match hbone::connect_target(&req) {
         Ok(t) => t,
         Err(status) => {
             let reason = format!("bad HBONE request: {} {}", req.method(), req.uri());
-            return refuse(&mut respond, status, &reason);
+            return refuse(&mut respond, status, &reason, None);
         }
     };
     if !ctx.ips.contains(&target.ip()) {
         let reason = format!("CONNECT target {target} is not this pod");
-        return refuse(&mut respond, StatusCode::BAD_REQUEST, &reason);
+        return refuse(&mut respond, StatusCode::BAD_REQUEST, &reason, None);
     }
     // Delivering to the agent's own port would come back into the agent: a loop.
     if ctx.is_agent_listener(target) {
-        shared
-            .stats
-            .agent_port_refused
-            .fetch_add(1, Ordering::Relaxed);
         let reason = super::agent_port_reason(target);
-        return refuse(&mut respond, StatusCode::BAD_REQUEST, &reason);
+        let event = Some(ProxyEvent::AgentPortRefused);
+        return refuse(&mut respond, StatusCode::BAD_REQUEST, &reason, event);
     }
     let snapshot = shared.store.current();
     let mut tracker = shared.telemetry.open(Connection {
@@ -274,7 +266,6 @@ async fn stream(
     let app = match ctx.connect(target).await {
         Ok(s) => s,
         Err(e) => {
-            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
             tracker.close(
                 0,
                 0,
@@ -291,7 +282,6 @@ async fn stream(
     let send = match respond.send_response(response, false) {
         Ok(s) => s,
         Err(e) => {
-            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
             tracker.close(
                 0,
                 0,
@@ -302,7 +292,7 @@ async fn stream(
         }
     };
     let result = hbone::relay_h2(app, send, req.into_body(), &tracked.cancel).await;
-    let outcome = account(&shared.stats, &result);
+    let outcome = account(&result);
     // relay_h2 counts from the TCP side (the app): swap to client -> server.
     tracker.close(result.received, result.sent, outcome);
 }

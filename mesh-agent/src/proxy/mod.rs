@@ -20,7 +20,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -119,45 +119,6 @@ pub struct PodListeners {
     pub inbound_hbone: std::net::TcpListener,
 }
 
-/// Counters of the proxy, for logs and metrics.
-#[derive(Debug, Default)]
-pub struct ProxyStats {
-    /// Outbound connections accepted.
-    pub outbound_accepted: AtomicU64,
-    /// Inbound connections accepted.
-    pub inbound_accepted: AtomicU64,
-    /// Connections that completed (both directions closed cleanly).
-    pub completed: AtomicU64,
-    /// Connections that failed or were reset.
-    pub failed: AtomicU64,
-    /// Outbound connections with no recorded original destination (reset).
-    pub no_original_destination: AtomicU64,
-    /// Connections refused because they were addressed to one of the
-    /// agent's own listeners in the pod ([`PodContext::is_agent_listener`]).
-    pub agent_port_refused: AtomicU64,
-    /// Bytes relayed from clients to servers.
-    pub bytes_sent: AtomicU64,
-    /// Bytes relayed from servers to clients.
-    pub bytes_received: AtomicU64,
-}
-
-impl ProxyStats {
-    /// A copy of the counters as (name, value) pairs.
-    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-        let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        vec![
-            ("outbound_accepted", v(&self.outbound_accepted)),
-            ("inbound_accepted", v(&self.inbound_accepted)),
-            ("completed", v(&self.completed)),
-            ("failed", v(&self.failed)),
-            ("no_original_destination", v(&self.no_original_destination)),
-            ("agent_port_refused", v(&self.agent_port_refused)),
-            ("bytes_sent", v(&self.bytes_sent)),
-            ("bytes_received", v(&self.bytes_received)),
-        ]
-    }
-}
-
 /// What every connection handler shares.
 pub struct Shared {
     /// The kernel's original destinations.
@@ -168,11 +129,10 @@ pub struct Shared {
     pub tls: Arc<MeshTls>,
     /// Tunnel connections.
     pub pool: Arc<hbone::Pool>,
-    /// Counters.
-    pub stats: Arc<ProxyStats>,
     /// Authorization of inbound connections.
     pub authz: Arc<authz::Authz>,
-    /// Metrics, access log and the open-connection list.
+    /// Metrics, access log, the open-connection list and the proxy's
+    /// counters: everything the proxy counts, it reports here.
     pub telemetry: Telemetry,
     /// Rotates the first endpoint tried for service VIPs.
     pub next_endpoint: std::sync::atomic::AtomicUsize,
@@ -248,8 +208,7 @@ impl Proxy {
             orig_dst,
             store: store.clone(),
             tls,
-            pool: Arc::new(hbone::Pool::default()),
-            stats: Arc::default(),
+            pool: Arc::new(hbone::Pool::new(telemetry.counters.clone())),
             authz: authz.clone(),
             telemetry,
             next_endpoint: std::sync::atomic::AtomicUsize::new(0),
@@ -293,11 +252,6 @@ impl Proxy {
     /// The limits the proxy enforces, and their usage.
     pub fn limits(&self) -> Arc<limits::Bounds> {
         self.shared.limits.clone()
-    }
-
-    /// The proxy's counters.
-    pub fn stats(&self) -> Arc<ProxyStats> {
-        self.shared.stats.clone()
     }
 
     /// The proxy's unfinished connection tasks.
@@ -349,32 +303,19 @@ impl Proxy {
     }
 }
 
-/// Adds a finished relay to the counters; returns its outcome for the access log.
-fn account(stats: &ProxyStats, result: &RelayResult) -> Outcome {
-    stats.bytes_sent.fetch_add(result.sent, Ordering::Relaxed);
-    stats
-        .bytes_received
-        .fetch_add(result.received, Ordering::Relaxed);
+/// The outcome of a finished relay, for its tracker's close (which counts it).
+fn account(result: &RelayResult) -> Outcome {
     match &result.outcome {
-        RelayOutcome::Closed => {
-            stats.completed.fetch_add(1, Ordering::Relaxed);
-            Outcome::Closed
-        }
-        RelayOutcome::Reset(e) if e == copy::CLOSED_BY_POLICY => {
-            stats.failed.fetch_add(1, Ordering::Relaxed);
-            Outcome::Denied {
-                policy: None,
-                reason: "closed by a policy change".to_owned(),
-            }
-        }
-        RelayOutcome::Reset(e) => {
-            stats.failed.fetch_add(1, Ordering::Relaxed);
-            Outcome::Reset(e.clone())
-        }
+        RelayOutcome::Closed => Outcome::Closed,
+        RelayOutcome::Reset(e) if e == copy::CLOSED_BY_POLICY => Outcome::Denied {
+            policy: None,
+            reason: "closed by a policy change".to_owned(),
+        },
+        RelayOutcome::Reset(e) => Outcome::Reset(e.clone()),
     }
 }
 
-/// Decides an inbound connection: counts the decision; a denied one is
+/// Decides an inbound connection: reports the decision; a denied one is
 /// closed in telemetry with the policy's reason (the caller refuses it); an
 /// allowed one is registered for re-checks when policies change.
 fn authorize(
@@ -385,7 +326,6 @@ fn authorize(
     use crate::telemetry::PolicyDecision;
     let decision = shared.authz.check(&subject);
     if let Some(reason) = decision.deny_reason() {
-        shared.stats.failed.fetch_add(1, Ordering::Relaxed);
         shared
             .telemetry
             .metrics

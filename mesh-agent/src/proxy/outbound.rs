@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     identity::SpiffeId,
-    telemetry::{Connection, Direction, Outcome, SecurityPolicy, ServiceLabels},
+    telemetry::{Connection, Direction, Outcome, ProxyEvent, SecurityPolicy, ServiceLabels},
 };
 
 /// Accepts captured connections of one pod until cancelled.
@@ -40,10 +40,7 @@ pub async fn serve(
         "outbound",
         &limits,
         |client, peer, permit| {
-            shared
-                .stats
-                .outbound_accepted
-                .fetch_add(1, Ordering::Relaxed);
+            shared.telemetry.count(ProxyEvent::OutboundAccepted);
             // From accept on, the agent dying resets the app (see copy::relay).
             super::copy::abort_on_close(&client);
             let task = handle(ctx.clone(), client, peer, shared.clone());
@@ -119,23 +116,18 @@ async fn handle(
 ) {
     let Some(dst) = shared.orig_dst.take(ctx.netns_cookie, peer_addr).await else {
         shared
-            .stats
-            .no_original_destination
-            .fetch_add(1, Ordering::Relaxed);
-        shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+            .telemetry
+            .refused(Some(ProxyEvent::NoOriginalDestination));
         tracing::warn!(pod = %ctx.key, client = %peer_addr, "no original destination for captured connection; resetting it");
         reset(client);
         return;
     };
     let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
     if is_loop(&ctx, dst) {
-        if ctx.is_agent_listener(dst) {
-            shared
-                .stats
-                .agent_port_refused
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+        let own_port = ctx.is_agent_listener(dst);
+        shared
+            .telemetry
+            .refused(own_port.then_some(ProxyEvent::AgentPortRefused));
         tracing::warn!(pod = %ctx.key, dst = %dst, "refusing to proxy to a loopback or capture address");
         reset(client);
         return;
@@ -178,10 +170,7 @@ async fn handle(
         let Some(stream) = client.take() else { break };
         if is_loop(&ctx, target) {
             if ctx.is_agent_listener(target) {
-                shared
-                    .stats
-                    .agent_port_refused
-                    .fetch_add(1, Ordering::Relaxed);
+                shared.telemetry.count(ProxyEvent::AgentPortRefused);
             }
             last_error = SendError::Loop(target);
             client = Some(stream);
@@ -258,14 +247,13 @@ async fn handle(
                 hbone::relay_h2(stream, send, response.into_body(), &never).await
             }
         };
-        let outcome = account(&shared.stats, &result);
+        let outcome = account(&result);
         tracker.close(result.sent, result.received, outcome);
         return;
     }
     // Nothing took the connection: report it as what was tried (an mTLS
     // attempt to the identity the endpoint had to prove, from the client's
     // real source address) and why it failed.
-    shared.stats.failed.fetch_add(1, Ordering::Relaxed);
     let attempt = last_attempt.unwrap_or(Attempt {
         src: source_for(dst),
         target: dst,

@@ -15,6 +15,7 @@ use std::{
 use super::unix;
 use super::{
     access_log::{self, ConnectionRecord, Direction, Endpoint, Outcome},
+    counters::{ProxyCounters, ProxyEvent},
     metrics::{
         ConnectionLabels, Metrics, PeerLabels, Reporter, ResponseFlags, SecurityPolicy,
         ServiceLabels, UNKNOWN,
@@ -226,22 +227,41 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// What the proxy reports through: metrics, the open-connection registry
-/// and the access log. Cheap to clone.
+/// What the proxy reports through: metrics, the open-connection registry,
+/// the proxy's counters and the access log. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Telemetry {
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
     /// The open connections.
     pub connections: ConnectionRegistry,
+    /// The proxy's counters.
+    pub counters: Arc<ProxyCounters>,
 }
 
 impl Telemetry {
-    /// Reports through `metrics` and a fresh connection registry.
+    /// Reports through `metrics`, a fresh connection registry and fresh
+    /// counters.
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             metrics,
             connections: ConnectionRegistry::default(),
+            counters: Arc::default(),
+        }
+    }
+
+    /// Counts `event`.
+    pub fn count(&self, event: ProxyEvent) {
+        self.counters.count(event);
+    }
+
+    /// A connection was refused before it was tracked (no original
+    /// destination, not addressed to the pod, a bad tunnel request): counts
+    /// it as failed, and `event` if there is one.
+    pub fn refused(&self, event: Option<ProxyEvent>) {
+        self.counters.failed();
+        if let Some(event) = event {
+            self.counters.count(event);
         }
     }
 
@@ -287,8 +307,8 @@ impl ConnectionTracker {
     }
 
     /// The connection closed after relaying `sent` bytes from the client to
-    /// the server and `received` back: counts it, writes its access-log
-    /// line and unlists it.
+    /// the server and `received` back: counts it (Istio metrics, the
+    /// proxy's counters), writes its access-log line and unlists it.
     pub fn close(mut self, sent: u64, received: u64, outcome: Outcome) {
         self.finish(sent, received, outcome);
     }
@@ -305,6 +325,9 @@ impl ConnectionTracker {
         self.telemetry
             .metrics
             .connection_closed(&self.conn.labels(flags), sent, received);
+        self.telemetry
+            .counters
+            .closed(outcome == Outcome::Closed, sent, received);
         access_log::log_connection(&ConnectionRecord {
             direction: self.conn.direction,
             src: self.conn.src.endpoint(),
@@ -378,6 +401,18 @@ mod tests {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum();
         assert_eq!(closed, 2);
+        // The proxy's counters are derived from the same two reports.
+        let counters: std::collections::BTreeMap<_, _> =
+            telemetry.counters.snapshot().into_iter().collect();
+        assert_eq!(
+            (
+                counters["completed"],
+                counters["failed"],
+                counters["bytes_sent"],
+                counters["bytes_received"]
+            ),
+            (1, 1, 10, 20)
+        );
     }
 
     #[test]

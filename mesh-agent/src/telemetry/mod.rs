@@ -3,7 +3,10 @@
 //!
 //! The proxy reports through one handle, [`Telemetry`]:
 //! [`Telemetry::open`] when a connection's destination is known,
-//! [`ConnectionTracker::close`] when it ends. `admin` serves what is
+//! [`ConnectionTracker::close`] when it ends, [`Telemetry::count`] for
+//! events such as accepts, [`Telemetry::refused`] for a connection refused
+//! before it was tracked. Everything counted is derived from these reports:
+//! the Istio metrics, the access log, the proxy's counters (`/stats`). `admin` serves what is
 //! collected here (`/metrics`, `/connections`) and registers its own
 //! collectors (certificates, kernel maps) into the [`Metrics`] registry;
 //! nothing here imports `admin`.
@@ -11,6 +14,7 @@
 
 pub mod access_log;
 pub mod connections;
+pub mod counters;
 pub mod metrics;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -19,6 +23,7 @@ pub use access_log::{
     ACCESS_TARGET, ConnectionRecord, Direction, Endpoint, Outcome, log_connection,
 };
 pub use connections::{Connection, ConnectionTracker, OpenConnection, Peer, Telemetry};
+pub use counters::{ProxyCounters, ProxyEvent};
 pub use metrics::{
     ConnectionLabels, LimitsReading, Metrics, PeerLabels, PolicyDecision, Reporter, ResponseFlags,
     SecurityPolicy, ServiceLabels,
