@@ -241,8 +241,28 @@ mod access_log_tests {
     use super::{LogFormat, output_layers};
     use crate::telemetry::{
         SecurityPolicy,
-        access_log::{ConnectionRecord, Direction, Endpoint, Outcome, log_connection},
+        access_log::{
+            ConnectionRecord, Direction, Endpoint, Failure, FailureKind, Outcome, log_connection,
+        },
     };
+
+    /// A failure as the proxy would report it.
+    #[derive(Debug, thiserror::Error)]
+    #[error("{reason}")]
+    struct Failed {
+        kind: FailureKind,
+        policy: Option<&'static str>,
+        reason: &'static str,
+    }
+
+    impl Failure for Failed {
+        fn kind(&self) -> FailureKind {
+            self.kind
+        }
+        fn policy(&self) -> Option<String> {
+            self.policy.map(str::to_owned)
+        }
+    }
 
     /// A writer collecting everything into a shared buffer.
     #[derive(Clone, Default)]
@@ -326,10 +346,11 @@ mod access_log_tests {
         r.direction = Direction::Inbound;
         r.bytes_sent = 0;
         r.bytes_received = 0;
-        r.outcome = Outcome::Denied {
-            policy: Some("default/deny-a".into()),
-            reason: "denied by DENY policy default/deny-a".into(),
-        };
+        r.outcome = Outcome::failed(Failed {
+            kind: FailureKind::Denied,
+            policy: Some("default/deny-a"),
+            reason: "denied by DENY policy default/deny-a",
+        });
         let out = capture(LogFormat::Plain, || log_connection(&r));
         assert!(
             out.contains(
@@ -345,7 +366,11 @@ mod access_log_tests {
     fn json_line_has_the_same_fields() {
         let mut r = record();
         r.dst_service = Some("b.default.svc.cluster.local".into());
-        r.outcome = Outcome::Reset("connection reset by peer".into());
+        r.outcome = Outcome::failed(Failed {
+            kind: FailureKind::Reset,
+            policy: None,
+            reason: "connection reset by peer",
+        });
         let out = capture(LogFormat::Json, || log_connection(&r));
         let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
         assert_eq!(v["target"], "access");

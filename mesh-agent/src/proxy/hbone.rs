@@ -59,7 +59,7 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
     /// TCP connect to the peer's port 15008 failed.
-    #[error("cannot reach the peer's HBONE port {addr}: {source}")]
+    #[error("cannot reach the peer's HBONE port {addr}: {source}{}", connect_hint(.source))]
     Connect {
         /// The peer address.
         addr: SocketAddr,
@@ -83,13 +83,44 @@ pub enum HboneError {
         source: h2::Error,
     },
     /// The peer answered the CONNECT with an error status.
-    #[error("the peer refused the tunnel to {target}: HTTP {status}")]
+    #[error("the peer refused the tunnel to {target}: HTTP {status}{}", status_hint(*.status))]
     Status {
         /// The CONNECT target.
         target: SocketAddr,
         /// The status.
         status: StatusCode,
     },
+}
+
+/// What an operator should check when the peer's port 15008 cannot be
+/// reached: refused or silent usually means something between the nodes
+/// filters it.
+fn connect_hint(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused
+        | io::ErrorKind::TimedOut
+        | io::ErrorKind::HostUnreachable
+        | io::ErrorKind::NetworkUnreachable => {
+            " (is the peer's mesh agent running, and is a NetworkPolicy or firewall blocking port 15008?)"
+        }
+        _ => "",
+    }
+}
+
+/// What a refusal status from the peer's agent means.
+fn status_hint(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::UNAUTHORIZED => {
+            " (an AuthorizationPolicy or STRICT PeerAuthentication on the destination denies this source; see the destination agent's access log)"
+        }
+        StatusCode::BAD_REQUEST => {
+            " (the destination is not that pod, or is one of its agent's own ports)"
+        }
+        StatusCode::SERVICE_UNAVAILABLE => {
+            " (the app is not listening on that port, or the destination agent is at a connection limit)"
+        }
+        _ => "",
+    }
 }
 
 /// What identifies a reusable tunnel connection.
@@ -573,17 +604,17 @@ pub async fn relay_h2(
             let r = tokio::select! {
                 r = &mut up, if !up_done => { up_done = true; r }
                 r = &mut down, if !down_done => { down_done = true; r }
-                _ = cancel.cancelled() => break RelayOutcome::Reset(super::copy::CLOSED_BY_POLICY.to_owned()),
+                _ = cancel.cancelled() => break RelayOutcome::Revoked,
             };
             if let Err(e) = r {
-                break RelayOutcome::Reset(e.to_string());
+                break RelayOutcome::Reset(e);
             }
             if up_done && down_done {
                 break RelayOutcome::Closed;
             }
         }
     };
-    if outcome != RelayOutcome::Closed {
+    if !matches!(outcome, RelayOutcome::Closed) {
         send.send_reset(Reason::CANCEL);
         let _ = socket2::SockRef::from(tw.as_ref()).set_linger(Some(Duration::ZERO));
         tw.forget();

@@ -9,8 +9,8 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::{PodContext, Shared, account, authz::Subject, relay, reset};
-use crate::telemetry::{Connection, Direction, Outcome, ProxyEvent, SecurityPolicy};
+use super::{Error, PodContext, Shared, authz::Subject, relay, reset};
+use crate::telemetry::{Connection, Direction, ProxyEvent, SecurityPolicy};
 
 /// Accepts steered connections of one pod until cancelled.
 pub async fn serve(
@@ -51,7 +51,7 @@ async fn handle(ctx: Arc<PodContext>, client: TcpStream, peer: SocketAddr, share
         }
     };
     if !ctx.ips.contains(&dst.ip()) {
-        shared.telemetry.refused(None);
+        shared.telemetry.refused(&Error::NotThePod(dst));
         tracing::warn!(pod = %ctx.key, dst = %dst, "inbound connection for an address that is not the pod's; resetting it");
         reset(client);
         return;
@@ -67,8 +67,7 @@ async fn handle(ctx: Arc<PodContext>, client: TcpStream, peer: SocketAddr, share
     });
     // Delivering to the agent's own port would be accepted here again: a loop.
     if ctx.is_agent_listener(dst) {
-        shared.telemetry.count(ProxyEvent::AgentPortRefused);
-        tracker.close(0, 0, Outcome::Error(super::agent_port_reason(dst)));
+        tracker.close(0, 0, Error::AgentPort(dst).into());
         reset(client);
         return;
     }
@@ -79,19 +78,22 @@ async fn handle(ctx: Arc<PodContext>, client: TcpStream, peer: SocketAddr, share
         workload: ctx.key.clone(),
         labels: ctx.labels.clone(),
     };
-    let Some((tracked, tracker)) = super::authorize(&shared, subject, tracker) else {
+    let Ok((tracked, tracker)) = super::authorize(&shared, subject, tracker) else {
         reset(client);
         return;
     };
     let app = match ctx.connect(dst).await {
         Ok(s) => s,
-        Err(e) => {
-            tracker.close(0, 0, Outcome::ConnectFailed(e.to_string()));
+        Err(source) => {
+            let unreachable = Error::App {
+                target: dst,
+                source,
+            };
+            tracker.close(0, 0, unreachable.into());
             reset(client);
             return;
         }
     };
     let result = relay(client, app, &tracked.cancel).await;
-    let outcome = account(&result);
-    tracker.close(result.sent, result.received, outcome);
+    tracker.close(result.sent, result.received, result.outcome.into());
 }

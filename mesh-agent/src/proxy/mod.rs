@@ -10,6 +10,7 @@
 
 pub mod authz;
 mod copy;
+mod error;
 pub mod hbone;
 mod inbound;
 mod inbound_hbone;
@@ -29,6 +30,7 @@ use tokio::{net::TcpStream, runtime::Handle};
 use tokio_util::sync::CancellationToken;
 
 pub use copy::{RelayOutcome, RelayResult, relay};
+pub use error::Error;
 
 use crate::{
     datapath::{
@@ -37,7 +39,7 @@ use crate::{
     },
     identity::{MeshTls, SpiffeId},
     state::{Store, WorkloadKey},
-    telemetry::{Outcome, Telemetry},
+    telemetry::{ConnectionTracker, PolicyDecision, Telemetry},
 };
 
 /// How long the agent waits for an upstream or delivery connect.
@@ -303,49 +305,31 @@ impl Proxy {
     }
 }
 
-/// The outcome of a finished relay, for its tracker's close (which counts it).
-fn account(result: &RelayResult) -> Outcome {
-    match &result.outcome {
-        RelayOutcome::Closed => Outcome::Closed,
-        RelayOutcome::Reset(e) if e == copy::CLOSED_BY_POLICY => Outcome::Denied {
-            policy: None,
-            reason: "closed by a policy change".to_owned(),
-        },
-        RelayOutcome::Reset(e) => Outcome::Reset(e.clone()),
-    }
-}
-
 /// Decides an inbound connection: reports the decision; a denied one is
-/// closed in telemetry with the policy's reason (the caller refuses it); an
-/// allowed one is registered for re-checks when policies change.
+/// closed in telemetry with the policy's reason and the caller refuses it
+/// (with the returned HBONE status); an allowed one is registered for
+/// re-checks when policies change.
 fn authorize(
     shared: &Shared,
     subject: authz::Subject,
-    tracker: crate::telemetry::ConnectionTracker,
-) -> Option<(authz::Tracked, crate::telemetry::ConnectionTracker)> {
-    use crate::telemetry::PolicyDecision;
+    tracker: ConnectionTracker,
+) -> Result<(authz::Tracked, ConnectionTracker), http::StatusCode> {
     let decision = shared.authz.check(&subject);
     if let Some(reason) = decision.deny_reason() {
         shared
             .telemetry
             .metrics
             .policy_decision(PolicyDecision::Deny);
-        let policy = reason.policy().map(|p| p.to_string());
-        tracker.close(
-            0,
-            0,
-            Outcome::Denied {
-                policy,
-                reason: reason.to_string(),
-            },
-        );
-        return None;
+        let denied = Error::Denied(reason.clone());
+        let status = denied.connect_status();
+        tracker.close(0, 0, denied.into());
+        return Err(status);
     }
     shared
         .telemetry
         .metrics
         .policy_decision(PolicyDecision::Allow);
-    Some((shared.authz.track(subject), tracker))
+    Ok((shared.authz.track(subject), tracker))
 }
 
 /// The telemetry view of a peer: its workload (if the state knows the
@@ -361,15 +345,6 @@ fn peer(
         Some(w) => crate::telemetry::Peer::from_workload(Some(addr), w, identity.as_deref()),
         None => crate::telemetry::Peer::unknown_with_identity(Some(addr), identity.as_deref()),
     }
-}
-
-/// The `reason` of a connection refused because it was addressed to one of
-/// the agent's own listeners in the pod.
-fn agent_port_reason(dst: SocketAddr) -> String {
-    format!(
-        "{dst} is one of the agent's own ports in the pod (15001, 15006, 15008), not an app: \
-         refused, as delivering it would loop back into the agent"
-    )
 }
 
 /// Accepts on one of a pod's listeners until `cancel` fires, handing each

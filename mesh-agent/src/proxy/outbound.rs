@@ -16,13 +16,13 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    PodContext, Shared, account,
+    Error, PodContext, Shared,
     hbone::{self, HboneError, PoolKey},
     peer, relay, reset,
 };
 use crate::{
     identity::SpiffeId,
-    telemetry::{Connection, Direction, Outcome, ProxyEvent, SecurityPolicy, ServiceLabels},
+    telemetry::{Connection, Direction, ProxyEvent, SecurityPolicy, ServiceLabels},
 };
 
 /// Accepts captured connections of one pod until cancelled.
@@ -61,40 +61,6 @@ fn is_loop(ctx: &PodContext, dst: SocketAddr) -> bool {
     ip.is_loopback() || ip.is_unspecified() || ctx.is_agent_listener(dst)
 }
 
-/// Why a captured connection could not be sent on (the access log's `reason`).
-#[derive(Debug, thiserror::Error)]
-enum SendError {
-    /// A service address with no ready endpoint for the port.
-    #[error("service {0} has no ready endpoint")]
-    NoEndpoint(SocketAddr),
-    /// A service endpoint that is the pod itself or one of the agent's own
-    /// ports in the pod.
-    #[error(
-        "endpoint {0} is this pod's loopback or one of the agent's own ports in it: refused (a loop)"
-    )]
-    Loop(SocketAddr),
-    /// A mesh workload whose identity cannot be formed.
-    #[error("{target} has no valid identity: {source}")]
-    NoIdentity {
-        /// The endpoint.
-        target: SocketAddr,
-        /// Why.
-        source: crate::identity::SpiffeIdError,
-    },
-    /// The HBONE tunnel failed: connect, mTLS (identity check) or the
-    /// peer's refusal (HTTP status).
-    #[error(transparent)]
-    Tunnel(#[from] HboneError),
-    /// A destination outside the mesh could not be reached.
-    #[error("cannot connect to {target}: {source}")]
-    Direct {
-        /// The destination.
-        target: SocketAddr,
-        /// The error.
-        source: std::io::Error,
-    },
-}
-
 /// The last endpoint tried for a captured connection, for the telemetry
 /// of a connection that nothing took.
 struct Attempt {
@@ -115,20 +81,20 @@ async fn handle(
     shared: Arc<Shared>,
 ) {
     let Some(dst) = shared.orig_dst.take(ctx.netns_cookie, peer_addr).await else {
-        shared
-            .telemetry
-            .refused(Some(ProxyEvent::NoOriginalDestination));
+        shared.telemetry.refused(&Error::NoOriginalDestination);
         tracing::warn!(pod = %ctx.key, client = %peer_addr, "no original destination for captured connection; resetting it");
         reset(client);
         return;
     };
     let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
     if is_loop(&ctx, dst) {
-        let own_port = ctx.is_agent_listener(dst);
-        shared
-            .telemetry
-            .refused(own_port.then_some(ProxyEvent::AgentPortRefused));
-        tracing::warn!(pod = %ctx.key, dst = %dst, "refusing to proxy to a loopback or capture address");
+        let refused = if ctx.is_agent_listener(dst) {
+            Error::AgentPort(dst)
+        } else {
+            Error::Loopback(dst)
+        };
+        shared.telemetry.refused(&refused);
+        tracing::warn!(pod = %ctx.key, dst = %dst, reason = %refused, "refusing to proxy to a loopback or capture address");
         reset(client);
         return;
     }
@@ -163,7 +129,7 @@ async fn handle(
         None => vec![dst],
     };
     let dst_service = service.map(ServiceLabels::from_service);
-    let mut last_error = SendError::NoEndpoint(dst);
+    let mut last_error = Error::NoEndpoint(dst);
     let mut last_attempt: Option<Attempt> = None;
     let mut client = Some(client);
     for target in targets {
@@ -172,7 +138,7 @@ async fn handle(
             if ctx.is_agent_listener(target) {
                 shared.telemetry.count(ProxyEvent::AgentPortRefused);
             }
-            last_error = SendError::Loop(target);
+            last_error = Error::EndpointLoop(target);
             client = Some(stream);
             continue;
         }
@@ -196,7 +162,7 @@ async fn handle(
                     mutual_tls: true,
                     peer_id: None,
                 });
-                last_error = SendError::NoIdentity { target, source };
+                last_error = Error::NoIdentity { target, source };
                 client = Some(stream);
                 continue;
             }
@@ -205,12 +171,12 @@ async fn handle(
             Some(id) => open_tunnel(&ctx, target, src, id.clone(), &shared)
                 .await
                 .map(Upstream::Tunnel)
-                .map_err(SendError::Tunnel),
+                .map_err(Error::Tunnel),
             None => ctx
                 .connect(target)
                 .await
                 .map(Upstream::Direct)
-                .map_err(|source| SendError::Direct { target, source }),
+                .map_err(|source| Error::Direct { target, source }),
         };
         let upstream = match opened {
             Ok(u) => u,
@@ -247,8 +213,7 @@ async fn handle(
                 hbone::relay_h2(stream, send, response.into_body(), &never).await
             }
         };
-        let outcome = account(&result);
-        tracker.close(result.sent, result.received, outcome);
+        tracker.close(result.sent, result.received, result.outcome.into());
         return;
     }
     // Nothing took the connection: report it as what was tried (an mTLS
@@ -271,7 +236,7 @@ async fn handle(
             SecurityPolicy::None
         },
     });
-    tracker.close(0, 0, Outcome::ConnectFailed(last_error.to_string()));
+    tracker.close(0, 0, last_error.into());
     if let Some(stream) = client {
         reset(stream);
     }

@@ -5,9 +5,12 @@
 //! field names follow ztunnel's (`src.workload`, `dst.identity`,
 //! `bytes_sent`, …); fields the proxy does not know are left out.
 
-use std::{fmt, net::SocketAddr, time::Duration};
+use std::{fmt, net::SocketAddr, sync::Arc, time::Duration};
 
-use super::metrics::SecurityPolicy;
+use super::{
+    counters::ProxyEvent,
+    metrics::{ResponseFlags, SecurityPolicy},
+};
 
 /// The `tracing` target of access-log lines.
 pub const ACCESS_TARGET: &str = "access";
@@ -51,60 +54,114 @@ pub struct Endpoint {
     pub identity: Option<String>,
 }
 
+/// What kind of failure ended a connection: the access log's `outcome`,
+/// and from it the `response_flags` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// The relay failed or a side reset the connection.
+    Reset,
+    /// The agent could not connect to the destination (or deliver to the app).
+    ConnectFailed,
+    /// An authorization policy refused the connection (at open, or later
+    /// when a policy change denied it).
+    Denied,
+    /// The proxy gave up on the connection for another reason (no original
+    /// destination, a loop, shut down).
+    Error,
+}
+
+impl FailureKind {
+    /// `reset`, `connect_failed`, `denied` or `error`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reset => "reset",
+            Self::ConnectFailed => "connect_failed",
+            Self::Denied => "denied",
+            Self::Error => "error",
+        }
+    }
+
+    /// The Istio `response_flags` of a connection that ended so.
+    pub fn response_flags(self) -> ResponseFlags {
+        match self {
+            Self::Denied => ResponseFlags::Denied,
+            Self::ConnectFailed => ResponseFlags::ConnectFailure,
+            Self::Reset | Self::Error => ResponseFlags::None,
+        }
+    }
+}
+
+/// Why a connection did not close cleanly, as telemetry reports it. The
+/// proxy's error type implements it: the one place that decides, for each
+/// error, the access log's `outcome` ([`Failure::kind`], and so the
+/// `response_flags` label), its `reason` (the error's `Display`) and
+/// `policy`, and the proxy counter it counts besides `failed`.
+pub trait Failure: std::error::Error + Send + Sync + 'static {
+    /// What kind of failure it is.
+    fn kind(&self) -> FailureKind;
+
+    /// The denying policy (`namespace/name`), when a policy denied.
+    fn policy(&self) -> Option<String> {
+        None
+    }
+
+    /// The proxy counter this failure also counts, if any.
+    fn event(&self) -> Option<ProxyEvent> {
+        None
+    }
+}
+
 /// How a connection ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Outcome {
     /// Both directions closed cleanly.
     Closed,
-    /// The relay failed or a side reset the connection.
-    Reset(String),
-    /// The agent could not connect to the destination (or deliver to the app).
-    ConnectFailed(String),
-    /// An authorization policy refused the connection.
-    Denied {
-        /// The denying policy (`namespace/name`), when one matched.
-        policy: Option<String>,
-        /// Why, in the policy engine's words (for example `no ALLOW policy matched`).
-        reason: String,
-    },
-    /// The proxy gave up on the connection for another reason (no original
-    /// destination, a loop, shut down).
-    Error(String),
+    /// It failed, was refused or was cut: why.
+    Failed(Arc<dyn Failure>),
 }
 
 impl Outcome {
+    /// A connection that ended with `failure`.
+    pub fn failed(failure: impl Failure) -> Self {
+        Self::Failed(Arc::new(failure))
+    }
+
     /// The short name logged as `outcome`: `closed`, `reset`,
     /// `connect_failed`, `denied` or `error`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Closed => "closed",
-            Self::Reset(_) => "reset",
-            Self::ConnectFailed(_) => "connect_failed",
-            Self::Denied { .. } => "denied",
-            Self::Error(_) => "error",
+            Self::Failed(f) => f.kind().as_str(),
         }
     }
 
-    /// The error detail or the denial's reason, if any.
-    pub fn reason(&self) -> Option<&str> {
+    /// The Istio `response_flags` of the connection.
+    pub fn response_flags(&self) -> ResponseFlags {
         match self {
-            Self::Reset(e) | Self::ConnectFailed(e) | Self::Error(e) => Some(e),
-            Self::Denied { reason, .. } => Some(reason),
+            Self::Closed => ResponseFlags::None,
+            Self::Failed(f) => f.kind().response_flags(),
+        }
+    }
+
+    /// The error or the denial's reason, if any.
+    pub fn reason(&self) -> Option<String> {
+        match self {
             Self::Closed => None,
+            Self::Failed(f) => Some(f.to_string()),
         }
     }
 
     /// The denying policy, if any.
-    pub fn policy(&self) -> Option<&str> {
+    pub fn policy(&self) -> Option<String> {
         match self {
-            Self::Denied { policy, .. } => policy.as_deref(),
-            _ => None,
+            Self::Closed => None,
+            Self::Failed(f) => f.policy(),
         }
     }
 }
 
 /// Everything the access log says about one connection.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct ConnectionRecord {
     /// Outbound (the pod's app is the client) or inbound (the pod serves).
     pub direction: Direction,
@@ -134,6 +191,7 @@ pub struct ConnectionRecord {
 /// [`ACCESS_TARGET`], message `connection closed`).
 pub fn log_connection(r: &ConnectionRecord) {
     let duration_ms = u64::try_from(r.duration.as_millis()).unwrap_or(u64::MAX);
+    let (policy, reason) = (r.outcome.policy(), r.outcome.reason());
     tracing::info!(
         target: ACCESS_TARGET,
         direction = r.direction.as_str(),
@@ -151,8 +209,8 @@ pub fn log_connection(r: &ConnectionRecord) {
         bytes_recv = r.bytes_received,
         duration_ms,
         outcome = r.outcome.as_str(),
-        policy = r.outcome.policy(),
-        reason = r.outcome.reason(),
+        policy = policy.as_deref(),
+        reason = reason.as_deref(),
         forwarded_for = r.forwarded_for.as_deref(),
         "connection closed"
     );

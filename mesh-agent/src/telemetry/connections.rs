@@ -14,7 +14,7 @@ use std::{
 
 use super::unix;
 use super::{
-    access_log::{self, ConnectionRecord, Direction, Endpoint, Outcome},
+    access_log::{self, ConnectionRecord, Direction, Endpoint, Failure, FailureKind, Outcome},
     counters::{ProxyCounters, ProxyEvent},
     metrics::{
         ConnectionLabels, Metrics, PeerLabels, Reporter, ResponseFlags, SecurityPolicy,
@@ -257,10 +257,10 @@ impl Telemetry {
 
     /// A connection was refused before it was tracked (no original
     /// destination, not addressed to the pod, a bad tunnel request): counts
-    /// it as failed, and `event` if there is one.
-    pub fn refused(&self, event: Option<ProxyEvent>) {
+    /// it as failed, and the counter of `why` if it has one.
+    pub fn refused(&self, why: &dyn Failure) {
         self.counters.failed();
-        if let Some(event) = event {
+        if let Some(event) = why.event() {
             self.counters.count(event);
         }
     }
@@ -317,17 +317,17 @@ impl ConnectionTracker {
         let Some(guard) = self.guard.take() else {
             return;
         };
-        let flags = match outcome {
-            Outcome::Denied { .. } => ResponseFlags::Denied,
-            Outcome::ConnectFailed(_) => ResponseFlags::ConnectFailure,
-            Outcome::Closed | Outcome::Reset(_) | Outcome::Error(_) => ResponseFlags::None,
-        };
+        let labels = self.conn.labels(outcome.response_flags());
         self.telemetry
             .metrics
-            .connection_closed(&self.conn.labels(flags), sent, received);
-        self.telemetry
-            .counters
-            .closed(outcome == Outcome::Closed, sent, received);
+            .connection_closed(&labels, sent, received);
+        let counters = &self.telemetry.counters;
+        counters.closed(matches!(outcome, Outcome::Closed), sent, received);
+        if let Outcome::Failed(f) = &outcome
+            && let Some(event) = f.event()
+        {
+            counters.count(event);
+        }
         access_log::log_connection(&ConnectionRecord {
             direction: self.conn.direction,
             src: self.conn.src.endpoint(),
@@ -347,8 +347,19 @@ impl ConnectionTracker {
 impl Drop for ConnectionTracker {
     fn drop(&mut self) {
         if self.guard.is_some() {
-            self.finish(0, 0, Outcome::Error("dropped before it was closed".into()));
+            self.finish(0, 0, Outcome::failed(Dropped));
         }
+    }
+}
+
+/// A tracker dropped without being closed (its task was cancelled).
+#[derive(Debug, thiserror::Error)]
+#[error("dropped before it was closed")]
+struct Dropped;
+
+impl Failure for Dropped {
+    fn kind(&self) -> FailureKind {
+        FailureKind::Error
     }
 }
 

@@ -20,7 +20,8 @@ pub mod metrics;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use access_log::{
-    ACCESS_TARGET, ConnectionRecord, Direction, Endpoint, Outcome, log_connection,
+    ACCESS_TARGET, ConnectionRecord, Direction, Endpoint, Failure, FailureKind, Outcome,
+    log_connection,
 };
 pub use connections::{Connection, ConnectionTracker, OpenConnection, Peer, Telemetry};
 pub use counters::{ProxyCounters, ProxyEvent};
