@@ -10,8 +10,9 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    datapath::{Datapath, DatapathConfig, counters::Counters, enroll::Enroller},
+    datapath::{Datapath, DatapathConfig, PodMaps, counters::Counters},
     identity::{CertManager, LocalCa, MeshCa, MeshTls, TrustDomain},
+    pods::Enroller,
     proxy::{
         Proxy,
         limits::{self, Bounds, Limits},
@@ -134,7 +135,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         runtime.spawn(crate::datapath::drive_kernel_log(logger));
     }
 
-    let store = Store::new();
+    let store = Store::with_root_namespace(&cfg.root_namespace);
     if let Some(file) = file {
         sync::file::publish(&store, file);
     }
@@ -148,7 +149,6 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         dp.orig_dst.clone(),
         store.clone(),
         tls,
-        &cfg.root_namespace,
         admin.telemetry().clone(),
         bounds.clone(),
         runtime.handle().clone(),
@@ -176,7 +176,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         });
     }
     let in_flight = proxy.in_flight();
-    let mut enroller = Enroller::new(dp, proxy)?;
+    let mut enroller = Enroller::new(PodMaps::new(dp)?, proxy);
     if let Some(kube) = &cfg.kube {
         // The host's /proc is mounted elsewhere: refuse its init's netns too.
         enroller.refuse_host_netns(&kube.proc_root);

@@ -1,8 +1,9 @@
 //! The mesh node agent: an eBPF datapath that captures enrolled pods' TCP
 //! traffic inside their network namespaces, and the proxy that carries it.
 //!
-//! Data flows one way: [`sync`] fills [`state`]; [`datapath`] and [`proxy`]
-//! act on it and report through [`telemetry`]; [`admin`] serves the
+//! Data flows one way: [`sync`] fills [`state`]; [`pods`] (the pod
+//! lifecycle) acts on it through [`datapath`] and [`proxy`], which report
+//! through [`telemetry`]; [`admin`] serves the
 //! reports.
 
 pub mod admin;
@@ -10,6 +11,7 @@ pub mod agent;
 pub mod cli;
 pub mod datapath;
 pub mod identity;
+pub mod pods;
 pub mod process;
 pub mod proxy;
 pub mod state;

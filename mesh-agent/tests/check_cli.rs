@@ -43,6 +43,14 @@ fn authz(name: &str, spec: &str) -> String {
     )
 }
 
+/// A DENY with a bad CIDR at `spec.rules[0].from[0].source.ipBlocks[0]`.
+fn bad_cidr() -> String {
+    authz(
+        "deny-bad-cidr",
+        "{action: DENY, rules: [{from: [{source: {ipBlocks: ['10.0.0.0/33']}}]}]}",
+    )
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -70,13 +78,7 @@ fn check_accepts_valid_policies() {
 #[test]
 fn check_reports_a_malformed_policy_with_its_name_and_field() {
     let s = Scratch::new("malformed");
-    let out = s.check(
-        &(authz("fine", "{rules: [{}]}")
-            + &authz(
-                "deny-bad-cidr",
-                "{action: DENY, rules: [{from: [{source: {ipBlocks: ['10.0.0.0/33']}}]}]}",
-            )),
-    );
+    let out = s.check(&(authz("fine", "{rules: [{}]}") + &bad_cidr()));
     let err = stderr(&out);
     assert!(!out.status.success(), "check passed a bad policy: {err}");
     assert!(
@@ -123,6 +125,20 @@ fn check_rejects_a_policy_the_api_server_would_refuse() {
     assert!(!out.status.success(), "{err}");
     assert!(
         err.contains("policies[0].spec: AuthorizationPolicy shop/both: only one of selector"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_names_the_field_of_a_policy_error_in_the_file() {
+    let s = Scratch::new("located");
+    let peer = "  - apiVersion: security.istio.io/v1\n    kind: PeerAuthentication\n    metadata: {name: default, namespace: shop}\n    spec: {mtls: {mode: STRICT}}\n";
+    // The bad policy is the file's third, the second AuthorizationPolicy.
+    let out = s.check(&(authz("fine", "{rules: [{}]}") + peer + &bad_cidr()));
+    let err = stderr(&out);
+    assert!(!out.status.success(), "check passed a bad policy: {err}");
+    assert!(
+        err.contains("workloads.yaml: policies[2].spec.rules[0].from[0].source.ipBlocks[0]\n"),
         "{err}"
     );
 }

@@ -216,19 +216,20 @@ fn client_config(cert: &WorkloadCert) -> Arc<ClientConfig> {
 
 /// A TCP connection made from inside the netns at `netns` (the test process
 /// is outside the lab cgroup: nothing captures it; sk_lookup still steers it).
-fn tcp_from(netns: &Path, to: SocketAddr) -> tokio::net::TcpStream {
+/// A connection the agent resets at once may fail already in `connect`.
+fn tcp_from(netns: &Path, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
     let s = in_netns(netns, || {
-        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect")
-    });
-    s.set_nonblocking(true).expect("nonblocking");
-    tokio::net::TcpStream::from_std(s).expect("tokio stream")
+        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))
+    })?;
+    s.set_nonblocking(true)?;
+    tokio::net::TcpStream::from_std(s)
 }
 
 type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
 /// mTLS to `to` from `netns` with `cert`.
 async fn tls_from(netns: &Path, to: SocketAddr, cert: &WorkloadCert) -> Result<Tls, String> {
-    let tcp = tcp_from(netns, to);
+    let tcp = tcp_from(netns, to).map_err(|e| format!("connect: {e}"))?;
     tokio_rustls::TlsConnector::from(client_config(cert))
         .connect(ServerName::IpAddress(to.ip().into()), tcp)
         .await
@@ -462,8 +463,11 @@ fn hbone_connections_streams_and_handshakes_beyond_their_caps_are_refused_and_co
     rt.block_on(async {
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..3 {
-            let tcp = tcp_from(&a.x_netns, a.hbone);
-            set.spawn(async move { closed_within(tcp, Duration::from_secs(600)).await });
+            match tcp_from(&a.x_netns, a.hbone) {
+                Ok(tcp) => set.spawn(closed_within(tcp, Duration::from_secs(600))),
+                // Reset before connect() returned: refused too.
+                Err(_) => set.spawn(async { true }),
+            };
         }
         let first = tokio::time::timeout(CLOSE_WITHIN, set.join_next()).await;
         assert!(
@@ -494,7 +498,12 @@ fn hbone_connections_streams_and_handshakes_beyond_their_caps_are_refused_and_co
     assert!(served, "no tunnel once the idle connections were closed");
     let limits = limits_dump(&mesh);
     assert_eq!(limits["limits"]["max_connections_per_peer"], 2, "{limits}");
-    assert_eq!(limits["refused"]["handshakes"], 1, "{limits}");
+    // At least the one above (the retries may have met the cap again while
+    // the idle connections were still being closed).
+    assert!(
+        limits["refused"]["handshakes"].as_u64() >= Some(1),
+        "{limits}"
+    );
 }
 
 /// Echo round trip of `msg` on a plaintext connection; `false` if the
@@ -517,21 +526,24 @@ fn connections_beyond_the_global_cap_are_refused_counted_and_the_slot_comes_back
     let a = addrs(&mesh);
     let rt = runtime();
     rt.block_on(async {
-        let mut c1 = tcp_from(&a.x_netns, a.app);
-        let mut c2 = tcp_from(&a.x_netns, a.app);
+        let mut c1 = tcp_from(&a.x_netns, a.app).expect("connect");
+        let mut c2 = tcp_from(&a.x_netns, a.app).expect("connect");
         assert!(echo(&mut c1, b"one").await, "first connection");
         assert!(echo(&mut c2, b"two").await, "second connection");
-        let mut c3 = tcp_from(&a.x_netns, a.app);
-        assert!(
-            !echo(&mut c3, b"three").await,
-            "a connection beyond the global cap was served"
-        );
+        // Reset by the agent (possibly before connect() returned).
+        if let Ok(mut c3) = tcp_from(&a.x_netns, a.app) {
+            assert!(
+                !echo(&mut c3, b"three").await,
+                "a connection beyond the global cap was served"
+            );
+        }
         drop(c1);
         // The freed slot serves a new connection.
         let deadline = Instant::now() + CLOSE_WITHIN;
         loop {
-            let mut c4 = tcp_from(&a.x_netns, a.app);
-            if echo(&mut c4, b"four").await {
+            if let Ok(mut c4) = tcp_from(&a.x_netns, a.app)
+                && echo(&mut c4, b"four").await
+            {
                 break;
             }
             assert!(Instant::now() < deadline, "the freed slot never served");

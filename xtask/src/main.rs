@@ -73,9 +73,9 @@ fn ebpf_toolchain() -> anyhow::Result<String> {
         .with_context(|| format!("no `channel = \"...\"` in {}", path.display()))
 }
 
-/// The workspace's integration tests that are not root-free, as (package,
-/// test target): every `tests/*.rs` file of a member crate.
-fn lab_tests() -> anyhow::Result<Vec<(String, String)>> {
+/// The workspace's integration tests that are not root-free: every
+/// `tests/*.rs` file of a member crate but those in [`ROOT_FREE_TESTS`].
+fn lab_tests() -> anyhow::Result<Vec<String>> {
     let mut found = Vec::new();
     for package in ["mesh-agent", "mesh-lab", "mesh-policy", "mesh-common"] {
         let dir = root().join(package).join("tests");
@@ -90,7 +90,7 @@ fn lab_tests() -> anyhow::Result<Vec<(String, String)>> {
                 continue;
             };
             if path.extension().is_some_and(|e| e == "rs") && !ROOT_FREE_TESTS.contains(&test) {
-                found.push((package.to_owned(), test.to_owned()));
+                found.push(test.to_owned());
             }
         }
     }
@@ -121,7 +121,9 @@ fn check() -> anyhow::Result<()> {
     )?;
     run("doc tests", cargo().args(["test", "--workspace", "--doc"]))?;
     let mut root_free = cargo();
-    root_free.args(["test", "-p", "mesh-agent"]);
+    // `--workspace` like the other steps: the same feature set, so nothing
+    // is rebuilt between them.
+    root_free.args(["test", "--workspace"]);
     for t in ROOT_FREE_TESTS {
         if root().join(format!("mesh-agent/tests/{t}.rs")).exists() {
             root_free.args(["--test", t]);
@@ -227,9 +229,9 @@ fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
             if args.is_empty() {
                 // Unit, doc and root-free tests ran in `check`.
                 let mut lab = cargo();
-                lab.arg("test");
-                for (package, test) in lab_tests()? {
-                    lab.args(["-p", &package, "--test", &test]);
+                lab.args(["test", "--workspace"]);
+                for test in lab_tests()? {
+                    lab.args(["--test", &test]);
                 }
                 run("lab tests", &mut lab)?;
             } else {

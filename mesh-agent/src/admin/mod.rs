@@ -38,7 +38,8 @@ pub use readiness::{BlockReady, Readiness};
 pub use server::AdminState;
 
 use crate::{
-    datapath::{LoadSummary, enroll::ReconcileReport},
+    datapath::LoadSummary,
+    pods::ReconcileReport,
     state::{Snapshot, Store, WorkloadKey},
     telemetry::{Metrics, Telemetry},
 };

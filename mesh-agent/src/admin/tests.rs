@@ -12,7 +12,8 @@ use super::{
     *,
 };
 use crate::{
-    datapath::{DatapathError, enroll::ReconcileReport},
+    datapath::DatapathError,
+    pods::ReconcileReport,
     state::{NodeInfo, Workload},
     telemetry::{Connection, Direction, Outcome, Peer, SecurityPolicy, metrics},
 };

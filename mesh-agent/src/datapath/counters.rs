@@ -8,7 +8,7 @@ use std::path::Path;
 use aya::maps::{Map, MapData, PerCpuArray};
 use mesh_common::{Counter, maps};
 
-use super::DatapathError;
+use super::error::DatapathError;
 
 /// A reader of the counters map.
 pub struct Counters {

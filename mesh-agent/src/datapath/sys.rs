@@ -10,7 +10,9 @@ use std::{
     path::Path,
 };
 
-use super::DatapathError;
+use aya::programs::ProgramType;
+
+use super::error::DatapathError;
 
 /// `BPF_OBJ_GET`: opens a pinned bpffs object.
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
@@ -123,7 +125,7 @@ pub fn check_kernel() -> Result<String, DatapathError> {
     if version < aya::util::KernelVersion::new(5, 17, 0) {
         return Err(DatapathError::Kernel(format!("running {release}")));
     }
-    for (name, supported) in super::probe_program_types() {
+    for (name, supported) in probe_program_types() {
         if !supported {
             return Err(DatapathError::Kernel(format!(
                 "{release} has no {name} programs"
@@ -228,4 +230,16 @@ pub fn raise_memlock() {
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
         tracing::debug!("cannot lift RLIMIT_MEMLOCK (fine on Linux 5.11+)");
     }
+}
+
+/// The kernel's program-type support, for the start-up summary.
+pub fn probe_program_types() -> Vec<(&'static str, bool)> {
+    [
+        ("cgroup_sock_addr", ProgramType::CgroupSockAddr),
+        ("sock_ops", ProgramType::SockOps),
+        ("sk_lookup", ProgramType::SkLookup),
+    ]
+    .into_iter()
+    .map(|(name, t)| (name, aya::sys::is_program_supported(t).unwrap_or(false)))
+    .collect()
 }

@@ -1,26 +1,25 @@
-//! Authorization of inbound connections: the current policy store (rebuilt
-//! from the state's policies on every change), the decision for each new
-//! connection, and the re-check of open ones when policies change (a
-//! connection that is now denied is closed, and that is logged).
+//! Authorization of inbound connections: the decision for each new
+//! connection, with the policies compiled in the current snapshot (the state
+//! compiles them, once per change), and the re-check of open ones when the
+//! compiled policies change (a connection that is now denied is closed, and
+//! that is logged).
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc, Mutex, PoisonError, RwLock,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
 };
 
 use tokio_util::sync::CancellationToken;
 
+pub use crate::state::DEFAULT_ROOT_NAMESPACE;
 use crate::{
     policy::{Connection, Decision, PolicyStore, WorkloadRef},
-    state::{Policies, WorkloadKey},
+    state::{CompiledPolicies, Store, WorkloadKey},
 };
-
-/// Istio's default root namespace (mesh-wide policies live there).
-pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 
 /// The attributes a decision is made on, owned (kept for re-checks).
 #[derive(Clone, Debug)]
@@ -61,9 +60,10 @@ struct Open {
 
 /// The authorizer.
 pub struct Authz {
-    root_namespace: String,
-    store: RwLock<Arc<PolicyStore>>,
-    applied: Mutex<Option<Policies>>,
+    /// The state: each decision reads the compiled policies of its snapshot.
+    store: Store,
+    /// The compiled policies open connections were last checked against.
+    applied: Mutex<Arc<CompiledPolicies>>,
     open: Mutex<HashMap<u64, Open>>,
     next_id: AtomicU64,
 }
@@ -87,28 +87,25 @@ impl Drop for Tracked {
 }
 
 impl Authz {
-    /// An authorizer with no policies (everything allowed) and `root_namespace`.
-    pub fn new(root_namespace: &str) -> Self {
+    /// An authorizer deciding with the policies `store` publishes.
+    pub fn new(store: Store) -> Self {
+        let applied = store.current().compiled.clone();
         Self {
-            root_namespace: root_namespace.to_owned(),
-            store: RwLock::new(Arc::new(PolicyStore::new(root_namespace))),
-            applied: Mutex::new(None),
+            store,
+            applied: Mutex::new(applied),
             open: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
         }
     }
 
-    /// The current policy store.
-    pub fn current(&self) -> Arc<PolicyStore> {
-        self.store
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    /// The compiled policies in force (those of the current snapshot).
+    pub fn current(&self) -> Arc<CompiledPolicies> {
+        self.store.current().compiled.clone()
     }
 
     /// Decides a new connection (the caller reports the decision).
     pub fn check(&self, subject: &Subject) -> Decision {
-        let decision = subject.decide(&self.current());
+        let decision = subject.decide(&self.store.current().compiled.store);
         for audit in decision.audited_by() {
             tracing::info!(policy = %audit, dst_workload = %subject.workload, src = %subject.source_ip, "connection matched an AUDIT policy");
         }
@@ -136,53 +133,21 @@ impl Authz {
         }
     }
 
-    /// Rebuilds the store when `policies` differ from the last applied set,
-    /// logs what the engine rejected or narrowed, and closes open connections
-    /// the new policies deny. Returns how many were closed.
-    pub fn update(&self, policies: &Policies) -> usize {
+    /// Re-checks the open connections when `compiled` (a snapshot's) are
+    /// not the policies they were last checked against, and closes those
+    /// now denied. Returns how many were closed.
+    pub fn recheck(&self, compiled: &Arc<CompiledPolicies>) -> usize {
         {
             let mut applied = self.applied.lock().unwrap_or_else(PoisonError::into_inner);
-            if applied.as_ref() == Some(policies) {
+            if Arc::ptr_eq(&applied, compiled) {
                 return 0;
             }
-            *applied = Some(policies.clone());
+            *applied = compiled.clone();
         }
-        let mut resources = Vec::new();
-        let mut errors = Vec::new();
-        let docs = policies
-            .authorization
-            .iter()
-            .chain(&policies.peer_authentication);
-        for (i, doc) in docs.enumerate() {
-            let parsed = match serde_yaml::to_value(doc) {
-                Ok(value) => crate::policy::parse_value(value, i),
-                Err(e) => {
-                    tracing::error!(document = i, error = %e, "policy rejected: not representable");
-                    continue;
-                }
-            };
-            resources.extend(parsed.resources);
-            errors.extend(parsed.errors);
-        }
-        let (store, report) = PolicyStore::build(&self.root_namespace, &resources);
-        for e in errors.iter().chain(&report.errors) {
-            tracing::error!(error = %e, "policy rejected");
-        }
-        for w in &report.warnings {
-            tracing::warn!(warning = %w, "policy enforced more strictly than written");
-        }
-        tracing::info!(
-            authorization_policies = store.authorization_policy_count(),
-            peer_authentications = store.peer_authentication_count(),
-            rejected = errors.len() + report.errors.len(),
-            "policies applied"
-        );
-        let store = Arc::new(store);
-        *self.store.write().unwrap_or_else(PoisonError::into_inner) = store.clone();
         let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         let mut closed = 0;
         for conn in open.values() {
-            if let Decision::Deny { reason, .. } = conn.subject.decide(&store) {
+            if let Decision::Deny { reason, .. } = conn.subject.decide(&compiled.store) {
                 tracing::info!(
                     dst_workload = %conn.subject.workload,
                     src = %conn.subject.source_ip,
@@ -196,5 +161,55 @@ impl Authz {
             }
         }
         closed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Policies, Snapshot};
+
+    fn subject() -> Subject {
+        Subject {
+            principal: Some("spiffe://cluster.local/ns/shop/sa/front".into()),
+            source_ip: "10.0.0.7".parse().expect("ip"),
+            destination: "10.0.1.9:8080".parse().expect("addr"),
+            workload: WorkloadKey {
+                namespace: "shop".into(),
+                name: "web".into(),
+            },
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn deny_all() -> Policies {
+        let yaml = "{apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: deny-all, namespace: shop}, spec: {action: DENY, rules: [{}]}}";
+        Policies {
+            authorization: vec![serde_yaml::from_str(yaml).expect("test policy")],
+            peer_authentication: vec![],
+        }
+    }
+
+    #[test]
+    fn decides_with_the_published_policies_and_rechecks_on_change_only() {
+        let store = Store::new();
+        let authz = Arc::new(Authz::new(store.clone()));
+        assert!(authz.check(&subject()).is_allowed());
+        let tracked = authz.track(subject());
+        // A change that is not a policy change re-checks nothing.
+        store.publish(Default::default(), Default::default());
+        assert_eq!(authz.recheck(&store.current().compiled), 0);
+
+        store.publish_snapshot(Snapshot {
+            policies: deny_all(),
+            ..Default::default()
+        });
+        // New connections are decided with the published policies at once.
+        assert!(!authz.check(&subject()).is_allowed());
+        let compiled = store.current().compiled.clone();
+        assert_eq!(authz.recheck(&compiled), 1);
+        assert!(tracked.cancel.is_cancelled());
+        // Applied once: the same policies again close nothing more.
+        assert_eq!(authz.recheck(&compiled), 0);
     }
 }

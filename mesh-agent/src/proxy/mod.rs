@@ -199,13 +199,11 @@ impl Proxy {
         orig_dst: Arc<OrigDstTable>,
         store: Store,
         tls: Arc<MeshTls>,
-        root_namespace: &str,
         telemetry: Telemetry,
         limits: Arc<limits::Bounds>,
         handle: Handle,
     ) -> Self {
-        let authz = Arc::new(authz::Authz::new(root_namespace));
-        authz.update(&store.current().policies);
+        let authz = Arc::new(authz::Authz::new(store.clone()));
         let shared = Arc::new(Shared {
             orig_dst,
             store: store.clone(),
@@ -217,12 +215,13 @@ impl Proxy {
             in_flight: Arc::default(),
             limits,
         });
-        // Policy changes apply to new connections at once and re-check open ones.
+        // Policy changes apply to new connections at once (decisions read
+        // the snapshot's compiled policies); open ones are re-checked here.
         let mut changes = store.subscribe();
         handle.spawn(async move {
             while changes.changed().await.is_ok() {
                 let snapshot = changes.borrow_and_update().clone();
-                authz.update(&snapshot.policies);
+                authz.recheck(&snapshot.compiled);
             }
         });
         let pool = shared.pool.clone();

@@ -145,13 +145,7 @@ async fn handle(
         let src = source_for(target);
         let mesh_peer = snapshot.workload_by_ip(target.ip()).filter(|w| w.enrolled);
         let peer_id = match mesh_peer
-            .map(|w| {
-                SpiffeId::new(
-                    shared.tls.trust_domain().clone(),
-                    &w.namespace,
-                    &w.service_account,
-                )
-            })
+            .map(|w| w.identity(shared.tls.trust_domain()))
             .transpose()
         {
             Ok(id) => id,

@@ -1,7 +1,13 @@
 //! The store every part of the agent reads: the node, its workloads and which
 //! of them are enrolled. Sources (`sync`) publish whole snapshots; readers
 //! take the latest `Arc<Snapshot>` and never see a half-applied change.
+//!
+//! Policies are compiled here, once per change, by [`compile_policies`]:
+//! every snapshot carries the compiled policy store and its report next to
+//! the raw policies, so readers (the proxy's authorization) only decide.
 #![forbid(unsafe_code)]
+
+mod policies;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -11,6 +17,11 @@ use std::{
 };
 
 use tokio::sync::watch;
+
+pub use policies::{
+    CompiledPolicies, DEFAULT_ROOT_NAMESPACE, Finding, PolicyDocument, PolicyReport,
+    compile_policies, rejects_policy,
+};
 
 /// What the agent knows about its node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -59,6 +70,15 @@ impl Workload {
         self.node.as_deref().is_none_or(|n| n == node.name)
     }
 
+    /// The pod's SPIFFE identity in `trust_domain` (from its namespace and
+    /// service account): the one place a workload's identity is derived.
+    pub fn identity(
+        &self,
+        trust_domain: &crate::identity::TrustDomain,
+    ) -> Result<crate::identity::SpiffeId, crate::identity::SpiffeIdError> {
+        crate::identity::SpiffeId::new(trust_domain.clone(), &self.namespace, &self.service_account)
+    }
+
     /// `namespace/name`, the key used in logs and maps.
     pub fn key(&self) -> WorkloadKey {
         WorkloadKey {
@@ -84,7 +104,10 @@ impl std::fmt::Display for WorkloadKey {
 }
 
 /// One consistent view of everything the sources know.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+///
+/// Two snapshots are equal when their sources' content is: `compiled` and
+/// `index` are derived from it.
+#[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     /// Bumped on every published change.
     pub generation: u64,
@@ -96,9 +119,34 @@ pub struct Snapshot {
     pub services: BTreeMap<ServiceKey, Service>,
     /// Istio security policies as the API server returned them.
     pub policies: Policies,
+    /// `policies` compiled (the store decisions are made with, and the
+    /// report), set by [`Store::publish_snapshot`]: what a source puts here
+    /// is replaced. Shared between generations while `policies` do not change.
+    pub compiled: Arc<CompiledPolicies>,
     /// Address indexes, built on first use (a snapshot never changes).
     pub index: Index,
 }
+
+impl PartialEq for Snapshot {
+    fn eq(&self, other: &Self) -> bool {
+        // Destructured so that a new field must be considered here.
+        let Snapshot {
+            generation,
+            node,
+            workloads,
+            services,
+            policies,
+            compiled: _,
+            index: _,
+        } = self;
+        *generation == other.generation
+            && *node == other.node
+            && *workloads == other.workloads
+            && *services == other.services
+            && *policies == other.policies
+    }
+}
+impl Eq for Snapshot {}
 
 /// Lookup tables of a snapshot, built lazily once: the proxy resolves the
 /// address of every connection, which must not scan every workload and
@@ -271,6 +319,8 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 #[derive(Clone)]
 pub struct Store {
     tx: Arc<watch::Sender<Arc<Snapshot>>>,
+    /// Istio's root namespace, which policies are compiled for.
+    root_namespace: Arc<str>,
 }
 
 impl Default for Store {
@@ -280,10 +330,29 @@ impl Default for Store {
 }
 
 impl Store {
-    /// An empty store (generation 0).
+    /// An empty store (generation 0) compiling policies for Istio's default
+    /// root namespace ([`DEFAULT_ROOT_NAMESPACE`]).
     pub fn new() -> Self {
-        let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
-        Self { tx: Arc::new(tx) }
+        Self::with_root_namespace(DEFAULT_ROOT_NAMESPACE)
+    }
+
+    /// An empty store (generation 0) compiling policies for `root_namespace`
+    /// (the agent's `--root-namespace`: its policies apply mesh-wide).
+    pub fn with_root_namespace(root_namespace: &str) -> Self {
+        let initial = Snapshot {
+            compiled: Arc::new(compile_policies(&Policies::default(), root_namespace)),
+            ..Snapshot::default()
+        };
+        let (tx, _) = watch::channel(Arc::new(initial));
+        Self {
+            tx: Arc::new(tx),
+            root_namespace: root_namespace.into(),
+        }
+    }
+
+    /// The root namespace policies are compiled for.
+    pub fn root_namespace(&self) -> &str {
+        &self.root_namespace
     }
 
     /// The current snapshot.
@@ -313,6 +382,7 @@ impl Store {
                 workloads,
                 services: current.services.clone(),
                 policies: current.policies.clone(),
+                compiled: current.compiled.clone(),
                 index: Index::default(),
             });
             true
@@ -320,23 +390,51 @@ impl Store {
         generation
     }
 
-    /// Replaces everything but the generation with `next`'s content; returns
-    /// the new generation, or the current one when nothing changed.
+    /// Replaces everything but the generation with `next`'s content;
+    /// returns the new generation, or the current one when nothing changed.
+    ///
+    /// When `next.policies` differ from the current ones (and on the first
+    /// publication), they are compiled ([`compile_policies`]) and the
+    /// report is logged once, after the snapshot is visible to readers;
+    /// otherwise the current compiled policies are shared with the new
+    /// snapshot.
     pub fn publish_snapshot(&self, next: Snapshot) -> u64 {
+        // Compile before taking the lock, so readers never wait on it.
+        let fresh = (self.tx.borrow().policies != next.policies)
+            .then(|| Arc::new(compile_policies(&next.policies, &self.root_namespace)));
         let mut generation = 0;
+        let mut applied = None;
         self.tx.send_if_modified(|current| {
-            if current.node == next.node
+            let policies_changed = current.policies != next.policies;
+            if !policies_changed
+                && current.node == next.node
                 && current.workloads == next.workloads
                 && current.services == next.services
-                && current.policies == next.policies
             {
                 generation = current.generation;
                 return false;
             }
+            let compiled = match (policies_changed, &fresh) {
+                (false, _) => current.compiled.clone(),
+                (true, Some(fresh)) => fresh.clone(),
+                // Another publisher changed the policies since the check
+                // above (sources publish one at a time: rare).
+                (true, None) => Arc::new(compile_policies(&next.policies, &self.root_namespace)),
+            };
+            if policies_changed || current.generation == 0 {
+                applied = Some(compiled.clone());
+            }
             generation = current.generation + 1;
-            *current = Arc::new(Snapshot { generation, ..next });
+            *current = Arc::new(Snapshot {
+                generation,
+                compiled,
+                ..next
+            });
             true
         });
+        if let Some(compiled) = applied {
+            compiled.log(generation);
+        }
         generation
     }
 }

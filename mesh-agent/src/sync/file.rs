@@ -43,9 +43,10 @@ use std::{
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::policy::Kind;
 use crate::state::{
-    Endpoint, NodeInfo, Policies, Service, ServiceKey, ServicePort, Snapshot, Store, Workload,
-    WorkloadKey,
+    Endpoint, NodeInfo, Policies, PolicyDocument, Service, ServiceKey, ServicePort, Snapshot,
+    Store, Workload, WorkloadKey,
 };
 
 /// Why a workload file was rejected. The message names the file and the field.
@@ -175,8 +176,19 @@ pub struct WorkloadFile {
     /// malformed spec is left to the policy engine, which reports it and
     /// fails closed without rejecting the others.
     pub policies: Policies,
+    /// Where each `policies[i]` of the file went in `policies`, in file order
+    /// (to name a policy error by its field in the file).
+    pub policy_documents: Vec<PolicyDocument>,
     /// The services, by key.
     pub services: BTreeMap<ServiceKey, Service>,
+}
+
+impl WorkloadFile {
+    /// `policies[i]`, the file's field of a document of [`WorkloadFile::policies`].
+    pub fn policy_field(&self, document: PolicyDocument) -> Option<String> {
+        let i = self.policy_documents.iter().position(|d| *d == document)?;
+        Some(format!("policies[{i}]"))
+    }
 }
 
 /// Parses and validates `text`, the content of the file at `path` (named in errors).
@@ -331,6 +343,7 @@ pub fn parse(path: &Path, text: &str) -> Result<WorkloadFile, FileError> {
         .map(|ip| ip.to_canonical())
         .collect();
     let mut policies = Policies::default();
+    let mut policy_documents = Vec::new();
     for (i, doc) in model.policies.into_iter().enumerate() {
         // What the API server would refuse is refused here, file and all:
         // the engine cannot scope such an object and could only drop it (a
@@ -356,8 +369,20 @@ pub fn parse(path: &Path, text: &str) -> Result<WorkloadFile, FileError> {
             )
         })?;
         match value.get("kind").and_then(|k| k.as_str()) {
-            Some("AuthorizationPolicy") => policies.authorization.push(value),
-            Some("PeerAuthentication") => policies.peer_authentication.push(value),
+            Some("AuthorizationPolicy") => {
+                policy_documents.push(PolicyDocument {
+                    kind: Kind::AuthorizationPolicy,
+                    index: policies.authorization.len(),
+                });
+                policies.authorization.push(value);
+            }
+            Some("PeerAuthentication") => {
+                policy_documents.push(PolicyDocument {
+                    kind: Kind::PeerAuthentication,
+                    index: policies.peer_authentication.len(),
+                });
+                policies.peer_authentication.push(value);
+            }
             other => {
                 return Err(invalid(
                     format!("policies[{i}].kind"),
@@ -376,6 +401,7 @@ pub fn parse(path: &Path, text: &str) -> Result<WorkloadFile, FileError> {
         },
         workloads,
         policies,
+        policy_documents,
     })
 }
 

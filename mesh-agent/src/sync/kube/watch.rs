@@ -1,7 +1,9 @@
 //! One task per watched kind: kube's `watcher` (list, then watch from the
 //! list's resourceVersion; re-watch after a dropped stream; relist after
 //! `410 Gone`), with the agent's own exponential backoff after errors, its
-//! events reduced to [`KindEvent`]s of compact facts and sent to the sync loop.
+//! events reduced to [`KindEvent`]s of compact facts and sent to the sync loop
+//! as whatever message type implements [`FromWatch`] (which kinds are watched
+//! is `watches.rs`'s table).
 
 use std::{fmt::Debug, time::Duration};
 
@@ -15,7 +17,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Msg,
     cache::KindEvent,
     model::{ObjKey, obj_key},
 };
@@ -140,22 +141,30 @@ impl Backoff {
     }
 }
 
+/// How a watch task's output becomes a message of the channel to the sync
+/// loop: implemented once per facts type `T`.
+pub trait FromWatch<T>: Sized {
+    /// An event of `kind`'s watch.
+    fn event(kind: Kind, event: KindEvent<T>) -> Self;
+    /// `kind`'s watch failed; the task retries after its backoff.
+    fn failed(kind: Kind, failure: WatchFailure) -> Self;
+}
+
 /// Watches `api` and sends each event, converted by `convert` (objects it
-/// returns `None` for are treated as absent), wrapped by `wrap`, to `tx`.
+/// returns `None` for are treated as absent), as an `M` to `tx`.
 /// Runs until `cancel` or until the receiver is gone.
-#[allow(clippy::too_many_arguments)] // one call site per kind; a struct would only rename them
-pub async fn run<K, T>(
+pub async fn run<K, T, M>(
     kind: Kind,
     api: Api<K>,
     config: watcher::Config,
     mut backoff: Backoff,
     convert: impl Fn(&K) -> Option<T> + Send,
-    wrap: fn(KindEvent<T>) -> Msg,
-    tx: mpsc::Sender<Msg>,
+    tx: mpsc::Sender<M>,
     cancel: CancellationToken,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     T: Send,
+    M: FromWatch<T> + Send,
 {
     let stream = watcher(api, config);
     let mut stream = std::pin::pin!(stream);
@@ -185,13 +194,13 @@ pub async fn run<K, T>(
                     Event::Delete(obj) => key_of(&obj).map(KindEvent::Delete),
                 };
                 match ev {
-                    Some(ev) => wrap(ev),
+                    Some(ev) => M::event(kind, ev),
                     None => continue,
                 }
             }
             Err(err) => {
                 let failure = WatchFailure::from_error(&err);
-                if tx.send(Msg::Failed(kind, failure)).await.is_err() {
+                if tx.send(M::failed(kind, failure)).await.is_err() {
                     return;
                 }
                 let delay = backoff.next_delay();

@@ -1,0 +1,331 @@
+//! The sync loop: applies the watch tasks' messages to the caches, handles
+//! outages (logged once, their end checked with `GET /version`), reports
+//! start-up progress, finds the enrolled pods' processes, and publishes the
+//! snapshots [`snapshot::build`] makes, logging what changed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
+use kube::Client;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    caches::Caches,
+    config::KubeConfig,
+    snapshot::{self, Change, Decisions},
+    watch::{Backoff, Kind, WatchFailure},
+    watches::Msg,
+};
+use crate::{
+    state::Store,
+    sync::discovery::{Discovery, PodLocation},
+};
+
+/// How often start-up reports which kinds are still not listed.
+const STARTUP_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The loop's state.
+pub struct SyncLoop {
+    client: Client,
+    cfg: KubeConfig,
+    store: Store,
+    synced_tx: tokio::sync::watch::Sender<bool>,
+    caches: Caches,
+    /// Discovery (moved into a blocking task while it scans).
+    discovery: Option<Discovery>,
+    /// Kinds whose last watch attempt failed with an outage-like error.
+    failing: BTreeSet<Kind>,
+    /// Whether the outage warning was logged and its end not yet.
+    outage_logged: bool,
+    /// Kinds whose absence (404) or prohibition (403) was logged.
+    reported: BTreeSet<(Kind, u16)>,
+    /// The enrollment decisions of the last publication, to log changes once.
+    decisions: Decisions,
+    /// Where the enrolled pods were found at the last publication.
+    locations: BTreeMap<String, PodLocation>,
+    published: bool,
+    started: Instant,
+    last_report: Instant,
+}
+
+impl SyncLoop {
+    /// A loop publishing into `store`, telling `synced_tx` after the first publication.
+    pub fn new(
+        client: Client,
+        cfg: KubeConfig,
+        store: Store,
+        synced_tx: tokio::sync::watch::Sender<bool>,
+    ) -> Self {
+        let discovery = Discovery::new(cfg.proc_root.clone(), cfg.cgroup_root.clone());
+        Self {
+            client,
+            cfg,
+            store,
+            synced_tx,
+            caches: Caches::default(),
+            discovery: Some(discovery),
+            failing: BTreeSet::new(),
+            outage_logged: false,
+            reported: BTreeSet::new(),
+            decisions: Decisions::default(),
+            locations: BTreeMap::new(),
+            published: false,
+            started: Instant::now(),
+            last_report: Instant::now(),
+        }
+    }
+
+    fn all_synced(&self) -> bool {
+        Kind::ALL.iter().all(|k| self.caches.synced(*k))
+    }
+
+    /// Runs until `cancel` or until every watch task is gone.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Msg>, cancel: CancellationToken) {
+        tracing::info!(
+            node = %self.cfg.node_name,
+            proc_root = %self.cfg.proc_root.display(),
+            "kubernetes source: listing pods, namespaces, services, endpointslices, policies"
+        );
+        let mut rediscover = tokio::time::interval(self.cfg.rediscover_interval);
+        rediscover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut probe_backoff = Backoff::new(self.cfg.backoff_min, self.cfg.backoff_max);
+        let mut next_probe = tokio::time::Instant::now();
+        loop {
+            let probing = !self.failing.is_empty();
+            let mut dirty = tokio::select! {
+                _ = cancel.cancelled() => break,
+                msg = rx.recv() => match msg {
+                    Some(msg) => self.handle(msg),
+                    None => break,
+                },
+                _ = rediscover.tick() => self.rediscovery_changed().await,
+                _ = tokio::time::sleep_until(next_probe), if probing => {
+                    self.probe_api_server().await;
+                    next_probe = tokio::time::Instant::now() + probe_backoff.next_delay();
+                    if self.failing.is_empty() {
+                        probe_backoff.reset();
+                    }
+                    false
+                }
+            };
+            // Coalesce a burst (a relist) into one publication.
+            while let Ok(msg) = rx.try_recv() {
+                dirty |= self.handle(msg);
+            }
+            if !self.failing.is_empty() && !probing {
+                next_probe = tokio::time::Instant::now() + probe_backoff.next_delay();
+            }
+            if !self.all_synced() {
+                self.report_startup();
+                continue;
+            }
+            if dirty || !self.published {
+                self.publish().await;
+            }
+        }
+    }
+
+    /// Applies one message; returns whether the cached state changed.
+    fn handle(&mut self, msg: Msg) -> bool {
+        let applied = match msg {
+            Msg::Failed(kind, failure) => return self.failed(kind, failure),
+            Msg::Event(event) => self.caches.apply(event),
+        };
+        let kind = applied.kind;
+        if applied.progressed && self.failing.remove(&kind) {
+            tracing::debug!(kind = %kind, "watch making progress again");
+            if self.failing.is_empty() && self.outage_logged {
+                self.outage_logged = false;
+                tracing::info!("Kubernetes API server reachable again; state converging");
+            }
+        }
+        if applied.progressed {
+            self.reported.retain(|(k, _)| *k != kind);
+        }
+        applied.changed
+    }
+
+    fn failed(&mut self, kind: Kind, failure: WatchFailure) -> bool {
+        match failure.code {
+            Some(410) => {
+                tracing::info!(kind = %kind, "watch expired (410 Gone); relisting");
+                false
+            }
+            Some(code @ (403 | 404)) => {
+                let first = self.reported.insert((kind, code));
+                if code == 403 && first {
+                    tracing::error!(
+                        kind = %kind,
+                        error = %failure.message,
+                        "forbidden: the agent's service account may not list/watch {kind}; apply the ClusterRole in deploy/ (kubectl apply -k deploy/)"
+                    );
+                } else if first {
+                    tracing::warn!(
+                        kind = %kind,
+                        "the API server does not serve {kind}{}",
+                        if kind.optional() {
+                            "; treating it as empty (install the CRDs in deploy/ to use policies)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                if kind.optional() {
+                    return self.caches.mark_absent(kind);
+                }
+                false
+            }
+            _ => {
+                self.failing.insert(kind);
+                if !self.outage_logged {
+                    self.outage_logged = true;
+                    tracing::warn!(
+                        kind = %kind,
+                        error = %failure.message,
+                        "lost the Kubernetes API server; keeping the last good state until it is back"
+                    );
+                } else {
+                    tracing::debug!(kind = %kind, error = %failure.message, "watch still failing");
+                }
+                false
+            }
+        }
+    }
+
+    async fn probe_api_server(&mut self) {
+        match self.client.apiserver_version().await {
+            Ok(info) => {
+                if self.outage_logged {
+                    tracing::info!(
+                        version = %info.git_version,
+                        "Kubernetes API server reachable again; state converging"
+                    );
+                }
+                self.outage_logged = false;
+                self.failing.clear();
+            }
+            Err(e) => tracing::debug!(error = %e, "API server still unreachable"),
+        }
+    }
+
+    fn report_startup(&mut self) {
+        if self.last_report.elapsed() < STARTUP_REPORT_INTERVAL {
+            return;
+        }
+        self.last_report = Instant::now();
+        let missing: Vec<&str> = Kind::ALL
+            .iter()
+            .filter(|k| !self.caches.synced(**k))
+            .map(|k| k.resource())
+            .collect();
+        tracing::warn!(
+            waited_secs = self.started.elapsed().as_secs(),
+            missing = %missing.join(","),
+            "still waiting for the first list from the Kubernetes API server; not ready"
+        );
+    }
+
+    async fn publish(&mut self) {
+        let wanted = snapshot::to_locate(&self.caches.objects(), &self.cfg);
+        let locations = self.locate(wanted).await;
+        let built = snapshot::build(
+            &self.caches.objects(),
+            &self.cfg,
+            &locations,
+            &self.decisions,
+        );
+        for change in &built.changes {
+            self.log(change);
+        }
+        self.decisions = built.decisions;
+        self.locations = locations;
+
+        let before = self.store.current().generation;
+        let generation = self.store.publish_snapshot(built.snapshot);
+        if !self.published {
+            self.published = true;
+            let snap = self.store.current();
+            let local = snap.workloads.values().filter(|w| w.node.is_none());
+            tracing::info!(
+                generation,
+                local_pods = local.clone().count(),
+                enrolled = local.filter(|w| w.enrolled).count(),
+                remote_pods = snap.workloads.values().filter(|w| w.node.is_some()).count(),
+                services = snap.services.len(),
+                authorization_policies = snap.policies.authorization.len(),
+                peer_authentications = snap.policies.peer_authentication.len(),
+                "kubernetes source synced"
+            );
+            let _ = self.synced_tx.send(true);
+        } else if generation != before {
+            tracing::debug!(generation, "kubernetes state published");
+        }
+    }
+
+    fn log(&self, change: &Change) {
+        match change {
+            Change::Decided {
+                pod,
+                enrolled,
+                reason,
+            } => tracing::info!(
+                pod = %pod,
+                enroll = *enrolled,
+                reason = *reason,
+                "pod enrollment decided"
+            ),
+            Change::Waiting { pod, uid } => tracing::info!(
+                pod = %pod,
+                uid = %uid,
+                proc_root = %self.cfg.proc_root.display(),
+                "no process of the pod found on this node yet; will enroll it once found"
+            ),
+            Change::Found { pod, pid } => {
+                tracing::info!(pod = %pod, pid = *pid, "found the pod's processes")
+            }
+        }
+    }
+
+    /// Looks for the enrolled pods' processes again; whether anything moved
+    /// (a pod found, a sandbox re-created, a process gone).
+    async fn rediscovery_changed(&mut self) -> bool {
+        if !self.published {
+            return false;
+        }
+        let wanted: BTreeSet<String> = self
+            .caches
+            .pods()
+            .values()
+            .filter(|p| self.decisions.enrolled(&p.key()))
+            .map(|p| p.uid.clone())
+            .collect();
+        let found = self.locate(wanted).await;
+        found != self.locations
+    }
+
+    async fn locate(&mut self, wanted: BTreeSet<String>) -> BTreeMap<String, PodLocation> {
+        let Some(mut discovery) = self.discovery.take() else {
+            return BTreeMap::new();
+        };
+        let proc_root = discovery.proc_root().to_owned();
+        match tokio::task::spawn_blocking(move || {
+            let found = discovery.locate(&wanted);
+            (discovery, found)
+        })
+        .await
+        {
+            Ok((discovery, found)) => {
+                self.discovery = Some(discovery);
+                found
+            }
+            Err(e) => {
+                tracing::error!(error = %e, proc_root = %proc_root.display(), "pod discovery failed");
+                self.discovery = Some(Discovery::new(proc_root, self.cfg.cgroup_root.clone()));
+                BTreeMap::new()
+            }
+        }
+    }
+}
