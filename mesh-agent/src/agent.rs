@@ -14,11 +14,12 @@ use crate::{
     identity::{CertManager, LocalCa, MeshCa, MeshTls, TrustDomain},
     pods::Enroller,
     proxy::{
-        Proxy, ProxyStats,
+        Proxy,
         limits::{self, Bounds, Limits},
     },
     state::Store,
     sync,
+    telemetry::ProxyCounters,
 };
 
 /// How the agent runs.
@@ -158,7 +159,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         admin.config_dump().register("limits", move || b.to_json());
         admin.metrics().set_limits_source(move || {
             let u = bounds.usage();
-            crate::admin::metrics::LimitsReading {
+            crate::telemetry::LimitsReading {
                 in_use: u.in_use,
                 refused: u.refused,
                 closed: u.closed,
@@ -174,18 +175,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
             (connections as u64, streams as u64)
         });
     }
-    let stats = proxy.stats();
     let in_flight = proxy.in_flight();
-    {
-        let stats = stats.clone();
-        admin.stats().register("proxy", move || {
-            let counters = stats
-                .snapshot()
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v.into()));
-            serde_json::Value::Object(counters.collect())
-        });
-    }
     let mut enroller = Enroller::new(PodMaps::new(dp)?, proxy);
     if let Some(kube) = &cfg.kube {
         // The host's /proc is mounted elsewhere: refuse its init's netns too.
@@ -261,7 +251,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
             );
         }
     }
-    log_counters(&cfg.pin_dir, &stats);
+    log_counters(&cfg.pin_dir, &telemetry.counters);
     // The kernel state stays pinned so captured traffic fails closed until
     // the next agent.
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -370,7 +360,7 @@ fn control_loop(
     enroller.shutdown();
 }
 
-fn log_counters(pin_dir: &std::path::Path, stats: &Arc<ProxyStats>) {
+fn log_counters(pin_dir: &std::path::Path, counters: &ProxyCounters) {
     let kernel = Counters::open_pinned(pin_dir).and_then(|c| c.read());
     match kernel {
         Ok(reading) => {
@@ -379,7 +369,7 @@ fn log_counters(pin_dir: &std::path::Path, stats: &Arc<ProxyStats>) {
         }
         Err(e) => tracing::warn!(error = %e, "cannot read kernel counters"),
     }
-    let line: Vec<String> = stats
+    let line: Vec<String> = counters
         .snapshot()
         .iter()
         .map(|(k, v)| format!("{k}={v}"))

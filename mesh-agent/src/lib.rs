@@ -2,7 +2,8 @@
 //! traffic inside their network namespaces, and the proxy that carries it.
 //!
 //! Data flows one way: [`sync`] fills [`state`]; [`pods`] (the pod
-//! lifecycle) acts on it through [`datapath`] and [`proxy`]; [`admin`]
+//! lifecycle) acts on it through [`datapath`] and [`proxy`], which report
+//! through [`telemetry`]; [`admin`] serves the
 //! reports.
 
 pub mod admin;
@@ -15,6 +16,7 @@ pub mod process;
 pub mod proxy;
 pub mod state;
 pub mod sync;
+pub mod telemetry;
 
 /// Istio `AuthorizationPolicy` / `PeerAuthentication` engine (the `mesh-policy`
 /// crate, kept free of agent dependencies so that it fuzzes on its own).

@@ -336,7 +336,7 @@ fn admin_endpoint_cli_and_kernel_metrics() {
     );
 }
 
-/// Waits for the proxy to report through `mesh_agent::admin::Telemetry`
+/// Waits for the proxy to report through `mesh_agent::telemetry::Telemetry`
 /// (issue 6 wiring in `proxy/`): exact Istio TCP counts, policy decisions
 /// and the access log after known traffic, including a denied connection.
 #[test]

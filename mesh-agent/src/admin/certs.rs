@@ -5,8 +5,10 @@
 
 use std::{
     sync::{Arc, PoisonError, RwLock},
-    time::{SystemTime, UNIX_EPOCH},
+    time::SystemTime,
 };
+
+pub use crate::telemetry::unix;
 
 /// One certificate the agent holds (public parts only).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,14 +120,6 @@ impl CertificateSource for crate::identity::CertManager {
     }
 }
 
-/// Seconds since the Unix epoch (negative before it).
-pub fn unix(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
-    }
-}
-
 /// `YYYY-MM-DDTHH:MM:SSZ` (UTC).
 pub fn rfc3339(t: SystemTime) -> String {
     let secs = unix(t);
@@ -150,7 +144,7 @@ pub fn rfc3339(t: SystemTime) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
 

@@ -4,7 +4,7 @@
 //! `log` crate) are bridged into `tracing` under the `mesh_ebpf` target.
 //!
 //! Two output layers share the filter: the access log (target
-//! [`ACCESS_TARGET`](super::access_log::ACCESS_TARGET)) is printed with its
+//! [`ACCESS_TARGET`](crate::telemetry::access_log::ACCESS_TARGET)) is printed with its
 //! target, so its lines read `INFO access: connection closed …`; every other
 //! line is printed without one.
 
@@ -20,7 +20,7 @@ use tracing_subscriber::{
     reload,
 };
 
-use super::access_log::ACCESS_TARGET;
+use crate::telemetry::access_log::ACCESS_TARGET;
 
 /// Log line format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -197,23 +197,7 @@ mod tests {
 
     #[test]
     fn a_changed_level_reaches_the_output_layers() {
-        use std::sync::{Arc, Mutex};
-
-        #[derive(Clone, Default)]
-        struct Buf(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buf {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buf = Buf::default();
+        let buf = super::access_log_tests::Buffer::default();
         let (filter, handle) = reload::Layer::new(EnvFilter::new("info"));
         let writer = buf.clone();
         let subscriber = tracing_subscriber::registry()
@@ -239,5 +223,193 @@ mod tests {
             control.set("debug"),
             Err(LoggingError::NotReloadable)
         ));
+    }
+}
+
+/// The access log as the agent's output layers write it.
+#[cfg(test)]
+mod access_log_tests {
+    use std::{
+        io::Write,
+        sync::{Arc, Mutex},
+    };
+
+    use std::time::Duration;
+
+    use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _};
+
+    use super::{LogFormat, output_layers};
+    use crate::telemetry::{
+        SecurityPolicy,
+        access_log::{
+            ConnectionRecord, Direction, Endpoint, Failure, FailureKind, Outcome, log_connection,
+        },
+    };
+
+    /// A failure as the proxy would report it.
+    #[derive(Debug, thiserror::Error)]
+    #[error("{reason}")]
+    struct Failed {
+        kind: FailureKind,
+        policy: Option<&'static str>,
+        reason: &'static str,
+    }
+
+    impl Failure for Failed {
+        fn kind(&self) -> FailureKind {
+            self.kind
+        }
+        fn policy(&self) -> Option<String> {
+            self.policy.map(str::to_owned)
+        }
+    }
+
+    /// A writer collecting everything into a shared buffer.
+    #[derive(Clone, Default)]
+    pub(super) struct Buffer(pub(super) Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Buffer {
+        type Writer = Buffer;
+        fn make_writer(&'a self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    fn capture(format: LogFormat, f: impl FnOnce()) -> String {
+        let buf = Buffer::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(EnvFilter::new("info"))
+            .with(output_layers(format, buf.clone()));
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = buf.0.lock().expect("buffer").clone();
+        String::from_utf8(bytes).expect("utf-8 log")
+    }
+
+    fn record() -> ConnectionRecord {
+        ConnectionRecord {
+            direction: Direction::Outbound,
+            src: Endpoint {
+                addr: Some("198.18.1.10:40000".parse().expect("addr")),
+                workload: Some("a".into()),
+                namespace: Some("default".into()),
+                identity: Some("spiffe://cluster.local/ns/default/sa/a".into()),
+            },
+            dst: Endpoint {
+                addr: Some("198.18.1.11:8080".parse().expect("addr")),
+                workload: Some("b".into()),
+                namespace: Some("default".into()),
+                identity: None,
+            },
+            dst_service: None,
+            security: Some(SecurityPolicy::MutualTls),
+            bytes_sent: 100,
+            bytes_received: 2048,
+            duration: Duration::from_millis(1500),
+            outcome: Outcome::Closed,
+            forwarded_for: None,
+        }
+    }
+
+    #[test]
+    fn plain_line_has_ztunnel_like_fields() {
+        let out = capture(LogFormat::Plain, || log_connection(&record()));
+        let line = out.trim_end();
+        assert_eq!(out.lines().count(), 1, "{out}");
+        let (_, rest) = line.split_once(" INFO ").expect("level");
+        assert_eq!(
+            rest.trim_start(),
+            "access: connection closed direction=\"outbound\" src.addr=198.18.1.10:40000 \
+             src.workload=\"a\" src.namespace=\"default\" \
+             src.identity=\"spiffe://cluster.local/ns/default/sa/a\" dst.addr=198.18.1.11:8080 \
+             dst.workload=\"b\" dst.namespace=\"default\" security=\"mutual_tls\" bytes_sent=100 \
+             bytes_recv=2048 \
+             duration_ms=1500 outcome=\"closed\""
+        );
+    }
+
+    #[test]
+    fn plain_denied_line_names_the_policy() {
+        let mut r = record();
+        r.direction = Direction::Inbound;
+        r.bytes_sent = 0;
+        r.bytes_received = 0;
+        r.outcome = Outcome::failed(Failed {
+            kind: FailureKind::Denied,
+            policy: Some("default/deny-a"),
+            reason: "denied by DENY policy default/deny-a",
+        });
+        let out = capture(LogFormat::Plain, || log_connection(&r));
+        assert!(
+            out.contains(
+                "outcome=\"denied\" policy=\"default/deny-a\" \
+                 reason=\"denied by DENY policy default/deny-a\""
+            ),
+            "{out}"
+        );
+        assert!(!out.contains("error="), "{out}");
+    }
+
+    #[test]
+    fn json_line_has_the_same_fields() {
+        let mut r = record();
+        r.dst_service = Some("b.default.svc.cluster.local".into());
+        r.outcome = Outcome::failed(Failed {
+            kind: FailureKind::Reset,
+            policy: None,
+            reason: "connection reset by peer",
+        });
+        let out = capture(LogFormat::Json, || log_connection(&r));
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+        assert_eq!(v["target"], "access");
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["message"], "connection closed");
+        assert_eq!(v["direction"], "outbound");
+        assert_eq!(v["src.addr"], "198.18.1.10:40000");
+        assert_eq!(v["src.workload"], "a");
+        assert_eq!(v["src.namespace"], "default");
+        assert_eq!(v["src.identity"], "spiffe://cluster.local/ns/default/sa/a");
+        assert_eq!(v["dst.addr"], "198.18.1.11:8080");
+        assert_eq!(v["dst.service"], "b.default.svc.cluster.local");
+        assert_eq!(v["dst.workload"], "b");
+        assert_eq!(v["bytes_sent"], 100);
+        assert_eq!(v["bytes_recv"], 2048);
+        assert_eq!(v["duration_ms"], 1500);
+        assert_eq!(v["outcome"], "reset");
+        assert_eq!(v["reason"], "connection reset by peer");
+        assert_eq!(v["security"], "mutual_tls");
+        assert!(v.get("dst.identity").is_none(), "{v}");
+        assert!(v.get("policy").is_none(), "{v}");
+    }
+
+    #[test]
+    fn other_lines_keep_no_target() {
+        let out = capture(LogFormat::Plain, || tracing::info!(pods = 2, "agent ready"));
+        assert!(out.contains(" INFO agent ready pods=2"), "{out}");
+    }
+
+    #[test]
+    fn a_claimed_client_address_is_a_field_of_its_own() {
+        let mut r = record();
+        r.direction = Direction::Inbound;
+        r.forwarded_for = Some("198.18.2.12:40000".into());
+        let out = capture(LogFormat::Json, || log_connection(&r));
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+        assert_eq!(v["forwarded_for"], "198.18.2.12:40000");
+        assert_eq!(v["src.addr"], "198.18.1.10:40000");
+        let out = capture(LogFormat::Plain, || log_connection(&record()));
+        assert!(!out.contains("forwarded_for"), "{out}");
     }
 }

@@ -5,18 +5,17 @@
 //!
 //! [`Admin`] holds the shared state; the agent creates one at start, serves
 //! it ([`Admin::start`]) and registers its parts' views. The proxy reports
-//! through [`Telemetry`] (`admin.telemetry()`): [`Telemetry::open`] when a
-//! connection's destination is known, [`ConnectionTracker::close`] when it
-//! ends.
+//! through [`Telemetry`] (`admin.telemetry()`, from [`crate::telemetry`]);
+//! admin serves what it collects and adds its own collectors
+//! ([`collectors`]) to its metrics registry. Nothing but `agent.rs` and
+//! `cli` imports this module.
 #![forbid(unsafe_code)]
 
-pub mod access_log;
 pub mod certs;
+pub mod collectors;
 pub mod config_dump;
-pub mod connections;
 pub mod kernel;
 pub mod logging;
-pub mod metrics;
 pub mod readiness;
 pub mod server;
 #[cfg(test)]
@@ -32,15 +31,9 @@ use std::{
 
 use serde_json::{Value, json};
 
-pub use access_log::{ConnectionRecord, Direction, Endpoint, Outcome, log_connection};
 pub use certs::{CertificateInfo, CertificateSource, Certificates};
 pub use config_dump::ConfigDump;
-pub use connections::{Connection, ConnectionTracker, Peer, Telemetry};
 pub use kernel::{KernelSource, PinnedKernel};
-pub use metrics::{
-    ConnectionLabels, Metrics, PeerLabels, PolicyDecision, Reporter, ResponseFlags, SecurityPolicy,
-    ServiceLabels,
-};
 pub use readiness::{BlockReady, Readiness};
 pub use server::AdminState;
 
@@ -48,6 +41,7 @@ use crate::{
     datapath::LoadSummary,
     pods::ReconcileReport,
     state::{Snapshot, Store, WorkloadKey},
+    telemetry::{Metrics, Telemetry},
 };
 
 /// The default admin address (loopback only: it changes the log level).
@@ -154,7 +148,9 @@ impl Admin {
     /// metrics or counters).
     pub fn with_kernel(kernel: Option<Arc<dyn KernelSource>>) -> Self {
         let certificates = Certificates::default();
-        let metrics = Arc::new(Metrics::new(kernel.clone(), certificates.clone()));
+        let mut metrics = Metrics::new();
+        collectors::register(&mut metrics, kernel.clone(), certificates.clone());
+        let metrics = Arc::new(metrics);
         let admin = Self {
             state: Arc::new(AdminState {
                 config_dump: ConfigDump::new(),
@@ -274,6 +270,8 @@ impl Admin {
         let connections = self.state.telemetry.connections.clone();
         self.stats()
             .register("connections", move || json!({ "open": connections.len() }));
+        let counters = self.state.telemetry.counters.clone();
+        self.stats().register("proxy", move || counters.to_json());
     }
 
     /// Binds the three servers and serves them on `handle`'s runtime until

@@ -23,11 +23,10 @@ use tokio::net::TcpListener;
 use super::{
     certs::Certificates,
     config_dump::ConfigDump,
-    connections::Telemetry,
     logging::LogControl,
-    metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE,
     readiness::{Readiness, ReadyState},
 };
+use crate::telemetry::{Telemetry, metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE};
 
 /// How long a client may take to send its request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);

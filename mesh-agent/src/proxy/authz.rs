@@ -58,17 +58,6 @@ struct Open {
     cancel: CancellationToken,
 }
 
-/// Decision counters.
-#[derive(Debug, Default)]
-pub struct AuthzStats {
-    /// Connections allowed.
-    pub allowed: AtomicU64,
-    /// Connections denied at open.
-    pub denied: AtomicU64,
-    /// Open connections closed because a policy change denied them.
-    pub revoked: AtomicU64,
-}
-
 /// The authorizer.
 pub struct Authz {
     /// The state: each decision reads the compiled policies of its snapshot.
@@ -77,8 +66,6 @@ pub struct Authz {
     applied: Mutex<Arc<CompiledPolicies>>,
     open: Mutex<HashMap<u64, Open>>,
     next_id: AtomicU64,
-    /// Decision counters.
-    pub stats: AuthzStats,
 }
 
 /// Keeps a connection registered for re-checks; unregisters on drop.
@@ -108,7 +95,6 @@ impl Authz {
             applied: Mutex::new(applied),
             open: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
-            stats: AuthzStats::default(),
         }
     }
 
@@ -117,15 +103,9 @@ impl Authz {
         self.store.current().compiled.clone()
     }
 
-    /// Decides a new connection and counts the decision.
+    /// Decides a new connection (the caller reports the decision).
     pub fn check(&self, subject: &Subject) -> Decision {
         let decision = subject.decide(&self.store.current().compiled.store);
-        let counter = if decision.is_allowed() {
-            &self.stats.allowed
-        } else {
-            &self.stats.denied
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
         for audit in decision.audited_by() {
             tracing::info!(policy = %audit, dst_workload = %subject.workload, src = %subject.source_ip, "connection matched an AUDIT policy");
         }
@@ -177,7 +157,6 @@ impl Authz {
                     "open connection closed by policy change"
                 );
                 conn.cancel.cancel();
-                self.stats.revoked.fetch_add(1, Ordering::Relaxed);
                 closed += 1;
             }
         }
@@ -232,6 +211,5 @@ mod tests {
         assert!(tracked.cancel.is_cancelled());
         // Applied once: the same policies again close nothing more.
         assert_eq!(authz.recheck(&compiled), 0);
-        assert_eq!(authz.stats.revoked.load(Ordering::Relaxed), 1);
     }
 }

@@ -16,23 +16,23 @@ use tokio::{
     },
 };
 
-/// The outcome text of a relay cut by a policy change.
-pub const CLOSED_BY_POLICY: &str = "closed by policy";
-
 const INITIAL_BUFFER: usize = 16 * 1024;
 const MAX_BUFFER: usize = 256 * 1024;
 
 /// How a relayed connection ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum RelayOutcome {
     /// Both sides closed cleanly.
     Closed,
     /// One side failed (reset, timeout); both were reset.
-    Reset(String),
+    Reset(io::Error),
+    /// The relay was cancelled (a policy change denies the connection);
+    /// both sides were reset.
+    Revoked,
 }
 
 /// Bytes moved and how it ended.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RelayResult {
     /// Bytes from `client` to `server`.
     pub sent: u64,
@@ -92,17 +92,17 @@ pub async fn relay(
             let r = tokio::select! {
                 r = &mut up, if !up_done => { up_done = true; r }
                 r = &mut down, if !down_done => { down_done = true; r }
-                _ = cancel.cancelled() => break RelayOutcome::Reset(CLOSED_BY_POLICY.to_owned()),
+                _ = cancel.cancelled() => break RelayOutcome::Revoked,
             };
             if let Err(e) = r {
-                break RelayOutcome::Reset(e.to_string());
+                break RelayOutcome::Reset(e);
             }
             if up_done && down_done {
                 break RelayOutcome::Closed;
             }
         }
     };
-    if outcome != RelayOutcome::Closed {
+    if !matches!(outcome, RelayOutcome::Closed) {
         // Reset both sides: linger 0 turns the close into an RST, and
         // `forget` keeps the write halves from sending a FIN on drop first.
         for half in [cw, sw] {

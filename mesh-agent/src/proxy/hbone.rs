@@ -33,7 +33,10 @@ use tokio::{
 };
 
 use super::copy::{RelayOutcome, RelayResult};
-use crate::identity::SpiffeId;
+use crate::{
+    identity::SpiffeId,
+    telemetry::{ProxyCounters, ProxyEvent},
+};
 
 /// HTTP/2 stream window (Istio's): 4 MiB.
 pub const STREAM_WINDOW: u32 = 4 << 20;
@@ -56,7 +59,7 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
     /// TCP connect to the peer's port 15008 failed.
-    #[error("cannot reach the peer's HBONE port {addr}: {source}")]
+    #[error("cannot reach the peer's HBONE port {addr}: {source}{}", connect_hint(.source))]
     Connect {
         /// The peer address.
         addr: SocketAddr,
@@ -80,13 +83,44 @@ pub enum HboneError {
         source: h2::Error,
     },
     /// The peer answered the CONNECT with an error status.
-    #[error("the peer refused the tunnel to {target}: HTTP {status}")]
+    #[error("the peer refused the tunnel to {target}: HTTP {status}{}", status_hint(*.status))]
     Status {
         /// The CONNECT target.
         target: SocketAddr,
         /// The status.
         status: StatusCode,
     },
+}
+
+/// What an operator should check when the peer's port 15008 cannot be
+/// reached: refused or silent usually means something between the nodes
+/// filters it.
+fn connect_hint(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused
+        | io::ErrorKind::TimedOut
+        | io::ErrorKind::HostUnreachable
+        | io::ErrorKind::NetworkUnreachable => {
+            " (is the peer's mesh agent running, and is a NetworkPolicy or firewall blocking port 15008?)"
+        }
+        _ => "",
+    }
+}
+
+/// What a refusal status from the peer's agent means.
+fn status_hint(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::UNAUTHORIZED => {
+            " (an AuthorizationPolicy or STRICT PeerAuthentication on the destination denies this source; see the destination agent's access log)"
+        }
+        StatusCode::BAD_REQUEST => {
+            " (the destination is not that pod, or is one of its agent's own ports)"
+        }
+        StatusCode::SERVICE_UNAVAILABLE => {
+            " (the app is not listening on that port, or the destination agent is at a connection limit)"
+        }
+        _ => "",
+    }
 }
 
 /// What identifies a reusable tunnel connection.
@@ -151,26 +185,16 @@ impl Drop for StreamGuard {
     }
 }
 
-/// Pool counters (also the evidence, in tests, that connections are reused).
-#[derive(Debug, Default)]
-pub struct PoolStats {
-    /// Tunnel (TLS + HTTP/2) connections established.
-    pub connections_opened: AtomicU64,
-    /// Tunnel connections closed (broken, idle, keep-alive timeout).
-    pub connections_closed: AtomicU64,
-    /// Streams (CONNECTs) opened.
-    pub streams_opened: AtomicU64,
-    /// Stream attempts retried (GOAWAY, `REFUSED_STREAM`, broken connection).
-    pub streams_retried: AtomicU64,
-}
-
-/// The client-side pool of tunnel connections.
+/// The client-side pool of tunnel connections. It reports the connections
+/// it establishes and the stream attempts it retries to the proxy's
+/// counters (also the evidence, in tests, that connections are reused);
+/// its occupancy is read at scrape time ([`Pool::occupancy`]).
 #[derive(Default)]
 pub struct Pool {
     conns: Mutex<HashMap<PoolKey, Vec<Arc<PooledConn>>>>,
     connecting: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
     next_id: AtomicU64,
-    stats: Arc<PoolStats>,
+    counters: Arc<ProxyCounters>,
 }
 
 /// A freshly established tunnel connection: the request handle and the
@@ -185,9 +209,17 @@ pub trait IoStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> IoStream for T {}
 
 impl Pool {
-    /// The pool's counters.
-    pub fn stats(&self) -> Arc<PoolStats> {
-        self.stats.clone()
+    /// An empty pool counting into `counters`.
+    pub fn new(counters: Arc<ProxyCounters>) -> Self {
+        Self {
+            counters,
+            ..Self::default()
+        }
+    }
+
+    /// The counters the pool reports to.
+    pub fn counters(&self) -> &ProxyCounters {
+        &self.counters
     }
 
     /// Live connections and the streams they carry, for metrics and config dumps.
@@ -231,7 +263,6 @@ impl Pool {
             let (conn, guard) = self.checkout(key, &connect).await?;
             match send_on(&conn, &request, key.address).await {
                 Ok((response, send)) => {
-                    self.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
                     return Ok((response, send, guard));
                 }
                 Err(e) => {
@@ -240,7 +271,7 @@ impl Pool {
                     // stopping): no new streams on it; its open streams go
                     // on. The retry takes another connection or a new one.
                     conn.dead.store(true, Ordering::Release);
-                    self.stats.streams_retried.fetch_add(1, Ordering::Relaxed);
+                    self.counters.count(ProxyEvent::StreamRetried);
                     tracing::debug!(conn = conn.id, attempt, error = %e, "tunnel stream not accepted; retrying on another connection");
                     last_error = Some(e);
                 }
@@ -291,10 +322,8 @@ impl Pool {
             dead: dead.clone(),
             idle_since: Mutex::new(Instant::now()),
         });
-        self.stats
-            .connections_opened
-            .fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(drive(connection, dead, key.address, id, self.stats.clone()));
+        self.counters.count(ProxyEvent::TunnelOpened);
+        tokio::spawn(drive(connection, dead, key.address, id));
         tracing::debug!(conn = id, peer = %key.address, source = %key.source, destination = %key.destination, "tunnel connection established");
         let guard = conn.try_reserve().ok_or(HboneError::Status {
             target: key.address,
@@ -360,7 +389,6 @@ async fn drive(
     dead: Arc<AtomicBool>,
     peer: SocketAddr,
     id: u64,
-    stats: Arc<PoolStats>,
 ) {
     let ping_pong = connection.ping_pong();
     let keepalive = async move {
@@ -391,7 +419,6 @@ async fn drive(
         _ = keepalive => {}
     }
     dead.store(true, Ordering::Release);
-    stats.connections_closed.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The client side of an HTTP/2 handshake with Istio's window settings.
@@ -577,17 +604,17 @@ pub async fn relay_h2(
             let r = tokio::select! {
                 r = &mut up, if !up_done => { up_done = true; r }
                 r = &mut down, if !down_done => { down_done = true; r }
-                _ = cancel.cancelled() => break RelayOutcome::Reset(super::copy::CLOSED_BY_POLICY.to_owned()),
+                _ = cancel.cancelled() => break RelayOutcome::Revoked,
             };
             if let Err(e) = r {
-                break RelayOutcome::Reset(e.to_string());
+                break RelayOutcome::Reset(e);
             }
             if up_done && down_done {
                 break RelayOutcome::Closed;
             }
         }
     };
-    if outcome != RelayOutcome::Closed {
+    if !matches!(outcome, RelayOutcome::Closed) {
         send.send_reset(Reason::CANCEL);
         let _ = socket2::SockRef::from(tw.as_ref()).set_linger(Some(Duration::ZERO));
         tw.forget();
@@ -666,11 +693,11 @@ mod tests {
         let status = result
             .map(|(response, _, _)| response.status())
             .map_err(|e| e.to_string());
-        let stats = pool.stats();
+        let counters = pool.counters();
         (
             status,
-            stats.connections_opened.load(Ordering::Relaxed),
-            stats.streams_retried.load(Ordering::Relaxed),
+            counters.get(ProxyEvent::TunnelOpened),
+            counters.get(ProxyEvent::StreamRetried),
         )
     }
 

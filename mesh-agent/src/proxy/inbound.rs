@@ -4,16 +4,13 @@
 //! the app from inside the pod's netns over loopback, which `sk_lookup`
 //! leaves alone.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, atomic::Ordering},
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::{PodContext, Shared, account, authz::Subject, relay, reset};
-use crate::admin::{Connection, Direction, Outcome, SecurityPolicy};
+use super::{Error, PodContext, Shared, authz::Subject, relay, reset};
+use crate::telemetry::{Connection, Direction, ProxyEvent, SecurityPolicy};
 
 /// Accepts steered connections of one pod until cancelled.
 pub async fn serve(
@@ -30,10 +27,7 @@ pub async fn serve(
         "inbound",
         &limits,
         |client, peer, permit| {
-            shared
-                .stats
-                .inbound_accepted
-                .fetch_add(1, Ordering::Relaxed);
+            shared.telemetry.count(ProxyEvent::InboundAccepted);
             // From accept on, the agent dying resets the app (see copy::relay).
             super::copy::abort_on_close(&client);
             let task = handle(ctx.clone(), client, peer, shared.clone());
@@ -47,7 +41,6 @@ pub async fn serve(
 }
 
 async fn handle(ctx: Arc<PodContext>, client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    let stats = &shared.stats;
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let dst = match client.local_addr() {
         Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
@@ -58,7 +51,7 @@ async fn handle(ctx: Arc<PodContext>, client: TcpStream, peer: SocketAddr, share
         }
     };
     if !ctx.ips.contains(&dst.ip()) {
-        stats.failed.fetch_add(1, Ordering::Relaxed);
+        shared.telemetry.refused(&Error::NotThePod(dst));
         tracing::warn!(pod = %ctx.key, dst = %dst, "inbound connection for an address that is not the pod's; resetting it");
         reset(client);
         return;
@@ -74,9 +67,7 @@ async fn handle(ctx: Arc<PodContext>, client: TcpStream, peer: SocketAddr, share
     });
     // Delivering to the agent's own port would be accepted here again: a loop.
     if ctx.is_agent_listener(dst) {
-        stats.agent_port_refused.fetch_add(1, Ordering::Relaxed);
-        stats.failed.fetch_add(1, Ordering::Relaxed);
-        tracker.close(0, 0, Outcome::Error(super::agent_port_reason(dst)));
+        tracker.close(0, 0, Error::AgentPort(dst).into());
         reset(client);
         return;
     }
@@ -87,20 +78,22 @@ async fn handle(ctx: Arc<PodContext>, client: TcpStream, peer: SocketAddr, share
         workload: ctx.key.clone(),
         labels: ctx.labels.clone(),
     };
-    let Some((tracked, tracker)) = super::authorize(&shared, subject, tracker) else {
+    let Ok((tracked, tracker)) = super::authorize(&shared, subject, tracker) else {
         reset(client);
         return;
     };
     let app = match ctx.connect(dst).await {
         Ok(s) => s,
-        Err(e) => {
-            stats.failed.fetch_add(1, Ordering::Relaxed);
-            tracker.close(0, 0, Outcome::ConnectFailed(e.to_string()));
+        Err(source) => {
+            let unreachable = Error::App {
+                target: dst,
+                source,
+            };
+            tracker.close(0, 0, unreachable.into());
             reset(client);
             return;
         }
     };
     let result = relay(client, app, &tracked.cancel).await;
-    let outcome = account(stats, &result);
-    tracker.close(result.sent, result.received, outcome);
+    tracker.close(result.sent, result.received, result.outcome.into());
 }

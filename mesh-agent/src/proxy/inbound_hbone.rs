@@ -5,11 +5,7 @@
 //! 200 and a relay to the app, 400 for a bad method or a target that is not
 //! this pod, 503 when the app cannot be reached.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, atomic::Ordering},
-    time::Instant,
-};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use h2::RecvStream;
@@ -19,14 +15,16 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    PodContext, Shared, account,
+    Error, PodContext, Shared,
     authz::Subject,
     hbone,
     limits::{self, Expiry},
     reset,
 };
-use crate::admin::{Connection, Direction, Outcome, SecurityPolicy};
-use crate::identity::{SpiffeId, describe_tls_error, peer_identity};
+use crate::{
+    identity::{SpiffeId, describe_tls_error, peer_identity},
+    telemetry::{Connection, Direction, ProxyEvent, SecurityPolicy},
+};
 
 /// Accepts tunnel connections of one pod until cancelled.
 pub async fn serve(
@@ -204,50 +202,41 @@ async fn stream(
     shared: Arc<Shared>,
 ) {
     let start = Instant::now();
-    shared
-        .stats
-        .inbound_accepted
-        .fetch_add(1, Ordering::Relaxed);
+    shared.telemetry.count(ProxyEvent::InboundAccepted);
     // The source is the tunnel's TCP peer, as ztunnel has it: policy and
     // telemetry never use an address the peer chose. Its `forwarded` header
     // is kept as information only.
     let claimed = hbone::forwarded_for(&req);
-    let refuse =
-        |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode, reason: &str| {
-            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
-                direction = "inbound",
-                dst_workload = %ctx.key,
-                src = %peer,
-                src_identity = %peer_id,
-                forwarded_for = claimed.map(tracing::field::display),
-                security = "mutual_tls",
-                status = status.as_u16(),
-                reason,
-                duration_ms = start.elapsed().as_millis() as u64,
-                "connection failed"
-            );
-            hbone::respond_status(respond, status);
+    let refuse = |respond: &mut h2::server::SendResponse<Bytes>, refused: Error| {
+        shared.telemetry.refused(&refused);
+        let status = refused.connect_status();
+        tracing::info!(
+            direction = "inbound",
+            dst_workload = %ctx.key,
+            src = %peer,
+            src_identity = %peer_id,
+            forwarded_for = claimed.map(tracing::field::display),
+            security = "mutual_tls",
+            status = status.as_u16(),
+            reason = %refused,
+            duration_ms = start.elapsed().as_millis() as u64,
+            "connection failed"
+        );
+        hbone::respond_status(respond, status);
+    };
+    let Ok(target) = hbone::connect_target(&req) else {
+        let bad = Error::BadRequest {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
         };
-    let target = match hbone::connect_target(&req) {
-        Ok(t) => t,
-        Err(status) => {
-            let reason = format!("bad HBONE request: {} {}", req.method(), req.uri());
-            return refuse(&mut respond, status, &reason);
-        }
+        return refuse(&mut respond, bad);
     };
     if !ctx.ips.contains(&target.ip()) {
-        let reason = format!("CONNECT target {target} is not this pod");
-        return refuse(&mut respond, StatusCode::BAD_REQUEST, &reason);
+        return refuse(&mut respond, Error::TargetNotThePod(target));
     }
     // Delivering to the agent's own port would come back into the agent: a loop.
     if ctx.is_agent_listener(target) {
-        shared
-            .stats
-            .agent_port_refused
-            .fetch_add(1, Ordering::Relaxed);
-        let reason = super::agent_port_reason(target);
-        return refuse(&mut respond, StatusCode::BAD_REQUEST, &reason);
+        return refuse(&mut respond, Error::AgentPort(target));
     }
     let snapshot = shared.store.current();
     let mut tracker = shared.telemetry.open(Connection {
@@ -265,20 +254,17 @@ async fn stream(
         workload: ctx.key.clone(),
         labels: ctx.labels.clone(),
     };
-    let Some((tracked, tracker)) = super::authorize(&shared, subject, tracker) else {
-        hbone::respond_status(&mut respond, StatusCode::UNAUTHORIZED);
-        return;
+    let (tracked, tracker) = match super::authorize(&shared, subject, tracker) {
+        Ok(allowed) => allowed,
+        Err(status) => return hbone::respond_status(&mut respond, status),
     };
     let app = match ctx.connect(target).await {
         Ok(s) => s,
-        Err(e) => {
-            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-            tracker.close(
-                0,
-                0,
-                Outcome::ConnectFailed(format!("cannot reach the app at {target}: {e}")),
-            );
-            hbone::respond_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        Err(source) => {
+            let unreachable = Error::App { target, source };
+            let status = unreachable.connect_status();
+            tracker.close(0, 0, unreachable.into());
+            hbone::respond_status(&mut respond, status);
             return;
         }
     };
@@ -289,18 +275,12 @@ async fn stream(
     let send = match respond.send_response(response, false) {
         Ok(s) => s,
         Err(e) => {
-            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-            tracker.close(
-                0,
-                0,
-                Outcome::Error(format!("tunnel stream gone before the response: {e}")),
-            );
+            tracker.close(0, 0, Error::StreamGone(e).into());
             reset(app);
             return;
         }
     };
     let result = hbone::relay_h2(app, send, req.into_body(), &tracked.cancel).await;
-    let outcome = account(&shared.stats, &result);
     // relay_h2 counts from the TCP side (the app): swap to client -> server.
-    tracker.close(result.received, result.sent, outcome);
+    tracker.close(result.received, result.sent, result.outcome.into());
 }

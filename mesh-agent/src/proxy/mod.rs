@@ -10,6 +10,7 @@
 
 pub mod authz;
 mod copy;
+mod error;
 pub mod hbone;
 mod inbound;
 mod inbound_hbone;
@@ -20,7 +21,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -29,15 +30,16 @@ use tokio::{net::TcpStream, runtime::Handle};
 use tokio_util::sync::CancellationToken;
 
 pub use copy::{RelayOutcome, RelayResult, relay};
+pub use error::Error;
 
 use crate::{
-    admin::{Outcome, Telemetry},
     datapath::{
         OrigDstTable,
         netns::{self, NetnsWorker},
     },
     identity::{MeshTls, SpiffeId},
     state::{Store, WorkloadKey},
+    telemetry::{ConnectionTracker, PolicyDecision, Telemetry},
 };
 
 /// How long the agent waits for an upstream or delivery connect.
@@ -119,45 +121,6 @@ pub struct PodListeners {
     pub inbound_hbone: std::net::TcpListener,
 }
 
-/// Counters of the proxy, for logs and metrics.
-#[derive(Debug, Default)]
-pub struct ProxyStats {
-    /// Outbound connections accepted.
-    pub outbound_accepted: AtomicU64,
-    /// Inbound connections accepted.
-    pub inbound_accepted: AtomicU64,
-    /// Connections that completed (both directions closed cleanly).
-    pub completed: AtomicU64,
-    /// Connections that failed or were reset.
-    pub failed: AtomicU64,
-    /// Outbound connections with no recorded original destination (reset).
-    pub no_original_destination: AtomicU64,
-    /// Connections refused because they were addressed to one of the
-    /// agent's own listeners in the pod ([`PodContext::is_agent_listener`]).
-    pub agent_port_refused: AtomicU64,
-    /// Bytes relayed from clients to servers.
-    pub bytes_sent: AtomicU64,
-    /// Bytes relayed from servers to clients.
-    pub bytes_received: AtomicU64,
-}
-
-impl ProxyStats {
-    /// A copy of the counters as (name, value) pairs.
-    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-        let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        vec![
-            ("outbound_accepted", v(&self.outbound_accepted)),
-            ("inbound_accepted", v(&self.inbound_accepted)),
-            ("completed", v(&self.completed)),
-            ("failed", v(&self.failed)),
-            ("no_original_destination", v(&self.no_original_destination)),
-            ("agent_port_refused", v(&self.agent_port_refused)),
-            ("bytes_sent", v(&self.bytes_sent)),
-            ("bytes_received", v(&self.bytes_received)),
-        ]
-    }
-}
-
 /// What every connection handler shares.
 pub struct Shared {
     /// The kernel's original destinations.
@@ -168,11 +131,10 @@ pub struct Shared {
     pub tls: Arc<MeshTls>,
     /// Tunnel connections.
     pub pool: Arc<hbone::Pool>,
-    /// Counters.
-    pub stats: Arc<ProxyStats>,
     /// Authorization of inbound connections.
     pub authz: Arc<authz::Authz>,
-    /// Metrics, access log and the open-connection list.
+    /// Metrics, access log, the open-connection list and the proxy's
+    /// counters: everything the proxy counts, it reports here.
     pub telemetry: Telemetry,
     /// Rotates the first endpoint tried for service VIPs.
     pub next_endpoint: std::sync::atomic::AtomicUsize,
@@ -246,8 +208,7 @@ impl Proxy {
             orig_dst,
             store: store.clone(),
             tls,
-            pool: Arc::new(hbone::Pool::default()),
-            stats: Arc::default(),
+            pool: Arc::new(hbone::Pool::new(telemetry.counters.clone())),
             authz: authz.clone(),
             telemetry,
             next_endpoint: std::sync::atomic::AtomicUsize::new(0),
@@ -292,11 +253,6 @@ impl Proxy {
     /// The limits the proxy enforces, and their usage.
     pub fn limits(&self) -> Arc<limits::Bounds> {
         self.shared.limits.clone()
-    }
-
-    /// The proxy's counters.
-    pub fn stats(&self) -> Arc<ProxyStats> {
-        self.shared.stats.clone()
     }
 
     /// The proxy's unfinished connection tasks.
@@ -348,63 +304,31 @@ impl Proxy {
     }
 }
 
-/// Adds a finished relay to the counters; returns its outcome for the access log.
-fn account(stats: &ProxyStats, result: &RelayResult) -> Outcome {
-    stats.bytes_sent.fetch_add(result.sent, Ordering::Relaxed);
-    stats
-        .bytes_received
-        .fetch_add(result.received, Ordering::Relaxed);
-    match &result.outcome {
-        RelayOutcome::Closed => {
-            stats.completed.fetch_add(1, Ordering::Relaxed);
-            Outcome::Closed
-        }
-        RelayOutcome::Reset(e) if e == copy::CLOSED_BY_POLICY => {
-            stats.failed.fetch_add(1, Ordering::Relaxed);
-            Outcome::Denied {
-                policy: None,
-                reason: "closed by a policy change".to_owned(),
-            }
-        }
-        RelayOutcome::Reset(e) => {
-            stats.failed.fetch_add(1, Ordering::Relaxed);
-            Outcome::Reset(e.clone())
-        }
-    }
-}
-
-/// Decides an inbound connection: counts the decision; a denied one is
-/// closed in telemetry with the policy's reason (the caller refuses it); an
-/// allowed one is registered for re-checks when policies change.
+/// Decides an inbound connection: reports the decision; a denied one is
+/// closed in telemetry with the policy's reason and the caller refuses it
+/// (with the returned HBONE status); an allowed one is registered for
+/// re-checks when policies change.
 fn authorize(
     shared: &Shared,
     subject: authz::Subject,
-    tracker: crate::admin::ConnectionTracker,
-) -> Option<(authz::Tracked, crate::admin::ConnectionTracker)> {
-    use crate::admin::PolicyDecision;
+    tracker: ConnectionTracker,
+) -> Result<(authz::Tracked, ConnectionTracker), http::StatusCode> {
     let decision = shared.authz.check(&subject);
     if let Some(reason) = decision.deny_reason() {
-        shared.stats.failed.fetch_add(1, Ordering::Relaxed);
         shared
             .telemetry
             .metrics
             .policy_decision(PolicyDecision::Deny);
-        let policy = reason.policy().map(|p| p.to_string());
-        tracker.close(
-            0,
-            0,
-            Outcome::Denied {
-                policy,
-                reason: reason.to_string(),
-            },
-        );
-        return None;
+        let denied = Error::Denied(reason.clone());
+        let status = denied.connect_status();
+        tracker.close(0, 0, denied.into());
+        return Err(status);
     }
     shared
         .telemetry
         .metrics
         .policy_decision(PolicyDecision::Allow);
-    Some((shared.authz.track(subject), tracker))
+    Ok((shared.authz.track(subject), tracker))
 }
 
 /// The telemetry view of a peer: its workload (if the state knows the
@@ -414,21 +338,12 @@ fn peer(
     snapshot: &crate::state::Snapshot,
     addr: SocketAddr,
     identity: Option<&SpiffeId>,
-) -> crate::admin::Peer {
+) -> crate::telemetry::Peer {
     let identity = identity.map(|id| id.to_string());
     match snapshot.workload_by_ip(addr.ip()) {
-        Some(w) => crate::admin::Peer::from_workload(Some(addr), w, identity.as_deref()),
-        None => crate::admin::Peer::unknown_with_identity(Some(addr), identity.as_deref()),
+        Some(w) => crate::telemetry::Peer::from_workload(Some(addr), w, identity.as_deref()),
+        None => crate::telemetry::Peer::unknown_with_identity(Some(addr), identity.as_deref()),
     }
-}
-
-/// The `reason` of a connection refused because it was addressed to one of
-/// the agent's own listeners in the pod.
-fn agent_port_reason(dst: SocketAddr) -> String {
-    format!(
-        "{dst} is one of the agent's own ports in the pod (15001, 15006, 15008), not an app: \
-         refused, as delivering it would loop back into the agent"
-    )
 }
 
 /// Accepts on one of a pod's listeners until `cancel` fires, handing each
@@ -522,10 +437,10 @@ mod tests {
             p.labels.principal,
             "spiffe://cluster.local/ns/default/sa/intruder"
         );
-        assert_eq!(p.labels.workload, crate::admin::metrics::UNKNOWN);
+        assert_eq!(p.labels.workload, crate::telemetry::metrics::UNKNOWN);
         assert_eq!(p.pod, None);
         // Without a verified identity (plaintext) there is nothing to report.
         let p = peer(&snapshot, addr("198.18.9.9:40000"), None);
-        assert_eq!(p.labels.principal, crate::admin::metrics::UNKNOWN);
+        assert_eq!(p.labels.principal, crate::telemetry::metrics::UNKNOWN);
     }
 }

@@ -16,13 +16,13 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    PodContext, Shared, account,
+    Error, PodContext, Shared,
     hbone::{self, HboneError, PoolKey},
     peer, relay, reset,
 };
 use crate::{
-    admin::{Connection, Direction, Outcome, SecurityPolicy, ServiceLabels},
     identity::SpiffeId,
+    telemetry::{Connection, Direction, ProxyEvent, SecurityPolicy, ServiceLabels},
 };
 
 /// Accepts captured connections of one pod until cancelled.
@@ -40,10 +40,7 @@ pub async fn serve(
         "outbound",
         &limits,
         |client, peer, permit| {
-            shared
-                .stats
-                .outbound_accepted
-                .fetch_add(1, Ordering::Relaxed);
+            shared.telemetry.count(ProxyEvent::OutboundAccepted);
             // From accept on, the agent dying resets the app (see copy::relay).
             super::copy::abort_on_close(&client);
             let task = handle(ctx.clone(), client, peer, shared.clone());
@@ -62,40 +59,6 @@ pub async fn serve(
 fn is_loop(ctx: &PodContext, dst: SocketAddr) -> bool {
     let ip = dst.ip().to_canonical();
     ip.is_loopback() || ip.is_unspecified() || ctx.is_agent_listener(dst)
-}
-
-/// Why a captured connection could not be sent on (the access log's `reason`).
-#[derive(Debug, thiserror::Error)]
-enum SendError {
-    /// A service address with no ready endpoint for the port.
-    #[error("service {0} has no ready endpoint")]
-    NoEndpoint(SocketAddr),
-    /// A service endpoint that is the pod itself or one of the agent's own
-    /// ports in the pod.
-    #[error(
-        "endpoint {0} is this pod's loopback or one of the agent's own ports in it: refused (a loop)"
-    )]
-    Loop(SocketAddr),
-    /// A mesh workload whose identity cannot be formed.
-    #[error("{target} has no valid identity: {source}")]
-    NoIdentity {
-        /// The endpoint.
-        target: SocketAddr,
-        /// Why.
-        source: crate::identity::SpiffeIdError,
-    },
-    /// The HBONE tunnel failed: connect, mTLS (identity check) or the
-    /// peer's refusal (HTTP status).
-    #[error(transparent)]
-    Tunnel(#[from] HboneError),
-    /// A destination outside the mesh could not be reached.
-    #[error("cannot connect to {target}: {source}")]
-    Direct {
-        /// The destination.
-        target: SocketAddr,
-        /// The error.
-        source: std::io::Error,
-    },
 }
 
 /// The last endpoint tried for a captured connection, for the telemetry
@@ -118,25 +81,20 @@ async fn handle(
     shared: Arc<Shared>,
 ) {
     let Some(dst) = shared.orig_dst.take(ctx.netns_cookie, peer_addr).await else {
-        shared
-            .stats
-            .no_original_destination
-            .fetch_add(1, Ordering::Relaxed);
-        shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+        shared.telemetry.refused(&Error::NoOriginalDestination);
         tracing::warn!(pod = %ctx.key, client = %peer_addr, "no original destination for captured connection; resetting it");
         reset(client);
         return;
     };
     let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
     if is_loop(&ctx, dst) {
-        if ctx.is_agent_listener(dst) {
-            shared
-                .stats
-                .agent_port_refused
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(pod = %ctx.key, dst = %dst, "refusing to proxy to a loopback or capture address");
+        let refused = if ctx.is_agent_listener(dst) {
+            Error::AgentPort(dst)
+        } else {
+            Error::Loopback(dst)
+        };
+        shared.telemetry.refused(&refused);
+        tracing::warn!(pod = %ctx.key, dst = %dst, reason = %refused, "refusing to proxy to a loopback or capture address");
         reset(client);
         return;
     }
@@ -171,19 +129,16 @@ async fn handle(
         None => vec![dst],
     };
     let dst_service = service.map(ServiceLabels::from_service);
-    let mut last_error = SendError::NoEndpoint(dst);
+    let mut last_error = Error::NoEndpoint(dst);
     let mut last_attempt: Option<Attempt> = None;
     let mut client = Some(client);
     for target in targets {
         let Some(stream) = client.take() else { break };
         if is_loop(&ctx, target) {
             if ctx.is_agent_listener(target) {
-                shared
-                    .stats
-                    .agent_port_refused
-                    .fetch_add(1, Ordering::Relaxed);
+                shared.telemetry.count(ProxyEvent::AgentPortRefused);
             }
-            last_error = SendError::Loop(target);
+            last_error = Error::EndpointLoop(target);
             client = Some(stream);
             continue;
         }
@@ -201,7 +156,7 @@ async fn handle(
                     mutual_tls: true,
                     peer_id: None,
                 });
-                last_error = SendError::NoIdentity { target, source };
+                last_error = Error::NoIdentity { target, source };
                 client = Some(stream);
                 continue;
             }
@@ -210,12 +165,12 @@ async fn handle(
             Some(id) => open_tunnel(&ctx, target, src, id.clone(), &shared)
                 .await
                 .map(Upstream::Tunnel)
-                .map_err(SendError::Tunnel),
+                .map_err(Error::Tunnel),
             None => ctx
                 .connect(target)
                 .await
                 .map(Upstream::Direct)
-                .map_err(|source| SendError::Direct { target, source }),
+                .map_err(|source| Error::Direct { target, source }),
         };
         let upstream = match opened {
             Ok(u) => u,
@@ -252,14 +207,12 @@ async fn handle(
                 hbone::relay_h2(stream, send, response.into_body(), &never).await
             }
         };
-        let outcome = account(&shared.stats, &result);
-        tracker.close(result.sent, result.received, outcome);
+        tracker.close(result.sent, result.received, result.outcome.into());
         return;
     }
     // Nothing took the connection: report it as what was tried (an mTLS
     // attempt to the identity the endpoint had to prove, from the client's
     // real source address) and why it failed.
-    shared.stats.failed.fetch_add(1, Ordering::Relaxed);
     let attempt = last_attempt.unwrap_or(Attempt {
         src: source_for(dst),
         target: dst,
@@ -277,7 +230,7 @@ async fn handle(
             SecurityPolicy::None
         },
     });
-    tracker.close(0, 0, Outcome::ConnectFailed(last_error.to_string()));
+    tracker.close(0, 0, last_error.into());
     if let Some(stream) = client {
         reset(stream);
     }

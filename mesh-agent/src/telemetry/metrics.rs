@@ -10,23 +10,19 @@
 //!   for what the agent does not know, so cardinality stays bounded by the
 //!   number of workloads and services.
 //! - The agent's own: `mesh_enrolled_pods`, `mesh_enrollment_failed_pods`,
-//!   `mesh_certificates`,
-//!   `mesh_certificate_expiry_seconds{identity}`, `mesh_ca_expiry_seconds`,
-//!   `mesh_ca_expiring` (1 from 30 days before the CA expires),
-//!   `mesh_pool_connections`,
-//!   `mesh_pool_streams`, `mesh_policy_decisions_total{result}`.
+//!   `mesh_pool_connections`, `mesh_pool_streams`,
+//!   `mesh_policy_decisions_total{result}`.
 //! - The proxy's limits, read at scrape time once the agent registers them:
 //!   `mesh_limit_in_use{limit}`, `mesh_limit_max{limit}`,
 //!   `mesh_limit_refused_total{limit}`, `mesh_limit_closed_total{reason}`,
 //!   `mesh_limit_peers` and `mesh_fd_limit` (the soft `RLIMIT_NOFILE`).
-//! - The kernel's, read from the pinned maps at scrape time:
-//!   `mesh_ebpf_decisions_total{decision}` (one series per kernel counter),
-//!   `mesh_ebpf_map_entries{map}` and `mesh_ebpf_map_capacity{map}`.
+//! - Whatever else [`Metrics::register_collector`] adds: `admin` registers
+//!   the certificates' (`mesh_certificates`, `mesh_ca_expiry_seconds`, …)
+//!   and the kernel's (`mesh_ebpf_*`), read at scrape time.
 
 use std::{
     fmt,
     sync::{Arc, PoisonError, RwLock},
-    time::SystemTime,
 };
 
 use prometheus_client::{
@@ -41,7 +37,6 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::{certs::Certificates, kernel::KernelSource};
 use crate::state::{Service, Workload};
 
 /// The `Content-Type` of the encoded metrics.
@@ -379,10 +374,17 @@ impl fmt::Debug for Metrics {
     }
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
-    /// A registry with every metric; the kernel metrics come from `kernel`
-    /// (none without it), the certificate metrics from `certificates`.
-    pub fn new(kernel: Option<Arc<dyn KernelSource>>, certificates: Certificates) -> Self {
+    /// A registry with every metric of the proxy and the agent's gauges;
+    /// add the collectors read at scrape time with
+    /// [`Self::register_collector`].
+    pub fn new() -> Self {
         let mut registry = Registry::default();
         let tcp_opened = Family::<TcpLabels, Counter>::default();
         let tcp_closed = Family::<TcpLabels, Counter>::default();
@@ -438,12 +440,8 @@ impl Metrics {
             "Authorization decisions by result",
             policy_decisions.clone(),
         );
-        registry.register_collector(Box::new(CertificateCollector(certificates)));
         let limits_source = SharedLimitsSource::default();
         registry.register_collector(Box::new(LimitsCollector(limits_source.clone())));
-        if let Some(kernel) = kernel {
-            registry.register_collector(Box::new(KernelCollector(kernel)));
-        }
         Self {
             registry,
             tcp_opened,
@@ -458,6 +456,11 @@ impl Metrics {
             pool_source: RwLock::new(None),
             limits_source,
         }
+    }
+
+    /// Adds a collector read at every scrape (after the metrics above).
+    pub fn register_collector(&mut self, collector: Box<dyn Collector>) {
+        self.registry.register_collector(collector);
     }
 
     /// Counts an opened connection.
@@ -565,58 +568,6 @@ impl Metrics {
     }
 }
 
-/// `mesh_certificates` and `mesh_certificate_expiry_seconds{identity}`, at
-/// scrape time. (Collectors' help texts carry their own final period, which
-/// the registry adds to registered metrics.)
-#[derive(Debug)]
-struct CertificateCollector(Certificates);
-
-impl Collector for CertificateCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let certs = self.0.list();
-        let count = ConstGauge::new(i64::try_from(certs.len()).unwrap_or(i64::MAX));
-        let m = encoder.encode_descriptor(
-            "mesh_certificates",
-            "Workload certificates the agent holds.",
-            None,
-            MetricType::Gauge,
-        )?;
-        count.encode(m)?;
-        let now = SystemTime::now();
-        if let Some(ca) = self.0.ca() {
-            let m = encoder.encode_descriptor(
-                "mesh_ca_expiry_seconds",
-                "Seconds until the mesh CA certificate expires (negative once expired).",
-                None,
-                MetricType::Gauge,
-            )?;
-            ConstGauge::new(ca.expires_in(now)).encode(m)?;
-            let expiring = !matches!(ca.expiry_at(now), crate::identity::CaExpiry::Valid);
-            let m = encoder.encode_descriptor(
-                "mesh_ca_expiring",
-                "1 when the mesh CA expires within 30 days (or is not valid): install a new CA.",
-                None,
-                MetricType::Gauge,
-            )?;
-            ConstGauge::new(i64::from(expiring)).encode(m)?;
-        }
-        if certs.is_empty() {
-            return Ok(());
-        }
-        let mut m = encoder.encode_descriptor(
-            "mesh_certificate_expiry_seconds",
-            "Seconds until the workload certificate of an identity expires.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for c in &certs {
-            let labels = [("identity", c.identity.as_str())];
-            ConstGauge::new(c.expires_in(now)).encode(m.encode_family(&labels)?)?;
-        }
-        Ok(())
-    }
-}
-
 /// The proxy's limits, read at scrape time; nothing until a source is set.
 struct LimitsCollector(SharedLimitsSource);
 
@@ -692,94 +643,11 @@ impl Collector for LimitsCollector {
     }
 }
 
-/// The kernel counters and map occupancy, read at scrape time.
-#[derive(Debug)]
-struct KernelCollector(Arc<dyn KernelSource>);
-
-impl Collector for KernelCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        match self.0.counters() {
-            Ok(reading) => {
-                let mut m = encoder.encode_descriptor(
-                    "mesh_ebpf_decisions",
-                    "Decisions of the kernel programs, by counter.",
-                    None,
-                    MetricType::Counter,
-                )?;
-                for (name, value) in reading {
-                    let labels = [("decision", name)];
-                    ConstCounter::new(value).encode(m.encode_family(&labels)?)?;
-                }
-            }
-            Err(e) => tracing::debug!(error = %e, "cannot read the kernel counters for a scrape"),
-        }
-        let occupancy = self.0.occupancy();
-        if occupancy.is_empty() {
-            return Ok(());
-        }
-        let mut m = encoder.encode_descriptor(
-            "mesh_ebpf_map_entries",
-            "Entries in the datapath's maps.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for o in &occupancy {
-            let labels = [("map", o.map)];
-            ConstGauge::new(i64::try_from(o.entries).unwrap_or(i64::MAX))
-                .encode(m.encode_family(&labels)?)?;
-        }
-        let mut m = encoder.encode_descriptor(
-            "mesh_ebpf_map_capacity",
-            "Maximum entries of the datapath's maps.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for o in &occupancy {
-            let labels = [("map", o.map)];
-            ConstGauge::new(i64::try_from(o.capacity).unwrap_or(i64::MAX))
-                .encode(m.encode_family(&labels)?)?;
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::{
-        collections::BTreeMap,
-        time::{Duration, SystemTime},
-    };
+    use std::collections::BTreeMap;
 
     use super::*;
-    use crate::{
-        admin::{
-            certs::{CertificateInfo, CertificateSource},
-            kernel::{KernelPodAddr, MapOccupancy},
-        },
-        datapath::DatapathError,
-    };
-
-    #[derive(Debug)]
-    struct FakeKernel;
-
-    impl KernelSource for FakeKernel {
-        fn counters(&self) -> Result<Vec<(&'static str, u64)>, DatapathError> {
-            Ok(vec![
-                ("connect_redirected", 3),
-                ("lookup_dropped_no_listener", 1),
-            ])
-        }
-        fn occupancy(&self) -> Vec<MapOccupancy> {
-            vec![MapOccupancy {
-                map: "ENROLLED_NETNS",
-                entries: 2,
-                capacity: 1024,
-            }]
-        }
-        fn pod_addrs(&self) -> Result<Vec<KernelPodAddr>, DatapathError> {
-            Ok(Vec::new())
-        }
-    }
 
     fn pod(name: &str, labels: &[(&str, &str)]) -> Workload {
         Workload {
@@ -828,7 +696,8 @@ request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"mutua
 
     #[test]
     fn encodes_a_known_sequence_exactly() {
-        let m = Metrics::new(Some(Arc::new(FakeKernel)), Certificates::default());
+        // admin::collectors checks what its collectors add after this.
+        let m = Metrics::new();
         let l = labels();
         m.connection_opened(&l);
         m.connection_opened(&l);
@@ -868,19 +737,6 @@ mesh_pool_streams 1\n\
 # HELP mesh_policy_decisions Authorization decisions by result.\n\
 # TYPE mesh_policy_decisions counter\n\
 mesh_policy_decisions_total{{result=\"deny\"}} 1\n\
-# HELP mesh_certificates Workload certificates the agent holds.\n\
-# TYPE mesh_certificates gauge\n\
-mesh_certificates 0\n\
-# HELP mesh_ebpf_decisions Decisions of the kernel programs, by counter.\n\
-# TYPE mesh_ebpf_decisions counter\n\
-mesh_ebpf_decisions_total{{decision=\"connect_redirected\"}} 3\n\
-mesh_ebpf_decisions_total{{decision=\"lookup_dropped_no_listener\"}} 1\n\
-# HELP mesh_ebpf_map_entries Entries in the datapath's maps.\n\
-# TYPE mesh_ebpf_map_entries gauge\n\
-mesh_ebpf_map_entries{{map=\"ENROLLED_NETNS\"}} 2\n\
-# HELP mesh_ebpf_map_capacity Maximum entries of the datapath's maps.\n\
-# TYPE mesh_ebpf_map_capacity gauge\n\
-mesh_ebpf_map_capacity{{map=\"ENROLLED_NETNS\"}} 1024\n\
 # EOF\n"
         );
         assert_eq!(m.encode().expect("encode"), expected);
@@ -888,7 +744,7 @@ mesh_ebpf_map_capacity{{map=\"ENROLLED_NETNS\"}} 1024\n\
 
     #[test]
     fn response_flags_and_reporter_make_separate_series() {
-        let m = Metrics::new(None, Certificates::default());
+        let m = Metrics::new();
         let mut l = labels();
         m.connection_closed(&l, 0, 0);
         l.response_flags = ResponseFlags::Denied;
@@ -921,7 +777,7 @@ mesh_ebpf_map_capacity{{map=\"ENROLLED_NETNS\"}} 1024\n\
 
     #[test]
     fn pool_gauges_follow_a_source_at_scrape_time() {
-        let m = Metrics::new(None, Certificates::default());
+        let m = Metrics::new();
         let n = Arc::new(std::sync::atomic::AtomicU64::new(3));
         let seen = n.clone();
         m.set_pool_source(move || (seen.load(std::sync::atomic::Ordering::Relaxed), 7));
@@ -938,7 +794,7 @@ mesh_ebpf_map_capacity{{map=\"ENROLLED_NETNS\"}} 1024\n\
 
     #[test]
     fn limit_metrics_appear_once_a_source_is_set() {
-        let m = Metrics::new(None, Certificates::default());
+        let m = Metrics::new();
         assert!(!m.encode().expect("encode").contains("mesh_limit"));
         m.set_limits_source(|| LimitsReading {
             in_use: vec![("connections", 3, 10)],
@@ -982,52 +838,5 @@ mesh_ebpf_map_capacity{{map=\"ENROLLED_NETNS\"}} 1024\n\
         let unknown = PeerLabels::unknown();
         assert_eq!(unknown.workload, "unknown");
         assert_eq!(unknown.principal, "unknown");
-    }
-
-    struct OneCert;
-    impl CertificateSource for OneCert {
-        fn certificates(&self) -> Vec<CertificateInfo> {
-            let now = SystemTime::now();
-            vec![CertificateInfo {
-                identity: "spiffe://cluster.local/ns/default/sa/a".into(),
-                serial: "0a".into(),
-                not_before: now,
-                not_after: now + Duration::from_secs(3600),
-                chain_len: 2,
-            }]
-        }
-    }
-
-    #[test]
-    fn certificate_metrics_are_read_at_scrape_time() {
-        let certs = Certificates::default();
-        let m = Metrics::new(None, certs.clone());
-        assert!(
-            m.encode()
-                .expect("encode")
-                .contains("\nmesh_certificates 0\n")
-        );
-        assert!(
-            !m.encode()
-                .expect("encode")
-                .contains("mesh_certificate_expiry_seconds{")
-        );
-        certs.set_source(Arc::new(OneCert));
-        let text = m.encode().expect("encode");
-        assert!(text.contains("\nmesh_certificates 1\n"), "{text}");
-        let line = text
-            .lines()
-            .find(|l| {
-                l.starts_with(
-                    "mesh_certificate_expiry_seconds{identity=\"spiffe://cluster.local/ns/default/sa/a\"} ",
-                )
-            })
-            .expect("expiry series");
-        let secs: i64 = line
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse().ok())
-            .expect("value");
-        assert!((3590..=3600).contains(&secs), "{line}");
     }
 }

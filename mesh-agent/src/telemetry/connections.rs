@@ -12,9 +12,10 @@ use std::{
     time::{Instant, SystemTime},
 };
 
+use super::unix;
 use super::{
-    access_log::{self, ConnectionRecord, Direction, Endpoint, Outcome},
-    certs::unix,
+    access_log::{self, ConnectionRecord, Direction, Endpoint, Failure, FailureKind, Outcome},
+    counters::{ProxyCounters, ProxyEvent},
     metrics::{
         ConnectionLabels, Metrics, PeerLabels, Reporter, ResponseFlags, SecurityPolicy,
         ServiceLabels, UNKNOWN,
@@ -226,22 +227,41 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// What the proxy reports through: metrics, the open-connection registry
-/// and the access log. Cheap to clone.
+/// What the proxy reports through: metrics, the open-connection registry,
+/// the proxy's counters and the access log. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Telemetry {
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
     /// The open connections.
     pub connections: ConnectionRegistry,
+    /// The proxy's counters.
+    pub counters: Arc<ProxyCounters>,
 }
 
 impl Telemetry {
-    /// Reports through `metrics` and a fresh connection registry.
+    /// Reports through `metrics`, a fresh connection registry and fresh
+    /// counters.
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             metrics,
             connections: ConnectionRegistry::default(),
+            counters: Arc::default(),
+        }
+    }
+
+    /// Counts `event`.
+    pub fn count(&self, event: ProxyEvent) {
+        self.counters.count(event);
+    }
+
+    /// A connection was refused before it was tracked (no original
+    /// destination, not addressed to the pod, a bad tunnel request): counts
+    /// it as failed, and the counter of `why` if it has one.
+    pub fn refused(&self, why: &dyn Failure) {
+        self.counters.failed();
+        if let Some(event) = why.event() {
+            self.counters.count(event);
         }
     }
 
@@ -287,8 +307,8 @@ impl ConnectionTracker {
     }
 
     /// The connection closed after relaying `sent` bytes from the client to
-    /// the server and `received` back: counts it, writes its access-log
-    /// line and unlists it.
+    /// the server and `received` back: counts it (Istio metrics, the
+    /// proxy's counters), writes its access-log line and unlists it.
     pub fn close(mut self, sent: u64, received: u64, outcome: Outcome) {
         self.finish(sent, received, outcome);
     }
@@ -297,14 +317,17 @@ impl ConnectionTracker {
         let Some(guard) = self.guard.take() else {
             return;
         };
-        let flags = match outcome {
-            Outcome::Denied { .. } => ResponseFlags::Denied,
-            Outcome::ConnectFailed(_) => ResponseFlags::ConnectFailure,
-            Outcome::Closed | Outcome::Reset(_) | Outcome::Error(_) => ResponseFlags::None,
-        };
+        let labels = self.conn.labels(outcome.response_flags());
         self.telemetry
             .metrics
-            .connection_closed(&self.conn.labels(flags), sent, received);
+            .connection_closed(&labels, sent, received);
+        let counters = &self.telemetry.counters;
+        counters.closed(matches!(outcome, Outcome::Closed), sent, received);
+        if let Outcome::Failed(f) = &outcome
+            && let Some(event) = f.event()
+        {
+            counters.count(event);
+        }
         access_log::log_connection(&ConnectionRecord {
             direction: self.conn.direction,
             src: self.conn.src.endpoint(),
@@ -324,15 +347,25 @@ impl ConnectionTracker {
 impl Drop for ConnectionTracker {
     fn drop(&mut self) {
         if self.guard.is_some() {
-            self.finish(0, 0, Outcome::Error("dropped before it was closed".into()));
+            self.finish(0, 0, Outcome::failed(Dropped));
         }
+    }
+}
+
+/// A tracker dropped without being closed (its task was cancelled).
+#[derive(Debug, thiserror::Error)]
+#[error("dropped before it was closed")]
+struct Dropped;
+
+impl Failure for Dropped {
+    fn kind(&self) -> FailureKind {
+        FailureKind::Error
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admin::certs::Certificates;
 
     fn workload(name: &str) -> Workload {
         Workload {
@@ -344,7 +377,7 @@ mod tests {
 
     #[test]
     fn tracker_lists_until_closed_and_counts_once() {
-        let telemetry = Telemetry::new(Arc::new(Metrics::new(None, Certificates::default())));
+        let telemetry = Telemetry::new(Arc::new(Metrics::new()));
         let conn = Connection {
             direction: Direction::Outbound,
             src: Peer::from_workload(
@@ -379,11 +412,23 @@ mod tests {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum();
         assert_eq!(closed, 2);
+        // The proxy's counters are derived from the same two reports.
+        let counters: std::collections::BTreeMap<_, _> =
+            telemetry.counters.snapshot().into_iter().collect();
+        assert_eq!(
+            (
+                counters["completed"],
+                counters["failed"],
+                counters["bytes_sent"],
+                counters["bytes_received"]
+            ),
+            (1, 1, 10, 20)
+        );
     }
 
     #[test]
     fn a_verified_identity_at_an_unknown_address_is_the_source_principal() {
-        let telemetry = Telemetry::new(Arc::new(Metrics::new(None, Certificates::default())));
+        let telemetry = Telemetry::new(Arc::new(Metrics::new()));
         let principal = "spiffe://cluster.local/ns/default/sa/intruder";
         let conn = Connection {
             direction: Direction::Inbound,

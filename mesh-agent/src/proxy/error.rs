@@ -1,0 +1,280 @@
+//! Why the proxy did not carry a connection, or stopped carrying it: one
+//! typed error for every path (outbound, inbound plaintext, inbound HBONE,
+//! the relays), mapped once — here — to what telemetry reports (the access
+//! log's `outcome`, `reason` and `policy`, the `response_flags` label, the
+//! proxy's counters) and to the status an HBONE `CONNECT` is answered with.
+
+use std::{io, net::SocketAddr};
+
+use http::StatusCode;
+
+use super::{copy::RelayOutcome, hbone::HboneError};
+use crate::{
+    identity::SpiffeIdError,
+    policy::DenyReason,
+    telemetry::{Failure, FailureKind, Outcome, ProxyEvent},
+};
+
+/// Why the proxy refused, failed or cut a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The kernel recorded no original destination for a captured
+    /// connection (the datapath was reinstalled under it, or the record was
+    /// evicted).
+    #[error("no original destination recorded for the captured connection")]
+    NoOriginalDestination,
+    /// The destination is the pod itself (loopback or the unspecified
+    /// address): proxying it would loop.
+    #[error("{0} is the pod's own loopback or unspecified address: refused (a loop)")]
+    Loopback(SocketAddr),
+    /// The destination is one of the agent's own listeners in the pod.
+    #[error(
+        "{0} is one of the agent's own ports in the pod (15001, 15006, 15008), not an app: \
+         refused, as delivering it would loop back into the agent"
+    )]
+    AgentPort(SocketAddr),
+    /// A service address with no ready endpoint for the port.
+    #[error("service {0} has no ready endpoint")]
+    NoEndpoint(SocketAddr),
+    /// A service endpoint that is the pod itself or one of the agent's own
+    /// ports in the pod.
+    #[error(
+        "endpoint {0} is this pod's loopback or one of the agent's own ports in it: refused (a loop)"
+    )]
+    EndpointLoop(SocketAddr),
+    /// A mesh workload whose identity cannot be formed.
+    #[error("{target} has no valid identity: {source}")]
+    NoIdentity {
+        /// The endpoint.
+        target: SocketAddr,
+        /// Why.
+        source: SpiffeIdError,
+    },
+    /// The HBONE tunnel failed: connect, mTLS (identity check) or the
+    /// peer's refusal (HTTP status).
+    #[error(transparent)]
+    Tunnel(#[from] HboneError),
+    /// A destination outside the mesh could not be reached.
+    #[error("cannot connect to {target}: {source}")]
+    Direct {
+        /// The destination.
+        target: SocketAddr,
+        /// The error.
+        source: io::Error,
+    },
+    /// An inbound connection to an address that is not the pod's.
+    #[error("{0} is not one of the pod's addresses")]
+    NotThePod(SocketAddr),
+    /// An HBONE request that is not a `CONNECT` to an address.
+    #[error("bad HBONE request: {method} {uri}")]
+    BadRequest {
+        /// The request's method.
+        method: http::Method,
+        /// The request's URI.
+        uri: http::Uri,
+    },
+    /// An HBONE `CONNECT` to an address that is not the pod's.
+    #[error("CONNECT target {0} is not this pod")]
+    TargetNotThePod(SocketAddr),
+    /// An authorization policy (or the absence of an ALLOW one) denies the
+    /// connection.
+    #[error("{0}")]
+    Denied(DenyReason),
+    /// The app in the pod could not be reached.
+    #[error("cannot reach the app at {target}: {source} (is the app listening on that port?)")]
+    App {
+        /// The app's address.
+        target: SocketAddr,
+        /// The error.
+        source: io::Error,
+    },
+    /// The tunnel stream ended before the agent could answer the `CONNECT`.
+    #[error("tunnel stream gone before the response: {0}")]
+    StreamGone(#[source] h2::Error),
+    /// A side of the relay failed or reset the connection.
+    #[error(transparent)]
+    Relay(io::Error),
+    /// A policy change denies the open connection, so the relay was cut.
+    #[error("closed by a policy change")]
+    Revoked,
+}
+
+impl Error {
+    /// The status an HBONE `CONNECT` that failed so is answered with: 400
+    /// for a request the agent will never serve, 401 for a denial, 503 for
+    /// a destination it cannot reach now.
+    pub fn connect_status(&self) -> StatusCode {
+        match self {
+            Self::Denied(_) | Self::Revoked => StatusCode::UNAUTHORIZED,
+            Self::BadRequest { .. }
+            | Self::TargetNotThePod(_)
+            | Self::AgentPort(_)
+            | Self::Loopback(_)
+            | Self::EndpointLoop(_)
+            | Self::NotThePod(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl Failure for Error {
+    fn kind(&self) -> FailureKind {
+        match self {
+            Self::NoEndpoint(_)
+            | Self::EndpointLoop(_)
+            | Self::NoIdentity { .. }
+            | Self::Tunnel(_)
+            | Self::Direct { .. }
+            | Self::App { .. } => FailureKind::ConnectFailed,
+            Self::Denied(_) | Self::Revoked => FailureKind::Denied,
+            Self::Relay(_) => FailureKind::Reset,
+            Self::NoOriginalDestination
+            | Self::Loopback(_)
+            | Self::AgentPort(_)
+            | Self::NotThePod(_)
+            | Self::BadRequest { .. }
+            | Self::TargetNotThePod(_)
+            | Self::StreamGone(_) => FailureKind::Error,
+        }
+    }
+
+    fn policy(&self) -> Option<String> {
+        match self {
+            Self::Denied(reason) => reason.policy().map(ToString::to_string),
+            _ => None,
+        }
+    }
+
+    fn event(&self) -> Option<ProxyEvent> {
+        match self {
+            Self::NoOriginalDestination => Some(ProxyEvent::NoOriginalDestination),
+            Self::AgentPort(_) => Some(ProxyEvent::AgentPortRefused),
+            _ => None,
+        }
+    }
+}
+
+impl From<Error> for Outcome {
+    fn from(e: Error) -> Self {
+        Outcome::failed(e)
+    }
+}
+
+/// How a relay ended, as telemetry reports it.
+impl From<RelayOutcome> for Outcome {
+    fn from(end: RelayOutcome) -> Self {
+        match end {
+            RelayOutcome::Closed => Outcome::Closed,
+            RelayOutcome::Reset(e) => Error::Relay(e).into(),
+            RelayOutcome::Revoked => Error::Revoked.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::ResponseFlags;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("address")
+    }
+
+    #[test]
+    fn each_error_maps_once_to_the_access_log_flags_and_status() {
+        let c = addr("198.18.2.10:8080");
+        let refused = || io::Error::from(io::ErrorKind::ConnectionRefused);
+        let cases: Vec<(Error, &str, ResponseFlags, StatusCode)> = vec![
+            (
+                Error::Tunnel(HboneError::Status {
+                    target: c,
+                    status: StatusCode::UNAUTHORIZED,
+                }),
+                "connect_failed",
+                ResponseFlags::ConnectFailure,
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                Error::App {
+                    target: c,
+                    source: refused(),
+                },
+                "connect_failed",
+                ResponseFlags::ConnectFailure,
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                Error::Denied(DenyReason::NoAllowMatched),
+                "denied",
+                ResponseFlags::Denied,
+                StatusCode::UNAUTHORIZED,
+            ),
+            (
+                Error::Revoked,
+                "denied",
+                ResponseFlags::Denied,
+                StatusCode::UNAUTHORIZED,
+            ),
+            (
+                Error::Relay(io::Error::from(io::ErrorKind::ConnectionReset)),
+                "reset",
+                ResponseFlags::None,
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                Error::AgentPort(addr("198.18.2.10:15006")),
+                "error",
+                ResponseFlags::None,
+                StatusCode::BAD_REQUEST,
+            ),
+        ];
+        for (error, outcome, flags, status) in cases {
+            assert_eq!(error.connect_status(), status, "{error}");
+            let o = Outcome::failed(error);
+            assert_eq!((o.as_str(), o.response_flags()), (outcome, flags), "{o:?}");
+        }
+    }
+
+    #[test]
+    fn texts_the_tests_and_operators_read_stay() {
+        let o = Outcome::failed(Error::Revoked);
+        assert_eq!(o.reason().as_deref(), Some("closed by a policy change"));
+        assert_eq!(o.policy(), None);
+        let own = Error::AgentPort(addr("198.18.2.10:15006")).to_string();
+        assert!(
+            own.contains("one of the agent's own ports in the pod"),
+            "{own}"
+        );
+        let tunnel = Error::from(HboneError::Status {
+            target: addr("198.18.2.10:8080"),
+            status: StatusCode::UNAUTHORIZED,
+        });
+        assert!(tunnel.to_string().contains("HTTP 401"), "{tunnel}");
+        assert_eq!(
+            Error::AgentPort(addr("198.18.2.10:15006")).event(),
+            Some(ProxyEvent::AgentPortRefused)
+        );
+    }
+
+    #[test]
+    fn an_unreachable_tunnel_port_suggests_what_blocks_it() {
+        let peer = addr("198.18.2.10:15008");
+        let tunnel = |kind: io::ErrorKind| {
+            Error::from(HboneError::Connect {
+                addr: peer,
+                source: io::Error::from(kind),
+            })
+            .to_string()
+        };
+        for kind in [io::ErrorKind::ConnectionRefused, io::ErrorKind::TimedOut] {
+            let text = tunnel(kind);
+            assert!(
+                text.contains("is a NetworkPolicy or firewall blocking port 15008?"),
+                "{text}"
+            );
+        }
+        // Nothing suggests a filter when the error is local.
+        let text = tunnel(io::ErrorKind::PermissionDenied);
+        assert!(!text.contains("NetworkPolicy"), "{text}");
+    }
+}
