@@ -13,22 +13,14 @@ use std::{
     os::unix::process::CommandExt as _,
     path::Path,
     process::Command,
-    sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use common::{Mesh, agent_bin, in_netns};
-use mesh_agent::{
-    cli::client,
-    identity::{LocalCa, MeshCa, SpiffeId, TrustDomain, WorkloadCert, crypto_provider},
-};
+use common::{Mesh, agent_bin, in_netns, rogue};
+use mesh_agent::{cli::client, identity::WorkloadCert};
 use mesh_lab::{LabChild, LabSpec, NodeSpec, PodSpec};
-use rustls::{
-    ClientConfig, DigitallySignedStruct, SignatureScheme,
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    pki_types::{CertificateDer, ServerName, UnixTime},
-};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 const ADMIN: &str = "127.0.0.1:15000";
@@ -131,68 +123,6 @@ fn limits_dump(mesh: &Mesh) -> serde_json::Value {
     dump["limits"].clone()
 }
 
-/// Accepts any server certificate (the test wants the server's verdict).
-#[derive(Debug)]
-struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAny {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// A valid mesh certificate for `default/x`, from the lab's CA.
-fn x_cert(mesh: &Mesh) -> WorkloadCert {
-    let td = TrustDomain::new("cluster.local").expect("td");
-    let ca = Arc::new(MeshCa::load_dir(&mesh.ca_dir()).expect("lab CA"));
-    let id = SpiffeId::new(td.clone(), "default", "x").expect("id");
-    let now = SystemTime::now();
-    let hour = Duration::from_secs(3600);
-    LocalCa::new(ca, td)
-        .issue_valid_between(&id, now - hour, now + hour)
-        .expect("issue")
-}
-
-fn client_config(cert: &WorkloadCert) -> Arc<ClientConfig> {
-    let provider = crypto_provider();
-    let mut config = ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
-        .with_client_auth_cert(cert.chain().to_vec(), cert.key().clone_key())
-        .expect("client cert");
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    config.enable_sni = false;
-    Arc::new(config)
-}
-
 /// A TCP connection made from inside the netns at `netns` (the test process
 /// is outside the lab cgroup: nothing captures it; sk_lookup still steers it).
 /// A connection the agent resets at once may fail already in `connect`.
@@ -209,7 +139,7 @@ type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 /// mTLS to `to` from `netns` with `cert`.
 async fn tls_from(netns: &Path, to: SocketAddr, cert: &WorkloadCert) -> Result<Tls, String> {
     let tcp = tcp_from(netns, to).map_err(|e| format!("connect: {e}"))?;
-    tokio_rustls::TlsConnector::from(client_config(cert))
+    tokio_rustls::TlsConnector::from(rogue::client_config(cert).0)
         .connect(ServerName::IpAddress(to.ip().into()), tcp)
         .await
         .map_err(|e| format!("TLS handshake: {e}"))
@@ -313,7 +243,7 @@ fn hbone_peers_that_stall_after_tls_or_the_preface_or_sit_idle_are_closed() {
         None,
     );
     let a = addrs(&mesh);
-    let cert = x_cert(&mesh);
+    let cert = rogue::mesh_cert(&mesh, "x");
     let rt = runtime();
 
     // Control: a well-behaved peer gets its tunnel.
@@ -398,7 +328,7 @@ fn hbone_connections_streams_and_handshakes_beyond_their_caps_are_refused_and_co
         None,
     );
     let a = addrs(&mesh);
-    let cert = x_cert(&mesh);
+    let cert = rogue::mesh_cert(&mesh, "x");
     let rt = runtime();
     rt.block_on(async {
         // Two connections, three streams: all served.

@@ -421,11 +421,15 @@ fn last_json<T: serde::de::DeserializeOwned>(
 
 fn print_upgrades(row: &UpgradeRow) {
     println!(
-        "upgrades under load: {} rounds (both nodes each): short connections {} failed of {} {:?}; long-lived {} cut of {}",
+        "upgrades under load: {} rounds (both nodes each): short connections {} failed of {}{}; long-lived {} cut of {}",
         row.rounds,
         row.short_failed,
         row.short_attempted,
-        row.short_errors,
+        if row.short_errors.is_empty() {
+            String::new()
+        } else {
+            format!(" {:?}", row.short_errors)
+        },
         row.long_failed,
         row.long_attempted
     );

@@ -70,24 +70,7 @@ pub fn ca_dir(lab: &Lab, bins: &Bins) -> anyhow::Result<PathBuf> {
 
 /// Starts node `node`'s agent on its workload file and waits until it is ready.
 pub fn start_agent(lab: &Lab, bins: &Bins, node: usize) -> anyhow::Result<LabChild> {
-    let ca = ca_dir(lab, bins)?;
-    let n = lab.node(node)?;
-    let mut cmd = Command::new(&bins.agent);
-    cmd.arg("run")
-        .arg("--workloads")
-        .arg(lab.scratch_path(&format!("workloads-n{node}.yaml")))
-        .arg("--pin-dir")
-        .arg(n.pin_dir())
-        .arg("--cgroup")
-        .arg(n.cgroup_dir())
-        .arg("--ca-dir")
-        .arg(&ca)
-        .args(["--reload-interval-ms", "200"]);
-    let agent = lab.spawn_in_node(node, cmd)?;
-    agent
-        .wait_for_log("agent ready", Duration::from_secs(20))
-        .with_context(|| format!("agent on node {node} did not start"))?;
-    Ok(agent)
+    start_agent_with(lab, bins, node, &[])
 }
 
 /// Starts another agent on node `node` with `extra` arguments (e.g. other
