@@ -400,7 +400,7 @@ fn bad_workload_files_are_rejected_clearly_and_do_not_disturb_enrolled_pods() {
         // The running agent rejects it and keeps its state.
         mesh.write_workload_text(0, text);
         rejected += 1;
-        mesh.wait_agent_log_count(0, "workload file rejected", rejected);
+        mesh.wait_rejected(0, rejected);
         let log = mesh.agent(0).log_contents().expect("log");
         let line = log
             .lines()

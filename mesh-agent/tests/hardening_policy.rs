@@ -130,7 +130,7 @@ fn the_dry_run_annotation_is_read_like_go_parse_bool() {
     assert!(mesh.agent_log_count(1, "connection matched an AUDIT policy") >= 1);
 
     write(&mesh, &deny_all("tRuE"));
-    mesh.wait_agent_log_count(1, "workload file rejected", 1);
+    mesh.wait_rejected(1, 1);
     let log = mesh.agent(1).log_contents().expect("log");
     assert!(
         log.contains("policies[0].metadata.annotations[istio.io/dry-run]: AuthorizationPolicy default/deny-all: invalid value \"tRuE\""),
@@ -159,7 +159,7 @@ fn a_policy_the_api_server_would_refuse_rejects_the_workload_file() {
         &mesh,
         "  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n    metadata: {namespace: default}\n    spec: {action: DENY, rules: [{}]}\n",
     );
-    mesh.wait_agent_log_count(1, "workload file rejected", 1);
+    mesh.wait_rejected(1, 1);
     let log = mesh.agent(1).log_contents().expect("log");
     let line = log
         .lines()
@@ -178,7 +178,7 @@ fn a_policy_the_api_server_would_refuse_rejects_the_workload_file() {
             "{action: DENY, selector: {matchLabels: {app: c}}, targetRefs: [{kind: Service, name: c}], rules: [{}]}",
         ),
     );
-    mesh.wait_agent_log_count(1, "workload file rejected", 2);
+    mesh.wait_rejected(1, 2);
     assert!(
         mesh.agent(1)
             .log_contents()

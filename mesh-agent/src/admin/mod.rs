@@ -356,6 +356,11 @@ impl Admin {
                 "peer_authentication": snap.policies.peer_authentication,
             })
         });
+        let s = store.clone();
+        self.config_dump().register("sources", move || {
+            let r = s.rejections();
+            json!({ "rejected": r.count, "last_error": r.last_error })
+        });
         let enrollment = self.enrollment.clone();
         self.config_dump().register("enrollment", move || {
             let e = enrollment.read().unwrap_or_else(PoisonError::into_inner);

@@ -188,23 +188,27 @@ impl CertManager {
     /// Spawns a task calling [`rotate_due`](Self::rotate_due) every `period`
     /// (a tenth of the certificate TTL, capped at a minute, is a good choice),
     /// so idle identities are rotated before their next handshake, and
-    /// [`check_ca_expiry`](Self::check_ca_expiry) at once and then hourly.
+    /// [`check_ca_expiry`](Self::check_ca_expiry) at once (before returning) and
+    /// then hourly.
     /// The task ends when the manager is dropped.
     pub fn spawn_sweeper(self: &Arc<Self>, period: Duration) -> tokio::task::JoinHandle<()> {
+        // The first CA check runs here, before the caller goes on (and so
+        // before the agent reports ready): its warning is there at start.
+        self.check_ca_expiry(SystemTime::now());
         let weak: Weak<Self> = Arc::downgrade(self);
         let period = period.max(Duration::from_millis(10));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut ca_checked: Option<tokio::time::Instant> = None;
+            let mut ca_checked = tokio::time::Instant::now();
             loop {
                 tick.tick().await;
                 let Some(manager) = weak.upgrade() else {
                     break;
                 };
-                if ca_checked.is_none_or(|at| at.elapsed() >= CA_CHECK_PERIOD) {
+                if ca_checked.elapsed() >= CA_CHECK_PERIOD {
                     manager.check_ca_expiry(SystemTime::now());
-                    ca_checked = Some(tokio::time::Instant::now());
+                    ca_checked = tokio::time::Instant::now();
                 }
                 manager.rotate_due();
             }

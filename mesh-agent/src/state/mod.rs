@@ -315,12 +315,25 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     ip.to_canonical()
 }
 
+/// What a source had to refuse: input that did not validate, while the last
+/// good snapshot stays in force. Shown in `/config_dump` (`sources`), so an
+/// operator (and a test) sees a refused file without reading the log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rejections {
+    /// How many inputs were refused since start.
+    pub count: u64,
+    /// Why the last one was (the error, with the field path).
+    pub last_error: Option<String>,
+}
+
 /// The store: sources publish, readers subscribe.
 #[derive(Clone)]
 pub struct Store {
     tx: Arc<watch::Sender<Arc<Snapshot>>>,
     /// Istio's root namespace, which policies are compiled for.
     root_namespace: Arc<str>,
+    /// Inputs the sources refused.
+    rejections: Arc<std::sync::Mutex<Rejections>>,
 }
 
 impl Default for Store {
@@ -347,7 +360,27 @@ impl Store {
         Self {
             tx: Arc::new(tx),
             root_namespace: root_namespace.into(),
+            rejections: Arc::default(),
         }
+    }
+
+    /// A source refused its input (`error` says why); the current snapshot
+    /// stays as it is.
+    pub fn record_rejection(&self, error: String) {
+        let mut r = self
+            .rejections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        r.count += 1;
+        r.last_error = Some(error);
+    }
+
+    /// What the sources refused so far.
+    pub fn rejections(&self) -> Rejections {
+        self.rejections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The root namespace policies are compiled for.
@@ -442,6 +475,21 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_inputs_are_counted_and_the_snapshot_stays() {
+        let store = Store::new();
+        let before = store.current().generation;
+        assert_eq!(store.rejections(), Rejections::default());
+        store.record_rejection("policies[0].metadata.name: missing".into());
+        store.record_rejection("bad YAML at line 3".into());
+        let r = store.rejections();
+        assert_eq!(r.count, 2);
+        assert_eq!(r.last_error.as_deref(), Some("bad YAML at line 3"));
+        assert_eq!(store.current().generation, before);
+        // Clones share the record (the file source and admin hold clones).
+        assert_eq!(store.clone().rejections().count, 2);
+    }
 
     fn workload(name: &str, ip: &str) -> Workload {
         Workload {

@@ -577,6 +577,7 @@ pub async fn watch(path: PathBuf, store: Store, interval: Duration, cancel: Canc
             }
             Err(e) => {
                 tracing::error!(error = %e, "workload file rejected; keeping the last good state");
+                store.record_rejection(e.to_string());
             }
         }
     }

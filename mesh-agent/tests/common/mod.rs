@@ -395,27 +395,14 @@ impl Mesh {
         self.agents[node].as_ref().expect("agent running")
     }
 
-    /// Waits until node `node`'s agent log holds `count` lines with `needle`.
-    ///
-    /// Only for what the agent reports nowhere but its log, when that report
-    /// is the test's subject (a rejected workload file changes no state: the
-    /// last good one stays; the CA-expiry warning). Synchronise on an
-    /// endpoint everywhere else ([`Mesh::wait_ready`], [`Mesh::wait_applied`],
-    /// [`Mesh::wait_closed`], ...).
-    pub fn wait_agent_log_count(&self, node: usize, needle: &str, count: usize) {
-        let agent = self.agent(node);
-        let deadline = std::time::Instant::now() + AGENT_TIMEOUT;
-        loop {
-            let log = agent.log_contents().unwrap_or_default();
-            if log.matches(needle).count() >= count {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no {count}x {needle:?} in agent log:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    /// Waits until node `node`'s agent has refused at least `count`
+    /// workload files (its config dump's `sources.rejected`): a refused file
+    /// changes no state, so this is the endpoint that shows it. The refusal
+    /// is logged before it is counted.
+    pub fn wait_rejected(&self, node: usize, count: u64) {
+        self.wait_dump(node, &format!("{count} refused workload file(s)"), |dump| {
+            dump["sources"]["rejected"].as_u64().unwrap_or(0) >= count
+        });
     }
 
     /// Number of `needle` occurrences in node `node`'s agent log so far.
