@@ -123,22 +123,11 @@ fn limits_dump(mesh: &Mesh) -> serde_json::Value {
     dump["limits"].clone()
 }
 
-/// A TCP connection made from inside the netns at `netns` (the test process
-/// is outside the lab cgroup: nothing captures it; sk_lookup still steers it).
-/// A connection the agent resets at once may fail already in `connect`.
-fn tcp_from(netns: &Path, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
-    let s = in_netns(netns, || {
-        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))
-    })?;
-    s.set_nonblocking(true)?;
-    tokio::net::TcpStream::from_std(s)
-}
-
 type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
 /// mTLS to `to` from `netns` with `cert`.
 async fn tls_from(netns: &Path, to: SocketAddr, cert: &WorkloadCert) -> Result<Tls, String> {
-    let tcp = tcp_from(netns, to).map_err(|e| format!("connect: {e}"))?;
+    let tcp = rogue::try_tcp_from(netns, to).map_err(|e| format!("connect: {e}"))?;
     tokio_rustls::TlsConnector::from(rogue::client_config(cert).0)
         .connect(ServerName::IpAddress(to.ip().into()), tcp)
         .await
@@ -372,7 +361,7 @@ fn hbone_connections_streams_and_handshakes_beyond_their_caps_are_refused_and_co
     rt.block_on(async {
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..3 {
-            match tcp_from(&a.x_netns, a.hbone) {
+            match rogue::try_tcp_from(&a.x_netns, a.hbone) {
                 Ok(tcp) => set.spawn(closed_within(tcp, Duration::from_secs(600))),
                 // Reset before connect() returned: refused too.
                 Err(_) => set.spawn(async { true }),
@@ -435,12 +424,12 @@ fn connections_beyond_the_global_cap_are_refused_counted_and_the_slot_comes_back
     let a = addrs(&mesh);
     let rt = runtime();
     rt.block_on(async {
-        let mut c1 = tcp_from(&a.x_netns, a.app).expect("connect");
-        let mut c2 = tcp_from(&a.x_netns, a.app).expect("connect");
+        let mut c1 = rogue::try_tcp_from(&a.x_netns, a.app).expect("connect");
+        let mut c2 = rogue::try_tcp_from(&a.x_netns, a.app).expect("connect");
         assert!(echo(&mut c1, b"one").await, "first connection");
         assert!(echo(&mut c2, b"two").await, "second connection");
         // Reset by the agent (possibly before connect() returned).
-        if let Ok(mut c3) = tcp_from(&a.x_netns, a.app) {
+        if let Ok(mut c3) = rogue::try_tcp_from(&a.x_netns, a.app) {
             assert!(
                 !echo(&mut c3, b"three").await,
                 "a connection beyond the global cap was served"
@@ -450,7 +439,7 @@ fn connections_beyond_the_global_cap_are_refused_counted_and_the_slot_comes_back
         // The freed slot serves a new connection.
         let deadline = Instant::now() + CLOSE_WITHIN;
         loop {
-            if let Ok(mut c4) = tcp_from(&a.x_netns, a.app)
+            if let Ok(mut c4) = rogue::try_tcp_from(&a.x_netns, a.app)
                 && echo(&mut c4, b"four").await
             {
                 break;

@@ -8,7 +8,7 @@ mod kube_fake;
 
 use std::{path::Path, process::Command};
 
-use common::{Mesh, agent_bin, delta, in_netns};
+use common::{Mesh, agent_bin, delta, in_netns, listener_in_netns};
 use mesh_agent::cli::client;
 use mesh_lab::{LabSpec, NodeSpec, PodSpec, app::ProbeOutcome, lab_app_path};
 use serde_json::Value;
@@ -374,13 +374,6 @@ fn the_agent_refuses_to_start_with_an_expired_or_not_yet_valid_ca() {
             "{name}: the datapath was loaded before the CA was checked"
         );
     }
-}
-
-/// Binds `127.0.0.1:0` inside the netns at `netns` (for the fake API server).
-fn listener_in_netns(netns: &Path) -> std::net::TcpListener {
-    in_netns(netns, || {
-        std::net::TcpListener::bind("127.0.0.1:0").expect("bind in the node netns")
-    })
 }
 
 #[test]

@@ -15,29 +15,12 @@
 mod common;
 mod kube_fake;
 
-use std::{os::fd::AsRawFd as _, path::Path, time::Duration};
+use std::time::Duration;
 
-use common::{Mesh, delta};
+use common::{Mesh, delta, listener_in_netns};
 use kube_fake::{FakeApiServer, objects};
 use mesh_lab::{LabSpec, NodeSpec, PodSpec};
 use serde_json::json;
-
-/// Binds `127.0.0.1:0` inside the network namespace at `netns` (the lab
-/// node's, where the agent runs), from a short-lived thread.
-fn listener_in_netns(netns: &Path) -> std::net::TcpListener {
-    let netns = netns.to_owned();
-    std::thread::spawn(move || {
-        let f =
-            std::fs::File::open(&netns).unwrap_or_else(|e| panic!("open {}: {e}", netns.display()));
-        // SAFETY: setns() changes only this thread's network namespace; the
-        // thread ends right after binding (the socket keeps the namespace).
-        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        std::net::TcpListener::bind("127.0.0.1:0").expect("bind in the node netns")
-    })
-    .join()
-    .expect("netns thread")
-}
 
 /// Inbound connections the kernel handed to the agent (to its plaintext or
 /// its HBONE listener, whichever the proxy uses between enrolled pods).

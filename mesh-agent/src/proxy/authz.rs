@@ -98,11 +98,6 @@ impl Authz {
         }
     }
 
-    /// The compiled policies in force (those of the current snapshot).
-    pub fn current(&self) -> Arc<CompiledPolicies> {
-        self.store.current().compiled.clone()
-    }
-
     /// Decides a new connection (the caller reports the decision).
     pub fn check(&self, subject: &Subject) -> Decision {
         let decision = subject.decide(&self.store.current().compiled.store);

@@ -617,6 +617,14 @@ pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
+/// Binds `127.0.0.1:0` inside the netns at `netns` (a lab node's, where the
+/// agent runs: the fake API server listens there).
+pub fn listener_in_netns(netns: &Path) -> std::net::TcpListener {
+    in_netns(netns, || {
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind in the node netns")
+    })
+}
+
 /// `after - before` for each counter named.
 pub fn delta(before: &Counters, after: &Counters, name: &str) -> u64 {
     after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)

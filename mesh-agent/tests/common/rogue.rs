@@ -3,9 +3,7 @@
 //! with any headers, from inside any netns of the lab.
 
 use std::{
-    fs::File,
     net::SocketAddr,
-    os::fd::AsRawFd,
     path::Path,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -95,20 +93,19 @@ pub fn client_config(cert: &WorkloadCert) -> (Arc<ClientConfig>, Arc<AcceptAny>)
 
 /// A TCP connection made from inside the netns at `netns` (the test process
 /// is outside the lab cgroup, so nothing captures it; the destination's
-/// sk_lookup still steers it).
+/// sk_lookup still steers it). A connection the agent resets at once may
+/// fail already here.
+pub fn try_tcp_from(netns: &Path, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let s = super::in_netns(netns, || {
+        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))
+    })?;
+    s.set_nonblocking(true)?;
+    tokio::net::TcpStream::from_std(s)
+}
+
+/// [`try_tcp_from`] for a connection that must succeed.
 pub fn tcp_from(netns: &Path, to: SocketAddr) -> tokio::net::TcpStream {
-    let netns = netns.to_owned();
-    let std_stream = std::thread::spawn(move || {
-        let ns = File::open(&netns).expect("open netns");
-        // SAFETY: setns on a valid fd, changing only this short-lived thread's netns.
-        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect")
-    })
-    .join()
-    .expect("thread");
-    std_stream.set_nonblocking(true).expect("nonblocking");
-    tokio::net::TcpStream::from_std(std_stream).expect("tokio stream")
+    try_tcp_from(netns, to).expect("connect")
 }
 
 /// Opens HBONE to `to` from `netns` with `cert` and sends CONNECT `target`
