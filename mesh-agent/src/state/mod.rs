@@ -123,6 +123,9 @@ pub struct Snapshot {
     /// report), set by [`Store::publish_snapshot`]: what a source puts here
     /// is replaced. Shared between generations while `policies` do not change.
     pub compiled: Arc<CompiledPolicies>,
+    /// Traffic-management objects as served (issue 11), compiled into
+    /// routes by the routing engine.
+    pub routing: RoutingObjects,
     /// Address indexes, built on first use (a snapshot never changes).
     pub index: Index,
 }
@@ -137,6 +140,7 @@ impl PartialEq for Snapshot {
             services,
             policies,
             compiled: _,
+            routing,
             index: _,
         } = self;
         *generation == other.generation
@@ -144,6 +148,7 @@ impl PartialEq for Snapshot {
             && *workloads == other.workloads
             && *services == other.services
             && *policies == other.policies
+            && *routing == other.routing
     }
 }
 impl Eq for Snapshot {}
@@ -284,6 +289,19 @@ pub struct Policies {
     pub peer_authentication: Vec<serde_json::Value>,
 }
 
+/// Traffic-management objects, raw (`serde_json::Value` objects as served,
+/// sorted by namespace and name, `managedFields` dropped); the routing
+/// engine parses and compiles them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoutingObjects {
+    /// `networking.istio.io` DestinationRule objects.
+    pub destination_rules: Vec<serde_json::Value>,
+    /// `networking.istio.io` VirtualService objects.
+    pub virtual_services: Vec<serde_json::Value>,
+    /// `gateway.networking.k8s.io` TCPRoute objects.
+    pub tcp_routes: Vec<serde_json::Value>,
+}
+
 impl Snapshot {
     /// The workload that owns `ip`, if any.
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
@@ -416,6 +434,7 @@ impl Store {
                 services: current.services.clone(),
                 policies: current.policies.clone(),
                 compiled: current.compiled.clone(),
+                routing: current.routing.clone(),
                 index: Index::default(),
             });
             true
@@ -443,6 +462,7 @@ impl Store {
                 && current.node == next.node
                 && current.workloads == next.workloads
                 && current.services == next.services
+                && current.routing == next.routing
             {
                 generation = current.generation;
                 return false;
