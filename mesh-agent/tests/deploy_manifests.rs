@@ -987,7 +987,7 @@ fn no_pod_but_the_issuer_reads_the_ca_secret() {
                 }
                 let local_agent = dir == "examples/local-ca" && name == "mesh-agent";
                 assert!(
-                    is_issuer && who == "ca" || is_issuer && who == "<pod volume>" || local_agent,
+                    is_issuer && (who == "ca" || who == "<pod volume>") || local_agent,
                     "deploy/{dir}: {kind} {ns}/{name} ({who}) reads the CA key Secret \
                      {secret} by {how}: only the issuer's pod may"
                 );
