@@ -13,6 +13,7 @@ use crate::{
     sync,
 };
 
+pub mod ca_serve;
 pub mod check;
 pub mod client;
 pub mod query;
@@ -80,6 +81,9 @@ enum CaCommand {
         #[arg(long, default_value_t = crate::identity::DEFAULT_CA_DAYS)]
         days: u32,
     },
+    /// Serve Istio's certificate service with the mesh CA: agents get
+    /// certificates for the pods on their node without holding the CA key.
+    Serve(ca_serve::CaServeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -243,6 +247,7 @@ pub fn main() -> ExitCode {
             trust_domain,
             days,
         }) => ca_init(&out, &trust_domain, days),
+        Command::Ca(CaCommand::Serve(args)) => ca_serve::run(&args),
         Command::Check {
             workloads,
             root_namespace,

@@ -74,5 +74,5 @@ pub use peer::{PeerCertError, describe_tls_error, peer_identity};
 pub use provider::crypto_provider;
 pub use spiffe::{DEFAULT_TRUST_DOMAIN, SpiffeId, SpiffeIdError, TrustDomain};
 
-/// For `manager.rs`, which reads it as `super::fmt_time`.
-use clock::fmt_time;
+/// For `manager.rs` (as `super::fmt_time`) and the CA server's logs.
+pub use clock::fmt_time;

@@ -89,8 +89,8 @@ impl MeshCa {
         };
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| crypto(&e))?;
         let uri = id.to_string().try_into().map_err(|e| crypto(&e))?;
-        let params = leaf_params(vec![SanType::URI(uri)], not_before, not_after)
-            .map_err(|e| crypto(&e))?;
+        let params =
+            leaf_params(vec![SanType::URI(uri)], not_before, not_after).map_err(|e| crypto(&e))?;
         let cert = params
             .signed_by(&key, &self.issuer)
             .map_err(|e| crypto(&e))?;
@@ -110,15 +110,20 @@ impl MeshCa {
     /// serverAuth + clientAuth), back-dated by [`CLOCK_SKEW`], valid for `ttl`
     /// (whole seconds, rounded up) but never past the CA's expiry. Returns the
     /// PEM chain leaf, intermediates, root, as Istio does.
-    pub fn sign_csr(&self, csr: &[u8], id: &SpiffeId, ttl: Duration) -> Result<SignedCsr, SignError> {
+    pub fn sign_csr(
+        &self,
+        csr: &[u8],
+        id: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<SignedCsr, SignError> {
         let key = check_csr(csr, id)?;
         let (not_before, not_after) = self.leaf_validity(ttl)?;
         let crypto = |e: &dyn fmt::Display| SignError::Crypto {
             detail: e.to_string(),
         };
         let uri = id.to_string().try_into().map_err(|e| crypto(&e))?;
-        let mut params = leaf_params(vec![SanType::URI(uri)], not_before, not_after)
-            .map_err(|e| crypto(&e))?;
+        let mut params =
+            leaf_params(vec![SanType::URI(uri)], not_before, not_after).map_err(|e| crypto(&e))?;
         let serial = random_serial().map_err(|e| crypto(&e))?;
         let serial_hex = serial.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         params.serial_number = Some(serial);
@@ -141,7 +146,14 @@ impl MeshCa {
         &self,
         dns_names: &[String],
         ttl: Duration,
-    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, SystemTime), SignError> {
+    ) -> Result<
+        (
+            Vec<CertificateDer<'static>>,
+            PrivateKeyDer<'static>,
+            SystemTime,
+        ),
+        SignError,
+    > {
         let (not_before, not_after) = self.leaf_validity(ttl)?;
         let crypto = |e: &dyn fmt::Display| SignError::Crypto {
             detail: e.to_string(),

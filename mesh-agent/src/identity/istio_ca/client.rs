@@ -158,6 +158,15 @@ pub enum CaClientError {
         /// The CA's reason.
         message: String,
     },
+    /// The CA answered but cannot serve now (its Kubernetes API is down, it is
+    /// at its request limit): it failed closed.
+    #[error("the CA at {address} is unavailable: {message} (retry later)")]
+    Unavailable {
+        /// The CA's address.
+        address: String,
+        /// The CA's reason.
+        message: String,
+    },
     /// Any other refusal or failure the CA reported.
     #[error("the CA at {address} answered {code:?}: {message}")]
     Refused {
@@ -413,10 +422,15 @@ impl IstioCaClient {
                     after: self.timeout,
                 }
             }
-            Code::Unavailable => CaClientError::Unreachable {
-                address,
-                detail: full_message(&status),
-            },
+            // The channel's own status carries the transport error as its
+            // source (no connection); one the server sent is the CA failing closed.
+            Code::Unavailable if std::error::Error::source(&status).is_some() => {
+                CaClientError::Unreachable {
+                    address,
+                    detail: full_message(&status),
+                }
+            }
+            Code::Unavailable => CaClientError::Unavailable { address, message },
             code => CaClientError::Refused {
                 address,
                 code,

@@ -54,10 +54,10 @@ pub mod istio_certificate_service_client {
         dead_code,
         missing_docs,
         clippy::wildcard_imports,
-        clippy::let_unit_value,
+        clippy::let_unit_value
     )]
-    use tonic::codegen::*;
     use tonic::codegen::http::Uri;
+    use tonic::codegen::*;
     /// Istio's certificate service.
     #[derive(Debug, Clone)]
     pub struct IstioCertificateServiceClient<T> {
@@ -86,18 +86,15 @@ pub mod istio_certificate_service_client {
             F: tonic::service::Interceptor,
             T::ResponseBody: Default,
             T: tonic::codegen::Service<
-                http::Request<tonic::body::Body>,
-                Response = http::Response<
-                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                    http::Request<tonic::body::Body>,
+                    Response = http::Response<
+                        <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                    >,
                 >,
-            >,
-            <T as tonic::codegen::Service<
-                http::Request<tonic::body::Body>,
-            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+            <T as tonic::codegen::Service<http::Request<tonic::body::Body>>>::Error:
+                Into<StdError> + std::marker::Send + std::marker::Sync,
         {
-            IstioCertificateServiceClient::new(
-                InterceptedService::new(inner, interceptor),
-            )
+            IstioCertificateServiceClient::new(InterceptedService::new(inner, interceptor))
         }
         /// Compress requests with the given encoding.
         ///
@@ -134,30 +131,20 @@ pub mod istio_certificate_service_client {
         pub async fn create_certificate(
             &mut self,
             request: impl tonic::IntoRequest<super::IstioCertificateRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::IstioCertificateResponse>,
-            tonic::Status,
-        > {
-            self.inner
-                .ready()
-                .await
-                .map_err(|e| {
-                    tonic::Status::unknown(
-                        format!("Service was not ready: {}", e.into()),
-                    )
-                })?;
+        ) -> std::result::Result<tonic::Response<super::IstioCertificateResponse>, tonic::Status>
+        {
+            self.inner.ready().await.map_err(|e| {
+                tonic::Status::unknown(format!("Service was not ready: {}", e.into()))
+            })?;
             let codec = tonic_prost::ProstCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/istio.v1.auth.IstioCertificateService/CreateCertificate",
             );
             let mut req = request.into_request();
-            req.extensions_mut()
-                .insert(
-                    GrpcMethod::new(
-                        "istio.v1.auth.IstioCertificateService",
-                        "CreateCertificate",
-                    ),
-                );
+            req.extensions_mut().insert(GrpcMethod::new(
+                "istio.v1.auth.IstioCertificateService",
+                "CreateCertificate",
+            ));
             self.inner.unary(req, path, codec).await
         }
     }
@@ -169,7 +156,7 @@ pub mod istio_certificate_service_server {
         dead_code,
         missing_docs,
         clippy::wildcard_imports,
-        clippy::let_unit_value,
+        clippy::let_unit_value
     )]
     use tonic::codegen::*;
     /// Generated trait containing gRPC methods that should be implemented for use with IstioCertificateServiceServer.
@@ -179,10 +166,7 @@ pub mod istio_certificate_service_server {
         async fn create_certificate(
             &self,
             request: tonic::Request<super::IstioCertificateRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::IstioCertificateResponse>,
-            tonic::Status,
-        >;
+        ) -> std::result::Result<tonic::Response<super::IstioCertificateResponse>, tonic::Status>;
     }
     /// Istio's certificate service.
     #[derive(Debug)]
@@ -206,10 +190,7 @@ pub mod istio_certificate_service_server {
                 max_encoding_message_size: None,
             }
         }
-        pub fn with_interceptor<F>(
-            inner: T,
-            interceptor: F,
-        ) -> InterceptedService<Self, F>
+        pub fn with_interceptor<F>(inner: T, interceptor: F) -> InterceptedService<Self, F>
         where
             F: tonic::service::Interceptor,
         {
@@ -244,8 +225,7 @@ pub mod istio_certificate_service_server {
             self
         }
     }
-    impl<T, B> tonic::codegen::Service<http::Request<B>>
-    for IstioCertificateServiceServer<T>
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for IstioCertificateServiceServer<T>
     where
         T: IstioCertificateService,
         B: Body + std::marker::Send + 'static,
@@ -265,25 +245,19 @@ pub mod istio_certificate_service_server {
                 "/istio.v1.auth.IstioCertificateService/CreateCertificate" => {
                     #[allow(non_camel_case_types)]
                     struct CreateCertificateSvc<T: IstioCertificateService>(pub Arc<T>);
-                    impl<
-                        T: IstioCertificateService,
-                    > tonic::server::UnaryService<super::IstioCertificateRequest>
-                    for CreateCertificateSvc<T> {
+                    impl<T: IstioCertificateService>
+                        tonic::server::UnaryService<super::IstioCertificateRequest>
+                        for CreateCertificateSvc<T>
+                    {
                         type Response = super::IstioCertificateResponse;
-                        type Future = BoxFuture<
-                            tonic::Response<Self::Response>,
-                            tonic::Status,
-                        >;
+                        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
                         fn call(
                             &mut self,
                             request: tonic::Request<super::IstioCertificateRequest>,
                         ) -> Self::Future {
                             let inner = Arc::clone(&self.0);
                             let fut = async move {
-                                <T as IstioCertificateService>::create_certificate(
-                                        &inner,
-                                        request,
-                                    )
+                                <T as IstioCertificateService>::create_certificate(&inner, request)
                                     .await
                             };
                             Box::pin(fut)
@@ -311,25 +285,19 @@ pub mod istio_certificate_service_server {
                     };
                     Box::pin(fut)
                 }
-                _ => {
-                    Box::pin(async move {
-                        let mut response = http::Response::new(
-                            tonic::body::Body::default(),
-                        );
-                        let headers = response.headers_mut();
-                        headers
-                            .insert(
-                                tonic::Status::GRPC_STATUS,
-                                (tonic::Code::Unimplemented as i32).into(),
-                            );
-                        headers
-                            .insert(
-                                http::header::CONTENT_TYPE,
-                                tonic::metadata::GRPC_CONTENT_TYPE,
-                            );
-                        Ok(response)
-                    })
-                }
+                _ => Box::pin(async move {
+                    let mut response = http::Response::new(tonic::body::Body::default());
+                    let headers = response.headers_mut();
+                    headers.insert(
+                        tonic::Status::GRPC_STATUS,
+                        (tonic::Code::Unimplemented as i32).into(),
+                    );
+                    headers.insert(
+                        http::header::CONTENT_TYPE,
+                        tonic::metadata::GRPC_CONTENT_TYPE,
+                    );
+                    Ok(response)
+                }),
             }
         }
     }
