@@ -36,7 +36,7 @@ impl Tmp {
     fn new(tag: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("mesh-ca-serve-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).expect("temp dir");
         Self(dir)
     }
 }
@@ -48,11 +48,11 @@ impl Drop for Tmp {
 }
 
 fn td() -> TrustDomain {
-    TrustDomain::new("cluster.local").unwrap()
+    TrustDomain::new("cluster.local").expect("trust domain")
 }
 
 fn id(ns: &str, sa: &str) -> SpiffeId {
-    SpiffeId::new(td(), ns, sa).unwrap()
+    SpiffeId::new(td(), ns, sa).expect("identity")
 }
 
 fn pod(ns: &str, name: &str, uid: &str, sa: &str, node: &str) -> Value {
@@ -135,14 +135,14 @@ struct Ca {
 
 fn mesh_ca(tag: &str) -> Ca {
     let dir = Tmp::new(tag);
-    MeshCa::init_dir(&dir.0.join("ca"), &td(), 30).unwrap();
-    let ca = Arc::new(MeshCa::load_dir(&dir.0.join("ca")).unwrap());
+    MeshCa::init_dir(&dir.0.join("ca"), &td(), 30).expect("ca init");
+    let ca = Arc::new(MeshCa::load_dir(&dir.0.join("ca")).expect("ca load"));
     Ca { _dir: dir, ca }
 }
 
 async fn serve(ca: &Ca, api: &FakeApiServer, tune: impl FnOnce(&mut CaServerConfig)) -> CaServer {
     let mut cfg = CaServerConfig::new(Arc::clone(&ca.ca), td());
-    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.listen = "127.0.0.1:0".parse().expect("address");
     cfg.dns_names = vec![DNS_NAME.into()];
     cfg.max_cert_ttl = MAX_TTL;
     cfg.min_cert_ttl = MIN_TTL;
@@ -150,7 +150,9 @@ async fn serve(ca: &Ca, api: &FakeApiServer, tune: impl FnOnce(&mut CaServerConf
     cfg.rate_burst = 1000;
     cfg.api_timeout = Duration::from_secs(5);
     tune(&mut cfg);
-    ca_server::start(cfg, api.client()).await.unwrap()
+    ca_server::start(cfg, api.client())
+        .await
+        .expect("CA server starts")
 }
 
 /// A client of `addr` presenting the token in `token_file`.
@@ -172,12 +174,12 @@ fn client_with(
         cluster_id: Some("Kubernetes".into()),
         timeout: Duration::from_secs(10),
     })
-    .unwrap()
+    .expect("client")
 }
 
 fn token(dir: &Tmp, token: &str) -> PathBuf {
     let path = dir.0.join("token");
-    std::fs::write(&path, format!("{token}\n")).unwrap();
+    std::fs::write(&path, format!("{token}\n")).expect("token file");
     path
 }
 
@@ -195,13 +197,14 @@ async fn ask(
     ),
     CaClientError,
 > {
-    let (csr, key) = generate_csr(want).unwrap();
+    let (csr, key) = generate_csr(want).expect("CSR");
     let chain = client
         .create_certificate(&csr, impersonate.then_some(want), ttl)
         .await?;
-    let der = pem_chain_to_der(&chain).unwrap();
+    let der = pem_chain_to_der(&chain).expect("PEM chain");
     // The leaf names `want` and carries the CSR's key.
-    let cert = WorkloadCert::new(want.clone(), der[..der.len() - 1].to_vec(), key).unwrap();
+    let cert = WorkloadCert::new(want.clone(), der[..der.len() - 1].to_vec(), key)
+        .expect("the leaf names the identity and carries the CSR key");
     Ok((cert, der))
 }
 
@@ -212,8 +215,8 @@ fn verifies_to_root(chain: &[rustls::pki_types::CertificateDer<'static>], ca: &C
         Some(root),
         "the chain ends with the mesh root"
     );
-    let (_, leaf) = X509Certificate::from_der(chain[0].as_ref()).unwrap();
-    let (_, root) = X509Certificate::from_der(root.as_ref()).unwrap();
+    let (_, leaf) = X509Certificate::from_der(chain[0].as_ref()).expect("leaf");
+    let (_, root) = X509Certificate::from_der(root.as_ref()).expect("root");
     assert_eq!(leaf.issuer(), root.subject());
     leaf.verify_signature(Some(root.public_key()))
         .expect("the leaf is signed by the mesh root");

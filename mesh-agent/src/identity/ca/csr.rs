@@ -243,3 +243,171 @@ pub(super) fn cert_pem(der: &CertificateDer<'_>) -> String {
         pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::Duration};
+
+    use rcgen::{CertificateParams, KeyPair, SanType, SignatureAlgorithm};
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use x509_parser::prelude::X509Certificate;
+
+    use super::*;
+    use crate::identity::{
+        CLOCK_SKEW, MeshCa, TrustDomain, WorkloadCert, istio_ca::pem_chain_to_der, peer_identity,
+    };
+
+    fn ca(days: u32) -> Arc<MeshCa> {
+        let g = MeshCa::generate(&TrustDomain::default(), days).unwrap();
+        Arc::new(MeshCa::from_pem(g.cert_pem.as_bytes(), g.key_pem.as_bytes(), None).unwrap())
+    }
+
+    fn cart() -> SpiffeId {
+        SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/cart").unwrap()
+    }
+
+    /// A CSR with `sans` and a fresh key of `alg`: (PEM, DER, key).
+    fn csr(alg: &'static SignatureAlgorithm, sans: Vec<SanType>) -> (String, Vec<u8>, KeyPair) {
+        let key = KeyPair::generate_for(alg).unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.subject_alt_names = sans;
+        let req = params.serialize_request(&key).unwrap();
+        (req.pem().unwrap(), req.der().to_vec(), key)
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().unwrap())
+    }
+
+    #[test]
+    fn a_csr_is_signed_for_exactly_the_identity_with_the_leaf_profile() {
+        let ca = ca(30);
+        let (pem, _, key) = csr(&PKCS_ECDSA_P256_SHA256, vec![uri(&cart().to_string())]);
+        let before = SystemTime::now();
+        let signed = ca
+            .sign_csr(pem.as_bytes(), &cart(), Duration::from_secs(3600))
+            .unwrap();
+        // Leaf then root, each one PEM block ending in a newline.
+        assert_eq!(signed.chain_pem.len(), 2);
+        assert!(signed.chain_pem.iter().all(|p| p.ends_with("-----\n")));
+        let der = pem_chain_to_der(&signed.chain_pem).unwrap();
+        assert_eq!(&der[1], &ca.roots()[0]);
+        assert_eq!(peer_identity(&der[..1]).unwrap(), cart());
+        // The certificate is for the CSR's key.
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let cert = WorkloadCert::new(cart(), der[..1].to_vec(), key).unwrap();
+        assert_eq!(cert.serial_hex(), signed.serial_hex);
+        assert!(cert.not_before() <= before - CLOCK_SKEW + Duration::from_secs(1));
+        assert!(cert.not_after() >= before + Duration::from_secs(3600));
+        let (_, x509) = X509Certificate::from_der(der[0].as_ref()).unwrap();
+        let eku = x509.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+        assert!(!x509.is_ca());
+        x509.verify_signature(Some(
+            X509Certificate::from_der(ca.roots()[0].as_ref())
+                .unwrap()
+                .1
+                .public_key(),
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn a_csr_without_sans_gets_the_identity_the_server_decided() {
+        let (_, der, _) = csr(&PKCS_ECDSA_P256_SHA256, vec![]);
+        let signed = ca(30)
+            .sign_csr(&der, &cart(), Duration::from_secs(600))
+            .unwrap();
+        let chain = pem_chain_to_der(&signed.chain_pem).unwrap();
+        assert_eq!(peer_identity(&chain[..1]).unwrap(), cart());
+    }
+
+    #[test]
+    fn a_tampered_csr_is_refused() {
+        let (_, mut der, _) = csr(&PKCS_ECDSA_P256_SHA256, vec![uri(&cart().to_string())]);
+        // The last byte is the signature's.
+        let last = der.len() - 1;
+        der[last] ^= 0x01;
+        let e = ca(30)
+            .sign_csr(&der, &cart(), Duration::from_secs(600))
+            .unwrap_err();
+        assert!(matches!(e, SignError::BadSignature), "{e}");
+        let e = ca(30)
+            .sign_csr(b"not a csr", &cart(), Duration::from_secs(600))
+            .unwrap_err();
+        assert!(matches!(e, SignError::Malformed { .. }), "{e}");
+        let e = ca(30)
+            .sign_csr(
+                &vec![b'A'; MAX_CSR_LEN + 1],
+                &cart(),
+                Duration::from_secs(600),
+            )
+            .unwrap_err();
+        assert!(matches!(e, SignError::TooLarge { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_csr_may_not_smuggle_names() {
+        let ca = ca(30);
+        let me = cart().to_string();
+        let refused = |sans: Vec<SanType>| {
+            let (pem, _, _) = csr(&PKCS_ECDSA_P256_SHA256, sans);
+            match ca.sign_csr(pem.as_bytes(), &cart(), Duration::from_secs(600)) {
+                Err(SignError::SanMismatch { found, .. }) => found,
+                other => panic!("expected a SAN refusal, got {other:?}"),
+            }
+        };
+        let found = refused(vec![
+            uri(&me),
+            SanType::DnsName("evil.example".try_into().unwrap()),
+        ]);
+        assert!(found.contains("evil.example"), "{found}");
+        refused(vec![
+            uri(&me),
+            uri("spiffe://cluster.local/ns/kube-system/sa/admin"),
+        ]);
+        refused(vec![uri(&me), uri(&me)]);
+        // Another identity, and the same one in another trust domain.
+        refused(vec![uri("spiffe://cluster.local/ns/shop/sa/web")]);
+        let found = refused(vec![uri("spiffe://other.example/ns/shop/sa/cart")]);
+        assert!(found.contains("other.example"), "{found}");
+        refused(vec![SanType::IpAddress("10.0.0.1".parse().unwrap())]);
+    }
+
+    #[test]
+    fn only_p256_p384_and_large_rsa_keys_are_certified() {
+        let ca = ca(30);
+        let me = cart().to_string();
+        for alg in [&PKCS_ECDSA_P384_SHA384, &PKCS_RSA_SHA256] {
+            let (pem, _, _) = csr(alg, vec![uri(&me)]);
+            ca.sign_csr(pem.as_bytes(), &cart(), Duration::from_secs(600))
+                .unwrap();
+        }
+        let (pem, _, _) = csr(&rcgen::PKCS_ED25519, vec![uri(&me)]);
+        let e = ca
+            .sign_csr(pem.as_bytes(), &cart(), Duration::from_secs(600))
+            .unwrap_err();
+        assert!(matches!(e, SignError::UnsupportedKey { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_certificate_never_outlives_the_ca() {
+        let ca = ca(1);
+        let (pem, _, _) = csr(&PKCS_ECDSA_P256_SHA256, vec![]);
+        let signed = ca
+            .sign_csr(pem.as_bytes(), &cart(), Duration::from_secs(10 * 86_400))
+            .unwrap();
+        assert!(signed.not_after <= ca.not_after());
+        let (chain, _, not_after) = ca
+            .sign_server_cert(
+                &["mesh-ca.mesh-system.svc".into()],
+                Duration::from_secs(10 * 86_400),
+            )
+            .unwrap();
+        assert!(not_after <= ca.not_after());
+        let (_, x509) = X509Certificate::from_der(chain[0].as_ref()).unwrap();
+        let eku = x509.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && !eku.client_auth);
+    }
+}

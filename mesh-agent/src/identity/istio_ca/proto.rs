@@ -14,7 +14,8 @@
 //!                     &["mesh-agent/src/identity/istio_ca"])
 //! ```
 //!
-//! and replace everything below this comment with `OUT/istio.v1.auth.rs`.
+//! replace everything below this comment with `OUT/istio.v1.auth.rs`, and
+//! run `cargo fmt`.
 //! `build_transport(false)`: the mesh builds its own channel (rustls with the
 //! mesh's crypto provider), so tonic's `connect()` helper is not generated.
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
