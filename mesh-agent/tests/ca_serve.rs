@@ -468,3 +468,55 @@ async fn the_client_verifies_the_ca_and_says_what_failed() {
     let e = ask(&c, &cart, true, MAX_TTL).await.unwrap_err();
     assert!(matches!(e, CaClientError::Unreachable { .. }), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_are_bounded_and_a_slow_api_fails_closed() {
+    let ca = mesh_ca("busy");
+    let api = cluster().await;
+    let server = serve(&ca, &api, |cfg| {
+        cfg.max_concurrent_requests = 1;
+        // The slot stays taken this long: the second request below comes on
+        // the same HTTP/2 connection well within it, even on a loaded machine.
+        cfg.api_timeout = Duration::from_secs(5);
+    })
+    .await;
+    let dir = Tmp::new("busy-token");
+    let c = client(&ca, server.local_addr(), &token(&dir, "agent-a"));
+    let cart = id("shop", "cart");
+    // Every API answer now comes after the server's API deadline.
+    api.set_delay(Duration::from_secs(30));
+    let slow = {
+        let c = c.clone();
+        let cart = cart.clone();
+        tokio::spawn(async move { ask(&c, &cart, true, MAX_TTL).await })
+    };
+    // Once its TokenReview reached the API server, the one slot is taken.
+    let reviews = "POST /apis/authentication.k8s.io/v1/tokenreviews";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while api.count(reviews) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first request never reached the API"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let e = ask(&c, &cart, true, MAX_TTL).await.unwrap_err();
+    assert!(
+        matches!(&e, CaClientError::Unavailable { message, .. } if message.contains("handling 1 requests")),
+        "{e}"
+    );
+    assert_eq!(
+        api.count(reviews),
+        1,
+        "a refused request costs the API nothing"
+    );
+    // The slow one is refused at the API deadline, not issued.
+    let e = slow.await.unwrap().unwrap_err();
+    assert!(
+        matches!(&e, CaClientError::Unavailable { message, .. } if message.contains("no answer within")),
+        "{e}"
+    );
+    api.set_delay(Duration::ZERO);
+    ask(&c, &cart, true, MAX_TTL).await.expect("served again");
+    server.shutdown().await.unwrap();
+}
