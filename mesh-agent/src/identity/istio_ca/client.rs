@@ -573,3 +573,120 @@ pub fn pem_chain_to_der(chain: &[String]) -> Result<Vec<CertificateDer<'static>>
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{MeshCa, TrustDomain};
+
+    fn client() -> IstioCaClient {
+        let g = MeshCa::generate(&TrustDomain::default(), 1).unwrap();
+        let ca = MeshCa::from_pem(g.cert_pem.as_bytes(), g.key_pem.as_bytes(), None).unwrap();
+        IstioCaClient::new(CaClientConfig {
+            address: "https://mesh-ca.mesh-system.svc:15012".into(),
+            server_name: None,
+            root_certs: ca.roots().to_vec(),
+            token_file: None,
+            cluster_id: None,
+            timeout: Duration::from_secs(1),
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_config_is_checked() {
+        let ok = client();
+        assert_eq!(ok.server_name, "mesh-ca.mesh-system.svc");
+        let mut cfg = CaClientConfig {
+            address: "http://mesh-ca:15012".into(),
+            server_name: None,
+            root_certs: Vec::new(),
+            token_file: None,
+            cluster_id: None,
+            timeout: Duration::from_secs(1),
+        };
+        let e = IstioCaClient::new(cfg.clone()).unwrap_err();
+        assert!(matches!(e, CaClientError::BadAddress { .. }), "{e}");
+        cfg.address = "https://mesh-ca:15012".into();
+        let e = IstioCaClient::new(cfg).unwrap_err();
+        assert!(matches!(e, CaClientError::BadRoots { .. }), "{e}");
+    }
+
+    #[test]
+    fn outside_a_runtime_it_says_so() {
+        let cfg = CaClientConfig {
+            address: "https://mesh-ca:15012".into(),
+            server_name: None,
+            root_certs: Vec::new(),
+            token_file: None,
+            cluster_id: None,
+            timeout: Duration::from_secs(1),
+        };
+        assert!(matches!(
+            IstioCaClient::new(cfg),
+            Err(CaClientError::NoRuntime)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_chain_must_hold_pem_certificates() {
+        let c = client();
+        let e = c.check_chain(&[]).unwrap_err();
+        assert!(matches!(e, CaClientError::EmptyChain { .. }), "{e}");
+        let e = c.check_chain(&["not pem".into()]).unwrap_err();
+        assert!(matches!(e, CaClientError::BadChain { .. }), "{e}");
+        let g = MeshCa::generate(&TrustDomain::default(), 1).unwrap();
+        c.check_chain(std::slice::from_ref(&g.cert_pem)).unwrap();
+        let e = c
+            .check_chain(&vec![g.cert_pem.clone(); MAX_CHAIN_LEN + 1])
+            .unwrap_err();
+        assert!(matches!(e, CaClientError::BadChain { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn server_statuses_map_to_what_to_do() {
+        let c = client();
+        let e = c.status_error(Status::permission_denied("no pod of shop/web on node-a"));
+        assert!(
+            matches!(&e, CaClientError::PermissionDenied { message, .. } if message.contains("node-a")),
+            "{e}"
+        );
+        let e = c.status_error(Status::unauthenticated("bad token"));
+        assert!(matches!(e, CaClientError::Unauthenticated { .. }), "{e}");
+        let e = c.status_error(Status::resource_exhausted("slow down"));
+        assert!(matches!(e, CaClientError::RateLimited { .. }), "{e}");
+        let e = c.status_error(Status::unavailable("API down"));
+        assert!(matches!(e, CaClientError::Unavailable { .. }), "{e}");
+        let e = c.status_error(Status::invalid_argument("bad CSR"));
+        assert!(
+            matches!(
+                e,
+                CaClientError::Refused {
+                    code: Code::InvalidArgument,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_token_file_is_read_with_care() {
+        let dir = std::env::temp_dir().join(format!("mesh-ca-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        std::fs::write(&path, "  eyJhbGciOi.abc.def \n").unwrap();
+        assert_eq!(read_token(&path).await.unwrap(), "eyJhbGciOi.abc.def");
+        for bad in [&b"\n"[..], b"two words", b"\xff\xfe"] {
+            std::fs::write(&path, bad).unwrap();
+            let e = read_token(&path).await.unwrap_err();
+            assert!(matches!(e, CaClientError::BadToken { .. }), "{e}");
+        }
+        std::fs::write(&path, vec![b'a'; MAX_TOKEN_BYTES as usize + 1]).unwrap();
+        let e = read_token(&path).await.unwrap_err();
+        assert!(matches!(e, CaClientError::BadToken { .. }), "{e}");
+        let e = read_token(&dir.join("missing")).await.unwrap_err();
+        assert!(matches!(e, CaClientError::TokenFile { .. }), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
