@@ -128,8 +128,9 @@ async fn cluster() -> FakeApiServer {
     api
 }
 
+/// The mesh CA, and the directory holding its files (`dir/ca`).
 struct Ca {
-    _dir: Tmp,
+    dir: Tmp,
     ca: Arc<MeshCa>,
 }
 
@@ -137,7 +138,7 @@ fn mesh_ca(tag: &str) -> Ca {
     let dir = Tmp::new(tag);
     MeshCa::init_dir(&dir.0.join("ca"), &td(), 30).expect("ca init");
     let ca = Arc::new(MeshCa::load_dir(&dir.0.join("ca")).expect("ca load"));
-    Ca { _dir: dir, ca }
+    Ca { dir, ca }
 }
 
 async fn serve(ca: &Ca, api: &FakeApiServer, tune: impl FnOnce(&mut CaServerConfig)) -> CaServer {
@@ -519,4 +520,78 @@ async fn requests_in_flight_are_bounded_and_a_slow_api_fails_closed() {
     api.set_delay(Duration::ZERO);
     ask(&c, &cart, true, MAX_TTL).await.expect("served again");
     server.shutdown().await.unwrap();
+}
+
+/// Stops the child on drop (a failed assertion must not leave it running).
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_with_its_flags_and_stops_on_sigterm() {
+    let ca = mesh_ca("binary");
+    let api = cluster().await;
+    let dir = Tmp::new("binary-token");
+    // A free port (released for the child to bind).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let child = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
+            .args(["ca", "serve", "--listen", &addr.to_string()])
+            .args(["--dns-name", "other.name", "--dns-name", DNS_NAME])
+            .args(["--max-cert-ttl", "1h", "--min-cert-ttl", "2m"])
+            .args(["--node-service-account", "mesh-system/mesh-agent"])
+            .args(["--api-server", &api.url()])
+            .env("MESH_CA_DIR", ca.dir.0.join("ca"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let c = client(&ca, addr, &token(&dir, "agent-a"));
+    let cart = id("shop", "cart");
+    // Until the child listens, the client cannot connect.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (cert, chain) = loop {
+        match ask(&c, &cart, true, Duration::from_secs(48 * 3600)).await {
+            Ok(issued) => break issued,
+            Err(CaClientError::Unreachable { .. }) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the binary did not serve: {e}"),
+        }
+    };
+    verifies_to_root(&chain, &ca);
+    assert!(cert.not_after() <= SystemTime::now() + MAX_TTL + Duration::from_secs(1));
+    let e = ask(&c, &id("shop", "web"), true, MAX_TTL)
+        .await
+        .unwrap_err();
+    denied(&e, "node node-a");
+
+    // SIGTERM: a clean exit.
+    let mut child = child;
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    let rc = unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
 }
