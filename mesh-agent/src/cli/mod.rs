@@ -13,6 +13,7 @@ use crate::{
     sync,
 };
 
+pub mod ca_serve;
 pub mod check;
 pub mod client;
 pub mod query;
@@ -67,6 +68,7 @@ enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once; boxing buys nothing
 enum CaCommand {
     /// Create a new root CA for a new mesh (ca.crt, ca.key with mode 0600); never overwrites.
     Init {
@@ -80,6 +82,9 @@ enum CaCommand {
         #[arg(long, default_value_t = crate::identity::DEFAULT_CA_DAYS)]
         days: u32,
     },
+    /// Serve Istio's certificate service with the mesh CA: agents get
+    /// certificates for the pods on their node without holding the CA key.
+    Serve(ca_serve::CaServeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -243,6 +248,7 @@ pub fn main() -> ExitCode {
             trust_domain,
             days,
         }) => ca_init(&out, &trust_domain, days),
+        Command::Ca(CaCommand::Serve(args)) => ca_serve::run(&args),
         Command::Check {
             workloads,
             root_namespace,

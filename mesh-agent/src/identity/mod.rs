@@ -39,6 +39,9 @@
 //! - `cert.rs`: the [`CertificateProvider`] seam and [`WorkloadCert`].
 //! - `verify.rs` uses `peer.rs`: [`PeerCertError`], [`peer_identity`],
 //!   [`describe_tls_error`] and the leaf parser.
+//! - `istio_ca/`: Istio's certificate service: the generated protocol, the
+//!   [`IstioCaClient`](istio_ca::IstioCaClient) and the CSR an agent sends.
+//!   `ca/csr.rs` checks the CSRs [`MeshCa::sign_csr`] signs for `ca serve`.
 //! - Leaves: `provider.rs` ([`crypto_provider`]), `spiffe.rs`, `clock.rs`.
 #![forbid(unsafe_code)]
 
@@ -47,6 +50,7 @@ mod cert;
 mod clock;
 mod config;
 mod issue;
+pub mod istio_ca;
 mod manager;
 mod peer;
 mod provider;
@@ -59,7 +63,8 @@ mod tests;
 
 pub use ca::{
     CA_CERT_FILE, CA_EXPIRY_WARNING, CA_KEY_FILE, CLOCK_SKEW, CaError, CaExpiry, CaValidity,
-    DEFAULT_CA_DAYS, GeneratedCa, MAX_CA_DAYS, MeshCa,
+    DEFAULT_CA_DAYS, GeneratedCa, MAX_CA_DAYS, MAX_CSR_LEN, MIN_RSA_BITS, MeshCa, SignError,
+    SignedCsr,
 };
 pub use cert::{
     CertificateProvider, IssueError, IssueFuture, IssuerInfo, IssuerKind, WorkloadCert,
@@ -71,5 +76,5 @@ pub use peer::{PeerCertError, describe_tls_error, peer_identity};
 pub use provider::crypto_provider;
 pub use spiffe::{DEFAULT_TRUST_DOMAIN, SpiffeId, SpiffeIdError, TrustDomain};
 
-/// For `manager.rs`, which reads it as `super::fmt_time`.
-use clock::fmt_time;
+/// For `manager.rs` (as `super::fmt_time`) and the CA server's logs.
+pub use clock::fmt_time;
