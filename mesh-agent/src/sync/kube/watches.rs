@@ -228,9 +228,13 @@ pub fn spawn(
         ),
     ];
     tasks.extend(RAW_KINDS.iter().map(|raw| {
-        let api = Api::<DynamicObject>::all_with(c(), &raw.resource());
-        w.spawn(raw.kind, api, base.clone(), |o: &DynamicObject| {
-            serde_json::to_value(o).ok().map(model::policy_value)
+        let resource = raw.resource();
+        let api = Api::<DynamicObject>::all_with(c(), &resource);
+        let (api_version, kind) = (resource.api_version, raw.name);
+        w.spawn(raw.kind, api, base.clone(), move |o: &DynamicObject| {
+            serde_json::to_value(o)
+                .ok()
+                .map(|v| model::raw_value(v, &api_version, kind))
         })
     }));
     tasks
