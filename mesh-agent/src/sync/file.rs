@@ -991,4 +991,78 @@ pods:
         );
         parse(Path::new("w.yaml"), &with_resources(&ok)).expect("distinct objects");
     }
+
+    /// The running file source: routing objects arrive in the store, a
+    /// change arrives, and an invalid file is refused (counted, with its
+    /// field path) while the last good state stays in force.
+    #[tokio::test]
+    async fn the_watched_file_publishes_routing_objects_and_keeps_the_last_good_state() {
+        let dir = std::env::temp_dir().join(format!("mesh-file-resources-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let path = dir.join("workloads.yaml");
+        let vs = |w1: u32, w2: u32| {
+            with_resources(&format!(
+                "  - apiVersion: networking.istio.io/v1\n    kind: VirtualService\n    metadata: {{name: web, namespace: shop}}\n    spec: {{hosts: [web], tcp: [{{route: [{{destination: {{host: web, subset: v1}}, weight: {w1}}}, {{destination: {{host: web, subset: v2}}, weight: {w2}}}]}}]}}\n"
+            ))
+        };
+        let weight = |s: &Snapshot, i: usize| {
+            s.routing
+                .virtual_services
+                .first()
+                .map(|v| v["spec"]["tcp"][0]["route"][i]["weight"].clone())
+        };
+        std::fs::write(&path, vs(90, 10)).expect("write");
+        let store = Store::new();
+        publish(&store, load(&path).expect("valid file"));
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(watch(
+            path.clone(),
+            store.clone(),
+            Duration::from_millis(20),
+            cancel.clone(),
+        ));
+        // Let the task read the content it starts from (the one published
+        // above) before the file changes: this test's runtime has one
+        // thread, so the task runs to its first wait here.
+        tokio::task::yield_now().await;
+        let mut rx = store.subscribe();
+        assert_eq!(weight(&store.current(), 1), Some(10.into()));
+        std::fs::write(&path, vs(0, 100)).expect("write");
+        let changed = tokio::time::timeout(
+            Duration::from_secs(30),
+            rx.wait_for(|s| weight(s, 1) == Some(100.into())),
+        )
+        .await
+        .expect("the change within the bound")
+        .expect("store alive")
+        .clone();
+        assert_eq!(weight(&changed, 0), Some(0.into()));
+        // An invalid object: refused with its field path, nothing published.
+        let generation = store.current().generation;
+        std::fs::write(
+            &path,
+            with_resources("  - apiVersion: networking.istio.io/v1\n    kind: DestinationRule\n    metadata: {name: web}\n    spec: {}\n"),
+        )
+        .expect("write");
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while store.rejections().count == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the rejection within the bound");
+        let r = store.rejections();
+        assert!(
+            r.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("resources[0].spec.host")),
+            "{r:?}"
+        );
+        let now = store.current();
+        assert_eq!(now.generation, generation, "the last good state stays");
+        assert_eq!(weight(&now, 1), Some(100.into()));
+        cancel.cancel();
+        task.await.expect("watch task");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
