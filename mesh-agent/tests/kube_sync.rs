@@ -757,6 +757,18 @@ async fn missing_routing_crds_are_tolerated_reported_and_picked_up_once_installe
         })
         .await;
         assert!(store.current().routing.destination_rules.is_empty());
+        // Uninstalled again (its objects go with the CRD): the next watch
+        // gets 404, the routes are gone and the kind is reported again.
+        server.set_missing(Res::TcpRoutes, true);
+        server.drop_watches();
+        wait_for(store, "TCPRoute CRD uninstalled", |s| {
+            s.routing.tcp_routes.is_empty()
+        })
+        .await;
+        wait_missing(store, "TCPRoute missing again", |m| {
+            m.contains(&not_served("tcproutes.gateway.networking.k8s.io"))
+        })
+        .await;
         // And the agent kept working meanwhile: a pod change still arrives.
         server.apply(objects::pod(
             "plain",
