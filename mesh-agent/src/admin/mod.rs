@@ -259,6 +259,10 @@ impl Admin {
             })
         });
         let certificates = self.state.certificates.clone();
+        self.config_dump().register("issuer", move || {
+            certificates.issuer().map_or(Value::Null, |i| i.to_json())
+        });
+        let certificates = self.state.certificates.clone();
         self.config_dump().register("certificates", move || {
             let now = SystemTime::now();
             certificates.list().iter().map(|c| c.to_json(now)).collect()

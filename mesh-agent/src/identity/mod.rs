@@ -61,10 +61,12 @@ pub use ca::{
     CA_CERT_FILE, CA_EXPIRY_WARNING, CA_KEY_FILE, CLOCK_SKEW, CaError, CaExpiry, CaValidity,
     DEFAULT_CA_DAYS, GeneratedCa, MAX_CA_DAYS, MeshCa,
 };
-pub use cert::{CertificateProvider, IssueError, WorkloadCert};
+pub use cert::{
+    CertificateProvider, IssueError, IssueFuture, IssuerInfo, IssuerKind, WorkloadCert,
+};
 pub use config::{ALPN_H2, MeshTls, TlsSetupError, server_name};
 pub use issue::{DEFAULT_CERT_TTL, LocalCa};
-pub use manager::CertManager;
+pub use manager::{CertManager, ISSUE_TIMEOUT, IssueCounts, IssueFailure};
 pub use peer::{PeerCertError, describe_tls_error, peer_identity};
 pub use provider::crypto_provider;
 pub use spiffe::{DEFAULT_TRUST_DOMAIN, SpiffeId, SpiffeIdError, TrustDomain};

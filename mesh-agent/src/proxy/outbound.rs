@@ -162,10 +162,15 @@ async fn handle(
             }
         };
         let opened = match &peer_id {
-            Some(id) => open_tunnel(&ctx, target, src, id.clone(), &shared)
-                .await
-                .map(Upstream::Tunnel)
-                .map_err(Error::Tunnel),
+            // The pod's certificate first: issued on first use, from the
+            // cache otherwise; none (issuer down, never issued) fails closed.
+            Some(id) => match shared.tls.manager().fetch(&ctx.identity).await {
+                Ok(_) => open_tunnel(&ctx, target, src, id.clone(), &shared)
+                    .await
+                    .map(Upstream::Tunnel)
+                    .map_err(Error::Tunnel),
+                Err(e) => Err(Error::NoCertificate(e)),
+            },
             None => ctx
                 .connect(target)
                 .await
