@@ -215,7 +215,8 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 /// when the server would refuse it (name, namespace, `spec` an object,
 /// the fields the CRD schema requires, the Gateway API's list bounds);
 /// otherwise returned with `apiVersion` the storage version (the
-/// versions' schemas are the same), `metadata.namespace` set
+/// versions' schemas are the same), `metadata.managedFields` dropped (as
+/// the Kubernetes source drops them), `metadata.namespace` set
 /// ([`DEFAULT_NAMESPACE`] when absent) and the schema's defaults filled in
 /// (TCPRoute `parentRefs` group/kind, `backendRefs` group/kind/weight).
 /// Then [`validate_routing_object`] runs.
@@ -233,6 +234,9 @@ pub fn admit_routing(kind: ResourceKind, mut object: Value) -> Result<Value, Pro
     let Some(metadata) = metadata.as_object_mut() else {
         return Err(Problem::new("metadata", "expected an object"));
     };
+    // Kept as the Kubernetes source keeps objects: without the field
+    // managers' bookkeeping (`kubectl get -o yaml --show-managed-fields`).
+    metadata.remove("managedFields");
     match metadata.get("name") {
         None | Some(Value::Null) => {
             return Err(Problem::new(
@@ -593,14 +597,19 @@ mod tests {
         let dr = admit_routing(
             ResourceKind::DestinationRule,
             json!({"apiVersion": "networking.istio.io/v1beta1", "kind": "DestinationRule",
-                   "metadata": {"name": "web"}, "spec": {"host": "web", "subsets": [{"name": "v1", "labels": {"version": "v1"}}]}}),
+                   "metadata": {"name": "web", "managedFields": [{"manager": "kubectl"}]},
+                   "spec": {"host": "web", "subsets": [{"name": "v1", "labels": {"version": "v1"}}]}}),
         )
         .expect("valid rule");
         assert_eq!(
             dr["apiVersion"], "networking.istio.io/v1",
             "storage version"
         );
-        assert_eq!(dr["metadata"]["namespace"], "default");
+        assert_eq!(
+            dr["metadata"],
+            json!({"name": "web", "namespace": "default"}),
+            "namespace set, managedFields dropped"
+        );
         assert_eq!(dr["spec"]["subsets"][0]["labels"]["version"], "v1");
         let route = admit_routing(
             ResourceKind::TcpRoute,
