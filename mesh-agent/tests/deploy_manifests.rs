@@ -48,6 +48,8 @@ struct Objects {
     services: Vec<Service>,
     config_maps: Vec<ConfigMap>,
     secrets: Vec<Secret>,
+    /// kustomize Components: (file, document).
+    components: Vec<(String, Value)>,
 }
 
 /// Removes nulls, empty objects left by them, so that a typed round trip
@@ -104,6 +106,8 @@ fn first_difference(got: &Value, want: &Value, path: String) -> Option<(String, 
             .enumerate()
             .find_map(|(i, (a, b))| first_difference(a, b, format!("{path}[{i}]"))),
         (a, b) if a == b => None,
+        // Typed schemas keep `minimum`/`maximum` as floats: 1 and 1.0 agree.
+        (Value::Number(a), Value::Number(b)) if a.as_f64() == b.as_f64() => None,
         (a, b) => Some((path, a.to_string(), b.to_string())),
     }
 }
@@ -155,6 +159,9 @@ fn parse_documents(origin: &str, text: &str, into: &mut Objects) {
             ("v1", "Secret") => into.secrets.push(typed(&at, &doc)),
             ("kustomize.config.k8s.io/v1beta1", "Kustomization") => {
                 check_kustomization(origin, &doc)
+            }
+            ("kustomize.config.k8s.io/v1alpha1", "Component") => {
+                into.components.push((origin.to_owned(), doc))
             }
             _ => panic!("{at}: unexpected kind {api_version}/{kind} in deploy/"),
         }
@@ -226,7 +233,8 @@ fn every_manifest_parses_into_its_typed_object() {
         parse_documents(&f.display().to_string(), &text, &mut objects);
     }
     assert_eq!(objects.daemon_sets.len(), 1);
-    assert_eq!(objects.crds.len(), 2);
+    assert_eq!(objects.crds.len(), 5);
+    assert_eq!(objects.components.len(), 2);
     assert_eq!(objects.namespaces.len(), 1);
     // The CA issuer (deploy/ca/).
     assert_eq!(objects.deployments.len(), 1);
@@ -291,12 +299,19 @@ fn kustomize_renders_the_expected_objects() {
         crds,
         [
             "authorizationpolicies.security.istio.io",
-            "peerauthentications.security.istio.io"
+            "destinationrules.networking.istio.io",
+            "peerauthentications.security.istio.io",
+            "tcproutes.gateway.networking.k8s.io",
+            "virtualservices.networking.istio.io",
         ]
     );
-    for crd in &o.crds {
+    // The traffic-management CRDs: `routing_crds_serve_what_the_agent_watches`.
+    for crd in o
+        .crds
+        .iter()
+        .filter(|c| c.spec.group == "security.istio.io")
+    {
         let spec = &crd.spec;
-        assert_eq!(spec.group, "security.istio.io");
         assert_eq!(spec.scope, "Namespaced");
         let versions: BTreeMap<&str, (bool, bool)> = spec
             .versions
@@ -561,12 +576,15 @@ fn agent_rbac_is_read_only() {
         resources,
         [
             "authorizationpolicies.security.istio.io",
+            "destinationrules.networking.istio.io",
             "endpointslices.discovery.k8s.io",
             "namespaces.",
             "nodes.",
             "peerauthentications.security.istio.io",
             "pods.",
             "services.",
+            "tcproutes.gateway.networking.k8s.io",
+            "virtualservices.networking.istio.io",
         ]
         .into_iter()
         .map(str::to_owned)
@@ -636,7 +654,14 @@ const FAKE_CA_CRT: &str =
 const FAKE_CA_KEY: &str =
     "-----BEGIN PRIVATE KEY-----\nTEST-ROOT-PRIVATE-KEY\n-----END PRIVATE KEY-----\n";
 
-/// Every kustomization under deploy/, rendered: its directory relative to
+/// Whether the kustomization file `path` is a kustomize `Component`.
+fn is_component(path: &Path) -> bool {
+    let text = std::fs::read_to_string(path).expect("read kustomization");
+    let doc: Value = serde_yaml::from_str(&text).expect("kustomization YAML");
+    doc["kind"] == "Component"
+}
+
+/// Every kustomization under deploy/ (components aside), rendered: its directory relative to
 /// deploy/ ("" for deploy/ itself) -> its objects. Rendered from a copy of
 /// the YAML files only (a real ca.key someone made in
 /// examples/ca-secret/ is never copied), with stand-in CA files where the
@@ -653,7 +678,9 @@ fn all_renders() -> &'static BTreeMap<String, Objects> {
             let to = tmp.0.join(rel);
             std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
             std::fs::copy(f, &to).expect("copy manifest");
-            if rel.file_name().is_some_and(|n| n == "kustomization.yaml") {
+            // A kustomize Component renders only inside an overlay (see
+            // `components_skip_the_crds_a_cluster_already_has`).
+            if rel.file_name().is_some_and(|n| n == "kustomization.yaml") && !is_component(f) {
                 dirs.insert(rel.parent().expect("parent").to_path_buf());
             }
         }
@@ -1530,4 +1557,246 @@ fn ca_secret_example_generates_the_key_secret_and_a_public_root() {
     // With the rest of the default: the issuer and the agents.
     assert!(agent_daemon_set(o).is_some());
     assert_eq!(o.deployments.len(), 1);
+}
+
+/// The version of each traffic-management CRD the agent watches (its
+/// `sync/kube/watches.rs` table), which must be served and stored.
+const ROUTING_CRDS: [(&str, &str, &str, &[&str]); 3] = [
+    (
+        "destinationrules.networking.istio.io",
+        "DestinationRule",
+        "v1",
+        &["v1", "v1alpha3", "v1beta1"],
+    ),
+    (
+        "virtualservices.networking.istio.io",
+        "VirtualService",
+        "v1",
+        &["v1", "v1alpha3", "v1beta1"],
+    ),
+    (
+        "tcproutes.gateway.networking.k8s.io",
+        "TCPRoute",
+        "v1alpha2",
+        &["v1alpha2"],
+    ),
+];
+
+fn crd<'a>(o: &'a Objects, name: &str) -> &'a CustomResourceDefinition {
+    o.crds
+        .iter()
+        .find(|c| c.metadata.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("no CRD {name}"))
+}
+
+fn schema_of(
+    v: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinitionVersion,
+) -> &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps {
+    v.schema
+        .as_ref()
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+        .expect("structural schema")
+}
+
+#[test]
+fn routing_crds_serve_what_the_agent_watches() {
+    let o = rendered();
+    for (name, kind, stored, served) in ROUTING_CRDS {
+        let c = crd(&o, name);
+        let spec = &c.spec;
+        assert_eq!(format!("{}.{}", spec.names.plural, spec.group), name);
+        assert_eq!(spec.names.kind, kind);
+        assert_eq!(spec.scope, "Namespaced");
+        let versions: BTreeMap<&str, (bool, bool)> = spec
+            .versions
+            .iter()
+            .map(|v| (v.name.as_str(), (v.served, v.storage)))
+            .collect();
+        let want: BTreeMap<&str, (bool, bool)> =
+            served.iter().map(|v| (*v, (true, *v == stored))).collect();
+        assert_eq!(versions, want, "{name}: served versions, {stored} stored");
+        // One schema for every version (no conversion webhook needed).
+        let first = serde_json::to_value(schema_of(&spec.versions[0])).expect("schema");
+        for v in &spec.versions {
+            let schema = schema_of(v);
+            assert_eq!(
+                serde_json::to_value(schema).expect("schema"),
+                first,
+                "{name} {}",
+                v.name
+            );
+            assert_eq!(schema.type_.as_deref(), Some("object"));
+            let props = schema.properties.as_ref().expect("properties");
+            let spec_schema = &props["spec"];
+            assert_eq!(spec_schema.type_.as_deref(), Some("object"), "{name}");
+            assert_eq!(
+                spec_schema.x_kubernetes_preserve_unknown_fields,
+                Some(true),
+                "{name}: fields the agent does not type are kept"
+            );
+            assert!(
+                v.subresources.as_ref().is_some_and(|s| s.status.is_some()),
+                "{name}: status subresource"
+            );
+        }
+    }
+    // What the upstream CRDs require, required here too.
+    let dr = schema_of(
+        &crd(&o, "destinationrules.networking.istio.io")
+            .spec
+            .versions[0],
+    );
+    let dr_spec = &dr.properties.as_ref().expect("properties")["spec"];
+    assert_eq!(dr_spec.required.as_deref(), Some(&["host".to_owned()][..]));
+    let tcp = crd(&o, "tcproutes.gateway.networking.k8s.io");
+    // A group ending in .k8s.io is refused by the API server without it.
+    assert!(
+        tcp.metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key("api-approved.kubernetes.io")),
+        "api-approved.kubernetes.io annotation"
+    );
+    let route = schema_of(&tcp.spec.versions[0]);
+    let route_spec = &route.properties.as_ref().expect("properties")["spec"];
+    assert_eq!(
+        route_spec.required.as_deref(),
+        Some(&["rules".to_owned()][..])
+    );
+    let props = route_spec.properties.as_ref().expect("spec properties");
+    let rules = &props["rules"];
+    assert_eq!((rules.min_items, rules.max_items), (Some(1), Some(16)));
+    let items = |p: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps| match p.items.as_ref() {
+        Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(s)) => s.as_ref().clone(),
+        other => panic!("items: {other:?}"),
+    };
+    let backend_refs = &items(rules).properties.expect("rule properties")["backendRefs"];
+    assert_eq!(backend_refs.max_items, Some(16));
+    let backend = items(backend_refs)
+        .properties
+        .expect("backendRef properties");
+    // The Gateway API's defaults: a backend is a core Service of weight 1.
+    let default = |p: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps| p.default.as_ref().map(|d| d.0.clone());
+    assert_eq!(default(&backend["group"]), Some(serde_json::json!("")));
+    assert_eq!(
+        default(&backend["kind"]),
+        Some(serde_json::json!("Service"))
+    );
+    assert_eq!(default(&backend["weight"]), Some(serde_json::json!(1)));
+    assert_eq!(backend["weight"].maximum, Some(1_000_000.0));
+    let parent = items(&props["parentRefs"])
+        .properties
+        .expect("parentRef properties");
+    assert_eq!(default(&parent["kind"]), Some(serde_json::json!("Gateway")));
+    assert_eq!(
+        default(&parent["group"]),
+        Some(serde_json::json!("gateway.networking.k8s.io"))
+    );
+}
+
+#[test]
+fn rbac_on_routing_objects_is_read_only() {
+    let o = rendered();
+    let mut verbs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for rule in o
+        .cluster_roles
+        .iter()
+        .flat_map(|r| r.rules.iter().flatten())
+    {
+        for group in rule.api_groups.iter().flatten() {
+            if group != "networking.istio.io" && group != "gateway.networking.k8s.io" {
+                continue;
+            }
+            for r in rule.resources.iter().flatten() {
+                verbs
+                    .entry(format!("{r}.{group}"))
+                    .or_default()
+                    .extend(rule.verbs.iter().cloned());
+            }
+        }
+    }
+    let read: BTreeSet<String> = ["get", "list", "watch"].map(str::to_owned).into();
+    let want: BTreeMap<String, BTreeSet<String>> = ROUTING_CRDS
+        .iter()
+        .map(|(name, ..)| ((*name).to_owned(), read.clone()))
+        .collect();
+    assert_eq!(verbs, want, "exactly get/list/watch on the three kinds");
+    // Nothing else of those groups (no wildcard, no other kind).
+    for role in &o.roles {
+        for rule in role.rules.iter().flatten() {
+            for group in rule.api_groups.iter().flatten() {
+                assert!(!group.contains("networking"), "Role on {group}");
+            }
+        }
+    }
+}
+
+/// Renders `deploy/` through an overlay (in a scratch directory) that
+/// uses `components` of `deploy/components/`.
+fn rendered_with(components: &[&str]) -> Objects {
+    let scratch = std::env::temp_dir().join(format!(
+        "mesh-deploy-overlay-{}-{}",
+        std::process::id(),
+        components.join("+")
+    ));
+    std::fs::create_dir_all(&scratch).expect("scratch dir");
+    let deploy = deploy_dir().canonicalize().expect("deploy dir");
+    let scratch = scratch.canonicalize().expect("scratch dir");
+    // kustomize takes relative paths only: up to / from the scratch dir.
+    let up = "../".repeat(scratch.components().count() - 1);
+    let rel = format!(
+        "{up}{}",
+        deploy.display().to_string().trim_start_matches('/')
+    );
+    let list: Vec<String> = components
+        .iter()
+        .map(|c| format!("{rel}/components/{c}"))
+        .collect();
+    std::fs::write(
+        scratch.join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [{rel}]\ncomponents: [{}]\n",
+            list.join(", ")
+        ),
+    )
+    .expect("write overlay");
+    let text = kustomize(&scratch);
+    let _ = std::fs::remove_dir_all(&scratch);
+    let mut objects = Objects::default();
+    parse_documents("overlay", &text, &mut objects);
+    objects
+}
+
+#[test]
+fn components_skip_the_crds_a_cluster_already_has() {
+    let names = |o: &Objects| -> Vec<String> {
+        let mut v: Vec<String> = o
+            .crds
+            .iter()
+            .filter_map(|c| c.metadata.name.clone())
+            .collect();
+        v.sort();
+        v
+    };
+    let full = rendered();
+    let istio = rendered_with(&["istio-installed"]);
+    assert_eq!(names(&istio), ["tcproutes.gateway.networking.k8s.io"]);
+    let gateway = rendered_with(&["gateway-api-installed"]);
+    assert_eq!(
+        names(&gateway),
+        [
+            "authorizationpolicies.security.istio.io",
+            "destinationrules.networking.istio.io",
+            "peerauthentications.security.istio.io",
+            "virtualservices.networking.istio.io",
+        ]
+    );
+    let both = rendered_with(&["istio-installed", "gateway-api-installed"]);
+    assert!(names(&both).is_empty(), "{:?}", names(&both));
+    // The agent itself is untouched by either.
+    for o in [&istio, &gateway, &both] {
+        assert_eq!(o.daemon_sets.len(), full.daemon_sets.len());
+        assert_eq!(o.cluster_roles.len(), full.cluster_roles.len());
+        assert_eq!(o.namespaces.len(), 1);
+    }
 }

@@ -135,6 +135,20 @@ pub fn status(dump: &Value) -> String {
             .filter(|w| w.get("status").and_then(Value::as_str) == Some(status))
             .count()
     };
+    // Kinds the source cannot read (a CRD not installed, RBAC missing).
+    let missing: Vec<String> = dump["sources"]["missing_kinds"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .map(|m| format!("{} ({})", s(m, "kind"), s(m, "reason").replace('_', " ")))
+        .collect();
+    let sources = if missing.is_empty() {
+        sources
+    } else {
+        let mut with = sources;
+        with.push(format!("missing kinds: {}", missing.join(", ")));
+        with
+    };
     let rows = [
         ("Agent", ready),
         ("Version", s(agent, "version")),
@@ -420,6 +434,24 @@ mod tests {
                 {"identity": "spiffe://cluster.local/ns/shop/sa/cart", "serial": "01", "not_after": "2026-11-25T00:00:00Z", "expires_in_seconds": -5}
             ]
         })
+    }
+
+    #[test]
+    fn status_names_the_kinds_the_source_cannot_read() {
+        let mut d = dump();
+        d["agent"]["sources"] = json!(["kubernetes"]);
+        d["sources"] = json!({"rejected": 0, "missing_kinds": [
+            {"kind": "tcproutes.gateway.networking.k8s.io", "reason": "not_served"},
+            {"kind": "virtualservices.networking.istio.io", "reason": "forbidden"}
+        ]});
+        let out = status(&d);
+        assert!(
+            out.contains(
+                "Sources:      kubernetes, missing kinds: tcproutes.gateway.networking.k8s.io \
+                 (not served), virtualservices.networking.istio.io (forbidden)\n"
+            ),
+            "{out}"
+        );
     }
 
     fn open_connections() -> Value {

@@ -33,6 +33,11 @@
 //! cut), [`FakeApiServer::set_delay`] (slow responses),
 //! [`FakeApiServer::set_missing`] (a resource not served: `404`, like a CRD
 //! that is not installed).
+//!
+//! Served kinds ([`Res`]): pods, namespaces, services, nodes, endpointslices,
+//! `security.istio.io/v1` AuthorizationPolicy and PeerAuthentication,
+//! `networking.istio.io/v1` DestinationRule and VirtualService,
+//! `gateway.networking.k8s.io/v1alpha2` TCPRoute.
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::{
@@ -69,10 +74,16 @@ pub enum Res {
     AuthorizationPolicies,
     /// security.istio.io/v1 peerauthentications
     PeerAuthentications,
+    /// networking.istio.io/v1 destinationrules
+    DestinationRules,
+    /// networking.istio.io/v1 virtualservices
+    VirtualServices,
+    /// gateway.networking.k8s.io/v1alpha2 tcproutes
+    TcpRoutes,
 }
 
 impl Res {
-    const ALL: [Res; 7] = [
+    const ALL: [Res; 10] = [
         Res::Pods,
         Res::Namespaces,
         Res::Services,
@@ -80,6 +91,9 @@ impl Res {
         Res::EndpointSlices,
         Res::AuthorizationPolicies,
         Res::PeerAuthentications,
+        Res::DestinationRules,
+        Res::VirtualServices,
+        Res::TcpRoutes,
     ];
 
     fn path(self) -> &'static str {
@@ -91,6 +105,9 @@ impl Res {
             Res::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
             Res::AuthorizationPolicies => "/apis/security.istio.io/v1/authorizationpolicies",
             Res::PeerAuthentications => "/apis/security.istio.io/v1/peerauthentications",
+            Res::DestinationRules => "/apis/networking.istio.io/v1/destinationrules",
+            Res::VirtualServices => "/apis/networking.istio.io/v1/virtualservices",
+            Res::TcpRoutes => "/apis/gateway.networking.k8s.io/v1alpha2/tcproutes",
         }
     }
 
@@ -99,6 +116,8 @@ impl Res {
             Res::Pods | Res::Namespaces | Res::Services | Res::Nodes => "v1",
             Res::EndpointSlices => "discovery.k8s.io/v1",
             Res::AuthorizationPolicies | Res::PeerAuthentications => "security.istio.io/v1",
+            Res::DestinationRules | Res::VirtualServices => "networking.istio.io/v1",
+            Res::TcpRoutes => "gateway.networking.k8s.io/v1alpha2",
         }
     }
 
@@ -111,6 +130,9 @@ impl Res {
             Res::EndpointSlices => "EndpointSlice",
             Res::AuthorizationPolicies => "AuthorizationPolicy",
             Res::PeerAuthentications => "PeerAuthentication",
+            Res::DestinationRules => "DestinationRule",
+            Res::VirtualServices => "VirtualService",
+            Res::TcpRoutes => "TCPRoute",
         }
     }
 
@@ -953,6 +975,42 @@ pub mod objects {
         json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
                "metadata": {"name": name, "namespace": ns},
                "spec": {"mtls": {"mode": mode}}})
+    }
+
+    /// An Istio DestinationRule for `host` with subsets `v1`/`v2` by the
+    /// `version` label and a `loadBalancer.simple` policy `lb`.
+    pub fn destination_rule(ns: &str, name: &str, host: &str, lb: &str) -> Value {
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+               "metadata": {"name": name, "namespace": ns,
+                            "managedFields": [{"manager": "kubectl", "operation": "Update"}]},
+               "spec": {"host": host,
+                        "trafficPolicy": {"loadBalancer": {"simple": lb}},
+                        "subsets": [{"name": "v1", "labels": {"version": "v1"}},
+                                    {"name": "v2", "labels": {"version": "v2"}}]}})
+    }
+
+    /// An Istio VirtualService splitting TCP traffic to `host` between its
+    /// subsets `v1` and `v2` with weights `w1`/`w2`.
+    pub fn virtual_service(ns: &str, name: &str, host: &str, w1: u32, w2: u32) -> Value {
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+               "metadata": {"name": name, "namespace": ns},
+               "spec": {"hosts": [host],
+                        "tcp": [{"route": [
+                            {"destination": {"host": host, "subset": "v1"}, "weight": w1},
+                            {"destination": {"host": host, "subset": "v2"}, "weight": w2}]}]}})
+    }
+
+    /// A Gateway API TCPRoute attached to Service `parent` (the mesh
+    /// attachment), weighted over Services `(name, port, weight)`.
+    pub fn tcp_route(ns: &str, name: &str, parent: &str, backends: &[(&str, u16, u32)]) -> Value {
+        let refs: Vec<Value> = backends
+            .iter()
+            .map(|(b, port, weight)| json!({"kind": "Service", "group": "", "name": b, "port": port, "weight": weight}))
+            .collect();
+        json!({"apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TCPRoute",
+               "metadata": {"name": name, "namespace": ns},
+               "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": parent}],
+                        "rules": [{"backendRefs": refs}]}})
     }
 }
 
