@@ -99,7 +99,6 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
             .unwrap_or_default(),
     };
     crate::datapath::check_privileges()?;
-    let tls = load_identity(&cfg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(
             std::thread::available_parallelism()
@@ -110,6 +109,11 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the data-plane runtime")?;
+    // In the runtime: a remote issuer's client lives on it.
+    let tls = {
+        let _enter = runtime.enter();
+        load_identity(&cfg)?
+    };
     // Served from the start: readiness answers 503 until the programs are
     // attached and the first enrollment pass is done.
     let admin = crate::admin::Admin::new(&cfg.pin_dir);
