@@ -315,4 +315,26 @@ mesh_ebpf_map_capacity{map=\"ENROLLED_NETNS\"} 1024\n\
         assert!((9 * 86_400..=10 * 86_400).contains(&left), "{left}");
         assert_eq!(gauge(&metrics_of(&manager(365)), "mesh_ca_expiring"), 0);
     }
+
+    #[tokio::test]
+    async fn issuances_failures_and_the_issuer_are_metrics() {
+        let m = manager(365);
+        let text = metrics_of(&m);
+        assert_eq!(gauge(&text, "mesh_cert_issued_total"), 0);
+        assert_eq!(gauge(&text, "mesh_cert_issue_failures_total"), 0);
+        assert!(
+            text.contains("mesh_cert_issuer_info{kind=\"local\",endpoint=\""),
+            "{text}"
+        );
+        let td = TrustDomain::default();
+        let ok = crate::identity::SpiffeId::new(td, "default", "a").expect("id");
+        m.fetch(&ok).await.expect("issued");
+        // Another trust domain: refused by the local CA, counted.
+        let other = crate::identity::TrustDomain::new("other.example").expect("td");
+        let foreign = crate::identity::SpiffeId::new(other, "default", "a").expect("id");
+        assert!(m.fetch(&foreign).await.is_err());
+        let text = metrics_of(&m);
+        assert_eq!(gauge(&text, "mesh_cert_issued_total"), 1);
+        assert_eq!(gauge(&text, "mesh_cert_issue_failures_total"), 1);
+    }
 }
