@@ -1,0 +1,74 @@
+//! The admin endpoint: `/healthz/ready`, `/metrics` (OpenMetrics text of the
+//! request metrics) and `/config_dump` (services, accepted routes, and every
+//! unsupported route field with its effect).
+
+use std::{convert::Infallible, sync::Arc};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use mesh_agent::telemetry::metrics::CONTENT_TYPE;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::server::Shared;
+
+/// Serves the admin endpoints on `listener` forever.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let shared = Arc::clone(&shared);
+                async move { Ok::<_, Infallible>(answer(&shared, &req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/healthz/ready" => text(StatusCode::OK, "text/plain", "ready\n".into()),
+        "/metrics" => match shared.metrics.encode() {
+            Ok(m) => text(StatusCode::OK, CONTENT_TYPE, m),
+            Err(_) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                "cannot encode the metrics\n".into(),
+            ),
+        },
+        "/config_dump" => {
+            let dump = json!({
+                "identity": shared.identity.to_string(),
+                "routes": {
+                    "accepted": shared.routes.accepted,
+                    "attached": shared.routes.attached(),
+                    "unsupported": shared.routes.unsupported,
+                },
+            });
+            text(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string_pretty(&dump).unwrap_or_default(),
+            )
+        }
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}

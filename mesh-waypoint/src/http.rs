@@ -1,0 +1,447 @@
+//! HTTP proxying on a tunnel stream: a hyper server (HTTP/1.1 or HTTP/2)
+//! whose requests are routed by [`crate::l7::route`] and sent with a pooled
+//! hyper client to the chosen endpoint (plaintext HTTP/1.1 in this slice:
+//! HBONE to the backend pods is the next step), and the per-request
+//! telemetry: Istio's metrics and one access-log line.
+
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Empty, combinators::BoxBody};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo},
+};
+
+use crate::{
+    l7::route::{Backend, Rule, Selection},
+    metrics::RequestLabels,
+    server::{Rewind, Shared, Tunnel},
+    services::{Chosen, service_labels},
+};
+
+/// How long a backend connection may take to establish.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle pooled backend connections are closed after this time.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// At most this many idle pooled connections per backend endpoint.
+pub const POOL_MAX_IDLE_PER_ENDPOINT: usize = 64;
+/// At most this many concurrent HTTP/2 requests per tunnel stream.
+pub const MAX_INNER_STREAMS: u32 = 100;
+
+/// A response body as the waypoint sends it.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// The request body sent to a backend: the client's, counted.
+#[derive(Debug)]
+pub struct CountedBody {
+    inner: Incoming,
+    bytes: Arc<AtomicU64>,
+}
+
+impl Body for CountedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The pooled client to the backends.
+#[derive(Debug)]
+pub struct Proxy {
+    client: Client<HttpConnector, CountedBody>,
+}
+
+impl Default for Proxy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Proxy {
+    /// A client keeping connections to backends pooled.
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_ENDPOINT)
+            .build(connector);
+        Self { client }
+    }
+}
+
+/// Serves HTTP on one tunnel stream until the client closes it.
+pub async fn serve(shared: Arc<Shared>, tunnel: Arc<Tunnel>, io: Rewind, http2: bool) {
+    let io = TokioIo::new(io);
+    let service = hyper::service::service_fn(move |req| {
+        let (shared, tunnel) = (Arc::clone(&shared), Arc::clone(&tunnel));
+        async move { Ok::<_, Infallible>(handle(shared, tunnel, req).await) }
+    });
+    let result = if http2 {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .max_concurrent_streams(MAX_INNER_STREAMS)
+            .serve_connection(io, service)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .await
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "HTTP connection on a tunnel ended with an error");
+    }
+}
+
+/// Envoy's response flags for what the waypoint itself answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flags {
+    /// Proxied (`-`).
+    None,
+    /// No route matched (`NR`).
+    NoRoute,
+    /// No endpoint for the backend (`UH`).
+    NoHealthyUpstream,
+    /// The backend could not be reached (`UF`).
+    ConnectFailure,
+    /// The backend reset the request (`UC`).
+    UpstreamReset,
+    /// The route timeout fired (`UT`).
+    Timeout,
+    /// The route's configuration cannot be served (`NC`, 500).
+    NoConfig,
+}
+
+impl Flags {
+    /// Envoy's short form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "-",
+            Self::NoRoute => "NR",
+            Self::NoHealthyUpstream => "UH",
+            Self::ConnectFailure => "UF",
+            Self::UpstreamReset => "UC",
+            Self::Timeout => "UT",
+            Self::NoConfig => "NC",
+        }
+    }
+}
+
+/// What is recorded when the response ends (its body's last frame, or
+/// the client going away).
+struct Finish {
+    shared: Arc<Shared>,
+    tunnel: Arc<Tunnel>,
+    start: Instant,
+    method: http::Method,
+    path: String,
+    authority: String,
+    route: String,
+    upstream: Option<Chosen>,
+    status: StatusCode,
+    flags: Flags,
+    request_bytes: Arc<AtomicU64>,
+}
+
+impl Finish {
+    fn record(&self, response_bytes: u64) {
+        let duration = self.start.elapsed();
+        let t = &self.tunnel;
+        let destination = self
+            .upstream
+            .as_ref()
+            .map_or_else(mesh_agent::telemetry::PeerLabels::unknown, |c| c.labels.clone());
+        let labels = RequestLabels {
+            source: t.source.clone(),
+            destination,
+            destination_service: service_labels(&t.target.service),
+            protocol: "http",
+            response_code: self.status.as_u16(),
+            response_flags: self.flags.as_str(),
+        };
+        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        self.shared.metrics.request(
+            &labels,
+            duration.as_secs_f64() * 1000.0,
+            request_bytes,
+            response_bytes,
+        );
+        tracing::info!(
+            target: mesh_agent::telemetry::ACCESS_TARGET,
+            reporter = "waypoint",
+            src = %t.peer,
+            src_identity = %t.peer_id,
+            src_workload = %labels.source.workload,
+            method = %self.method,
+            path = %self.path,
+            authority = %self.authority,
+            service = %t.target.service,
+            route = %self.route,
+            upstream = self.upstream.as_ref().map(|c| tracing::field::display(c.addr)),
+            dst_workload = %labels.destination.workload,
+            status = self.status.as_u16(),
+            response_flags = self.flags.as_str(),
+            request_bytes,
+            response_bytes,
+            duration_ms = duration.as_millis() as u64,
+            "http request"
+        );
+    }
+}
+
+/// A response body that records the request when it ends.
+struct Metered {
+    inner: ProxyBody,
+    bytes: u64,
+    finish: Option<Finish>,
+}
+
+impl Metered {
+    fn done(&mut self) {
+        if let Some(f) = self.finish.take() {
+            f.record(self.bytes);
+        }
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        self.done();
+    }
+}
+
+impl Body for Metered {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    self.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.done(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn local(status: StatusCode) -> Response<ProxyBody> {
+    let mut r = Response::new(Empty::<Bytes>::new().map_err(|e| match e {}).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+/// Headers that belong to one hop (RFC 9110 §7.6.1) and are not forwarded.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .collect();
+    for h in HOP_BY_HOP.iter().copied().chain(named.iter().map(String::as_str)) {
+        headers.remove(h);
+    }
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    tunnel: Arc<Tunnel>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let (mut parts, body) = req.into_parts();
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let mut finish = Finish {
+        shared: Arc::clone(&shared),
+        tunnel: Arc::clone(&tunnel),
+        start,
+        method: parts.method.clone(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), |p| p.to_string()),
+        authority: authority.clone(),
+        route: "-".to_owned(),
+        upstream: None,
+        status: StatusCode::OK,
+        flags: Flags::None,
+        request_bytes: Arc::new(AtomicU64::new(0)),
+    };
+    let answer = |mut finish: Finish, status: StatusCode, flags: Flags| {
+        finish.status = status;
+        finish.flags = flags;
+        metered(local(status), finish)
+    };
+    let target = &tunnel.target;
+    let selection = shared.routes.select(
+        &target.service,
+        target.port.port,
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+    );
+    let (rule, backend): (Option<&Arc<Rule>>, Backend) = match selection {
+        Selection::NoMatch => return answer(finish, StatusCode::NOT_FOUND, Flags::NoRoute),
+        Selection::Default => (
+            None,
+            Backend::Service {
+                service: target.service.clone(),
+                port: target.port.port,
+            },
+        ),
+        Selection::Rule(rule) => {
+            finish.route = format!("{}#{}", rule.route, rule.index);
+            if let Some(why) = &rule.broken {
+                tracing::debug!(route = %finish.route, reason = %why, "rule answers 500");
+                return answer(finish, StatusCode::INTERNAL_SERVER_ERROR, Flags::NoConfig);
+            }
+            match rule.choose(|total| fastrand::u32(..total)) {
+                Some(b) => (Some(rule), b.clone()),
+                None => {
+                    return answer(finish, StatusCode::INTERNAL_SERVER_ERROR, Flags::NoConfig);
+                }
+            }
+        }
+    };
+    let (service, port) = match backend {
+        Backend::Service { service, port } => (service, port),
+        Backend::Invalid(_) => {
+            return answer(finish, StatusCode::INTERNAL_SERVER_ERROR, Flags::NoConfig);
+        }
+    };
+    let Some(chosen) = shared.services.endpoint(&service, port) else {
+        return answer(finish, StatusCode::SERVICE_UNAVAILABLE, Flags::NoHealthyUpstream);
+    };
+    finish.upstream = Some(chosen.clone());
+    // The backend request: origin-form to the endpoint, the client's Host kept.
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let Ok(uri) = format!("http://{}{path}", chosen.addr).parse::<http::Uri>() else {
+        return answer(finish, StatusCode::BAD_REQUEST, Flags::None);
+    };
+    strip_hop_by_hop(&mut parts.headers);
+    if !parts.headers.contains_key(header::HOST)
+        && let Ok(host) = HeaderValue::from_str(&authority)
+    {
+        parts.headers.insert(header::HOST, host);
+    }
+    if let Some(rule) = rule {
+        rule.request_headers.apply(&mut parts.headers);
+    }
+    parts.uri = uri;
+    parts.version = http::Version::HTTP_11;
+    let body = CountedBody {
+        inner: body,
+        bytes: Arc::clone(&finish.request_bytes),
+    };
+    let request = Request::from_parts(parts, body);
+    let sent = shared.proxy.client.request(request);
+    let result = match rule.and_then(|r| r.timeout) {
+        Some(t) => match tokio::time::timeout(t, sent).await {
+            Ok(r) => r,
+            Err(_) => return answer(finish, StatusCode::GATEWAY_TIMEOUT, Flags::Timeout),
+        },
+        None => sent.await,
+    };
+    let response = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let flags = if e.is_connect() {
+                Flags::ConnectFailure
+            } else {
+                Flags::UpstreamReset
+            };
+            tracing::debug!(upstream = %chosen.addr, error = %e, "backend request failed");
+            return answer(finish, StatusCode::SERVICE_UNAVAILABLE, flags);
+        }
+    };
+    let (mut rparts, rbody) = response.into_parts();
+    strip_hop_by_hop(&mut rparts.headers);
+    if let Some(rule) = rule {
+        rule.response_headers.apply(&mut rparts.headers);
+    }
+    finish.status = rparts.status;
+    let body = rbody.boxed();
+    metered(Response::from_parts(rparts, body), finish)
+}
+
+fn metered(response: Response<ProxyBody>, finish: Finish) -> Response<ProxyBody> {
+    let (parts, inner) = response.into_parts();
+    let body = Metered {
+        inner,
+        bytes: 0,
+        finish: Some(finish),
+    };
+    Response::from_parts(parts, body.boxed())
+}

@@ -1,0 +1,887 @@
+//! The route model: Gateway API `HTTPRoute`s compiled into per service port
+//! tables of matches in Gateway API precedence order, and the choice of a
+//! rule and a weighted backend for a request.
+//!
+//! Pure (no I/O): it depends only on the configuration types, `http` and
+//! `regex`, so that it can move into a shared routing crate later.
+//!
+//! Semantics (Gateway API v1, GAMMA):
+//! - A route attaches to the Services its `parentRefs` name (`kind: Service`,
+//!   group `""`), on `port` or on every port of the Service.
+//! - A request takes the first matching (rule, match) of its service port in
+//!   this order: an `Exact` path, then a `RegularExpression` path
+//!   (implementation-specific in the spec; Istio ranks it there too), then the
+//!   longest `PathPrefix`; then a method match; then the most header matches;
+//!   then the most query matches; then the oldest route (`creationTimestamp`),
+//!   then `namespace/name` alphabetically, then rule order.
+//! - A service port with routes but no matching rule answers 404; one
+//!   without routes goes to the service itself.
+//! - A rule with a filter or a match this waypoint cannot evaluate answers
+//!   500 (the spec forbids skipping a filter; skipping a match would widen
+//!   the rule); a backend that cannot be resolved answers 500 for its share
+//!   of the weight. Both are listed in [`RouteTable::unsupported`].
+
+use std::{collections::HashMap, fmt, sync::Arc, time::Duration};
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use regex::Regex;
+use serde::Serialize;
+
+use crate::config::{
+    BackendRef, HeaderModifierSpec, HttpRoute, HttpRouteMatch, HttpRouteRule, Other,
+    ServiceConfig, ValueMatchSpec,
+};
+
+/// A Service's namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ServiceKey {
+    /// The namespace.
+    pub namespace: String,
+    /// The name.
+    pub name: String,
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// What the waypoint does about a field it does not support.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Effect {
+    /// The field has no effect (safe to leave out: nothing is widened).
+    Ignored,
+    /// The rule answers 500 (a filter or match that cannot be skipped).
+    RuleFails,
+    /// The backend's share of the rule answers 500.
+    BackendFails,
+    /// The parent reference is not attached.
+    ParentNotAttached,
+    /// The whole route is not used.
+    RouteRejected,
+}
+
+/// A field of a route the waypoint does not support, and what it does instead.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Unsupported {
+    /// `namespace/name` of the route.
+    pub route: String,
+    /// The field's path in the object (`spec.rules[0].filters[1]`).
+    pub field: String,
+    /// Why.
+    pub reason: String,
+    /// What happens instead.
+    pub effect: Effect,
+}
+
+/// A header modification (`RequestHeaderModifier`, `ResponseHeaderModifier`).
+#[derive(Clone, Debug, Default)]
+pub struct HeaderModifier {
+    set: Vec<(HeaderName, HeaderValue)>,
+    add: Vec<(HeaderName, HeaderValue)>,
+    remove: Vec<HeaderName>,
+}
+
+impl HeaderModifier {
+    /// Applies the modification to `headers`: set, then add, then remove.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+        for (name, value) in &self.add {
+            headers.append(name.clone(), value.clone());
+        }
+        for name in &self.remove {
+            headers.remove(name);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// A backend of a rule: a service port, or a reference that cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// A known Service's port.
+    Service {
+        /// The Service.
+        service: ServiceKey,
+        /// Its port.
+        port: u16,
+    },
+    /// A reference that does not resolve (answers 500).
+    Invalid(String),
+}
+
+/// One weighted backend.
+#[derive(Clone, Debug)]
+pub struct WeightedBackend {
+    /// Where.
+    pub backend: Backend,
+    /// Its relative weight.
+    pub weight: u32,
+}
+
+/// A compiled rule.
+#[derive(Debug)]
+pub struct Rule {
+    /// `namespace/name` of its route.
+    pub route: String,
+    /// Its index in the route's `rules`.
+    pub index: usize,
+    /// Where requests go.
+    pub backends: Vec<WeightedBackend>,
+    /// `timeouts.request`.
+    pub timeout: Option<Duration>,
+    /// `RequestHeaderModifier`.
+    pub request_headers: HeaderModifier,
+    /// `ResponseHeaderModifier`.
+    pub response_headers: HeaderModifier,
+    /// Why the rule answers 500, if it does.
+    pub broken: Option<String>,
+}
+
+impl Rule {
+    /// Picks a backend by weight with `pick(total)` returning a number in
+    /// `0..total`; None when every weight is 0 (the spec's 500).
+    pub fn choose(&self, pick: impl FnOnce(u32) -> u32) -> Option<&Backend> {
+        let total: u32 = self
+            .backends
+            .iter()
+            .map(|b| b.weight)
+            .fold(0, u32::saturating_add);
+        if total == 0 {
+            return None;
+        }
+        let mut n = pick(total);
+        for b in &self.backends {
+            if n < b.weight {
+                return Some(&b.backend);
+            }
+            n -= b.weight;
+        }
+        None
+    }
+}
+
+#[derive(Debug)]
+enum PathMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+}
+
+#[derive(Debug)]
+enum ValueMatch {
+    Exact(String),
+    Regex(Regex),
+}
+
+impl ValueMatch {
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            Self::Exact(e) => e == v,
+            Self::Regex(r) => r.is_match(v),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Match {
+    path: PathMatch,
+    headers: Vec<(HeaderName, ValueMatch)>,
+    query: Vec<(String, ValueMatch)>,
+    method: Option<Method>,
+}
+
+impl Match {
+    fn matches(&self, method: &Method, uri: &http::Uri, headers: &HeaderMap) -> bool {
+        let path = uri.path();
+        let path_ok = match &self.path {
+            PathMatch::Exact(p) => path == p,
+            PathMatch::Prefix(p) => {
+                p.is_empty()
+                    || path == p
+                    || (path.starts_with(p.as_str()) && path.as_bytes().get(p.len()) == Some(&b'/'))
+            }
+            PathMatch::Regex(r) => r.is_match(path),
+        };
+        if !path_ok || self.method.as_ref().is_some_and(|m| m != method) {
+            return false;
+        }
+        let headers_ok = self.headers.iter().all(|(name, m)| {
+            let values: Vec<&str> = headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            !values.is_empty() && m.matches(&values.join(","))
+        });
+        headers_ok
+            && self.query.iter().all(|(name, m)| {
+                uri.query()
+                    .into_iter()
+                    .flat_map(|q| q.split('&'))
+                    .find_map(|kv| {
+                        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                        (k == name).then_some(v)
+                    })
+                    .is_some_and(|v| m.matches(v))
+            })
+    }
+
+    /// Larger sorts first (Gateway API precedence within one port).
+    fn rank(&self) -> (u8, usize, bool, usize, usize) {
+        let (kind, len) = match &self.path {
+            PathMatch::Exact(p) => (2, p.len()),
+            PathMatch::Regex(r) => (1, r.as_str().len()),
+            PathMatch::Prefix(p) => (0, p.len()),
+        };
+        (
+            kind,
+            len,
+            self.method.is_some(),
+            self.headers.len(),
+            self.query.len(),
+        )
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    m: Match,
+    rule: Arc<Rule>,
+    /// (creationTimestamp, namespace/name, rule index): ascending wins ties.
+    tie: (String, String, usize),
+}
+
+/// What a request gets from the routes of its service port.
+#[derive(Debug)]
+pub enum Selection<'a> {
+    /// No route attached: the service itself.
+    Default,
+    /// The first matching rule.
+    Rule(&'a Arc<Rule>),
+    /// Routes are attached but none matches (404).
+    NoMatch,
+}
+
+/// The compiled routes of every service port.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    ports: HashMap<(ServiceKey, u16), Vec<Entry>>,
+    /// Routes in use (`namespace/name`).
+    pub accepted: Vec<String>,
+    /// Fields not supported, with their effect.
+    pub unsupported: Vec<Unsupported>,
+}
+
+impl RouteTable {
+    /// Compiles `routes` against the known `services`.
+    pub fn build(services: &[ServiceConfig], routes: &[HttpRoute]) -> Self {
+        let mut table = Self::default();
+        for route in routes {
+            table.add_route(services, route);
+        }
+        for entries in table.ports.values_mut() {
+            entries.sort_by(|a, b| b.m.rank().cmp(&a.m.rank()).then_with(|| a.tie.cmp(&b.tie)));
+        }
+        table
+    }
+
+    /// The routing decision for a request to `service`:`port`.
+    pub fn select(
+        &self,
+        service: &ServiceKey,
+        port: u16,
+        method: &Method,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+    ) -> Selection<'_> {
+        let Some(entries) = self.ports.get(&(service.clone(), port)) else {
+            return Selection::Default;
+        };
+        entries
+            .iter()
+            .find(|e| e.m.matches(method, uri, headers))
+            .map_or(Selection::NoMatch, |e| Selection::Rule(&e.rule))
+    }
+
+    /// The service ports with attached routes, and their rule count.
+    pub fn attached(&self) -> Vec<(String, usize)> {
+        let mut v: Vec<(String, usize)> = self
+            .ports
+            .iter()
+            .map(|((s, p), e)| (format!("{s}:{p}"), e.len()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn report(&mut self, route: &str, field: String, reason: impl Into<String>, effect: Effect) {
+        let reason = reason.into();
+        tracing::warn!(route, field = %field, reason = %reason, effect = ?effect, "unsupported route field");
+        self.unsupported.push(Unsupported {
+            route: route.to_owned(),
+            field,
+            reason,
+            effect,
+        });
+    }
+
+    fn report_other(&mut self, route: &str, at: &str, other: &Other, effect: Effect) {
+        for key in other.keys() {
+            let field = if at.is_empty() {
+                key.clone()
+            } else {
+                format!("{at}.{key}")
+            };
+            self.report(route, field, "not supported by this waypoint", effect);
+        }
+    }
+
+    fn add_route(&mut self, services: &[ServiceConfig], route: &HttpRoute) {
+        let namespace = route
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned());
+        let id = format!("{namespace}/{}", route.metadata.name);
+        let version_ok = matches!(
+            route.api_version.as_str(),
+            "gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1"
+        );
+        if !version_ok || route.kind != "HTTPRoute" {
+            let reason = format!(
+                "{} {} is not a Gateway API HTTPRoute",
+                route.api_version, route.kind
+            );
+            return self.report(&id, "kind".into(), reason, Effect::RouteRejected);
+        }
+        let top: Other = route
+            .other
+            .iter()
+            .filter(|(k, _)| k.as_str() != "status")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        self.report_other(&id, "", &top, Effect::Ignored);
+        self.report_other(&id, "spec", &route.spec.other, Effect::Ignored);
+        if !route.spec.hostnames.is_empty() {
+            self.report(
+                &id,
+                "spec.hostnames".into(),
+                "hostnames are not used for Service parents (GAMMA)",
+                Effect::Ignored,
+            );
+        }
+        let created = route
+            .metadata
+            .other
+            .get("creationTimestamp")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_owned();
+        // The service ports the route attaches to.
+        let mut parents = Vec::new();
+        for (i, parent) in route.spec.parent_refs.iter().enumerate() {
+            let at = format!("spec.parentRefs[{i}]");
+            let group = parent.group.as_deref().unwrap_or("gateway.networking.k8s.io");
+            let kind = parent.kind.as_deref().unwrap_or("Gateway");
+            if !matches!(group, "" | "core") || kind != "Service" {
+                self.report(
+                    &id,
+                    at,
+                    format!("parent {group}/{kind} is not a Service; a waypoint serves Service parents (GAMMA)"),
+                    Effect::ParentNotAttached,
+                );
+                continue;
+            }
+            if !parent.other.is_empty() {
+                self.report_other(&id, &at, &parent.other, Effect::ParentNotAttached);
+                continue;
+            }
+            let key = ServiceKey {
+                namespace: parent.namespace.clone().unwrap_or_else(|| namespace.clone()),
+                name: parent.name.clone(),
+            };
+            let Some(svc) = find(services, &key) else {
+                self.report(
+                    &id,
+                    at,
+                    format!("Service {key} is not one this waypoint serves"),
+                    Effect::ParentNotAttached,
+                );
+                continue;
+            };
+            match parent.port {
+                Some(p) if svc.ports.iter().any(|sp| sp.port == p) => parents.push((key, p)),
+                Some(p) => self.report(
+                    &id,
+                    at,
+                    format!("Service {key} has no port {p}"),
+                    Effect::ParentNotAttached,
+                ),
+                None => parents.extend(svc.ports.iter().map(|sp| (key.clone(), sp.port))),
+            }
+        }
+        if parents.is_empty() {
+            return self.report(
+                &id,
+                "spec.parentRefs".into(),
+                "no parent Service of this waypoint",
+                Effect::RouteRejected,
+            );
+        }
+        self.accepted.push(id.clone());
+        for (index, spec) in route.spec.rules.iter().enumerate() {
+            let at = format!("spec.rules[{index}]");
+            let (rule, matches) = self.compile_rule(services, &id, &namespace, &at, index, spec);
+            let rule = Arc::new(rule);
+            for m in matches {
+                let m = Arc::new(m);
+                for port in &parents {
+                    let entry = Entry {
+                        m: match_clone(&m),
+                        rule: Arc::clone(&rule),
+                        tie: (created.clone(), id.clone(), index),
+                    };
+                    self.ports.entry(port.clone()).or_default().push(entry);
+                }
+            }
+        }
+    }
+
+    fn compile_rule(
+        &mut self,
+        services: &[ServiceConfig],
+        id: &str,
+        namespace: &str,
+        at: &str,
+        index: usize,
+        spec: &HttpRouteRule,
+    ) -> (Rule, Vec<Match>) {
+        let mut broken: Vec<String> = Vec::new();
+        let keys: Other = spec
+            .other
+            .iter()
+            .filter(|(k, _)| k.as_str() != "name")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        self.report_other(id, at, &keys, Effect::Ignored);
+        let mut matches = Vec::new();
+        let specs: Vec<HttpRouteMatch> = if spec.matches.is_empty() {
+            vec![HttpRouteMatch::default()]
+        } else {
+            spec.matches.clone()
+        };
+        for (i, m) in specs.iter().enumerate() {
+            let mat = format!("{at}.matches[{i}]");
+            match compile_match(m) {
+                Ok(m) => matches.push(m),
+                Err(reason) => {
+                    self.report(id, mat, reason.clone(), Effect::RuleFails);
+                    broken.push(reason);
+                    // Still attached (at its most general), so that the
+                    // rule's traffic gets the 500 instead of another rule.
+                    matches.push(Match {
+                        path: PathMatch::Prefix(String::new()),
+                        headers: Vec::new(),
+                        query: Vec::new(),
+                        method: None,
+                    });
+                }
+            }
+        }
+        let (mut request_headers, mut response_headers) = (None, None);
+        for (i, f) in spec.filters.iter().enumerate() {
+            let fat = format!("{at}.filters[{i}]");
+            let result = match f.kind.as_str() {
+                "RequestHeaderModifier" => f
+                    .request_header_modifier
+                    .as_ref()
+                    .ok_or_else(|| "requestHeaderModifier is missing".to_owned())
+                    .and_then(header_modifier)
+                    .map(|h| request_headers = Some(h)),
+                "ResponseHeaderModifier" => f
+                    .response_header_modifier
+                    .as_ref()
+                    .ok_or_else(|| "responseHeaderModifier is missing".to_owned())
+                    .and_then(header_modifier)
+                    .map(|h| response_headers = Some(h)),
+                other => Err(format!("filter {other} is not supported by this waypoint")),
+            };
+            if let Err(reason) = result {
+                self.report(id, fat, reason.clone(), Effect::RuleFails);
+                broken.push(reason);
+            }
+        }
+        let mut timeout = None;
+        if let Some(t) = &spec.timeouts {
+            self.report_other(id, &format!("{at}.timeouts"), &t.other, Effect::Ignored);
+            if let Some(request) = &t.request {
+                match parse_duration(request) {
+                    Some(d) if d.is_zero() => {} // 0s: no timeout (the spec's meaning)
+                    Some(d) => timeout = Some(d),
+                    None => {
+                        let reason = format!("timeouts.request {request:?} is not a Gateway API duration (e.g. 10s, 500ms, 1h30m)");
+                        self.report(id, format!("{at}.timeouts.request"), reason.clone(), Effect::RuleFails);
+                        broken.push(reason);
+                    }
+                }
+            }
+        }
+        let mut backends = Vec::new();
+        for (i, b) in spec.backend_refs.iter().enumerate() {
+            let bat = format!("{at}.backendRefs[{i}]");
+            let weight = b.weight.unwrap_or(1);
+            let backend = match resolve_backend(services, namespace, b) {
+                Ok(backend) => backend,
+                Err(reason) => {
+                    self.report(id, bat, reason.clone(), Effect::BackendFails);
+                    Backend::Invalid(reason)
+                }
+            };
+            backends.push(WeightedBackend { backend, weight });
+        }
+        if backends.is_empty() {
+            // The spec: a rule without backendRefs answers 500.
+            broken.push("the rule has no backendRefs".to_owned());
+        }
+        let rule = Rule {
+            route: id.to_owned(),
+            index,
+            backends,
+            timeout,
+            request_headers: request_headers.unwrap_or_default(),
+            response_headers: response_headers.unwrap_or_default(),
+            broken: (!broken.is_empty()).then(|| broken.join("; ")),
+        };
+        (rule, matches)
+    }
+}
+
+fn find<'a>(services: &'a [ServiceConfig], key: &ServiceKey) -> Option<&'a ServiceConfig> {
+    services
+        .iter()
+        .find(|s| s.name == key.name && s.namespace == key.namespace)
+}
+
+/// Matches are shared by every parent port; the regexes clone cheaply.
+fn match_clone(m: &Match) -> Match {
+    let value = |v: &ValueMatch| match v {
+        ValueMatch::Exact(s) => ValueMatch::Exact(s.clone()),
+        ValueMatch::Regex(r) => ValueMatch::Regex(r.clone()),
+    };
+    Match {
+        path: match &m.path {
+            PathMatch::Exact(p) => PathMatch::Exact(p.clone()),
+            PathMatch::Prefix(p) => PathMatch::Prefix(p.clone()),
+            PathMatch::Regex(r) => PathMatch::Regex(r.clone()),
+        },
+        headers: m.headers.iter().map(|(n, v)| (n.clone(), value(v))).collect(),
+        query: m.query.iter().map(|(n, v)| (n.clone(), value(v))).collect(),
+        method: m.method.clone(),
+    }
+}
+
+fn full_regex(re: &str) -> Result<Regex, String> {
+    Regex::new(&format!("^(?:{re})$")).map_err(|e| format!("regular expression {re:?}: {e}"))
+}
+
+fn compile_value(m: &ValueMatchSpec, what: &str) -> Result<ValueMatch, String> {
+    if let Some(k) = m.other.keys().next() {
+        return Err(format!("{what} match field {k} is not supported"));
+    }
+    match m.kind.as_deref().unwrap_or("Exact") {
+        "Exact" => Ok(ValueMatch::Exact(m.value.clone())),
+        "RegularExpression" => full_regex(&m.value).map(ValueMatch::Regex),
+        other => Err(format!("{what} match type {other} is not supported")),
+    }
+}
+
+fn compile_match(m: &HttpRouteMatch) -> Result<Match, String> {
+    if let Some(k) = m.other.keys().next() {
+        return Err(format!("match field {k} is not supported"));
+    }
+    let path = match &m.path {
+        None => PathMatch::Prefix(String::new()),
+        Some(p) => {
+            if let Some(k) = p.other.keys().next() {
+                return Err(format!("path match field {k} is not supported"));
+            }
+            let value = p.value.clone().unwrap_or_else(|| "/".to_owned());
+            match p.kind.as_deref().unwrap_or("PathPrefix") {
+                "Exact" => PathMatch::Exact(value),
+                "PathPrefix" => {
+                    if !value.starts_with('/') {
+                        return Err(format!("path prefix {value:?} does not start with /"));
+                    }
+                    PathMatch::Prefix(value.trim_end_matches('/').to_owned())
+                }
+                "RegularExpression" => PathMatch::Regex(full_regex(&value)?),
+                other => return Err(format!("path match type {other} is not supported")),
+            }
+        }
+    };
+    let mut headers = Vec::new();
+    for h in &m.headers {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| format!("header name {:?} is not valid", h.name))?;
+        // The spec: of entries with equivalent names, only the first counts.
+        if headers.iter().all(|(n, _)| n != &name) {
+            headers.push((name, compile_value(h, "header")?));
+        }
+    }
+    let mut query = Vec::new();
+    for q in &m.query_params {
+        if query.iter().all(|(n, _)| n != &q.name) {
+            query.push((q.name.clone(), compile_value(q, "query parameter")?));
+        }
+    }
+    let method = m
+        .method
+        .as_deref()
+        .map(|s| Method::from_bytes(s.as_bytes()).map_err(|_| format!("method {s:?} is not valid")))
+        .transpose()?;
+    Ok(Match {
+        path,
+        headers,
+        query,
+        method,
+    })
+}
+
+fn header_modifier(spec: &HeaderModifierSpec) -> Result<HeaderModifier, String> {
+    if let Some(k) = spec.other.keys().next() {
+        return Err(format!("header modifier field {k} is not supported"));
+    }
+    let pair = |name: &str, value: &str| {
+        let n = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("header name {name:?} is not valid"))?;
+        let v = HeaderValue::from_str(value)
+            .map_err(|_| format!("header value {value:?} of {name} is not valid"))?;
+        Ok::<_, String>((n, v))
+    };
+    let h = HeaderModifier {
+        set: spec
+            .set
+            .iter()
+            .map(|h| pair(&h.name, &h.value))
+            .collect::<Result<_, _>>()?,
+        add: spec
+            .add
+            .iter()
+            .map(|h| pair(&h.name, &h.value))
+            .collect::<Result<_, _>>()?,
+        remove: spec
+            .remove
+            .iter()
+            .map(|n| {
+                HeaderName::from_bytes(n.as_bytes())
+                    .map_err(|_| format!("header name {n:?} is not valid"))
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    if h.is_empty() {
+        tracing::debug!("empty header modifier");
+    }
+    Ok(h)
+}
+
+fn resolve_backend(
+    services: &[ServiceConfig],
+    namespace: &str,
+    b: &BackendRef,
+) -> Result<Backend, String> {
+    if let Some(k) = b.other.keys().next() {
+        return Err(format!("backendRef field {k} is not supported"));
+    }
+    let group = b.group.as_deref().unwrap_or("");
+    let kind = b.kind.as_deref().unwrap_or("Service");
+    if !matches!(group, "" | "core") || kind != "Service" {
+        return Err(format!("backend {group}/{kind} is not a Service"));
+    }
+    let key = ServiceKey {
+        namespace: b.namespace.clone().unwrap_or_else(|| namespace.to_owned()),
+        name: b.name.clone(),
+    };
+    let Some(port) = b.port else {
+        return Err(format!("backendRef to Service {key} has no port (required for a Service)"));
+    };
+    let Some(svc) = find(services, &key) else {
+        return Err(format!("backend Service {key} is not known to this waypoint"));
+    };
+    if !svc.ports.iter().any(|p| p.port == port) {
+        return Err(format!("backend Service {key} has no port {port}"));
+    }
+    Ok(Backend::Service { service: key, port })
+}
+
+/// Parses a Gateway API duration (`^([0-9]{1,5}(h|m|s|ms)){1,4}$`).
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let mut rest = s;
+    let mut total = Duration::ZERO;
+    let mut parts = 0;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if !(1..=5).contains(&digits) {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(1), 2)
+        } else if rest.starts_with('h') {
+            (Duration::from_secs(3600), 1)
+        } else if rest.starts_with('m') {
+            (Duration::from_secs(60), 1)
+        } else if rest.starts_with('s') {
+            (Duration::from_secs(1), 1)
+        } else {
+            return None;
+        };
+        rest = &rest[len..];
+        total += unit * u32::try_from(n).ok()?;
+        parts += 1;
+    }
+    (1..=4).contains(&parts).then_some(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::WaypointConfig;
+
+    const CONFIG: &str = r#"
+services:
+  - { name: web, namespace: default, addresses: [10.96.0.1], ports: [{port: 80}] }
+  - { name: v1, namespace: default, ports: [{port: 80}] }
+  - { name: v2, namespace: default, ports: [{port: 80}] }
+routes:
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: { name: web, namespace: default }
+    spec:
+      parentRefs: [{ group: "", kind: Service, name: web, port: 80 }]
+      rules:
+        - matches: [{ path: { type: PathPrefix, value: /api } }]
+          backendRefs: [{ name: v2, port: 80 }]
+        - matches: [{ path: { type: Exact, value: /api/exact } }]
+          backendRefs: [{ name: v1, port: 80 }]
+        - matches: [{ headers: [{ name: x-canary, value: "true" }] }]
+          backendRefs: [{ name: v2, port: 80 }]
+        - matches: [{ path: { type: PathPrefix, value: / } }]
+          backendRefs: [{ name: v1, port: 80, weight: 90 }, { name: v2, port: 80, weight: 10 }]
+        - matches: [{ path: { type: PathPrefix, value: /mirror } }]
+          filters: [{ type: RequestMirror, requestMirror: { backendRef: { name: v2, port: 80 } } }]
+          backendRefs: [{ name: v1, port: 80 }]
+          retry: { attempts: 3 }
+"#;
+
+    fn table() -> RouteTable {
+        let c = WaypointConfig::parse(CONFIG).expect("config");
+        RouteTable::build(&c.services, &c.routes)
+    }
+
+    fn pick<'a>(t: &'a RouteTable, path: &str, headers: &[(&str, &str)]) -> Selection<'a> {
+        let web = ServiceKey {
+            namespace: "default".into(),
+            name: "web".into(),
+        };
+        let mut h = HeaderMap::new();
+        for (n, v) in headers {
+            h.insert(
+                HeaderName::from_bytes(n.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        t.select(&web, 80, &Method::GET, &path.parse().expect("uri"), &h)
+    }
+
+    fn index(s: Selection<'_>) -> usize {
+        match s {
+            Selection::Rule(r) => r.index,
+            other => panic!("no rule: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn precedence_exact_then_longest_prefix_then_headers() {
+        let t = table();
+        assert_eq!(index(pick(&t, "/api/exact", &[])), 1);
+        assert_eq!(index(pick(&t, "/api/x?y=1", &[])), 0);
+        assert_eq!(index(pick(&t, "/api", &[])), 0);
+        // Prefixes match whole path elements.
+        assert_eq!(index(pick(&t, "/apix", &[])), 3);
+        assert_eq!(index(pick(&t, "/other", &[("x-canary", "true")])), 2);
+        assert_eq!(index(pick(&t, "/other", &[("x-canary", "false")])), 3);
+    }
+
+    #[test]
+    fn unsupported_filters_fail_the_rule_and_are_reported() {
+        let t = table();
+        let Selection::Rule(rule) = pick(&t, "/mirror/a", &[]) else {
+            panic!("no rule")
+        };
+        assert!(rule.broken.as_deref().is_some_and(|b| b.contains("RequestMirror")));
+        let fields: Vec<(&str, Effect)> = t
+            .unsupported
+            .iter()
+            .map(|u| (u.field.as_str(), u.effect))
+            .collect();
+        assert!(fields.contains(&("spec.rules[4].filters[0]", Effect::RuleFails)), "{fields:?}");
+        assert!(fields.contains(&("spec.rules[4].retry", Effect::Ignored)), "{fields:?}");
+    }
+
+    #[test]
+    fn weights_pick_by_share() {
+        let t = table();
+        let Selection::Rule(rule) = pick(&t, "/", &[]) else {
+            panic!("no rule")
+        };
+        let name = |n: u32| match rule.choose(|_| n) {
+            Some(Backend::Service { service, .. }) => service.name.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(name(0), "v1");
+        assert_eq!(name(89), "v1");
+        assert_eq!(name(90), "v2");
+        assert_eq!(name(99), "v2");
+    }
+
+    #[test]
+    fn a_port_without_routes_goes_to_its_service_and_no_match_is_404() {
+        let t = table();
+        let web = ServiceKey {
+            namespace: "default".into(),
+            name: "web".into(),
+        };
+        let h = HeaderMap::new();
+        let uri: http::Uri = "/".parse().expect("uri");
+        assert!(matches!(
+            t.select(&web, 81, &Method::GET, &uri, &h),
+            Selection::Default
+        ));
+        let c = WaypointConfig::parse(&CONFIG.replace(
+            "- matches: [{ path: { type: PathPrefix, value: / } }]",
+            "- matches: [{ path: { type: PathPrefix, value: /x } }]",
+        ))
+        .expect("config");
+        let t = RouteTable::build(&c.services, &c.routes);
+        assert!(matches!(pick(&t, "/nothing", &[]), Selection::NoMatch));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), None);
+        assert_eq!(parse_duration("123456s"), None);
+        assert_eq!(parse_duration(""), None);
+    }
+}

@@ -1,0 +1,150 @@
+//! `mesh-waypoint`: the mesh's L7 proxy, compatible with Istio ambient's
+//! waypoints. Node agents send a service's traffic to it over HBONE (mTLS,
+//! HTTP/2 CONNECT to the service's VIP:port); it terminates the tunnel under
+//! its own SPIFFE identity, detects the inner protocol and, for HTTP/1.1 and
+//! HTTP/2 (prior knowledge), routes each request by the Gateway API
+//! `HTTPRoute`s attached to the service (GAMMA), reporting Istio's request
+//! metrics (`reporter="waypoint"`) and one access-log line per request.
+//! Anything else is relayed as TCP to an endpoint of the service.
+//!
+//! This is the first slice of issue 12. Backends are reached over plaintext
+//! TCP at the chosen endpoint's address; HBONE (mTLS) to the backend pods
+//! through the agent's client pool ([`mesh_agent::proxy::hbone::Pool`]) is
+//! the next step, as are retries, `VirtualService`, L7 authorization, fault
+//! injection, tracing and the node-agent side (`istio.io/use-waypoint`).
+//!
+//! Modules (imports flow down this list, never back up):
+//! - [`admin`]: `/healthz/ready`, `/metrics`, `/config_dump`.
+//! - [`server`]: HBONE termination, protocol detection, TCP relay; uses
+//!   `mesh_agent::identity` (TLS, SPIFFE) and `mesh_agent::proxy::hbone`.
+//! - [`http`]: the hyper server on a tunnel stream, the backend client, the
+//!   per-request telemetry.
+//! - [`metrics`]: the `istio_request*` families (peer labels from
+//!   `mesh_agent::telemetry`).
+//! - [`services`]: VIP and endpoint lookup.
+//! - [`l7::route`]: the route model (pure).
+//! - [`config`]: the configuration file.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod http;
+pub mod l7;
+pub mod metrics;
+pub mod server;
+pub mod services;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use mesh_agent::identity::{
+    CertManager, CertificateProvider, MeshTls, SpiffeId, TlsSetupError,
+};
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use crate::{config::WaypointConfig, l7::route::RouteTable, server::Shared, services::Services};
+
+/// Why the waypoint cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The TLS configuration cannot be built.
+    #[error("cannot set up the waypoint's TLS: {0}")]
+    Tls(#[from] TlsSetupError),
+    /// The identity is not in the issuer's trust domain.
+    #[error("the waypoint identity {identity} is not in the trust domain {trust_domain} of the CA; pass an --identity in that trust domain")]
+    TrustDomain {
+        /// The identity.
+        identity: SpiffeId,
+        /// The issuer's trust domain.
+        trust_domain: String,
+    },
+    /// A listener cannot be bound.
+    #[error("cannot listen on {addr}: {source}; is the address in use?")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A running waypoint; dropping it stops it.
+#[derive(Debug)]
+pub struct Running {
+    /// The HBONE listener's address.
+    pub hbone: SocketAddr,
+    /// The admin listener's address.
+    pub admin: SocketAddr,
+    /// What the listeners share.
+    pub shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Running {
+    /// Waits until the listeners stop (they do not, unless aborted).
+    pub async fn wait(mut self) {
+        for t in std::mem::take(&mut self.tasks) {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Starts a waypoint with `identity`, certificates from `provider`, serving
+/// `config`, with HBONE on `listen` and the admin endpoint on `admin`.
+pub async fn start(
+    identity: SpiffeId,
+    provider: Arc<dyn CertificateProvider>,
+    config: &WaypointConfig,
+    listen: SocketAddr,
+    admin: SocketAddr,
+) -> Result<Running, StartError> {
+    let trust_domain = provider.trust_domain().clone();
+    if identity.trust_domain() != &trust_domain {
+        return Err(StartError::TrustDomain {
+            identity,
+            trust_domain: trust_domain.to_string(),
+        });
+    }
+    let tls = MeshTls::new(Arc::new(CertManager::new(provider)))?;
+    let services = Services::new(&config.services, trust_domain.as_str());
+    let routes = RouteTable::build(&config.services, &config.routes);
+    tracing::info!(
+        identity = %identity,
+        services = config.services.len(),
+        routes = routes.accepted.len(),
+        unsupported = routes.unsupported.len(),
+        "waypoint configured"
+    );
+    let shared = Arc::new(Shared::new(identity, tls, services, routes));
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Listen { addr, source })
+    };
+    let hbone = bind(listen).await?;
+    let admin_listener = bind(admin).await?;
+    let (hbone_addr, admin_addr) = (
+        hbone.local_addr().map_err(|source| StartError::Listen { addr: listen, source })?,
+        admin_listener
+            .local_addr()
+            .map_err(|source| StartError::Listen { addr: admin, source })?,
+    );
+    let tasks = vec![
+        tokio::spawn(server::serve(Arc::clone(&shared), hbone)),
+        tokio::spawn(admin::serve(Arc::clone(&shared), admin_listener)),
+    ];
+    tracing::info!(hbone = %hbone_addr, admin = %admin_addr, "waypoint listening");
+    Ok(Running {
+        hbone: hbone_addr,
+        admin: admin_addr,
+        shared,
+        tasks,
+    })
+}

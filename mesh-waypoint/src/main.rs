@@ -1,0 +1,63 @@
+//! `mesh-waypoint run`: the waypoint binary.
+#![forbid(unsafe_code)]
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mesh_agent::identity::{LocalCa, MeshCa, SpiffeId};
+use mesh_waypoint::config::WaypointConfig;
+
+#[derive(Parser)]
+#[command(name = "mesh-waypoint", about = "The mesh's L7 waypoint proxy (HBONE in, HTTP routing)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve HBONE tunnels and route the HTTP inside them.
+    Run {
+        /// The HBONE listener.
+        #[arg(long, default_value = "0.0.0.0:15008")]
+        listen: SocketAddr,
+        /// The admin listener (/healthz/ready, /metrics, /config_dump).
+        #[arg(long, default_value = "127.0.0.1:15020")]
+        admin: SocketAddr,
+        /// The waypoint's SPIFFE identity (its service account's).
+        #[arg(long)]
+        identity: String,
+        /// The mesh CA directory (ca.crt, ca.key; `mesh-agent ca init`):
+        /// the waypoint issues its own certificate (a local issuer).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The services and routes (YAML; see the README).
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let Command::Run {
+        listen,
+        admin,
+        identity,
+        ca_dir,
+        config,
+    } = Cli::parse().command;
+    let identity = SpiffeId::parse(&identity).context("--identity")?;
+    let config = WaypointConfig::load(&config)?;
+    let ca = MeshCa::load_dir(&ca_dir).context("--ca-dir")?;
+    let issuer = LocalCa::new(Arc::new(ca), identity.trust_domain().clone());
+    let running = mesh_waypoint::start(identity, Arc::new(issuer), &config, listen, admin).await?;
+    running.wait().await;
+    Ok(())
+}

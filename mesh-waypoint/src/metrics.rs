@@ -1,0 +1,184 @@
+//! Istio's request metrics as a waypoint reports them (`reporter="waypoint"`):
+//! `istio_requests_total`, `istio_request_duration_milliseconds`,
+//! `istio_request_bytes`, `istio_response_bytes`, with Istio's label names.
+//! The peer labels are the agent's ([`PeerLabels`], [`ServiceLabels`]).
+
+use std::fmt;
+
+use mesh_agent::telemetry::{PeerLabels, ServiceLabels};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+/// Istio's default request-duration buckets (milliseconds).
+const DURATION_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+    30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+/// Everything one request's metrics are labelled with.
+#[derive(Clone, Debug)]
+pub struct RequestLabels {
+    /// The client (authenticated principal; workload from its baggage).
+    pub source: PeerLabels,
+    /// The chosen backend pod (unknown when none was chosen).
+    pub destination: PeerLabels,
+    /// The service the client addressed.
+    pub destination_service: ServiceLabels,
+    /// `http` or `grpc`.
+    pub protocol: &'static str,
+    /// The response's status code.
+    pub response_code: u16,
+    /// Envoy's response flags (`-`, `UT`, `UF`, `NR`, `UH`).
+    pub response_flags: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Labels {
+    reporter: &'static str,
+    source_workload: String,
+    source_workload_namespace: String,
+    source_principal: String,
+    source_app: String,
+    source_version: String,
+    source_canonical_service: String,
+    source_canonical_revision: String,
+    destination_workload: String,
+    destination_workload_namespace: String,
+    destination_principal: String,
+    destination_app: String,
+    destination_version: String,
+    destination_service: String,
+    destination_service_name: String,
+    destination_service_namespace: String,
+    destination_canonical_service: String,
+    destination_canonical_revision: String,
+    request_protocol: &'static str,
+    response_code: String,
+    grpc_response_status: String,
+    response_flags: &'static str,
+    connection_security_policy: &'static str,
+}
+
+impl From<&RequestLabels> for Labels {
+    fn from(l: &RequestLabels) -> Self {
+        let (s, d, svc) = (&l.source, &l.destination, &l.destination_service);
+        Self {
+            reporter: "waypoint",
+            source_workload: s.workload.clone(),
+            source_workload_namespace: s.namespace.clone(),
+            source_principal: s.principal.clone(),
+            source_app: s.app.clone(),
+            source_version: s.version.clone(),
+            source_canonical_service: s.canonical_service.clone(),
+            source_canonical_revision: s.canonical_revision.clone(),
+            destination_workload: d.workload.clone(),
+            destination_workload_namespace: d.namespace.clone(),
+            destination_principal: d.principal.clone(),
+            destination_app: d.app.clone(),
+            destination_version: d.version.clone(),
+            destination_service: svc.host.clone(),
+            destination_service_name: svc.name.clone(),
+            destination_service_namespace: svc.namespace.clone(),
+            destination_canonical_service: d.canonical_service.clone(),
+            destination_canonical_revision: d.canonical_revision.clone(),
+            request_protocol: l.protocol,
+            response_code: l.response_code.to_string(),
+            grpc_response_status: String::new(),
+            response_flags: l.response_flags,
+            // The client's hop into the waypoint is always HBONE (mTLS).
+            connection_security_policy: "mutual_tls",
+        }
+    }
+}
+
+/// The waypoint's metric registry.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<Labels, Counter>,
+    duration: Family<Labels, Histogram, fn() -> Histogram>,
+    request_bytes: Family<Labels, Histogram, fn() -> Histogram>,
+    response_bytes: Family<Labels, Histogram, fn() -> Histogram>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// The four Istio request families, registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<Labels, Counter>::default();
+        let duration: Family<Labels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS));
+        // Istio's byte buckets: 1, 10, ..., 10^9.
+        let bytes = || -> Family<Labels, Histogram, fn() -> Histogram> {
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(1.0, 10.0, 10)))
+        };
+        let (request_bytes, response_bytes) = (bytes(), bytes());
+        // prometheus-client appends `_total` to counters.
+        registry.register("istio_requests", "Requests handled", requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request durations",
+            duration.clone(),
+        );
+        registry.register("istio_request_bytes", "Request body sizes", request_bytes.clone());
+        registry.register("istio_response_bytes", "Response body sizes", response_bytes.clone());
+        Self {
+            registry,
+            requests,
+            duration,
+            request_bytes,
+            response_bytes,
+        }
+    }
+
+    /// Records one finished request.
+    pub fn request(&self, l: &RequestLabels, duration_ms: f64, request_bytes: u64, response_bytes: u64) {
+        let labels = Labels::from(l);
+        self.requests.get_or_create(&labels).inc();
+        self.duration.get_or_create(&labels).observe(duration_ms);
+        self.request_bytes
+            .get_or_create(&labels)
+            .observe(request_bytes as f64);
+        self.response_bytes
+            .get_or_create(&labels)
+            .observe(response_bytes as f64);
+    }
+
+    /// The OpenMetrics text of every family.
+    pub fn encode(&self) -> Result<String, fmt::Error> {
+        let mut out = String::new();
+        encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// Peer labels when nothing is known but the namespace.
+pub fn peer_in(namespace: Option<&str>, principal: Option<String>) -> PeerLabels {
+    let mut p = PeerLabels::unknown();
+    if let Some(ns) = namespace {
+        p.namespace = ns.to_owned();
+    }
+    if let Some(pr) = principal {
+        p.principal = pr;
+    }
+    p
+}
+
