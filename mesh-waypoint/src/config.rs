@@ -48,7 +48,9 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not the expected YAML.
-    #[error("the waypoint configuration {path} is not valid: {source} (see the mesh-waypoint README for the format)")]
+    #[error(
+        "the waypoint configuration {path} is not valid: {source} (see the mesh-waypoint README for the format)"
+    )]
     Parse {
         /// The file.
         path: PathBuf,

@@ -181,7 +181,9 @@ impl Finish {
         let destination = self
             .upstream
             .as_ref()
-            .map_or_else(mesh_agent::telemetry::PeerLabels::unknown, |c| c.labels.clone());
+            .map_or_else(mesh_agent::telemetry::PeerLabels::unknown, |c| {
+                c.labels.clone()
+            });
         let labels = RequestLabels {
             source: t.source.clone(),
             destination,
@@ -295,7 +297,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
         .collect();
-    for h in HOP_BY_HOP.iter().copied().chain(named.iter().map(String::as_str)) {
+    for h in HOP_BY_HOP
+        .iter()
+        .copied()
+        .chain(named.iter().map(String::as_str))
+    {
         headers.remove(h);
     }
 }
@@ -378,7 +384,11 @@ async fn handle(
         }
     };
     let Some(chosen) = shared.services.endpoint(&service, port) else {
-        return answer(finish, StatusCode::SERVICE_UNAVAILABLE, Flags::NoHealthyUpstream);
+        return answer(
+            finish,
+            StatusCode::SERVICE_UNAVAILABLE,
+            Flags::NoHealthyUpstream,
+        );
     };
     finish.upstream = Some(chosen.clone());
     // The backend request: origin-form to the endpoint, the client's Host kept.

@@ -36,9 +36,7 @@ pub mod services;
 
 use std::{net::SocketAddr, sync::Arc};
 
-use mesh_agent::identity::{
-    CertManager, CertificateProvider, MeshTls, SpiffeId, TlsSetupError,
-};
+use mesh_agent::identity::{CertManager, CertificateProvider, MeshTls, SpiffeId, TlsSetupError};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{config::WaypointConfig, l7::route::RouteTable, server::Shared, services::Services};
@@ -50,7 +48,9 @@ pub enum StartError {
     #[error("cannot set up the waypoint's TLS: {0}")]
     Tls(#[from] TlsSetupError),
     /// The identity is not in the issuer's trust domain.
-    #[error("the waypoint identity {identity} is not in the trust domain {trust_domain} of the CA; pass an --identity in that trust domain")]
+    #[error(
+        "the waypoint identity {identity} is not in the trust domain {trust_domain} of the CA; pass an --identity in that trust domain"
+    )]
     TrustDomain {
         /// The identity.
         identity: SpiffeId,
@@ -131,10 +131,16 @@ pub async fn start(
     let hbone = bind(listen).await?;
     let admin_listener = bind(admin).await?;
     let (hbone_addr, admin_addr) = (
-        hbone.local_addr().map_err(|source| StartError::Listen { addr: listen, source })?,
+        hbone.local_addr().map_err(|source| StartError::Listen {
+            addr: listen,
+            source,
+        })?,
         admin_listener
             .local_addr()
-            .map_err(|source| StartError::Listen { addr: admin, source })?,
+            .map_err(|source| StartError::Listen {
+                addr: admin,
+                source,
+            })?,
     );
     let tasks = vec![
         tokio::spawn(server::serve(Arc::clone(&shared), hbone)),

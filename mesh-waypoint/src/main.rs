@@ -9,7 +9,10 @@ use mesh_agent::identity::{LocalCa, MeshCa, SpiffeId};
 use mesh_waypoint::config::WaypointConfig;
 
 #[derive(Parser)]
-#[command(name = "mesh-waypoint", about = "The mesh's L7 waypoint proxy (HBONE in, HTTP routing)")]
+#[command(
+    name = "mesh-waypoint",
+    about = "The mesh's L7 waypoint proxy (HBONE in, HTTP routing)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

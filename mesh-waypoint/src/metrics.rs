@@ -18,8 +18,8 @@ use prometheus_client::{
 
 /// Istio's default request-duration buckets (milliseconds).
 const DURATION_BUCKETS: [f64; 19] = [
-    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
-    30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
 
 /// Everything one request's metrics are labelled with.
@@ -138,8 +138,16 @@ impl Metrics {
             "Request durations",
             duration.clone(),
         );
-        registry.register("istio_request_bytes", "Request body sizes", request_bytes.clone());
-        registry.register("istio_response_bytes", "Response body sizes", response_bytes.clone());
+        registry.register(
+            "istio_request_bytes",
+            "Request body sizes",
+            request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response body sizes",
+            response_bytes.clone(),
+        );
         Self {
             registry,
             requests,
@@ -150,7 +158,13 @@ impl Metrics {
     }
 
     /// Records one finished request.
-    pub fn request(&self, l: &RequestLabels, duration_ms: f64, request_bytes: u64, response_bytes: u64) {
+    pub fn request(
+        &self,
+        l: &RequestLabels,
+        duration_ms: f64,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) {
         let labels = Labels::from(l);
         self.requests.get_or_create(&labels).inc();
         self.duration.get_or_create(&labels).observe(duration_ms);
@@ -181,4 +195,3 @@ pub fn peer_in(namespace: Option<&str>, principal: Option<String>) -> PeerLabels
     }
     p
 }
-

@@ -256,7 +256,8 @@ async fn pipe(io: DuplexStream, mut send: SendStream<Bytes>, mut recv: RecvStrea
         loop {
             buf.reserve(16 * 1024);
             if r.read_buf(&mut buf).await? == 0 {
-                send.send_data(Bytes::new(), true).map_err(io::Error::other)?;
+                send.send_data(Bytes::new(), true)
+                    .map_err(io::Error::other)?;
                 return io::Result::Ok(());
             }
             let mut chunk = buf.split().freeze();
@@ -305,7 +306,14 @@ pub fn detect(prefix: &[u8]) -> Option<Detected> {
     }
     // An HTTP/1 request line starts with a method token and a space.
     const METHODS: [&[u8]; 9] = [
-        b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"TRACE ",
+        b"GET ",
+        b"POST ",
+        b"PUT ",
+        b"DELETE ",
+        b"HEAD ",
+        b"OPTIONS ",
+        b"PATCH ",
+        b"TRACE ",
         b"CONNECT ",
     ];
     let mut undecided = false;
@@ -366,7 +374,12 @@ async fn tcp(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: Rewind) {
         tracing::info!(src = %tunnel.peer, service = %t.service, "TCP tunnel closed: the service has no endpoints");
         return;
     };
-    let mut upstream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(chosen.addr)).await {
+    let mut upstream = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        TcpStream::connect(chosen.addr),
+    )
+    .await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::info!(src = %tunnel.peer, service = %t.service, upstream = %chosen.addr, error = %e, "TCP tunnel closed: cannot reach the endpoint");

@@ -91,7 +91,10 @@ impl Services {
         let workload = e.workload.clone().unwrap_or_else(|| p.workload.clone());
         p.namespace = svc.namespace.clone();
         if let Some(sa) = &e.service_account {
-            p.principal = format!("spiffe://{}/ns/{}/sa/{sa}", self.trust_domain, svc.namespace);
+            p.principal = format!(
+                "spiffe://{}/ns/{}/sa/{sa}",
+                self.trust_domain, svc.namespace
+            );
         }
         if let Some(app) = label(&["app", "app.kubernetes.io/name"]) {
             p.app = app;
@@ -99,8 +102,12 @@ impl Services {
         if let Some(v) = label(&["version", "app.kubernetes.io/version"]) {
             p.version = v;
         }
-        p.canonical_service = label(&["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"])
-            .unwrap_or_else(|| workload.clone());
+        p.canonical_service = label(&[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ])
+        .unwrap_or_else(|| workload.clone());
         p.canonical_revision = label(&[
             "service.istio.io/canonical-revision",
             "app.kubernetes.io/version",

@@ -56,12 +56,23 @@ enum Cmd {
 
 /// Integration test targets that need no root (no lab): `check` runs them.
 /// Every other integration test is a lab test and runs in `test` only.
-const ROOT_FREE_TESTS: [&str; 5] = [
+const ROOT_FREE_TESTS: [&str; 6] = [
     "kube_sync",
     "kube_outage",
     "deploy_manifests",
     "check_cli",
     "ca_serve",
+    // mesh-waypoint/tests/waypoint.rs
+    "waypoint",
+];
+
+/// The member crates whose `tests/*.rs` are integration tests.
+const TEST_PACKAGES: [&str; 5] = [
+    "mesh-agent",
+    "mesh-lab",
+    "mesh-policy",
+    "mesh-common",
+    "mesh-waypoint",
 ];
 
 /// The nightly the kernel programs build with (and cargo-fuzz runs on), read
@@ -83,7 +94,7 @@ fn ebpf_toolchain() -> anyhow::Result<String> {
 /// `tests/*.rs` file of a member crate but those in [`ROOT_FREE_TESTS`].
 fn lab_tests() -> anyhow::Result<Vec<String>> {
     let mut found = Vec::new();
-    for package in ["mesh-agent", "mesh-lab", "mesh-policy", "mesh-common"] {
+    for package in TEST_PACKAGES {
         let dir = root().join(package).join("tests");
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
@@ -131,7 +142,8 @@ fn check() -> anyhow::Result<()> {
     // is rebuilt between them.
     root_free.args(["test", "--workspace"]);
     for t in ROOT_FREE_TESTS {
-        if root().join(format!("mesh-agent/tests/{t}.rs")).exists() {
+        let exists = |p: &&str| root().join(format!("{p}/tests/{t}.rs")).exists();
+        if TEST_PACKAGES.iter().any(exists) {
             root_free.args(["--test", t]);
         }
     }

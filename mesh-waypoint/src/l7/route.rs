@@ -28,8 +28,8 @@ use regex::Regex;
 use serde::Serialize;
 
 use crate::config::{
-    BackendRef, HeaderModifierSpec, HttpRoute, HttpRouteMatch, HttpRouteRule, Other,
-    ServiceConfig, ValueMatchSpec,
+    BackendRef, HeaderModifierSpec, HttpRoute, HttpRouteMatch, HttpRouteRule, Other, ServiceConfig,
+    ValueMatchSpec,
 };
 
 /// A Service's namespace and name.
@@ -389,7 +389,10 @@ impl RouteTable {
         let mut parents = Vec::new();
         for (i, parent) in route.spec.parent_refs.iter().enumerate() {
             let at = format!("spec.parentRefs[{i}]");
-            let group = parent.group.as_deref().unwrap_or("gateway.networking.k8s.io");
+            let group = parent
+                .group
+                .as_deref()
+                .unwrap_or("gateway.networking.k8s.io");
             let kind = parent.kind.as_deref().unwrap_or("Gateway");
             if !matches!(group, "" | "core") || kind != "Service" {
                 self.report(
@@ -405,7 +408,10 @@ impl RouteTable {
                 continue;
             }
             let key = ServiceKey {
-                namespace: parent.namespace.clone().unwrap_or_else(|| namespace.clone()),
+                namespace: parent
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| namespace.clone()),
                 name: parent.name.clone(),
             };
             let Some(svc) = find(services, &key) else {
@@ -527,8 +533,15 @@ impl RouteTable {
                     Some(d) if d.is_zero() => {} // 0s: no timeout (the spec's meaning)
                     Some(d) => timeout = Some(d),
                     None => {
-                        let reason = format!("timeouts.request {request:?} is not a Gateway API duration (e.g. 10s, 500ms, 1h30m)");
-                        self.report(id, format!("{at}.timeouts.request"), reason.clone(), Effect::RuleFails);
+                        let reason = format!(
+                            "timeouts.request {request:?} is not a Gateway API duration (e.g. 10s, 500ms, 1h30m)"
+                        );
+                        self.report(
+                            id,
+                            format!("{at}.timeouts.request"),
+                            reason.clone(),
+                            Effect::RuleFails,
+                        );
                         broken.push(reason);
                     }
                 }
@@ -582,7 +595,11 @@ fn match_clone(m: &Match) -> Match {
             PathMatch::Prefix(p) => PathMatch::Prefix(p.clone()),
             PathMatch::Regex(r) => PathMatch::Regex(r.clone()),
         },
-        headers: m.headers.iter().map(|(n, v)| (n.clone(), value(v))).collect(),
+        headers: m
+            .headers
+            .iter()
+            .map(|(n, v)| (n.clone(), value(v)))
+            .collect(),
         query: m.query.iter().map(|(n, v)| (n.clone(), value(v))).collect(),
         method: m.method.clone(),
     }
@@ -632,7 +649,7 @@ fn compile_match(m: &HttpRouteMatch) -> Result<Match, String> {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| format!("header name {:?} is not valid", h.name))?;
         // The spec: of entries with equivalent names, only the first counts.
-        if headers.iter().all(|(n, _)| n != &name) {
+        if headers.iter().all(|(n, _)| *n != name) {
             headers.push((name, compile_value(h, "header")?));
         }
     }
@@ -710,10 +727,14 @@ fn resolve_backend(
         name: b.name.clone(),
     };
     let Some(port) = b.port else {
-        return Err(format!("backendRef to Service {key} has no port (required for a Service)"));
+        return Err(format!(
+            "backendRef to Service {key} has no port (required for a Service)"
+        ));
     };
     let Some(svc) = find(services, &key) else {
-        return Err(format!("backend Service {key} is not known to this waypoint"));
+        return Err(format!(
+            "backend Service {key} is not known to this waypoint"
+        ));
     };
     if !svc.ports.iter().any(|p| p.port == port) {
         return Err(format!("backend Service {key} has no port {port}"));
@@ -827,14 +848,24 @@ routes:
         let Selection::Rule(rule) = pick(&t, "/mirror/a", &[]) else {
             panic!("no rule")
         };
-        assert!(rule.broken.as_deref().is_some_and(|b| b.contains("RequestMirror")));
+        assert!(
+            rule.broken
+                .as_deref()
+                .is_some_and(|b| b.contains("RequestMirror"))
+        );
         let fields: Vec<(&str, Effect)> = t
             .unsupported
             .iter()
             .map(|u| (u.field.as_str(), u.effect))
             .collect();
-        assert!(fields.contains(&("spec.rules[4].filters[0]", Effect::RuleFails)), "{fields:?}");
-        assert!(fields.contains(&("spec.rules[4].retry", Effect::Ignored)), "{fields:?}");
+        assert!(
+            fields.contains(&("spec.rules[4].filters[0]", Effect::RuleFails)),
+            "{fields:?}"
+        );
+        assert!(
+            fields.contains(&("spec.rules[4].retry", Effect::Ignored)),
+            "{fields:?}"
+        );
     }
 
     #[test]

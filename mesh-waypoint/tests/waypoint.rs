@@ -1,0 +1,379 @@
+//! The waypoint end to end, without root: real HBONE tunnels (mTLS with
+//! certificates of a test mesh CA, HTTP/2 CONNECT to a service VIP) into a
+//! waypoint started in-process on 127.0.0.1, HTTP/1.1 and HTTP/2 inside
+//! them, real backend servers on 127.0.0.1.
+
+mod common;
+
+use std::{net::SocketAddr, time::Duration};
+
+use common::*;
+use mesh_agent::identity::SpiffeId;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WEB_VIP: &str = "10.96.0.10:80";
+const ECHO_VIP: &str = "10.96.0.11:7000";
+const HTTP_ONLY_VIP: &str = "10.96.0.12:80";
+
+/// Backends: v1, v2 (the web service's canary versions), an echo server.
+struct Backends {
+    v1: SocketAddr,
+    v2: SocketAddr,
+    echo: SocketAddr,
+}
+
+async fn backends() -> Backends {
+    Backends {
+        v1: http_backend("v1").await,
+        v2: http_backend("v2").await,
+        echo: echo_backend().await,
+    }
+}
+
+fn config(b: &Backends) -> String {
+    let (v1, v2, echo) = (b.v1.port(), b.v2.port(), b.echo.port());
+    format!(
+        r#"
+services:
+  - name: web
+    namespace: default
+    addresses: [10.96.0.10]
+    ports: [{{ port: 80, targetPort: {v1} }}]
+    endpoints: [{{ address: 127.0.0.1, workload: web-v1, serviceAccount: web, labels: {{ app: web, version: v1 }} }}]
+  - name: web-v1
+    namespace: default
+    ports: [{{ port: 80 }}]
+    endpoints: [{{ address: 127.0.0.1, port: {v1}, workload: web-v1, serviceAccount: web, labels: {{ app: web, version: v1 }} }}]
+  - name: web-v2
+    namespace: default
+    ports: [{{ port: 80 }}]
+    endpoints: [{{ address: 127.0.0.1, port: {v2}, workload: web-v2, serviceAccount: web, labels: {{ app: web, version: v2 }} }}]
+  - name: echo
+    namespace: default
+    addresses: [10.96.0.11]
+    ports: [{{ port: 7000 }}]
+    endpoints: [{{ address: 127.0.0.1, port: {echo}, workload: echo }}]
+  - name: strict
+    namespace: default
+    addresses: [10.96.0.12]
+    ports: [{{ port: 80, protocol: http }}]
+    endpoints: [{{ address: 127.0.0.1, port: {echo}, workload: echo }}]
+routes:
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: {{ name: web, namespace: default }}
+    spec:
+      parentRefs: [{{ group: "", kind: Service, name: web, port: 80 }}]
+      rules:
+        - matches: [{{ headers: [{{ name: x-canary, value: "true" }}] }}]
+          filters:
+            - type: RequestHeaderModifier
+              requestHeaderModifier: {{ set: [{{ name: x-route, value: canary }}], remove: [x-secret] }}
+            - type: ResponseHeaderModifier
+              responseHeaderModifier: {{ add: [{{ name: x-served-by, value: waypoint }}], remove: [x-internal] }}
+          backendRefs: [{{ name: web-v2, port: 80 }}]
+        - matches: [{{ path: {{ type: PathPrefix, value: /api }}, method: GET }}]
+          backendRefs: [{{ name: web-v2, port: 80 }}]
+        - matches: [{{ path: {{ type: RegularExpression, value: "/items/[0-9]+" }} }}]
+          backendRefs: [{{ name: web-v2, port: 80 }}]
+        - matches: [{{ queryParams: [{{ name: version, value: two }}] }}]
+          backendRefs: [{{ name: web-v2, port: 80 }}]
+        - matches: [{{ path: {{ type: PathPrefix, value: /hang }} }}]
+          timeouts: {{ request: 300ms }}
+          backendRefs: [{{ name: web-v1, port: 80 }}]
+        - matches: [{{ path: {{ type: PathPrefix, value: /mirror }} }}]
+          filters: [{{ type: RequestMirror, requestMirror: {{ backendRef: {{ name: web-v2, port: 80 }} }} }}]
+          backendRefs: [{{ name: web-v1, port: 80 }}]
+        - matches: [{{ path: {{ type: PathPrefix, value: / }} }}]
+          backendRefs: [{{ name: web-v1, port: 80, weight: 90 }}, {{ name: web-v2, port: 80, weight: 10 }}]
+        - matches: [{{ path: {{ type: Exact, value: /only-v1 }} }}]
+          backendRefs: [{{ name: web-v1, port: 80 }}]
+"#
+    )
+}
+
+struct Setup {
+    _backends: Backends,
+    waypoint: mesh_waypoint::Running,
+    client: MeshClient,
+    ca: std::sync::Arc<mesh_agent::identity::LocalCa>,
+}
+
+async fn setup() -> Setup {
+    let b = backends().await;
+    let ca = issuer();
+    let waypoint = waypoint(ca.clone(), &config(&b)).await;
+    let client = MeshClient::new(ca.clone(), CLIENT_ID, waypoint.hbone).await;
+    Setup {
+        _backends: b,
+        waypoint,
+        client,
+        ca,
+    }
+}
+
+fn vip(s: &str) -> SocketAddr {
+    s.parse().expect("vip")
+}
+
+fn backend(a: &Answer) -> &str {
+    a.body.split(' ').next().unwrap_or("")
+}
+
+/// A request path, its headers, the backend that must answer (`?`: either).
+type Case = (
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    &'static str,
+);
+
+/// Path, method, regex, query and header matches pick their rule's backend,
+/// over either HTTP version.
+async fn routes_by_match(http2: bool) {
+    let s = setup().await;
+    let mut c = s.client.http(vip(WEB_VIP), http2).await;
+    let cases: [Case; 7] = [
+        ("/only-v1", &[], "v1"),
+        ("/api/users", &[], "v2"),
+        ("/apiary", &[("x-canary", "false")], "?"), // the 90/10 rule: either
+        ("/items/42", &[], "v2"),
+        ("/items/4x", &[], "?"),
+        ("/other?version=two", &[], "v2"),
+        ("/other", &[("x-canary", "true")], "v2"),
+    ];
+    for (path, headers, want) in cases {
+        let a = c.get(path, headers).await;
+        assert_eq!(a.status, 200, "{path}: {a:?}");
+        if want != "?" {
+            assert_eq!(backend(&a), want, "{path} {headers:?}: {a:?}");
+        }
+        // The backend saw the client's path and the service's host.
+        assert!(
+            a.body.contains(path.split('?').next().unwrap_or(path)),
+            "{a:?}"
+        );
+        assert_eq!(
+            a.headers
+                .get("x-echo-host")
+                .map(|v| v.to_str().unwrap_or("")),
+            Some("web.default.svc.cluster.local"),
+            "{a:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_requests_are_routed_by_path_method_regex_query_and_header() {
+    routes_by_match(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_prior_knowledge_requests_are_routed_the_same() {
+    routes_by_match(true).await;
+}
+
+/// 90/10 over N = 1000 requests: v1's count is Binomial(1000, 0.9), mean
+/// 900, sd sqrt(1000 * 0.9 * 0.1) = 9.49. The tolerance ±60 is 6.3 sd: a
+/// correct split falls outside with probability below 1e-9, while a 50/50
+/// or 100/0 split (mean 500 or 1000) cannot fall inside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_90_10_weighted_split_lands_within_six_standard_deviations() {
+    let s = setup().await;
+    let mut c = s.client.http(vip(WEB_VIP), false).await;
+    let (mut v1, mut v2) = (0u32, 0u32);
+    for _ in 0..1000 {
+        let a = c.get("/", &[]).await;
+        match backend(&a) {
+            "v1" => v1 += 1,
+            "v2" => v2 += 1,
+            other => panic!("unexpected backend {other:?}: {a:?}"),
+        }
+    }
+    assert_eq!(v1 + v2, 1000);
+    assert!((840..=960).contains(&v1), "v1 got {v1} of 1000, v2 {v2}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_timeout_answers_504_and_the_tunnel_keeps_serving() {
+    let s = setup().await;
+    for http2 in [false, true] {
+        let mut c = s.client.http(vip(WEB_VIP), http2).await;
+        // The backend never answers /hang: only the route's 300 ms timeout
+        // ends the request (the guard turns a missing timeout into a failure).
+        let a = tokio::time::timeout(Duration::from_secs(60), c.get("/hang", &[]))
+            .await
+            .expect("the route timeout did not fire");
+        assert_eq!(a.status, 504, "{a:?}");
+        let a = c.get("/only-v1", &[]).await;
+        assert_eq!((a.status.as_u16(), backend(&a)), (200, "v1"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_modifiers_change_the_request_and_the_response() {
+    let s = setup().await;
+    for http2 in [false, true] {
+        let mut c = s.client.http(vip(WEB_VIP), http2).await;
+        let a = c
+            .get(
+                "/",
+                &[
+                    ("x-canary", "true"),
+                    ("x-route", "client"),
+                    ("x-secret", "s"),
+                ],
+            )
+            .await;
+        assert_eq!((a.status.as_u16(), backend(&a)), (200, "v2"), "{a:?}");
+        let h = |n: &str| {
+            a.headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        // Request: set replaced the client's value; remove took x-secret out.
+        assert_eq!(h("x-echo-x-route").as_deref(), Some("canary"));
+        assert_eq!(h("x-echo-x-secret"), None);
+        // Response: add, and remove of the backend's x-internal.
+        assert_eq!(h("x-served-by").as_deref(), Some("waypoint"));
+        assert_eq!(h("x-internal"), None);
+        assert_eq!(h("x-backend").as_deref(), Some("v2"));
+        // Without the rule, x-internal passes.
+        let a = c.get("/only-v1", &[]).await;
+        assert_eq!(
+            a.headers.get("x-internal").and_then(|v| v.to_str().ok()),
+            Some("secret")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_filters_answer_500_and_are_listed_in_config_dump() {
+    let s = setup().await;
+    let mut c = s.client.http(vip(WEB_VIP), false).await;
+    let a = c.get("/mirror/x", &[]).await;
+    assert_eq!(a.status, 500, "{a:?}");
+    let dump: serde_json::Value =
+        serde_json::from_str(&admin_get(s.waypoint.admin, "/config_dump").await).expect("json");
+    let unsupported = dump["routes"]["unsupported"].as_array().expect("list");
+    assert!(
+        unsupported
+            .iter()
+            .any(|u| u["field"] == "spec.rules[5].filters[0]"
+                && u["effect"] == "rule_fails"
+                && u["route"] == "default/web"),
+        "{dump:#}"
+    );
+    assert_eq!(dump["routes"]["accepted"][0], "default/web");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_counted_with_istio_labels() {
+    let s = setup().await;
+    let mut c = s.client.http(vip(WEB_VIP), false).await;
+    for _ in 0..3 {
+        assert_eq!(c.get("/only-v1", &[]).await.status, 200);
+    }
+    for _ in 0..2 {
+        assert_eq!(c.get("/api/x", &[]).await.status, 200);
+    }
+    assert_eq!(c.get("/hang", &[]).await.status, 504);
+    let count = |m: &str, version: &str, code: &str| {
+        requests_total(m)
+            .into_iter()
+            .filter(|(l, _)| l["destination_version"] == version && l["response_code"] == code)
+            .map(|(_, v)| v)
+            .sum::<u64>()
+    };
+    let m = wait_metrics(s.waypoint.admin, |m| {
+        count(m, "v1", "200") == 3 && count(m, "v2", "200") == 2 && count(m, "v1", "504") == 1
+    })
+    .await;
+    let samples = requests_total(&m);
+    assert_eq!(samples.len(), 3, "{m}");
+    let (v1, _) = samples
+        .iter()
+        .find(|(l, _)| l["destination_version"] == "v1" && l["response_code"] == "200")
+        .expect("v1 sample");
+    let expect = [
+        ("reporter", "waypoint"),
+        ("source_principal", CLIENT_ID),
+        ("source_workload", "client"),
+        ("source_workload_namespace", "default"),
+        ("destination_workload", "web-v1"),
+        ("destination_workload_namespace", "default"),
+        (
+            "destination_principal",
+            "spiffe://cluster.local/ns/default/sa/web",
+        ),
+        ("destination_app", "web"),
+        ("destination_service", "web.default.svc.cluster.local"),
+        ("destination_service_name", "web"),
+        ("request_protocol", "http"),
+        ("response_flags", "-"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    for (k, v) in expect {
+        assert_eq!(v1.get(k).map(String::as_str), Some(v), "{k} in {v1:?}");
+    }
+    let (timed_out, _) = samples
+        .iter()
+        .find(|(l, _)| l["response_code"] == "504")
+        .expect("504 sample");
+    assert_eq!(timed_out["response_flags"], "UT");
+    assert!(
+        m.contains("istio_request_duration_milliseconds_bucket{"),
+        "{m}"
+    );
+    assert!(m.contains("istio_request_bytes_count{"), "{m}");
+    assert!(m.contains("istio_response_bytes_sum{"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_http_stream_is_relayed_as_tcp() {
+    let s = setup().await;
+    let mut t = s.client.tunnel(vip(ECHO_VIP)).await.expect("tunnel");
+    let message = b"\x00\x01 not http at all\n";
+    t.write_all(message).await.expect("write");
+    let mut back = vec![0u8; message.len()];
+    t.read_exact(&mut back).await.expect("echo");
+    assert_eq!(&back, message);
+    // A port declared HTTP does not carry it.
+    let mut t = s.client.tunnel(vip(HTTP_ONLY_VIP)).await.expect("tunnel");
+    t.write_all(message).await.expect("write");
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        t.read(&mut buf).await.unwrap_or(0),
+        0,
+        "the HTTP-only port relayed TCP"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_without_a_valid_mesh_certificate_are_refused() {
+    let s = setup().await;
+    // A certificate of another CA, with a plausible identity.
+    let other = issuer();
+    let id = SpiffeId::parse(CLIENT_ID).expect("id");
+    let foreign = other.issue_now(&id).expect("foreign cert");
+    let target = vip(WEB_VIP);
+    let r = open_tunnel(rogue_config(Some(&foreign)), s.waypoint.hbone, target).await;
+    assert!(r.is_err(), "a foreign certificate got a tunnel");
+    // No certificate at all.
+    let r = open_tunnel(rogue_config(None), s.waypoint.hbone, target).await;
+    assert!(r.is_err(), "a client without a certificate got a tunnel");
+    // The control: the same rogue client with a valid mesh certificate passes.
+    let valid = s.ca.issue_now(&id).expect("cert");
+    let r = open_tunnel(rogue_config(Some(&valid)), s.waypoint.hbone, target).await;
+    assert!(r.is_ok(), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_to_an_address_that_is_not_a_service_is_refused() {
+    let s = setup().await;
+    let r = s.client.tunnel(vip("10.96.0.99:80")).await;
+    assert_eq!(
+        r.err().as_deref(),
+        Some("CONNECT answered 503 Service Unavailable")
+    );
+}
