@@ -67,9 +67,26 @@ pub struct WaypointConfig {
     /// routes may send to.
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
-    /// Gateway API `HTTPRoute` objects, verbatim.
+    /// Route objects, verbatim: Gateway API `HTTPRoute`s and Istio
+    /// `VirtualService`s (read by [`WaypointConfig::route_objects`]).
     #[serde(default)]
-    pub routes: Vec<HttpRoute>,
+    pub routes: Vec<serde_yaml::Value>,
+}
+
+/// One entry of `routes:`, by its `kind`.
+#[derive(Clone, Debug)]
+pub enum RouteObject {
+    /// A Gateway API `HTTPRoute`.
+    Http(Box<HttpRoute>),
+    /// An Istio `VirtualService`.
+    Virtual(Box<VirtualService>),
+    /// An object that is neither, or does not parse (reported, not used).
+    Invalid {
+        /// `namespace/name` as far as it can be read.
+        name: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl WaypointConfig {
@@ -83,6 +100,49 @@ impl WaypointConfig {
             path: path.to_owned(),
             source,
         })
+    }
+
+    /// The route objects by kind; an object of another kind or that does
+    /// not parse is [`RouteObject::Invalid`] (reported by the route table).
+    pub fn route_objects(&self) -> Vec<RouteObject> {
+        self.routes
+            .iter()
+            .map(|v| {
+                let text = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("");
+                let meta = |k: &str| {
+                    v.get("metadata")
+                        .and_then(|m| m.get(k))
+                        .and_then(|x| x.as_str())
+                        .unwrap_or("")
+                        .to_owned()
+                };
+                let ns = Some(meta("namespace")).filter(|n| !n.is_empty());
+                let name = format!("{}/{}", ns.as_deref().unwrap_or("default"), meta("name"));
+                let invalid = |reason: String| RouteObject::Invalid {
+                    name: name.clone(),
+                    reason,
+                };
+                match (text("apiVersion"), text("kind")) {
+                    (
+                        "gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1",
+                        "HTTPRoute",
+                    ) => serde_yaml::from_value(v.clone())
+                        .map(|r| RouteObject::Http(Box::new(r)))
+                        .unwrap_or_else(|e| invalid(e.to_string())),
+                    (
+                        "networking.istio.io/v1"
+                        | "networking.istio.io/v1beta1"
+                        | "networking.istio.io/v1alpha3",
+                        "VirtualService",
+                    ) => serde_yaml::from_value(v.clone())
+                        .map(|r| RouteObject::Virtual(Box::new(r)))
+                        .unwrap_or_else(|e| invalid(e.to_string())),
+                    (api, kind) => invalid(format!(
+                        "{api} {kind} is not a route this waypoint reads (HTTPRoute, VirtualService)"
+                    )),
+                }
+            })
+            .collect()
     }
 
     /// Parses the YAML text of a configuration.
@@ -388,4 +448,192 @@ pub struct HttpRouteTimeouts {
     /// `backendRequest` and anything else.
     #[serde(flatten)]
     pub other: Other,
+}
+
+/// An Istio `VirtualService` (`networking.istio.io`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualService {
+    /// `networking.istio.io/v1` (or `v1beta1`, `v1alpha3`).
+    pub api_version: String,
+    /// `VirtualService`.
+    pub kind: String,
+    /// Name and namespace.
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    /// The routes.
+    pub spec: VirtualServiceSpec,
+    /// `status` and anything else.
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// `VirtualService.spec`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualServiceSpec {
+    /// The services the routes apply to (short names, `name.namespace`, or FQDNs).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Absent or `mesh` for a waypoint.
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    /// The HTTP routes, first match wins.
+    #[serde(default)]
+    pub http: Vec<VsHttpRoute>,
+    /// `tcp`, `tls`, `exportTo` and anything else.
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// `HTTPRoute` of a VirtualService.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VsHttpRoute {
+    /// The route's name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Any match selects the route (every request when empty).
+    #[serde(default, rename = "match")]
+    pub matches: Vec<VsMatch>,
+    /// Weighted destinations.
+    #[serde(default)]
+    pub route: Vec<VsRouteDestination>,
+    /// The whole request's timeout (`10s`, `0.5s`).
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// The retry policy.
+    #[serde(default)]
+    pub retries: Option<VsRetries>,
+    /// Header operations for every destination.
+    #[serde(default)]
+    pub headers: Option<VsHeaders>,
+    /// `fault`, `mirror`, `rewrite`, `redirect`, ...
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// `HTTPMatchRequest`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VsMatch {
+    /// The match's name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The path.
+    #[serde(default)]
+    pub uri: Option<StringMatch>,
+    /// Headers (all must hold).
+    #[serde(default)]
+    pub headers: BTreeMap<String, StringMatch>,
+    /// Query parameters (all must hold).
+    #[serde(default)]
+    pub query_params: BTreeMap<String, StringMatch>,
+    /// The method.
+    #[serde(default)]
+    pub method: Option<StringMatch>,
+    /// `ignoreUriCase`, `port`, `sourceLabels`, `withoutHeaders`, ...
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// Istio's `StringMatch` (one of).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct StringMatch {
+    /// Exact.
+    #[serde(default)]
+    pub exact: Option<String>,
+    /// Prefix (a string prefix).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// RE2 regular expression, whole string.
+    #[serde(default)]
+    pub regex: Option<String>,
+    /// Anything else.
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// `HTTPRouteDestination`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VsRouteDestination {
+    /// Where.
+    pub destination: VsDestination,
+    /// The share (percent; 100 for a single destination).
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// Header operations for this destination.
+    #[serde(default)]
+    pub headers: Option<VsHeaders>,
+    /// Anything else.
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// `Destination`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VsDestination {
+    /// The service (short name, `name.namespace`, or FQDN).
+    pub host: String,
+    /// A DestinationRule subset (not supported yet: reported).
+    #[serde(default)]
+    pub subset: Option<String>,
+    /// The service port.
+    #[serde(default)]
+    pub port: Option<VsPort>,
+    /// Anything else.
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// `PortSelector`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct VsPort {
+    /// The port number.
+    pub number: u16,
+}
+
+/// `HTTPRetry`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VsRetries {
+    /// Retries allowed (0 disables them).
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    /// The timeout of each try.
+    #[serde(default)]
+    pub per_try_timeout: Option<String>,
+    /// Comma-separated conditions (`5xx`, `gateway-error`, `connect-failure`, `reset`, status codes, ...).
+    #[serde(default)]
+    pub retry_on: Option<String>,
+    /// `retryRemoteLocalities`, `backoff` and anything else.
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// `Headers`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct VsHeaders {
+    /// Operations on the request.
+    #[serde(default)]
+    pub request: Option<VsHeaderOps>,
+    /// Operations on the response.
+    #[serde(default)]
+    pub response: Option<VsHeaderOps>,
+}
+
+/// `HeaderOperations`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct VsHeaderOps {
+    /// Set (replace).
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Append.
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    /// Remove.
+    #[serde(default)]
+    pub remove: Vec<String>,
 }

@@ -17,7 +17,10 @@ use std::{
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Empty, combinators::BoxBody};
+use http_body_util::{
+    BodyExt, Empty, Full,
+    combinators::{BoxBody, UnsyncBoxBody},
+};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -25,7 +28,7 @@ use hyper_util::{
 };
 
 use crate::{
-    l7::route::{Backend, Rule, Selection},
+    l7::route::{Backend, RetryPolicy, Rule, Selection, ServiceKey},
     metrics::RequestLabels,
     server::{Rewind, Shared, Tunnel},
     services::{Chosen, service_labels},
@@ -42,6 +45,52 @@ pub const MAX_INNER_STREAMS: u32 = 100;
 
 /// A response body as the waypoint sends it.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+/// A request body as the waypoint sends it to a backend.
+pub type BackendBody = UnsyncBoxBody<Bytes, hyper::Error>;
+/// Request bodies up to this size (known in advance) are kept for retries;
+/// larger or streamed bodies are sent once.
+pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
+/// The retry budget: each request earns 0.2 retries (20 % extra load at
+/// most), up to a reserve of 10.
+pub const RETRY_BUDGET_RATIO_MILLI: u64 = 200;
+/// The retry budget's reserve (and its starting value), in retries.
+pub const RETRY_BUDGET_RESERVE: u64 = 10;
+
+/// Bounds retries to [`RETRY_BUDGET_RATIO_MILLI`] of the requests plus a
+/// reserve, so that retries cannot multiply an outage's load.
+#[derive(Debug)]
+pub struct RetryBudget {
+    milli: AtomicU64,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            milli: AtomicU64::new(RETRY_BUDGET_RESERVE * 1000),
+        }
+    }
+}
+
+impl RetryBudget {
+    /// A request arrived: it earns its share.
+    pub fn deposit(&self) {
+        let cap = RETRY_BUDGET_RESERVE * 1000;
+        let _ = self
+            .milli
+            .try_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
+                Some((m + RETRY_BUDGET_RATIO_MILLI).min(cap))
+            });
+    }
+
+    /// Takes one retry from the budget; false when it is spent.
+    pub fn withdraw(&self) -> bool {
+        self.milli
+            .try_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
+                m.checked_sub(1000)
+            })
+            .is_ok()
+    }
+}
 
 /// The request body sent to a backend: the client's, counted.
 #[derive(Debug)]
@@ -79,7 +128,9 @@ impl Body for CountedBody {
 /// The pooled client to the backends.
 #[derive(Debug)]
 pub struct Proxy {
-    client: Client<HttpConnector, CountedBody>,
+    client: Client<HttpConnector, BackendBody>,
+    /// The retry budget shared by every route.
+    pub budget: RetryBudget,
 }
 
 impl Default for Proxy {
@@ -98,7 +149,10 @@ impl Proxy {
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(POOL_MAX_IDLE_PER_ENDPOINT)
             .build(connector);
-        Self { client }
+        Self {
+            client,
+            budget: RetryBudget::default(),
+        }
     }
 }
 
@@ -383,23 +437,11 @@ async fn handle(
             return answer(finish, StatusCode::INTERNAL_SERVER_ERROR, Flags::NoConfig);
         }
     };
-    let Some(chosen) = shared.services.endpoint(&service, port) else {
-        return answer(
-            finish,
-            StatusCode::SERVICE_UNAVAILABLE,
-            Flags::NoHealthyUpstream,
-        );
-    };
-    finish.upstream = Some(chosen.clone());
-    // The backend request: origin-form to the endpoint, the client's Host kept.
     let path = parts
         .uri
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
-    let Ok(uri) = format!("http://{}{path}", chosen.addr).parse::<http::Uri>() else {
-        return answer(finish, StatusCode::BAD_REQUEST, Flags::None);
-    };
     strip_hop_by_hop(&mut parts.headers);
     if !parts.headers.contains_key(header::HOST)
         && let Ok(host) = HeaderValue::from_str(&authority)
@@ -409,32 +451,68 @@ async fn handle(
     if let Some(rule) = rule {
         rule.request_headers.apply(&mut parts.headers);
     }
-    parts.uri = uri;
-    parts.version = http::Version::HTTP_11;
-    let body = CountedBody {
+    let policy = rule.map(|r| r.retry.clone()).unwrap_or_default();
+    let counted = CountedBody {
         inner: body,
         bytes: Arc::clone(&finish.request_bytes),
     };
-    let request = Request::from_parts(parts, body);
-    let sent = shared.proxy.client.request(request);
-    let result = match rule.and_then(|r| r.timeout) {
-        Some(t) => match tokio::time::timeout(t, sent).await {
-            Ok(r) => r,
-            Err(_) => return answer(finish, StatusCode::GATEWAY_TIMEOUT, Flags::Timeout),
-        },
-        None => sent.await,
-    };
-    let response = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let flags = if e.is_connect() {
-                Flags::ConnectFailure
-            } else {
-                Flags::UpstreamReset
-            };
-            tracing::debug!(upstream = %chosen.addr, error = %e, "backend request failed");
-            return answer(finish, StatusCode::SERVICE_UNAVAILABLE, flags);
+    // A body is replayable when it is small and its size known in advance.
+    let small = counted
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n <= MAX_REPLAY_BODY);
+    let (replay, streamed) = if policy.attempts > 0 && small {
+        match counted.collect().await {
+            Ok(c) => (Some(c.to_bytes()), None),
+            Err(_) => return answer(finish, StatusCode::BAD_REQUEST, Flags::None),
         }
+    } else {
+        (None, Some(counted))
+    };
+    shared.proxy.budget.deposit();
+    let template = Template {
+        method: parts.method.clone(),
+        path,
+        headers: parts.headers.clone(),
+    };
+    let mut last = None;
+    let tries = send_with_retries(
+        &shared, &template, &service, port, &policy, replay, streamed, &mut last,
+    );
+    let outcome = match rule.and_then(|r| r.timeout) {
+        Some(t) => tokio::time::timeout(t, tries).await.ok(),
+        None => Some(tries.await),
+    };
+    // The endpoint of the last try, even when the route timeout cut it.
+    finish.upstream = last;
+    let Some(outcome) = outcome else {
+        return answer(finish, StatusCode::GATEWAY_TIMEOUT, Flags::Timeout);
+    };
+    let response = match outcome {
+        Try::Response(r) => r,
+        Try::NoEndpoint => {
+            return answer(
+                finish,
+                StatusCode::SERVICE_UNAVAILABLE,
+                Flags::NoHealthyUpstream,
+            );
+        }
+        Try::Timeout => return answer(finish, StatusCode::GATEWAY_TIMEOUT, Flags::Timeout),
+        Try::Connect => {
+            return answer(
+                finish,
+                StatusCode::SERVICE_UNAVAILABLE,
+                Flags::ConnectFailure,
+            );
+        }
+        Try::Reset => {
+            return answer(
+                finish,
+                StatusCode::SERVICE_UNAVAILABLE,
+                Flags::UpstreamReset,
+            );
+        }
+        Try::BadUri => return answer(finish, StatusCode::BAD_REQUEST, Flags::None),
     };
     let (mut rparts, rbody) = response.into_parts();
     strip_hop_by_hop(&mut rparts.headers);
@@ -454,4 +532,96 @@ fn metered(response: Response<ProxyBody>, finish: Finish) -> Response<ProxyBody>
         finish: Some(finish),
     };
     Response::from_parts(parts, body.boxed())
+}
+
+/// What every try of a request sends (origin-form path, headers).
+struct Template {
+    method: http::Method,
+    path: String,
+    headers: HeaderMap,
+}
+
+/// The outcome of the last try.
+enum Try {
+    Response(Response<Incoming>),
+    NoEndpoint,
+    Timeout,
+    Connect,
+    Reset,
+    BadUri,
+}
+
+/// Sends the request to an endpoint of `service`:`port` (a fresh choice per
+/// try), retrying per `policy` while the body can be replayed and the
+/// budget allows; returns the last outcome; `last` is the endpoint of the
+/// last try (set before it is sent).
+#[allow(clippy::too_many_arguments)]
+async fn send_with_retries(
+    shared: &Shared,
+    template: &Template,
+    service: &ServiceKey,
+    port: u16,
+    policy: &RetryPolicy,
+    replay: Option<Bytes>,
+    mut streamed: Option<CountedBody>,
+    last: &mut Option<Chosen>,
+) -> Try {
+    let mut retries = 0u32;
+    loop {
+        let Some(chosen) = shared.services.endpoint(service, port) else {
+            return Try::NoEndpoint;
+        };
+        *last = Some(chosen.clone());
+        let body: BackendBody = match (&replay, streamed.take()) {
+            (Some(b), _) => Full::new(b.clone()).map_err(|e| match e {}).boxed_unsync(),
+            (None, Some(s)) => s.boxed_unsync(),
+            (None, None) => Empty::new().map_err(|e| match e {}).boxed_unsync(),
+        };
+        let Ok(uri) = format!("http://{}{}", chosen.addr, template.path).parse::<http::Uri>()
+        else {
+            return Try::BadUri;
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = template.method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = template.headers.clone();
+        let sent = shared.proxy.client.request(req);
+        let result = match policy.per_try_timeout {
+            Some(t) => tokio::time::timeout(t, sent).await.ok(),
+            None => Some(sent.await),
+        };
+        let outcome = match result {
+            None => Try::Timeout,
+            Some(Ok(r)) => Try::Response(r),
+            Some(Err(e)) if e.is_connect() => {
+                tracing::debug!(upstream = %chosen.addr, error = %e, "backend unreachable");
+                Try::Connect
+            }
+            Some(Err(e)) => {
+                tracing::debug!(upstream = %chosen.addr, error = %e, "backend request failed");
+                Try::Reset
+            }
+        };
+        let on = &policy.on;
+        let retriable = match &outcome {
+            Try::Response(r) => on.status(r.status().as_u16()),
+            Try::Timeout => on.timeout(),
+            Try::Connect => on.connect(),
+            Try::Reset => on.reset(),
+            Try::NoEndpoint | Try::BadUri => false,
+        };
+        if !retriable || retries >= policy.attempts || replay.is_none() {
+            return outcome;
+        }
+        if !shared.proxy.budget.withdraw() {
+            shared.metrics.retry(false);
+            tracing::debug!(service = %service, "retry budget spent; not retrying");
+            return outcome;
+        }
+        shared.metrics.retry(true);
+        retries += 1;
+        // Envoy's default backoff: 25 ms base, jittered, doubling.
+        let base = 25u64 << (retries - 1).min(3);
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(base / 2..=base))).await;
+    }
 }

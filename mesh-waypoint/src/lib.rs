@@ -114,7 +114,7 @@ pub async fn start(
     }
     let tls = MeshTls::new(Arc::new(CertManager::new(provider)))?;
     let services = Services::new(&config.services, trust_domain.as_str());
-    let routes = RouteTable::build(&config.services, &config.routes);
+    let routes = RouteTable::build(&config.services, &config.route_objects());
     tracing::info!(
         identity = %identity,
         services = config.services.len(),

@@ -105,6 +105,12 @@ pub struct Metrics {
     duration: Family<Labels, Histogram, fn() -> Histogram>,
     request_bytes: Family<Labels, Histogram, fn() -> Histogram>,
     response_bytes: Family<Labels, Histogram, fn() -> Histogram>,
+    retries: Family<RetryLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabels {
+    result: &'static str,
 }
 
 impl fmt::Debug for Metrics {
@@ -148,8 +154,15 @@ impl Metrics {
             "Response body sizes",
             response_bytes.clone(),
         );
+        let retries = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "mesh_waypoint_retries",
+            "Retries: attempted, or refused by the retry budget",
+            retries.clone(),
+        );
         Self {
             registry,
+            retries,
             requests,
             duration,
             request_bytes,
@@ -174,6 +187,16 @@ impl Metrics {
         self.response_bytes
             .get_or_create(&labels)
             .observe(response_bytes as f64);
+    }
+
+    /// A retry was attempted (true) or refused by the budget (false).
+    pub fn retry(&self, attempted: bool) {
+        let result = if attempted {
+            "attempted"
+        } else {
+            "budget_exhausted"
+        };
+        self.retries.get_or_create(&RetryLabels { result }).inc();
     }
 
     /// The OpenMetrics text of every family.

@@ -377,3 +377,179 @@ async fn a_connect_to_an_address_that_is_not_a_service_is_refused() {
         Some("CONNECT answered 503 Service Unavailable")
     );
 }
+
+/// Istio `VirtualService` routes: first match in order, retries with a budget.
+mod virtual_service {
+    use std::sync::{Arc, atomic::AtomicU64, atomic::Ordering};
+
+    use super::*;
+
+    const API_VIP: &str = "10.96.1.10:80";
+
+    fn config(v1: SocketAddr, v2: SocketAddr) -> String {
+        let (v1, v2) = (v1.port(), v2.port());
+        format!(
+            r#"
+services:
+  - {{ name: api, namespace: default, addresses: [10.96.1.10], ports: [{{ port: 80 }}], endpoints: [] }}
+  - name: api-v1
+    namespace: default
+    ports: [{{ port: 80 }}]
+    endpoints: [{{ address: 127.0.0.1, port: {v1}, workload: api-v1, labels: {{ version: v1 }} }}]
+  - name: api-v2
+    namespace: default
+    ports: [{{ port: 80 }}]
+    endpoints: [{{ address: 127.0.0.1, port: {v2}, workload: api-v2, labels: {{ version: v2 }} }}]
+routes:
+  - apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {{ name: api, namespace: default }}
+    spec:
+      hosts: [api]
+      http:
+        - match: [{{ headers: {{ x-canary: {{ exact: "true" }} }} }}]
+          headers: {{ response: {{ set: {{ x-vs: canary }} }} }}
+          route: [{{ destination: {{ host: api-v2 }} }}]
+        - match: [{{ uri: {{ prefix: /flaky }} }}]
+          retries: {{ attempts: 2, retryOn: 5xx }}
+          route: [{{ destination: {{ host: api-v1 }} }}]
+        - match: [{{ uri: {{ prefix: /fail }} }}]
+          retries: {{ attempts: 3, retryOn: "5xx,connect-failure,reset" }}
+          route: [{{ destination: {{ host: api-v1 }} }}]
+        - match: [{{ uri: {{ prefix: /no-retry-fail }} }}]
+          retries: {{ attempts: 0 }}
+          route: [{{ destination: {{ host: api-v1 }} }}]
+        - match: [{{ uri: {{ prefix: /hang }} }}]
+          timeout: 5s
+          retries: {{ attempts: 2, perTryTimeout: 200ms, retryOn: gateway-error }}
+          route: [{{ destination: {{ host: api-v1, port: {{ number: 80 }} }} }}]
+        - match: [{{ uri: {{ prefix: /faulty }} }}]
+          fault: {{ abort: {{ httpStatus: 418, percentage: {{ value: 100 }} }} }}
+          route: [{{ destination: {{ host: api-v1 }} }}]
+        - match: [{{ uri: {{ exact: /v1-only }} }}]
+          route: [{{ destination: {{ host: api-v1 }} }}]
+        - route:
+            - {{ destination: {{ host: api-v1 }}, weight: 90 }}
+            - {{ destination: {{ host: api-v2 }}, weight: 10 }}
+"#
+        )
+    }
+
+    struct Vs {
+        _w: mesh_waypoint::Running,
+        admin: SocketAddr,
+        client: MeshClient,
+        v1_count: Arc<AtomicU64>,
+    }
+
+    async fn setup() -> Vs {
+        let (v1, v1_count) = counted_backend("v1").await;
+        let v2 = http_backend("v2").await;
+        let ca = issuer();
+        let w = waypoint(ca.clone(), &config(v1, v2)).await;
+        let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
+        Vs {
+            admin: w.admin,
+            _w: w,
+            client,
+            v1_count,
+        }
+    }
+
+    fn retries(m: &str, result: &str) -> u64 {
+        let prefix = format!("mesh_waypoint_retries_total{{result=\"{result}\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn routes_match_in_order_with_header_operations_and_unsupported_fields_fail_visibly() {
+        let s = setup().await;
+        let mut c = s.client.http(vip(API_VIP), false).await;
+        let a = c.get("/v1-only", &[("x-canary", "true")]).await;
+        // The header rule comes first in the VirtualService: it wins over the exact path.
+        assert_eq!((a.status.as_u16(), backend(&a)), (200, "v2"), "{a:?}");
+        assert_eq!(
+            a.headers.get("x-vs").and_then(|v| v.to_str().ok()),
+            Some("canary")
+        );
+        let a = c.get("/v1-only", &[]).await;
+        assert_eq!((a.status.as_u16(), backend(&a)), (200, "v1"), "{a:?}");
+        assert_eq!(a.headers.get("x-vs"), None);
+        // `fault` cannot be skipped: the route answers 500, and says why.
+        assert_eq!(c.get("/faulty", &[]).await.status, 500);
+        let dump: serde_json::Value =
+            serde_json::from_str(&admin_get(s.admin, "/config_dump").await).expect("json");
+        let unsupported = dump["routes"]["unsupported"].as_array().expect("list");
+        assert!(
+            unsupported
+                .iter()
+                .any(|u| u["field"] == "spec.http[5].fault" && u["effect"] == "rule_fails"),
+            "{dump:#}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retries_turn_an_upstreams_alternate_503s_into_successes() {
+        let s = setup().await;
+        let mut c = s.client.http(vip(API_VIP), false).await;
+        // 10 requests needing one retry each fit the budget (reserve 10).
+        for i in 0..10 {
+            let a = c.get("/flaky", &[]).await;
+            assert_eq!(
+                (a.status.as_u16(), backend(&a)),
+                (200, "v1"),
+                "request {i}: {a:?}"
+            );
+        }
+        // Each request: a 503, then the retry's 200.
+        assert_eq!(s.v1_count.load(Ordering::SeqCst), 20);
+        let m = wait_metrics(s.admin, |m| retries(m, "attempted") == 10).await;
+        assert_eq!(retries(&m, "budget_exhausted"), 0);
+        // Without retries the 503 reaches the client.
+        let a = c.get("/no-retry-fail", &[]).await;
+        assert_eq!(a.status, 503);
+        assert_eq!(s.v1_count.load(Ordering::SeqCst), 21);
+    }
+
+    /// An upstream that always fails, 100 requests with `attempts: 3`:
+    /// unbounded, 400 requests would reach it. The budget allows the
+    /// reserve (10) plus 20 % of the requests (20): at most 130.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_retry_budget_keeps_retries_from_amplifying_an_outage() {
+        let s = setup().await;
+        let mut c = s.client.http(vip(API_VIP), false).await;
+        for _ in 0..100 {
+            assert_eq!(c.get("/fail", &[]).await.status, 503);
+        }
+        let upstream = s.v1_count.load(Ordering::SeqCst);
+        assert!(
+            (110..=130).contains(&upstream),
+            "{upstream} upstream requests"
+        );
+        let m = admin_get(s.admin, "/metrics").await;
+        assert_eq!(retries(&m, "attempted"), upstream - 100, "{m}");
+        assert!(retries(&m, "budget_exhausted") > 0, "{m}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn per_try_timeouts_are_retried_then_answer_504() {
+        let s = setup().await;
+        let mut c = s.client.http(vip(API_VIP), false).await;
+        let a = tokio::time::timeout(Duration::from_secs(60), c.get("/hang", &[]))
+            .await
+            .expect("no timeout fired");
+        assert_eq!(a.status, 504, "{a:?}");
+        // The first try and its two retries each reached the backend.
+        assert_eq!(s.v1_count.load(Ordering::SeqCst), 3);
+        let m = wait_metrics(s.admin, |m| {
+            requests_total(m)
+                .iter()
+                .any(|(l, v)| l["response_code"] == "504" && l["response_flags"] == "UT" && *v == 1)
+        })
+        .await;
+        assert_eq!(retries(&m, "attempted"), 2);
+    }
+}

@@ -1,4 +1,7 @@
-//! L7 decisions. `route.rs`: the route model (pure: config in, decisions out).
+//! L7 decisions. `route.rs`: the route model (pure: config in, decisions
+//! out); `virtual_service.rs`: Istio `VirtualService` `http:` routes
+//! compiled into the same model.
 #![forbid(unsafe_code)]
 
 pub mod route;
+pub mod virtual_service;

@@ -28,8 +28,8 @@ use regex::Regex;
 use serde::Serialize;
 
 use crate::config::{
-    BackendRef, HeaderModifierSpec, HttpRoute, HttpRouteMatch, HttpRouteRule, Other, ServiceConfig,
-    ValueMatchSpec,
+    BackendRef, HeaderModifierSpec, HttpRoute, HttpRouteMatch, HttpRouteRule, Other, RouteObject,
+    ServiceConfig, ValueMatchSpec,
 };
 
 /// A Service's namespace and name.
@@ -79,9 +79,9 @@ pub struct Unsupported {
 /// A header modification (`RequestHeaderModifier`, `ResponseHeaderModifier`).
 #[derive(Clone, Debug, Default)]
 pub struct HeaderModifier {
-    set: Vec<(HeaderName, HeaderValue)>,
-    add: Vec<(HeaderName, HeaderValue)>,
-    remove: Vec<HeaderName>,
+    pub(crate) set: Vec<(HeaderName, HeaderValue)>,
+    pub(crate) add: Vec<(HeaderName, HeaderValue)>,
+    pub(crate) remove: Vec<HeaderName>,
 }
 
 impl HeaderModifier {
@@ -141,8 +141,100 @@ pub struct Rule {
     pub request_headers: HeaderModifier,
     /// `ResponseHeaderModifier`.
     pub response_headers: HeaderModifier,
+    /// Retries (Istio's default policy when the route sets none).
+    pub retry: RetryPolicy,
     /// Why the rule answers 500, if it does.
     pub broken: Option<String>,
+}
+
+/// When a failed try is retried.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    /// `5xx`: any 5xx response, a reset, or a per-try timeout.
+    pub server_error: bool,
+    /// `gateway-error`: 502, 503, 504 or a per-try timeout.
+    pub gateway_error: bool,
+    /// `connect-failure`: the backend could not be reached.
+    pub connect_failure: bool,
+    /// `reset`, `refused-stream`: the backend reset before a response.
+    pub reset: bool,
+    /// `retriable-status-codes` and bare codes: these statuses.
+    pub codes: Vec<u16>,
+}
+
+impl RetryOn {
+    /// Whether a response with `status` is retried.
+    pub fn status(&self, status: u16) -> bool {
+        (self.server_error && (500..600).contains(&status))
+            || (self.gateway_error && matches!(status, 502..=504))
+            || self.codes.contains(&status)
+    }
+
+    /// Whether a per-try timeout is retried.
+    pub fn timeout(&self) -> bool {
+        self.server_error || self.gateway_error
+    }
+
+    /// Whether a connection failure is retried.
+    pub fn connect(&self) -> bool {
+        self.connect_failure || self.server_error || self.gateway_error
+    }
+
+    /// Whether a reset before the response is retried.
+    pub fn reset(&self) -> bool {
+        self.reset || self.server_error
+    }
+}
+
+/// A rule's retry policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first try (0: none).
+    pub attempts: u32,
+    /// Each try's timeout.
+    pub per_try_timeout: Option<Duration>,
+    /// When to retry.
+    pub on: RetryOn,
+}
+
+impl Default for RetryPolicy {
+    /// Istio's default (`meshConfig.defaultHttpRetryPolicy` unset): 2
+    /// retries on `connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes` (503).
+    fn default() -> Self {
+        Self {
+            attempts: 2,
+            per_try_timeout: None,
+            on: RetryOn {
+                connect_failure: true,
+                reset: true,
+                codes: vec![503],
+                ..RetryOn::default()
+            },
+        }
+    }
+}
+
+/// Parses Istio's `retryOn`; returns the conditions and the ones not supported.
+pub fn parse_retry_on(s: &str) -> (RetryOn, Vec<String>) {
+    let mut on = RetryOn::default();
+    let mut unsupported = Vec::new();
+    for token in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        match token {
+            "5xx" => on.server_error = true,
+            "gateway-error" => on.gateway_error = true,
+            "connect-failure" => on.connect_failure = true,
+            "reset" | "refused-stream" => on.reset = true,
+            // The status codes come as bare numbers in Istio's retryOn.
+            "retriable-status-codes" => {}
+            "unavailable" | "cancelled" | "deadline-exceeded" | "internal"
+            | "resource-exhausted" => {} // gRPC statuses: no gRPC backends yet
+            t => match t.parse::<u16>() {
+                Ok(code) if (100..600).contains(&code) => on.codes.push(code),
+                _ => unsupported.push(t.to_owned()),
+            },
+        }
+    }
+    (on, unsupported)
 }
 
 impl Rule {
@@ -168,34 +260,59 @@ impl Rule {
     }
 }
 
+/// A path match.
 #[derive(Debug)]
-enum PathMatch {
+pub(crate) enum PathMatch {
+    /// The whole path.
     Exact(String),
+    /// Gateway API `PathPrefix`: whole path elements (stored without a trailing `/`).
     Prefix(String),
+    /// Istio's `prefix`: a string prefix.
+    StringPrefix(String),
+    /// The whole path.
     Regex(Regex),
 }
 
+/// A header or query value match.
 #[derive(Debug)]
-enum ValueMatch {
+pub(crate) enum ValueMatch {
     Exact(String),
+    Prefix(String),
     Regex(Regex),
+    /// Present with any value (Istio's empty `StringMatch`).
+    Present,
 }
 
 impl ValueMatch {
     fn matches(&self, v: &str) -> bool {
         match self {
             Self::Exact(e) => e == v,
+            Self::Prefix(p) => v.starts_with(p.as_str()),
             Self::Regex(r) => r.is_match(v),
+            Self::Present => true,
         }
     }
 }
 
+/// One match of a rule (all its parts must hold).
 #[derive(Debug)]
-struct Match {
-    path: PathMatch,
-    headers: Vec<(HeaderName, ValueMatch)>,
-    query: Vec<(String, ValueMatch)>,
-    method: Option<Method>,
+pub(crate) struct Match {
+    pub(crate) path: PathMatch,
+    pub(crate) headers: Vec<(HeaderName, ValueMatch)>,
+    pub(crate) query: Vec<(String, ValueMatch)>,
+    pub(crate) method: Option<Method>,
+}
+
+impl Match {
+    /// Every request.
+    pub(crate) fn any() -> Self {
+        Self {
+            path: PathMatch::Prefix(String::new()),
+            headers: Vec::new(),
+            query: Vec::new(),
+            method: None,
+        }
+    }
 }
 
 impl Match {
@@ -208,6 +325,7 @@ impl Match {
                     || path == p
                     || (path.starts_with(p.as_str()) && path.as_bytes().get(p.len()) == Some(&b'/'))
             }
+            PathMatch::StringPrefix(p) => path.starts_with(p.as_str()),
             PathMatch::Regex(r) => r.is_match(path),
         };
         if !path_ok || self.method.as_ref().is_some_and(|m| m != method) {
@@ -239,7 +357,7 @@ impl Match {
         let (kind, len) = match &self.path {
             PathMatch::Exact(p) => (2, p.len()),
             PathMatch::Regex(r) => (1, r.as_str().len()),
-            PathMatch::Prefix(p) => (0, p.len()),
+            PathMatch::Prefix(p) | PathMatch::StringPrefix(p) => (0, p.len()),
         };
         (
             kind,
@@ -252,11 +370,11 @@ impl Match {
 }
 
 #[derive(Debug)]
-struct Entry {
-    m: Match,
-    rule: Arc<Rule>,
+pub(crate) struct Entry {
+    pub(crate) m: Match,
+    pub(crate) rule: Arc<Rule>,
     /// (creationTimestamp, namespace/name, rule index): ascending wins ties.
-    tie: (String, String, usize),
+    pub(crate) tie: (String, String, usize),
 }
 
 /// What a request gets from the routes of its service port.
@@ -274,6 +392,8 @@ pub enum Selection<'a> {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     ports: HashMap<(ServiceKey, u16), Vec<Entry>>,
+    /// VirtualService rules: first match in order, no precedence sort.
+    pub(crate) ordered: HashMap<(ServiceKey, u16), Vec<Entry>>,
     /// Routes in use (`namespace/name`).
     pub accepted: Vec<String>,
     /// Fields not supported, with their effect.
@@ -282,13 +402,46 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Compiles `routes` against the known `services`.
-    pub fn build(services: &[ServiceConfig], routes: &[HttpRoute]) -> Self {
+    pub fn build(services: &[ServiceConfig], routes: &[RouteObject]) -> Self {
         let mut table = Self::default();
         for route in routes {
-            table.add_route(services, route);
+            match route {
+                RouteObject::Http(r) => table.add_route(services, r),
+                RouteObject::Virtual(vs) => {
+                    super::virtual_service::add(&mut table, services, vs);
+                }
+                RouteObject::Invalid { name, reason } => {
+                    table.report(name, "kind".into(), reason.clone(), Effect::RouteRejected);
+                }
+            }
         }
         for entries in table.ports.values_mut() {
             entries.sort_by(|a, b| b.m.rank().cmp(&a.m.rank()).then_with(|| a.tie.cmp(&b.tie)));
+        }
+        // Istio: HTTPRoutes and VirtualServices on one service port do not
+        // merge; the HTTPRoutes are used.
+        let shadowed: Vec<(ServiceKey, u16)> = table
+            .ordered
+            .keys()
+            .filter(|k| table.ports.contains_key(*k))
+            .cloned()
+            .collect();
+        for (svc, port) in shadowed {
+            let routes: Vec<String> = table.ordered[&(svc.clone(), port)]
+                .iter()
+                .map(|e| e.rule.route.clone())
+                .collect();
+            for route in routes {
+                let reason =
+                    format!("Service {svc} port {port} also has HTTPRoutes, which take precedence");
+                table.report(
+                    &route,
+                    "spec.hosts".into(),
+                    reason,
+                    Effect::ParentNotAttached,
+                );
+            }
+            table.ordered.remove(&(svc, port));
         }
         table
     }
@@ -302,7 +455,8 @@ impl RouteTable {
         uri: &http::Uri,
         headers: &HeaderMap,
     ) -> Selection<'_> {
-        let Some(entries) = self.ports.get(&(service.clone(), port)) else {
+        let key = (service.clone(), port);
+        let Some(entries) = self.ports.get(&key).or_else(|| self.ordered.get(&key)) else {
             return Selection::Default;
         };
         entries
@@ -316,13 +470,20 @@ impl RouteTable {
         let mut v: Vec<(String, usize)> = self
             .ports
             .iter()
+            .chain(self.ordered.iter())
             .map(|((s, p), e)| (format!("{s}:{p}"), e.len()))
             .collect();
         v.sort();
         v
     }
 
-    fn report(&mut self, route: &str, field: String, reason: impl Into<String>, effect: Effect) {
+    pub(crate) fn report(
+        &mut self,
+        route: &str,
+        field: String,
+        reason: impl Into<String>,
+        effect: Effect,
+    ) {
         let reason = reason.into();
         tracing::warn!(route, field = %field, reason = %reason, effect = ?effect, "unsupported route field");
         self.unsupported.push(Unsupported {
@@ -333,7 +494,7 @@ impl RouteTable {
         });
     }
 
-    fn report_other(&mut self, route: &str, at: &str, other: &Other, effect: Effect) {
+    pub(crate) fn report_other(&mut self, route: &str, at: &str, other: &Other, effect: Effect) {
         for key in other.keys() {
             let field = if at.is_empty() {
                 key.clone()
@@ -571,28 +732,35 @@ impl RouteTable {
             timeout,
             request_headers: request_headers.unwrap_or_default(),
             response_headers: response_headers.unwrap_or_default(),
+            retry: RetryPolicy::default(),
             broken: (!broken.is_empty()).then(|| broken.join("; ")),
         };
         (rule, matches)
     }
 }
 
-fn find<'a>(services: &'a [ServiceConfig], key: &ServiceKey) -> Option<&'a ServiceConfig> {
+pub(crate) fn find<'a>(
+    services: &'a [ServiceConfig],
+    key: &ServiceKey,
+) -> Option<&'a ServiceConfig> {
     services
         .iter()
         .find(|s| s.name == key.name && s.namespace == key.namespace)
 }
 
 /// Matches are shared by every parent port; the regexes clone cheaply.
-fn match_clone(m: &Match) -> Match {
+pub(crate) fn match_clone(m: &Match) -> Match {
     let value = |v: &ValueMatch| match v {
         ValueMatch::Exact(s) => ValueMatch::Exact(s.clone()),
+        ValueMatch::Prefix(s) => ValueMatch::Prefix(s.clone()),
         ValueMatch::Regex(r) => ValueMatch::Regex(r.clone()),
+        ValueMatch::Present => ValueMatch::Present,
     };
     Match {
         path: match &m.path {
             PathMatch::Exact(p) => PathMatch::Exact(p.clone()),
             PathMatch::Prefix(p) => PathMatch::Prefix(p.clone()),
+            PathMatch::StringPrefix(p) => PathMatch::StringPrefix(p.clone()),
             PathMatch::Regex(r) => PathMatch::Regex(r.clone()),
         },
         headers: m
@@ -605,7 +773,7 @@ fn match_clone(m: &Match) -> Match {
     }
 }
 
-fn full_regex(re: &str) -> Result<Regex, String> {
+pub(crate) fn full_regex(re: &str) -> Result<Regex, String> {
     Regex::new(&format!("^(?:{re})$")).map_err(|e| format!("regular expression {re:?}: {e}"))
 }
 
@@ -805,7 +973,7 @@ routes:
 
     fn table() -> RouteTable {
         let c = WaypointConfig::parse(CONFIG).expect("config");
-        RouteTable::build(&c.services, &c.routes)
+        RouteTable::build(&c.services, &c.route_objects())
     }
 
     fn pick<'a>(t: &'a RouteTable, path: &str, headers: &[(&str, &str)]) -> Selection<'a> {
@@ -902,7 +1070,7 @@ routes:
             "- matches: [{ path: { type: PathPrefix, value: /x } }]",
         ))
         .expect("config");
-        let t = RouteTable::build(&c.services, &c.routes);
+        let t = RouteTable::build(&c.services, &c.route_objects());
         assert!(matches!(pick(&t, "/nothing", &[]), Selection::NoMatch));
     }
 

@@ -5,7 +5,16 @@
 //! CONNECT) and speaks HTTP/1.1 or HTTP/2 inside them.
 #![allow(dead_code, missing_docs)]
 
-use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use bytes::{Bytes, BytesMut};
 use http::{Request, Response, StatusCode};
@@ -44,49 +53,67 @@ pub fn issuer() -> Arc<LocalCa> {
 
 /// A backend HTTP/1.1 server named `name`: answers `<name> <path>` with the
 /// request's headers echoed as `x-echo-<name>` response headers, a header
-/// `x-internal: secret`, and never answers paths under `/hang`.
+/// `x-internal: secret`; never answers paths under `/hang`; answers 503 to
+/// paths containing `fail`, and to every other request for paths containing
+/// `flaky` (the 1st, 3rd, ...).
 pub async fn http_backend(name: &'static str) -> SocketAddr {
+    counted_backend(name).await.0
+}
+
+/// [`http_backend`] and its count of requests received.
+pub async fn counted_backend(name: &'static str) -> (SocketAddr, Arc<AtomicU64>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let count = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&count);
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
+            let counter = Arc::clone(&counter);
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    move |req: Request<hyper::body::Incoming>| async move {
-                        if req.uri().path().starts_with("/hang") {
-                            tokio::time::sleep(Duration::from_secs(3600)).await;
-                        }
-                        let mut response = Response::builder()
-                            .header("x-backend", name)
-                            .header("x-internal", "secret");
-                        for (k, v) in req.headers() {
-                            response = response.header(format!("x-echo-{k}"), v);
-                        }
-                        let path = req.uri().path().to_owned();
-                        let body = req
-                            .into_body()
-                            .collect()
-                            .await
-                            .map(|b| b.to_bytes().len())
-                            .unwrap_or(0);
-                        let text = format!("{name} {path} {body}");
-                        Ok::<_, Infallible>(
-                            response
-                                .body(Full::new(Bytes::from(text)))
-                                .expect("response"),
-                        )
-                    },
-                );
+                let service =
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                        answer(name, n, req)
+                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), service)
                     .await;
             });
         }
     });
-    addr
+    (addr, count)
+}
+
+async fn answer(
+    name: &'static str,
+    n: u64,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_owned();
+    if path.starts_with("/hang") {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    let fail = path.contains("fail") || (path.contains("flaky") && n % 2 == 1);
+    let mut response = Response::builder()
+        .status(if fail { 503 } else { 200 })
+        .header("x-backend", name)
+        .header("x-internal", "secret");
+    for (k, v) in req.headers() {
+        response = response.header(format!("x-echo-{k}"), v);
+    }
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes().len())
+        .unwrap_or(0);
+    let text = format!("{name} {path} {body}");
+    Ok(response
+        .body(Full::new(Bytes::from(text)))
+        .expect("response"))
 }
 
 /// A TCP echo server.

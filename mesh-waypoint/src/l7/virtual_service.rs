@@ -1,0 +1,407 @@
+//! Istio `VirtualService` `http:` routes compiled into the route model of
+//! [`super::route`]: `hosts` name the Services (short name in the
+//! VirtualService's namespace, `name.namespace`, or the FQDN), the routes
+//! apply in order (first match wins, Istio's semantics), on every port of
+//! those Services. Supported: `match` (`uri`, `headers`, `queryParams`,
+//! `method` with `exact`/`prefix`/`regex`, an empty match for presence),
+//! `route` (destinations with `weight`, `port`), `timeout`, `retries`
+//! (`attempts`, `perTryTimeout`, `retryOn`), `headers` (request/response
+//! `set`/`add`/`remove`). Everything else is reported with its effect.
+
+use std::{sync::Arc, time::Duration};
+
+use http::{HeaderName, HeaderValue, Method};
+
+use super::route::{
+    Backend, Effect, Entry, HeaderModifier, Match, PathMatch, RetryPolicy, RouteTable, Rule,
+    ServiceKey, ValueMatch, WeightedBackend, find, full_regex, match_clone, parse_retry_on,
+};
+use crate::config::{
+    ServiceConfig, StringMatch, VirtualService, VsHeaderOps, VsHttpRoute, VsMatch,
+};
+
+/// The Service a VirtualService host names, if it is one in the cluster domain.
+fn host_service(host: &str, namespace: &str) -> Option<ServiceKey> {
+    let host = host
+        .strip_suffix(".svc.cluster.local")
+        .or_else(|| host.strip_suffix(".svc"))
+        .unwrap_or(host);
+    let (name, ns) = match host.split_once('.') {
+        None => (host, namespace),
+        Some((name, ns)) if !ns.contains('.') => (name, ns),
+        Some(_) => return None,
+    };
+    (!name.is_empty() && !name.contains('*')).then(|| ServiceKey {
+        namespace: ns.to_owned(),
+        name: name.to_owned(),
+    })
+}
+
+/// Parses a protobuf/Go duration as Istio takes it (`10s`, `0.5s`, `250ms`, `1m30s`).
+pub fn parse_istio_duration(s: &str) -> Option<Duration> {
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let n = rest
+            .bytes()
+            .take_while(|b| b.is_ascii_digit() || *b == b'.')
+            .count();
+        let value: f64 = rest[..n].parse().ok()?;
+        rest = &rest[n..];
+        let units: [(&str, f64); 6] = [
+            ("ms", 1e-3),
+            ("us", 1e-6),
+            ("ns", 1e-9),
+            ("h", 3600.0),
+            ("m", 60.0),
+            ("s", 1.0),
+        ];
+        let (unit, scale) = units.iter().find(|(u, _)| rest.starts_with(u))?;
+        rest = &rest[unit.len()..];
+        total += value * scale;
+    }
+    (total.is_finite() && total >= 0.0).then(|| Duration::from_secs_f64(total))
+}
+
+fn string_match(m: &StringMatch, what: &str) -> Result<ValueMatch, String> {
+    if let Some(k) = m.other.keys().next() {
+        return Err(format!("{what} match field {k} is not supported"));
+    }
+    match (&m.exact, &m.prefix, &m.regex) {
+        (Some(e), None, None) => Ok(ValueMatch::Exact(e.clone())),
+        (None, Some(p), None) => Ok(ValueMatch::Prefix(p.clone())),
+        (None, None, Some(r)) => full_regex(r).map(ValueMatch::Regex),
+        (None, None, None) => Ok(ValueMatch::Present),
+        _ => Err(format!(
+            "{what} match sets more than one of exact, prefix, regex"
+        )),
+    }
+}
+
+fn compile_match(m: &VsMatch) -> Result<Match, String> {
+    let fields: Vec<&String> = m.other.keys().collect();
+    if let Some(k) = fields.first() {
+        return Err(format!("match field {k} is not supported"));
+    }
+    let path = match &m.uri {
+        None => PathMatch::Prefix(String::new()),
+        Some(u) => match string_match(u, "uri")? {
+            ValueMatch::Exact(e) => PathMatch::Exact(e),
+            ValueMatch::Prefix(p) => PathMatch::StringPrefix(p),
+            ValueMatch::Regex(r) => PathMatch::Regex(r),
+            ValueMatch::Present => PathMatch::Prefix(String::new()),
+        },
+    };
+    let mut headers = Vec::new();
+    for (name, v) in &m.headers {
+        let n = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("header name {name:?} is not valid"))?;
+        headers.push((n, string_match(v, "header")?));
+    }
+    let mut query = Vec::new();
+    for (name, v) in &m.query_params {
+        query.push((name.clone(), string_match(v, "query parameter")?));
+    }
+    let method = match &m.method {
+        None => None,
+        Some(StringMatch {
+            exact: Some(e),
+            prefix: None,
+            regex: None,
+            other,
+        }) if other.is_empty() => Some(
+            Method::from_bytes(e.as_bytes()).map_err(|_| format!("method {e:?} is not valid"))?,
+        ),
+        Some(_) => return Err("only an exact method match is supported".to_owned()),
+    };
+    Ok(Match {
+        path,
+        headers,
+        query,
+        method,
+    })
+}
+
+fn header_ops(ops: &VsHeaderOps) -> Result<HeaderModifier, String> {
+    let pair = |name: &String, value: &String| {
+        let n = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("header name {name:?} is not valid"))?;
+        let v = HeaderValue::from_str(value)
+            .map_err(|_| format!("header value {value:?} of {name} is not valid"))?;
+        Ok::<_, String>((n, v))
+    };
+    Ok(HeaderModifier {
+        set: ops
+            .set
+            .iter()
+            .map(|(n, v)| pair(n, v))
+            .collect::<Result<_, _>>()?,
+        add: ops
+            .add
+            .iter()
+            .map(|(n, v)| pair(n, v))
+            .collect::<Result<_, _>>()?,
+        remove: ops
+            .remove
+            .iter()
+            .map(|n| {
+                HeaderName::from_bytes(n.as_bytes())
+                    .map_err(|_| format!("header name {n:?} is not valid"))
+            })
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+/// Adds `vs`'s HTTP routes to `table`.
+pub(crate) fn add(table: &mut RouteTable, services: &[ServiceConfig], vs: &VirtualService) {
+    let namespace = vs
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
+    let id = format!("{namespace}/{}", vs.metadata.name);
+    let top = vs
+        .other
+        .iter()
+        .filter(|(k, _)| k.as_str() != "status")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    table.report_other(&id, "", &top, Effect::Ignored);
+    table.report_other(&id, "spec", &vs.spec.other, Effect::Ignored);
+    if vs.spec.gateways.iter().any(|g| g != "mesh") {
+        let reason = "the VirtualService is bound to gateways (a waypoint serves `mesh`)";
+        return table.report(&id, "spec.gateways".into(), reason, Effect::RouteRejected);
+    }
+    let mut ports = Vec::new();
+    for (i, host) in vs.spec.hosts.iter().enumerate() {
+        let at = format!("spec.hosts[{i}]");
+        let Some(key) = host_service(host, &namespace) else {
+            let reason = format!("host {host:?} is not a Service of the cluster domain");
+            table.report(&id, at, reason, Effect::ParentNotAttached);
+            continue;
+        };
+        let Some(svc) = find(services, &key) else {
+            let reason = format!("Service {key} is not one this waypoint serves");
+            table.report(&id, at, reason, Effect::ParentNotAttached);
+            continue;
+        };
+        ports.extend(svc.ports.iter().map(|p| (key.clone(), p.port)));
+    }
+    if ports.is_empty() {
+        let reason = "no host is a Service of this waypoint";
+        return table.report(&id, "spec.hosts".into(), reason, Effect::RouteRejected);
+    }
+    table.accepted.push(id.clone());
+    for (index, route) in vs.spec.http.iter().enumerate() {
+        let at = format!("spec.http[{index}]");
+        let (rule, matches) = compile_route(table, services, &id, &namespace, &at, index, route);
+        let rule = Arc::new(rule);
+        for m in &matches {
+            for port in &ports {
+                table.ordered.entry(port.clone()).or_default().push(Entry {
+                    m: match_clone(m),
+                    rule: Arc::clone(&rule),
+                    tie: (String::new(), id.clone(), index),
+                });
+            }
+        }
+    }
+}
+
+fn compile_route(
+    table: &mut RouteTable,
+    services: &[ServiceConfig],
+    id: &str,
+    namespace: &str,
+    at: &str,
+    index: usize,
+    route: &VsHttpRoute,
+) -> (Rule, Vec<Match>) {
+    let mut broken = Vec::new();
+    let mut fail = |table: &mut RouteTable, field: String, reason: String| {
+        table.report(id, field, reason.clone(), Effect::RuleFails);
+        broken.push(reason);
+    };
+    // fault, mirror, rewrite, redirect, corsPolicy, ...: none can be skipped
+    // without changing what the route does.
+    for key in route.other.keys() {
+        fail(
+            table,
+            format!("{at}.{key}"),
+            format!("{key} is not supported by this waypoint"),
+        );
+    }
+    let mut matches = Vec::new();
+    for (i, m) in route.matches.iter().enumerate() {
+        match compile_match(m) {
+            Ok(m) => matches.push(m),
+            Err(reason) => {
+                fail(table, format!("{at}.match[{i}]"), reason);
+                matches.push(Match::any());
+            }
+        }
+    }
+    if route.matches.is_empty() {
+        matches.push(Match::any());
+    }
+    let timeout = match route.timeout.as_deref().map(parse_istio_duration) {
+        None => None,
+        Some(Some(d)) if d.is_zero() => None,
+        Some(Some(d)) => Some(d),
+        Some(None) => {
+            let reason = format!("timeout {:?} is not a duration", route.timeout);
+            fail(table, format!("{at}.timeout"), reason);
+            None
+        }
+    };
+    let mut retry = RetryPolicy::default();
+    if let Some(r) = &route.retries {
+        table.report_other(id, &format!("{at}.retries"), &r.other, Effect::Ignored);
+        retry.attempts = r.attempts.unwrap_or(retry.attempts);
+        if let Some(p) = &r.per_try_timeout {
+            match parse_istio_duration(p) {
+                Some(d) if !d.is_zero() => retry.per_try_timeout = Some(d),
+                Some(_) => {}
+                None => fail(
+                    table,
+                    format!("{at}.retries.perTryTimeout"),
+                    format!("perTryTimeout {p:?} is not a duration"),
+                ),
+            }
+        }
+        if let Some(on) = &r.retry_on {
+            let (parsed, unsupported) = parse_retry_on(on);
+            for t in unsupported {
+                let reason = format!("retryOn condition {t:?} is not supported (never retried)");
+                table.report(id, format!("{at}.retries.retryOn"), reason, Effect::Ignored);
+            }
+            retry.on = parsed;
+        }
+    }
+    let (mut request_headers, mut response_headers) =
+        (HeaderModifier::default(), HeaderModifier::default());
+    if let Some(h) = &route.headers {
+        for (ops, slot, name) in [
+            (&h.request, &mut request_headers, "request"),
+            (&h.response, &mut response_headers, "response"),
+        ] {
+            if let Some(ops) = ops {
+                match header_ops(ops) {
+                    Ok(m) => *slot = m,
+                    Err(reason) => fail(table, format!("{at}.headers.{name}"), reason),
+                }
+            }
+        }
+    }
+    let single = route.route.len() == 1;
+    let mut backends = Vec::new();
+    for (i, d) in route.route.iter().enumerate() {
+        let dat = format!("{at}.route[{i}]");
+        if d.headers.is_some() {
+            fail(
+                table,
+                format!("{dat}.headers"),
+                "per-destination headers are not supported (use the route's headers)".into(),
+            );
+        }
+        let weight = d.weight.unwrap_or(if single { 100 } else { 0 });
+        let backend = resolve(services, namespace, d).unwrap_or_else(|reason| {
+            table.report(id, dat.clone(), reason.clone(), Effect::BackendFails);
+            Backend::Invalid(reason)
+        });
+        backends.push(WeightedBackend { backend, weight });
+    }
+    if backends.is_empty() {
+        broken.push("the route has no destination".to_owned());
+    }
+    let rule = Rule {
+        route: id.to_owned(),
+        index,
+        backends,
+        timeout,
+        request_headers,
+        response_headers,
+        retry,
+        broken: (!broken.is_empty()).then(|| broken.join("; ")),
+    };
+    (rule, matches)
+}
+
+fn resolve(
+    services: &[ServiceConfig],
+    namespace: &str,
+    d: &crate::config::VsRouteDestination,
+) -> Result<Backend, String> {
+    let dest = &d.destination;
+    if let Some(k) = d.other.keys().chain(dest.other.keys()).next() {
+        return Err(format!("destination field {k} is not supported"));
+    }
+    if let Some(subset) = &dest.subset {
+        return Err(format!(
+            "subset {subset:?} needs DestinationRule subsets, not supported by this waypoint yet"
+        ));
+    }
+    let key = host_service(&dest.host, namespace).ok_or_else(|| {
+        format!(
+            "host {:?} is not a Service of the cluster domain",
+            dest.host
+        )
+    })?;
+    let svc = find(services, &key)
+        .ok_or_else(|| format!("destination Service {key} is not known to this waypoint"))?;
+    let port = match (&dest.port, svc.ports.as_slice()) {
+        (Some(p), _) => p.number,
+        (None, [only]) => only.port,
+        (None, _) => {
+            return Err(format!(
+                "destination Service {key} has several ports: name one (destination.port.number)"
+            ));
+        }
+    };
+    if !svc.ports.iter().any(|p| p.port == port) {
+        return Err(format!("destination Service {key} has no port {port}"));
+    }
+    Ok(Backend::Service { service: key, port })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn istio_durations() {
+        assert_eq!(parse_istio_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(
+            parse_istio_duration("0.5s"),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(parse_istio_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(
+            parse_istio_duration("250ms"),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(parse_istio_duration("10"), None);
+        assert_eq!(parse_istio_duration("x"), None);
+    }
+
+    #[test]
+    fn hosts() {
+        let k = |ns: &str, n: &str| {
+            Some(ServiceKey {
+                namespace: ns.into(),
+                name: n.into(),
+            })
+        };
+        assert_eq!(host_service("web", "prod"), k("prod", "web"));
+        assert_eq!(host_service("web.other", "prod"), k("other", "web"));
+        assert_eq!(
+            host_service("web.other.svc.cluster.local", "prod"),
+            k("other", "web")
+        );
+        assert_eq!(host_service("example.com.evil", "prod"), None);
+        assert_eq!(host_service("*.other", "prod"), None);
+    }
+}
