@@ -553,3 +553,90 @@ routes:
         assert_eq!(retries(&m, "attempted"), 2);
     }
 }
+
+/// The `mesh-waypoint run` binary: CA directory, config file, listeners.
+mod binary {
+    use std::{path::PathBuf, process::Stdio, sync::Arc};
+
+    use mesh_agent::identity::{LocalCa, MeshCa, TrustDomain};
+
+    use super::*;
+
+    /// A scratch directory removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// The child process, killed on drop.
+    struct Child(std::process::Child);
+
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// A port free at the time of the call (the binary binds it just after).
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_binary_serves_tunnels_with_its_ca_dir_and_config_file() {
+        let dir = std::env::temp_dir().join(format!("mesh-waypoint-bin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let scratch = Scratch(dir.clone());
+        let ca_dir = dir.join("ca");
+        MeshCa::init_dir(&ca_dir, &TrustDomain::default(), 1).expect("ca init");
+        let b = backends().await;
+        let config = dir.join("waypoint.yaml");
+        std::fs::write(&config, super::config(&b)).expect("config");
+        let (hbone, admin) = (free_port(), free_port());
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-waypoint"))
+            .args(["run", "--listen", &format!("127.0.0.1:{hbone}")])
+            .args(["--admin", &format!("127.0.0.1:{admin}")])
+            .args(["--identity", WAYPOINT_ID, "--ca-dir"])
+            .arg(&ca_dir)
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mesh-waypoint");
+        let _child = Child(child);
+        let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().expect("addr");
+        let mut ready = false;
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(admin).await.is_ok()
+                && admin_get(admin, "/healthz/ready").await == "ready\n"
+            {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(ready, "mesh-waypoint never became ready");
+        // A client with a certificate of the same CA directory.
+        let ca = MeshCa::load_dir(&ca_dir).expect("load ca");
+        let issuer = Arc::new(LocalCa::new(Arc::new(ca), TrustDomain::default()));
+        let hbone: SocketAddr = format!("127.0.0.1:{hbone}").parse().expect("addr");
+        let client = MeshClient::new(issuer, CLIENT_ID, hbone).await;
+        for http2 in [false, true] {
+            let mut c = client.http(vip(WEB_VIP), http2).await;
+            let a = c.get("/only-v1", &[]).await;
+            assert_eq!((a.status.as_u16(), backend(&a)), (200, "v1"), "{a:?}");
+        }
+        let dump: serde_json::Value =
+            serde_json::from_str(&admin_get(admin, "/config_dump").await).expect("json");
+        assert_eq!(dump["identity"], WAYPOINT_ID);
+        drop(scratch);
+    }
+}
