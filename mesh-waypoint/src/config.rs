@@ -216,6 +216,24 @@ pub struct EndpointConfig {
     /// The pod's labels (`app`, `version` for telemetry).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// How the waypoint reaches the pod: `hbone` (mTLS through the pod's
+    /// node agent, expecting the pod's SPIFFE identity) or `none` (plaintext).
+    #[serde(default)]
+    pub tunnel: TunnelProtocol,
+    /// The HBONE port of the pod's address (15008).
+    #[serde(default)]
+    pub hbone_port: Option<u16>,
+}
+
+/// How an endpoint is reached (Istio's workload `tunnelProtocol`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelProtocol {
+    /// Plaintext TCP to the pod.
+    #[default]
+    None,
+    /// HBONE: mTLS HTTP/2 CONNECT to the pod's port 15008.
+    Hbone,
 }
 
 /// Object metadata (name and namespace; the rest is not used).

@@ -32,6 +32,7 @@ use crate::{
     metrics::RequestLabels,
     server::{Rewind, Shared, Tunnel},
     services::{Chosen, service_labels},
+    upstream::HboneConnector,
 };
 
 /// How long a backend connection may take to establish.
@@ -129,28 +130,34 @@ impl Body for CountedBody {
 #[derive(Debug)]
 pub struct Proxy {
     client: Client<HttpConnector, BackendBody>,
+    hbone: Client<HboneConnector, BackendBody>,
+    connector: HboneConnector,
     /// The retry budget shared by every route.
     pub budget: RetryBudget,
 }
 
-impl Default for Proxy {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Proxy {
-    /// A client keeping connections to backends pooled.
-    pub fn new() -> Self {
+    /// Drops idle HBONE tunnel connections (run periodically).
+    pub fn sweep(&self) {
+        self.connector.sweep();
+    }
+
+    /// Clients keeping connections to backends pooled: plaintext, and
+    /// through `hbone` for HBONE endpoints.
+    pub fn new(hbone: HboneConnector) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_ENDPOINT)
-            .build(connector);
+        let builder = || {
+            let mut b = Client::builder(TokioExecutor::new());
+            b.pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                .pool_max_idle_per_host(POOL_MAX_IDLE_PER_ENDPOINT);
+            b
+        };
         Self {
-            client,
+            client: builder().build(connector),
+            hbone: builder().build(hbone.clone()),
+            connector: hbone,
             budget: RetryBudget::default(),
         }
     }
@@ -585,7 +592,11 @@ async fn send_with_retries(
         *req.method_mut() = template.method.clone();
         *req.uri_mut() = uri;
         *req.headers_mut() = template.headers.clone();
-        let sent = shared.proxy.client.request(req);
+        let sent = if chosen.hbone {
+            shared.proxy.hbone.request(req)
+        } else {
+            shared.proxy.client.request(req)
+        };
         let result = match policy.per_try_timeout {
             Some(t) => tokio::time::timeout(t, sent).await.ok(),
             None => Some(sent.await),

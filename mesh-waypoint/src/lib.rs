@@ -7,18 +7,21 @@
 //! metrics (`reporter="waypoint"`) and one access-log line per request.
 //! Anything else is relayed as TCP to an endpoint of the service.
 //!
-//! This is the first slice of issue 12. Backends are reached over plaintext
-//! TCP at the chosen endpoint's address; HBONE (mTLS) to the backend pods
-//! through the agent's client pool ([`mesh_agent::proxy::hbone::Pool`]) is
-//! the next step, as are retries, `VirtualService`, L7 authorization, fault
-//! injection, tracing and the node-agent side (`istio.io/use-waypoint`).
+//! This is the first slice of issue 12. Endpoints marked `tunnel: hbone`
+//! are reached over HBONE (mTLS under the waypoint's identity, the pod's
+//! identity required; the agent's [`mesh_agent::proxy::hbone::Pool`]);
+//! others over plaintext TCP. Istio `VirtualService` `http:` routes and
+//! retries with a budget are supported too. Still to come: L7
+//! authorization, fault injection, tracing, subsets, and the node-agent
+//! side (`istio.io/use-waypoint`, accepting the waypoint's hop).
 //!
 //! Modules (imports flow down this list, never back up):
 //! - [`admin`]: `/healthz/ready`, `/metrics`, `/config_dump`.
 //! - [`server`]: HBONE termination, protocol detection, TCP relay; uses
 //!   `mesh_agent::identity` (TLS, SPIFFE) and `mesh_agent::proxy::hbone`.
-//! - [`http`]: the hyper server on a tunnel stream, the backend client, the
-//!   per-request telemetry.
+//! - [`http`]: the hyper server on a tunnel stream, the backend clients, the
+//!   retries and their budget, the per-request telemetry.
+//! - [`upstream`]: HBONE to the backend pods (the agent's `hbone::Pool`).
 //! - [`metrics`]: the `istio_request*` families (peer labels from
 //!   `mesh_agent::telemetry`).
 //! - [`services`]: VIP and endpoint lookup.
@@ -33,6 +36,7 @@ pub mod l7;
 pub mod metrics;
 pub mod server;
 pub mod services;
+pub mod upstream;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -96,6 +100,17 @@ impl Running {
     }
 }
 
+/// Drops idle HBONE connections to backends and rotates the waypoint's
+/// certificate ahead of expiry, periodically.
+async fn sweep(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        shared.proxy.sweep();
+        shared.tls.manager().rotate_due().await;
+    }
+}
+
 /// Starts a waypoint with `identity`, certificates from `provider`, serving
 /// `config`, with HBONE on `listen` and the admin endpoint on `admin`.
 pub async fn start(
@@ -112,7 +127,7 @@ pub async fn start(
             trust_domain: trust_domain.to_string(),
         });
     }
-    let tls = MeshTls::new(Arc::new(CertManager::new(provider)))?;
+    let tls = Arc::new(MeshTls::new(Arc::new(CertManager::new(provider)))?);
     let services = Services::new(&config.services, trust_domain.as_str());
     let routes = RouteTable::build(&config.services, &config.route_objects());
     tracing::info!(
@@ -145,6 +160,7 @@ pub async fn start(
     let tasks = vec![
         tokio::spawn(server::serve(Arc::clone(&shared), hbone)),
         tokio::spawn(admin::serve(Arc::clone(&shared), admin_listener)),
+        tokio::spawn(sweep(Arc::clone(&shared))),
     ];
     tracing::info!(hbone = %hbone_addr, admin = %admin_addr, "waypoint listening");
     Ok(Running {

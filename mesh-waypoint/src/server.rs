@@ -33,6 +33,7 @@ use crate::{
     l7::route::RouteTable,
     metrics::{Metrics, peer_in},
     services::{Services, Target},
+    upstream::HboneConnector,
 };
 
 /// At most this many client connections at once (each holds at most
@@ -44,7 +45,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// (a server-first protocol); HTTP clients speak first.
 pub const DETECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The in-memory pipe between an HBONE stream and the inner protocol.
-const PIPE: usize = 64 * 1024;
+pub(crate) const PIPE: usize = 64 * 1024;
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -54,7 +55,7 @@ pub struct Shared {
     /// The waypoint's own identity.
     pub identity: SpiffeId,
     /// Its TLS configurations (the agent's identity code).
-    pub tls: MeshTls,
+    pub tls: Arc<MeshTls>,
     /// The services it fronts.
     pub services: Services,
     /// The compiled routes.
@@ -68,14 +69,21 @@ pub struct Shared {
 
 impl Shared {
     /// Everything a waypoint with `identity` serving `services`/`routes` needs.
-    pub fn new(identity: SpiffeId, tls: MeshTls, services: Services, routes: RouteTable) -> Self {
+    pub fn new(
+        identity: SpiffeId,
+        tls: Arc<MeshTls>,
+        services: Services,
+        routes: RouteTable,
+    ) -> Self {
+        let targets = services.hbone_targets(tls.trust_domain());
+        let hbone = HboneConnector::new(Arc::clone(&tls), identity.clone(), targets);
         Self {
+            proxy: Proxy::new(hbone),
             identity,
             tls,
             services,
             routes,
             metrics: Metrics::new(),
-            proxy: Proxy::new(),
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
         }
     }
@@ -249,7 +257,7 @@ async fn stream(
 
 /// Copies between the HBONE stream and the in-memory pipe until both
 /// directions end; an error resets the HTTP/2 stream.
-async fn pipe(io: DuplexStream, mut send: SendStream<Bytes>, mut recv: RecvStream) {
+pub(crate) async fn pipe(io: DuplexStream, mut send: SendStream<Bytes>, mut recv: RecvStream) {
     let (mut r, mut w) = tokio::io::split(io);
     let up = async {
         let mut buf = BytesMut::with_capacity(16 * 1024);

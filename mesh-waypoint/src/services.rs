@@ -6,10 +6,13 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use mesh_agent::telemetry::{PeerLabels, ServiceLabels, metrics::CLUSTER_DOMAIN};
+use mesh_agent::{
+    identity::{SpiffeId, TrustDomain},
+    telemetry::{PeerLabels, ServiceLabels, metrics::CLUSTER_DOMAIN},
+};
 
 use crate::{
-    config::{EndpointConfig, ServiceConfig, ServicePort},
+    config::{EndpointConfig, ServiceConfig, ServicePort, TunnelProtocol},
     l7::route::ServiceKey,
 };
 
@@ -27,9 +30,23 @@ pub struct Target {
 pub struct Chosen {
     /// Where to connect.
     pub addr: SocketAddr,
+    /// Through HBONE (else plaintext).
+    pub hbone: bool,
     /// Its telemetry labels.
     pub labels: PeerLabels,
 }
+
+/// How to reach a pod address over HBONE.
+#[derive(Clone, Debug)]
+pub struct HboneTarget {
+    /// The pod's HBONE address (`pod_ip:15008`).
+    pub hbone: SocketAddr,
+    /// The identity the pod must present.
+    pub identity: SpiffeId,
+}
+
+/// The HBONE port of a pod.
+pub const HBONE_PORT: u16 = 15008;
 
 /// The services index.
 #[derive(Debug, Default)]
@@ -81,8 +98,39 @@ impl Services {
         let pod_port = e.port.or(sp.target_port).unwrap_or(sp.port);
         Some(Chosen {
             addr: SocketAddr::new(e.address, pod_port),
+            hbone: e.tunnel == TunnelProtocol::Hbone,
             labels: self.endpoint_labels(svc, e),
         })
+    }
+
+    /// Every HBONE endpoint's pod address (per service port) and how to
+    /// reach it; the identity is the pod's service account (`default` when
+    /// unnamed, as in Kubernetes) in the service's namespace.
+    pub fn hbone_targets(&self, trust_domain: &TrustDomain) -> HashMap<SocketAddr, HboneTarget> {
+        let mut targets = HashMap::new();
+        for svc in self.by_key.values() {
+            for e in svc
+                .endpoints
+                .iter()
+                .filter(|e| e.tunnel == TunnelProtocol::Hbone)
+            {
+                let sa = e.service_account.as_deref().unwrap_or("default");
+                let Ok(identity) = SpiffeId::new(trust_domain.clone(), &svc.namespace, sa) else {
+                    tracing::warn!(service = %svc.name, namespace = %svc.namespace, service_account = sa, "endpoint identity is not a valid SPIFFE ID; its requests fail");
+                    continue;
+                };
+                let hbone = SocketAddr::new(e.address, e.hbone_port.unwrap_or(HBONE_PORT));
+                for sp in &svc.ports {
+                    let pod_port = e.port.or(sp.target_port).unwrap_or(sp.port);
+                    let target = HboneTarget {
+                        hbone,
+                        identity: identity.clone(),
+                    };
+                    targets.insert(SocketAddr::new(e.address, pod_port), target);
+                }
+            }
+        }
+        targets
     }
 
     fn endpoint_labels(&self, svc: &ServiceConfig, e: &EndpointConfig) -> PeerLabels {

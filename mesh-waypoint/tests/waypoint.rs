@@ -640,3 +640,77 @@ mod binary {
         drop(scratch);
     }
 }
+
+/// Backends reached over HBONE: mTLS under the waypoint's identity,
+/// the pod's identity required, CONNECT to the pod address.
+mod hbone_backends {
+    use super::*;
+
+    const MESHED_VIP: &str = "10.96.2.10:80";
+    const IMPOSTOR_VIP: &str = "10.96.2.11:80";
+    const POD_ID: &str = "spiffe://cluster.local/ns/default/sa/web";
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_to_hbone_endpoints_go_through_mtls_tunnels_under_the_waypoint_identity() {
+        let v1 = http_backend("v1").await;
+        let ca = issuer();
+        let (agent, log) = pod_agent(ca.clone(), POD_ID, v1).await;
+        // A pod agent presenting another identity than the endpoint's.
+        let other = "spiffe://cluster.local/ns/default/sa/other";
+        let (impostor, impostor_log) = pod_agent(ca.clone(), other, v1).await;
+        // Port 1 of the pod address is closed: only a tunnel reaches v1.
+        let config = format!(
+            r#"
+services:
+  - name: meshed
+    namespace: default
+    addresses: [10.96.2.10]
+    ports: [{{ port: 80 }}]
+    endpoints: [{{ address: 127.0.0.1, port: 1, tunnel: hbone, hbonePort: {}, serviceAccount: web, workload: web-v1, labels: {{ version: v1 }} }}]
+  - name: impostor
+    namespace: default
+    addresses: [10.96.2.11]
+    ports: [{{ port: 80 }}]
+    endpoints: [{{ address: 127.0.0.2, port: 1, tunnel: hbone, hbonePort: {}, serviceAccount: web }}]
+"#,
+            agent.port(),
+            impostor.port()
+        );
+        let w = waypoint(ca.clone(), &config).await;
+        let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
+        for http2 in [false, true] {
+            let mut c = client.http(vip(MESHED_VIP), http2).await;
+            for _ in 0..5 {
+                let a = c.get("/x", &[]).await;
+                assert_eq!((a.status.as_u16(), backend(&a)), (200, "v1"), "{a:?}");
+            }
+        }
+        {
+            let log = log.lock().expect("lock");
+            assert!(!log.streams.is_empty());
+            for (peer, target) in &log.streams {
+                assert_eq!(
+                    (peer.as_str(), target.as_str()),
+                    (WAYPOINT_ID, "127.0.0.1:1")
+                );
+            }
+            // Ten requests: backend connections pooled (keep-alive inside
+            // the tunnel streams), tunnel streams on one TLS connection.
+            assert!(log.streams.len() < 10, "{log:?}");
+            assert_eq!(log.connections, 1, "{log:?}");
+        }
+        // The impostor's certificate is not the endpoint's identity: the
+        // waypoint refuses it (503, connect failure) and sends nothing.
+        let mut c = client.http(vip(IMPOSTOR_VIP), false).await;
+        let a = c.get("/x", &[]).await;
+        assert_eq!(a.status, 503, "{a:?}");
+        assert!(impostor_log.lock().expect("lock").streams.is_empty());
+        let m = wait_metrics(w.admin, |m| {
+            requests_total(m)
+                .iter()
+                .any(|(l, _)| l["response_code"] == "503" && l["response_flags"] == "UF")
+        })
+        .await;
+        assert!(m.contains("destination_version=\"v1\""), "{m}");
+    }
+}

@@ -221,7 +221,7 @@ pub async fn open_tunnel(
     Ok(ours)
 }
 
-async fn pipe(io: DuplexStream, mut send: h2::SendStream<Bytes>, mut recv: h2::RecvStream) {
+pub async fn pipe(io: DuplexStream, mut send: h2::SendStream<Bytes>, mut recv: h2::RecvStream) {
     let (mut r, mut w) = tokio::io::split(io);
     let up = async {
         let mut buf = BytesMut::with_capacity(16 * 1024);
@@ -413,4 +413,75 @@ pub fn rogue_config(cert: Option<&WorkloadCert>) -> Arc<ClientConfig> {
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
     Arc::new(config)
+}
+
+/// What a [`pod_agent`] saw: the client identity and CONNECT target of each
+/// stream, and the TLS connections accepted.
+#[derive(Debug, Default)]
+pub struct AgentLog {
+    pub streams: Vec<(String, String)>,
+    pub connections: usize,
+}
+
+/// A stand-in for a destination node agent's HBONE listener: mTLS
+/// presenting `pod_id` (a certificate of `ca`), each CONNECT answered 200
+/// and relayed to `backend` whatever its target (so that only a tunnelled
+/// request can reach the backend when the target port is closed).
+pub async fn pod_agent(
+    ca: Arc<LocalCa>,
+    pod_id: &str,
+    backend: SocketAddr,
+) -> (SocketAddr, Arc<std::sync::Mutex<AgentLog>>) {
+    let tls = Arc::new(MeshTls::new(Arc::new(CertManager::new(ca))).expect("tls"));
+    let id = SpiffeId::parse(pod_id).expect("id");
+    tls.manager().fetch(&id).await.expect("pod certificate");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let log = Arc::new(std::sync::Mutex::new(AgentLog::default()));
+    let seen = Arc::clone(&log);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config(&id));
+            let seen = Arc::clone(&seen);
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let peer = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(mesh_agent::identity::peer_identity)
+                    .and_then(Result::ok)
+                    .map_or_else(|| "none".to_owned(), |p| p.to_string());
+                seen.lock().expect("lock").connections += 1;
+                let Ok(mut conn) = mesh_agent::proxy::hbone::server_handshake(tls, 100).await
+                else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let target = req.uri().to_string();
+                    seen.lock()
+                        .expect("lock")
+                        .streams
+                        .push((peer.clone(), target));
+                    let Ok(send) = respond.send_response(Response::new(()), false) else {
+                        continue;
+                    };
+                    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+                    tokio::spawn(pipe(theirs, send, req.into_body()));
+                    tokio::spawn(async move {
+                        let mut ours = ours;
+                        if let Ok(mut app) = tokio::net::TcpStream::connect(backend).await {
+                            let _ = tokio::io::copy_bidirectional(&mut ours, &mut app).await;
+                        }
+                    });
+                }
+            });
+        }
+    });
+    (addr, log)
 }
