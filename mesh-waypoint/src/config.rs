@@ -179,6 +179,11 @@ pub enum PortProtocol {
     Auto,
     /// HTTP (either version, detected).
     Http,
+    /// HTTP whose backends speak HTTP/2 (prior knowledge, `h2c`): the
+    /// waypoint sends them HTTP/2 (`appProtocol` `http2`, `grpc`,
+    /// `kubernetes.io/h2c`). Clients may use either version.
+    #[serde(alias = "grpc", alias = "h2c")]
+    Http2,
     /// Opaque TCP: never parsed.
     Tcp,
 }

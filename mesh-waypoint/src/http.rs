@@ -131,6 +131,8 @@ impl Body for CountedBody {
 pub struct Proxy {
     client: Client<HttpConnector, BackendBody>,
     hbone: Client<HboneConnector, BackendBody>,
+    client_h2: Client<HttpConnector, BackendBody>,
+    hbone_h2: Client<HboneConnector, BackendBody>,
     connector: HboneConnector,
     /// The retry budget shared by every route.
     pub budget: RetryBudget,
@@ -148,15 +150,18 @@ impl Proxy {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         connector.set_nodelay(true);
-        let builder = || {
+        let builder = |http2: bool| {
             let mut b = Client::builder(TokioExecutor::new());
             b.pool_idle_timeout(POOL_IDLE_TIMEOUT)
-                .pool_max_idle_per_host(POOL_MAX_IDLE_PER_ENDPOINT);
+                .pool_max_idle_per_host(POOL_MAX_IDLE_PER_ENDPOINT)
+                .http2_only(http2);
             b
         };
         Self {
-            client: builder().build(connector),
-            hbone: builder().build(hbone.clone()),
+            client: builder(false).build(connector.clone()),
+            hbone: builder(false).build(hbone.clone()),
+            client_h2: builder(true).build(connector),
+            hbone_h2: builder(true).build(hbone.clone()),
             connector: hbone,
             budget: RetryBudget::default(),
         }
@@ -358,12 +363,19 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
         .collect();
+    // `te: trailers` is the one TE value HTTP/2 allows (gRPC needs it).
+    let trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for h in HOP_BY_HOP
         .iter()
         .copied()
         .chain(named.iter().map(String::as_str))
     {
         headers.remove(h);
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
@@ -592,10 +604,15 @@ async fn send_with_retries(
         *req.method_mut() = template.method.clone();
         *req.uri_mut() = uri;
         *req.headers_mut() = template.headers.clone();
-        let sent = if chosen.hbone {
-            shared.proxy.hbone.request(req)
-        } else {
-            shared.proxy.client.request(req)
+        let p = &shared.proxy;
+        if chosen.http2 {
+            *req.version_mut() = http::Version::HTTP_2;
+        }
+        let sent = match (chosen.hbone, chosen.http2) {
+            (false, false) => p.client.request(req),
+            (true, false) => p.hbone.request(req),
+            (false, true) => p.client_h2.request(req),
+            (true, true) => p.hbone_h2.request(req),
         };
         let result = match policy.per_try_timeout {
             Some(t) => tokio::time::timeout(t, sent).await.ok(),

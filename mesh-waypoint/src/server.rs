@@ -359,7 +359,11 @@ async fn inner_stream(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: DuplexSt
             .await
             .unwrap_or(Detected::Tcp)
     };
-    if detected == Detected::Tcp && tunnel.target.port.protocol == PortProtocol::Http {
+    let http_only = matches!(
+        tunnel.target.port.protocol,
+        PortProtocol::Http | PortProtocol::Http2
+    );
+    if detected == Detected::Tcp && http_only {
         tracing::info!(src = %tunnel.peer, service = %tunnel.target.service, "tunnel closed: the port is HTTP but the client does not speak HTTP");
         return;
     }

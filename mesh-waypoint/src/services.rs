@@ -12,7 +12,7 @@ use mesh_agent::{
 };
 
 use crate::{
-    config::{EndpointConfig, ServiceConfig, ServicePort, TunnelProtocol},
+    config::{EndpointConfig, PortProtocol, ServiceConfig, ServicePort, TunnelProtocol},
     l7::route::ServiceKey,
 };
 
@@ -32,6 +32,8 @@ pub struct Chosen {
     pub addr: SocketAddr,
     /// Through HBONE (else plaintext).
     pub hbone: bool,
+    /// The backend port speaks HTTP/2 (else HTTP/1.1).
+    pub http2: bool,
     /// Its telemetry labels.
     pub labels: PeerLabels,
 }
@@ -99,6 +101,7 @@ impl Services {
         Some(Chosen {
             addr: SocketAddr::new(e.address, pod_port),
             hbone: e.tunnel == TunnelProtocol::Hbone,
+            http2: sp.protocol == PortProtocol::Http2,
             labels: self.endpoint_labels(svc, e),
         })
     }

@@ -714,3 +714,63 @@ services:
         assert!(m.contains("destination_version=\"v1\""), "{m}");
     }
 }
+
+/// A backend port declared `http2` gets HTTP/2 (prior knowledge) whatever the
+/// client speaks; trailers-capable `te` passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_backends_get_http2_from_http1_and_http2_clients() {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let h2c = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let te = req
+                            .headers()
+                            .get("te")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-")
+                            .to_owned();
+                        let text = format!("h2c {:?} te={te}", req.version());
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(text))))
+                    },
+                );
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    let config = format!(
+        r#"
+services:
+  - name: grpc
+    namespace: default
+    addresses: [10.96.3.10]
+    ports: [{{ port: 50051, protocol: grpc }}]
+    endpoints: [{{ address: 127.0.0.1, port: {} }}]
+"#,
+        h2c.port()
+    );
+    let ca = issuer();
+    let w = waypoint(ca.clone(), &config).await;
+    let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
+    for http2 in [false, true] {
+        let mut c = client.http(vip("10.96.3.10:50051"), http2).await;
+        let a = c.get("/svc/Method", &[("te", "trailers")]).await;
+        assert_eq!(a.status, 200, "{a:?}");
+        assert_eq!(
+            a.body, "h2c HTTP/2.0 te=trailers",
+            "client http2={http2}: {a:?}"
+        );
+    }
+}
