@@ -531,7 +531,10 @@ pub struct VsHttpRoute {
     /// Header operations for every destination.
     #[serde(default)]
     pub headers: Option<VsHeaders>,
-    /// `fault`, `mirror`, `rewrite`, `redirect`, ...
+    /// Fault injection (delay, abort).
+    #[serde(default)]
+    pub fault: Option<VsFault>,
+    /// `mirror`, `rewrite`, `redirect`, ...
     #[serde(flatten)]
     pub other: Other,
 }
@@ -659,4 +662,59 @@ pub struct VsHeaderOps {
     /// Remove.
     #[serde(default)]
     pub remove: Vec<String>,
+}
+
+/// `HTTPFaultInjection`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct VsFault {
+    /// Delay a share of the requests.
+    #[serde(default)]
+    pub delay: Option<VsDelay>,
+    /// Abort a share of the requests.
+    #[serde(default)]
+    pub abort: Option<VsAbort>,
+    /// Anything else.
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// `HTTPFaultInjection.Delay`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VsDelay {
+    /// The delay (`5s`).
+    #[serde(default)]
+    pub fixed_delay: Option<String>,
+    /// The share of requests delayed (none when unset).
+    #[serde(default)]
+    pub percentage: Option<VsPercent>,
+    /// The deprecated integer share.
+    #[serde(default)]
+    pub percent: Option<u32>,
+    /// `exponentialDelay` and anything else.
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// `HTTPFaultInjection.Abort`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VsAbort {
+    /// The status to answer.
+    #[serde(default)]
+    pub http_status: Option<u16>,
+    /// The share of requests aborted (none when unset).
+    #[serde(default)]
+    pub percentage: Option<VsPercent>,
+    /// `grpcStatus`, `http2Error` and anything else.
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// `Percent`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct VsPercent {
+    /// 0 to 100.
+    #[serde(default)]
+    pub value: f64,
 }

@@ -207,6 +207,10 @@ pub enum Flags {
     Timeout,
     /// The route's configuration cannot be served (`NC`, 500).
     NoConfig,
+    /// A fault delay was injected (`DI`).
+    DelayInjected,
+    /// A fault abort answered (`FI`).
+    FaultInjected,
 }
 
 impl Flags {
@@ -220,6 +224,8 @@ impl Flags {
             Self::UpstreamReset => "UC",
             Self::Timeout => "UT",
             Self::NoConfig => "NC",
+            Self::DelayInjected => "DI",
+            Self::FaultInjected => "FI",
         }
     }
 }
@@ -441,6 +447,19 @@ async fn handle(
             if let Some(why) = &rule.broken {
                 tracing::debug!(route = %finish.route, reason = %why, "rule answers 500");
                 return answer(finish, StatusCode::INTERNAL_SERVER_ERROR, Flags::NoConfig);
+            }
+            // Fault injection happens before routing (Envoy's fault filter):
+            // a delay is not counted in the route timeout.
+            if let Some((delay, share)) = rule.fault.delay
+                && fastrand::f64() < share
+            {
+                finish.flags = Flags::DelayInjected;
+                tokio::time::sleep(delay).await;
+            }
+            if let Some((status, share)) = rule.fault.abort
+                && fastrand::f64() < share
+            {
+                return answer(finish, status, Flags::FaultInjected);
             }
             match rule.choose(|total| fastrand::u32(..total)) {
                 Some(b) => (Some(rule), b.clone()),

@@ -423,8 +423,17 @@ routes:
           timeout: 5s
           retries: {{ attempts: 2, perTryTimeout: 200ms, retryOn: gateway-error }}
           route: [{{ destination: {{ host: api-v1, port: {{ number: 80 }} }} }}]
+        - match: [{{ uri: {{ prefix: /mirrored }} }}]
+          mirror: {{ host: api-v2 }}
+          route: [{{ destination: {{ host: api-v1 }} }}]
         - match: [{{ uri: {{ prefix: /faulty }} }}]
           fault: {{ abort: {{ httpStatus: 418, percentage: {{ value: 100 }} }} }}
+          route: [{{ destination: {{ host: api-v1 }} }}]
+        - match: [{{ uri: {{ prefix: /half }} }}]
+          fault: {{ abort: {{ httpStatus: 503, percentage: {{ value: 50 }} }} }}
+          route: [{{ destination: {{ host: api-v1 }} }}]
+        - match: [{{ uri: {{ prefix: /delayed }} }}]
+          fault: {{ delay: {{ fixedDelay: 1ms, percentage: {{ value: 100 }} }} }}
           route: [{{ destination: {{ host: api-v1 }} }}]
         - match: [{{ uri: {{ exact: /v1-only }} }}]
           route: [{{ destination: {{ host: api-v1 }} }}]
@@ -478,15 +487,15 @@ routes:
         let a = c.get("/v1-only", &[]).await;
         assert_eq!((a.status.as_u16(), backend(&a)), (200, "v1"), "{a:?}");
         assert_eq!(a.headers.get("x-vs"), None);
-        // `fault` cannot be skipped: the route answers 500, and says why.
-        assert_eq!(c.get("/faulty", &[]).await.status, 500);
+        // `mirror` cannot be skipped: the route answers 500, and says why.
+        assert_eq!(c.get("/mirrored", &[]).await.status, 500);
         let dump: serde_json::Value =
             serde_json::from_str(&admin_get(s.admin, "/config_dump").await).expect("json");
         let unsupported = dump["routes"]["unsupported"].as_array().expect("list");
         assert!(
             unsupported
                 .iter()
-                .any(|u| u["field"] == "spec.http[5].fault" && u["effect"] == "rule_fails"),
+                .any(|u| u["field"] == "spec.http[5].mirror" && u["effect"] == "rule_fails"),
             "{dump:#}"
         );
     }
@@ -532,6 +541,48 @@ routes:
         let m = admin_get(s.admin, "/metrics").await;
         assert_eq!(retries(&m, "attempted"), upstream - 100, "{m}");
         assert!(retries(&m, "budget_exhausted") > 0, "{m}");
+    }
+
+    /// Abort at 100 % answers the status without the backend; abort at 50 %
+    /// over N = 400: the aborted count is Binomial(400, 0.5), sd 10; the
+    /// tolerance ±60 (6 sd) fails a correct share with probability < 1e-8,
+    /// and 0 % or 100 % cannot pass. Delayed requests still succeed, counted
+    /// with response_flags DI.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fault_injection_aborts_and_delays_the_configured_share() {
+        let s = setup().await;
+        let mut c = s.client.http(vip(API_VIP), false).await;
+        for _ in 0..5 {
+            assert_eq!(c.get("/faulty", &[]).await.status, 418);
+        }
+        assert_eq!(
+            s.v1_count.load(Ordering::SeqCst),
+            0,
+            "an abort reached the backend"
+        );
+        let mut aborted = 0u64;
+        for _ in 0..400 {
+            match c.get("/half", &[]).await.status.as_u16() {
+                503 => aborted += 1,
+                200 => {}
+                other => panic!("status {other}"),
+            }
+        }
+        assert!((140..=260).contains(&aborted), "{aborted} of 400 aborted");
+        assert_eq!(s.v1_count.load(Ordering::SeqCst), 400 - aborted);
+        for _ in 0..3 {
+            assert_eq!(c.get("/delayed", &[]).await.status, 200);
+        }
+        let flags = |m: &str, code: &str, flag: &str| {
+            requests_total(m)
+                .iter()
+                .filter(|(l, _)| l["response_code"] == code && l["response_flags"] == flag)
+                .map(|(_, v)| *v)
+                .sum::<u64>()
+        };
+        let m = wait_metrics(s.admin, |m| flags(m, "200", "DI") == 3).await;
+        assert_eq!(flags(&m, "418", "FI"), 5);
+        assert_eq!(flags(&m, "503", "FI"), aborted);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -143,8 +143,19 @@ pub struct Rule {
     pub response_headers: HeaderModifier,
     /// Retries (Istio's default policy when the route sets none).
     pub retry: RetryPolicy,
+    /// Fault injection (VirtualService `fault`).
+    pub fault: Fault,
     /// Why the rule answers 500, if it does.
     pub broken: Option<String>,
+}
+
+/// Faults injected into a share of a rule's requests.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Fault {
+    /// Delay by this long, with this probability (0 to 1).
+    pub delay: Option<(Duration, f64)>,
+    /// Answer this status without a backend, with this probability.
+    pub abort: Option<(http::StatusCode, f64)>,
 }
 
 /// When a failed try is retried.
@@ -733,6 +744,7 @@ impl RouteTable {
             request_headers: request_headers.unwrap_or_default(),
             response_headers: response_headers.unwrap_or_default(),
             retry: RetryPolicy::default(),
+            fault: Fault::default(),
             broken: (!broken.is_empty()).then(|| broken.join("; ")),
         };
         (rule, matches)

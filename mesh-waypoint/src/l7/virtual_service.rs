@@ -6,14 +6,15 @@
 //! `method` with `exact`/`prefix`/`regex`, an empty match for presence),
 //! `route` (destinations with `weight`, `port`), `timeout`, `retries`
 //! (`attempts`, `perTryTimeout`, `retryOn`), `headers` (request/response
-//! `set`/`add`/`remove`). Everything else is reported with its effect.
+//! `set`/`add`/`remove`), `fault` (`delay.fixedDelay`, `abort.httpStatus`,
+//! by `percentage`; none when it is unset, as Istio documents). Everything else is reported with its effect.
 
 use std::{sync::Arc, time::Duration};
 
-use http::{HeaderName, HeaderValue, Method};
+use http::{HeaderName, HeaderValue, Method, StatusCode};
 
 use super::route::{
-    Backend, Effect, Entry, HeaderModifier, Match, PathMatch, RetryPolicy, RouteTable, Rule,
+    Backend, Effect, Entry, Fault, HeaderModifier, Match, PathMatch, RetryPolicy, RouteTable, Rule,
     ServiceKey, ValueMatch, WeightedBackend, find, full_regex, match_clone, parse_retry_on,
 };
 use crate::config::{
@@ -225,7 +226,7 @@ fn compile_route(
         table.report(id, field, reason.clone(), Effect::RuleFails);
         broken.push(reason);
     };
-    // fault, mirror, rewrite, redirect, corsPolicy, ...: none can be skipped
+    // mirror, rewrite, redirect, corsPolicy, ...: none can be skipped
     // without changing what the route does.
     for key in route.other.keys() {
         fail(
@@ -257,6 +258,58 @@ fn compile_route(
             None
         }
     };
+    let mut fault = Fault::default();
+    if let Some(f) = &route.fault {
+        let fat = format!("{at}.fault");
+        for key in f.other.keys() {
+            fail(
+                table,
+                format!("{fat}.{key}"),
+                format!("fault {key} is not supported"),
+            );
+        }
+        if let Some(d) = &f.delay {
+            let share = d
+                .percentage
+                .as_ref()
+                .map(|p| p.value)
+                .or(d.percent.map(f64::from))
+                .unwrap_or(0.0);
+            for key in d.other.keys() {
+                fail(
+                    table,
+                    format!("{fat}.delay.{key}"),
+                    format!("delay {key} is not supported"),
+                );
+            }
+            match d.fixed_delay.as_deref().map(parse_istio_duration) {
+                Some(Some(t)) => fault.delay = Some((t, (share / 100.0).clamp(0.0, 1.0))),
+                _ => fail(
+                    table,
+                    format!("{fat}.delay.fixedDelay"),
+                    "fixedDelay is missing or not a duration".into(),
+                ),
+            }
+        }
+        if let Some(a) = &f.abort {
+            let share = a.percentage.as_ref().map_or(0.0, |p| p.value);
+            for key in a.other.keys() {
+                fail(
+                    table,
+                    format!("{fat}.abort.{key}"),
+                    format!("abort {key} is not supported (httpStatus is)"),
+                );
+            }
+            match a.http_status.map(StatusCode::from_u16) {
+                Some(Ok(status)) => fault.abort = Some((status, (share / 100.0).clamp(0.0, 1.0))),
+                _ => fail(
+                    table,
+                    format!("{fat}.abort.httpStatus"),
+                    "httpStatus is missing or not a status".into(),
+                ),
+            }
+        }
+    }
     let mut retry = RetryPolicy::default();
     if let Some(r) = &route.retries {
         table.report_other(id, &format!("{at}.retries"), &r.other, Effect::Ignored);
@@ -325,6 +378,7 @@ fn compile_route(
         request_headers,
         response_headers,
         retry,
+        fault,
         broken: (!broken.is_empty()).then(|| broken.join("; ")),
     };
     (rule, matches)
