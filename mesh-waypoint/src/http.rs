@@ -244,6 +244,7 @@ struct Finish {
     status: StatusCode,
     flags: Flags,
     request_bytes: Arc<AtomicU64>,
+    trace_id: String,
 }
 
 impl Finish {
@@ -289,6 +290,7 @@ impl Finish {
             request_bytes,
             response_bytes,
             duration_ms = duration.as_millis() as u64,
+            trace_id = %self.trace_id,
             "http request"
         );
     }
@@ -419,6 +421,7 @@ async fn handle(
         status: StatusCode::OK,
         flags: Flags::None,
         request_bytes: Arc::new(AtomicU64::new(0)),
+        trace_id: String::new(),
     };
     let answer = |mut finish: Finish, status: StatusCode, flags: Flags| {
         finish.status = status;
@@ -489,6 +492,7 @@ async fn handle(
     if let Some(rule) = rule {
         rule.request_headers.apply(&mut parts.headers);
     }
+    finish.trace_id = crate::trace::propagate(&mut parts.headers);
     let policy = rule.map(|r| r.retry.clone()).unwrap_or_default();
     let counted = CountedBody {
         inner: body,

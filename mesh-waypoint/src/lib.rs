@@ -25,6 +25,7 @@
 //! - [`metrics`]: the `istio_request*` families (peer labels from
 //!   `mesh_agent::telemetry`).
 //! - [`services`]: VIP and endpoint lookup.
+//! - [`trace`]: W3C `traceparent` propagation (the waypoint's span).
 //! - [`l7::route`]: the route model (pure).
 //! - [`config`]: the configuration file.
 #![forbid(unsafe_code)]
@@ -36,6 +37,7 @@ pub mod l7;
 pub mod metrics;
 pub mod server;
 pub mod services;
+pub mod trace;
 pub mod upstream;
 
 use std::{net::SocketAddr, sync::Arc};

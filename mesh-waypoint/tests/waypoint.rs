@@ -825,3 +825,31 @@ services:
         );
     }
 }
+
+/// The backend gets the caller's trace with the waypoint's span as parent;
+/// a request without a trace gets a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traceparent_is_propagated_with_the_waypoints_span() {
+    let s = setup().await;
+    let mut c = s.client.http(vip(WEB_VIP), false).await;
+    let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let a = c.get("/only-v1", &[("traceparent", incoming)]).await;
+    let seen = a.headers["x-echo-traceparent"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let parts: Vec<&str> = seen.split('-').collect();
+    assert_eq!(parts.len(), 4, "{seen}");
+    assert_eq!(
+        (parts[0], parts[1], parts[3]),
+        ("00", "4bf92f3577b34da6a3ce929d0e0e4736", "01")
+    );
+    assert_ne!(
+        parts[2], "00f067aa0ba902b7",
+        "the waypoint's span is the parent"
+    );
+    let a = c.get("/only-v1", &[]).await;
+    let fresh = a.headers["x-echo-traceparent"].to_str().expect("ascii");
+    assert_eq!(fresh.len(), 55, "{fresh}");
+    assert!(!fresh.contains("4bf92f3577b34da6a3ce929d0e0e4736"));
+}

@@ -97,10 +97,6 @@ impl HeaderModifier {
             headers.remove(name);
         }
     }
-
-    fn is_empty(&self) -> bool {
-        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
-    }
 }
 
 /// A backend of a rule: a service port, or a reference that cannot be used.
@@ -619,11 +615,10 @@ impl RouteTable {
             let at = format!("spec.rules[{index}]");
             let (rule, matches) = self.compile_rule(services, &id, &namespace, &at, index, spec);
             let rule = Arc::new(rule);
-            for m in matches {
-                let m = Arc::new(m);
+            for m in &matches {
                 for port in &parents {
                     let entry = Entry {
-                        m: match_clone(&m),
+                        m: match_clone(m),
                         rule: Arc::clone(&rule),
                         tie: (created.clone(), id.clone(), index),
                     };
@@ -883,9 +878,6 @@ fn header_modifier(spec: &HeaderModifierSpec) -> Result<HeaderModifier, String> 
             })
             .collect::<Result<_, _>>()?,
     };
-    if h.is_empty() {
-        tracing::debug!("empty header modifier");
-    }
     Ok(h)
 }
 
