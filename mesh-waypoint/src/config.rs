@@ -534,6 +534,12 @@ pub struct VsHttpRoute {
     /// Fault injection (delay, abort).
     #[serde(default)]
     pub fault: Option<VsFault>,
+    /// A destination receiving copies of the requests.
+    #[serde(default)]
+    pub mirror: Option<VsDestination>,
+    /// The share mirrored (all when unset).
+    #[serde(default)]
+    pub mirror_percentage: Option<VsPercent>,
     /// `mirror`, `rewrite`, `redirect`, ...
     #[serde(flatten)]
     pub other: Other,

@@ -136,6 +136,7 @@ pub struct Proxy {
     connector: HboneConnector,
     /// The retry budget shared by every route.
     pub budget: RetryBudget,
+    mirrors: Arc<tokio::sync::Semaphore>,
 }
 
 impl Proxy {
@@ -164,6 +165,7 @@ impl Proxy {
             hbone_h2: builder(true).build(hbone.clone()),
             connector: hbone,
             budget: RetryBudget::default(),
+            mirrors: Arc::new(tokio::sync::Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
         }
     }
 }
@@ -503,7 +505,8 @@ async fn handle(
         .size_hint()
         .exact()
         .is_some_and(|n| n <= MAX_REPLAY_BODY);
-    let (replay, streamed) = if policy.attempts > 0 && small {
+    let mirrors = rule.map_or(&[][..], |r| r.mirrors.as_slice());
+    let (replay, streamed) = if (policy.attempts > 0 || !mirrors.is_empty()) && small {
         match counted.collect().await {
             Ok(c) => (Some(c.to_bytes()), None),
             Err(_) => return answer(finish, StatusCode::BAD_REQUEST, Flags::None),
@@ -517,6 +520,11 @@ async fn handle(
         path,
         headers: parts.headers.clone(),
     };
+    for (backend, share) in mirrors {
+        if fastrand::f64() < *share {
+            mirror(&shared, &template, backend, replay.as_ref());
+        }
+    }
     let mut last = None;
     let tries = send_with_retries(
         &shared, &template, &service, port, &policy, replay, streamed, &mut last,
@@ -574,6 +582,68 @@ fn metered(response: Response<ProxyBody>, finish: Finish) -> Response<ProxyBody>
         finish: Some(finish),
     };
     Response::from_parts(parts, body.boxed())
+}
+
+/// Mirrors in flight at most (a slow mirror backend cannot pile them up).
+pub const MAX_MIRRORS_IN_FLIGHT: usize = 256;
+
+/// Sends a copy of the request to `backend` and ignores the answer, as
+/// Envoy's shadowing does (`-shadow` appended to the Host). Only bodies kept
+/// for replay can be mirrored; a mirror over the in-flight bound is skipped.
+fn mirror(shared: &Arc<Shared>, template: &Template, backend: &Backend, body: Option<&Bytes>) {
+    let Backend::Service { service, port } = backend else {
+        return;
+    };
+    let Some(body) = body.cloned() else {
+        shared.metrics.mirror("skipped_body");
+        return;
+    };
+    let Ok(permit) = Arc::clone(&shared.proxy.mirrors).try_acquire_owned() else {
+        shared.metrics.mirror("skipped_limit");
+        return;
+    };
+    let Some(chosen) = shared.services.endpoint(service, *port) else {
+        shared.metrics.mirror("no_endpoint");
+        return;
+    };
+    let Ok(uri) = format!("http://{}{}", chosen.addr, template.path).parse::<http::Uri>() else {
+        return;
+    };
+    let mut req = Request::new(Full::new(body).map_err(|e| match e {}).boxed_unsync());
+    *req.method_mut() = template.method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = template.headers.clone();
+    if let Some(host) = template
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        && let Ok(v) = HeaderValue::from_str(&format!("{host}-shadow"))
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    let p = &shared.proxy;
+    if chosen.http2 {
+        *req.version_mut() = http::Version::HTTP_2;
+    }
+    let sent = match (chosen.hbone, chosen.http2) {
+        (false, false) => p.client.request(req),
+        (true, false) => p.hbone.request(req),
+        (false, true) => p.client_h2.request(req),
+        (true, true) => p.hbone_h2.request(req),
+    };
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        let _permit = permit;
+        let outcome = match sent.await {
+            Ok(r) => {
+                // Drain the answer so that the connection goes back to the pool.
+                let _ = r.into_body().collect().await;
+                "sent"
+            }
+            Err(_) => "failed",
+        };
+        shared.metrics.mirror(outcome);
+    });
 }
 
 /// What every try of a request sends (origin-form path, headers).

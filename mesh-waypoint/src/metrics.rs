@@ -106,6 +106,7 @@ pub struct Metrics {
     request_bytes: Family<Labels, Histogram, fn() -> Histogram>,
     response_bytes: Family<Labels, Histogram, fn() -> Histogram>,
     retries: Family<RetryLabels, Counter>,
+    mirrors: Family<RetryLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -160,9 +161,16 @@ impl Metrics {
             "Retries: attempted, or refused by the retry budget",
             retries.clone(),
         );
+        let mirrors = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "mesh_waypoint_mirrors",
+            "Mirrored requests: sent, failed, skipped_body, skipped_limit, no_endpoint",
+            mirrors.clone(),
+        );
         Self {
             registry,
             retries,
+            mirrors,
             requests,
             duration,
             request_bytes,
@@ -197,6 +205,11 @@ impl Metrics {
             "budget_exhausted"
         };
         self.retries.get_or_create(&RetryLabels { result }).inc();
+    }
+
+    /// A mirror's outcome.
+    pub fn mirror(&self, result: &'static str) {
+        self.mirrors.get_or_create(&RetryLabels { result }).inc();
     }
 
     /// The OpenMetrics text of every family.

@@ -82,7 +82,7 @@ routes:
           timeouts: {{ request: 300ms }}
           backendRefs: [{{ name: web-v1, port: 80 }}]
         - matches: [{{ path: {{ type: PathPrefix, value: /mirror }} }}]
-          filters: [{{ type: RequestMirror, requestMirror: {{ backendRef: {{ name: web-v2, port: 80 }} }} }}]
+          filters: [{{ type: URLRewrite, urlRewrite: {{ path: {{ type: ReplacePrefixMatch, replacePrefixMatch: /x }} }} }}]
           backendRefs: [{{ name: web-v1, port: 80 }}]
         - matches: [{{ path: {{ type: PathPrefix, value: / }} }}]
           backendRefs: [{{ name: web-v1, port: 80, weight: 90 }}, {{ name: web-v2, port: 80, weight: 10 }}]
@@ -424,7 +424,7 @@ routes:
           retries: {{ attempts: 2, perTryTimeout: 200ms, retryOn: gateway-error }}
           route: [{{ destination: {{ host: api-v1, port: {{ number: 80 }} }} }}]
         - match: [{{ uri: {{ prefix: /mirrored }} }}]
-          mirror: {{ host: api-v2 }}
+          rewrite: {{ uri: /x }}
           route: [{{ destination: {{ host: api-v1 }} }}]
         - match: [{{ uri: {{ prefix: /faulty }} }}]
           fault: {{ abort: {{ httpStatus: 418, percentage: {{ value: 100 }} }} }}
@@ -434,6 +434,9 @@ routes:
           route: [{{ destination: {{ host: api-v1 }} }}]
         - match: [{{ uri: {{ prefix: /delayed }} }}]
           fault: {{ delay: {{ fixedDelay: 1ms, percentage: {{ value: 100 }} }} }}
+          route: [{{ destination: {{ host: api-v1 }} }}]
+        - match: [{{ uri: {{ prefix: /shadowed }} }}]
+          mirror: {{ host: api-v2 }}
           route: [{{ destination: {{ host: api-v1 }} }}]
         - match: [{{ uri: {{ exact: /v1-only }} }}]
           route: [{{ destination: {{ host: api-v1 }} }}]
@@ -449,11 +452,12 @@ routes:
         admin: SocketAddr,
         client: MeshClient,
         v1_count: Arc<AtomicU64>,
+        v2_count: Arc<AtomicU64>,
     }
 
     async fn setup() -> Vs {
         let (v1, v1_count) = counted_backend("v1").await;
-        let v2 = http_backend("v2").await;
+        let (v2, v2_count) = counted_backend("v2").await;
         let ca = issuer();
         let w = waypoint(ca.clone(), &config(v1, v2)).await;
         let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
@@ -462,6 +466,7 @@ routes:
             _w: w,
             client,
             v1_count,
+            v2_count,
         }
     }
 
@@ -487,7 +492,7 @@ routes:
         let a = c.get("/v1-only", &[]).await;
         assert_eq!((a.status.as_u16(), backend(&a)), (200, "v1"), "{a:?}");
         assert_eq!(a.headers.get("x-vs"), None);
-        // `mirror` cannot be skipped: the route answers 500, and says why.
+        // `rewrite` cannot be skipped: the route answers 500, and says why.
         assert_eq!(c.get("/mirrored", &[]).await.status, 500);
         let dump: serde_json::Value =
             serde_json::from_str(&admin_get(s.admin, "/config_dump").await).expect("json");
@@ -495,7 +500,7 @@ routes:
         assert!(
             unsupported
                 .iter()
-                .any(|u| u["field"] == "spec.http[5].mirror" && u["effect"] == "rule_fails"),
+                .any(|u| u["field"] == "spec.http[5].rewrite" && u["effect"] == "rule_fails"),
             "{dump:#}"
         );
     }
@@ -583,6 +588,25 @@ routes:
         let m = wait_metrics(s.admin, |m| flags(m, "200", "DI") == 3).await;
         assert_eq!(flags(&m, "418", "FI"), 5);
         assert_eq!(flags(&m, "503", "FI"), aborted);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mirrored_requests_reach_the_mirror_and_the_client_gets_the_primary() {
+        let s = setup().await;
+        let mut c = s.client.http(vip(API_VIP), false).await;
+        for _ in 0..20 {
+            let a = c.get("/shadowed", &[]).await;
+            assert_eq!((a.status.as_u16(), backend(&a)), (200, "v1"), "{a:?}");
+        }
+        assert_eq!(s.v1_count.load(Ordering::SeqCst), 20);
+        // The copies are sent in the background: wait for the waypoint to
+        // count them sent, then the mirror backend has every one.
+        let m = wait_metrics(s.admin, |m| {
+            m.contains("mesh_waypoint_mirrors_total{result=\"sent\"} 20")
+        })
+        .await;
+        assert!(!m.contains("result=\"skipped"), "{m}");
+        assert_eq!(s.v2_count.load(Ordering::SeqCst), 20);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -141,6 +141,9 @@ pub struct Rule {
     pub retry: RetryPolicy,
     /// Fault injection (VirtualService `fault`).
     pub fault: Fault,
+    /// Copies of the requests sent to these backends (responses ignored),
+    /// each for a share (0 to 1) of the requests.
+    pub mirrors: Vec<(Backend, f64)>,
     /// Why the rule answers 500, if it does.
     pub broken: Option<String>,
 }
@@ -670,6 +673,7 @@ impl RouteTable {
             }
         }
         let (mut request_headers, mut response_headers) = (None, None);
+        let mut mirrors = Vec::new();
         for (i, f) in spec.filters.iter().enumerate() {
             let fat = format!("{at}.filters[{i}]");
             let result = match f.kind.as_str() {
@@ -685,6 +689,9 @@ impl RouteTable {
                     .ok_or_else(|| "responseHeaderModifier is missing".to_owned())
                     .and_then(header_modifier)
                     .map(|h| response_headers = Some(h)),
+                "RequestMirror" => {
+                    request_mirror(services, namespace, &f.other).map(|m| mirrors.push(m))
+                }
                 other => Err(format!("filter {other} is not supported by this waypoint")),
             };
             if let Err(reason) = result {
@@ -740,10 +747,59 @@ impl RouteTable {
             response_headers: response_headers.unwrap_or_default(),
             retry: RetryPolicy::default(),
             fault: Fault::default(),
+            mirrors,
             broken: (!broken.is_empty()).then(|| broken.join("; ")),
         };
         (rule, matches)
     }
+}
+
+/// A `RequestMirror` filter's backend and share (`percent` or `fraction`;
+/// all requests by default).
+fn request_mirror(
+    services: &[ServiceConfig],
+    namespace: &str,
+    other: &Other,
+) -> Result<(Backend, f64), String> {
+    let spec = other
+        .get("requestMirror")
+        .ok_or_else(|| "requestMirror is missing".to_owned())?;
+    let known = ["backendRef", "percent", "fraction"];
+    if let Some(map) = spec.as_mapping()
+        && let Some(k) = map
+            .keys()
+            .filter_map(|k| k.as_str())
+            .find(|k| !known.contains(k))
+    {
+        return Err(format!("requestMirror.{k} is not supported"));
+    }
+    let backend_ref: BackendRef = spec
+        .get("backendRef")
+        .cloned()
+        .map(serde_yaml::from_value)
+        .transpose()
+        .map_err(|e| format!("requestMirror.backendRef: {e}"))?
+        .ok_or_else(|| "requestMirror.backendRef is missing".to_owned())?;
+    let backend = resolve_backend(services, namespace, &backend_ref)?;
+    let share = if let Some(p) = spec.get("percent").and_then(serde_yaml::Value::as_f64) {
+        p / 100.0
+    } else if let Some(f) = spec.get("fraction") {
+        let num = f
+            .get("numerator")
+            .and_then(serde_yaml::Value::as_f64)
+            .unwrap_or(0.0);
+        let den = f
+            .get("denominator")
+            .and_then(serde_yaml::Value::as_f64)
+            .unwrap_or(100.0);
+        if den <= 0.0 {
+            return Err("requestMirror.fraction.denominator must be positive".to_owned());
+        }
+        num / den
+    } else {
+        1.0
+    };
+    Ok((backend, share.clamp(0.0, 1.0)))
 }
 
 pub(crate) fn find<'a>(
@@ -881,7 +937,7 @@ fn header_modifier(spec: &HeaderModifierSpec) -> Result<HeaderModifier, String> 
     Ok(h)
 }
 
-fn resolve_backend(
+pub(crate) fn resolve_backend(
     services: &[ServiceConfig],
     namespace: &str,
     b: &BackendRef,
@@ -970,7 +1026,7 @@ routes:
         - matches: [{ path: { type: PathPrefix, value: / } }]
           backendRefs: [{ name: v1, port: 80, weight: 90 }, { name: v2, port: 80, weight: 10 }]
         - matches: [{ path: { type: PathPrefix, value: /mirror } }]
-          filters: [{ type: RequestMirror, requestMirror: { backendRef: { name: v2, port: 80 } } }]
+          filters: [{ type: URLRewrite, urlRewrite: { hostname: x } }]
           backendRefs: [{ name: v1, port: 80 }]
           retry: { attempts: 3 }
 "#;
@@ -1023,7 +1079,7 @@ routes:
         assert!(
             rule.broken
                 .as_deref()
-                .is_some_and(|b| b.contains("RequestMirror"))
+                .is_some_and(|b| b.contains("URLRewrite"))
         );
         let fields: Vec<(&str, Effect)> = t
             .unsupported
@@ -1038,6 +1094,28 @@ routes:
             fields.contains(&("spec.rules[4].retry", Effect::Ignored)),
             "{fields:?}"
         );
+    }
+
+    #[test]
+    fn request_mirror_filters_name_a_backend_and_a_share() {
+        let c = WaypointConfig::parse(&CONFIG.replace(
+            "- matches: [{ path: { type: Exact, value: /api/exact } }]",
+            "- matches: [{ path: { type: Exact, value: /api/exact } }]\n          filters: [{ type: RequestMirror, requestMirror: { backendRef: { name: v2, port: 80 }, percent: 25 } }]",
+        ))
+        .expect("config");
+        let t = RouteTable::build(&c.services, &c.route_objects());
+        let Selection::Rule(rule) = pick(&t, "/api/exact", &[]) else {
+            panic!("no rule")
+        };
+        assert_eq!(rule.broken, None);
+        let v2 = Backend::Service {
+            service: ServiceKey {
+                namespace: "default".into(),
+                name: "v2".into(),
+            },
+            port: 80,
+        };
+        assert_eq!(rule.mirrors, vec![(v2, 0.25)]);
     }
 
     #[test]

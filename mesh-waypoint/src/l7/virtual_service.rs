@@ -7,7 +7,8 @@
 //! `route` (destinations with `weight`, `port`), `timeout`, `retries`
 //! (`attempts`, `perTryTimeout`, `retryOn`), `headers` (request/response
 //! `set`/`add`/`remove`), `fault` (`delay.fixedDelay`, `abort.httpStatus`,
-//! by `percentage`; none when it is unset, as Istio documents). Everything else is reported with its effect.
+//! by `percentage`; none when it is unset, as Istio documents), `mirror`
+//! with `mirrorPercentage` (all when unset). Everything else is reported with its effect.
 
 use std::{sync::Arc, time::Duration};
 
@@ -226,7 +227,7 @@ fn compile_route(
         table.report(id, field, reason.clone(), Effect::RuleFails);
         broken.push(reason);
     };
-    // mirror, rewrite, redirect, corsPolicy, ...: none can be skipped
+    // mirrors, rewrite, redirect, corsPolicy, ...: none can be skipped
     // without changing what the route does.
     for key in route.other.keys() {
         fail(
@@ -310,6 +311,18 @@ fn compile_route(
             }
         }
     }
+    let mut mirrors = Vec::new();
+    if let Some(m) = &route.mirror {
+        let share = route.mirror_percentage.as_ref().map_or(100.0, |p| p.value);
+        let dest = crate::config::VsRouteDestination {
+            destination: m.clone(),
+            ..Default::default()
+        };
+        match resolve(services, namespace, &dest) {
+            Ok(b) => mirrors.push((b, (share / 100.0).clamp(0.0, 1.0))),
+            Err(reason) => fail(table, format!("{at}.mirror"), reason),
+        }
+    }
     let mut retry = RetryPolicy::default();
     if let Some(r) = &route.retries {
         table.report_other(id, &format!("{at}.retries"), &r.other, Effect::Ignored);
@@ -379,6 +392,7 @@ fn compile_route(
         response_headers,
         retry,
         fault,
+        mirrors,
         broken: (!broken.is_empty()).then(|| broken.join("; ")),
     };
     (rule, matches)
