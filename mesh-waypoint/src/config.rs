@@ -80,6 +80,8 @@ pub enum RouteObject {
     Http(Box<HttpRoute>),
     /// An Istio `VirtualService`.
     Virtual(Box<VirtualService>),
+    /// An Istio `DestinationRule` (its subsets).
+    Destination(Box<DestinationRule>),
     /// An object that is neither, or does not parse (reported, not used).
     Invalid {
         /// `namespace/name` as far as it can be read.
@@ -137,8 +139,16 @@ impl WaypointConfig {
                     ) => serde_yaml::from_value(v.clone())
                         .map(|r| RouteObject::Virtual(Box::new(r)))
                         .unwrap_or_else(|e| invalid(e.to_string())),
+                    (
+                        "networking.istio.io/v1"
+                        | "networking.istio.io/v1beta1"
+                        | "networking.istio.io/v1alpha3",
+                        "DestinationRule",
+                    ) => serde_yaml::from_value(v.clone())
+                        .map(|r| RouteObject::Destination(Box::new(r)))
+                        .unwrap_or_else(|e| invalid(e.to_string())),
                     (api, kind) => invalid(format!(
-                        "{api} {kind} is not a route this waypoint reads (HTTPRoute, VirtualService)"
+                        "{api} {kind} is not a route this waypoint reads (HTTPRoute, VirtualService, DestinationRule)"
                     )),
                 }
             })
@@ -723,4 +733,49 @@ pub struct VsPercent {
     /// 0 to 100.
     #[serde(default)]
     pub value: f64,
+}
+
+/// An Istio `DestinationRule`: the waypoint uses its `subsets`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationRule {
+    /// `networking.istio.io/v1` (or `v1beta1`, `v1alpha3`).
+    pub api_version: String,
+    /// `DestinationRule`.
+    pub kind: String,
+    /// Name and namespace.
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    /// The rule.
+    pub spec: DestinationRuleSpec,
+    /// `status` and anything else.
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// `DestinationRule.spec`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationRuleSpec {
+    /// The service (short name, `name.namespace`, or FQDN).
+    pub host: String,
+    /// Named groups of the service's endpoints, by labels.
+    #[serde(default)]
+    pub subsets: Vec<DrSubset>,
+    /// `trafficPolicy`, `exportTo`, `workloadSelector`, ... (reported).
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// `Subset`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct DrSubset {
+    /// The subset's name.
+    pub name: String,
+    /// The labels its endpoints carry.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// `trafficPolicy` and anything else (reported).
+    #[serde(flatten)]
+    pub other: Other,
 }

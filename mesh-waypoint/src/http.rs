@@ -28,7 +28,7 @@ use hyper_util::{
 };
 
 use crate::{
-    l7::route::{Backend, RetryPolicy, Rule, Selection, ServiceKey},
+    l7::route::{Backend, RetryPolicy, Rule, Selection, ServiceKey, Subset},
     metrics::RequestLabels,
     server::{Rewind, Shared, Tunnel},
     services::{Chosen, service_labels},
@@ -445,6 +445,7 @@ async fn handle(
             Backend::Service {
                 service: target.service.clone(),
                 port: target.port.port,
+                subset: None,
             },
         ),
         Selection::Rule(rule) => {
@@ -474,8 +475,12 @@ async fn handle(
             }
         }
     };
-    let (service, port) = match backend {
-        Backend::Service { service, port } => (service, port),
+    let (service, port, subset) = match backend {
+        Backend::Service {
+            service,
+            port,
+            subset,
+        } => (service, port, subset),
         Backend::Invalid(_) => {
             return answer(finish, StatusCode::INTERNAL_SERVER_ERROR, Flags::NoConfig);
         }
@@ -527,7 +532,15 @@ async fn handle(
     }
     let mut last = None;
     let tries = send_with_retries(
-        &shared, &template, &service, port, &policy, replay, streamed, &mut last,
+        &shared,
+        &template,
+        &service,
+        port,
+        subset.as_deref(),
+        &policy,
+        replay,
+        streamed,
+        &mut last,
     );
     let outcome = match rule.and_then(|r| r.timeout) {
         Some(t) => tokio::time::timeout(t, tries).await.ok(),
@@ -591,7 +604,12 @@ pub const MAX_MIRRORS_IN_FLIGHT: usize = 256;
 /// Envoy's shadowing does (`-shadow` appended to the Host). Only bodies kept
 /// for replay can be mirrored; a mirror over the in-flight bound is skipped.
 fn mirror(shared: &Arc<Shared>, template: &Template, backend: &Backend, body: Option<&Bytes>) {
-    let Backend::Service { service, port } = backend else {
+    let Backend::Service {
+        service,
+        port,
+        subset,
+    } = backend
+    else {
         return;
     };
     let Some(body) = body.cloned() else {
@@ -602,7 +620,7 @@ fn mirror(shared: &Arc<Shared>, template: &Template, backend: &Backend, body: Op
         shared.metrics.mirror("skipped_limit");
         return;
     };
-    let Some(chosen) = shared.services.endpoint(service, *port) else {
+    let Some(chosen) = shared.services.endpoint(service, *port, subset.as_deref()) else {
         shared.metrics.mirror("no_endpoint");
         return;
     };
@@ -673,6 +691,7 @@ async fn send_with_retries(
     template: &Template,
     service: &ServiceKey,
     port: u16,
+    subset: Option<&Subset>,
     policy: &RetryPolicy,
     replay: Option<Bytes>,
     mut streamed: Option<CountedBody>,
@@ -680,7 +699,7 @@ async fn send_with_retries(
 ) -> Try {
     let mut retries = 0u32;
     loop {
-        let Some(chosen) = shared.services.endpoint(service, port) else {
+        let Some(chosen) = shared.services.endpoint(service, port, subset) else {
             return Try::NoEndpoint;
         };
         *last = Some(chosen.clone());

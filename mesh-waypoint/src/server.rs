@@ -382,7 +382,7 @@ async fn inner_stream(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: DuplexSt
 /// Relays an opaque stream to an endpoint of the service.
 async fn tcp(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: Rewind) {
     let t = &tunnel.target;
-    let Some(chosen) = shared.services.endpoint(&t.service, t.port.port) else {
+    let Some(chosen) = shared.services.endpoint(&t.service, t.port.port, None) else {
         tracing::info!(src = %tunnel.peer, service = %t.service, "TCP tunnel closed: the service has no endpoints");
         return;
     };

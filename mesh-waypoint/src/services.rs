@@ -13,7 +13,7 @@ use mesh_agent::{
 
 use crate::{
     config::{EndpointConfig, PortProtocol, ServiceConfig, ServicePort, TunnelProtocol},
-    l7::route::ServiceKey,
+    l7::route::{ServiceKey, Subset},
 };
 
 /// A service port a client tunnelled to.
@@ -89,14 +89,24 @@ impl Services {
         self.by_vip.get(&(addr.ip().to_canonical(), addr.port()))
     }
 
-    /// An endpoint of `service`:`port`, at random (uniform); None without endpoints.
-    pub fn endpoint(&self, service: &ServiceKey, port: u16) -> Option<Chosen> {
+    /// An endpoint of `service`:`port` (of `subset`: carrying its labels),
+    /// at random (uniform); None without endpoints.
+    pub fn endpoint(
+        &self,
+        service: &ServiceKey,
+        port: u16,
+        subset: Option<&Subset>,
+    ) -> Option<Chosen> {
         let svc = self.by_key.get(service)?;
         let sp = svc.ports.iter().find(|p| p.port == port)?;
-        if svc.endpoints.is_empty() {
+        let in_subset = |e: &&EndpointConfig| {
+            subset.is_none_or(|s| s.labels.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
+        };
+        let candidates: Vec<&EndpointConfig> = svc.endpoints.iter().filter(in_subset).collect();
+        if candidates.is_empty() {
             return None;
         }
-        let e = &svc.endpoints[fastrand::usize(..svc.endpoints.len())];
+        let e = candidates[fastrand::usize(..candidates.len())];
         let pod_port = e.port.or(sp.target_port).unwrap_or(sp.port);
         Some(Chosen {
             addr: SocketAddr::new(e.address, pod_port),

@@ -877,3 +877,67 @@ async fn traceparent_is_propagated_with_the_waypoints_span() {
     assert_eq!(fresh.len(), 55, "{fresh}");
     assert!(!fresh.contains("4bf92f3577b34da6a3ce929d0e0e4736"));
 }
+
+/// The classic Istio canary: one Service, a DestinationRule with subsets by
+/// the `version` label, a VirtualService routing to the subsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtual_service_subsets_from_a_destination_rule_pick_endpoints_by_label() {
+    let (v1, v2) = (http_backend("v1").await, http_backend("v2").await);
+    let config = format!(
+        r#"
+services:
+  - name: reviews
+    namespace: default
+    addresses: [10.96.4.10]
+    ports: [{{ port: 9080 }}]
+    endpoints:
+      - {{ address: 127.0.0.1, port: {}, workload: reviews-v1, labels: {{ app: reviews, version: v1 }} }}
+      - {{ address: 127.0.0.1, port: {}, workload: reviews-v2, labels: {{ app: reviews, version: v2 }} }}
+routes:
+  - apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {{ name: reviews, namespace: default }}
+    spec:
+      host: reviews
+      trafficPolicy: {{ loadBalancer: {{ simple: ROUND_ROBIN }} }}
+      subsets:
+        - {{ name: v1, labels: {{ version: v1 }} }}
+        - {{ name: v2, labels: {{ version: v2 }} }}
+  - apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {{ name: reviews, namespace: default }}
+    spec:
+      hosts: [reviews.default.svc.cluster.local]
+      http:
+        - match: [{{ headers: {{ end-user: {{ exact: jason }} }} }}]
+          route: [{{ destination: {{ host: reviews, subset: v2 }} }}]
+        - match: [{{ uri: {{ prefix: /v3 }} }}]
+          route: [{{ destination: {{ host: reviews, subset: v3 }} }}]
+        - route: [{{ destination: {{ host: reviews, subset: v1 }} }}]
+"#,
+        v1.port(),
+        v2.port()
+    );
+    let ca = issuer();
+    let w = waypoint(ca.clone(), &config).await;
+    let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
+    let mut c = client.http(vip("10.96.4.10:9080"), false).await;
+    // Without subsets each request would pick either endpoint: 20 in a
+    // row on v1 happen by chance with probability 2^-20.
+    for _ in 0..20 {
+        assert_eq!(backend(&c.get("/", &[]).await), "v1");
+        assert_eq!(backend(&c.get("/", &[("end-user", "jason")]).await), "v2");
+    }
+    // A subset no DestinationRule defines: 500, reported.
+    assert_eq!(c.get("/v3", &[]).await.status, 500);
+    let dump: serde_json::Value =
+        serde_json::from_str(&admin_get(w.admin, "/config_dump").await).expect("json");
+    let unsupported = dump["routes"]["unsupported"].as_array().expect("list");
+    let has = |field: &str, effect: &str| {
+        unsupported
+            .iter()
+            .any(|u| u["field"] == field && u["effect"] == effect)
+    };
+    assert!(has("spec.http[1].route[0]", "backend_fails"), "{dump:#}");
+    assert!(has("spec.trafficPolicy", "ignored"), "{dump:#}");
+}

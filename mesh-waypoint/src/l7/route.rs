@@ -99,6 +99,15 @@ impl HeaderModifier {
     }
 }
 
+/// A DestinationRule subset: the endpoints carrying all its labels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subset {
+    /// The subset's name.
+    pub name: String,
+    /// The labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
 /// A backend of a rule: a service port, or a reference that cannot be used.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -108,6 +117,8 @@ pub enum Backend {
         service: ServiceKey,
         /// Its port.
         port: u16,
+        /// Only the endpoints of this subset.
+        subset: Option<Arc<Subset>>,
     },
     /// A reference that does not resolve (answers 500).
     Invalid(String),
@@ -402,6 +413,8 @@ pub enum Selection<'a> {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     ports: HashMap<(ServiceKey, u16), Vec<Entry>>,
+    /// DestinationRule subsets by service.
+    pub(crate) subsets: HashMap<ServiceKey, Vec<Arc<Subset>>>,
     /// VirtualService rules: first match in order, no precedence sort.
     pub(crate) ordered: HashMap<(ServiceKey, u16), Vec<Entry>>,
     /// Routes in use (`namespace/name`).
@@ -414,8 +427,15 @@ impl RouteTable {
     /// Compiles `routes` against the known `services`.
     pub fn build(services: &[ServiceConfig], routes: &[RouteObject]) -> Self {
         let mut table = Self::default();
+        // Subsets first: VirtualServices name them.
+        for route in routes {
+            if let RouteObject::Destination(dr) = route {
+                super::virtual_service::add_destination_rule(&mut table, dr);
+            }
+        }
         for route in routes {
             match route {
+                RouteObject::Destination(_) => {}
                 RouteObject::Http(r) => table.add_route(services, r),
                 RouteObject::Virtual(vs) => {
                     super::virtual_service::add(&mut table, services, vs);
@@ -967,7 +987,11 @@ pub(crate) fn resolve_backend(
     if !svc.ports.iter().any(|p| p.port == port) {
         return Err(format!("backend Service {key} has no port {port}"));
     }
-    Ok(Backend::Service { service: key, port })
+    Ok(Backend::Service {
+        service: key,
+        port,
+        subset: None,
+    })
 }
 
 /// Parses a Gateway API duration (`^([0-9]{1,5}(h|m|s|ms)){1,4}$`).
@@ -1114,6 +1138,7 @@ routes:
                 name: "v2".into(),
             },
             port: 80,
+            subset: None,
         };
         assert_eq!(rule.mirrors, vec![(v2, 0.25)]);
     }

@@ -16,7 +16,7 @@ use http::{HeaderName, HeaderValue, Method, StatusCode};
 
 use super::route::{
     Backend, Effect, Entry, Fault, HeaderModifier, Match, PathMatch, RetryPolicy, RouteTable, Rule,
-    ServiceKey, ValueMatch, WeightedBackend, find, full_regex, match_clone, parse_retry_on,
+    ServiceKey, Subset, ValueMatch, WeightedBackend, find, full_regex, match_clone, parse_retry_on,
 };
 use crate::config::{
     ServiceConfig, StringMatch, VirtualService, VsHeaderOps, VsHttpRoute, VsMatch,
@@ -155,6 +155,38 @@ fn header_ops(ops: &VsHeaderOps) -> Result<HeaderModifier, String> {
             })
             .collect::<Result<_, _>>()?,
     })
+}
+
+/// Adds `dr`'s subsets to `table` (its traffic policies are reported: not applied yet).
+pub(crate) fn add_destination_rule(table: &mut RouteTable, dr: &crate::config::DestinationRule) {
+    let namespace = dr
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
+    let id = format!("{namespace}/{}", dr.metadata.name);
+    let Some(key) = host_service(&dr.spec.host, &namespace) else {
+        let reason = format!(
+            "host {:?} is not a Service of the cluster domain",
+            dr.spec.host
+        );
+        return table.report(&id, "spec.host".into(), reason, Effect::RouteRejected);
+    };
+    table.report_other(&id, "spec", &dr.spec.other, Effect::Ignored);
+    for (i, s) in dr.spec.subsets.iter().enumerate() {
+        table.report_other(
+            &id,
+            &format!("spec.subsets[{i}]"),
+            &s.other,
+            Effect::Ignored,
+        );
+        let subset = Arc::new(Subset {
+            name: s.name.clone(),
+            labels: s.labels.clone(),
+        });
+        table.subsets.entry(key.clone()).or_default().push(subset);
+    }
+    table.accepted.push(id);
 }
 
 /// Adds `vs`'s HTTP routes to `table`.
@@ -318,7 +350,7 @@ fn compile_route(
             destination: m.clone(),
             ..Default::default()
         };
-        match resolve(services, namespace, &dest) {
+        match resolve(services, &table.subsets, namespace, &dest) {
             Ok(b) => mirrors.push((b, (share / 100.0).clamp(0.0, 1.0))),
             Err(reason) => fail(table, format!("{at}.mirror"), reason),
         }
@@ -374,7 +406,7 @@ fn compile_route(
             );
         }
         let weight = d.weight.unwrap_or(if single { 100 } else { 0 });
-        let backend = resolve(services, namespace, d).unwrap_or_else(|reason| {
+        let backend = resolve(services, &table.subsets, namespace, d).unwrap_or_else(|reason| {
             table.report(id, dat.clone(), reason.clone(), Effect::BackendFails);
             Backend::Invalid(reason)
         });
@@ -400,6 +432,7 @@ fn compile_route(
 
 fn resolve(
     services: &[ServiceConfig],
+    subsets: &std::collections::HashMap<ServiceKey, Vec<Arc<Subset>>>,
     namespace: &str,
     d: &crate::config::VsRouteDestination,
 ) -> Result<Backend, String> {
@@ -407,17 +440,24 @@ fn resolve(
     if let Some(k) = d.other.keys().chain(dest.other.keys()).next() {
         return Err(format!("destination field {k} is not supported"));
     }
-    if let Some(subset) = &dest.subset {
-        return Err(format!(
-            "subset {subset:?} needs DestinationRule subsets, not supported by this waypoint yet"
-        ));
-    }
     let key = host_service(&dest.host, namespace).ok_or_else(|| {
         format!(
             "host {:?} is not a Service of the cluster domain",
             dest.host
         )
     })?;
+    let subset = match &dest.subset {
+        None => None,
+        Some(name) => Some(
+            subsets
+                .get(&key)
+                .and_then(|list| list.iter().find(|s| &s.name == name))
+                .cloned()
+                .ok_or_else(|| {
+                    format!("no DestinationRule defines subset {name:?} of Service {key}")
+                })?,
+        ),
+    };
     let svc = find(services, &key)
         .ok_or_else(|| format!("destination Service {key} is not known to this waypoint"))?;
     let port = match (&dest.port, svc.ports.as_slice()) {
@@ -432,7 +472,11 @@ fn resolve(
     if !svc.ports.iter().any(|p| p.port == port) {
         return Err(format!("destination Service {key} has no port {port}"));
     }
-    Ok(Backend::Service { service: key, port })
+    Ok(Backend::Service {
+        service: key,
+        port,
+        subset,
+    })
 }
 
 #[cfg(test)]
