@@ -760,8 +760,11 @@ async fn send_with_retries(
         }
         shared.metrics.retry(true);
         retries += 1;
-        // Envoy's default backoff: 25 ms base, jittered, doubling.
-        let base = 25u64 << (retries - 1).min(3);
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(base / 2..=base))).await;
+        // Envoy's backoff: the base (25 ms by default), doubling, jittered.
+        let base = policy
+            .backoff
+            .map_or(25, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let step = base.saturating_mul(1 << (retries - 1).min(3));
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(step / 2..=step))).await;
     }
 }

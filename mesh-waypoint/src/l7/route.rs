@@ -216,6 +216,8 @@ pub struct RetryPolicy {
     pub per_try_timeout: Option<Duration>,
     /// When to retry.
     pub on: RetryOn,
+    /// The base backoff between tries (Envoy's 25 ms when unset).
+    pub backoff: Option<Duration>,
 }
 
 impl Default for RetryPolicy {
@@ -231,6 +233,7 @@ impl Default for RetryPolicy {
                 codes: vec![503],
                 ..RetryOn::default()
             },
+            backoff: None,
         }
     }
 }
@@ -651,6 +654,40 @@ impl RouteTable {
         }
     }
 
+    /// Gateway API `retry` (GEP-1731): `attempts`, `codes`, `backoff`;
+    /// connection failures and resets are retried too (Istio's translation).
+    fn http_route_retry(&mut self, id: &str, at: &str, r: &serde_yaml::Value) -> RetryPolicy {
+        let mut policy = RetryPolicy::default();
+        if let Some(map) = r.as_mapping() {
+            for k in map.keys().filter_map(|k| k.as_str()) {
+                if !matches!(k, "attempts" | "codes" | "backoff") {
+                    let field = format!("{at}.{k}");
+                    self.report(id, field, "not supported by this waypoint", Effect::Ignored);
+                }
+            }
+        }
+        if let Some(n) = r.get("attempts").and_then(serde_yaml::Value::as_u64) {
+            policy.attempts = u32::try_from(n).unwrap_or(u32::MAX);
+        }
+        if let Some(codes) = r.get("codes").and_then(serde_yaml::Value::as_sequence) {
+            policy.on.codes = codes
+                .iter()
+                .filter_map(serde_yaml::Value::as_u64)
+                .filter_map(|c| u16::try_from(c).ok())
+                .collect();
+        }
+        if let Some(b) = r.get("backoff").and_then(serde_yaml::Value::as_str) {
+            match parse_duration(b) {
+                Some(d) => policy.backoff = Some(d),
+                None => {
+                    let reason = format!("backoff {b:?} is not a Gateway API duration");
+                    self.report(id, format!("{at}.backoff"), reason, Effect::Ignored);
+                }
+            }
+        }
+        policy
+    }
+
     fn compile_rule(
         &mut self,
         services: &[ServiceConfig],
@@ -664,10 +701,14 @@ impl RouteTable {
         let keys: Other = spec
             .other
             .iter()
-            .filter(|(k, _)| k.as_str() != "name")
+            .filter(|(k, _)| !matches!(k.as_str(), "name" | "retry"))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         self.report_other(id, at, &keys, Effect::Ignored);
+        let retry = match spec.other.get("retry") {
+            None => RetryPolicy::default(),
+            Some(r) => self.http_route_retry(id, &format!("{at}.retry"), r),
+        };
         let mut matches = Vec::new();
         let specs: Vec<HttpRouteMatch> = if spec.matches.is_empty() {
             vec![HttpRouteMatch::default()]
@@ -765,7 +806,7 @@ impl RouteTable {
             timeout,
             request_headers: request_headers.unwrap_or_default(),
             response_headers: response_headers.unwrap_or_default(),
-            retry: RetryPolicy::default(),
+            retry,
             fault: Fault::default(),
             mirrors,
             broken: (!broken.is_empty()).then(|| broken.join("; ")),
@@ -1052,7 +1093,8 @@ routes:
         - matches: [{ path: { type: PathPrefix, value: /mirror } }]
           filters: [{ type: URLRewrite, urlRewrite: { hostname: x } }]
           backendRefs: [{ name: v1, port: 80 }]
-          retry: { attempts: 3 }
+          retry: { attempts: 3, codes: [502], backoff: 10ms }
+          sessionPersistence: { type: Cookie }
 "#;
 
     fn table() -> RouteTable {
@@ -1115,7 +1157,7 @@ routes:
             "{fields:?}"
         );
         assert!(
-            fields.contains(&("spec.rules[4].retry", Effect::Ignored)),
+            fields.contains(&("spec.rules[4].sessionPersistence", Effect::Ignored)),
             "{fields:?}"
         );
     }
@@ -1141,6 +1183,23 @@ routes:
             subset: None,
         };
         assert_eq!(rule.mirrors, vec![(v2, 0.25)]);
+    }
+
+    #[test]
+    fn http_route_retry_sets_attempts_codes_and_backoff() {
+        let t = table();
+        let Selection::Rule(rule) = pick(&t, "/mirror/a", &[]) else {
+            panic!("no rule")
+        };
+        assert_eq!(rule.retry.attempts, 3);
+        assert_eq!(rule.retry.on.codes, vec![502]);
+        assert!(rule.retry.on.connect());
+        assert_eq!(rule.retry.backoff, Some(Duration::from_millis(10)));
+        // Rules without `retry` get Istio's default.
+        let Selection::Rule(rule) = pick(&t, "/api/x", &[]) else {
+            panic!("no rule")
+        };
+        assert_eq!(rule.retry, RetryPolicy::default());
     }
 
     #[test]
