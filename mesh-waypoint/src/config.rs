@@ -550,6 +550,9 @@ pub struct VsHttpRoute {
     /// The share mirrored (all when unset).
     #[serde(default)]
     pub mirror_percentage: Option<VsPercent>,
+    /// Path (or matched prefix) and authority rewrite.
+    #[serde(default)]
+    pub rewrite: Option<VsRewrite>,
     /// `mirror`, `rewrite`, `redirect`, ...
     #[serde(flatten)]
     pub other: Other,
@@ -776,6 +779,20 @@ pub struct DrSubset {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// `trafficPolicy` and anything else (reported).
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// `HTTPRewrite`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct VsRewrite {
+    /// The new path, or the replacement of the matched `prefix`.
+    #[serde(default)]
+    pub uri: Option<String>,
+    /// The new authority (Host).
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// `uriRegexRewrite` and anything else.
     #[serde(flatten)]
     pub other: Other,
 }

@@ -485,11 +485,22 @@ async fn handle(
             return answer(finish, StatusCode::INTERNAL_SERVER_ERROR, Flags::NoConfig);
         }
     };
-    let path = parts
+    let mut path = parts
         .uri
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
+    if let Some(rule) = rule {
+        if let Some(new) = rule.rewrite.path(parts.uri.path()) {
+            path = match parts.uri.query() {
+                Some(q) => format!("{new}?{q}"),
+                None => new,
+            };
+        }
+        if let Some(host) = &rule.rewrite.hostname {
+            parts.headers.insert(header::HOST, host.clone());
+        }
+    }
     strip_hop_by_hop(&mut parts.headers);
     if !parts.headers.contains_key(header::HOST)
         && let Ok(host) = HeaderValue::from_str(&authority)

@@ -82,11 +82,16 @@ routes:
           timeouts: {{ request: 300ms }}
           backendRefs: [{{ name: web-v1, port: 80 }}]
         - matches: [{{ path: {{ type: PathPrefix, value: /mirror }} }}]
-          filters: [{{ type: URLRewrite, urlRewrite: {{ path: {{ type: ReplacePrefixMatch, replacePrefixMatch: /x }} }} }}]
+          filters: [{{ type: ExtensionRef, extensionRef: {{ group: example.com, kind: Filter, name: x }} }}]
           backendRefs: [{{ name: web-v1, port: 80 }}]
         - matches: [{{ path: {{ type: PathPrefix, value: / }} }}]
           backendRefs: [{{ name: web-v1, port: 80, weight: 90 }}, {{ name: web-v2, port: 80, weight: 10 }}]
         - matches: [{{ path: {{ type: Exact, value: /only-v1 }} }}]
+          backendRefs: [{{ name: web-v1, port: 80 }}]
+        - matches: [{{ path: {{ type: PathPrefix, value: /old }} }}]
+          filters:
+            - type: URLRewrite
+              urlRewrite: {{ hostname: new.example, path: {{ type: ReplacePrefixMatch, replacePrefixMatch: /new }} }}
           backendRefs: [{{ name: web-v1, port: 80 }}]
 "#
     )
@@ -244,6 +249,33 @@ async fn header_modifiers_change_the_request_and_the_response() {
             a.headers.get("x-internal").and_then(|v| v.to_str().ok()),
             Some("secret")
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_rewrite_replaces_the_prefix_by_path_element_and_the_host() {
+    let s = setup().await;
+    for http2 in [false, true] {
+        let mut c = s.client.http(vip(WEB_VIP), http2).await;
+        for (path, seen) in [
+            ("/old/x", "/new/x"),
+            ("/old", "/new"),
+            ("/old/", "/new/"),
+            ("/oldish", "?"),
+        ] {
+            let a = c.get(path, &[]).await;
+            assert_eq!(a.status, 200, "{a:?}");
+            if seen == "?" {
+                // Not the /old prefix (whole path elements): another rule, no rewrite.
+                assert!(a.body.contains(" /oldish "), "{a:?}");
+                continue;
+            }
+            assert_eq!(a.body, format!("v1 {seen} 0"), "{path}: {a:?}");
+            assert_eq!(
+                a.headers.get("x-echo-host").and_then(|v| v.to_str().ok()),
+                Some("new.example")
+            );
+        }
     }
 }
 
@@ -424,7 +456,7 @@ routes:
           retries: {{ attempts: 2, perTryTimeout: 200ms, retryOn: gateway-error }}
           route: [{{ destination: {{ host: api-v1, port: {{ number: 80 }} }} }}]
         - match: [{{ uri: {{ prefix: /mirrored }} }}]
-          rewrite: {{ uri: /x }}
+          redirect: {{ uri: /x }}
           route: [{{ destination: {{ host: api-v1 }} }}]
         - match: [{{ uri: {{ prefix: /faulty }} }}]
           fault: {{ abort: {{ httpStatus: 418, percentage: {{ value: 100 }} }} }}
@@ -437,6 +469,9 @@ routes:
           route: [{{ destination: {{ host: api-v1 }} }}]
         - match: [{{ uri: {{ prefix: /shadowed }} }}]
           mirror: {{ host: api-v2 }}
+          route: [{{ destination: {{ host: api-v1 }} }}]
+        - match: [{{ uri: {{ prefix: /legacy }} }}]
+          rewrite: {{ uri: /v2api }}
           route: [{{ destination: {{ host: api-v1 }} }}]
         - match: [{{ uri: {{ exact: /v1-only }} }}]
           route: [{{ destination: {{ host: api-v1 }} }}]
@@ -492,7 +527,7 @@ routes:
         let a = c.get("/v1-only", &[]).await;
         assert_eq!((a.status.as_u16(), backend(&a)), (200, "v1"), "{a:?}");
         assert_eq!(a.headers.get("x-vs"), None);
-        // `rewrite` cannot be skipped: the route answers 500, and says why.
+        // `redirect` cannot be skipped: the route answers 500, and says why.
         assert_eq!(c.get("/mirrored", &[]).await.status, 500);
         let dump: serde_json::Value =
             serde_json::from_str(&admin_get(s.admin, "/config_dump").await).expect("json");
@@ -500,7 +535,7 @@ routes:
         assert!(
             unsupported
                 .iter()
-                .any(|u| u["field"] == "spec.http[5].rewrite" && u["effect"] == "rule_fails"),
+                .any(|u| u["field"] == "spec.http[5].redirect" && u["effect"] == "rule_fails"),
             "{dump:#}"
         );
     }
@@ -588,6 +623,15 @@ routes:
         let m = wait_metrics(s.admin, |m| flags(m, "200", "DI") == 3).await;
         assert_eq!(flags(&m, "418", "FI"), 5);
         assert_eq!(flags(&m, "503", "FI"), aborted);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rewrite_replaces_the_matched_prefix() {
+        let s = setup().await;
+        let mut c = s.client.http(vip(API_VIP), true).await;
+        let a = c.get("/legacy/items?id=7", &[]).await;
+        assert_eq!(a.status, 200, "{a:?}");
+        assert_eq!(a.body, "v1 /v2api/items 0");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -152,11 +152,83 @@ pub struct Rule {
     pub retry: RetryPolicy,
     /// Fault injection (VirtualService `fault`).
     pub fault: Fault,
+    /// URL rewrite.
+    pub rewrite: Rewrite,
     /// Copies of the requests sent to these backends (responses ignored),
     /// each for a share (0 to 1) of the requests.
     pub mirrors: Vec<(Backend, f64)>,
     /// Why the rule answers 500, if it does.
     pub broken: Option<String>,
+}
+
+/// How a rule rewrites the request before it goes to the backend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rewrite {
+    /// The new Host (authority).
+    pub hostname: Option<HeaderValue>,
+    /// The new path.
+    pub path: Option<PathRewrite>,
+}
+
+/// A path rewrite.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathRewrite {
+    /// The whole path (the query is kept).
+    Full(String),
+    /// The matched prefix (the longest of the rule's prefixes the path has)
+    /// replaced; `elements`: Gateway API prefixes (whole path elements),
+    /// else Istio's string prefixes.
+    Prefix {
+        /// The rule's prefixes.
+        prefixes: Vec<String>,
+        /// Gateway API semantics.
+        elements: bool,
+        /// The replacement.
+        replacement: String,
+    },
+}
+
+impl Rewrite {
+    /// The rewritten `path` (without its query).
+    pub fn path(&self, path: &str) -> Option<String> {
+        match self.path.as_ref()? {
+            PathRewrite::Full(p) => Some(p.clone()),
+            PathRewrite::Prefix {
+                prefixes,
+                elements,
+                replacement,
+            } => {
+                let matched = prefixes
+                    .iter()
+                    .filter(|p| {
+                        if *elements {
+                            let p = p.trim_end_matches('/');
+                            p.is_empty()
+                                || path == p
+                                || (path.starts_with(p)
+                                    && path.as_bytes().get(p.len()) == Some(&b'/'))
+                        } else {
+                            path.starts_with(p.as_str())
+                        }
+                    })
+                    .max_by_key(|p| p.len())?;
+                let matched = if *elements {
+                    matched.trim_end_matches('/')
+                } else {
+                    matched.as_str()
+                };
+                let rest = &path[matched.len()..];
+                if !*elements {
+                    return Some(format!("{replacement}{rest}"));
+                }
+                // Gateway API: `/foo` -> `/xyz` turns `/foo/bar` into
+                // `/xyz/bar`; a `/` replacement gives `/bar`.
+                let base = replacement.trim_end_matches('/');
+                let out = format!("{base}{rest}");
+                Some(if out.is_empty() { "/".to_owned() } else { out })
+            }
+        }
+    }
 }
 
 /// Faults injected into a share of a rule's requests.
@@ -735,6 +807,7 @@ impl RouteTable {
         }
         let (mut request_headers, mut response_headers) = (None, None);
         let mut mirrors = Vec::new();
+        let mut rewrite = Rewrite::default();
         for (i, f) in spec.filters.iter().enumerate() {
             let fat = format!("{at}.filters[{i}]");
             let result = match f.kind.as_str() {
@@ -753,6 +826,7 @@ impl RouteTable {
                 "RequestMirror" => {
                     request_mirror(services, namespace, &f.other).map(|m| mirrors.push(m))
                 }
+                "URLRewrite" => url_rewrite(&f.other, &specs).map(|r| rewrite = r),
                 other => Err(format!("filter {other} is not supported by this waypoint")),
             };
             if let Err(reason) = result {
@@ -808,11 +882,67 @@ impl RouteTable {
             response_headers: response_headers.unwrap_or_default(),
             retry,
             fault: Fault::default(),
+            rewrite,
             mirrors,
             broken: (!broken.is_empty()).then(|| broken.join("; ")),
         };
         (rule, matches)
     }
+}
+
+/// A `URLRewrite` filter (`hostname`, `path` `ReplaceFullPath` or
+/// `ReplacePrefixMatch` — the latter only with `PathPrefix` matches).
+fn url_rewrite(other: &Other, matches: &[HttpRouteMatch]) -> Result<Rewrite, String> {
+    let spec = other
+        .get("urlRewrite")
+        .ok_or_else(|| "urlRewrite is missing".to_owned())?;
+    let mut rewrite = Rewrite::default();
+    if let Some(map) = spec.as_mapping()
+        && let Some(k) = map
+            .keys()
+            .filter_map(|k| k.as_str())
+            .find(|k| !matches!(*k, "hostname" | "path"))
+    {
+        return Err(format!("urlRewrite.{k} is not supported"));
+    }
+    if let Some(h) = spec.get("hostname").and_then(serde_yaml::Value::as_str) {
+        let v = HeaderValue::from_str(h).map_err(|_| format!("hostname {h:?} is not valid"))?;
+        rewrite.hostname = Some(v);
+    }
+    if let Some(p) = spec.get("path") {
+        let text = |k: &str| {
+            p.get(k)
+                .and_then(serde_yaml::Value::as_str)
+                .map(str::to_owned)
+        };
+        rewrite.path = Some(match text("type").as_deref() {
+            Some("ReplaceFullPath") => {
+                PathRewrite::Full(text("replaceFullPath").ok_or("replaceFullPath is missing")?)
+            }
+            Some("ReplacePrefixMatch") => {
+                let mut prefixes = Vec::new();
+                for m in matches {
+                    match &m.path {
+                        Some(p) if p.kind.as_deref().unwrap_or("PathPrefix") == "PathPrefix" => {
+                            prefixes.push(p.value.clone().unwrap_or_else(|| "/".to_owned()));
+                        }
+                        None => prefixes.push("/".to_owned()),
+                        Some(_) => {
+                            return Err("ReplacePrefixMatch needs PathPrefix matches".to_owned());
+                        }
+                    }
+                }
+                PathRewrite::Prefix {
+                    prefixes,
+                    elements: true,
+                    replacement: text("replacePrefixMatch")
+                        .ok_or("replacePrefixMatch is missing")?,
+                }
+            }
+            other => return Err(format!("urlRewrite.path type {other:?} is not supported")),
+        });
+    }
+    Ok(rewrite)
 }
 
 /// A `RequestMirror` filter's backend and share (`percent` or `fraction`;
@@ -1091,7 +1221,7 @@ routes:
         - matches: [{ path: { type: PathPrefix, value: / } }]
           backendRefs: [{ name: v1, port: 80, weight: 90 }, { name: v2, port: 80, weight: 10 }]
         - matches: [{ path: { type: PathPrefix, value: /mirror } }]
-          filters: [{ type: URLRewrite, urlRewrite: { hostname: x } }]
+          filters: [{ type: ExtensionRef, extensionRef: { group: example.com, kind: Filter, name: x } }]
           backendRefs: [{ name: v1, port: 80 }]
           retry: { attempts: 3, codes: [502], backoff: 10ms }
           sessionPersistence: { type: Cookie }
@@ -1145,7 +1275,7 @@ routes:
         assert!(
             rule.broken
                 .as_deref()
-                .is_some_and(|b| b.contains("URLRewrite"))
+                .is_some_and(|b| b.contains("ExtensionRef"))
         );
         let fields: Vec<(&str, Effect)> = t
             .unsupported
@@ -1238,6 +1368,35 @@ routes:
         .expect("config");
         let t = RouteTable::build(&c.services, &c.route_objects());
         assert!(matches!(pick(&t, "/nothing", &[]), Selection::NoMatch));
+    }
+
+    #[test]
+    fn gateway_prefix_rewrites_replace_whole_elements() {
+        let r = |replacement: &str| Rewrite {
+            hostname: None,
+            path: Some(PathRewrite::Prefix {
+                prefixes: vec!["/foo".into(), "/foo/bar".into()],
+                elements: true,
+                replacement: replacement.into(),
+            }),
+        };
+        assert_eq!(r("/xyz").path("/foo/x").as_deref(), Some("/xyz/x"));
+        assert_eq!(r("/xyz").path("/foo").as_deref(), Some("/xyz"));
+        assert_eq!(r("/xyz/").path("/foo/x").as_deref(), Some("/xyz/x"));
+        assert_eq!(r("/").path("/foo/x").as_deref(), Some("/x"));
+        assert_eq!(r("/").path("/foo").as_deref(), Some("/"));
+        // The longest matching prefix is the one replaced.
+        assert_eq!(r("/z").path("/foo/bar/baz").as_deref(), Some("/z/baz"));
+        assert_eq!(r("/z").path("/foobar"), None);
+        let istio = Rewrite {
+            hostname: None,
+            path: Some(PathRewrite::Prefix {
+                prefixes: vec!["/legacy".into()],
+                elements: false,
+                replacement: "/v2".into(),
+            }),
+        };
+        assert_eq!(istio.path("/legacyx").as_deref(), Some("/v2x"));
     }
 
     #[test]

@@ -15,8 +15,9 @@ use std::{sync::Arc, time::Duration};
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 
 use super::route::{
-    Backend, Effect, Entry, Fault, HeaderModifier, Match, PathMatch, RetryPolicy, RouteTable, Rule,
-    ServiceKey, Subset, ValueMatch, WeightedBackend, find, full_regex, match_clone, parse_retry_on,
+    Backend, Effect, Entry, Fault, HeaderModifier, Match, PathMatch, PathRewrite, RetryPolicy,
+    Rewrite, RouteTable, Rule, ServiceKey, Subset, ValueMatch, WeightedBackend, find, full_regex,
+    match_clone, parse_retry_on,
 };
 use crate::config::{
     ServiceConfig, StringMatch, VirtualService, VsHeaderOps, VsHttpRoute, VsMatch,
@@ -259,7 +260,7 @@ fn compile_route(
         table.report(id, field, reason.clone(), Effect::RuleFails);
         broken.push(reason);
     };
-    // mirrors, rewrite, redirect, corsPolicy, ...: none can be skipped
+    // mirrors, redirect, corsPolicy, ...: none can be skipped
     // without changing what the route does.
     for key in route.other.keys() {
         fail(
@@ -343,6 +344,44 @@ fn compile_route(
             }
         }
     }
+    let mut rewrite = Rewrite::default();
+    if let Some(r) = &route.rewrite {
+        for key in r.other.keys() {
+            fail(
+                table,
+                format!("{at}.rewrite.{key}"),
+                format!("rewrite {key} is not supported"),
+            );
+        }
+        if let Some(a) = &r.authority {
+            match HeaderValue::from_str(a) {
+                Ok(v) => rewrite.hostname = Some(v),
+                Err(_) => fail(
+                    table,
+                    format!("{at}.rewrite.authority"),
+                    format!("authority {a:?} is not valid"),
+                ),
+            }
+        }
+        if let Some(uri) = &r.uri {
+            // Istio: a prefix-matched request has its matched prefix replaced,
+            // any other its whole path.
+            let prefixes: Vec<String> = route
+                .matches
+                .iter()
+                .filter_map(|m| m.uri.as_ref().and_then(|u| u.prefix.clone()))
+                .collect();
+            rewrite.path = Some(if prefixes.is_empty() {
+                PathRewrite::Full(uri.clone())
+            } else {
+                PathRewrite::Prefix {
+                    prefixes,
+                    elements: false,
+                    replacement: uri.clone(),
+                }
+            });
+        }
+    }
     let mut mirrors = Vec::new();
     if let Some(m) = &route.mirror {
         let share = route.mirror_percentage.as_ref().map_or(100.0, |p| p.value);
@@ -424,6 +463,7 @@ fn compile_route(
         response_headers,
         retry,
         fault,
+        rewrite,
         mirrors,
         broken: (!broken.is_empty()).then(|| broken.join("; ")),
     };
