@@ -553,6 +553,9 @@ pub struct VsHttpRoute {
     /// Path (or matched prefix) and authority rewrite.
     #[serde(default)]
     pub rewrite: Option<VsRewrite>,
+    /// A redirect answered by the waypoint.
+    #[serde(default)]
+    pub redirect: Option<VsRedirect>,
     /// `mirror`, `rewrite`, `redirect`, ...
     #[serde(flatten)]
     pub other: Other,
@@ -793,6 +796,30 @@ pub struct VsRewrite {
     #[serde(default)]
     pub authority: Option<String>,
     /// `uriRegexRewrite` and anything else.
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// `HTTPRedirect`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VsRedirect {
+    /// The new path.
+    #[serde(default)]
+    pub uri: Option<String>,
+    /// The new authority.
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// The new scheme.
+    #[serde(default)]
+    pub scheme: Option<String>,
+    /// The new port.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// The status (301 by default).
+    #[serde(default)]
+    pub redirect_code: Option<u16>,
+    /// `derivePort` and anything else.
     #[serde(flatten)]
     pub other: Other,
 }

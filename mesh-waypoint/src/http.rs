@@ -467,6 +467,14 @@ async fn handle(
             {
                 return answer(finish, status, Flags::FaultInjected);
             }
+            if let Some(redirect) = &rule.redirect {
+                let location = redirect.location(&authority, parts.uri.path(), parts.uri.query());
+                let mut r = answer(finish, redirect.status, Flags::None);
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    r.headers_mut().insert(header::LOCATION, v);
+                }
+                return r;
+            }
             match rule.choose(|total| fastrand::u32(..total)) {
                 Some(b) => (Some(rule), b.clone()),
                 None => {

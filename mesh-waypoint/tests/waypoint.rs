@@ -88,6 +88,10 @@ routes:
           backendRefs: [{{ name: web-v1, port: 80, weight: 90 }}, {{ name: web-v2, port: 80, weight: 10 }}]
         - matches: [{{ path: {{ type: Exact, value: /only-v1 }} }}]
           backendRefs: [{{ name: web-v1, port: 80 }}]
+        - matches: [{{ path: {{ type: PathPrefix, value: /moved }} }}]
+          filters:
+            - type: RequestRedirect
+              requestRedirect: {{ scheme: https, hostname: elsewhere.example, statusCode: 301, path: {{ type: ReplacePrefixMatch, replacePrefixMatch: /here }} }}
         - matches: [{{ path: {{ type: PathPrefix, value: /old }} }}]
           filters:
             - type: URLRewrite
@@ -280,6 +284,19 @@ async fn url_rewrite_replaces_the_prefix_by_path_element_and_the_host() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_redirect_answers_with_a_location_and_no_backend() {
+    let s = setup().await;
+    let mut c = s.client.http(vip(WEB_VIP), false).await;
+    let a = c.get("/moved/page?x=1", &[]).await;
+    assert_eq!(a.status, 301, "{a:?}");
+    assert_eq!(
+        a.headers.get("location").and_then(|v| v.to_str().ok()),
+        Some("https://elsewhere.example/here/page?x=1")
+    );
+    assert_eq!(a.headers.get("x-backend"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsupported_filters_answer_500_and_are_listed_in_config_dump() {
     let s = setup().await;
     let mut c = s.client.http(vip(WEB_VIP), false).await;
@@ -456,7 +473,7 @@ routes:
           retries: {{ attempts: 2, perTryTimeout: 200ms, retryOn: gateway-error }}
           route: [{{ destination: {{ host: api-v1, port: {{ number: 80 }} }} }}]
         - match: [{{ uri: {{ prefix: /mirrored }} }}]
-          redirect: {{ uri: /x }}
+          directResponse: {{ status: 200 }}
           route: [{{ destination: {{ host: api-v1 }} }}]
         - match: [{{ uri: {{ prefix: /faulty }} }}]
           fault: {{ abort: {{ httpStatus: 418, percentage: {{ value: 100 }} }} }}
@@ -527,7 +544,7 @@ routes:
         let a = c.get("/v1-only", &[]).await;
         assert_eq!((a.status.as_u16(), backend(&a)), (200, "v1"), "{a:?}");
         assert_eq!(a.headers.get("x-vs"), None);
-        // `redirect` cannot be skipped: the route answers 500, and says why.
+        // `directResponse` cannot be skipped: the route answers 500, and says why.
         assert_eq!(c.get("/mirrored", &[]).await.status, 500);
         let dump: serde_json::Value =
             serde_json::from_str(&admin_get(s.admin, "/config_dump").await).expect("json");
@@ -535,7 +552,7 @@ routes:
         assert!(
             unsupported
                 .iter()
-                .any(|u| u["field"] == "spec.http[5].redirect" && u["effect"] == "rule_fails"),
+                .any(|u| u["field"] == "spec.http[5].directResponse" && u["effect"] == "rule_fails"),
             "{dump:#}"
         );
     }

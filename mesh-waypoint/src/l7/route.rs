@@ -154,6 +154,8 @@ pub struct Rule {
     pub fault: Fault,
     /// URL rewrite.
     pub rewrite: Rewrite,
+    /// A redirect instead of a backend.
+    pub redirect: Option<Redirect>,
     /// Copies of the requests sent to these backends (responses ignored),
     /// each for a share (0 to 1) of the requests.
     pub mirrors: Vec<(Backend, f64)>,
@@ -228,6 +230,46 @@ impl Rewrite {
                 Some(if out.is_empty() { "/".to_owned() } else { out })
             }
         }
+    }
+}
+
+/// A redirect answered by the waypoint (no backend).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Redirect {
+    /// The status (`302` by default for Gateway API, `301` for Istio).
+    pub status: http::StatusCode,
+    /// The new scheme.
+    pub scheme: Option<String>,
+    /// The new host name.
+    pub hostname: Option<String>,
+    /// The new port.
+    pub port: Option<u16>,
+    /// The new path.
+    pub path: Option<PathRewrite>,
+}
+
+impl Redirect {
+    /// The `Location` for a request to `host` (its `Host`, a port is dropped)
+    /// at `path` with `query`.
+    pub fn location(&self, host: &str, path: &str, query: Option<&str>) -> String {
+        let scheme = self.scheme.as_deref().unwrap_or("http");
+        let host = self.hostname.clone().unwrap_or_else(|| {
+            host.rsplit_once(':')
+                .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+                .map_or(host, |(h, _)| h)
+                .to_owned()
+        });
+        let port = match (self.port, scheme) {
+            (Some(80), "http") | (Some(443), "https") | (None, _) => String::new(),
+            (Some(p), _) => format!(":{p}"),
+        };
+        let rewrite = Rewrite {
+            hostname: None,
+            path: self.path.clone(),
+        };
+        let path = rewrite.path(path).unwrap_or_else(|| path.to_owned());
+        let query = query.map(|q| format!("?{q}")).unwrap_or_default();
+        format!("{scheme}://{host}{port}{path}{query}")
     }
 }
 
@@ -808,6 +850,7 @@ impl RouteTable {
         let (mut request_headers, mut response_headers) = (None, None);
         let mut mirrors = Vec::new();
         let mut rewrite = Rewrite::default();
+        let mut redirect = None;
         for (i, f) in spec.filters.iter().enumerate() {
             let fat = format!("{at}.filters[{i}]");
             let result = match f.kind.as_str() {
@@ -826,7 +869,8 @@ impl RouteTable {
                 "RequestMirror" => {
                     request_mirror(services, namespace, &f.other).map(|m| mirrors.push(m))
                 }
-                "URLRewrite" => url_rewrite(&f.other, &specs).map(|r| rewrite = r),
+                "URLRewrite" => url_rewrite(&f.other, &specs, "urlRewrite").map(|r| rewrite = r),
+                "RequestRedirect" => request_redirect(&f.other, &specs).map(|r| redirect = Some(r)),
                 other => Err(format!("filter {other} is not supported by this waypoint")),
             };
             if let Err(reason) = result {
@@ -869,7 +913,7 @@ impl RouteTable {
             };
             backends.push(WeightedBackend { backend, weight });
         }
-        if backends.is_empty() {
+        if backends.is_empty() && redirect.is_none() {
             // The spec: a rule without backendRefs answers 500.
             broken.push("the rule has no backendRefs".to_owned());
         }
@@ -883,6 +927,7 @@ impl RouteTable {
             retry,
             fault: Fault::default(),
             rewrite,
+            redirect,
             mirrors,
             broken: (!broken.is_empty()).then(|| broken.join("; ")),
         };
@@ -892,18 +937,23 @@ impl RouteTable {
 
 /// A `URLRewrite` filter (`hostname`, `path` `ReplaceFullPath` or
 /// `ReplacePrefixMatch` — the latter only with `PathPrefix` matches).
-fn url_rewrite(other: &Other, matches: &[HttpRouteMatch]) -> Result<Rewrite, String> {
+fn url_rewrite(other: &Other, matches: &[HttpRouteMatch], field: &str) -> Result<Rewrite, String> {
     let spec = other
-        .get("urlRewrite")
-        .ok_or_else(|| "urlRewrite is missing".to_owned())?;
+        .get(field)
+        .ok_or_else(|| format!("{field} is missing"))?;
     let mut rewrite = Rewrite::default();
+    let known: &[&str] = if field == "urlRewrite" {
+        &["hostname", "path"]
+    } else {
+        &["hostname", "path", "scheme", "port", "statusCode"]
+    };
     if let Some(map) = spec.as_mapping()
         && let Some(k) = map
             .keys()
             .filter_map(|k| k.as_str())
-            .find(|k| !matches!(*k, "hostname" | "path"))
+            .find(|k| !known.contains(k))
     {
-        return Err(format!("urlRewrite.{k} is not supported"));
+        return Err(format!("{field}.{k} is not supported"));
     }
     if let Some(h) = spec.get("hostname").and_then(serde_yaml::Value::as_str) {
         let v = HeaderValue::from_str(h).map_err(|_| format!("hostname {h:?} is not valid"))?;
@@ -943,6 +993,43 @@ fn url_rewrite(other: &Other, matches: &[HttpRouteMatch]) -> Result<Rewrite, Str
         });
     }
     Ok(rewrite)
+}
+
+/// A `RequestRedirect` filter (`scheme`, `hostname`, `path`, `port`,
+/// `statusCode` 301 or 302, 302 by default).
+fn request_redirect(other: &Other, matches: &[HttpRouteMatch]) -> Result<Redirect, String> {
+    let parts = url_rewrite(other, matches, "requestRedirect")?;
+    let spec = other
+        .get("requestRedirect")
+        .ok_or_else(|| "requestRedirect is missing".to_owned())?;
+    let code = spec
+        .get("statusCode")
+        .and_then(serde_yaml::Value::as_u64)
+        .unwrap_or(302);
+    let status = match code {
+        301 => http::StatusCode::MOVED_PERMANENTLY,
+        302 => http::StatusCode::FOUND,
+        other => {
+            return Err(format!(
+                "requestRedirect.statusCode {other} is not 301 or 302"
+            ));
+        }
+    };
+    Ok(Redirect {
+        status,
+        scheme: spec
+            .get("scheme")
+            .and_then(serde_yaml::Value::as_str)
+            .map(str::to_owned),
+        hostname: parts
+            .hostname
+            .and_then(|h| h.to_str().ok().map(str::to_owned)),
+        port: spec
+            .get("port")
+            .and_then(serde_yaml::Value::as_u64)
+            .and_then(|p| u16::try_from(p).ok()),
+        path: parts.path,
+    })
 }
 
 /// A `RequestMirror` filter's backend and share (`percent` or `fraction`;
@@ -1397,6 +1484,33 @@ routes:
             }),
         };
         assert_eq!(istio.path("/legacyx").as_deref(), Some("/v2x"));
+    }
+
+    #[test]
+    fn redirect_locations() {
+        let r = Redirect {
+            status: http::StatusCode::FOUND,
+            scheme: None,
+            hostname: None,
+            port: None,
+            path: None,
+        };
+        assert_eq!(
+            r.location("web:8080", "/a", Some("b=1")),
+            "http://web/a?b=1"
+        );
+        let r = Redirect {
+            scheme: Some("https".into()),
+            port: Some(8443),
+            path: Some(PathRewrite::Full("/x".into())),
+            ..r
+        };
+        assert_eq!(r.location("web", "/a", None), "https://web:8443/x");
+        let r = Redirect {
+            port: Some(443),
+            ..r
+        };
+        assert_eq!(r.location("web", "/a", None), "https://web/x");
     }
 
     #[test]

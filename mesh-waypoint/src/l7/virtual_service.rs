@@ -15,9 +15,9 @@ use std::{sync::Arc, time::Duration};
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 
 use super::route::{
-    Backend, Effect, Entry, Fault, HeaderModifier, Match, PathMatch, PathRewrite, RetryPolicy,
-    Rewrite, RouteTable, Rule, ServiceKey, Subset, ValueMatch, WeightedBackend, find, full_regex,
-    match_clone, parse_retry_on,
+    Backend, Effect, Entry, Fault, HeaderModifier, Match, PathMatch, PathRewrite, Redirect,
+    RetryPolicy, Rewrite, RouteTable, Rule, ServiceKey, Subset, ValueMatch, WeightedBackend, find,
+    full_regex, match_clone, parse_retry_on,
 };
 use crate::config::{
     ServiceConfig, StringMatch, VirtualService, VsHeaderOps, VsHttpRoute, VsMatch,
@@ -260,7 +260,7 @@ fn compile_route(
         table.report(id, field, reason.clone(), Effect::RuleFails);
         broken.push(reason);
     };
-    // mirrors, redirect, corsPolicy, ...: none can be skipped
+    // mirrors, directResponse, corsPolicy, ...: none can be skipped
     // without changing what the route does.
     for key in route.other.keys() {
         fail(
@@ -382,6 +382,32 @@ fn compile_route(
             });
         }
     }
+    let mut redirect = None;
+    if let Some(r) = &route.redirect {
+        for key in r.other.keys() {
+            fail(
+                table,
+                format!("{at}.redirect.{key}"),
+                format!("redirect {key} is not supported"),
+            );
+        }
+        match StatusCode::from_u16(r.redirect_code.unwrap_or(301)) {
+            Ok(status) if status.is_redirection() => {
+                redirect = Some(Redirect {
+                    status,
+                    scheme: r.scheme.clone(),
+                    hostname: r.authority.clone(),
+                    port: r.port,
+                    path: r.uri.clone().map(PathRewrite::Full),
+                });
+            }
+            _ => fail(
+                table,
+                format!("{at}.redirect.redirectCode"),
+                "redirectCode is not a 3xx status".into(),
+            ),
+        }
+    }
     let mut mirrors = Vec::new();
     if let Some(m) = &route.mirror {
         let share = route.mirror_percentage.as_ref().map_or(100.0, |p| p.value);
@@ -451,7 +477,7 @@ fn compile_route(
         });
         backends.push(WeightedBackend { backend, weight });
     }
-    if backends.is_empty() {
+    if backends.is_empty() && redirect.is_none() {
         broken.push("the route has no destination".to_owned());
     }
     let rule = Rule {
@@ -464,6 +490,7 @@ fn compile_route(
         retry,
         fault,
         rewrite,
+        redirect,
         mirrors,
         broken: (!broken.is_empty()).then(|| broken.join("; ")),
     };
