@@ -24,7 +24,7 @@ use http_body_util::{
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
 };
 
 use crate::{
@@ -43,6 +43,13 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub const POOL_MAX_IDLE_PER_ENDPOINT: usize = 64;
 /// At most this many concurrent HTTP/2 requests per tunnel stream.
 pub const MAX_INNER_STREAMS: u32 = 100;
+/// An HTTP/1.1 client must send a request's headers within this time (a
+/// slow-header client cannot hold a tunnel's HTTP server).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// HTTP/2 clients inside a tunnel are pinged this often...
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// ...and dropped when a ping is not answered within this time.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A response body as the waypoint sends it.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -179,11 +186,16 @@ pub async fn serve(shared: Arc<Shared>, tunnel: Arc<Tunnel>, io: Rewind, http2: 
     });
     let result = if http2 {
         hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
             .max_concurrent_streams(MAX_INNER_STREAMS)
+            .keep_alive_interval(Some(KEEPALIVE_INTERVAL))
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .serve_connection(io, service)
             .await
     } else {
         hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
             .serve_connection(io, service)
             .await
     };
