@@ -42,7 +42,10 @@ pub mod upstream;
 
 use std::{net::SocketAddr, sync::Arc};
 
-use mesh_agent::identity::{CertManager, CertificateProvider, MeshTls, SpiffeId, TlsSetupError};
+use mesh_agent::{
+    identity::{CertManager, CertificateProvider, MeshTls, SpiffeId, TlsSetupError},
+    proxy::limits::Limits,
+};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{config::WaypointConfig, l7::route::RouteTable, server::Shared, services::Services};
@@ -113,14 +116,27 @@ async fn sweep(shared: Arc<Shared>) {
     }
 }
 
-/// Starts a waypoint with `identity`, certificates from `provider`, serving
-/// `config`, with HBONE on `listen` and the admin endpoint on `admin`.
+/// [`start_with_limits`] with the agent's default limits.
 pub async fn start(
     identity: SpiffeId,
     provider: Arc<dyn CertificateProvider>,
     config: &WaypointConfig,
     listen: SocketAddr,
     admin: SocketAddr,
+) -> Result<Running, StartError> {
+    start_with_limits(identity, provider, config, listen, admin, Limits::default()).await
+}
+
+/// Starts a waypoint with `identity`, certificates from `provider`, serving
+/// `config`, with HBONE on `listen` and the admin endpoint on `admin`,
+/// bounded by `limits` (the agent's: connections, per-peer caps, deadlines).
+pub async fn start_with_limits(
+    identity: SpiffeId,
+    provider: Arc<dyn CertificateProvider>,
+    config: &WaypointConfig,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    limits: Limits,
 ) -> Result<Running, StartError> {
     let trust_domain = provider.trust_domain().clone();
     if identity.trust_domain() != &trust_domain {
@@ -139,7 +155,7 @@ pub async fn start(
         unsupported = routes.unsupported.len(),
         "waypoint configured"
     );
-    let shared = Arc::new(Shared::new(identity, tls, services, routes));
+    let shared = Arc::new(Shared::new(identity, tls, services, routes, limits));
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await

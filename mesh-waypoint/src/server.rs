@@ -17,13 +17,15 @@ use h2::{RecvStream, SendStream};
 use http::StatusCode;
 use mesh_agent::{
     identity::{MeshTls, SpiffeId, describe_tls_error, peer_identity},
-    proxy::hbone,
+    proxy::{
+        hbone,
+        limits::{Activity, Bounds, Expiry, GOAWAY_GRACE, Limits},
+    },
     telemetry::PeerLabels,
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
 };
 use tokio_rustls::TlsAcceptor;
 
@@ -36,10 +38,7 @@ use crate::{
     upstream::HboneConnector,
 };
 
-/// At most this many client connections at once (each holds at most
-/// [`hbone::MAX_STREAMS_PER_CONNECTION`] tunnels).
-pub const MAX_CONNECTIONS: usize = 4096;
-/// TLS and HTTP/2 handshakes must finish within this time.
+/// Connecting to an endpoint for a TCP relay must finish within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A tunnel whose client sends nothing within this time is treated as TCP
 /// (a server-first protocol); HTTP clients speak first.
@@ -64,7 +63,9 @@ pub struct Shared {
     pub metrics: Metrics,
     /// The HTTP client to the backends.
     pub proxy: Proxy,
-    connections: Arc<Semaphore>,
+    /// The agent's connection bounds: global and per-peer connection and
+    /// stream caps, handshake, first-request and idle deadlines.
+    pub bounds: Arc<Bounds>,
 }
 
 impl Shared {
@@ -74,6 +75,7 @@ impl Shared {
         tls: Arc<MeshTls>,
         services: Services,
         routes: RouteTable,
+        limits: Limits,
     ) -> Self {
         let targets = services.hbone_targets(tls.trust_domain());
         let hbone = HboneConnector::new(Arc::clone(&tls), identity.clone(), targets);
@@ -84,7 +86,7 @@ impl Shared {
             services,
             routes,
             metrics: Metrics::new(),
-            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            bounds: Arc::new(Bounds::new(limits, mesh_agent::process::FdLimit::default())),
         }
     }
 }
@@ -113,8 +115,8 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&shared.connections).try_acquire_owned() else {
-            tracing::warn!(src = %peer, limit = MAX_CONNECTIONS, "HBONE connection refused: too many connections");
+        // Refusals are logged (rate-limited) and counted by the bounds.
+        let Ok(permit) = shared.bounds.connection() else {
             continue;
         };
         let shared = Arc::clone(&shared);
@@ -127,6 +129,14 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
 
 async fn connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    let bounds = Arc::clone(&shared.bounds);
+    let limits = bounds.limits().clone();
+    // Held from accept to the first CONNECT: idle sockets cannot pile up.
+    let Ok(handshake) = bounds.handshake() else {
+        return;
+    };
+    let mut handshake = Some(handshake);
+    let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
     let _ = tcp.set_nodelay(true);
     let me = &shared.identity;
     if let Err(e) = shared.tls.manager().fetch(me).await {
@@ -134,13 +144,14 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         return;
     }
     let acceptor = TlsAcceptor::from(shared.tls.server_config(me));
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::warn!(src = %peer, reason = %describe_tls_error(&e), "HBONE handshake rejected");
             return;
         }
         Err(_) => {
+            bounds.expired(Expiry::Handshake);
             tracing::warn!(src = %peer, reason = "no TLS handshake in time", "HBONE handshake rejected");
             return;
         }
@@ -156,29 +167,64 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let max_streams = u32::try_from(hbone::MAX_STREAMS_PER_CONNECTION).unwrap_or(100);
-    let mut conn = match tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        hbone::server_handshake(tls, max_streams),
+    let Ok(_peer_slot) = bounds.peer_connection(&peer_id) else {
+        tracing::debug!(src = %peer, src_identity = %peer_id, "HBONE connection refused: the peer holds its maximum of connections");
+        return;
+    };
+    let handshake_result = tokio::time::timeout_at(
+        deadline,
+        hbone::server_handshake(tls, limits.max_streams_per_connection),
     )
-    .await
-    {
+    .await;
+    let mut conn = match handshake_result {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             tracing::warn!(src = %peer, src_identity = %peer_id, error = %e, "HBONE HTTP/2 handshake failed");
             return;
         }
         Err(_) => {
+            bounds.expired(Expiry::Handshake);
             tracing::warn!(src = %peer, src_identity = %peer_id, "HBONE HTTP/2 handshake timed out");
             return;
         }
     };
-    while let Some(next) = conn.accept().await {
+    // The agent's deadlines: the first CONNECT, then idleness between streams.
+    let activity = Activity::new();
+    let mut expired = false;
+    loop {
+        let idle = activity.deadline(&limits);
+        let next = tokio::select! {
+            n = conn.accept() => n,
+            _ = activity.changed() => continue,
+            _ = sleep_until(idle.map(|(at, _)| at)) => {
+                match activity.deadline(&limits) {
+                    Some((at, why)) if at <= std::time::Instant::now() => {
+                        bounds.expired(why);
+                        tracing::info!(src = %peer, src_identity = %peer_id, reason = why.as_str(), "HBONE connection closed: no stream in time");
+                        conn.graceful_shutdown();
+                        expired = true;
+                        None
+                    }
+                    _ => continue,
+                }
+            }
+        };
+        let Some(next) = next else { break };
         match next {
-            Ok((req, respond)) => {
+            Ok((req, mut respond)) => {
+                handshake.take();
+                let Ok(permit) = bounds.stream(&peer_id) else {
+                    tracing::debug!(src = %peer, src_identity = %peer_id, "HBONE stream refused by a limit");
+                    hbone::respond_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+                    continue;
+                };
+                let open = activity.stream();
                 let shared = Arc::clone(&shared);
                 let peer_id = peer_id.clone();
-                tokio::spawn(stream(shared, req, respond, peer, peer_id));
+                tokio::spawn(async move {
+                    let _slots = (permit, open);
+                    stream(shared, req, respond, peer, peer_id).await;
+                });
             }
             Err(e) => {
                 tracing::debug!(src = %peer, error = %e, "HBONE connection ended");
@@ -186,7 +232,21 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             }
         }
     }
-    let _ = std::future::poll_fn(|cx| conn.poll_closed(cx)).await;
+    drop(handshake);
+    let closed = std::future::poll_fn(|cx| conn.poll_closed(cx));
+    if expired {
+        let _ = tokio::time::timeout(GOAWAY_GRACE, closed).await;
+    } else {
+        let _ = closed.await;
+    }
+}
+
+/// Sleeps until `at`, or forever without a deadline.
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Istio's baggage (`k8s.namespace.name=...,k8s.deployment.name=...`): the

@@ -1002,3 +1002,31 @@ routes:
     assert!(has("spec.http[1].route[0]", "backend_fails"), "{dump:#}");
     assert!(has("spec.trafficPolicy", "ignored"), "{dump:#}");
 }
+
+/// The agent's connection bounds apply: a peer identity holding its maximum
+/// of HBONE connections gets no more, other identities are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_at_its_connection_limit_is_refused_others_are_not() {
+    let b = backends().await;
+    let ca = issuer();
+    let limits = mesh_agent::proxy::limits::Limits {
+        max_connections_per_peer: 1,
+        ..Default::default()
+    };
+    let config = mesh_waypoint::config::WaypointConfig::parse(&config(&b)).expect("config");
+    let id = SpiffeId::parse(WAYPOINT_ID).expect("id");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let w = mesh_waypoint::start_with_limits(id, ca.clone(), &config, any, any, limits)
+        .await
+        .expect("start");
+    let client = MeshClient::new(ca.clone(), CLIENT_ID, w.hbone).await;
+    let first = client.tunnel(vip(WEB_VIP)).await.expect("first tunnel");
+    assert!(
+        client.tunnel(vip(WEB_VIP)).await.is_err(),
+        "a second connection of the same peer"
+    );
+    let other = MeshClient::new(ca, "spiffe://cluster.local/ns/default/sa/other", w.hbone).await;
+    let mut c = other.http(vip(WEB_VIP), false).await;
+    assert_eq!(c.get("/only-v1", &[]).await.status, 200);
+    drop(first);
+}
