@@ -55,12 +55,14 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             ),
         },
         "/config_dump" => {
+            let active = shared.active();
             let dump = json!({
                 "identity": shared.identity.to_string(),
+                "generation": active.generation,
                 "routes": {
-                    "accepted": shared.routes.accepted,
-                    "attached": shared.routes.attached(),
-                    "unsupported": shared.routes.unsupported,
+                    "accepted": active.routes.accepted,
+                    "attached": active.routes.attached(),
+                    "unsupported": active.routes.unsupported,
                 },
             });
             text(

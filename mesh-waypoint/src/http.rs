@@ -147,6 +147,14 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// Replaces the HBONE endpoints (a configuration reload).
+    pub fn set_hbone_targets(
+        &self,
+        targets: std::collections::HashMap<std::net::SocketAddr, crate::services::HboneTarget>,
+    ) {
+        self.connector.set_targets(targets);
+    }
+
     /// Drops idle HBONE tunnel connections (run periodically).
     pub fn sweep(&self) {
         self.connector.sweep();
@@ -443,7 +451,8 @@ async fn handle(
         metered(local(status), finish)
     };
     let target = &tunnel.target;
-    let selection = shared.routes.select(
+    let active = shared.active();
+    let selection = active.routes.select(
         &target.service,
         target.port.port,
         &parts.method,
@@ -651,7 +660,11 @@ fn mirror(shared: &Arc<Shared>, template: &Template, backend: &Backend, body: Op
         shared.metrics.mirror("skipped_limit");
         return;
     };
-    let Some(chosen) = shared.services.endpoint(service, *port, subset.as_deref()) else {
+    let Some(chosen) = shared
+        .active()
+        .services
+        .endpoint(service, *port, subset.as_deref())
+    else {
         shared.metrics.mirror("no_endpoint");
         return;
     };
@@ -730,7 +743,7 @@ async fn send_with_retries(
 ) -> Try {
     let mut retries = 0u32;
     loop {
-        let Some(chosen) = shared.services.endpoint(service, port, subset) else {
+        let Some(chosen) = shared.active().services.endpoint(service, port, subset) else {
             return Try::NoEndpoint;
         };
         *last = Some(chosen.clone());

@@ -48,7 +48,7 @@ use mesh_agent::{
 };
 use tokio::{net::TcpListener, task::JoinHandle};
 
-use crate::{config::WaypointConfig, l7::route::RouteTable, server::Shared, services::Services};
+use crate::{config::WaypointConfig, server::Shared};
 
 /// Why the waypoint cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +116,41 @@ async fn sweep(shared: Arc<Shared>) {
     }
 }
 
+/// Re-reads the configuration file `path` every `interval` and applies each
+/// new valid content ([`Shared::reload`]); a file that cannot be read or
+/// parsed is logged once per content and the configuration in force stays.
+pub async fn watch_config(
+    shared: Arc<Shared>,
+    path: std::path::PathBuf,
+    interval: std::time::Duration,
+) {
+    let mut last: Option<Vec<u8>> = std::fs::read(&path).ok();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Ok(bytes) = tokio::fs::read(&path).await else {
+            if last.take().is_some() {
+                tracing::error!(file = %path.display(), "waypoint configuration unreadable; keeping the configuration in force");
+            }
+            continue;
+        };
+        if last.as_deref() == Some(bytes.as_slice()) {
+            continue;
+        }
+        last = Some(bytes.clone());
+        match WaypointConfig::parse(&String::from_utf8_lossy(&bytes)) {
+            Ok(config) => {
+                let generation = shared.reload(&config);
+                tracing::info!(file = %path.display(), generation, "waypoint configuration reloaded");
+            }
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "waypoint configuration rejected; keeping the configuration in force");
+            }
+        }
+    }
+}
+
 /// [`start_with_limits`] with the agent's default limits.
 pub async fn start(
     identity: SpiffeId,
@@ -146,16 +181,7 @@ pub async fn start_with_limits(
         });
     }
     let tls = Arc::new(MeshTls::new(Arc::new(CertManager::new(provider)))?);
-    let services = Services::new(&config.services, trust_domain.as_str());
-    let routes = RouteTable::build(&config.services, &config.route_objects());
-    tracing::info!(
-        identity = %identity,
-        services = config.services.len(),
-        routes = routes.accepted.len(),
-        unsupported = routes.unsupported.len(),
-        "waypoint configured"
-    );
-    let shared = Arc::new(Shared::new(identity, tls, services, routes, limits));
+    let shared = Arc::new(Shared::new(identity, tls, config, limits));
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await

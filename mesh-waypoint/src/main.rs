@@ -35,7 +35,7 @@ enum Command {
         /// the waypoint issues its own certificate (a local issuer).
         #[arg(long)]
         ca_dir: PathBuf,
-        /// The services and routes (YAML; see the README).
+        /// The services and routes (YAML; see the README), re-read every 2 s.
         #[arg(long)]
         config: PathBuf,
     },
@@ -57,10 +57,16 @@ async fn main() -> anyhow::Result<()> {
         config,
     } = Cli::parse().command;
     let identity = SpiffeId::parse(&identity).context("--identity")?;
-    let config = WaypointConfig::load(&config)?;
+    let config_path = config;
+    let config = WaypointConfig::load(&config_path)?;
     let ca = MeshCa::load_dir(&ca_dir).context("--ca-dir")?;
     let issuer = LocalCa::new(Arc::new(ca), identity.trust_domain().clone());
     let running = mesh_waypoint::start(identity, Arc::new(issuer), &config, listen, admin).await?;
+    tokio::spawn(mesh_waypoint::watch_config(
+        Arc::clone(&running.shared),
+        config_path,
+        std::time::Duration::from_secs(2),
+    ));
     running.wait().await;
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, PoisonError, RwLock},
     task::{Context, Poll},
     time::Duration,
 };
@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use http::StatusCode;
 use mesh_agent::{
-    identity::{MeshTls, SpiffeId, describe_tls_error, peer_identity},
+    identity::{MeshTls, SpiffeId, TrustDomain, describe_tls_error, peer_identity},
     proxy::{
         hbone,
         limits::{Activity, Bounds, Expiry, GOAWAY_GRACE, Limits},
@@ -30,7 +30,7 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 
 use crate::{
-    config::PortProtocol,
+    config::{PortProtocol, WaypointConfig},
     http::Proxy,
     l7::route::RouteTable,
     metrics::{Metrics, peer_in},
@@ -55,10 +55,8 @@ pub struct Shared {
     pub identity: SpiffeId,
     /// Its TLS configurations (the agent's identity code).
     pub tls: Arc<MeshTls>,
-    /// The services it fronts.
-    pub services: Services,
-    /// The compiled routes.
-    pub routes: RouteTable,
+    /// The configuration in force (replaced whole on a reload).
+    active: RwLock<Arc<Active>>,
     /// The request metrics.
     pub metrics: Metrics,
     /// The HTTP client to the backends.
@@ -68,26 +66,74 @@ pub struct Shared {
     pub bounds: Arc<Bounds>,
 }
 
+/// The services and routes in force, and which configuration they came from.
+#[derive(Debug)]
+pub struct Active {
+    /// 1 for the configuration at start, +1 per reload.
+    pub generation: u64,
+    /// The services the waypoint fronts.
+    pub services: Services,
+    /// The compiled routes.
+    pub routes: RouteTable,
+}
+
 impl Shared {
-    /// Everything a waypoint with `identity` serving `services`/`routes` needs.
+    /// Everything a waypoint with `identity` serving `config` needs.
     pub fn new(
         identity: SpiffeId,
         tls: Arc<MeshTls>,
-        services: Services,
-        routes: RouteTable,
+        config: &WaypointConfig,
         limits: Limits,
     ) -> Self {
-        let targets = services.hbone_targets(tls.trust_domain());
+        let active = Active::build(config, tls.trust_domain(), 1);
+        let targets = active.services.hbone_targets(tls.trust_domain());
         let hbone = HboneConnector::new(Arc::clone(&tls), identity.clone(), targets);
         Self {
             proxy: Proxy::new(hbone),
             identity,
             tls,
-            services,
-            routes,
+            active: RwLock::new(Arc::new(active)),
             metrics: Metrics::new(),
             bounds: Arc::new(Bounds::new(limits, mesh_agent::process::FdLimit::default())),
         }
+    }
+}
+
+impl Active {
+    fn build(config: &WaypointConfig, trust_domain: &TrustDomain, generation: u64) -> Self {
+        let services = Services::new(&config.services, trust_domain.as_str());
+        let routes = RouteTable::build(&config.services, &config.route_objects());
+        tracing::info!(
+            generation,
+            services = config.services.len(),
+            routes = routes.accepted.len(),
+            unsupported = routes.unsupported.len(),
+            "waypoint configured"
+        );
+        Self {
+            generation,
+            services,
+            routes,
+        }
+    }
+}
+
+impl Shared {
+    /// The configuration in force (a request keeps the one it started with).
+    pub fn active(&self) -> Arc<Active> {
+        Arc::clone(&self.active.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Replaces the services and routes with `config`'s; requests in flight
+    /// finish with the previous ones. Returns the new generation.
+    pub fn reload(&self, config: &WaypointConfig) -> u64 {
+        let mut slot = self.active.write().unwrap_or_else(PoisonError::into_inner);
+        let active = Active::build(config, self.tls.trust_domain(), slot.generation + 1);
+        self.proxy
+            .set_hbone_targets(active.services.hbone_targets(self.tls.trust_domain()));
+        let generation = active.generation;
+        *slot = Arc::new(active);
+        generation
     }
 }
 
@@ -291,7 +337,7 @@ async fn stream(
         tracing::info!(src = %peer, src_identity = %peer_id, method = %req.method(), uri = %req.uri(), "tunnel refused: not a CONNECT to an address");
         return hbone::respond_status(&mut respond, StatusCode::BAD_REQUEST);
     };
-    let Some(target) = shared.services.by_vip(vip).cloned() else {
+    let Some(target) = shared.active().services.by_vip(vip).cloned() else {
         tracing::info!(src = %peer, src_identity = %peer_id, dst = %vip, "tunnel refused: not a service of this waypoint");
         return hbone::respond_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
     };
@@ -442,7 +488,11 @@ async fn inner_stream(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: DuplexSt
 /// Relays an opaque stream to an endpoint of the service.
 async fn tcp(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: Rewind) {
     let t = &tunnel.target;
-    let Some(chosen) = shared.services.endpoint(&t.service, t.port.port, None) else {
+    let Some(chosen) = shared
+        .active()
+        .services
+        .endpoint(&t.service, t.port.port, None)
+    else {
         tracing::info!(src = %tunnel.peer, service = %t.service, "TCP tunnel closed: the service has no endpoints");
         return;
     };

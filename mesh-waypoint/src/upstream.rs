@@ -10,7 +10,7 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, PoisonError, RwLock},
     task::{Context, Poll},
 };
 
@@ -43,7 +43,7 @@ struct Inner {
     tls: Arc<MeshTls>,
     identity: SpiffeId,
     pool: Pool,
-    targets: HashMap<SocketAddr, HboneTarget>,
+    targets: RwLock<Arc<HashMap<SocketAddr, HboneTarget>>>,
 }
 
 /// The connector (cheap to clone).
@@ -55,7 +55,7 @@ pub struct HboneConnector {
 impl std::fmt::Debug for HboneConnector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HboneConnector")
-            .field("targets", &self.inner.targets.len())
+            .field("targets", &self.targets().len())
             .finish_non_exhaustive()
     }
 }
@@ -72,9 +72,28 @@ impl HboneConnector {
                 tls,
                 identity,
                 pool: Pool::default(),
-                targets,
+                targets: RwLock::new(Arc::new(targets)),
             }),
         }
+    }
+
+    fn targets(&self) -> Arc<HashMap<SocketAddr, HboneTarget>> {
+        Arc::clone(
+            &self
+                .inner
+                .targets
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// Replaces the HBONE endpoints (a configuration reload).
+    pub fn set_targets(&self, targets: HashMap<SocketAddr, HboneTarget>) {
+        *self
+            .inner
+            .targets
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(targets);
     }
 
     /// Drops idle tunnel connections (run periodically).
@@ -87,8 +106,8 @@ impl HboneConnector {
         let pod: SocketAddr = authority
             .parse()
             .map_err(|_| UpstreamError::NotMeshed(authority.to_owned()))?;
-        let target = inner
-            .targets
+        let targets = Arc::clone(&inner.targets.read().unwrap_or_else(PoisonError::into_inner));
+        let target = targets
             .get(&pod)
             .ok_or_else(|| UpstreamError::NotMeshed(pod.to_string()))?;
         let key = PoolKey {

@@ -773,6 +773,27 @@ mod binary {
         let dump: serde_json::Value =
             serde_json::from_str(&admin_get(admin, "/config_dump").await).expect("json");
         assert_eq!(dump["identity"], WAYPOINT_ID);
+        assert_eq!(dump["generation"], 1);
+        // A changed file is applied: /only-v1 now goes to v2.
+        let before = "value: /only-v1 } }]\n          backendRefs: [{ name: web-v1";
+        let text = super::config(&b);
+        assert!(text.contains(before), "the test edits a rule it knows");
+        let edited = text.replace(before, &before.replace("web-v1", "web-v2"));
+        std::fs::write(&config, edited).expect("rewrite config");
+        let mut generation = 1;
+        for _ in 0..200 {
+            let dump: serde_json::Value =
+                serde_json::from_str(&admin_get(admin, "/config_dump").await).expect("json");
+            generation = dump["generation"].as_u64().unwrap_or(0);
+            if generation == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(generation, 2, "the edited configuration was never applied");
+        let mut c = client.http(vip(WEB_VIP), false).await;
+        let a = c.get("/only-v1", &[]).await;
+        assert_eq!((a.status.as_u16(), backend(&a)), (200, "v2"), "{a:?}");
         drop(scratch);
     }
 }
