@@ -768,7 +768,10 @@ pub struct DestinationRuleSpec {
     /// Named groups of the service's endpoints, by labels.
     #[serde(default)]
     pub subsets: Vec<DrSubset>,
-    /// `trafficPolicy`, `exportTo`, `workloadSelector`, ... (reported).
+    /// The traffic policy (its `outlierDetection` is applied; the rest reported).
+    #[serde(default)]
+    pub traffic_policy: Option<TrafficPolicy>,
+    /// `exportTo`, `workloadSelector`, ... (reported).
     #[serde(flatten)]
     pub other: Other,
 }
@@ -820,6 +823,39 @@ pub struct VsRedirect {
     #[serde(default)]
     pub redirect_code: Option<u16>,
     /// `derivePort` and anything else.
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// `TrafficPolicy`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicy {
+    /// Ejection of failing endpoints.
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+    /// `loadBalancer`, `connectionPool`, `tls`, `portLevelSettings`, ... (reported).
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// `OutlierDetection`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    /// Consecutive 5xx (and connection failures) that eject.
+    #[serde(default)]
+    pub consecutive_5xx_errors: Option<u32>,
+    /// Consecutive 502/503/504 (and connection failures) that eject.
+    #[serde(default)]
+    pub consecutive_gateway_errors: Option<u32>,
+    /// The first ejection's length (`30s`).
+    #[serde(default)]
+    pub base_ejection_time: Option<String>,
+    /// The most endpoints ejected at once, percent (10).
+    #[serde(default)]
+    pub max_ejection_percent: Option<u32>,
+    /// `interval`, `minHealthPercent`, `splitExternalLocalOriginErrors`, ... (reported).
     #[serde(flatten)]
     pub other: Other,
 }

@@ -31,7 +31,7 @@ use crate::{
     l7::route::{Backend, RetryPolicy, Rule, Selection, ServiceKey, Subset},
     metrics::RequestLabels,
     server::{Rewind, Shared, Tunnel},
-    services::{Chosen, service_labels},
+    services::{Chosen, TryResult, service_labels},
     upstream::HboneConnector,
 };
 
@@ -786,6 +786,17 @@ async fn send_with_retries(
                 Try::Reset
             }
         };
+        let result = match &outcome {
+            Try::Response(r) => Some(TryResult::Status(r.status().as_u16())),
+            Try::Connect | Try::Reset | Try::Timeout => Some(TryResult::Failure),
+            Try::NoEndpoint | Try::BadUri => None,
+        };
+        if let Some(result) = result {
+            shared
+                .active()
+                .services
+                .report(service, chosen.addr, result);
+        }
         let on = &policy.on;
         let retriable = match &outcome {
             Try::Response(r) => on.status(r.status().as_u16()),

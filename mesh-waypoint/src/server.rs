@@ -101,8 +101,9 @@ impl Shared {
 
 impl Active {
     fn build(config: &WaypointConfig, trust_domain: &TrustDomain, generation: u64) -> Self {
-        let services = Services::new(&config.services, trust_domain.as_str());
         let routes = RouteTable::build(&config.services, &config.route_objects());
+        let services = Services::new(&config.services, trust_domain.as_str())
+            .with_outliers(routes.outliers.clone());
         tracing::info!(
             generation,
             services = config.services.len(),

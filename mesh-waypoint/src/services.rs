@@ -4,6 +4,8 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
+    sync::{Mutex, PoisonError},
+    time::Instant,
 };
 
 use mesh_agent::{
@@ -13,7 +15,7 @@ use mesh_agent::{
 
 use crate::{
     config::{EndpointConfig, PortProtocol, ServiceConfig, ServicePort, TunnelProtocol},
-    l7::route::{ServiceKey, Subset},
+    l7::route::{OutlierPolicy, ServiceKey, Subset},
 };
 
 /// A service port a client tunnelled to.
@@ -56,9 +58,112 @@ pub struct Services {
     by_vip: HashMap<(IpAddr, u16), Target>,
     by_key: HashMap<ServiceKey, ServiceConfig>,
     trust_domain: String,
+    outliers: HashMap<ServiceKey, OutlierPolicy>,
+    /// Per endpoint address: consecutive errors and ejection.
+    health: Mutex<HashMap<SocketAddr, Health>>,
+}
+
+/// One endpoint's outlier-detection state.
+#[derive(Debug, Default)]
+struct Health {
+    consecutive_5xx: u32,
+    consecutive_gateway: u32,
+    ejections: u32,
+    ejected_until: Option<Instant>,
+}
+
+/// What a try of a request to an endpoint came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TryResult {
+    /// A response with this status.
+    Status(u16),
+    /// No connection, or a reset before the response.
+    Failure,
 }
 
 impl Services {
+    /// Applies DestinationRule `outlierDetection` policies (by service).
+    pub fn with_outliers(mut self, outliers: HashMap<ServiceKey, OutlierPolicy>) -> Self {
+        self.outliers = outliers;
+        self
+    }
+
+    /// Records a try's result for `service`'s endpoint `addr`: consecutive
+    /// errors past the policy eject it for the base time × its ejections so
+    /// far, unless the service is at its ejection cap.
+    pub fn report(&self, service: &ServiceKey, addr: SocketAddr, result: TryResult) {
+        let Some(policy) = self.outliers.get(service) else {
+            return;
+        };
+        let (server_error, gateway_error) = match result {
+            TryResult::Status(s) => ((500..600).contains(&s), matches!(s, 502..=504)),
+            TryResult::Failure => (true, true),
+        };
+        let now = Instant::now();
+        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        let h = health.entry(addr).or_default();
+        h.consecutive_5xx = if server_error {
+            h.consecutive_5xx + 1
+        } else {
+            0
+        };
+        h.consecutive_gateway = if gateway_error {
+            h.consecutive_gateway + 1
+        } else {
+            0
+        };
+        let trips = policy
+            .consecutive_5xx
+            .is_some_and(|n| h.consecutive_5xx >= n)
+            || policy
+                .consecutive_gateway
+                .is_some_and(|n| h.consecutive_gateway >= n);
+        if !trips || h.ejected_until.is_some_and(|t| t > now) {
+            return;
+        }
+        let total = self.by_key.get(service).map_or(0, |s| s.endpoints.len());
+        let ejected = self.by_key.get(service).map_or(0, |s| {
+            s.endpoints
+                .iter()
+                .filter(|e| {
+                    s.ports.iter().any(|sp| {
+                        let a = SocketAddr::new(
+                            e.address,
+                            e.port.or(sp.target_port).unwrap_or(sp.port),
+                        );
+                        health
+                            .get(&a)
+                            .and_then(|h| h.ejected_until)
+                            .is_some_and(|t| t > now)
+                    })
+                })
+                .count()
+        });
+        let cap = (total * policy.max_ejection_percent as usize / 100).max(1);
+        if ejected >= cap {
+            return;
+        }
+        let Some(h) = health.get_mut(&addr) else {
+            return;
+        };
+        h.ejections += 1;
+        h.consecutive_5xx = 0;
+        h.consecutive_gateway = 0;
+        let length = policy.base_ejection * h.ejections.min(10);
+        h.ejected_until = Some(now + length);
+        tracing::warn!(service = %service, endpoint = %addr, ejection_s = length.as_secs_f64(), "endpoint ejected by outlier detection");
+    }
+
+    fn ejected(&self, addr: SocketAddr) -> bool {
+        let now = Instant::now();
+        self.health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&addr)
+            .and_then(|h| h.ejected_until)
+            .is_some_and(|t| t > now)
+    }
+
     /// Indexes `services`; principals of endpoints are in `trust_domain`.
     pub fn new(services: &[ServiceConfig], trust_domain: &str) -> Self {
         let mut s = Self {
@@ -106,7 +211,25 @@ impl Services {
         if candidates.is_empty() {
             return None;
         }
-        let e = candidates[fastrand::usize(..candidates.len())];
+        let pod_addr = |e: &EndpointConfig| {
+            SocketAddr::new(e.address, e.port.or(sp.target_port).unwrap_or(sp.port))
+        };
+        // Ejected endpoints are skipped while any other is left.
+        let healthy: Vec<&EndpointConfig> = if self.outliers.contains_key(service) {
+            candidates
+                .iter()
+                .copied()
+                .filter(|e| !self.ejected(pod_addr(e)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let pool = if healthy.is_empty() {
+            &candidates
+        } else {
+            &healthy
+        };
+        let e = pool[fastrand::usize(..pool.len())];
         let pod_port = e.port.or(sp.target_port).unwrap_or(sp.port);
         Some(Chosen {
             addr: SocketAddr::new(e.address, pod_port),

@@ -1021,7 +1021,10 @@ routes:
             .any(|u| u["field"] == field && u["effect"] == effect)
     };
     assert!(has("spec.http[1].route[0]", "backend_fails"), "{dump:#}");
-    assert!(has("spec.trafficPolicy", "ignored"), "{dump:#}");
+    assert!(
+        has("spec.trafficPolicy.loadBalancer", "ignored"),
+        "{dump:#}"
+    );
 }
 
 /// The agent's connection bounds apply: a peer identity holding its maximum
@@ -1050,4 +1053,58 @@ async fn a_peer_at_its_connection_limit_is_refused_others_are_not() {
     let mut c = other.http(vip(WEB_VIP), false).await;
     assert_eq!(c.get("/only-v1", &[]).await.status, 200);
     drop(first);
+}
+
+/// DestinationRule outlierDetection: an endpoint that fails is ejected and
+/// the next requests all go to the healthy one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_ejects_a_failing_endpoint() {
+    let v1 = http_backend("v1").await;
+    let config = format!(
+        r#"
+services:
+  - name: flaky
+    namespace: default
+    addresses: [10.96.5.10]
+    ports: [{{ port: 80 }}]
+    endpoints:
+      - {{ address: 127.0.0.1, port: 1, workload: dead }}
+      - {{ address: 127.0.0.1, port: {}, workload: v1 }}
+routes:
+  - apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {{ name: flaky, namespace: default }}
+    spec:
+      host: flaky
+      trafficPolicy:
+        outlierDetection: {{ consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 1h, maxEjectionPercent: 50 }}
+  - apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {{ name: flaky, namespace: default }}
+    spec:
+      hosts: [flaky]
+      http:
+        - route: [{{ destination: {{ host: flaky }} }}]
+          retries: {{ attempts: 0 }}
+"#,
+        v1.port()
+    );
+    let ca = issuer();
+    let w = waypoint(ca.clone(), &config).await;
+    let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
+    let mut c = client.http(vip("10.96.5.10:80"), false).await;
+    // Until the dead endpoint is picked once (2^-200 never in 200 tries).
+    let mut failed = false;
+    for _ in 0..200 {
+        if c.get("/", &[]).await.status == 503 {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "the dead endpoint was never picked");
+    // Ejected: without it, 20 in a row on v1 happen with probability 2^-20.
+    for _ in 0..20 {
+        let a = c.get("/", &[]).await;
+        assert_eq!((a.status.as_u16(), backend(&a)), (200, "v1"), "{a:?}");
+    }
 }

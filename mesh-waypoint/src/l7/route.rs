@@ -233,6 +233,33 @@ impl Rewrite {
     }
 }
 
+/// Istio's `outlierDetection`: endpoints answering consecutive errors are
+/// ejected for a while.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutlierPolicy {
+    /// Consecutive 5xx answers (or connection failures) that eject.
+    pub consecutive_5xx: Option<u32>,
+    /// Consecutive 502/503/504 (or connection failures) that eject.
+    pub consecutive_gateway: Option<u32>,
+    /// The first ejection's length (it grows with each ejection).
+    pub base_ejection: Duration,
+    /// The most of a service's endpoints ejected at once, in percent (at
+    /// least one endpoint may always be ejected, as in Envoy).
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierPolicy {
+    /// Istio's defaults: 5 consecutive 5xx, 30 s, 10 %.
+    fn default() -> Self {
+        Self {
+            consecutive_5xx: Some(5),
+            consecutive_gateway: None,
+            base_ejection: Duration::from_secs(30),
+            max_ejection_percent: 10,
+        }
+    }
+}
+
 /// A redirect answered by the waypoint (no backend).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Redirect {
@@ -532,6 +559,8 @@ pub struct RouteTable {
     ports: HashMap<(ServiceKey, u16), Vec<Entry>>,
     /// DestinationRule subsets by service.
     pub(crate) subsets: HashMap<ServiceKey, Vec<Arc<Subset>>>,
+    /// DestinationRule `outlierDetection` by service.
+    pub outliers: HashMap<ServiceKey, OutlierPolicy>,
     /// VirtualService rules: first match in order, no precedence sort.
     pub(crate) ordered: HashMap<(ServiceKey, u16), Vec<Entry>>,
     /// Routes in use (`namespace/name`).

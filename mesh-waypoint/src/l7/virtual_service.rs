@@ -15,9 +15,9 @@ use std::{sync::Arc, time::Duration};
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 
 use super::route::{
-    Backend, Effect, Entry, Fault, HeaderModifier, Match, PathMatch, PathRewrite, Redirect,
-    RetryPolicy, Rewrite, RouteTable, Rule, ServiceKey, Subset, ValueMatch, WeightedBackend, find,
-    full_regex, match_clone, parse_retry_on,
+    Backend, Effect, Entry, Fault, HeaderModifier, Match, OutlierPolicy, PathMatch, PathRewrite,
+    Redirect, RetryPolicy, Rewrite, RouteTable, Rule, ServiceKey, Subset, ValueMatch,
+    WeightedBackend, find, full_regex, match_clone, parse_retry_on,
 };
 use crate::config::{
     ServiceConfig, StringMatch, VirtualService, VsHeaderOps, VsHttpRoute, VsMatch,
@@ -174,6 +174,37 @@ pub(crate) fn add_destination_rule(table: &mut RouteTable, dr: &crate::config::D
         return table.report(&id, "spec.host".into(), reason, Effect::RouteRejected);
     };
     table.report_other(&id, "spec", &dr.spec.other, Effect::Ignored);
+    if let Some(tp) = &dr.spec.traffic_policy {
+        table.report_other(&id, "spec.trafficPolicy", &tp.other, Effect::Ignored);
+        if let Some(od) = &tp.outlier_detection {
+            let at = "spec.trafficPolicy.outlierDetection";
+            table.report_other(&id, at, &od.other, Effect::Ignored);
+            let mut policy = OutlierPolicy::default();
+            if od.consecutive_5xx_errors.is_some() || od.consecutive_gateway_errors.is_some() {
+                // 0 disables a counter (Istio's meaning).
+                policy.consecutive_5xx = od.consecutive_5xx_errors.filter(|n| *n > 0);
+                policy.consecutive_gateway = od.consecutive_gateway_errors.filter(|n| *n > 0);
+            }
+            if let Some(t) = &od.base_ejection_time {
+                match parse_istio_duration(t) {
+                    Some(d) => policy.base_ejection = d,
+                    None => {
+                        let reason = format!("baseEjectionTime {t:?} is not a duration");
+                        table.report(
+                            &id,
+                            format!("{at}.baseEjectionTime"),
+                            reason,
+                            Effect::Ignored,
+                        );
+                    }
+                }
+            }
+            if let Some(p) = od.max_ejection_percent {
+                policy.max_ejection_percent = p.min(100);
+            }
+            table.outliers.insert(key.clone(), policy);
+        }
+    }
     for (i, s) in dr.spec.subsets.iter().enumerate() {
         table.report_other(
             &id,
