@@ -98,8 +98,14 @@ impl From<&RequestLabels> for Labels {
     }
 }
 
+/// At most this many distinct client-claimed source label sets (workload,
+/// app, version from the client's `baggage`) are kept; past it, new ones are
+/// reported `unknown`: a client cannot grow the metrics without bound.
+pub const MAX_CLAIMED_SOURCES: usize = 4096;
+
 /// The waypoint's metric registry.
 pub struct Metrics {
+    claimed: std::sync::Mutex<std::collections::HashSet<(String, String, String, String)>>,
     registry: Registry,
     requests: Family<Labels, Counter>,
     duration: Family<Labels, Histogram, fn() -> Histogram>,
@@ -168,6 +174,7 @@ impl Metrics {
             mirrors.clone(),
         );
         Self {
+            claimed: std::sync::Mutex::default(),
             registry,
             retries,
             mirrors,
@@ -178,6 +185,29 @@ impl Metrics {
         }
     }
 
+    /// The source labels to report: the client's claims while the bound on
+    /// distinct claims holds, else only what was authenticated.
+    fn bounded_source(&self, s: &PeerLabels) -> PeerLabels {
+        let key = (
+            s.principal.clone(),
+            s.workload.clone(),
+            s.app.clone(),
+            s.version.clone(),
+        );
+        let mut claimed = self
+            .claimed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if claimed.contains(&key) || claimed.len() < MAX_CLAIMED_SOURCES {
+            claimed.insert(key);
+            return s.clone();
+        }
+        let mut bounded = PeerLabels::unknown();
+        bounded.principal = s.principal.clone();
+        bounded.namespace = s.namespace.clone();
+        bounded
+    }
+
     /// Records one finished request.
     pub fn request(
         &self,
@@ -186,7 +216,11 @@ impl Metrics {
         request_bytes: u64,
         response_bytes: u64,
     ) {
-        let labels = Labels::from(l);
+        let bounded = RequestLabels {
+            source: self.bounded_source(&l.source),
+            ..l.clone()
+        };
+        let labels = Labels::from(&bounded);
         self.requests.get_or_create(&labels).inc();
         self.duration.get_or_create(&labels).observe(duration_ms);
         self.request_bytes
@@ -230,4 +264,32 @@ pub fn peer_in(namespace: Option<&str>, principal: Option<String>) -> PeerLabels
         p.principal = pr;
     }
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claimed_source_labels_are_bounded() {
+        let m = Metrics::new();
+        let claim = |i: usize| {
+            let mut p = PeerLabels::unknown();
+            p.principal = "spiffe://cluster.local/ns/a/sa/b".into();
+            p.namespace = "a".into();
+            p.workload = format!("w{i}");
+            p
+        };
+        for i in 0..MAX_CLAIMED_SOURCES {
+            assert_eq!(m.bounded_source(&claim(i)).workload, format!("w{i}"));
+        }
+        // A known claim is still reported; a new one past the bound is not.
+        assert_eq!(m.bounded_source(&claim(0)).workload, "w0");
+        let past = m.bounded_source(&claim(MAX_CLAIMED_SOURCES));
+        assert_eq!(
+            (past.workload.as_str(), past.namespace.as_str()),
+            ("unknown", "a")
+        );
+        assert_eq!(past.principal, "spiffe://cluster.local/ns/a/sa/b");
+    }
 }

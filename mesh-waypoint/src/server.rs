@@ -309,6 +309,15 @@ fn source_labels(req: &http::Request<RecvStream>, peer_id: &SpiffeId) -> PeerLab
         let Some((k, v)) = item.trim().split_once('=') else {
             continue;
         };
+        // Kubernetes names and label values: at most 63 characters of
+        // [A-Za-z0-9-_.]; anything else is not a claim worth a label.
+        let plausible = !v.is_empty()
+            && v.len() <= 63
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !plausible {
+            continue;
+        }
         match k {
             "k8s.deployment.name" | "k8s.pod.name" if p.workload == "unknown" => {
                 p.workload = v.to_owned();
