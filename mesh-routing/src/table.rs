@@ -114,6 +114,8 @@ pub struct Dest {
     /// `namespace/name:port` or `namespace/name:port/subset`: the key of
     /// its balancer state (connection counts, cursor).
     pub key: Arc<str>,
+    /// `namespace/name:port`: the destination without its subset (a metric label).
+    pub destination: Arc<str>,
     /// `namespace/name` of the service.
     pub service: Arc<str>,
     /// The service port.
@@ -1032,6 +1034,7 @@ fn dest(
             None => format!("{}:{port}", s.key),
         }
         .into(),
+        destination: format!("{}:{port}", s.key).into(),
         service: s.key.clone(),
         port,
         subset: subset.map(Into::into),

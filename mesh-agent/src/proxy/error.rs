@@ -12,6 +12,7 @@ use super::{copy::RelayOutcome, hbone::HboneError};
 use crate::{
     identity::SpiffeIdError,
     policy::DenyReason,
+    routing::{PickError, RouteError},
     telemetry::{Failure, FailureKind, Outcome, ProxyEvent},
 };
 
@@ -97,6 +98,26 @@ pub enum Error {
     /// A policy change denies the open connection, so the relay was cut.
     #[error("closed by a policy change")]
     Revoked,
+    /// The route of a service connection leads nowhere (a missing
+    /// destination service, port or subset): failed at once.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// No endpoint of the routed destination could be taken: none ready,
+    /// every one ejected, or the destination at its `maxConnections`
+    /// (refused, never queued).
+    #[error(transparent)]
+    Pick(#[from] PickError),
+    /// An endpoint did not answer within the destination's `connectTimeout`.
+    #[error(
+        "connecting to {target} timed out after {}ms (the DestinationRule's connectionPool.tcp.connectTimeout)",
+        timeout.as_millis()
+    )]
+    ConnectTimeout {
+        /// The endpoint.
+        target: SocketAddr,
+        /// The deadline.
+        timeout: std::time::Duration,
+    },
 }
 
 impl Error {
@@ -125,7 +146,10 @@ impl Failure for Error {
             | Self::NoIdentity { .. }
             | Self::Tunnel(_)
             | Self::Direct { .. }
-            | Self::App { .. } => FailureKind::ConnectFailed,
+            | Self::App { .. }
+            | Self::Route(_)
+            | Self::Pick(_)
+            | Self::ConnectTimeout { .. } => FailureKind::ConnectFailed,
             Self::Denied(_) | Self::Revoked => FailureKind::Denied,
             Self::Relay(_) => FailureKind::Reset,
             Self::NoOriginalDestination
@@ -150,6 +174,26 @@ impl Failure for Error {
             Self::NoOriginalDestination => Some(ProxyEvent::NoOriginalDestination),
             Self::AgentPort(_) => Some(ProxyEvent::AgentPortRefused),
             _ => None,
+        }
+    }
+}
+
+impl Error {
+    /// Whether this failure of an attempt to reach an endpoint counts for
+    /// outlier detection (an L4 gateway error): a connect failure or
+    /// timeout, a failed tunnel handshake, a tunnel answered 502/503/504.
+    /// A denial (401/403) or a local refusal does not.
+    pub fn is_gateway_error(&self) -> bool {
+        match self {
+            Self::Direct { .. } | Self::ConnectTimeout { .. } => true,
+            Self::Tunnel(HboneError::Status { status, .. }) => matches!(
+                *status,
+                StatusCode::BAD_GATEWAY
+                    | StatusCode::SERVICE_UNAVAILABLE
+                    | StatusCode::GATEWAY_TIMEOUT
+            ),
+            Self::Tunnel(HboneError::Connect { .. } | HboneError::Tls { .. }) => true,
+            _ => false,
         }
     }
 }

@@ -119,7 +119,10 @@ mod tests {
             labels: BTreeMap::from([("version".to_string(), version.to_string())]),
             ..Default::default()
         };
-        let pods = [pod("web-1", "198.18.1.11", "v1"), pod("web-2", "198.18.1.12", "v2")];
+        let pods = [
+            pod("web-1", "198.18.1.11", "v1"),
+            pod("web-2", "198.18.1.12", "v2"),
+        ];
         let svc = Service {
             name: "web".into(),
             namespace: "shop".into(),
@@ -170,7 +173,12 @@ mod tests {
     #[test]
     fn subsets_select_pods_by_their_labels_and_the_report_lists_l7_fields() {
         let snap = snapshot((0, 100));
-        let t = compile_routes(&snap.routing, &snap.services, &snap.workloads, "istio-system");
+        let t = compile_routes(
+            &snap.routing,
+            &snap.services,
+            &snap.workloads,
+            "istio-system",
+        );
         let vs = &t.report().objects[1];
         assert_eq!(vs.status, Status::Applied);
         assert_eq!(vs.warnings[0].field, "spec.http");
@@ -182,7 +190,10 @@ mod tests {
             source_labels: &labels,
         };
         let r = t.route(&req, 0).expect("a service").expect("routed");
-        assert_eq!(r.dest.endpoints, vec!["198.18.1.12:8080".parse().expect("addr")]);
+        assert_eq!(
+            r.dest.endpoints,
+            vec!["198.18.1.12:8080".parse().expect("addr")]
+        );
     }
 
     #[test]
