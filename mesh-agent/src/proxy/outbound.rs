@@ -268,7 +268,6 @@ async fn handle(
         label_route(&mut tracker);
         // The pick (the endpoint's and destination's connection counts) is
         // held for the connection's life; a routing change never cuts it.
-        let _pick = pick;
         let never = CancellationToken::new();
         let result = match upstream {
             Upstream::Direct(tcp) => relay(stream, tcp, &never).await,
@@ -276,6 +275,8 @@ async fn handle(
                 hbone::relay_h2(stream, send, response.into_body(), &never).await
             }
         };
+        // Released before the close is counted: whoever sees the close sees the count drop.
+        drop(pick);
         tracker.close(result.sent, result.received, result.outcome.into());
         return;
     }
