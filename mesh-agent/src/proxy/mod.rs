@@ -147,7 +147,7 @@ pub struct Shared {
     pub telemetry: Telemetry,
     /// Endpoint choice state of routed service connections (connection
     /// counts, outlier ejections, cursors), kept across route-table changes.
-    pub balancer: crate::routing::Balancer,
+    pub balancer: Arc<crate::routing::Balancer>,
     /// Connection tasks from accept to their end (what a stopping agent drains).
     pub in_flight: Arc<InFlight>,
     /// Connection, stream and handshake caps and deadlines.
@@ -204,6 +204,11 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// The balancer state of routed service connections (for `/config_dump`).
+    pub fn balancer(&self) -> Arc<crate::routing::Balancer> {
+        self.shared.balancer.clone()
+    }
+
     /// A proxy that runs its tasks on `handle`.
     pub fn new(
         orig_dst: Arc<OrigDstTable>,
@@ -221,7 +226,7 @@ impl Proxy {
             pool: Arc::new(hbone::Pool::new(telemetry.counters.clone())),
             authz: authz.clone(),
             telemetry,
-            balancer: crate::routing::Balancer::with_seed(random_seed()),
+            balancer: Arc::new(crate::routing::Balancer::with_seed(random_seed())),
             in_flight: Arc::default(),
             limits,
         });
