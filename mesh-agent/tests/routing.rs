@@ -123,7 +123,22 @@ fn hold_report(child: &mesh_lab::LabChild) -> HoldReport {
 #[test]
 fn an_80_20_split_lands_within_tolerance_and_0_100_spares_the_open_connection() {
     let eps = [("web-v1", "v1", true), ("web-v2", "v2", true)];
-    let mesh = mesh_with(&eps, &[subsets(json!({})), split(80, 20)]);
+    // An http-only VirtualService for the same host needs L7: reported, not applied.
+    let http_only = json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": "web-http", "namespace": "default"},
+        "spec": {"hosts": ["web"], "http": [{"route": [{"destination": {"host": "web", "subset": "v2"}}]}]}});
+    let mesh = mesh_with(&eps, &[subsets(json!({})), split(80, 20), http_only]);
+    let objects = mesh.config_dump(0)["routes"]["objects"].clone();
+    let status = |name: &str| {
+        objects
+            .as_array()
+            .expect("objects")
+            .iter()
+            .find(|o| o["name"] == name)
+            .map(|o| o["status"].clone())
+    };
+    assert_eq!(status("web-http"), Some(json!("needs_l7")), "{objects}");
+    assert_eq!(status("web-split"), Some(json!("applied")), "{objects}");
     let n = 2000u64;
     let r = mesh.client("a", VIP, &["--conns", "2000", "--concurrency", "16"]);
     assert_eq!((r.ok, r.failed), (n, 0), "{r:?}");
@@ -153,6 +168,19 @@ fn an_80_20_split_lands_within_tolerance_and_0_100_spares_the_open_connection() 
         )
     };
     assert_eq!((routed("v1"), routed("v2")), (v1, v2));
+    // Istio's metrics carry the version, so a canary shows in its dashboards.
+    let by_version = |v: &str| {
+        metric(
+            &mesh,
+            0,
+            "istio_tcp_connections_opened_total",
+            &[
+                "reporter=\"source\"",
+                &format!("destination_version=\"{v}\""),
+            ],
+        )
+    };
+    assert_eq!((by_version("v1"), by_version("v2")), (v1, v2));
 
     // Everything to v1, a long-lived connection opens (on v1)...
     let all_v1 = node0_file(&mesh, &eps, &[subsets(json!({})), split(100, 0)]);
@@ -311,6 +339,17 @@ fn outlier_detection_ejects_a_refusing_endpoint_and_readmits_it() {
         )
     };
     assert!(ejections() >= 1, "{}", mesh.metrics_text(0));
+    // The dump names the ejected endpoint (how many times it was).
+    let e2_addr = mesh.v4("e2", 8080);
+    let dump = mesh.config_dump(0);
+    let times = dump["routes"]["services"][0]["destinations"]
+        .as_array()
+        .expect("destinations")
+        .iter()
+        .flat_map(|d| d["endpoints"].as_array().cloned().unwrap_or_default())
+        .find(|e| e["address"] == e2_addr.as_str())
+        .map(|e| e["times_ejected"].as_u64().unwrap_or(0));
+    assert!(times >= Some(1), "{}", dump["routes"]);
     // e2 comes up; after baseEjectionTime it is re-admitted and gets connections again.
     let e2 = mesh.v4("e2", 8080);
     let addr: SocketAddr = e2.parse().expect("e2 address");

@@ -107,6 +107,6 @@ pub use balancer::{Balancer, Ejection, EndpointStatus, Pick, PickError, mix};
 pub use policy::{DEFAULT_CONNECT_TIMEOUT, Lb, MAX_EJECTION_TIME, Outlier, Policy};
 pub use report::{Kind, ObjectReport, Report, Status, Warning};
 pub use table::{
-    Dest, EndpointInput, Objects, Options, Request, RouteError, RouteTable, RouteView, Routed,
-    ServiceInput, ServiceView, WeightView, compile,
+    Dest, EndpointInput, Invalid, Objects, Options, Request, RouteError, RouteTable, RouteView,
+    Routed, ServiceInput, ServiceView, WeightView, compile, validate,
 };

@@ -1044,6 +1044,48 @@ fn dest(
     }
 }
 
+/// Why an object is invalid on its own: the field path and the reason.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct Invalid {
+    /// Where (`spec.tcp[0].route[1].weight`).
+    pub field: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// Validates one routing object (DestinationRule, VirtualService, TCPRoute)
+/// on its own, as [`compile`] would read it: `Err` when compiling would
+/// reject it (with its field path). What depends on the mesh's services
+/// (hosts that name no service yet) and what is reported but valid (L7-only
+/// fields, gateway-only objects) is not an error. For sources that refuse
+/// invalid input before publishing it (a workload file).
+pub fn validate(object: &Value) -> Result<(), Invalid> {
+    let one = std::slice::from_ref(object);
+    let mut objects = Objects::default();
+    match object.get("kind").and_then(Value::as_str) {
+        Some("DestinationRule") => objects.destination_rules = one,
+        Some("VirtualService") => objects.virtual_services = one,
+        Some("TCPRoute") => objects.tcp_routes = one,
+        other => {
+            return Err(Invalid {
+                field: "kind".into(),
+                reason: format!(
+                    "{other:?} is not a routing kind (DestinationRule, VirtualService, TCPRoute)"
+                ),
+            });
+        }
+    }
+    let table = compile(objects, Vec::new(), &Options::default());
+    match table.report.objects.first().map(|o| &o.status) {
+        Some(Status::Rejected { field, reason }) => Err(Invalid {
+            field: field.clone(),
+            reason: reason.clone(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Compiles `objects` against `services` into a table and its report.
 /// Invalid objects are rejected (with the field path) one by one: the
 /// others apply.

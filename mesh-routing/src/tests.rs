@@ -766,3 +766,37 @@ fn the_decision_cost_is_flat_in_the_number_of_routes() {
         assert_eq!(crate::bench::bench_decision(n, 10).iterations, 10);
     }
 }
+
+#[test]
+fn validate_checks_one_object_without_services() {
+    let docs = yaml(&split(80, 20));
+    assert_eq!(
+        crate::validate(&docs[0]),
+        Ok(()),
+        "hosts need no service to be valid"
+    );
+    let bad = yaml(&split(80, 20).replace("weight: 20", "weight: -1"));
+    let err = crate::validate(&bad[0]).unwrap_err();
+    assert_eq!(err.field, "spec.tcp[0].route[1].weight");
+    let dr = yaml(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec: {host: web, trafficPolicy: {outlierDetection: {interval: often}}}\n",
+    );
+    assert_eq!(
+        crate::validate(&dr[0]).unwrap_err().field,
+        "spec.trafficPolicy.outlierDetection.interval"
+    );
+    let http_only = yaml(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: h}\nspec: {hosts: [web], http: [{route: [{destination: {host: web}}]}]}\n",
+    );
+    assert_eq!(
+        crate::validate(&http_only[0]),
+        Ok(()),
+        "reported, not invalid"
+    );
+    assert_eq!(
+        crate::validate(&serde_json::json!({"kind": "Gateway"}))
+            .unwrap_err()
+            .field,
+        "kind"
+    );
+}
