@@ -407,6 +407,12 @@ impl Compiler<'_> {
         Self::check_meta(json, "networking.istio.io", "DestinationRule").map_err(Self::rejected)?;
         let obj: Object<model::DestinationRuleSpec> = parse(json).map_err(Self::rejected)?;
         let spec = obj.spec;
+        if spec.other.contains_key("workloadSelector") {
+            // Applying it to every client would misroute the others.
+            return Err(Status::NotApplied {
+                reason: "spec.workloadSelector (a rule for some clients only) is not supported by the node proxy: not applied".into(),
+            });
+        }
         let mut w = Vec::new();
         warn_other(&mut w, "spec", &spec.other);
         let top = match &spec.traffic_policy {
@@ -679,6 +685,12 @@ impl Compiler<'_> {
                     ),
                 });
                 continue;
+            }
+            if p.section_name.is_some() {
+                w.push(Warning {
+                    field: format!("{at}.sectionName"),
+                    message: "not supported for a Service parent (use port): ignored, the route applies to every port".into(),
+                });
             }
             let port = match p.port {
                 None => None,
@@ -1141,6 +1153,49 @@ pub fn compile(objects: Objects<'_>, services: Vec<ServiceInput>, opts: &Options
         let rank = |ns: &str| u8::from(ns != own) + u8::from(ns != root && ns != own);
         s.routes.sort_by_key(|r| rank(&r.namespace));
         s.rules.sort_by_key(|r| rank(&r.namespace));
+    }
+    // Objects are not merged: where several route one service (or several
+    // rules cover one host), one applies per client; say so on the others.
+    let mut shadowed: Vec<(Kind, String, String, Warning)> = Vec::new();
+    for s in &c.services {
+        let routes: Vec<&str> = s.routes.iter().map(|r| &*r.name).collect();
+        for later in routes.iter().skip(1) {
+            let (kind, rest) = later.split_once('/').unwrap_or(("", later));
+            let (ns, name) = rest.split_once('/').unwrap_or(("", rest));
+            let kind = if kind == "TCPRoute" {
+                Kind::TcpRoute
+            } else {
+                Kind::VirtualService
+            };
+            shadowed.push((kind, ns.into(), name.into(), Warning {
+                field: "spec".into(),
+                message: format!(
+                    "service {} is also routed by {}, which takes precedence for clients that see both (route objects are not merged)",
+                    s.key, routes[0]
+                ),
+            }));
+        }
+        for later in s.rules.iter().skip(1) {
+            let (ns, name) = later.name.split_once('/').unwrap_or(("", &later.name));
+            shadowed.push((Kind::DestinationRule, ns.into(), name.into(), Warning {
+                field: "spec.host".into(),
+                message: format!(
+                    "service {} also has DestinationRule {}, which takes precedence for clients that see both (rules are not merged)",
+                    s.key, s.rules[0].name
+                ),
+            }));
+        }
+    }
+    for (kind, ns, name, warning) in shadowed {
+        if let Some(o) = c
+            .report
+            .objects
+            .iter_mut()
+            .find(|o| o.kind == kind && o.namespace == ns && o.name == name)
+            && !o.warnings.contains(&warning)
+        {
+            o.warnings.push(warning);
+        }
     }
     let mut by_vip = HashMap::new();
     for (i, s) in c.services.iter().enumerate() {

@@ -800,3 +800,38 @@ fn validate_checks_one_object_without_services() {
         "kind"
     );
 }
+
+#[test]
+fn objects_for_one_service_are_not_merged_and_the_shadowed_ones_say_so() {
+    let other = split(0, 100).replace("web-split", "web-other");
+    let t = table(SUBSETS, &format!("{}\n---\n{other}", split(80, 20)), "");
+    let o = t
+        .report()
+        .get(Kind::VirtualService, "shop", "web-other")
+        .unwrap();
+    assert!(
+        o.warnings
+            .iter()
+            .any(|w| w.message.contains("takes precedence")),
+        "{o:?}"
+    );
+    let first = t
+        .report()
+        .get(Kind::VirtualService, "shop", "web-split")
+        .unwrap();
+    assert!(first.warnings.is_empty(), "{first:?}");
+    // A rule for some clients only is not applied to every client.
+    let dr = SUBSETS.replace(
+        "  host: web\n",
+        "  host: web\n  workloadSelector: {matchLabels: {app: front}}\n",
+    );
+    let t = table(&dr, "", "");
+    let d = t
+        .report()
+        .get(Kind::DestinationRule, "shop", "web")
+        .unwrap();
+    assert!(
+        matches!(&d.status, Status::NotApplied { reason } if reason.contains("workloadSelector")),
+        "{d:?}"
+    );
+}

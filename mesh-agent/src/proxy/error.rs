@@ -280,6 +280,36 @@ mod tests {
     }
 
     #[test]
+    fn connect_failures_timeouts_and_tunnel_503s_feed_outlier_detection_denials_do_not() {
+        let c = addr("198.18.2.10:8080");
+        let status = |status| Error::Tunnel(HboneError::Status { target: c, status });
+        assert!(status(StatusCode::SERVICE_UNAVAILABLE).is_gateway_error());
+        assert!(!status(StatusCode::UNAUTHORIZED).is_gateway_error());
+        assert!(
+            Error::Direct {
+                target: c,
+                source: io::Error::from(io::ErrorKind::ConnectionRefused),
+            }
+            .is_gateway_error()
+        );
+        let timeout = Error::ConnectTimeout {
+            target: c,
+            timeout: std::time::Duration::from_millis(300),
+        };
+        assert!(timeout.is_gateway_error());
+        assert!(
+            timeout.to_string().contains("timed out after 300ms"),
+            "{timeout}"
+        );
+        assert!(!Error::EndpointLoop(c).is_gateway_error());
+        assert_eq!(
+            Outcome::failed(timeout).as_str(),
+            "connect_failed",
+            "a timeout is a connect failure"
+        );
+    }
+
+    #[test]
     fn texts_the_tests_and_operators_read_stay() {
         let o = Outcome::failed(Error::Revoked);
         assert_eq!(o.reason().as_deref(), Some("closed by a policy change"));
