@@ -47,6 +47,8 @@ struct EndpointState {
     consecutive_errors: u32,
     ejected_until: Option<Instant>,
     times_ejected: u32,
+    /// When `times_ejected` last changed (its decay is measured from here).
+    since: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -279,11 +281,26 @@ impl Balancer {
         })
     }
 
-    /// A connection to `endpoint` of `dest` succeeded: its consecutive
-    /// failures are forgiven.
-    pub fn success(&self, endpoint: SocketAddr) {
-        if let Some(e) = self.lock().endpoints.get_mut(&endpoint) {
-            e.consecutive_errors = 0;
+    /// A connection to `endpoint` of `dest` succeeded at `now`: its
+    /// consecutive failures are forgiven, and (as Envoy does) its ejection
+    /// multiplier decays by one per outlier `interval` it stayed healthy.
+    pub fn success(&self, dest: &Dest, endpoint: SocketAddr, now: Instant) {
+        let mut st = self.lock();
+        let Some(e) = st.endpoints.get_mut(&endpoint) else {
+            return;
+        };
+        e.consecutive_errors = 0;
+        if let (Some(od), Some(since)) = (dest.policy.outlier, e.since)
+            && e.times_ejected > 0
+            && e.ejected_until.is_none_or(|u| u <= now)
+            && now.saturating_duration_since(since) >= od.interval
+        {
+            let intervals =
+                now.saturating_duration_since(since).as_nanos() / od.interval.as_nanos().max(1);
+            e.times_ejected = e
+                .times_ejected
+                .saturating_sub(u32::try_from(intervals).unwrap_or(u32::MAX));
+            e.since = Some(now);
         }
     }
 
@@ -324,6 +341,7 @@ impl Balancer {
             .saturating_mul(e.times_ejected)
             .min(MAX_EJECTION_TIME.max(od.base_ejection_time));
         e.ejected_until = Some(now + time);
+        e.since = Some(now + time);
         e.consecutive_errors = 0;
         Ejection::Ejected
     }

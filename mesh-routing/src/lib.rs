@@ -80,7 +80,8 @@
 //!   `consecutiveGatewayErrors` and `consecutive5xxErrors` (default 5)
 //!   ejects; ejection is immediate and re-admission happens at the first
 //!   pick after `baseEjectionTime` × times ejected (at most 300 s or the
-//!   base), rather than at Istio's `interval` sweep. `maxEjectionPercent`
+//!   base), rather than at Istio's `interval` sweep; the multiplier decays
+//!   by one per `interval` the endpoint stays healthy after re-admission. `maxEjectionPercent`
 //!   of a destination's endpoints (default 10 %, at least one) may be
 //!   ejected at once. With every endpoint ejected, connections fail
 //!   (Istio's default `minHealthPercent` 0: no panic mode).
@@ -92,6 +93,9 @@
 //!   port); other parents are reported. Only the first rule applies.
 //!   Cross-namespace `backendRefs` need a ReferenceGrant, which is not
 //!   read: they are refused (connections routed there fail with a reason).
+//! - Objects are not merged: one route object and one DestinationRule
+//!   apply per client and service; the shadowed ones carry a warning. A
+//!   DestinationRule with `workloadSelector` is not applied.
 #![forbid(unsafe_code)]
 
 mod balancer;

@@ -685,7 +685,7 @@ fn outlier_detection_ejects_within_the_percentage_and_readmits_after_the_ejectio
     let t0 = Instant::now();
     let [e1, e2, e3] = [d.endpoints[0], d.endpoints[1], d.endpoints[2]];
     assert_eq!(b.failure(d, e1, t0), Ejection::None);
-    b.success(e1);
+    b.success(d, e1, t0);
     assert_eq!(
         b.failure(d, e1, t0),
         Ejection::None,
@@ -712,6 +712,11 @@ fn outlier_detection_ejects_within_the_percentage_and_readmits_after_the_ejectio
     assert!(b.status(e1, t1 + Duration::from_secs(19)).ejected);
     assert!(!b.status(e1, t1 + Duration::from_secs(20)).ejected);
     assert_eq!(b.status(e1, t1).times_ejected, 2);
+    // Healthy for an interval (default 10 s) after re-admission: the
+    // multiplier decays by one, so the next ejection is shorter again.
+    let t2 = t1 + Duration::from_secs(20) + Duration::from_secs(10);
+    b.success(d, e1, t2);
+    assert_eq!(b.status(e1, t2).times_ejected, 1);
     // Tried endpoints are skipped; nothing left: no endpoint.
     let err = b.pick(d, c.source, dialled, t1, &[e2, e3]).unwrap_err();
     assert!(matches!(err, PickError::AllEjected(_)), "{err}");

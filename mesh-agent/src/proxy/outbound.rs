@@ -251,8 +251,8 @@ async fn handle(
                 continue;
             }
         };
-        if pick.is_some() {
-            shared.balancer.success(target);
+        if let (Some(d), Some(_)) = (&dest, &pick) {
+            shared.balancer.success(d, target, Instant::now());
         }
         let mut tracker = shared.telemetry.open(Connection {
             direction: Direction::Outbound,
