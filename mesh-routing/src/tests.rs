@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::{
     Balancer, Ejection, EndpointInput, Kind, Lb, Objects, Options, PickError, Request, RouteError,
@@ -839,4 +839,90 @@ fn objects_for_one_service_are_not_merged_and_the_shadowed_ones_say_so() {
         matches!(&d.status, Status::NotApplied { reason } if reason.contains("workloadSelector")),
         "{d:?}"
     );
+}
+
+/// Replaces the leaf at step `pick` of a depth-first walk with `with`.
+fn mutate(v: &mut Value, pick: &mut u64, with: &Value) -> bool {
+    match v {
+        Value::Object(m) => m.values_mut().any(|c| mutate(c, pick, with)),
+        Value::Array(a) => a.iter_mut().any(|c| mutate(c, pick, with)),
+        leaf => {
+            if *pick == 0 {
+                *leaf = with.clone();
+                return true;
+            }
+            *pick -= 1;
+            false
+        }
+    }
+}
+
+#[test]
+fn mutated_objects_never_panic_the_compiler_or_the_decision() {
+    // Every leaf of valid objects replaced by values of other types and
+    // edge values, one at a time: compile reports, never panics, and every
+    // decision on the result returns.
+    let base: Vec<Value> = yaml(&format!(
+        "{SUBSETS}\n---\n{}\n---\n{}",
+        split(80, 20),
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db, namespace: shop}
+spec:
+  host: db
+  trafficPolicy:
+    loadBalancer: {consistentHash: {useSourceIp: true}}
+    connectionPool: {tcp: {maxConnections: 3, connectTimeout: 1s}}
+    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 2s, maxEjectionPercent: 40}
+    portLevelSettings: [{port: {number: 5432}, loadBalancer: {simple: RANDOM}}]
+"#
+    ));
+    let weird = [
+        Value::Null,
+        json!(0),
+        json!(-1),
+        json!(u64::MAX),
+        json!(""),
+        json!("*"),
+        json!("1e309s"),
+        json!([]),
+        json!({}),
+        json!(true),
+        json!("web.shop.svc.cluster.local"),
+    ];
+    let b = Balancer::with_seed(5);
+    let c = Client::new("shop");
+    let mut compiled = 0;
+    for i in 0..base.len() {
+        for step in 0..64 {
+            for w in &weird {
+                let mut objs = base.clone();
+                let mut pick = step;
+                if !mutate(&mut objs[i], &mut pick, w) {
+                    continue;
+                }
+                let (drs, vss): (Vec<Value>, Vec<Value>) = objs
+                    .into_iter()
+                    .partition(|o| o["kind"] == "DestinationRule");
+                let t = compile(
+                    Objects {
+                        destination_rules: &drs,
+                        virtual_services: &vss,
+                        tcp_routes: &[],
+                    },
+                    services(),
+                    &Options::default(),
+                );
+                compiled += 1;
+                for dst in ["10.96.0.10:80", "10.96.0.10:90", "10.96.0.20:5432"] {
+                    if let Some(Ok(r)) = t.route(&c.to(dst), b.random()) {
+                        let _ =
+                            b.pick(&r.dest, c.source, dst.parse().unwrap(), Instant::now(), &[]);
+                    }
+                }
+            }
+        }
+    }
+    assert!(compiled > 300, "{compiled}");
 }
