@@ -90,7 +90,9 @@
 //!   in the [`Report`]; a VirtualService with only L7 routes is
 //!   [`Status::NeedsL7`] and not applied.
 //! - TCPRoute: `parentRefs` of kind `Service` attach it (optionally to one
-//!   port); other parents are reported. Only the first rule applies.
+//!   port); other parents are reported. Only the first rule applies. As
+//!   in GAMMA, a route in the service's namespace applies to every client,
+//!   one in another namespace to the clients of its own namespace only.
 //!   Cross-namespace `backendRefs` need a ReferenceGrant, which is not
 //!   read: they are refused (connections routed there fail with a reason).
 //! - Objects are not merged: one route object and one DestinationRule

@@ -700,7 +700,18 @@ impl Compiler<'_> {
             };
             let pns = p.namespace.as_deref().unwrap_or(ns);
             match self.by_name.get(format!("{pns}/{}", p.name).as_str()) {
-                Some(svc) => parents.push((*svc, port)),
+                // GAMMA: a route in the service's namespace (a producer
+                // route) applies to every client; one in another namespace
+                // (a consumer route), to the clients of its own namespace only.
+                Some(svc) => parents.push((
+                    *svc,
+                    port,
+                    if pns == ns {
+                        Export::All
+                    } else {
+                        Export::Only(vec![ns.to_string()])
+                    },
+                )),
                 None => w.push(Warning {
                     field: format!("{at}.name"),
                     message: format!("no service {pns}/{}", p.name),
@@ -796,11 +807,11 @@ impl Compiler<'_> {
             });
         }
         let name: Arc<str> = format!("TCPRoute/{ns}/{name}").into();
-        for (svc, port) in parents {
+        for (svc, port, export) in parents {
             let set = RouteSet {
                 name: name.clone(),
                 namespace: ns.into(),
-                export: Export::All,
+                export,
                 port,
                 rules: vec![Rule {
                     matches: Vec::new(),

@@ -926,3 +926,36 @@ spec:
     }
     assert!(compiled > 300, "{compiled}");
 }
+
+#[test]
+fn a_consumer_tcproute_applies_to_its_own_namespace_only() {
+    let tr = r#"
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: mine, namespace: client}
+spec:
+  parentRefs: [{kind: Service, name: web, namespace: shop}]
+  rules: [{backendRefs: [{name: web, namespace: shop, port: 90}]}]
+"#;
+    let t = table("", "", tr);
+    let o = t.report().get(Kind::TcpRoute, "client", "mine").unwrap();
+    assert_eq!(o.status, Status::Applied);
+    // Its backend is in another namespace: without ReferenceGrant support it is refused, visibly.
+    assert!(
+        o.warnings
+            .iter()
+            .any(|w| w.message.contains("ReferenceGrant")),
+        "{o:?}"
+    );
+    let err = t
+        .route(&Client::new("client").to("10.96.0.10:80"), 0)
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.route().map(|r| &**r), Some("TCPRoute/client/mine"));
+    // Clients of other namespaces do not see the consumer route.
+    let r = t
+        .route(&Client::new("shop").to("10.96.0.10:80"), 0)
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.route, None);
+}
