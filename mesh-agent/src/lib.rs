@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod ca_server;
 pub mod cli;
 pub mod datapath;
 pub mod identity;

@@ -1,7 +1,9 @@
 //! The Kubernetes source against a fake API server that speaks the real
 //! list/watch protocol (see `kube_fake`), with the real kube client: initial
-//! list, add/update/delete of every kind, enrollment by label, dropped
-//! watches, `410 Gone`, slow and absent resources. Every wait is bounded.
+//! list, add/update/delete of every kind (the policies and the
+//! traffic-management objects too), enrollment by label, dropped watches,
+//! `410 Gone`, slow and absent resources (absent CRDs listed as missing in
+//! the store). Every wait is bounded.
 
 mod kube_fake;
 
@@ -12,7 +14,7 @@ use kube_fake::{
     harness::{self, FakeProc, enrolled, key, present_unenrolled, wait_for},
     objects,
 };
-use mesh_agent::state::ServiceKey;
+use mesh_agent::state::{MissingReason, ServiceKey};
 use serde_json::json;
 
 const NODE: &str = "node-a";
@@ -517,6 +519,13 @@ async fn missing_crds_count_as_empty_and_are_picked_up_once_installed() {
             enrolled(&snap, "shop", "web"),
             "start-up not blocked by the CRDs"
         );
+        wait_missing(&run.store, "the policy kinds reported missing", |m| {
+            m.iter()
+                .filter(|(_, r)| *r == MissingReason::NotServed)
+                .count()
+                == 2
+        })
+        .await;
         server.set_missing(Res::AuthorizationPolicies, false);
         wait_for(&run.store, "CRD installed later", |s| {
             s.policies.authorization.len() == 1
@@ -555,6 +564,224 @@ async fn start_up_waits_for_a_slow_or_absent_server_and_publishes_nothing_before
         assert!(enrolled(&store.current(), "shop", "web"));
         cancel.cancel();
         drop(source);
+    })
+    .await;
+}
+
+/// The resource names of the kinds the store reports missing, with why.
+fn missing(store: &mesh_agent::state::Store) -> Vec<(String, MissingReason)> {
+    store
+        .missing_kinds()
+        .into_iter()
+        .map(|m| (m.resource, m.reason))
+        .collect()
+}
+
+/// Polls the store's missing kinds (they are not part of the snapshot)
+/// until `cond` holds; panics with the last value after the convergence bound.
+async fn wait_missing(
+    store: &mesh_agent::state::Store,
+    what: &str,
+    cond: impl Fn(&[(String, MissingReason)]) -> bool,
+) {
+    let deadline = std::time::Instant::now() + harness::CONVERGE;
+    loop {
+        let now = missing(store);
+        if cond(&now) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}; missing kinds: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn names(objects: &[serde_json::Value]) -> Vec<String> {
+    objects
+        .iter()
+        .map(|o| {
+            format!(
+                "{}/{}",
+                o["metadata"]["namespace"].as_str().unwrap_or_default(),
+                o["metadata"]["name"].as_str().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_objects_arrive_and_follow_changes_and_deletes() {
+    bounded(async {
+        let server = FakeApiServer::start().await;
+        let proc = FakeProc::new("routing");
+        seed(&server, &proc);
+        server.apply(objects::destination_rule(
+            "shop",
+            "web",
+            "web",
+            "ROUND_ROBIN",
+        ));
+        server.apply(objects::destination_rule(
+            "plain",
+            "api",
+            "api.plain.svc.cluster.local",
+            "LEAST_REQUEST",
+        ));
+        server.apply(objects::virtual_service("shop", "web", "web", 80, 20));
+        server.apply(objects::tcp_route(
+            "shop",
+            "web",
+            "web",
+            &[("web-v1", 80, 90), ("web-v2", 80, 10)],
+        ));
+        let run = harness::start(&server, harness::config(NODE, &proc.root)).await;
+        let store = &run.store;
+        let snap = store.current();
+        let routing = &snap.routing;
+        // Raw, as served, sorted by namespace and name, managedFields dropped.
+        assert_eq!(names(&routing.destination_rules), ["plain/api", "shop/web"]);
+        let dr = &routing.destination_rules[1];
+        assert_eq!(dr["apiVersion"], "networking.istio.io/v1");
+        assert_eq!(dr["kind"], "DestinationRule");
+        assert_eq!(dr["spec"]["host"], "web");
+        assert_eq!(dr["spec"]["subsets"][1]["labels"]["version"], "v2");
+        assert!(dr["metadata"].get("managedFields").is_none(), "{dr}");
+        assert!(dr["metadata"]["resourceVersion"].is_string());
+        assert_eq!(names(&routing.virtual_services), ["shop/web"]);
+        assert_eq!(
+            routing.virtual_services[0]["spec"]["tcp"][0]["route"][0]["weight"],
+            80
+        );
+        assert_eq!(names(&routing.tcp_routes), ["shop/web"]);
+        let route = &routing.tcp_routes[0];
+        assert_eq!(route["apiVersion"], "gateway.networking.k8s.io/v1alpha2");
+        assert_eq!(route["spec"]["parentRefs"][0]["kind"], "Service");
+        assert_eq!(route["spec"]["rules"][0]["backendRefs"][1]["weight"], 10);
+        assert!(missing(store).is_empty(), "{:?}", missing(store));
+
+        // A changed weight arrives.
+        server.apply(objects::virtual_service("shop", "web", "web", 0, 100));
+        wait_for(store, "weights changed", |s| {
+            s.routing.virtual_services.first().is_some_and(|vs| {
+                vs["spec"]["tcp"][0]["route"][0]["weight"] == 0
+                    && vs["spec"]["tcp"][0]["route"][1]["weight"] == 100
+            })
+        })
+        .await;
+        // A changed load-balancing policy and a new rule in between the others.
+        server.apply(objects::destination_rule("shop", "web", "web", "RANDOM"));
+        server.apply(objects::destination_rule("shop", "db", "db", "PASSTHROUGH"));
+        let snap = wait_for(store, "rule changed and added", |s| {
+            names(&s.routing.destination_rules) == ["plain/api", "shop/db", "shop/web"]
+                && s.routing.destination_rules[2]["spec"]["trafficPolicy"]["loadBalancer"]["simple"]
+                    == "RANDOM"
+        })
+        .await;
+        assert_eq!(names(&snap.routing.tcp_routes), ["shop/web"], "untouched");
+        // Deletes of every kind.
+        server.delete("networking.istio.io/v1", "DestinationRule", "plain", "api");
+        server.delete("networking.istio.io/v1", "VirtualService", "shop", "web");
+        server.delete(
+            "gateway.networking.k8s.io/v1alpha2",
+            "TCPRoute",
+            "shop",
+            "web",
+        );
+        let snap = wait_for(store, "routing objects deleted", |s| {
+            names(&s.routing.destination_rules) == ["shop/db", "shop/web"]
+                && s.routing.virtual_services.is_empty()
+                && s.routing.tcp_routes.is_empty()
+        })
+        .await;
+        // The policies were not disturbed by any of it.
+        assert_eq!(snap.policies.authorization.len(), 1);
+        assert!(enrolled(&snap, "shop", "web"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_routing_crds_are_tolerated_reported_and_picked_up_once_installed() {
+    bounded(async {
+        let server = FakeApiServer::start().await;
+        let proc = FakeProc::new("routing-crds");
+        seed(&server, &proc);
+        server.apply(objects::destination_rule(
+            "shop",
+            "web",
+            "web",
+            "ROUND_ROBIN",
+        ));
+        server.apply(objects::tcp_route(
+            "shop",
+            "web",
+            "web",
+            &[("web-v2", 80, 1)],
+        ));
+        for res in [Res::DestinationRules, Res::VirtualServices, Res::TcpRoutes] {
+            server.set_missing(res, true);
+        }
+        let run = harness::start(&server, harness::config(NODE, &proc.root)).await;
+        let store = &run.store;
+        let snap = store.current();
+        assert!(
+            enrolled(&snap, "shop", "web"),
+            "start-up not blocked by the routing CRDs"
+        );
+        assert_eq!(snap.policies.authorization.len(), 1, "policies still read");
+        assert_eq!(snap.routing, mesh_agent::state::RoutingObjects::default());
+        // Reported, not only logged: each absent kind with its reason.
+        let not_served = |r: &str| (r.to_owned(), MissingReason::NotServed);
+        wait_missing(store, "the three kinds reported missing", |m| {
+            m == [
+                not_served("destinationrules.networking.istio.io"),
+                not_served("tcproutes.gateway.networking.k8s.io"),
+                not_served("virtualservices.networking.istio.io"),
+            ]
+        })
+        .await;
+        // The Gateway API is installed later: its routes arrive, and it is
+        // no longer reported; the Istio kinds still are.
+        server.set_missing(Res::TcpRoutes, false);
+        wait_for(store, "TCPRoute CRD installed later", |s| {
+            names(&s.routing.tcp_routes) == ["shop/web"]
+        })
+        .await;
+        wait_missing(store, "TCPRoute no longer missing", |m| {
+            m == [
+                not_served("destinationrules.networking.istio.io"),
+                not_served("virtualservices.networking.istio.io"),
+            ]
+        })
+        .await;
+        assert!(store.current().routing.destination_rules.is_empty());
+        // Uninstalled again (its objects go with the CRD): the next watch
+        // gets 404, the routes are gone and the kind is reported again.
+        server.set_missing(Res::TcpRoutes, true);
+        server.drop_watches();
+        wait_for(store, "TCPRoute CRD uninstalled", |s| {
+            s.routing.tcp_routes.is_empty()
+        })
+        .await;
+        wait_missing(store, "TCPRoute missing again", |m| {
+            m.contains(&not_served("tcproutes.gateway.networking.k8s.io"))
+        })
+        .await;
+        // And the agent kept working meanwhile: a pod change still arrives.
+        server.apply(objects::pod(
+            "plain",
+            "plain",
+            UID_PLAIN,
+            NODE,
+            &["10.1.0.12"],
+            json!({"istio.io/dataplane-mode": "ambient"}),
+        ));
+        wait_for(store, "pods still followed", |s| {
+            enrolled(s, "plain", "plain")
+        })
+        .await;
     })
     .await;
 }

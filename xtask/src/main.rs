@@ -56,7 +56,13 @@ enum Cmd {
 
 /// Integration test targets that need no root (no lab): `check` runs them.
 /// Every other integration test is a lab test and runs in `test` only.
-const ROOT_FREE_TESTS: [&str; 4] = ["kube_sync", "kube_outage", "deploy_manifests", "check_cli"];
+const ROOT_FREE_TESTS: [&str; 5] = [
+    "kube_sync",
+    "kube_outage",
+    "deploy_manifests",
+    "check_cli",
+    "ca_serve",
+];
 
 /// The nightly the kernel programs build with (and cargo-fuzz runs on), read
 /// from the one file that names it.

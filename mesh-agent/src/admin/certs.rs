@@ -55,6 +55,37 @@ pub trait CertificateSource: Send + Sync + 'static {
     fn ca(&self) -> Option<crate::identity::CaValidity> {
         None
     }
+
+    /// Who issues the certificates, with issuance counts.
+    fn issuer(&self) -> Option<IssuerStatus> {
+        None
+    }
+}
+
+/// The issuer and its record since start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IssuerStatus {
+    /// Kind and address.
+    pub info: crate::identity::IssuerInfo,
+    /// Issuances and failures.
+    pub counts: crate::identity::IssueCounts,
+}
+
+impl IssuerStatus {
+    /// The JSON of `/config_dump`'s `issuer`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "kind": self.info.kind,
+            "endpoint": self.info.endpoint,
+            "issued": self.counts.issued,
+            "failed": self.counts.failed,
+            "last_failure": self.counts.last_failure.as_ref().map(|f| serde_json::json!({
+                "identity": f.identity.to_string(),
+                "error": f.error,
+                "at": rfc3339(f.at),
+            })),
+        })
+    }
 }
 
 /// The shared view of the agent's certificates: empty until a source is set.
@@ -96,6 +127,15 @@ impl Certificates {
             .as_ref()
             .and_then(|s| s.ca())
     }
+
+    /// The issuer (none before a source is set).
+    pub fn issuer(&self) -> Option<IssuerStatus> {
+        self.source
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .and_then(|s| s.issuer())
+    }
 }
 
 /// The identity code's certificate manager: what it holds now, without
@@ -117,6 +157,13 @@ impl CertificateSource for crate::identity::CertManager {
 
     fn ca(&self) -> Option<crate::identity::CaValidity> {
         self.ca_validity()
+    }
+
+    fn issuer(&self) -> Option<IssuerStatus> {
+        Some(IssuerStatus {
+            info: crate::identity::CertManager::issuer(self),
+            counts: self.issue_counts(),
+        })
     }
 }
 

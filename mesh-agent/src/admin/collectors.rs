@@ -65,6 +65,34 @@ impl Collector for CertificateCollector {
             )?;
             ConstGauge::new(i64::from(expiring)).encode(m)?;
         }
+        if let Some(issuer) = self.0.issuer() {
+            let m = encoder.encode_descriptor(
+                "mesh_cert_issued",
+                "Workload certificates issued since start (first issuance and rotations).",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(issuer.counts.issued).encode(m)?;
+            let m = encoder.encode_descriptor(
+                "mesh_cert_issue_failures",
+                "Certificate issuances that failed since start (issuer unreachable, refused, or a bad answer); see the agent's log or `mesh-agent certs` for the reason.",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(issuer.counts.failed).encode(m)?;
+            let mut m = encoder.encode_descriptor(
+                "mesh_cert_issuer_info",
+                "The issuer of the workload certificates (1, labelled by kind and endpoint).",
+                None,
+                MetricType::Gauge,
+            )?;
+            let kind = issuer.info.kind.to_string();
+            let labels = [
+                ("kind", kind.as_str()),
+                ("endpoint", issuer.info.endpoint.as_str()),
+            ];
+            ConstGauge::new(1).encode(m.encode_family(&labels)?)?;
+        }
         if certs.is_empty() {
             return Ok(());
         }

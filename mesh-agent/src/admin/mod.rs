@@ -260,6 +260,10 @@ impl Admin {
             })
         });
         let certificates = self.state.certificates.clone();
+        self.config_dump().register("issuer", move || {
+            certificates.issuer().map_or(Value::Null, |i| i.to_json())
+        });
+        let certificates = self.state.certificates.clone();
         self.config_dump().register("certificates", move || {
             let now = SystemTime::now();
             certificates.list().iter().map(|c| c.to_json(now)).collect()
@@ -332,7 +336,7 @@ impl Admin {
 
     /// Registers the views of the store: `node`, `workloads` (with each
     /// pod's enrollment as the kernel and the control loop report it),
-    /// `services` and `policies`.
+    /// `services`, `policies`, `routing_objects` and `sources`.
     pub fn register_store(&self, store: &Store) {
         let s = store.clone();
         self.config_dump()
@@ -358,9 +362,18 @@ impl Admin {
             })
         });
         let s = store.clone();
+        self.config_dump().register("routing_objects", move || {
+            routing_objects_json(&s.current())
+        });
+        let s = store.clone();
         self.config_dump().register("sources", move || {
             let r = s.rejections();
-            json!({ "rejected": r.count, "last_error": r.last_error })
+            let missing: Vec<Value> = s
+                .missing_kinds()
+                .iter()
+                .map(|m| json!({"kind": m.resource, "reason": m.reason.as_str()}))
+                .collect();
+            json!({ "rejected": r.count, "last_error": r.last_error, "missing_kinds": missing })
         });
         let enrollment = self.enrollment.clone();
         self.config_dump().register("enrollment", move || {
@@ -491,6 +504,22 @@ fn workloads_json(
             })
         })
         .collect()
+}
+
+/// The traffic-management objects as the sources gave them (raw, like
+/// `policies`), with a count per kind.
+fn routing_objects_json(snap: &Snapshot) -> Value {
+    let r = &snap.routing;
+    json!({
+        "counts": {
+            "destination_rules": r.destination_rules.len(),
+            "virtual_services": r.virtual_services.len(),
+            "tcp_routes": r.tcp_routes.len(),
+        },
+        "destination_rules": r.destination_rules,
+        "virtual_services": r.virtual_services,
+        "tcp_routes": r.tcp_routes,
+    })
 }
 
 fn services_json(snap: &Snapshot) -> Value {

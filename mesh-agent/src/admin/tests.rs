@@ -138,6 +138,44 @@ fn config_dump_lists_workloads_with_their_enrollment() {
 }
 
 #[test]
+fn config_dump_shows_routing_objects_and_missing_kinds() {
+    let (admin, store) = admin();
+    let (_, dump) = get(&admin, "/config_dump");
+    assert_eq!(
+        dump["routing_objects"]["counts"],
+        serde_json::json!({"destination_rules": 0, "virtual_services": 0, "tcp_routes": 0})
+    );
+    assert_eq!(dump["sources"]["missing_kinds"], serde_json::json!([]));
+    let dr = serde_json::json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+        "metadata": {"name": "web", "namespace": "shop"}, "spec": {"host": "web"}});
+    let vs = serde_json::json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": "web", "namespace": "shop"}, "spec": {"hosts": ["web"]}});
+    let mut next = (*store.current()).clone();
+    next.routing = crate::state::RoutingObjects {
+        destination_rules: vec![dr.clone()],
+        virtual_services: vec![vs.clone(), vs.clone()],
+        tcp_routes: Vec::new(),
+    };
+    store.publish_snapshot(next);
+    store.set_missing_kinds(vec![crate::state::MissingKind {
+        resource: "tcproutes.gateway.networking.k8s.io".into(),
+        reason: crate::state::MissingReason::NotServed,
+    }]);
+    let (_, dump) = get(&admin, "/config_dump");
+    let r = &dump["routing_objects"];
+    assert_eq!(
+        r["counts"],
+        serde_json::json!({"destination_rules": 1, "virtual_services": 2, "tcp_routes": 0})
+    );
+    assert_eq!(r["destination_rules"], serde_json::json!([dr]));
+    assert_eq!(r["virtual_services"][1], vs);
+    assert_eq!(
+        dump["sources"]["missing_kinds"],
+        serde_json::json!([{"kind": "tcproutes.gateway.networking.k8s.io", "reason": "not_served"}])
+    );
+}
+
+#[test]
 fn readiness_waits_for_every_block() {
     let (admin, _) = admin();
     let datapath = admin.readiness().block("datapath");

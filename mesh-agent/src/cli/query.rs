@@ -118,6 +118,14 @@ pub fn format_answer(cmd: &QueryCommand, answer: &Value, json: bool) -> String {
         QueryCommand::Status(_) => (answer.clone(), render::status),
         QueryCommand::Workloads(_) => (part("workloads"), render::workloads),
         QueryCommand::Policies(_) => (part("policies"), render::policies),
+        // The JSON is the list; the text starts with who issues them.
+        QueryCommand::Certs(_) if !json => {
+            return format!(
+                "{}{}",
+                render::issuer(&part("issuer")),
+                render::certs(&part("certificates"))
+            );
+        }
         QueryCommand::Certs(_) => (part("certificates"), render::certs),
         QueryCommand::Connections(_) => (answer.clone(), render::connections),
         QueryCommand::Routes(_) => (part("routes"), render::routes),

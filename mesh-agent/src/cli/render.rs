@@ -135,6 +135,20 @@ pub fn status(dump: &Value) -> String {
             .filter(|w| w.get("status").and_then(Value::as_str) == Some(status))
             .count()
     };
+    // Kinds the source cannot read (a CRD not installed, RBAC missing).
+    let missing: Vec<String> = dump["sources"]["missing_kinds"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .map(|m| format!("{} ({})", s(m, "kind"), s(m, "reason").replace('_', " ")))
+        .collect();
+    let sources = if missing.is_empty() {
+        sources
+    } else {
+        let mut with = sources;
+        with.push(format!("missing kinds: {}", missing.join(", ")));
+        with
+    };
     let rows = [
         ("Agent", ready),
         ("Version", s(agent, "version")),
@@ -177,6 +191,20 @@ pub fn status(dump: &Value) -> String {
             ),
         ),
         ("Certificates", arr(dump, "certificates").len().to_string()),
+        (
+            "Issuer",
+            dump.get("issuer")
+                .filter(|i| !i.is_null())
+                .map_or("-".into(), |i| {
+                    format!(
+                        "{} ({}), {} issued, {} failed",
+                        s(i, "kind"),
+                        s(i, "endpoint"),
+                        i.get("issued").and_then(Value::as_u64).unwrap_or(0),
+                        i.get("failed").and_then(Value::as_u64).unwrap_or(0)
+                    )
+                }),
+        ),
         (
             "Connections",
             u(agent, "open_connections").map_or("-".into(), |n| format!("{n} open")),
@@ -372,6 +400,30 @@ pub fn certs(certs: &Value) -> String {
     table(&["IDENTITY", "SERIAL", "NOT AFTER", "EXPIRES IN"], &rows)
 }
 
+/// The issuer line of `mesh-agent certs` (and `status`): its kind and
+/// address, issuances and failures, the last failure.
+pub fn issuer(issuer: &Value) -> String {
+    if issuer.is_null() {
+        return String::new();
+    }
+    let mut out = format!(
+        "issuer: {} ({}); {} issued, {} failed\n",
+        s(issuer, "kind"),
+        s(issuer, "endpoint"),
+        issuer.get("issued").and_then(Value::as_u64).unwrap_or(0),
+        issuer.get("failed").and_then(Value::as_u64).unwrap_or(0),
+    );
+    if let Some(last) = issuer.get("last_failure").filter(|v| !v.is_null()) {
+        out.push_str(&format!(
+            "last failure: {} at {}: {}\n",
+            s(last, "identity"),
+            s(last, "at"),
+            s(last, "error")
+        ));
+    }
+    out
+}
+
 /// `mesh-agent connections`: the open connections.
 pub fn connections(conns: &Value) -> String {
     let list = conns.as_array().map_or(&[][..], Vec::as_slice);
@@ -465,11 +517,31 @@ mod tests {
                     {"metadata": {"namespace": "istio-system", "name": "default"}, "spec": {"mtls": {"mode": "STRICT"}}}
                 ]
             },
+            "issuer": {"kind": "istio-ca", "endpoint": "https://mesh-ca.mesh-system.svc:15012", "issued": 3, "failed": 1,
+                       "last_failure": {"identity": "spiffe://cluster.local/ns/shop/sa/cart", "at": "2026-11-25T00:00:00Z", "error": "the CA refused: no pod of shop/cart on node-1"}},
             "certificates": [
                 {"identity": "spiffe://cluster.local/ns/default/sa/a", "serial": "3f2a", "not_after": "2026-11-26T17:55:20Z", "expires_in_seconds": 86000},
                 {"identity": "spiffe://cluster.local/ns/shop/sa/cart", "serial": "01", "not_after": "2026-11-25T00:00:00Z", "expires_in_seconds": -5}
             ]
         })
+    }
+
+    #[test]
+    fn status_names_the_kinds_the_source_cannot_read() {
+        let mut d = dump();
+        d["agent"]["sources"] = json!(["kubernetes"]);
+        d["sources"] = json!({"rejected": 0, "missing_kinds": [
+            {"kind": "tcproutes.gateway.networking.k8s.io", "reason": "not_served"},
+            {"kind": "virtualservices.networking.istio.io", "reason": "forbidden"}
+        ]});
+        let out = status(&d);
+        assert!(
+            out.contains(
+                "Sources:      kubernetes, missing kinds: tcproutes.gateway.networking.k8s.io \
+                 (not served), virtualservices.networking.istio.io (forbidden)\n"
+            ),
+            "{out}"
+        );
     }
 
     fn open_connections() -> Value {
@@ -501,6 +573,7 @@ Sources:      file:/etc/mesh/workloads.yaml
 Listeners:    admin 127.0.0.1:15000, metrics 0.0.0.0:15020, readiness 0.0.0.0:15021
 Workloads:    4 (1 enrolled, 1 pending, 1 failed)
 Certificates: 2
+Issuer:       istio-ca (https://mesh-ca.mesh-system.svc:15012), 3 issued, 1 failed
 Connections:  1 open
 "
         );
@@ -557,6 +630,18 @@ spiffe://cluster.local/ns/shop/sa/cart  01      2026-11-25T00:00:00Z  expired
 "
         );
         assert_eq!(certs(&json!([])), "no certificates\n");
+    }
+
+    #[test]
+    fn issuer_line_names_kind_endpoint_counts_and_last_failure() {
+        assert_eq!(
+            issuer(&dump()["issuer"]),
+            "\
+issuer: istio-ca (https://mesh-ca.mesh-system.svc:15012); 3 issued, 1 failed
+last failure: spiffe://cluster.local/ns/shop/sa/cart at 2026-11-25T00:00:00Z: the CA refused: no pod of shop/cart on node-1
+"
+        );
+        assert_eq!(issuer(&Value::Null), "");
     }
 
     #[test]

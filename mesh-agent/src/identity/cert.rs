@@ -2,6 +2,8 @@
 
 use std::{
     fmt,
+    future::Future,
+    pin::Pin,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -17,21 +19,23 @@ use super::peer::parse_leaf;
 use super::provider::crypto_provider;
 use super::spiffe::{SpiffeId, TrustDomain};
 
+/// What [`CertificateProvider::issue`] returns: the issuance, to be awaited.
+pub type IssueFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<WorkloadCert, IssueError>> + Send + 'a>>;
+
 /// Issues workload certificates. [`LocalCa`](super::LocalCa) signs them with
-/// the mesh CA; other issuers (Istio's CA, SPIRE's delegated identity API) can
-/// implement this without the proxy noticing.
+/// the mesh CA in this process; [`IstioCaIssuer`](super::IstioCaIssuer) asks
+/// a CA over Istio's gRPC API (istiod, istio-csr or `mesh-agent ca serve`)
+/// with a CSR, so that the node holds no CA key.
 ///
-/// The trait is synchronous on purpose: rustls asks for certificates from
-/// synchronous callbacks in the middle of a handshake
-/// ([`ResolvesServerCert`](rustls::server::ResolvesServerCert)), and the
-/// [`CertManager`](super::CertManager) issues on first use and rotates on
-/// access from there. Local issuance is pure computation (an ECDSA P-256 key
-/// and one signature, well under a millisecond), cheaper than handing it to
-/// another task. A remote issuer would keep its own cache filled in the
-/// background (SPIRE's API is a push stream anyway) and answer from it.
+/// Issuance is asynchronous (a remote CA is a network round trip away); the
+/// [`CertManager`](super::CertManager) caches the result, so rustls'
+/// synchronous certificate callbacks only ever read a certificate already
+/// there, and the proxy awaits [`CertManager::fetch`](super::CertManager::fetch)
+/// before a handshake.
 pub trait CertificateProvider: Send + Sync + 'static {
     /// A fresh certificate for `id`: a new key, the leaf and its intermediates.
-    fn issue(&self, id: &SpiffeId) -> Result<WorkloadCert, IssueError>;
+    fn issue<'a>(&'a self, id: &'a SpiffeId) -> IssueFuture<'a>;
 
     /// The roots peers' certificates must chain to.
     fn trust_anchors(&self) -> Vec<CertificateDer<'static>>;
@@ -44,6 +48,40 @@ pub trait CertificateProvider: Send + Sync + 'static {
     fn ca_validity(&self) -> Option<CaValidity> {
         None
     }
+
+    /// Which issuer this is, for `mesh-agent status`/`certs` and the logs.
+    fn describe(&self) -> IssuerInfo;
+}
+
+/// Which kind of issuer signs the node's workload certificates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IssuerKind {
+    /// The mesh CA's key is in this agent ([`LocalCa`](super::LocalCa)): for
+    /// labs and single-node clusters; a compromised node owns every identity.
+    Local,
+    /// A CA reached over Istio's certificate API with a CSR (istiod,
+    /// istio-csr, `mesh-agent ca serve`), which checks that the identity
+    /// belongs to a pod on this node.
+    IstioCa,
+}
+
+impl fmt::Display for IssuerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Local => "local",
+            Self::IstioCa => "istio-ca",
+        })
+    }
+}
+
+/// An issuer, as shown to the operator.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IssuerInfo {
+    /// The kind of issuer.
+    pub kind: IssuerKind,
+    /// Where it is: the CA's address, or the CA's subject for a local CA.
+    pub endpoint: String,
 }
 
 /// Why a certificate could not be issued.
@@ -85,6 +123,30 @@ pub enum IssueError {
         id: SpiffeId,
         /// What is wrong with it.
         reason: String,
+    },
+    /// The issuer could not be reached or refused the request.
+    #[error("cannot get a certificate for {id} from the CA at {endpoint}: {reason}")]
+    Unavailable {
+        /// The identity asked for.
+        id: SpiffeId,
+        /// The CA's address.
+        endpoint: String,
+        /// What went wrong (the CA's answer, or the transport error).
+        reason: String,
+    },
+    /// No certificate was ever issued for this identity, and the last attempt
+    /// failed recently: the next attempt waits for its backoff.
+    #[error(
+        "no certificate for {id} yet: the last issuance failed ({last_error}); retrying in {} ms",
+        retry_in.as_millis()
+    )]
+    Backoff {
+        /// The identity asked for.
+        id: SpiffeId,
+        /// The last failure.
+        last_error: String,
+        /// When the next attempt is allowed.
+        retry_in: Duration,
     },
     /// Another provider's failure.
     #[error("cannot issue a certificate for {id}: {source}")]

@@ -10,7 +10,7 @@ pub(super) fn unix_to_system(secs: i64) -> std::time::SystemTime {
 }
 
 /// A time as `YYYY-MM-DDTHH:MM:SSZ` (UTC), for messages and logs.
-pub(super) fn fmt_time(t: std::time::SystemTime) -> String {
+pub fn fmt_time(t: std::time::SystemTime) -> String {
     let secs = match t.duration_since(std::time::SystemTime::UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         Err(e) => i64::try_from(e.duration().as_secs()).map_or(i64::MIN, |s| -s),

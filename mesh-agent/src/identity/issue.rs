@@ -8,7 +8,9 @@ use std::{
 use rustls::pki_types::CertificateDer;
 
 use super::ca::{CLOCK_SKEW, MeshCa, validity::CaValidity};
-use super::cert::{CertificateProvider, IssueError, WorkloadCert};
+use super::cert::{
+    CertificateProvider, IssueError, IssueFuture, IssuerInfo, IssuerKind, WorkloadCert,
+};
 use super::clock::fmt_time;
 use super::spiffe::{SpiffeId, TrustDomain};
 
@@ -67,8 +69,10 @@ impl LocalCa {
     }
 }
 
-impl CertificateProvider for LocalCa {
-    fn issue(&self, id: &SpiffeId) -> Result<WorkloadCert, IssueError> {
+impl LocalCa {
+    /// Issues a certificate for `id` now (what [`CertificateProvider::issue`]
+    /// does, without the future): a fresh key, signed in this process.
+    pub fn issue_now(&self, id: &SpiffeId) -> Result<WorkloadCert, IssueError> {
         if id.trust_domain() != &self.trust_domain {
             return Err(IssueError::ForeignTrustDomain {
                 id: id.clone(),
@@ -96,6 +100,21 @@ impl CertificateProvider for LocalCa {
             );
         }
         self.ca.sign_leaf(id, not_before, not_after)
+    }
+}
+
+impl CertificateProvider for LocalCa {
+    fn issue<'a>(&'a self, id: &'a SpiffeId) -> IssueFuture<'a> {
+        // Pure computation (a P-256 key and one signature, well under a
+        // millisecond): no need for another task.
+        Box::pin(std::future::ready(self.issue_now(id)))
+    }
+
+    fn describe(&self) -> IssuerInfo {
+        IssuerInfo {
+            kind: IssuerKind::Local,
+            endpoint: self.ca.subject().to_string(),
+        }
     }
 
     fn trust_anchors(&self) -> Vec<CertificateDer<'static>> {

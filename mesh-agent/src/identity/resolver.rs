@@ -14,7 +14,8 @@ use super::manager::CertManager;
 use super::spiffe::SpiffeId;
 
 /// Presents a workload's current certificate, from the manager, at each
-/// handshake (issuing or rotating it if needed).
+/// handshake (the proxy has fetched it before; an expired one is never
+/// presented).
 #[derive(Debug)]
 pub(super) struct ManagedCert {
     pub(super) manager: Arc<CertManager>,
@@ -24,12 +25,11 @@ pub(super) struct ManagedCert {
 impl ManagedCert {
     fn resolve(&self) -> Option<Arc<CertifiedKey>> {
         match self.manager.get(&self.id) {
-            Ok(cert) => Some(cert.certified_key()),
-            Err(error) => {
+            Some(cert) => Some(cert.certified_key()),
+            None => {
                 tracing::error!(
                     identity = %self.id,
-                    %error,
-                    "no certificate to present: the handshake fails"
+                    "no valid certificate to present: the handshake fails"
                 );
                 None
             }

@@ -73,14 +73,27 @@ fn local(ca: &Arc<MeshCa>) -> MeshTls {
     mesh_tls(LocalCa::new(Arc::clone(ca), td()))
 }
 
-/// Issues with one CA (optionally for another trust domain, or already
-/// expired) but trusts another root and enforces another trust domain: the
-/// odd peers the verifiers must refuse.
+/// The server configuration of `id`, its certificate fetched first (as the
+/// proxy does before a handshake).
+async fn ready_server(tls: &MeshTls, id: &SpiffeId) -> Arc<ServerConfig> {
+    tls.manager().fetch(id).await.unwrap();
+    tls.server_config(id)
+}
+
+/// The client configuration of `id` expecting `expected`, its certificate
+/// fetched first.
+async fn ready_client(tls: &MeshTls, id: &SpiffeId, expected: Vec<SpiffeId>) -> Arc<ClientConfig> {
+    tls.manager().fetch(id).await.unwrap();
+    tls.client_config(id, expected)
+}
+
+/// Issues with one CA (optionally for another trust domain) but trusts
+/// another root and enforces another trust domain: the odd peers the
+/// verifiers must refuse.
 struct Rogue {
     issuer: LocalCa,
     anchors: Vec<CertificateDer<'static>>,
     enforce: TrustDomain,
-    expired: bool,
 }
 
 impl Rogue {
@@ -89,21 +102,13 @@ impl Rogue {
             issuer: LocalCa::new(Arc::clone(issuer_ca), issue_td),
             anchors: trusted_ca.roots().to_vec(),
             enforce: td(),
-            expired: false,
         }
     }
 }
 
 impl CertificateProvider for Rogue {
-    fn issue(&self, id: &SpiffeId) -> Result<WorkloadCert, IssueError> {
-        if self.expired {
-            let now = SystemTime::now();
-            let hour = Duration::from_secs(3600);
-            self.issuer
-                .issue_valid_between(id, now - 2 * hour, now - hour)
-        } else {
-            self.issuer.issue(id)
-        }
+    fn issue<'a>(&'a self, id: &'a SpiffeId) -> IssueFuture<'a> {
+        Box::pin(std::future::ready(self.issuer.issue_now(id)))
     }
 
     fn trust_anchors(&self) -> Vec<CertificateDer<'static>> {
@@ -112,6 +117,38 @@ impl CertificateProvider for Rogue {
 
     fn trust_domain(&self) -> &TrustDomain {
         &self.enforce
+    }
+
+    fn describe(&self) -> IssuerInfo {
+        test_issuer()
+    }
+}
+
+fn test_issuer() -> IssuerInfo {
+    IssuerInfo {
+        kind: IssuerKind::Local,
+        endpoint: "test".into(),
+    }
+}
+
+/// A certificate of `ca` for `id` that expired an hour ago (the manager
+/// never presents one: tests present it by hand).
+fn expired_cert(ca: &Arc<MeshCa>, id: &SpiffeId) -> Arc<CertifiedKey> {
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    LocalCa::new(Arc::clone(ca), td())
+        .issue_valid_between(id, now - 2 * hour, now - hour)
+        .unwrap()
+        .certified_key()
+}
+
+/// Presents a fixed chain and key as the server certificate.
+#[derive(Debug)]
+struct FixedServerCert(Arc<CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for FixedServerCert {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&self.0))
     }
 }
 
@@ -388,8 +425,13 @@ async fn mutual_tls_happy_path_both_identities_alpn_and_data() {
     let server_side = local(&ca);
     let client_side = local(&ca);
     let (s, c) = handshake(
-        server_side.server_config(&server_id()),
-        client_side.client_config(&client_id(), vec![id("prod", "other"), server_id()]),
+        ready_server(&server_side, &server_id()).await,
+        ready_client(
+            &client_side,
+            &client_id(),
+            vec![id("prod", "other"), server_id()],
+        )
+        .await,
     )
     .await;
     let (mut s, mut c) = (s.unwrap(), c.unwrap());
@@ -432,13 +474,18 @@ async fn configs_are_cached() {
     let ca = new_ca();
     let tls = local(&ca);
     assert!(Arc::ptr_eq(
-        &tls.server_config(&server_id()),
-        &tls.server_config(&server_id())
+        &ready_server(&tls, &server_id()).await,
+        &ready_server(&tls, &server_id()).await
     ));
-    let a = tls.client_config(&client_id(), vec![server_id(), id("x", "y")]);
-    let b = tls.client_config(&client_id(), vec![id("x", "y"), server_id(), server_id()]);
+    let a = ready_client(&tls, &client_id(), vec![server_id(), id("x", "y")]).await;
+    let b = ready_client(
+        &tls,
+        &client_id(),
+        vec![id("x", "y"), server_id(), server_id()],
+    )
+    .await;
     assert!(Arc::ptr_eq(&a, &b));
-    let c = tls.client_config(&client_id(), vec![server_id()]);
+    let c = ready_client(&tls, &client_id(), vec![server_id()]).await;
     assert!(!Arc::ptr_eq(&a, &c));
     assert!(!a.enable_sni);
     assert_eq!(a.alpn_protocols, vec![b"h2".to_vec()]);
@@ -450,7 +497,7 @@ async fn configs_are_cached() {
     assert_eq!(tls.manager().identities(), vec![server_id()]);
     assert!(!Arc::ptr_eq(
         &c,
-        &tls.client_config(&client_id(), vec![server_id()])
+        &ready_client(&tls, &client_id(), vec![server_id()]).await
     ));
 }
 
@@ -463,8 +510,8 @@ async fn server_refuses_client_cert_from_another_ca() {
     // signed by another CA.
     let client_side = mesh_tls(Rogue::new(&stranger, td(), &ca));
     let (s, c) = handshake(
-        server_side.server_config(&server_id()),
-        client_side.client_config(&client_id(), vec![server_id()]),
+        ready_server(&server_side, &server_id()).await,
+        ready_client(&client_side, &client_id(), vec![server_id()]).await,
     )
     .await;
     let err = s.unwrap_err();
@@ -487,8 +534,8 @@ async fn server_refuses_client_cert_from_another_ca_of_the_same_name() {
     let server_side = local(&ca);
     let client_side = mesh_tls(Rogue::new(&twin, td(), &ca));
     let (s, c) = handshake(
-        server_side.server_config(&server_id()),
-        client_side.client_config(&client_id(), vec![server_id()]),
+        ready_server(&server_side, &server_id()).await,
+        ready_client(&client_side, &client_id(), vec![server_id()]).await,
     )
     .await;
     assert_eq!(peer_error(&s.unwrap_err()), PeerCertError::UnknownIssuer);
@@ -497,8 +544,8 @@ async fn server_refuses_client_cert_from_another_ca_of_the_same_name() {
     let server_side = mesh_tls(Rogue::new(&twin, td(), &ca));
     let client_side = local(&ca);
     let (_, c) = handshake(
-        server_side.server_config(&server_id()),
-        client_side.client_config(&client_id(), vec![server_id()]),
+        ready_server(&server_side, &server_id()).await,
+        ready_client(&client_side, &client_id(), vec![server_id()]).await,
     )
     .await;
     assert_eq!(peer_error(&c.unwrap_err()), PeerCertError::UnknownIssuer);
@@ -511,8 +558,8 @@ async fn client_refuses_server_cert_from_another_ca() {
     let server_side = mesh_tls(Rogue::new(&stranger, td(), &ca));
     let client_side = local(&ca);
     let (s, c) = handshake(
-        server_side.server_config(&server_id()),
-        client_side.client_config(&client_id(), vec![server_id()]),
+        ready_server(&server_side, &server_id()).await,
+        ready_client(&client_side, &client_id(), vec![server_id()]).await,
     )
     .await;
     let err = c.unwrap_err();
@@ -528,8 +575,8 @@ async fn server_refuses_client_from_another_trust_domain() {
     let client_side = mesh_tls(Rogue::new(&ca, other_td(), &ca));
     let foreign = SpiffeId::new(other_td(), "default", "client").unwrap();
     let (s, c) = handshake(
-        server_side.server_config(&server_id()),
-        client_side.client_config(&foreign, vec![server_id()]),
+        ready_server(&server_side, &server_id()).await,
+        ready_client(&client_side, &foreign, vec![server_id()]).await,
     )
     .await;
     let err = s.unwrap_err();
@@ -555,8 +602,8 @@ async fn client_refuses_server_from_another_trust_domain() {
     let client_side = local(&ca);
     let foreign = SpiffeId::new(other_td(), "prod", "server").unwrap();
     let (s, c) = handshake(
-        server_side.server_config(&foreign),
-        client_side.client_config(&client_id(), vec![server_id()]),
+        ready_server(&server_side, &foreign).await,
+        ready_client(&client_side, &client_id(), vec![server_id()]).await,
     )
     .await;
     let err = c.unwrap_err();
@@ -571,12 +618,13 @@ async fn client_refuses_server_from_another_trust_domain() {
 async fn server_refuses_expired_client_cert() {
     let ca = new_ca();
     let server_side = local(&ca);
-    let mut rogue = Rogue::new(&ca, td(), &ca);
-    rogue.expired = true;
-    let client_side = mesh_tls(rogue);
+    let client_side = local(&ca);
+    let mut config = (*ready_client(&client_side, &client_id(), vec![server_id()]).await).clone();
+    config.client_auth_cert_resolver =
+        Arc::new(FixedClientCert(Some(expired_cert(&ca, &client_id()))));
     let (s, c) = handshake(
-        server_side.server_config(&server_id()),
-        client_side.client_config(&client_id(), vec![server_id()]),
+        ready_server(&server_side, &server_id()).await,
+        Arc::new(config),
     )
     .await;
     let err = s.unwrap_err();
@@ -597,13 +645,13 @@ async fn server_refuses_expired_client_cert() {
 #[tokio::test]
 async fn client_refuses_expired_server_cert() {
     let ca = new_ca();
-    let mut rogue = Rogue::new(&ca, td(), &ca);
-    rogue.expired = true;
-    let server_side = mesh_tls(rogue);
+    let server_side = local(&ca);
     let client_side = local(&ca);
+    let mut config = (*ready_server(&server_side, &server_id()).await).clone();
+    config.cert_resolver = Arc::new(FixedServerCert(expired_cert(&ca, &server_id())));
     let (s, c) = handshake(
-        server_side.server_config(&server_id()),
-        client_side.client_config(&client_id(), vec![server_id()]),
+        Arc::new(config),
+        ready_client(&client_side, &client_id(), vec![server_id()]).await,
     )
     .await;
     assert!(matches!(
@@ -614,14 +662,49 @@ async fn client_refuses_expired_server_cert() {
 }
 
 #[tokio::test]
+async fn the_manager_never_presents_an_expired_certificate() {
+    // A provider handing out a certificate that is already expired (a CA
+    // with a wrong clock): refused at issuance, so no handshake presents it.
+    struct Stale(Arc<MeshCa>, TrustDomain);
+    impl CertificateProvider for Stale {
+        fn issue<'a>(&'a self, id: &'a SpiffeId) -> IssueFuture<'a> {
+            let now = SystemTime::now();
+            let hour = Duration::from_secs(3600);
+            Box::pin(std::future::ready(
+                LocalCa::new(Arc::clone(&self.0), td()).issue_valid_between(
+                    id,
+                    now - 2 * hour,
+                    now - hour,
+                ),
+            ))
+        }
+        fn trust_anchors(&self) -> Vec<CertificateDer<'static>> {
+            self.0.roots().to_vec()
+        }
+        fn trust_domain(&self) -> &TrustDomain {
+            &self.1
+        }
+        fn describe(&self) -> IssuerInfo {
+            test_issuer()
+        }
+    }
+    let manager = Arc::new(CertManager::new(Arc::new(Stale(new_ca(), td()))));
+    let err = manager.fetch(&client_id()).await.unwrap_err();
+    assert!(matches!(err, IssueError::Invalid { .. }), "{err}");
+    assert!(err.to_string().contains("clock"), "{err}");
+    assert!(manager.get(&client_id()).is_none());
+    assert_eq!(manager.issue_counts().failed, 1);
+}
+
+#[tokio::test]
 async fn client_refuses_unexpected_server_identity() {
     let ca = new_ca();
     let server_side = local(&ca);
     let client_side = local(&ca);
     let wanted = id("prod", "payments");
     let (s, c) = handshake(
-        server_side.server_config(&server_id()),
-        client_side.client_config(&client_id(), vec![wanted.clone()]),
+        ready_server(&server_side, &server_id()).await,
+        ready_client(&client_side, &client_id(), vec![wanted.clone()]).await,
     )
     .await;
     let err = c.unwrap_err();
@@ -642,8 +725,8 @@ async fn client_refuses_unexpected_server_identity() {
 
     // No expected identity at all: every server is refused.
     let (_, c) = handshake(
-        server_side.server_config(&server_id()),
-        client_side.client_config(&client_id(), Vec::new()),
+        ready_server(&server_side, &server_id()).await,
+        ready_client(&client_side, &client_id(), Vec::new()).await,
     )
     .await;
     let err = c.unwrap_err();
@@ -655,9 +738,13 @@ async fn server_refuses_client_without_certificate() {
     let ca = new_ca();
     let server_side = local(&ca);
     let client_side = local(&ca);
-    let mut config = (*client_side.client_config(&client_id(), vec![server_id()])).clone();
+    let mut config = (*ready_client(&client_side, &client_id(), vec![server_id()]).await).clone();
     config.client_auth_cert_resolver = Arc::new(FixedClientCert(None));
-    let (s, c) = handshake(server_side.server_config(&server_id()), Arc::new(config)).await;
+    let (s, c) = handshake(
+        ready_server(&server_side, &server_id()).await,
+        Arc::new(config),
+    )
+    .await;
     let err = s.unwrap_err();
     assert_eq!(peer_error(&err), PeerCertError::NoCertificate);
     assert!(describe_tls_error(&err).contains("presented no certificate"));
@@ -697,9 +784,14 @@ async fn server_refuses_client_cert_without_spiffe_id() {
         let (leaf, key) = raw.leaf(sans);
         let certified =
             CertifiedKey::from_der(vec![leaf.clone()], key, &crypto_provider()).unwrap();
-        let mut config = (*client_side.client_config(&client_id(), vec![server_id()])).clone();
+        let mut config =
+            (*ready_client(&client_side, &client_id(), vec![server_id()]).await).clone();
         config.client_auth_cert_resolver = Arc::new(FixedClientCert(Some(Arc::new(certified))));
-        let (s, _c) = handshake(server_side.server_config(&server_id()), Arc::new(config)).await;
+        let (s, _c) = handshake(
+            ready_server(&server_side, &server_id()).await,
+            Arc::new(config),
+        )
+        .await;
         let err = s.unwrap_err();
         let reason = peer_error(&err);
         assert!(
@@ -730,7 +822,11 @@ async fn server_refuses_tls12_client() {
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAnything(provider)))
         .with_no_client_auth();
-    let (s, c) = handshake(server_side.server_config(&server_id()), Arc::new(config)).await;
+    let (s, c) = handshake(
+        ready_server(&server_side, &server_id()).await,
+        Arc::new(config),
+    )
+    .await;
     let err = s.unwrap_err();
     let msg = describe_tls_error(&err);
     assert!(msg.contains("incompatible"), "{msg}");
@@ -756,7 +852,11 @@ async fn server_refuses_client_without_aes_gcm() {
         .with_custom_certificate_verifier(Arc::new(AcceptAnything(chacha_only)))
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
-    let (s, c) = handshake(server_side.server_config(&server_id()), Arc::new(config)).await;
+    let (s, c) = handshake(
+        ready_server(&server_side, &server_id()).await,
+        Arc::new(config),
+    )
+    .await;
     assert!(describe_tls_error(&s.unwrap_err()).contains("incompatible"));
     assert_eq!(alert(&c.unwrap_err()), AlertDescription::HandshakeFailure);
 }
@@ -766,9 +866,13 @@ async fn server_refuses_client_without_h2() {
     let ca = new_ca();
     let server_side = local(&ca);
     let client_side = local(&ca);
-    let mut config = (*client_side.client_config(&client_id(), vec![server_id()])).clone();
+    let mut config = (*ready_client(&client_side, &client_id(), vec![server_id()]).await).clone();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let (s, c) = handshake(server_side.server_config(&server_id()), Arc::new(config)).await;
+    let (s, c) = handshake(
+        ready_server(&server_side, &server_id()).await,
+        Arc::new(config),
+    )
+    .await;
     let err = s.unwrap_err();
     assert!(describe_tls_error(&err).contains("ALPN h2"), "{err}");
     assert_eq!(
@@ -780,7 +884,7 @@ async fn server_refuses_client_without_h2() {
 #[tokio::test]
 async fn server_refuses_a_client_that_does_not_speak_tls() {
     let ca = new_ca();
-    let acceptor = TlsAcceptor::from(local(&ca).server_config(&server_id()));
+    let acceptor = TlsAcceptor::from(ready_server(&local(&ca), &server_id()).await);
     let (mut c, s) = tokio::io::duplex(4096);
     let (accepted, _) = tokio::join!(acceptor.accept(s), async {
         c.write_all(b"CONNECT 10.1.2.3:8080 HTTP/1.1\r\n\r\n")
@@ -823,8 +927,8 @@ async fn intermediate_ca_chain_is_sent_and_verified() {
     let server_side = local(&ca);
     let client_side = local(&ca);
     let (s, c) = handshake(
-        server_side.server_config(&server_id()),
-        client_side.client_config(&client_id(), vec![server_id()]),
+        ready_server(&server_side, &server_id()).await,
+        ready_client(&client_side, &client_id(), vec![server_id()]).await,
     )
     .await;
     let (s, c) = (s.unwrap(), c.unwrap());
@@ -844,8 +948,8 @@ async fn rotation_new_handshakes_get_the_new_cert_and_open_connections_keep_work
     let ttl = Duration::from_secs(2);
     let server_side = mesh_tls(LocalCa::new(Arc::clone(&ca), td()).with_ttl(ttl));
     let client_side = mesh_tls(LocalCa::new(Arc::clone(&ca), td()).with_ttl(ttl));
-    let server_cfg = server_side.server_config(&server_id());
-    let client_cfg = client_side.client_config(&client_id(), vec![server_id()]);
+    let server_cfg = ready_server(&server_side, &server_id()).await;
+    let client_cfg = ready_client(&client_side, &client_id(), vec![server_id()]).await;
 
     let (s, c) = handshake(Arc::clone(&server_cfg), Arc::clone(&client_cfg)).await;
     let (mut old_s, mut old_c) = (s.unwrap(), c.unwrap());
@@ -857,6 +961,9 @@ async fn rotation_new_handshakes_get_the_new_cert_and_open_connections_keep_work
     );
 
     sleep_until(first.refresh_at().max(first_client.refresh_at())).await;
+    // What the sweeper (or a fetch finding the certificate due) does.
+    assert_eq!(server_side.manager().rotate_due().await, 1);
+    assert_eq!(client_side.manager().rotate_due().await, 1);
     let (s, c) = handshake(server_cfg, client_cfg).await;
     let (mut new_s, mut new_c) = (s.unwrap(), c.unwrap());
     let second = server_side.manager().current(&server_id()).unwrap();
@@ -902,15 +1009,21 @@ impl Counting {
 }
 
 impl CertificateProvider for Counting {
-    fn issue(&self, id: &SpiffeId) -> Result<WorkloadCert, IssueError> {
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(IssueError::Provider {
-                id: id.clone(),
-                source: "the issuer is down".into(),
-            });
-        }
-        self.issued.fetch_add(1, Ordering::SeqCst);
-        self.inner.issue(id)
+    fn issue<'a>(&'a self, id: &'a SpiffeId) -> IssueFuture<'a> {
+        Box::pin(async move {
+            // An issuer a network hop away: callers wait, and meanwhile
+            // others may ask for the same identity.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(IssueError::Unavailable {
+                    id: id.clone(),
+                    endpoint: "test".into(),
+                    reason: "the issuer is down".into(),
+                });
+            }
+            self.issued.fetch_add(1, Ordering::SeqCst);
+            self.inner.issue_now(id)
+        })
     }
 
     fn trust_anchors(&self) -> Vec<CertificateDer<'static>> {
@@ -920,44 +1033,71 @@ impl CertificateProvider for Counting {
     fn trust_domain(&self) -> &TrustDomain {
         self.inner.trust_domain()
     }
+
+    fn describe(&self) -> IssuerInfo {
+        test_issuer()
+    }
 }
 
 #[tokio::test]
-async fn get_issues_once_then_rotates_after_half_life() {
+async fn fetch_issues_once_then_rotates_before_half_life() {
     let ca = new_ca();
-    let provider = Counting::new(&ca, Duration::from_secs(2));
-    let manager = CertManager::new(provider.clone());
+    let provider = Counting::new(&ca, Duration::from_secs(4));
+    let manager = Arc::new(CertManager::new(provider.clone()));
     assert!(manager.current(&client_id()).is_none());
-    let first = manager.get(&client_id()).unwrap();
+    assert!(manager.get(&client_id()).is_none(), "get never issues");
+    let first = manager.fetch(&client_id()).await.unwrap();
+    assert!(Arc::ptr_eq(
+        &first,
+        &manager.fetch(&client_id()).await.unwrap()
+    ));
     assert!(Arc::ptr_eq(&first, &manager.get(&client_id()).unwrap()));
     assert_eq!(provider.issued.load(Ordering::SeqCst), 1);
     let life = first.not_after().duration_since(first.issued_at()).unwrap();
     assert!(
-        life >= Duration::from_secs(2) && life <= Duration::from_secs(3),
+        life >= Duration::from_secs(4) && life <= Duration::from_secs(5),
         "{life:?}"
     );
 
+    // Past half-life (rotation is due from 40 % on): a fetch returns the
+    // still-valid certificate at once and rotates in the background.
     sleep_until(first.refresh_at()).await;
-    let second = manager.get(&client_id()).unwrap();
-    assert_ne!(first.serial(), second.serial());
+    let during = manager.fetch(&client_id()).await.unwrap();
+    assert!(Arc::ptr_eq(&first, &during) || during.serial() != first.serial());
+    let second = wait_for(|| {
+        manager
+            .current(&client_id())
+            .filter(|c| c.serial() != first.serial())
+    })
+    .await;
     assert_ne!(first.key().secret_der(), second.key().secret_der());
-    assert!(Arc::ptr_eq(
-        &second,
-        &manager.current(&client_id()).unwrap()
-    ));
     assert_eq!(provider.issued.load(Ordering::SeqCst), 2);
+}
+
+/// Polls `f` until it returns something (at most 3 s).
+async fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
+    for _ in 0..300 {
+        if let Some(v) = f() {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("condition not met within 3 s");
 }
 
 #[tokio::test]
 async fn sweeper_rotates_idle_identities() {
     let ca = new_ca();
     let manager = Arc::new(CertManager::new(Counting::new(&ca, Duration::from_secs(2))));
-    let first = manager.get(&server_id()).unwrap();
+    let first = manager.fetch(&server_id()).await.unwrap();
     let sweeper = manager.spawn_sweeper(Duration::from_millis(50));
-    sleep_until(first.refresh_at() + Duration::from_millis(150)).await;
     // Rotated without anyone asking.
-    let now = manager.current(&server_id()).unwrap();
-    assert_ne!(first.serial(), now.serial());
+    wait_for(|| {
+        manager
+            .current(&server_id())
+            .filter(|c| c.serial() != first.serial())
+    })
+    .await;
     // The sweeper ends with the manager.
     drop(manager);
     tokio::time::timeout(Duration::from_secs(1), sweeper)
@@ -966,60 +1106,100 @@ async fn sweeper_rotates_idle_identities() {
         .unwrap();
 }
 
-#[test]
-fn rotate_due_counts_rotations() {
-    let ca = new_ca();
-    let provider = Counting::new(&ca, Duration::from_secs(3600));
-    let manager = CertManager::new(provider.clone());
-    manager.get(&client_id()).unwrap();
-    assert_eq!(manager.rotate_due(), 0);
-    assert_eq!(provider.issued.load(Ordering::SeqCst), 1);
-}
-
-#[test]
-fn concurrent_first_use_issues_once() {
+#[tokio::test]
+async fn rotate_due_counts_rotations() {
     let ca = new_ca();
     let provider = Counting::new(&ca, Duration::from_secs(3600));
     let manager = Arc::new(CertManager::new(provider.clone()));
-    let certs: Vec<_> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..16)
-            .map(|_| scope.spawn(|| manager.get(&client_id()).unwrap()))
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    manager.fetch(&client_id()).await.unwrap();
+    assert_eq!(manager.rotate_due().await, 0);
+    assert_eq!(provider.issued.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_use_issues_once() {
+    let ca = new_ca();
+    let provider = Counting::new(&ca, Duration::from_secs(3600));
+    let manager = Arc::new(CertManager::new(provider.clone()));
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let manager = Arc::clone(&manager);
+            tokio::spawn(async move { manager.fetch(&client_id()).await.unwrap() })
+        })
+        .collect();
+    let mut certs = Vec::new();
+    for t in tasks {
+        certs.push(t.await.unwrap());
+    }
     assert!(certs.iter().all(|c| Arc::ptr_eq(c, &certs[0])));
     assert_eq!(provider.issued.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
-async fn failed_rotation_keeps_serving_the_valid_cert() {
+async fn an_issuer_outage_keeps_the_valid_cert_backs_off_and_recovers() {
     let ca = new_ca();
     let provider = Counting::new(&ca, Duration::from_secs(2));
-    let manager = CertManager::new(provider.clone());
-    let first = manager.get(&client_id()).unwrap();
+    let manager = Arc::new(CertManager::new(provider.clone()));
+    let first = manager.fetch(&client_id()).await.unwrap();
     provider.fail.store(true, Ordering::SeqCst);
 
-    // Nothing to fall back on: the error comes through.
-    let err = manager.get(&server_id()).unwrap_err();
+    // Nothing to fall back on: the error comes through, then fails fast
+    // (backoff) without asking the issuer again.
+    let err = manager.fetch(&server_id()).await.unwrap_err();
     assert!(err.to_string().contains("the issuer is down"), "{err}");
+    let again = manager.fetch(&server_id()).await.unwrap_err();
+    assert!(matches!(again, IssueError::Backoff { .. }), "{again}");
+    assert_eq!(manager.issue_counts().failed, 1);
+    let last = manager.issue_counts().last_failure.unwrap();
+    assert_eq!(last.identity, server_id());
 
+    // Rotation due during the outage: the valid certificate is still served.
     sleep_until(first.refresh_at()).await;
-    let still = manager.get(&client_id()).unwrap();
+    assert_eq!(manager.rotate_due().await, 0);
+    let still = manager.fetch(&client_id()).await.unwrap();
     assert!(Arc::ptr_eq(&first, &still));
+    assert!(manager.issue_counts().failed >= 2);
 
-    // Once the issuer is back, the next attempt after the retry delay rotates.
+    // Once the issuer is back, the next attempt after the backoff rotates
+    // (before the certificate expires: the backoff is at most a quarter of
+    // the time left).
     provider.fail.store(false, Ordering::SeqCst);
-    sleep_until(first.not_after()).await;
-    let rotated = manager.get(&client_id()).unwrap();
-    assert_ne!(first.serial(), rotated.serial());
+    let mut rotated = None;
+    for _ in 0..300 {
+        manager.rotate_due().await;
+        rotated = manager
+            .current(&client_id())
+            .filter(|c| c.serial() != first.serial());
+        if rotated.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let rotated = rotated.expect("rotated once the issuer is back");
+    assert!(SystemTime::now() < first.not_after());
+    assert!(!rotated.is_expired_at(SystemTime::now()));
+    // And the identity that never had one gets it.
+    let mut server = None;
+    for _ in 0..300 {
+        server = manager.fetch(&server_id()).await.ok();
+        if server.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let server = server.expect("issued once the issuer is back");
+    assert_eq!(server.identity(), &server_id());
 }
 
-#[test]
-fn retain_forgets_identities_no_longer_local() {
+#[tokio::test]
+async fn retain_forgets_identities_no_longer_local() {
     let ca = new_ca();
-    let manager = CertManager::new(Counting::new(&ca, Duration::from_secs(3600)));
-    manager.get(&client_id()).unwrap();
-    manager.get(&server_id()).unwrap();
+    let manager = Arc::new(CertManager::new(Counting::new(
+        &ca,
+        Duration::from_secs(3600),
+    )));
+    manager.fetch(&client_id()).await.unwrap();
+    manager.fetch(&server_id()).await.unwrap();
     let mut ids = manager.identities();
     ids.sort();
     assert_eq!(ids, vec![client_id(), server_id()]);
@@ -1036,7 +1216,7 @@ fn local_ca_leaf_has_the_workload_profile() {
     let issuer = LocalCa::new(Arc::clone(&ca), td());
     assert_eq!(issuer.ttl(), Duration::from_secs(24 * 3600));
     let before = SystemTime::now();
-    let cert = issuer.issue(&client_id()).unwrap();
+    let cert = issuer.issue_now(&client_id()).unwrap();
     assert_eq!(cert.identity(), &client_id());
     assert_eq!(cert.chain().len(), 1); // root CA: nothing after the leaf
 
@@ -1090,7 +1270,7 @@ fn local_ca_leaf_has_the_workload_profile() {
     );
 
     // Fresh key and serial each time; the serial is positive and 16 bytes.
-    let again = issuer.issue(&client_id()).unwrap();
+    let again = issuer.issue_now(&client_id()).unwrap();
     assert_ne!(cert.serial(), again.serial());
     assert_ne!(cert.key().secret_der(), again.key().secret_der());
     assert_eq!(cert.serial().len(), 16);
@@ -1108,7 +1288,7 @@ fn local_ca_refuses_other_trust_domains() {
     let ca = new_ca();
     let issuer = LocalCa::new(ca, td());
     let foreign = SpiffeId::new(other_td(), "default", "client").unwrap();
-    let err = issuer.issue(&foreign).unwrap_err();
+    let err = issuer.issue_now(&foreign).unwrap_err();
     assert!(
         matches!(err, IssueError::ForeignTrustDomain { .. }),
         "{err}"
@@ -1125,7 +1305,7 @@ fn local_ca_never_issues_past_the_ca_expiry() {
     let raw = RawCa::make("short-lived root", None, hours(-1), hours(1));
     let ca = raw.mesh_ca();
     let cert = LocalCa::new(Arc::clone(&ca), td())
-        .issue(&client_id())
+        .issue_now(&client_id())
         .unwrap();
     assert_eq!(cert.not_after(), ca.not_after());
 }
@@ -1273,8 +1453,8 @@ async fn loads_openssl_sec1_and_pkcs1_ca_keys() {
         let ca = Arc::new(MeshCa::from_pem(cert.as_bytes(), key.as_bytes(), None).unwrap());
         assert!(ca.subject().contains(subject), "{}", ca.subject());
         let (s, c) = handshake(
-            local(&ca).server_config(&server_id()),
-            local(&ca).client_config(&client_id(), vec![server_id()]),
+            ready_server(&local(&ca), &server_id()).await,
+            ready_client(&local(&ca), &client_id(), vec![server_id()]).await,
         )
         .await;
         let s = s.unwrap();
@@ -1336,14 +1516,14 @@ async fn ca_init_then_handshake() {
     MeshCa::init_dir(dir.path(), &td(), DEFAULT_CA_DAYS).unwrap();
     let ca = Arc::new(MeshCa::load_dir(dir.path()).unwrap());
     let issued = LocalCa::new(Arc::clone(&ca), td())
-        .issue(&client_id())
+        .issue_now(&client_id())
         .unwrap();
     assert_eq!(peer_identity(issued.chain()).unwrap(), client_id());
     let server_side = local(&ca);
     let client_side = local(&ca);
     let (s, c) = handshake(
-        server_side.server_config(&server_id()),
-        client_side.client_config(&client_id(), vec![server_id()]),
+        ready_server(&server_side, &server_id()).await,
+        ready_client(&client_side, &client_id(), vec![server_id()]).await,
     )
     .await;
     let (mut s, mut c) = (s.unwrap(), c.unwrap());
@@ -1358,11 +1538,14 @@ async fn ca_init_then_handshake() {
 fn mesh_tls_needs_trust_anchors() {
     struct NoRoots(TrustDomain);
     impl CertificateProvider for NoRoots {
-        fn issue(&self, id: &SpiffeId) -> Result<WorkloadCert, IssueError> {
-            Err(IssueError::Provider {
+        fn describe(&self) -> IssuerInfo {
+            test_issuer()
+        }
+        fn issue<'a>(&'a self, id: &'a SpiffeId) -> IssueFuture<'a> {
+            Box::pin(std::future::ready(Err(IssueError::Provider {
                 id: id.clone(),
                 source: "none".into(),
-            })
+            })))
         }
         fn trust_anchors(&self) -> Vec<CertificateDer<'static>> {
             Vec::new()

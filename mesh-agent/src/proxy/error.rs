@@ -51,6 +51,10 @@ pub enum Error {
         /// Why.
         source: SpiffeIdError,
     },
+    /// The pod has no valid certificate to present (the issuer is down or
+    /// refuses): no mTLS connection is made for it.
+    #[error("no certificate for the pod's identity: {0}")]
+    NoCertificate(#[source] crate::identity::IssueError),
     /// The HBONE tunnel failed: connect, mTLS (identity check) or the
     /// peer's refusal (HTTP status).
     #[error(transparent)]
@@ -144,6 +148,7 @@ impl Failure for Error {
             Self::NoEndpoint(_)
             | Self::EndpointLoop(_)
             | Self::NoIdentity { .. }
+            | Self::NoCertificate(_)
             | Self::Tunnel(_)
             | Self::Direct { .. }
             | Self::App { .. }

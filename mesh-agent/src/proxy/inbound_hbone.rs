@@ -68,6 +68,19 @@ async fn connection(
     };
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
     let _ = tcp.set_nodelay(true);
+    // The pod's certificate (issued on first use; cached otherwise). None:
+    // the connection is dropped before TLS, as a handshake could only fail.
+    match tokio::time::timeout_at(deadline, shared.tls.manager().fetch(&ctx.identity)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(pod = %ctx.key, src = %peer, reason = %e, "HBONE handshake rejected");
+            return reset(tcp);
+        }
+        Err(_) => {
+            tracing::warn!(pod = %ctx.key, src = %peer, reason = "no certificate issued within the handshake timeout", "HBONE handshake rejected");
+            return reset(tcp);
+        }
+    }
     let acceptor = TlsAcceptor::from(shared.tls.server_config(&ctx.identity));
     let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,

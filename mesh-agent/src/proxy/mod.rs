@@ -250,9 +250,13 @@ impl Proxy {
         Self { shared, handle }
     }
 
-    /// Forgets certificates and TLS configurations of identities not in `keep`.
+    /// Forgets certificates and TLS configurations of identities not in `keep`,
+    /// and starts issuing certificates for the new ones (so that a pod's first
+    /// connection does not wait for the CA).
     pub fn retain_identities(&self, keep: &[SpiffeId]) {
         self.shared.tls.retain(keep.iter());
+        let _enter = self.handle.enter();
+        self.shared.tls.manager().prefetch(keep.iter());
     }
 
     /// The mesh's trust domain.

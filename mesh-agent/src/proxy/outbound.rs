@@ -199,6 +199,19 @@ async fn handle(
                 continue;
             }
         };
+        // The pod's certificate first: issued on first use, from the cache
+        // otherwise; none (issuer down, never issued) fails closed. Not part
+        // of the endpoint's connectTimeout, nor an error of the endpoint.
+        let certificate = match &peer_id {
+            Some(_) => shared
+                .tls
+                .manager()
+                .fetch(&ctx.identity)
+                .await
+                .map(|_| ())
+                .map_err(Error::NoCertificate),
+            None => Ok(()),
+        };
         let open = async {
             match &peer_id {
                 Some(id) => open_tunnel(&ctx, target, src, id.clone(), &shared)
@@ -214,14 +227,18 @@ async fn handle(
         };
         // A routed destination's connectTimeout bounds the whole attempt
         // (TCP, and for a mesh peer the tunnel's handshake and CONNECT).
-        let opened = match (&plan, &dest) {
-            (Plan::Routed(_), Some(d)) => {
+        let opened = match (certificate, &plan, &dest) {
+            (Err(e), _, _) => {
+                drop(open);
+                Err(e)
+            }
+            (Ok(()), Plan::Routed(_), Some(d)) => {
                 let timeout = d.policy.connect_timeout();
                 tokio::time::timeout(timeout, open)
                     .await
                     .unwrap_or(Err(Error::ConnectTimeout { target, timeout }))
             }
-            _ => open.await,
+            (Ok(()), _, _) => open.await,
         };
         let upstream = match opened {
             Ok(u) => u,

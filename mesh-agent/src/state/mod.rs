@@ -353,6 +353,35 @@ pub struct Rejections {
     pub last_error: Option<String>,
 }
 
+/// A kind of object a source cannot read, so it counts as empty (the
+/// agent keeps running without it). Shown in `/config_dump` (`sources`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MissingKind {
+    /// The resource (`destinationrules.networking.istio.io`).
+    pub resource: String,
+    /// Why it cannot be read.
+    pub reason: MissingReason,
+}
+
+/// Why a source cannot read a kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum MissingReason {
+    /// The API server does not serve it (`404`: its CRD is not installed).
+    NotServed,
+    /// The agent's service account may not list/watch it (`403`).
+    Forbidden,
+}
+
+impl MissingReason {
+    /// `not_served` / `forbidden`, as `/config_dump` shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MissingReason::NotServed => "not_served",
+            MissingReason::Forbidden => "forbidden",
+        }
+    }
+}
+
 /// The store: sources publish, readers subscribe.
 #[derive(Clone)]
 pub struct Store {
@@ -361,6 +390,8 @@ pub struct Store {
     root_namespace: Arc<str>,
     /// Inputs the sources refused.
     rejections: Arc<std::sync::Mutex<Rejections>>,
+    /// Kinds a source cannot read (counted as empty).
+    missing: Arc<std::sync::Mutex<Vec<MissingKind>>>,
 }
 
 impl Default for Store {
@@ -388,7 +419,25 @@ impl Store {
             tx: Arc::new(tx),
             root_namespace: root_namespace.into(),
             rejections: Arc::default(),
+            missing: Arc::default(),
         }
+    }
+
+    /// Replaces the kinds the source cannot read (sorted, as given).
+    pub fn set_missing_kinds(&self, mut kinds: Vec<MissingKind>) {
+        kinds.sort();
+        *self
+            .missing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = kinds;
+    }
+
+    /// The kinds the source cannot read, sorted.
+    pub fn missing_kinds(&self) -> Vec<MissingKind> {
+        self.missing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// A source refused its input (`error` says why); the current snapshot

@@ -26,12 +26,33 @@
 //!     kind: AuthorizationPolicy
 //!     metadata: {name: deny-all, namespace: default}
 //!     spec: {action: DENY, rules: [{}]}
+//! resources:                                # any object the agent reads, verbatim:
+//!   - apiVersion: networking.istio.io/v1    # AuthorizationPolicy, PeerAuthentication,
+//!     kind: DestinationRule                 # DestinationRule, VirtualService, TCPRoute
+//!     metadata: {name: web, namespace: default}
+//!     spec:
+//!       host: web
+//!       subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+//!   - apiVersion: networking.istio.io/v1
+//!     kind: VirtualService
+//!     metadata: {name: web, namespace: default}
+//!     spec:
+//!       hosts: [web]
+//!       tcp: [{route: [{destination: {host: web, subset: v1}, weight: 90},
+//!                      {destination: {host: web, subset: v2}, weight: 10}]}]
 //! ```
 //!
-//! Policy objects are checked as the API server would check them (name,
-//! `apiVersion`, `kind`, one of `selector`/`targetRefs`, the dry-run
-//! annotation): one it would refuse rejects the file, so that no policy is
-//! silently dropped.
+//! Policy objects (under `policies:` or `resources:`) are checked as the API
+//! server would check them (name, `apiVersion`, `kind`, one of
+//! `selector`/`targetRefs`, the dry-run annotation): one it would refuse
+//! rejects the file, so that no policy is silently dropped. `resources:`
+//! objects are recognised by `apiVersion` and `kind` (another kind or
+//! version rejects the file at `resources[i].kind` / `.apiVersion`);
+//! traffic-management objects get the CRD schema's checks and defaults and
+//! the routing engine's validation hook ([`super::resources`]), and are
+//! published as the API server would serve them (storage version, namespace
+//! `default` when none is given), sorted by namespace and name; two objects
+//! of one kind with the same namespace and name reject the file.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -43,10 +64,11 @@ use std::{
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
+use super::resources::{self, ResourceKind};
 use crate::policy::Kind;
 use crate::state::{
-    Endpoint, NodeInfo, Policies, PolicyDocument, Service, ServiceKey, ServicePort, Snapshot,
-    Store, Workload, WorkloadKey,
+    Endpoint, NodeInfo, Policies, PolicyDocument, RoutingObjects, Service, ServiceKey, ServicePort,
+    Snapshot, Store, Workload, WorkloadKey,
 };
 
 /// Why a workload file was rejected. The message names the file and the field.
@@ -93,6 +115,10 @@ struct FileModel {
     /// Services: virtual IPs load-balanced over pods of this file.
     #[serde(default)]
     services: Vec<ServiceModel>,
+    /// Any object the agent reads ([`resources::ResourceKind`]), as
+    /// `kubectl get -o yaml` prints it.
+    #[serde(default)]
+    resources: Vec<serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,18 +202,26 @@ pub struct WorkloadFile {
     /// malformed spec is left to the policy engine, which reports it and
     /// fails closed without rejecting the others.
     pub policies: Policies,
-    /// Where each `policies[i]` of the file went in `policies`, in file order
-    /// (to name a policy error by its field in the file).
-    pub policy_documents: Vec<PolicyDocument>,
+    /// Where each policy of the file (`policies[i]` or `resources[i]`) went
+    /// in `policies`, with that field, in file order (to name a policy
+    /// error by its field in the file).
+    pub policy_documents: Vec<(PolicyDocument, String)>,
     /// The services, by key.
     pub services: BTreeMap<ServiceKey, Service>,
+    /// The traffic-management objects of `resources:`, as the API server
+    /// would serve them (storage version, schema defaults, namespace set),
+    /// sorted by namespace and name.
+    pub routing: RoutingObjects,
 }
 
 impl WorkloadFile {
-    /// `policies[i]`, the file's field of a document of [`WorkloadFile::policies`].
+    /// `policies[i]` or `resources[i]`, the file's field of a document of
+    /// [`WorkloadFile::policies`].
     pub fn policy_field(&self, document: PolicyDocument) -> Option<String> {
-        let i = self.policy_documents.iter().position(|d| *d == document)?;
-        Some(format!("policies[{i}]"))
+        self.policy_documents
+            .iter()
+            .find(|(d, _)| *d == document)
+            .map(|(_, field)| field.clone())
     }
 }
 
@@ -345,50 +379,65 @@ pub fn parse(path: &Path, text: &str) -> Result<WorkloadFile, FileError> {
     let mut policies = Policies::default();
     let mut policy_documents = Vec::new();
     for (i, doc) in model.policies.into_iter().enumerate() {
-        // What the API server would refuse is refused here, file and all:
-        // the engine cannot scope such an object and could only drop it (a
-        // deny-all without a name would silently allow).
-        if let Some(p) = crate::policy::admission::check_object(&doc)
-            .into_iter()
-            .next()
-        {
-            let field = if p.field == "(root)" {
-                format!("policies[{i}]")
+        add_policy(
+            &format!("policies[{i}]"),
+            doc,
+            &mut policies,
+            &mut policy_documents,
+        )
+        .map_err(|(field, reason)| invalid(field, reason))?;
+    }
+    let mut routing = Routing::default();
+    for (i, doc) in model.resources.into_iter().enumerate() {
+        let at = format!("resources[{i}]");
+        let kind = resources::recognise(&doc).map_err(|p| {
+            // The label names the object by its kind: not when that is what is wrong.
+            let label = if p.field == "kind" {
+                String::new()
             } else {
-                format!("policies[{i}].{}", p.field)
+                policy_label(&doc)
             };
+            invalid(field_at(&at, &p.field), format!("{label}{}", p.message))
+        })?;
+        if !kind.is_routing() {
+            add_policy(&at, doc, &mut policies, &mut policy_documents)
+                .map_err(|(field, reason)| invalid(field, reason))?;
+            continue;
+        }
+        let label = policy_label(&doc);
+        let value = serde_json::to_value(doc)
+            .map_err(|e| invalid(at.clone(), format!("not representable as JSON: {e}")))?;
+        let value = resources::admit_routing(kind, value)
+            .map_err(|p| invalid(field_at(&at, &p.field), format!("{label}{}", p.message)))?;
+        let key = (
+            kind,
+            value["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            value["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+        if let Some(first) = routing.insert(key.clone(), (at.clone(), value)) {
             return Err(invalid(
-                field,
-                format!("{}{}", policy_label(&doc), p.message),
+                format!("{at}.metadata.name"),
+                format!(
+                    "{} {}/{} is also {}: one object per kind, namespace and name",
+                    key.0, key.1, key.2, first.0
+                ),
             ));
         }
-        let value = serde_json::to_value(doc).map_err(|e| {
-            invalid(
-                format!("policies[{i}]"),
-                format!("not representable as JSON: {e}"),
-            )
-        })?;
-        match value.get("kind").and_then(|k| k.as_str()) {
-            Some("AuthorizationPolicy") => {
-                policy_documents.push(PolicyDocument {
-                    kind: Kind::AuthorizationPolicy,
-                    index: policies.authorization.len(),
-                });
-                policies.authorization.push(value);
-            }
-            Some("PeerAuthentication") => {
-                policy_documents.push(PolicyDocument {
-                    kind: Kind::PeerAuthentication,
-                    index: policies.peer_authentication.len(),
-                });
-                policies.peer_authentication.push(value);
-            }
-            other => {
-                return Err(invalid(
-                    format!("policies[{i}].kind"),
-                    format!("{other:?} is not AuthorizationPolicy or PeerAuthentication"),
-                ));
-            }
+    }
+    let mut routing_objects = RoutingObjects::default();
+    // Sorted by kind, namespace and name, as the Kubernetes source keeps them.
+    for ((kind, _, _), (_, value)) in routing {
+        match kind {
+            ResourceKind::DestinationRule => routing_objects.destination_rules.push(value),
+            ResourceKind::VirtualService => routing_objects.virtual_services.push(value),
+            ResourceKind::TcpRoute => routing_objects.tcp_routes.push(value),
+            ResourceKind::AuthorizationPolicy | ResourceKind::PeerAuthentication => {}
         }
     }
     let services = parse_services(model.services, &workloads, &owner_of_ip)
@@ -402,7 +451,75 @@ pub fn parse(path: &Path, text: &str) -> Result<WorkloadFile, FileError> {
         workloads,
         policies,
         policy_documents,
+        routing: routing_objects,
     })
+}
+
+/// The file's routing objects by kind, namespace and name, each with its
+/// field in the file (`resources[i]`).
+type Routing = BTreeMap<(ResourceKind, String, String), (String, serde_json::Value)>;
+
+/// `at.field`, or `at` for the object's root.
+fn field_at(at: &str, field: &str) -> String {
+    if field == "(root)" {
+        at.to_owned()
+    } else {
+        format!("{at}.{field}")
+    }
+}
+
+/// Checks the policy object `doc` (the file's field `at`) as the API
+/// server would (`admission::check_object`) and adds it to `policies`,
+/// remembering where it came from. Errors are `(field, reason)`.
+fn add_policy(
+    at: &str,
+    doc: serde_yaml::Value,
+    policies: &mut Policies,
+    documents: &mut Vec<(PolicyDocument, String)>,
+) -> Result<(), (String, String)> {
+    // What the API server would refuse is refused here, file and all:
+    // the engine cannot scope such an object and could only drop it (a
+    // deny-all without a name would silently allow).
+    if let Some(p) = crate::policy::admission::check_object(&doc)
+        .into_iter()
+        .next()
+    {
+        return Err((
+            field_at(at, &p.field),
+            format!("{}{}", policy_label(&doc), p.message),
+        ));
+    }
+    let value = serde_json::to_value(doc)
+        .map_err(|e| (at.to_owned(), format!("not representable as JSON: {e}")))?;
+    match value.get("kind").and_then(|k| k.as_str()) {
+        Some("AuthorizationPolicy") => {
+            documents.push((
+                PolicyDocument {
+                    kind: Kind::AuthorizationPolicy,
+                    index: policies.authorization.len(),
+                },
+                at.to_owned(),
+            ));
+            policies.authorization.push(value);
+        }
+        Some("PeerAuthentication") => {
+            documents.push((
+                PolicyDocument {
+                    kind: Kind::PeerAuthentication,
+                    index: policies.peer_authentication.len(),
+                },
+                at.to_owned(),
+            ));
+            policies.peer_authentication.push(value);
+        }
+        other => {
+            return Err((
+                format!("{at}.kind"),
+                format!("{other:?} is not AuthorizationPolicy or PeerAuthentication"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `"AuthorizationPolicy shop/deny-all: "`, as far as `doc` tells, to
@@ -539,6 +656,7 @@ pub fn publish(store: &Store, file: WorkloadFile) -> u64 {
         workloads: file.workloads,
         policies: file.policies,
         services: file.services,
+        routing: file.routing,
         ..Snapshot::default()
     })
 }
@@ -741,5 +859,210 @@ pods:
             let e = err(&file(policy));
             assert!(e.contains(want), "want {want:?} in {e:?}");
         }
+    }
+
+    fn with_resources(resources: &str) -> String {
+        format!("node:\n  name: n\nresources:\n{resources}")
+    }
+
+    /// `resources:` takes every kind the agent reads, verbatim; policies
+    /// join the `policies:` ones; routing objects are stored as served,
+    /// sorted by namespace and name.
+    #[test]
+    fn resources_take_every_kind_the_agent_reads() {
+        let text = format!(
+            "{}policies:\n  - apiVersion: security.istio.io/v1\n    kind: PeerAuthentication\n    metadata: {{name: default, namespace: shop}}\n    spec: {{mtls: {{mode: STRICT}}}}\n",
+            with_resources(
+                "  - apiVersion: networking.istio.io/v1\n    kind: VirtualService\n    metadata: {name: web, namespace: shop, resourceVersion: '7', uid: 1a2b}\n    spec: {hosts: [web], tcp: [{route: [{destination: {host: web, subset: v1}, weight: 90}, {destination: {host: web, subset: v2}, weight: 10}]}]}\n    status: {}\n\
+                 \x20 - apiVersion: networking.istio.io/v1alpha3\n    kind: DestinationRule\n    metadata: {name: web, namespace: shop}\n    spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]}\n\
+                 \x20 - apiVersion: networking.istio.io/v1\n    kind: DestinationRule\n    metadata: {name: api}\n    spec: {host: api.default.svc.cluster.local, trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}}\n\
+                 \x20 - apiVersion: gateway.networking.k8s.io/v1alpha2\n    kind: TCPRoute\n    metadata: {name: web, namespace: shop}\n    spec: {parentRefs: [{group: '', kind: Service, name: web}], rules: [{backendRefs: [{name: web-v1, port: 80, weight: 9}, {name: web-v2, port: 80}]}]}\n\
+                 \x20 - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n    metadata: {name: deny-all, namespace: shop}\n    spec: {action: DENY, rules: [{}]}\n"
+            )
+        );
+        let f = parse(Path::new("w.yaml"), &text).expect("valid resources");
+        let names = |objects: &[serde_json::Value]| -> Vec<String> {
+            objects
+                .iter()
+                .map(|o| {
+                    format!(
+                        "{}/{}",
+                        o["metadata"]["namespace"].as_str().unwrap_or("?"),
+                        o["metadata"]["name"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            names(&f.routing.destination_rules),
+            ["default/api", "shop/web"]
+        );
+        assert_eq!(
+            f.routing.destination_rules[1]["apiVersion"],
+            "networking.istio.io/v1"
+        );
+        assert_eq!(names(&f.routing.virtual_services), ["shop/web"]);
+        let vs = &f.routing.virtual_services[0];
+        assert_eq!(vs["spec"]["tcp"][0]["route"][1]["weight"], 10);
+        assert_eq!(vs["metadata"]["uid"], "1a2b", "verbatim, as printed");
+        assert_eq!(names(&f.routing.tcp_routes), ["shop/web"]);
+        assert_eq!(
+            f.routing.tcp_routes[0]["spec"]["rules"][0]["backendRefs"][1]["weight"],
+            1
+        );
+        // Policies from both keys, each named by its own field.
+        assert_eq!(f.policies.authorization.len(), 1);
+        assert_eq!(f.policies.peer_authentication.len(), 1);
+        assert_eq!(
+            f.policy_field(PolicyDocument {
+                kind: Kind::AuthorizationPolicy,
+                index: 0
+            })
+            .as_deref(),
+            Some("resources[4]")
+        );
+        assert_eq!(
+            f.policy_field(PolicyDocument {
+                kind: Kind::PeerAuthentication,
+                index: 0
+            })
+            .as_deref(),
+            Some("policies[0]")
+        );
+        // Published with the rest.
+        let store = Store::new();
+        publish(&store, f.clone());
+        assert_eq!(store.current().routing, f.routing);
+        assert_eq!(store.current().policies, f.policies);
+    }
+
+    /// An object of another kind or version, or one the API server would
+    /// refuse, rejects the file with its field path.
+    #[test]
+    fn resources_are_refused_with_their_field_path() {
+        let dr = |meta: &str, spec: &str| {
+            format!(
+                "  - apiVersion: networking.istio.io/v1\n    kind: DestinationRule\n    metadata: {meta}\n    spec: {spec}\n"
+            )
+        };
+        let cases = [
+            (
+                "  - apiVersion: networking.istio.io/v1\n    kind: Sidecar\n    metadata: {name: s}\n".to_owned(),
+                "w.yaml: resources[0].kind: \"Sidecar\" is not an object the agent reads",
+            ),
+            (
+                "  - apiVersion: networking.istio.io/v1\n    metadata: {name: s}\n".to_owned(),
+                "resources[0].kind: missing",
+            ),
+            (
+                "  - apiVersion: networking.istio.io/v2\n    kind: VirtualService\n    metadata: {name: s}\n    spec: {}\n".to_owned(),
+                "resources[0].apiVersion: VirtualService default/s: unsupported apiVersion \"networking.istio.io/v2\"",
+            ),
+            (
+                "  - apiVersion: security.istio.io/v1alpha1\n    kind: AuthorizationPolicy\n    metadata: {name: p}\n    spec: {}\n".to_owned(),
+                "resources[0].apiVersion",
+            ),
+            (
+                "  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n    metadata: {namespace: shop}\n    spec: {action: DENY}\n".to_owned(),
+                "resources[0].metadata.name: AuthorizationPolicy in namespace shop: missing",
+            ),
+            (dr("{namespace: shop}", "{host: web}"), "resources[0].metadata.name: DestinationRule in namespace shop: missing"),
+            (dr("{name: web}", "{subsets: []}"), "resources[0].spec.host: DestinationRule default/web: missing"),
+            (dr("{name: web}", "[host]"), "resources[0].spec: DestinationRule default/web: missing or not an object"),
+            (
+                format!("{}{}", dr("{name: web, namespace: shop}", "{host: web}"), dr("{name: web, namespace: shop}", "{host: web2}")),
+                "resources[1].metadata.name: DestinationRule shop/web is also resources[0]",
+            ),
+            (
+                "  - apiVersion: gateway.networking.k8s.io/v1alpha2\n    kind: TCPRoute\n    metadata: {name: r}\n    spec: {rules: [{backendRefs: [{name: b}]}]}\n".to_owned(),
+                "resources[0].spec.rules[0].backendRefs[0].port: TCPRoute default/r: missing",
+            ),
+            ("  - just a string\n".to_owned(), "resources[0]: expected a Kubernetes object"),
+        ];
+        for (resources, want) in cases {
+            let e = err(&with_resources(&resources));
+            assert!(e.contains(want), "want {want:?} in {e:?}");
+        }
+        // Same name, different kinds or namespaces: distinct objects.
+        let ok = format!(
+            "{}{}  - apiVersion: networking.istio.io/v1\n    kind: VirtualService\n    metadata: {{name: web}}\n    spec: {{}}\n",
+            dr("{name: web}", "{host: web}"),
+            dr("{name: web, namespace: shop}", "{host: web}")
+        );
+        parse(Path::new("w.yaml"), &with_resources(&ok)).expect("distinct objects");
+    }
+
+    /// The running file source: routing objects arrive in the store, a
+    /// change arrives, and an invalid file is refused (counted, with its
+    /// field path) while the last good state stays in force.
+    #[tokio::test]
+    async fn the_watched_file_publishes_routing_objects_and_keeps_the_last_good_state() {
+        let dir = std::env::temp_dir().join(format!("mesh-file-resources-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let path = dir.join("workloads.yaml");
+        let vs = |w1: u32, w2: u32| {
+            with_resources(&format!(
+                "  - apiVersion: networking.istio.io/v1\n    kind: VirtualService\n    metadata: {{name: web, namespace: shop}}\n    spec: {{hosts: [web], tcp: [{{route: [{{destination: {{host: web, subset: v1}}, weight: {w1}}}, {{destination: {{host: web, subset: v2}}, weight: {w2}}}]}}]}}\n"
+            ))
+        };
+        let weight = |s: &Snapshot, i: usize| {
+            s.routing
+                .virtual_services
+                .first()
+                .map(|v| v["spec"]["tcp"][0]["route"][i]["weight"].clone())
+        };
+        std::fs::write(&path, vs(90, 10)).expect("write");
+        let store = Store::new();
+        publish(&store, load(&path).expect("valid file"));
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(watch(
+            path.clone(),
+            store.clone(),
+            Duration::from_millis(20),
+            cancel.clone(),
+        ));
+        // Let the task read the content it starts from (the one published
+        // above) before the file changes: this test's runtime has one
+        // thread, so the task runs to its first wait here.
+        tokio::task::yield_now().await;
+        let mut rx = store.subscribe();
+        assert_eq!(weight(&store.current(), 1), Some(10.into()));
+        std::fs::write(&path, vs(0, 100)).expect("write");
+        let changed = tokio::time::timeout(
+            Duration::from_secs(30),
+            rx.wait_for(|s| weight(s, 1) == Some(100.into())),
+        )
+        .await
+        .expect("the change within the bound")
+        .expect("store alive")
+        .clone();
+        assert_eq!(weight(&changed, 0), Some(0.into()));
+        // An invalid object: refused with its field path, nothing published.
+        let generation = store.current().generation;
+        std::fs::write(
+            &path,
+            with_resources("  - apiVersion: networking.istio.io/v1\n    kind: DestinationRule\n    metadata: {name: web}\n    spec: {}\n"),
+        )
+        .expect("write");
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while store.rejections().count == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the rejection within the bound");
+        let r = store.rejections();
+        assert!(
+            r.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("resources[0].spec.host")),
+            "{r:?}"
+        );
+        let now = store.current();
+        assert_eq!(now.generation, generation, "the last good state stays");
+        assert_eq!(weight(&now, 1), Some(100.into()));
+        cancel.cancel();
+        task.await.expect("watch task");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

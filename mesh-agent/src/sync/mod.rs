@@ -5,3 +5,4 @@
 pub mod discovery;
 pub mod file;
 pub mod kube;
+pub mod resources;

@@ -19,6 +19,12 @@
 //!   `metadata.namespace` (`=`, `==`, `!=`), including the watch semantics of
 //!   an object entering (`ADDED`) or leaving (`DELETED`) the selection.
 //! - `GET /version`.
+//! - Namespaced pod reads: `GET /api/v1/namespaces/NS/pods` (list, with the
+//!   field selectors above) and `GET /api/v1/namespaces/NS/pods/NAME`.
+//! - `POST /apis/authentication.k8s.io/v1/tokenreviews` for the tokens a
+//!   test registered ([`FakeApiServer::add_token`]): authenticated when the
+//!   token is known and, if the review names audiences, shares one with the
+//!   token (as the real server does); `status.audiences` is the intersection.
 //! - Errors as `Status` objects.
 //!
 //! Faults: [`FakeApiServer::drop_watches`] (cut every open watch mid-stream),
@@ -27,6 +33,11 @@
 //! cut), [`FakeApiServer::set_delay`] (slow responses),
 //! [`FakeApiServer::set_missing`] (a resource not served: `404`, like a CRD
 //! that is not installed).
+//!
+//! Served kinds ([`Res`]): pods, namespaces, services, nodes, endpointslices,
+//! `security.istio.io/v1` AuthorizationPolicy and PeerAuthentication,
+//! `networking.istio.io/v1` DestinationRule and VirtualService,
+//! `gateway.networking.k8s.io/v1alpha2` TCPRoute.
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::{
@@ -63,10 +74,16 @@ pub enum Res {
     AuthorizationPolicies,
     /// security.istio.io/v1 peerauthentications
     PeerAuthentications,
+    /// networking.istio.io/v1 destinationrules
+    DestinationRules,
+    /// networking.istio.io/v1 virtualservices
+    VirtualServices,
+    /// gateway.networking.k8s.io/v1alpha2 tcproutes
+    TcpRoutes,
 }
 
 impl Res {
-    const ALL: [Res; 7] = [
+    const ALL: [Res; 10] = [
         Res::Pods,
         Res::Namespaces,
         Res::Services,
@@ -74,6 +91,9 @@ impl Res {
         Res::EndpointSlices,
         Res::AuthorizationPolicies,
         Res::PeerAuthentications,
+        Res::DestinationRules,
+        Res::VirtualServices,
+        Res::TcpRoutes,
     ];
 
     fn path(self) -> &'static str {
@@ -85,6 +105,9 @@ impl Res {
             Res::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
             Res::AuthorizationPolicies => "/apis/security.istio.io/v1/authorizationpolicies",
             Res::PeerAuthentications => "/apis/security.istio.io/v1/peerauthentications",
+            Res::DestinationRules => "/apis/networking.istio.io/v1/destinationrules",
+            Res::VirtualServices => "/apis/networking.istio.io/v1/virtualservices",
+            Res::TcpRoutes => "/apis/gateway.networking.k8s.io/v1alpha2/tcproutes",
         }
     }
 
@@ -93,6 +116,8 @@ impl Res {
             Res::Pods | Res::Namespaces | Res::Services | Res::Nodes => "v1",
             Res::EndpointSlices => "discovery.k8s.io/v1",
             Res::AuthorizationPolicies | Res::PeerAuthentications => "security.istio.io/v1",
+            Res::DestinationRules | Res::VirtualServices => "networking.istio.io/v1",
+            Res::TcpRoutes => "gateway.networking.k8s.io/v1alpha2",
         }
     }
 
@@ -105,6 +130,9 @@ impl Res {
             Res::EndpointSlices => "EndpointSlice",
             Res::AuthorizationPolicies => "AuthorizationPolicy",
             Res::PeerAuthentications => "PeerAuthentication",
+            Res::DestinationRules => "DestinationRule",
+            Res::VirtualServices => "VirtualService",
+            Res::TcpRoutes => "TCPRoute",
         }
     }
 
@@ -140,6 +168,54 @@ struct Inner {
     epoch: u64,
     /// `LIST <path>` / `WATCH <path> rv=<R>` / `GET /version`, in order.
     requests: Vec<String>,
+    /// Tokens TokenReview authenticates.
+    tokens: BTreeMap<String, TokenUser>,
+}
+
+/// Who a registered token authenticates as (TokenReview's `status.user`),
+/// and the audiences it was issued for.
+#[derive(Clone, Debug, Default)]
+pub struct TokenUser {
+    /// `system:serviceaccount:NS:SA` for a service account.
+    pub username: String,
+    /// The token's audiences.
+    pub audiences: Vec<String>,
+    /// `status.user.extra` (pod name, pod UID, node name of a bound token).
+    pub extra: BTreeMap<String, Vec<String>>,
+}
+
+impl TokenUser {
+    /// A service account token bound to pod `pod` (`uid`) on `node` (None:
+    /// a token without the node-name claim, Kubernetes before 1.30).
+    pub fn bound(
+        ns: &str,
+        sa: &str,
+        pod: &str,
+        uid: &str,
+        node: Option<&str>,
+        audience: &str,
+    ) -> Self {
+        let mut extra = BTreeMap::new();
+        extra.insert(
+            "authentication.kubernetes.io/pod-name".to_owned(),
+            vec![pod.to_owned()],
+        );
+        extra.insert(
+            "authentication.kubernetes.io/pod-uid".to_owned(),
+            vec![uid.to_owned()],
+        );
+        if let Some(node) = node {
+            extra.insert(
+                "authentication.kubernetes.io/node-name".to_owned(),
+                vec![node.to_owned()],
+            );
+        }
+        Self {
+            username: format!("system:serviceaccount:{ns}:{sa}"),
+            audiences: vec![audience.to_owned()],
+            extra,
+        }
+    }
 }
 
 struct Shared {
@@ -352,6 +428,11 @@ impl FakeApiServer {
         self.shared.lock().requests.clone()
     }
 
+    /// Registers `token`: TokenReview authenticates it as `user`.
+    pub fn add_token(&self, token: &str, user: TokenUser) {
+        self.shared.lock().tokens.insert(token.to_owned(), user);
+    }
+
     /// How many requests start with `prefix`.
     pub fn count(&self, prefix: &str) -> usize {
         self.requests()
@@ -469,6 +550,8 @@ async fn handle(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Res
         let mut inner = shared.lock();
         let entry = if path == "/version" {
             "GET /version".to_owned()
+        } else if req.method() == hyper::Method::POST {
+            format!("POST {path}")
         } else if watch {
             format!(
                 "WATCH {path} rv={}",
@@ -499,6 +582,9 @@ async fn handle(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Res
             ),
         );
     }
+    if req.method() == hyper::Method::POST && path == TOKEN_REVIEWS {
+        return token_review(&shared, req).await;
+    }
     if req.method() != hyper::Method::GET {
         return json_response(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -519,6 +605,12 @@ async fn handle(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Res
                 "compiler": "gc", "platform": "linux/amd64"
             }),
         );
+    }
+    if let Some(rest) = path.strip_prefix("/api/v1/namespaces/")
+        && let Some((ns, tail)) = rest.split_once('/')
+        && (tail == "pods" || tail.starts_with("pods/"))
+    {
+        return namespaced_pods(&shared, ns, tail.strip_prefix("pods/"), &q);
     }
     let Some(res) = Res::ALL.into_iter().find(|r| r.path() == path) else {
         return json_response(
@@ -576,6 +668,108 @@ async fn handle(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Res
             }),
         )
     }
+}
+
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+/// `GET /api/v1/namespaces/NS/pods[/NAME]`.
+fn namespaced_pods(
+    shared: &Shared,
+    ns: &str,
+    name: Option<&str>,
+    q: &BTreeMap<String, String>,
+) -> Response<Body> {
+    let inner = shared.lock();
+    if let Some(name) = name {
+        return match inner
+            .objects
+            .get(&(Res::Pods, ns.to_owned(), name.to_owned()))
+        {
+            Some(pod) => json_response(StatusCode::OK, pod),
+            None => json_response(
+                StatusCode::NOT_FOUND,
+                &status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("pods \"{name}\" not found"),
+                ),
+            ),
+        };
+    }
+    let selector = match FieldSelector::parse(q.get("fieldSelector")) {
+        Ok(s) => s,
+        Err(e) => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                &status(StatusCode::BAD_REQUEST, "BadRequest", &e),
+            );
+        }
+    };
+    let items: Vec<Value> = inner
+        .objects
+        .iter()
+        .filter(|((r, n, _), o)| *r == Res::Pods && n == ns && selector.matches(o))
+        .map(|(_, o)| o.clone())
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({"kind": "PodList", "apiVersion": "v1",
+                "metadata": {"resourceVersion": inner.rv.to_string()}, "items": items}),
+    )
+}
+
+/// `POST .../tokenreviews`: the registered token's user, if its audiences
+/// meet the review's.
+async fn token_review(shared: &Shared, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    let Ok(review) = serde_json::from_slice::<Value>(&body) else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            &status(StatusCode::BAD_REQUEST, "BadRequest", "not a TokenReview"),
+        );
+    };
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let wanted: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let user = shared.lock().tokens.get(token).cloned();
+    let status = match user {
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+        Some(user) => {
+            let audiences: Vec<String> = if wanted.is_empty() {
+                user.audiences.clone()
+            } else {
+                wanted
+                    .iter()
+                    .filter(|a| user.audiences.contains(a))
+                    .cloned()
+                    .collect()
+            };
+            if audiences.is_empty() {
+                json!({"authenticated": false,
+                       "error": "[invalid bearer token, token audiences is invalid for the target audiences]"})
+            } else {
+                json!({"authenticated": true, "audiences": audiences,
+                       "user": {"username": user.username, "uid": "00000000-0000-4000-8000-0000000000aa",
+                                "groups": ["system:serviceaccounts", "system:authenticated"],
+                                "extra": user.extra}})
+            }
+        }
+    };
+    json_response(
+        StatusCode::CREATED,
+        &json!({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+                "metadata": {"creationTimestamp": null}, "spec": review["spec"].clone(),
+                "status": status}),
+    )
 }
 
 fn event_line(kind: &str, object: &Value) -> Bytes {
@@ -781,6 +975,42 @@ pub mod objects {
         json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
                "metadata": {"name": name, "namespace": ns},
                "spec": {"mtls": {"mode": mode}}})
+    }
+
+    /// An Istio DestinationRule for `host` with subsets `v1`/`v2` by the
+    /// `version` label and a `loadBalancer.simple` policy `lb`.
+    pub fn destination_rule(ns: &str, name: &str, host: &str, lb: &str) -> Value {
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+               "metadata": {"name": name, "namespace": ns,
+                            "managedFields": [{"manager": "kubectl", "operation": "Update"}]},
+               "spec": {"host": host,
+                        "trafficPolicy": {"loadBalancer": {"simple": lb}},
+                        "subsets": [{"name": "v1", "labels": {"version": "v1"}},
+                                    {"name": "v2", "labels": {"version": "v2"}}]}})
+    }
+
+    /// An Istio VirtualService splitting TCP traffic to `host` between its
+    /// subsets `v1` and `v2` with weights `w1`/`w2`.
+    pub fn virtual_service(ns: &str, name: &str, host: &str, w1: u32, w2: u32) -> Value {
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+               "metadata": {"name": name, "namespace": ns},
+               "spec": {"hosts": [host],
+                        "tcp": [{"route": [
+                            {"destination": {"host": host, "subset": "v1"}, "weight": w1},
+                            {"destination": {"host": host, "subset": "v2"}, "weight": w2}]}]}})
+    }
+
+    /// A Gateway API TCPRoute attached to Service `parent` (the mesh
+    /// attachment), weighted over Services `(name, port, weight)`.
+    pub fn tcp_route(ns: &str, name: &str, parent: &str, backends: &[(&str, u16, u32)]) -> Value {
+        let refs: Vec<Value> = backends
+            .iter()
+            .map(|(b, port, weight)| json!({"kind": "Service", "group": "", "name": b, "port": port, "weight": weight}))
+            .collect();
+        json!({"apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TCPRoute",
+               "metadata": {"name": name, "namespace": ns},
+               "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": parent}],
+                        "rules": [{"backendRefs": refs}]}})
     }
 }
 

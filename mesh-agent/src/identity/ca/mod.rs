@@ -3,6 +3,7 @@
 //! it. Issuing workload certificates is [`LocalCa`](super::LocalCa)'s job.
 
 mod authority;
+mod csr;
 mod error;
 mod generate;
 mod limits;
@@ -10,6 +11,7 @@ mod load;
 pub(super) mod validity;
 
 pub use authority::MeshCa;
+pub use csr::{MAX_CSR_LEN, MIN_RSA_BITS, SignError, SignedCsr};
 pub use error::CaError;
 pub use generate::GeneratedCa;
 pub use limits::{CA_CERT_FILE, CA_KEY_FILE, CLOCK_SKEW, DEFAULT_CA_DAYS, MAX_CA_DAYS};

@@ -2,8 +2,11 @@
 //! into the same [`Store`] as the file source.
 //!
 //! - **Watched**: Pods, Namespaces, Services, EndpointSlices, this Node (its
-//!   addresses are kubelet probe sources), and Istio's `AuthorizationPolicy`
-//!   and `PeerAuthentication` (`security.istio.io/v1`, kept raw).
+//!   addresses are kubelet probe sources), Istio's `AuthorizationPolicy`
+//!   and `PeerAuthentication` (`security.istio.io/v1`), and the
+//!   traffic-management objects `DestinationRule` and `VirtualService`
+//!   (`networking.istio.io/v1`) and `TCPRoute`
+//!   (`gateway.networking.k8s.io/v1alpha2`), all kept raw.
 //! - **Local and remote pods**: pods with `spec.nodeName == NODE_NAME` are
 //!   this agent's (located on the node, enrolled here); pods of other nodes
 //!   are published with `node: Some(name)` and no netns, for their addresses
@@ -24,7 +27,9 @@
 //! - **Start-up**: nothing is published before Pods, Namespaces, Services and
 //!   EndpointSlices are listed (an empty first snapshot would un-enroll every
 //!   pod a previous agent enrolled); optional kinds (the CRDs, the Node) that
-//!   the server does not serve or forbids count as empty.
+//!   the server does not serve or forbids count as empty, are logged once
+//!   and listed in the store's missing kinds (`/config_dump` `sources`),
+//!   and are picked up when they appear (the watch keeps retrying).
 //!
 //! One file per job: [`config`] (flags, configuration, client), [`watches`]
 //! (which kinds are watched, one task each, by [`watch`]), `caches` (the

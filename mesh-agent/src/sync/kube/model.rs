@@ -418,9 +418,45 @@ pub fn policy_value(mut value: serde_json::Value) -> serde_json::Value {
     value
 }
 
+/// A custom resource as kept ([`policy_value`]), with the `apiVersion` and
+/// `kind` of the resource watched written in when the server left them out
+/// (items of a list may carry none): the object as `kubectl get -o yaml`
+/// prints it, the same whether it came from a list or a watch event.
+pub fn raw_value(value: serde_json::Value, api_version: &str, kind: &str) -> serde_json::Value {
+    let mut value = policy_value(value);
+    if let Some(obj) = value.as_object_mut() {
+        for (key, want) in [("apiVersion", api_version), ("kind", kind)] {
+            if obj
+                .get(key)
+                .is_none_or(|v| v.as_str().is_none_or(str::is_empty))
+            {
+                obj.insert(key.into(), want.into());
+            }
+        }
+    }
+    value
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_value_names_its_type_and_drops_managed_fields() {
+        let v = raw_value(
+            serde_json::json!({"metadata": {"name": "r", "managedFields": []}, "spec": {}}),
+            "networking.istio.io/v1",
+            "DestinationRule",
+        );
+        assert_eq!(
+            v,
+            serde_json::json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+                               "metadata": {"name": "r"}, "spec": {}})
+        );
+        let served =
+            serde_json::json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService"});
+        assert_eq!(raw_value(served.clone(), "x/v1", "Other"), served);
+    }
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

@@ -18,7 +18,7 @@ use super::{
     watch::Kind,
 };
 use crate::{
-    state::{NodeInfo, Policies, Snapshot, Workload, WorkloadKey},
+    state::{NodeInfo, Policies, RoutingObjects, Snapshot, Workload, WorkloadKey},
     sync::discovery::PodLocation,
 };
 
@@ -140,7 +140,8 @@ pub struct Built {
 /// Builds the snapshot: local pods (enrolled ones with their netns and
 /// cgroup from `locations`, left out while not found), remote pods (with
 /// their node, for their addresses and identity), services joined with
-/// their slices, the policies, and the node's probe sources.
+/// their slices, the policies, the traffic-management objects, and the
+/// node's probe sources.
 pub fn build(
     objects: &Objects<'_>,
     cfg: &KubeConfig,
@@ -220,6 +221,11 @@ pub fn build(
             authorization: objects.raw(Kind::AuthorizationPolicies),
             peer_authentication: objects.raw(Kind::PeerAuthentications),
         },
+        routing: RoutingObjects {
+            destination_rules: objects.raw(Kind::DestinationRules),
+            virtual_services: objects.raw(Kind::VirtualServices),
+            tcp_routes: objects.raw(Kind::TcpRoutes),
+        },
         ..Default::default()
     };
     Built {
@@ -248,6 +254,9 @@ mod tests {
         nodes: BTreeMap<ObjKey, Vec<IpAddr>>,
         authorization: BTreeMap<ObjKey, serde_json::Value>,
         peer_authentication: BTreeMap<ObjKey, serde_json::Value>,
+        destination_rules: BTreeMap<ObjKey, serde_json::Value>,
+        virtual_services: BTreeMap<ObjKey, serde_json::Value>,
+        tcp_routes: BTreeMap<ObjKey, serde_json::Value>,
     }
 
     impl Fixture {
@@ -261,6 +270,9 @@ mod tests {
                 raw: [
                     (Kind::AuthorizationPolicies, &self.authorization),
                     (Kind::PeerAuthentications, &self.peer_authentication),
+                    (Kind::DestinationRules, &self.destination_rules),
+                    (Kind::VirtualServices, &self.virtual_services),
+                    (Kind::TcpRoutes, &self.tcp_routes),
                 ]
                 .into(),
             }
@@ -588,5 +600,49 @@ mod tests {
         assert_eq!(svc.endpoints[0].workload, Some(key("shop", "web-0")));
         assert_eq!(built.snapshot.policies.authorization.len(), 1);
         assert!(built.snapshot.policies.peer_authentication.is_empty());
+    }
+
+    #[test]
+    fn routing_objects_are_built_in_namespace_and_name_order() {
+        let mut f = Fixture::default();
+        for (ns, name) in [("shop", "web"), ("plain", "api"), ("shop", "db")] {
+            f.destination_rules.insert(
+                (ns.into(), name.into()),
+                serde_json::json!({"kind": "DestinationRule", "metadata": {"namespace": ns, "name": name}}),
+            );
+        }
+        f.virtual_services.insert(
+            ("shop".into(), "web".into()),
+            serde_json::json!({"kind": "VirtualService"}),
+        );
+        f.tcp_routes.insert(
+            ("shop".into(), "web".into()),
+            serde_json::json!({"kind": "TCPRoute"}),
+        );
+        let built = build(
+            &f.objects(),
+            &cfg(),
+            &BTreeMap::new(),
+            &Decisions::default(),
+        );
+        let routing = &built.snapshot.routing;
+        let names: Vec<String> = routing
+            .destination_rules
+            .iter()
+            .map(|o| format!("{}/{}", o["metadata"]["namespace"], o["metadata"]["name"]))
+            .collect();
+        assert_eq!(
+            names,
+            ["\"plain\"/\"api\"", "\"shop\"/\"db\"", "\"shop\"/\"web\""]
+        );
+        assert_eq!(
+            routing.virtual_services,
+            [serde_json::json!({"kind": "VirtualService"})]
+        );
+        assert_eq!(
+            routing.tcp_routes,
+            [serde_json::json!({"kind": "TCPRoute"})]
+        );
+        assert!(built.snapshot.policies.authorization.is_empty());
     }
 }

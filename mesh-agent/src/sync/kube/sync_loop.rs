@@ -20,7 +20,7 @@ use super::{
     watches::Msg,
 };
 use crate::{
-    state::Store,
+    state::{MissingKind, MissingReason, Store},
     sync::discovery::{Discovery, PodLocation},
 };
 
@@ -87,7 +87,7 @@ impl SyncLoop {
         tracing::info!(
             node = %self.cfg.node_name,
             proc_root = %self.cfg.proc_root.display(),
-            "kubernetes source: listing pods, namespaces, services, endpointslices, policies"
+            "kubernetes source: listing pods, namespaces, services, endpointslices, policies, routing objects"
         );
         let mut rediscover = tokio::time::interval(self.cfg.rediscover_interval);
         rediscover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -143,7 +143,11 @@ impl SyncLoop {
             }
         }
         if applied.progressed {
+            let before = self.reported.len();
             self.reported.retain(|(k, _)| *k != kind);
+            if self.reported.len() != before {
+                self.report_missing();
+            }
         }
         applied.changed
     }
@@ -156,6 +160,9 @@ impl SyncLoop {
             }
             Some(code @ (403 | 404)) => {
                 let first = self.reported.insert((kind, code));
+                if first {
+                    self.report_missing();
+                }
                 if code == 403 && first {
                     tracing::error!(
                         kind = %kind,
@@ -167,7 +174,7 @@ impl SyncLoop {
                         kind = %kind,
                         "the API server does not serve {kind}{}",
                         if kind.optional() {
-                            "; treating it as empty (install the CRDs in deploy/ to use policies)"
+                            "; treating it as empty (install its CRD from deploy/crds/ to use it)"
                         } else {
                             ""
                         }
@@ -193,6 +200,27 @@ impl SyncLoop {
                 false
             }
         }
+    }
+
+    /// Shows the kinds the server does not serve or forbids in the store
+    /// (`/config_dump` `sources.missing_kinds`), not only in the log.
+    fn report_missing(&self) {
+        let kinds = self
+            .reported
+            .iter()
+            .filter_map(|(kind, code)| {
+                let reason = match code {
+                    404 => MissingReason::NotServed,
+                    403 => MissingReason::Forbidden,
+                    _ => return None,
+                };
+                Some(MissingKind {
+                    resource: kind.resource().to_owned(),
+                    reason,
+                })
+            })
+            .collect();
+        self.store.set_missing_kinds(kinds);
     }
 
     async fn probe_api_server(&mut self) {
@@ -257,6 +285,9 @@ impl SyncLoop {
                 services = snap.services.len(),
                 authorization_policies = snap.policies.authorization.len(),
                 peer_authentications = snap.policies.peer_authentication.len(),
+                destination_rules = snap.routing.destination_rules.len(),
+                virtual_services = snap.routing.virtual_services.len(),
+                tcp_routes = snap.routing.tcp_routes.len(),
                 "kubernetes source synced"
             );
             let _ = self.synced_tx.send(true);

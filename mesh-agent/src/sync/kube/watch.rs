@@ -38,11 +38,17 @@ pub enum Kind {
     AuthorizationPolicies,
     /// `security.istio.io/v1` PeerAuthentication.
     PeerAuthentications,
+    /// `networking.istio.io/v1` DestinationRule.
+    DestinationRules,
+    /// `networking.istio.io/v1` VirtualService.
+    VirtualServices,
+    /// `gateway.networking.k8s.io/v1alpha2` TCPRoute.
+    TcpRoutes,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Pods,
         Kind::Namespaces,
         Kind::Services,
@@ -50,6 +56,9 @@ impl Kind {
         Kind::Node,
         Kind::AuthorizationPolicies,
         Kind::PeerAuthentications,
+        Kind::DestinationRules,
+        Kind::VirtualServices,
+        Kind::TcpRoutes,
     ];
 
     /// The resource name, as in RBAC rules and logs.
@@ -62,6 +71,9 @@ impl Kind {
             Kind::Node => "nodes",
             Kind::AuthorizationPolicies => "authorizationpolicies.security.istio.io",
             Kind::PeerAuthentications => "peerauthentications.security.istio.io",
+            Kind::DestinationRules => "destinationrules.networking.istio.io",
+            Kind::VirtualServices => "virtualservices.networking.istio.io",
+            Kind::TcpRoutes => "tcproutes.gateway.networking.k8s.io",
         }
     }
 
@@ -70,7 +82,12 @@ impl Kind {
     pub fn optional(self) -> bool {
         matches!(
             self,
-            Kind::Node | Kind::AuthorizationPolicies | Kind::PeerAuthentications
+            Kind::Node
+                | Kind::AuthorizationPolicies
+                | Kind::PeerAuthentications
+                | Kind::DestinationRules
+                | Kind::VirtualServices
+                | Kind::TcpRoutes
         )
     }
 }

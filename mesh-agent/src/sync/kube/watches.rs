@@ -3,7 +3,7 @@
 //!
 //! The built-in kinds each have their own facts type (one line each in
 //! [`spawn`]); custom resources are kept raw (their JSON, for the policy
-//! compiler), and adding one is one row of [`RAW_KINDS`] (plus its [`Kind`]
+//! compiler and the routing engine), and adding one is one row of [`RAW_KINDS`] (plus its [`Kind`]
 //! and where the snapshot puts it).
 
 use std::{collections::BTreeMap, net::IpAddr};
@@ -57,7 +57,7 @@ impl RawKind {
 }
 
 /// The custom resources kept raw: one row per kind.
-pub const RAW_KINDS: [RawKind; 2] = [
+pub const RAW_KINDS: [RawKind; 5] = [
     RawKind {
         kind: Kind::AuthorizationPolicies,
         group: "security.istio.io",
@@ -71,6 +71,27 @@ pub const RAW_KINDS: [RawKind; 2] = [
         version: "v1",
         name: "PeerAuthentication",
         plural: "peerauthentications",
+    },
+    RawKind {
+        kind: Kind::DestinationRules,
+        group: "networking.istio.io",
+        version: "v1",
+        name: "DestinationRule",
+        plural: "destinationrules",
+    },
+    RawKind {
+        kind: Kind::VirtualServices,
+        group: "networking.istio.io",
+        version: "v1",
+        name: "VirtualService",
+        plural: "virtualservices",
+    },
+    RawKind {
+        kind: Kind::TcpRoutes,
+        group: "gateway.networking.k8s.io",
+        version: "v1alpha2",
+        name: "TCPRoute",
+        plural: "tcproutes",
     },
 ];
 
@@ -207,9 +228,13 @@ pub fn spawn(
         ),
     ];
     tasks.extend(RAW_KINDS.iter().map(|raw| {
-        let api = Api::<DynamicObject>::all_with(c(), &raw.resource());
-        w.spawn(raw.kind, api, base.clone(), |o: &DynamicObject| {
-            serde_json::to_value(o).ok().map(model::policy_value)
+        let resource = raw.resource();
+        let api = Api::<DynamicObject>::all_with(c(), &resource);
+        let (api_version, kind) = (resource.api_version, raw.name);
+        w.spawn(raw.kind, api, base.clone(), move |o: &DynamicObject| {
+            serde_json::to_value(o)
+                .ok()
+                .map(|v| model::raw_value(v, &api_version, kind))
         })
     }));
     tasks
