@@ -62,8 +62,9 @@ pub enum IssuerConfig {
     /// The mesh CA's key in this agent (`mesh-agent ca init`): labs and
     /// single-node clusters.
     Local {
-        /// `ca.crt` and `ca.key`.
-        ca_dir: PathBuf,
+        /// `ca.crt` and `ca.key` (none: the agent stops, saying so, once
+        /// the workload file and its privileges are checked).
+        ca_dir: Option<PathBuf>,
     },
     /// A CA over Istio's certificate API, with CSRs: the node holds no CA key.
     IstioCa {
@@ -99,7 +100,6 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
             .unwrap_or_default(),
     };
     crate::datapath::check_privileges()?;
-    let tls = load_identity(&cfg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(
             std::thread::available_parallelism()
@@ -110,6 +110,11 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the data-plane runtime")?;
+    // In the runtime: a remote issuer's client lives on it.
+    let tls = {
+        let _enter = runtime.enter();
+        load_identity(&cfg)?
+    };
     // Served from the start: readiness answers 503 until the programs are
     // attached and the first enrollment pass is done.
     let admin = crate::admin::Admin::new(&cfg.pin_dir);
@@ -319,6 +324,12 @@ fn load_identity(cfg: &RunConfig) -> anyhow::Result<Arc<MeshTls>> {
     let trust_domain = TrustDomain::new(&cfg.trust_domain)?;
     let provider: Arc<dyn crate::identity::CertificateProvider> = match &cfg.issuer {
         IssuerConfig::Local { ca_dir } => {
+            let ca_dir = ca_dir.as_ref().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no mesh CA: pass --ca-dir DIR (create one with `mesh-agent ca init --out DIR`), \
+                     or --issuer istio-ca with --ca-address"
+                )
+            })?;
             let ca = Arc::new(MeshCa::load_dir(ca_dir)?);
             if cfg.kube.is_some() {
                 tracing::warn!(

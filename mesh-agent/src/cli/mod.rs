@@ -185,10 +185,7 @@ impl IssuerArgs {
         });
         match choice {
             IssuerChoice::Local => Ok(agent::IssuerConfig::Local {
-                ca_dir: self.ca_dir.ok_or(
-                    "no mesh CA: pass --ca-dir DIR (create one with `mesh-agent ca init --out DIR`), \
-                     or --issuer istio-ca with --ca-address",
-                )?,
+                ca_dir: self.ca_dir,
             }),
             IssuerChoice::IstioCa => Ok(agent::IssuerConfig::IstioCa {
                 address: self
