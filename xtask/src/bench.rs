@@ -143,7 +143,25 @@ pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
     for line in policy_lines.lines() {
         println!("  {line}");
     }
-    let json = serde_json::json!({ "policy_evaluation": policy_lines.lines().collect::<Vec<_>>(), "rows": rows, "agent_rss_kib": { "idle": idle_rss, "node0": rss[0], "node1": rss[1] }, "agent_kib_per_1000_open_connections": per_1000, "upgrade": upgrade });
+    // Routing decision (issue 11), the same way.
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "mesh-routing",
+            "--example",
+            "bench",
+        ])
+        .output()
+        .context("routing micro-benchmark")?;
+    let routing_lines = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("routing decision (VirtualService 80/20 + DestinationRule, L4):");
+    for line in routing_lines.lines() {
+        println!("  {line}");
+    }
+    let json = serde_json::json!({ "routing_decision": routing_lines.lines().collect::<Vec<_>>(), "policy_evaluation": policy_lines.lines().collect::<Vec<_>>(), "rows": rows, "agent_rss_kib": { "idle": idle_rss, "node0": rss[0], "node1": rss[1] }, "agent_kib_per_1000_open_connections": per_1000, "upgrade": upgrade });
     let path = target_dir.join("bench.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
     println!("written to {}", path.display());

@@ -17,6 +17,7 @@ pub mod config_dump;
 pub mod kernel;
 pub mod logging;
 pub mod readiness;
+pub mod routes;
 pub mod server;
 #[cfg(test)]
 mod tests;
@@ -383,6 +384,15 @@ impl Admin {
                 "enrolled": e.enrolled,
                 "failed": e.failed.iter().map(|(k, v)| json!({"pod": k.to_string(), "error": v})).collect::<Vec<_>>(),
             })
+        });
+    }
+
+    /// Registers the `routes` part: the effective routing of the store's
+    /// current route table with the proxy's balancer state (issue 11).
+    pub fn register_routes(&self, store: &Store, balancer: Arc<crate::routing::Balancer>) {
+        let s = store.clone();
+        self.config_dump().register("routes", move || {
+            routes::routes_json(&s.current().routes, &balancer, std::time::Instant::now())
         });
     }
 

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod policies;
+mod routes;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -22,6 +23,7 @@ pub use policies::{
     CompiledPolicies, DEFAULT_ROOT_NAMESPACE, Finding, PolicyDocument, PolicyReport,
     compile_policies, rejects_policy,
 };
+pub use routes::{compile_routes, log_routes};
 
 /// What the agent knows about its node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -126,6 +128,12 @@ pub struct Snapshot {
     /// Traffic-management objects as served (issue 11), compiled into
     /// routes by the routing engine.
     pub routing: RoutingObjects,
+    /// `routing` compiled with `services` (and the pods' labels) into the
+    /// table the proxy routes service connections with, and its report; set
+    /// by [`Store::publish_snapshot`] and [`Store::publish`] (what a source
+    /// puts here is replaced), shared between generations while `routing`,
+    /// `services` and `workloads` do not change.
+    pub routes: Arc<crate::routing::RouteTable>,
     /// Address indexes, built on first use (a snapshot never changes).
     pub index: Index,
 }
@@ -141,6 +149,7 @@ impl PartialEq for Snapshot {
             policies,
             compiled: _,
             routing,
+            routes: _,
             index: _,
         } = self;
         *generation == other.generation
@@ -470,12 +479,24 @@ impl Store {
     /// when nothing changed.
     pub fn publish(&self, node: NodeInfo, workloads: BTreeMap<WorkloadKey, Workload>) -> u64 {
         let mut generation = 0;
+        let mut recompiled = false;
         self.tx.send_if_modified(|current| {
             if current.node == node && current.workloads == workloads {
                 generation = current.generation;
                 return false;
             }
             generation = current.generation + 1;
+            let routes = if current.workloads == workloads {
+                current.routes.clone()
+            } else {
+                recompiled = true;
+                Arc::new(compile_routes(
+                    &current.routing,
+                    &current.services,
+                    &workloads,
+                    &self.root_namespace,
+                ))
+            };
             *current = Arc::new(Snapshot {
                 generation,
                 node,
@@ -484,10 +505,14 @@ impl Store {
                 policies: current.policies.clone(),
                 compiled: current.compiled.clone(),
                 routing: current.routing.clone(),
+                routes,
                 index: Index::default(),
             });
             true
         });
+        if recompiled {
+            log_routes(&self.current().routes, generation);
+        }
         generation
     }
 
@@ -503,8 +528,19 @@ impl Store {
         // Compile before taking the lock, so readers never wait on it.
         let fresh = (self.tx.borrow().policies != next.policies)
             .then(|| Arc::new(compile_policies(&next.policies, &self.root_namespace)));
+        let compile_next = |next: &Snapshot| {
+            Arc::new(compile_routes(
+                &next.routing,
+                &next.services,
+                &next.workloads,
+                &self.root_namespace,
+            ))
+        };
+        let fresh_routes =
+            routes_inputs_differ(&self.tx.borrow(), &next).then(|| compile_next(&next));
         let mut generation = 0;
         let mut applied = None;
+        let mut routes_applied = None;
         self.tx.send_if_modified(|current| {
             let policies_changed = current.policies != next.policies;
             if !policies_changed
@@ -526,10 +562,21 @@ impl Store {
             if policies_changed || current.generation == 0 {
                 applied = Some(compiled.clone());
             }
+            let routes_changed = routes_inputs_differ(current, &next);
+            let routes = match (routes_changed, &fresh_routes) {
+                (false, _) => current.routes.clone(),
+                (true, Some(fresh)) => fresh.clone(),
+                // Another publisher changed the inputs since the check above.
+                (true, None) => compile_next(&next),
+            };
+            if routes_changed {
+                routes_applied = Some(routes.clone());
+            }
             generation = current.generation + 1;
             *current = Arc::new(Snapshot {
                 generation,
                 compiled,
+                routes,
                 ..next
             });
             true
@@ -537,8 +584,16 @@ impl Store {
         if let Some(compiled) = applied {
             compiled.log(generation);
         }
+        if let Some(routes) = routes_applied {
+            log_routes(&routes, generation);
+        }
         generation
     }
+}
+
+/// Whether the inputs of the route table differ between `a` and `b`.
+fn routes_inputs_differ(a: &Snapshot, b: &Snapshot) -> bool {
+    a.routing != b.routing || a.services != b.services || a.workloads != b.workloads
 }
 
 #[cfg(test)]

@@ -185,6 +185,11 @@ pub struct ConnectionRecord {
     /// The client address the peer claimed in an HBONE `forwarded` header,
     /// if it sent one: information only, never used for policy or `src.*`.
     pub forwarded_for: Option<String>,
+    /// The route that chose the destination (`VirtualService/ns/name`,
+    /// `TCPRoute/ns/name`), when a route did.
+    pub route: Option<String>,
+    /// The destination subset, when the route chose one.
+    pub subset: Option<String>,
 }
 
 /// Writes the access-log line of a closed connection (`info`, target
@@ -212,6 +217,8 @@ pub fn log_connection(r: &ConnectionRecord) {
         policy = policy.as_deref(),
         reason = reason.as_deref(),
         forwarded_for = r.forwarded_for.as_deref(),
+        route = r.route.as_deref(),
+        subset = r.subset.as_deref(),
         "connection closed"
     );
 }
