@@ -978,6 +978,11 @@ pods:
                 "resources[0].spec.rules[0].backendRefs[0].port: TCPRoute default/r: missing",
             ),
             ("  - just a string\n".to_owned(), "resources[0]: expected a Kubernetes object"),
+            // The routing engine's own checks (mesh-routing), after the schema's.
+            (
+                dr("{name: web}", "{host: web, trafficPolicy: {outlierDetection: {interval: often}}}"),
+                "resources[0].spec.trafficPolicy.outlierDetection.interval",
+            ),
         ];
         for (resources, want) in cases {
             let e = err(&with_resources(&resources));
@@ -985,7 +990,7 @@ pods:
         }
         // Same name, different kinds or namespaces: distinct objects.
         let ok = format!(
-            "{}{}  - apiVersion: networking.istio.io/v1\n    kind: VirtualService\n    metadata: {{name: web}}\n    spec: {{}}\n",
+            "{}{}  - apiVersion: networking.istio.io/v1\n    kind: VirtualService\n    metadata: {{name: web}}\n    spec: {{hosts: [web]}}\n",
             dr("{name: web}", "{host: web}"),
             dr("{name: web, namespace: shop}", "{host: web}")
         );

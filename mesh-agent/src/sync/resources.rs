@@ -300,10 +300,22 @@ pub fn admit_routing(kind: ResourceKind, mut object: Value) -> Result<Value, Pro
 /// (`mesh-routing`), run on every routing object of a workload file after
 /// [`admit_routing`]'s schema checks, on the object as it will be served.
 /// A problem rejects the file with the object's field path; the last good
-/// state stays in force. Today it accepts everything the schema admits.
+/// state stays in force. (The Kubernetes source cannot refuse what the API
+/// server stored: there the same problems show in the route report.)
 pub fn validate_routing_object(kind: ResourceKind, object: &Value) -> Result<(), Problem> {
-    let _ = (kind, object);
-    Ok(())
+    // mesh-routing reads the kind from the object (as served it has one).
+    let named;
+    let object = if object.get("kind").is_some() {
+        object
+    } else {
+        let mut copy = object.clone();
+        if let Some(map) = copy.as_object_mut() {
+            map.insert("kind".into(), Value::from(kind.to_string()));
+        }
+        named = copy;
+        &named
+    };
+    crate::routing::validate(object).map_err(|e| Problem::new(e.field, e.reason))
 }
 
 /// `spec.host` (required), `spec.subsets[].name` (required).
