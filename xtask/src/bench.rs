@@ -94,6 +94,7 @@ pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
     let upgrade = measure_upgrades(&lab, &bins, agents)?;
     drop(servers);
     lab.close()?;
+    let routing = crate::bench_routing::measure(&bins)?;
 
     println!();
     println!(
@@ -123,6 +124,19 @@ pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
     );
     println!(
         "latency: sockperf TCP ping-pong at {LATENCY_RATE} msg/s for {SECONDS} s, round trip; throughput: iperf3 one stream for {SECONDS} s; new conns: {CONNS} connections, 16 at a time, 64 B echoed each"
+    );
+    println!(
+        "routing: new conns to a plain service {:.0}/s, to a 50/50 split service (DestinationRule + VirtualService) {:.0}/s ({:+.1} %; medians of {} alternating rounds: {})",
+        routing.plain_per_s,
+        routing.split_per_s,
+        (routing.split_per_s / routing.plain_per_s.max(1.0) - 1.0) * 100.0,
+        routing.rounds.len(),
+        routing
+            .rounds
+            .iter()
+            .map(|(p, s)| format!("{p:.0}/{s:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     print_upgrades(&upgrade);
     // Policy evaluation, built with optimizations like the agent (xtask itself is a debug build).
@@ -161,7 +175,7 @@ pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
     for line in routing_lines.lines() {
         println!("  {line}");
     }
-    let json = serde_json::json!({ "routing_decision": routing_lines.lines().collect::<Vec<_>>(), "policy_evaluation": policy_lines.lines().collect::<Vec<_>>(), "rows": rows, "agent_rss_kib": { "idle": idle_rss, "node0": rss[0], "node1": rss[1] }, "agent_kib_per_1000_open_connections": per_1000, "upgrade": upgrade });
+    let json = serde_json::json!({ "routing_decision": routing_lines.lines().collect::<Vec<_>>(), "policy_evaluation": policy_lines.lines().collect::<Vec<_>>(), "rows": rows, "agent_rss_kib": { "idle": idle_rss, "node0": rss[0], "node1": rss[1] }, "agent_kib_per_1000_open_connections": per_1000, "upgrade": upgrade, "routing_connection_rates": routing });
     let path = target_dir.join("bench.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
     println!("written to {}", path.display());

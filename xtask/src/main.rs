@@ -10,6 +10,7 @@
 //! - `lab-clean`: remove lab leftovers of killed runs.
 
 mod bench;
+mod bench_routing;
 mod canary;
 mod demo;
 mod labkit;
