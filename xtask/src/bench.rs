@@ -220,27 +220,8 @@ fn measure(lab: &Lab, bins: &Bins, scenario: &str, server: &str) -> anyhow::Resu
     let p50 = percentile(&text, "50.000")?;
     let p99 = percentile(&text, "99.000")?;
 
-    let mut client = Command::new(&bins.app);
-    client.args([
-        "client",
-        "--connect",
-        &format!("{ip}:8080"),
-        "--conns",
-        CONNS,
-        "--concurrency",
-        "16",
-        "--bytes",
-        "64",
-    ]);
-    let report = ClientReport::from_output(&lab.run_in_pod_timeout("client", client, timeout)?)?;
-    if report.failed > 0 {
-        bail!(
-            "{scenario}: {} of {CONNS} connections failed: {:?}",
-            report.failed,
-            report.errors
-        );
-    }
-    let rate = report.ok as f64 / (report.elapsed_ms.max(1) as f64 / 1000.0);
+    let rate = labkit::new_conns_per_s(lab, bins, "client", &format!("{ip}:8080"), CONNS)
+        .with_context(|| scenario.to_owned())?;
     Ok(Row {
         scenario: scenario.to_owned(),
         throughput_gbit_s: bps / 1e9,

@@ -6,10 +6,7 @@
 //! costs end to end (the micro-benchmark shows the decision alone).
 #![forbid(unsafe_code)]
 
-use std::{process::Command, time::Duration};
-
-use anyhow::bail;
-use mesh_lab::{Lab, LabSpec, NodeSpec, PodSpec, app::ClientReport};
+use mesh_lab::{Lab, LabSpec, NodeSpec, PodSpec};
 use serde::Serialize;
 use serde_json::json;
 
@@ -56,8 +53,8 @@ pub fn measure(bins: &Bins) -> anyhow::Result<RoutingRow> {
     wait_split(&lab, bins)?;
     let mut rounds = Vec::new();
     for _ in 0..ROUNDS {
-        let plain = rate(&lab, bins, PLAIN)?;
-        let split = rate(&lab, bins, SPLIT)?;
+        let plain = labkit::new_conns_per_s(&lab, bins, "client", PLAIN, CONNS)?;
+        let split = labkit::new_conns_per_s(&lab, bins, "client", SPLIT, CONNS)?;
         rounds.push((plain, split));
     }
     lab.close()?;
@@ -70,35 +67,6 @@ pub fn measure(bins: &Bins) -> anyhow::Result<RoutingRow> {
         split_per_s: median(rounds.iter().map(|r| r.1).collect()),
         rounds,
     })
-}
-
-/// New connections per second to `vip` (64 B echoed each, 16 at a time).
-fn rate(lab: &Lab, bins: &Bins, vip: &str) -> anyhow::Result<f64> {
-    let mut client = Command::new(&bins.app);
-    client.args([
-        "client",
-        "--connect",
-        vip,
-        "--conns",
-        CONNS,
-        "--concurrency",
-        "16",
-        "--bytes",
-        "64",
-    ]);
-    let report = ClientReport::from_output(&lab.run_in_pod_timeout(
-        "client",
-        client,
-        Duration::from_secs(60),
-    )?)?;
-    if report.failed > 0 {
-        bail!(
-            "{vip}: {} of {CONNS} connections failed: {:?}",
-            report.failed,
-            report.errors
-        );
-    }
-    Ok(report.ok as f64 / (report.elapsed_ms.max(1) as f64 / 1000.0))
 }
 
 /// Node 0's workload file: the client, the two backends (remote, labelled
@@ -131,34 +99,18 @@ fn write_node0(lab: &Lab) -> anyhow::Result<()> {
             {"destination": {"host": "split", "subset": "v1"}, "weight": 50},
             {"destination": {"host": "split", "subset": "v2"}, "weight": 50}]}]}});
     text.push_str(&format!("resources:\n  - {dr}\n  - {vs}\n"));
-    let path = lab.scratch_path("workloads-n0.yaml");
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, &path)?;
+    labkit::write_workload_text(lab, 0, &text)?;
     Ok(())
 }
 
 /// Waits until node 0's agent routes the split service 50/50.
 fn wait_split(lab: &Lab, bins: &Bins) -> anyhow::Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut cmd = Command::new(&bins.agent);
-        cmd.args(["routes", "--json"]);
-        let out = lab.run_in_node(0, cmd)?;
-        let routes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        let split = routes["services"]
+    labkit::wait_routes(lab, bins, 0, "route the split service 50/50", |routes| {
+        routes["services"]
             .as_array()
             .into_iter()
             .flatten()
-            .find(|s| s["service"].as_str().is_some_and(|n| n.ends_with("/split")));
-        if let Some(s) = split
-            && s["routes"][0]["rules"][0][1]["weight"] == 50
-        {
-            return Ok(());
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("node 0's agent did not route the split service: {routes}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+            .find(|s| s["service"].as_str().is_some_and(|n| n.ends_with("/split")))
+            .is_some_and(|s| s["routes"][0]["rules"][0][1]["weight"] == 50)
+    })
 }

@@ -115,30 +115,22 @@ fn write_node0(lab: &Lab, w1: u32, w2: u32) -> anyhow::Result<()> {
             {"destination": {"host": "web", "subset": "v1"}, "weight": w1},
             {"destination": {"host": "web", "subset": "v2"}, "weight": w2}]}]}});
     text.push_str(&format!("resources:\n  - {dr}\n  - {vs}\n"));
-    let path = lab.scratch_path("workloads-n0.yaml");
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, &path)?;
+    labkit::write_workload_text(lab, 0, &text)?;
     Ok(())
 }
 
 /// Waits until node 0's agent routes with weights `w1`/`w2` (`mesh-agent routes --json`).
 fn wait_weights(lab: &Lab, bins: &Bins, w1: u32, w2: u32) -> anyhow::Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut cmd = Command::new(&bins.agent);
-        cmd.args(["routes", "--json"]);
-        let out = lab.run_in_node(0, cmd)?;
-        let routes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        let rule = &routes["services"][0]["routes"][0]["rules"][0];
-        if rule[0]["weight"] == w1 && rule[1]["weight"] == w2 {
-            return Ok(());
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("node 0's agent did not apply weights {w1}/{w2}: {routes}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    labkit::wait_routes(
+        lab,
+        bins,
+        0,
+        &format!("apply weights {w1}/{w2}"),
+        |routes| {
+            let rule = &routes["services"][0]["routes"][0]["rules"][0];
+            rule[0]["weight"] == w1 && rule[1]["weight"] == w2
+        },
+    )
 }
 
 /// Connections node 0's agent opened to v1 and to v2 so far, from its metrics.
