@@ -139,47 +139,41 @@ pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
             .join(", ")
     );
     print_upgrades(&upgrade);
-    // Policy evaluation, built with optimizations like the agent (xtask itself is a debug build).
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args([
-            "run",
-            "--quiet",
-            "--release",
-            "-p",
-            "mesh-policy",
-            "--example",
-            "bench",
-        ])
-        .output()
-        .context("policy micro-benchmark")?;
-    let policy_lines = String::from_utf8_lossy(&out.stdout).into_owned();
-    println!("policy evaluation (AuthorizationPolicy, L4):");
-    for line in policy_lines.lines() {
-        println!("  {line}");
-    }
-    // Routing decision (issue 11), the same way.
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args([
-            "run",
-            "--quiet",
-            "--release",
-            "-p",
-            "mesh-routing",
-            "--example",
-            "bench",
-        ])
-        .output()
-        .context("routing micro-benchmark")?;
-    let routing_lines = String::from_utf8_lossy(&out.stdout).into_owned();
-    println!("routing decision (VirtualService 80/20 + DestinationRule, L4):");
-    for line in routing_lines.lines() {
-        println!("  {line}");
-    }
+    // The decision micro-benchmarks, built with optimizations like the
+    // agent (xtask itself is a debug build).
+    let policy_lines = micro_bench("mesh-policy", "policy evaluation (AuthorizationPolicy, L4)")?;
+    let routing_lines = micro_bench(
+        "mesh-routing",
+        "routing decision (VirtualService 80/20 + DestinationRule, L4)",
+    )?;
     let json = serde_json::json!({ "routing_decision": routing_lines.lines().collect::<Vec<_>>(), "policy_evaluation": policy_lines.lines().collect::<Vec<_>>(), "rows": rows, "agent_rss_kib": { "idle": idle_rss, "node0": rss[0], "node1": rss[1] }, "agent_kib_per_1000_open_connections": per_1000, "upgrade": upgrade, "routing_connection_rates": routing });
     let path = target_dir.join("bench.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
     println!("written to {}", path.display());
     Ok(())
+}
+
+/// Runs `crate`'s `bench` example in release mode, prints its lines under
+/// `title` and returns them.
+fn micro_bench(krate: &str, title: &str) -> anyhow::Result<String> {
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            krate,
+            "--example",
+            "bench",
+        ])
+        .output()
+        .with_context(|| format!("{krate} micro-benchmark"))?;
+    let lines = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{title}:");
+    for line in lines.lines() {
+        println!("  {line}");
+    }
+    Ok(lines)
 }
 
 fn measure(lab: &Lab, bins: &Bins, scenario: &str, server: &str) -> anyhow::Result<Row> {

@@ -505,20 +505,8 @@ fn array<'a>(obj: &'a Map<String, Value>, key: &str, at: &str) -> Result<&'a [Va
     }
 }
 
-/// A DNS-1123 label: 1..=63 of `[a-z0-9-]`, alphanumeric at both ends.
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
-}
-
-/// A DNS-1123 subdomain: at most 253 characters of dot-separated labels.
-fn is_dns_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
-}
+// Object names as the API server checks them: one definition, in mesh-policy.
+use crate::policy::admission::{is_dns_label, is_dns_subdomain};
 
 #[cfg(test)]
 mod tests {
