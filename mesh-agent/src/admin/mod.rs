@@ -537,6 +537,11 @@ fn services_json(snap: &Snapshot) -> Value {
                     "workload": e.workload.as_ref().map(ToString::to_string),
                     "node": e.node_name,
                 })).collect::<Vec<_>>(),
+                "waypoint": s.waypoint.as_ref().map(|w| json!({
+                    "namespace": w.reference.namespace,
+                    "name": w.reference.name,
+                    "from": w.from.as_str(),
+                })),
             })
         })
         .collect()

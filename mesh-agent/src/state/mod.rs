@@ -9,6 +9,7 @@
 
 mod policies;
 mod routes;
+mod waypoint;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -24,6 +25,11 @@ pub use policies::{
     compile_policies, rejects_policy,
 };
 pub use routes::{compile_routes, log_routes};
+pub use waypoint::{
+    GATEWAY_MANAGED_LABEL, GATEWAY_MANAGED_WAYPOINT, USE_WAYPOINT_LABEL,
+    USE_WAYPOINT_NAMESPACE_LABEL, USE_WAYPOINT_NONE, WAYPOINT_HBONE_PORT, Waypoint,
+    WaypointEndpoint, WaypointError, WaypointRef, WaypointSource, service_waypoint,
+};
 
 /// What the agent knows about its node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -244,6 +250,9 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// Ready endpoints (from the service's EndpointSlices), sorted by address.
     pub endpoints: Vec<Endpoint>,
+    /// The waypoint its traffic goes through (`istio.io/use-waypoint` on
+    /// the service or its namespace, [`service_waypoint`]), if any.
+    pub waypoint: Option<Waypoint>,
 }
 
 /// One port of a service.

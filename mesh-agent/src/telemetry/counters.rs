@@ -25,16 +25,21 @@ pub enum ProxyEvent {
     /// A tunnel stream attempt was retried (GOAWAY, `REFUSED_STREAM`,
     /// broken connection).
     StreamRetried,
+    /// A connection to a service with a waypoint was refused because the
+    /// waypoint is missing, has no ready pod or could not be reached
+    /// (fail closed: never sent around the waypoint).
+    WaypointUnavailable,
 }
 
 impl ProxyEvent {
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 7] = [
         Self::OutboundAccepted,
         Self::InboundAccepted,
         Self::NoOriginalDestination,
         Self::AgentPortRefused,
         Self::TunnelOpened,
         Self::StreamRetried,
+        Self::WaypointUnavailable,
     ];
 
     /// The counter's name in `/stats`.
@@ -46,6 +51,7 @@ impl ProxyEvent {
             Self::AgentPortRefused => "agent_port_refused",
             Self::TunnelOpened => "tunnel_connections_opened",
             Self::StreamRetried => "tunnel_streams_retried",
+            Self::WaypointUnavailable => "waypoint_unavailable",
         }
     }
 
