@@ -103,7 +103,8 @@ impl ProxyCounters {
     /// Every counter as (name, value), in a stable order: `outbound_accepted`,
     /// `inbound_accepted`, `completed`, `failed`, `no_original_destination`,
     /// `agent_port_refused`, `bytes_sent` (client to server),
-    /// `bytes_received` (server to client), then the tunnel pool's.
+    /// `bytes_received` (server to client), then the tunnel pool's, then
+    /// `waypoint_unavailable`.
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
         let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let e = |event: ProxyEvent| (event.as_str(), self.get(event));
@@ -118,6 +119,7 @@ impl ProxyCounters {
             ("bytes_received", v(&self.bytes_received)),
             e(ProxyEvent::TunnelOpened),
             e(ProxyEvent::StreamRetried),
+            e(ProxyEvent::WaypointUnavailable),
         ]
     }
 
