@@ -154,7 +154,11 @@ fn mesh() -> Mesh {
     let mut mesh = Mesh::new(
         LabSpec::new()
             .node(NodeSpec::new().pod(PodSpec::new("a")))
-            .node(NodeSpec::new().pod(PodSpec::new("web")).pod(PodSpec::new("wp"))),
+            .node(
+                NodeSpec::new()
+                    .pod(PodSpec::new("web"))
+                    .pod(PodSpec::new("wp")),
+            ),
     );
     mesh.write_workload_text(0, &node0_file(&mesh, "", "wp"));
     let n1 = mesh.workloads_yaml(1, &[("web", true), ("wp", false)], &[("a", true)]);
@@ -170,7 +174,9 @@ fn landed_on_web(mesh: &Mesh) -> u64 {
     mesh.metrics_text(1)
         .lines()
         .filter(|l| l.starts_with("istio_tcp_connections_opened_total"))
-        .filter(|l| l.contains("reporter=\"destination\"") && l.contains("destination_workload=\"web\""))
+        .filter(|l| {
+            l.contains("reporter=\"destination\"") && l.contains("destination_workload=\"web\"")
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }
@@ -198,8 +204,7 @@ fn access_lines(mesh: &Mesh, needles: &[&str]) -> Vec<String> {
 }
 
 #[test]
-fn a_service_in_a_waypoint_namespace_is_reached_through_its_waypoint_and_fails_closed_without_it()
-{
+fn a_service_in_a_waypoint_namespace_is_reached_through_its_waypoint_and_fails_closed_without_it() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -221,6 +226,11 @@ fn a_service_in_a_waypoint_namespace_is_reached_through_its_waypoint_and_fails_c
         web["waypoint"],
         serde_json::json!({"namespace": "default", "name": "wp", "from": "namespace"}),
         "{web:#}"
+    );
+    assert_eq!(
+        dump["routes"]["waypoints"],
+        serde_json::json!([{"service": "default/web", "waypoint": "default/wp", "from": "namespace"}]),
+        "mesh-agent routes says the waypoint routes web"
     );
 
     // Through the waypoint: CONNECT to the VIP:port itself, under a's identity.
@@ -248,10 +258,7 @@ fn a_service_in_a_waypoint_namespace_is_reached_through_its_waypoint_and_fails_c
     );
 
     // `none` on the service opts it out of its namespace's waypoint: straight to the endpoint.
-    mesh.write_workload_text_applied(
-        0,
-        &node0_file(&mesh, "istio.io/use-waypoint: none", "wp"),
-    );
+    mesh.write_workload_text_applied(0, &node0_file(&mesh, "istio.io/use-waypoint: none", "wp"));
     let r = mesh.client("a", VIP, &["--conns", "2"]);
     assert_eq!((r.ok, r.failed), (2, 0), "{r:?}");
     assert_eq!(landed_on_web(&mesh), 2);
@@ -265,7 +272,11 @@ fn a_service_in_a_waypoint_namespace_is_reached_through_its_waypoint_and_fails_c
     let r = mesh.client("a", VIP, &["--conns", "2"]);
     assert_eq!((r.ok, r.failed), (0, 2), "{r:?}");
     assert_eq!(proxy_counter(&mesh, 0, "waypoint_unavailable") - before, 2);
-    assert_eq!(landed_on_web(&mesh), 2, "fail closed: no bypass to the endpoint");
+    assert_eq!(
+        landed_on_web(&mesh),
+        2,
+        "fail closed: no bypass to the endpoint"
+    );
     assert_eq!(waypoint.seen().len(), 3);
     let refused = access_lines(
         &mesh,

@@ -388,11 +388,15 @@ impl Admin {
     }
 
     /// Registers the `routes` part: the effective routing of the store's
-    /// current route table with the proxy's balancer state (issue 11).
+    /// current route table with the proxy's balancer state (issue 11), and
+    /// the services whose traffic a waypoint routes instead (issue 12).
     pub fn register_routes(&self, store: &Store, balancer: Arc<crate::routing::Balancer>) {
         let s = store.clone();
         self.config_dump().register("routes", move || {
-            routes::routes_json(&s.current().routes, &balancer, std::time::Instant::now())
+            let snap = s.current();
+            let mut v = routes::routes_json(&snap.routes, &balancer, std::time::Instant::now());
+            v["waypoints"] = routes::waypoints_json(&snap);
+            v
         });
     }
 

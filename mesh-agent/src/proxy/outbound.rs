@@ -230,9 +230,9 @@ async fn handle(
                     id.clone(),
                     &shared,
                 )
-                    .await
-                    .map(Upstream::Tunnel)
-                    .map_err(Error::Tunnel),
+                .await
+                .map(Upstream::Tunnel)
+                .map_err(Error::Tunnel),
                 None => ctx
                     .connect(target)
                     .await
@@ -423,8 +423,7 @@ async fn via_waypoint(
                 });
                 tracker.set_waypoint(waypoint);
                 let never = CancellationToken::new();
-                let result =
-                    hbone::relay_h2(client, send, response.into_body(), &never).await;
+                let result = hbone::relay_h2(client, send, response.into_body(), &never).await;
                 tracker.close(result.sent, result.received, result.outcome.into());
                 return;
             }

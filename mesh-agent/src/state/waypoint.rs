@@ -362,7 +362,12 @@ mod tests {
         }
     }
 
-    fn service(ns: &str, name: &str, ports: &[(&str, u16)], eps: &[(&str, Option<&str>)]) -> Service {
+    fn service(
+        ns: &str,
+        name: &str,
+        ports: &[(&str, u16)],
+        eps: &[(&str, Option<&str>)],
+    ) -> Service {
         Service {
             name: name.into(),
             namespace: ns.into(),
@@ -446,7 +451,12 @@ mod tests {
             reference: wref("shop", "wp"),
             from: WaypointSource::Namespace,
         });
-        let wp = service("shop", "wp", &[("mesh", 15008)], &[("198.18.9.1", Some("wp-0"))]);
+        let wp = service(
+            "shop",
+            "wp",
+            &[("mesh", 15008)],
+            &[("198.18.9.1", Some("wp-0"))],
+        );
         let snap = Snapshot {
             services: [(key("shop", "wp"), wp)].into(),
             ..Snapshot::default()

@@ -782,6 +782,37 @@ pods:
     }
 
     #[test]
+    fn service_and_namespace_labels_choose_the_waypoint() {
+        use crate::state::WaypointSource;
+        let text = format!(
+            "{GOOD}namespaces:\n  - name: default\n    labels: {{istio.io/use-waypoint: wp}}\n\
+             services:\n  - name: web\n    vips: [\"198.18.200.1\"]\n    ports: [{{port: 80}}]\n    endpoints: [a]\n\
+             \x20 - name: out\n    vips: [\"198.18.200.2\"]\n    ports: [{{port: 80}}]\n    labels: {{istio.io/use-waypoint: none}}\n\
+             \x20 - name: cart\n    namespace: shop\n    vips: [\"198.18.200.3\"]\n    ports: [{{port: 80}}]\n\
+             \x20   labels: {{istio.io/use-waypoint: edge, istio.io/use-waypoint-namespace: infra}}\n"
+        );
+        let f = parse(Path::new("w.yaml"), &text).expect("valid file");
+        let waypoint = |ns: &str, name: &str| {
+            f.services[&ServiceKey {
+                namespace: ns.into(),
+                name: name.into(),
+            }]
+                .waypoint
+                .as_ref()
+                .map(|w| (w.reference.to_string(), w.from))
+        };
+        assert_eq!(
+            waypoint("default", "web"),
+            Some(("default/wp".into(), WaypointSource::Namespace))
+        );
+        assert_eq!(waypoint("default", "out"), None);
+        assert_eq!(
+            waypoint("shop", "cart"),
+            Some(("infra/edge".into(), WaypointSource::Service))
+        );
+    }
+
+    #[test]
     fn errors_name_the_field_and_line() {
         let e =
             err("node:\n  name: n\npods:\n  - name: a\n    ips: [\"300.1.1.1\"]\n    netns: /x\n");

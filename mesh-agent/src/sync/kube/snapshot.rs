@@ -614,7 +614,11 @@ mod tests {
             Some(("shop/own-wp".into(), WaypointSource::Service))
         );
         assert_eq!(waypoint("shop", "out"), None, "none opts out");
-        assert_eq!(waypoint("shop", "shop-wp"), None, "the waypoint's own Service");
+        assert_eq!(
+            waypoint("shop", "shop-wp"),
+            None,
+            "the waypoint's own Service"
+        );
         assert_eq!(waypoint("other", "web"), None, "unlabelled namespace");
     }
 
