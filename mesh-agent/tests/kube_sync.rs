@@ -889,6 +889,20 @@ async fn waypoint_labels_arrive_follow_changes_and_resolve_to_the_waypoint_pod()
             store.current().waypoint_endpoints(&edge, &td),
             Err(mesh_agent::state::WaypointError::Missing(_))
         ));
+        // A pod's own label (traffic to its IP) is not supported yet: listed, not ignored.
+        server.apply(objects::pod(
+            "shop",
+            "remote",
+            UID_REMOTE,
+            "node-b",
+            &["10.2.0.10"],
+            json!({"app": "web", "istio.io/use-waypoint": "wp"}),
+        ));
+        wait_for(store, "pod waypoint label listed", |s| {
+            mesh_agent::state::pods_with_waypoint_label(&s.workloads)
+                == [key("shop", "remote")]
+        })
+        .await;
         // Labels removed: no waypoint.
         server.apply(objects::service("shop", "web", "10.96.0.10", 80, 8080));
         server.apply(objects::namespace("shop", ambient()));

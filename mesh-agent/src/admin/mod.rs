@@ -396,6 +396,11 @@ impl Admin {
             let snap = s.current();
             let mut v = routes::routes_json(&snap.routes, &balancer, std::time::Instant::now());
             v["waypoints"] = routes::waypoints_json(&snap);
+            v["unsupported_pod_waypoints"] =
+                crate::state::pods_with_waypoint_label(&snap.workloads)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
             v
         });
     }

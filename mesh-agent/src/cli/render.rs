@@ -348,6 +348,16 @@ pub fn routes(routes: &Value) -> String {
             s(w, "from")
         ));
     }
+    let pods: Vec<String> = arr(routes, "unsupported_pod_waypoints")
+        .iter()
+        .filter_map(|p| p.as_str().map(str::to_owned))
+        .collect();
+    if !pods.is_empty() {
+        out.push_str(&format!(
+            "pods labelled istio.io/use-waypoint (not supported yet: traffic to their IPs goes directly): {}\n",
+            pods.join(", ")
+        ));
+    }
     let objects = arr(routes, "objects");
     if !objects.is_empty() {
         let rows: Vec<Vec<String>> = objects

@@ -144,6 +144,45 @@ pub fn service_waypoint(
     (chosen.reference.service_key() != *key).then_some(chosen)
 }
 
+/// Local and remote pods that carry their own `istio.io/use-waypoint`
+/// (other than `none`), sorted. Such a label asks that traffic addressed
+/// to the pod's IP go through a waypoint (Istio: only when the waypoint
+/// takes `workload` traffic, `istio.io/waypoint-for`); the agent does not
+/// do this yet — only a service's traffic goes through its waypoint — so
+/// these pods are reported (`/config_dump` `routes.unsupported_pod_waypoints`
+/// and a warning when the set changes), never silently ignored.
+pub fn pods_with_waypoint_label(
+    workloads: &BTreeMap<WorkloadKey, super::Workload>,
+) -> Vec<WorkloadKey> {
+    workloads
+        .iter()
+        .filter(|(_, w)| {
+            w.labels
+                .get(USE_WAYPOINT_LABEL)
+                .is_some_and(|v| v != USE_WAYPOINT_NONE)
+        })
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+/// Warns when the pods [`pods_with_waypoint_label`] finds in `after`
+/// differ from `before` (its earlier answer) and some remain.
+pub(super) fn report_pod_waypoints(
+    before: &[WorkloadKey],
+    after: &BTreeMap<WorkloadKey, super::Workload>,
+) {
+    let now = pods_with_waypoint_label(after);
+    if now.is_empty() || now == before {
+        return;
+    }
+    let shown: Vec<String> = now.iter().take(10).map(ToString::to_string).collect();
+    tracing::warn!(
+        count = now.len(),
+        pods = %shown.join(","),
+        "pods labelled istio.io/use-waypoint: not supported yet, connections addressed to these pods' IPs go to them directly, not through a waypoint (their services' traffic does go through the service's waypoint)"
+    );
+}
+
 /// Why a waypoint reference does not resolve to a pod to tunnel to.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum WaypointError {
@@ -442,6 +481,28 @@ mod tests {
             eps[0].identity.to_string(),
             "spiffe://cluster.local/ns/shop/sa/wp-sa"
         );
+    }
+
+    #[test]
+    fn pods_with_their_own_waypoint_label_are_listed_as_unsupported() {
+        let mut labelled = pod("shop", "p1", "sa", "198.18.9.3");
+        labelled
+            .labels
+            .insert(USE_WAYPOINT_LABEL.into(), "wp".into());
+        let mut opted_out = pod("shop", "p2", "sa", "198.18.9.4");
+        opted_out
+            .labels
+            .insert(USE_WAYPOINT_LABEL.into(), "none".into());
+        let plain = pod("shop", "p3", "sa", "198.18.9.5");
+        let workloads = [labelled, opted_out, plain]
+            .into_iter()
+            .map(|w| (w.key(), w))
+            .collect();
+        let listed: Vec<String> = pods_with_waypoint_label(&workloads)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(listed, ["shop/p1"]);
     }
 
     #[test]
