@@ -899,8 +899,7 @@ async fn waypoint_labels_arrive_follow_changes_and_resolve_to_the_waypoint_pod()
             json!({"app": "web", "istio.io/use-waypoint": "wp"}),
         ));
         wait_for(store, "pod waypoint label listed", |s| {
-            mesh_agent::state::pods_with_waypoint_label(&s.workloads)
-                == [key("shop", "remote")]
+            mesh_agent::state::pods_with_waypoint_label(&s.workloads) == [key("shop", "remote")]
         })
         .await;
         // Labels removed: no waypoint.

@@ -343,6 +343,26 @@ mod tests {
         let o = Outcome::failed(Error::Revoked);
         assert_eq!(o.reason().as_deref(), Some("closed by a policy change"));
         assert_eq!(o.policy(), None);
+        let waypoint = Error::Waypoint {
+            waypoint: crate::state::WaypointRef {
+                namespace: "shop".into(),
+                name: "wp".into(),
+            },
+            reason: WaypointFailure::Resolve(crate::state::WaypointError::NoEndpoint(
+                crate::state::WaypointRef {
+                    namespace: "shop".into(),
+                    name: "wp".into(),
+                },
+            )),
+        };
+        assert_eq!(waypoint.event(), Some(ProxyEvent::WaypointUnavailable));
+        let o = Outcome::failed(waypoint);
+        assert_eq!(o.as_str(), "connect_failed");
+        let text = o.reason().unwrap_or_default();
+        assert!(
+            text.starts_with("waypoint shop/wp unavailable") && text.contains("no ready endpoint"),
+            "{text}"
+        );
         let own = Error::AgentPort(addr("198.18.2.10:15006")).to_string();
         assert!(
             own.contains("one of the agent's own ports in the pod"),
