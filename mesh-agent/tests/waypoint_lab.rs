@@ -298,4 +298,17 @@ fn a_service_in_a_waypoint_namespace_is_reached_through_its_waypoint_and_fails_c
         access_lines(&mesh, &["waypoint=\"default/wp\"", "has no ready endpoint"]).len(),
         1
     );
+
+    // The waypoint's second hop: a CONNECT to the endpoint pod's own
+    // address:port under the waypoint's identity is accepted by the
+    // destination agent as any mesh peer's.
+    let wp_netns = mesh.lab.pod("wp").expect("wp").netns_path();
+    let web_ip = mesh.lab.pod("web").expect("web").ipv4();
+    let status = rt.block_on(common::rogue::connect(
+        &wp_netns,
+        SocketAddr::new(web_ip.into(), 15008),
+        &common::rogue::mesh_cert(&mesh, "wp"),
+        SocketAddr::new(web_ip.into(), 8080),
+    ));
+    assert_eq!(status, Ok(200));
 }
