@@ -322,6 +322,7 @@ mod access_log_tests {
             forwarded_for: None,
             route: None,
             subset: None,
+            waypoint: None,
         }
     }
 

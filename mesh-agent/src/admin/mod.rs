@@ -388,11 +388,20 @@ impl Admin {
     }
 
     /// Registers the `routes` part: the effective routing of the store's
-    /// current route table with the proxy's balancer state (issue 11).
+    /// current route table with the proxy's balancer state (issue 11), and
+    /// the services whose traffic a waypoint routes instead (issue 12).
     pub fn register_routes(&self, store: &Store, balancer: Arc<crate::routing::Balancer>) {
         let s = store.clone();
         self.config_dump().register("routes", move || {
-            routes::routes_json(&s.current().routes, &balancer, std::time::Instant::now())
+            let snap = s.current();
+            let mut v = routes::routes_json(&snap.routes, &balancer, std::time::Instant::now());
+            v["waypoints"] = routes::waypoints_json(&snap);
+            v["unsupported_pod_waypoints"] =
+                crate::state::pods_with_waypoint_label(&snap.workloads)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+            v
         });
     }
 
@@ -537,6 +546,11 @@ fn services_json(snap: &Snapshot) -> Value {
                     "workload": e.workload.as_ref().map(ToString::to_string),
                     "node": e.node_name,
                 })).collect::<Vec<_>>(),
+                "waypoint": s.waypoint.as_ref().map(|w| json!({
+                    "namespace": w.reference.namespace,
+                    "name": w.reference.name,
+                    "from": w.from.as_str(),
+                })),
             })
         })
         .collect()

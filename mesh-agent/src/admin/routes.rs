@@ -48,6 +48,22 @@ pub fn routes_json(table: &RouteTable, balancer: &Balancer, now: Instant) -> Val
     })
 }
 
+/// The services whose traffic goes through a waypoint (`istio.io/use-waypoint`):
+/// their routing (these routes included) is the waypoint's job, not the node's.
+pub fn waypoints_json(snap: &crate::state::Snapshot) -> Value {
+    snap.services
+        .values()
+        .filter_map(|s| {
+            let w = s.waypoint.as_ref()?;
+            Some(json!({
+                "service": format!("{}/{}", s.namespace, s.name),
+                "waypoint": w.reference.to_string(),
+                "from": w.from.as_str(),
+            }))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -340,6 +340,24 @@ pub fn routes(routes: &Value) -> String {
             ));
         }
     }
+    for w in arr(routes, "waypoints") {
+        out.push_str(&format!(
+            "{} -> waypoint {} (label on the {}): routed by the waypoint, not this node\n",
+            s(w, "service"),
+            s(w, "waypoint"),
+            s(w, "from")
+        ));
+    }
+    let pods: Vec<String> = arr(routes, "unsupported_pod_waypoints")
+        .iter()
+        .filter_map(|p| p.as_str().map(str::to_owned))
+        .collect();
+    if !pods.is_empty() {
+        out.push_str(&format!(
+            "pods labelled istio.io/use-waypoint (not supported yet: traffic to their IPs goes directly): {}\n",
+            pods.join(", ")
+        ));
+    }
     let objects = arr(routes, "objects");
     if !objects.is_empty() {
         let rows: Vec<Vec<String>> = objects
@@ -726,5 +744,11 @@ ID  DIRECTION  SOURCE     SOURCE ADDR      DESTINATION     DESTINATION ADDR  PEE
             "{text}"
         );
         assert_eq!(routes(&serde_json::json!({})), "no services\n");
+        let w = routes(&serde_json::json!({"waypoints": [
+            {"service": "shop/web", "waypoint": "shop/wp", "from": "namespace"}]}));
+        assert_eq!(
+            w,
+            "shop/web -> waypoint shop/wp (label on the namespace): routed by the waypoint, not this node\n"
+        );
     }
 }

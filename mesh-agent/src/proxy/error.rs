@@ -122,6 +122,28 @@ pub enum Error {
         /// The deadline.
         timeout: std::time::Duration,
     },
+    /// The service has a waypoint (`istio.io/use-waypoint`) that cannot
+    /// take the connection: refused, never sent around the waypoint.
+    #[error(
+        "waypoint {waypoint} unavailable, connection refused (fail closed, the service's traffic never bypasses its waypoint): {reason}"
+    )]
+    Waypoint {
+        /// The waypoint.
+        waypoint: crate::state::WaypointRef,
+        /// Why it cannot take it.
+        reason: WaypointFailure,
+    },
+}
+
+/// Why a waypoint cannot take a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum WaypointFailure {
+    /// The reference resolves to no pod (no Service, no HBONE port, no ready pod).
+    #[error(transparent)]
+    Resolve(#[from] crate::state::WaypointError),
+    /// Every pod of the waypoint tried failed (the last error).
+    #[error("unreachable: {0}")]
+    Unreachable(#[source] Box<Error>),
 }
 
 impl Error {
@@ -154,7 +176,8 @@ impl Failure for Error {
             | Self::App { .. }
             | Self::Route(_)
             | Self::Pick(_)
-            | Self::ConnectTimeout { .. } => FailureKind::ConnectFailed,
+            | Self::ConnectTimeout { .. }
+            | Self::Waypoint { .. } => FailureKind::ConnectFailed,
             Self::Denied(_) | Self::Revoked => FailureKind::Denied,
             Self::Relay(_) => FailureKind::Reset,
             Self::NoOriginalDestination
@@ -178,6 +201,7 @@ impl Failure for Error {
         match self {
             Self::NoOriginalDestination => Some(ProxyEvent::NoOriginalDestination),
             Self::AgentPort(_) => Some(ProxyEvent::AgentPortRefused),
+            Self::Waypoint { .. } => Some(ProxyEvent::WaypointUnavailable),
             _ => None,
         }
     }
@@ -319,6 +343,26 @@ mod tests {
         let o = Outcome::failed(Error::Revoked);
         assert_eq!(o.reason().as_deref(), Some("closed by a policy change"));
         assert_eq!(o.policy(), None);
+        let waypoint = Error::Waypoint {
+            waypoint: crate::state::WaypointRef {
+                namespace: "shop".into(),
+                name: "wp".into(),
+            },
+            reason: WaypointFailure::Resolve(crate::state::WaypointError::NoEndpoint(
+                crate::state::WaypointRef {
+                    namespace: "shop".into(),
+                    name: "wp".into(),
+                },
+            )),
+        };
+        assert_eq!(waypoint.event(), Some(ProxyEvent::WaypointUnavailable));
+        let o = Outcome::failed(waypoint);
+        assert_eq!(o.as_str(), "connect_failed");
+        let text = o.reason().unwrap_or_default();
+        assert!(
+            text.starts_with("waypoint shop/wp unavailable") && text.contains("no ready endpoint"),
+            "{text}"
+        );
         let own = Error::AgentPort(addr("198.18.2.10:15006")).to_string();
         assert!(
             own.contains("one of the agent's own ports in the pod"),

@@ -109,6 +109,14 @@ async fn handle(
     };
     let snapshot = shared.store.current();
     let service = snapshot.service_by_vip(dst.ip());
+    // A service with a waypoint: the waypoint routes it (issue 12), not us.
+    if let Some(svc) = service
+        && let Some(w) = snapshot.waypoint_for(svc, &ctx.key)
+    {
+        let w = w.reference.clone();
+        via_waypoint(&ctx, client, dst, &snapshot, svc, &w, &shared, &source_for).await;
+        return;
+    }
     let dst_service = service.map(ServiceLabels::from_service);
     // A service VIP:port goes through its route (match, weighted
     // destination, subset, endpoint pick); any other address (a pod IP, a
@@ -214,10 +222,17 @@ async fn handle(
         };
         let open = async {
             match &peer_id {
-                Some(id) => open_tunnel(&ctx, target, src, id.clone(), &shared)
-                    .await
-                    .map(Upstream::Tunnel)
-                    .map_err(Error::Tunnel),
+                Some(id) => open_tunnel(
+                    &ctx,
+                    target,
+                    SocketAddr::new(target.ip(), INBOUND_HBONE_PORT),
+                    src,
+                    id.clone(),
+                    &shared,
+                )
+                .await
+                .map(Upstream::Tunnel)
+                .map_err(Error::Tunnel),
                 None => ctx
                     .connect(target)
                     .await
@@ -324,6 +339,123 @@ async fn handle(
     }
 }
 
+/// Carries a connection to `service` (dialled at `dst`, one of its
+/// VIP:ports) through its `waypoint`, as ztunnel does: an HBONE tunnel to
+/// one of the waypoint's pods (its address, port 15008, proving the pod's
+/// identity) with a `CONNECT` to `dst` itself. The service's routing
+/// (DestinationRule, VirtualService) is the waypoint's job, not the node's.
+/// Fails closed: a waypoint that does not resolve or whose pods all fail
+/// resets the client (counted `waypoint_unavailable`, access-logged with
+/// the reason and the `waypoint`); the service's endpoints are never
+/// dialled instead.
+#[allow(clippy::too_many_arguments)] // one call site; the connection's context
+async fn via_waypoint(
+    ctx: &Arc<PodContext>,
+    client: TcpStream,
+    dst: SocketAddr,
+    snapshot: &crate::state::Snapshot,
+    service: &crate::state::Service,
+    waypoint: &crate::state::WaypointRef,
+    shared: &Arc<Shared>,
+    source_for: &(dyn Fn(SocketAddr) -> SocketAddr + Sync),
+) {
+    let dst_service = Some(ServiceLabels::from_service(service));
+    let refuse = |attempt: Attempt, error: Error, client: TcpStream| {
+        tracing::warn!(pod = %ctx.key, dst = %dst, waypoint = %waypoint, reason = %error, "waypoint unavailable; connection refused");
+        let mut tracker = shared.telemetry.open(Connection {
+            direction: Direction::Outbound,
+            src: peer(snapshot, attempt.src, Some(&ctx.identity)),
+            dst: peer(snapshot, attempt.target, attempt.peer_id.as_ref()),
+            dst_service: dst_service.clone(),
+            security_policy: SecurityPolicy::MutualTls,
+        });
+        tracker.set_waypoint(waypoint);
+        tracker.close(0, 0, error.into());
+        reset(client);
+    };
+    let unavailable = |reason| Error::Waypoint {
+        waypoint: waypoint.clone(),
+        reason,
+    };
+    let endpoints = match snapshot.waypoint_endpoints(waypoint, shared.tls.trust_domain()) {
+        Ok(e) => e,
+        Err(e) => {
+            let attempt = Attempt {
+                src: source_for(dst),
+                target: dst,
+                mutual_tls: true,
+                peer_id: None,
+            };
+            refuse(attempt, unavailable(e.into()), client);
+            return;
+        }
+    };
+    // The pod's certificate: none fails closed (not the waypoint's fault).
+    if let Err(e) = shared.tls.manager().fetch(&ctx.identity).await {
+        let attempt = Attempt {
+            src: source_for(dst),
+            target: dst,
+            mutual_tls: true,
+            peer_id: None,
+        };
+        refuse(attempt, Error::NoCertificate(e), client);
+        return;
+    }
+    // Start at a pod chosen by the client's port (connections spread over
+    // the waypoint's pods), then try the others in order.
+    let start = usize::from(source_for(dst).port()) % endpoints.len();
+    let mut last: Option<(Attempt, Error)> = None;
+    for ep in endpoints
+        .iter()
+        .cycle()
+        .skip(start)
+        .take(endpoints.len().min(MAX_ATTEMPTS))
+    {
+        let src = source_for(ep.addr);
+        match open_tunnel(ctx, dst, ep.addr, src, ep.identity.clone(), shared).await {
+            Ok((response, send, _guard)) => {
+                let mut tracker = shared.telemetry.open(Connection {
+                    direction: Direction::Outbound,
+                    src: peer(snapshot, src, Some(&ctx.identity)),
+                    dst: peer(snapshot, ep.addr, Some(&ep.identity)),
+                    dst_service,
+                    security_policy: SecurityPolicy::MutualTls,
+                });
+                tracker.set_waypoint(waypoint);
+                let never = CancellationToken::new();
+                let result = hbone::relay_h2(client, send, response.into_body(), &never).await;
+                tracker.close(result.sent, result.received, result.outcome.into());
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(pod = %ctx.key, waypoint = %waypoint, endpoint = %ep.addr, error = %e, "waypoint pod refused; trying the next one");
+                let attempt = Attempt {
+                    src,
+                    target: ep.addr,
+                    mutual_tls: true,
+                    peer_id: Some(ep.identity.clone()),
+                };
+                last = Some((attempt, Error::Tunnel(e)));
+            }
+        }
+    }
+    let (attempt, error) = last.unwrap_or_else(|| {
+        // Unreachable: `endpoints` is never empty.
+        let attempt = Attempt {
+            src: source_for(dst),
+            target: dst,
+            mutual_tls: true,
+            peer_id: None,
+        };
+        (attempt, Error::NoEndpoint(dst))
+    });
+    refuse(
+        attempt,
+        unavailable(super::error::WaypointFailure::Unreachable(Box::new(error))),
+        client,
+    );
+}
+
 /// Most endpoints one captured connection tries (each failure moves on to
 /// another endpoint of the same destination).
 const MAX_ATTEMPTS: usize = 8;
@@ -391,10 +523,13 @@ enum Upstream {
     ),
 }
 
-/// Opens an HBONE stream to `dst` under the pod's identity, requiring `peer_id`.
+/// Opens an HBONE stream to `dst` (the `CONNECT` target) under the pod's
+/// identity, through a tunnel to `dial` (the peer's HBONE address: the
+/// destination pod's, or a waypoint's) that must prove `peer_id`.
 async fn open_tunnel(
     ctx: &Arc<PodContext>,
     dst: SocketAddr,
+    dial: SocketAddr,
     src: SocketAddr,
     peer_id: SpiffeId,
     shared: &Arc<Shared>,
@@ -409,7 +544,7 @@ async fn open_tunnel(
     let key = PoolKey {
         source: ctx.identity.clone(),
         destination: peer_id,
-        address: SocketAddr::new(dst.ip(), INBOUND_HBONE_PORT),
+        address: dial,
         source_ip: src.ip(),
     };
     let request = hbone::connect_request(

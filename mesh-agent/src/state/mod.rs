@@ -9,6 +9,7 @@
 
 mod policies;
 mod routes;
+mod waypoint;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -24,6 +25,12 @@ pub use policies::{
     compile_policies, rejects_policy,
 };
 pub use routes::{compile_routes, log_routes};
+pub use waypoint::{
+    GATEWAY_MANAGED_LABEL, GATEWAY_MANAGED_WAYPOINT, USE_WAYPOINT_LABEL,
+    USE_WAYPOINT_NAMESPACE_LABEL, USE_WAYPOINT_NONE, WAYPOINT_HBONE_PORT, Waypoint,
+    WaypointEndpoint, WaypointError, WaypointRef, WaypointSource, pods_with_waypoint_label,
+    service_waypoint,
+};
 
 /// What the agent knows about its node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -244,6 +251,9 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// Ready endpoints (from the service's EndpointSlices), sorted by address.
     pub endpoints: Vec<Endpoint>,
+    /// The waypoint its traffic goes through (`istio.io/use-waypoint` on
+    /// the service or its namespace, [`service_waypoint`]), if any.
+    pub waypoint: Option<Waypoint>,
 }
 
 /// One port of a service.
@@ -478,6 +488,7 @@ impl Store {
     /// new generation. Publishes nothing (and returns the current generation)
     /// when nothing changed.
     pub fn publish(&self, node: NodeInfo, workloads: BTreeMap<WorkloadKey, Workload>) -> u64 {
+        let labelled = pods_with_waypoint_label(&self.tx.borrow().workloads);
         let mut generation = 0;
         let mut recompiled = false;
         self.tx.send_if_modified(|current| {
@@ -511,7 +522,9 @@ impl Store {
             true
         });
         if recompiled {
-            log_routes(&self.current().routes, generation);
+            let current = self.current();
+            log_routes(&current.routes, generation);
+            waypoint::report_pod_waypoints(&labelled, &current.workloads);
         }
         generation
     }
@@ -538,6 +551,7 @@ impl Store {
         };
         let fresh_routes =
             routes_inputs_differ(&self.tx.borrow(), &next).then(|| compile_next(&next));
+        let labelled = pods_with_waypoint_label(&self.tx.borrow().workloads);
         let mut generation = 0;
         let mut applied = None;
         let mut routes_applied = None;
@@ -586,6 +600,7 @@ impl Store {
         }
         if let Some(routes) = routes_applied {
             log_routes(&routes, generation);
+            waypoint::report_pod_waypoints(&labelled, &self.current().workloads);
         }
         generation
     }

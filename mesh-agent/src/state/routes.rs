@@ -141,6 +141,7 @@ mod tests {
                     node_name: None,
                 })
                 .collect(),
+            waypoint: None,
         };
         let dr = serde_json::json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
             "metadata": {"name": "web", "namespace": "shop"},

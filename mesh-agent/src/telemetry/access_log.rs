@@ -190,6 +190,9 @@ pub struct ConnectionRecord {
     pub route: Option<String>,
     /// The destination subset, when the route chose one.
     pub subset: Option<String>,
+    /// The waypoint (`namespace/name`) the connection went through (or was
+    /// refused for): its L7 and routing are the waypoint's job.
+    pub waypoint: Option<String>,
 }
 
 /// Writes the access-log line of a closed connection (`info`, target
@@ -219,6 +222,7 @@ pub fn log_connection(r: &ConnectionRecord) {
         forwarded_for = r.forwarded_for.as_deref(),
         route = r.route.as_deref(),
         subset = r.subset.as_deref(),
+        waypoint = r.waypoint.as_deref(),
         "connection closed"
     );
 }

@@ -278,6 +278,7 @@ impl Telemetry {
             forwarded_for: None,
             route: None,
             subset: None,
+            waypoint: None,
         }
     }
 
@@ -299,9 +300,16 @@ pub struct ConnectionTracker {
     forwarded_for: Option<String>,
     route: Option<String>,
     subset: Option<String>,
+    waypoint: Option<String>,
 }
 
 impl ConnectionTracker {
+    /// Records the waypoint (`namespace/name`) the connection was sent
+    /// through (or meant to be): the access log's `waypoint`.
+    pub fn set_waypoint(&mut self, waypoint: &dyn std::fmt::Display) {
+        self.waypoint = Some(waypoint.to_string());
+    }
+
     /// The connection.
     pub fn connection(&self) -> &Connection {
         &self.conn
@@ -363,6 +371,7 @@ impl ConnectionTracker {
             forwarded_for: self.forwarded_for.take(),
             route: self.route.take(),
             subset: self.subset.take(),
+            waypoint: self.waypoint.take(),
         });
         drop(guard);
     }
