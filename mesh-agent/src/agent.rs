@@ -182,6 +182,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         bounds.clone(),
         runtime.handle().clone(),
     );
+    admin.register_routes(&store, proxy.balancer());
     runtime.spawn(limits::trim_after_bursts(bounds.clone()));
     {
         let b = bounds.clone();

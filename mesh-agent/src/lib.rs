@@ -22,3 +22,4 @@ pub mod telemetry;
 /// Istio `AuthorizationPolicy` / `PeerAuthentication` engine (the `mesh-policy`
 /// crate, kept free of agent dependencies so that it fuzzes on its own).
 pub use mesh_policy as policy;
+pub use mesh_routing as routing;

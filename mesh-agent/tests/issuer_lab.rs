@@ -132,28 +132,31 @@ fn setup() -> (Mesh, Issuer) {
         child: None,
     };
     issuer.start(&mesh);
-    let address = format!("https://{}", issuer.addr);
-    let root = issuer.ca_dir.join("ca.crt");
     for i in 0..2 {
-        let token = mesh.lab.scratch_path(&format!("token-{i}"));
-        let flags: Vec<String> = vec![
-            "--issuer".into(),
-            "istio-ca".into(),
-            "--ca-address".into(),
-            address.clone(),
-            "--ca-server-name".into(),
-            CA_NAME.into(),
-            "--ca-root-cert".into(),
-            root.display().to_string(),
-            "--ca-token-file".into(),
-            token.display().to_string(),
-            "--cert-ttl".into(),
-            CERT_TTL.into(),
-        ];
+        let flags = agent_flags(&mesh, &issuer, i, &["--cert-ttl", CERT_TTL]);
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         mesh.start_agent_with(i, &flags);
     }
     (mesh, issuer)
+}
+
+/// The flags of node `node`'s agent: the remote issuer, its token, `extra`.
+fn agent_flags(mesh: &Mesh, issuer: &Issuer, node: usize, extra: &[&str]) -> Vec<String> {
+    let token = mesh.lab.scratch_path(&format!("token-{node}"));
+    let mut flags = vec![
+        "--issuer".to_owned(),
+        "istio-ca".to_owned(),
+        "--ca-address".to_owned(),
+        format!("https://{}", issuer.addr),
+        "--ca-server-name".to_owned(),
+        CA_NAME.to_owned(),
+        "--ca-root-cert".to_owned(),
+        issuer.ca_dir.join("ca.crt").display().to_string(),
+        "--ca-token-file".to_owned(),
+        token.display().to_string(),
+    ];
+    flags.extend(extra.iter().map(|s| (*s).to_owned()));
+    flags
 }
 
 /// Node `node`'s issuer record (`/config_dump` `issuer`).
@@ -268,20 +271,7 @@ fn an_agent_whose_issuer_refuses_fails_closed() {
     // A fresh identity on node 1 forces a new issuance with the bad token:
     // restart node 1's agent with an empty certificate cache.
     mesh.stop_agent(1);
-    let root = issuer.ca_dir.join("ca.crt");
-    let token = mesh.lab.scratch_path("token-1");
-    let flags: Vec<String> = vec![
-        "--issuer".into(),
-        "istio-ca".into(),
-        "--ca-address".into(),
-        format!("https://{}", issuer.addr),
-        "--ca-server-name".into(),
-        CA_NAME.into(),
-        "--ca-root-cert".into(),
-        root.display().to_string(),
-        "--ca-token-file".into(),
-        token.display().to_string(),
-    ];
+    let flags = agent_flags(&mesh, &issuer, 1, &[]);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     mesh.start_agent_with(1, &flags);
     mesh.wait_dump(1, "a refused issuance", |dump| {

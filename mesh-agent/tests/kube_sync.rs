@@ -785,3 +785,130 @@ async fn missing_routing_crds_are_tolerated_reported_and_picked_up_once_installe
     })
     .await;
 }
+
+/// `istio.io/use-waypoint` on the namespace and the service arrive with
+/// Istio's precedence, and the waypoint resolves to its Service's pod and
+/// that pod's identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waypoint_labels_arrive_follow_changes_and_resolve_to_the_waypoint_pod() {
+    use mesh_agent::{
+        identity::TrustDomain,
+        state::{WaypointRef, WaypointSource},
+    };
+    bounded(async {
+        let server = FakeApiServer::start().await;
+        let proc = FakeProc::new("waypoints");
+        seed(&server, &proc);
+        // The waypoint: its pod on another node, its Service on 15008.
+        server.apply(objects::pod(
+            "shop",
+            "wp-0",
+            "66666666-6666-4666-8666-666666666666",
+            "node-b",
+            &["10.2.0.20"],
+            json!({"gateway.networking.k8s.io/gateway-name": "wp"}),
+        ));
+        server.apply(objects::service("shop", "wp", "10.96.0.30", 15008, 15008));
+        server.apply(objects::slice(
+            "shop",
+            "wp-abcde",
+            "wp",
+            15008,
+            &[("10.2.0.20", true, "wp-0")],
+        ));
+        let run = harness::start(&server, harness::config(NODE, &proc.root)).await;
+        let store = &run.store;
+        let web = ServiceKey {
+            namespace: "shop".into(),
+            name: "web".into(),
+        };
+        let waypoint = |s: &mesh_agent::state::Snapshot| {
+            s.services
+                .get(&web)
+                .and_then(|svc| svc.waypoint.as_ref())
+                .map(|w| (w.reference.to_string(), w.from))
+        };
+        wait_for(store, "web in the snapshot", |s| {
+            s.services.contains_key(&web)
+        })
+        .await;
+        assert_eq!(waypoint(&store.current()), None, "no label yet");
+
+        // The namespace names the waypoint.
+        server.apply(objects::namespace(
+            "shop",
+            json!({"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "wp"}),
+        ));
+        wait_for(store, "namespace waypoint", |s| {
+            waypoint(s) == Some(("shop/wp".into(), WaypointSource::Namespace))
+        })
+        .await;
+        let snap = store.current();
+        let wp_ref = WaypointRef {
+            namespace: "shop".into(),
+            name: "wp".into(),
+        };
+        let td = TrustDomain::new("cluster.local").expect("td");
+        let eps = snap.waypoint_endpoints(&wp_ref, &td).expect("resolves");
+        let eps: Vec<(String, String)> = eps
+            .iter()
+            .map(|e| (e.addr.to_string(), e.identity.to_string()))
+            .collect();
+        assert_eq!(
+            eps,
+            [(
+                "10.2.0.20:15008".to_owned(),
+                "spiffe://cluster.local/ns/shop/sa/wp-0-sa".to_owned()
+            )]
+        );
+        // The waypoint's own Service never goes through itself.
+        assert!(snap.services[&wp_ref.service_key()].waypoint.is_none());
+
+        // The service's own `none` opts it out.
+        let mut svc = objects::service("shop", "web", "10.96.0.10", 80, 8080);
+        svc["metadata"]["labels"] = json!({"istio.io/use-waypoint": "none"});
+        server.apply(svc.clone());
+        wait_for(store, "service opted out", |s| {
+            s.services.contains_key(&web) && waypoint(s).is_none()
+        })
+        .await;
+        // The service's own waypoint, in another namespace, wins over the namespace's.
+        svc["metadata"]["labels"] = json!({"istio.io/use-waypoint": "edge",
+                                          "istio.io/use-waypoint-namespace": "infra"});
+        server.apply(svc);
+        wait_for(store, "service waypoint", |s| {
+            waypoint(s) == Some(("infra/edge".into(), WaypointSource::Service))
+        })
+        .await;
+        // That waypoint does not exist: it does not resolve (the proxy fails closed).
+        let edge = WaypointRef {
+            namespace: "infra".into(),
+            name: "edge".into(),
+        };
+        assert!(matches!(
+            store.current().waypoint_endpoints(&edge, &td),
+            Err(mesh_agent::state::WaypointError::Missing(_))
+        ));
+        // A pod's own label (traffic to its IP) is not supported yet: listed, not ignored.
+        server.apply(objects::pod(
+            "shop",
+            "remote",
+            UID_REMOTE,
+            "node-b",
+            &["10.2.0.10"],
+            json!({"app": "web", "istio.io/use-waypoint": "wp"}),
+        ));
+        wait_for(store, "pod waypoint label listed", |s| {
+            mesh_agent::state::pods_with_waypoint_label(&s.workloads) == [key("shop", "remote")]
+        })
+        .await;
+        // Labels removed: no waypoint.
+        server.apply(objects::service("shop", "web", "10.96.0.10", 80, 8080));
+        server.apply(objects::namespace("shop", ambient()));
+        wait_for(store, "labels removed", |s| {
+            s.services.contains_key(&web) && waypoint(s).is_none()
+        })
+        .await;
+    })
+    .await;
+}

@@ -171,8 +171,9 @@ pub fn check_object(object: &Value) -> Vec<ObjectProblem> {
     out
 }
 
-/// A DNS-1123 label: 1..=63 of `[a-z0-9-]`, alphanumeric at both ends.
-fn is_dns_label(s: &str) -> bool {
+/// A DNS-1123 label: 1..=63 of `[a-z0-9-]`, alphanumeric at both ends
+/// (a namespace's name, as the API server checks it).
+pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()
@@ -184,7 +185,7 @@ fn is_dns_label(s: &str) -> bool {
 /// A DNS-1123 subdomain: at most 253 characters of dot-separated labels
 /// (each `[a-z0-9-]`, alphanumeric at both ends; their length is not
 /// limited to 63 here, as in Kubernetes).
-fn is_dns_subdomain(s: &str) -> bool {
+pub fn is_dns_subdomain(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
         && s.split('.').all(|l| {

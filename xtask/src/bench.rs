@@ -94,6 +94,7 @@ pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
     let upgrade = measure_upgrades(&lab, &bins, agents)?;
     drop(servers);
     lab.close()?;
+    let routing = crate::bench_routing::measure(&bins)?;
 
     println!();
     println!(
@@ -124,30 +125,55 @@ pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
     println!(
         "latency: sockperf TCP ping-pong at {LATENCY_RATE} msg/s for {SECONDS} s, round trip; throughput: iperf3 one stream for {SECONDS} s; new conns: {CONNS} connections, 16 at a time, 64 B echoed each"
     );
+    println!(
+        "routing: new conns to a plain service {:.0}/s, to a 50/50 split service (DestinationRule + VirtualService) {:.0}/s ({:+.1} %; medians of {} alternating rounds: {})",
+        routing.plain_per_s,
+        routing.split_per_s,
+        (routing.split_per_s / routing.plain_per_s.max(1.0) - 1.0) * 100.0,
+        routing.rounds.len(),
+        routing
+            .rounds
+            .iter()
+            .map(|(p, s)| format!("{p:.0}/{s:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     print_upgrades(&upgrade);
-    // Policy evaluation, built with optimizations like the agent (xtask itself is a debug build).
+    // The decision micro-benchmarks, built with optimizations like the
+    // agent (xtask itself is a debug build).
+    let policy_lines = micro_bench("mesh-policy", "policy evaluation (AuthorizationPolicy, L4)")?;
+    let routing_lines = micro_bench(
+        "mesh-routing",
+        "routing decision (VirtualService 80/20 + DestinationRule, L4)",
+    )?;
+    let json = serde_json::json!({ "routing_decision": routing_lines.lines().collect::<Vec<_>>(), "policy_evaluation": policy_lines.lines().collect::<Vec<_>>(), "rows": rows, "agent_rss_kib": { "idle": idle_rss, "node0": rss[0], "node1": rss[1] }, "agent_kib_per_1000_open_connections": per_1000, "upgrade": upgrade, "routing_connection_rates": routing });
+    let path = target_dir.join("bench.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
+    println!("written to {}", path.display());
+    Ok(())
+}
+
+/// Runs `crate`'s `bench` example in release mode, prints its lines under
+/// `title` and returns them.
+fn micro_bench(krate: &str, title: &str) -> anyhow::Result<String> {
     let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args([
             "run",
             "--quiet",
             "--release",
             "-p",
-            "mesh-policy",
+            krate,
             "--example",
             "bench",
         ])
         .output()
-        .context("policy micro-benchmark")?;
-    let policy_lines = String::from_utf8_lossy(&out.stdout).into_owned();
-    println!("policy evaluation (AuthorizationPolicy, L4):");
-    for line in policy_lines.lines() {
+        .with_context(|| format!("{krate} micro-benchmark"))?;
+    let lines = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{title}:");
+    for line in lines.lines() {
         println!("  {line}");
     }
-    let json = serde_json::json!({ "policy_evaluation": policy_lines.lines().collect::<Vec<_>>(), "rows": rows, "agent_rss_kib": { "idle": idle_rss, "node0": rss[0], "node1": rss[1] }, "agent_kib_per_1000_open_connections": per_1000, "upgrade": upgrade });
-    let path = target_dir.join("bench.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
-    println!("written to {}", path.display());
-    Ok(())
+    Ok(lines)
 }
 
 fn measure(lab: &Lab, bins: &Bins, scenario: &str, server: &str) -> anyhow::Result<Row> {
@@ -188,27 +214,8 @@ fn measure(lab: &Lab, bins: &Bins, scenario: &str, server: &str) -> anyhow::Resu
     let p50 = percentile(&text, "50.000")?;
     let p99 = percentile(&text, "99.000")?;
 
-    let mut client = Command::new(&bins.app);
-    client.args([
-        "client",
-        "--connect",
-        &format!("{ip}:8080"),
-        "--conns",
-        CONNS,
-        "--concurrency",
-        "16",
-        "--bytes",
-        "64",
-    ]);
-    let report = ClientReport::from_output(&lab.run_in_pod_timeout("client", client, timeout)?)?;
-    if report.failed > 0 {
-        bail!(
-            "{scenario}: {} of {CONNS} connections failed: {:?}",
-            report.failed,
-            report.errors
-        );
-    }
-    let rate = report.ok as f64 / (report.elapsed_ms.max(1) as f64 / 1000.0);
+    let rate = labkit::new_conns_per_s(lab, bins, "client", &format!("{ip}:8080"), CONNS)
+        .with_context(|| scenario.to_owned())?;
     Ok(Row {
         scenario: scenario.to_owned(),
         throughput_gbit_s: bps / 1e9,

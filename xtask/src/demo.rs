@@ -156,7 +156,7 @@ pub fn run(bin_dir: &Path) -> anyhow::Result<()> {
     drop(agents);
     lab.close()?;
     println!("\n== lab removed (namespaces, cgroups, pinned programs)\n");
-    Ok(())
+    crate::canary::run(&bins)
 }
 
 fn describe(before: &[BTreeMap<String, u64>], after: &[BTreeMap<String, u64>]) -> String {

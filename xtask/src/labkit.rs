@@ -43,11 +43,81 @@ pub fn write_workloads(
     pods: &[(&str, bool)],
     remote: &[(&str, bool)],
 ) -> anyhow::Result<PathBuf> {
+    write_workload_text(
+        lab,
+        node,
+        &lab.workload_file_yaml_with_remote(node, pods, remote),
+    )
+}
+
+/// Writes node `node`'s workload file verbatim (atomically, by rename);
+/// returns its path.
+pub fn write_workload_text(lab: &Lab, node: usize, text: &str) -> anyhow::Result<PathBuf> {
     let path = lab.scratch_path(&format!("workloads-n{node}.yaml"));
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, lab.workload_file_yaml_with_remote(node, pods, remote))?;
+    std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, &path)?;
     Ok(path)
+}
+
+/// New connections per second from `from` to `to` (`CONNS` connections,
+/// 16 at a time, 64 B echoed each); fails if any connection failed.
+pub fn new_conns_per_s(
+    lab: &Lab,
+    bins: &Bins,
+    from: &str,
+    to: &str,
+    conns: &str,
+) -> anyhow::Result<f64> {
+    let mut client = Command::new(&bins.app);
+    client.args([
+        "client",
+        "--connect",
+        to,
+        "--conns",
+        conns,
+        "--concurrency",
+        "16",
+        "--bytes",
+        "64",
+    ]);
+    let report = mesh_lab::app::ClientReport::from_output(&lab.run_in_pod_timeout(
+        from,
+        client,
+        Duration::from_secs(60),
+    )?)?;
+    if report.failed > 0 {
+        anyhow::bail!(
+            "{to}: {} of {conns} connections failed: {:?}",
+            report.failed,
+            report.errors
+        );
+    }
+    Ok(report.ok as f64 / (report.elapsed_ms.max(1) as f64 / 1000.0))
+}
+
+/// Polls node `node`'s `mesh-agent routes --json` until `done` holds (20 s at most).
+pub fn wait_routes(
+    lab: &Lab,
+    bins: &Bins,
+    node: usize,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut cmd = Command::new(&bins.agent);
+        cmd.args(["routes", "--json"]);
+        let out = lab.run_in_node(node, cmd)?;
+        let routes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if done(&routes) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("node {node}'s agent did not {what}: {routes}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The lab's mesh CA directory, made with `mesh-agent ca init` on first use.

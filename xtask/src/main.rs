@@ -10,6 +10,8 @@
 //! - `lab-clean`: remove lab leftovers of killed runs.
 
 mod bench;
+mod bench_routing;
+mod canary;
 mod demo;
 mod labkit;
 
@@ -56,8 +58,9 @@ enum Cmd {
 
 /// Integration test targets that need no root (no lab): `check` runs them.
 /// Every other integration test is a lab test and runs in `test` only.
-const ROOT_FREE_TESTS: [&str; 6] = [
+const ROOT_FREE_TESTS: [&str; 7] = [
     "kube_sync",
+    "routing_sources",
     "kube_outage",
     "deploy_manifests",
     "check_cli",

@@ -320,7 +320,21 @@ mod access_log_tests {
             duration: Duration::from_millis(1500),
             outcome: Outcome::Closed,
             forwarded_for: None,
+            route: None,
+            subset: None,
+            waypoint: None,
         }
+    }
+
+    #[test]
+    fn a_routed_connection_names_its_route_and_subset() {
+        let mut r = record();
+        r.route = Some("VirtualService/default/b-split".into());
+        r.subset = Some("v2".into());
+        let out = capture(LogFormat::Json, || log_connection(&r));
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+        assert_eq!(v["route"], "VirtualService/default/b-split");
+        assert_eq!(v["subset"], "v2");
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod config_dump;
 pub mod kernel;
 pub mod logging;
 pub mod readiness;
+pub mod routes;
 pub mod server;
 #[cfg(test)]
 mod tests;
@@ -386,6 +387,24 @@ impl Admin {
         });
     }
 
+    /// Registers the `routes` part: the effective routing of the store's
+    /// current route table with the proxy's balancer state (issue 11), and
+    /// the services whose traffic a waypoint routes instead (issue 12).
+    pub fn register_routes(&self, store: &Store, balancer: Arc<crate::routing::Balancer>) {
+        let s = store.clone();
+        self.config_dump().register("routes", move || {
+            let snap = s.current();
+            let mut v = routes::routes_json(&snap.routes, &balancer, std::time::Instant::now());
+            v["waypoints"] = routes::waypoints_json(&snap);
+            v["unsupported_pod_waypoints"] =
+                crate::state::pods_with_waypoint_label(&snap.workloads)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+            v
+        });
+    }
+
     /// Registers the `datapath` part: kernel, programs attached, features
     /// probed, pin directory, cgroup and map occupancy.
     pub fn register_datapath(
@@ -527,6 +546,11 @@ fn services_json(snap: &Snapshot) -> Value {
                     "workload": e.workload.as_ref().map(ToString::to_string),
                     "node": e.node_name,
                 })).collect::<Vec<_>>(),
+                "waypoint": s.waypoint.as_ref().map(|w| json!({
+                    "namespace": w.reference.namespace,
+                    "name": w.reference.name,
+                    "from": w.from.as_str(),
+                })),
             })
         })
         .collect()

@@ -1,5 +1,5 @@
 //! The subcommands that ask a running agent (its admin endpoint):
-//! `status`, `workloads`, `policies`, `certs`, `connections`; and the
+//! `status`, `workloads`, `policies`, `certs`, `connections`, `routes`; and the
 //! `run` options that place the agent's endpoints.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -84,6 +84,10 @@ pub enum QueryCommand {
     Certs(Target),
     /// List the connections a running agent is proxying now.
     Connections(Target),
+    /// Show a running agent's effective routing per service: routes and
+    /// weights, subsets with their endpoints, ejected endpoints, and what
+    /// became of each DestinationRule, VirtualService and TCPRoute.
+    Routes(Target),
 }
 
 /// Runs a query subcommand, printing to stdout.
@@ -99,7 +103,8 @@ pub fn output(cmd: &QueryCommand) -> anyhow::Result<String> {
         QueryCommand::Status(t)
         | QueryCommand::Workloads(t)
         | QueryCommand::Policies(t)
-        | QueryCommand::Certs(t) => (t, "/config_dump"),
+        | QueryCommand::Certs(t)
+        | QueryCommand::Routes(t) => (t, "/config_dump"),
     };
     let addr = client::resolve(&target.admin_addr)?;
     let answer = client::get_json(addr, path)?;
@@ -123,6 +128,7 @@ pub fn format_answer(cmd: &QueryCommand, answer: &Value, json: bool) -> String {
         }
         QueryCommand::Certs(_) => (part("certificates"), render::certs),
         QueryCommand::Connections(_) => (answer.clone(), render::connections),
+        QueryCommand::Routes(_) => (part("routes"), render::routes),
     };
     if json {
         let mut out = serde_json::to_string_pretty(&value).unwrap_or_else(|_| "null".into());

@@ -288,6 +288,114 @@ pub fn policies(policies: &Value) -> String {
     )
 }
 
+/// `mesh-agent routes`: the routes part of the config dump — per service
+/// its routes (weight → destination), then its destinations (balancing,
+/// endpoints, ejected ones marked), then every routing object's fate.
+pub fn routes(routes: &Value) -> String {
+    let mut out = String::new();
+    for svc in arr(routes, "services") {
+        let vips: Vec<String> = arr(svc, "vips")
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect();
+        out.push_str(&format!("{} ({})\n", s(svc, "service"), vips.join(", ")));
+        for r in arr(svc, "routes") {
+            for rule in r
+                .get("rules")
+                .and_then(Value::as_array)
+                .map_or(&[][..], Vec::as_slice)
+            {
+                let dests: Vec<String> = rule
+                    .as_array()
+                    .map_or(&[][..], Vec::as_slice)
+                    .iter()
+                    .map(|d| format!("{} -> {}", s(d, "weight"), s(d, "destination")))
+                    .collect();
+                out.push_str(&format!("  route {}: {}\n", s(r, "name"), dests.join(", ")));
+            }
+        }
+        for d in arr(svc, "destinations") {
+            let eps: Vec<String> = arr(d, "endpoints")
+                .iter()
+                .map(|e| {
+                    let mut t = format!("{} ({} active)", s(e, "address"), s(e, "active"));
+                    if e.get("ejected").and_then(Value::as_bool) == Some(true) {
+                        t.push_str(" EJECTED");
+                    }
+                    t
+                })
+                .collect();
+            let name = match d.get("subset").and_then(Value::as_str) {
+                Some(sub) => format!("{}/{sub}", s(d, "destination")),
+                None => s(d, "destination"),
+            };
+            out.push_str(&format!(
+                "  {name}  {}  endpoints: {}\n",
+                s(&d["policy"], "lb"),
+                if eps.is_empty() {
+                    "none".into()
+                } else {
+                    eps.join(", ")
+                }
+            ));
+        }
+    }
+    for w in arr(routes, "waypoints") {
+        out.push_str(&format!(
+            "{} -> waypoint {} (label on the {}): routed by the waypoint, not this node\n",
+            s(w, "service"),
+            s(w, "waypoint"),
+            s(w, "from")
+        ));
+    }
+    let pods: Vec<String> = arr(routes, "unsupported_pod_waypoints")
+        .iter()
+        .filter_map(|p| p.as_str().map(str::to_owned))
+        .collect();
+    if !pods.is_empty() {
+        out.push_str(&format!(
+            "pods labelled istio.io/use-waypoint (not supported yet: traffic to their IPs goes directly): {}\n",
+            pods.join(", ")
+        ));
+    }
+    let objects = arr(routes, "objects");
+    if !objects.is_empty() {
+        let rows: Vec<Vec<String>> = objects
+            .iter()
+            .map(|o| {
+                let detail = match (o.get("field"), o.get("reason")) {
+                    (Some(f), Some(r)) => format!(
+                        "{}: {}",
+                        f.as_str().unwrap_or("-"),
+                        r.as_str().unwrap_or("-")
+                    ),
+                    (None, Some(r)) => r.as_str().unwrap_or("-").to_owned(),
+                    _ => arr(o, "warnings")
+                        .iter()
+                        .map(|w| format!("{}: {}", s(w, "field"), s(w, "message")))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                };
+                vec![
+                    s(o, "kind"),
+                    s(o, "namespace"),
+                    s(o, "name"),
+                    s(o, "status"),
+                    detail,
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &["KIND", "NAMESPACE", "NAME", "STATUS", "DETAIL"],
+            &rows,
+        ));
+    }
+    if out.is_empty() {
+        return "no services\n".into();
+    }
+    out
+}
+
 /// `mesh-agent certs`: the certificates part of the config dump.
 pub fn certs(certs: &Value) -> String {
     let list = certs.as_array().map_or(&[][..], Vec::as_slice);
@@ -601,5 +709,46 @@ ID  DIRECTION  SOURCE     SOURCE ADDR      DESTINATION     DESTINATION ADDR  PEE
             let parsed: Value = serde_json::from_str(&out).expect("--json parses");
             assert_eq!(parsed, expected, "{cmd:?}");
         }
+    }
+
+    #[test]
+    fn routes_show_weights_destinations_ejected_endpoints_and_rejections() {
+        let dump = serde_json::json!({
+            "services": [{
+                "service": "shop/web", "vips": ["10.96.0.1"],
+                "routes": [{"name": "VirtualService/shop/web", "port": null, "export_to": ["*"],
+                            "rules": [[{"weight": 90, "destination": "shop/web/v1"}, {"weight": 10, "destination": "shop/web/v2"}]]}],
+                "destinations": [{"destination": "shop/web:80", "subset": "v1", "policy": {"lb": "ROUND_ROBIN"},
+                                  "endpoints": [{"address": "10.0.0.1:8080", "active": 2, "ejected": false},
+                                                {"address": "10.0.0.2:8080", "active": 0, "ejected": true}]}]
+            }],
+            "objects": [
+                {"kind": "VirtualService", "namespace": "shop", "name": "web", "status": "applied"},
+                {"kind": "DestinationRule", "namespace": "shop", "name": "bad", "status": "rejected",
+                 "field": "spec.trafficPolicy.connectionPool.tcp.connectTimeout", "reason": "not a duration"}
+            ]
+        });
+        let text = routes(&dump);
+        assert!(text.contains("shop/web (10.96.0.1)\n"), "{text}");
+        assert!(
+            text.contains(
+                "  route VirtualService/shop/web: 90 -> shop/web/v1, 10 -> shop/web/v2\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("  shop/web:80/v1  ROUND_ROBIN  endpoints: 10.0.0.1:8080 (2 active), 10.0.0.2:8080 (0 active) EJECTED\n"), "{text}");
+        assert!(
+            text.contains(
+                "rejected  spec.trafficPolicy.connectionPool.tcp.connectTimeout: not a duration"
+            ),
+            "{text}"
+        );
+        assert_eq!(routes(&serde_json::json!({})), "no services\n");
+        let w = routes(&serde_json::json!({"waypoints": [
+            {"service": "shop/web", "waypoint": "shop/wp", "from": "namespace"}]}));
+        assert_eq!(
+            w,
+            "shop/web -> waypoint shop/wp (label on the namespace): routed by the waypoint, not this node\n"
+        );
     }
 }

@@ -1053,9 +1053,12 @@ async fn fetch_issues_once_then_rotates_before_half_life() {
     ));
     assert!(Arc::ptr_eq(&first, &manager.get(&client_id()).unwrap()));
     assert_eq!(provider.issued.load(Ordering::SeqCst), 1);
+    // The TTL asked for (X.509 whole seconds, rounded up), counted from
+    // when the manager received it: a loaded machine may take a while
+    // between signing and receiving, so only the upper bound is tight.
     let life = first.not_after().duration_since(first.issued_at()).unwrap();
     assert!(
-        life >= Duration::from_secs(4) && life <= Duration::from_secs(5),
+        life >= Duration::from_secs(2) && life <= Duration::from_secs(5),
         "{life:?}"
     );
 

@@ -12,6 +12,7 @@ use super::{copy::RelayOutcome, hbone::HboneError};
 use crate::{
     identity::SpiffeIdError,
     policy::DenyReason,
+    routing::{PickError, RouteError},
     telemetry::{Failure, FailureKind, Outcome, ProxyEvent},
 };
 
@@ -101,6 +102,48 @@ pub enum Error {
     /// A policy change denies the open connection, so the relay was cut.
     #[error("closed by a policy change")]
     Revoked,
+    /// The route of a service connection leads nowhere (a missing
+    /// destination service, port or subset): failed at once.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// No endpoint of the routed destination could be taken: none ready,
+    /// every one ejected, or the destination at its `maxConnections`
+    /// (refused, never queued).
+    #[error(transparent)]
+    Pick(#[from] PickError),
+    /// An endpoint did not answer within the destination's `connectTimeout`.
+    #[error(
+        "connecting to {target} timed out after {}ms (the DestinationRule's connectionPool.tcp.connectTimeout)",
+        timeout.as_millis()
+    )]
+    ConnectTimeout {
+        /// The endpoint.
+        target: SocketAddr,
+        /// The deadline.
+        timeout: std::time::Duration,
+    },
+    /// The service has a waypoint (`istio.io/use-waypoint`) that cannot
+    /// take the connection: refused, never sent around the waypoint.
+    #[error(
+        "waypoint {waypoint} unavailable, connection refused (fail closed, the service's traffic never bypasses its waypoint): {reason}"
+    )]
+    Waypoint {
+        /// The waypoint.
+        waypoint: crate::state::WaypointRef,
+        /// Why it cannot take it.
+        reason: WaypointFailure,
+    },
+}
+
+/// Why a waypoint cannot take a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum WaypointFailure {
+    /// The reference resolves to no pod (no Service, no HBONE port, no ready pod).
+    #[error(transparent)]
+    Resolve(#[from] crate::state::WaypointError),
+    /// Every pod of the waypoint tried failed (the last error).
+    #[error("unreachable: {0}")]
+    Unreachable(#[source] Box<Error>),
 }
 
 impl Error {
@@ -130,7 +173,11 @@ impl Failure for Error {
             | Self::NoCertificate(_)
             | Self::Tunnel(_)
             | Self::Direct { .. }
-            | Self::App { .. } => FailureKind::ConnectFailed,
+            | Self::App { .. }
+            | Self::Route(_)
+            | Self::Pick(_)
+            | Self::ConnectTimeout { .. }
+            | Self::Waypoint { .. } => FailureKind::ConnectFailed,
             Self::Denied(_) | Self::Revoked => FailureKind::Denied,
             Self::Relay(_) => FailureKind::Reset,
             Self::NoOriginalDestination
@@ -154,7 +201,28 @@ impl Failure for Error {
         match self {
             Self::NoOriginalDestination => Some(ProxyEvent::NoOriginalDestination),
             Self::AgentPort(_) => Some(ProxyEvent::AgentPortRefused),
+            Self::Waypoint { .. } => Some(ProxyEvent::WaypointUnavailable),
             _ => None,
+        }
+    }
+}
+
+impl Error {
+    /// Whether this failure of an attempt to reach an endpoint counts for
+    /// outlier detection (an L4 gateway error): a connect failure or
+    /// timeout, a failed tunnel handshake, a tunnel answered 502/503/504.
+    /// A denial (401/403) or a local refusal does not.
+    pub fn is_gateway_error(&self) -> bool {
+        match self {
+            Self::Direct { .. } | Self::ConnectTimeout { .. } => true,
+            Self::Tunnel(HboneError::Status { status, .. }) => matches!(
+                *status,
+                StatusCode::BAD_GATEWAY
+                    | StatusCode::SERVICE_UNAVAILABLE
+                    | StatusCode::GATEWAY_TIMEOUT
+            ),
+            Self::Tunnel(HboneError::Connect { .. } | HboneError::Tls { .. }) => true,
+            _ => false,
         }
     }
 }
@@ -241,10 +309,60 @@ mod tests {
     }
 
     #[test]
+    fn connect_failures_timeouts_and_tunnel_503s_feed_outlier_detection_denials_do_not() {
+        let c = addr("198.18.2.10:8080");
+        let status = |status| Error::Tunnel(HboneError::Status { target: c, status });
+        assert!(status(StatusCode::SERVICE_UNAVAILABLE).is_gateway_error());
+        assert!(!status(StatusCode::UNAUTHORIZED).is_gateway_error());
+        assert!(
+            Error::Direct {
+                target: c,
+                source: io::Error::from(io::ErrorKind::ConnectionRefused),
+            }
+            .is_gateway_error()
+        );
+        let timeout = Error::ConnectTimeout {
+            target: c,
+            timeout: std::time::Duration::from_millis(300),
+        };
+        assert!(timeout.is_gateway_error());
+        assert!(
+            timeout.to_string().contains("timed out after 300ms"),
+            "{timeout}"
+        );
+        assert!(!Error::EndpointLoop(c).is_gateway_error());
+        assert_eq!(
+            Outcome::failed(timeout).as_str(),
+            "connect_failed",
+            "a timeout is a connect failure"
+        );
+    }
+
+    #[test]
     fn texts_the_tests_and_operators_read_stay() {
         let o = Outcome::failed(Error::Revoked);
         assert_eq!(o.reason().as_deref(), Some("closed by a policy change"));
         assert_eq!(o.policy(), None);
+        let waypoint = Error::Waypoint {
+            waypoint: crate::state::WaypointRef {
+                namespace: "shop".into(),
+                name: "wp".into(),
+            },
+            reason: WaypointFailure::Resolve(crate::state::WaypointError::NoEndpoint(
+                crate::state::WaypointRef {
+                    namespace: "shop".into(),
+                    name: "wp".into(),
+                },
+            )),
+        };
+        assert_eq!(waypoint.event(), Some(ProxyEvent::WaypointUnavailable));
+        let o = Outcome::failed(waypoint);
+        assert_eq!(o.as_str(), "connect_failed");
+        let text = o.reason().unwrap_or_default();
+        assert!(
+            text.starts_with("waypoint shop/wp unavailable") && text.contains("no ready endpoint"),
+            "{text}"
+        );
         let own = Error::AgentPort(addr("198.18.2.10:15006")).to_string();
         assert!(
             own.contains("one of the agent's own ports in the pod"),

@@ -121,6 +121,15 @@ pub struct PodListeners {
     pub inbound_hbone: std::net::TcpListener,
 }
 
+/// A seed for the balancer's random draws, different per agent (std's
+/// randomly keyed hasher: no extra dependency; not for cryptography).
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id().into());
+    h.finish()
+}
+
 /// What every connection handler shares.
 pub struct Shared {
     /// The kernel's original destinations.
@@ -136,8 +145,9 @@ pub struct Shared {
     /// Metrics, access log, the open-connection list and the proxy's
     /// counters: everything the proxy counts, it reports here.
     pub telemetry: Telemetry,
-    /// Rotates the first endpoint tried for service VIPs.
-    pub next_endpoint: std::sync::atomic::AtomicUsize,
+    /// Endpoint choice state of routed service connections (connection
+    /// counts, outlier ejections, cursors), kept across route-table changes.
+    pub balancer: Arc<crate::routing::Balancer>,
     /// Connection tasks from accept to their end (what a stopping agent drains).
     pub in_flight: Arc<InFlight>,
     /// Connection, stream and handshake caps and deadlines.
@@ -194,6 +204,11 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// The balancer state of routed service connections (for `/config_dump`).
+    pub fn balancer(&self) -> Arc<crate::routing::Balancer> {
+        self.shared.balancer.clone()
+    }
+
     /// A proxy that runs its tasks on `handle`.
     pub fn new(
         orig_dst: Arc<OrigDstTable>,
@@ -211,7 +226,7 @@ impl Proxy {
             pool: Arc::new(hbone::Pool::new(telemetry.counters.clone())),
             authz: authz.clone(),
             telemetry,
-            next_endpoint: std::sync::atomic::AtomicUsize::new(0),
+            balancer: Arc::new(crate::routing::Balancer::with_seed(random_seed())),
             in_flight: Arc::default(),
             limits,
         });

@@ -5,10 +5,7 @@
 //! directly (passthrough). Either way the agent's sockets are created inside
 //! the pod's netns, so traffic leaves from the pod's own address.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, atomic::Ordering},
-};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Instant};
 
 use mesh_common::INBOUND_HBONE_PORT;
 use tokio::net::{TcpListener, TcpStream};
@@ -22,7 +19,8 @@ use super::{
 };
 use crate::{
     identity::SpiffeId,
-    telemetry::{Connection, Direction, ProxyEvent, SecurityPolicy, ServiceLabels},
+    routing::{Ejection, Lb, PickError, Request, RouteError, Routed},
+    telemetry::{Connection, Direction, ProxyEvent, RouteEvent, SecurityPolicy, ServiceLabels},
 };
 
 /// Accepts captured connections of one pod until cancelled.
@@ -111,29 +109,77 @@ async fn handle(
     };
     let snapshot = shared.store.current();
     let service = snapshot.service_by_vip(dst.ip());
-    // A service VIP is load-balanced over its ready endpoints, starting at a
-    // rotating offset; an endpoint that refuses is skipped for the next one.
-    let targets = match service {
-        Some(svc) => {
-            let mut targets = svc.targets(dst.port());
-            // Endpoints of the family the client dialled, when there are any.
-            if targets.iter().any(|t| t.is_ipv4() == dst.is_ipv4()) {
-                targets.retain(|t| t.is_ipv4() == dst.is_ipv4());
-            }
-            if !targets.is_empty() {
-                let start = shared.next_endpoint.fetch_add(1, Ordering::Relaxed) % targets.len();
-                targets.rotate_left(start);
-            }
-            targets
-        }
-        None => vec![dst],
-    };
+    // A service with a waypoint: the waypoint routes it (issue 12), not us.
+    if let Some(svc) = service
+        && let Some(w) = snapshot.waypoint_for(svc, &ctx.key)
+    {
+        let w = w.reference.clone();
+        via_waypoint(&ctx, client, dst, &snapshot, svc, &w, &shared, &source_for).await;
+        return;
+    }
     let dst_service = service.map(ServiceLabels::from_service);
+    // A service VIP:port goes through its route (match, weighted
+    // destination, subset, endpoint pick); any other address (a pod IP, a
+    // destination outside the mesh) is dialled as it is.
+    let plan = plan(&ctx, &snapshot, &shared, dst, source_for(dst).ip());
+    let (route, dest) = match &plan {
+        Plan::Routed(r) | Plan::Passthrough(r) => (r.route.clone(), Some(r.dest.clone())),
+        Plan::Failed(e) => (e.route().cloned(), None),
+        Plan::Direct => (None, None),
+    };
+    let label_route = |tracker: &mut crate::telemetry::ConnectionTracker| {
+        if let Some(d) = &dest {
+            tracker.set_route(route.as_deref(), &d.destination, d.subset.as_deref());
+        } else if let Some(r) = &route {
+            tracker.set_route(Some(r), &dst.to_string(), None);
+        }
+    };
     let mut last_error = Error::NoEndpoint(dst);
     let mut last_attempt: Option<Attempt> = None;
     let mut client = Some(client);
-    for target in targets {
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    while tried.len() < MAX_ATTEMPTS {
         let Some(stream) = client.take() else { break };
+        let (target, pick) = match &plan {
+            Plan::Direct | Plan::Passthrough(_) if tried.is_empty() => (dst, None),
+            Plan::Direct | Plan::Passthrough(_) => {
+                client = Some(stream);
+                break;
+            }
+            Plan::Failed(e) => {
+                last_error = Error::Route(e.clone());
+                client = Some(stream);
+                break;
+            }
+            Plan::Routed(r) => {
+                match shared.balancer.pick(
+                    &r.dest,
+                    source_for(dst).ip(),
+                    dst,
+                    Instant::now(),
+                    &tried,
+                ) {
+                    Ok(p) => (p.endpoint, Some(p)),
+                    Err(e) => {
+                        if let PickError::Overflow { .. } = e {
+                            shared.telemetry.route_event(RouteEvent::Overflow {
+                                route: r.route.as_deref(),
+                                destination: &r.dest.destination,
+                                subset: r.dest.subset.as_deref(),
+                            });
+                        }
+                        // After failed attempts, the last attempt's error says more
+                        // than "no endpoint left".
+                        if tried.is_empty() || !matches!(e, PickError::NoEndpoint(_)) {
+                            last_error = Error::Pick(e);
+                        }
+                        client = Some(stream);
+                        break;
+                    }
+                }
+            }
+        };
+        tried.push(target);
         if is_loop(&ctx, target) {
             if ctx.is_agent_listener(target) {
                 shared.telemetry.count(ProxyEvent::AgentPortRefused);
@@ -161,25 +207,68 @@ async fn handle(
                 continue;
             }
         };
-        let opened = match &peer_id {
-            // The pod's certificate first: issued on first use, from the
-            // cache otherwise; none (issuer down, never issued) fails closed.
-            Some(id) => match shared.tls.manager().fetch(&ctx.identity).await {
-                Ok(_) => open_tunnel(&ctx, target, src, id.clone(), &shared)
-                    .await
-                    .map(Upstream::Tunnel)
-                    .map_err(Error::Tunnel),
-                Err(e) => Err(Error::NoCertificate(e)),
-            },
-            None => ctx
-                .connect(target)
+        // The pod's certificate first: issued on first use, from the cache
+        // otherwise; none (issuer down, never issued) fails closed. Not part
+        // of the endpoint's connectTimeout, nor an error of the endpoint.
+        let certificate = match &peer_id {
+            Some(_) => shared
+                .tls
+                .manager()
+                .fetch(&ctx.identity)
                 .await
-                .map(Upstream::Direct)
-                .map_err(|source| Error::Direct { target, source }),
+                .map(|_| ())
+                .map_err(Error::NoCertificate),
+            None => Ok(()),
+        };
+        let open = async {
+            match &peer_id {
+                Some(id) => open_tunnel(
+                    &ctx,
+                    target,
+                    SocketAddr::new(target.ip(), INBOUND_HBONE_PORT),
+                    src,
+                    id.clone(),
+                    &shared,
+                )
+                .await
+                .map(Upstream::Tunnel)
+                .map_err(Error::Tunnel),
+                None => ctx
+                    .connect(target)
+                    .await
+                    .map(Upstream::Direct)
+                    .map_err(|source| Error::Direct { target, source }),
+            }
+        };
+        // A routed destination's connectTimeout bounds the whole attempt
+        // (TCP, and for a mesh peer the tunnel's handshake and CONNECT).
+        let opened = match (certificate, &plan, &dest) {
+            (Err(e), _, _) => {
+                drop(open);
+                Err(e)
+            }
+            (Ok(()), Plan::Routed(_), Some(d)) => {
+                let timeout = d.policy.connect_timeout();
+                tokio::time::timeout(timeout, open)
+                    .await
+                    .unwrap_or(Err(Error::ConnectTimeout { target, timeout }))
+            }
+            (Ok(()), _, _) => open.await,
         };
         let upstream = match opened {
             Ok(u) => u,
             Err(e) => {
+                if let (Some(d), Some(_)) = (&dest, &pick)
+                    && e.is_gateway_error()
+                    && shared.balancer.failure(d, target, Instant::now()) == Ejection::Ejected
+                {
+                    tracing::warn!(pod = %ctx.key, endpoint = %target, destination = %d.key, reason = %e, "endpoint ejected by outlier detection");
+                    shared.telemetry.route_event(RouteEvent::Ejection {
+                        route: route.as_deref(),
+                        destination: &d.destination,
+                        subset: d.subset.as_deref(),
+                    });
+                }
                 if service.is_some() {
                     tracing::debug!(pod = %ctx.key, endpoint = %target, error = %e, "endpoint refused; trying the next one");
                 }
@@ -194,7 +283,10 @@ async fn handle(
                 continue;
             }
         };
-        let tracker = shared.telemetry.open(Connection {
+        if let (Some(d), Some(_)) = (&dest, &pick) {
+            shared.balancer.success(d, target, Instant::now());
+        }
+        let mut tracker = shared.telemetry.open(Connection {
             direction: Direction::Outbound,
             src: peer(&snapshot, src, Some(&ctx.identity)),
             dst: peer(&snapshot, target, peer_id.as_ref()),
@@ -205,6 +297,9 @@ async fn handle(
                 SecurityPolicy::None
             },
         });
+        label_route(&mut tracker);
+        // The pick (the endpoint's and destination's connection counts) is
+        // held for the connection's life; a routing change never cuts it.
         let never = CancellationToken::new();
         let result = match upstream {
             Upstream::Direct(tcp) => relay(stream, tcp, &never).await,
@@ -212,6 +307,8 @@ async fn handle(
                 hbone::relay_h2(stream, send, response.into_body(), &never).await
             }
         };
+        // Released before the close is counted: whoever sees the close sees the count drop.
+        drop(pick);
         tracker.close(result.sent, result.received, result.outcome.into());
         return;
     }
@@ -224,7 +321,7 @@ async fn handle(
         mutual_tls: false,
         peer_id: None,
     });
-    let tracker = shared.telemetry.open(Connection {
+    let mut tracker = shared.telemetry.open(Connection {
         direction: Direction::Outbound,
         src: peer(&snapshot, attempt.src, Some(&ctx.identity)),
         dst: peer(&snapshot, attempt.target, attempt.peer_id.as_ref()),
@@ -235,9 +332,180 @@ async fn handle(
             SecurityPolicy::None
         },
     });
+    label_route(&mut tracker);
     tracker.close(0, 0, last_error.into());
     if let Some(stream) = client {
         reset(stream);
+    }
+}
+
+/// Carries a connection to `service` (dialled at `dst`, one of its
+/// VIP:ports) through its `waypoint`, as ztunnel does: an HBONE tunnel to
+/// one of the waypoint's pods (its address, port 15008, proving the pod's
+/// identity) with a `CONNECT` to `dst` itself. The service's routing
+/// (DestinationRule, VirtualService) is the waypoint's job, not the node's.
+/// Fails closed: a waypoint that does not resolve or whose pods all fail
+/// resets the client (counted `waypoint_unavailable`, access-logged with
+/// the reason and the `waypoint`); the service's endpoints are never
+/// dialled instead.
+#[allow(clippy::too_many_arguments)] // one call site; the connection's context
+async fn via_waypoint(
+    ctx: &Arc<PodContext>,
+    client: TcpStream,
+    dst: SocketAddr,
+    snapshot: &crate::state::Snapshot,
+    service: &crate::state::Service,
+    waypoint: &crate::state::WaypointRef,
+    shared: &Arc<Shared>,
+    source_for: &(dyn Fn(SocketAddr) -> SocketAddr + Sync),
+) {
+    let dst_service = Some(ServiceLabels::from_service(service));
+    let refuse = |attempt: Attempt, error: Error, client: TcpStream| {
+        tracing::warn!(pod = %ctx.key, dst = %dst, waypoint = %waypoint, reason = %error, "waypoint unavailable; connection refused");
+        let mut tracker = shared.telemetry.open(Connection {
+            direction: Direction::Outbound,
+            src: peer(snapshot, attempt.src, Some(&ctx.identity)),
+            dst: peer(snapshot, attempt.target, attempt.peer_id.as_ref()),
+            dst_service: dst_service.clone(),
+            security_policy: SecurityPolicy::MutualTls,
+        });
+        tracker.set_waypoint(waypoint);
+        tracker.close(0, 0, error.into());
+        reset(client);
+    };
+    let unavailable = |reason| Error::Waypoint {
+        waypoint: waypoint.clone(),
+        reason,
+    };
+    let endpoints = match snapshot.waypoint_endpoints(waypoint, shared.tls.trust_domain()) {
+        Ok(e) => e,
+        Err(e) => {
+            let attempt = Attempt {
+                src: source_for(dst),
+                target: dst,
+                mutual_tls: true,
+                peer_id: None,
+            };
+            refuse(attempt, unavailable(e.into()), client);
+            return;
+        }
+    };
+    // The pod's certificate: none fails closed (not the waypoint's fault).
+    if let Err(e) = shared.tls.manager().fetch(&ctx.identity).await {
+        let attempt = Attempt {
+            src: source_for(dst),
+            target: dst,
+            mutual_tls: true,
+            peer_id: None,
+        };
+        refuse(attempt, Error::NoCertificate(e), client);
+        return;
+    }
+    // Start at a pod chosen by the client's port (connections spread over
+    // the waypoint's pods), then try the others in order.
+    let start = usize::from(source_for(dst).port()) % endpoints.len();
+    let mut last: Option<(Attempt, Error)> = None;
+    for ep in endpoints
+        .iter()
+        .cycle()
+        .skip(start)
+        .take(endpoints.len().min(MAX_ATTEMPTS))
+    {
+        let src = source_for(ep.addr);
+        match open_tunnel(ctx, dst, ep.addr, src, ep.identity.clone(), shared).await {
+            Ok((response, send, _guard)) => {
+                let mut tracker = shared.telemetry.open(Connection {
+                    direction: Direction::Outbound,
+                    src: peer(snapshot, src, Some(&ctx.identity)),
+                    dst: peer(snapshot, ep.addr, Some(&ep.identity)),
+                    dst_service,
+                    security_policy: SecurityPolicy::MutualTls,
+                });
+                tracker.set_waypoint(waypoint);
+                let never = CancellationToken::new();
+                let result = hbone::relay_h2(client, send, response.into_body(), &never).await;
+                tracker.close(result.sent, result.received, result.outcome.into());
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(pod = %ctx.key, waypoint = %waypoint, endpoint = %ep.addr, error = %e, "waypoint pod refused; trying the next one");
+                let attempt = Attempt {
+                    src,
+                    target: ep.addr,
+                    mutual_tls: true,
+                    peer_id: Some(ep.identity.clone()),
+                };
+                last = Some((attempt, Error::Tunnel(e)));
+            }
+        }
+    }
+    let (attempt, error) = last.unwrap_or_else(|| {
+        // Unreachable: `endpoints` is never empty.
+        let attempt = Attempt {
+            src: source_for(dst),
+            target: dst,
+            mutual_tls: true,
+            peer_id: None,
+        };
+        (attempt, Error::NoEndpoint(dst))
+    });
+    refuse(
+        attempt,
+        unavailable(super::error::WaypointFailure::Unreachable(Box::new(error))),
+        client,
+    );
+}
+
+/// Most endpoints one captured connection tries (each failure moves on to
+/// another endpoint of the same destination).
+const MAX_ATTEMPTS: usize = 8;
+
+/// How a captured connection is to be carried.
+enum Plan {
+    /// Not a service VIP: dialled as addressed.
+    Direct,
+    /// A service connection: endpoints picked from the routed destination.
+    Routed(Routed),
+    /// A routed destination whose load balancing is PASSTHROUGH: dialled as
+    /// addressed (the route is still reported).
+    Passthrough(Routed),
+    /// The route leads nowhere: fail at once with the reason.
+    Failed(RouteError),
+}
+
+/// Routes a connection to `dst` from this pod (at `source`): the one place
+/// the proxy asks the route table (see `mesh-routing`).
+fn plan(
+    ctx: &PodContext,
+    snapshot: &crate::state::Snapshot,
+    shared: &Shared,
+    dst: SocketAddr,
+    source: std::net::IpAddr,
+) -> Plan {
+    static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+    let table = &snapshot.routes;
+    if !table.is_service(dst.ip()) {
+        return Plan::Direct;
+    }
+    shared.balancer.prune(table);
+    let labels = snapshot
+        .workloads
+        .get(&ctx.key)
+        .map_or(&NO_LABELS, |w| &w.labels);
+    let req = Request {
+        destination: dst,
+        source,
+        source_namespace: &ctx.key.namespace,
+        source_labels: labels,
+    };
+    match table.route(&req, shared.balancer.random()) {
+        None => Plan::Direct,
+        Some(Ok(r)) if r.dest.policy.lb == Lb::Passthrough => Plan::Passthrough(r),
+        Some(Ok(r)) => Plan::Routed(r),
+        Some(Err(e)) => {
+            tracing::debug!(pod = %ctx.key, dst = %dst, reason = %e, "route leads nowhere");
+            Plan::Failed(e)
+        }
     }
 }
 
@@ -255,10 +523,13 @@ enum Upstream {
     ),
 }
 
-/// Opens an HBONE stream to `dst` under the pod's identity, requiring `peer_id`.
+/// Opens an HBONE stream to `dst` (the `CONNECT` target) under the pod's
+/// identity, through a tunnel to `dial` (the peer's HBONE address: the
+/// destination pod's, or a waypoint's) that must prove `peer_id`.
 async fn open_tunnel(
     ctx: &Arc<PodContext>,
     dst: SocketAddr,
+    dial: SocketAddr,
     src: SocketAddr,
     peer_id: SpiffeId,
     shared: &Arc<Shared>,
@@ -273,7 +544,7 @@ async fn open_tunnel(
     let key = PoolKey {
         source: ctx.identity.clone(),
         destination: peer_id,
-        address: SocketAddr::new(dst.ip(), INBOUND_HBONE_PORT),
+        address: dial,
         source_ip: src.ip(),
     };
     let request = hbone::connect_request(

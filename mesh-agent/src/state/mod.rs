@@ -8,6 +8,8 @@
 #![forbid(unsafe_code)]
 
 mod policies;
+mod routes;
+mod waypoint;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -21,6 +23,13 @@ use tokio::sync::watch;
 pub use policies::{
     CompiledPolicies, DEFAULT_ROOT_NAMESPACE, Finding, PolicyDocument, PolicyReport,
     compile_policies, rejects_policy,
+};
+pub use routes::{compile_routes, log_routes};
+pub use waypoint::{
+    GATEWAY_MANAGED_LABEL, GATEWAY_MANAGED_WAYPOINT, USE_WAYPOINT_LABEL,
+    USE_WAYPOINT_NAMESPACE_LABEL, USE_WAYPOINT_NONE, WAYPOINT_HBONE_PORT, Waypoint,
+    WaypointEndpoint, WaypointError, WaypointRef, WaypointSource, pods_with_waypoint_label,
+    service_waypoint,
 };
 
 /// What the agent knows about its node.
@@ -126,6 +135,12 @@ pub struct Snapshot {
     /// Traffic-management objects as served (issue 11), compiled into
     /// routes by the routing engine.
     pub routing: RoutingObjects,
+    /// `routing` compiled with `services` (and the pods' labels) into the
+    /// table the proxy routes service connections with, and its report; set
+    /// by [`Store::publish_snapshot`] and [`Store::publish`] (what a source
+    /// puts here is replaced), shared between generations while `routing`,
+    /// `services` and `workloads` do not change.
+    pub routes: Arc<crate::routing::RouteTable>,
     /// Address indexes, built on first use (a snapshot never changes).
     pub index: Index,
 }
@@ -141,6 +156,7 @@ impl PartialEq for Snapshot {
             policies,
             compiled: _,
             routing,
+            routes: _,
             index: _,
         } = self;
         *generation == other.generation
@@ -235,6 +251,9 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// Ready endpoints (from the service's EndpointSlices), sorted by address.
     pub endpoints: Vec<Endpoint>,
+    /// The waypoint its traffic goes through (`istio.io/use-waypoint` on
+    /// the service or its namespace, [`service_waypoint`]), if any.
+    pub waypoint: Option<Waypoint>,
 }
 
 /// One port of a service.
@@ -469,13 +488,26 @@ impl Store {
     /// new generation. Publishes nothing (and returns the current generation)
     /// when nothing changed.
     pub fn publish(&self, node: NodeInfo, workloads: BTreeMap<WorkloadKey, Workload>) -> u64 {
+        let labelled = pods_with_waypoint_label(&self.tx.borrow().workloads);
         let mut generation = 0;
+        let mut recompiled = false;
         self.tx.send_if_modified(|current| {
             if current.node == node && current.workloads == workloads {
                 generation = current.generation;
                 return false;
             }
             generation = current.generation + 1;
+            let routes = if current.workloads == workloads {
+                current.routes.clone()
+            } else {
+                recompiled = true;
+                Arc::new(compile_routes(
+                    &current.routing,
+                    &current.services,
+                    &workloads,
+                    &self.root_namespace,
+                ))
+            };
             *current = Arc::new(Snapshot {
                 generation,
                 node,
@@ -484,10 +516,16 @@ impl Store {
                 policies: current.policies.clone(),
                 compiled: current.compiled.clone(),
                 routing: current.routing.clone(),
+                routes,
                 index: Index::default(),
             });
             true
         });
+        if recompiled {
+            let current = self.current();
+            log_routes(&current.routes, generation);
+            waypoint::report_pod_waypoints(&labelled, &current.workloads);
+        }
         generation
     }
 
@@ -503,8 +541,20 @@ impl Store {
         // Compile before taking the lock, so readers never wait on it.
         let fresh = (self.tx.borrow().policies != next.policies)
             .then(|| Arc::new(compile_policies(&next.policies, &self.root_namespace)));
+        let compile_next = |next: &Snapshot| {
+            Arc::new(compile_routes(
+                &next.routing,
+                &next.services,
+                &next.workloads,
+                &self.root_namespace,
+            ))
+        };
+        let fresh_routes =
+            routes_inputs_differ(&self.tx.borrow(), &next).then(|| compile_next(&next));
+        let labelled = pods_with_waypoint_label(&self.tx.borrow().workloads);
         let mut generation = 0;
         let mut applied = None;
+        let mut routes_applied = None;
         self.tx.send_if_modified(|current| {
             let policies_changed = current.policies != next.policies;
             if !policies_changed
@@ -526,10 +576,21 @@ impl Store {
             if policies_changed || current.generation == 0 {
                 applied = Some(compiled.clone());
             }
+            let routes_changed = routes_inputs_differ(current, &next);
+            let routes = match (routes_changed, &fresh_routes) {
+                (false, _) => current.routes.clone(),
+                (true, Some(fresh)) => fresh.clone(),
+                // Another publisher changed the inputs since the check above.
+                (true, None) => compile_next(&next),
+            };
+            if routes_changed {
+                routes_applied = Some(routes.clone());
+            }
             generation = current.generation + 1;
             *current = Arc::new(Snapshot {
                 generation,
                 compiled,
+                routes,
                 ..next
             });
             true
@@ -537,8 +598,17 @@ impl Store {
         if let Some(compiled) = applied {
             compiled.log(generation);
         }
+        if let Some(routes) = routes_applied {
+            log_routes(&routes, generation);
+            waypoint::report_pod_waypoints(&labelled, &self.current().workloads);
+        }
         generation
     }
+}
+
+/// Whether the inputs of the route table differ between `a` and `b`.
+fn routes_inputs_differ(a: &Snapshot, b: &Snapshot) -> bool {
+    a.routing != b.routing || a.services != b.services || a.workloads != b.workloads
 }
 
 #[cfg(test)]

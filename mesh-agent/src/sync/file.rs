@@ -26,6 +26,15 @@
 //!     kind: AuthorizationPolicy
 //!     metadata: {name: deny-all, namespace: default}
 //!     spec: {action: DENY, rules: [{}]}
+//! namespaces:                               # optional: namespaces' labels
+//!   - name: default                         # (istio.io/use-waypoint)
+//!     labels: {istio.io/use-waypoint: waypoint}
+//! services:
+//!   - name: web
+//!     vips: ["198.18.200.1"]
+//!     ports: [{name: tcp, port: 80, targetPort: 8080}]
+//!     endpoints: [web]                      # pods of this file
+//!     labels: {istio.io/use-waypoint: none} # optional (waypoint enrollment)
 //! resources:                                # any object the agent reads, verbatim:
 //!   - apiVersion: networking.istio.io/v1    # AuthorizationPolicy, PeerAuthentication,
 //!     kind: DestinationRule                 # DestinationRule, VirtualService, TCPRoute
@@ -115,6 +124,9 @@ struct FileModel {
     /// Services: virtual IPs load-balanced over pods of this file.
     #[serde(default)]
     services: Vec<ServiceModel>,
+    /// Namespaces' labels (`istio.io/use-waypoint`).
+    #[serde(default)]
+    namespaces: Vec<NamespaceModel>,
     /// Any object the agent reads ([`resources::ResourceKind`]), as
     /// `kubectl get -o yaml` prints it.
     #[serde(default)]
@@ -132,6 +144,17 @@ struct ServiceModel {
     /// Names of the pods (in the service's namespace) behind it, all ready.
     #[serde(default)]
     endpoints: Vec<String>,
+    /// The service's labels (`istio.io/use-waypoint`).
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NamespaceModel {
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -440,7 +463,12 @@ pub fn parse(path: &Path, text: &str) -> Result<WorkloadFile, FileError> {
             ResourceKind::AuthorizationPolicy | ResourceKind::PeerAuthentication => {}
         }
     }
-    let services = parse_services(model.services, &workloads, &owner_of_ip)
+    let namespaces: BTreeMap<String, BTreeMap<String, String>> = model
+        .namespaces
+        .into_iter()
+        .map(|n| (n.name, n.labels))
+        .collect();
+    let services = parse_services(model.services, &workloads, &owner_of_ip, &namespaces)
         .map_err(|(field, reason)| invalid(field, reason))?;
     Ok(WorkloadFile {
         services,
@@ -548,6 +576,7 @@ fn parse_services(
     models: Vec<ServiceModel>,
     workloads: &BTreeMap<WorkloadKey, Workload>,
     owner_of_ip: &HashMap<IpAddr, String>,
+    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
 ) -> Result<BTreeMap<ServiceKey, Service>, (String, String)> {
     let mut services = BTreeMap::new();
     let mut vip_owner: HashMap<IpAddr, String> = HashMap::new();
@@ -615,6 +644,8 @@ fn parse_services(
                 });
             }
         }
+        let waypoint =
+            crate::state::service_waypoint(&key, &m.labels, namespaces.get(&m.namespace));
         services.insert(
             key,
             Service {
@@ -623,6 +654,7 @@ fn parse_services(
                 vips,
                 ports,
                 endpoints,
+                waypoint,
             },
         );
     }
@@ -747,6 +779,37 @@ pods:
         }];
         assert!(!b.enrolled);
         assert_eq!(b.service_account, "cart");
+    }
+
+    #[test]
+    fn service_and_namespace_labels_choose_the_waypoint() {
+        use crate::state::WaypointSource;
+        let text = format!(
+            "{GOOD}namespaces:\n  - name: default\n    labels: {{istio.io/use-waypoint: wp}}\n\
+             services:\n  - name: web\n    vips: [\"198.18.200.1\"]\n    ports: [{{port: 80}}]\n    endpoints: [a]\n\
+             \x20 - name: out\n    vips: [\"198.18.200.2\"]\n    ports: [{{port: 80}}]\n    labels: {{istio.io/use-waypoint: none}}\n\
+             \x20 - name: cart\n    namespace: shop\n    vips: [\"198.18.200.3\"]\n    ports: [{{port: 80}}]\n\
+             \x20   labels: {{istio.io/use-waypoint: edge, istio.io/use-waypoint-namespace: infra}}\n"
+        );
+        let f = parse(Path::new("w.yaml"), &text).expect("valid file");
+        let waypoint = |ns: &str, name: &str| {
+            f.services[&ServiceKey {
+                namespace: ns.into(),
+                name: name.into(),
+            }]
+                .waypoint
+                .as_ref()
+                .map(|w| (w.reference.to_string(), w.from))
+        };
+        assert_eq!(
+            waypoint("default", "web"),
+            Some(("default/wp".into(), WaypointSource::Namespace))
+        );
+        assert_eq!(waypoint("default", "out"), None);
+        assert_eq!(
+            waypoint("shop", "cart"),
+            Some(("infra/edge".into(), WaypointSource::Service))
+        );
     }
 
     #[test]
@@ -978,6 +1041,11 @@ pods:
                 "resources[0].spec.rules[0].backendRefs[0].port: TCPRoute default/r: missing",
             ),
             ("  - just a string\n".to_owned(), "resources[0]: expected a Kubernetes object"),
+            // The routing engine's own checks (mesh-routing), after the schema's.
+            (
+                dr("{name: web}", "{host: web, trafficPolicy: {outlierDetection: {interval: often}}}"),
+                "resources[0].spec.trafficPolicy.outlierDetection.interval",
+            ),
         ];
         for (resources, want) in cases {
             let e = err(&with_resources(&resources));
@@ -985,7 +1053,7 @@ pods:
         }
         // Same name, different kinds or namespaces: distinct objects.
         let ok = format!(
-            "{}{}  - apiVersion: networking.istio.io/v1\n    kind: VirtualService\n    metadata: {{name: web}}\n    spec: {{}}\n",
+            "{}{}  - apiVersion: networking.istio.io/v1\n    kind: VirtualService\n    metadata: {{name: web}}\n    spec: {{hosts: [web]}}\n",
             dr("{name: web}", "{host: web}"),
             dr("{name: web, namespace: shop}", "{host: web}")
         );

@@ -300,10 +300,22 @@ pub fn admit_routing(kind: ResourceKind, mut object: Value) -> Result<Value, Pro
 /// (`mesh-routing`), run on every routing object of a workload file after
 /// [`admit_routing`]'s schema checks, on the object as it will be served.
 /// A problem rejects the file with the object's field path; the last good
-/// state stays in force. Today it accepts everything the schema admits.
+/// state stays in force. (The Kubernetes source cannot refuse what the API
+/// server stored: there the same problems show in the route report.)
 pub fn validate_routing_object(kind: ResourceKind, object: &Value) -> Result<(), Problem> {
-    let _ = (kind, object);
-    Ok(())
+    // mesh-routing reads the kind from the object (as served it has one).
+    let named;
+    let object = if object.get("kind").is_some() {
+        object
+    } else {
+        let mut copy = object.clone();
+        if let Some(map) = copy.as_object_mut() {
+            map.insert("kind".into(), Value::from(kind.to_string()));
+        }
+        named = copy;
+        &named
+    };
+    crate::routing::validate(object).map_err(|e| Problem::new(e.field, e.reason))
 }
 
 /// `spec.host` (required), `spec.subsets[].name` (required).
@@ -493,20 +505,8 @@ fn array<'a>(obj: &'a Map<String, Value>, key: &str, at: &str) -> Result<&'a [Va
     }
 }
 
-/// A DNS-1123 label: 1..=63 of `[a-z0-9-]`, alphanumeric at both ends.
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
-}
-
-/// A DNS-1123 subdomain: at most 253 characters of dot-separated labels.
-fn is_dns_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
-}
+// Object names as the API server checks them: one definition, in mesh-policy.
+use crate::policy::admission::{is_dns_label, is_dns_subdomain};
 
 #[cfg(test)]
 mod tests {

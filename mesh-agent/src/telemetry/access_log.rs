@@ -185,6 +185,14 @@ pub struct ConnectionRecord {
     /// The client address the peer claimed in an HBONE `forwarded` header,
     /// if it sent one: information only, never used for policy or `src.*`.
     pub forwarded_for: Option<String>,
+    /// The route that chose the destination (`VirtualService/ns/name`,
+    /// `TCPRoute/ns/name`), when a route did.
+    pub route: Option<String>,
+    /// The destination subset, when the route chose one.
+    pub subset: Option<String>,
+    /// The waypoint (`namespace/name`) the connection went through (or was
+    /// refused for): its L7 and routing are the waypoint's job.
+    pub waypoint: Option<String>,
 }
 
 /// Writes the access-log line of a closed connection (`info`, target
@@ -212,6 +220,9 @@ pub fn log_connection(r: &ConnectionRecord) {
         policy = policy.as_deref(),
         reason = reason.as_deref(),
         forwarded_for = r.forwarded_for.as_deref(),
+        route = r.route.as_deref(),
+        subset = r.subset.as_deref(),
+        waypoint = r.waypoint.as_deref(),
         "connection closed"
     );
 }

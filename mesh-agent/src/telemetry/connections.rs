@@ -17,7 +17,7 @@ use super::{
     access_log::{self, ConnectionRecord, Direction, Endpoint, Failure, FailureKind, Outcome},
     counters::{ProxyCounters, ProxyEvent},
     metrics::{
-        ConnectionLabels, Metrics, PeerLabels, Reporter, ResponseFlags, SecurityPolicy,
+        ConnectionLabels, Metrics, PeerLabels, Reporter, ResponseFlags, RouteEvent, SecurityPolicy,
         ServiceLabels, UNKNOWN,
     },
 };
@@ -276,7 +276,15 @@ impl Telemetry {
             conn,
             start: Instant::now(),
             forwarded_for: None,
+            route: None,
+            subset: None,
+            waypoint: None,
         }
+    }
+
+    /// Counts a routing event (`mesh_route_*`).
+    pub fn route_event(&self, event: RouteEvent<'_>) {
+        self.metrics.route_event(event);
     }
 }
 
@@ -290,9 +298,18 @@ pub struct ConnectionTracker {
     start: Instant,
     guard: Option<ConnectionGuard>,
     forwarded_for: Option<String>,
+    route: Option<String>,
+    subset: Option<String>,
+    waypoint: Option<String>,
 }
 
 impl ConnectionTracker {
+    /// Records the waypoint (`namespace/name`) the connection was sent
+    /// through (or meant to be): the access log's `waypoint`.
+    pub fn set_waypoint(&mut self, waypoint: &dyn std::fmt::Display) {
+        self.waypoint = Some(waypoint.to_string());
+    }
+
     /// The connection.
     pub fn connection(&self) -> &Connection {
         &self.conn
@@ -304,6 +321,19 @@ impl ConnectionTracker {
     /// the source's attribution (`src.*`, which is the tunnel's TCP peer).
     pub fn set_forwarded_for(&mut self, claimed: Option<SocketAddr>) {
         self.forwarded_for = claimed.map(|a| a.to_string());
+    }
+
+    /// Records the route that chose the connection's destination (for the
+    /// access log's `route` and `subset`) and counts it
+    /// (`mesh_route_connections_total`).
+    pub fn set_route(&mut self, route: Option<&str>, destination: &str, subset: Option<&str>) {
+        self.telemetry.route_event(RouteEvent::Connection {
+            route,
+            destination,
+            subset,
+        });
+        self.route = route.map(str::to_owned);
+        self.subset = subset.map(str::to_owned);
     }
 
     /// The connection closed after relaying `sent` bytes from the client to
@@ -339,6 +369,9 @@ impl ConnectionTracker {
             duration: self.start.elapsed(),
             outcome,
             forwarded_for: self.forwarded_for.take(),
+            route: self.route.take(),
+            subset: self.subset.take(),
+            waypoint: self.waypoint.take(),
         });
         drop(guard);
     }

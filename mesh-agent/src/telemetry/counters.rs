@@ -25,16 +25,21 @@ pub enum ProxyEvent {
     /// A tunnel stream attempt was retried (GOAWAY, `REFUSED_STREAM`,
     /// broken connection).
     StreamRetried,
+    /// A connection to a service with a waypoint was refused because the
+    /// waypoint is missing, has no ready pod or could not be reached
+    /// (fail closed: never sent around the waypoint).
+    WaypointUnavailable,
 }
 
 impl ProxyEvent {
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 7] = [
         Self::OutboundAccepted,
         Self::InboundAccepted,
         Self::NoOriginalDestination,
         Self::AgentPortRefused,
         Self::TunnelOpened,
         Self::StreamRetried,
+        Self::WaypointUnavailable,
     ];
 
     /// The counter's name in `/stats`.
@@ -46,6 +51,7 @@ impl ProxyEvent {
             Self::AgentPortRefused => "agent_port_refused",
             Self::TunnelOpened => "tunnel_connections_opened",
             Self::StreamRetried => "tunnel_streams_retried",
+            Self::WaypointUnavailable => "waypoint_unavailable",
         }
     }
 
@@ -97,7 +103,8 @@ impl ProxyCounters {
     /// Every counter as (name, value), in a stable order: `outbound_accepted`,
     /// `inbound_accepted`, `completed`, `failed`, `no_original_destination`,
     /// `agent_port_refused`, `bytes_sent` (client to server),
-    /// `bytes_received` (server to client), then the tunnel pool's.
+    /// `bytes_received` (server to client), then the tunnel pool's, then
+    /// `waypoint_unavailable`.
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
         let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let e = |event: ProxyEvent| (event.as_str(), self.get(event));
@@ -112,6 +119,7 @@ impl ProxyCounters {
             ("bytes_received", v(&self.bytes_received)),
             e(ProxyEvent::TunnelOpened),
             e(ProxyEvent::StreamRetried),
+            e(ProxyEvent::WaypointUnavailable),
         ]
     }
 

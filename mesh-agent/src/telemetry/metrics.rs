@@ -319,6 +319,48 @@ struct ResultLabel {
     result: &'static str,
 }
 
+/// Labels of the `mesh_route_*` families: the route (`-` for a service's
+/// default), the destination (`namespace/name:port`) and the subset (`-`: none).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+    destination: String,
+    subset: String,
+}
+
+/// Something the routing of a service connection did (issue 11), counted
+/// in the `mesh_route_*` families.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteEvent<'a> {
+    /// A connection was routed to `destination` (and `subset`) by `route`.
+    Connection {
+        /// The route (`None`: the service's default).
+        route: Option<&'a str>,
+        /// `namespace/name:port`.
+        destination: &'a str,
+        /// The subset.
+        subset: Option<&'a str>,
+    },
+    /// Outlier detection ejected an endpoint of the destination.
+    Ejection {
+        /// The route.
+        route: Option<&'a str>,
+        /// `namespace/name:port`.
+        destination: &'a str,
+        /// The subset.
+        subset: Option<&'a str>,
+    },
+    /// A connection was refused: the destination was at its `maxConnections`.
+    Overflow {
+        /// The route.
+        route: Option<&'a str>,
+        /// `namespace/name:port`.
+        destination: &'a str,
+        /// The subset.
+        subset: Option<&'a str>,
+    },
+}
+
 /// Decrements its gauge when dropped (an open pool connection or stream).
 #[derive(Debug)]
 pub struct GaugeGuard(Gauge);
@@ -364,6 +406,9 @@ pub struct Metrics {
     pool_connections: Gauge,
     pool_streams: Gauge,
     policy_decisions: Family<ResultLabel, Counter>,
+    route_connections: Family<RouteLabels, Counter>,
+    route_ejections: Family<RouteLabels, Counter>,
+    route_overflows: Family<RouteLabels, Counter>,
     pool_source: RwLock<Option<Arc<PoolSource>>>,
     limits_source: SharedLimitsSource,
 }
@@ -440,6 +485,24 @@ impl Metrics {
             "Authorization decisions by result",
             policy_decisions.clone(),
         );
+        let route_connections = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "mesh_route_connections",
+            "Service connections by route, destination and subset (issue 11 routing)",
+            route_connections.clone(),
+        );
+        let route_ejections = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "mesh_route_ejections",
+            "Endpoints ejected by outlier detection, by route, destination and subset",
+            route_ejections.clone(),
+        );
+        let route_overflows = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "mesh_route_overflows",
+            "Connections refused because the destination was at its connectionPool.tcp.maxConnections",
+            route_overflows.clone(),
+        );
         let limits_source = SharedLimitsSource::default();
         registry.register_collector(Box::new(LimitsCollector(limits_source.clone())));
         Self {
@@ -453,6 +516,9 @@ impl Metrics {
             pool_connections,
             pool_streams,
             policy_decisions,
+            route_connections,
+            route_ejections,
+            route_overflows,
             pool_source: RwLock::new(None),
             limits_source,
         }
@@ -502,6 +568,34 @@ impl Metrics {
     pub fn set_enrollment_failed(&self, n: usize) {
         self.enrollment_failed
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a routing event.
+    pub fn route_event(&self, event: RouteEvent<'_>) {
+        let (family, route, destination, subset) = match event {
+            RouteEvent::Connection {
+                route,
+                destination,
+                subset,
+            } => (&self.route_connections, route, destination, subset),
+            RouteEvent::Ejection {
+                route,
+                destination,
+                subset,
+            } => (&self.route_ejections, route, destination, subset),
+            RouteEvent::Overflow {
+                route,
+                destination,
+                subset,
+            } => (&self.route_overflows, route, destination, subset),
+        };
+        family
+            .get_or_create(&RouteLabels {
+                route: route.unwrap_or("-").to_owned(),
+                destination: destination.to_owned(),
+                subset: subset.unwrap_or("-").to_owned(),
+            })
+            .inc();
     }
 
     /// Counts an authorization decision.

@@ -27,7 +27,7 @@ pub use connections::{Connection, ConnectionTracker, OpenConnection, Peer, Telem
 pub use counters::{ProxyCounters, ProxyEvent};
 pub use metrics::{
     ConnectionLabels, LimitsReading, Metrics, PeerLabels, PolicyDecision, Reporter, ResponseFlags,
-    SecurityPolicy, ServiceLabels,
+    RouteEvent, SecurityPolicy, ServiceLabels,
 };
 
 /// Seconds since the Unix epoch (negative before it).

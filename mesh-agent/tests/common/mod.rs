@@ -340,6 +340,16 @@ impl Mesh {
         });
     }
 
+    /// Node `node`'s agent's `/metrics` text.
+    pub fn metrics_text(&self, node: usize) -> String {
+        let addr = self.endpoints[node].metrics;
+        let (status, text) = self
+            .get_in_node(node, addr, "/metrics")
+            .unwrap_or_else(|e| panic!("GET /metrics on {addr} in node {node}: {e}"));
+        assert_eq!(status, 200, "/metrics: {text}");
+        text
+    }
+
     /// Istio's `istio_tcp_connections_closed_total` on node `node`'s agent,
     /// summed over its series.
     pub fn closed_connections(&self, node: usize) -> u64 {

@@ -113,6 +113,16 @@ enum Cmd {
         #[arg(long)]
         mark: Option<u32>,
     },
+    /// One HTTP/1.1 `GET` (for example of an agent's `/metrics`); prints the
+    /// response body. Exit 1 unless the status is 200.
+    Get {
+        /// Server address.
+        #[arg(long)]
+        connect: SocketAddr,
+        /// The path.
+        #[arg(long, default_value = "/")]
+        path: String,
+    },
     /// One long connection sending a small message every interval and reading
     /// its echo; prints `{"rounds_ok":n,"error":null|"<kind>"}`. Exit 1 on error.
     Hold {
@@ -201,6 +211,10 @@ fn main() -> ExitCode {
             );
             print_line(&outcome.to_string()).map(|()| true)
         }
+        Cmd::Get { connect, path } => http_get(connect, &path).and_then(|(ok, body)| {
+            io::stdout().write_all(body.as_bytes())?;
+            Ok(ok)
+        }),
         Cmd::Hold {
             connect,
             interval_ms,
@@ -704,4 +718,22 @@ fn hold_rounds(
         }
         thread::sleep(next.saturating_duration_since(Instant::now()));
     }
+}
+
+/// `GET path` on `addr` (HTTP/1.1, `Connection: close`): whether the status
+/// was 200, and the body.
+fn http_get(addr: SocketAddr, path: &str) -> Result<(bool, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("connect {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let ok = head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200");
+    Ok((ok, body.to_owned()))
 }

@@ -238,6 +238,8 @@ pub struct ServiceFacts {
     pub vips: Vec<IpAddr>,
     /// Ports.
     pub ports: Vec<ServicePort>,
+    /// Labels (`istio.io/use-waypoint`).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl ServiceFacts {
@@ -282,6 +284,7 @@ impl ServiceFacts {
             namespace: svc.metadata.namespace.clone()?,
             vips,
             ports,
+            labels: svc.metadata.labels.clone().unwrap_or_default(),
         })
     }
 }
@@ -358,10 +361,13 @@ impl SliceFacts {
     }
 }
 
-/// Joins services with their slices: VIP → ready endpoints.
+/// Joins services with their slices (VIP → ready endpoints) and decides
+/// each one's waypoint from its labels and its namespace's
+/// ([`crate::state::service_waypoint`]).
 pub fn build_services(
     services: &BTreeMap<ObjKey, ServiceFacts>,
     slices: &BTreeMap<ObjKey, SliceFacts>,
+    namespaces: &BTreeMap<ObjKey, BTreeMap<String, String>>,
 ) -> BTreeMap<ServiceKey, Service> {
     let mut by_service: BTreeMap<(&str, &str), Vec<&SliceFacts>> = BTreeMap::new();
     for slice in slices.values() {
@@ -390,17 +396,24 @@ pub fn build_services(
                         .extend(slice.ports.iter().map(|(k, v)| (k.clone(), *v)));
                 }
             }
+            let key = ServiceKey {
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
+            };
+            let waypoint = crate::state::service_waypoint(
+                &key,
+                &svc.labels,
+                namespaces.get(&(String::new(), svc.namespace.clone())),
+            );
             (
-                ServiceKey {
-                    namespace: svc.namespace.clone(),
-                    name: svc.name.clone(),
-                },
+                key,
                 Service {
                     name: svc.name.clone(),
                     namespace: svc.namespace.clone(),
                     vips: svc.vips.clone(),
                     ports: svc.ports.clone(),
                     endpoints: endpoints.into_values().collect(),
+                    waypoint,
                 },
             )
         })
@@ -556,7 +569,7 @@ mod tests {
             )
         })
         .collect();
-        let out = build_services(&services, &slices);
+        let out = build_services(&services, &slices, &BTreeMap::new());
         let web = &out[&ServiceKey {
             namespace: "shop".into(),
             name: "web".into(),

@@ -216,7 +216,7 @@ pub fn build(
             probe_sources,
         },
         workloads,
-        services: model::build_services(objects.services, objects.slices),
+        services: model::build_services(objects.services, objects.slices, objects.namespaces),
         policies: Policies {
             authorization: objects.raw(Kind::AuthorizationPolicies),
             peer_authentication: objects.raw(Kind::PeerAuthentications),
@@ -557,6 +557,72 @@ mod tests {
     }
 
     #[test]
+    fn services_take_the_waypoint_of_their_label_or_their_namespace() {
+        use crate::state::{USE_WAYPOINT_LABEL, WaypointSource};
+        let mut f = Fixture::default();
+        f.namespace("shop", &[(USE_WAYPOINT_LABEL, "shop-wp")]);
+        for (name, label) in [
+            ("plain", None),
+            ("own", Some("own-wp")),
+            ("out", Some("none")),
+            ("shop-wp", None),
+        ] {
+            f.services.insert(
+                ("shop".into(), name.into()),
+                ServiceFacts {
+                    name: name.into(),
+                    namespace: "shop".into(),
+                    vips: Vec::new(),
+                    ports: Vec::new(),
+                    labels: label
+                        .map(|v| [(USE_WAYPOINT_LABEL.to_owned(), v.to_owned())].into())
+                        .unwrap_or_default(),
+                },
+            );
+        }
+        f.services.insert(
+            ("other".into(), "web".into()),
+            ServiceFacts {
+                name: "web".into(),
+                namespace: "other".into(),
+                vips: Vec::new(),
+                ports: Vec::new(),
+                labels: BTreeMap::new(),
+            },
+        );
+        let built = build(
+            &f.objects(),
+            &cfg(),
+            &BTreeMap::new(),
+            &Decisions::default(),
+        );
+        let waypoint = |ns: &str, name: &str| {
+            built.snapshot.services[&ServiceKey {
+                namespace: ns.into(),
+                name: name.into(),
+            }]
+                .waypoint
+                .as_ref()
+                .map(|w| (w.reference.to_string(), w.from))
+        };
+        assert_eq!(
+            waypoint("shop", "plain"),
+            Some(("shop/shop-wp".into(), WaypointSource::Namespace))
+        );
+        assert_eq!(
+            waypoint("shop", "own"),
+            Some(("shop/own-wp".into(), WaypointSource::Service))
+        );
+        assert_eq!(waypoint("shop", "out"), None, "none opts out");
+        assert_eq!(
+            waypoint("shop", "shop-wp"),
+            None,
+            "the waypoint's own Service"
+        );
+        assert_eq!(waypoint("other", "web"), None, "unlabelled namespace");
+    }
+
+    #[test]
     fn services_and_policies_are_built() {
         let mut f = Fixture::default();
         f.services.insert(
@@ -566,6 +632,7 @@ mod tests {
                 namespace: "shop".into(),
                 vips: vec!["10.96.0.10".parse().expect("ip")],
                 ports: Vec::new(),
+                labels: BTreeMap::new(),
             },
         );
         f.slices.insert(

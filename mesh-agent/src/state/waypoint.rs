@@ -1,0 +1,536 @@
+//! Waypoint enrollment (issue 12, the node-agent side): which waypoint a
+//! service's traffic goes through, by Istio's `istio.io/use-waypoint`
+//! labels, and how a waypoint reference resolves to the pods that serve it.
+//!
+//! Istio's rules (`pilot/.../ambient/waypoints.go`, `getUseWaypoint` and
+//! `fetchWaypointForTarget`): the label on the object itself wins — `none`
+//! opts the object out even when its namespace names a waypoint — then the
+//! label on its namespace; `istio.io/use-waypoint-namespace` on the same
+//! object names the waypoint's namespace (default: the object's own
+//! namespace). A waypoint's own Service (label
+//! `gateway.istio.io/managed=istio.io-mesh-controller`, or a Service the
+//! reference names itself) never has a waypoint: it would loop.
+//!
+//! A reference resolves to the Service of the same name and namespace (the
+//! Service Istio's deployment controller makes for the waypoint Gateway):
+//! its ready endpoints, each dialled on the Service's HBONE port 15008 and
+//! required to prove the SPIFFE identity of the pod behind it. Unlike Istio
+//! (which drops a waypoint whose Gateway never became ready), a reference
+//! that does not resolve fails closed: the proxy refuses the service's
+//! connections rather than send them around the waypoint.
+#![forbid(unsafe_code)]
+
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use super::{Service, ServiceKey, Snapshot, WorkloadKey};
+use crate::identity::{SpiffeId, TrustDomain};
+
+/// The label naming the waypoint of a namespace, service or pod.
+pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+/// The label naming the namespace of the waypoint [`USE_WAYPOINT_LABEL`] names.
+pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
+/// [`USE_WAYPOINT_LABEL`] value that opts out (Istio reserves the name).
+pub const USE_WAYPOINT_NONE: &str = "none";
+/// The label Istio puts on a waypoint's own Service.
+pub const GATEWAY_MANAGED_LABEL: &str = "gateway.istio.io/managed";
+/// [`GATEWAY_MANAGED_LABEL`] value of a waypoint.
+pub const GATEWAY_MANAGED_WAYPOINT: &str = "istio.io-mesh-controller";
+/// The waypoint Service's port its pods take HBONE on.
+pub const WAYPOINT_HBONE_PORT: u16 = 15008;
+
+/// A waypoint, by the name and namespace of its Gateway (and Service).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WaypointRef {
+    /// The waypoint's namespace.
+    pub namespace: String,
+    /// The waypoint's name.
+    pub name: String,
+}
+
+impl std::fmt::Display for WaypointRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl WaypointRef {
+    /// The key of the waypoint's Service.
+    pub fn service_key(&self) -> ServiceKey {
+        ServiceKey {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+}
+
+/// Which object's label chose the waypoint (shown in `/config_dump`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaypointSource {
+    /// The service's own label.
+    Service,
+    /// The label of the service's namespace.
+    Namespace,
+}
+
+impl WaypointSource {
+    /// `service` / `namespace`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Service => "service",
+            Self::Namespace => "namespace",
+        }
+    }
+}
+
+/// The waypoint a service's traffic goes through.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Waypoint {
+    /// The waypoint.
+    pub reference: WaypointRef,
+    /// Whose label named it.
+    pub from: WaypointSource,
+}
+
+/// The waypoint a label set names: `Err(())` for an explicit `none`,
+/// `Ok(None)` for no label.
+fn from_labels(
+    labels: &BTreeMap<String, String>,
+    fallback_namespace: &str,
+) -> Result<Option<WaypointRef>, ()> {
+    let Some(name) = labels.get(USE_WAYPOINT_LABEL) else {
+        return Ok(None);
+    };
+    if name == USE_WAYPOINT_NONE {
+        return Err(());
+    }
+    let namespace = labels
+        .get(USE_WAYPOINT_NAMESPACE_LABEL)
+        .cloned()
+        .unwrap_or_else(|| fallback_namespace.to_owned());
+    Ok(Some(WaypointRef {
+        namespace,
+        name: name.clone(),
+    }))
+}
+
+/// The waypoint of the service `key` with `labels`, in a namespace with
+/// `namespace_labels` (`None`: unknown namespace), by Istio's precedence
+/// (see the module doc).
+pub fn service_waypoint(
+    key: &ServiceKey,
+    labels: &BTreeMap<String, String>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+) -> Option<Waypoint> {
+    if labels.get(GATEWAY_MANAGED_LABEL).map(String::as_str) == Some(GATEWAY_MANAGED_WAYPOINT) {
+        return None;
+    }
+    let chosen = match from_labels(labels, &key.namespace) {
+        Err(()) => return None,
+        Ok(Some(r)) => Waypoint {
+            reference: r,
+            from: WaypointSource::Service,
+        },
+        Ok(None) => {
+            let ns = namespace_labels?;
+            // A `none` on the namespace is the same as no label.
+            let r = from_labels(ns, &key.namespace).ok()??;
+            Waypoint {
+                reference: r,
+                from: WaypointSource::Namespace,
+            }
+        }
+    };
+    // The waypoint's own Service in a namespace that uses it.
+    (chosen.reference.service_key() != *key).then_some(chosen)
+}
+
+/// Local and remote pods that carry their own `istio.io/use-waypoint`
+/// (other than `none`), sorted. Such a label asks that traffic addressed
+/// to the pod's IP go through a waypoint (Istio: only when the waypoint
+/// takes `workload` traffic, `istio.io/waypoint-for`); the agent does not
+/// do this yet — only a service's traffic goes through its waypoint — so
+/// these pods are reported (`/config_dump` `routes.unsupported_pod_waypoints`
+/// and a warning when the set changes), never silently ignored.
+pub fn pods_with_waypoint_label(
+    workloads: &BTreeMap<WorkloadKey, super::Workload>,
+) -> Vec<WorkloadKey> {
+    workloads
+        .iter()
+        .filter(|(_, w)| {
+            w.labels
+                .get(USE_WAYPOINT_LABEL)
+                .is_some_and(|v| v != USE_WAYPOINT_NONE)
+        })
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+/// Warns when the pods [`pods_with_waypoint_label`] finds in `after`
+/// differ from `before` (its earlier answer) and some remain.
+pub(super) fn report_pod_waypoints(
+    before: &[WorkloadKey],
+    after: &BTreeMap<WorkloadKey, super::Workload>,
+) {
+    let now = pods_with_waypoint_label(after);
+    if now.is_empty() || now == before {
+        return;
+    }
+    let shown: Vec<String> = now.iter().take(10).map(ToString::to_string).collect();
+    tracing::warn!(
+        count = now.len(),
+        pods = %shown.join(","),
+        "pods labelled istio.io/use-waypoint: not supported yet, connections addressed to these pods' IPs go to them directly, not through a waypoint (their services' traffic does go through the service's waypoint)"
+    );
+}
+
+/// Why a waypoint reference does not resolve to a pod to tunnel to.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WaypointError {
+    /// No Service of the waypoint's name and namespace.
+    #[error(
+        "waypoint {0} not found: no Service {0} (deploy the waypoint, or remove the istio.io/use-waypoint label)"
+    )]
+    Missing(WaypointRef),
+    /// The waypoint's Service has no TCP port 15008.
+    #[error("waypoint Service {0} has no port 15008 (the waypoint's HBONE port)")]
+    NoHbonePort(WaypointRef),
+    /// No ready endpoint whose pod (and so identity) is known.
+    #[error(
+        "waypoint {0} has no ready endpoint with a known pod (is the waypoint Deployment running?)"
+    )]
+    NoEndpoint(WaypointRef),
+}
+
+/// One pod serving a waypoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WaypointEndpoint {
+    /// Its HBONE address (the pod's address, the waypoint's port 15008 target).
+    pub addr: SocketAddr,
+    /// The pod.
+    pub workload: WorkloadKey,
+    /// The identity it must prove.
+    pub identity: SpiffeId,
+}
+
+impl Snapshot {
+    /// The waypoint `service`'s traffic goes through, unless `source` (the
+    /// connecting pod) is one of that waypoint's own pods (its traffic to
+    /// the service is the waypoint's second hop).
+    pub fn waypoint_for<'s>(
+        &self,
+        service: &'s Service,
+        source: &WorkloadKey,
+    ) -> Option<&'s Waypoint> {
+        let w = service.waypoint.as_ref()?;
+        let own = self
+            .services
+            .get(&w.reference.service_key())
+            .is_some_and(|s| {
+                s.endpoints
+                    .iter()
+                    .any(|e| e.workload.as_ref() == Some(source))
+            });
+        (!own).then_some(w)
+    }
+
+    /// The pods serving waypoint `w`, in endpoint order, with the identity
+    /// each must prove in `trust_domain`; an endpoint whose pod is unknown
+    /// (so is its identity) is left out.
+    pub fn waypoint_endpoints(
+        &self,
+        w: &WaypointRef,
+        trust_domain: &TrustDomain,
+    ) -> Result<Vec<WaypointEndpoint>, WaypointError> {
+        let svc = self
+            .services
+            .get(&w.service_key())
+            .ok_or_else(|| WaypointError::Missing(w.clone()))?;
+        let port = svc
+            .ports
+            .iter()
+            .find(|p| p.port == WAYPOINT_HBONE_PORT && p.protocol == "TCP")
+            .ok_or_else(|| WaypointError::NoHbonePort(w.clone()))?;
+        let out: Vec<WaypointEndpoint> = svc
+            .endpoints
+            .iter()
+            .filter_map(|e| {
+                let key = e.workload.as_ref()?;
+                let pod = self.workloads.get(key)?;
+                let identity = pod.identity(trust_domain).ok()?;
+                let target = e.ports.get(&port.name).copied()?;
+                Some(WaypointEndpoint {
+                    addr: SocketAddr::new(e.ip, target),
+                    workload: key.clone(),
+                    identity,
+                })
+            })
+            .collect();
+        if out.is_empty() {
+            return Err(WaypointError::NoEndpoint(w.clone()));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::state::{Endpoint, ServicePort, Workload};
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn key(ns: &str, name: &str) -> ServiceKey {
+        ServiceKey {
+            namespace: ns.into(),
+            name: name.into(),
+        }
+    }
+
+    fn wref(ns: &str, name: &str) -> WaypointRef {
+        WaypointRef {
+            namespace: ns.into(),
+            name: name.into(),
+        }
+    }
+
+    fn chosen(
+        svc: &[(&str, &str)],
+        ns: Option<&[(&str, &str)]>,
+    ) -> Option<(WaypointRef, WaypointSource)> {
+        let nsl = ns.map(labels);
+        service_waypoint(&key("shop", "web"), &labels(svc), nsl.as_ref())
+            .map(|w| (w.reference, w.from))
+    }
+
+    #[test]
+    fn the_service_label_wins_over_the_namespace_and_none_opts_out() {
+        let ns_wp: &[(&str, &str)] = &[(USE_WAYPOINT_LABEL, "ns-wp")];
+        assert_eq!(chosen(&[], None), None, "no namespace, no label");
+        assert_eq!(chosen(&[], Some(&[])), None, "no label anywhere");
+        assert_eq!(
+            chosen(&[], Some(ns_wp)),
+            Some((wref("shop", "ns-wp"), WaypointSource::Namespace))
+        );
+        assert_eq!(
+            chosen(&[(USE_WAYPOINT_LABEL, "svc-wp")], Some(ns_wp)),
+            Some((wref("shop", "svc-wp"), WaypointSource::Service)),
+            "the service's own label wins"
+        );
+        assert_eq!(
+            chosen(&[(USE_WAYPOINT_LABEL, "none")], Some(ns_wp)),
+            None,
+            "none on the service opts out of the namespace's waypoint"
+        );
+        assert_eq!(
+            chosen(&[], Some(&[(USE_WAYPOINT_LABEL, "none")])),
+            None,
+            "none on the namespace is no waypoint"
+        );
+        // A `none` on the namespace does not override the service's own label.
+        assert_eq!(
+            chosen(
+                &[(USE_WAYPOINT_LABEL, "svc-wp")],
+                Some(&[(USE_WAYPOINT_LABEL, "none")])
+            ),
+            Some((wref("shop", "svc-wp"), WaypointSource::Service))
+        );
+    }
+
+    #[test]
+    fn the_waypoint_namespace_label_is_read_on_the_object_that_names_the_waypoint() {
+        assert_eq!(
+            chosen(
+                &[
+                    (USE_WAYPOINT_LABEL, "wp"),
+                    (USE_WAYPOINT_NAMESPACE_LABEL, "infra")
+                ],
+                None
+            ),
+            Some((wref("infra", "wp"), WaypointSource::Service))
+        );
+        assert_eq!(
+            chosen(
+                &[],
+                Some(&[
+                    (USE_WAYPOINT_LABEL, "wp"),
+                    (USE_WAYPOINT_NAMESPACE_LABEL, "infra")
+                ])
+            ),
+            Some((wref("infra", "wp"), WaypointSource::Namespace))
+        );
+        // The namespace's `-namespace` label does not apply to the service's own name.
+        assert_eq!(
+            chosen(
+                &[(USE_WAYPOINT_LABEL, "wp")],
+                Some(&[(USE_WAYPOINT_NAMESPACE_LABEL, "infra")])
+            ),
+            Some((wref("shop", "wp"), WaypointSource::Service))
+        );
+    }
+
+    #[test]
+    fn a_waypoints_own_service_never_goes_through_a_waypoint() {
+        let ns = labels(&[(USE_WAYPOINT_LABEL, "wp")]);
+        assert_eq!(
+            service_waypoint(&key("shop", "wp"), &BTreeMap::new(), Some(&ns)),
+            None,
+            "the waypoint's Service in the namespace that uses it"
+        );
+        let managed = labels(&[(GATEWAY_MANAGED_LABEL, GATEWAY_MANAGED_WAYPOINT)]);
+        assert_eq!(
+            service_waypoint(&key("shop", "other-wp"), &managed, Some(&ns)),
+            None
+        );
+    }
+
+    fn pod(ns: &str, name: &str, sa: &str, ip: &str) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: ns.into(),
+            service_account: sa.into(),
+            ips: vec![ip.parse().expect("ip")],
+            netns: PathBuf::new(),
+            ..Workload::default()
+        }
+    }
+
+    fn service(
+        ns: &str,
+        name: &str,
+        ports: &[(&str, u16)],
+        eps: &[(&str, Option<&str>)],
+    ) -> Service {
+        Service {
+            name: name.into(),
+            namespace: ns.into(),
+            vips: vec![],
+            ports: ports
+                .iter()
+                .map(|(n, p)| ServicePort {
+                    name: (*n).into(),
+                    port: *p,
+                    protocol: "TCP".into(),
+                })
+                .collect(),
+            endpoints: eps
+                .iter()
+                .map(|(ip, pod)| Endpoint {
+                    ip: ip.parse().expect("ip"),
+                    ports: ports.iter().map(|(n, p)| ((*n).to_owned(), *p)).collect(),
+                    workload: pod.map(|p| WorkloadKey {
+                        namespace: ns.into(),
+                        name: p.into(),
+                    }),
+                    node_name: None,
+                })
+                .collect(),
+            waypoint: None,
+        }
+    }
+
+    #[test]
+    fn a_reference_resolves_to_the_waypoint_pods_and_their_identity() {
+        let td = TrustDomain::new("cluster.local").expect("td");
+        let wp_pod = pod("shop", "wp-0", "wp-sa", "198.18.9.1");
+        let mut snap = Snapshot {
+            workloads: [(wp_pod.key(), wp_pod)].into(),
+            ..Snapshot::default()
+        };
+        let r = wref("shop", "wp");
+        assert_eq!(
+            snap.waypoint_endpoints(&r, &td),
+            Err(WaypointError::Missing(r.clone()))
+        );
+        snap.services.insert(
+            r.service_key(),
+            service("shop", "wp", &[("status", 15021)], &[]),
+        );
+        assert_eq!(
+            snap.waypoint_endpoints(&r, &td),
+            Err(WaypointError::NoHbonePort(r.clone()))
+        );
+        // An endpoint with no known pod has no identity to require: left out.
+        snap.services.insert(
+            r.service_key(),
+            service("shop", "wp", &[("mesh", 15008)], &[("198.18.9.2", None)]),
+        );
+        assert_eq!(
+            snap.waypoint_endpoints(&r, &td),
+            Err(WaypointError::NoEndpoint(r.clone()))
+        );
+        snap.services.insert(
+            r.service_key(),
+            service(
+                "shop",
+                "wp",
+                &[("mesh", 15008)],
+                &[("198.18.9.1", Some("wp-0")), ("198.18.9.2", None)],
+            ),
+        );
+        let eps = snap.waypoint_endpoints(&r, &td).expect("resolves");
+        assert_eq!(eps.len(), 1);
+        assert_eq!(eps[0].addr.to_string(), "198.18.9.1:15008");
+        assert_eq!(
+            eps[0].identity.to_string(),
+            "spiffe://cluster.local/ns/shop/sa/wp-sa"
+        );
+    }
+
+    #[test]
+    fn pods_with_their_own_waypoint_label_are_listed_as_unsupported() {
+        let mut labelled = pod("shop", "p1", "sa", "198.18.9.3");
+        labelled
+            .labels
+            .insert(USE_WAYPOINT_LABEL.into(), "wp".into());
+        let mut opted_out = pod("shop", "p2", "sa", "198.18.9.4");
+        opted_out
+            .labels
+            .insert(USE_WAYPOINT_LABEL.into(), "none".into());
+        let plain = pod("shop", "p3", "sa", "198.18.9.5");
+        let workloads = [labelled, opted_out, plain]
+            .into_iter()
+            .map(|w| (w.key(), w))
+            .collect();
+        let listed: Vec<String> = pods_with_waypoint_label(&workloads)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(listed, ["shop/p1"]);
+    }
+
+    #[test]
+    fn the_waypoints_own_pods_reach_the_service_directly() {
+        let mut web = service("shop", "web", &[("http", 80)], &[]);
+        web.waypoint = Some(Waypoint {
+            reference: wref("shop", "wp"),
+            from: WaypointSource::Namespace,
+        });
+        let wp = service(
+            "shop",
+            "wp",
+            &[("mesh", 15008)],
+            &[("198.18.9.1", Some("wp-0"))],
+        );
+        let snap = Snapshot {
+            services: [(key("shop", "wp"), wp)].into(),
+            ..Snapshot::default()
+        };
+        let client = WorkloadKey {
+            namespace: "shop".into(),
+            name: "client".into(),
+        };
+        let waypoint_pod = WorkloadKey {
+            namespace: "shop".into(),
+            name: "wp-0".into(),
+        };
+        assert!(snap.waypoint_for(&web, &client).is_some());
+        assert!(snap.waypoint_for(&web, &waypoint_pod).is_none());
+    }
+}
