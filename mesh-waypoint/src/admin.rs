@@ -13,7 +13,7 @@ use mesh_agent::telemetry::metrics::CONTENT_TYPE;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// Serves the admin endpoints on `listener` forever.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {

@@ -17,30 +17,19 @@ use std::{
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{
-    BodyExt, Empty, Full,
-    combinators::{BoxBody, UnsyncBoxBody},
-};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::{
+    client::{BackendBody, ProxyBody},
     l7::route::{Backend, RetryPolicy, Rule, Selection, ServiceKey, Subset},
     metrics::RequestLabels,
-    server::{Rewind, Shared, Tunnel},
     services::{Chosen, TryResult, service_labels},
-    upstream::HboneConnector,
+    shared::{Shared, Tunnel},
+    stream::Rewind,
 };
 
-/// How long a backend connection may take to establish.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Idle pooled backend connections are closed after this time.
-pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// At most this many idle pooled connections per backend endpoint.
-pub const POOL_MAX_IDLE_PER_ENDPOINT: usize = 64;
 /// At most this many concurrent HTTP/2 requests per tunnel stream.
 pub const MAX_INNER_STREAMS: u32 = 100;
 /// An HTTP/1.1 client must send a request's headers within this time (a
@@ -51,55 +40,9 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// ...and dropped when a ping is not answered within this time.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A response body as the waypoint sends it.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
-/// A request body as the waypoint sends it to a backend.
-pub type BackendBody = UnsyncBoxBody<Bytes, hyper::Error>;
 /// Request bodies up to this size (known in advance) are kept for retries;
 /// larger or streamed bodies are sent once.
 pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
-/// The retry budget: each request earns 0.2 retries (20 % extra load at
-/// most), up to a reserve of 10.
-pub const RETRY_BUDGET_RATIO_MILLI: u64 = 200;
-/// The retry budget's reserve (and its starting value), in retries.
-pub const RETRY_BUDGET_RESERVE: u64 = 10;
-
-/// Bounds retries to [`RETRY_BUDGET_RATIO_MILLI`] of the requests plus a
-/// reserve, so that retries cannot multiply an outage's load.
-#[derive(Debug)]
-pub struct RetryBudget {
-    milli: AtomicU64,
-}
-
-impl Default for RetryBudget {
-    fn default() -> Self {
-        Self {
-            milli: AtomicU64::new(RETRY_BUDGET_RESERVE * 1000),
-        }
-    }
-}
-
-impl RetryBudget {
-    /// A request arrived: it earns its share.
-    pub fn deposit(&self) {
-        let cap = RETRY_BUDGET_RESERVE * 1000;
-        let _ = self
-            .milli
-            .try_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
-                Some((m + RETRY_BUDGET_RATIO_MILLI).min(cap))
-            });
-    }
-
-    /// Takes one retry from the budget; false when it is spent.
-    pub fn withdraw(&self) -> bool {
-        self.milli
-            .try_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
-                m.checked_sub(1000)
-            })
-            .is_ok()
-    }
-}
-
 /// The request body sent to a backend: the client's, counted.
 #[derive(Debug)]
 pub struct CountedBody {
@@ -130,58 +73,6 @@ impl Body for CountedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-/// The pooled client to the backends.
-#[derive(Debug)]
-pub struct Proxy {
-    client: Client<HttpConnector, BackendBody>,
-    hbone: Client<HboneConnector, BackendBody>,
-    client_h2: Client<HttpConnector, BackendBody>,
-    hbone_h2: Client<HboneConnector, BackendBody>,
-    connector: HboneConnector,
-    /// The retry budget shared by every route.
-    pub budget: RetryBudget,
-    mirrors: Arc<tokio::sync::Semaphore>,
-}
-
-impl Proxy {
-    /// Replaces the HBONE endpoints (a configuration reload).
-    pub fn set_hbone_targets(
-        &self,
-        targets: std::collections::HashMap<std::net::SocketAddr, crate::services::HboneTarget>,
-    ) {
-        self.connector.set_targets(targets);
-    }
-
-    /// Drops idle HBONE tunnel connections (run periodically).
-    pub fn sweep(&self) {
-        self.connector.sweep();
-    }
-
-    /// Clients keeping connections to backends pooled: plaintext, and
-    /// through `hbone` for HBONE endpoints.
-    pub fn new(hbone: HboneConnector) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        connector.set_nodelay(true);
-        let builder = |http2: bool| {
-            let mut b = Client::builder(TokioExecutor::new());
-            b.pool_idle_timeout(POOL_IDLE_TIMEOUT)
-                .pool_max_idle_per_host(POOL_MAX_IDLE_PER_ENDPOINT)
-                .http2_only(http2);
-            b
-        };
-        Self {
-            client: builder(false).build(connector.clone()),
-            hbone: builder(false).build(hbone.clone()),
-            client_h2: builder(true).build(connector),
-            hbone_h2: builder(true).build(hbone.clone()),
-            connector: hbone,
-            budget: RetryBudget::default(),
-            mirrors: Arc::new(tokio::sync::Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
-        }
     }
 }
 
@@ -636,9 +527,6 @@ fn metered(response: Response<ProxyBody>, finish: Finish) -> Response<ProxyBody>
     };
     Response::from_parts(parts, body.boxed())
 }
-
-/// Mirrors in flight at most (a slow mirror backend cannot pile them up).
-pub const MAX_MIRRORS_IN_FLIGHT: usize = 256;
 
 /// Sends a copy of the request to `backend` and ignores the answer, as
 /// Envoy's shadowing does (`-shadow` appended to the Host). Only bodies kept

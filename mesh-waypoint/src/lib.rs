@@ -31,12 +31,15 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod client;
 pub mod config;
 pub mod http;
 pub mod l7;
 pub mod metrics;
 pub mod server;
 pub mod services;
+pub mod shared;
+pub mod stream;
 pub mod trace;
 pub mod upstream;
 
@@ -48,7 +51,7 @@ use mesh_agent::{
 };
 use tokio::{net::TcpListener, task::JoinHandle};
 
-use crate::{config::WaypointConfig, server::Shared};
+use crate::{config::WaypointConfig, shared::Shared};
 
 /// Why the waypoint cannot start.
 #[derive(Debug, thiserror::Error)]

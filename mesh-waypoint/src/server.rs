@@ -3,39 +3,30 @@
 //! inner protocol (HTTP/1.1, HTTP/2 prior knowledge, or TCP) and hand the
 //! stream to [`crate::http`] or relay it to an endpoint as TCP.
 
-use std::{
-    io,
-    net::SocketAddr,
-    pin::Pin,
-    sync::{Arc, PoisonError, RwLock},
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use bytes::{Bytes, BytesMut};
-use h2::{RecvStream, SendStream};
+use bytes::Bytes;
+use h2::RecvStream;
 use http::StatusCode;
 use mesh_agent::{
-    identity::{MeshTls, SpiffeId, TrustDomain, describe_tls_error, peer_identity},
+    identity::{SpiffeId, describe_tls_error, peer_identity},
     proxy::{
         hbone,
-        limits::{Activity, Bounds, Expiry, GOAWAY_GRACE, Limits},
+        limits::{Activity, Expiry, GOAWAY_GRACE},
     },
     telemetry::PeerLabels,
 };
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf},
+    io::{AsyncReadExt, DuplexStream},
     net::{TcpListener, TcpStream},
 };
 use tokio_rustls::TlsAcceptor;
 
 use crate::{
-    config::{PortProtocol, WaypointConfig},
-    http::Proxy,
-    l7::route::RouteTable,
-    metrics::{Metrics, peer_in},
-    services::{Services, Target},
-    upstream::HboneConnector,
+    config::PortProtocol,
+    metrics::peer_in,
+    shared::{Shared, Tunnel},
+    stream::{PIPE, Rewind, pipe},
 };
 
 /// Connecting to an endpoint for a TCP relay must finish within this time.
@@ -43,113 +34,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A tunnel whose client sends nothing within this time is treated as TCP
 /// (a server-first protocol); HTTP clients speak first.
 pub const DETECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The in-memory pipe between an HBONE stream and the inner protocol.
-pub(crate) const PIPE: usize = 64 * 1024;
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// What the waypoint knows and shares between its connections.
-#[derive(Debug)]
-pub struct Shared {
-    /// The waypoint's own identity.
-    pub identity: SpiffeId,
-    /// Its TLS configurations (the agent's identity code).
-    pub tls: Arc<MeshTls>,
-    /// The configuration in force (replaced whole on a reload).
-    active: RwLock<Arc<Active>>,
-    /// The request metrics.
-    pub metrics: Metrics,
-    /// The HTTP client to the backends.
-    pub proxy: Proxy,
-    /// The agent's connection bounds: global and per-peer connection and
-    /// stream caps, handshake, first-request and idle deadlines.
-    pub bounds: Arc<Bounds>,
-}
-
-/// The services and routes in force, and which configuration they came from.
-#[derive(Debug)]
-pub struct Active {
-    /// 1 for the configuration at start, +1 per reload.
-    pub generation: u64,
-    /// The services the waypoint fronts.
-    pub services: Services,
-    /// The compiled routes.
-    pub routes: RouteTable,
-}
-
-impl Shared {
-    /// Everything a waypoint with `identity` serving `config` needs.
-    pub fn new(
-        identity: SpiffeId,
-        tls: Arc<MeshTls>,
-        config: &WaypointConfig,
-        limits: Limits,
-    ) -> Self {
-        let active = Active::build(config, tls.trust_domain(), 1);
-        let targets = active.services.hbone_targets(tls.trust_domain());
-        let hbone = HboneConnector::new(Arc::clone(&tls), identity.clone(), targets);
-        Self {
-            proxy: Proxy::new(hbone),
-            identity,
-            tls,
-            active: RwLock::new(Arc::new(active)),
-            metrics: Metrics::new(),
-            bounds: Arc::new(Bounds::new(limits, mesh_agent::process::FdLimit::default())),
-        }
-    }
-}
-
-impl Active {
-    fn build(config: &WaypointConfig, trust_domain: &TrustDomain, generation: u64) -> Self {
-        let routes = RouteTable::build(&config.services, &config.route_objects());
-        let services = Services::new(&config.services, trust_domain.as_str())
-            .with_outliers(routes.outliers.clone());
-        tracing::info!(
-            generation,
-            services = config.services.len(),
-            routes = routes.accepted.len(),
-            unsupported = routes.unsupported.len(),
-            "waypoint configured"
-        );
-        Self {
-            generation,
-            services,
-            routes,
-        }
-    }
-}
-
-impl Shared {
-    /// The configuration in force (a request keeps the one it started with).
-    pub fn active(&self) -> Arc<Active> {
-        Arc::clone(&self.active.read().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    /// Replaces the services and routes with `config`'s; requests in flight
-    /// finish with the previous ones. Returns the new generation.
-    pub fn reload(&self, config: &WaypointConfig) -> u64 {
-        let mut slot = self.active.write().unwrap_or_else(PoisonError::into_inner);
-        let active = Active::build(config, self.tls.trust_domain(), slot.generation + 1);
-        self.proxy
-            .set_hbone_targets(active.services.hbone_targets(self.tls.trust_domain()));
-        let generation = active.generation;
-        *slot = Arc::new(active);
-        generation
-    }
-}
-
-/// The client side of one tunnel, as the HTTP proxy needs it.
-#[derive(Debug)]
-pub struct Tunnel {
-    /// The service port the client CONNECTed to.
-    pub target: Target,
-    /// The tunnel's TCP peer.
-    pub peer: SocketAddr,
-    /// Its authenticated identity.
-    pub peer_id: SpiffeId,
-    /// Its telemetry labels.
-    pub source: PeerLabels,
-}
 
 /// Accepts HBONE connections on `listener` forever.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
@@ -371,46 +257,6 @@ async fn stream(
     inner_stream(shared, tunnel, inner).await;
 }
 
-/// Copies between the HBONE stream and the in-memory pipe until both
-/// directions end; an error resets the HTTP/2 stream.
-pub(crate) async fn pipe(io: DuplexStream, mut send: SendStream<Bytes>, mut recv: RecvStream) {
-    let (mut r, mut w) = tokio::io::split(io);
-    let up = async {
-        let mut buf = BytesMut::with_capacity(16 * 1024);
-        loop {
-            buf.reserve(16 * 1024);
-            if r.read_buf(&mut buf).await? == 0 {
-                send.send_data(Bytes::new(), true)
-                    .map_err(io::Error::other)?;
-                return io::Result::Ok(());
-            }
-            let mut chunk = buf.split().freeze();
-            while !chunk.is_empty() {
-                send.reserve_capacity(chunk.len());
-                let granted = std::future::poll_fn(|cx| send.poll_capacity(cx))
-                    .await
-                    .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "tunnel closed"))?
-                    .map_err(io::Error::other)?;
-                let part = chunk.split_to(granted.min(chunk.len()));
-                send.send_data(part, false).map_err(io::Error::other)?;
-            }
-        }
-    };
-    let down = async {
-        while let Some(data) = recv.data().await {
-            let data = data.map_err(io::Error::other)?;
-            w.write_all(&data).await?;
-            let _ = recv.flow_control().release_capacity(data.len());
-        }
-        w.shutdown().await
-    };
-    let (a, b) = tokio::join!(up, down);
-    if let Err(e) = a.and(b) {
-        tracing::debug!(error = %e, "tunnel stream reset");
-        send.send_reset(h2::Reason::CANCEL);
-    }
-}
-
 /// The protocol of an inner stream, from its first bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Detected {
@@ -537,45 +383,6 @@ async fn tcp(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: Rewind) {
         error = result.err().map(tracing::field::display),
         "tcp connection closed"
     );
-}
-
-/// A stream with bytes already read from it put back in front.
-#[derive(Debug)]
-pub struct Rewind {
-    prefix: Bytes,
-    io: DuplexStream,
-}
-
-impl AsyncRead for Rewind {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            let part = self.prefix.split_to(n);
-            buf.put_slice(&part);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Rewind {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]

@@ -168,11 +168,11 @@ impl HboneConnector {
             }
             .into());
         }
-        let (ours, theirs) = tokio::io::duplex(crate::server::PIPE);
+        let (ours, theirs) = tokio::io::duplex(crate::stream::PIPE);
         let recv = response.into_body();
         tokio::spawn(async move {
             let _slot = guard;
-            crate::server::pipe(theirs, send, recv).await;
+            crate::stream::pipe(theirs, send, recv).await;
         });
         Ok(HboneStream(TokioIo::new(ours)))
     }

@@ -28,8 +28,8 @@ use regex::Regex;
 use serde::Serialize;
 
 use crate::config::{
-    BackendRef, HeaderModifierSpec, HttpRoute, HttpRouteMatch, HttpRouteRule, Other, RouteObject,
-    ServiceConfig, ValueMatchSpec,
+    BackendRef, HeaderModifierSpec, HttpRoute, HttpRouteMatch, HttpRouteRule, Other, ServiceConfig,
+    ValueMatchSpec,
 };
 
 /// A Service's namespace and name.
@@ -518,7 +518,7 @@ impl Match {
     }
 
     /// Larger sorts first (Gateway API precedence within one port).
-    fn rank(&self) -> (u8, usize, bool, usize, usize) {
+    pub(crate) fn rank(&self) -> (u8, usize, bool, usize, usize) {
         let (kind, len) = match &self.path {
             PathMatch::Exact(p) => (2, p.len()),
             PathMatch::Regex(r) => (1, r.as_str().len()),
@@ -556,7 +556,7 @@ pub enum Selection<'a> {
 /// The compiled routes of every service port.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    ports: HashMap<(ServiceKey, u16), Vec<Entry>>,
+    pub(crate) ports: HashMap<(ServiceKey, u16), Vec<Entry>>,
     /// DestinationRule subsets by service.
     pub(crate) subsets: HashMap<ServiceKey, Vec<Arc<Subset>>>,
     /// DestinationRule `outlierDetection` by service.
@@ -570,58 +570,6 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Compiles `routes` against the known `services`.
-    pub fn build(services: &[ServiceConfig], routes: &[RouteObject]) -> Self {
-        let mut table = Self::default();
-        // Subsets first: VirtualServices name them.
-        for route in routes {
-            if let RouteObject::Destination(dr) = route {
-                super::virtual_service::add_destination_rule(&mut table, dr);
-            }
-        }
-        for route in routes {
-            match route {
-                RouteObject::Destination(_) => {}
-                RouteObject::Http(r) => table.add_route(services, r),
-                RouteObject::Virtual(vs) => {
-                    super::virtual_service::add(&mut table, services, vs);
-                }
-                RouteObject::Invalid { name, reason } => {
-                    table.report(name, "kind".into(), reason.clone(), Effect::RouteRejected);
-                }
-            }
-        }
-        for entries in table.ports.values_mut() {
-            entries.sort_by(|a, b| b.m.rank().cmp(&a.m.rank()).then_with(|| a.tie.cmp(&b.tie)));
-        }
-        // Istio: HTTPRoutes and VirtualServices on one service port do not
-        // merge; the HTTPRoutes are used.
-        let shadowed: Vec<(ServiceKey, u16)> = table
-            .ordered
-            .keys()
-            .filter(|k| table.ports.contains_key(*k))
-            .cloned()
-            .collect();
-        for (svc, port) in shadowed {
-            let routes: Vec<String> = table.ordered[&(svc.clone(), port)]
-                .iter()
-                .map(|e| e.rule.route.clone())
-                .collect();
-            for route in routes {
-                let reason =
-                    format!("Service {svc} port {port} also has HTTPRoutes, which take precedence");
-                table.report(
-                    &route,
-                    "spec.hosts".into(),
-                    reason,
-                    Effect::ParentNotAttached,
-                );
-            }
-            table.ordered.remove(&(svc, port));
-        }
-        table
-    }
-
     /// The routing decision for a request to `service`:`port`.
     pub fn select(
         &self,
@@ -681,7 +629,7 @@ impl RouteTable {
         }
     }
 
-    fn add_route(&mut self, services: &[ServiceConfig], route: &HttpRoute) {
+    pub(crate) fn add_route(&mut self, services: &[ServiceConfig], route: &HttpRoute) {
         let namespace = route
             .metadata
             .namespace
