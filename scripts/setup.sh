@@ -9,8 +9,9 @@ channel_of() { sed -n 's/^channel *= *"\(.*\)"/\1/p' "$1"; }
 USER_TOOLCHAIN=$(channel_of rust-toolchain.toml)
 EBPF_TOOLCHAIN=$(channel_of mesh-ebpf/rust-toolchain.toml)  # LLVM 22, for bpf-linker 0.10.x
 BPF_LINKER_VERSION=0.10.4          # 0.10.0 emits BTF the kernel rejects; >=0.11 needs a system LLVM 21+
-# sockperf: `cargo xtask bench` (latency).
-DEBIAN_PACKAGES=(iproute2 iperf3 bpftool tcpdump procps sockperf)
+# sockperf: `cargo xtask bench` (latency). python3: a plain HTTP server
+# (`python3 -m http.server`) behind the waypoint in the waypoint lab test.
+DEBIAN_PACKAGES=(iproute2 iperf3 bpftool tcpdump procps sockperf python3)
 
 say() { printf '[setup] %s\n' "$*"; }
 

@@ -312,3 +312,133 @@ fn a_service_in_a_waypoint_namespace_is_reached_through_its_waypoint_and_fails_c
     ));
     assert_eq!(status, Ok(200));
 }
+
+/// The real `mesh-waypoint` binary, built next to the agent (`cargo build
+/// --workspace --bins`, as `cargo xtask test` does before the lab tests).
+fn waypoint_bin() -> std::path::PathBuf {
+    let bin = common::agent_bin().with_file_name("mesh-waypoint");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p mesh-waypoint` (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Both halves of issue 12 together: the client's agent sends the service's
+/// traffic to the REAL waypoint binary (in the non-enrolled pod `wp`, its
+/// certificate from the lab CA), which routes the HTTP request by an
+/// HTTPRoute and reaches the endpoint over HBONE through the destination
+/// agent, under the waypoint's identity.
+#[test]
+fn the_real_waypoint_routes_http_between_two_agents_over_hbone() {
+    let mut mesh = Mesh::new(
+        LabSpec::new()
+            .node(NodeSpec::new().pod(PodSpec::new("a")))
+            .node(
+                NodeSpec::new()
+                    .pod(PodSpec::new("web"))
+                    .pod(PodSpec::new("wp")),
+            ),
+    );
+    // Node 0: `default` uses waypoint `wp`; service web (VIP:80 -> 8081).
+    let mut n0 = mesh.workloads_yaml(0, &[("a", true)], &[("web", true), ("wp", false)]);
+    n0.push_str(
+        "namespaces:\n  - name: default\n    labels: {istio.io/use-waypoint: wp}\n\
+         services:\n  - name: web\n    vips: [\"198.18.200.1\"]\n    ports: [{name: http, port: 80, targetPort: 8081}]\n    endpoints: [web]\n\
+         \x20 - name: wp\n    vips: [\"198.18.200.9\"]\n    ports: [{name: mesh, port: 15008}]\n    endpoints: [wp]\n",
+    );
+    mesh.write_workload_text(0, &n0);
+    let n1 = mesh.workloads_yaml(1, &[("web", true), ("wp", false)], &[("a", true)]);
+    mesh.write_workload_text(1, &n1);
+
+    // web serves a file over HTTP/1.1 on 8081.
+    let web_ip = mesh.lab.pod("web").expect("web").ips()[0];
+    let docroot = mesh.lab.scratch_path("web-docroot");
+    std::fs::create_dir_all(&docroot).expect("docroot");
+    std::fs::write(docroot.join("hello.txt"), "served by web\n").expect("file");
+    let mut http = std::process::Command::new("python3");
+    http.args(["-m", "http.server", "8081", "--bind", &web_ip.to_string()])
+        .arg("--directory")
+        .arg(&docroot);
+    let _http = mesh.lab.spawn_in_pod("web", http).expect("http server");
+
+    // The waypoint: service web, its endpoint over HBONE, and an HTTPRoute
+    // (GAMMA: parentRef the Service) that the waypoint must accept.
+    let ca_dir = mesh.ca_dir();
+    let wp_ip = mesh.lab.pod("wp").expect("wp").ips()[0];
+    let config = mesh.lab.scratch_path("waypoint.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "services:\n  - name: web\n    namespace: default\n    addresses: [198.18.200.1]\n    ports: [{{ port: 80, targetPort: 8081, protocol: http }}]\n    endpoints:\n      - {{ address: {web_ip}, tunnel: hbone, workload: web, serviceAccount: web }}\n\
+             routes:\n  - apiVersion: gateway.networking.k8s.io/v1\n    kind: HTTPRoute\n    metadata: {{ name: web, namespace: default }}\n    spec:\n      parentRefs: [{{ group: \"\", kind: Service, name: web, port: 80 }}]\n      rules:\n        - filters: [{{ type: ResponseHeaderModifier, responseHeaderModifier: {{ add: [{{ name: x-routed-by, value: waypoint }}] }} }}]\n          backendRefs: [{{ name: web, port: 80 }}]\n"
+        ),
+    )
+    .expect("waypoint config");
+    let mut wp = std::process::Command::new(waypoint_bin());
+    wp.args(["run", "--listen", &format!("{wp_ip}:15008")])
+        .args(["--admin", "127.0.0.1:15020"])
+        .args(["--identity", "spiffe://cluster.local/ns/default/sa/wp"])
+        .arg("--ca-dir")
+        .arg(&ca_dir)
+        .arg("--config")
+        .arg(&config)
+        .env("MESH_LOG", "info");
+    let waypoint = mesh.lab.spawn_in_pod("wp", wp).expect("waypoint");
+    mesh.start_agent(0);
+    mesh.start_agent(1);
+
+    // Until the waypoint listens, the client's connections fail closed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let body = loop {
+        let mut get = std::process::Command::new(mesh_lab::lab_app_path().expect("mesh-lab-app"));
+        get.args(["get", "--connect", VIP, "--path", "/hello.txt"]);
+        let out = mesh.lab.run_in_pod("a", get).expect("get");
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no 200 through the waypoint: {}\nwaypoint log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            waypoint.log_contents().unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(body, "served by web\n");
+
+    // The waypoint counted the request (reporter="waypoint", 200, the
+    // client's identity as the source) ...
+    let wp_netns = mesh.lab.pod("wp").expect("wp").netns_path();
+    let admin: SocketAddr = "127.0.0.1:15020".parse().expect("addr");
+    let (status, metrics) =
+        in_netns(&wp_netns, || client::get(admin, "/metrics")).expect("waypoint metrics");
+    assert_eq!(status, 200);
+    let served: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .filter(|l| {
+            l.contains("reporter=\"waypoint\"")
+                && l.contains("response_code=\"200\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/a\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(served >= 1, "{metrics}");
+    let (_, dump) =
+        in_netns(&wp_netns, || client::get(admin, "/config_dump")).expect("waypoint dump");
+    assert!(
+        dump.contains("\"default/web\""),
+        "the HTTPRoute is in use: {dump}"
+    );
+    // ... and the destination agent delivered it from the waypoint's
+    // identity (the second hop), not the client's.
+    let log = mesh.agent(1).log_contents().expect("node 1 log");
+    assert!(
+        log.lines().any(|l| l.contains("access: connection closed")
+            && l.contains("src.identity=\"spiffe://cluster.local/ns/default/sa/wp\"")
+            && l.contains("dst.workload=\"web\"")),
+        "{log}"
+    );
+}
