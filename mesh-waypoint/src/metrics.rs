@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use mesh_agent::telemetry::{PeerLabels, ServiceLabels};
+use mesh_agent::telemetry::{IstioPeerLabels, PeerLabels, ServiceLabels};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{
@@ -39,26 +39,12 @@ pub struct RequestLabels {
     pub response_flags: &'static str,
 }
 
+/// The request metrics' labels: Istio's peer labels (shared with the
+/// agent's TCP metrics), then what is a request's.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Labels {
-    reporter: &'static str,
-    source_workload: String,
-    source_workload_namespace: String,
-    source_principal: String,
-    source_app: String,
-    source_version: String,
-    source_canonical_service: String,
-    source_canonical_revision: String,
-    destination_workload: String,
-    destination_workload_namespace: String,
-    destination_principal: String,
-    destination_app: String,
-    destination_version: String,
-    destination_service: String,
-    destination_service_name: String,
-    destination_service_namespace: String,
-    destination_canonical_service: String,
-    destination_canonical_revision: String,
+    #[prometheus(flatten)]
+    peers: IstioPeerLabels,
     request_protocol: &'static str,
     response_code: String,
     grpc_response_status: String,
@@ -68,26 +54,13 @@ struct Labels {
 
 impl From<&RequestLabels> for Labels {
     fn from(l: &RequestLabels) -> Self {
-        let (s, d, svc) = (&l.source, &l.destination, &l.destination_service);
         Self {
-            reporter: "waypoint",
-            source_workload: s.workload.clone(),
-            source_workload_namespace: s.namespace.clone(),
-            source_principal: s.principal.clone(),
-            source_app: s.app.clone(),
-            source_version: s.version.clone(),
-            source_canonical_service: s.canonical_service.clone(),
-            source_canonical_revision: s.canonical_revision.clone(),
-            destination_workload: d.workload.clone(),
-            destination_workload_namespace: d.namespace.clone(),
-            destination_principal: d.principal.clone(),
-            destination_app: d.app.clone(),
-            destination_version: d.version.clone(),
-            destination_service: svc.host.clone(),
-            destination_service_name: svc.name.clone(),
-            destination_service_namespace: svc.namespace.clone(),
-            destination_canonical_service: d.canonical_service.clone(),
-            destination_canonical_revision: d.canonical_revision.clone(),
+            peers: IstioPeerLabels::new(
+                "waypoint",
+                &l.source,
+                &l.destination,
+                Some(&l.destination_service),
+            ),
             request_protocol: l.protocol,
             response_code: l.response_code.to_string(),
             grpc_response_status: String::new(),

@@ -255,9 +255,12 @@ pub struct ConnectionLabels {
     pub response_flags: ResponseFlags,
 }
 
-/// The encoded label set of the `istio_tcp_*` metrics (Istio's names).
+/// The labels every Istio standard metric carries, in Istio's names and
+/// order: the reporter, the source and destination workloads, the
+/// destination service. The TCP metrics here and the waypoint's request
+/// metrics flatten it into their own label sets, ahead of what is theirs.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TcpLabels {
+pub struct IstioPeerLabels {
     reporter: &'static str,
     source_workload: String,
     source_workload_namespace: String,
@@ -276,20 +279,22 @@ struct TcpLabels {
     destination_service_namespace: String,
     destination_canonical_service: String,
     destination_canonical_revision: String,
-    request_protocol: &'static str,
-    response_flags: &'static str,
-    connection_security_policy: &'static str,
 }
 
-impl From<&ConnectionLabels> for TcpLabels {
-    fn from(l: &ConnectionLabels) -> Self {
-        let (s, d) = (&l.source, &l.destination);
-        let svc = l.destination_service.as_ref();
+impl IstioPeerLabels {
+    /// The labels of a connection or request from `s` to `d`, addressed to
+    /// `svc` (`unknown` service labels without one), as `reporter` reports it.
+    pub fn new(
+        reporter: &'static str,
+        s: &PeerLabels,
+        d: &PeerLabels,
+        svc: Option<&ServiceLabels>,
+    ) -> Self {
         let svc_field = |f: fn(&ServiceLabels) -> &String| {
             svc.map_or_else(|| UNKNOWN.to_owned(), |s| f(s).clone())
         };
         Self {
-            reporter: l.reporter.as_str(),
+            reporter,
             source_workload: s.workload.clone(),
             source_workload_namespace: s.namespace.clone(),
             source_principal: s.principal.clone(),
@@ -307,6 +312,29 @@ impl From<&ConnectionLabels> for TcpLabels {
             destination_service_namespace: svc_field(|s| &s.namespace),
             destination_canonical_service: d.canonical_service.clone(),
             destination_canonical_revision: d.canonical_revision.clone(),
+        }
+    }
+}
+
+/// The encoded label set of the `istio_tcp_*` metrics (Istio's names).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TcpLabels {
+    #[prometheus(flatten)]
+    peers: IstioPeerLabels,
+    request_protocol: &'static str,
+    response_flags: &'static str,
+    connection_security_policy: &'static str,
+}
+
+impl From<&ConnectionLabels> for TcpLabels {
+    fn from(l: &ConnectionLabels) -> Self {
+        Self {
+            peers: IstioPeerLabels::new(
+                l.reporter.as_str(),
+                &l.source,
+                &l.destination,
+                l.destination_service.as_ref(),
+            ),
             request_protocol: "tcp",
             response_flags: l.response_flags.as_str(),
             connection_security_policy: l.security_policy.as_str(),

@@ -26,8 +26,8 @@ pub use access_log::{
 pub use connections::{Connection, ConnectionTracker, OpenConnection, Peer, Telemetry};
 pub use counters::{ProxyCounters, ProxyEvent};
 pub use metrics::{
-    ConnectionLabels, LimitsReading, Metrics, PeerLabels, PolicyDecision, Reporter, ResponseFlags,
-    RouteEvent, SecurityPolicy, ServiceLabels,
+    ConnectionLabels, IstioPeerLabels, LimitsReading, Metrics, PeerLabels, PolicyDecision,
+    Reporter, ResponseFlags, RouteEvent, SecurityPolicy, ServiceLabels,
 };
 
 /// Seconds since the Unix epoch (negative before it).
