@@ -9,7 +9,7 @@
 mod common;
 mod kube_fake;
 
-use std::{net::SocketAddr, path::PathBuf, process::Command};
+use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
 use common::{Mesh, agent_bin, delta, listener_in_netns};
 use kube_fake::{FakeApiServer, TokenUser, objects};
@@ -22,6 +22,9 @@ const AUDIENCE: &str = "istio-ca";
 /// Short enough that rotation (at 40-50 % of the life) happens within the
 /// test; the issuer's minimum is lowered to match.
 const CERT_TTL: &str = "40s";
+/// Longer than the whole rotation window of a [`CERT_TTL`] certificate
+/// (40-50 % of 40 s after issuance), with room for a loaded machine.
+const ROTATION_WAIT: Duration = Duration::from_secs(35);
 
 struct Issuer {
     /// Kept alive: the fake API server's runtime.
@@ -236,9 +239,14 @@ fn agents_without_the_ca_key_get_node_scoped_certificates_and_ride_out_an_issuer
     let first_a = serial(&mesh, 0, ID_A);
     let failed_before = count(&issuer_of(&mesh, 0), "failed");
     issuer.stop();
-    mesh.wait_dump(0, "a failed rotation while the issuer is down", |dump| {
-        count(&dump["issuer"], "failed") > failed_before
-    });
+    // Rotation is due 16-20 s after issuance, which can be later than the
+    // common wait after the traffic above: wait for the whole window.
+    mesh.wait_dump_within(
+        0,
+        "a failed rotation while the issuer is down",
+        ROTATION_WAIT,
+        |dump| count(&dump["issuer"], "failed") > failed_before,
+    );
     assert_eq!(
         serial(&mesh, 0, ID_A),
         first_a,

@@ -260,7 +260,20 @@ impl Mesh {
         what: &str,
         done: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let deadline = Instant::now() + AGENT_TIMEOUT;
+        self.wait_dump_within(node, what, AGENT_TIMEOUT, done)
+    }
+
+    /// [`Mesh::wait_dump`] with its own deadline, for waits on the agent's
+    /// own timers (certificate rotation) that can take longer than
+    /// [`AGENT_TIMEOUT`] by design.
+    pub fn wait_dump_within(
+        &self,
+        node: usize,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
         loop {
             let dump = self.config_dump(node);
             if done(&dump) {
