@@ -17,7 +17,7 @@ use std::{
 };
 
 use crate::{
-    policy::{Lb, MAX_EJECTION_TIME},
+    policy::{Lb, MAX_EJECTION_TIME, Outlier},
     table::{Dest, RouteTable},
 };
 
@@ -44,7 +44,10 @@ fn hash_addr(ip: IpAddr, port: u16) -> u64 {
 #[derive(Debug, Default)]
 struct EndpointState {
     active: Arc<AtomicU32>,
+    /// Consecutive failures at L4; consecutive 5xx at L7.
     consecutive_errors: u32,
+    /// Consecutive gateway errors (502/503/504, connection failures) at L7.
+    consecutive_gateway: u32,
     ejected_until: Option<Instant>,
     times_ejected: u32,
     /// When `times_ejected` last changed (its decay is measured from here).
@@ -116,6 +119,30 @@ pub enum Ejection {
     None,
     /// The endpoint is now ejected (count it: `mesh_route_ejections_total`).
     Ejected,
+}
+
+/// How an HTTP request's try at an endpoint ended, for L7 outlier
+/// detection (Envoy's classification).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpOutcome {
+    /// A response below 500.
+    Ok,
+    /// A 5xx response other than 502/503/504.
+    ServerError,
+    /// 502, 503 or 504, or no response (connect failure, reset, timeout):
+    /// both a gateway error and a 5xx.
+    GatewayError,
+}
+
+impl HttpOutcome {
+    /// The outcome of a response with `status`.
+    pub fn of_status(status: u16) -> Self {
+        match status {
+            502..=504 => Self::GatewayError,
+            500..=599 => Self::ServerError,
+            _ => Self::Ok,
+        }
+    }
 }
 
 /// An endpoint's state, for the CLI and `/config_dump`.
@@ -308,6 +335,56 @@ impl Balancer {
     /// tunnel 503) at `now`: counted, and the endpoint ejected when the
     /// destination's outlier detection says so.
     pub fn failure(&self, dest: &Dest, endpoint: SocketAddr, now: Instant) -> Ejection {
+        self.count_failure(dest, endpoint, now, |e, od| {
+            e.consecutive_errors = e.consecutive_errors.saturating_add(1);
+            e.consecutive_errors >= od.consecutive_errors
+        })
+    }
+
+    /// An HTTP request's try at `endpoint` of `dest` ended with `outcome`
+    /// at `now` (the L7 waypoint): a response below 500 counts as a
+    /// success; 5xx and gateway errors are counted apart and the endpoint
+    /// is ejected when either enabled threshold (`consecutive5xxErrors`,
+    /// `consecutiveGatewayErrors`) is reached.
+    pub fn http_result(
+        &self,
+        dest: &Dest,
+        endpoint: SocketAddr,
+        now: Instant,
+        outcome: HttpOutcome,
+    ) -> Ejection {
+        if outcome == HttpOutcome::Ok {
+            {
+                let mut st = self.lock();
+                if let Some(e) = st.endpoints.get_mut(&endpoint) {
+                    e.consecutive_gateway = 0;
+                }
+            }
+            self.success(dest, endpoint, now);
+            return Ejection::None;
+        }
+        self.count_failure(dest, endpoint, now, |e, od| {
+            e.consecutive_errors = e.consecutive_errors.saturating_add(1);
+            e.consecutive_gateway = if outcome == HttpOutcome::GatewayError {
+                e.consecutive_gateway.saturating_add(1)
+            } else {
+                0
+            };
+            (od.consecutive_5xx > 0 && e.consecutive_errors >= od.consecutive_5xx)
+                || (od.consecutive_gateway > 0 && e.consecutive_gateway >= od.consecutive_gateway)
+        })
+    }
+
+    /// Counts a failure with `count` (which says whether the endpoint's
+    /// counters now reach a threshold) and ejects when they do and the
+    /// destination's `maxEjectionPercent` allows it.
+    fn count_failure(
+        &self,
+        dest: &Dest,
+        endpoint: SocketAddr,
+        now: Instant,
+        count: impl FnOnce(&mut EndpointState, &Outlier) -> bool,
+    ) -> Ejection {
         let mut st = self.lock();
         let Some(od) = dest.policy.outlier else {
             return Ejection::None;
@@ -331,8 +408,7 @@ impl Balancer {
         if e.ejected_until.is_some_and(|u| u > now) {
             return Ejection::None;
         }
-        e.consecutive_errors = e.consecutive_errors.saturating_add(1);
-        if e.consecutive_errors < od.consecutive_errors || ejected_now >= allowed {
+        if !count(e, &od) || ejected_now >= allowed {
             return Ejection::None;
         }
         e.times_ejected = e.times_ejected.saturating_add(1);
@@ -343,6 +419,7 @@ impl Balancer {
         e.ejected_until = Some(now + time);
         e.since = Some(now + time);
         e.consecutive_errors = 0;
+        e.consecutive_gateway = 0;
         Ejection::Ejected
     }
 

@@ -109,10 +109,10 @@ mod table;
 #[cfg(test)]
 mod tests;
 
-pub use balancer::{Balancer, Ejection, EndpointStatus, Pick, PickError, mix};
+pub use balancer::{Balancer, Ejection, EndpointStatus, HttpOutcome, Pick, PickError, mix};
 pub use policy::{DEFAULT_CONNECT_TIMEOUT, Lb, MAX_EJECTION_TIME, Outlier, Policy};
 pub use report::{Kind, ObjectReport, Report, Status, Warning};
 pub use table::{
-    Dest, EndpointInput, Invalid, Objects, Options, Request, RouteError, RouteTable, RouteView,
-    Routed, ServiceInput, ServiceView, WeightView, compile, validate,
+    Dest, EndpointInput, Invalid, NEEDS_L7, Objects, Options, Request, RouteError, RouteTable,
+    RouteView, Routed, ServiceInput, ServiceView, WeightView, compile, validate,
 };

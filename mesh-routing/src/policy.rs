@@ -25,12 +25,22 @@ pub enum Lb {
     SourceIpHash,
 }
 
-/// Outlier detection at L4: connect failures and tunnel 503s count as
-/// consecutive (gateway/5xx) errors.
+/// Outlier detection. At L4 (the node proxy) connect failures and tunnel
+/// 503s count as consecutive errors that are both gateway errors and 5xx,
+/// so the lower enabled threshold ([`Outlier::consecutive_errors`]) ejects;
+/// at L7 (the waypoint) a response is classified and the two counters are
+/// kept apart, as Envoy does ([`crate::balancer::HttpOutcome`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Outlier {
-    /// Consecutive failures that eject an endpoint.
+    /// Consecutive failures that eject an endpoint at L4: the lower of the
+    /// enabled thresholds below.
     pub consecutive_errors: u32,
+    /// `consecutive5xxErrors` (0: off): consecutive 5xx responses (and
+    /// connection failures) that eject at L7.
+    pub consecutive_5xx: u32,
+    /// `consecutiveGatewayErrors` (0: off): consecutive 502/503/504
+    /// responses (and connection failures) that eject at L7.
+    pub consecutive_gateway: u32,
     /// Istio's analysis interval (kept for the report: ejection here is
     /// immediate and re-admission is checked on every pick, so it is never
     /// later than Istio's sweep).

@@ -290,12 +290,14 @@ fn parse<T: DeserializeOwned>(json: &Value) -> Result<T, (String, String)> {
     })
 }
 
+/// The warning of an HTTP-only field (`connectionPool.http`,
+/// `consistentHash.httpHeaderName`, ...), which the node proxy cannot apply.
+pub const NEEDS_L7: &str = "needs L7 (a waypoint): not applied by the node proxy";
+
 /// What an ignored field is, for its warning.
 fn unsupported(field: &str) -> &'static str {
     match field {
-        "http" | "httpHeaderName" | "httpCookie" | "httpQueryParameterName" => {
-            "needs L7 (a waypoint): not applied by the node proxy"
-        }
+        "http" | "httpHeaderName" | "httpCookie" | "httpQueryParameterName" => NEEDS_L7,
         "tls" => "TLS settings/routes are not applied: the mesh's own HBONE mTLS is used",
         _ => "not supported at L4: ignored",
     }
@@ -1022,6 +1024,8 @@ fn parts(
                 .unwrap_or(std::time::Duration::from_secs(30));
             Some(threshold.map(|consecutive_errors| Outlier {
                 consecutive_errors,
+                consecutive_5xx: five,
+                consecutive_gateway: gw,
                 interval,
                 base_ejection_time: base,
                 max_ejection_percent: pct,
@@ -1362,6 +1366,37 @@ impl RouteTable {
             route: Some(set.name.clone()),
             dest,
         }))
+    }
+
+    /// The destination `port` of the service `key` (`namespace/name`),
+    /// narrowed to `subset`, as a client in `client_ns` sees it (the
+    /// DestinationRule visible to it, Istio's lookup order): its endpoints
+    /// and effective policy. For a proxy that routes by its own rules (the
+    /// L7 waypoint) and only needs the destination.
+    pub fn destination(
+        &self,
+        key: &str,
+        port: u16,
+        subset: Option<&str>,
+        client_ns: &str,
+    ) -> Result<Arc<Dest>, RouteError> {
+        let Some(&svc) = self.by_name.get(key) else {
+            return Err(RouteError::MissingDestination {
+                route: key.into(),
+                reason: format!("no service {key}").into(),
+            });
+        };
+        self.dest(svc, port, subset, client_ns)
+            .map_err(|e| match e {
+                DestError::NoPort => RouteError::NoSuchPort {
+                    service: self.services[svc].key.clone(),
+                    port,
+                },
+                DestError::Missing(reason) => RouteError::MissingDestination {
+                    route: self.services[svc].key.clone(),
+                    reason,
+                },
+            })
     }
 
     fn dest(

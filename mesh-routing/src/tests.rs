@@ -9,8 +9,8 @@ use std::{
 use serde_json::{Value, json};
 
 use crate::{
-    Balancer, Ejection, EndpointInput, Kind, Lb, Objects, Options, PickError, Request, RouteError,
-    RouteTable, ServiceInput, Status, compile, policy::parse_duration,
+    Balancer, Ejection, EndpointInput, HttpOutcome, Kind, Lb, Objects, Options, PickError, Request,
+    RouteError, RouteTable, ServiceInput, Status, compile, policy::parse_duration,
 };
 
 fn yaml(text: &str) -> Vec<Value> {
@@ -671,6 +671,58 @@ fn max_connections_refuses_the_extra_connection_until_one_closes() {
     assert_eq!(b.dest_active(&r.dest.key), 2);
     drop(a);
     assert!(b.pick(&r.dest, c.source, dialled, now, &[]).is_ok());
+}
+
+#[test]
+fn at_l7_5xx_and_gateway_errors_are_counted_apart() {
+    // consecutive5xxErrors 3, consecutiveGatewayErrors 2 (the L7 waypoint's
+    // classification of responses, Envoy's counters).
+    let (t, c) = dest_with(
+        "{outlierDetection: {consecutive5xxErrors: 3, consecutiveGatewayErrors: 2, baseEjectionTime: 10s, maxEjectionPercent: 100}}",
+    );
+    let b = Balancer::with_seed(0);
+    let r = t.route(&c.to("10.96.0.10:80"), 0).unwrap().unwrap();
+    let d = &r.dest;
+    let now = Instant::now();
+    let [e1, e2, e3] = [d.endpoints[0], d.endpoints[1], d.endpoints[2]];
+    assert_eq!(HttpOutcome::of_status(200), HttpOutcome::Ok);
+    assert_eq!(HttpOutcome::of_status(404), HttpOutcome::Ok);
+    assert_eq!(HttpOutcome::of_status(500), HttpOutcome::ServerError);
+    assert_eq!(HttpOutcome::of_status(503), HttpOutcome::GatewayError);
+    // Two 500s are not gateway errors; a 200 forgives both counters.
+    for _ in 0..2 {
+        assert_eq!(
+            b.http_result(d, e1, now, HttpOutcome::ServerError),
+            Ejection::None
+        );
+    }
+    assert_eq!(b.http_result(d, e1, now, HttpOutcome::Ok), Ejection::None);
+    assert_eq!(b.status(e1, now).consecutive_errors, 0);
+    // 500, 503: 2 5xx, 1 gateway error; a third 5xx ejects.
+    b.http_result(d, e1, now, HttpOutcome::ServerError);
+    assert_eq!(
+        b.http_result(d, e1, now, HttpOutcome::GatewayError),
+        Ejection::None
+    );
+    assert_eq!(
+        b.http_result(d, e1, now, HttpOutcome::ServerError),
+        Ejection::Ejected
+    );
+    // A 500 between two 503s resets the gateway count: no ejection by it.
+    b.http_result(d, e2, now, HttpOutcome::GatewayError);
+    b.http_result(d, e2, now, HttpOutcome::Ok);
+    b.http_result(d, e2, now, HttpOutcome::GatewayError);
+    assert_eq!(
+        b.http_result(d, e2, now, HttpOutcome::ServerError),
+        Ejection::None
+    );
+    assert!(!b.status(e2, now).ejected);
+    // Two gateway errors in a row eject.
+    b.http_result(d, e3, now, HttpOutcome::GatewayError);
+    assert_eq!(
+        b.http_result(d, e3, now, HttpOutcome::GatewayError),
+        Ejection::Ejected
+    );
 }
 
 #[test]

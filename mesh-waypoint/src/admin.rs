@@ -13,7 +13,7 @@ use mesh_agent::telemetry::metrics::CONTENT_TYPE;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::shared::Shared;
+use crate::shared::{Active, Shared};
 
 /// Serves the admin endpoints on `listener` forever.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
@@ -43,6 +43,41 @@ fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<B
     r
 }
 
+/// Every destination (service port, subset) with its effective policy and
+/// its endpoints' balancer state (active requests, ejections).
+fn destinations(shared: &Shared, active: &Active) -> Vec<serde_json::Value> {
+    let now = std::time::Instant::now();
+    active
+        .services
+        .destinations()
+        .view()
+        .iter()
+        .flat_map(|s| s.destinations.iter())
+        .map(|d| {
+            let endpoints: Vec<serde_json::Value> = d
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let st = shared.balancer.status(*e, now);
+                    json!({
+                        "address": e.to_string(),
+                        "active": st.active,
+                        "consecutive_errors": st.consecutive_errors,
+                        "ejected": st.ejected,
+                        "times_ejected": st.times_ejected,
+                    })
+                })
+                .collect();
+            json!({
+                "destination": d.key.as_ref(),
+                "rule": d.rule.as_deref(),
+                "policy": d.policy,
+                "endpoints": endpoints,
+            })
+        })
+        .collect()
+}
+
 fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz/ready" => text(StatusCode::OK, "text/plain", "ready\n".into()),
@@ -64,6 +99,7 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     "attached": active.routes.attached(),
                     "unsupported": active.routes.unsupported,
                 },
+                "destinations": destinations(shared, &active),
             });
             text(
                 StatusCode::OK,

@@ -80,8 +80,9 @@ pub enum RouteObject {
     Http(Box<HttpRoute>),
     /// An Istio `VirtualService`.
     Virtual(Box<VirtualService>),
-    /// An Istio `DestinationRule` (its subsets).
-    Destination(Box<DestinationRule>),
+    /// An Istio `DestinationRule`, as served (compiled by the routing
+    /// engine, `mesh-routing`, as the node agent's are).
+    Destination(Box<serde_json::Value>),
     /// An object that is neither, or does not parse (reported, not used).
     Invalid {
         /// `namespace/name` as far as it can be read.
@@ -144,13 +145,24 @@ impl WaypointConfig {
                         | "networking.istio.io/v1beta1"
                         | "networking.istio.io/v1alpha3",
                         "DestinationRule",
-                    ) => serde_yaml::from_value(v.clone())
+                    ) => serde_json::to_value(v)
                         .map(|r| RouteObject::Destination(Box::new(r)))
                         .unwrap_or_else(|e| invalid(e.to_string())),
                     (api, kind) => invalid(format!(
                         "{api} {kind} is not a route this waypoint reads (HTTPRoute, VirtualService, DestinationRule)"
                     )),
                 }
+            })
+            .collect()
+    }
+
+    /// The DestinationRules among the route objects, as served.
+    pub fn destination_rules(&self) -> Vec<serde_json::Value> {
+        self.route_objects()
+            .into_iter()
+            .filter_map(|r| match r {
+                RouteObject::Destination(dr) => Some(*dr),
+                _ => None,
             })
             .collect()
     }
@@ -741,54 +753,6 @@ pub struct VsPercent {
     pub value: f64,
 }
 
-/// An Istio `DestinationRule`: the waypoint uses its `subsets`.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DestinationRule {
-    /// `networking.istio.io/v1` (or `v1beta1`, `v1alpha3`).
-    pub api_version: String,
-    /// `DestinationRule`.
-    pub kind: String,
-    /// Name and namespace.
-    #[serde(default)]
-    pub metadata: ObjectMeta,
-    /// The rule.
-    pub spec: DestinationRuleSpec,
-    /// `status` and anything else.
-    #[serde(flatten)]
-    pub other: Other,
-}
-
-/// `DestinationRule.spec`.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DestinationRuleSpec {
-    /// The service (short name, `name.namespace`, or FQDN).
-    pub host: String,
-    /// Named groups of the service's endpoints, by labels.
-    #[serde(default)]
-    pub subsets: Vec<DrSubset>,
-    /// The traffic policy (its `outlierDetection` is applied; the rest reported).
-    #[serde(default)]
-    pub traffic_policy: Option<TrafficPolicy>,
-    /// `exportTo`, `workloadSelector`, ... (reported).
-    #[serde(flatten)]
-    pub other: Other,
-}
-
-/// `Subset`.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-pub struct DrSubset {
-    /// The subset's name.
-    pub name: String,
-    /// The labels its endpoints carry.
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// `trafficPolicy` and anything else (reported).
-    #[serde(flatten)]
-    pub other: Other,
-}
-
 /// `HTTPRewrite`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 pub struct VsRewrite {
@@ -823,39 +787,6 @@ pub struct VsRedirect {
     #[serde(default)]
     pub redirect_code: Option<u16>,
     /// `derivePort` and anything else.
-    #[serde(flatten)]
-    pub other: Other,
-}
-
-/// `TrafficPolicy`.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TrafficPolicy {
-    /// Ejection of failing endpoints.
-    #[serde(default)]
-    pub outlier_detection: Option<OutlierDetection>,
-    /// `loadBalancer`, `connectionPool`, `tls`, `portLevelSettings`, ... (reported).
-    #[serde(flatten)]
-    pub other: Other,
-}
-
-/// `OutlierDetection`.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct OutlierDetection {
-    /// Consecutive 5xx (and connection failures) that eject.
-    #[serde(default)]
-    pub consecutive_5xx_errors: Option<u32>,
-    /// Consecutive 502/503/504 (and connection failures) that eject.
-    #[serde(default)]
-    pub consecutive_gateway_errors: Option<u32>,
-    /// The first ejection's length (`30s`).
-    #[serde(default)]
-    pub base_ejection_time: Option<String>,
-    /// The most endpoints ejected at once, percent (10).
-    #[serde(default)]
-    pub max_ejection_percent: Option<u32>,
-    /// `interval`, `minHealthPercent`, `splitExternalLocalOriginErrors`, ... (reported).
     #[serde(flatten)]
     pub other: Other,
 }

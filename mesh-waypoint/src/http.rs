@@ -23,9 +23,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::{
     client::{BackendBody, ProxyBody},
-    l7::route::{Backend, RetryPolicy, Rule, Selection, ServiceKey, Subset},
+    l7::route::{Backend, RetryPolicy, Rule, Selection, ServiceKey},
     metrics::RequestLabels,
-    services::{Chosen, TryResult, service_labels},
+    services::{Chosen, Client, NoEndpoint, TryResult, service_labels},
     shared::{Shared, Tunnel},
     stream::Rewind,
 };
@@ -124,6 +124,8 @@ pub enum Flags {
     DelayInjected,
     /// A fault abort answered (`FI`).
     FaultInjected,
+    /// The destination is at its `maxConnections` (`UO`).
+    Overflow,
 }
 
 impl Flags {
@@ -139,6 +141,7 @@ impl Flags {
             Self::NoConfig => "NC",
             Self::DelayInjected => "DI",
             Self::FaultInjected => "FI",
+            Self::Overflow => "UO",
         }
     }
 }
@@ -154,6 +157,9 @@ struct Finish {
     authority: String,
     route: String,
     upstream: Option<Chosen>,
+    /// The last try's endpoint pick: the request counts as active on it
+    /// (`LEAST_REQUEST`, `maxConnections`) until its response ends.
+    _pick: Option<mesh_routing::Pick>,
     status: StatusCode,
     flags: Flags,
     request_bytes: Arc<AtomicU64>,
@@ -331,6 +337,7 @@ async fn handle(
         authority: authority.clone(),
         route: "-".to_owned(),
         upstream: None,
+        _pick: None,
         status: StatusCode::OK,
         flags: Flags::None,
         request_bytes: Arc::new(AtomicU64::new(0)),
@@ -342,6 +349,10 @@ async fn handle(
         metered(local(status), finish)
     };
     let target = &tunnel.target;
+    let client = Client {
+        namespace: &tunnel.source.namespace,
+        ip: tunnel.peer.ip(),
+    };
     let active = shared.active();
     let selection = active.routes.select(
         &target.service,
@@ -458,20 +469,20 @@ async fn handle(
     };
     for (backend, share) in mirrors {
         if fastrand::f64() < *share {
-            mirror(&shared, &template, backend, replay.as_ref());
+            mirror(&shared, client, &template, backend, replay.as_ref());
         }
     }
     let mut last = None;
+    let mut last_pick = None;
     let tries = send_with_retries(
         &shared,
+        client,
         &template,
-        &service,
-        port,
-        subset.as_deref(),
+        (&service, port, subset.as_deref()),
         &policy,
         replay,
         streamed,
-        &mut last,
+        (&mut last, &mut last_pick),
     );
     let outcome = match rule.and_then(|r| r.timeout) {
         Some(t) => tokio::time::timeout(t, tries).await.ok(),
@@ -479,17 +490,20 @@ async fn handle(
     };
     // The endpoint of the last try, even when the route timeout cut it.
     finish.upstream = last;
+    finish._pick = last_pick;
     let Some(outcome) = outcome else {
         return answer(finish, StatusCode::GATEWAY_TIMEOUT, Flags::Timeout);
     };
     let response = match outcome {
         Try::Response(r) => r,
-        Try::NoEndpoint => {
-            return answer(
-                finish,
-                StatusCode::SERVICE_UNAVAILABLE,
-                Flags::NoHealthyUpstream,
-            );
+        Try::NoEndpoint(why) => {
+            let flags = match why {
+                NoEndpoint::Missing(_) => Flags::NoConfig,
+                NoEndpoint::Unhealthy(_) => Flags::NoHealthyUpstream,
+                NoEndpoint::Overflow(_) => Flags::Overflow,
+            };
+            tracing::debug!(service = %service, reason = %why, "no endpoint for the request");
+            return answer(finish, StatusCode::SERVICE_UNAVAILABLE, flags);
         }
         Try::Timeout => return answer(finish, StatusCode::GATEWAY_TIMEOUT, Flags::Timeout),
         Try::Connect => {
@@ -531,7 +545,13 @@ fn metered(response: Response<ProxyBody>, finish: Finish) -> Response<ProxyBody>
 /// Sends a copy of the request to `backend` and ignores the answer, as
 /// Envoy's shadowing does (`-shadow` appended to the Host). Only bodies kept
 /// for replay can be mirrored; a mirror over the in-flight bound is skipped.
-fn mirror(shared: &Arc<Shared>, template: &Template, backend: &Backend, body: Option<&Bytes>) {
+fn mirror(
+    shared: &Arc<Shared>,
+    client: Client<'_>,
+    template: &Template,
+    backend: &Backend,
+    body: Option<&Bytes>,
+) {
     let Backend::Service {
         service,
         port,
@@ -548,11 +568,14 @@ fn mirror(shared: &Arc<Shared>, template: &Template, backend: &Backend, body: Op
         shared.metrics.mirror("skipped_limit");
         return;
     };
-    let Some(chosen) = shared
-        .active()
-        .services
-        .endpoint(service, *port, subset.as_deref())
-    else {
+    let Ok((chosen, pick)) = shared.active().services.endpoint(
+        &shared.balancer,
+        service,
+        *port,
+        subset.as_deref(),
+        client,
+        &[],
+    ) else {
         shared.metrics.mirror("no_endpoint");
         return;
     };
@@ -584,6 +607,7 @@ fn mirror(shared: &Arc<Shared>, template: &Template, backend: &Backend, body: Op
     let shared = Arc::clone(shared);
     tokio::spawn(async move {
         let _permit = permit;
+        let _pick = pick;
         let outcome = match sent.await {
             Ok(r) => {
                 // Drain the answer so that the connection goes back to the pool.
@@ -606,35 +630,47 @@ struct Template {
 /// The outcome of the last try.
 enum Try {
     Response(Response<Incoming>),
-    NoEndpoint,
+    NoEndpoint(NoEndpoint),
     Timeout,
     Connect,
     Reset,
     BadUri,
 }
 
-/// Sends the request to an endpoint of `service`:`port` (a fresh choice per
-/// try), retrying per `policy` while the body can be replayed and the
-/// budget allows; returns the last outcome; `last` is the endpoint of the
-/// last try (set before it is sent).
+/// Sends the request to an endpoint of `service`:`port` (of `subset`; a
+/// fresh choice per try, other endpoints preferred on retries), retrying per
+/// `policy` while the body can be replayed and the budget allows; returns
+/// the last outcome; `last` is the endpoint of the last try and its pick
+/// (set before it is sent).
 #[allow(clippy::too_many_arguments)]
 async fn send_with_retries(
     shared: &Shared,
+    client: Client<'_>,
     template: &Template,
-    service: &ServiceKey,
-    port: u16,
-    subset: Option<&Subset>,
+    (service, port, subset): (&ServiceKey, u16, Option<&str>),
     policy: &RetryPolicy,
     replay: Option<Bytes>,
     mut streamed: Option<CountedBody>,
-    last: &mut Option<Chosen>,
+    (last, last_pick): (&mut Option<Chosen>, &mut Option<mesh_routing::Pick>),
 ) -> Try {
     let mut retries = 0u32;
+    let mut tried = Vec::new();
     loop {
-        let Some(chosen) = shared.active().services.endpoint(service, port, subset) else {
-            return Try::NoEndpoint;
+        let picked = shared.active().services.endpoint(
+            &shared.balancer,
+            service,
+            port,
+            subset,
+            client,
+            &tried,
+        );
+        let (chosen, pick) = match picked {
+            Ok(p) => p,
+            Err(e) => return Try::NoEndpoint(e),
         };
+        tried.push(chosen.addr);
         *last = Some(chosen.clone());
+        *last_pick = Some(pick);
         let body: BackendBody = match (&replay, streamed.take()) {
             (Some(b), _) => Full::new(b.clone()).map_err(|e| match e {}).boxed_unsync(),
             (None, Some(s)) => s.boxed_unsync(),
@@ -677,13 +713,13 @@ async fn send_with_retries(
         let result = match &outcome {
             Try::Response(r) => Some(TryResult::Status(r.status().as_u16())),
             Try::Connect | Try::Reset | Try::Timeout => Some(TryResult::Failure),
-            Try::NoEndpoint | Try::BadUri => None,
+            Try::NoEndpoint(_) | Try::BadUri => None,
         };
         if let Some(result) = result {
             shared
                 .active()
                 .services
-                .report(service, chosen.addr, result);
+                .report(&shared.balancer, &chosen, result);
         }
         let on = &policy.on;
         let retriable = match &outcome {
@@ -691,7 +727,7 @@ async fn send_with_retries(
             Try::Timeout => on.timeout(),
             Try::Connect => on.connect(),
             Try::Reset => on.reset(),
-            Try::NoEndpoint | Try::BadUri => false,
+            Try::NoEndpoint(_) | Try::BadUri => false,
         };
         if !retriable || retries >= policy.attempts || replay.is_none() {
             return outcome;

@@ -7,13 +7,13 @@
 //! metrics (`reporter="waypoint"`) and one access-log line per request.
 //! Anything else is relayed as TCP to an endpoint of the service.
 //!
-//! This is the first slice of issue 12. Endpoints marked `tunnel: hbone`
-//! are reached over HBONE (mTLS under the waypoint's identity, the pod's
-//! identity required; the agent's [`mesh_agent::proxy::hbone::Pool`]);
-//! others over plaintext TCP. Istio `VirtualService` `http:` routes and
-//! retries with a budget are supported too. Still to come: L7
-//! authorization, fault injection, tracing, subsets, and the node-agent
-//! side (`istio.io/use-waypoint`, accepting the waypoint's hop).
+//! Endpoints marked `tunnel: hbone` are reached over HBONE (mTLS under the
+//! waypoint's identity, the pod's identity required; the agent's
+//! [`mesh_agent::proxy::hbone::Pool`]); others over plaintext TCP. Istio
+//! `VirtualService` `http:` routes (retries with a budget, timeouts, faults,
+//! mirrors, rewrites) are supported too; DestinationRules are compiled and
+//! endpoints picked by the node agent's routing engine (`mesh-routing`).
+//! The node agents send `istio.io/use-waypoint` services' traffic here.
 //!
 //! Modules (imports flow down this list, never back up):
 //! - [`admin`]: `/healthz/ready`, `/metrics`, `/config_dump`.

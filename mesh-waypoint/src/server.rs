@@ -25,6 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::{
     config::PortProtocol,
     metrics::peer_in,
+    services::Client,
     shared::{Shared, Tunnel},
     stream::{PIPE, Rewind, pipe},
 };
@@ -344,29 +345,43 @@ async fn inner_stream(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: DuplexSt
 /// Relays an opaque stream to an endpoint of the service.
 async fn tcp(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: Rewind) {
     let t = &tunnel.target;
-    let Some(chosen) = shared
-        .active()
-        .services
-        .endpoint(&t.service, t.port.port, None)
-    else {
-        tracing::info!(src = %tunnel.peer, service = %t.service, "TCP tunnel closed: the service has no endpoints");
-        return;
+    let client = Client {
+        namespace: &tunnel.source.namespace,
+        ip: tunnel.peer.ip(),
     };
-    let mut upstream = match tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        TcpStream::connect(chosen.addr),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::info!(src = %tunnel.peer, service = %t.service, upstream = %chosen.addr, error = %e, "TCP tunnel closed: cannot reach the endpoint");
+    let picked = shared.active().services.endpoint(
+        &shared.balancer,
+        &t.service,
+        t.port.port,
+        None,
+        client,
+        &[],
+    );
+    // The pick counts the relay as an active connection until it ends.
+    let (chosen, _pick) = match picked {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::info!(src = %tunnel.peer, service = %t.service, reason = %e, "TCP tunnel closed: no endpoint");
             return;
         }
-        Err(_) => {
-            tracing::info!(src = %tunnel.peer, service = %t.service, upstream = %chosen.addr, "TCP tunnel closed: the endpoint did not answer in time");
-            return;
+    };
+    let connect_timeout = chosen.dest.policy.connect_timeout().min(HANDSHAKE_TIMEOUT);
+    let connected = tokio::time::timeout(connect_timeout, TcpStream::connect(chosen.addr)).await;
+    let failed = |reason: &str| {
+        shared
+            .balancer
+            .failure(&chosen.dest, chosen.addr, std::time::Instant::now());
+        tracing::info!(src = %tunnel.peer, service = %t.service, upstream = %chosen.addr, reason, "TCP tunnel closed: cannot reach the endpoint");
+    };
+    let mut upstream = match connected {
+        Ok(Ok(s)) => {
+            shared
+                .balancer
+                .success(&chosen.dest, chosen.addr, std::time::Instant::now());
+            s
         }
+        Ok(Err(e)) => return failed(&e.to_string()),
+        Err(_) => return failed("the endpoint did not answer in time"),
     };
     let _ = upstream.set_nodelay(true);
     let result = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;

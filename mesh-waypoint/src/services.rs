@@ -4,7 +4,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Mutex, PoisonError},
+    sync::Arc,
     time::Instant,
 };
 
@@ -13,9 +13,14 @@ use mesh_agent::{
     telemetry::{PeerLabels, ServiceLabels, metrics::CLUSTER_DOMAIN},
 };
 
+use mesh_routing::{
+    Balancer, Dest, Ejection, EndpointInput, HttpOutcome, Objects, Options, Pick, PickError,
+    RouteTable, ServiceInput,
+};
+
 use crate::{
     config::{EndpointConfig, PortProtocol, ServiceConfig, ServicePort, TunnelProtocol},
-    l7::route::{OutlierPolicy, ServiceKey, Subset},
+    l7::route::ServiceKey,
 };
 
 /// A service port a client tunnelled to.
@@ -38,6 +43,9 @@ pub struct Chosen {
     pub http2: bool,
     /// Its telemetry labels.
     pub labels: PeerLabels,
+    /// The destination it was picked from (its policy, its balancer key):
+    /// the try's outcome is reported against it.
+    pub dest: Arc<Dest>,
 }
 
 /// How to reach a pod address over HBONE.
@@ -52,24 +60,18 @@ pub struct HboneTarget {
 /// The HBONE port of a pod.
 pub const HBONE_PORT: u16 = 15008;
 
-/// The services index.
-#[derive(Debug, Default)]
+/// The services index, and their destinations as the node agent's routing
+/// engine compiles them: DestinationRule subsets, load balancing,
+/// `connectionPool.tcp`, outlier detection and `exportTo` have one
+/// implementation, `mesh-routing`, shared by both proxies.
+#[derive(Debug)]
 pub struct Services {
     by_vip: HashMap<(IpAddr, u16), Target>,
     by_key: HashMap<ServiceKey, ServiceConfig>,
+    /// Per service, its endpoints by pod address (`ip:port`).
+    by_addr: HashMap<ServiceKey, HashMap<SocketAddr, EndpointConfig>>,
     trust_domain: String,
-    outliers: HashMap<ServiceKey, OutlierPolicy>,
-    /// Per endpoint address: consecutive errors and ejection.
-    health: Mutex<HashMap<SocketAddr, Health>>,
-}
-
-/// One endpoint's outlier-detection state.
-#[derive(Debug, Default)]
-struct Health {
-    consecutive_5xx: u32,
-    consecutive_gateway: u32,
-    ejections: u32,
-    ejected_until: Option<Instant>,
+    destinations: RouteTable,
 }
 
 /// What a try of a request to an endpoint came to.
@@ -81,95 +83,45 @@ pub enum TryResult {
     Failure,
 }
 
+/// Who asks for an endpoint (the client of the tunnel).
+#[derive(Clone, Copy, Debug)]
+pub struct Client<'a> {
+    /// The client's namespace: which DestinationRule it sees (`exportTo`).
+    pub namespace: &'a str,
+    /// Its address: `consistentHash.useSourceIp`, and the address family
+    /// preferred among the endpoints.
+    pub ip: IpAddr,
+}
+
+/// Why a request has no endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NoEndpoint {
+    /// The service, port or subset does not exist (as the routing engine
+    /// says why).
+    #[error(transparent)]
+    Missing(#[from] mesh_routing::RouteError),
+    /// No endpoint is ready, or every one is ejected (503, `UH`).
+    #[error("{0}")]
+    Unhealthy(String),
+    /// The destination is at its `connectionPool.tcp.maxConnections`
+    /// (503, `UO`: refused, not queued).
+    #[error("{0}")]
+    Overflow(String),
+}
+
 impl Services {
-    /// Applies DestinationRule `outlierDetection` policies (by service).
-    pub fn with_outliers(mut self, outliers: HashMap<ServiceKey, OutlierPolicy>) -> Self {
-        self.outliers = outliers;
-        self
-    }
-
-    /// Records a try's result for `service`'s endpoint `addr`: consecutive
-    /// errors past the policy eject it for the base time × its ejections so
-    /// far, unless the service is at its ejection cap.
-    pub fn report(&self, service: &ServiceKey, addr: SocketAddr, result: TryResult) {
-        let Some(policy) = self.outliers.get(service) else {
-            return;
-        };
-        let (server_error, gateway_error) = match result {
-            TryResult::Status(s) => ((500..600).contains(&s), matches!(s, 502..=504)),
-            TryResult::Failure => (true, true),
-        };
-        let now = Instant::now();
-        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
-        let h = health.entry(addr).or_default();
-        h.consecutive_5xx = if server_error {
-            h.consecutive_5xx + 1
-        } else {
-            0
-        };
-        h.consecutive_gateway = if gateway_error {
-            h.consecutive_gateway + 1
-        } else {
-            0
-        };
-        let trips = policy
-            .consecutive_5xx
-            .is_some_and(|n| h.consecutive_5xx >= n)
-            || policy
-                .consecutive_gateway
-                .is_some_and(|n| h.consecutive_gateway >= n);
-        if !trips || h.ejected_until.is_some_and(|t| t > now) {
-            return;
-        }
-        let total = self.by_key.get(service).map_or(0, |s| s.endpoints.len());
-        let ejected = self.by_key.get(service).map_or(0, |s| {
-            s.endpoints
-                .iter()
-                .filter(|e| {
-                    s.ports.iter().any(|sp| {
-                        let a = SocketAddr::new(
-                            e.address,
-                            e.port.or(sp.target_port).unwrap_or(sp.port),
-                        );
-                        health
-                            .get(&a)
-                            .and_then(|h| h.ejected_until)
-                            .is_some_and(|t| t > now)
-                    })
-                })
-                .count()
-        });
-        let cap = (total * policy.max_ejection_percent as usize / 100).max(1);
-        if ejected >= cap {
-            return;
-        }
-        let Some(h) = health.get_mut(&addr) else {
-            return;
-        };
-        h.ejections += 1;
-        h.consecutive_5xx = 0;
-        h.consecutive_gateway = 0;
-        let length = policy.base_ejection * h.ejections.min(10);
-        h.ejected_until = Some(now + length);
-        tracing::warn!(service = %service, endpoint = %addr, ejection_s = length.as_secs_f64(), "endpoint ejected by outlier detection");
-    }
-
-    fn ejected(&self, addr: SocketAddr) -> bool {
-        let now = Instant::now();
-        self.health
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&addr)
-            .and_then(|h| h.ejected_until)
-            .is_some_and(|t| t > now)
-    }
-
-    /// Indexes `services`; principals of endpoints are in `trust_domain`.
-    pub fn new(services: &[ServiceConfig], trust_domain: &str) -> Self {
-        let mut s = Self {
-            trust_domain: trust_domain.to_owned(),
-            ..Self::default()
-        };
+    /// Indexes `services`; principals of endpoints are in `trust_domain`;
+    /// `destination_rules` (raw objects, as served) are compiled by the
+    /// routing engine. Problems with them are in [`Services::report`].
+    pub fn new(
+        services: &[ServiceConfig],
+        trust_domain: &str,
+        destination_rules: &[serde_json::Value],
+    ) -> Self {
+        let mut by_vip = HashMap::new();
+        let mut by_key = HashMap::new();
+        let mut by_addr: HashMap<ServiceKey, HashMap<SocketAddr, EndpointConfig>> = HashMap::new();
+        let mut inputs = Vec::with_capacity(services.len());
         for svc in services {
             let key = ServiceKey {
                 namespace: svc.namespace.clone(),
@@ -181,12 +133,36 @@ impl Services {
                         service: key.clone(),
                         port: port.clone(),
                     };
-                    s.by_vip.insert((ip.to_canonical(), port.port), target);
+                    by_vip.insert((ip.to_canonical(), port.port), target);
                 }
             }
-            s.by_key.insert(key, svc.clone());
+            let addrs = by_addr.entry(key.clone()).or_default();
+            for e in &svc.endpoints {
+                for sp in &svc.ports {
+                    addrs.insert(SocketAddr::new(e.address, pod_port(e, sp)), e.clone());
+                }
+            }
+            inputs.push(engine_input(svc));
+            by_key.insert(key, svc.clone());
         }
-        s
+        let objects = Objects {
+            destination_rules,
+            ..Objects::default()
+        };
+        let destinations = mesh_routing::compile(objects, inputs, &Options::default());
+        Self {
+            by_vip,
+            by_key,
+            by_addr,
+            trust_domain: trust_domain.to_owned(),
+            destinations,
+        }
+    }
+
+    /// The compiled destinations (and, in its report, what became of each
+    /// DestinationRule).
+    pub fn destinations(&self) -> &RouteTable {
+        &self.destinations
     }
 
     /// The service port behind a CONNECT target (a VIP and port).
@@ -194,49 +170,78 @@ impl Services {
         self.by_vip.get(&(addr.ip().to_canonical(), addr.port()))
     }
 
-    /// An endpoint of `service`:`port` (of `subset`: carrying its labels),
-    /// at random (uniform); None without endpoints.
+    /// Picks an endpoint of `service`:`port` (of `subset`) for `client`
+    /// with `balancer`, by the destination's load-balancing policy, skipping
+    /// ejected endpoints and, while others are left, the endpoints in
+    /// `tried` (Istio's retries prefer other hosts). The [`Pick`] counts the
+    /// request as active on the endpoint (`LEAST_REQUEST`, `maxConnections`)
+    /// until it is dropped.
     pub fn endpoint(
         &self,
+        balancer: &Balancer,
         service: &ServiceKey,
         port: u16,
-        subset: Option<&Subset>,
-    ) -> Option<Chosen> {
-        let svc = self.by_key.get(service)?;
-        let sp = svc.ports.iter().find(|p| p.port == port)?;
-        let in_subset = |e: &&EndpointConfig| {
-            subset.is_none_or(|s| s.labels.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
+        subset: Option<&str>,
+        client: Client<'_>,
+        tried: &[SocketAddr],
+    ) -> Result<(Chosen, Pick), NoEndpoint> {
+        let key = service.to_string();
+        let dest = self
+            .destinations
+            .destination(&key, port, subset, client.namespace)?;
+        let dialled = SocketAddr::new(client.ip, port);
+        let now = Instant::now();
+        let picked = match balancer.pick(&dest, client.ip, dialled, now, tried) {
+            Err(PickError::NoEndpoint(_)) if !tried.is_empty() => {
+                balancer.pick(&dest, client.ip, dialled, now, &[])
+            }
+            other => other,
         };
-        let candidates: Vec<&EndpointConfig> = svc.endpoints.iter().filter(in_subset).collect();
-        if candidates.is_empty() {
-            return None;
-        }
-        let pod_addr = |e: &EndpointConfig| {
-            SocketAddr::new(e.address, e.port.or(sp.target_port).unwrap_or(sp.port))
-        };
-        // Ejected endpoints are skipped while any other is left.
-        let healthy: Vec<&EndpointConfig> = if self.outliers.contains_key(service) {
-            candidates
-                .iter()
-                .copied()
-                .filter(|e| !self.ejected(pod_addr(e)))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let pool = if healthy.is_empty() {
-            &candidates
-        } else {
-            &healthy
-        };
-        let e = pool[fastrand::usize(..pool.len())];
-        let pod_port = e.port.or(sp.target_port).unwrap_or(sp.port);
-        Some(Chosen {
-            addr: SocketAddr::new(e.address, pod_port),
+        let pick = picked.map_err(|e| match e {
+            PickError::Overflow { .. } => NoEndpoint::Overflow(e.to_string()),
+            PickError::NoEndpoint(_) | PickError::AllEjected(_) => {
+                NoEndpoint::Unhealthy(e.to_string())
+            }
+        })?;
+        let (svc, e) = self
+            .by_key
+            .get(service)
+            .zip(
+                self.by_addr
+                    .get(service)
+                    .and_then(|m| m.get(&pick.endpoint)),
+            )
+            .ok_or_else(|| {
+                NoEndpoint::Unhealthy(format!("{key}: endpoint {} is gone", pick.endpoint))
+            })?;
+        let http2 = svc
+            .ports
+            .iter()
+            .find(|p| p.port == port)
+            .is_some_and(|p| p.protocol == PortProtocol::Http2);
+        let chosen = Chosen {
+            addr: pick.endpoint,
             hbone: e.tunnel == TunnelProtocol::Hbone,
-            http2: sp.protocol == PortProtocol::Http2,
+            http2,
             labels: self.endpoint_labels(svc, e),
-        })
+            dest,
+        };
+        Ok((chosen, pick))
+    }
+
+    /// Records a try's result at `chosen` for outlier detection (Envoy's
+    /// consecutive 5xx and gateway errors, the destination's
+    /// `outlierDetection`); logs an ejection.
+    pub fn report(&self, balancer: &Balancer, chosen: &Chosen, result: TryResult) {
+        let outcome = match result {
+            TryResult::Status(s) => HttpOutcome::of_status(s),
+            TryResult::Failure => HttpOutcome::GatewayError,
+        };
+        if balancer.http_result(&chosen.dest, chosen.addr, Instant::now(), outcome)
+            == Ejection::Ejected
+        {
+            tracing::warn!(destination = %chosen.dest.key, endpoint = %chosen.addr, "endpoint ejected by outlier detection");
+        }
     }
 
     /// Every HBONE endpoint's pod address (per service port) and how to
@@ -309,5 +314,39 @@ pub fn service_labels(key: &ServiceKey) -> ServiceLabels {
         host: format!("{}.{}.svc.{CLUSTER_DOMAIN}", key.name, key.namespace),
         name: key.name.clone(),
         namespace: key.namespace.clone(),
+    }
+}
+
+/// The pod's port for `sp`: the endpoint's own, else the target port, else
+/// the service port.
+fn pod_port(e: &EndpointConfig, sp: &ServicePort) -> u16 {
+    e.port.or(sp.target_port).unwrap_or(sp.port)
+}
+
+/// A service as the routing engine takes it: ports named by their number
+/// (the waypoint's file has no port names), every endpoint ready.
+fn engine_input(svc: &ServiceConfig) -> ServiceInput {
+    ServiceInput {
+        namespace: svc.namespace.clone(),
+        name: svc.name.clone(),
+        vips: svc.addresses.clone(),
+        ports: svc
+            .ports
+            .iter()
+            .map(|p| (p.port.to_string(), p.port))
+            .collect(),
+        endpoints: svc
+            .endpoints
+            .iter()
+            .map(|e| EndpointInput {
+                ip: e.address,
+                ports: svc
+                    .ports
+                    .iter()
+                    .map(|sp| (sp.port.to_string(), pod_port(e, sp)))
+                    .collect(),
+                labels: e.labels.clone(),
+            })
+            .collect(),
     }
 }

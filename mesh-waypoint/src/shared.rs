@@ -39,6 +39,9 @@ pub struct Shared {
     /// The agent's connection bounds: global and per-peer connection and
     /// stream caps, handshake, first-request and idle deadlines.
     pub bounds: Arc<Bounds>,
+    /// The endpoint choice (the routing engine's balancer: active requests,
+    /// cursors, outlier ejections), kept across reloads.
+    pub balancer: mesh_routing::Balancer,
 }
 
 /// The services and routes in force, and which configuration they came from.
@@ -70,15 +73,23 @@ impl Shared {
             active: RwLock::new(Arc::new(active)),
             metrics: Metrics::new(),
             bounds: Arc::new(Bounds::new(limits, mesh_agent::process::FdLimit::default())),
+            balancer: mesh_routing::Balancer::default(),
         }
     }
 }
 
 impl Active {
     fn build(config: &WaypointConfig, trust_domain: &TrustDomain, generation: u64) -> Self {
-        let routes = RouteTable::build(&config.services, &config.route_objects());
-        let services = Services::new(&config.services, trust_domain.as_str())
-            .with_outliers(routes.outliers.clone());
+        let services = Services::new(
+            &config.services,
+            trust_domain.as_str(),
+            &config.destination_rules(),
+        );
+        let routes = RouteTable::build(
+            &config.services,
+            services.destinations(),
+            &config.route_objects(),
+        );
         tracing::info!(
             generation,
             services = config.services.len(),
@@ -107,6 +118,7 @@ impl Shared {
         let active = Active::build(config, self.tls.trust_domain(), slot.generation + 1);
         self.proxy
             .set_hbone_targets(active.services.hbone_targets(self.tls.trust_domain()));
+        self.balancer.prune(active.services.destinations());
         let generation = active.generation;
         *slot = Arc::new(active);
         generation

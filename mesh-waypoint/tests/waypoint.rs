@@ -1021,10 +1021,124 @@ routes:
             .any(|u| u["field"] == field && u["effect"] == effect)
     };
     assert!(has("spec.http[1].route[0]", "backend_fails"), "{dump:#}");
+    // The load balancer is applied (the routing engine's), not reported.
     assert!(
-        has("spec.trafficPolicy.loadBalancer", "ignored"),
+        !has("spec.trafficPolicy.loadBalancer", "ignored"),
         "{dump:#}"
     );
+    let v1_dest = dump["destinations"]
+        .as_array()
+        .and_then(|d| {
+            d.iter()
+                .find(|d| d["destination"] == "default/reviews:9080/v1")
+        })
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(v1_dest["policy"]["lb"], "ROUND_ROBIN", "{dump:#}");
+    assert_eq!(
+        v1_dest["endpoints"].as_array().map(Vec::len),
+        Some(1),
+        "{dump:#}"
+    );
+}
+
+/// A DestinationRule's `loadBalancer` and `connectionPool.tcp` apply at the
+/// waypoint as at the node proxy (one engine, `mesh-routing`): ROUND_ROBIN
+/// alternates exactly, and `maxConnections` bounds the requests in flight
+/// to the destination (over it: 503 `UO` at once, never queued).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_rule_load_balancing_and_connection_limits_apply() {
+    let (v1, v2) = (http_backend("v1").await, http_backend("v2").await);
+    let config = format!(
+        r#"
+services:
+  - name: lb
+    namespace: default
+    addresses: [10.96.6.10]
+    ports: [{{ port: 80 }}]
+    endpoints:
+      - {{ address: 127.0.0.1, port: {}, workload: v1 }}
+      - {{ address: 127.0.0.1, port: {}, workload: v2 }}
+routes:
+  - apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {{ name: lb, namespace: default }}
+    spec:
+      host: lb
+      trafficPolicy:
+        loadBalancer: {{ simple: ROUND_ROBIN }}
+        connectionPool: {{ tcp: {{ maxConnections: 1 }} }}
+"#,
+        v1.port(),
+        v2.port()
+    );
+    let ca = issuer();
+    let w = waypoint(ca.clone(), &config).await;
+    let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
+    let mut c = client.http(vip("10.96.6.10:80"), false).await;
+    let seen: Vec<String> = {
+        let mut v = Vec::new();
+        for _ in 0..10 {
+            let a = c.get("/", &[]).await;
+            assert_eq!(a.status, 200, "{a:?}");
+            v.push(backend(&a).to_owned());
+        }
+        v
+    };
+    assert!(
+        seen.windows(2).all(|w| w[0] != w[1]),
+        "ROUND_ROBIN alternates: {seen:?}"
+    );
+    // One request held in flight (the backend never answers /hang) fills
+    // maxConnections: a second one is refused at once.
+    let mut holder = client.http(vip("10.96.6.10:80"), false).await;
+    let held = tokio::spawn(async move { holder.get("/hang", &[]).await });
+    let admin = w.admin;
+    let active = || async move {
+        let dump: serde_json::Value =
+            serde_json::from_str(&admin_get(admin, "/config_dump").await).expect("json");
+        dump["destinations"][0]["endpoints"]
+            .as_array()
+            .map_or(0, |e| {
+                e.iter().filter_map(|e| e["active"].as_u64()).sum::<u64>()
+            })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while active().await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the held request never became active"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = c.get("/", &[]).await;
+    assert_eq!(refused.status, 503, "{refused:?}");
+    let metrics = wait_metrics(w.admin, |m| m.contains("response_flags=\"UO\"")).await;
+    assert!(
+        requests_total(&metrics)
+            .iter()
+            .any(
+                |(l, n)| l.get("response_flags").map(String::as_str) == Some("UO")
+                    && l.get("response_code").map(String::as_str) == Some("503")
+                    && *n == 1
+            ),
+        "{metrics}"
+    );
+    // The held request ends (its client goes away): the slot is free again.
+    held.abort();
+    let _ = held.await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = c.get("/", &[]).await;
+        if a.status == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot was never released: {a:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The agent's connection bounds apply: a peer identity holding its maximum

@@ -8,27 +8,32 @@ use super::virtual_service;
 use crate::config::{RouteObject, ServiceConfig};
 
 impl RouteTable {
-    /// Compiles `routes` against the known `services`.
-    pub fn build(services: &[ServiceConfig], routes: &[RouteObject]) -> Self {
+    /// Compiles `routes` against the known `services` and their
+    /// `destinations` (DestinationRules are the routing engine's: their
+    /// problems are reported from its report).
+    pub fn build(
+        services: &[ServiceConfig],
+        destinations: &mesh_routing::RouteTable,
+        routes: &[RouteObject],
+    ) -> Self {
         let mut table = Self::default();
-        // Subsets first: VirtualServices name them.
-        for route in routes {
-            if let RouteObject::Destination(dr) = route {
-                virtual_service::add_destination_rule(&mut table, dr);
-            }
-        }
+        let known = virtual_service::Known {
+            services,
+            destinations,
+        };
         for route in routes {
             match route {
                 RouteObject::Destination(_) => {}
                 RouteObject::Http(r) => table.add_route(services, r),
                 RouteObject::Virtual(vs) => {
-                    virtual_service::add(&mut table, services, vs);
+                    virtual_service::add(&mut table, known, vs);
                 }
                 RouteObject::Invalid { name, reason } => {
                     table.report(name, "kind".into(), reason.clone(), Effect::RouteRejected);
                 }
             }
         }
+        table.report_destination_rules(destinations.report());
         for entries in table.ports.values_mut() {
             entries.sort_by(|a, b| b.m.rank().cmp(&a.m.rank()).then_with(|| a.tie.cmp(&b.tie)));
         }
@@ -58,5 +63,40 @@ impl RouteTable {
             table.ordered.remove(&(svc, port));
         }
         table
+    }
+}
+
+impl RouteTable {
+    /// Reports what the routing engine made of each DestinationRule:
+    /// applied (accepted), rejected (with the field), and every field it
+    /// ignored.
+    fn report_destination_rules(&mut self, report: &mesh_routing::Report) {
+        use mesh_routing::{Kind, Status};
+        for o in report
+            .objects
+            .iter()
+            .filter(|o| o.kind == Kind::DestinationRule)
+        {
+            let id = format!("{}/{}", o.namespace, o.name);
+            match &o.status {
+                Status::Applied => self.accepted.push(id.clone()),
+                Status::Rejected { field, reason } => {
+                    self.report(&id, field.clone(), reason.clone(), Effect::RouteRejected);
+                }
+                Status::NeedsL7 { reason } | Status::NotApplied { reason } => {
+                    self.report(&id, "spec".into(), reason.clone(), Effect::RouteRejected);
+                }
+            }
+            for w in &o.warnings {
+                // The engine's wording is the node proxy's: an HTTP-only
+                // field is not applied by this waypoint either.
+                let reason = if w.message == mesh_routing::NEEDS_L7 {
+                    "HTTP settings are not supported by the waypoint yet: ignored".to_owned()
+                } else {
+                    w.message.clone()
+                };
+                self.report(&id, w.field.clone(), reason, Effect::Ignored);
+            }
+        }
     }
 }

@@ -99,15 +99,6 @@ impl HeaderModifier {
     }
 }
 
-/// A DestinationRule subset: the endpoints carrying all its labels.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Subset {
-    /// The subset's name.
-    pub name: String,
-    /// The labels.
-    pub labels: std::collections::BTreeMap<String, String>,
-}
-
 /// A backend of a rule: a service port, or a reference that cannot be used.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -117,8 +108,10 @@ pub enum Backend {
         service: ServiceKey,
         /// Its port.
         port: u16,
-        /// Only the endpoints of this subset.
-        subset: Option<Arc<Subset>>,
+        /// Only the endpoints of this DestinationRule subset (resolved
+        /// per request by the routing engine: the rule visible to the
+        /// client's namespace).
+        subset: Option<Arc<str>>,
     },
     /// A reference that does not resolve (answers 500).
     Invalid(String),
@@ -229,33 +222,6 @@ impl Rewrite {
                 let out = format!("{base}{rest}");
                 Some(if out.is_empty() { "/".to_owned() } else { out })
             }
-        }
-    }
-}
-
-/// Istio's `outlierDetection`: endpoints answering consecutive errors are
-/// ejected for a while.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct OutlierPolicy {
-    /// Consecutive 5xx answers (or connection failures) that eject.
-    pub consecutive_5xx: Option<u32>,
-    /// Consecutive 502/503/504 (or connection failures) that eject.
-    pub consecutive_gateway: Option<u32>,
-    /// The first ejection's length (it grows with each ejection).
-    pub base_ejection: Duration,
-    /// The most of a service's endpoints ejected at once, in percent (at
-    /// least one endpoint may always be ejected, as in Envoy).
-    pub max_ejection_percent: u32,
-}
-
-impl Default for OutlierPolicy {
-    /// Istio's defaults: 5 consecutive 5xx, 30 s, 10 %.
-    fn default() -> Self {
-        Self {
-            consecutive_5xx: Some(5),
-            consecutive_gateway: None,
-            base_ejection: Duration::from_secs(30),
-            max_ejection_percent: 10,
         }
     }
 }
@@ -557,10 +523,6 @@ pub enum Selection<'a> {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     pub(crate) ports: HashMap<(ServiceKey, u16), Vec<Entry>>,
-    /// DestinationRule subsets by service.
-    pub(crate) subsets: HashMap<ServiceKey, Vec<Arc<Subset>>>,
-    /// DestinationRule `outlierDetection` by service.
-    pub outliers: HashMap<ServiceKey, OutlierPolicy>,
     /// VirtualService rules: first match in order, no precedence sort.
     pub(crate) ordered: HashMap<(ServiceKey, u16), Vec<Entry>>,
     /// Routes in use (`namespace/name`).
@@ -1262,6 +1224,15 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The engine's destinations without DestinationRules (these tests use none).
+    fn no_destination_rules() -> mesh_routing::RouteTable {
+        mesh_routing::compile(
+            mesh_routing::Objects::default(),
+            Vec::new(),
+            &mesh_routing::Options::default(),
+        )
+    }
     use crate::config::WaypointConfig;
 
     const CONFIG: &str = r#"
@@ -1293,7 +1264,7 @@ routes:
 
     fn table() -> RouteTable {
         let c = WaypointConfig::parse(CONFIG).expect("config");
-        RouteTable::build(&c.services, &c.route_objects())
+        RouteTable::build(&c.services, &no_destination_rules(), &c.route_objects())
     }
 
     fn pick<'a>(t: &'a RouteTable, path: &str, headers: &[(&str, &str)]) -> Selection<'a> {
@@ -1363,7 +1334,7 @@ routes:
             "- matches: [{ path: { type: Exact, value: /api/exact } }]\n          filters: [{ type: RequestMirror, requestMirror: { backendRef: { name: v2, port: 80 }, percent: 25 } }]",
         ))
         .expect("config");
-        let t = RouteTable::build(&c.services, &c.route_objects());
+        let t = RouteTable::build(&c.services, &no_destination_rules(), &c.route_objects());
         let Selection::Rule(rule) = pick(&t, "/api/exact", &[]) else {
             panic!("no rule")
         };
@@ -1430,7 +1401,7 @@ routes:
             "- matches: [{ path: { type: PathPrefix, value: /x } }]",
         ))
         .expect("config");
-        let t = RouteTable::build(&c.services, &c.route_objects());
+        let t = RouteTable::build(&c.services, &no_destination_rules(), &c.route_objects());
         assert!(matches!(pick(&t, "/nothing", &[]), Selection::NoMatch));
     }
 

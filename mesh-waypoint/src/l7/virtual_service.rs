@@ -15,9 +15,9 @@ use std::{sync::Arc, time::Duration};
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 
 use super::route::{
-    Backend, Effect, Entry, Fault, HeaderModifier, Match, OutlierPolicy, PathMatch, PathRewrite,
-    Redirect, RetryPolicy, Rewrite, RouteTable, Rule, ServiceKey, Subset, ValueMatch,
-    WeightedBackend, find, full_regex, match_clone, parse_retry_on,
+    Backend, Effect, Entry, Fault, HeaderModifier, Match, PathMatch, PathRewrite, Redirect,
+    RetryPolicy, Rewrite, RouteTable, Rule, ServiceKey, ValueMatch, WeightedBackend, find,
+    full_regex, match_clone, parse_retry_on,
 };
 use crate::config::{
     ServiceConfig, StringMatch, VirtualService, VsHeaderOps, VsHttpRoute, VsMatch,
@@ -158,71 +158,19 @@ fn header_ops(ops: &VsHeaderOps) -> Result<HeaderModifier, String> {
     })
 }
 
-/// Adds `dr`'s subsets to `table` (its traffic policies are reported: not applied yet).
-pub(crate) fn add_destination_rule(table: &mut RouteTable, dr: &crate::config::DestinationRule) {
-    let namespace = dr
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".to_owned());
-    let id = format!("{namespace}/{}", dr.metadata.name);
-    let Some(key) = host_service(&dr.spec.host, &namespace) else {
-        let reason = format!(
-            "host {:?} is not a Service of the cluster domain",
-            dr.spec.host
-        );
-        return table.report(&id, "spec.host".into(), reason, Effect::RouteRejected);
-    };
-    table.report_other(&id, "spec", &dr.spec.other, Effect::Ignored);
-    if let Some(tp) = &dr.spec.traffic_policy {
-        table.report_other(&id, "spec.trafficPolicy", &tp.other, Effect::Ignored);
-        if let Some(od) = &tp.outlier_detection {
-            let at = "spec.trafficPolicy.outlierDetection";
-            table.report_other(&id, at, &od.other, Effect::Ignored);
-            let mut policy = OutlierPolicy::default();
-            if od.consecutive_5xx_errors.is_some() || od.consecutive_gateway_errors.is_some() {
-                // 0 disables a counter (Istio's meaning).
-                policy.consecutive_5xx = od.consecutive_5xx_errors.filter(|n| *n > 0);
-                policy.consecutive_gateway = od.consecutive_gateway_errors.filter(|n| *n > 0);
-            }
-            if let Some(t) = &od.base_ejection_time {
-                match parse_istio_duration(t) {
-                    Some(d) => policy.base_ejection = d,
-                    None => {
-                        let reason = format!("baseEjectionTime {t:?} is not a duration");
-                        table.report(
-                            &id,
-                            format!("{at}.baseEjectionTime"),
-                            reason,
-                            Effect::Ignored,
-                        );
-                    }
-                }
-            }
-            if let Some(p) = od.max_ejection_percent {
-                policy.max_ejection_percent = p.min(100);
-            }
-            table.outliers.insert(key.clone(), policy);
-        }
-    }
-    for (i, s) in dr.spec.subsets.iter().enumerate() {
-        table.report_other(
-            &id,
-            &format!("spec.subsets[{i}]"),
-            &s.other,
-            Effect::Ignored,
-        );
-        let subset = Arc::new(Subset {
-            name: s.name.clone(),
-            labels: s.labels.clone(),
-        });
-        table.subsets.entry(key.clone()).or_default().push(subset);
-    }
-    table.accepted.push(id);
+/// What a VirtualService's hosts and destinations resolve against: the
+/// services the waypoint fronts and their destinations (the routing
+/// engine's, where DestinationRule subsets are defined).
+#[derive(Clone, Copy)]
+pub(crate) struct Known<'a> {
+    /// The services.
+    pub services: &'a [ServiceConfig],
+    /// Their compiled destinations.
+    pub destinations: &'a mesh_routing::RouteTable,
 }
 
 /// Adds `vs`'s HTTP routes to `table`.
-pub(crate) fn add(table: &mut RouteTable, services: &[ServiceConfig], vs: &VirtualService) {
+pub(crate) fn add(table: &mut RouteTable, known: Known<'_>, vs: &VirtualService) {
     let namespace = vs
         .metadata
         .namespace
@@ -249,7 +197,7 @@ pub(crate) fn add(table: &mut RouteTable, services: &[ServiceConfig], vs: &Virtu
             table.report(&id, at, reason, Effect::ParentNotAttached);
             continue;
         };
-        let Some(svc) = find(services, &key) else {
+        let Some(svc) = find(known.services, &key) else {
             let reason = format!("Service {key} is not one this waypoint serves");
             table.report(&id, at, reason, Effect::ParentNotAttached);
             continue;
@@ -263,7 +211,7 @@ pub(crate) fn add(table: &mut RouteTable, services: &[ServiceConfig], vs: &Virtu
     table.accepted.push(id.clone());
     for (index, route) in vs.spec.http.iter().enumerate() {
         let at = format!("spec.http[{index}]");
-        let (rule, matches) = compile_route(table, services, &id, &namespace, &at, index, route);
+        let (rule, matches) = compile_route(table, known, &id, &namespace, &at, index, route);
         let rule = Arc::new(rule);
         for m in &matches {
             for port in &ports {
@@ -279,7 +227,7 @@ pub(crate) fn add(table: &mut RouteTable, services: &[ServiceConfig], vs: &Virtu
 
 fn compile_route(
     table: &mut RouteTable,
-    services: &[ServiceConfig],
+    known: Known<'_>,
     id: &str,
     namespace: &str,
     at: &str,
@@ -446,7 +394,7 @@ fn compile_route(
             destination: m.clone(),
             ..Default::default()
         };
-        match resolve(services, &table.subsets, namespace, &dest) {
+        match resolve(known, namespace, &dest) {
             Ok(b) => mirrors.push((b, (share / 100.0).clamp(0.0, 1.0))),
             Err(reason) => fail(table, format!("{at}.mirror"), reason),
         }
@@ -502,7 +450,7 @@ fn compile_route(
             );
         }
         let weight = d.weight.unwrap_or(if single { 100 } else { 0 });
-        let backend = resolve(services, &table.subsets, namespace, d).unwrap_or_else(|reason| {
+        let backend = resolve(known, namespace, d).unwrap_or_else(|reason| {
             table.report(id, dat.clone(), reason.clone(), Effect::BackendFails);
             Backend::Invalid(reason)
         });
@@ -529,8 +477,7 @@ fn compile_route(
 }
 
 fn resolve(
-    services: &[ServiceConfig],
-    subsets: &std::collections::HashMap<ServiceKey, Vec<Arc<Subset>>>,
+    known: Known<'_>,
     namespace: &str,
     d: &crate::config::VsRouteDestination,
 ) -> Result<Backend, String> {
@@ -544,19 +491,7 @@ fn resolve(
             dest.host
         )
     })?;
-    let subset = match &dest.subset {
-        None => None,
-        Some(name) => Some(
-            subsets
-                .get(&key)
-                .and_then(|list| list.iter().find(|s| &s.name == name))
-                .cloned()
-                .ok_or_else(|| {
-                    format!("no DestinationRule defines subset {name:?} of Service {key}")
-                })?,
-        ),
-    };
-    let svc = find(services, &key)
+    let svc = find(known.services, &key)
         .ok_or_else(|| format!("destination Service {key} is not known to this waypoint"))?;
     let port = match (&dest.port, svc.ports.as_slice()) {
         (Some(p), _) => p.number,
@@ -569,6 +504,15 @@ fn resolve(
     };
     if !svc.ports.iter().any(|p| p.port == port) {
         return Err(format!("destination Service {key} has no port {port}"));
+    }
+    // The subset must be defined by the DestinationRule the route's
+    // namespace sees (checked again per request with the client's).
+    let subset: Option<Arc<str>> = dest.subset.as_deref().map(Into::into);
+    if let Some(name) = &subset {
+        known
+            .destinations
+            .destination(&key.to_string(), port, Some(name), namespace)
+            .map_err(|e| e.to_string())?;
     }
     Ok(Backend::Service {
         service: key,
