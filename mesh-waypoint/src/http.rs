@@ -96,6 +96,7 @@ pub async fn serve(shared: Arc<Shared>, tunnel: Arc<Tunnel>, io: Rewind, http2: 
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .serve_connection(io, service)
+            .with_upgrades()
             .await
     };
     if let Err(e) = result {
@@ -306,12 +307,71 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection:
+/// upgrade` with an `Upgrade` header, e.g. WebSocket), if any.
+fn upgrade_requested(headers: &HeaderMap) -> Option<HeaderValue> {
+    let connection_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    connection_upgrade
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Relays an upgraded connection (after a `101`) between the client and
+/// the backend until either side closes. The tunnel's own bounds (the
+/// agent's per-peer limits, its idle deadline) hold the whole stream.
+fn splice_upgrade(
+    client: hyper::upgrade::OnUpgrade,
+    backend: hyper::upgrade::OnUpgrade,
+    service: String,
+) {
+    tokio::spawn(async move {
+        let (client, backend) = match tokio::join!(client, backend) {
+            (Ok(c), Ok(b)) => (c, b),
+            (c, b) => {
+                tracing::debug!(
+                    service,
+                    client = c.is_ok(),
+                    backend = b.is_ok(),
+                    "upgrade not completed"
+                );
+                return;
+            }
+        };
+        let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
+        match tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+            Ok((up, down)) => {
+                tracing::debug!(
+                    service,
+                    bytes_up = up,
+                    bytes_down = down,
+                    "upgraded connection closed"
+                );
+            }
+            Err(e) => {
+                tracing::debug!(service, error = %e, "upgraded connection ended with an error")
+            }
+        }
+    });
+}
+
 async fn handle(
     shared: Arc<Shared>,
     tunnel: Arc<Tunnel>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
+    // An HTTP/1.1 upgrade (WebSocket...): carried to the backend, never
+    // retried, mirrored or sent as HTTP/2; the client's side of the
+    // switched connection is taken before the request is consumed.
+    let upgrade = (req.version() == http::Version::HTTP_11)
+        .then(|| upgrade_requested(req.headers()))
+        .flatten()
+        .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let (mut parts, body) = req.into_parts();
     let authority = parts
         .uri
@@ -442,7 +502,14 @@ async fn handle(
         rule.request_headers.apply(&mut parts.headers);
     }
     finish.trace_id = crate::trace::propagate(&mut parts.headers);
-    let policy = rule.map(|r| r.retry.clone()).unwrap_or_default();
+    let mut policy = rule.map(|r| r.retry.clone()).unwrap_or_default();
+    if let Some((protocol, _)) = &upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol.clone());
+        policy.attempts = 0;
+    }
     let counted = CountedBody {
         inner: body,
         bytes: Arc::clone(&finish.request_bytes),
@@ -452,7 +519,10 @@ async fn handle(
         .size_hint()
         .exact()
         .is_some_and(|n| n <= MAX_REPLAY_BODY);
-    let mirrors = rule.map_or(&[][..], |r| r.mirrors.as_slice());
+    let mirrors = match (rule, &upgrade) {
+        (Some(r), None) => r.mirrors.as_slice(),
+        _ => &[][..],
+    };
     let (replay, streamed) = if (policy.attempts > 0 || !mirrors.is_empty()) && small {
         match counted.collect().await {
             Ok(c) => (Some(c.to_bytes()), None),
@@ -466,6 +536,7 @@ async fn handle(
         method: parts.method.clone(),
         path,
         headers: parts.headers.clone(),
+        upgrade: upgrade.is_some(),
     };
     for (backend, share) in mirrors {
         if fastrand::f64() < *share {
@@ -522,8 +593,24 @@ async fn handle(
         }
         Try::BadUri => return answer(finish, StatusCode::BAD_REQUEST, Flags::None),
     };
+    let mut response = response;
+    let switched = match upgrade {
+        Some((_, client_side)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            let backend_side = hyper::upgrade::on(&mut response);
+            let protocol = response.headers().get(header::UPGRADE).cloned();
+            splice_upgrade(client_side, backend_side, service.to_string());
+            protocol
+        }
+        _ => None,
+    };
     let (mut rparts, rbody) = response.into_parts();
     strip_hop_by_hop(&mut rparts.headers);
+    if let Some(protocol) = switched {
+        rparts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        rparts.headers.insert(header::UPGRADE, protocol);
+    }
     if let Some(rule) = rule {
         rule.response_headers.apply(&mut rparts.headers);
     }
@@ -625,6 +712,8 @@ struct Template {
     method: http::Method,
     path: String,
     headers: HeaderMap,
+    /// An HTTP/1.1 upgrade: always sent as HTTP/1.1.
+    upgrade: bool,
 }
 
 /// The outcome of the last try.
@@ -685,10 +774,11 @@ async fn send_with_retries(
         *req.uri_mut() = uri;
         *req.headers_mut() = template.headers.clone();
         let p = &shared.proxy;
-        if chosen.http2 {
+        let http2 = chosen.http2 && !template.upgrade;
+        if http2 {
             *req.version_mut() = http::Version::HTTP_2;
         }
-        let sent = match (chosen.hbone, chosen.http2) {
+        let sent = match (chosen.hbone, http2) {
             (false, false) => p.client.request(req),
             (true, false) => p.hbone.request(req),
             (false, true) => p.client_h2.request(req),

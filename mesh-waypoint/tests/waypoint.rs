@@ -1222,3 +1222,96 @@ routes:
         assert_eq!((a.status.as_u16(), backend(&a)), (200, "v1"), "{a:?}");
     }
 }
+
+/// A backend that switches `Upgrade: echo` requests to a raw echo of the
+/// bytes that follow (as a WebSocket server switches protocols).
+async fn upgrade_backend() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let head = read_head(&mut s).await.to_ascii_lowercase();
+                if !(head.contains("upgrade: echo") && head.contains("connection: upgrade")) {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+                    )
+                    .await;
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Reads an HTTP head (up to the blank line) byte by byte.
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+        match s.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// An HTTP/1.1 upgrade (WebSocket's mechanism) goes through the waypoint:
+/// the backend's 101 reaches the client with the Upgrade headers, and the
+/// bytes after it are relayed both ways; the request is counted with 101.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_upgrade_switches_protocols_end_to_end() {
+    let backend = upgrade_backend().await;
+    let config = format!(
+        r#"
+services:
+  - name: ws
+    namespace: default
+    addresses: [10.96.7.10]
+    ports: [{{ port: 80, protocol: http }}]
+    endpoints:
+      - {{ address: 127.0.0.1, port: {}, workload: ws }}
+"#,
+        backend.port()
+    );
+    let ca = issuer();
+    let w = waypoint(ca.clone(), &config).await;
+    let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
+    let mut io = client.tunnel(vip("10.96.7.10:80")).await.expect("tunnel");
+    io.write_all(b"GET /chat HTTP/1.1\r\nhost: ws\r\nconnection: Upgrade\r\nupgrade: echo\r\n\r\n")
+        .await
+        .expect("request");
+    let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut io))
+        .await
+        .expect("no answer to the upgrade");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.starts_with("http/1.1 101"), "{head}");
+    assert!(lower.contains("upgrade: echo"), "{head}");
+    assert!(lower.contains("connection: upgrade"), "{head}");
+    for message in [&b"ping"[..], &[0u8, 1, 2, 255][..], &vec![7u8; 100_000][..]] {
+        io.write_all(message).await.expect("write");
+        let mut back = vec![0u8; message.len()];
+        tokio::time::timeout(Duration::from_secs(10), io.read_exact(&mut back))
+            .await
+            .expect("echo timed out")
+            .expect("echo");
+        assert_eq!(back, message);
+    }
+    let metrics = wait_metrics(w.admin, |m| m.contains("response_code=\"101\"")).await;
+    assert!(
+        requests_total(&metrics)
+            .iter()
+            .any(|(l, n)| l.get("response_code").map(String::as_str) == Some("101") && *n == 1),
+        "{metrics}"
+    );
+}
