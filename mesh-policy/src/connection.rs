@@ -36,3 +36,101 @@ pub struct Connection<'a> {
     /// `portLevelMtls`).
     pub destination_port: u16,
 }
+
+/// What a waypoint knows of an HTTP request, for the L7 fields of a policy
+/// (`methods`, `paths`, `hosts`, `when: request.headers[...]`).
+#[derive(Debug, Clone, Copy)]
+pub struct HttpRequest<'a> {
+    /// The method, as sent (`GET`).
+    pub method: &'a str,
+    /// The path, normalised by [`normalize_path`] and without its query.
+    pub path: &'a str,
+    /// The authority (`:authority` or `Host`), possibly with a port.
+    pub host: &'a str,
+    /// The request headers: lowercase names, values as sent.
+    pub headers: &'a [(String, String)],
+}
+
+impl HttpRequest<'_> {
+    /// The value of header `name` (lowercase); several are joined with
+    /// `,`, as Envoy's header matchers see them.
+    pub fn header(&self, name: &str) -> Option<String> {
+        let mut values = self
+            .headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str());
+        let first = values.next()?;
+        Some(values.fold(first.to_owned(), |mut acc, v| {
+            acc.push(',');
+            acc.push_str(v);
+            acc
+        }))
+    }
+}
+
+/// Normalises a request path as Istio's default `pathNormalization: BASE`
+/// (Envoy's `normalize_path`, RFC 3986) does before policies see it: the
+/// query is dropped, `\` becomes `/`, percent-encoded unreserved
+/// characters (`A-Z a-z 0-9 - . _ ~`) are decoded (other escapes, such as
+/// `%2F`, stay encoded, hex in upper case), and `.`/`..` segments are
+/// removed. `None` for a path Envoy would refuse with 400: not starting
+/// with `/`, a malformed escape, or a control character or space.
+pub fn normalize_path(raw: &str) -> Option<String> {
+    let path = raw.split_once('?').map_or(raw, |(p, _)| p);
+    let path = path.split_once('#').map_or(path, |(p, _)| p);
+    let bytes = path.as_bytes();
+    if bytes.first() != Some(&b'/') && bytes.first() != Some(&b'\\') {
+        return None;
+    }
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let v = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+                if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') {
+                    decoded.push(char::from(v));
+                } else {
+                    decoded.push('%');
+                    decoded.push_str(&format!("{v:02X}"));
+                }
+                i += 3;
+                continue;
+            }
+            b'\\' => decoded.push('/'),
+            0..=0x20 | 0x7f => return None,
+            _ => {
+                // Multi-byte UTF-8 is copied whole below.
+                let ch = path[i..].chars().next()?;
+                decoded.push(ch);
+                i += ch.len_utf8();
+                continue;
+            }
+        }
+        i += 1;
+    }
+    // RFC 3986 5.2.4 on the segments.
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = decoded[1..].split('/').collect();
+    let last = segments.len().saturating_sub(1);
+    for (i, seg) in segments.iter().enumerate() {
+        match *seg {
+            "." => {
+                if i == last {
+                    out.push("");
+                }
+            }
+            ".." => {
+                out.pop();
+                if i == last {
+                    out.push("");
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    Some(format!("/{}", out.join("/")))
+}

@@ -1,7 +1,10 @@
-//! Istio-compatible L4 authorization for the mesh agent:
-//! `security.istio.io/v1` (and `v1beta1`) `AuthorizationPolicy` and
-//! `PeerAuthentication`, parsed from the YAML/JSON that `kubectl get -o
-//! yaml` prints, indexed, and evaluated per inbound connection.
+//! Istio-compatible authorization: `security.istio.io/v1` (and `v1beta1`)
+//! `AuthorizationPolicy` and `PeerAuthentication`, parsed from the
+//! YAML/JSON that `kubectl get -o yaml` prints, indexed, and evaluated per
+//! inbound connection by the node agent ([`PolicyStore`], L4, the
+//! `selector` policies) and per HTTP request by the waypoint
+//! ([`WaypointPolicies`], the `targetRefs` policies with their HTTP fields,
+//! on paths normalised by [`normalize_path`]; see the `waypoint` module).
 //!
 //! ```
 //! use std::collections::BTreeMap;
@@ -45,8 +48,11 @@
 //!   `selector.matchLabels`, to the matching workloads of *every* namespace
 //!   (Istio's documented rule). Elsewhere: no selector, every workload of its
 //!   namespace; a selector, the matching workloads of its namespace.
-//!   `targetRef(s)` policies bind to waypoints/gateways and are reported,
-//!   not enforced (ztunnel ignores them too). A policy setting more than one
+//!   `targetRef(s)` policies bind to waypoints/gateways: the node agent
+//!   reports them and leaves them to the waypoint (ztunnel ignores them
+//!   too); [`WaypointPolicies`] applies them there — `Gateway` (the
+//!   waypoint), `Service` (requests to it), `GatewayClass istio-waypoint`
+//!   from the root namespace (every waypoint). A policy setting more than one
 //!   of `selector`, `targetRef` and `targetRefs` (which the API server
 //!   refuses) is rejected, fail closed in its selector's scope.
 //! - **Decision.** A STRICT port refuses plaintext. Then any matching DENY
@@ -123,14 +129,16 @@ pub mod model;
 pub mod parse;
 mod rule;
 mod store;
+mod waypoint;
 
 #[cfg(test)]
 mod tests;
 
 pub use compile::{DRY_RUN_ANNOTATION, parse_bool};
-pub use connection::{Connection, WorkloadRef};
+pub use connection::{Connection, HttpRequest, WorkloadRef, normalize_path};
 pub use decision::{Decision, DenyReason, MtlsMode, MtlsSetting};
 pub use error::{PolicyError, PolicyName, PolicyWarning, RejectEffect, Report};
 pub use model::Kind;
 pub use parse::{Parsed, Resource, parse_documents, parse_value};
 pub use store::{DEFAULT_ROOT_NAMESPACE, PolicyStore};
+pub use waypoint::{GATEWAY_GROUP, WAYPOINT_CLASS, WaypointPolicies, WaypointTarget};

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::connection::Connection;
+use crate::connection::{Connection, HttpRequest};
 use crate::error::PolicyName;
 
 /// A string matcher (`principals`, `namespaces`): exact, `prefix*`,
@@ -58,6 +58,97 @@ pub(crate) struct Match {
     pub not_destination_ips: Vec<IpNet>,
     pub ports: Vec<u16>,
     pub not_ports: Vec<u16>,
+    // L7, compiled for a waypoint only (empty at L4).
+    pub methods: Vec<Box<str>>,
+    pub not_methods: Vec<Box<str>>,
+    pub paths: Vec<PathMatch>,
+    pub not_paths: Vec<PathMatch>,
+    /// Lowercase patterns, matched case-insensitively.
+    pub hosts: Vec<StrMatch>,
+    pub not_hosts: Vec<StrMatch>,
+    pub headers: Vec<HeaderCond>,
+    /// Matched against no request principal: there is no
+    /// RequestAuthentication (JWT) support, so positive patterns never
+    /// match and negative ones always do.
+    pub request_principals: Vec<StrMatch>,
+    pub not_request_principals: Vec<StrMatch>,
+}
+
+/// A `when: request.headers[name]` condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HeaderCond {
+    /// Lowercase.
+    pub name: Box<str>,
+    pub values: Vec<StrMatch>,
+    pub not_values: Vec<StrMatch>,
+}
+
+impl HeaderCond {
+    fn matches(&self, request: Option<&HttpRequest<'_>>) -> bool {
+        let value = request.and_then(|r| r.header(&self.name));
+        check(&self.values, &self.not_values, |m| {
+            m.matches(value.as_deref())
+        })
+    }
+}
+
+/// An Istio `paths` pattern, matched against the normalised path without
+/// its query: exact, `prefix*`, `*suffix`, `*` (any), or a template of
+/// segments with `{*}` (one segment) and `{**}` (the rest, one or more).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PathMatch {
+    Str(StrMatch),
+    Template(Vec<Segment>),
+}
+
+/// A segment of a path template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Segment {
+    Literal(Box<str>),
+    One,
+    Rest,
+}
+
+impl PathMatch {
+    pub(crate) fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Str(StrMatch::Presence) => true,
+            PathMatch::Str(m) => m.matches(Some(path)),
+            PathMatch::Template(segments) => {
+                let mut parts = path.strip_prefix('/').unwrap_or(path).split('/');
+                for (i, seg) in segments.iter().enumerate() {
+                    match seg {
+                        Segment::Rest => {
+                            // The rest: at least one segment, and nothing may follow.
+                            return i + 1 == segments.len() && parts.next().is_some();
+                        }
+                        Segment::One => {
+                            if parts.next().is_none_or(str::is_empty) {
+                                return false;
+                            }
+                        }
+                        Segment::Literal(l) => {
+                            if parts.next() != Some(&**l) {
+                                return false;
+                            }
+                        }
+                    }
+                }
+                parts.next().is_none()
+            }
+        }
+    }
+}
+
+/// `host` (lowercase) against a lowercase pattern: as written, or without
+/// its `:port` (`hosts: [example.com]` matches `example.com:8080` too).
+fn host_matches(m: &StrMatch, host: &str) -> bool {
+    let bare = match host.rsplit_once(':') {
+        // Not an IPv6 literal's colon: `[::1]:80` splits after `]`.
+        Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    m.matches(Some(host)) || (bare != host && m.matches(Some(bare)))
 }
 
 /// A lowered rule: clauses ANDed, matches of a clause ORed. No clause: the
@@ -105,6 +196,15 @@ pub(crate) struct Scope {
     pub labels: BTreeMap<String, String>,
 }
 
+/// A `targetRef` of a waypoint policy (the policy's namespace).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TargetRef {
+    pub group: String,
+    pub kind: String,
+    pub name: String,
+    pub namespace: String,
+}
+
 /// A PeerAuthentication mode as written (`UNSET` inherits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum WrittenMode {
@@ -135,9 +235,19 @@ pub(crate) struct Ctx<'a> {
     remote_ip: IpAddr,
     destination_ip: IpAddr,
     port: u16,
+    /// The HTTP request at a waypoint; `None` at L4.
+    request: Option<&'a HttpRequest<'a>>,
 }
 
 impl<'a> Ctx<'a> {
+    /// The context of `c` carrying an HTTP `request` (a waypoint).
+    pub(crate) fn with_request(c: &Connection<'a>, request: Option<&'a HttpRequest<'a>>) -> Self {
+        Ctx {
+            request,
+            ..Self::new(c)
+        }
+    }
+
     pub(crate) fn new(c: &Connection<'a>) -> Self {
         let principal = c
             .source_principal
@@ -153,6 +263,7 @@ impl<'a> Ctx<'a> {
             remote_ip: c.remote_ip.map_or(source_ip, |ip| ip.to_canonical()),
             destination_ip: c.destination_ip.to_canonical(),
             port: c.destination_port,
+            request: None,
         }
     }
 }
@@ -189,6 +300,24 @@ impl Match {
                 &self.destination_ips,
                 &self.not_destination_ips,
                 ip(c.destination_ip),
+            )
+            && self.l7_matches(c.request)
+    }
+
+    /// The L7 fields against `request` (all empty at L4: true). Without a
+    /// request a positive L7 field never matches.
+    fn l7_matches(&self, request: Option<&HttpRequest<'_>>) -> bool {
+        check(&self.methods, &self.not_methods, |m| {
+            request.is_some_and(|r| r.method == &**m)
+        }) && check(&self.paths, &self.not_paths, |p| {
+            request.is_some_and(|r| p.matches(r.path))
+        }) && check(&self.hosts, &self.not_hosts, |h| {
+            request.is_some_and(|r| host_matches(h, &r.host.to_ascii_lowercase()))
+        }) && self.headers.iter().all(|h| h.matches(request))
+            && check(
+                &self.request_principals,
+                &self.not_request_principals,
+                |m| m.matches(None),
             )
     }
 }

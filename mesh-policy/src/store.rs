@@ -174,9 +174,12 @@ impl PolicyStore {
         for &i in latest.values() {
             match &resources[i] {
                 Resource::AuthorizationPolicy(ap) => {
-                    if let Some((scope, p)) =
-                        compile::compile_authz(ap, root_namespace, &mut report)
-                    {
+                    if let Some((compile::Attach::Scope(scope), p)) = compile::compile_authz(
+                        ap,
+                        root_namespace,
+                        compile::Layer::Node,
+                        &mut report,
+                    ) {
                         store.authz_count += 1;
                         let Scope { namespace, labels } = scope;
                         let p = Arc::new(p);
@@ -332,51 +335,15 @@ impl PolicyStore {
     /// change the decision; those that match are listed.
     pub fn evaluate(&self, conn: &Connection<'_>, workload: &WorkloadRef<'_>) -> Decision {
         let ctx = Ctx::new(conn);
-        let mut deny: Option<DenyReason> = None;
+        let mut decider = Decider::default();
         if ctx.principal.is_none() {
             let m = self.mtls_setting(workload, conn.destination_port);
             if m.mode == MtlsMode::Strict {
-                deny = Some(DenyReason::MtlsRequired { policy: m.policy });
+                decider.deny = Some(DenyReason::MtlsRequired { policy: m.policy });
             }
         }
-        let mut allow_applies = false;
-        let mut allowed_by: Option<&PolicyName> = None;
-        let mut audited_by = Vec::new();
-        self.for_each_authz(workload, |p| match p.effect {
-            Effect::Deny => {
-                if deny.is_none() && p.matches(&ctx) {
-                    deny = Some(match p.origin {
-                        Origin::Written => DenyReason::DeniedBy(p.name.clone()),
-                        Origin::Custom => DenyReason::CustomUnsupported(p.name.clone()),
-                        Origin::Rejected => DenyReason::RejectedPolicy(p.name.clone()),
-                    });
-                }
-            }
-            Effect::Allow => {
-                allow_applies = true;
-                if allowed_by.is_none() && p.matches(&ctx) {
-                    allowed_by = Some(&p.name);
-                }
-            }
-            Effect::Audit => {
-                if p.matches(&ctx) {
-                    audited_by.push(p.name.clone());
-                }
-            }
-        });
-        if let Some(reason) = deny {
-            Decision::Deny { reason, audited_by }
-        } else if allow_applies && allowed_by.is_none() {
-            Decision::Deny {
-                reason: DenyReason::NoAllowMatched,
-                audited_by,
-            }
-        } else {
-            Decision::Allow {
-                allowed_by: allowed_by.cloned(),
-                audited_by,
-            }
-        }
+        self.for_each_authz(workload, |p| decider.visit(p, &ctx));
+        decider.finish()
     }
 
     /// Total policies indexed (AuthorizationPolicies and
@@ -396,5 +363,60 @@ impl PolicyStore {
     /// No policy at all.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Istio's decision over the policies that apply, visited in order: any
+/// matching DENY (or CUSTOM, or rejected DENY) denies; else, if ALLOW
+/// policies apply, one must match; else allow. AUDIT policies only list.
+#[derive(Default)]
+pub(crate) struct Decider<'s> {
+    pub(crate) deny: Option<DenyReason>,
+    allow_applies: bool,
+    allowed_by: Option<&'s PolicyName>,
+    audited_by: Vec<PolicyName>,
+}
+
+impl<'s> Decider<'s> {
+    pub(crate) fn visit(&mut self, p: &'s CompiledAuthz, ctx: &Ctx<'_>) {
+        match p.effect {
+            Effect::Deny => {
+                if self.deny.is_none() && p.matches(ctx) {
+                    self.deny = Some(match p.origin {
+                        Origin::Written => DenyReason::DeniedBy(p.name.clone()),
+                        Origin::Custom => DenyReason::CustomUnsupported(p.name.clone()),
+                        Origin::Rejected => DenyReason::RejectedPolicy(p.name.clone()),
+                    });
+                }
+            }
+            Effect::Allow => {
+                self.allow_applies = true;
+                if self.allowed_by.is_none() && p.matches(ctx) {
+                    self.allowed_by = Some(&p.name);
+                }
+            }
+            Effect::Audit => {
+                if p.matches(ctx) {
+                    self.audited_by.push(p.name.clone());
+                }
+            }
+        }
+    }
+
+    pub(crate) fn finish(self) -> Decision {
+        let audited_by = self.audited_by;
+        if let Some(reason) = self.deny {
+            Decision::Deny { reason, audited_by }
+        } else if self.allow_applies && self.allowed_by.is_none() {
+            Decision::Deny {
+                reason: DenyReason::NoAllowMatched,
+                audited_by,
+            }
+        } else {
+            Decision::Allow {
+                allowed_by: self.allowed_by.cloned(),
+                audited_by,
+            }
+        }
     }
 }

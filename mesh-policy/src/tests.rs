@@ -898,3 +898,212 @@ fn hostile_inputs_do_not_panic() {
         let _ = decide(&store, &c);
     }
 }
+
+// ---------------------------------------------------------------------
+// Waypoint (L7) policies: `targetRefs`, HTTP fields.
+//
+// Requests: space-separated `key=value` on top of the connection keys
+// above: `m=<method>` [GET], `path=<raw path>` [/], `host=<authority>`
+// [reviews], `h:<name>=<value>` (a header), `svc=<ns>/<name>`
+// [shop/reviews], `wp=<ns>/<name>` [shop/waypoint], `tcp` (an opaque TCP
+// stream, no request).
+
+const SVC: &str = "targetRefs: [{kind: Service, group: '', name: reviews}]";
+const GW: &str = "targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]";
+
+fn waypoint_decide(policies: &crate::WaypointPolicies, spec: &str) -> Decision {
+    let (mut method, mut path, mut host) = ("GET".to_owned(), "/".to_owned(), "reviews".to_owned());
+    let (mut svc, mut wp) = ("shop/reviews".to_owned(), "shop/waypoint".to_owned());
+    let mut headers = Vec::new();
+    let mut tcp = false;
+    let mut rest = Vec::new();
+    for tok in spec.split_whitespace() {
+        if tok == "tcp" {
+            tcp = true;
+            continue;
+        }
+        let (k, v) = tok.split_once('=').expect("key=value");
+        match k {
+            "m" => method = v.to_owned(),
+            "path" => path = v.to_owned(),
+            "host" => host = v.to_owned(),
+            "svc" => svc = v.to_owned(),
+            "wp" => wp = v.to_owned(),
+            _ if k.starts_with("h:") => headers.push((k[2..].to_owned(), v.to_owned())),
+            _ => rest.push(tok),
+        }
+    }
+    let c = conn(&rest.join(" "));
+    let connection = Connection {
+        source_principal: c.principal.as_deref(),
+        source_ip: c.src,
+        remote_ip: c.remote,
+        destination_ip: c.dst,
+        destination_port: c.port,
+    };
+    let (sns, sname) = svc.split_once('/').expect("svc ns/name");
+    let (wns, wname) = wp.split_once('/').expect("wp ns/name");
+    let target = crate::WaypointTarget {
+        waypoint_namespace: wns,
+        waypoint_name: wname,
+        service_namespace: sns,
+        service_name: sname,
+    };
+    let normalized = crate::normalize_path(&path).expect("a valid path");
+    let request = crate::HttpRequest {
+        method: &method,
+        path: &normalized,
+        host: &host,
+        headers: &headers,
+    };
+    policies.evaluate(&target, &connection, (!tcp).then_some(&request))
+}
+
+/// (case, policies, request, expected decision)
+#[rustfmt::skip]
+const WAYPOINT: &[(&str, &str, &str, &str)] = &[
+    // --- which policies apply
+    ("no policy allows", "", "", "allow"),
+    ("selector policy is the node agent's", "@allow-nothing", "id=a/x", "allow"),
+    ("service target applies", "AP shop/p {TARGET_SVC}", "id=a/x", "deny:no-allow"),
+    ("service target, other service", "AP shop/p {TARGET_SVC}", "id=a/x svc=shop/ratings", "allow"),
+    ("service target, same name other namespace", "AP shop/p {TARGET_SVC}", "id=a/x svc=other/reviews", "allow"),
+    ("gateway target applies", "AP shop/p {TARGET_GW}", "id=a/x svc=shop/ratings", "deny:no-allow"),
+    ("gateway target, other waypoint", "AP shop/p {TARGET_GW}", "id=a/x wp=shop/other", "allow"),
+    ("gateway target, wrong group", "AP shop/p {targetRefs: [{kind: Gateway, group: '', name: waypoint}]}", "id=a/x", "allow"),
+    ("gatewayclass from the root namespace", "AP istio-system/p {targetRefs: [{kind: GatewayClass, group: gateway.networking.k8s.io, name: istio-waypoint}], action: DENY, rules: [{}]}", "id=a/x wp=any/w svc=any/s", "deny:istio-system/p"),
+    ("gatewayclass outside the root namespace", "AP shop/p {targetRefs: [{kind: GatewayClass, group: gateway.networking.k8s.io, name: istio-waypoint}], action: DENY, rules: [{}]}", "id=a/x", "allow"),
+    ("targetRef (singular)", "AP shop/p {targetRef: {kind: Service, group: '', name: reviews}, action: DENY, rules: [{}]}", "id=a/x", "deny:shop/p"),
+    ("cross-namespace target rejected, fail closed", "AP shop/p {targetRefs: [{kind: Service, group: '', name: reviews, namespace: other}, {kind: Service, group: '', name: reviews}], action: DENY, rules: [{to: [{operation: {methods: [DELETE]}}]}]}", "id=a/x", "deny:rejected:shop/p"),
+    ("selector and targetRefs rejected, fail closed", "AP shop/p {selector: {matchLabels: {app: web}}, TARGET_SVC, action: DENY, rules: [{to: [{operation: {methods: [DELETE]}}]}]}", "id=a/x", "deny:rejected:shop/p"),
+    // --- methods
+    ("method allowed", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {methods: [GET, HEAD]}}]}]}", "m=HEAD", "allow:shop/p"),
+    ("method not allowed", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {methods: [GET]}}]}]}", "m=POST", "deny:no-allow"),
+    ("method case-sensitive", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {methods: [GET]}}]}]}", "m=get", "deny:no-allow"),
+    ("notMethods", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {notMethods: [GET]}}]}]}", "m=DELETE", "deny:shop/p"),
+    ("notMethods spares", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {notMethods: [GET]}}]}]}", "m=GET", "allow"),
+    // --- paths
+    ("path exact", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {paths: [/api]}}]}]}", "path=/api", "allow:shop/p"),
+    ("path exact ignores the query", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {paths: [/api]}}]}]}", "path=/api?x=1", "allow:shop/p"),
+    ("path exact, longer", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {paths: [/api]}}]}]}", "path=/api/x", "deny:no-allow"),
+    ("path prefix", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {paths: ['/api/*']}}]}]}", "path=/api/books/1", "allow:shop/p"),
+    ("path prefix needs the slash", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {paths: ['/api/*']}}]}]}", "path=/apix", "deny:no-allow"),
+    ("path suffix", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {paths: ['*.html']}}]}]}", "path=/a/b.html", "allow:shop/p"),
+    ("path presence", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {paths: ['*']}}]}]}", "path=/anything", "allow:shop/p"),
+    ("path template one segment", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {paths: ['/books/{*}/reviews']}}]}]}", "path=/books/7/reviews", "allow:shop/p"),
+    ("path template one segment only", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {paths: ['/books/{*}/reviews']}}]}]}", "path=/books/7/8/reviews", "deny:no-allow"),
+    ("path template rest", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {paths: ['/books/{**}']}}]}]}", "path=/books/7/8", "allow:shop/p"),
+    ("path template rest needs one", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {paths: ['/books/{**}']}}]}]}", "path=/books", "deny:no-allow"),
+    ("notPaths", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {notPaths: ['/admin/*']}}]}]}", "path=/admin/x", "deny:no-allow"),
+    // --- path normalisation (Istio's default BASE: RFC 3986)
+    ("dot-dot cannot escape a DENY", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {paths: ['/admin/*']}}]}]}", "path=/public/../admin/x", "deny:shop/p"),
+    ("dot segment removed", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {paths: [/admin/x]}}]}]}", "path=/admin/./x", "deny:shop/p"),
+    ("encoded dot-dot decoded then removed", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {paths: ['/admin/*']}}]}]}", "path=/public/%2e%2e/admin/x", "deny:shop/p"),
+    ("encoded unreserved decoded", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {paths: [/admin]}}]}]}", "path=/%61dmin", "deny:shop/p"),
+    ("backslash is a slash", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {paths: ['/admin/*']}}]}]}", "path=/admin\\x", "deny:shop/p"),
+    ("encoded slash stays encoded (BASE)", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {paths: [/admin/x]}}]}]}", "path=/admin%2Fx", "allow"),
+    ("double slash kept (BASE)", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {paths: [/admin/x]}}]}]}", "path=/admin//x", "allow"),
+    // --- hosts
+    ("host exact, case-insensitive", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {hosts: [Reviews.Shop]}}]}]}", "host=reviews.shop", "allow:shop/p"),
+    ("host with port", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {hosts: [reviews.shop]}}]}]}", "host=reviews.shop:9080", "allow:shop/p"),
+    ("host other", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {hosts: [reviews.shop]}}]}]}", "host=ratings.shop", "deny:no-allow"),
+    ("host suffix wildcard", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {hosts: ['*.shop.svc.cluster.local']}}]}]}", "host=reviews.shop.svc.cluster.local", "allow:shop/p"),
+    ("notHosts", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {notHosts: [reviews]}}]}]}", "host=evil", "deny:shop/p"),
+    // --- ports and L4 parts at the waypoint
+    ("ports with methods ANDed", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {ports: ['9080'], methods: [GET]}}]}]}", "port=9080 m=GET", "allow:shop/p"),
+    ("ports with methods, other port", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {ports: ['9080'], methods: [GET]}}]}]}", "port=8080 m=GET", "deny:no-allow"),
+    ("principal and path", "AP shop/p {TARGET_SVC, rules: [{from: [{source: {principals: [cluster.local/ns/a/sa/x]}}], to: [{operation: {paths: ['/api/*']}}]}]}", "id=a/x path=/api/1", "allow:shop/p"),
+    ("principal and path, other principal", "AP shop/p {TARGET_SVC, rules: [{from: [{source: {principals: [cluster.local/ns/a/sa/x]}}], to: [{operation: {paths: ['/api/*']}}]}]}", "id=a/y path=/api/1", "deny:no-allow"),
+    // --- when: request headers
+    ("header exact", "AP shop/p {TARGET_SVC, action: DENY, rules: [{when: [{key: 'request.headers[x-user]', values: [bob]}]}]}", "h:x-user=bob", "deny:shop/p"),
+    ("header name case-insensitive", "AP shop/p {TARGET_SVC, action: DENY, rules: [{when: [{key: 'request.headers[X-User]', values: [bob]}]}]}", "h:x-user=bob", "deny:shop/p"),
+    ("header other value", "AP shop/p {TARGET_SVC, action: DENY, rules: [{when: [{key: 'request.headers[x-user]', values: [bob]}]}]}", "h:x-user=alice", "allow"),
+    ("header absent", "AP shop/p {TARGET_SVC, action: DENY, rules: [{when: [{key: 'request.headers[x-user]', values: [bob]}]}]}", "", "allow"),
+    ("header prefix", "AP shop/p {TARGET_SVC, rules: [{when: [{key: 'request.headers[x-env]', values: ['prod-*']}]}]}", "h:x-env=prod-eu", "allow:shop/p"),
+    ("header notValues, absent", "AP shop/p {TARGET_SVC, rules: [{when: [{key: 'request.headers[x-env]', notValues: [test]}]}]}", "", "allow:shop/p"),
+    // --- JWT-dependent fields without RequestAuthentication
+    ("requestPrincipals never match", "AP shop/p {TARGET_SVC, rules: [{from: [{source: {requestPrincipals: ['*']}}]}]}", "id=a/x", "deny:no-allow"),
+    ("notRequestPrincipals always match", "AP shop/p {TARGET_SVC, action: DENY, rules: [{from: [{source: {notRequestPrincipals: ['*']}}]}]}", "id=a/x", "deny:shop/p"),
+    ("auth claims never match", "AP shop/p {TARGET_SVC, rules: [{when: [{key: 'request.auth.claims[iss]', values: [x]}]}]}", "id=a/x", "deny:no-allow"),
+    ("unsupported key in DENY still denies", "AP shop/p {TARGET_SVC, action: DENY, rules: [{when: [{key: connection.sni, values: [x]}]}]}", "id=a/x", "deny:shop/p"),
+    ("unsupported key in ALLOW grants nothing", "AP shop/p {TARGET_SVC, rules: [{when: [{key: connection.sni, values: [x]}]}]}", "id=a/x", "deny:no-allow"),
+    // --- actions
+    ("AUDIT listed, not deciding", "AP shop/p {TARGET_SVC, action: AUDIT, rules: [{to: [{operation: {methods: [GET]}}]}]}", "m=GET", "allow audit:shop/p"),
+    ("CUSTOM fails closed", "AP shop/p {TARGET_SVC, action: CUSTOM, provider: {name: ext}, rules: [{to: [{operation: {paths: ['/admin/*']}}]}]}", "path=/admin/1", "deny:custom:shop/p"),
+    ("CUSTOM only what it selects", "AP shop/p {TARGET_SVC, action: CUSTOM, provider: {name: ext}, rules: [{to: [{operation: {paths: ['/admin/*']}}]}]}", "path=/public", "allow"),
+    // --- opaque TCP at the waypoint: HTTP fields fail safe
+    ("tcp: ALLOW with methods grants nothing", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {methods: [GET]}}]}]}", "tcp id=a/x", "deny:no-allow"),
+    ("tcp: DENY with methods denies", "AP shop/p {TARGET_SVC, action: DENY, rules: [{from: [{source: {namespaces: [a]}}], to: [{operation: {methods: [DELETE]}}]}]}", "tcp id=a/x", "deny:shop/p"),
+    ("tcp: L4 ALLOW applies", "AP shop/p {TARGET_SVC, rules: [{from: [{source: {namespaces: [a]}}]}]}", "tcp id=a/x", "allow:shop/p"),
+];
+
+fn waypoint_policies(policies: &str) -> (crate::WaypointPolicies, Report) {
+    let text = expand(&policies.replace("TARGET_SVC", SVC).replace("TARGET_GW", GW));
+    crate::WaypointPolicies::from_text(ROOT, &text)
+}
+
+#[test]
+fn waypoint_table() {
+    let mut failures = Vec::new();
+    for (case, policies, request, want) in WAYPOINT {
+        let (p, _) = waypoint_policies(policies);
+        let got = render(&waypoint_decide(&p, request));
+        if got != *want {
+            failures.push(format!("{case}: want {want}, got {got}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn waypoint_reports_what_it_cannot_check() {
+    let (_, report) = waypoint_policies(
+        "AP shop/p {TARGET_SVC, rules: [{from: [{source: {requestPrincipals: ['*']}}]}, {when: [{key: connection.sni, values: [x]}]}]} ; AP shop/q {targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: ext}]}",
+    );
+    let text: Vec<String> = report.warnings.iter().map(ToString::to_string).collect();
+    let has = |needle: &str| text.iter().any(|w| w.contains(needle));
+    assert!(has("requestPrincipals never match"), "{text:#?}");
+    assert!(has("connection.sni"), "{text:#?}");
+    assert!(
+        has("ServiceEntry ext is not supported by the waypoint"),
+        "{text:#?}"
+    );
+    // The node agents' compilation of the same policy: reported as the waypoint's.
+    let (_, node) = store("AP shop/p {targetRefs: [{kind: Service, group: '', name: reviews}]}");
+    assert!(
+        node.errors
+            .iter()
+            .any(|e| e.to_string().contains("waypoint")),
+        "{node:?}"
+    );
+}
+
+#[test]
+fn path_normalisation_follows_istio_base() {
+    for (raw, want) in [
+        ("/", Some("/")),
+        ("/a/b", Some("/a/b")),
+        ("/a/../b", Some("/b")),
+        ("/a/./b", Some("/a/b")),
+        ("/../../a", Some("/a")),
+        ("/a/b/..", Some("/a/")),
+        ("/a/%2e%2E/b", Some("/b")),
+        ("/%41%7e", Some("/A~")),
+        ("/a%2fb", Some("/a%2Fb")),
+        ("/a//b", Some("/a//b")),
+        ("/a\\b", Some("/a/b")),
+        ("/a?q=/../x", Some("/a")),
+        ("a/b", None),
+        ("", None),
+        ("/a%zz", None),
+        ("/a%2", None),
+        ("/a b", None),
+    ] {
+        assert_eq!(crate::normalize_path(raw).as_deref(), want, "{raw:?}");
+    }
+}

@@ -100,6 +100,12 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     "unsupported": active.routes.unsupported,
                 },
                 "destinations": destinations(shared, &active),
+                "policies": {
+                    "gateway": format!("{}/{}", active.gateway.0, active.gateway.1),
+                    "in_force": active.policies.names().iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "errors": active.policy_report.errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "warnings": active.policy_report.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                },
             });
             text(
                 StatusCode::OK,

@@ -71,6 +71,31 @@ pub struct WaypointConfig {
     /// `VirtualService`s (read by [`WaypointConfig::route_objects`]).
     #[serde(default)]
     pub routes: Vec<serde_yaml::Value>,
+    /// Istio `AuthorizationPolicy` objects, verbatim; those attached with
+    /// `targetRefs` to this waypoint's Gateway, to a Service it fronts or
+    /// to the `istio-waypoint` GatewayClass (root namespace) are enforced
+    /// per request. The others are the node agents'.
+    #[serde(default)]
+    pub policies: Vec<serde_yaml::Value>,
+    /// The Gateway this waypoint is (`targetRefs` of kind Gateway name
+    /// it); by default the name and namespace of its identity's service
+    /// account, as Istio names a waypoint's.
+    #[serde(default)]
+    pub gateway: Option<GatewayRef>,
+    /// Istio's root namespace (`istio-system`): its policies targeting the
+    /// `istio-waypoint` GatewayClass apply to every waypoint.
+    #[serde(default)]
+    pub root_namespace: Option<String>,
+}
+
+/// A Gateway by name and namespace.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayRef {
+    /// Its name.
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
 }
 
 /// One entry of `routes:`, by its `kind`.

@@ -127,6 +127,8 @@ pub enum Flags {
     FaultInjected,
     /// The destination is at its `maxConnections` (`UO`).
     Overflow,
+    /// Denied by an AuthorizationPolicy (`RBAC`).
+    Rbac,
 }
 
 impl Flags {
@@ -143,6 +145,7 @@ impl Flags {
             Self::DelayInjected => "DI",
             Self::FaultInjected => "FI",
             Self::Overflow => "UO",
+            Self::Rbac => "RBAC",
         }
     }
 }
@@ -165,6 +168,8 @@ struct Finish {
     flags: Flags,
     request_bytes: Arc<AtomicU64>,
     trace_id: String,
+    /// The policy that denied the request (or why, when none is named).
+    policy: Option<String>,
 }
 
 impl Finish {
@@ -203,6 +208,7 @@ impl Finish {
             authority = %self.authority,
             service = %t.target.service,
             route = %self.route,
+            policy = self.policy.as_deref(),
             upstream = self.upstream.as_ref().map(|c| tracing::field::display(c.addr)),
             dst_workload = %labels.destination.workload,
             status = self.status.as_u16(),
@@ -402,6 +408,7 @@ async fn handle(
         flags: Flags::None,
         request_bytes: Arc::new(AtomicU64::new(0)),
         trace_id: String::new(),
+        policy: None,
     };
     let answer = |mut finish: Finish, status: StatusCode, flags: Flags| {
         finish.status = status;
@@ -414,6 +421,47 @@ async fn handle(
         ip: tunnel.peer.ip(),
     };
     let active = shared.active();
+    // Policies and routes see the path as Istio's default normalisation
+    // (BASE) leaves it, and the backend gets that path: a request cannot
+    // reach what a policy denies by spelling its path differently.
+    let raw = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let Some(normalized) = mesh_policy::normalize_path(raw) else {
+        return answer(finish, StatusCode::BAD_REQUEST, Flags::None);
+    };
+    if normalized != parts.uri.path() {
+        let with_query = match parts.uri.query() {
+            Some(q) => format!("{normalized}?{q}"),
+            None => normalized.clone(),
+        };
+        let mut uri = parts.uri.clone().into_parts();
+        uri.path_and_query = with_query.parse().ok();
+        match http::Uri::from_parts(uri) {
+            Ok(u) => parts.uri = u,
+            Err(_) => return answer(finish, StatusCode::BAD_REQUEST, Flags::None),
+        }
+    }
+    if !active.policies.is_empty() {
+        let headers: Vec<(String, String)> = parts
+            .headers
+            .iter()
+            .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect();
+        let request = mesh_policy::HttpRequest {
+            method: parts.method.as_str(),
+            path: &normalized,
+            host: &authority,
+            headers: &headers,
+        };
+        let decision = active.authorize(&tunnel, Some(&request));
+        if let Some(reason) = decision.deny_reason() {
+            finish.policy = Some(
+                reason
+                    .policy()
+                    .map_or_else(|| reason.to_string(), ToString::to_string),
+            );
+            return rbac_denied(finish);
+        }
+    }
     let selection = active.routes.select(
         &target.service,
         target.port.port,
@@ -617,6 +665,21 @@ async fn handle(
     finish.status = rparts.status;
     let body = rbody.boxed();
     metered(Response::from_parts(rparts, body), finish)
+}
+
+/// Envoy's answer to a request its RBAC filter denies.
+fn rbac_denied(mut finish: Finish) -> Response<ProxyBody> {
+    finish.status = StatusCode::FORBIDDEN;
+    finish.flags = Flags::Rbac;
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(b"RBAC: access denied"))
+            .map_err(|e| match e {})
+            .boxed(),
+    );
+    *r.status_mut() = StatusCode::FORBIDDEN;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    metered(r, finish)
 }
 
 fn metered(response: Response<ProxyBody>, finish: Finish) -> Response<ProxyBody> {

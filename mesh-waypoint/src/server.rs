@@ -251,6 +251,7 @@ async fn stream(
     tokio::spawn(pipe(outer, send, req.into_body()));
     let tunnel = Arc::new(Tunnel {
         target,
+        vip,
         peer,
         peer_id,
         source,
@@ -345,6 +346,22 @@ async fn inner_stream(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: DuplexSt
 /// Relays an opaque stream to an endpoint of the service.
 async fn tcp(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: Rewind) {
     let t = &tunnel.target;
+    // Policies attached to the waypoint apply to opaque streams too, their
+    // HTTP fields fail safe (an ALLOW rule needing them grants nothing).
+    let decision = shared.active().authorize(&tunnel, None);
+    if let Some(reason) = decision.deny_reason() {
+        tracing::info!(
+            target: mesh_agent::telemetry::ACCESS_TARGET,
+            reporter = "waypoint",
+            src = %tunnel.peer,
+            src_identity = %tunnel.peer_id,
+            service = %t.service,
+            policy = reason.policy().map(tracing::field::display),
+            reason = %reason,
+            "tcp stream denied"
+        );
+        return;
+    }
     let client = Client {
         namespace: &tunnel.source.namespace,
         ip: tunnel.peer.ip(),

@@ -53,6 +53,12 @@ pub struct Active {
     pub services: Services,
     /// The compiled routes.
     pub routes: RouteTable,
+    /// The AuthorizationPolicies this waypoint enforces.
+    pub policies: mesh_policy::WaypointPolicies,
+    /// What became of them (rejected ones fail closed; unsupported fields).
+    pub policy_report: mesh_policy::Report,
+    /// The Gateway this waypoint is (`namespace`, `name`).
+    pub gateway: (String, String),
 }
 
 impl Shared {
@@ -63,7 +69,7 @@ impl Shared {
         config: &WaypointConfig,
         limits: Limits,
     ) -> Self {
-        let active = Active::build(config, tls.trust_domain(), 1);
+        let active = Active::build(config, &identity, tls.trust_domain(), 1);
         let targets = active.services.hbone_targets(tls.trust_domain());
         let hbone = HboneConnector::new(Arc::clone(&tls), identity.clone(), targets);
         Self {
@@ -79,7 +85,12 @@ impl Shared {
 }
 
 impl Active {
-    fn build(config: &WaypointConfig, trust_domain: &TrustDomain, generation: u64) -> Self {
+    fn build(
+        config: &WaypointConfig,
+        identity: &SpiffeId,
+        trust_domain: &TrustDomain,
+        generation: u64,
+    ) -> Self {
         let services = Services::new(
             &config.services,
             trust_domain.as_str(),
@@ -90,8 +101,25 @@ impl Active {
             services.destinations(),
             &config.route_objects(),
         );
+        let (policies, policy_report) = compile_policies(config);
+        for e in &policy_report.errors {
+            tracing::warn!(error = %e, "waypoint policy error");
+        }
+        for w in &policy_report.warnings {
+            tracing::warn!(warning = %w, "waypoint policy warning");
+        }
+        let gateway = config.gateway.as_ref().map_or_else(
+            || {
+                (
+                    identity.namespace().to_owned(),
+                    identity.service_account().to_owned(),
+                )
+            },
+            |g| (g.namespace.clone(), g.name.clone()),
+        );
         tracing::info!(
             generation,
+            policies = policies.len(),
             services = config.services.len(),
             routes = routes.accepted.len(),
             unsupported = routes.unsupported.len(),
@@ -101,7 +129,60 @@ impl Active {
             generation,
             services,
             routes,
+            policies,
+            policy_report,
+            gateway,
         }
+    }
+}
+
+/// Compiles the configuration's AuthorizationPolicies (parse errors first
+/// in the report: a policy that cannot be read fails closed at the node
+/// agents, and is reported here).
+fn compile_policies(
+    config: &WaypointConfig,
+) -> (mesh_policy::WaypointPolicies, mesh_policy::Report) {
+    let root = config
+        .root_namespace
+        .as_deref()
+        .unwrap_or(mesh_policy::DEFAULT_ROOT_NAMESPACE);
+    let mut resources = Vec::new();
+    let mut errors = Vec::new();
+    for (i, value) in config.policies.iter().enumerate() {
+        let mut parsed = mesh_policy::parse_value(value.clone(), i);
+        resources.append(&mut parsed.resources);
+        errors.append(&mut parsed.errors);
+    }
+    let (policies, mut report) = mesh_policy::WaypointPolicies::build(root, &resources);
+    errors.append(&mut report.errors);
+    report.errors = errors;
+    (policies, report)
+}
+
+impl Active {
+    /// Decides a request (`request`; `None`: an opaque TCP stream) on
+    /// `tunnel` by the AuthorizationPolicies attached to this waypoint or
+    /// to the service the client addressed.
+    pub fn authorize(
+        &self,
+        tunnel: &Tunnel,
+        request: Option<&mesh_policy::HttpRequest<'_>>,
+    ) -> mesh_policy::Decision {
+        let principal = tunnel.peer_id.to_string();
+        let conn = mesh_policy::Connection {
+            source_principal: Some(&principal),
+            source_ip: tunnel.peer.ip(),
+            remote_ip: None,
+            destination_ip: tunnel.vip.ip(),
+            destination_port: tunnel.vip.port(),
+        };
+        let target = mesh_policy::WaypointTarget {
+            waypoint_namespace: &self.gateway.0,
+            waypoint_name: &self.gateway.1,
+            service_namespace: &tunnel.target.service.namespace,
+            service_name: &tunnel.target.service.name,
+        };
+        self.policies.evaluate(&target, &conn, request)
     }
 }
 
@@ -115,7 +196,12 @@ impl Shared {
     /// finish with the previous ones. Returns the new generation.
     pub fn reload(&self, config: &WaypointConfig) -> u64 {
         let mut slot = self.active.write().unwrap_or_else(PoisonError::into_inner);
-        let active = Active::build(config, self.tls.trust_domain(), slot.generation + 1);
+        let active = Active::build(
+            config,
+            &self.identity,
+            self.tls.trust_domain(),
+            slot.generation + 1,
+        );
         self.proxy
             .set_hbone_targets(active.services.hbone_targets(self.tls.trust_domain()));
         self.balancer.prune(active.services.destinations());
@@ -130,6 +216,8 @@ impl Shared {
 pub struct Tunnel {
     /// The service port the client CONNECTed to.
     pub target: Target,
+    /// The address it CONNECTed to (the service VIP and port).
+    pub vip: SocketAddr,
     /// The tunnel's TCP peer.
     pub peer: SocketAddr,
     /// Its authenticated identity.

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use crate::error::{PolicyError, PolicyName, PolicyWarning, RejectEffect, Report};
 use crate::model::{AuthorizationPolicy, Kind};
-use crate::rule::{CompiledAuthz, CompiledRule, Effect, Origin, Scope};
+use crate::rule::{CompiledAuthz, CompiledRule, Effect, Origin, Scope, TargetRef};
 
-use super::rule::{Mode, compile_rule};
+use super::rule::{Layer, Mode, compile_rule};
 use super::values::{Problems, compile_selector, report_rejected};
 
 /// The annotation Istio uses for dry-run AuthorizationPolicies.
@@ -24,12 +24,25 @@ pub fn parse_bool(v: &str) -> Option<bool> {
     }
 }
 
-/// Lowers an AuthorizationPolicy; `None` when it has no effect at all.
+/// Where a lowered policy applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Attach {
+    /// Workloads (node agents): a selector or a whole namespace.
+    Scope(Scope),
+    /// Waypoints: the Gateways, Services or GatewayClass named.
+    Targets(Vec<TargetRef>),
+}
+
+/// Lowers an AuthorizationPolicy for the node agents (`Layer::Node`: its
+/// selector scope; targetRefs policies are reported and left to waypoints)
+/// or for a waypoint (`Layer::Waypoint`: only targetRefs policies, with
+/// their HTTP fields); `None` when it has no effect at that layer.
 pub(crate) fn compile_authz(
     ap: &AuthorizationPolicy,
     root_namespace: &str,
+    layer: Layer,
     report: &mut Report,
-) -> Option<(Scope, CompiledAuthz)> {
+) -> Option<(Attach, CompiledAuthz)> {
     let namespace = ap.metadata.namespace.as_deref().unwrap_or_default();
     let name = PolicyName::new(namespace, ap.metadata.name.as_deref().unwrap_or_default());
     let dry_run = read_dry_run(ap, &name, report);
@@ -43,14 +56,19 @@ pub(crate) fn compile_authz(
             _ => RejectEffect::DenyAll,
         }
     };
-    let fallback_scope = Scope {
+    let fallback_scope = Attach::Scope(Scope {
         namespace: namespace.to_owned(),
         labels: ap.raw_selector.clone().unwrap_or_default(),
-    };
+    });
 
     let spec = match &ap.spec {
         Ok(spec) => spec,
         Err(e) => {
+            if layer != Layer::Node {
+                // Unreadable: the node agents reject it (fail closed in its
+                // selector's scope); a waypoint cannot tell its targets.
+                return None;
+            }
             let problems = vec![(e.field.clone(), e.message.clone())];
             return reject_authz(name, problems, reject_effect, fallback_scope, report);
         }
@@ -62,6 +80,24 @@ pub(crate) fn compile_authz(
         + usize::from(has_target_ref)
         + usize::from(has_target_refs);
     let mut problems: Problems = Vec::new();
+    let targets = if layer != Layer::Node {
+        if !(has_target_refs || has_target_ref) {
+            return None; // a node agent's policy
+        }
+        let refs: Vec<&serde_yaml::Value> = match (&spec.target_refs, &spec.target_ref) {
+            (Some(list), _) if !list.is_empty() => list.iter().collect(),
+            (_, Some(one)) => vec![one],
+            _ => Vec::new(),
+        };
+        let field = if has_target_refs {
+            "spec.targetRefs"
+        } else {
+            "spec.targetRef"
+        };
+        Some(target_refs(&refs, field, namespace, &mut problems))
+    } else {
+        None
+    };
     if attachments > 1 {
         // The API server refuses it (CEL `oneof(selector, targetRef,
         // targetRefs)`); rejected here, fail closed in the selector's scope,
@@ -72,7 +108,7 @@ pub(crate) fn compile_authz(
              this policy): keep the selector for the node agent, or targetRefs for a waypoint"
                 .into(),
         ));
-    } else if has_target_refs || has_target_ref {
+    } else if (has_target_refs || has_target_ref) && layer == Layer::Node {
         report.errors.push(PolicyError::TargetRefs {
             policy: name,
             field: if has_target_refs {
@@ -100,25 +136,31 @@ pub(crate) fn compile_authz(
         match rule {
             None => problems.push((path, "a rule must not be null".into())),
             Some(rule) => {
-                if let Some(r) =
-                    compile_rule(rule, &path, namespace, mode, &mut problems, &mut warnings)
-                {
+                if let Some(r) = compile_rule(
+                    rule,
+                    &path,
+                    namespace,
+                    (mode, layer),
+                    &mut problems,
+                    &mut warnings,
+                ) {
                     rules.push(r);
                 }
             }
         }
     }
-    let scope = match labels {
-        Some(labels) => Scope {
+    let scope = match (targets, labels) {
+        (Some(targets), _) => Attach::Targets(targets),
+        (None, Some(labels)) => Attach::Scope(Scope {
             namespace: namespace.to_owned(),
             labels,
-        },
+        }),
         // An invalid selector: the whole namespace (wider, so a fail-closed
         // rejection covers at least what the policy meant to).
-        None => Scope {
+        (None, None) => Attach::Scope(Scope {
             namespace: namespace.to_owned(),
             labels: BTreeMap::new(),
-        },
+        }),
     };
     if !problems.is_empty() {
         return reject_authz(name, problems, reject_effect, scope, report);
@@ -146,8 +188,8 @@ pub(crate) fn compile_authz(
             "a DENY or CUSTOM policy without rules matches nothing and has no effect (Istio rejects it)",
         );
     }
-    if namespace == root_namespace && scope.labels.is_empty() && effect == Effect::Allow && no_rules
-    {
+    let whole_mesh = matches!(&scope, Attach::Scope(s) if s.labels.is_empty());
+    if namespace == root_namespace && whole_mesh && effect == Effect::Allow && no_rules {
         warn(
             report,
             &name,
@@ -234,9 +276,9 @@ fn reject_authz(
     name: PolicyName,
     problems: Problems,
     effect: RejectEffect,
-    scope: Scope,
+    scope: Attach,
     report: &mut Report,
-) -> Option<(Scope, CompiledAuthz)> {
+) -> Option<(Attach, CompiledAuthz)> {
     report_rejected(report, Kind::AuthorizationPolicy, &name, problems, effect);
     let (effect, rules) = match effect {
         // One rule without clauses: matches every connection.
@@ -254,4 +296,49 @@ fn reject_authz(
             rules,
         },
     ))
+}
+
+/// Reads `targetRef(s)` (at `field`) of a policy in `namespace`: `kind`
+/// and `name` required; `group` as written (`""` for core Services);
+/// a `namespace` other than the policy's is refused (Istio's rule).
+fn target_refs(
+    refs: &[&serde_yaml::Value],
+    field: &str,
+    namespace: &str,
+    problems: &mut Problems,
+) -> Vec<TargetRef> {
+    let mut out = Vec::with_capacity(refs.len());
+    for (i, r) in refs.iter().enumerate() {
+        let at = if field.ends_with('s') {
+            format!("{field}[{i}]")
+        } else {
+            field.to_owned()
+        };
+        let text = |k: &str| {
+            r.get(k)
+                .and_then(serde_yaml::Value::as_str)
+                .unwrap_or_default()
+        };
+        let (kind, name) = (text("kind"), text("name"));
+        if kind.is_empty() || name.is_empty() {
+            problems.push((at, "kind and name are required".into()));
+            continue;
+        }
+        let ns = text("namespace");
+        if !ns.is_empty() && ns != namespace {
+            problems.push((
+                format!("{at}.namespace"),
+                "must be the policy's own namespace (cross-namespace references are not allowed)"
+                    .into(),
+            ));
+            continue;
+        }
+        out.push(TargetRef {
+            group: text("group").to_owned(),
+            kind: kind.to_owned(),
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+        });
+    }
+    out
 }

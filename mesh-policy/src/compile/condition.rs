@@ -2,8 +2,9 @@
 //! the L7 keys Istio knows are listed, unknown keys rejected.
 
 use crate::model::{Condition, Scalar};
-use crate::rule::Match;
+use crate::rule::{HeaderCond, Match, StrMatch};
 
+use super::rule::Unchecked;
 use super::values::{Problems, Warnings, cidrs, non_empty, patterns, ports, service_accounts};
 
 /// Lowers `when` (of the rule at `path`): one single-match clause per L4
@@ -14,7 +15,7 @@ pub(super) fn compile_when(
     policy_namespace: &str,
     problems: &mut Problems,
     warnings: &mut Warnings,
-    l7: &mut Vec<String>,
+    l7: &mut Unchecked,
     clauses: &mut Vec<Vec<Match>>,
 ) {
     for (j, cond) in when.iter().enumerate() {
@@ -44,6 +45,12 @@ pub(super) fn compile_when(
                 let (vp, np) = (format!("{p}.values"), format!("{p}.notValues"));
                 non_empty(&vp, cond.values.iter().map(Scalar::as_str), problems);
                 non_empty(&np, cond.not_values.iter().map(Scalar::as_str), problems);
+                if l7.http()
+                    && let Some(m) = waypoint_condition(cond, key, &p, problems, warnings)
+                {
+                    clauses.push(vec![m]);
+                    continue;
+                }
                 l7.push(format!("{p} (key {key})"));
             }
             Err(msg) => problems.push((format!("{p}.key"), msg)),
@@ -147,4 +154,52 @@ fn l7_key(key: &str) -> Result<(), String> {
         )),
         _ => Err(format!("unknown attribute {key:?}")),
     }
+}
+
+/// Lowers an HTTP condition at a waypoint (at `p`): `request.headers[name]`
+/// into a header matcher; `request.auth.*` into a condition on the
+/// request principal a request never has (no RequestAuthentication), as
+/// Istio evaluates them without a JWT. `None`: a key the waypoint cannot
+/// check (`connection.sni`, claims-free experimental keys, inline headers).
+fn waypoint_condition(
+    cond: &Condition,
+    key: &str,
+    p: &str,
+    problems: &mut Problems,
+    warnings: &mut Warnings,
+) -> Option<Match> {
+    let strs = |v: &[Scalar]| v.iter().map(|s| s.0.clone()).collect::<Vec<_>>();
+    let mut m = Match::default();
+    if let Some(name) = key
+        .strip_prefix("request.headers[")
+        .and_then(|r| r.strip_suffix(']'))
+    {
+        m.headers.push(HeaderCond {
+            name: name.to_ascii_lowercase().into(),
+            values: patterns(&format!("{p}.values"), &strs(&cond.values), false, problems),
+            not_values: patterns(
+                &format!("{p}.notValues"),
+                &strs(&cond.not_values),
+                false,
+                problems,
+            ),
+        });
+        return Some(m);
+    }
+    if key.starts_with("request.auth.") {
+        if !cond.values.is_empty() {
+            m.request_principals.push(StrMatch::Presence);
+        }
+        if !cond.not_values.is_empty() {
+            m.not_request_principals.push(StrMatch::Presence);
+        }
+        warnings.push((
+            format!("{p} (key {key})"),
+            "RequestAuthentication (JWT) is not supported: a request has no token, so values \
+             never match and notValues always do"
+                .into(),
+        ));
+        return Some(m);
+    }
+    None
 }

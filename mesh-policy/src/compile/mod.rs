@@ -11,6 +11,7 @@ mod rule;
 mod source;
 mod values;
 
-pub(crate) use authz::compile_authz;
+pub(crate) use authz::{Attach, compile_authz};
 pub use authz::{DRY_RUN_ANNOTATION, parse_bool};
 pub(crate) use peer_authn::compile_peer_authn;
+pub(crate) use rule::Layer;

@@ -1,9 +1,10 @@
 //! Lowering of a rule's `to` entries (`operation`) into [`Match`]es.
 
 use crate::model::{Operation, To};
-use crate::rule::Match;
+use crate::rule::{Match, PathMatch, Segment};
 
-use super::values::{Problems, non_empty, ports};
+use super::rule::Unchecked;
+use super::values::{Problems, non_empty, patterns, ports};
 
 /// Lowers `to` (of the rule at `path`): one clause whose matches are ORed.
 /// L7-only fields (hosts, methods, paths) are added to `l7`.
@@ -11,7 +12,7 @@ pub(super) fn compile_to(
     to: &[Option<To>],
     path: &str,
     problems: &mut Problems,
-    l7: &mut Vec<String>,
+    l7: &mut Unchecked,
 ) -> Vec<Match> {
     if to.is_empty() {
         problems.push((format!("{path}.to"), "must not be empty".into()));
@@ -34,7 +35,7 @@ fn compile_operation(
     op: &Operation,
     p: &str,
     problems: &mut Problems,
-    l7: &mut Vec<String>,
+    l7: &mut Unchecked,
 ) -> Match {
     let mut m = Match::default();
     if !op.ports.is_empty() {
@@ -56,11 +57,89 @@ fn compile_operation(
             any = true;
             let f = format!("{p}.{name}");
             non_empty(&f, values.iter().map(String::as_str), problems);
-            l7.push(f);
+            if !l7.http() {
+                l7.push(f);
+                continue;
+            }
+            match name {
+                "hosts" | "notHosts" => {
+                    let lower: Vec<String> =
+                        values.iter().map(|v| v.to_ascii_lowercase()).collect();
+                    let compiled = patterns(&f, &lower, false, problems);
+                    if name == "hosts" {
+                        m.hosts = compiled;
+                    } else {
+                        m.not_hosts = compiled;
+                    }
+                }
+                "methods" | "notMethods" => {
+                    let compiled = values.iter().map(|v| v.as_str().into()).collect();
+                    if name == "methods" {
+                        m.methods = compiled;
+                    } else {
+                        m.not_methods = compiled;
+                    }
+                }
+                _ => {
+                    let compiled = path_patterns(&f, values, problems);
+                    if name == "paths" {
+                        m.paths = compiled;
+                    } else {
+                        m.not_paths = compiled;
+                    }
+                }
+            }
         }
     }
     if !any {
         problems.push((p.to_owned(), "must not be empty".into()));
     }
     m
+}
+
+/// Parses `paths` values: Istio's `*`, `prefix*`, `*suffix`, exact, or a
+/// template with `{*}` / `{**}` segments (`{**}` only last).
+fn path_patterns(field: &str, values: &[String], problems: &mut Problems) -> Vec<PathMatch> {
+    let mut out = Vec::with_capacity(values.len());
+    for (i, v) in values.iter().enumerate() {
+        if v.contains('{') || v.contains('}') {
+            match template(v) {
+                Ok(t) => out.push(PathMatch::Template(t)),
+                Err(msg) => problems.push((format!("{field}[{i}]"), msg)),
+            }
+            continue;
+        }
+        let mut p = Vec::new();
+        for m in patterns(
+            &format!("{field}[{i}]"),
+            std::slice::from_ref(v),
+            false,
+            &mut p,
+        ) {
+            out.push(PathMatch::Str(m));
+        }
+        problems.append(&mut p);
+    }
+    out
+}
+
+fn template(v: &str) -> Result<Vec<Segment>, String> {
+    let bad = |why: &str| Err(format!("bad path template {v:?}: {why}"));
+    let Some(rest) = v.strip_prefix('/') else {
+        return bad("must start with /");
+    };
+    let parts: Vec<&str> = rest.split('/').collect();
+    let mut out = Vec::with_capacity(parts.len());
+    for (i, part) in parts.iter().enumerate() {
+        out.push(match *part {
+            "{*}" => Segment::One,
+            "{**}" if i + 1 == parts.len() => Segment::Rest,
+            "{**}" => return bad("{**} must be the last segment"),
+            p if p.contains(['{', '}', '*']) => {
+                return bad("a segment is {*}, {**} or literal text");
+            }
+            p => Segment::Literal(p.into()),
+        });
+    }
+    Ok(out)
 }

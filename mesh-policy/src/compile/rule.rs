@@ -9,6 +9,36 @@ use super::operation::compile_to;
 use super::source::compile_from;
 use super::values::{Problems, Warnings};
 
+/// Which proxy a policy is lowered for: the node agent (L4: HTTP fields
+/// cannot be checked) or a waypoint (HTTP fields are matchers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layer {
+    Node,
+    /// HTTP requests at a waypoint.
+    Waypoint,
+    /// Opaque TCP streams at a waypoint: its policies (targetRefs), their
+    /// HTTP fields lowered as the node agent does (fail safe).
+    WaypointTcp,
+}
+
+/// The rule's fields that the layer cannot check (field paths), set aside
+/// by [`with_l7`].
+pub(super) struct Unchecked {
+    pub layer: Layer,
+    pub fields: Vec<String>,
+}
+
+impl Unchecked {
+    pub(super) fn push(&mut self, field: String) {
+        self.fields.push(field);
+    }
+
+    /// Whether HTTP fields become matchers.
+    pub(super) fn http(&self) -> bool {
+        self.layer == Layer::Waypoint
+    }
+}
+
 /// Rule evaluation mode: ALLOW/AUDIT rules must be fully checkable to
 /// match; DENY (and CUSTOM) rules drop what they cannot check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,12 +53,15 @@ pub(super) fn compile_rule(
     rule: &Rule,
     path: &str,
     policy_namespace: &str,
-    mode: Mode,
+    (mode, layer): (Mode, Layer),
     problems: &mut Problems,
     warnings: &mut Warnings,
 ) -> Option<CompiledRule> {
     let mut clauses = Vec::new();
-    let mut l7: Vec<String> = Vec::new();
+    let mut l7 = Unchecked {
+        layer,
+        fields: Vec::new(),
+    };
     if let Some(from) = &rule.from {
         clauses.push(compile_from(
             from,
@@ -58,14 +91,36 @@ pub(super) fn compile_rule(
 /// a grant, nothing; for a deny, its L4 clauses. Each case is warned about.
 fn with_l7(
     clauses: Vec<Vec<Match>>,
-    l7: &[String],
+    l7: &Unchecked,
     mode: Mode,
     warnings: &mut Warnings,
 ) -> Option<CompiledRule> {
-    if l7.is_empty() {
+    if l7.fields.is_empty() {
         return Some(CompiledRule { clauses });
     }
-    let fields = l7.join(", ");
+    let fields = l7.fields.join(", ");
+    if l7.layer == Layer::Waypoint {
+        return match mode {
+            Mode::Grant => {
+                warnings.push((
+                    fields,
+                    "not supported by the waypoint (JWT claims, SNI, experimental keys): this rule \
+                     never matches (in an ALLOW policy it grants nothing)"
+                        .into(),
+                ));
+                None
+            }
+            Mode::Deny => {
+                warnings.push((
+                    fields,
+                    "not supported by the waypoint (JWT claims, SNI, experimental keys): the rule \
+                     is enforced without them, which denies more than written"
+                        .into(),
+                ));
+                Some(CompiledRule { clauses })
+            }
+        };
+    }
     match mode {
         Mode::Grant => {
             warnings.push((

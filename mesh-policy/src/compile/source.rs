@@ -3,6 +3,7 @@
 use crate::model::{From, Source};
 use crate::rule::Match;
 
+use super::rule::Unchecked;
 use super::values::{Problems, Warnings, cidrs, non_empty, patterns, service_accounts};
 
 /// Lowers `from` (of the rule at `path`, e.g. `spec.rules[0]`): one clause
@@ -13,7 +14,7 @@ pub(super) fn compile_from(
     policy_namespace: &str,
     problems: &mut Problems,
     warnings: &mut Warnings,
-    l7: &mut Vec<String>,
+    l7: &mut Unchecked,
 ) -> Vec<Match> {
     if from.is_empty() {
         problems.push((format!("{path}.from"), "must not be empty".into()));
@@ -45,7 +46,7 @@ fn compile_source(
     policy_namespace: &str,
     problems: &mut Problems,
     warnings: &mut Warnings,
-    l7: &mut Vec<String>,
+    l7: &mut Unchecked,
 ) -> Match {
     let mut m = Match::default();
     let mut any = false;
@@ -85,13 +86,31 @@ fn compile_source(
     if let Some(f) = list("notRemoteIpBlocks", &source.not_remote_ip_blocks) {
         m.not_remote_ips = cidrs(&f, &source.not_remote_ip_blocks, problems, warnings);
     }
-    for (name, values) in [
-        ("requestPrincipals", &source.request_principals),
-        ("notRequestPrincipals", &source.not_request_principals),
+    for (name, values, negative) in [
+        ("requestPrincipals", &source.request_principals, false),
+        ("notRequestPrincipals", &source.not_request_principals, true),
     ] {
         if let Some(f) = list(name, values) {
             non_empty(&f, values.iter().map(String::as_str), problems);
-            l7.push(f);
+            if l7.http() {
+                // No RequestAuthentication (JWT): a request never has a
+                // request principal, as in Istio for a request without a
+                // token.
+                let compiled = patterns(&f, values, false, problems);
+                if negative {
+                    m.not_request_principals = compiled;
+                } else {
+                    m.request_principals = compiled;
+                }
+                warnings.push((
+                    f,
+                    "RequestAuthentication (JWT) is not supported: requests carry no request \
+                     principal, so requestPrincipals never match and notRequestPrincipals always do"
+                        .into(),
+                ));
+            } else {
+                l7.push(f);
+            }
         }
     }
     if !any {
