@@ -372,7 +372,8 @@ fn the_real_waypoint_routes_http_between_two_agents_over_hbone() {
         &config,
         format!(
             "services:\n  - name: web\n    namespace: default\n    addresses: [198.18.200.1]\n    ports: [{{ port: 80, targetPort: 8081, protocol: http }}]\n    endpoints:\n      - {{ address: {web_ip}, tunnel: hbone, workload: web, serviceAccount: web }}\n\
-             routes:\n  - apiVersion: gateway.networking.k8s.io/v1\n    kind: HTTPRoute\n    metadata: {{ name: web, namespace: default }}\n    spec:\n      parentRefs: [{{ group: \"\", kind: Service, name: web, port: 80 }}]\n      rules:\n        - filters: [{{ type: ResponseHeaderModifier, responseHeaderModifier: {{ add: [{{ name: x-routed-by, value: waypoint }}] }} }}]\n          backendRefs: [{{ name: web, port: 80 }}]\n"
+             routes:\n  - apiVersion: gateway.networking.k8s.io/v1\n    kind: HTTPRoute\n    metadata: {{ name: web, namespace: default }}\n    spec:\n      parentRefs: [{{ group: \"\", kind: Service, name: web, port: 80 }}]\n      rules:\n        - filters: [{{ type: ResponseHeaderModifier, responseHeaderModifier: {{ add: [{{ name: x-routed-by, value: waypoint }}] }} }}]\n          backendRefs: [{{ name: web, port: 80 }}]\n\
+             policies:\n  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n    metadata: {{ name: no-secrets, namespace: default }}\n    spec:\n      targetRefs: [{{ kind: Service, group: \"\", name: web }}]\n      action: DENY\n      rules: [{{ to: [{{ operation: {{ paths: [\"/secret*\"] }} }}] }}]\n"
         ),
     )
     .expect("waypoint config");
@@ -407,6 +408,21 @@ fn the_real_waypoint_routes_http_between_two_agents_over_hbone() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     };
     assert_eq!(body, "served by web\n");
+    // An L7 policy attached to the service (targetRefs) is the waypoint's
+    // to enforce: the path is denied there with Envoy's 403, even spelled
+    // with a dot segment.
+    std::fs::write(docroot.join("secret.txt"), "secret\n").expect("file");
+    for path in ["/secret.txt", "/x/../secret.txt"] {
+        let mut get = std::process::Command::new(mesh_lab::lab_app_path().expect("mesh-lab-app"));
+        get.args(["get", "--connect", VIP, "--path", path]);
+        let out = mesh.lab.run_in_pod("a", get).expect("get");
+        assert!(!out.status.success(), "{path} was served");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "RBAC: access denied",
+            "{path}"
+        );
+    }
 
     // The waypoint counted the request (reporter="waypoint", 200, the
     // client's identity as the source) ...
@@ -426,6 +442,16 @@ fn the_real_waypoint_routes_http_between_two_agents_over_hbone() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum();
     assert!(served >= 1, "{metrics}");
+    let denied: u64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("response_code=\"403\"")
+                && l.contains("response_flags=\"RBAC\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(denied, 2, "{metrics}");
     let (_, dump) =
         in_netns(&wp_netns, || client::get(admin, "/config_dump")).expect("waypoint dump");
     assert!(
