@@ -100,6 +100,7 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     "unsupported": active.routes.unsupported,
                 },
                 "destinations": destinations(shared, &active),
+                "tracing": shared.spans.get().map(crate::otlp::SpanSink::dump),
             });
             text(
                 StatusCode::OK,
