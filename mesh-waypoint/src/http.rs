@@ -168,8 +168,8 @@ struct Finish {
     span: crate::trace::Span,
     /// The wall-clock time of `start` (the exported span's start).
     wall_start: std::time::SystemTime,
-    /// `HTTP/1.1` or `HTTP/2.0`, as the client spoke.
-    protocol: String,
+    /// The HTTP version the client spoke.
+    version: http::Version,
 }
 
 impl Finish {
@@ -218,7 +218,9 @@ impl Finish {
             trace_id = %self.span.trace_id,
             "http request"
         );
-        if let Some(sink) = self.shared.spans.get() {
+        if let Some(sink) = self.shared.spans.get()
+            && self.span.sampled()
+        {
             sink.record(
                 &self.span,
                 self.finished(duration, &labels, request_bytes, response_bytes),
@@ -245,7 +247,7 @@ impl Finish {
                 "http.url",
                 format!("http://{}{}", self.authority, self.path),
             ),
-            KeyValue::new("http.protocol", self.protocol.clone()),
+            KeyValue::new("http.protocol", format!("{:?}", self.version)),
             KeyValue::new("http.status_code", i64::from(self.status.as_u16())),
             KeyValue::new("response_flags", self.flags.as_str()),
             KeyValue::new("request_size", request_bytes as i64),
@@ -479,7 +481,7 @@ async fn handle(
         request_bytes: Arc::new(AtomicU64::new(0)),
         span: crate::trace::Span::start(&parts.headers),
         wall_start: std::time::SystemTime::now(),
-        protocol: format!("{:?}", parts.version),
+        version: parts.version,
     };
     let answer = |mut finish: Finish, status: StatusCode, flags: Flags| {
         finish.status = status;
