@@ -446,3 +446,38 @@ mod tests {
         assert!("nonsense".parse::<ProbeOutcome>().is_err());
     }
 }
+
+/// What `mesh-lab-http load` prints: keep-alive HTTP/1.1 requests from a
+/// fixed number of connections, each answer counted by status and by the
+/// `x-backend` header of the server that answered.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HttpLoadReport {
+    /// Requests sent.
+    pub requests: u64,
+    /// Answers by status code (`"200"`, `"503"`...).
+    pub statuses: BTreeMap<String, u64>,
+    /// Requests that got no answer, by error kind.
+    pub errors: BTreeMap<String, u64>,
+    /// Answers by their `x-backend` header (`-` when absent).
+    pub backends: BTreeMap<String, u64>,
+    /// Wall time of the run.
+    pub elapsed_ms: u64,
+    /// Answered requests per second.
+    pub per_s: f64,
+    /// Median latency of the answered requests, in microseconds.
+    pub p50_us: u64,
+    /// 99th percentile latency of the answered requests, in microseconds.
+    pub p99_us: u64,
+}
+
+impl HttpLoadReport {
+    /// Parses the report from a `load` run's output.
+    pub fn from_output(out: &Output) -> Result<Self> {
+        parse_last_json_line(out)
+    }
+
+    /// Answers with status `code`.
+    pub fn status(&self, code: u16) -> u64 {
+        self.statuses.get(&code.to_string()).copied().unwrap_or(0)
+    }
+}

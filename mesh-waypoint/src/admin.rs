@@ -106,6 +106,7 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     "errors": active.policy_report.errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "warnings": active.policy_report.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 },
+                "tracing": shared.spans.get().map(crate::otlp::SpanSink::dump),
             });
             text(
                 StatusCode::OK,

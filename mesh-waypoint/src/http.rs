@@ -167,9 +167,14 @@ struct Finish {
     status: StatusCode,
     flags: Flags,
     request_bytes: Arc<AtomicU64>,
-    trace_id: String,
     /// The policy that denied the request (or why, when none is named).
     policy: Option<String>,
+    /// The waypoint's span (its ids go to the backend in `traceparent`).
+    span: crate::trace::Span,
+    /// The wall-clock time of `start` (the exported span's start).
+    wall_start: std::time::SystemTime,
+    /// The HTTP version the client spoke.
+    version: http::Version,
 }
 
 impl Finish {
@@ -216,9 +221,82 @@ impl Finish {
             request_bytes,
             response_bytes,
             duration_ms = duration.as_millis() as u64,
-            trace_id = %self.trace_id,
+            trace_id = %self.span.trace_id,
             "http request"
         );
+        if let Some(sink) = self.shared.spans.get()
+            && self.span.sampled()
+        {
+            sink.record(
+                &self.span,
+                self.finished(duration, &labels, request_bytes, response_bytes),
+            );
+        }
+    }
+
+    /// The span's record, with Envoy's and Istio's tag names.
+    fn finished(
+        &self,
+        duration: std::time::Duration,
+        labels: &RequestLabels,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) -> crate::otlp::Finished {
+        use opentelemetry::KeyValue;
+        let t = &self.tunnel;
+        let host = &labels.destination_service.host;
+        let port = t.target.port.port;
+        let mut attributes = vec![
+            KeyValue::new("component", "proxy"),
+            KeyValue::new("http.method", self.method.to_string()),
+            KeyValue::new(
+                "http.url",
+                format!("http://{}{}", self.authority, self.path),
+            ),
+            KeyValue::new("http.protocol", format!("{:?}", self.version)),
+            KeyValue::new("http.status_code", i64::from(self.status.as_u16())),
+            KeyValue::new("response_flags", self.flags.as_str()),
+            KeyValue::new("request_size", request_bytes as i64),
+            KeyValue::new("response_size", response_bytes as i64),
+            KeyValue::new("peer.address", t.peer.ip().to_string()),
+            KeyValue::new(
+                "downstream_cluster",
+                labels.source.canonical_service.clone(),
+            ),
+            KeyValue::new("istio.source_principal", t.peer_id.to_string()),
+            KeyValue::new("route_name", self.route.clone()),
+            // Istio's custom tags: the proxy's own workload.
+            KeyValue::new(
+                "istio.canonical_service",
+                self.shared.identity.service_account().to_owned(),
+            ),
+            KeyValue::new(
+                "istio.namespace",
+                self.shared.identity.namespace().to_owned(),
+            ),
+        ];
+        if let Some(c) = &self.upstream {
+            let subset = c.dest.subset.as_deref().unwrap_or("");
+            let cluster = format!("outbound|{port}|{subset}|{host}");
+            attributes.push(KeyValue::new("upstream_cluster", cluster.clone()));
+            attributes.push(KeyValue::new("upstream_cluster.name", cluster));
+            attributes.push(KeyValue::new("upstream_address", c.addr.to_string()));
+            attributes.push(KeyValue::new(
+                "istio.destination_canonical_service",
+                c.labels.canonical_service.clone(),
+            ));
+        }
+        let error = self.status.is_server_error();
+        if error {
+            attributes.push(KeyValue::new("error", true));
+        }
+        crate::otlp::Finished {
+            name: format!("{host}:{port}/*"),
+            start: self.wall_start,
+            end: self.wall_start + duration,
+            attributes,
+            error,
+        }
     }
 }
 
@@ -407,7 +485,9 @@ async fn handle(
         status: StatusCode::OK,
         flags: Flags::None,
         request_bytes: Arc::new(AtomicU64::new(0)),
-        trace_id: String::new(),
+        span: crate::trace::Span::start(&parts.headers),
+        wall_start: std::time::SystemTime::now(),
+        version: parts.version,
         policy: None,
     };
     let answer = |mut finish: Finish, status: StatusCode, flags: Flags| {
@@ -549,7 +629,7 @@ async fn handle(
     if let Some(rule) = rule {
         rule.request_headers.apply(&mut parts.headers);
     }
-    finish.trace_id = crate::trace::propagate(&mut parts.headers);
+    finish.span.inject(&mut parts.headers);
     let mut policy = rule.map(|r| r.retry.clone()).unwrap_or_default();
     if let Some((protocol, _)) = &upgrade {
         parts

@@ -25,6 +25,7 @@
 //! - [`metrics`]: the `istio_request*` families (peer labels from
 //!   `mesh_agent::telemetry`).
 //! - [`services`]: VIP and endpoint lookup.
+//! - [`otlp`]: the bounded OTLP export of the request spans.
 //! - [`trace`]: W3C `traceparent` propagation (the waypoint's span).
 //! - [`l7::route`]: the route model (pure).
 //! - [`config`]: the configuration file.
@@ -36,6 +37,7 @@ pub mod config;
 pub mod http;
 pub mod l7;
 pub mod metrics;
+pub mod otlp;
 pub mod server;
 pub mod services;
 pub mod shared;

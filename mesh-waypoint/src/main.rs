@@ -38,6 +38,10 @@ enum Command {
         /// The services and routes (YAML; see the README), re-read every 2 s.
         #[arg(long)]
         config: PathBuf,
+        /// Export one span per sampled request over OTLP/gRPC to this
+        /// collector (`http://host:4317`); off when absent.
+        #[arg(long)]
+        otlp_endpoint: Option<String>,
     },
 }
 
@@ -55,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
         identity,
         ca_dir,
         config,
+        otlp_endpoint,
     } = Cli::parse().command;
     let identity = SpiffeId::parse(&identity).context("--identity")?;
     let config_path = config;
@@ -62,6 +67,12 @@ async fn main() -> anyhow::Result<()> {
     let ca = MeshCa::load_dir(&ca_dir).context("--ca-dir")?;
     let issuer = LocalCa::new(Arc::new(ca), identity.trust_domain().clone());
     let running = mesh_waypoint::start(identity, Arc::new(issuer), &config, listen, admin).await?;
+    if let Some(endpoint) = otlp_endpoint {
+        running
+            .shared
+            .export_spans(mesh_waypoint::otlp::OtlpConfig::new(endpoint))
+            .context("--otlp-endpoint")?;
+    }
     tokio::spawn(mesh_waypoint::watch_config(
         Arc::clone(&running.shared),
         config_path,

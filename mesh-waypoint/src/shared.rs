@@ -5,7 +5,7 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, PoisonError, RwLock},
+    sync::{Arc, OnceLock, PoisonError, RwLock},
 };
 
 use mesh_agent::{
@@ -19,6 +19,7 @@ use crate::{
     config::WaypointConfig,
     l7::route::RouteTable,
     metrics::Metrics,
+    otlp::{OtlpConfig, OtlpError, SpanSink},
     services::{Services, Target},
     upstream::HboneConnector,
 };
@@ -42,6 +43,8 @@ pub struct Shared {
     /// The endpoint choice (the routing engine's balancer: active requests,
     /// cursors, outlier ejections), kept across reloads.
     pub balancer: mesh_routing::Balancer,
+    /// The OTLP span export, once [`Shared::export_spans`] started it.
+    pub spans: OnceLock<SpanSink>,
 }
 
 /// The services and routes in force, and which configuration they came from.
@@ -80,6 +83,7 @@ impl Shared {
             metrics: Metrics::new(),
             bounds: Arc::new(Bounds::new(limits, mesh_agent::process::FdLimit::default())),
             balancer: mesh_routing::Balancer::default(),
+            spans: OnceLock::new(),
         }
     }
 }
@@ -208,6 +212,29 @@ impl Shared {
         let generation = active.generation;
         *slot = Arc::new(active);
         generation
+    }
+}
+
+impl Shared {
+    /// Starts exporting one span per sampled request to `config`'s
+    /// collector; the spans carry the waypoint's identity as Istio's
+    /// resource attributes. A second call keeps the first export.
+    pub fn export_spans(&self, config: OtlpConfig) -> Result<(), OtlpError> {
+        if self.spans.get().is_some() {
+            return Ok(());
+        }
+        let id = &self.identity;
+        let resource = vec![
+            opentelemetry::KeyValue::new(
+                "istio.canonical_service",
+                id.service_account().to_owned(),
+            ),
+            opentelemetry::KeyValue::new("istio.namespace", id.namespace().to_owned()),
+            opentelemetry::KeyValue::new("istio.mesh_id", id.trust_domain().as_str().to_owned()),
+            opentelemetry::KeyValue::new("node_id", id.to_string()),
+        ];
+        let _ = self.spans.set(SpanSink::start(config, resource)?);
+        Ok(())
     }
 }
 

@@ -95,6 +95,7 @@ pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
     drop(servers);
     lab.close()?;
     let routing = crate::bench_routing::measure(&bins)?;
+    let waypoint = crate::bench_waypoint::measure(&bins)?;
 
     println!();
     println!(
@@ -139,6 +140,7 @@ pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
             .join(", ")
     );
     print_upgrades(&upgrade);
+    crate::bench_waypoint::print(&waypoint);
     // The decision micro-benchmarks, built with optimizations like the
     // agent (xtask itself is a debug build).
     let policy_lines = micro_bench("mesh-policy", "policy evaluation (AuthorizationPolicy, L4)")?;
@@ -146,7 +148,7 @@ pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
         "mesh-routing",
         "routing decision (VirtualService 80/20 + DestinationRule, L4)",
     )?;
-    let json = serde_json::json!({ "routing_decision": routing_lines.lines().collect::<Vec<_>>(), "policy_evaluation": policy_lines.lines().collect::<Vec<_>>(), "rows": rows, "agent_rss_kib": { "idle": idle_rss, "node0": rss[0], "node1": rss[1] }, "agent_kib_per_1000_open_connections": per_1000, "upgrade": upgrade, "routing_connection_rates": routing });
+    let json = serde_json::json!({ "routing_decision": routing_lines.lines().collect::<Vec<_>>(), "policy_evaluation": policy_lines.lines().collect::<Vec<_>>(), "rows": rows, "agent_rss_kib": { "idle": idle_rss, "node0": rss[0], "node1": rss[1] }, "agent_kib_per_1000_open_connections": per_1000, "upgrade": upgrade, "routing_connection_rates": routing, "waypoint": waypoint });
     let path = target_dir.join("bench.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
     println!("written to {}", path.display());

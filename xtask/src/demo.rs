@@ -156,7 +156,8 @@ pub fn run(bin_dir: &Path) -> anyhow::Result<()> {
     drop(agents);
     lab.close()?;
     println!("\n== lab removed (namespaces, cgroups, pinned programs)\n");
-    crate::canary::run(&bins)
+    crate::canary::run(&bins)?;
+    crate::demo_l7::run(&bins)
 }
 
 fn describe(before: &[BTreeMap<String, u64>], after: &[BTreeMap<String, u64>]) -> String {

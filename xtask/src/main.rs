@@ -11,8 +11,10 @@
 
 mod bench;
 mod bench_routing;
+mod bench_waypoint;
 mod canary;
 mod demo;
+mod demo_l7;
 mod labkit;
 
 use std::{
@@ -58,7 +60,7 @@ enum Cmd {
 
 /// Integration test targets that need no root (no lab): `check` runs them.
 /// Every other integration test is a lab test and runs in `test` only.
-const ROOT_FREE_TESTS: [&str; 7] = [
+const ROOT_FREE_TESTS: [&str; 8] = [
     "kube_sync",
     "routing_sources",
     "kube_outage",
@@ -67,6 +69,8 @@ const ROOT_FREE_TESTS: [&str; 7] = [
     "ca_serve",
     // mesh-waypoint/tests/waypoint.rs
     "waypoint",
+    // mesh-waypoint/tests/otlp.rs
+    "otlp",
 ];
 
 /// The member crates whose `tests/*.rs` are integration tests.
