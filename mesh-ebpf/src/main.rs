@@ -5,8 +5,10 @@
 //! * **Outbound.** [`redirect_connect4`] and [`redirect_connect6`]
 //!   (`cgroup/connect4`, `cgroup/connect6`, attached to a cgroup covering the
 //!   pods) act on TCP connects of sockets whose network namespace is enrolled
-//!   (`ENROLLED_NETNS`, keyed by netns cookie). Loopback destinations, sockets
-//!   carrying [`BYPASS_MARK`] and excluded ports are left alone; every other
+//!   (`ENROLLED_NETNS`, keyed by netns cookie). Loopback destinations, the
+//!   agent's own sockets (their cookies in `AGENT_SOCKETS`, written by the
+//!   agent alone: no mark an app can set exempts a socket) and excluded ports
+//!   are left alone; every other
 //!   connect has its original destination stored in `SOCK_ORIG_DST` (keyed by
 //!   socket cookie) and is rewritten to the pod's own outbound listener
 //!   (`127.0.0.1:15001`, `[::1]:15001`, or `::ffff:127.0.0.1:15001` for a
@@ -25,7 +27,8 @@
 //!   netns) hands TCP connections to an enrolled pod address to the pod's
 //!   HBONE listener (port 15008) or plaintext listener (every other port),
 //!   both held in the `INBOUND_LISTENERS` sockmap. Connections the pod makes
-//!   to itself (the agent delivering to the app included), those from probe
+//!   to itself, the agent's deliveries to the app (their tuples filed by the
+//!   agent in `DELIVERY_TUPLES`, as their source is the client's), those from probe
 //!   sources and those to excluded ports are left alone; an enrolled pod
 //!   without a live listener gets `SK_DROP`, which TCP answers with a reset
 //!   (fail closed).
@@ -83,9 +86,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
-    BYPASS_MARK, Counter, INBOUND_HBONE_PORT, IpKey, LISTENER_HBONE, LISTENER_PLAINTEXT,
-    LISTENERS_PER_POD, MAX_EXCLUDED_PORTS, MAX_ORIG_DST, MAX_PODS, MAX_PROBE_SOURCES,
-    OUTBOUND_PORT, OrigDst, PodSlot, PortKey, TupleKey, direction,
+    Counter, DeliveryKey, INBOUND_HBONE_PORT, IpKey, LISTENER_HBONE, LISTENER_PLAINTEXT,
+    LISTENERS_PER_POD, MAX_AGENT_SOCKETS, MAX_EXCLUDED_PORTS, MAX_ORIG_DST, MAX_PODS,
+    MAX_PROBE_SOURCES, OUTBOUND_PORT, OrigDst, PodSlot, PortKey, TupleKey, direction,
 };
 
 /// `AF_INET`.
@@ -144,6 +147,13 @@ static ORIG_DST_BY_TUPLE: LruHashMap<TupleKey, OrigDst> =
 /// The in-pod inbound listeners, at `slot * LISTENERS_PER_POD + kind`.
 #[map]
 static INBOUND_LISTENERS: SockMap = SockMap::with_max_entries(MAX_PODS * LISTENERS_PER_POD, 0);
+/// Socket cookie -> 1: the agent's sockets in pod netns, while they connect.
+#[map]
+static AGENT_SOCKETS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(MAX_AGENT_SOCKETS, 0);
+/// The agent's connects to apps, by the tuple of their SYN (value unused).
+#[map]
+static DELIVERY_TUPLES: LruHashMap<DeliveryKey, u8> =
+    LruHashMap::with_max_entries(MAX_AGENT_SOCKETS, 0);
 /// Per-CPU counters, indexed by [`Counter`].
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -318,18 +328,13 @@ fn redirect_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         return SOCK_ADDR_ALLOW;
     }
 
-    // SAFETY: `sk` is the socket being connected: the verifier types it as a
-    // non-NULL socket pointer in sock_addr programs, `mark` a readable field.
-    let mark = unsafe {
-        let sk = read_volatile(&raw const (*sa).__bindgen_anon_1.sk);
-        if sk.is_null() {
-            0
-        } else {
-            ctx_load(&raw const (*sk).mark)
-        }
-    };
-    if mark == BYPASS_MARK {
-        count(Counter::ConnectBypassMark);
+    // The agent's own sockets in the pod (deliveries to the app, its
+    // upstream connects) are recognised by their cookies, which only the
+    // agent writes: a mark or IP_TRANSPARENT set by an app exempts nothing.
+    // SAFETY: the helper only reads the context it is given.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if AGENT_SOCKETS.get_ptr(&cookie).is_some() {
+        count(Counter::ConnectBypassAgent);
         return SOCK_ADDR_ALLOW;
     }
 
@@ -344,8 +349,6 @@ fn redirect_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         return SOCK_ADDR_ALLOW;
     }
 
-    // SAFETY: the helper only reads the context it is given.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let orig = OrigDst {
         addr, // network order, v4 mapped
         port, // host order
@@ -561,7 +564,8 @@ fn restore_peer(ctx: &SockAddrContext, v6: bool) -> i32 {
 /// enrolled pod address to the pod's listener in `INBOUND_LISTENERS` — the
 /// HBONE listener for port 15008, the plaintext listener for any other port.
 /// Connections the pod makes to itself (arriving on `lo`, or with the
-/// destination address as source), and lookups from probe sources, to
+/// destination address as source), the agent's deliveries to the app (their
+/// tuples in `DELIVERY_TUPLES`), and lookups from probe sources, to
 /// excluded ports or to addresses that are not enrolled pass untouched.
 /// Returns `SK_PASS`, or `SK_DROP` when the pod has no usable listener (fail
 /// closed: the client gets a reset).
@@ -601,13 +605,17 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
         (ip4_key(local4), ip4_key(remote4))
     };
 
-    // Connections the pod makes to itself: the agent delivering to the app,
-    // or the app talking to itself. Those to 127/8 or ::1 arrive on `lo`
-    // (ingress_ifindex 1). Those to the pod's own address do not: the kernel
-    // reports the ifindex of the device owning the address (the veth,
+    // SAFETY: `remote_port` is a readable `__be16` field (network order).
+    let remote_port = u16::from_be(unsafe { read_volatile(&raw const (*lookup).remote_port) });
+
+    // Connections the pod makes to itself. Those to 127/8 or ::1 arrive on
+    // `lo` (ingress_ifindex 1). Those to the pod's own address do not: the
+    // kernel reports the ifindex of the device owning the address (the veth,
     // observed on 6.18), but their source is the destination itself, which
-    // the kernel picks as source of a local route. A remote peer cannot
-    // complete a handshake from that source: the SYN-ACK stays in the pod.
+    // the kernel picks as source of a local route. Neither can be forged: a
+    // remote peer cannot complete a handshake from the pod's own address (the
+    // SYN-ACK stays in the pod), and an in-pod socket's connect passed the
+    // connect hooks, which captured it unless the port is excluded.
     let from_itself = if family == AF_INET6 {
         local6[0] == remote6[0]
             && local6[1] == remote6[1]
@@ -616,7 +624,18 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
     } else {
         local4 == remote4
     };
-    if ifindex == LOOPBACK_IFINDEX || from_itself {
+    // The agent delivering to the app, from the client's address
+    // (IP_TRANSPARENT) or its own: recognised by the SYN's tuple, which the
+    // agent files in DELIVERY_TUPLES before it connects. An app's socket
+    // bound to the same addresses with the same options is not in the map.
+    let delivery = DeliveryKey {
+        local,
+        remote,
+        local_port,
+        remote_port,
+        _pad: [0; 4],
+    };
+    if ifindex == LOOPBACK_IFINDEX || from_itself || DELIVERY_TUPLES.get_ptr(&delivery).is_some() {
         count(Counter::LookupBypassLoopback);
         return SK_PASS;
     }
@@ -653,8 +672,6 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
     };
     // An out-of-range slot finds no socket below and is dropped.
     let index = slot.slot.wrapping_mul(LISTENERS_PER_POD).wrapping_add(kind);
-    // SAFETY: `remote_port` is a readable `__be16` field (network order).
-    let remote_port = u16::from_be(unsafe { read_volatile(&raw const (*lookup).remote_port) });
     match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, index, 0) {
         Ok(()) => {
             count(if hbone {

@@ -1,0 +1,171 @@
+//! Transparent addresses (issue 14): an app behind the mesh sees the real
+//! client's address as the source of inbound connections, whichever way
+//! the connection came (cross-node or same-node HBONE, plaintext from an
+//! un-enrolled pod, IPv4 or IPv6), and the exemption that lets the agent's
+//! deliveries through the capture cannot be forged by an app.
+
+mod common;
+
+use common::{Mesh, delta};
+use mesh_lab::{LabSpec, NodeSpec, PodSpec, app::ProbeOutcome};
+
+/// Node 0: `a`, `b` (enrolled, dual-stack) and `x` (not enrolled); node 1:
+/// `c` (enrolled, dual-stack). Echo servers that first tell the client the
+/// address they see it from (`--greeting-peer`, the accepted socket's
+/// `getpeername()`) on b and c.
+fn lab() -> Mesh {
+    let mut mesh = Mesh::new(
+        LabSpec::new()
+            .node(
+                NodeSpec::new()
+                    .pod(PodSpec::dual_stack("a"))
+                    .pod(PodSpec::dual_stack("b"))
+                    .pod(PodSpec::new("x")),
+            )
+            .node(NodeSpec::new().pod(PodSpec::dual_stack("c"))),
+    );
+    let n0 = mesh.workloads_yaml(0, &[("a", true), ("b", true), ("x", false)], &[("c", true)]);
+    let n1 = mesh.workloads_yaml(1, &[("c", true)], &[("a", true), ("b", true), ("x", false)]);
+    mesh.write_workload_text(0, &n0);
+    mesh.write_workload_text(1, &n1);
+    mesh.echo_with("b", &[8080], &["--greeting-peer"]);
+    mesh.echo_with("c", &[8080], &["--greeting-peer"]);
+    mesh.start_agent(0);
+    mesh.start_agent(1);
+    mesh
+}
+
+/// The address part of `ip:port` / `[ip]:port`.
+fn ip_of(addr: &str) -> String {
+    let sa: std::net::SocketAddr = addr.parse().expect("socket address");
+    sa.ip().to_canonical().to_string()
+}
+
+/// What the server at `to` saw as the client's address, over `conns`
+/// connections from `from` (each echoed byte-exact).
+fn seen_by_server(mesh: &Mesh, from: &str, to: &str) -> Vec<String> {
+    let report = mesh.client(
+        from,
+        to,
+        &["--conns", "3", "--bytes", "20000", "--greeting"],
+    );
+    assert_eq!(
+        (report.ok, report.failed),
+        (3, 0),
+        "{from} -> {to}: {report:?}"
+    );
+    // The client's getpeername() still shows the address it dialled.
+    assert_eq!(report.peer_addrs, vec![to.to_owned()], "{report:?}");
+    report
+        .greeting_peers
+        .expect("greeting peers")
+        .iter()
+        .map(|a| ip_of(a))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+#[test]
+fn apps_see_the_client_pods_address_whichever_way_it_came() {
+    common::require_root();
+    let mesh = lab();
+    let a4 = ip_of(&mesh.v4("a", 1));
+    let a6 = ip_of(&mesh.v6("a", 1));
+    let x4 = ip_of(&mesh.v4("x", 1));
+
+    // (a) cross-node, enrolled client (HBONE).
+    let before = mesh.counters(1);
+    assert_eq!(
+        seen_by_server(&mesh, "a", &mesh.v4("c", 8080)),
+        vec![a4.clone()]
+    );
+    let after = mesh.counters(1);
+    // Deliveries were recognised by their tuples, not steered back into the agent.
+    assert!(delta(&before, &after, "lookup_bypass_loopback") >= 3);
+    // (d) IPv6, cross-node.
+    assert_eq!(seen_by_server(&mesh, "a", &mesh.v6("c", 8080)), vec![a6]);
+    // (b) same node, enrolled client.
+    assert_eq!(seen_by_server(&mesh, "a", &mesh.v4("b", 8080)), vec![a4]);
+    // (c) un-enrolled client to an enrolled server (plaintext), cross-node
+    // and same-node.
+    assert_eq!(
+        seen_by_server(&mesh, "x", &mesh.v4("c", 8080)),
+        vec![x4.clone()]
+    );
+    assert_eq!(seen_by_server(&mesh, "x", &mesh.v4("b", 8080)), vec![x4]);
+
+    // The access log says so.
+    mesh.wait_closed(1, 9);
+    assert!(mesh.agent_log_count(1, "source_preserved=true") >= 9);
+    assert_eq!(mesh.agent_log_count(1, "source_preserved=false"), 0);
+}
+
+#[test]
+fn a_large_transfer_comes_back_byte_exact_through_a_transparent_delivery() {
+    common::require_root();
+    let mesh = lab();
+    let bytes = (256u64 << 20).to_string();
+    let report = mesh.client(
+        "a",
+        &mesh.v4("c", 8080),
+        &["--bytes", &bytes, "--timeout-ms", "60000", "--greeting"],
+    );
+    assert_eq!((report.ok, report.failed), (1, 0), "{report:?}");
+    assert_eq!(report.bytes_received, 256 << 20);
+    assert_eq!(
+        report
+            .greeting_peers
+            .expect("greeting")
+            .iter()
+            .map(|a| ip_of(a))
+            .collect::<Vec<_>>(),
+        vec![ip_of(&mesh.v4("a", 1))]
+    );
+}
+
+#[test]
+fn an_app_cannot_forge_the_agents_exemption() {
+    common::require_root();
+    let mut mesh = lab();
+    mesh.echo("c", &[9090]);
+    // App in b (root in the lab: it may set any mark and IP_TRANSPARENT)
+    // sets the agent's mark and binds another pod's address transparently,
+    // as the agent's delivery sockets do. Its connect is still captured:
+    // the connect hooks exempt only the agent's socket cookies, and
+    // sk_lookup only tuples the agent filed.
+    for (mark, to) in [("1337", mesh.v4("c", 8080)), ("1338", mesh.v4("b", 8080))] {
+        let before = mesh.counters(0);
+        let outcome = mesh.probe(
+            "b",
+            &to,
+            &[
+                "--mark",
+                mark,
+                "--transparent-from",
+                &ip_of(&mesh.v4("a", 1)),
+            ],
+        );
+        let after = mesh.counters(0);
+        assert_eq!(
+            delta(&before, &after, "connect_bypass_agent"),
+            0,
+            "{mark} {to}"
+        );
+        assert_eq!(
+            delta(&before, &after, "connect_redirected"),
+            1,
+            "{mark} {to}: {outcome:?}"
+        );
+    }
+    // The agent's mark alone, from the pod's own address: captured and
+    // proxied (echoed through the mesh).
+    let before = mesh.counters(0);
+    assert_eq!(
+        mesh.probe("b", &mesh.v4("c", 9090), &["--mark", "1337"]),
+        ProbeOutcome::Echoed
+    );
+    let after = mesh.counters(0);
+    assert_eq!(delta(&before, &after, "connect_bypass_agent"), 0);
+    assert_eq!(delta(&before, &after, "connect_redirected"), 1);
+}
