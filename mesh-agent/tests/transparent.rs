@@ -41,9 +41,11 @@ fn ip_of(addr: &str) -> String {
     sa.ip().to_canonical().to_string()
 }
 
-/// What the server at `to` saw as the client's address, over `conns`
-/// connections from `from` (each echoed byte-exact).
-fn seen_by_server(mesh: &Mesh, from: &str, to: &str) -> Vec<String> {
+/// Connects from `from` to `to` three times (each echoed byte-exact) and
+/// checks every address the two apps see: the client's `getpeername()` is
+/// the address it dialled, its `getsockname()` and the server's
+/// `getpeername()` of the accepted connection are `client_ip`.
+fn check_addresses(mesh: &Mesh, from: &str, to: &str, client_ip: &str) {
     let report = mesh.client(
         from,
         to,
@@ -54,16 +56,31 @@ fn seen_by_server(mesh: &Mesh, from: &str, to: &str) -> Vec<String> {
         (3, 0),
         "{from} -> {to}: {report:?}"
     );
-    // The client's getpeername() still shows the address it dialled.
-    assert_eq!(report.peer_addrs, vec![to.to_owned()], "{report:?}");
-    report
+    assert_eq!(
+        report.peer_addrs,
+        vec![to.to_owned()],
+        "client's peer: {report:?}"
+    );
+    let local: Vec<String> = report.local_addrs.iter().map(|a| ip_of(a)).collect();
+    assert!(!local.is_empty(), "{report:?}");
+    assert!(
+        local.iter().all(|ip| ip == client_ip),
+        "client's own address, {from} -> {to}: {report:?}"
+    );
+    let seen: Vec<String> = report
         .greeting_peers
+        .clone()
         .expect("greeting peers")
         .iter()
         .map(|a| ip_of(a))
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
-        .collect()
+        .collect();
+    assert_eq!(
+        seen,
+        vec![client_ip.to_owned()],
+        "server's view, {from} -> {to}: {report:?}"
+    );
 }
 
 #[test]
@@ -76,29 +93,26 @@ fn apps_see_the_client_pods_address_whichever_way_it_came() {
 
     // (a) cross-node, enrolled client (HBONE).
     let before = mesh.counters(1);
-    assert_eq!(
-        seen_by_server(&mesh, "a", &mesh.v4("c", 8080)),
-        vec![a4.clone()]
-    );
+    check_addresses(&mesh, "a", &mesh.v4("c", 8080), &a4);
     let after = mesh.counters(1);
     // Deliveries were recognised by their tuples, not steered back into the agent.
     assert!(delta(&before, &after, "lookup_bypass_loopback") >= 3);
-    // (d) IPv6, cross-node.
-    assert_eq!(seen_by_server(&mesh, "a", &mesh.v6("c", 8080)), vec![a6]);
+    // (d) IPv6, cross-node and same-node.
+    check_addresses(&mesh, "a", &mesh.v6("c", 8080), &a6);
+    check_addresses(&mesh, "a", &mesh.v6("b", 8080), &a6);
     // (b) same node, enrolled client.
-    assert_eq!(seen_by_server(&mesh, "a", &mesh.v4("b", 8080)), vec![a4]);
+    check_addresses(&mesh, "a", &mesh.v4("b", 8080), &a4);
     // (c) un-enrolled client to an enrolled server (plaintext), cross-node
     // and same-node.
-    assert_eq!(
-        seen_by_server(&mesh, "x", &mesh.v4("c", 8080)),
-        vec![x4.clone()]
-    );
-    assert_eq!(seen_by_server(&mesh, "x", &mesh.v4("b", 8080)), vec![x4]);
+    check_addresses(&mesh, "x", &mesh.v4("c", 8080), &x4);
+    check_addresses(&mesh, "x", &mesh.v4("b", 8080), &x4);
 
     // The access log says so.
     mesh.wait_closed(1, 9);
     assert!(mesh.agent_log_count(1, "source_preserved=true") >= 9);
     assert_eq!(mesh.agent_log_count(1, "source_preserved=false"), 0);
+    mesh.wait_closed(0, 21);
+    assert_eq!(mesh.agent_log_count(0, "source_preserved=false"), 0);
 }
 
 #[test]

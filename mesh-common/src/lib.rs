@@ -75,6 +75,9 @@ pub mod maps {
     pub const AGENT_SOCKETS: &str = "AGENT_SOCKETS";
     /// [`crate::DeliveryKey`] -> 1: the agent's deliveries to apps, left alone by `sk_lookup`.
     pub const DELIVERY_TUPLES: &str = "DELIVERY_TUPLES";
+    /// netns cookie (`u64`) -> [`crate::PodAddrs`]: the pod's own addresses,
+    /// which `getsockname()` of a redirected socket shows.
+    pub const NETNS_ADDRS: &str = "NETNS_ADDRS";
 }
 
 /// Names of the kernel programs (the function names in `mesh-ebpf`).
@@ -89,6 +92,10 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "restore_peer4";
     /// `cgroup/getpeername6`: the same for IPv6.
     pub const GETPEERNAME6: &str = "restore_peer6";
+    /// `cgroup/getsockname4`.
+    pub const GETSOCKNAME4: &str = "restore_local4";
+    /// `cgroup/getsockname6`.
+    pub const GETSOCKNAME6: &str = "restore_local6";
     /// `sk_lookup` (per pod netns): steer inbound connections to the agent's listeners.
     pub const SK_LOOKUP: &str = "steer_inbound";
 }
@@ -213,6 +220,23 @@ pub struct TupleKey {
     pub _pad: [u8; 6],
 }
 
+/// The value of `NETNS_ADDRS`: an enrolled pod's own address of each family
+/// (its first), the local address its redirected sockets report.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodAddrs {
+    /// The pod's IPv4 address, IPv4-mapped (valid when `has_v4` is 1).
+    pub v4: IpKey,
+    /// The pod's IPv6 address (valid when `has_v6` is 1).
+    pub v6: IpKey,
+    /// 1 when the pod has an IPv4 address.
+    pub has_v4: u8,
+    /// 1 when the pod has an IPv6 address.
+    pub has_v6: u8,
+    /// Reserved, zero.
+    pub _pad: [u8; 6],
+}
+
 /// Key of `DELIVERY_TUPLES`: one connect of the agent to an app, as the
 /// app's netns sees the SYN (`local` the app's address and port, `remote`
 /// the address and port the agent's socket is bound to).
@@ -333,6 +357,8 @@ mod user {
     unsafe impl aya::Pod for super::TupleKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::DeliveryKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PodAddrs {}
 }
 
 #[cfg(test)]
@@ -347,6 +373,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<OrigDst>(), 32);
         assert_eq!(core::mem::size_of::<TupleKey>(), 32);
         assert_eq!(core::mem::size_of::<DeliveryKey>(), 40);
+        assert_eq!(core::mem::size_of::<PodAddrs>(), 40);
     }
 
     #[test]

@@ -23,6 +23,10 @@
 //! * **Peer name.** [`restore_peer4`] and [`restore_peer6`]
 //!   (`cgroup/getpeername4`, `cgroup/getpeername6`) make a redirected client
 //!   see the address it dialled instead of the outbound listener.
+//! * **Local name.** [`restore_local4`] and [`restore_local6`]
+//!   (`cgroup/getsockname4`, `cgroup/getsockname6`) make a redirected client
+//!   see its pod's own address (`NETNS_ADDRS`) as its local address instead
+//!   of the loopback address the redirect gave it.
 //! * **Inbound.** [`steer_inbound`] (`sk_lookup`, attached to each pod's
 //!   netns) hands TCP connections to an enrolled pod address to the pod's
 //!   HBONE listener (port 15008) or plaintext listener (every other port),
@@ -88,7 +92,7 @@ use aya_log_ebpf::debug;
 use mesh_common::{
     Counter, DeliveryKey, INBOUND_HBONE_PORT, IpKey, LISTENER_HBONE, LISTENER_PLAINTEXT,
     LISTENERS_PER_POD, MAX_AGENT_SOCKETS, MAX_EXCLUDED_PORTS, MAX_ORIG_DST, MAX_PODS,
-    MAX_PROBE_SOURCES, OUTBOUND_PORT, OrigDst, PodSlot, PortKey, TupleKey, direction,
+    MAX_PROBE_SOURCES, OUTBOUND_PORT, OrigDst, PodAddrs, PodSlot, PortKey, TupleKey, direction,
 };
 
 /// `AF_INET`.
@@ -154,6 +158,9 @@ static AGENT_SOCKETS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(MAX_AGE
 #[map]
 static DELIVERY_TUPLES: LruHashMap<DeliveryKey, u8> =
     LruHashMap::with_max_entries(MAX_AGENT_SOCKETS, 0);
+/// netns cookie -> the pod's own addresses (what getsockname shows).
+#[map]
+static NETNS_ADDRS: HashMap<u64, PodAddrs> = HashMap::with_max_entries(MAX_PODS, 0);
 /// Per-CPU counters, indexed by [`Counter`].
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -555,6 +562,62 @@ fn restore_peer(ctx: &SockAddrContext, v6: bool) -> i32 {
         ctx_store(&raw mut (*sa).user_port, u32::from(orig.port.to_be()));
     }
     count(Counter::PeernameRestored);
+    SOCK_ADDR_ALLOW
+}
+
+// -------------------------------------------------- outbound: getsockname
+
+/// `cgroup/getsockname4`: shows a redirected IPv4 client its pod's own
+/// address as its local address instead of the loopback address the
+/// redirect gave it (the port is the socket's real one). Always returns 1.
+#[cgroup_sock_addr(getsockname4)]
+pub fn restore_local4(ctx: SockAddrContext) -> i32 {
+    restore_local(&ctx, false)
+}
+
+/// `cgroup/getsockname6`: as [`restore_local4`] for IPv6 sockets; a socket
+/// whose original destination is v4-mapped gets the pod's IPv4 address,
+/// v4-mapped.
+#[cgroup_sock_addr(getsockname6)]
+pub fn restore_local6(ctx: SockAddrContext) -> i32 {
+    restore_local(&ctx, true)
+}
+
+/// The getsockname hook of both families (`v6` is a constant at each call site).
+#[inline(always)]
+fn restore_local(ctx: &SockAddrContext, v6: bool) -> i32 {
+    // SAFETY: the helper only reads the context it is given.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(orig) = SOCK_ORIG_DST.get_ptr(&cookie) else {
+        return SOCK_ADDR_ALLOW;
+    };
+    // SAFETY: a non-NULL lookup result points to a live `OrigDst`; it is
+    // copied to the stack at once.
+    let orig = unsafe { *orig };
+    let Some(addrs) = NETNS_ADDRS.get_ptr(&orig.netns_cookie) else {
+        return SOCK_ADDR_ALLOW;
+    };
+    // SAFETY: as above, a live `PodAddrs`, copied at once.
+    let addrs = unsafe { *addrs };
+    let (has, own) = if orig.addr.is_v4_mapped() {
+        (addrs.has_v4, addrs.v4)
+    } else {
+        (addrs.has_v6, addrs.v6)
+    };
+    if has == 0 {
+        return SOCK_ADDR_ALLOW;
+    }
+    let words = key_words(&own); // network order
+    let sa = ctx.sock_addr;
+    // SAFETY: `user_ip4` and `user_ip6` are writable in getsockname
+    // programs; addresses go in network order.
+    unsafe {
+        if v6 {
+            ctx_store_ip6(&raw mut (*sa).user_ip6, words);
+        } else {
+            ctx_store(&raw mut (*sa).user_ip4, words[3]);
+        }
+    }
     SOCK_ADDR_ALLOW
 }
 

@@ -30,7 +30,7 @@ use super::{
 static EMBEDDED_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
 
 /// The maps, all pinned (reused by the next agent).
-const MAPS: [&str; 10] = [
+const MAPS: [&str; 11] = [
     maps::ENROLLED_NETNS,
     maps::POD_ADDRS,
     maps::EXCLUDED_PORTS,
@@ -41,15 +41,18 @@ const MAPS: [&str; 10] = [
     maps::COUNTERS,
     maps::AGENT_SOCKETS,
     maps::DELIVERY_TUPLES,
+    maps::NETNS_ADDRS,
 ];
 
 /// The programs attached to the cgroup, and whether each is the `sock_ops`
 /// one (the others are `cgroup/sock_addr` programs).
-const CGROUP_PROGRAMS: [(&str, bool); 5] = [
+const CGROUP_PROGRAMS: [(&str, bool); 7] = [
     (programs::CONNECT4, false),
     (programs::CONNECT6, false),
     (programs::GETPEERNAME4, false),
     (programs::GETPEERNAME6, false),
+    (programs::GETSOCKNAME4, false),
+    (programs::GETSOCKNAME6, false),
     (programs::SOCK_OPS, true),
 ];
 
