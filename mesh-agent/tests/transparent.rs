@@ -6,10 +6,11 @@
 
 mod common;
 
-use common::{Mesh, delta};
+use common::{Mesh, delta, rogue};
 use mesh_lab::{LabSpec, NodeSpec, PodSpec, app::ProbeOutcome};
 
-/// Node 0: `a`, `b` (enrolled, dual-stack) and `x` (not enrolled); node 1:
+/// Node 0: `a`, `b` (enrolled, dual-stack), `x` (not enrolled) and `z` (in
+/// no workload file: an address the mesh does not know); node 1:
 /// `c` (enrolled, dual-stack). Echo servers that first tell the client the
 /// address they see it from (`--greeting-peer`, the accepted socket's
 /// `getpeername()`) on b and c.
@@ -20,7 +21,8 @@ fn lab() -> Mesh {
                 NodeSpec::new()
                     .pod(PodSpec::dual_stack("a"))
                     .pod(PodSpec::dual_stack("b"))
-                    .pod(PodSpec::new("x")),
+                    .pod(PodSpec::new("x"))
+                    .pod(PodSpec::new("z")),
             )
             .node(NodeSpec::new().pod(PodSpec::dual_stack("c"))),
     );
@@ -182,4 +184,39 @@ fn an_app_cannot_forge_the_agents_exemption() {
     let after = mesh.counters(0);
     assert_eq!(delta(&before, &after, "connect_bypass_agent"), 0);
     assert_eq!(delta(&before, &after, "connect_redirected"), 1);
+}
+
+#[test]
+fn a_client_address_that_cannot_be_used_falls_back_without_failing_the_connection() {
+    common::require_root();
+    let mesh = lab();
+    // An HBONE peer with a valid mesh identity at an address the mesh does
+    // not know (z): its address is not believed as the app's client (it is
+    // not a known workload), so the agent delivers from the pod's own
+    // address, and says so; the connection itself succeeds.
+    let c4 = mesh.lab.pod("c").expect("c").ipv4();
+    let z = mesh.lab.pod("z").expect("z").netns_path();
+    let cert = rogue::mesh_cert(&mesh, "z");
+    let rt = rogue::runtime();
+    assert_eq!(
+        rt.block_on(rogue::connect(
+            &z,
+            std::net::SocketAddr::new(c4.into(), 15008),
+            &cert,
+            std::net::SocketAddr::new(c4.into(), 8080),
+        )),
+        Ok(200)
+    );
+    // The rogue client's tunnel lives on its runtime: end it.
+    drop(rt);
+    mesh.wait_closed(1, 1);
+    assert_eq!(
+        mesh.agent_log_count(
+            1,
+            "source_preserved=false source_not_preserved=\"client_not_a_known_workload\""
+        ),
+        1
+    );
+    // A known workload through the same agent keeps its address.
+    check_addresses(&mesh, "a", &mesh.v4("c", 8080), &ip_of(&mesh.v4("a", 1)));
 }
