@@ -80,7 +80,7 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
         sk_action::{SK_DROP, SK_PASS},
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
@@ -536,22 +536,28 @@ pub fn restore_peer6(ctx: SockAddrContext) -> i32 {
     restore_peer(&ctx, true)
 }
 
-/// The getpeername hook of both families (`v6` is a constant at each call site).
+/// The original destination of a redirected socket (its `SOCK_ORIG_DST`
+/// entry, copied to the stack), or `None` for any other socket.
 #[inline(always)]
-fn restore_peer(ctx: &SockAddrContext, v6: bool) -> i32 {
+fn redirected(ctx: &SockAddrContext) -> Option<OrigDst> {
     // SAFETY: the helper only reads the context it is given.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(orig) = SOCK_ORIG_DST.get_ptr(&cookie) else {
-        return SOCK_ADDR_ALLOW;
-    };
+    let orig = SOCK_ORIG_DST.get_ptr(&cookie)?;
     // SAFETY: a non-NULL lookup result points to a live `OrigDst`; it is
     // copied to the stack at once.
-    let orig = unsafe { *orig };
-    let words = key_words(&orig.addr); // network order
-    let sa = ctx.sock_addr;
-    // SAFETY: `user_ip4`, `user_ip6` and `user_port` are writable in
-    // getpeername programs; addresses go in network order, the port
-    // big-endian in the low 16 bits.
+    Some(unsafe { *orig })
+}
+
+/// Writes an address, given as four network-order words (IPv4 mapped), to
+/// `user_ip6` (`v6`) or, its low word, to `user_ip4`.
+///
+/// # Safety
+///
+/// `sa` must be the context of a program type in which `user_ip4` and
+/// `user_ip6` are writable (getpeername, getsockname, connect).
+#[inline(always)]
+unsafe fn store_user_addr(sa: *mut bpf_sock_addr, v6: bool, words: [u32; 4]) {
+    // SAFETY: guaranteed by the caller; addresses go in network order.
     unsafe {
         if v6 {
             ctx_store_ip6(&raw mut (*sa).user_ip6, words);
@@ -559,6 +565,20 @@ fn restore_peer(ctx: &SockAddrContext, v6: bool) -> i32 {
             // The IPv4 address is the low 4 bytes of the mapped form.
             ctx_store(&raw mut (*sa).user_ip4, words[3]);
         }
+    }
+}
+
+/// The getpeername hook of both families (`v6` is a constant at each call site).
+#[inline(always)]
+fn restore_peer(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let Some(orig) = redirected(ctx) else {
+        return SOCK_ADDR_ALLOW;
+    };
+    let sa = ctx.sock_addr;
+    // SAFETY: `user_ip4`, `user_ip6` and `user_port` are writable in
+    // getpeername programs; the port goes big-endian in the low 16 bits.
+    unsafe {
+        store_user_addr(sa, v6, key_words(&orig.addr));
         ctx_store(&raw mut (*sa).user_port, u32::from(orig.port.to_be()));
     }
     count(Counter::PeernameRestored);
@@ -586,18 +606,14 @@ pub fn restore_local6(ctx: SockAddrContext) -> i32 {
 /// The getsockname hook of both families (`v6` is a constant at each call site).
 #[inline(always)]
 fn restore_local(ctx: &SockAddrContext, v6: bool) -> i32 {
-    // SAFETY: the helper only reads the context it is given.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(orig) = SOCK_ORIG_DST.get_ptr(&cookie) else {
+    let Some(orig) = redirected(ctx) else {
         return SOCK_ADDR_ALLOW;
     };
-    // SAFETY: a non-NULL lookup result points to a live `OrigDst`; it is
-    // copied to the stack at once.
-    let orig = unsafe { *orig };
     let Some(addrs) = NETNS_ADDRS.get_ptr(&orig.netns_cookie) else {
         return SOCK_ADDR_ALLOW;
     };
-    // SAFETY: as above, a live `PodAddrs`, copied at once.
+    // SAFETY: a non-NULL lookup result points to a live `PodAddrs`; it is
+    // copied to the stack at once.
     let addrs = unsafe { *addrs };
     let (has, own) = if orig.addr.is_v4_mapped() {
         (addrs.has_v4, addrs.v4)
@@ -607,17 +623,8 @@ fn restore_local(ctx: &SockAddrContext, v6: bool) -> i32 {
     if has == 0 {
         return SOCK_ADDR_ALLOW;
     }
-    let words = key_words(&own); // network order
-    let sa = ctx.sock_addr;
-    // SAFETY: `user_ip4` and `user_ip6` are writable in getsockname
-    // programs; addresses go in network order.
-    unsafe {
-        if v6 {
-            ctx_store_ip6(&raw mut (*sa).user_ip6, words);
-        } else {
-            ctx_store(&raw mut (*sa).user_ip4, words[3]);
-        }
-    }
+    // SAFETY: `user_ip4` and `user_ip6` are writable in getsockname programs.
+    unsafe { store_user_addr(ctx.sock_addr, v6, key_words(&own)) };
     SOCK_ADDR_ALLOW
 }
 
