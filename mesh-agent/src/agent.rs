@@ -176,6 +176,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     let proxy = Proxy::new(
         dp.orig_dst.clone(),
+        dp.exempt.clone(),
         store.clone(),
         tls,
         admin.telemetry().clone(),

@@ -17,8 +17,25 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 /// Port of the in-pod inbound HBONE (mTLS HTTP/2 CONNECT) listener.
 pub const INBOUND_HBONE_PORT: u16 = 15008;
-/// `SO_MARK` carried by every socket the agent opens itself: never redirected.
+/// `SO_MARK` carried by the sockets the agent opens itself. It does **not**
+/// exempt them from capture (an app with `CAP_NET_ADMIN` can set any mark):
+/// the kernel programs recognise the agent's sockets by their cookies in
+/// `AGENT_SOCKETS` and its deliveries by their tuples in `DELIVERY_TUPLES`,
+/// which only the agent writes.
 pub const BYPASS_MARK: u32 = 0x539;
+/// `SO_MARK` of the agent's transparent delivery sockets (bound to the
+/// client's address inside the server pod's netns). With
+/// `net.ipv4.tcp_fwmark_accept` the app's accepted socket inherits it, and
+/// the pod's policy rule (`fwmark DELIVERY_MARK lookup DELIVERY_TABLE`,
+/// a table holding `local default dev lo`) keeps the app's replies to the
+/// (non-local) client address inside the pod, on the agent's socket.
+pub const DELIVERY_MARK: u32 = 0x53a;
+/// The routing table of the pod's delivery rule (see [`DELIVERY_MARK`]).
+pub const DELIVERY_TABLE: u32 = 0x53a;
+/// The priority of the pod's delivery rule: after `local` (0), before `main` (32766).
+pub const DELIVERY_RULE_PRIORITY: u32 = 0x53a;
+/// Entries of `AGENT_SOCKETS` and `DELIVERY_TUPLES` (connects in flight).
+pub const MAX_AGENT_SOCKETS: u32 = 65536;
 
 /// Index of a pod's plaintext inbound listener in the `INBOUND_LISTENERS`
 /// sockmap: `slot * LISTENERS_PER_POD + LISTENER_PLAINTEXT`.
@@ -54,6 +71,13 @@ pub mod maps {
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     /// Per-CPU `u64` counters, indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
+    /// Socket cookie -> 1: the agent's own sockets in pod netns, exempt from capture while they connect.
+    pub const AGENT_SOCKETS: &str = "AGENT_SOCKETS";
+    /// [`crate::DeliveryKey`] -> 1: the agent's deliveries to apps, left alone by `sk_lookup`.
+    pub const DELIVERY_TUPLES: &str = "DELIVERY_TUPLES";
+    /// netns cookie (`u64`) -> [`crate::PodAddrs`]: the pod's own addresses,
+    /// which `getsockname()` of a redirected socket shows.
+    pub const NETNS_ADDRS: &str = "NETNS_ADDRS";
 }
 
 /// Names of the kernel programs (the function names in `mesh-ebpf`).
@@ -68,6 +92,10 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "restore_peer4";
     /// `cgroup/getpeername6`: the same for IPv6.
     pub const GETPEERNAME6: &str = "restore_peer6";
+    /// `cgroup/getsockname4`.
+    pub const GETSOCKNAME4: &str = "restore_local4";
+    /// `cgroup/getsockname6`.
+    pub const GETSOCKNAME6: &str = "restore_local6";
     /// `sk_lookup` (per pod netns): steer inbound connections to the agent's listeners.
     pub const SK_LOOKUP: &str = "steer_inbound";
 }
@@ -192,6 +220,41 @@ pub struct TupleKey {
     pub _pad: [u8; 6],
 }
 
+/// The value of `NETNS_ADDRS`: an enrolled pod's own address of each family
+/// (its first), the local address its redirected sockets report.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodAddrs {
+    /// The pod's IPv4 address, IPv4-mapped (valid when `has_v4` is 1).
+    pub v4: IpKey,
+    /// The pod's IPv6 address (valid when `has_v6` is 1).
+    pub v6: IpKey,
+    /// 1 when the pod has an IPv4 address.
+    pub has_v4: u8,
+    /// 1 when the pod has an IPv6 address.
+    pub has_v6: u8,
+    /// Reserved, zero.
+    pub _pad: [u8; 6],
+}
+
+/// Key of `DELIVERY_TUPLES`: one connect of the agent to an app, as the
+/// app's netns sees the SYN (`local` the app's address and port, `remote`
+/// the address and port the agent's socket is bound to).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DeliveryKey {
+    /// The app's address, network byte order, IPv4-mapped for IPv4.
+    pub local: IpKey,
+    /// The agent socket's address (the client's, or the pod's own).
+    pub remote: IpKey,
+    /// The app's port, host byte order.
+    pub local_port: u16,
+    /// The agent socket's port, host byte order.
+    pub remote_port: u16,
+    /// Reserved, zero.
+    pub _pad: [u8; 4],
+}
+
 /// The kernel programs' counters: indexes into the per-CPU `COUNTERS` array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -202,8 +265,8 @@ pub enum Counter {
     ConnectRedirected,
     /// An enrolled pod's connect to a loopback address: left alone.
     ConnectBypassLoopback,
-    /// A connect from a socket carrying the agent's mark: left alone.
-    ConnectBypassMark,
+    /// A connect from one of the agent's own sockets (its cookie in `AGENT_SOCKETS`): left alone.
+    ConnectBypassAgent,
     /// An enrolled pod's connect to an excluded port: left alone.
     ConnectBypassPort,
     /// The original destination could not be stored: the connect was refused (fail closed).
@@ -218,7 +281,8 @@ pub enum Counter {
     LookupSteeredPlaintext,
     /// Inbound connection steered to the pod's HBONE listener.
     LookupSteeredHbone,
-    /// Inbound lookup on loopback (agent delivery, pod to itself): left alone.
+    /// Inbound lookup on loopback, from the pod to itself, or an agent
+    /// delivery (its tuple in `DELIVERY_TUPLES`): left alone.
     LookupBypassLoopback,
     /// Inbound lookup for an excluded port: left alone.
     LookupBypassPort,
@@ -239,7 +303,7 @@ impl Counter {
         Counter::ConnectNotEnrolled,
         Counter::ConnectRedirected,
         Counter::ConnectBypassLoopback,
-        Counter::ConnectBypassMark,
+        Counter::ConnectBypassAgent,
         Counter::ConnectBypassPort,
         Counter::ConnectRecordFailed,
         Counter::SockOpsRecorded,
@@ -260,7 +324,7 @@ impl Counter {
             Counter::ConnectNotEnrolled => "connect_not_enrolled",
             Counter::ConnectRedirected => "connect_redirected",
             Counter::ConnectBypassLoopback => "connect_bypass_loopback",
-            Counter::ConnectBypassMark => "connect_bypass_mark",
+            Counter::ConnectBypassAgent => "connect_bypass_agent",
             Counter::ConnectBypassPort => "connect_bypass_port",
             Counter::ConnectRecordFailed => "connect_record_failed",
             Counter::SockOpsRecorded => "sockops_recorded",
@@ -291,6 +355,10 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TupleKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DeliveryKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PodAddrs {}
 }
 
 #[cfg(test)]
@@ -304,6 +372,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<PortKey>(), 16);
         assert_eq!(core::mem::size_of::<OrigDst>(), 32);
         assert_eq!(core::mem::size_of::<TupleKey>(), 32);
+        assert_eq!(core::mem::size_of::<DeliveryKey>(), 40);
+        assert_eq!(core::mem::size_of::<PodAddrs>(), 40);
     }
 
     #[test]

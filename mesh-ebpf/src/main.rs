@@ -5,8 +5,10 @@
 //! * **Outbound.** [`redirect_connect4`] and [`redirect_connect6`]
 //!   (`cgroup/connect4`, `cgroup/connect6`, attached to a cgroup covering the
 //!   pods) act on TCP connects of sockets whose network namespace is enrolled
-//!   (`ENROLLED_NETNS`, keyed by netns cookie). Loopback destinations, sockets
-//!   carrying [`BYPASS_MARK`] and excluded ports are left alone; every other
+//!   (`ENROLLED_NETNS`, keyed by netns cookie). Loopback destinations, the
+//!   agent's own sockets (their cookies in `AGENT_SOCKETS`, written by the
+//!   agent alone: no mark an app can set exempts a socket) and excluded ports
+//!   are left alone; every other
 //!   connect has its original destination stored in `SOCK_ORIG_DST` (keyed by
 //!   socket cookie) and is rewritten to the pod's own outbound listener
 //!   (`127.0.0.1:15001`, `[::1]:15001`, or `::ffff:127.0.0.1:15001` for a
@@ -21,11 +23,16 @@
 //! * **Peer name.** [`restore_peer4`] and [`restore_peer6`]
 //!   (`cgroup/getpeername4`, `cgroup/getpeername6`) make a redirected client
 //!   see the address it dialled instead of the outbound listener.
+//! * **Local name.** [`restore_local4`] and [`restore_local6`]
+//!   (`cgroup/getsockname4`, `cgroup/getsockname6`) make a redirected client
+//!   see its pod's own address (`NETNS_ADDRS`) as its local address instead
+//!   of the loopback address the redirect gave it.
 //! * **Inbound.** [`steer_inbound`] (`sk_lookup`, attached to each pod's
 //!   netns) hands TCP connections to an enrolled pod address to the pod's
 //!   HBONE listener (port 15008) or plaintext listener (every other port),
 //!   both held in the `INBOUND_LISTENERS` sockmap. Connections the pod makes
-//!   to itself (the agent delivering to the app included), those from probe
+//!   to itself, the agent's deliveries to the app (their tuples filed by the
+//!   agent in `DELIVERY_TUPLES`, as their source is the client's), those from probe
 //!   sources and those to excluded ports are left alone; an enrolled pod
 //!   without a live listener gets `SK_DROP`, which TCP answers with a reset
 //!   (fail closed).
@@ -73,7 +80,7 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
         sk_action::{SK_DROP, SK_PASS},
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
@@ -83,9 +90,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
-    BYPASS_MARK, Counter, INBOUND_HBONE_PORT, IpKey, LISTENER_HBONE, LISTENER_PLAINTEXT,
-    LISTENERS_PER_POD, MAX_EXCLUDED_PORTS, MAX_ORIG_DST, MAX_PODS, MAX_PROBE_SOURCES,
-    OUTBOUND_PORT, OrigDst, PodSlot, PortKey, TupleKey, direction,
+    Counter, DeliveryKey, INBOUND_HBONE_PORT, IpKey, LISTENER_HBONE, LISTENER_PLAINTEXT,
+    LISTENERS_PER_POD, MAX_AGENT_SOCKETS, MAX_EXCLUDED_PORTS, MAX_ORIG_DST, MAX_PODS,
+    MAX_PROBE_SOURCES, OUTBOUND_PORT, OrigDst, PodAddrs, PodSlot, PortKey, TupleKey, direction,
 };
 
 /// `AF_INET`.
@@ -144,6 +151,16 @@ static ORIG_DST_BY_TUPLE: LruHashMap<TupleKey, OrigDst> =
 /// The in-pod inbound listeners, at `slot * LISTENERS_PER_POD + kind`.
 #[map]
 static INBOUND_LISTENERS: SockMap = SockMap::with_max_entries(MAX_PODS * LISTENERS_PER_POD, 0);
+/// Socket cookie -> 1: the agent's sockets in pod netns, while they connect.
+#[map]
+static AGENT_SOCKETS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(MAX_AGENT_SOCKETS, 0);
+/// The agent's connects to apps, by the tuple of their SYN (value unused).
+#[map]
+static DELIVERY_TUPLES: LruHashMap<DeliveryKey, u8> =
+    LruHashMap::with_max_entries(MAX_AGENT_SOCKETS, 0);
+/// netns cookie -> the pod's own addresses (what getsockname shows).
+#[map]
+static NETNS_ADDRS: HashMap<u64, PodAddrs> = HashMap::with_max_entries(MAX_PODS, 0);
 /// Per-CPU counters, indexed by [`Counter`].
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -318,18 +335,13 @@ fn redirect_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         return SOCK_ADDR_ALLOW;
     }
 
-    // SAFETY: `sk` is the socket being connected: the verifier types it as a
-    // non-NULL socket pointer in sock_addr programs, `mark` a readable field.
-    let mark = unsafe {
-        let sk = read_volatile(&raw const (*sa).__bindgen_anon_1.sk);
-        if sk.is_null() {
-            0
-        } else {
-            ctx_load(&raw const (*sk).mark)
-        }
-    };
-    if mark == BYPASS_MARK {
-        count(Counter::ConnectBypassMark);
+    // The agent's own sockets in the pod (deliveries to the app, its
+    // upstream connects) are recognised by their cookies, which only the
+    // agent writes: a mark or IP_TRANSPARENT set by an app exempts nothing.
+    // SAFETY: the helper only reads the context it is given.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if AGENT_SOCKETS.get_ptr(&cookie).is_some() {
+        count(Counter::ConnectBypassAgent);
         return SOCK_ADDR_ALLOW;
     }
 
@@ -344,8 +356,6 @@ fn redirect_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         return SOCK_ADDR_ALLOW;
     }
 
-    // SAFETY: the helper only reads the context it is given.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let orig = OrigDst {
         addr, // network order, v4 mapped
         port, // host order
@@ -526,22 +536,28 @@ pub fn restore_peer6(ctx: SockAddrContext) -> i32 {
     restore_peer(&ctx, true)
 }
 
-/// The getpeername hook of both families (`v6` is a constant at each call site).
+/// The original destination of a redirected socket (its `SOCK_ORIG_DST`
+/// entry, copied to the stack), or `None` for any other socket.
 #[inline(always)]
-fn restore_peer(ctx: &SockAddrContext, v6: bool) -> i32 {
+fn redirected(ctx: &SockAddrContext) -> Option<OrigDst> {
     // SAFETY: the helper only reads the context it is given.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(orig) = SOCK_ORIG_DST.get_ptr(&cookie) else {
-        return SOCK_ADDR_ALLOW;
-    };
+    let orig = SOCK_ORIG_DST.get_ptr(&cookie)?;
     // SAFETY: a non-NULL lookup result points to a live `OrigDst`; it is
     // copied to the stack at once.
-    let orig = unsafe { *orig };
-    let words = key_words(&orig.addr); // network order
-    let sa = ctx.sock_addr;
-    // SAFETY: `user_ip4`, `user_ip6` and `user_port` are writable in
-    // getpeername programs; addresses go in network order, the port
-    // big-endian in the low 16 bits.
+    Some(unsafe { *orig })
+}
+
+/// Writes an address, given as four network-order words (IPv4 mapped), to
+/// `user_ip6` (`v6`) or, its low word, to `user_ip4`.
+///
+/// # Safety
+///
+/// `sa` must be the context of a program type in which `user_ip4` and
+/// `user_ip6` are writable (getpeername, getsockname, connect).
+#[inline(always)]
+unsafe fn store_user_addr(sa: *mut bpf_sock_addr, v6: bool, words: [u32; 4]) {
+    // SAFETY: guaranteed by the caller; addresses go in network order.
     unsafe {
         if v6 {
             ctx_store_ip6(&raw mut (*sa).user_ip6, words);
@@ -549,9 +565,66 @@ fn restore_peer(ctx: &SockAddrContext, v6: bool) -> i32 {
             // The IPv4 address is the low 4 bytes of the mapped form.
             ctx_store(&raw mut (*sa).user_ip4, words[3]);
         }
+    }
+}
+
+/// The getpeername hook of both families (`v6` is a constant at each call site).
+#[inline(always)]
+fn restore_peer(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let Some(orig) = redirected(ctx) else {
+        return SOCK_ADDR_ALLOW;
+    };
+    let sa = ctx.sock_addr;
+    // SAFETY: `user_ip4`, `user_ip6` and `user_port` are writable in
+    // getpeername programs; the port goes big-endian in the low 16 bits.
+    unsafe {
+        store_user_addr(sa, v6, key_words(&orig.addr));
         ctx_store(&raw mut (*sa).user_port, u32::from(orig.port.to_be()));
     }
     count(Counter::PeernameRestored);
+    SOCK_ADDR_ALLOW
+}
+
+// -------------------------------------------------- outbound: getsockname
+
+/// `cgroup/getsockname4`: shows a redirected IPv4 client its pod's own
+/// address as its local address instead of the loopback address the
+/// redirect gave it (the port is the socket's real one). Always returns 1.
+#[cgroup_sock_addr(getsockname4)]
+pub fn restore_local4(ctx: SockAddrContext) -> i32 {
+    restore_local(&ctx, false)
+}
+
+/// `cgroup/getsockname6`: as [`restore_local4`] for IPv6 sockets; a socket
+/// whose original destination is v4-mapped gets the pod's IPv4 address,
+/// v4-mapped.
+#[cgroup_sock_addr(getsockname6)]
+pub fn restore_local6(ctx: SockAddrContext) -> i32 {
+    restore_local(&ctx, true)
+}
+
+/// The getsockname hook of both families (`v6` is a constant at each call site).
+#[inline(always)]
+fn restore_local(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let Some(orig) = redirected(ctx) else {
+        return SOCK_ADDR_ALLOW;
+    };
+    let Some(addrs) = NETNS_ADDRS.get_ptr(&orig.netns_cookie) else {
+        return SOCK_ADDR_ALLOW;
+    };
+    // SAFETY: a non-NULL lookup result points to a live `PodAddrs`; it is
+    // copied to the stack at once.
+    let addrs = unsafe { *addrs };
+    let (has, own) = if orig.addr.is_v4_mapped() {
+        (addrs.has_v4, addrs.v4)
+    } else {
+        (addrs.has_v6, addrs.v6)
+    };
+    if has == 0 {
+        return SOCK_ADDR_ALLOW;
+    }
+    // SAFETY: `user_ip4` and `user_ip6` are writable in getsockname programs.
+    unsafe { store_user_addr(ctx.sock_addr, v6, key_words(&own)) };
     SOCK_ADDR_ALLOW
 }
 
@@ -561,7 +634,8 @@ fn restore_peer(ctx: &SockAddrContext, v6: bool) -> i32 {
 /// enrolled pod address to the pod's listener in `INBOUND_LISTENERS` — the
 /// HBONE listener for port 15008, the plaintext listener for any other port.
 /// Connections the pod makes to itself (arriving on `lo`, or with the
-/// destination address as source), and lookups from probe sources, to
+/// destination address as source), the agent's deliveries to the app (their
+/// tuples in `DELIVERY_TUPLES`), and lookups from probe sources, to
 /// excluded ports or to addresses that are not enrolled pass untouched.
 /// Returns `SK_PASS`, or `SK_DROP` when the pod has no usable listener (fail
 /// closed: the client gets a reset).
@@ -601,13 +675,17 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
         (ip4_key(local4), ip4_key(remote4))
     };
 
-    // Connections the pod makes to itself: the agent delivering to the app,
-    // or the app talking to itself. Those to 127/8 or ::1 arrive on `lo`
-    // (ingress_ifindex 1). Those to the pod's own address do not: the kernel
-    // reports the ifindex of the device owning the address (the veth,
+    // SAFETY: `remote_port` is a readable `__be16` field (network order).
+    let remote_port = u16::from_be(unsafe { read_volatile(&raw const (*lookup).remote_port) });
+
+    // Connections the pod makes to itself. Those to 127/8 or ::1 arrive on
+    // `lo` (ingress_ifindex 1). Those to the pod's own address do not: the
+    // kernel reports the ifindex of the device owning the address (the veth,
     // observed on 6.18), but their source is the destination itself, which
-    // the kernel picks as source of a local route. A remote peer cannot
-    // complete a handshake from that source: the SYN-ACK stays in the pod.
+    // the kernel picks as source of a local route. Neither can be forged: a
+    // remote peer cannot complete a handshake from the pod's own address (the
+    // SYN-ACK stays in the pod), and an in-pod socket's connect passed the
+    // connect hooks, which captured it unless the port is excluded.
     let from_itself = if family == AF_INET6 {
         local6[0] == remote6[0]
             && local6[1] == remote6[1]
@@ -616,7 +694,18 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
     } else {
         local4 == remote4
     };
-    if ifindex == LOOPBACK_IFINDEX || from_itself {
+    // The agent delivering to the app, from the client's address
+    // (IP_TRANSPARENT) or its own: recognised by the SYN's tuple, which the
+    // agent files in DELIVERY_TUPLES before it connects. An app's socket
+    // bound to the same addresses with the same options is not in the map.
+    let delivery = DeliveryKey {
+        local,
+        remote,
+        local_port,
+        remote_port,
+        _pad: [0; 4],
+    };
+    if ifindex == LOOPBACK_IFINDEX || from_itself || DELIVERY_TUPLES.get_ptr(&delivery).is_some() {
         count(Counter::LookupBypassLoopback);
         return SK_PASS;
     }
@@ -653,8 +742,6 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
     };
     // An out-of-range slot finds no socket below and is dropped.
     let index = slot.slot.wrapping_mul(LISTENERS_PER_POD).wrapping_add(kind);
-    // SAFETY: `remote_port` is a readable `__be16` field (network order).
-    let remote_port = u16::from_be(unsafe { read_volatile(&raw const (*lookup).remote_port) });
     match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, index, 0) {
         Ok(()) => {
             count(if hbone {

@@ -320,6 +320,8 @@ mod access_log_tests {
             duration: Duration::from_millis(1500),
             outcome: Outcome::Closed,
             forwarded_for: None,
+            source_preserved: None,
+            source_not_preserved: None,
             route: None,
             subset: None,
             waypoint: None,

@@ -20,6 +20,7 @@ use mesh_common::{maps, programs};
 
 use super::{
     error::{DatapathError, map_err, prog_err},
+    exempt::Exemptions,
     orig_dst::OrigDstTable,
     pins::{PinLayout, pin_link, replace_pinned, unpin_link},
     sys,
@@ -29,7 +30,7 @@ use super::{
 static EMBEDDED_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
 
 /// The maps, all pinned (reused by the next agent).
-const MAPS: [&str; 8] = [
+const MAPS: [&str; 11] = [
     maps::ENROLLED_NETNS,
     maps::POD_ADDRS,
     maps::EXCLUDED_PORTS,
@@ -38,15 +39,20 @@ const MAPS: [&str; 8] = [
     maps::ORIG_DST_BY_TUPLE,
     maps::INBOUND_LISTENERS,
     maps::COUNTERS,
+    maps::AGENT_SOCKETS,
+    maps::DELIVERY_TUPLES,
+    maps::NETNS_ADDRS,
 ];
 
 /// The programs attached to the cgroup, and whether each is the `sock_ops`
 /// one (the others are `cgroup/sock_addr` programs).
-const CGROUP_PROGRAMS: [(&str, bool); 5] = [
+const CGROUP_PROGRAMS: [(&str, bool); 7] = [
     (programs::CONNECT4, false),
     (programs::CONNECT6, false),
     (programs::GETPEERNAME4, false),
     (programs::GETPEERNAME6, false),
+    (programs::GETSOCKNAME4, false),
+    (programs::GETSOCKNAME6, false),
     (programs::SOCK_OPS, true),
 ];
 
@@ -78,6 +84,8 @@ pub struct Datapath {
     pins: PinLayout,
     /// The table of original destinations, shared with the proxy.
     pub orig_dst: Arc<OrigDstTable>,
+    /// The agent's own sockets and deliveries, exempt from capture; shared with the proxy.
+    pub exempt: Arc<Exemptions>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -146,11 +154,16 @@ impl Datapath {
             &mut ebpf,
             maps::ORIG_DST_BY_TUPLE,
         )?));
+        let exempt = Arc::new(Exemptions::new(
+            take_map(&mut ebpf, maps::AGENT_SOCKETS)?,
+            take_map(&mut ebpf, maps::DELIVERY_TUPLES)?,
+        ));
         Ok((
             Self {
                 ebpf,
                 pins,
                 orig_dst,
+                exempt,
                 logger,
             },
             LoadSummary {

@@ -9,7 +9,7 @@
 use std::{
     fs::File,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     os::{
         fd::{AsFd, AsRawFd},
         unix::fs::MetadataExt as _,
@@ -260,6 +260,34 @@ pub fn tcp_socket(addr: &SocketAddr, mark: u32) -> io::Result<Socket> {
     )?;
     sock.set_mark(mark)?;
     Ok(sock)
+}
+
+/// A socket for the agent to connect to `dst` from, in the calling thread's
+/// netns (a pod's). With `from`, the socket is bound to that address (the
+/// client's, not local to the pod) with `IP_TRANSPARENT`/`IPV6_TRANSPARENT`
+/// (`CAP_NET_ADMIN`) and carries [`mesh_common::DELIVERY_MARK`], whose
+/// replies the pod's delivery rule keeps in the pod; the bound address (its
+/// port chosen by the kernel) is returned with it. Without, it carries
+/// [`mesh_common::BYPASS_MARK`] and the kernel picks its source at connect.
+pub fn connect_socket(
+    dst: &SocketAddr,
+    from: Option<IpAddr>,
+) -> io::Result<(Socket, Option<SocketAddr>)> {
+    let Some(from) = from else {
+        return Ok((tcp_socket(dst, mesh_common::BYPASS_MARK)?, None));
+    };
+    let sock = tcp_socket(dst, mesh_common::DELIVERY_MARK)?;
+    if dst.is_ipv6() {
+        sock.set_ip_transparent_v6(true)?;
+    } else {
+        sock.set_ip_transparent_v4(true)?;
+    }
+    sock.bind(&SocketAddr::new(from, 0).into())?;
+    let bound = sock
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("the bound address is not an IP address"))?;
+    Ok((sock, Some(bound)))
 }
 
 /// The cookie of the network namespace a socket lives in (`SO_NETNS_COOKIE`, Linux 5.14).

@@ -1,5 +1,5 @@
 //! The kernel side of enrolling a pod: the map entries that make the kernel
-//! programs capture it (`ENROLLED_NETNS`, `POD_ADDRS`, `EXCLUDED_PORTS`,
+//! programs capture it (`ENROLLED_NETNS`, `POD_ADDRS`, `NETNS_ADDRS`, `EXCLUDED_PORTS`,
 //! `INBOUND_LISTENERS`), the node's `PROBE_SOURCES`, and the pod netns'
 //! `sk_lookup` link. Which pods to enroll, and when, is decided above (in
 //! `pods`), through the [`PodKernel`] trait, so that the decisions can be
@@ -15,7 +15,8 @@ use std::{
 
 use aya::maps::{HashMap, MapData, SockMap};
 use mesh_common::{
-    IpKey, LISTENER_HBONE, LISTENER_PLAINTEXT, LISTENERS_PER_POD, PodSlot, PortKey, direction, maps,
+    IpKey, LISTENER_HBONE, LISTENER_PLAINTEXT, LISTENERS_PER_POD, PodAddrs, PodSlot, PortKey,
+    direction, maps,
 };
 
 use super::{Datapath, DatapathError, ip_key, netns::NetnsError};
@@ -34,6 +35,20 @@ pub struct PodKernelState<'a> {
 }
 
 impl PodKernelState<'_> {
+    /// The pod's first address of each family (`NETNS_ADDRS`).
+    fn own_addrs(&self) -> PodAddrs {
+        let mut out = PodAddrs::default();
+        if let Some(v4) = self.ips.iter().find(|ip| ip.is_ipv4()) {
+            out.v4 = ip_key(*v4);
+            out.has_v4 = 1;
+        }
+        if let Some(v6) = self.ips.iter().find(|ip| ip.is_ipv6()) {
+            out.v6 = ip_key(*v6);
+            out.has_v6 = 1;
+        }
+        out
+    }
+
     /// The `EXCLUDED_PORTS` keys of the pod in the netns `cookie`.
     fn port_keys(&self, cookie: u64) -> impl Iterator<Item = PortKey> + '_ {
         let out = self
@@ -108,6 +123,7 @@ pub struct PodMaps {
     excluded: HashMap<MapData, PortKey, u8>,
     probe_sources: HashMap<MapData, IpKey, u8>,
     listeners: SockMap<MapData>,
+    netns_addrs: HashMap<MapData, u64, PodAddrs>,
 }
 
 impl PodMaps {
@@ -119,6 +135,7 @@ impl PodMaps {
             excluded: dp.take_map(maps::EXCLUDED_PORTS)?,
             probe_sources: dp.take_map(maps::PROBE_SOURCES)?,
             listeners: dp.take_map(maps::INBOUND_LISTENERS)?,
+            netns_addrs: dp.take_map(maps::NETNS_ADDRS)?,
             dp,
         })
     }
@@ -185,6 +202,9 @@ impl PodKernel for PodMaps {
             source,
         })?;
         self.dp.attach_sk_lookup(&ns, cookie)?;
+        self.netns_addrs
+            .insert(&cookie, &pod.own_addrs(), 0)
+            .map_err(map_err(maps::NETNS_ADDRS))?;
         self.enrolled_netns
             .insert(&cookie, &value, 0)
             .map_err(map_err(maps::ENROLLED_NETNS))?;
@@ -206,6 +226,10 @@ impl PodKernel for PodMaps {
         log(
             "sk_lookup",
             self.dp.detach_sk_lookup(cookie).map_err(|e| e.to_string()),
+        );
+        log(
+            "netns_addrs",
+            self.netns_addrs.remove(&cookie).map_err(|e| e.to_string()),
         );
         for ip in pod.ips {
             log(
@@ -244,6 +268,7 @@ impl PodKernel for PodMaps {
             .collect();
         let mut swept = remove_stale(&mut self.enrolled_netns, |k| cookies.contains(k));
         swept += remove_stale(&mut self.pod_addrs, |k| addrs.contains(k));
+        swept += remove_stale(&mut self.netns_addrs, |k| cookies.contains(k));
         swept += remove_stale(&mut self.excluded, |k| ports.contains(k));
         for cookie in self.dp.pinned_sk_lookup_cookies()? {
             if !cookies.contains(&cookie) {

@@ -232,7 +232,8 @@ pub fn raise_memlock() {
     }
 }
 
-/// The kernel's program-type support, for the start-up summary.
+/// The kernel's program-type support and transparent delivery's features,
+/// for the start-up summary and `/config_dump`.
 pub fn probe_program_types() -> Vec<(&'static str, bool)> {
     [
         ("cgroup_sock_addr", ProgramType::CgroupSockAddr),
@@ -241,5 +242,36 @@ pub fn probe_program_types() -> Vec<(&'static str, bool)> {
     ]
     .into_iter()
     .map(|(name, t)| (name, aya::sys::is_program_supported(t).unwrap_or(false)))
+    .chain(probe_transparent_delivery())
     .collect()
+}
+
+/// What transparent delivery needs, probed in the agent's netns (each pod's
+/// netns is set up, and falls back per family, at enrollment):
+/// `IP_TRANSPARENT` / `IPV6_TRANSPARENT` (2.6.28 / 2.6.37, `CAP_NET_ADMIN`),
+/// `SO_COOKIE` (4.12, the agent's exemptions), `tcp_fwmark_accept` (3.19)
+/// and `fwmark_reflect` (3.16).
+fn probe_transparent_delivery() -> [(&'static str, bool); 4] {
+    use socket2::{Domain, Socket, Type};
+    let transparent = |domain: Domain| {
+        Socket::new(domain, Type::STREAM, None).is_ok_and(|s| {
+            if domain == Domain::IPV6 {
+                s.set_ip_transparent_v6(true).is_ok()
+            } else {
+                s.set_ip_transparent_v4(true).is_ok()
+            }
+        })
+    };
+    let cookie = Socket::new(Domain::IPV4, Type::STREAM, None).is_ok_and(|s| s.cookie().is_ok());
+    let sysctl = |p: &str| Path::new(p).exists();
+    [
+        ("ip_transparent", transparent(Domain::IPV4)),
+        ("ipv6_transparent", transparent(Domain::IPV6)),
+        ("socket_cookie", cookie),
+        (
+            "fwmark_accept",
+            sysctl("/proc/sys/net/ipv4/tcp_fwmark_accept")
+                && sysctl("/proc/sys/net/ipv4/fwmark_reflect"),
+        ),
+    ]
 }

@@ -105,6 +105,8 @@ struct EnrolledPod<N> {
     /// Duplicates of the listener fds, to shut them down synchronously on
     /// un-enrollment (so a re-enrollment can bind the same ports at once).
     listener_fds: Vec<std::net::TcpListener>,
+    /// The pod's reply path for transparent delivery (set up at enrollment).
+    reply_routes: crate::datapath::ReplyRoutes,
     /// Keeps the pod's netns entered (its worker) while enrolled.
     netns: N,
 }
@@ -307,6 +309,7 @@ impl<K: PodKernel, P: PodProxy> Enroller<K, P> {
             self.free_slots.push(slot);
             return Err(e.into());
         }
+        let reply_routes = listeners.reply_routes.clone();
         let cancel = self.proxy.serve(w, &identity, cookie, &netns, listeners);
         Ok(EnrolledPod {
             workload: w.clone(),
@@ -316,6 +319,7 @@ impl<K: PodKernel, P: PodProxy> Enroller<K, P> {
             slot,
             cancel,
             listener_fds,
+            reply_routes,
             netns,
         })
     }
@@ -327,9 +331,11 @@ impl<K: PodKernel, P: PodProxy> Enroller<K, P> {
     fn update(&mut self, pod: &mut EnrolledPod<P::Netns>, w: &Workload) -> Result<(), EnrollError> {
         let identity = w.identity(&self.proxy.trust_domain())?;
         let listeners =
-            pod_listeners(&pod.listener_fds).map_err(|source| EnrollError::Listener {
-                addr: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT),
-                source,
+            pod_listeners(&pod.listener_fds, pod.reply_routes.clone()).map_err(|source| {
+                EnrollError::Listener {
+                    addr: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT),
+                    source,
+                }
             })?;
         self.kernel
             .publish(pod.slot, pod.cookie, &kernel_state(w), inbound(&listeners))?;
@@ -395,7 +401,10 @@ fn inbound(l: &PodListeners) -> InboundSockets<'_> {
 /// Fresh handles on a pod's listening sockets (duplicated fds, so the
 /// sockets live on when one set is dropped), in `listener_fds` order:
 /// outbound..., plaintext, HBONE.
-fn pod_listeners(fds: &[std::net::TcpListener]) -> std::io::Result<PodListeners> {
+fn pod_listeners(
+    fds: &[std::net::TcpListener],
+    reply_routes: crate::datapath::ReplyRoutes,
+) -> std::io::Result<PodListeners> {
     let mut dups = fds
         .iter()
         .map(std::net::TcpListener::try_clone)
@@ -409,5 +418,6 @@ fn pod_listeners(fds: &[std::net::TcpListener]) -> std::io::Result<PodListeners>
         outbound: dups,
         inbound_plaintext,
         inbound_hbone,
+        reply_routes,
     })
 }

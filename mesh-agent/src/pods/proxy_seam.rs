@@ -88,6 +88,8 @@ impl PodProxy for Proxy {
             identity: identity.clone(),
             service_account: w.service_account.clone(),
             labels: w.labels.clone(),
+            exempt: self.exemptions(),
+            reply_routes: listeners.reply_routes.clone(),
         });
         self.serve_pod(ctx, listeners, cancel.clone());
         cancel
@@ -131,6 +133,10 @@ fn enable_accept_queue_migration() {
 /// the netns cookie.
 fn open_listeners() -> Result<(PodListeners, u64), EnrollError> {
     enable_accept_queue_migration();
+    let reply_routes = crate::datapath::route_replies_to_agent();
+    if let Some(reason) = &reply_routes.reason {
+        tracing::warn!(ipv4 = reply_routes.v4, ipv6 = reply_routes.v6, reason = %reason, "transparent delivery unavailable in the pod for a family; its apps see the pod's own address as the client's");
+    }
     let open = |addr: SocketAddr, dual_stack: bool| {
         netns::listener(addr, dual_stack).map_err(|source| EnrollError::Listener { addr, source })
     };
@@ -167,6 +173,7 @@ fn open_listeners() -> Result<(PodListeners, u64), EnrollError> {
             outbound,
             inbound_plaintext,
             inbound_hbone,
+            reply_routes,
         },
         cookie,
     ))

@@ -137,6 +137,7 @@ impl PodProxy for Fakes {
             outbound: vec![loopback_listener()],
             inbound_plaintext: loopback_listener(),
             inbound_hbone: loopback_listener(),
+            reply_routes: Default::default(),
         };
         Ok(((), listeners, cookie))
     }

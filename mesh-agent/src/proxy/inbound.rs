@@ -1,8 +1,9 @@
 //! The inbound plaintext listener: connections to the pod's addresses,
 //! steered here by `sk_lookup`. The original destination is the accepted
 //! socket's local address (sk_lookup rewrites nothing). The agent delivers to
-//! the app from inside the pod's netns over loopback, which `sk_lookup`
-//! leaves alone.
+//! the app from inside the pod's netns, from the client's address
+//! (`IP_TRANSPARENT`, see `PodContext::deliver`), a delivery `sk_lookup`
+//! leaves alone by its tuple.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -78,11 +79,14 @@ async fn handle(ctx: Arc<PodContext>, client: TcpStream, peer: SocketAddr, share
         workload: ctx.key.clone(),
         labels: ctx.labels.clone(),
     };
-    let Ok((tracked, tracker)) = super::authorize(&shared, subject, tracker) else {
+    let Ok((tracked, mut tracker)) = super::authorize(&shared, subject, tracker) else {
         reset(client);
         return;
     };
-    let app = match ctx.connect(dst).await {
+    // The app sees the TCP peer as the client, as it would without the mesh.
+    let (app, preserved) = ctx.deliver(dst, ctx.delivery_source(peer.ip(), dst)).await;
+    tracker.set_source_preserved(preserved.is_ok(), preserved.err());
+    let app = match app {
         Ok(s) => s,
         Err(source) => {
             let unreachable = Error::App {

@@ -267,11 +267,20 @@ async fn stream(
         workload: ctx.key.clone(),
         labels: ctx.labels.clone(),
     };
-    let (tracked, tracker) = match super::authorize(&shared, subject, tracker) {
+    let (tracked, mut tracker) = match super::authorize(&shared, subject, tracker) {
         Ok(allowed) => allowed,
         Err(status) => return hbone::respond_status(&mut respond, status),
     };
-    let app = match ctx.connect(target).await {
+    // The app sees the tunnel's TCP peer as the client when it is a known
+    // workload's address (never an address the peer only claims).
+    let source = if snapshot.workload_by_ip(peer.ip()).is_some() {
+        ctx.delivery_source(peer.ip(), target)
+    } else {
+        Err("client_not_a_known_workload")
+    };
+    let (app, preserved) = ctx.deliver(target, source).await;
+    tracker.set_source_preserved(preserved.is_ok(), preserved.err());
+    let app = match app {
         Ok(s) => s,
         Err(source) => {
             let unreachable = Error::App { target, source };

@@ -34,7 +34,7 @@ pub use error::Error;
 
 use crate::{
     datapath::{
-        OrigDstTable,
+        Exemptions, OrigDstTable, ReplyRoutes,
         netns::{self, NetnsWorker},
     },
     identity::{MeshTls, SpiffeId},
@@ -71,6 +71,10 @@ pub struct PodContext {
     pub service_account: String,
     /// The pod's labels (policy selectors).
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The agent's sockets the kernel programs leave alone.
+    pub exempt: Arc<Exemptions>,
+    /// Which families' replies the pod routes back to a transparent delivery.
+    pub reply_routes: ReplyRoutes,
 }
 
 impl PodContext {
@@ -86,13 +90,87 @@ impl PodContext {
     }
 
     /// Connects to `dst` from a socket created inside the pod's netns,
-    /// marked so the kernel programs leave it alone.
+    /// exempt from capture (its cookie in the agent's exemption map).
     pub async fn connect(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {
-        let sock = self
+        let (sock, _) = self
             .worker
-            .run(move || netns::tcp_socket(&dst, mesh_common::BYPASS_MARK))
+            .run(move || netns::connect_socket(&dst, None))
             .await
             .map_err(std::io::Error::other)??;
+        self.connect_exempt(sock, dst, None).await
+    }
+
+    /// Whether the app at `dst` can be delivered a connection from the
+    /// client address `client`: `Ok(Some(client))` to bind it
+    /// transparently, `Ok(None)` when it is one of the pod's own addresses
+    /// (nothing to bind: the kernel picks it), or why not.
+    pub fn delivery_source(
+        &self,
+        client: IpAddr,
+        dst: SocketAddr,
+    ) -> Result<Option<IpAddr>, &'static str> {
+        let client = client.to_canonical();
+        if client.is_ipv4() != dst.ip().to_canonical().is_ipv4() {
+            return Err("client_family_differs");
+        }
+        if client.is_unspecified() || client.is_loopback() || client.is_multicast() {
+            return Err("client_address_unusable");
+        }
+        if self.ips.contains(&client) {
+            return Ok(None);
+        }
+        let routed = if client.is_ipv4() {
+            self.reply_routes.v4
+        } else {
+            self.reply_routes.v6
+        };
+        if !routed {
+            return Err("no_reply_route_in_pod");
+        }
+        Ok(Some(client))
+    }
+
+    /// Delivers a connection to the app at `dst` (inside the pod's netns)
+    /// from the client address `source` decided by
+    /// [`PodContext::delivery_source`] (`Err`: from the pod's own address).
+    /// A transparent socket that cannot be set up falls back to the pod's
+    /// address, never failing the connection for it. Returns the connection
+    /// and whether the client's address was used (or why not).
+    pub async fn deliver(
+        &self,
+        dst: SocketAddr,
+        source: Result<Option<IpAddr>, &'static str>,
+    ) -> (std::io::Result<TcpStream>, Result<(), &'static str>) {
+        let preserved = match source {
+            Ok(None) => return (self.connect(dst).await, Ok(())),
+            Err(why) => return (self.connect(dst).await, Err(why)),
+            Ok(Some(client)) => client,
+        };
+        let opened = self
+            .worker
+            .run(move || netns::connect_socket(&dst, Some(preserved)))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+        match opened {
+            Ok((sock, bound)) => (self.connect_exempt(sock, dst, bound).await, Ok(())),
+            Err(e) => {
+                tracing::debug!(pod = %self.key, client = %preserved, error = %e, "cannot bind the client's address for delivery; delivering from the pod's");
+                (self.connect(dst).await, Err("transparent_bind_failed"))
+            }
+        }
+    }
+
+    /// Connects `sock` to `dst` with its cookie (and, bound to `from`, its
+    /// delivery tuple) exempt from capture for the connect's duration.
+    async fn connect_exempt(
+        &self,
+        sock: socket2::Socket,
+        dst: SocketAddr,
+        from: Option<SocketAddr>,
+    ) -> std::io::Result<TcpStream> {
+        let cookie = sock.cookie()?;
+        let _exempt = self.exempt.exempt(cookie, from.map(|f| (f, dst)))?;
         let sock = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
         match tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst)).await {
             Ok(r) => r,
@@ -119,6 +197,8 @@ pub struct PodListeners {
     pub inbound_plaintext: std::net::TcpListener,
     /// Inbound HBONE (the `sk_lookup` target for port 15008), dual-stack where possible.
     pub inbound_hbone: std::net::TcpListener,
+    /// The pod's reply path for transparent delivery, as set up at enrollment.
+    pub reply_routes: ReplyRoutes,
 }
 
 /// A seed for the balancer's random draws, different per agent (std's
@@ -134,6 +214,8 @@ fn random_seed() -> u64 {
 pub struct Shared {
     /// The kernel's original destinations.
     pub orig_dst: Arc<OrigDstTable>,
+    /// The agent's sockets the kernel programs leave alone.
+    pub exempt: Arc<Exemptions>,
     /// The state store (who is in the mesh).
     pub store: Store,
     /// Certificates and TLS configurations.
@@ -204,6 +286,11 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// The agent's exemption maps (for the pods' contexts).
+    pub fn exemptions(&self) -> Arc<Exemptions> {
+        self.shared.exempt.clone()
+    }
+
     /// The balancer state of routed service connections (for `/config_dump`).
     pub fn balancer(&self) -> Arc<crate::routing::Balancer> {
         self.shared.balancer.clone()
@@ -212,6 +299,7 @@ impl Proxy {
     /// A proxy that runs its tasks on `handle`.
     pub fn new(
         orig_dst: Arc<OrigDstTable>,
+        exempt: Arc<Exemptions>,
         store: Store,
         tls: Arc<MeshTls>,
         telemetry: Telemetry,
@@ -221,6 +309,7 @@ impl Proxy {
         let authz = Arc::new(authz::Authz::new(store.clone()));
         let shared = Arc::new(Shared {
             orig_dst,
+            exempt,
             store: store.clone(),
             tls,
             pool: Arc::new(hbone::Pool::new(telemetry.counters.clone())),

@@ -185,6 +185,11 @@ pub struct ConnectionRecord {
     /// The client address the peer claimed in an HBONE `forwarded` header,
     /// if it sent one: information only, never used for policy or `src.*`.
     pub forwarded_for: Option<String>,
+    /// Inbound deliveries: whether the app saw the client's address as the
+    /// source (`false`: the pod's own, see `source_not_preserved`).
+    pub source_preserved: Option<bool>,
+    /// Why the client's address could not be the delivery's source.
+    pub source_not_preserved: Option<&'static str>,
     /// The route that chose the destination (`VirtualService/ns/name`,
     /// `TCPRoute/ns/name`), when a route did.
     pub route: Option<String>,
@@ -220,6 +225,8 @@ pub fn log_connection(r: &ConnectionRecord) {
         policy = policy.as_deref(),
         reason = reason.as_deref(),
         forwarded_for = r.forwarded_for.as_deref(),
+        source_preserved = r.source_preserved,
+        source_not_preserved = r.source_not_preserved,
         route = r.route.as_deref(),
         subset = r.subset.as_deref(),
         waypoint = r.waypoint.as_deref(),

@@ -276,6 +276,7 @@ impl Telemetry {
             conn,
             start: Instant::now(),
             forwarded_for: None,
+            source_preserved: None,
             route: None,
             subset: None,
             waypoint: None,
@@ -298,6 +299,7 @@ pub struct ConnectionTracker {
     start: Instant,
     guard: Option<ConnectionGuard>,
     forwarded_for: Option<String>,
+    source_preserved: Option<(bool, Option<&'static str>)>,
     route: Option<String>,
     subset: Option<String>,
     waypoint: Option<String>,
@@ -321,6 +323,14 @@ impl ConnectionTracker {
     /// the source's attribution (`src.*`, which is the tunnel's TCP peer).
     pub fn set_forwarded_for(&mut self, claimed: Option<SocketAddr>) {
         self.forwarded_for = claimed.map(|a| a.to_string());
+    }
+
+    /// Records whether an inbound delivery to the app came from the
+    /// client's address (`source_preserved=true`) or, falling back, from the
+    /// pod's own (`false`, with `reason` in `source_not_preserved`): the
+    /// access log's `source_preserved`.
+    pub fn set_source_preserved(&mut self, preserved: bool, reason: Option<&'static str>) {
+        self.source_preserved = Some((preserved, reason));
     }
 
     /// Records the route that chose the connection's destination (for the
@@ -369,6 +379,8 @@ impl ConnectionTracker {
             duration: self.start.elapsed(),
             outcome,
             forwarded_for: self.forwarded_for.take(),
+            source_preserved: self.source_preserved.map(|(p, _)| p),
+            source_not_preserved: self.source_preserved.and_then(|(_, r)| r),
             route: self.route.take(),
             subset: self.subset.take(),
             waypoint: self.waypoint.take(),

@@ -455,8 +455,14 @@ impl Mesh {
 
     /// Starts an echo server in `pod` on `[::]:port` for each port (both families).
     pub fn echo(&mut self, pod: &str, ports: &[u16]) {
+        self.echo_with(pod, ports, &[]);
+    }
+
+    /// An echo server in `pod` with extra `mesh-lab-app echo` arguments
+    /// (for example `--greeting-peer`).
+    pub fn echo_with(&mut self, pod: &str, ports: &[u16], extra: &[&str]) {
         let mut cmd = Command::new(lab_app_path().expect("mesh-lab-app"));
-        cmd.arg("echo");
+        cmd.arg("echo").args(extra);
         for p in ports {
             cmd.args(["--listen", &format!("[::]:{p}")]);
         }

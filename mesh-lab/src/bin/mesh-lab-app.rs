@@ -112,6 +112,11 @@ enum Cmd {
         /// Put this `SO_MARK` on the socket (the mesh agent's own mark is 1337).
         #[arg(long)]
         mark: Option<u32>,
+        /// Bind the socket to this (possibly non-local) address first, with
+        /// `IP_TRANSPARENT` / `IPV6_TRANSPARENT`: what the mesh agent's
+        /// delivery sockets do (needs CAP_NET_ADMIN).
+        #[arg(long)]
+        transparent_from: Option<std::net::IpAddr>,
     },
     /// One HTTP/1.1 `GET` (for example of an agent's `/metrics`); prints the
     /// response body. Exit 1 unless the status is 200.
@@ -202,12 +207,14 @@ fn main() -> ExitCode {
             timeout_ms,
             send,
             mark,
+            transparent_from,
         } => {
             let outcome = probe(
                 connect,
                 Duration::from_millis(timeout_ms),
                 send.as_bytes(),
                 mark,
+                transparent_from,
             );
             print_line(&outcome.to_string()).map(|()| true)
         }
@@ -591,26 +598,48 @@ fn flow_error_kind(e: &io::Error) -> String {
 
 // ---------------------------------------------------------------- probe
 
-fn probe(addr: SocketAddr, timeout: Duration, text: &[u8], mark: Option<u32>) -> ProbeOutcome {
+fn probe(
+    addr: SocketAddr,
+    timeout: Duration,
+    text: &[u8],
+    mark: Option<u32>,
+    transparent_from: Option<std::net::IpAddr>,
+) -> ProbeOutcome {
     let deadline = Instant::now() + timeout;
-    match connect_marked(addr, timeout, mark) {
+    match connect_marked(addr, timeout, mark, transparent_from) {
         Ok(mut stream) => probe_exchange(&mut stream, deadline, text)
             .unwrap_or_else(|e| ProbeOutcome::from_io(&e)),
         Err(e) => ProbeOutcome::from_io(&e),
     }
 }
 
-/// `connect_timeout`, on a socket carrying `mark` (`SO_MARK`) when given.
-fn connect_marked(addr: SocketAddr, timeout: Duration, mark: Option<u32>) -> io::Result<TcpStream> {
-    let Some(mark) = mark else {
+/// `connect_timeout`, on a socket carrying `mark` (`SO_MARK`) and bound
+/// transparently to `transparent_from`, when given.
+fn connect_marked(
+    addr: SocketAddr,
+    timeout: Duration,
+    mark: Option<u32>,
+    transparent_from: Option<std::net::IpAddr>,
+) -> io::Result<TcpStream> {
+    if mark.is_none() && transparent_from.is_none() {
         return TcpStream::connect_timeout(&addr, timeout);
-    };
+    }
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         None,
     )?;
-    sock.set_mark(mark)?;
+    if let Some(mark) = mark {
+        sock.set_mark(mark)?;
+    }
+    if let Some(from) = transparent_from {
+        if addr.is_ipv6() {
+            sock.set_ip_transparent_v6(true)?;
+        } else {
+            sock.set_ip_transparent_v4(true)?;
+        }
+        sock.bind(&SocketAddr::new(from, 0).into())?;
+    }
     sock.connect_timeout(&addr.into(), timeout)?;
     Ok(sock.into())
 }

@@ -1,0 +1,222 @@
+//! Transparent addresses (issue 14): an app behind the mesh sees the real
+//! client's address as the source of inbound connections, whichever way
+//! the connection came (cross-node or same-node HBONE, plaintext from an
+//! un-enrolled pod, IPv4 or IPv6), and the exemption that lets the agent's
+//! deliveries through the capture cannot be forged by an app.
+
+mod common;
+
+use common::{Mesh, delta, rogue};
+use mesh_lab::{LabSpec, NodeSpec, PodSpec, app::ProbeOutcome};
+
+/// Node 0: `a`, `b` (enrolled, dual-stack), `x` (not enrolled) and `z` (in
+/// no workload file: an address the mesh does not know); node 1:
+/// `c` (enrolled, dual-stack). Echo servers that first tell the client the
+/// address they see it from (`--greeting-peer`, the accepted socket's
+/// `getpeername()`) on b and c.
+fn lab() -> Mesh {
+    let mut mesh = Mesh::new(
+        LabSpec::new()
+            .node(
+                NodeSpec::new()
+                    .pod(PodSpec::dual_stack("a"))
+                    .pod(PodSpec::dual_stack("b"))
+                    .pod(PodSpec::new("x"))
+                    .pod(PodSpec::new("z")),
+            )
+            .node(NodeSpec::new().pod(PodSpec::dual_stack("c"))),
+    );
+    let n0 = mesh.workloads_yaml(0, &[("a", true), ("b", true), ("x", false)], &[("c", true)]);
+    let n1 = mesh.workloads_yaml(1, &[("c", true)], &[("a", true), ("b", true), ("x", false)]);
+    mesh.write_workload_text(0, &n0);
+    mesh.write_workload_text(1, &n1);
+    mesh.echo_with("b", &[8080], &["--greeting-peer"]);
+    mesh.echo_with("c", &[8080], &["--greeting-peer"]);
+    mesh.start_agent(0);
+    mesh.start_agent(1);
+    mesh
+}
+
+/// The address part of `ip:port` / `[ip]:port`.
+fn ip_of(addr: &str) -> String {
+    let sa: std::net::SocketAddr = addr.parse().expect("socket address");
+    sa.ip().to_canonical().to_string()
+}
+
+/// Connects from `from` to `to` three times (each echoed byte-exact) and
+/// checks every address the two apps see: the client's `getpeername()` is
+/// the address it dialled, its `getsockname()` and the server's
+/// `getpeername()` of the accepted connection are `client_ip`.
+fn check_addresses(mesh: &Mesh, from: &str, to: &str, client_ip: &str) {
+    let report = mesh.client(
+        from,
+        to,
+        &["--conns", "3", "--bytes", "20000", "--greeting"],
+    );
+    assert_eq!(
+        (report.ok, report.failed),
+        (3, 0),
+        "{from} -> {to}: {report:?}"
+    );
+    assert_eq!(
+        report.peer_addrs,
+        vec![to.to_owned()],
+        "client's peer: {report:?}"
+    );
+    let local: Vec<String> = report.local_addrs.iter().map(|a| ip_of(a)).collect();
+    assert!(!local.is_empty(), "{report:?}");
+    assert!(
+        local.iter().all(|ip| ip == client_ip),
+        "client's own address, {from} -> {to}: {report:?}"
+    );
+    let seen: Vec<String> = report
+        .greeting_peers
+        .clone()
+        .expect("greeting peers")
+        .iter()
+        .map(|a| ip_of(a))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(
+        seen,
+        vec![client_ip.to_owned()],
+        "server's view, {from} -> {to}: {report:?}"
+    );
+}
+
+#[test]
+fn apps_see_the_client_pods_address_whichever_way_it_came() {
+    common::require_root();
+    let mesh = lab();
+    let a4 = ip_of(&mesh.v4("a", 1));
+    let a6 = ip_of(&mesh.v6("a", 1));
+    let x4 = ip_of(&mesh.v4("x", 1));
+
+    // (a) cross-node, enrolled client (HBONE).
+    let before = mesh.counters(1);
+    check_addresses(&mesh, "a", &mesh.v4("c", 8080), &a4);
+    let after = mesh.counters(1);
+    // Deliveries were recognised by their tuples, not steered back into the agent.
+    assert!(delta(&before, &after, "lookup_bypass_loopback") >= 3);
+    // (d) IPv6, cross-node and same-node.
+    check_addresses(&mesh, "a", &mesh.v6("c", 8080), &a6);
+    check_addresses(&mesh, "a", &mesh.v6("b", 8080), &a6);
+    // (b) same node, enrolled client.
+    check_addresses(&mesh, "a", &mesh.v4("b", 8080), &a4);
+    // (c) un-enrolled client to an enrolled server (plaintext), cross-node
+    // and same-node.
+    check_addresses(&mesh, "x", &mesh.v4("c", 8080), &x4);
+    check_addresses(&mesh, "x", &mesh.v4("b", 8080), &x4);
+
+    // The access log says so.
+    mesh.wait_closed(1, 9);
+    assert!(mesh.agent_log_count(1, "source_preserved=true") >= 9);
+    assert_eq!(mesh.agent_log_count(1, "source_preserved=false"), 0);
+    mesh.wait_closed(0, 21);
+    assert_eq!(mesh.agent_log_count(0, "source_preserved=false"), 0);
+}
+
+#[test]
+fn a_large_transfer_comes_back_byte_exact_through_a_transparent_delivery() {
+    common::require_root();
+    let mesh = lab();
+    let bytes = (256u64 << 20).to_string();
+    let report = mesh.client(
+        "a",
+        &mesh.v4("c", 8080),
+        &["--bytes", &bytes, "--timeout-ms", "60000", "--greeting"],
+    );
+    assert_eq!((report.ok, report.failed), (1, 0), "{report:?}");
+    assert_eq!(report.bytes_received, 256 << 20);
+    assert_eq!(
+        report
+            .greeting_peers
+            .expect("greeting")
+            .iter()
+            .map(|a| ip_of(a))
+            .collect::<Vec<_>>(),
+        vec![ip_of(&mesh.v4("a", 1))]
+    );
+}
+
+#[test]
+fn an_app_cannot_forge_the_agents_exemption() {
+    common::require_root();
+    let mut mesh = lab();
+    mesh.echo("c", &[9090]);
+    // App in b (root in the lab: it may set any mark and IP_TRANSPARENT)
+    // sets the agent's mark and binds another pod's address transparently,
+    // as the agent's delivery sockets do. Its connect is still captured:
+    // the connect hooks exempt only the agent's socket cookies, and
+    // sk_lookup only tuples the agent filed.
+    for (mark, to) in [("1337", mesh.v4("c", 8080)), ("1338", mesh.v4("b", 8080))] {
+        let before = mesh.counters(0);
+        let outcome = mesh.probe(
+            "b",
+            &to,
+            &[
+                "--mark",
+                mark,
+                "--transparent-from",
+                &ip_of(&mesh.v4("a", 1)),
+            ],
+        );
+        let after = mesh.counters(0);
+        assert_eq!(
+            delta(&before, &after, "connect_bypass_agent"),
+            0,
+            "{mark} {to}"
+        );
+        assert_eq!(
+            delta(&before, &after, "connect_redirected"),
+            1,
+            "{mark} {to}: {outcome:?}"
+        );
+    }
+    // The agent's mark alone, from the pod's own address: captured and
+    // proxied (echoed through the mesh).
+    let before = mesh.counters(0);
+    assert_eq!(
+        mesh.probe("b", &mesh.v4("c", 9090), &["--mark", "1337"]),
+        ProbeOutcome::Echoed
+    );
+    let after = mesh.counters(0);
+    assert_eq!(delta(&before, &after, "connect_bypass_agent"), 0);
+    assert_eq!(delta(&before, &after, "connect_redirected"), 1);
+}
+
+#[test]
+fn a_client_address_that_cannot_be_used_falls_back_without_failing_the_connection() {
+    common::require_root();
+    let mesh = lab();
+    // An HBONE peer with a valid mesh identity at an address the mesh does
+    // not know (z): its address is not believed as the app's client (it is
+    // not a known workload), so the agent delivers from the pod's own
+    // address, and says so; the connection itself succeeds.
+    let c4 = mesh.lab.pod("c").expect("c").ipv4();
+    let z = mesh.lab.pod("z").expect("z").netns_path();
+    let cert = rogue::mesh_cert(&mesh, "z");
+    let rt = rogue::runtime();
+    assert_eq!(
+        rt.block_on(rogue::connect(
+            &z,
+            std::net::SocketAddr::new(c4.into(), 15008),
+            &cert,
+            std::net::SocketAddr::new(c4.into(), 8080),
+        )),
+        Ok(200)
+    );
+    // The rogue client's tunnel lives on its runtime: end it.
+    drop(rt);
+    mesh.wait_closed(1, 1);
+    assert_eq!(
+        mesh.agent_log_count(
+            1,
+            "source_preserved=false source_not_preserved=\"client_not_a_known_workload\""
+        ),
+        1
+    );
+    // A known workload through the same agent keeps its address.
+    check_addresses(&mesh, "a", &mesh.v4("c", 8080), &ip_of(&mesh.v4("a", 1)));
+}
