@@ -1,8 +1,10 @@
-//! `cargo xtask bench`: throughput (iperf3), request/response latency at a
-//! fixed rate (sockperf ping-pong), new-connection rate (mesh-lab-app) and
-//! the agent's memory, for the same pods without the mesh (baseline) and
-//! through it, same node and cross node. Prints a table; writes
-//! `target/bench.json`. Numbers, not assertions: nothing here fails on speed.
+//! `cargo xtask bench`: throughput (iperf3, 1/8/64 streams, with the agents'
+//! CPU, page faults and context switches per GB: `bench_datapath`),
+//! request/response latency at a fixed rate (sockperf ping-pong),
+//! new-connection rate (mesh-lab-app) and the agent's memory per open
+//! connection, for the same pods without the mesh (baseline) and through it,
+//! same node and cross node. Prints a table; writes `target/bench.json`.
+//! Numbers, not assertions: nothing here fails on speed.
 #![forbid(unsafe_code)]
 
 use std::{path::Path, process::Command, time::Duration};
@@ -14,7 +16,10 @@ use mesh_lab::{
 };
 use serde::Serialize;
 
-use crate::labkit::{self, Bins};
+use crate::{
+    bench_datapath::{self, Throughput},
+    labkit::{self, Bins},
+};
 
 const SECONDS: &str = "4";
 const LATENCY_RATE: &str = "2000";
@@ -23,14 +28,23 @@ const CONNS: &str = "2000";
 #[derive(Debug, Serialize)]
 struct Row {
     scenario: String,
+    /// One stream.
     throughput_gbit_s: f64,
+    throughput_8_gbit_s: f64,
+    throughput_64_gbit_s: f64,
+    /// Every stream count, with the agents' cost per GB when meshed.
+    throughput: Vec<Throughput>,
+    /// Both agents' RSS growth per 1 000 idle connections held (meshed rows).
+    agent_kib_per_1000_open_connections: Option<f64>,
     latency_p50_us: f64,
     latency_p99_us: f64,
     connections_per_s: f64,
 }
 
-/// Runs the suite with the binaries in `bin_dir`; writes JSON into `target_dir`.
-pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
+/// Runs the suite with the binaries in `bin_dir`; writes JSON into
+/// `target_dir`. `datapath_only`: the throughput, latency, connection-rate
+/// and memory rows only (no upgrades, routing or micro-benchmarks).
+pub fn run(bin_dir: &Path, target_dir: &Path, datapath_only: bool) -> anyhow::Result<()> {
     let bins = Bins::in_dir(bin_dir)?;
     let lab = Lab::new(
         LabSpec::new()
@@ -63,8 +77,8 @@ pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
         &[("remote", false)],
         &[("client", false), ("local", false)],
     )?;
-    rows.push(measure(&lab, &bins, "no mesh, same node", "local")?);
-    rows.push(measure(&lab, &bins, "no mesh, cross node", "remote")?);
+    rows.push(measure(&lab, &bins, "no mesh, same node", "local", &[])?);
+    rows.push(measure(&lab, &bins, "no mesh, cross node", "remote", &[])?);
 
     labkit::write_workloads(
         &lab,
@@ -83,35 +97,38 @@ pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
         labkit::start_agent(&lab, &bins, 1)?,
     ];
     let idle_rss = labkit::rss_kib(agents[0].pid());
-    rows.push(measure(&lab, &bins, "mesh, same node", "local")?);
-    rows.push(measure(&lab, &bins, "mesh, cross node", "remote")?);
+    let pids = [agents[0].pid(), agents[1].pid()];
+    rows.push(measure(&lab, &bins, "mesh, same node", "local", &pids)?);
+    rows.push(measure(&lab, &bins, "mesh, cross node", "remote", &pids)?);
+    let same_1000 = memory_per_1000_connections(&lab, &bins, &agents, "client", "local")?;
     let per_1000 = memory_per_1000_connections(&lab, &bins, &agents, "client", "remote")?;
+    rows[2].agent_kib_per_1000_open_connections = Some(same_1000);
+    rows[3].agent_kib_per_1000_open_connections = Some(per_1000);
     let rss: Vec<Option<u64>> = agents.iter().map(|a| labkit::rss_kib(a.pid())).collect();
     let redirected = labkit::counters(&lab, &bins, 0)?
         .get("connect_redirected")
         .copied()
         .unwrap_or(0);
+    if datapath_only {
+        for agent in agents {
+            agent.terminate()?;
+        }
+        drop(servers);
+        lab.close()?;
+        print_rows(&rows);
+        let json = serde_json::json!({ "rows": rows, "agent_rss_kib": { "idle": idle_rss, "node0": rss[0], "node1": rss[1] }, "agent_kib_per_1000_open_connections": per_1000 });
+        let path = target_dir.join("bench.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
+        println!("written to {} (data path rows only)", path.display());
+        return Ok(());
+    }
     let upgrade = measure_upgrades(&lab, &bins, agents)?;
     drop(servers);
     lab.close()?;
     let routing = crate::bench_routing::measure(&bins)?;
     let waypoint = crate::bench_waypoint::measure(&bins)?;
 
-    println!();
-    println!(
-        "{:<22} {:>16} {:>14} {:>14} {:>12}",
-        "scenario", "throughput", "latency p50", "latency p99", "new conns"
-    );
-    for r in &rows {
-        println!(
-            "{:<22} {:>11.2} Gb/s {:>11.1} us {:>11.1} us {:>10.0}/s",
-            r.scenario,
-            r.throughput_gbit_s,
-            r.latency_p50_us,
-            r.latency_p99_us,
-            r.connections_per_s
-        );
-    }
+    print_rows(&rows);
     let kib =
         |v: Option<u64>| v.map_or("?".to_owned(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
     println!(
@@ -121,10 +138,7 @@ pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
         kib(rss[1])
     );
     println!(
-        "agent memory per 1 000 open connections (cross node, both agents): {per_1000:.0} KiB ({OPEN_CONNS} idle connections held)"
-    );
-    println!(
-        "latency: sockperf TCP ping-pong at {LATENCY_RATE} msg/s for {SECONDS} s, round trip; throughput: iperf3 one stream for {SECONDS} s; new conns: {CONNS} connections, 16 at a time, 64 B echoed each"
+        "agent memory per 1 000 open connections (both agents): same node {same_1000:.0} KiB, cross node {per_1000:.0} KiB ({OPEN_CONNS} idle connections held)"
     );
     println!(
         "routing: new conns to a plain service {:.0}/s, to a 50/50 split service (DestinationRule + VirtualService) {:.0}/s ({:+.1} %; medians of {} alternating rounds: {})",
@@ -155,6 +169,43 @@ pub fn run(bin_dir: &Path, target_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints the throughput/latency/connection table and the agents' cost table.
+fn print_rows(rows: &[Row]) {
+    println!();
+    println!(
+        "{:<22} {:>10} {:>10} {:>10} {:>12} {:>12} {:>11} {:>9}",
+        "scenario",
+        "1 stream",
+        "8 streams",
+        "64 streams",
+        "latency p50",
+        "latency p99",
+        "new conns",
+        "KiB/1000c"
+    );
+    for r in rows {
+        println!(
+            "{:<22} {:>10} {:>10} {:>10} {:>9.1} us {:>9.1} us {:>9.0}/s {:>9}",
+            r.scenario,
+            format!("{:.2} Gb/s", r.throughput_gbit_s),
+            format!("{:.2} Gb/s", r.throughput_8_gbit_s),
+            format!("{:.2} Gb/s", r.throughput_64_gbit_s),
+            r.latency_p50_us,
+            r.latency_p99_us,
+            r.connections_per_s,
+            r.agent_kib_per_1000_open_connections
+                .map_or("-".to_owned(), |k| format!("{k:.0}"))
+        );
+    }
+    bench_datapath::print_costs(
+        rows.iter()
+            .map(|r| (r.scenario.as_str(), r.throughput.as_slice())),
+    );
+    println!(
+        "latency: sockperf TCP ping-pong at {LATENCY_RATE} msg/s for {SECONDS} s, round trip; throughput: iperf3 -P 1/8/64 for {SECONDS} s each, the agents' cost from /proc/<pid> (both agents, per GB received); new conns: {CONNS} connections, 16 at a time, 64 B echoed each"
+    );
+}
+
 /// Runs `crate`'s `bench` example in release mode, prints its lines under
 /// `title` and returns them.
 fn micro_bench(krate: &str, title: &str) -> anyhow::Result<String> {
@@ -178,23 +229,29 @@ fn micro_bench(krate: &str, title: &str) -> anyhow::Result<String> {
     Ok(lines)
 }
 
-fn measure(lab: &Lab, bins: &Bins, scenario: &str, server: &str) -> anyhow::Result<Row> {
+/// One row: `client` to `server`, with `agents` (pids; empty without the
+/// mesh) measured during the throughput runs.
+fn measure(
+    lab: &Lab,
+    bins: &Bins,
+    scenario: &str,
+    server: &str,
+    agents: &[u32],
+) -> anyhow::Result<Row> {
     eprintln!("==> {scenario}");
     let ip = lab.pod(server)?.ipv4().to_string();
     let timeout = Duration::from_secs(60);
 
-    let mut iperf = Command::new("iperf3");
-    iperf.args(["-c", &ip, "-p", "5201", "-t", SECONDS, "-J"]);
-    let out = lab.run_in_pod_timeout("client", iperf, timeout)?;
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
-    let bps = json["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .with_context(|| {
-            format!(
-                "iperf3 gave no result: {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })?;
+    let throughput = bench_datapath::STREAMS
+        .iter()
+        .map(|&n| bench_datapath::iperf(lab, "client", &ip, n, SECONDS, agents))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let gbit = |streams: u32| {
+        throughput
+            .iter()
+            .find(|t| t.streams == streams)
+            .map_or(0.0, |t| t.gbit_s)
+    };
 
     let mut sockperf = Command::new("sockperf");
     sockperf.args([
@@ -220,7 +277,11 @@ fn measure(lab: &Lab, bins: &Bins, scenario: &str, server: &str) -> anyhow::Resu
         .with_context(|| scenario.to_owned())?;
     Ok(Row {
         scenario: scenario.to_owned(),
-        throughput_gbit_s: bps / 1e9,
+        throughput_gbit_s: gbit(1),
+        throughput_8_gbit_s: gbit(8),
+        throughput_64_gbit_s: gbit(64),
+        throughput,
+        agent_kib_per_1000_open_connections: None,
         latency_p50_us: p50,
         latency_p99_us: p99,
         connections_per_s: rate,

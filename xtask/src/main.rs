@@ -10,6 +10,7 @@
 //! - `lab-clean`: remove lab leftovers of killed runs.
 
 mod bench;
+mod bench_datapath;
 mod bench_routing;
 mod bench_waypoint;
 mod canary;
@@ -47,7 +48,12 @@ enum Cmd {
     /// Bring up a lab, run the agent, push traffic, print what the mesh did.
     Demo,
     /// Throughput, latency, connection rate and memory, with and without the mesh.
-    Bench,
+    Bench {
+        /// Only the data path's rows (throughput and its cost, latency,
+        /// connection rate, memory): no upgrades, routing or micro-benchmarks.
+        #[arg(long)]
+        datapath_only: bool,
+    },
     /// Remove lab namespaces, cgroups and pins whose owner process is gone.
     LabClean,
     /// Fuzz the policy parser and evaluator for a bounded time (installs cargo-fuzz if missing).
@@ -278,13 +284,17 @@ fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
             )?;
             demo::run(&root().join("target/release"))?;
         }
-        Cmd::Bench => {
+        Cmd::Bench { datapath_only } => {
             require_root("the benchmarks")?;
             run(
                 "cargo build",
                 cargo().args(["build", "--release", "--workspace", "--bins"]),
             )?;
-            bench::run(&root().join("target/release"), &root().join("target"))?;
+            bench::run(
+                &root().join("target/release"),
+                &root().join("target"),
+                datapath_only,
+            )?;
         }
         Cmd::Fuzz { seconds } => {
             let toolchain = ebpf_toolchain()?;
