@@ -186,6 +186,9 @@ pub async fn start_with_limits(
         });
     }
     let tls = Arc::new(MeshTls::new(Arc::new(CertManager::new(provider)))?);
+    // Its own certificate is asked for now (a remote CA: before the first
+    // client waits for it); a failure is retried per handshake, fail closed.
+    tls.manager().prefetch([&identity]);
     let shared = Arc::new(Shared::new(identity, tls, config, limits));
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)

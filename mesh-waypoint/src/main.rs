@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mesh_agent::identity::{LocalCa, MeshCa, SpiffeId};
+use mesh_agent::identity::{IssuerArgs, Requester, SpiffeId};
 use mesh_waypoint::config::WaypointConfig;
 
 #[derive(Parser)]
@@ -31,10 +31,15 @@ enum Command {
         /// The waypoint's SPIFFE identity (its service account's).
         #[arg(long)]
         identity: String,
-        /// The mesh CA directory (ca.crt, ca.key; `mesh-agent ca init`):
-        /// the waypoint issues its own certificate (a local issuer).
-        #[arg(long)]
-        ca_dir: PathBuf,
+        /// Who issues the waypoint's certificate: the same flags as
+        /// `mesh-agent run` (`--issuer istio-ca --ca-address ... --ca-root-cert
+        /// ... --ca-token-file ...` in a cluster: no CA key here; `--ca-dir`
+        /// for a local CA in labs).
+        #[command(flatten)]
+        issuer: IssuerArgs,
+        /// Lifetime of the waypoint's certificate (`30m`, `24h`); rotated at 40-50 %.
+        #[arg(long, env = "MESH_CERT_TTL", default_value = "24h", value_parser = mesh_agent::cli::parse_duration)]
+        cert_ttl: std::time::Duration,
         /// The services and routes (YAML; see the README), re-read every 2 s.
         #[arg(long)]
         config: PathBuf,
@@ -57,16 +62,22 @@ async fn main() -> anyhow::Result<()> {
         listen,
         admin,
         identity,
-        ca_dir,
+        issuer,
+        cert_ttl,
         config,
         otlp_endpoint,
     } = Cli::parse().command;
     let identity = SpiffeId::parse(&identity).context("--identity")?;
     let config_path = config;
     let config = WaypointConfig::load(&config_path)?;
-    let ca = MeshCa::load_dir(&ca_dir).context("--ca-dir")?;
-    let issuer = LocalCa::new(Arc::new(ca), identity.trust_domain().clone());
-    let running = mesh_waypoint::start(identity, Arc::new(issuer), &config, listen, admin).await?;
+    let in_kubernetes = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let provider = issuer.config()?.provider(
+        identity.trust_domain(),
+        cert_ttl,
+        Requester::Itself,
+        in_kubernetes,
+    )?;
+    let running = mesh_waypoint::start(identity, provider, &config, listen, admin).await?;
     if let Some(endpoint) = otlp_endpoint {
         running
             .shared

@@ -25,6 +25,10 @@ pub struct IstioCaIssuer {
     roots: Vec<CertificateDer<'static>>,
     trust_domain: TrustDomain,
     ttl: Duration,
+    /// Sends Istio's `ImpersonatedIdentity` metadata (a node agent asking
+    /// for its pods' identities); off: the caller asks for its own
+    /// identity, as a waypoint (an Envoy in Istio) does.
+    impersonate: bool,
 }
 
 impl std::fmt::Debug for IstioCaIssuer {
@@ -53,7 +57,15 @@ impl IstioCaIssuer {
             roots,
             trust_domain,
             ttl,
+            impersonate: true,
         }
+    }
+
+    /// Asks for the caller's own identity only: no `ImpersonatedIdentity`
+    /// metadata (the CA refuses it from accounts that are not node agents).
+    pub fn own_identity(mut self) -> Self {
+        self.impersonate = false;
+        self
     }
 
     async fn issue_for(&self, id: &SpiffeId) -> Result<WorkloadCert, IssueError> {
@@ -69,7 +81,7 @@ impl IstioCaIssuer {
         })?;
         let pems = self
             .client
-            .create_certificate(&csr, Some(id), self.ttl)
+            .create_certificate(&csr, self.impersonate.then_some(id), self.ttl)
             .await
             .map_err(|e| IssueError::Unavailable {
                 id: id.clone(),

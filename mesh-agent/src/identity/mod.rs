@@ -59,6 +59,7 @@ mod cert;
 mod clock;
 mod config;
 mod issue;
+mod issuer;
 pub mod istio_ca;
 mod istio_issuer;
 mod manager;
@@ -81,6 +82,7 @@ pub use cert::{
 };
 pub use config::{ALPN_H2, MeshTls, TlsSetupError, server_name};
 pub use issue::{DEFAULT_CERT_TTL, LocalCa};
+pub use issuer::{IssuerArgs, IssuerChoice, IssuerConfig, IssuerError, Requester};
 pub use istio_issuer::IstioCaIssuer;
 pub use manager::{CertManager, ISSUE_TIMEOUT, IssueCounts, IssueFailure};
 pub use peer::{PeerCertError, describe_tls_error, peer_identity};
