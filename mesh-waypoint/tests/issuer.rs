@@ -3,9 +3,7 @@
 //! against the fake API server), chosen with the same issuer flags as the
 //! node agent's: the waypoint holds no CA key. Root-free.
 
-#[allow(dead_code)]
 mod common;
-#[allow(dead_code)]
 #[path = "../../mesh-agent/tests/kube_fake/mod.rs"]
 mod kube_fake;
 
