@@ -66,7 +66,7 @@ enum Cmd {
 
 /// Integration test targets that need no root (no lab): `check` runs them.
 /// Every other integration test is a lab test and runs in `test` only.
-const ROOT_FREE_TESTS: [&str; 8] = [
+const ROOT_FREE_TESTS: [&str; 10] = [
     "kube_sync",
     "routing_sources",
     "kube_outage",
@@ -77,6 +77,10 @@ const ROOT_FREE_TESTS: [&str; 8] = [
     "waypoint",
     // mesh-waypoint/tests/otlp.rs
     "otlp",
+    // mesh-waypoint/tests/authz.rs
+    "authz",
+    // mesh-waypoint/tests/issuer.rs
+    "issuer",
 ];
 
 /// The member crates whose `tests/*.rs` are integration tests.
