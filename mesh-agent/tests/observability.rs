@@ -225,7 +225,20 @@ fn admin_endpoint_cli_and_kernel_metrics() {
         ]
     );
     let programs = dump["datapath"]["programs"].as_array().expect("programs");
-    assert_eq!(programs.len(), 5, "{dump:#}");
+    let names: Vec<&str> = programs.iter().filter_map(|p| p["name"].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "redirect_connect4",
+            "redirect_connect6",
+            "restore_peer4",
+            "restore_peer6",
+            "restore_local4",
+            "restore_local6",
+            "track_orig_dst"
+        ],
+        "{dump:#}"
+    );
     assert_eq!(dump["datapath"]["features"]["sk_lookup"], true);
 
     // The CLI: JSON parses, tables list the pods, no agent is a clear error.
