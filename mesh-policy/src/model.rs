@@ -79,7 +79,8 @@ pub struct AuthorizationPolicy {
     /// `spec.targetRefs` (or `spec.targetRef`, as one) as written, read
     /// even when the rest of the spec is not readable: a waypoint still
     /// knows what a rejected policy attaches to, and fails closed there.
-    pub raw_target_refs: Option<Vec<serde_yaml::Value>>,
+    /// Empty: none.
+    pub raw_target_refs: Box<[serde_yaml::Value]>,
 }
 
 /// A `PeerAuthentication` object.

@@ -237,11 +237,12 @@ fn parse_object(value: Value, document: usize, prefix: &str, depth: usize, out: 
                 Some(Value::String(s)) => Some(s.clone()),
                 Some(other) => Some(format!("{other:?}")),
             };
-            let raw_target_refs = match (spec_value.get("targetRefs"), spec_value.get("targetRef")) {
-                (Some(Value::Sequence(refs)), _) if !refs.is_empty() => Some(refs.clone()),
-                (_, Some(one @ Value::Mapping(_))) => Some(vec![one.clone()]),
-                _ => None,
-            };
+            let raw_target_refs: Box<[Value]> =
+                match (spec_value.get("targetRefs"), spec_value.get("targetRef")) {
+                    (Some(Value::Sequence(refs)), _) if !refs.is_empty() => refs.clone().into(),
+                    (_, Some(one @ Value::Mapping(_))) => Box::new([one.clone()]),
+                    _ => Box::new([]),
+                };
             let spec = read_spec::<AuthorizationPolicySpec>(spec_value);
             out.resources
                 .push(Resource::AuthorizationPolicy(AuthorizationPolicy {

@@ -71,12 +71,18 @@ pub(crate) fn compile_authz(
             // Unreadable: a waypoint rejects it over the targets it can
             // still read (fail closed there); without any, it is a node
             // agent's policy (rejected there in its selector's scope).
-            let refs: Vec<&serde_yaml::Value> = ap.raw_target_refs.iter().flatten().collect();
+            let refs: Vec<&serde_yaml::Value> = ap.raw_target_refs.iter().collect();
             if refs.is_empty() {
                 return None;
             }
             let targets = target_refs(&refs, "spec.targetRefs", namespace, &mut problems);
-            return reject_authz(name, problems, reject_effect, Attach::Targets(targets), report);
+            return reject_authz(
+                name,
+                problems,
+                reject_effect,
+                Attach::Targets(targets),
+                report,
+            );
         }
     };
 
