@@ -221,4 +221,10 @@ impl Report {
     pub fn is_clean(&self) -> bool {
         self.errors.is_empty() && self.warnings.is_empty()
     }
+
+    /// Puts `errors` (the documents' parse errors) before the report's own.
+    pub fn prepend_errors(&mut self, mut errors: Vec<PolicyError>) {
+        errors.append(&mut self.errors);
+        self.errors = errors;
+    }
 }

@@ -527,12 +527,7 @@ fn authz_table() {
             ));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 /// (case, policies, workload and port, expected mode[:deciding policy])
@@ -598,12 +593,7 @@ fn mtls_table() {
             failures.push(format!("{name}: want {want:?}, got {got:?}"));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 /// (case, documents, expectations joined by ` && `: `E:<substring>` an
@@ -772,12 +762,7 @@ fn diagnostics_table() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 #[test]
@@ -1075,12 +1060,7 @@ fn waypoint_table() {
             failures.push(format!("{case}: want {want}, got {got}"));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 #[test]
@@ -1143,4 +1123,14 @@ fn path_normalisation_follows_istio_base() {
     ] {
         assert_eq!(crate::normalize_path(raw).as_deref(), want, "{raw:?}");
     }
+}
+
+/// Fails with every table case that did not hold, one per line.
+fn assert_no_failures(failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -97,13 +97,18 @@ async fn send(c: &mut HttpClient, method: &str, path: &str, headers: &[(&str, &s
         .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_are_authorized_by_policies_attached_to_the_service_and_the_waypoint() {
-    let (reviews, ratings, echo) = (
+/// The reviews and ratings HTTP backends and the echo TCP backend.
+async fn backends() -> (SocketAddr, SocketAddr, SocketAddr) {
+    (
         http_backend("reviews").await,
         http_backend("ratings").await,
         echo_backend().await,
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_authorized_by_policies_attached_to_the_service_and_the_waypoint() {
+    let (reviews, ratings, echo) = backends().await;
     let ca = issuer();
     let w = waypoint(ca.clone(), &config(reviews, ratings, echo, POLICIES)).await;
     let client = MeshClient::new(ca.clone(), CLIENT_ID, w.hbone).await;
@@ -237,11 +242,7 @@ async fn requests_are_authorized_by_policies_attached_to_the_service_and_the_way
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_istio_would_refuse_gets_400() {
-    let (reviews, ratings, echo) = (
-        http_backend("reviews").await,
-        http_backend("ratings").await,
-        echo_backend().await,
-    );
+    let (reviews, ratings, echo) = backends().await;
     let ca = issuer();
     let w = waypoint(ca.clone(), &config(reviews, ratings, echo, "  []")).await;
     let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
