@@ -445,9 +445,12 @@ fn the_real_waypoint_routes_http_between_two_agents_over_hbone() {
     let denied: u64 = metrics
         .lines()
         .filter(|l| {
+            // An RBAC denial as Istio counts it: 403, no response flag.
             l.starts_with("istio_requests_total{")
+                && l.contains("reporter=\"waypoint\"")
                 && l.contains("response_code=\"403\"")
-                && l.contains("response_flags=\"RBAC\"")
+                && l.contains("response_flags=\"-\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/a\"")
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum();

@@ -70,12 +70,15 @@ impl HttpRequest<'_> {
 }
 
 /// Normalises a request path as Istio's default `pathNormalization: BASE`
-/// (Envoy's `normalize_path`, RFC 3986) does before policies see it: the
-/// query is dropped, `\` becomes `/`, percent-encoded unreserved
-/// characters (`A-Z a-z 0-9 - . _ ~`) are decoded (other escapes, such as
-/// `%2F`, stay encoded, hex in upper case), and `.`/`..` segments are
-/// removed. `None` for a path Envoy would refuse with 400: not starting
-/// with `/`, a malformed escape, or a control character or space.
+/// does before policies see it (Envoy's `normalize_path`: RFC 3986 by
+/// Chromium's URL canonicaliser, and `\` as `/`): the query is dropped;
+/// percent-encoded unreserved characters (`A-Z a-z 0-9 - . _ ~`) are
+/// decoded, other escapes (`%2F`, `%5C`) kept as written, a `%` not
+/// followed by two hex digits kept as is; `"`, `<`, `>`, `` ` ``, `{`,
+/// `}` and non-ASCII bytes are percent-encoded; `.` and `..` segments
+/// are removed. `//` is kept (that is `MERGE_SLASHES`). `None` for a
+/// path Envoy answers 400: not starting with `/`, `%00`, a control
+/// character or a space.
 pub fn normalize_path(raw: &str) -> Option<String> {
     let path = raw.split_once('?').map_or(raw, |(p, _)| p);
     let path = path.split_once('#').map_or(path, |(p, _)| p);
@@ -83,34 +86,43 @@ pub fn normalize_path(raw: &str) -> Option<String> {
     if bytes.first() != Some(&b'/') && bytes.first() != Some(&b'\\') {
         return None;
     }
+    let hex = |b: u8| char::from_digit(u32::from(b), 16).map(|c| c.to_ascii_uppercase());
     let mut decoded = String::with_capacity(path.len());
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
+        i += 1;
         match b {
             b'%' => {
-                let hex = bytes.get(i + 1..i + 3)?;
-                let v = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
-                if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') {
-                    decoded.push(char::from(v));
-                } else {
-                    decoded.push('%');
-                    decoded.push_str(&format!("{v:02X}"));
+                let escape = bytes
+                    .get(i..i + 2)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok().map(|v| (h, v)));
+                match escape {
+                    Some((_, 0)) => return None,
+                    Some((_, v))
+                        if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') =>
+                    {
+                        decoded.push(char::from(v));
+                        i += 2;
+                    }
+                    Some((h, _)) => {
+                        decoded.push('%');
+                        decoded.push_str(h);
+                        i += 2;
+                    }
+                    // Not an escape: kept, as Chromium does.
+                    None => decoded.push('%'),
                 }
-                i += 3;
-                continue;
             }
             b'\\' => decoded.push('/'),
             0..=0x20 | 0x7f => return None,
-            _ => {
-                // Multi-byte UTF-8 is copied whole below.
-                let ch = path[i..].chars().next()?;
-                decoded.push(ch);
-                i += ch.len_utf8();
-                continue;
+            b'"' | b'<' | b'>' | b'`' | b'{' | b'}' | 0x80.. => {
+                decoded.push('%');
+                decoded.extend([hex(b >> 4)?, hex(b & 0xf)?]);
             }
+            _ => decoded.push(char::from(b)),
         }
-        i += 1;
     }
     // RFC 3986 5.2.4 on the segments.
     let mut out: Vec<&str> = Vec::new();

@@ -94,7 +94,7 @@ impl fmt::Display for DenyReason {
             DenyReason::DeniedBy(p) => write!(f, "denied by AuthorizationPolicy {p}"),
             DenyReason::CustomUnsupported(p) => write!(
                 f,
-                "denied by AuthorizationPolicy {p}: action CUSTOM cannot be enforced at L4 (fail closed)"
+                "denied by AuthorizationPolicy {p}: action CUSTOM cannot be enforced here, there is no external authorizer (fail closed)"
             ),
             DenyReason::RejectedPolicy(p) => write!(
                 f,

@@ -138,8 +138,9 @@ pub enum PolicyError {
     /// waypoint or gateway, which the node agent is not (Istio ambient's
     /// ztunnel ignores these too): it is not enforced here.
     #[error(
-        "AuthorizationPolicy {policy}: {field}: policies attached with targetRefs are enforced by a \
-         waypoint or gateway, not at L4 by the node agent: not enforced here"
+        "AuthorizationPolicy {policy}: {field}: policies attached with targetRefs are enforced by the \
+         waypoint they target (mesh-waypoint: its Gateway, a Service it fronts, the istio-waypoint \
+         GatewayClass), not at L4 by the node agent: not enforced here"
     )]
     TargetRefs {
         /// `namespace/name`.
@@ -163,11 +164,13 @@ pub enum PolicyError {
         /// What the agent does instead, and what to write.
         message: String,
     },
-    /// `action: CUSTOM` needs an external authorizer the node agent cannot
-    /// call: the connections its rules select are denied (fail closed).
+    /// `action: CUSTOM` needs an external authorizer neither the node agent
+    /// nor the waypoint can call: the connections or requests its rules
+    /// select are denied (fail closed).
     #[error(
         "AuthorizationPolicy {policy}: spec.action: CUSTOM (external authorization) cannot be \
-         enforced by the node agent: fail closed, the connections its rules select are denied"
+         enforced (no external authorizer in the node agent or the waypoint): fail closed, the \
+         connections or requests its rules select are denied"
     )]
     CustomAction {
         /// `namespace/name`.
@@ -217,5 +220,11 @@ impl Report {
     /// No errors and no warnings.
     pub fn is_clean(&self) -> bool {
         self.errors.is_empty() && self.warnings.is_empty()
+    }
+
+    /// Puts `errors` (the documents' parse errors) before the report's own.
+    pub fn prepend_errors(&mut self, mut errors: Vec<PolicyError>) {
+        errors.append(&mut self.errors);
+        self.errors = errors;
     }
 }

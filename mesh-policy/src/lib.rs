@@ -98,6 +98,18 @@
 //!   "DENY is enforced without the HTTP rules", which ztunnel fails to do
 //!   when an entry is L7-only: istio/istio#61126). Each case is a warning
 //!   naming the policy and the fields.
+//! - **At a waypoint** ([`WaypointPolicies`]) those fields are matchers,
+//!   as Istio's generator builds them: `methods` case-sensitive with
+//!   `*`/prefix/suffix; `paths` on the [`normalize_path`]ed path without
+//!   its query (a value with `{*}`/`{**}` is Envoy's URI template);
+//!   `hosts` case-insensitive on the authority as sent, port included
+//!   (Istio's advice: `[example.com, "example.com:*"]`); `when:
+//!   request.headers[name]`. There is no RequestAuthentication: a request
+//!   has no request principal, so `requestPrincipals`/`request.auth.*`
+//!   values never match and their negations always do (warned: "no
+//!   RequestAuthentication: never authenticated"). `connection.sni` and
+//!   `experimental.*` stay fail-safe. Opaque TCP streams at the waypoint
+//!   get the fail-safe lowering above.
 //! - **CUSTOM** (external authorization) cannot be honoured: reported as an
 //!   error and enforced as DENY of what its rules select (fail closed;
 //!   ztunnel ignores CUSTOM policies).

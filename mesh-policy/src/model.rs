@@ -76,6 +76,11 @@ pub struct AuthorizationPolicy {
     /// `spec.selector.matchLabels` as written, read even when the rest of
     /// the spec is not readable: it bounds a rejected policy's scope.
     pub raw_selector: Option<BTreeMap<String, String>>,
+    /// `spec.targetRefs` (or `spec.targetRef`, as one) as written, read
+    /// even when the rest of the spec is not readable: a waypoint still
+    /// knows what a rejected policy attaches to, and fails closed there.
+    /// Empty: none.
+    pub raw_target_refs: Box<[serde_yaml::Value]>,
 }
 
 /// A `PeerAuthentication` object.

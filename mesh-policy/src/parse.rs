@@ -237,6 +237,12 @@ fn parse_object(value: Value, document: usize, prefix: &str, depth: usize, out: 
                 Some(Value::String(s)) => Some(s.clone()),
                 Some(other) => Some(format!("{other:?}")),
             };
+            let raw_target_refs: Box<[Value]> =
+                match (spec_value.get("targetRefs"), spec_value.get("targetRef")) {
+                    (Some(Value::Sequence(refs)), _) if !refs.is_empty() => refs.clone().into(),
+                    (_, Some(one @ Value::Mapping(_))) => Box::new([one.clone()]),
+                    _ => Box::new([]),
+                };
             let spec = read_spec::<AuthorizationPolicySpec>(spec_value);
             out.resources
                 .push(Resource::AuthorizationPolicy(AuthorizationPolicy {
@@ -244,6 +250,7 @@ fn parse_object(value: Value, document: usize, prefix: &str, depth: usize, out: 
                     spec,
                     raw_action,
                     raw_selector,
+                    raw_target_refs,
                 }));
         }
         Kind::PeerAuthentication => {

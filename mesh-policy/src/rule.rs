@@ -59,8 +59,9 @@ pub(crate) struct Match {
     pub ports: Vec<u16>,
     pub not_ports: Vec<u16>,
     // L7, compiled for a waypoint only (empty at L4).
-    pub methods: Vec<Box<str>>,
-    pub not_methods: Vec<Box<str>>,
+    /// Case-sensitive patterns (Istio's header matcher on `:method`).
+    pub methods: Vec<StrMatch>,
+    pub not_methods: Vec<StrMatch>,
     pub paths: Vec<PathMatch>,
     pub not_paths: Vec<PathMatch>,
     /// Lowercase patterns, matched case-insensitively.
@@ -93,8 +94,11 @@ impl HeaderCond {
 }
 
 /// An Istio `paths` pattern, matched against the normalised path without
-/// its query: exact, `prefix*`, `*suffix`, `*` (any), or a template of
-/// segments with `{*}` (one segment) and `{**}` (the rest, one or more).
+/// its query: exact, `prefix*`, `*suffix`, `*` (any), or a template (a
+/// value with `{*}` or `{**}`, Envoy's URI template): segments that are
+/// literal text, `{*}` (one non-empty segment) or `{**}` (anything,
+/// slashes included, possibly nothing; the last operator, literal
+/// segments may follow it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum PathMatch {
     Str(StrMatch),
@@ -112,43 +116,60 @@ pub(crate) enum Segment {
 impl PathMatch {
     pub(crate) fn matches(&self, path: &str) -> bool {
         match self {
-            PathMatch::Str(StrMatch::Presence) => true,
             PathMatch::Str(m) => m.matches(Some(path)),
             PathMatch::Template(segments) => {
-                let mut parts = path.strip_prefix('/').unwrap_or(path).split('/');
-                for (i, seg) in segments.iter().enumerate() {
-                    match seg {
-                        Segment::Rest => {
-                            // The rest: at least one segment, and nothing may follow.
-                            return i + 1 == segments.len() && parts.next().is_some();
-                        }
-                        Segment::One => {
-                            if parts.next().is_none_or(str::is_empty) {
-                                return false;
-                            }
-                        }
-                        Segment::Literal(l) => {
-                            if parts.next() != Some(&**l) {
-                                return false;
-                            }
-                        }
-                    }
-                }
-                parts.next().is_none()
+                let Some(path) = path.strip_prefix('/') else {
+                    return false;
+                };
+                let parts: Vec<&str> = path.split('/').collect();
+                template_matches(segments, &parts)
             }
         }
     }
 }
 
-/// `host` (lowercase) against a lowercase pattern: as written, or without
-/// its `:port` (`hosts: [example.com]` matches `example.com:8080` too).
+/// `segments` against the path's `parts` (split on `/`). `{**}` takes
+/// the parts its trailing literals leave, at least one (the `/` before
+/// it is literal): `/a/{**}` needs `/a/`, and `{**}/` a trailing slash.
+fn template_matches(segments: &[Segment], parts: &[&str]) -> bool {
+    let mut i = 0;
+    for (k, seg) in segments.iter().enumerate() {
+        match seg {
+            Segment::Rest => {
+                let tail = &segments[k + 1..];
+                let Some(first_tail) = parts.len().checked_sub(tail.len()) else {
+                    return false;
+                };
+                return first_tail > i
+                    && tail.iter().zip(&parts[first_tail..]).all(|(t, p)| match t {
+                        Segment::Literal(l) => **l == **p,
+                        // Compiled templates have one `{**}`, last of the operators.
+                        Segment::One | Segment::Rest => false,
+                    });
+            }
+            Segment::One => {
+                if parts.get(i).is_none_or(|p| p.is_empty()) {
+                    return false;
+                }
+            }
+            Segment::Literal(l) => {
+                if parts.get(i) != Some(&&**l) {
+                    return false;
+                }
+            }
+        }
+        i += 1;
+    }
+    i == parts.len()
+}
+
+/// `host` (the authority as sent, lowercased) against a lowercase
+/// pattern. Like Istio's (Envoy's `:authority` header matcher), the port
+/// is part of the value: `hosts: [example.com]` does not match
+/// `example.com:8080`; Istio's documentation has users write
+/// `[example.com, "example.com:*"]`.
 fn host_matches(m: &StrMatch, host: &str) -> bool {
-    let bare = match host.rsplit_once(':') {
-        // Not an IPv6 literal's colon: `[::1]:80` splits after `]`.
-        Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
-    };
-    m.matches(Some(host)) || (bare != host && m.matches(Some(bare)))
+    m.matches(Some(host))
 }
 
 /// A lowered rule: clauses ANDed, matches of a clause ORed. No clause: the
@@ -308,7 +329,7 @@ impl Match {
     /// request a positive L7 field never matches.
     fn l7_matches(&self, request: Option<&HttpRequest<'_>>) -> bool {
         check(&self.methods, &self.not_methods, |m| {
-            request.is_some_and(|r| r.method == &**m)
+            request.is_some_and(|r| m.matches(Some(r.method)))
         }) && check(&self.paths, &self.not_paths, |p| {
             request.is_some_and(|r| p.matches(r.path))
         }) && check(&self.hosts, &self.not_hosts, |h| {

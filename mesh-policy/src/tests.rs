@@ -527,12 +527,7 @@ fn authz_table() {
             ));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 /// (case, policies, workload and port, expected mode[:deciding policy])
@@ -598,12 +593,7 @@ fn mtls_table() {
             failures.push(format!("{name}: want {want:?}, got {got:?}"));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 /// (case, documents, expectations joined by ` && `: `E:<substring>` an
@@ -772,12 +762,7 @@ fn diagnostics_table() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 #[test]
@@ -975,11 +960,17 @@ const WAYPOINT: &[(&str, &str, &str, &str)] = &[
     ("gatewayclass outside the root namespace", "AP shop/p {targetRefs: [{kind: GatewayClass, group: gateway.networking.k8s.io, name: istio-waypoint}], action: DENY, rules: [{}]}", "id=a/x", "allow"),
     ("targetRef (singular)", "AP shop/p {targetRef: {kind: Service, group: '', name: reviews}, action: DENY, rules: [{}]}", "id=a/x", "deny:shop/p"),
     ("cross-namespace target rejected, fail closed", "AP shop/p {targetRefs: [{kind: Service, group: '', name: reviews, namespace: other}, {kind: Service, group: '', name: reviews}], action: DENY, rules: [{to: [{operation: {methods: [DELETE]}}]}]}", "id=a/x", "deny:rejected:shop/p"),
+    ("unreadable DENY fails closed on its targets", "AP shop/p {TARGET_SVC, action: DENY, rules: 5}", "id=a/x", "deny:rejected:shop/p"),
+    ("unreadable DENY, other service", "AP shop/p {TARGET_SVC, action: DENY, rules: 5}", "id=a/x svc=shop/ratings", "allow"),
+    ("unreadable ALLOW grants nothing", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {methods: GET}}]}]}", "id=a/x", "deny:no-allow"),
     ("selector and targetRefs rejected, fail closed", "AP shop/p {selector: {matchLabels: {app: web}}, TARGET_SVC, action: DENY, rules: [{to: [{operation: {methods: [DELETE]}}]}]}", "id=a/x", "deny:rejected:shop/p"),
     // --- methods
     ("method allowed", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {methods: [GET, HEAD]}}]}]}", "m=HEAD", "allow:shop/p"),
     ("method not allowed", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {methods: [GET]}}]}]}", "m=POST", "deny:no-allow"),
     ("method case-sensitive", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {methods: [GET]}}]}]}", "m=get", "deny:no-allow"),
+    ("method prefix wildcard", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {methods: ['P*']}}]}]}", "m=PATCH", "allow:shop/p"),
+    ("method prefix wildcard, other", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {methods: ['P*']}}]}]}", "m=GET", "deny:no-allow"),
+    ("method presence", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {methods: ['*']}}]}]}", "m=OPTIONS", "deny:shop/p"),
     ("notMethods", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {notMethods: [GET]}}]}]}", "m=DELETE", "deny:shop/p"),
     ("notMethods spares", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {notMethods: [GET]}}]}]}", "m=GET", "allow"),
     // --- paths
@@ -994,6 +985,15 @@ const WAYPOINT: &[(&str, &str, &str, &str)] = &[
     ("path template one segment only", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {paths: ['/books/{*}/reviews']}}]}]}", "path=/books/7/8/reviews", "deny:no-allow"),
     ("path template rest", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {paths: ['/books/{**}']}}]}]}", "path=/books/7/8", "allow:shop/p"),
     ("path template rest needs one", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {paths: ['/books/{**}']}}]}]}", "path=/books", "deny:no-allow"),
+    ("path template rest, empty", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {paths: ['/books/{**}']}}]}]}", "path=/books/", "allow:shop/p"),
+    ("path template rest then literal", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {paths: ['/foo/{**}/']}}]}]}", "path=/foo/bar/baz/", "allow:shop/p"),
+    ("path template rest then literal, missing", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {paths: ['/foo/{**}/']}}]}]}", "path=/foo/bar", "deny:no-allow"),
+    ("path template one then rest", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {paths: ['/foo/{*}/bar/{**}']}}]}]}", "path=/foo/buzz/bar/baz", "allow:shop/p"),
+    ("path template one is not empty", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {paths: ['/foo/{*}']}}]}]}", "path=/foo/", "deny:no-allow"),
+    ("path template rest not last, rejected", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {paths: ['/{**}/foo/{*}']}}]}]}", "path=/a/foo/b", "deny:no-allow"),
+    ("path template text beside operator, rejected", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {paths: ['/foo/{*}.txt']}}]}]}", "path=/public", "deny:rejected:shop/p"),
+    ("braces without operator are literal", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {paths: ['/api/{id}']}}]}]}", "path=/api/{id}", "deny:no-allow"),
+    ("braces without operator match as written, normalised", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {paths: ['/api/%7Bid%7D']}}]}]}", "path=/api/{id}", "allow:shop/p"),
     ("notPaths", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {notPaths: ['/admin/*']}}]}]}", "path=/admin/x", "deny:no-allow"),
     // --- path normalisation (Istio's default BASE: RFC 3986)
     ("dot-dot cannot escape a DENY", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {paths: ['/admin/*']}}]}]}", "path=/public/../admin/x", "deny:shop/p"),
@@ -1003,9 +1003,17 @@ const WAYPOINT: &[(&str, &str, &str, &str)] = &[
     ("backslash is a slash", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {paths: ['/admin/*']}}]}]}", "path=/admin\\x", "deny:shop/p"),
     ("encoded slash stays encoded (BASE)", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {paths: [/admin/x]}}]}]}", "path=/admin%2Fx", "allow"),
     ("double slash kept (BASE)", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {paths: [/admin/x]}}]}]}", "path=/admin//x", "allow"),
+    ("encoded dot segment", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {paths: [/admin/x]}}]}]}", "path=/admin/%2E/x", "deny:shop/p"),
+    ("encoded letters in a DENY prefix", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {paths: ['/admin*']}}]}]}", "path=/%41%44min", "allow"),
+    ("encoded letters, same case", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {paths: ['/admin*']}}]}]}", "path=/%61%64min", "deny:shop/p"),
     // --- hosts
     ("host exact, case-insensitive", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {hosts: [Reviews.Shop]}}]}]}", "host=reviews.shop", "allow:shop/p"),
-    ("host with port", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {hosts: [reviews.shop]}}]}]}", "host=reviews.shop:9080", "allow:shop/p"),
+    ("host with port: not the bare host (Istio)", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {hosts: [reviews.shop]}}]}]}", "host=reviews.shop:9080", "deny:no-allow"),
+    ("host with port written", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {hosts: ['reviews.shop:9080']}}]}]}", "host=reviews.shop:9080", "allow:shop/p"),
+    ("host any port, Istio's advice", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {hosts: [reviews.shop, 'reviews.shop:*']}}]}]}", "host=Reviews.Shop:8080", "allow:shop/p"),
+    ("host any port, bare host too", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {hosts: [reviews.shop, 'reviews.shop:*']}}]}]}", "host=reviews.shop", "allow:shop/p"),
+    ("DENY host with port: bare pattern misses it (Istio)", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {hosts: [reviews.shop]}}]}]}", "host=reviews.shop:80", "allow"),
+    ("host prefix wildcard", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {hosts: ['reviews.*']}}]}]}", "host=REVIEWS.shop:80", "allow:shop/p"),
     ("host other", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {hosts: [reviews.shop]}}]}]}", "host=ratings.shop", "deny:no-allow"),
     ("host suffix wildcard", "AP shop/p {TARGET_SVC, rules: [{to: [{operation: {hosts: ['*.shop.svc.cluster.local']}}]}]}", "host=reviews.shop.svc.cluster.local", "allow:shop/p"),
     ("notHosts", "AP shop/p {TARGET_SVC, action: DENY, rules: [{to: [{operation: {notHosts: [reviews]}}]}]}", "host=evil", "deny:shop/p"),
@@ -1052,12 +1060,7 @@ fn waypoint_table() {
             failures.push(format!("{case}: want {want}, got {got}"));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 #[test]
@@ -1068,6 +1071,10 @@ fn waypoint_reports_what_it_cannot_check() {
     let text: Vec<String> = report.warnings.iter().map(ToString::to_string).collect();
     let has = |needle: &str| text.iter().any(|w| w.contains(needle));
     assert!(has("requestPrincipals never match"), "{text:#?}");
+    assert!(
+        has("requestPrincipals: no RequestAuthentication: never authenticated"),
+        "{text:#?}"
+    );
     assert!(has("connection.sni"), "{text:#?}");
     assert!(
         has("ServiceEntry ext is not supported by the waypoint"),
@@ -1094,16 +1101,36 @@ fn path_normalisation_follows_istio_base() {
         ("/a/b/..", Some("/a/")),
         ("/a/%2e%2E/b", Some("/b")),
         ("/%41%7e", Some("/A~")),
-        ("/a%2fb", Some("/a%2Fb")),
+        ("/a%2fb", Some("/a%2fb")),
+        ("/a%2Fb", Some("/a%2Fb")),
+        ("/a%5cb", Some("/a%5cb")),
+        ("/%2e%2e/%2E/a", Some("/a")),
+        ("/%7e%2D%5f", Some("/~-_")),
+        ("/a%zz", Some("/a%zz")),
+        ("/a%2", Some("/a%2")),
+        ("/a%", Some("/a%")),
+        ("/a{b}\"", Some("/a%7Bb%7D%22")),
+        ("/caf\u{e9}", Some("/caf%C3%A9")),
+        ("\\a\\..\\b", Some("/b")),
         ("/a//b", Some("/a//b")),
         ("/a\\b", Some("/a/b")),
         ("/a?q=/../x", Some("/a")),
         ("a/b", None),
         ("", None),
-        ("/a%zz", None),
-        ("/a%2", None),
+        ("/a%00", None),
         ("/a b", None),
+        ("/a\tb", None),
     ] {
         assert_eq!(crate::normalize_path(raw).as_deref(), want, "{raw:?}");
     }
+}
+
+/// Fails with every table case that did not hold, one per line.
+fn assert_no_failures(failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -153,9 +153,7 @@ impl WaypointPolicies {
     pub fn from_text(root_namespace: &str, text: &str) -> (Self, Report) {
         let parsed = parse_documents(text);
         let (policies, mut report) = Self::build(root_namespace, &parsed.resources);
-        let mut errors = parsed.errors;
-        errors.append(&mut report.errors);
-        report.errors = errors;
+        report.prepend_errors(parsed.errors);
         (policies, report)
     }
 

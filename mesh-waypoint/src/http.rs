@@ -127,8 +127,6 @@ pub enum Flags {
     FaultInjected,
     /// The destination is at its `maxConnections` (`UO`).
     Overflow,
-    /// Denied by an AuthorizationPolicy (`RBAC`).
-    Rbac,
 }
 
 impl Flags {
@@ -145,7 +143,6 @@ impl Flags {
             Self::DelayInjected => "DI",
             Self::FaultInjected => "FI",
             Self::Overflow => "UO",
-            Self::Rbac => "RBAC",
         }
     }
 }
@@ -175,6 +172,10 @@ struct Finish {
     wall_start: std::time::SystemTime,
     /// The HTTP version the client spoke.
     version: http::Version,
+    /// Envoy's `%RESPONSE_CODE_DETAILS%` for what the waypoint answered
+    /// itself for a reason the status and flags do not tell (an RBAC
+    /// denial has no response flag in Envoy).
+    details: Option<String>,
 }
 
 impl Finish {
@@ -214,6 +215,7 @@ impl Finish {
             service = %t.target.service,
             route = %self.route,
             policy = self.policy.as_deref(),
+            response_code_details = self.details.as_deref(),
             upstream = self.upstream.as_ref().map(|c| tracing::field::display(c.addr)),
             dst_workload = %labels.destination.workload,
             status = self.status.as_u16(),
@@ -489,6 +491,7 @@ async fn handle(
         wall_start: std::time::SystemTime::now(),
         version: parts.version,
         policy: None,
+        details: None,
     };
     let answer = |mut finish: Finish, status: StatusCode, flags: Flags| {
         finish.status = status;
@@ -504,8 +507,20 @@ async fn handle(
     // Policies and routes see the path as Istio's default normalisation
     // (BASE) leaves it, and the backend gets that path: a request cannot
     // reach what a policy denies by spelling its path differently.
+    // Istio refuses a method that is not upper case (its normalisation
+    // of `methods`), and a path Envoy's normalisation cannot read.
+    if parts
+        .method
+        .as_str()
+        .bytes()
+        .any(|b| b.is_ascii_lowercase())
+    {
+        finish.details = Some("method_not_upper_case".into());
+        return answer(finish, StatusCode::BAD_REQUEST, Flags::None);
+    }
     let raw = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let Some(normalized) = mesh_policy::normalize_path(raw) else {
+        finish.details = Some("path_normalization_failed".into());
         return answer(finish, StatusCode::BAD_REQUEST, Flags::None);
     };
     if normalized != parts.uri.path() {
@@ -524,7 +539,14 @@ async fn handle(
         let headers: Vec<(String, String)> = parts
             .headers
             .iter()
-            .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            // Bytes that are not UTF-8 cannot match a policy's text, but the
+            // header is still there (`*` sees it, `notValues` are checked).
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
             .collect();
         let request = mesh_policy::HttpRequest {
             method: parts.method.as_str(),
@@ -539,6 +561,15 @@ async fn handle(
                     .policy()
                     .map_or_else(|| reason.to_string(), ToString::to_string),
             );
+            // Envoy's detail, with Istio's name of the policy (without the
+            // rule index, which is not tracked).
+            finish.details = Some(format!(
+                "rbac_access_denied_matched_policy[{}]",
+                reason.policy().map_or_else(
+                    || "none".to_owned(),
+                    |p| format!("ns[{}]-policy[{}]", p.namespace, p.name)
+                )
+            ));
             return rbac_denied(finish);
         }
     }
@@ -747,10 +778,12 @@ async fn handle(
     metered(Response::from_parts(rparts, body), finish)
 }
 
-/// Envoy's answer to a request its RBAC filter denies.
+/// Envoy's answer to a request its RBAC filter denies: 403 `RBAC: access
+/// denied`, no response flag (Envoy has none for RBAC: Istio's metrics
+/// show `response_flags="-"`), the reason in the access log.
 fn rbac_denied(mut finish: Finish) -> Response<ProxyBody> {
     finish.status = StatusCode::FORBIDDEN;
-    finish.flags = Flags::Rbac;
+    finish.flags = Flags::None;
     let mut r = Response::new(
         Full::new(Bytes::from_static(b"RBAC: access denied"))
             .map_err(|e| match e {})

@@ -158,8 +158,7 @@ fn compile_policies(
         errors.append(&mut parsed.errors);
     }
     let (policies, mut report) = mesh_policy::WaypointPolicies::build(root, &resources);
-    errors.append(&mut report.errors);
-    report.errors = errors;
+    report.prepend_errors(errors);
     (policies, report)
 }
 

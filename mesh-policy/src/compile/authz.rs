@@ -64,13 +64,25 @@ pub(crate) fn compile_authz(
     let spec = match &ap.spec {
         Ok(spec) => spec,
         Err(e) => {
-            if layer != Layer::Node {
-                // Unreadable: the node agents reject it (fail closed in its
-                // selector's scope); a waypoint cannot tell its targets.
+            let mut problems = vec![(e.field.clone(), e.message.clone())];
+            if layer == Layer::Node {
+                return reject_authz(name, problems, reject_effect, fallback_scope, report);
+            }
+            // Unreadable: a waypoint rejects it over the targets it can
+            // still read (fail closed there); without any, it is a node
+            // agent's policy (rejected there in its selector's scope).
+            let refs: Vec<&serde_yaml::Value> = ap.raw_target_refs.iter().collect();
+            if refs.is_empty() {
                 return None;
             }
-            let problems = vec![(e.field.clone(), e.message.clone())];
-            return reject_authz(name, problems, reject_effect, fallback_scope, report);
+            let targets = target_refs(&refs, "spec.targetRefs", namespace, &mut problems);
+            return reject_authz(
+                name,
+                problems,
+                reject_effect,
+                Attach::Targets(targets),
+                report,
+            );
         }
     };
 

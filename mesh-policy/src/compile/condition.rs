@@ -195,8 +195,9 @@ fn waypoint_condition(
         }
         warnings.push((
             format!("{p} (key {key})"),
-            "RequestAuthentication (JWT) is not supported: a request has no token, so values \
-             never match and notValues always do"
+            "no RequestAuthentication: never authenticated (JWT is not supported, a request has \
+             no token, as in Istio for a request without one): values never match and notValues \
+             always do"
                 .into(),
         ));
         return Some(m);

@@ -73,7 +73,9 @@ fn compile_operation(
                     }
                 }
                 "methods" | "notMethods" => {
-                    let compiled = values.iter().map(|v| v.as_str().into()).collect();
+                    // Istio's header matcher on `:method`: case-sensitive,
+                    // with `*`, `prefix*` and `*suffix`.
+                    let compiled = patterns(&f, values, false, problems);
                     if name == "methods" {
                         m.methods = compiled;
                     } else {
@@ -97,12 +99,14 @@ fn compile_operation(
     m
 }
 
-/// Parses `paths` values: Istio's `*`, `prefix*`, `*suffix`, exact, or a
-/// template with `{*}` / `{**}` segments (`{**}` only last).
+/// Parses `paths` values as Istio does: a value with `{*}` or `{**}` is a
+/// path template (Envoy's URI template; `*`, `{` and `}` are allowed only
+/// as those operators, each alone in its segment, `{**}` the last
+/// operator); any other value is exact, `prefix*`, `*suffix` or `*`.
 fn path_patterns(field: &str, values: &[String], problems: &mut Problems) -> Vec<PathMatch> {
     let mut out = Vec::with_capacity(values.len());
     for (i, v) in values.iter().enumerate() {
-        if v.contains('{') || v.contains('}') {
+        if v.contains("{*}") || v.contains("{**}") {
             match template(v) {
                 Ok(t) => out.push(PathMatch::Template(t)),
                 Err(msg) => problems.push((format!("{field}[{i}]"), msg)),
@@ -124,22 +128,29 @@ fn path_patterns(field: &str, values: &[String], problems: &mut Problems) -> Vec
 }
 
 fn template(v: &str) -> Result<Vec<Segment>, String> {
-    let bad = |why: &str| Err(format!("bad path template {v:?}: {why}"));
+    let bad = |why: &str| Err(format!("invalid or unsupported path template {v:?}: {why}"));
     let Some(rest) = v.strip_prefix('/') else {
         return bad("must start with /");
     };
     let parts: Vec<&str> = rest.split('/').collect();
     let mut out = Vec::with_capacity(parts.len());
-    for (i, part) in parts.iter().enumerate() {
-        out.push(match *part {
+    let mut after_rest = false;
+    for part in parts {
+        let seg = match part {
             "{*}" => Segment::One,
-            "{**}" if i + 1 == parts.len() => Segment::Rest,
-            "{**}" => return bad("{**} must be the last segment"),
+            "{**}" => Segment::Rest,
             p if p.contains(['{', '}', '*']) => {
-                return bad("a segment is {*}, {**} or literal text");
+                return bad(
+                    "*, { and } are allowed only as the operators {*} and {**}, alone in their segment",
+                );
             }
             p => Segment::Literal(p.into()),
-        });
+        };
+        if after_rest && seg != Segment::Literal(part.into()) {
+            return bad("{**} must be the last operator");
+        }
+        after_rest |= seg == Segment::Rest;
+        out.push(seg);
     }
     Ok(out)
 }

@@ -104,8 +104,9 @@ fn compile_source(
                 }
                 warnings.push((
                     f,
-                    "RequestAuthentication (JWT) is not supported: requests carry no request \
-                     principal, so requestPrincipals never match and notRequestPrincipals always do"
+                    "no RequestAuthentication: never authenticated (JWT is not supported, requests \
+                     carry no request principal, as in Istio for a request without a token): \
+                     requestPrincipals never match and notRequestPrincipals always do"
                         .into(),
                 ));
             } else {
