@@ -8,7 +8,8 @@ use crate::error::{PolicyError, PolicyName, PolicyWarning, RejectEffect, Report}
 use crate::model::{AuthorizationPolicy, Kind};
 use crate::rule::{CompiledAuthz, CompiledRule, Effect, Origin, Scope, TargetRef};
 
-use super::rule::{Layer, Mode, compile_rule};
+use super::layer::Layer;
+use super::rule::{Mode, compile_rule};
 use super::values::{Problems, compile_selector, report_rejected};
 
 /// The annotation Istio uses for dry-run AuthorizationPolicies.

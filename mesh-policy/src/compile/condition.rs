@@ -4,7 +4,7 @@
 use crate::model::{Condition, Scalar};
 use crate::rule::{HeaderCond, Match, StrMatch};
 
-use super::rule::Unchecked;
+use super::layer::Unchecked;
 use super::values::{Problems, Warnings, cidrs, non_empty, patterns, ports, service_accounts};
 
 /// Lowers `when` (of the rule at `path`): one single-match clause per L4

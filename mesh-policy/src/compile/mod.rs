@@ -5,6 +5,7 @@
 
 mod authz;
 mod condition;
+mod layer;
 mod operation;
 mod peer_authn;
 mod rule;
@@ -13,5 +14,5 @@ mod values;
 
 pub(crate) use authz::{Attach, compile_authz};
 pub use authz::{DRY_RUN_ANNOTATION, parse_bool};
+pub(crate) use layer::Layer;
 pub(crate) use peer_authn::compile_peer_authn;
-pub(crate) use rule::Layer;

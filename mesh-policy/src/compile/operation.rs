@@ -3,7 +3,7 @@
 use crate::model::{Operation, To};
 use crate::rule::{Match, PathMatch, Segment};
 
-use super::rule::Unchecked;
+use super::layer::Unchecked;
 use super::values::{Problems, non_empty, patterns, ports};
 
 /// Lowers `to` (of the rule at `path`): one clause whose matches are ORed.

@@ -5,39 +5,10 @@ use crate::model::Rule;
 use crate::rule::{CompiledRule, Match};
 
 use super::condition::compile_when;
+use super::layer::{Layer, Unchecked};
 use super::operation::compile_to;
 use super::source::compile_from;
 use super::values::{Problems, Warnings};
-
-/// Which proxy a policy is lowered for: the node agent (L4: HTTP fields
-/// cannot be checked) or a waypoint (HTTP fields are matchers).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Layer {
-    Node,
-    /// HTTP requests at a waypoint.
-    Waypoint,
-    /// Opaque TCP streams at a waypoint: its policies (targetRefs), their
-    /// HTTP fields lowered as the node agent does (fail safe).
-    WaypointTcp,
-}
-
-/// The rule's fields that the layer cannot check (field paths), set aside
-/// by [`with_l7`].
-pub(super) struct Unchecked {
-    pub layer: Layer,
-    pub fields: Vec<String>,
-}
-
-impl Unchecked {
-    pub(super) fn push(&mut self, field: String) {
-        self.fields.push(field);
-    }
-
-    /// Whether HTTP fields become matchers.
-    pub(super) fn http(&self) -> bool {
-        self.layer == Layer::Waypoint
-    }
-}
 
 /// Rule evaluation mode: ALLOW/AUDIT rules must be fully checkable to
 /// match; DENY (and CUSTOM) rules drop what they cannot check.

@@ -3,7 +3,7 @@
 use crate::model::{From, Source};
 use crate::rule::Match;
 
-use super::rule::Unchecked;
+use super::layer::Unchecked;
 use super::values::{Problems, Warnings, cidrs, non_empty, patterns, service_accounts};
 
 /// Lowers `from` (of the rule at `path`, e.g. `spec.rules[0]`): one clause
