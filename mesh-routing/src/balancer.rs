@@ -308,8 +308,8 @@ impl Balancer {
         })
     }
 
-    /// A connection to `endpoint` of `dest` succeeded at `now`: its
-    /// consecutive failures are forgiven, and (as Envoy does) its ejection
+    /// A connection (or, at L7, a request) to `endpoint` of `dest` succeeded
+    /// at `now`: its consecutive failures (both counters) are forgiven, and (as Envoy does) its ejection
     /// multiplier decays by one per outlier `interval` it stayed healthy.
     pub fn success(&self, dest: &Dest, endpoint: SocketAddr, now: Instant) {
         let mut st = self.lock();
@@ -317,6 +317,7 @@ impl Balancer {
             return;
         };
         e.consecutive_errors = 0;
+        e.consecutive_gateway = 0;
         if let (Some(od), Some(since)) = (dest.policy.outlier, e.since)
             && e.times_ejected > 0
             && e.ejected_until.is_none_or(|u| u <= now)
@@ -354,12 +355,6 @@ impl Balancer {
         outcome: HttpOutcome,
     ) -> Ejection {
         if outcome == HttpOutcome::Ok {
-            {
-                let mut st = self.lock();
-                if let Some(e) = st.endpoints.get_mut(&endpoint) {
-                    e.consecutive_gateway = 0;
-                }
-            }
             self.success(dest, endpoint, now);
             return Ejection::None;
         }
