@@ -6,8 +6,14 @@
 
 mod common;
 
+use std::{process::Command, time::Duration};
+
 use common::{Mesh, delta, rogue};
-use mesh_lab::{LabSpec, NodeSpec, PodSpec, app::ProbeOutcome};
+use mesh_lab::{
+    LabChild, LabSpec, NodeSpec, PodSpec,
+    app::{FlowReport, ProbeOutcome},
+    lab_app_path,
+};
 
 /// Node 0: `a`, `b` (enrolled, dual-stack), `x` (not enrolled) and `z` (in
 /// no workload file: an address the mesh does not know); node 1:
@@ -219,4 +225,133 @@ fn a_client_address_that_cannot_be_used_falls_back_without_failing_the_connectio
     );
     // A known workload through the same agent keeps its address.
     check_addresses(&mesh, "a", &mesh.v4("c", 8080), &ip_of(&mesh.v4("a", 1)));
+}
+
+/// `mesh-lab-app flow` in `pod`: `--listen [::]:port` when `listen`, else
+/// `--connect` to `at`; sending `bytes` (unlimited when 0) when `send`.
+fn flow(mesh: &Mesh, pod: &str, at: &str, listen: bool, send: Option<u64>) -> LabChild {
+    let mut cmd = Command::new(lab_app_path().expect("mesh-lab-app"));
+    cmd.arg("flow");
+    if listen {
+        cmd.args(["--listen", at]);
+    } else {
+        cmd.args(["--connect", at]);
+    }
+    if let Some(bytes) = send {
+        cmd.arg("--send");
+        if bytes > 0 {
+            cmd.args(["--bytes", &bytes.to_string()]);
+        }
+    }
+    let child = mesh.lab.spawn_in_pod(pod, cmd).expect("spawn flow");
+    if listen {
+        child
+            .wait_for_log("listening", Duration::from_secs(10))
+            .expect("flow server listening");
+    }
+    child
+}
+
+fn flow_report(child: &LabChild) -> FlowReport {
+    child
+        .wait_timeout(Duration::from_secs(30))
+        .expect("wait")
+        .expect("the flow ended");
+    let log = child.log_contents().expect("flow output");
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no flow report: {log}"));
+    serde_json::from_str(line).expect("flow report")
+}
+
+/// A stream cut by its peer, as the app sees it.
+fn was_reset(r: &FlowReport) -> bool {
+    r.end == "reset" || r.end == "broken_pipe"
+}
+
+#[test]
+fn half_closes_and_resets_cross_a_transparent_delivery() {
+    common::require_root();
+    let mesh = lab();
+    const BYTES: u64 = 4 << 20;
+    let targets = [
+        ("cross node v4", "c", mesh.v4("c", 1)),
+        ("same node v4", "b", mesh.v4("b", 1)),
+        ("cross node v6", "c", mesh.v6("c", 1)),
+    ];
+    let mut port = 7100;
+    for (what, server, addr) in &targets {
+        let ip = ip_of(addr);
+        let to = |port: u16| std::net::SocketAddr::new(ip.parse().expect("ip"), port).to_string();
+        let mut next = || {
+            port += 1;
+            port
+        };
+
+        // The client's FIN (after all its bytes) reaches the app, which
+        // sees every byte and then a clean end of stream.
+        let p = next();
+        let receiver = flow(&mesh, server, &format!("[::]:{p}"), true, None);
+        let sender = flow(&mesh, "a", &to(p), false, Some(BYTES));
+        let (s, r) = (flow_report(&sender), flow_report(&receiver));
+        assert_eq!(
+            (s.end.as_str(), s.bytes),
+            ("sent", BYTES),
+            "{what}: client sending: {s:?}"
+        );
+        assert_eq!(
+            (r.end.as_str(), r.bytes),
+            ("eof", BYTES),
+            "{what}: app receiving: {r:?}"
+        );
+
+        // The app's FIN reaches the client the same way.
+        let p = next();
+        let sender = flow(&mesh, server, &format!("[::]:{p}"), true, Some(BYTES));
+        let receiver = flow(&mesh, "a", &to(p), false, None);
+        let (s, r) = (flow_report(&sender), flow_report(&receiver));
+        assert_eq!(
+            (s.end.as_str(), s.bytes),
+            ("sent", BYTES),
+            "{what}: app sending: {s:?}"
+        );
+        assert_eq!(
+            (r.end.as_str(), r.bytes),
+            ("eof", BYTES),
+            "{what}: client receiving: {r:?}"
+        );
+
+        // The app dies mid-stream: the client sending to it sees a reset,
+        // never a completed stream.
+        let p = next();
+        let receiver = flow(&mesh, server, &format!("[::]:{p}"), true, None);
+        let sender = flow(&mesh, "a", &to(p), false, Some(0));
+        std::thread::sleep(Duration::from_millis(500));
+        receiver.kill().expect("SIGKILL the app");
+        let s = flow_report(&sender);
+        assert!(
+            s.bytes > 0 && was_reset(&s),
+            "{what}: client after the app died: {s:?}"
+        );
+
+        // The client dies mid-stream: the app sending to it sees a reset.
+        let p = next();
+        let sender = flow(&mesh, server, &format!("[::]:{p}"), true, Some(0));
+        let receiver = flow(&mesh, "a", &to(p), false, None);
+        std::thread::sleep(Duration::from_millis(500));
+        receiver.kill().expect("SIGKILL the client");
+        let s = flow_report(&sender);
+        assert!(
+            s.bytes > 0 && was_reset(&s),
+            "{what}: app after the client died: {s:?}"
+        );
+    }
+    // Every delivery above kept the client's address (none fell back).
+    mesh.wait_closed(1, 8);
+    assert_eq!(mesh.agent_log_count(1, "source_preserved=false"), 0);
+    assert!(mesh.agent_log_count(1, "source_preserved=true") >= 8);
+    mesh.wait_closed(0, 4);
+    assert_eq!(mesh.agent_log_count(0, "source_preserved=false"), 0);
 }
