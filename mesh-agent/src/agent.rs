@@ -54,6 +54,9 @@ pub struct RunConfig {
     /// Connection caps and deadlines set explicitly (the rest follow the
     /// file-descriptor limit).
     pub limits: crate::proxy::limits::LimitOverrides,
+    /// Deliver connections between two of this node's pods directly
+    /// (`Proxy::set_same_node_fast_path`).
+    pub same_node_fast_path: bool,
 }
 
 pub use crate::identity::IssuerConfig;
@@ -160,6 +163,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         bounds.clone(),
         runtime.handle().clone(),
     );
+    proxy.set_same_node_fast_path(cfg.same_node_fast_path);
     admin.register_routes(&store, proxy.balancer());
     runtime.spawn(limits::trim_after_bursts(bounds.clone()));
     {

@@ -40,10 +40,13 @@ fn pod_to_pod_on_one_node_goes_through_the_agent_both_ways() {
     assert_eq!(delta(&before, &after, "connect_redirected"), 3);
     assert_eq!(delta(&before, &after, "sockops_recorded"), 3);
     assert_eq!(delta(&before, &after, "peername_restored"), 3);
-    // Both pods are in the mesh: the agent tunnels (HBONE, port 15008), never
-    // plaintext, and the three connections share one pooled tunnel connection.
-    assert_eq!(delta(&before, &after, "lookup_steered_hbone"), 1);
+    // Both pods are this agent's: the same-node fast path delivers into b
+    // directly (no tunnel to itself), never as plaintext through b's
+    // inbound listener. (Tunnels between pods: the two-node tests, and
+    // `same_node.rs` with the fast path off.)
+    assert_eq!(delta(&before, &after, "lookup_steered_hbone"), 0);
     assert_eq!(delta(&before, &after, "lookup_steered_plaintext"), 0);
+    assert_eq!(mesh.proxy_stats(0)["same_node_fast_path"], 3);
     // The agent recovered the original destination on both sides and relayed every byte.
     // Three connections, each seen outbound and inbound, all closed and logged.
     mesh.wait_closed(0, 6);
@@ -82,7 +85,10 @@ fn ipv6_pod_to_pod_goes_through_the_agent() {
     let after = mesh.counters(0);
     assert_eq!(delta(&before, &after, "connect_redirected"), 3);
     assert_eq!(delta(&before, &after, "peername_restored"), 3);
-    assert_eq!(delta(&before, &after, "lookup_steered_hbone"), 1);
+    // The same-node fast path: no tunnel, no plaintext steering.
+    assert_eq!(delta(&before, &after, "lookup_steered_hbone"), 0);
+    assert_eq!(delta(&before, &after, "lookup_steered_plaintext"), 0);
+    assert_eq!(mesh.proxy_stats(0)["same_node_fast_path"], 3);
     mesh.wait_closed(0, 6);
     assert!(mesh.agent_log_count(0, &format!("dst.addr={b}")) >= 6);
 }
@@ -342,9 +348,10 @@ fn a_thousand_connections_are_all_redirected_and_echoed_byte_exact() {
     ] {
         assert_eq!(delta(&before, &after, name), 1000, "{name}");
     }
-    // 1000 tunnelled streams over one pooled connection (32 in flight < 100 per connection).
-    assert_eq!(delta(&before, &after, "lookup_steered_hbone"), 1);
+    // All 1000 went the same-node fast path: no tunnel, no plaintext steering.
+    assert_eq!(delta(&before, &after, "lookup_steered_hbone"), 0);
     assert_eq!(delta(&before, &after, "lookup_steered_plaintext"), 0);
+    assert_eq!(mesh.proxy_stats(0)["same_node_fast_path"], 1000);
     for name in [
         "connect_record_failed",
         "sockops_record_failed",

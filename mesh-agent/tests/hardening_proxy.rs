@@ -8,8 +8,7 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{Mesh, in_netns, rogue};
-use mesh_agent::{admin::DEFAULT_ADMIN_ADDR, cli::client};
+use common::{Mesh, rogue};
 use mesh_lab::{LabSpec, NodeSpec, PodSpec, app::ProbeOutcome};
 
 /// Node 0: `a` (enrolled, dual-stack) and `x` (not enrolled). Node 1: `c`
@@ -58,14 +57,6 @@ fn lab(policies: impl Fn(&Mesh) -> String, edit1: impl Fn(String) -> String) -> 
     mesh
 }
 
-/// The proxy counters of node `node`'s agent (`/stats` on its admin endpoint).
-fn proxy_stats(mesh: &Mesh, node: usize) -> serde_json::Value {
-    let netns = mesh.lab.node(node).expect("node").netns_path();
-    let addr = DEFAULT_ADMIN_ADDR.parse().expect("admin address");
-    let stats = in_netns(&netns, || client::get_json(addr, "/stats")).expect("GET /stats");
-    stats["proxy"].clone()
-}
-
 fn counter(stats: &serde_json::Value, name: &str) -> u64 {
     stats[name]
         .as_u64()
@@ -104,7 +95,7 @@ fn connections_to_the_agents_own_ports_are_refused_not_looped() {
     let c = mesh.lab.pod("c").expect("c");
     let (c4, c6) = (c.ipv4(), c.ipv6().expect("c has IPv6"));
     let x_ip = mesh.lab.pod("x").expect("x").ipv4();
-    let before = proxy_stats(&mesh, 1);
+    let before = mesh.proxy_stats(1);
 
     // Plaintext to c's inbound port, from outside the mesh on another node
     // and on c's own node: one accept each, then a reset.
@@ -152,7 +143,7 @@ fn connections_to_the_agents_own_ports_are_refused_not_looped() {
     );
 
     // Each connection was accepted once, not re-delivered to the agent.
-    let after = proxy_stats(&mesh, 1);
+    let after = mesh.proxy_stats(1);
     let d = |name: &str| counter(&after, name) - counter(&before, name);
     assert_eq!(d("inbound_accepted"), 2 + 1 + 4 + 1, "{after:#}");
     assert_eq!(d("agent_port_refused"), 2 + 1 + 4, "{after:#}");

@@ -140,11 +140,10 @@ fn agent_configured_from_the_api_server_enrolls_lab_pods_and_carries_traffic() {
     assert_eq!(report.bytes_received, 100_000);
     let after = mesh.counters(0);
     assert_eq!(delta(&before, &after, "connect_redirected"), 2);
-    // The inbound side too (two connections, or one HBONE tunnel carrying both).
-    assert!(
-        (1..=2).contains(&steered(&before, &after)),
-        "inbound not captured"
-    );
+    // Both pods are this node's: the agent delivered into the server pod
+    // itself (the same-node fast path), nothing steered as from outside.
+    assert_eq!(steered(&before, &after), 0, "inbound steered");
+    assert_eq!(mesh.proxy_stats(0)["same_node_fast_path"], 2);
     // The workload identities come from the API server's namespace and
     // service account (`spec.serviceAccountName` is `<name>-sa` there).
     mesh.wait_closed(0, 2);

@@ -311,14 +311,14 @@ fn admin_endpoint_cli_and_kernel_metrics() {
             .unwrap_or_else(|| panic!("no {prefix} in:\n{text}"))
     };
     assert!(value("mesh_ebpf_decisions_total{decision=\"connect_redirected\"} ") >= 2);
-    // Inbound steering: to the plaintext or the HBONE listener, whichever the
-    // peer used (HBONE streams share pooled connections: one steer may carry both).
-    assert!(
-        value("mesh_ebpf_decisions_total{decision=\"lookup_steered_plaintext\"} ")
-            + value("mesh_ebpf_decisions_total{decision=\"lookup_steered_hbone\"} ")
-            >= 1,
-        "{text}"
-    );
+    // Inbound steering is exported (a and b share the node: the agent
+    // delivered into b itself, the same-node fast path, so nothing was
+    // steered; `/stats` counts those below).
+    for decision in ["lookup_steered_plaintext", "lookup_steered_hbone"] {
+        value(&format!(
+            "mesh_ebpf_decisions_total{{decision=\"{decision}\"}} "
+        ));
+    }
     assert_eq!(value("mesh_ebpf_map_entries{map=\"ENROLLED_NETNS\"} "), 3);
     assert_eq!(value("mesh_enrolled_pods "), 3);
     assert!(text.ends_with("# EOF\n"));
@@ -345,6 +345,10 @@ fn admin_endpoint_cli_and_kernel_metrics() {
     );
     assert!(
         stats["proxy"]["outbound_accepted"].as_u64() >= Some(2),
+        "{stats:#}"
+    );
+    assert!(
+        stats["proxy"]["same_node_fast_path"].as_u64() >= Some(2),
         "{stats:#}"
     );
 }

@@ -82,19 +82,9 @@ fn split(v1: u32, v2: u32) -> Value {
           {"destination": {"host": "web", "subset": "v2"}, "weight": v2}]}]}})
 }
 
-/// The sum of `family`'s series on node `node` whose labels include every one of `labels`.
-fn metric(mesh: &Mesh, node: usize, family: &str, labels: &[&str]) -> u64 {
-    mesh.metrics_text(node)
-        .lines()
-        .filter(|l| l.starts_with(family) && labels.iter().all(|x| l.contains(x)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 /// Connections node 1's agent delivered to `pod` (as the destination reports them).
 fn landed(mesh: &Mesh, pod: &str) -> u64 {
-    metric(
-        mesh,
+    mesh.metric(
         1,
         "istio_tcp_connections_opened_total",
         &[
@@ -157,8 +147,7 @@ fn an_80_20_split_lands_within_tolerance_and_0_100_spares_the_open_connection() 
     );
     // The split is visible per subset in the agent's own counters too.
     let routed = |subset: &str| {
-        metric(
-            &mesh,
+        mesh.metric(
             0,
             "mesh_route_connections_total",
             &[
@@ -170,8 +159,7 @@ fn an_80_20_split_lands_within_tolerance_and_0_100_spares_the_open_connection() 
     assert_eq!((routed("v1"), routed("v2")), (v1, v2));
     // Istio's metrics carry the version, so a canary shows in its dashboards.
     let by_version = |v: &str| {
-        metric(
-            &mesh,
+        mesh.metric(
             0,
             "istio_tcp_connections_opened_total",
             &[
@@ -279,8 +267,7 @@ fn least_request_consistent_hash_and_max_connections_choose_and_refuse_as_config
     let r = mesh.client("a", VIP, &["--conns", "5"]);
     assert_eq!((r.ok, r.failed), (0, 5), "{r:?}");
     assert_eq!(
-        metric(
-            &mesh,
+        mesh.metric(
             0,
             "mesh_route_overflows_total",
             &["destination=\"default/web:80\""]
@@ -331,8 +318,7 @@ fn outlier_detection_ejects_a_refusing_endpoint_and_readmits_it() {
     let r = mesh.client("a", VIP, &["--conns", "10"]);
     assert_eq!((r.ok, r.failed), (10, 0), "{r:?}");
     let ejections = || {
-        metric(
-            &mesh,
+        mesh.metric(
             0,
             "mesh_route_ejections_total",
             &["destination=\"default/web:80\""],
@@ -360,8 +346,7 @@ fn outlier_detection_ejects_a_refusing_endpoint_and_readmits_it() {
             let r = mesh.client("a", VIP, &["--conns", "4"]);
             assert_eq!(r.failed, 0, "{r:?}");
             // A plain endpoint's connections are reported by the source.
-            served = metric(
-                &mesh,
+            served = mesh.metric(
                 0,
                 "istio_tcp_connections_opened_total",
                 &["reporter=\"source\"", "destination_workload=\"e2\""],

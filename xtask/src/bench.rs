@@ -92,7 +92,7 @@ pub fn run(bin_dir: &Path, target_dir: &Path, datapath_only: bool) -> anyhow::Re
         &[("remote", true)],
         &[("client", true), ("local", true)],
     )?;
-    let agents = [
+    let mut agents = [
         labkit::start_agent(&lab, &bins, 0)?,
         labkit::start_agent(&lab, &bins, 1)?,
     ];
@@ -104,6 +104,21 @@ pub fn run(bin_dir: &Path, target_dir: &Path, datapath_only: bool) -> anyhow::Re
     let per_1000 = memory_per_1000_connections(&lab, &bins, &agents, "client", "remote")?;
     rows[2].agent_kib_per_1000_open_connections = Some(same_1000);
     rows[3].agent_kib_per_1000_open_connections = Some(per_1000);
+    // The same pods through an HBONE tunnel to the agent itself (the
+    // same-node fast path off): what the fast path saves, in this run.
+    agents[0].terminate()?;
+    agents[0] =
+        labkit::start_agent_with(&lab, &bins, 0, &["--same-node-fast-path=false".to_owned()])?;
+    let tunnel_pids = [agents[0].pid(), agents[1].pid()];
+    rows.push(measure(
+        &lab,
+        &bins,
+        "mesh, same node, tunnel",
+        "local",
+        &tunnel_pids,
+    )?);
+    agents[0].terminate()?;
+    agents[0] = labkit::start_agent(&lab, &bins, 0)?;
     let rss: Vec<Option<u64>> = agents.iter().map(|a| labkit::rss_kib(a.pid())).collect();
     let redirected = labkit::counters(&lab, &bins, 0)?
         .get("connect_redirected")

@@ -59,7 +59,12 @@ pub fn run(bin_dir: &Path) -> anyhow::Result<()> {
     println!("  agents running on both nodes (eBPF programs attached, in-pod listeners open)\n");
 
     let flows = [
-        ("frontend", "backend", 8080, "same node, both enrolled"),
+        (
+            "frontend",
+            "backend",
+            8080,
+            "same node, both enrolled (no tunnel)",
+        ),
         ("frontend", "db", 5432, "cross node, both enrolled"),
         (
             "legacy",

@@ -132,6 +132,12 @@ struct RunArgs {
     drain_timeout: Duration,
     #[command(flatten)]
     limits: LimitArgs,
+    /// Same-node fast path: a connection between two pods this agent serves
+    /// is delivered directly (source identity, policy, telemetry and the
+    /// access log as over HBONE), without TLS and HTTP/2 to itself.
+    /// `false`: same-node traffic goes through an HBONE tunnel like any other.
+    #[arg(long, env = "MESH_SAME_NODE_FAST_PATH", default_value_t = true, action = clap::ArgAction::Set)]
+    same_node_fast_path: bool,
 }
 
 /// Connection caps and HBONE deadlines (`mesh-agent run`). Caps left unset
@@ -246,6 +252,7 @@ pub fn main() -> ExitCode {
                 root_namespace: args.root_namespace,
                 drain_timeout: args.drain_timeout,
                 limits: args.limits.overrides(),
+                same_node_fast_path: args.same_node_fast_path,
             })
         }
         Command::Ca(CaCommand::Init {

@@ -16,12 +16,13 @@ mod inbound;
 mod inbound_hbone;
 pub mod limits;
 mod outbound;
+mod same_node;
 
 use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -234,6 +235,11 @@ pub struct Shared {
     pub in_flight: Arc<InFlight>,
     /// Connection, stream and handshake caps and deadlines.
     pub limits: Arc<limits::Bounds>,
+    /// The pods this agent serves, by address (the same-node fast path).
+    pub local: same_node::LocalPods,
+    /// Whether connections between two of [`Shared::local`]'s pods are
+    /// delivered directly rather than through an HBONE tunnel.
+    pub same_node_fast_path: AtomicBool,
 }
 
 impl Shared {
@@ -318,6 +324,8 @@ impl Proxy {
             balancer: Arc::new(crate::routing::Balancer::with_seed(random_seed())),
             in_flight: Arc::default(),
             limits,
+            local: same_node::LocalPods::default(),
+            same_node_fast_path: AtomicBool::new(true),
         });
         // Policy changes apply to new connections at once (decisions read
         // the snapshot's compiled policies); open ones are re-checked here.
@@ -348,6 +356,14 @@ impl Proxy {
         self.shared.tls.manager().prefetch(keep.iter());
     }
 
+    /// Turns the same-node fast path on or off (on by default): with it,
+    /// a connection from one of this agent's pods to another is delivered
+    /// directly, with the same identity, policy and telemetry as over an
+    /// HBONE tunnel, and without TLS and HTTP/2 to the agent itself.
+    pub fn set_same_node_fast_path(&self, on: bool) {
+        self.shared.same_node_fast_path.store(on, Ordering::Relaxed);
+    }
+
     /// The mesh's trust domain.
     pub fn trust_domain(&self) -> crate::identity::TrustDomain {
         self.shared.tls.trust_domain().clone()
@@ -376,6 +392,15 @@ impl Proxy {
         cancel: CancellationToken,
     ) {
         let _guard = self.handle.enter();
+        // Reachable by the same-node fast path while its listeners serve.
+        self.shared.local.insert(&ctx);
+        {
+            let (shared, ctx, cancel) = (self.shared.clone(), ctx.clone(), cancel.clone());
+            self.handle.spawn(async move {
+                cancel.cancelled().await;
+                shared.local.remove(&ctx);
+            });
+        }
         for l in listeners.outbound {
             match into_tokio(l) {
                 Ok(l) => {

@@ -5,7 +5,12 @@
 //! directly (passthrough). Either way the agent's sockets are created inside
 //! the pod's netns, so traffic leaves from the pod's own address.
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
+};
 
 use mesh_common::INBOUND_HBONE_PORT;
 use tokio::net::{TcpListener, TcpStream};
@@ -15,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Error, PodContext, Shared,
     hbone::{self, HboneError, PoolKey},
-    peer, relay, reset,
+    peer, relay, reset, same_node,
 };
 use crate::{
     identity::SpiffeId,
@@ -207,6 +212,14 @@ async fn handle(
                 continue;
             }
         };
+        // Both pods are this agent's: no tunnel to itself (same_node.rs).
+        let local = match &peer_id {
+            Some(id) if shared.same_node_fast_path.load(Ordering::Relaxed) => shared
+                .local
+                .get(target.ip())
+                .filter(|d| d.identity == *id && !d.is_agent_listener(target)),
+            _ => None,
+        };
         // The pod's certificate first: issued on first use, from the cache
         // otherwise; none (issuer down, never issued) fails closed. Not part
         // of the endpoint's connectTimeout, nor an error of the endpoint.
@@ -221,8 +234,11 @@ async fn handle(
             None => Ok(()),
         };
         let open = async {
-            match &peer_id {
-                Some(id) => open_tunnel(
+            match (&peer_id, &local) {
+                (Some(_), Some(dst_ctx)) => same_node::deliver(&ctx, dst_ctx, src, target, &shared)
+                    .await
+                    .map(|d| Upstream::Local(Box::new(d))),
+                (Some(id), None) => open_tunnel(
                     &ctx,
                     target,
                     SocketAddr::new(target.ip(), INBOUND_HBONE_PORT),
@@ -233,7 +249,7 @@ async fn handle(
                 .await
                 .map(Upstream::Tunnel)
                 .map_err(Error::Tunnel),
-                None => ctx
+                (None, _) => ctx
                     .connect(target)
                     .await
                     .map(Upstream::Direct)
@@ -301,15 +317,32 @@ async fn handle(
         // The pick (the endpoint's and destination's connection counts) is
         // held for the connection's life; a routing change never cuts it.
         let never = CancellationToken::new();
-        let result = match upstream {
-            Upstream::Direct(tcp) => relay(stream, tcp, &never).await,
+        let (sent, received, outcome) = match upstream {
+            Upstream::Direct(tcp) => {
+                let r = relay(stream, tcp, &never).await;
+                (r.sent, r.received, r.outcome.into())
+            }
             Upstream::Tunnel((response, send, _guard)) => {
-                hbone::relay_h2(stream, send, response.into_body(), &never).await
+                let r = hbone::relay_h2(stream, send, response.into_body(), &never).await;
+                (r.sent, r.received, r.outcome.into())
+            }
+            Upstream::Local(delivered) => {
+                let same_node::Delivered {
+                    app,
+                    tracked,
+                    inbound,
+                } = *delivered;
+                // A policy change that denies it cuts it, as at a tunnel's end.
+                let r = relay(stream, app, &tracked.cancel).await;
+                let outcome: crate::telemetry::Outcome = r.outcome.into();
+                drop(tracked);
+                inbound.close(r.sent, r.received, outcome.clone());
+                (r.sent, r.received, outcome)
             }
         };
         // Released before the close is counted: whoever sees the close sees the count drop.
         drop(pick);
-        tracker.close(result.sent, result.received, result.outcome.into());
+        tracker.close(sent, received, outcome);
         return;
     }
     // Nothing took the connection: report it as what was tried (an mTLS
@@ -513,6 +546,8 @@ fn plan(
 enum Upstream {
     /// A plain TCP connection (destination outside the mesh).
     Direct(TcpStream),
+    /// The app's socket in another pod of this node (the same-node fast path).
+    Local(Box<same_node::Delivered>),
     /// An HBONE stream (and the pool slot it holds).
     Tunnel(
         (

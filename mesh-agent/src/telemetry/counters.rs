@@ -25,6 +25,9 @@ pub enum ProxyEvent {
     /// A tunnel stream attempt was retried (GOAWAY, `REFUSED_STREAM`,
     /// broken connection).
     StreamRetried,
+    /// A connection between two pods of this node was delivered directly
+    /// (the same-node fast path), not through an HBONE tunnel.
+    SameNodeFastPath,
     /// A connection to a service with a waypoint was refused because the
     /// waypoint is missing, has no ready pod or could not be reached
     /// (fail closed: never sent around the waypoint).
@@ -32,13 +35,14 @@ pub enum ProxyEvent {
 }
 
 impl ProxyEvent {
-    const ALL: [Self; 7] = [
+    const ALL: [Self; 8] = [
         Self::OutboundAccepted,
         Self::InboundAccepted,
         Self::NoOriginalDestination,
         Self::AgentPortRefused,
         Self::TunnelOpened,
         Self::StreamRetried,
+        Self::SameNodeFastPath,
         Self::WaypointUnavailable,
     ];
 
@@ -51,6 +55,7 @@ impl ProxyEvent {
             Self::AgentPortRefused => "agent_port_refused",
             Self::TunnelOpened => "tunnel_connections_opened",
             Self::StreamRetried => "tunnel_streams_retried",
+            Self::SameNodeFastPath => "same_node_fast_path",
             Self::WaypointUnavailable => "waypoint_unavailable",
         }
     }
@@ -104,7 +109,7 @@ impl ProxyCounters {
     /// `inbound_accepted`, `completed`, `failed`, `no_original_destination`,
     /// `agent_port_refused`, `bytes_sent` (client to server),
     /// `bytes_received` (server to client), then the tunnel pool's, then
-    /// `waypoint_unavailable`.
+    /// `same_node_fast_path` and `waypoint_unavailable`.
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
         let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let e = |event: ProxyEvent| (event.as_str(), self.get(event));
@@ -119,6 +124,7 @@ impl ProxyCounters {
             ("bytes_received", v(&self.bytes_received)),
             e(ProxyEvent::TunnelOpened),
             e(ProxyEvent::StreamRetried),
+            e(ProxyEvent::SameNodeFastPath),
             e(ProxyEvent::WaypointUnavailable),
         ]
     }

@@ -363,6 +363,22 @@ impl Mesh {
         text
     }
 
+    /// The proxy counters of node `node`'s agent (`/stats` on its admin
+    /// endpoint, `proxy`).
+    pub fn proxy_stats(&self, node: usize) -> serde_json::Value {
+        self.admin_json(node, "/stats")["proxy"].clone()
+    }
+
+    /// The sum of `family`'s series on node `node` whose labels include
+    /// every one of `labels`.
+    pub fn metric(&self, node: usize, family: &str, labels: &[&str]) -> u64 {
+        self.metrics_text(node)
+            .lines()
+            .filter(|l| l.starts_with(family) && labels.iter().all(|x| l.contains(x)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// Istio's `istio_tcp_connections_closed_total` on node `node`'s agent,
     /// summed over its series.
     pub fn closed_connections(&self, node: usize) -> u64 {

@@ -1,0 +1,172 @@
+//! The same-node fast path (issue 13): between two pods of one node the
+//! agent delivers directly, without a TLS tunnel to itself, and keeps what
+//! the tunnel gave: the client's identity for AuthorizationPolicy, the
+//! destination's telemetry and access log, the client's address for the
+//! app, and open connections cut when a policy change denies them.
+//! `--same-node-fast-path=false` sends the same traffic through HBONE.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Mesh;
+use mesh_lab::{
+    LabSpec, NodeSpec, PodSpec,
+    app::{HoldReport, ProbeOutcome},
+};
+
+/// One node: `a` (namespace default), `b` (namespace shop), `c` (default,
+/// labels app=c, echo on 8080 greeting with the client's address, plain
+/// echo on 9090). Only
+/// `a`'s principal may reach app=c.
+fn lab(agent_flags: &[&str]) -> Mesh {
+    let mut mesh = Mesh::new(
+        LabSpec::new().node(
+            NodeSpec::new()
+                .pod(PodSpec::new("a"))
+                .pod(PodSpec::new("b"))
+                .pod(PodSpec::new("c")),
+        ),
+    );
+    mesh.write_workload_text(0, &workloads(&mesh, ONLY_A));
+    mesh.echo_with("c", &[8080], &["--greeting-peer"]);
+    mesh.echo("c", &[9090]);
+    mesh.start_agent_with(0, agent_flags);
+    mesh
+}
+
+const ONLY_A: &str = "  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n    metadata: {name: only-a, namespace: default}\n    spec: {selector: {matchLabels: {app: c}}, action: ALLOW, rules: [{from: [{source: {principals: [\"cluster.local/ns/default/sa/a\"]}}]}]}\n";
+
+const DENY_A: &str = "  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n    metadata: {name: deny-a, namespace: default}\n    spec: {action: DENY, rules: [{from: [{source: {principals: [\"cluster.local/ns/default/sa/a\"]}}]}]}\n";
+
+fn workloads(mesh: &Mesh, policies: &str) -> String {
+    let text = mesh
+        .workloads_yaml(0, &[("a", true), ("b", true), ("c", true)], &[])
+        .replacen(
+            "- name: b\n    namespace: default",
+            "- name: b\n    namespace: shop",
+            1,
+        )
+        .replacen(
+            "- name: c\n    namespace: default\n",
+            "- name: c\n    namespace: default\n    labels: {app: c}\n",
+            1,
+        );
+    Mesh::with_policies(&text, policies)
+}
+
+fn counter(mesh: &Mesh, name: &str) -> u64 {
+    let stats = mesh.proxy_stats(0);
+    stats[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no proxy counter {name}: {stats:#}"))
+}
+
+fn denied(o: &ProbeOutcome) -> bool {
+    matches!(
+        o,
+        ProbeOutcome::Reset | ProbeOutcome::Refused | ProbeOutcome::Connected
+    )
+}
+
+#[test]
+fn same_node_connections_skip_the_tunnel_but_keep_identity_policy_and_telemetry() {
+    common::require_root();
+    let mesh = lab(&[]);
+    let c = mesh.v4("c", 8080);
+    let c9 = mesh.v4("c", 9090);
+    let tunnels = counter(&mesh, "tunnel_connections_opened");
+    let fast = counter(&mesh, "same_node_fast_path");
+
+    // a is allowed by its principal; the app sees a's own address.
+    let report = mesh.client(
+        "a",
+        &c,
+        &["--conns", "2", "--bytes", "100000", "--greeting"],
+    );
+    assert_eq!((report.ok, report.failed), (2, 0), "{report:?}");
+    let a_ip = mesh.lab.pod("a").expect("a").ipv4().to_string();
+    let seen = report.greeting_peers.clone().expect("greeting peers");
+    assert!(
+        seen.iter()
+            .all(|p| p.parse::<std::net::SocketAddr>().is_ok_and(|sa| sa
+                .ip()
+                .to_canonical()
+                .to_string()
+                == a_ip)),
+        "the app saw {seen:?}, not {a_ip}"
+    );
+    // b (another principal) is denied by the same policy.
+    let b = mesh.probe("b", &c9, &[]);
+    assert!(denied(&b), "b got {b}");
+
+    // All three went the fast path; no TLS connection was made.
+    assert_eq!(counter(&mesh, "same_node_fast_path") - fast, 3);
+    assert_eq!(counter(&mesh, "tunnel_connections_opened"), tunnels);
+
+    // The destination side reported them as over mTLS, with the client's
+    // principal, and logged the denial with b's identity.
+    mesh.wait_closed(0, 3);
+    let opened = |principal: &str| {
+        mesh.metric(
+            0,
+            "istio_tcp_connections_opened_total",
+            &[
+                "reporter=\"destination\"",
+                "connection_security_policy=\"mutual_tls\"",
+                &format!("source_principal=\"spiffe://cluster.local/{principal}\""),
+                "destination_workload=\"c\"",
+            ],
+        )
+    };
+    assert_eq!(opened("ns/default/sa/a"), 2);
+    assert_eq!(opened("ns/shop/sa/b"), 1);
+    let log = mesh.agent(0).log_contents().expect("log");
+    let line = log
+        .lines()
+        .find(|l| l.contains("outcome=\"denied\""))
+        .unwrap_or_else(|| panic!("no deny line:\n{log}"));
+    assert!(
+        line.contains("no ALLOW policy matched") && line.contains("sa/b"),
+        "{line}"
+    );
+    assert!(mesh.agent_log_count(0, "source_preserved=true") >= 2);
+
+    // A policy change that denies a cuts its open fast-path connection.
+    let hold = mesh.hold_command(&c9, 8000, &[]);
+    let child = mesh.lab.spawn_in_pod("a", hold).expect("hold");
+    std::thread::sleep(Duration::from_millis(1500));
+    mesh.write_workload_text_applied(0, &workloads(&mesh, DENY_A));
+    let status = child
+        .wait_timeout(Duration::from_secs(15))
+        .expect("wait")
+        .expect("hold ended");
+    let out = child.log_contents().expect("hold output");
+    let held: HoldReport = serde_json::from_str(
+        out.lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .expect("json"),
+    )
+    .expect("report");
+    assert!(
+        !status.success(),
+        "the held connection survived the DENY: {out}"
+    );
+    assert!(held.error.is_some() && held.rounds_ok >= 5, "{held:?}");
+    assert!(mesh.agent_log_count(0, "open connection closed by policy change") >= 1);
+    let a = mesh.probe("a", &c9, &[]);
+    assert!(denied(&a), "a after the DENY got {a}");
+    assert_eq!(counter(&mesh, "tunnel_connections_opened"), tunnels);
+}
+
+#[test]
+fn without_the_fast_path_same_node_traffic_takes_a_tunnel() {
+    common::require_root();
+    let mesh = lab(&["--same-node-fast-path=false"]);
+    let c = mesh.v4("c", 9090);
+    assert_eq!(mesh.probe("a", &c, &[]), ProbeOutcome::Echoed);
+    assert!(denied(&mesh.probe("b", &c, &[])));
+    assert_eq!(counter(&mesh, "same_node_fast_path"), 0);
+    assert!(counter(&mesh, "tunnel_connections_opened") >= 1);
+}
