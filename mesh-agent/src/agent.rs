@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     datapath::{Datapath, DatapathConfig, PodMaps, counters::Counters},
-    identity::{CertManager, LocalCa, MeshCa, MeshTls, TrustDomain},
+    identity::{CertManager, MeshTls, TrustDomain},
     pods::Enroller,
     proxy::{
         Proxy,
@@ -56,30 +56,8 @@ pub struct RunConfig {
     pub limits: crate::proxy::limits::LimitOverrides,
 }
 
-/// Who issues the workload certificates.
-#[derive(Debug, Clone)]
-pub enum IssuerConfig {
-    /// The mesh CA's key in this agent (`mesh-agent ca init`): labs and
-    /// single-node clusters.
-    Local {
-        /// `ca.crt` and `ca.key` (none: the agent stops, saying so, once
-        /// the workload file and its privileges are checked).
-        ca_dir: Option<PathBuf>,
-    },
-    /// A CA over Istio's certificate API, with CSRs: the node holds no CA key.
-    IstioCa {
-        /// `https://host:port`.
-        address: String,
-        /// The mesh root certificate(s), PEM.
-        root_cert: PathBuf,
-        /// The name the CA's certificate must carry (default: the host).
-        server_name: Option<String>,
-        /// The projected ServiceAccount token sent to the CA.
-        token_file: Option<PathBuf>,
-        /// Istio's `ClusterID` header.
-        cluster_id: String,
-    },
-}
+/// Who issues the workload certificates (the agent's and the waypoint's flags).
+pub use crate::identity::issuer_config::IssuerConfig;
 
 /// How long the control loop waits before retrying pods that failed to enroll.
 const RETRY_INTERVAL: Duration = Duration::from_secs(5);
@@ -322,27 +300,22 @@ fn resource_bounds(overrides: &crate::proxy::limits::LimitOverrides) -> Arc<Boun
 /// Builds the issuer, the certificate manager and the TLS configurations.
 fn load_identity(cfg: &RunConfig) -> anyhow::Result<Arc<MeshTls>> {
     let trust_domain = TrustDomain::new(&cfg.trust_domain)?;
-    let provider: Arc<dyn crate::identity::CertificateProvider> = match &cfg.issuer {
-        IssuerConfig::Local { ca_dir } => {
-            let ca_dir = ca_dir.as_ref().ok_or_else(|| {
-                anyhow::anyhow!(
-                    "no mesh CA: pass --ca-dir DIR (create one with `mesh-agent ca init --out DIR`), \
-                     or --issuer istio-ca with --ca-address"
-                )
-            })?;
-            let ca = Arc::new(MeshCa::load_dir(ca_dir)?);
-            if cfg.kube.is_some() {
-                tracing::warn!(
-                    ca_dir = %ca_dir.display(),
-                    "LOCAL CA IN KUBERNETES MODE: this node holds the mesh CA's private key and can \
-                     sign any identity; one compromised node owns every identity in the mesh. \
-                     Use --issuer istio-ca with `mesh-agent ca serve` (deploy/) or istiod"
-                );
-            }
-            Arc::new(LocalCa::new(ca, trust_domain.clone()).with_ttl(cfg.cert_ttl))
-        }
-        IssuerConfig::IstioCa { .. } => istio_ca_issuer(cfg, &trust_domain)?,
-    };
+    // Checked before the warning: a missing --ca-dir is an error, not a risk.
+    let provider = cfg.issuer.provider(&trust_domain, cfg.cert_ttl)?;
+    if let (
+        IssuerConfig::Local {
+            ca_dir: Some(ca_dir),
+        },
+        Some(_),
+    ) = (&cfg.issuer, &cfg.kube)
+    {
+        tracing::warn!(
+            ca_dir = %ca_dir.display(),
+            "LOCAL CA IN KUBERNETES MODE: this node holds the mesh CA's private key and can \
+             sign any identity; one compromised node owns every identity in the mesh. \
+             Use --issuer istio-ca with `mesh-agent ca serve` (deploy/) or istiod"
+        );
+    }
     let issuer = provider.describe();
     let manager = Arc::new(CertManager::new(provider));
     let tls = MeshTls::new(manager)?;
@@ -354,65 +327,6 @@ fn load_identity(cfg: &RunConfig) -> anyhow::Result<Arc<MeshTls>> {
         "mesh identity loaded"
     );
     Ok(Arc::new(tls))
-}
-
-/// The `istio-ca` issuer: the mesh root from `root_cert`, a client of the CA
-/// at `address`. (The client connects lazily: an unreachable CA at start is
-/// an issuance failure, retried, not a start failure.)
-fn istio_ca_issuer(
-    cfg: &RunConfig,
-    trust_domain: &TrustDomain,
-) -> anyhow::Result<Arc<dyn crate::identity::CertificateProvider>> {
-    use crate::identity::{
-        IstioCaIssuer,
-        istio_ca::{CaClientConfig, IstioCaClient},
-    };
-    use rustls::pki_types::{CertificateDer, pem::PemObject as _};
-    let IssuerConfig::IstioCa {
-        address,
-        root_cert,
-        server_name,
-        token_file,
-        cluster_id,
-    } = &cfg.issuer
-    else {
-        anyhow::bail!("not the istio-ca issuer");
-    };
-    let pem = std::fs::read(root_cert).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot read the mesh root certificate {} (--ca-root-cert): {e}",
-            root_cert.display()
-        )
-    })?;
-    let roots = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "the mesh root certificate {} (--ca-root-cert) is not PEM: {e}",
-                root_cert.display()
-            )
-        })?;
-    if roots.is_empty() {
-        anyhow::bail!(
-            "no certificate in {} (--ca-root-cert): it must hold the mesh root certificate, PEM",
-            root_cert.display()
-        );
-    }
-    let client = IstioCaClient::new(CaClientConfig {
-        address: address.clone(),
-        server_name: server_name.clone(),
-        root_certs: roots.clone(),
-        token_file: token_file.clone(),
-        cluster_id: Some(cluster_id.clone()),
-        timeout: Duration::from_secs(10),
-    })?;
-    Ok(Arc::new(IstioCaIssuer::new(
-        client,
-        address.clone(),
-        roots,
-        trust_domain.clone(),
-        cfg.cert_ttl,
-    )))
 }
 
 fn control_loop(

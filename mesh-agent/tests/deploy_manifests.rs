@@ -300,6 +300,7 @@ fn kustomize_renders_the_expected_objects() {
         [
             "authorizationpolicies.security.istio.io",
             "destinationrules.networking.istio.io",
+            "httproutes.gateway.networking.k8s.io",
             "peerauthentications.security.istio.io",
             "tcproutes.gateway.networking.k8s.io",
             "virtualservices.networking.istio.io",
@@ -578,6 +579,7 @@ fn agent_rbac_is_read_only() {
             "authorizationpolicies.security.istio.io",
             "destinationrules.networking.istio.io",
             "endpointslices.discovery.k8s.io",
+            "httproutes.gateway.networking.k8s.io",
             "namespaces.",
             "nodes.",
             "peerauthentications.security.istio.io",
@@ -1561,7 +1563,7 @@ fn ca_secret_example_generates_the_key_secret_and_a_public_root() {
 
 /// The version of each traffic-management CRD the agent watches (its
 /// `sync/kube/watches.rs` table), which must be served and stored.
-const ROUTING_CRDS: [(&str, &str, &str, &[&str]); 3] = [
+const ROUTING_CRDS: [(&str, &str, &str, &[&str]); 4] = [
     (
         "destinationrules.networking.istio.io",
         "DestinationRule",
@@ -1579,6 +1581,12 @@ const ROUTING_CRDS: [(&str, &str, &str, &[&str]); 3] = [
         "TCPRoute",
         "v1alpha2",
         &["v1alpha2"],
+    ),
+    (
+        "httproutes.gateway.networking.k8s.io",
+        "HTTPRoute",
+        "v1",
+        &["v1", "v1beta1"],
     ),
 ];
 
@@ -1720,7 +1728,7 @@ fn rbac_on_routing_objects_is_read_only() {
         .iter()
         .map(|(name, ..)| ((*name).to_owned(), read.clone()))
         .collect();
-    assert_eq!(verbs, want, "exactly get/list/watch on the three kinds");
+    assert_eq!(verbs, want, "exactly get/list/watch on the routing kinds");
     // Nothing else of those groups (no wildcard, no other kind).
     for role in &o.roles {
         for rule in role.rules.iter().flatten() {
@@ -1780,7 +1788,13 @@ fn components_skip_the_crds_a_cluster_already_has() {
     };
     let full = rendered();
     let istio = rendered_with(&["istio-installed"]);
-    assert_eq!(names(&istio), ["tcproutes.gateway.networking.k8s.io"]);
+    assert_eq!(
+        names(&istio),
+        [
+            "httproutes.gateway.networking.k8s.io",
+            "tcproutes.gateway.networking.k8s.io"
+        ]
+    );
     let gateway = rendered_with(&["gateway-api-installed"]);
     assert_eq!(
         names(&gateway),

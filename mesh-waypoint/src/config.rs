@@ -71,6 +71,11 @@ pub struct WaypointConfig {
     /// `VirtualService`s (read by [`WaypointConfig::route_objects`]).
     #[serde(default)]
     pub routes: Vec<serde_yaml::Value>,
+    /// Istio `AuthorizationPolicy` objects, verbatim (as `kubectl get -o
+    /// yaml` prints them), those with `targetRef(s)`: the waypoint's kind
+    /// of policy (Kubernetes mode fills it from the API server).
+    #[serde(default)]
+    pub policies: Vec<serde_yaml::Value>,
 }
 
 /// One entry of `routes:`, by its `kind`.

@@ -27,6 +27,8 @@
 //! - [`services`]: VIP and endpoint lookup.
 //! - [`trace`]: W3C `traceparent` propagation (the waypoint's span).
 //! - [`l7::route`]: the route model (pure).
+//! - [`kube`]: Kubernetes mode, the configuration from the agent's
+//!   Kubernetes source (`mesh_agent::sync::kube`); uses [`shared`], [`config`].
 //! - [`config`]: the configuration file.
 #![forbid(unsafe_code)]
 
@@ -34,6 +36,7 @@ pub mod admin;
 pub mod client;
 pub mod config;
 pub mod http;
+pub mod kube;
 pub mod l7;
 pub mod metrics;
 pub mod server;

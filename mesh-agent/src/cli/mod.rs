@@ -116,7 +116,7 @@ struct RunArgs {
     #[command(flatten)]
     endpoints: query::EndpointArgs,
     #[command(flatten)]
-    issuer: IssuerArgs,
+    issuer: crate::identity::issuer_config::IssuerArgs,
     /// The mesh's trust domain (SPIFFE).
     #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
@@ -132,74 +132,6 @@ struct RunArgs {
     drain_timeout: Duration,
     #[command(flatten)]
     limits: LimitArgs,
-}
-
-/// Who issues the workload certificates (`mesh-agent run`).
-#[derive(Debug, clap::Args)]
-struct IssuerArgs {
-    /// `istio-ca`: ask a CA over Istio's certificate API (istiod, istio-csr,
-    /// `mesh-agent ca serve`) with a CSR: the node holds no CA key. `local`:
-    /// sign with the mesh CA key in --ca-dir (labs and single-node
-    /// clusters: every node then holds the root key). Default: `istio-ca`
-    /// when --ca-address is set, `local` otherwise.
-    #[arg(long, value_enum, env = "MESH_ISSUER")]
-    issuer: Option<IssuerChoice>,
-    /// The mesh CA directory (ca.crt, ca.key), from `mesh-agent ca init` (local issuer).
-    #[arg(long, env = "MESH_CA_DIR")]
-    ca_dir: Option<PathBuf>,
-    /// The CA's address (istio-ca issuer), e.g. `https://mesh-ca.mesh-system.svc:15012`
-    /// or `https://istiod.istio-system.svc:15012`.
-    #[arg(long, env = "MESH_CA_ADDRESS")]
-    ca_address: Option<String>,
-    /// The mesh root certificate(s), PEM (istio-ca issuer): verifies the CA's
-    /// TLS certificate, the certificates it issues, and every peer.
-    #[arg(long, env = "MESH_CA_ROOT_CERT")]
-    ca_root_cert: Option<PathBuf>,
-    /// The name the CA's TLS certificate must carry (default: the address's host).
-    #[arg(long, env = "MESH_CA_SERVER_NAME")]
-    ca_server_name: Option<String>,
-    /// The agent's projected ServiceAccount token, sent to the CA (re-read at
-    /// every request: the kubelet rotates it).
-    #[arg(long, env = "MESH_CA_TOKEN_FILE")]
-    ca_token_file: Option<PathBuf>,
-    /// The cluster ID sent to the CA (Istio's `ClusterID` header).
-    #[arg(long, env = "MESH_CLUSTER_ID", default_value = "Kubernetes")]
-    cluster_id: String,
-}
-
-/// `--issuer`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum IssuerChoice {
-    /// The mesh CA key in this agent.
-    Local,
-    /// A CA over Istio's certificate API.
-    IstioCa,
-}
-
-impl IssuerArgs {
-    fn config(self) -> Result<agent::IssuerConfig, String> {
-        let choice = self.issuer.unwrap_or(if self.ca_address.is_some() {
-            IssuerChoice::IstioCa
-        } else {
-            IssuerChoice::Local
-        });
-        match choice {
-            IssuerChoice::Local => Ok(agent::IssuerConfig::Local {
-                ca_dir: self.ca_dir,
-            }),
-            IssuerChoice::IstioCa => Ok(agent::IssuerConfig::IstioCa {
-                address: self
-                    .ca_address
-                    .ok_or("--issuer istio-ca needs --ca-address (the CA's https:// address)")?,
-                root_cert: self.ca_root_cert.ok_or(
-                    "--issuer istio-ca needs --ca-root-cert (the mesh root certificate, PEM)",
-                )?,
-                server_name: self.ca_server_name,
-                token_file: self.ca_token_file,
-                cluster_id: self.cluster_id,
-            }),
-        }
-    }
 }
 
 /// Connection caps and HBONE deadlines (`mesh-agent run`). Caps left unset

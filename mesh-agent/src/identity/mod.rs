@@ -51,6 +51,8 @@
 //! - `istio_ca/`: Istio's certificate service: the generated protocol, the
 //!   [`IstioCaClient`](istio_ca::IstioCaClient) and the CSR an agent sends.
 //!   `ca/csr.rs` checks the CSRs [`MeshCa::sign_csr`] signs for `ca serve`.
+//! - `issuer_config.rs`: the issuer flags ([`issuer_config::IssuerArgs`],
+//!   shared by the agent and the waypoint) and the provider they build.
 //! - Leaves: `provider.rs` ([`crypto_provider`]), `spiffe.rs`, `clock.rs`.
 #![forbid(unsafe_code)]
 
@@ -59,6 +61,7 @@ mod cert;
 mod clock;
 mod config;
 mod issue;
+pub mod issuer_config;
 pub mod istio_ca;
 mod istio_issuer;
 mod manager;
