@@ -156,3 +156,116 @@ async fn the_waypoint_serves_what_the_api_server_says() {
     }
     cancel.cancel();
 }
+
+/// In a cluster the waypoint's certificate comes from `mesh-agent ca serve`
+/// (`--issuer istio-ca`, the shared issuer flags) for its own identity,
+/// with its own bound service-account token: a mesh client then completes
+/// mTLS with it, verifying the waypoint's SPIFFE identity against the mesh
+/// root, and a request is served. A token of another service account gets
+/// nothing for the waypoint's identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_waypoint_gets_its_own_certificate_from_ca_serve() {
+    use mesh_agent::{
+        ca_server::{self, CaServerConfig},
+        identity::{
+            CA_CERT_FILE, LocalCa, MeshCa, TrustDomain,
+            issuer_config::{IssuerArgs, IssuerChoice},
+        },
+    };
+    const DNS_NAME: &str = "mesh-ca.test.svc";
+    let dir = std::env::temp_dir().join(format!("mesh-waypoint-ca-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let td = TrustDomain::default();
+    MeshCa::init_dir(&dir.join("ca"), &td, 30).expect("ca init");
+    let mesh_ca = Arc::new(MeshCa::load_dir(&dir.join("ca")).expect("ca load"));
+
+    let api = FakeApiServer::start().await;
+    // The waypoint's pod (default/waypoint, as WAYPOINT_ID) and a stranger.
+    for (name, uid, sa) in [
+        ("waypoint-1", "uid-wp", "waypoint"),
+        ("web-1", "uid-web", "web"),
+    ] {
+        api.apply(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "uid": uid},
+            "spec": {"nodeName": "node-a", "serviceAccountName": sa,
+                     "containers": [{"name": "app", "image": "registry.example/app:1"}]},
+            "status": {"phase": "Running"}}));
+        api.add_token(
+            sa,
+            kube_fake::TokenUser::bound("default", sa, name, uid, Some("node-a"), "istio-ca"),
+        );
+    }
+    let mut cfg = CaServerConfig::new(Arc::clone(&mesh_ca), td.clone());
+    cfg.listen = "127.0.0.1:0".parse().expect("address");
+    cfg.dns_names = vec![DNS_NAME.into()];
+    let server = ca_server::start(cfg, api.client())
+        .await
+        .expect("CA server");
+
+    let provider_for = |token: &str| {
+        let token_file = dir.join(format!("{token}.token"));
+        std::fs::write(&token_file, format!("{token}\n")).expect("token");
+        IssuerArgs {
+            issuer: Some(IssuerChoice::IstioCa),
+            ca_address: Some(format!("https://{}", server.local_addr())),
+            ca_root_cert: Some(dir.join("ca").join(CA_CERT_FILE)),
+            ca_server_name: Some(DNS_NAME.into()),
+            ca_token_file: Some(token_file),
+            cluster_id: "Kubernetes".into(),
+            ..IssuerArgs::default()
+        }
+        .config()
+        .expect("istio-ca flags")
+        .provider(&td, Duration::from_secs(3600))
+        .expect("provider")
+    };
+    let backend = http_backend("v1").await;
+    let config = mesh_waypoint::config::WaypointConfig::parse(&format!(
+        "services:\n  - name: web\n    namespace: default\n    addresses: [10.96.0.10]\n    ports: [{{ port: 80, targetPort: {} }}]\n    endpoints: [{{ address: 127.0.0.1 }}]\n",
+        backend.port()
+    ))
+    .expect("config");
+    let any = "127.0.0.1:0".parse().expect("addr");
+    let waypoint = mesh_waypoint::start(
+        SpiffeId::parse(WAYPOINT_ID).expect("id"),
+        provider_for("waypoint"),
+        &config,
+        any,
+        any,
+    )
+    .await
+    .expect("waypoint");
+    let local = Arc::new(LocalCa::new(Arc::clone(&mesh_ca), td.clone()));
+    let client = MeshClient::new(Arc::clone(&local), CLIENT_ID, waypoint.hbone).await;
+    let mut http = client
+        .http("10.96.0.10:80".parse().expect("vip"), false)
+        .await;
+    let answer = http.get("/", &[]).await;
+    assert_eq!(
+        (answer.status.as_u16(), answer.body.as_str()),
+        (200, "v1 / 0")
+    );
+    let issued = waypoint.shared.tls.manager().issue_counts();
+    assert!(issued.issued >= 1, "{issued:?}");
+
+    // Another service account's token cannot get the waypoint's identity:
+    // that waypoint has no certificate, so no client completes mTLS.
+    let impostor = mesh_waypoint::start(
+        SpiffeId::parse(WAYPOINT_ID).expect("id"),
+        provider_for("web"),
+        &config,
+        any,
+        any,
+    )
+    .await
+    .expect("waypoint");
+    let client = MeshClient::new(local, CLIENT_ID, impostor.hbone).await;
+    assert!(
+        client
+            .tunnel("10.96.0.10:80".parse().expect("vip"))
+            .await
+            .is_err(),
+        "a waypoint without a certificate of its identity served a tunnel"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
