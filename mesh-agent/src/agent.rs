@@ -301,7 +301,11 @@ fn resource_bounds(overrides: &crate::proxy::limits::LimitOverrides) -> Arc<Boun
 fn load_identity(cfg: &RunConfig) -> anyhow::Result<Arc<MeshTls>> {
     let trust_domain = TrustDomain::new(&cfg.trust_domain)?;
     // Checked before the warning: a missing --ca-dir is an error, not a risk.
-    let provider = cfg.issuer.provider(&trust_domain, cfg.cert_ttl)?;
+    let provider = cfg.issuer.provider(
+        &trust_domain,
+        cfg.cert_ttl,
+        crate::identity::issuer_config::Requester::NodeAgent,
+    )?;
     if let (
         IssuerConfig::Local {
             ca_dir: Some(ca_dir),

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use mesh_agent::{
     identity::{
         DEFAULT_CERT_TTL, SpiffeId, TrustDomain,
-        issuer_config::{IssuerArgs, IssuerConfig},
+        issuer_config::{IssuerArgs, IssuerConfig, Requester},
     },
     state::{Store, WaypointRef},
     sync::kube::{KubeConfig, client},
@@ -101,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
              sign any identity. Use --issuer istio-ca (deploy/waypoint/)"
         );
     }
-    let provider = issuer.provider(identity.trust_domain(), DEFAULT_CERT_TTL)?;
+    let provider = issuer.provider(identity.trust_domain(), DEFAULT_CERT_TTL, Requester::Itself)?;
     let describe = provider.describe();
     tracing::info!(identity = %identity, issuer = %describe.kind, endpoint = %describe.endpoint, "waypoint identity");
     match args.config.clone().filter(|_| !args.kube) {

@@ -169,7 +169,7 @@ async fn the_waypoint_gets_its_own_certificate_from_ca_serve() {
         ca_server::{self, CaServerConfig},
         identity::{
             CA_CERT_FILE, LocalCa, MeshCa, TrustDomain,
-            issuer_config::{IssuerArgs, IssuerChoice},
+            issuer_config::{IssuerArgs, IssuerChoice, Requester},
         },
     };
     const DNS_NAME: &str = "mesh-ca.test.svc";
@@ -216,7 +216,7 @@ async fn the_waypoint_gets_its_own_certificate_from_ca_serve() {
         }
         .config()
         .expect("istio-ca flags")
-        .provider(&td, Duration::from_secs(3600))
+        .provider(&td, Duration::from_secs(3600), Requester::Itself)
         .expect("provider")
     };
     let backend = http_backend("v1").await;

@@ -91,6 +91,17 @@ pub enum IssuerConfig {
     },
 }
 
+/// Whose certificates an `istio-ca` provider asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requester {
+    /// A node agent, for its pods (impersonation: the CA checks the pod is
+    /// on the agent's node).
+    NodeAgent,
+    /// The process itself, with its own token (the waypoint): no
+    /// impersonation, the CA issues the token's identity only.
+    Itself,
+}
+
 /// Why the issuer flags cannot make a certificate provider.
 #[derive(Debug, thiserror::Error)]
 pub enum IssuerConfigError {
@@ -158,13 +169,14 @@ impl IssuerArgs {
 
 impl IssuerConfig {
     /// The certificate provider for `trust_domain`, issuing certificates
-    /// valid for `cert_ttl`. An `istio-ca` client connects lazily (an
+    /// valid for `cert_ttl`, asked for by `requester`. An `istio-ca` client connects lazily (an
     /// unreachable CA at start is an issuance failure, retried, not a start
     /// failure); it needs a Tokio runtime entered.
     pub fn provider(
         &self,
         trust_domain: &TrustDomain,
         cert_ttl: Duration,
+        requester: Requester,
     ) -> Result<Arc<dyn CertificateProvider>, IssuerConfigError> {
         match self {
             Self::Local { ca_dir } => {
@@ -190,13 +202,17 @@ impl IssuerConfig {
                     cluster_id: Some(cluster_id.clone()),
                     timeout: CA_REQUEST_TIMEOUT,
                 })?;
-                Ok(Arc::new(IstioCaIssuer::new(
+                let issuer = IstioCaIssuer::new(
                     client,
                     address.clone(),
                     roots,
                     trust_domain.clone(),
                     cert_ttl,
-                )))
+                );
+                Ok(Arc::new(match requester {
+                    Requester::NodeAgent => issuer,
+                    Requester::Itself => issuer.for_own_identity(),
+                }))
             }
         }
     }
@@ -277,7 +293,7 @@ mod tests {
     fn a_missing_ca_dir_or_root_says_what_to_pass() {
         let td = TrustDomain::default();
         let e = IssuerConfig::Local { ca_dir: None }
-            .provider(&td, Duration::from_secs(3600))
+            .provider(&td, Duration::from_secs(3600), Requester::NodeAgent)
             .err()
             .expect("no CA dir");
         assert!(e.to_string().contains("--ca-dir"), "{e}");
@@ -292,13 +308,17 @@ mod tests {
             token_file: None,
             cluster_id: "Kubernetes".into(),
         };
-        let e = istio(empty).provider(&td, Duration::from_secs(3600));
+        let e = istio(empty).provider(&td, Duration::from_secs(3600), Requester::NodeAgent);
         assert!(
             matches!(e, Err(IssuerConfigError::BadRoot { .. })),
             "{:?}",
             e.err()
         );
-        let e = istio(dir.join("absent.pem")).provider(&td, Duration::from_secs(3600));
+        let e = istio(dir.join("absent.pem")).provider(
+            &td,
+            Duration::from_secs(3600),
+            Requester::NodeAgent,
+        );
         assert!(
             matches!(e, Err(IssuerConfigError::ReadRoot { .. })),
             "{:?}",

@@ -25,6 +25,9 @@ pub struct IstioCaIssuer {
     roots: Vec<CertificateDer<'static>>,
     trust_domain: TrustDomain,
     ttl: Duration,
+    /// Ask without impersonation (the caller's own identity, as a
+    /// waypoint does) instead of as a node agent for its workloads.
+    own: bool,
 }
 
 impl std::fmt::Debug for IstioCaIssuer {
@@ -53,7 +56,16 @@ impl IstioCaIssuer {
             roots,
             trust_domain,
             ttl,
+            own: false,
         }
+    }
+
+    /// Asks for the caller's own identity (no `ImpersonatedIdentity`): the
+    /// CA issues only the identity of the token's service account. The
+    /// waypoint's mode; a node agent impersonates its pods.
+    pub fn for_own_identity(mut self) -> Self {
+        self.own = true;
+        self
     }
 
     async fn issue_for(&self, id: &SpiffeId) -> Result<WorkloadCert, IssueError> {
@@ -69,7 +81,7 @@ impl IstioCaIssuer {
         })?;
         let pems = self
             .client
-            .create_certificate(&csr, Some(id), self.ttl)
+            .create_certificate(&csr, (!self.own).then_some(id), self.ttl)
             .await
             .map_err(|e| IssueError::Unavailable {
                 id: id.clone(),
