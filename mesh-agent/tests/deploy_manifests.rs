@@ -50,6 +50,8 @@ struct Objects {
     secrets: Vec<Secret>,
     /// kustomize Components: (file, document).
     components: Vec<(String, Value)>,
+    /// Gateway API Gateways (the waypoint's, for Istio compatibility).
+    gateways: Vec<Value>,
 }
 
 /// Removes nulls, empty objects left by them, so that a typed round trip
@@ -160,6 +162,7 @@ fn parse_documents(origin: &str, text: &str, into: &mut Objects) {
             ("kustomize.config.k8s.io/v1beta1", "Kustomization") => {
                 check_kustomization(origin, &doc)
             }
+            ("gateway.networking.k8s.io/v1", "Gateway") => into.gateways.push(doc),
             ("kustomize.config.k8s.io/v1alpha1", "Component") => {
                 into.components.push((origin.to_owned(), doc))
             }
@@ -233,11 +236,12 @@ fn every_manifest_parses_into_its_typed_object() {
         parse_documents(&f.display().to_string(), &text, &mut objects);
     }
     assert_eq!(objects.daemon_sets.len(), 1);
-    assert_eq!(objects.crds.len(), 5);
+    assert_eq!(objects.crds.len(), 6);
     assert_eq!(objects.components.len(), 2);
     assert_eq!(objects.namespaces.len(), 1);
-    // The CA issuer (deploy/ca/).
-    assert_eq!(objects.deployments.len(), 1);
+    // The CA issuer (deploy/ca/) and the waypoint (deploy/waypoint/).
+    assert_eq!(objects.deployments.len(), 2);
+    assert_eq!(objects.gateways.len(), 1);
 }
 
 fn rendered() -> Objects {
@@ -300,6 +304,7 @@ fn kustomize_renders_the_expected_objects() {
         [
             "authorizationpolicies.security.istio.io",
             "destinationrules.networking.istio.io",
+            "httproutes.gateway.networking.k8s.io",
             "peerauthentications.security.istio.io",
             "tcproutes.gateway.networking.k8s.io",
             "virtualservices.networking.istio.io",
@@ -578,6 +583,7 @@ fn agent_rbac_is_read_only() {
             "authorizationpolicies.security.istio.io",
             "destinationrules.networking.istio.io",
             "endpointslices.discovery.k8s.io",
+            "httproutes.gateway.networking.k8s.io",
             "namespaces.",
             "nodes.",
             "peerauthentications.security.istio.io",
@@ -983,6 +989,7 @@ fn every_kustomization_renders_and_the_default_is_node_scoped() {
         "examples/ca-secret",
         "examples/istiod-ca",
         "examples/local-ca",
+        "waypoint",
     ] {
         assert!(dirs.contains(want), "deploy/{want} rendered: {dirs:?}");
     }
@@ -1561,7 +1568,7 @@ fn ca_secret_example_generates_the_key_secret_and_a_public_root() {
 
 /// The version of each traffic-management CRD the agent watches (its
 /// `sync/kube/watches.rs` table), which must be served and stored.
-const ROUTING_CRDS: [(&str, &str, &str, &[&str]); 3] = [
+const ROUTING_CRDS: [(&str, &str, &str, &[&str]); 4] = [
     (
         "destinationrules.networking.istio.io",
         "DestinationRule",
@@ -1579,6 +1586,12 @@ const ROUTING_CRDS: [(&str, &str, &str, &[&str]); 3] = [
         "TCPRoute",
         "v1alpha2",
         &["v1alpha2"],
+    ),
+    (
+        "httproutes.gateway.networking.k8s.io",
+        "HTTPRoute",
+        "v1",
+        &["v1", "v1beta1"],
     ),
 ];
 
@@ -1720,7 +1733,7 @@ fn rbac_on_routing_objects_is_read_only() {
         .iter()
         .map(|(name, ..)| ((*name).to_owned(), read.clone()))
         .collect();
-    assert_eq!(verbs, want, "exactly get/list/watch on the three kinds");
+    assert_eq!(verbs, want, "exactly get/list/watch on the routing kinds");
     // Nothing else of those groups (no wildcard, no other kind).
     for role in &o.roles {
         for rule in role.rules.iter().flatten() {
@@ -1780,7 +1793,13 @@ fn components_skip_the_crds_a_cluster_already_has() {
     };
     let full = rendered();
     let istio = rendered_with(&["istio-installed"]);
-    assert_eq!(names(&istio), ["tcproutes.gateway.networking.k8s.io"]);
+    assert_eq!(
+        names(&istio),
+        [
+            "httproutes.gateway.networking.k8s.io",
+            "tcproutes.gateway.networking.k8s.io"
+        ]
+    );
     let gateway = rendered_with(&["gateway-api-installed"]);
     assert_eq!(
         names(&gateway),
@@ -1799,4 +1818,165 @@ fn components_skip_the_crds_a_cluster_already_has() {
         assert_eq!(o.cluster_roles.len(), full.cluster_roles.len());
         assert_eq!(o.namespaces.len(), 1);
     }
+}
+
+/// deploy/waypoint/ rendered (with its Gateway, added as an overlay would).
+fn waypoint_rendered() -> Objects {
+    let dir = deploy_dir().join("waypoint");
+    let mut o = Objects::default();
+    parse_documents(
+        "kubectl kustomize deploy/waypoint",
+        &kustomize(&dir),
+        &mut o,
+    );
+    let gateway = std::fs::read_to_string(dir.join("gateway.yaml")).expect("gateway.yaml");
+    parse_documents("deploy/waypoint/gateway.yaml", &gateway, &mut o);
+    o
+}
+
+#[test]
+fn waypoint_holds_no_ca_key_runs_non_root_and_asks_the_issuer_for_itself() {
+    let o = waypoint_rendered();
+    assert_eq!(o.deployments.len(), 1);
+    let d = &o.deployments[0];
+    let pod = pod_spec_of_deployment(d);
+    assert_eq!(pod.service_account_name.as_deref(), Some("waypoint"));
+    // No Secret at all: not the CA key, not anything else.
+    assert!(secret_reads(pod).is_empty(), "{:?}", secret_reads(pod));
+    let c = container(&pod.containers, "waypoint");
+    let args = c.args.as_deref().unwrap_or_default();
+    assert_eq!(flag(args, "issuer"), Some("istio-ca"), "{args:?}");
+    assert_eq!(flag(args, "ca-dir"), None, "{args:?}");
+    assert_eq!(flag(args, "config"), None, "Kubernetes mode: {args:?}");
+    assert!(args.iter().any(|a| a == "--kube"), "{args:?}");
+    // Its own projected token, for the CA's audience, at the flag's path.
+    let token = flag(args, "ca-token-file").expect("--ca-token-file");
+    let (volume, file) = volume_at(pod, c, token);
+    let projected = volume
+        .projected
+        .iter()
+        .flat_map(|p| p.sources.iter().flatten())
+        .find_map(|s| s.service_account_token.as_ref())
+        .expect("a projected service-account token");
+    assert_eq!(projected.audience.as_deref(), Some("istio-ca"));
+    assert_eq!(projected.path, file);
+    // The root certificate only, from a ConfigMap.
+    let root = flag(args, "ca-root-cert").expect("--ca-root-cert");
+    let (root_volume, _) = volume_at(pod, c, root);
+    assert!(root_volume.config_map.is_some(), "{root_volume:?}");
+    // Non-root, read-only root filesystem, no capability.
+    let pod_sc = pod.security_context.as_ref().expect("pod securityContext");
+    assert_eq!(pod_sc.run_as_non_root, Some(true));
+    assert!(pod_sc.run_as_user.is_some_and(|u| u != 0));
+    let sc = c
+        .security_context
+        .as_ref()
+        .expect("container securityContext");
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.privileged, None);
+    assert_eq!(
+        sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+        Some(vec!["ALL".to_owned()])
+    );
+    assert!(sc.capabilities.as_ref().is_some_and(|c| c.add.is_none()));
+    // Probes on readiness, metrics port named, resources bounded.
+    let admin_port = c
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("metrics"))
+        .expect("metrics port")
+        .container_port;
+    assert_eq!(
+        flag(args, "admin"),
+        Some(format!("0.0.0.0:{admin_port}").as_str())
+    );
+    for probe in [&c.readiness_probe, &c.liveness_probe] {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("HTTP probe");
+        assert_eq!(get.path.as_deref(), Some("/healthz/ready"));
+        assert_eq!(get.port, IntOrString::String("metrics".into()));
+    }
+    let resources = c.resources.as_ref().expect("resources");
+    assert!(resources.requests.is_some() && resources.limits.is_some());
+}
+
+#[test]
+fn waypoint_service_is_named_like_its_gateway_and_rbac_is_read_only() {
+    let o = waypoint_rendered();
+    assert_eq!(o.services.len(), 1);
+    assert_eq!(o.gateways.len(), 1);
+    let svc = &o.services[0];
+    let gateway = &o.gateways[0];
+    assert_eq!(
+        svc.metadata.name.as_deref(),
+        gateway["metadata"]["name"].as_str()
+    );
+    assert_eq!(gateway["spec"]["gatewayClassName"], "istio-waypoint");
+    // The node agents' waypoint lookup: port 15008, never itself a waypoint user.
+    let ports = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default();
+    assert!(ports.iter().any(|p| p.port == 15008), "{ports:?}");
+    assert_eq!(
+        svc.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("gateway.istio.io/managed"))
+            .map(String::as_str),
+        Some("istio.io-mesh-controller")
+    );
+    // The Service selects the Deployment's pods.
+    let selector = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.clone())
+        .expect("selector");
+    let pod_labels = o.deployments[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.labels.clone())
+        .expect("pod labels");
+    assert!(selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
+    // RBAC: get/list/watch only, no Secret, no wildcard, bound to the SA.
+    let read = ["get", "list", "watch"];
+    let mut resources = BTreeSet::new();
+    for rule in o
+        .cluster_roles
+        .iter()
+        .flat_map(|r| r.rules.iter().flatten())
+        .chain(o.roles.iter().flat_map(|r| r.rules.iter().flatten()))
+    {
+        assert!(
+            rule.verbs.iter().all(|v| read.contains(&v.as_str())),
+            "{rule:?}"
+        );
+        assert!(!touches_secrets(rule), "{rule:?}");
+        for r in rule.resources.iter().flatten() {
+            assert_ne!(r, "*", "no wildcard");
+            resources.insert(r.clone());
+        }
+    }
+    for want in [
+        "services",
+        "pods",
+        "namespaces",
+        "endpointslices",
+        "httproutes",
+    ] {
+        assert!(resources.contains(want), "{want} readable: {resources:?}");
+    }
+    let ns = svc.metadata.namespace.clone().expect("namespace");
+    assert!(o.cluster_role_bindings.iter().all(|b| {
+        b.subjects
+            .iter()
+            .flatten()
+            .all(|s| names_sa(s, (&ns, "waypoint")))
+    }));
 }

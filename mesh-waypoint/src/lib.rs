@@ -28,6 +28,8 @@
 //! - [`otlp`]: the bounded OTLP export of the request spans.
 //! - [`trace`]: W3C `traceparent` propagation (the waypoint's span).
 //! - [`l7::route`]: the route model (pure).
+//! - [`kube`]: Kubernetes mode, the configuration from the agent's
+//!   Kubernetes source (`mesh_agent::sync::kube`); uses [`shared`], [`config`].
 //! - [`config`]: the configuration file.
 #![forbid(unsafe_code)]
 
@@ -35,6 +37,7 @@ pub mod admin;
 pub mod client;
 pub mod config;
 pub mod http;
+pub mod kube;
 pub mod l7;
 pub mod metrics;
 pub mod otlp;

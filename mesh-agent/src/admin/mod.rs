@@ -524,10 +524,12 @@ fn routing_objects_json(snap: &Snapshot) -> Value {
             "destination_rules": r.destination_rules.len(),
             "virtual_services": r.virtual_services.len(),
             "tcp_routes": r.tcp_routes.len(),
+            "http_routes": r.http_routes.len(),
         },
         "destination_rules": r.destination_rules,
         "virtual_services": r.virtual_services,
         "tcp_routes": r.tcp_routes,
+        "http_routes": r.http_routes,
     })
 }
 

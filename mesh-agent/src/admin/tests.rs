@@ -143,7 +143,7 @@ fn config_dump_shows_routing_objects_and_missing_kinds() {
     let (_, dump) = get(&admin, "/config_dump");
     assert_eq!(
         dump["routing_objects"]["counts"],
-        serde_json::json!({"destination_rules": 0, "virtual_services": 0, "tcp_routes": 0})
+        serde_json::json!({"destination_rules": 0, "virtual_services": 0, "tcp_routes": 0, "http_routes": 0})
     );
     assert_eq!(dump["sources"]["missing_kinds"], serde_json::json!([]));
     let dr = serde_json::json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
@@ -155,6 +155,7 @@ fn config_dump_shows_routing_objects_and_missing_kinds() {
         destination_rules: vec![dr.clone()],
         virtual_services: vec![vs.clone(), vs.clone()],
         tcp_routes: Vec::new(),
+        http_routes: Vec::new(),
     };
     store.publish_snapshot(next);
     store.set_missing_kinds(vec![crate::state::MissingKind {
@@ -165,7 +166,7 @@ fn config_dump_shows_routing_objects_and_missing_kinds() {
     let r = &dump["routing_objects"];
     assert_eq!(
         r["counts"],
-        serde_json::json!({"destination_rules": 1, "virtual_services": 2, "tcp_routes": 0})
+        serde_json::json!({"destination_rules": 1, "virtual_services": 2, "tcp_routes": 0, "http_routes": 0})
     );
     assert_eq!(r["destination_rules"], serde_json::json!([dr]));
     assert_eq!(r["virtual_services"][1], vs);

@@ -319,6 +319,9 @@ pub struct RoutingObjects {
     pub virtual_services: Vec<serde_json::Value>,
     /// `gateway.networking.k8s.io` TCPRoute objects.
     pub tcp_routes: Vec<serde_json::Value>,
+    /// `gateway.networking.k8s.io/v1` HTTPRoute objects: not the node
+    /// agent's (L4) but the waypoint's, which builds its routes from them.
+    pub http_routes: Vec<serde_json::Value>,
 }
 
 impl Snapshot {

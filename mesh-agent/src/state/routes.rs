@@ -166,6 +166,7 @@ mod tests {
                 destination_rules: vec![dr],
                 virtual_services: vec![vs],
                 tcp_routes: vec![],
+                http_routes: vec![],
             },
             ..Default::default()
         }

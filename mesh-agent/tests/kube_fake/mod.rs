@@ -80,10 +80,12 @@ pub enum Res {
     VirtualServices,
     /// gateway.networking.k8s.io/v1alpha2 tcproutes
     TcpRoutes,
+    /// gateway.networking.k8s.io/v1 httproutes
+    HttpRoutes,
 }
 
 impl Res {
-    const ALL: [Res; 10] = [
+    const ALL: [Res; 11] = [
         Res::Pods,
         Res::Namespaces,
         Res::Services,
@@ -94,6 +96,7 @@ impl Res {
         Res::DestinationRules,
         Res::VirtualServices,
         Res::TcpRoutes,
+        Res::HttpRoutes,
     ];
 
     fn path(self) -> &'static str {
@@ -108,6 +111,7 @@ impl Res {
             Res::DestinationRules => "/apis/networking.istio.io/v1/destinationrules",
             Res::VirtualServices => "/apis/networking.istio.io/v1/virtualservices",
             Res::TcpRoutes => "/apis/gateway.networking.k8s.io/v1alpha2/tcproutes",
+            Res::HttpRoutes => "/apis/gateway.networking.k8s.io/v1/httproutes",
         }
     }
 
@@ -118,6 +122,7 @@ impl Res {
             Res::AuthorizationPolicies | Res::PeerAuthentications => "security.istio.io/v1",
             Res::DestinationRules | Res::VirtualServices => "networking.istio.io/v1",
             Res::TcpRoutes => "gateway.networking.k8s.io/v1alpha2",
+            Res::HttpRoutes => "gateway.networking.k8s.io/v1",
         }
     }
 
@@ -133,6 +138,7 @@ impl Res {
             Res::DestinationRules => "DestinationRule",
             Res::VirtualServices => "VirtualService",
             Res::TcpRoutes => "TCPRoute",
+            Res::HttpRoutes => "HTTPRoute",
         }
     }
 

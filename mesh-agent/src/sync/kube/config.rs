@@ -30,7 +30,20 @@ pub struct KubeConfig {
     pub watch_timeout_secs: Option<u32>,
 }
 
+/// The node name of a source that watches on no node's behalf (the
+/// waypoint, [`KubeConfig::observer`]): no Node can have it (`_` is not
+/// allowed in a node name), so every pod is published as a remote pod
+/// (addresses, labels, service account, enrollment) and none is looked
+/// for in `/proc`.
+pub const NO_NODE: &str = "_mesh-no-node_";
+
 impl KubeConfig {
+    /// A source that enrolls nothing and reads the cluster's state only:
+    /// every pod is remote ([`NO_NODE`]). The waypoint's.
+    pub fn observer() -> Self {
+        Self::new(NO_NODE)
+    }
+
     /// Defaults for `node_name`: `/proc`, `/sys/fs/cgroup`, `kube-system`
     /// excluded, rediscovery every 2 s, backoff 800 ms to 30 s (client-go's).
     pub fn new(node_name: impl Into<String>) -> Self {

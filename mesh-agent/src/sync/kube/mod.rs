@@ -5,8 +5,11 @@
 //!   addresses are kubelet probe sources), Istio's `AuthorizationPolicy`
 //!   and `PeerAuthentication` (`security.istio.io/v1`), and the
 //!   traffic-management objects `DestinationRule` and `VirtualService`
-//!   (`networking.istio.io/v1`) and `TCPRoute`
-//!   (`gateway.networking.k8s.io/v1alpha2`), all kept raw.
+//!   (`networking.istio.io/v1`), `TCPRoute`
+//!   (`gateway.networking.k8s.io/v1alpha2`) and `HTTPRoute` (`v1`, the
+//!   waypoint's), all kept raw.
+//! - **Observers**: [`KubeConfig::observer`] (the waypoint) runs the same
+//!   source for no node: every pod is remote, nothing is enrolled.
 //! - **Local and remote pods**: pods with `spec.nodeName == NODE_NAME` are
 //!   this agent's (located on the node, enrolled here); pods of other nodes
 //!   are published with `node: Some(name)` and no netns, for their addresses
@@ -52,7 +55,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::sync_loop::SyncLoop;
 pub use self::{
-    config::{KubeArgs, KubeConfig, KubeError, client},
+    config::{KubeArgs, KubeConfig, KubeError, NO_NODE, client},
     watches::Msg,
 };
 use crate::state::Store;

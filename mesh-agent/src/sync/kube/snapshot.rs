@@ -225,6 +225,7 @@ pub fn build(
             destination_rules: objects.raw(Kind::DestinationRules),
             virtual_services: objects.raw(Kind::VirtualServices),
             tcp_routes: objects.raw(Kind::TcpRoutes),
+            http_routes: objects.raw(Kind::HttpRoutes),
         },
         ..Default::default()
     };
@@ -257,6 +258,7 @@ mod tests {
         destination_rules: BTreeMap<ObjKey, serde_json::Value>,
         virtual_services: BTreeMap<ObjKey, serde_json::Value>,
         tcp_routes: BTreeMap<ObjKey, serde_json::Value>,
+        http_routes: BTreeMap<ObjKey, serde_json::Value>,
     }
 
     impl Fixture {
@@ -273,6 +275,7 @@ mod tests {
                     (Kind::DestinationRules, &self.destination_rules),
                     (Kind::VirtualServices, &self.virtual_services),
                     (Kind::TcpRoutes, &self.tcp_routes),
+                    (Kind::HttpRoutes, &self.http_routes),
                 ]
                 .into(),
             }
@@ -686,6 +689,10 @@ mod tests {
             ("shop".into(), "web".into()),
             serde_json::json!({"kind": "TCPRoute"}),
         );
+        f.http_routes.insert(
+            ("shop".into(), "web".into()),
+            serde_json::json!({"kind": "HTTPRoute"}),
+        );
         let built = build(
             &f.objects(),
             &cfg(),
@@ -709,6 +716,10 @@ mod tests {
         assert_eq!(
             routing.tcp_routes,
             [serde_json::json!({"kind": "TCPRoute"})]
+        );
+        assert_eq!(
+            routing.http_routes,
+            [serde_json::json!({"kind": "HTTPRoute"})]
         );
         assert!(built.snapshot.policies.authorization.is_empty());
     }

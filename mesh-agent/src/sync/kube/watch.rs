@@ -44,11 +44,13 @@ pub enum Kind {
     VirtualServices,
     /// `gateway.networking.k8s.io/v1alpha2` TCPRoute.
     TcpRoutes,
+    /// `gateway.networking.k8s.io/v1` HTTPRoute (the waypoint's routes).
+    HttpRoutes,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Pods,
         Kind::Namespaces,
         Kind::Services,
@@ -59,6 +61,7 @@ impl Kind {
         Kind::DestinationRules,
         Kind::VirtualServices,
         Kind::TcpRoutes,
+        Kind::HttpRoutes,
     ];
 
     /// The resource name, as in RBAC rules and logs.
@@ -74,6 +77,7 @@ impl Kind {
             Kind::DestinationRules => "destinationrules.networking.istio.io",
             Kind::VirtualServices => "virtualservices.networking.istio.io",
             Kind::TcpRoutes => "tcproutes.gateway.networking.k8s.io",
+            Kind::HttpRoutes => "httproutes.gateway.networking.k8s.io",
         }
     }
 
@@ -88,6 +92,7 @@ impl Kind {
                 | Kind::DestinationRules
                 | Kind::VirtualServices
                 | Kind::TcpRoutes
+                | Kind::HttpRoutes
         )
     }
 }

@@ -57,7 +57,7 @@ impl RawKind {
 }
 
 /// The custom resources kept raw: one row per kind.
-pub const RAW_KINDS: [RawKind; 5] = [
+pub const RAW_KINDS: [RawKind; 6] = [
     RawKind {
         kind: Kind::AuthorizationPolicies,
         group: "security.istio.io",
@@ -92,6 +92,13 @@ pub const RAW_KINDS: [RawKind; 5] = [
         version: "v1alpha2",
         name: "TCPRoute",
         plural: "tcproutes",
+    },
+    RawKind {
+        kind: Kind::HttpRoutes,
+        group: "gateway.networking.k8s.io",
+        version: "v1",
+        name: "HTTPRoute",
+        plural: "httproutes",
     },
 ];
 
