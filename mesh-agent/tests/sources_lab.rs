@@ -17,8 +17,10 @@ use mesh_lab::{LabSpec, NodeSpec, PodSpec, app::ProbeOutcome};
 use serde_json::{Value, json};
 
 /// `{"destination_rules": n, "virtual_services": n, "tcp_routes": n}`.
+/// The dump's routing object counts (no HTTPRoute in these tests: the
+/// waypoint's kind, carried for it).
 fn counts(dr: u64, vs: u64, tcp: u64) -> Value {
-    json!({"destination_rules": dr, "virtual_services": vs, "tcp_routes": tcp})
+    json!({"destination_rules": dr, "virtual_services": vs, "tcp_routes": tcp, "http_routes": 0})
 }
 
 fn resources(weight_v2: u32, deny_all: bool) -> String {

@@ -355,3 +355,73 @@ fn half_closes_and_resets_cross_a_transparent_delivery() {
     mesh.wait_closed(0, 4);
     assert_eq!(mesh.agent_log_count(0, "source_preserved=false"), 0);
 }
+
+#[test]
+fn a_waypoints_forwarded_client_is_believed_and_nobody_elses() {
+    common::require_root();
+    // Node 1 knows `w` (a pod of node 0, not enrolled) as the pods behind
+    // the waypoint `w` that the service `svc` uses; `x` is a pod that is no
+    // waypoint. Both claim, in `forwarded`, to carry a's connection.
+    let mut mesh = Mesh::new(
+        LabSpec::new()
+            .node(
+                NodeSpec::new()
+                    .pod(PodSpec::new("a"))
+                    .pod(PodSpec::new("w"))
+                    .pod(PodSpec::new("x")),
+            )
+            .node(NodeSpec::new().pod(PodSpec::new("c"))),
+    );
+    let n0 = mesh.workloads_yaml(
+        0,
+        &[("a", true), ("w", false), ("x", false)],
+        &[("c", true)],
+    );
+    let mut n1 = mesh.workloads_yaml(
+        1,
+        &[("c", true)],
+        &[("a", true), ("w", false), ("x", false)],
+    );
+    n1.push_str(
+        "services:\n  - name: svc\n    vips: [\"198.18.200.1\"]\n    ports: [{name: tcp, port: 80, targetPort: 8080}]\n    endpoints: [c]\n    labels: {istio.io/use-waypoint: w}\n\
+         \x20 - name: w\n    vips: [\"198.18.200.9\"]\n    ports: [{name: mesh, port: 15008}]\n    endpoints: [w]\n",
+    );
+    mesh.write_workload_text(0, &n0);
+    mesh.write_workload_text(1, &n1);
+    mesh.echo_with("c", &[8080], &["--greeting-peer"]);
+    mesh.start_agent(0);
+    mesh.start_agent(1);
+
+    let a4 = ip_of(&mesh.v4("a", 1));
+    let c4 = mesh.lab.pod("c").expect("c").ipv4();
+    let forwarded = format!("for=\"{a4}:40000\"");
+    let rt = rogue::runtime();
+    let seen_from = |pod: &str, forwarded: &str| {
+        let netns = mesh.lab.pod(pod).expect("pod").netns_path();
+        let cert = rogue::mesh_cert(&mesh, pod);
+        let (status, line) = rt
+            .block_on(rogue::connect_read_line(
+                &netns,
+                std::net::SocketAddr::new(c4.into(), 15008),
+                &cert,
+                std::net::SocketAddr::new(c4.into(), 8080),
+                &[("forwarded", forwarded)],
+            ))
+            .unwrap_or_else(|e| panic!("{pod}: {e}"));
+        assert_eq!(status, 200, "{pod}");
+        let addr = line
+            .strip_prefix("peer=")
+            .unwrap_or_else(|| panic!("{pod}: greeting {line:?}"));
+        ip_of(addr)
+    };
+    // The waypoint's client is the app's client.
+    assert_eq!(seen_from("w", &forwarded), a4);
+    // Anyone else's claim is ignored: the app sees the peer itself.
+    assert_eq!(seen_from("x", &forwarded), ip_of(&mesh.v4("x", 1)));
+    // A waypoint naming an address that is no known workload: the peer.
+    let w4 = ip_of(&mesh.v4("w", 1));
+    assert_eq!(seen_from("w", "for=\"198.18.99.99:1\""), w4);
+    drop(rt);
+    mesh.wait_closed(1, 3);
+    assert_eq!(mesh.agent_log_count(1, "source_preserved=false"), 0);
+}

@@ -272,9 +272,23 @@ async fn stream(
         Err(status) => return hbone::respond_status(&mut respond, status),
     };
     // The app sees the tunnel's TCP peer as the client when it is a known
-    // workload's address (never an address the peer only claims).
-    let source = if snapshot.workload_by_ip(peer.ip()).is_some() {
-        ctx.delivery_source(peer.ip(), target)
+    // workload's address (never an address the peer only claims), except
+    // from a waypoint: its verified identity and address are a waypoint
+    // pod's, and its `forwarded` names the known workload whose connection
+    // it carries (ztunnel's rule). Policy and telemetry keep the peer.
+    // (An agent's `forwarded` names its own TCP source: nothing to check.)
+    let client = match claimed {
+        Some(c)
+            if c.ip() != peer.ip().to_canonical()
+                && snapshot.workload_by_ip(c.ip()).is_some()
+                && snapshot.is_waypoint_pod(peer.ip(), &peer_id, shared.tls.trust_domain()) =>
+        {
+            c.ip()
+        }
+        _ => peer.ip(),
+    };
+    let source = if snapshot.workload_by_ip(client).is_some() {
+        ctx.delivery_source(client, target)
     } else {
         Err("client_not_a_known_workload")
     };

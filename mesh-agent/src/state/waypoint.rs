@@ -233,6 +233,34 @@ impl Snapshot {
         (!own).then_some(w)
     }
 
+    /// Whether the peer at `ip` proving `identity` is a waypoint: one of the
+    /// pods behind a waypoint some service uses, with that pod's identity
+    /// in `trust_domain`. A destination believes the `forwarded` header of
+    /// such a peer only (as ztunnel does): a waypoint carries other
+    /// workloads' connections.
+    pub fn is_waypoint_pod(
+        &self,
+        ip: std::net::IpAddr,
+        identity: &SpiffeId,
+        trust_domain: &TrustDomain,
+    ) -> bool {
+        let Some(pod) = self.workload_by_ip(ip) else {
+            return false;
+        };
+        if pod.identity(trust_domain).ok().as_ref() != Some(identity) {
+            return false;
+        }
+        let ip = ip.to_canonical();
+        self.services
+            .values()
+            .filter_map(|s| s.waypoint.as_ref())
+            .any(|w| {
+                self.services
+                    .get(&w.reference.service_key())
+                    .is_some_and(|wp| wp.endpoints.iter().any(|e| e.ip.to_canonical() == ip))
+            })
+    }
+
     /// The pods serving waypoint `w`, in endpoint order, with the identity
     /// each must prove in `trust_domain`; an endpoint whose pod is unknown
     /// (so is its identity) is left out.

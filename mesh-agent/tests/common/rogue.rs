@@ -117,6 +117,44 @@ pub async fn connect_with_headers(
     target: SocketAddr,
     headers: &[(&str, &str)],
 ) -> Result<u16, String> {
+    let (response, _send) = open_stream(netns, to, cert, target, headers).await?;
+    Ok(response.status().as_u16())
+}
+
+/// [`connect_with_headers`], then the first line the app sends on the
+/// stream (an echo server's `--greeting-peer` line, `peer=<addr>`).
+pub async fn connect_read_line(
+    netns: &Path,
+    to: SocketAddr,
+    cert: &WorkloadCert,
+    target: SocketAddr,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String), String> {
+    let (response, _send) = open_stream(netns, to, cert, target, headers).await?;
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    let mut line = Vec::new();
+    while !line.contains(&b'\n') {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), body.data())
+            .await
+            .map_err(|_| "no data".to_owned())?
+            .ok_or("stream ended")?
+            .map_err(|e| e.to_string())?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        line.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8_lossy(&line);
+    Ok((status, text.lines().next().unwrap_or_default().to_owned()))
+}
+
+/// An HBONE stream: TLS with `cert`, HTTP/2, CONNECT `target` with `headers`.
+async fn open_stream(
+    netns: &Path,
+    to: SocketAddr,
+    cert: &WorkloadCert,
+    target: SocketAddr,
+    headers: &[(&str, &str)],
+) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<bytes::Bytes>), String> {
     let (config, _) = client_config(cert);
     let tcp = tcp_from(netns, to);
     let tls = tokio_rustls::TlsConnector::from(config)
@@ -136,12 +174,12 @@ pub async fn connect_with_headers(
         req = req.header(*name, *value);
     }
     let req = req.body(()).expect("request");
-    let (response, _send) = sender.send_request(req, false).map_err(|e| e.to_string())?;
+    let (response, send) = sender.send_request(req, false).map_err(|e| e.to_string())?;
     let response = tokio::time::timeout(Duration::from_secs(10), response)
         .await
         .map_err(|_| "no response".to_owned())?
         .map_err(|e| e.to_string())?;
-    Ok(response.status().as_u16())
+    Ok((response, send))
 }
 
 /// [`connect_with_headers`] without extra headers.
