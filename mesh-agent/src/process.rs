@@ -1,5 +1,5 @@
 //! The agent process's own resources: its file-descriptor limit and the
-//! memory its allocator keeps. The only system calls here that are not about
+//! memory its allocators keep. The only system calls here that are not about
 //! sockets or the kernel programs, kept apart so that the modules that use
 //! them (the proxy's limits, the agent's start-up) need no `unsafe`.
 
@@ -103,23 +103,58 @@ pub fn raise_fd_limit() -> Result<FdLimit, FdLimitError> {
     })
 }
 
-/// Hands memory the allocator holds free back to the OS (glibc:
-/// `malloc_trim(0)`); whether any was released.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+/// `MALLCTL_ARENAS_ALL` of jemalloc's `mallctl` names: every arena.
+const JEMALLOC_ARENAS_ALL: u32 = 4096;
+
+/// Hands memory the allocators hold free back to the OS; whether any was
+/// released. The agent binary allocates with jemalloc (its global
+/// allocator), which returns unused pages itself (background threads, 10 s
+/// decay) and is asked here to purge at once (`arena.<all>.purge`); C code
+/// (the crypto library) still uses glibc's malloc, trimmed with
+/// `malloc_trim(0)`.
 pub fn release_free_memory() -> bool {
+    let name = format!("arena.{JEMALLOC_ARENAS_ALL}.purge\0");
+    // SAFETY: `name` is a NUL-terminated mallctl name that outlives the
+    // call; the purge takes no argument and returns nothing, so every
+    // pointer passed is null and the length 0, as jemalloc requires.
+    let purged = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            name.as_ptr().cast(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        )
+    } == 0;
+    purged | trim_glibc()
+}
+
+/// glibc's `malloc_trim(0)`: whether memory was released.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim_glibc() -> bool {
     // SAFETY: malloc_trim only walks glibc's own heaps; no pointers are passed.
     unsafe { libc::malloc_trim(0) == 1 }
 }
 
-/// Other allocators return memory themselves.
+/// Other C libraries' allocators return memory themselves.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub fn release_free_memory() -> bool {
+fn trim_glibc() -> bool {
     false
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jemalloc_accepts_the_purge() {
+        // jemalloc answers the purge of every arena with success whether or
+        // not pages were dirty; a wrong name or argument fails (ENOENT,
+        // EPERM) and the agent would never hand jemalloc's memory back.
+        let burst: Vec<Vec<u8>> = (0..256).map(|_| vec![1u8; 64 * 1024]).collect();
+        drop(burst);
+        assert!(release_free_memory());
+    }
 
     #[test]
     fn the_descriptor_limit_reads() {

@@ -97,6 +97,70 @@ fn cross_node_connections_are_tunnelled_and_pooled() {
     assert!(log.contains("dst.workload=\"c\"") && log.contains("security=\"mutual_tls\""));
 }
 
+/// The value of the unlabelled gauge `name` in a `/metrics` text.
+fn gauge(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn loaded_streams_spread_over_pooled_tunnel_connections() {
+    let mesh = two_nodes(&[]);
+    let c = mesh.v4("c", 8080);
+    let before = mesh.counters(1);
+    // Eight long-lived connections at once: more than one pooled connection
+    // takes before the pool spreads (4 streams), so the pool opens a second
+    // TLS connection when the agent has two worker threads or more (one per
+    // worker thread, at most: the agent runs min(CPUs, 4) workers), never more.
+    const STREAMS: u64 = 8;
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4) as u64;
+    let want_connections = workers.min(2);
+    let held: Vec<_> = (0..STREAMS)
+        .map(|_| {
+            let hold = mesh.hold_command(&c, 10_000, &[]);
+            mesh.lab.spawn_in_pod("a", hold).expect("hold")
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let (connections, streams) = loop {
+        let text = mesh.metrics_text(0);
+        let streams = gauge(&text, "mesh_pool_streams").unwrap_or(0);
+        let connections = gauge(&text, "mesh_pool_connections").unwrap_or(0);
+        if streams >= STREAMS || std::time::Instant::now() > deadline {
+            break (connections, streams);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(streams, STREAMS, "all held streams are pooled");
+    assert_eq!(connections, want_connections, "{workers} worker threads");
+    // The destination saw as many TLS connections (sk_lookup hits on c's 15008).
+    assert_eq!(
+        delta(&before, &mesh.counters(1), "lookup_steered_hbone"),
+        want_connections
+    );
+    for child in held {
+        let report: HoldReport = {
+            assert!(
+                child
+                    .wait_timeout(Duration::from_secs(40))
+                    .expect("wait")
+                    .is_some(),
+                "hold did not finish"
+            );
+            let log = child.log_contents().expect("log");
+            let line = log
+                .lines()
+                .rev()
+                .find(|l| l.starts_with('{'))
+                .expect("report");
+            serde_json::from_str(line).expect("hold report")
+        };
+        assert!(report.error.is_none(), "{report:?}");
+    }
+}
+
 #[test]
 fn a_gibibyte_crosses_nodes_byte_exact() {
     let mesh = two_nodes(&[]);

@@ -4,9 +4,12 @@
 //!
 //! - [`Pool`]: client HTTP/2 connections keyed by (source identity,
 //!   destination identity, destination address, source IP), many streams per
-//!   connection up to a limit, one connection attempt per key at a time (no
-//!   storm when many streams start at once), broken connections replaced
-//!   without failing the request, idle ones released, PING keep-alive.
+//!   connection up to a limit, spread by load over up to one connection per
+//!   worker thread (each connection is driven by one task: bulk streams on
+//!   two connections use two cores), one connection attempt per key at a
+//!   time (no storm when many streams start at once), broken connections
+//!   replaced without failing the request, idle ones released, PING
+//!   keep-alive.
 //! - [`serve_connection`]: the server side, one TLS connection of the
 //!   in-pod HBONE listener, answering each CONNECT as Istio does.
 //! - [`relay_h2`]: bytes between a TCP stream and an HTTP/2 stream, with
@@ -54,6 +57,19 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
 pub const SEND_ATTEMPTS: usize = 4;
 /// How long a connection without streams stays pooled.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Streams every pooled connection of a key must carry before the pool
+/// opens another one for the key (up to [`Pool::spread`] connections): a
+/// few streams share a connection (no TLS handshake per short connection,
+/// and sequential connections stay on one), more are spread so that their
+/// encryption and framing run on several cores.
+pub const SPREAD_AT_STREAMS: usize = 4;
+/// The most connections per key the pool spreads streams over (the worker
+/// threads of the runtime, at most this).
+pub const MAX_SPREAD: usize = 8;
+/// How long a key gets no extra connection after one failed (the peer may
+/// hold us to fewer connections, e.g. its per-peer connection limit): its
+/// streams stay on the connections it has, and no dial is repeated per stream.
+pub const SPREAD_BACKOFF: Duration = Duration::from_secs(30);
 
 /// HBONE failures, each saying what happened.
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +159,8 @@ struct PooledConn {
     limit: usize,
     dead: Arc<AtomicBool>,
     idle_since: Mutex<Instant>,
+    /// Dialled to spread streams while the key had another connection.
+    extra: bool,
 }
 
 impl PooledConn {
@@ -165,6 +183,20 @@ impl PooledConn {
                 Err(now) => current = now,
             }
         }
+    }
+}
+
+/// A stream slot found on a pooled connection.
+struct Picked {
+    conn: Arc<PooledConn>,
+    guard: StreamGuard,
+    /// Whether the key wants another connection (all are loaded).
+    grow: bool,
+}
+
+impl Picked {
+    fn into_parts(self) -> (Arc<PooledConn>, StreamGuard) {
+        (self.conn, self.guard)
     }
 }
 
@@ -193,6 +225,8 @@ impl Drop for StreamGuard {
 pub struct Pool {
     conns: Mutex<HashMap<PoolKey, Vec<Arc<PooledConn>>>>,
     connecting: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// Keys whose extra connection failed, and until when they get none.
+    spread_held: Mutex<HashMap<PoolKey, Instant>>,
     next_id: AtomicU64,
     counters: Arc<ProxyCounters>,
 }
@@ -234,12 +268,36 @@ impl Pool {
         })
     }
 
-    fn pick(&self, key: &PoolKey) -> Option<(Arc<PooledConn>, StreamGuard)> {
+    /// How many connections per key streams are spread over: one per
+    /// worker thread of the runtime the pool runs on (at most
+    /// [`MAX_SPREAD`]; 1 on a current-thread runtime).
+    pub fn spread(&self) -> usize {
+        tokio::runtime::Handle::try_current()
+            .map_or(1, |h| h.metrics().num_workers())
+            .clamp(1, MAX_SPREAD)
+    }
+
+    /// A stream slot on the least-loaded live connection for `key`, and
+    /// whether another connection is wanted: all of the key's connections
+    /// carry at least [`SPREAD_AT_STREAMS`] streams and there are fewer
+    /// than `spread`.
+    fn pick(&self, key: &PoolKey, spread: usize) -> Option<Picked> {
         let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
         let list = conns.get_mut(key)?;
         list.retain(|c| !c.dead.load(Ordering::Acquire));
-        list.iter()
-            .find_map(|c| c.try_reserve().map(|g| (c.clone(), g)))
+        let mut by_load: Vec<(usize, &Arc<PooledConn>)> = list
+            .iter()
+            .map(|c| (c.active.load(Ordering::Acquire), c))
+            .collect();
+        by_load.sort_by_key(|(load, _)| *load);
+        let live = by_load.len();
+        by_load.into_iter().find_map(|(load, c)| {
+            c.try_reserve().map(|guard| Picked {
+                conn: c.clone(),
+                guard,
+                grow: live < spread && load >= SPREAD_AT_STREAMS,
+            })
+        })
     }
 
     /// Opens a CONNECT stream for `request` on a pooled connection for `key`,
@@ -260,7 +318,8 @@ impl Pool {
     {
         let mut last_error = None;
         for attempt in 1..=SEND_ATTEMPTS {
-            let (conn, guard) = self.checkout(key, &connect).await?;
+            // Retries never spread: they take a connection that exists.
+            let (conn, guard) = self.checkout(key, &connect, attempt == 1).await?;
             match send_on(&conn, &request, key.address).await {
                 Ok((response, send)) => {
                     return Ok((response, send, guard));
@@ -271,6 +330,9 @@ impl Pool {
                     // stopping): no new streams on it; its open streams go
                     // on. The retry takes another connection or a new one.
                     conn.dead.store(true, Ordering::Release);
+                    if conn.extra {
+                        self.hold_spread(key);
+                    }
                     self.counters.count(ProxyEvent::StreamRetried);
                     tracing::debug!(conn = conn.id, attempt, error = %e, "tunnel stream not accepted; retrying on another connection");
                     last_error = Some(e);
@@ -283,20 +345,48 @@ impl Pool {
         }))
     }
 
+    /// Keeps `key` to the connections it has for [`SPREAD_BACKOFF`].
+    fn hold_spread(&self, key: &PoolKey) {
+        self.spread_held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.clone(), Instant::now() + SPREAD_BACKOFF);
+    }
+
+    /// How many connections `key` may spread over now.
+    fn spread_for(&self, key: &PoolKey, may_spread: bool) -> usize {
+        let held = self
+            .spread_held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .is_some_and(|until| Instant::now() < *until);
+        if may_spread && !held {
+            self.spread()
+        } else {
+            1
+        }
+    }
+
     async fn checkout<F, Fut>(
         &self,
         key: &PoolKey,
         connect: &F,
+        may_spread: bool,
     ) -> Result<(Arc<PooledConn>, StreamGuard), HboneError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<Established, HboneError>>,
     {
-        if let Some(found) = self.pick(key) {
-            return Ok(found);
-        }
+        let spread = self.spread_for(key, may_spread);
+        let found = match self.pick(key, spread) {
+            Some(p) if !p.grow => return Ok(p.into_parts()),
+            other => other,
+        };
         // One connection attempt per key at a time: concurrent callers wait
-        // for it and then share it, instead of each dialling (no storm).
+        // for it and then share it, instead of each dialling (no storm). A
+        // caller that already has a slot and only wants to spread does not
+        // wait: if another caller is dialling, it keeps its slot.
         let gate = {
             let mut connecting = self
                 .connecting
@@ -304,10 +394,50 @@ impl Pool {
                 .unwrap_or_else(PoisonError::into_inner);
             connecting.entry(key.clone()).or_default().clone()
         };
-        let _turn = gate.lock().await;
-        if let Some(found) = self.pick(key) {
-            return Ok(found);
+        let _turn = match found {
+            Some(p) => match gate.try_lock() {
+                Ok(turn) => {
+                    drop(p);
+                    turn
+                }
+                Err(_) => return Ok(p.into_parts()),
+            },
+            None => gate.lock().await,
+        };
+        // Under the gate: another caller may have just added a connection.
+        let fallback = match self.pick(key, spread) {
+            Some(p) if !p.grow => return Ok(p.into_parts()),
+            other => other,
+        };
+        let extra = fallback.is_some();
+        match self.dial(key, connect, extra).await {
+            Ok(dialled) => Ok(dialled),
+            // Spreading is an optimisation: a connection that cannot be
+            // added (the peer at its per-peer connection limit, say) leaves
+            // the stream on the one it had.
+            Err(e) => match fallback {
+                Some(p) => {
+                    self.hold_spread(key);
+                    tracing::debug!(peer = %key.address, error = %e, "extra tunnel connection failed; staying on a pooled one");
+                    Ok(p.into_parts())
+                }
+                None => Err(e),
+            },
         }
+    }
+
+    /// Establishes a new connection for `key`, spawns its driver, pools it
+    /// and reserves a stream on it. Called with the key's gate held.
+    async fn dial<F, Fut>(
+        &self,
+        key: &PoolKey,
+        connect: &F,
+        extra: bool,
+    ) -> Result<(Arc<PooledConn>, StreamGuard), HboneError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Established, HboneError>>,
+    {
         let (sender, connection) = connect().await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let limit = sender
@@ -321,6 +451,7 @@ impl Pool {
             limit,
             dead: dead.clone(),
             idle_since: Mutex::new(Instant::now()),
+            extra,
         });
         self.counters.count(ProxyEvent::TunnelOpened);
         tokio::spawn(drive(connection, dead, key.address, id));
@@ -358,6 +489,10 @@ impl Pool {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         connecting.retain(|k, gate| conns.contains_key(k) || Arc::strong_count(gate) > 1);
+        self.spread_held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, until| now < *until);
     }
 }
 
@@ -699,6 +834,96 @@ mod tests {
             counters.get(ProxyEvent::TunnelOpened),
             counters.get(ProxyEvent::StreamRetried),
         )
+    }
+
+    /// Opens `n` streams one after another on `pool` (all to servers that
+    /// answer 200), holding each unless `release`.
+    async fn open_streams(
+        pool: &Pool,
+        n: usize,
+        release: bool,
+    ) -> Vec<(SendStream<Bytes>, StreamGuard)> {
+        let target: SocketAddr = "198.18.2.10:8080".parse().expect("addr");
+        let client: SocketAddr = "198.18.1.10:40000".parse().expect("addr");
+        let mut held = Vec::new();
+        for _ in 0..n {
+            let request = connect_request(target, client, "");
+            let (response, send, guard) = pool
+                .send(&test_key(), request, || connect_to(Behaviour::Serve))
+                .await
+                .expect("stream opened");
+            assert_eq!(response.status(), StatusCode::OK);
+            if !release {
+                held.push((send, guard));
+            }
+        }
+        held
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn loaded_streams_spread_over_one_connection_per_worker() {
+        let pool = Pool::default();
+        assert_eq!(pool.spread(), 2);
+        // The first SPREAD_AT_STREAMS streams share one connection; the next
+        // one opens a second, and the least-loaded takes the rest.
+        let mut held = open_streams(&pool, SPREAD_AT_STREAMS, false).await;
+        assert_eq!(pool.occupancy(), (1, SPREAD_AT_STREAMS));
+        held.extend(open_streams(&pool, SPREAD_AT_STREAMS, false).await);
+        assert_eq!(pool.occupancy(), (2, 2 * SPREAD_AT_STREAMS));
+        // Never more connections than worker threads, however many streams.
+        held.extend(open_streams(&pool, 4 * SPREAD_AT_STREAMS, false).await);
+        assert_eq!(pool.occupancy(), (2, 6 * SPREAD_AT_STREAMS));
+        assert_eq!(pool.counters().get(ProxyEvent::TunnelOpened), 2);
+        drop(held);
+        assert_eq!(pool.occupancy(), (2, 0));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_extra_connection_leaves_streams_where_they_are() {
+        // The peer takes one connection and sends the next one away (as an
+        // agent at its per-peer connection limit closes it).
+        let pool = Pool::default();
+        let dialled = AtomicUsize::new(0);
+        let connect = || {
+            let first = dialled.fetch_add(1, Ordering::SeqCst) == 0;
+            connect_to(if first {
+                Behaviour::Serve
+            } else {
+                Behaviour::GoAway
+            })
+        };
+        let target: SocketAddr = "198.18.2.10:8080".parse().expect("addr");
+        let client: SocketAddr = "198.18.1.10:40000".parse().expect("addr");
+        let mut held = Vec::new();
+        for _ in 0..3 * SPREAD_AT_STREAMS {
+            let request = connect_request(target, client, "");
+            let (response, send, guard) = pool
+                .send(&test_key(), request, connect)
+                .await
+                .expect("every stream is served on the first connection");
+            assert_eq!(response.status(), StatusCode::OK);
+            held.push((send, guard));
+        }
+        // One extra dial, one retried stream, then no more dials.
+        assert_eq!(pool.counters().get(ProxyEvent::TunnelOpened), 2);
+        assert_eq!(pool.counters().get(ProxyEvent::StreamRetried), 1);
+        assert_eq!(pool.occupancy(), (1, 3 * SPREAD_AT_STREAMS));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sequential_streams_stay_on_one_connection() {
+        let pool = Pool::default();
+        open_streams(&pool, 20, true).await;
+        assert_eq!(pool.counters().get(ProxyEvent::TunnelOpened), 1);
+    }
+
+    #[tokio::test]
+    async fn a_current_thread_runtime_keeps_one_connection() {
+        let pool = Pool::default();
+        assert_eq!(pool.spread(), 1);
+        let held = open_streams(&pool, 3 * SPREAD_AT_STREAMS, false).await;
+        assert_eq!(pool.occupancy(), (1, 3 * SPREAD_AT_STREAMS));
+        drop(held);
     }
 
     #[tokio::test]

@@ -549,13 +549,15 @@ fn worth_trimming(peak: usize, now: usize) -> bool {
 
 /// Hands memory freed by closed connections back to the OS after a burst.
 ///
-/// glibc's malloc keeps freed memory in its per-thread arenas: after a burst
-/// of thousands of connections the agent's RSS stays near the burst's peak
-/// (measured in the lab: 31 MB idle, ~80 MB after rounds of 5 000
+/// Allocators keep freed memory for reuse: after a burst of thousands of
+/// connections the agent's RSS stays near the burst's peak (measured in the
+/// lab under glibc's malloc: 31 MB idle, ~80 MB after rounds of 5 000
 /// concurrent connections, 37 MB after `malloc_trim(0)`; the memory is
-/// reused, not leaked). Every [`TRIM_INTERVAL`], if at least
+/// reused, not leaked). The agent's jemalloc returns unused pages by itself
+/// after its decay time; every [`TRIM_INTERVAL`], if at least
 /// [`TRIM_AFTER_CLOSED`] connections closed since the highest count seen,
-/// `malloc_trim(0)` returns the free pages. Runs until the runtime stops.
+/// [`crate::process::release_free_memory`] purges them at once (and trims
+/// what C code allocated from glibc). Runs until the runtime stops.
 pub async fn trim_after_bursts(bounds: Arc<Bounds>) {
     let mut peak = 0usize;
     let mut tick = tokio::time::interval(TRIM_INTERVAL);
