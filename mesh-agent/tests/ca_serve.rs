@@ -462,9 +462,12 @@ async fn the_client_verifies_the_ca_and_says_what_failed() {
     let e = ask(&c, &cart, true, MAX_TTL).await.unwrap_err();
     assert!(matches!(e, CaClientError::TokenFile { .. }), "{e}");
 
-    // Nothing listening.
-    let addr = server.local_addr();
+    // Nothing listening: a port just released here (the stopped server's
+    // listener may still be closing, and then answers with a reset).
     server.shutdown().await.unwrap();
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
     let c = client(&ca, addr, &path);
     let e = ask(&c, &cart, true, MAX_TTL).await.unwrap_err();
     assert!(matches!(e, CaClientError::Unreachable { .. }), "{e}");
