@@ -344,6 +344,14 @@ async fn inner_stream(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: DuplexSt
 }
 
 /// Relays an opaque stream to an endpoint of the service.
+/// An opaque stream's backend connection.
+enum Upstream {
+    /// Plain TCP (an endpoint outside the mesh).
+    Tcp(TcpStream),
+    /// An HBONE stream to a meshed endpoint.
+    Hbone(tokio::io::DuplexStream),
+}
+
 async fn tcp(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: Rewind) {
     let t = &tunnel.target;
     // Policies attached to the waypoint apply to opaque streams too, their
@@ -383,7 +391,28 @@ async fn tcp(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: Rewind) {
         }
     };
     let connect_timeout = chosen.dest.policy.connect_timeout().min(HANDSHAKE_TIMEOUT);
-    let connected = tokio::time::timeout(connect_timeout, TcpStream::connect(chosen.addr)).await;
+    // A meshed endpoint only over HBONE (mTLS to its identity, as its
+    // agent requires), naming the client it carries; others in plaintext.
+    let open = async {
+        if chosen.hbone {
+            shared
+                .proxy
+                .connector
+                .tcp(chosen.addr, tunnel.peer)
+                .await
+                .map(Upstream::Hbone)
+                .map_err(|e| e.to_string())
+        } else {
+            TcpStream::connect(chosen.addr)
+                .await
+                .map(|s| {
+                    let _ = s.set_nodelay(true);
+                    Upstream::Tcp(s)
+                })
+                .map_err(|e| e.to_string())
+        }
+    };
+    let connected = tokio::time::timeout(connect_timeout, open).await;
     let failed = |reason: &str| {
         shared
             .balancer
@@ -397,11 +426,13 @@ async fn tcp(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: Rewind) {
                 .success(&chosen.dest, chosen.addr, std::time::Instant::now());
             s
         }
-        Ok(Err(e)) => return failed(&e.to_string()),
+        Ok(Err(e)) => return failed(&e),
         Err(_) => return failed("the endpoint did not answer in time"),
     };
-    let _ = upstream.set_nodelay(true);
-    let result = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
+    let result = match &mut upstream {
+        Upstream::Tcp(s) => tokio::io::copy_bidirectional(&mut io, s).await,
+        Upstream::Hbone(s) => tokio::io::copy_bidirectional(&mut io, s).await,
+    };
     let (sent, received) = result.as_ref().map_or((0, 0), |r| *r);
     tracing::info!(
         target: mesh_agent::telemetry::ACCESS_TARGET,

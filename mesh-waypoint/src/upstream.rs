@@ -101,11 +101,35 @@ impl HboneConnector {
         self.inner.pool.sweep();
     }
 
+    /// An opaque TCP stream to `pod` over HBONE carrying `client`'s
+    /// connection: its `forwarded` names the client, which the pod's agent
+    /// believes from a waypoint (the app sees the client's address).
+    pub async fn tcp(
+        &self,
+        pod: SocketAddr,
+        client: SocketAddr,
+    ) -> Result<DuplexStream, UpstreamError> {
+        let stream = Self::stream(Arc::clone(&self.inner), pod, Some(client)).await?;
+        Ok(stream.0.into_inner())
+    }
+
     async fn open(inner: Arc<Inner>, uri: Uri) -> Result<HboneStream, UpstreamError> {
         let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
         let pod: SocketAddr = authority
             .parse()
             .map_err(|_| UpstreamError::NotMeshed(authority.to_owned()))?;
+        // A pooled HTTP connection carries many clients' requests: no
+        // `forwarded` client for it.
+        Self::stream(inner, pod, None).await
+    }
+
+    /// A CONNECT stream to `pod`, naming `client` in `forwarded` when it
+    /// carries one client's connection.
+    async fn stream(
+        inner: Arc<Inner>,
+        pod: SocketAddr,
+        client: Option<SocketAddr>,
+    ) -> Result<HboneStream, UpstreamError> {
         let targets = Arc::clone(&inner.targets.read().unwrap_or_else(PoisonError::into_inner));
         let target = targets
             .get(&pod)
@@ -122,10 +146,14 @@ impl HboneConnector {
             inner.identity.service_account(),
             inner.identity.service_account(),
         );
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(Method::CONNECT)
             .uri(pod.to_string())
-            .header("baggage", baggage)
+            .header("baggage", baggage);
+        if let Some(client) = client {
+            request = request.header("forwarded", format!("for=\"{client}\""));
+        }
+        let request = request
             .body(())
             .map_err(|_| UpstreamError::NotMeshed(pod.to_string()))?;
         let connect = || {

@@ -872,6 +872,49 @@ services:
     }
 }
 
+/// An opaque TCP stream to a meshed endpoint goes over HBONE too (mTLS to
+/// the pod's identity, as its agent requires; plain TCP would be refused
+/// under STRICT), naming in `forwarded` the one client it carries, which
+/// the pod's agent believes from a waypoint. Pooled HTTP streams name none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_streams_to_meshed_endpoints_are_tunnelled_and_name_their_client() {
+    let echo = echo_backend().await;
+    let ca = issuer();
+    let (agent, log) = pod_agent(ca.clone(), "spiffe://cluster.local/ns/default/sa/db", echo).await;
+    // Port 1 of the pod address is closed: only a tunnel reaches the echo.
+    let config = format!(
+        r#"
+services:
+  - name: db
+    namespace: default
+    addresses: [10.96.3.10]
+    ports: [{{ port: 5432 }}]
+    endpoints: [{{ address: 127.0.0.1, port: 1, tunnel: hbone, hbonePort: {}, serviceAccount: db }}]
+"#,
+        agent.port()
+    );
+    let w = waypoint(ca.clone(), &config).await;
+    let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
+    let mut t = client.tunnel(vip("10.96.3.10:5432")).await.expect("tunnel");
+    let message = b"\x00\x01 not http at all\n";
+    t.write_all(message).await.expect("write");
+    let mut back = vec![0u8; message.len()];
+    t.read_exact(&mut back)
+        .await
+        .expect("echo through the tunnel");
+    assert_eq!(&back, message);
+    let log = log.lock().expect("lock");
+    assert_eq!(
+        log.streams,
+        vec![(WAYPOINT_ID.to_owned(), "127.0.0.1:1".to_owned())]
+    );
+    let forwarded = log.forwarded.first().cloned().flatten().unwrap_or_default();
+    assert!(
+        forwarded.starts_with("for=\"127.0.0.1:"),
+        "the client's address in forwarded: {forwarded:?}"
+    );
+}
+
 /// A backend port declared `http2` gets HTTP/2 (prior knowledge) whatever the
 /// client speaks; trailers-capable `te` passes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

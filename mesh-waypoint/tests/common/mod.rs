@@ -421,6 +421,8 @@ pub fn rogue_config(cert: Option<&WorkloadCert>) -> Arc<ClientConfig> {
 pub struct AgentLog {
     pub streams: Vec<(String, String)>,
     pub connections: usize,
+    /// Each stream's `forwarded` header, in stream order.
+    pub forwarded: Vec<Option<String>>,
 }
 
 /// A stand-in for a destination node agent's HBONE listener: mTLS
@@ -464,10 +466,16 @@ pub async fn pod_agent(
                 };
                 while let Some(Ok((req, mut respond))) = conn.accept().await {
                     let target = req.uri().to_string();
-                    seen.lock()
-                        .expect("lock")
-                        .streams
-                        .push((peer.clone(), target));
+                    let forwarded = req
+                        .headers()
+                        .get("forwarded")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    {
+                        let mut seen = seen.lock().expect("lock");
+                        seen.streams.push((peer.clone(), target));
+                        seen.forwarded.push(forwarded);
+                    }
                     let Ok(send) = respond.send_response(Response::new(()), false) else {
                         continue;
                     };
