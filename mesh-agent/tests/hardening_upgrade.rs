@@ -89,17 +89,7 @@ fn load(mesh: &Mesh, from: &str, to: &str, concurrency: u32, stop: &std::path::P
 }
 
 fn report(child: &LabChild) -> ClientReport {
-    child
-        .wait_timeout(Duration::from_secs(30))
-        .expect("wait")
-        .expect("the client stopped");
-    let log = child.log_contents().expect("client output");
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no client report: {log}"));
-    serde_json::from_str(line).expect("client report")
+    common::final_report(child, Duration::from_secs(30))
 }
 
 /// Upgrade rounds (each upgrades both nodes' agents).
@@ -180,17 +170,7 @@ fn flow_client(mesh: &Mesh, pod: &str, to: &str, send: bool) -> LabChild {
 }
 
 fn flow_report(child: &LabChild) -> FlowReport {
-    child
-        .wait_timeout(Duration::from_secs(30))
-        .expect("wait")
-        .expect("the flow ended");
-    let log = child.log_contents().expect("flow output");
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no flow report: {log}"));
-    serde_json::from_str(line).expect("flow report")
+    common::final_report(child, Duration::from_secs(30))
 }
 
 /// Waits until data moves through the mesh (the transfer is under way).

@@ -137,23 +137,11 @@ fn same_node_connections_skip_the_tunnel_but_keep_identity_policy_and_telemetry(
     let child = mesh.lab.spawn_in_pod("a", hold).expect("hold");
     std::thread::sleep(Duration::from_millis(1500));
     mesh.write_workload_text_applied(0, &workloads(&mesh, DENY_A));
-    let status = child
-        .wait_timeout(Duration::from_secs(15))
-        .expect("wait")
-        .expect("hold ended");
-    let out = child.log_contents().expect("hold output");
-    let held: HoldReport = serde_json::from_str(
-        out.lines()
-            .rev()
-            .find(|l| l.starts_with('{'))
-            .expect("json"),
-    )
-    .expect("report");
+    let held: HoldReport = common::final_report(&child, Duration::from_secs(15));
     assert!(
-        !status.success(),
-        "the held connection survived the DENY: {out}"
+        held.error.is_some() && held.rounds_ok >= 5,
+        "the held connection survived the DENY: {held:?}"
     );
-    assert!(held.error.is_some() && held.rounds_ok >= 5, "{held:?}");
     assert!(mesh.agent_log_count(0, "open connection closed by policy change") >= 1);
     let a = mesh.probe("a", &c9, &[]);
     assert!(denied(&a), "a after the DENY got {a}");

@@ -253,17 +253,7 @@ fn flow(mesh: &Mesh, pod: &str, at: &str, listen: bool, send: Option<u64>) -> La
 }
 
 fn flow_report(child: &LabChild) -> FlowReport {
-    child
-        .wait_timeout(Duration::from_secs(30))
-        .expect("wait")
-        .expect("the flow ended");
-    let log = child.log_contents().expect("flow output");
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no flow report: {log}"));
-    serde_json::from_str(line).expect("flow report")
+    common::final_report(child, Duration::from_secs(30))
 }
 
 /// A stream cut by its peer, as the app sees it.

@@ -670,6 +670,22 @@ pub fn listener_in_netns(netns: &Path) -> std::net::TcpListener {
     })
 }
 
+/// Waits (up to `within`) until `child` (a `mesh-lab-app` run) exits and
+/// parses the last JSON line it printed: its report.
+pub fn final_report<T: serde::de::DeserializeOwned>(child: &LabChild, within: Duration) -> T {
+    child
+        .wait_timeout(within)
+        .expect("wait")
+        .unwrap_or_else(|| panic!("{} did not end within {within:?}", child.label()));
+    let log = child.log_contents().expect("output");
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no report from {}: {log}", child.label()));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("report {line}: {e}"))
+}
+
 /// `after - before` for each counter named.
 pub fn delta(before: &Counters, after: &Counters, name: &str) -> u64 {
     after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
