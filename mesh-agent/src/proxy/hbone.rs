@@ -904,9 +904,11 @@ mod tests {
             assert_eq!(response.status(), StatusCode::OK);
             held.push((send, guard));
         }
-        // One extra dial, one retried stream, then no more dials.
+        // One extra dial, then no more dials. The GOAWAY either reaches the
+        // client during the handshake (the dial fails) or after the stream
+        // was sent on it (one retry): either way the stream stays served.
         assert_eq!(pool.counters().get(ProxyEvent::TunnelOpened), 2);
-        assert_eq!(pool.counters().get(ProxyEvent::StreamRetried), 1);
+        assert!(pool.counters().get(ProxyEvent::StreamRetried) <= 1);
         assert_eq!(pool.occupancy(), (1, 3 * SPREAD_AT_STREAMS));
     }
 
