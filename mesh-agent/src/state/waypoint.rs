@@ -512,6 +512,48 @@ mod tests {
     }
 
     #[test]
+    fn only_a_used_waypoints_pod_under_its_own_identity_is_a_waypoint_peer() {
+        let td = TrustDomain::new("cluster.local").expect("td");
+        let wp_pod = pod("shop", "wp-0", "wp-sa", "198.18.9.1");
+        let web_pod = pod("shop", "web-0", "web", "198.18.9.5");
+        let mut snap = Snapshot {
+            workloads: [(wp_pod.key(), wp_pod), (web_pod.key(), web_pod)].into(),
+            ..Snapshot::default()
+        };
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+        let wp_id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/wp-sa").expect("id");
+        let web_id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/web").expect("id");
+        snap.services.insert(
+            key("shop", "wp"),
+            service(
+                "shop",
+                "wp",
+                &[("mesh", 15008)],
+                &[("198.18.9.1", Some("wp-0"))],
+            ),
+        );
+        // A waypoint's Service that no service uses carries nobody's traffic.
+        assert!(!snap.is_waypoint_pod(ip("198.18.9.1"), &wp_id, &td));
+        let mut web = service(
+            "shop",
+            "web",
+            &[("http", 80)],
+            &[("198.18.9.5", Some("web-0"))],
+        );
+        web.waypoint = Some(Waypoint {
+            reference: wref("shop", "wp"),
+            from: WaypointSource::Service,
+        });
+        snap.services.insert(key("shop", "web"), web);
+        assert!(snap.is_waypoint_pod(ip("198.18.9.1"), &wp_id, &td));
+        // Another identity at the waypoint's address, the waypoint's
+        // identity at another address, an unknown address: not a waypoint.
+        assert!(!snap.is_waypoint_pod(ip("198.18.9.1"), &web_id, &td));
+        assert!(!snap.is_waypoint_pod(ip("198.18.9.5"), &wp_id, &td));
+        assert!(!snap.is_waypoint_pod(ip("198.18.9.9"), &wp_id, &td));
+    }
+
+    #[test]
     fn pods_with_their_own_waypoint_label_are_listed_as_unsupported() {
         let mut labelled = pod("shop", "p1", "sa", "198.18.9.3");
         labelled
