@@ -989,7 +989,7 @@ async fn send_with_retries(
         }
         let on = &policy.on;
         let retriable = match &outcome {
-            Try::Response(r) => on.status(r.status().as_u16()),
+            Try::Response(r) => on.status(r.status().as_u16()) || on.grpc_status(r.headers()),
             Try::Timeout => on.timeout(),
             Try::Connect => on.connect(),
             Try::Reset => on.reset(),

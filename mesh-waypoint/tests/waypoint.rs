@@ -492,6 +492,12 @@ routes:
           route: [{{ destination: {{ host: api-v1 }} }}]
         - match: [{{ uri: {{ exact: /v1-only }} }}]
           route: [{{ destination: {{ host: api-v1 }} }}]
+        - match: [{{ uri: {{ prefix: /grpc-unstable-no-retry }} }}]
+          retries: {{ attempts: 2, retryOn: 5xx }}
+          route: [{{ destination: {{ host: api-v1 }} }}]
+        - match: [{{ uri: {{ prefix: /grpc-unstable }} }}]
+          retries: {{ attempts: 2, retryOn: unavailable }}
+          route: [{{ destination: {{ host: api-v1 }} }}]
         - route:
             - {{ destination: {{ host: api-v1 }}, weight: 90 }}
             - {{ destination: {{ host: api-v2 }}, weight: 10 }}
@@ -555,6 +561,31 @@ routes:
                 .any(|u| u["field"] == "spec.http[5].directResponse" && u["effect"] == "rule_fails"),
             "{dump:#}"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn grpc_unavailable_is_retried_when_retry_on_names_it() {
+        let s = setup().await;
+        let mut c = s.client.http(vip(API_VIP), false).await;
+        for i in 0..5 {
+            let a = c.get("/grpc-unstable", &[]).await;
+            assert_eq!(
+                a.headers.get("grpc-status").and_then(|v| v.to_str().ok()),
+                Some("0"),
+                "request {i}: {a:?}"
+            );
+        }
+        // Each request: UNAVAILABLE, then the retry's OK.
+        assert_eq!(s.v1_count.load(Ordering::SeqCst), 10);
+        wait_metrics(s.admin, |m| retries(m, "attempted") == 5).await;
+        // A route retrying on 5xx only passes the gRPC error on.
+        let a = c.get("/grpc-unstable-no-retry", &[]).await;
+        assert_eq!(
+            a.headers.get("grpc-status").and_then(|v| v.to_str().ok()),
+            Some("14"),
+            "{a:?}"
+        );
+        assert_eq!(s.v1_count.load(Ordering::SeqCst), 11);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

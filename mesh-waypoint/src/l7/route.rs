@@ -288,6 +288,11 @@ pub struct RetryOn {
     pub reset: bool,
     /// `retriable-status-codes` and bare codes: these statuses.
     pub codes: Vec<u16>,
+    /// gRPC conditions (`cancelled` 1, `deadline-exceeded` 4,
+    /// `resource-exhausted` 8, `internal` 13, `unavailable` 14): these
+    /// `grpc-status` codes in the response headers (a trailers-only gRPC
+    /// response, as Envoy reads them).
+    pub grpc: Vec<u32>,
 }
 
 impl RetryOn {
@@ -296,6 +301,17 @@ impl RetryOn {
         (self.server_error && (500..600).contains(&status))
             || (self.gateway_error && matches!(status, 502..=504))
             || self.codes.contains(&status)
+    }
+
+    /// Whether a response with these headers is retried for its
+    /// `grpc-status` (a gRPC error answered without a body).
+    pub fn grpc_status(&self, headers: &http::HeaderMap) -> bool {
+        !self.grpc.is_empty()
+            && headers
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u32>().ok())
+                .is_some_and(|code| self.grpc.contains(&code))
     }
 
     /// Whether a per-try timeout is retried.
@@ -338,12 +354,18 @@ impl Default for RetryPolicy {
                 connect_failure: true,
                 reset: true,
                 codes: vec![503],
+                grpc: vec![GRPC_UNAVAILABLE, GRPC_CANCELLED],
                 ..RetryOn::default()
             },
             backoff: None,
         }
     }
 }
+
+/// gRPC status `CANCELLED`.
+const GRPC_CANCELLED: u32 = 1;
+/// gRPC status `UNAVAILABLE`.
+const GRPC_UNAVAILABLE: u32 = 14;
 
 /// Parses Istio's `retryOn`; returns the conditions and the ones not supported.
 pub fn parse_retry_on(s: &str) -> (RetryOn, Vec<String>) {
@@ -357,8 +379,11 @@ pub fn parse_retry_on(s: &str) -> (RetryOn, Vec<String>) {
             "reset" | "refused-stream" => on.reset = true,
             // The status codes come as bare numbers in Istio's retryOn.
             "retriable-status-codes" => {}
-            "unavailable" | "cancelled" | "deadline-exceeded" | "internal"
-            | "resource-exhausted" => {} // gRPC statuses: no gRPC backends yet
+            "cancelled" => on.grpc.push(GRPC_CANCELLED),
+            "deadline-exceeded" => on.grpc.push(4),
+            "resource-exhausted" => on.grpc.push(8),
+            "internal" => on.grpc.push(13),
+            "unavailable" => on.grpc.push(GRPC_UNAVAILABLE),
             t => match t.parse::<u16>() {
                 Ok(code) if (100..600).contains(&code) => on.codes.push(code),
                 _ => unsupported.push(t.to_owned()),
@@ -1224,6 +1249,32 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_retry_conditions_read_the_grpc_status_of_a_trailers_only_response() {
+        let (on, unsupported) = parse_retry_on("unavailable, deadline-exceeded,5xx");
+        assert!(unsupported.is_empty(), "{unsupported:?}");
+        assert_eq!(on.grpc, vec![14, 4]);
+        let headers = |status: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("grpc-status", status.parse().expect("value"));
+            h
+        };
+        assert!(on.grpc_status(&headers("14")));
+        assert!(on.grpc_status(&headers("4")));
+        assert!(!on.grpc_status(&headers("0")), "OK is not retried");
+        assert!(
+            !on.grpc_status(&headers("13")),
+            "internal was not asked for"
+        );
+        assert!(!on.grpc_status(&http::HeaderMap::new()));
+        let (all, _) =
+            parse_retry_on("cancelled,deadline-exceeded,resource-exhausted,internal,unavailable");
+        assert_eq!(all.grpc, vec![1, 4, 8, 13, 14]);
+        // Istio's default policy retries unavailable and cancelled.
+        assert_eq!(RetryPolicy::default().on.grpc, vec![14, 1]);
+        assert!(!parse_retry_on("5xx").0.grpc_status(&headers("14")));
+    }
 
     /// The engine's destinations without DestinationRules (these tests use none).
     fn no_destination_rules() -> mesh_routing::RouteTable {

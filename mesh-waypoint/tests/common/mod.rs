@@ -55,7 +55,8 @@ pub fn issuer() -> Arc<LocalCa> {
 /// request's headers echoed as `x-echo-<name>` response headers, a header
 /// `x-internal: secret`; never answers paths under `/hang`; answers 503 to
 /// paths containing `fail`, and to every other request for paths containing
-/// `flaky` (the 1st, 3rd, ...).
+/// `flaky` (the 1st, 3rd, ...); `grpc-status: 14` (unavailable) to every
+/// other request for paths containing `grpc-unstable`, 0 to the others.
 pub async fn http_backend(name: &'static str) -> SocketAddr {
     counted_backend(name).await.0
 }
@@ -101,6 +102,11 @@ async fn answer(
         .status(if fail { 503 } else { 200 })
         .header("x-backend", name)
         .header("x-internal", "secret");
+    if path.contains("grpc-unstable") {
+        // A trailers-only gRPC answer: UNAVAILABLE (14) to the 1st, 3rd, ...
+        let code = if n % 2 == 1 { "14" } else { "0" };
+        response = response.header("grpc-status", code);
+    }
     for (k, v) in req.headers() {
         response = response.header(format!("x-echo-{k}"), v);
     }
