@@ -194,11 +194,7 @@ async fn connect(t: &Tunnel, target: SocketAddr) -> Result<(u16, Option<Stream>)
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
+    common::rogue::multi_thread_runtime()
 }
 
 struct Addrs {

@@ -889,7 +889,8 @@ async fn waypoint_labels_arrive_follow_changes_and_resolve_to_the_waypoint_pod()
             store.current().waypoint_endpoints(&edge, &td),
             Err(mesh_agent::state::WaypointError::Missing(_))
         ));
-        // A pod's own label (traffic to its IP) is not supported yet: listed, not ignored.
+        // A pod's own label (traffic to its IP) names a waypoint that takes
+        // service traffic only (no istio.io/waypoint-for): listed as ignored.
         server.apply(objects::pod(
             "shop",
             "remote",
@@ -898,8 +899,33 @@ async fn waypoint_labels_arrive_follow_changes_and_resolve_to_the_waypoint_pod()
             &["10.2.0.10"],
             json!({"app": "web", "istio.io/use-waypoint": "wp"}),
         ));
-        wait_for(store, "pod waypoint label listed", |s| {
-            mesh_agent::state::pods_with_waypoint_label(&s.workloads) == [key("shop", "remote")]
+        let remote = key("shop", "remote");
+        wait_for(store, "pod waypoint label ignored", |s| {
+            s.ignored_pod_waypoints() == [remote.clone()]
+        })
+        .await;
+        // The waypoint takes workload traffic too (`all`, on its Service):
+        // the pod's label is in force, the service keeps its waypoint.
+        let mut wp_svc = objects::service("shop", "wp", "10.96.0.30", 15008, 15008);
+        wp_svc["metadata"]["labels"] = json!({"istio.io/waypoint-for": "all"});
+        server.apply(wp_svc.clone());
+        wait_for(store, "pod waypoint in force", |s| {
+            s.ignored_pod_waypoints().is_empty()
+                && s.workloads.get(&remote).is_some_and(|p| {
+                    s.pod_waypoint_in_force(p)
+                        .is_some_and(|w| w.reference.to_string() == "shop/wp")
+                })
+        })
+        .await;
+        // `workload` only: the service (back on its namespace's waypoint)
+        // no longer goes through it.
+        wp_svc["metadata"]["labels"] = json!({"istio.io/waypoint-for": "workload"});
+        server.apply(wp_svc);
+        server.apply(objects::service("shop", "web", "10.96.0.10", 80, 8080));
+        wait_for(store, "service waypoint not in force", |s| {
+            s.services.get(&web).is_some_and(|svc| {
+                svc.waypoint.is_some() && s.service_waypoint_in_force(svc).is_none()
+            })
         })
         .await;
         // Labels removed: no waypoint.

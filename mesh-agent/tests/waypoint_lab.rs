@@ -169,6 +169,10 @@ fn mesh() -> Mesh {
     mesh
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    common::rogue::multi_thread_runtime()
+}
+
 /// Connections node 1's agent delivered to `web` (as the destination reports them).
 fn landed_on_web(mesh: &Mesh) -> u64 {
     mesh.metrics_text(1)
@@ -205,11 +209,7 @@ fn access_lines(mesh: &Mesh, needles: &[&str]) -> Vec<String> {
 
 #[test]
 fn a_service_in_a_waypoint_namespace_is_reached_through_its_waypoint_and_fails_closed_without_it() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let mesh = mesh();
     let waypoint = FakeWaypoint::start(&rt, &mesh, "wp");
 
@@ -313,6 +313,63 @@ fn a_service_in_a_waypoint_namespace_is_reached_through_its_waypoint_and_fails_c
     assert_eq!(status, Ok(200));
 }
 
+/// Istio's workload-addressed traffic: a connection to a pod's own
+/// address goes through the pod's waypoint (here its namespace's) only
+/// when the waypoint takes workload traffic (`istio.io/waypoint-for` on
+/// its Service): a CONNECT to the pod's address itself, and fail closed
+/// when the waypoint is down.
+#[test]
+fn a_pod_addressed_by_its_own_ip_goes_through_a_waypoint_that_takes_workload_traffic() {
+    let rt = runtime();
+    let mesh = mesh();
+    let waypoint = FakeWaypoint::start(&rt, &mesh, "wp");
+    let web_ip = mesh.lab.pod("web").expect("web").ipv4();
+    let pod = SocketAddr::new(web_ip.into(), 8080);
+
+    // The waypoint takes service traffic only (no label): straight to the pod.
+    let r = mesh.client("a", &pod.to_string(), &["--conns", "2"]);
+    assert_eq!((r.ok, r.failed), (2, 0), "{r:?}");
+    assert_eq!(landed_on_web(&mesh), 2);
+    assert!(waypoint.seen().is_empty(), "{:?}", waypoint.seen());
+
+    // `istio.io/waypoint-for: all`: the pod's traffic goes through it,
+    // addressed to the pod itself (the waypoint's own pod does not).
+    let scoped = |mesh: &Mesh| {
+        node0_file(mesh, "", "wp").replace(
+            "  - name: wp\n    vips:",
+            "  - name: wp\n    labels: {istio.io/waypoint-for: all}\n    vips:",
+        )
+    };
+    mesh.write_workload_text_applied(0, &scoped(&mesh));
+    let dump = mesh.config_dump(0);
+    assert_eq!(
+        dump["routes"]["waypoints"],
+        serde_json::json!([
+            {"service": "default/web", "waypoint": "default/wp", "from": "namespace"},
+            {"pod": "default/a", "waypoint": "default/wp", "from": "namespace"},
+            {"pod": "default/web", "waypoint": "default/wp", "from": "namespace"},
+        ]),
+        "{:#}",
+        dump["routes"]
+    );
+    let r = mesh.client("a", &pod.to_string(), &["--conns", "3"]);
+    assert_eq!((r.ok, r.failed), (3, 0), "{r:?}");
+    assert_eq!(
+        waypoint.seen(),
+        vec![(pod, "spiffe://cluster.local/ns/default/sa/a".to_owned()); 3],
+        "the waypoint saw every connection, addressed to the pod"
+    );
+    assert_eq!(landed_on_web(&mesh), 2, "nothing went around the waypoint");
+
+    // The waypoint down: the pod's connections fail closed, counted.
+    waypoint.stop();
+    let before = proxy_counter(&mesh, 0, "waypoint_unavailable");
+    let r = mesh.client("a", &pod.to_string(), &["--conns", "1"]);
+    assert_eq!((r.ok, r.failed), (0, 1), "{r:?}");
+    assert_eq!(proxy_counter(&mesh, 0, "waypoint_unavailable") - before, 1);
+    assert_eq!(landed_on_web(&mesh), 2, "fail closed: no bypass to the pod");
+}
+
 /// The real `mesh-waypoint` binary, built next to the agent (`cargo build
 /// --workspace --bins`, as `cargo xtask test` does before the lab tests).
 fn waypoint_bin() -> std::path::PathBuf {
@@ -346,7 +403,7 @@ fn the_real_waypoint_routes_http_between_two_agents_over_hbone() {
     n0.push_str(
         "namespaces:\n  - name: default\n    labels: {istio.io/use-waypoint: wp}\n\
          services:\n  - name: web\n    vips: [\"198.18.200.1\"]\n    ports: [{name: http, port: 80, targetPort: 8081}]\n    endpoints: [web]\n\
-         \x20 - name: wp\n    vips: [\"198.18.200.9\"]\n    ports: [{name: mesh, port: 15008}]\n    endpoints: [wp]\n",
+         \x20 - name: wp\n    labels: {istio.io/waypoint-for: all}\n    vips: [\"198.18.200.9\"]\n    ports: [{name: mesh, port: 15008}]\n    endpoints: [wp]\n",
     );
     mesh.write_workload_text(0, &n0);
     let n1 = mesh.workloads_yaml(1, &[("web", true), ("wp", false)], &[("a", true)]);
@@ -372,6 +429,7 @@ fn the_real_waypoint_routes_http_between_two_agents_over_hbone() {
         &config,
         format!(
             "services:\n  - name: web\n    namespace: default\n    addresses: [198.18.200.1]\n    ports: [{{ port: 80, targetPort: 8081, protocol: http }}]\n    endpoints:\n      - {{ address: {web_ip}, tunnel: hbone, workload: web, serviceAccount: web }}\n\
+             workloads:\n  - {{ name: web, namespace: default, addresses: [{web_ip}], tunnel: hbone, serviceAccount: web }}\n\
              routes:\n  - apiVersion: gateway.networking.k8s.io/v1\n    kind: HTTPRoute\n    metadata: {{ name: web, namespace: default }}\n    spec:\n      parentRefs: [{{ group: \"\", kind: Service, name: web, port: 80 }}]\n      rules:\n        - filters: [{{ type: ResponseHeaderModifier, responseHeaderModifier: {{ add: [{{ name: x-routed-by, value: waypoint }}] }} }}]\n          backendRefs: [{{ name: web, port: 80 }}]\n\
              policies:\n  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n    metadata: {{ name: no-secrets, namespace: default }}\n    spec:\n      targetRefs: [{{ kind: Service, group: \"\", name: web }}]\n      action: DENY\n      rules: [{{ to: [{{ operation: {{ paths: [\"/secret*\"] }} }}] }}]\n"
         ),
@@ -424,6 +482,19 @@ fn the_real_waypoint_routes_http_between_two_agents_over_hbone() {
         );
     }
 
+    // The pod's own address (the waypoint takes workload traffic too):
+    // through the waypoint, which sends it to the pod itself.
+    let direct = SocketAddr::new(web_ip, 8081).to_string();
+    let mut get = std::process::Command::new(mesh_lab::lab_app_path().expect("mesh-lab-app"));
+    get.args(["get", "--connect", &direct, "--path", "/hello.txt"]);
+    let out = mesh.lab.run_in_pod("a", get).expect("get");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "served by web\n");
+
     // The waypoint counted the request (reporter="waypoint", 200, the
     // client's identity as the source) ...
     let wp_netns = mesh.lab.pod("wp").expect("wp").netns_path();
@@ -442,6 +513,20 @@ fn the_real_waypoint_routes_http_between_two_agents_over_hbone() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum();
     assert!(served >= 1, "{metrics}");
+    // ... the pod-addressed one with no destination service, the pod as
+    // the destination ...
+    let to_pod: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .filter(|l| {
+            l.contains("reporter=\"waypoint\"")
+                && l.contains("response_code=\"200\"")
+                && l.contains("destination_service=\"unknown\"")
+                && l.contains("destination_workload=\"web\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(to_pod, 1, "{metrics}");
     let denied: u64 = metrics
         .lines()
         .filter(|l| {

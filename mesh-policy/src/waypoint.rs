@@ -58,7 +58,9 @@ pub struct WaypointTarget<'a> {
     pub waypoint_namespace: &'a str,
     /// The waypoint's name (its Gateway's).
     pub waypoint_name: &'a str,
-    /// The namespace of the Service the client addressed.
+    /// The namespace of the Service the client addressed (empty when the
+    /// client addressed a pod by its own IP: no Service target matches,
+    /// since a `targetRefs` name is never empty).
     pub service_namespace: &'a str,
     /// The Service's name.
     pub service_name: &'a str,

@@ -91,7 +91,7 @@ impl Proxy {
     /// Replaces the HBONE endpoints (a configuration reload).
     pub fn set_hbone_targets(
         &self,
-        targets: std::collections::HashMap<std::net::SocketAddr, crate::services::HboneTarget>,
+        targets: std::collections::HashMap<std::net::IpAddr, crate::services::HboneTarget>,
     ) {
         self.connector.set_targets(targets);
     }

@@ -67,6 +67,12 @@ pub struct WaypointConfig {
     /// routes may send to.
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
+    /// The pods whose workload traffic (addressed to the pod's own IP)
+    /// this waypoint takes (`istio.io/use-waypoint` on the pod or its
+    /// namespace, the waypoint's `istio.io/waypoint-for` `workload` or
+    /// `all`).
+    #[serde(default)]
+    pub workloads: Vec<WorkloadConfig>,
     /// Route objects, verbatim: Gateway API `HTTPRoute`s and Istio
     /// `VirtualService`s (read by [`WaypointConfig::route_objects`]).
     #[serde(default)]
@@ -275,6 +281,37 @@ pub struct EndpointConfig {
     /// The HBONE port of the pod's address (15008).
     #[serde(default)]
     pub hbone_port: Option<u16>,
+}
+
+/// A pod whose workload traffic the waypoint takes.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadConfig {
+    /// The pod's name.
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its IPs (the addresses clients CONNECT to through the waypoint).
+    pub addresses: Vec<IpAddr>,
+    /// The workload's name (its Deployment's), for telemetry; the pod's
+    /// name when absent.
+    #[serde(default)]
+    pub workload: Option<String>,
+    /// The pod's service account (its principal).
+    #[serde(default)]
+    pub service_account: Option<String>,
+    /// The pod's labels (`app`, `version` for telemetry).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// How the waypoint reaches the pod (as for an endpoint).
+    #[serde(default)]
+    pub tunnel: TunnelProtocol,
+    /// The HBONE port of the pod's address (15008).
+    #[serde(default)]
+    pub hbone_port: Option<u16>,
+    /// How the waypoint treats the pod's ports (detected by default).
+    #[serde(default)]
+    pub protocol: PortProtocol,
 }
 
 /// How an endpoint is reached (Istio's workload `tunnelProtocol`).

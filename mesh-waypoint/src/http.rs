@@ -1,11 +1,13 @@
 //! HTTP proxying on a tunnel stream: a hyper server (HTTP/1.1 or HTTP/2)
-//! whose requests are routed by [`crate::l7::route`] and sent with a pooled
-//! hyper client to the chosen endpoint (plaintext HTTP/1.1 in this slice:
-//! HBONE to the backend pods is the next step), and the per-request
-//! telemetry: Istio's metrics and one access-log line.
+//! whose requests are routed by [`crate::l7::route`] (a service's) or go to
+//! the pod the client addressed, and are sent with a pooled hyper client to
+//! the chosen endpoint (over HBONE to meshed pods, plaintext otherwise),
+//! and the per-request telemetry: Istio's metrics, one access-log line and
+//! a span.
 
 use std::{
     convert::Infallible,
+    net::SocketAddr,
     pin::Pin,
     sync::{
         Arc,
@@ -25,7 +27,7 @@ use crate::{
     client::{BackendBody, ProxyBody},
     l7::route::{Backend, RetryPolicy, Rule, Selection, ServiceKey},
     metrics::RequestLabels,
-    services::{Chosen, Client, NoEndpoint, TryResult, service_labels},
+    services::{Addressed, Chosen, Client, NoEndpoint, PodTarget, Services, TryResult},
     shared::{Shared, Tunnel},
     stream::Rewind,
 };
@@ -191,7 +193,7 @@ impl Finish {
         let labels = RequestLabels {
             source: t.source.clone(),
             destination,
-            destination_service: service_labels(&t.target.service),
+            destination_service: t.target.service_labels(),
             protocol: "http",
             response_code: self.status.as_u16(),
             response_flags: self.flags.as_str(),
@@ -212,7 +214,7 @@ impl Finish {
             method = %self.method,
             path = %self.path,
             authority = %self.authority,
-            service = %t.target.service,
+            service = %t.target,
             route = %self.route,
             policy = self.policy.as_deref(),
             response_code_details = self.details.as_deref(),
@@ -278,7 +280,11 @@ impl Finish {
             ),
         ];
         if let Some(c) = &self.upstream {
-            let subset = c.dest.subset.as_deref().unwrap_or("");
+            let subset = c
+                .dest
+                .as_ref()
+                .and_then(|d| d.subset.as_deref())
+                .unwrap_or("");
             let cluster = format!("outbound|{port}|{subset}|{host}");
             attributes.push(KeyValue::new("upstream_cluster", cluster.clone()));
             attributes.push(KeyValue::new("upstream_cluster.name", cluster));
@@ -499,10 +505,6 @@ async fn handle(
         metered(local(status), finish)
     };
     let target = &tunnel.target;
-    let client = Client {
-        namespace: &tunnel.source.namespace,
-        ip: tunnel.peer.ip(),
-    };
     let active = shared.active();
     // Policies and routes see the path as Istio's default normalisation
     // (BASE) leaves it, and the backend gets that path: a request cannot
@@ -573,8 +575,26 @@ async fn handle(
             return rbac_denied(finish);
         }
     }
+    // A pod addressed by its own IP has no route: the pod is the backend.
+    let service = match &target.addressed {
+        Addressed::Service(service) => service,
+        Addressed::Pod(pod) => {
+            let pod = Arc::clone(pod);
+            return forward(
+                shared,
+                tunnel,
+                parts,
+                body,
+                upgrade,
+                finish,
+                None,
+                Upstream::Pod(pod),
+            )
+            .await;
+        }
+    };
     let selection = active.routes.select(
-        &target.service,
+        service,
         target.port.port,
         &parts.method,
         &parts.uri,
@@ -585,7 +605,7 @@ async fn handle(
         Selection::Default => (
             None,
             Backend::Service {
-                service: target.service.clone(),
+                service: service.clone(),
                 port: target.port.port,
                 subset: None,
             },
@@ -625,16 +645,70 @@ async fn handle(
             }
         }
     };
-    let (service, port, subset) = match backend {
+    let upstream = match backend {
         Backend::Service {
             service,
             port,
             subset,
-        } => (service, port, subset),
+        } => Upstream::Service {
+            service,
+            port,
+            subset,
+        },
         Backend::Invalid(_) => {
             return answer(finish, StatusCode::INTERNAL_SERVER_ERROR, Flags::NoConfig);
         }
     };
+    let rule = rule.cloned();
+    forward(shared, tunnel, parts, body, upgrade, finish, rule, upstream).await
+}
+
+/// Where a request goes after routing.
+enum Upstream {
+    /// An endpoint of a service's port (of a subset), picked by the
+    /// routing engine.
+    Service {
+        service: ServiceKey,
+        port: u16,
+        subset: Option<Arc<str>>,
+    },
+    /// The pod the client addressed by its own IP.
+    Pod(Arc<PodTarget>),
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Service { service, .. } => write!(f, "{service}"),
+            Self::Pod(p) => write!(f, "pod {}/{}", p.namespace, p.name),
+        }
+    }
+}
+
+/// Rewrites, retries, mirrors and sends the routed request (`rule`, if a
+/// route rule matched) to `upstream`, and answers the client.
+#[allow(clippy::too_many_arguments)] // the request's parts and its context
+async fn forward(
+    shared: Arc<Shared>,
+    tunnel: Arc<Tunnel>,
+    mut parts: http::request::Parts,
+    body: Incoming,
+    upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
+    mut finish: Finish,
+    rule: Option<Arc<Rule>>,
+    upstream: Upstream,
+) -> Response<ProxyBody> {
+    let answer = |mut finish: Finish, status: StatusCode, flags: Flags| {
+        finish.status = status;
+        finish.flags = flags;
+        metered(local(status), finish)
+    };
+    let client = Client {
+        namespace: &tunnel.source.namespace,
+        ip: tunnel.peer.ip(),
+    };
+    let authority = finish.authority.clone();
+    let rule = rule.as_ref();
     let mut path = parts
         .uri
         .path_and_query()
@@ -708,7 +782,7 @@ async fn handle(
         &shared,
         client,
         &template,
-        (&service, port, subset.as_deref()),
+        (&upstream, tunnel.vip),
         &policy,
         replay,
         streamed,
@@ -732,7 +806,7 @@ async fn handle(
                 NoEndpoint::Unhealthy(_) => Flags::NoHealthyUpstream,
                 NoEndpoint::Overflow(_) => Flags::Overflow,
             };
-            tracing::debug!(service = %service, reason = %why, "no endpoint for the request");
+            tracing::debug!(service = %upstream, reason = %why, "no endpoint for the request");
             return answer(finish, StatusCode::SERVICE_UNAVAILABLE, flags);
         }
         Try::Timeout => return answer(finish, StatusCode::GATEWAY_TIMEOUT, Flags::Timeout),
@@ -757,7 +831,7 @@ async fn handle(
         Some((_, client_side)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
             let backend_side = hyper::upgrade::on(&mut response);
             let protocol = response.headers().get(header::UPGRADE).cloned();
-            splice_upgrade(client_side, backend_side, service.to_string());
+            splice_upgrade(client_side, backend_side, upstream.to_string());
             protocol
         }
         _ => None,
@@ -912,7 +986,7 @@ async fn send_with_retries(
     shared: &Shared,
     client: Client<'_>,
     template: &Template,
-    (service, port, subset): (&ServiceKey, u16, Option<&str>),
+    (upstream, dialled): (&Upstream, SocketAddr),
     policy: &RetryPolicy,
     replay: Option<Bytes>,
     mut streamed: Option<CountedBody>,
@@ -921,21 +995,32 @@ async fn send_with_retries(
     let mut retries = 0u32;
     let mut tried = Vec::new();
     loop {
-        let picked = shared.active().services.endpoint(
-            &shared.balancer,
-            service,
-            port,
-            subset,
-            client,
-            &tried,
-        );
+        let picked = match upstream {
+            Upstream::Service {
+                service,
+                port,
+                subset,
+            } => shared
+                .active()
+                .services
+                .endpoint(
+                    &shared.balancer,
+                    service,
+                    *port,
+                    subset.as_deref(),
+                    client,
+                    &tried,
+                )
+                .map(|(c, p)| (c, Some(p))),
+            Upstream::Pod(pod) => Ok((Services::pod_endpoint(pod, dialled), None)),
+        };
         let (chosen, pick) = match picked {
             Ok(p) => p,
             Err(e) => return Try::NoEndpoint(e),
         };
         tried.push(chosen.addr);
         *last = Some(chosen.clone());
-        *last_pick = Some(pick);
+        *last_pick = pick;
         let body: BackendBody = match (&replay, streamed.take()) {
             (Some(b), _) => Full::new(b.clone()).map_err(|e| match e {}).boxed_unsync(),
             (None, Some(s)) => s.boxed_unsync(),
@@ -1000,7 +1085,7 @@ async fn send_with_retries(
         }
         if !shared.proxy.budget.withdraw() {
             shared.metrics.retry(false);
-            tracing::debug!(service = %service, "retry budget spent; not retrying");
+            tracing::debug!(service = %upstream, "retry budget spent; not retrying");
             return outcome;
         }
         shared.metrics.retry(true);

@@ -5,8 +5,13 @@
 //! [`config_from_snapshot`] is the whole decision (pure):
 //! - **Fronted services**: those whose waypoint (`istio.io/use-waypoint` on
 //!   the Service or its namespace, by Istio's precedence: the agent's
-//!   `state::waypoint`, already resolved in the snapshot) is this one. They
-//!   keep their cluster IPs: a tunnel to one of them is served.
+//!   `state::waypoint`, already resolved in the snapshot, in force when
+//!   this waypoint's `istio.io/waypoint-for` takes service traffic) is this
+//!   one. They keep their cluster IPs: a tunnel to one of them is served.
+//! - **Fronted pods**: those whose waypoint (the pod's label or its
+//!   namespace's) is this one when it takes workload traffic
+//!   (`istio.io/waypoint-for: workload` or `all`): a tunnel to a pod's own
+//!   address is served, with the pod as the backend.
 //! - **Backends**: the Services the fronted services' routes send to
 //!   (HTTPRoute `backendRefs`, VirtualService destinations and mirrors),
 //!   without their cluster IPs: reachable as route backends only, never as
@@ -31,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::{
         EndpointConfig, GatewayRef, PortProtocol, ServiceConfig, ServicePort, TunnelProtocol,
-        WaypointConfig,
+        WaypointConfig, WorkloadConfig,
     },
     shared::Shared,
 };
@@ -54,7 +59,10 @@ pub fn config_from_snapshot(
     let fronted: BTreeSet<AgentServiceKey> = snap
         .services
         .iter()
-        .filter(|(_, s)| s.waypoint.as_ref().is_some_and(|w| w.reference == *me))
+        .filter(|(_, s)| {
+            snap.service_waypoint_in_force(s)
+                .is_some_and(|w| w.reference == *me)
+        })
         .map(|(k, _)| k.clone())
         .collect();
     let mut routes = Vec::new();
@@ -125,8 +133,18 @@ pub fn config_from_snapshot(
         })
         .filter_map(to_yaml)
         .collect();
+    let workloads = snap
+        .workloads
+        .values()
+        .filter(|p| {
+            snap.pod_waypoint_in_force(p)
+                .is_some_and(|w| w.reference == *me)
+        })
+        .map(workload_config)
+        .collect();
     WaypointConfig {
         services,
+        workloads,
         routes: routes.iter().filter_map(to_yaml).collect(),
         policies,
         gateway: Some(GatewayRef {
@@ -182,6 +200,25 @@ fn service_config(snap: &Snapshot, s: &mesh_agent::state::Service, fronted: bool
         addresses: if fronted { s.vips.clone() } else { Vec::new() },
         ports,
         endpoints,
+    }
+}
+
+/// A pod whose workload traffic this waypoint takes.
+fn workload_config(w: &Workload) -> WorkloadConfig {
+    WorkloadConfig {
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        addresses: w.ips.clone(),
+        workload: Some(workload_name(w)),
+        service_account: Some(w.service_account.clone()),
+        labels: w.labels.clone(),
+        tunnel: if w.enrolled {
+            TunnelProtocol::Hbone
+        } else {
+            TunnelProtocol::None
+        },
+        hbone_port: None,
+        protocol: PortProtocol::Auto,
     }
 }
 

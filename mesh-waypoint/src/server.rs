@@ -25,7 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::{
     config::PortProtocol,
     metrics::peer_in,
-    services::Client,
+    services::{Addressed, Client, Services},
     shared::{Shared, Tunnel},
     stream::{PIPE, Rewind, pipe},
 };
@@ -234,8 +234,8 @@ async fn stream(
         tracing::info!(src = %peer, src_identity = %peer_id, method = %req.method(), uri = %req.uri(), "tunnel refused: not a CONNECT to an address");
         return hbone::respond_status(&mut respond, StatusCode::BAD_REQUEST);
     };
-    let Some(target) = shared.active().services.by_vip(vip).cloned() else {
-        tracing::info!(src = %peer, src_identity = %peer_id, dst = %vip, "tunnel refused: not a service of this waypoint");
+    let Some(target) = shared.active().services.target(vip) else {
+        tracing::info!(src = %peer, src_identity = %peer_id, dst = %vip, "tunnel refused: not a service or pod of this waypoint");
         return hbone::respond_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
     };
     let source = source_labels(&req, &peer_id);
@@ -328,7 +328,7 @@ async fn inner_stream(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: DuplexSt
         PortProtocol::Http | PortProtocol::Http2
     );
     if detected == Detected::Tcp && http_only {
-        tracing::info!(src = %tunnel.peer, service = %tunnel.target.service, "tunnel closed: the port is HTTP but the client does not speak HTTP");
+        tracing::info!(src = %tunnel.peer, target = %tunnel.target, "tunnel closed: the port is HTTP but the client does not speak HTTP");
         return;
     }
     let io = Rewind {
@@ -343,7 +343,6 @@ async fn inner_stream(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: DuplexSt
     }
 }
 
-/// Relays an opaque stream to an endpoint of the service.
 /// An opaque stream's backend connection.
 enum Upstream {
     /// Plain TCP (an endpoint outside the mesh).
@@ -352,6 +351,8 @@ enum Upstream {
     Hbone(tokio::io::DuplexStream),
 }
 
+/// Relays an opaque stream to an endpoint of the service, or to the pod
+/// addressed.
 async fn tcp(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: Rewind) {
     let t = &tunnel.target;
     // Policies attached to the waypoint apply to opaque streams too, their
@@ -363,7 +364,7 @@ async fn tcp(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: Rewind) {
             reporter = "waypoint",
             src = %tunnel.peer,
             src_identity = %tunnel.peer_id,
-            service = %t.service,
+            service = %t,
             policy = reason.policy().map(tracing::field::display),
             reason = %reason,
             "tcp stream denied"
@@ -374,23 +375,27 @@ async fn tcp(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: Rewind) {
         namespace: &tunnel.source.namespace,
         ip: tunnel.peer.ip(),
     };
-    let picked = shared.active().services.endpoint(
-        &shared.balancer,
-        &t.service,
-        t.port.port,
-        None,
-        client,
-        &[],
-    );
+    let picked = match &t.addressed {
+        Addressed::Service(service) => shared
+            .active()
+            .services
+            .endpoint(&shared.balancer, service, t.port.port, None, client, &[])
+            .map(|(c, p)| (c, Some(p))),
+        Addressed::Pod(pod) => Ok((Services::pod_endpoint(pod, tunnel.vip), None)),
+    };
     // The pick counts the relay as an active connection until it ends.
     let (chosen, _pick) = match picked {
         Ok(p) => p,
         Err(e) => {
-            tracing::info!(src = %tunnel.peer, service = %t.service, reason = %e, "TCP tunnel closed: no endpoint");
+            tracing::info!(src = %tunnel.peer, service = %t, reason = %e, "TCP tunnel closed: no endpoint");
             return;
         }
     };
-    let connect_timeout = chosen.dest.policy.connect_timeout().min(HANDSHAKE_TIMEOUT);
+    let connect_timeout = chosen
+        .dest
+        .as_ref()
+        .map_or(HANDSHAKE_TIMEOUT, |d| d.policy.connect_timeout())
+        .min(HANDSHAKE_TIMEOUT);
     // A meshed endpoint only over HBONE (mTLS to its identity, as its
     // agent requires), naming the client it carries; others in plaintext.
     let open = async {
@@ -414,16 +419,20 @@ async fn tcp(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: Rewind) {
     };
     let connected = tokio::time::timeout(connect_timeout, open).await;
     let failed = |reason: &str| {
-        shared
-            .balancer
-            .failure(&chosen.dest, chosen.addr, std::time::Instant::now());
-        tracing::info!(src = %tunnel.peer, service = %t.service, upstream = %chosen.addr, reason, "TCP tunnel closed: cannot reach the endpoint");
+        if let Some(dest) = &chosen.dest {
+            shared
+                .balancer
+                .failure(dest, chosen.addr, std::time::Instant::now());
+        }
+        tracing::info!(src = %tunnel.peer, service = %t, upstream = %chosen.addr, reason, "TCP tunnel closed: cannot reach the endpoint");
     };
     let mut upstream = match connected {
         Ok(Ok(s)) => {
-            shared
-                .balancer
-                .success(&chosen.dest, chosen.addr, std::time::Instant::now());
+            if let Some(dest) = &chosen.dest {
+                shared
+                    .balancer
+                    .success(dest, chosen.addr, std::time::Instant::now());
+            }
             s
         }
         Ok(Err(e)) => return failed(&e),
@@ -439,8 +448,9 @@ async fn tcp(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: Rewind) {
         protocol = "tcp",
         src = %tunnel.peer,
         src_identity = %tunnel.peer_id,
-        service = %t.service,
+        service = %t,
         upstream = %chosen.addr,
+        dst_workload = %chosen.labels.workload,
         sent,
         received,
         error = result.err().map(tracing::field::display),

@@ -1,5 +1,7 @@
-//! The services the waypoint fronts: VIP lookup for the CONNECT target, the
-//! endpoint choice for a service port, and the telemetry labels of both.
+//! The services and pods the waypoint fronts: the lookup of a CONNECT
+//! target (a service VIP, or a pod's own address when its waypoint takes
+//! workload traffic), the endpoint choice for a service port, and the
+//! telemetry labels of both.
 
 use std::{
     collections::HashMap,
@@ -10,7 +12,10 @@ use std::{
 
 use mesh_agent::{
     identity::{SpiffeId, TrustDomain},
-    telemetry::{PeerLabels, ServiceLabels, metrics::CLUSTER_DOMAIN},
+    telemetry::{
+        PeerLabels, ServiceLabels,
+        metrics::{CLUSTER_DOMAIN, UNKNOWN},
+    },
 };
 
 use mesh_routing::{
@@ -19,17 +24,80 @@ use mesh_routing::{
 };
 
 use crate::{
-    config::{EndpointConfig, PortProtocol, ServiceConfig, ServicePort, TunnelProtocol},
+    config::{
+        EndpointConfig, PortProtocol, ServiceConfig, ServicePort, TunnelProtocol, WorkloadConfig,
+    },
     l7::route::ServiceKey,
 };
 
-/// A service port a client tunnelled to.
+/// What a client tunnelled to: a service port, or a port of a pod's own
+/// address.
 #[derive(Clone, Debug)]
 pub struct Target {
-    /// The service.
-    pub service: ServiceKey,
-    /// The port.
+    /// The service or pod.
+    pub addressed: Addressed,
+    /// The port (for a pod: the port dialled, its protocol the pod's).
     pub port: ServicePort,
+}
+
+/// The object a CONNECT target names.
+#[derive(Clone, Debug)]
+pub enum Addressed {
+    /// A service, by one of its VIPs: routes, policies attached to it and
+    /// its endpoints apply.
+    Service(ServiceKey),
+    /// A pod by its own address (Istio's workload-addressed traffic): no
+    /// route (Gateway API and Istio routes attach to services), the
+    /// waypoint's own policies, and the pod itself as the backend.
+    Pod(Arc<PodTarget>),
+}
+
+/// A pod whose waypoint (this one) takes its workload traffic.
+#[derive(Debug)]
+pub struct PodTarget {
+    /// `namespace/name` of the pod.
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Reached over HBONE (else plaintext).
+    pub hbone: bool,
+    /// Its ports speak HTTP/2 (prior knowledge) when HTTP.
+    pub protocol: PortProtocol,
+    /// Its telemetry labels.
+    pub labels: PeerLabels,
+}
+
+impl Target {
+    /// The service addressed, if a service was.
+    pub fn service(&self) -> Option<&ServiceKey> {
+        match &self.addressed {
+            Addressed::Service(s) => Some(s),
+            Addressed::Pod(_) => None,
+        }
+    }
+
+    /// The `destination_service*` labels: the service's, `unknown` for a
+    /// pod (as Istio reports workload-addressed requests).
+    pub fn service_labels(&self) -> ServiceLabels {
+        match &self.addressed {
+            Addressed::Service(s) => service_labels(s),
+            Addressed::Pod(_) => ServiceLabels {
+                host: UNKNOWN.to_owned(),
+                name: UNKNOWN.to_owned(),
+                namespace: UNKNOWN.to_owned(),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    /// `namespace/name` of a service, `pod namespace/name` of a pod.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.addressed {
+            Addressed::Service(s) => write!(f, "{s}"),
+            Addressed::Pod(p) => write!(f, "pod {}/{}", p.namespace, p.name),
+        }
+    }
 }
 
 /// One chosen endpoint.
@@ -44,8 +112,9 @@ pub struct Chosen {
     /// Its telemetry labels.
     pub labels: PeerLabels,
     /// The destination it was picked from (its policy, its balancer key):
-    /// the try's outcome is reported against it.
-    pub dest: Arc<Dest>,
+    /// the try's outcome is reported against it. `None`: a pod addressed
+    /// by its own IP (no service, no balancing, no outlier detection).
+    pub dest: Option<Arc<Dest>>,
 }
 
 /// How to reach a pod address over HBONE.
@@ -67,6 +136,10 @@ pub const HBONE_PORT: u16 = 15008;
 #[derive(Debug)]
 pub struct Services {
     by_vip: HashMap<(IpAddr, u16), Target>,
+    /// The pods whose workload traffic this waypoint takes, by address.
+    by_pod: HashMap<IpAddr, Arc<PodTarget>>,
+    /// Those pods, as configured.
+    pods: Vec<WorkloadConfig>,
     by_key: HashMap<ServiceKey, ServiceConfig>,
     /// Per service, its endpoints by pod address (`ip:port`).
     by_addr: HashMap<ServiceKey, HashMap<SocketAddr, EndpointConfig>>,
@@ -115,6 +188,7 @@ impl Services {
     /// routing engine. Problems with them are in [`Services::report`].
     pub fn new(
         services: &[ServiceConfig],
+        workloads: &[WorkloadConfig],
         trust_domain: &str,
         destination_rules: &[serde_json::Value],
     ) -> Self {
@@ -130,7 +204,7 @@ impl Services {
             for ip in &svc.addresses {
                 for port in &svc.ports {
                     let target = Target {
-                        service: key.clone(),
+                        addressed: Addressed::Service(key.clone()),
                         port: port.clone(),
                     };
                     by_vip.insert((ip.to_canonical(), port.port), target);
@@ -150,8 +224,29 @@ impl Services {
             ..Objects::default()
         };
         let destinations = mesh_routing::compile(objects, inputs, &Options::default());
+        let mut by_pod = HashMap::new();
+        for w in workloads {
+            let pod = Arc::new(PodTarget {
+                name: w.name.clone(),
+                namespace: w.namespace.clone(),
+                hbone: w.tunnel == TunnelProtocol::Hbone,
+                protocol: w.protocol,
+                labels: peer_labels(
+                    trust_domain,
+                    &w.namespace,
+                    w.workload.as_deref().unwrap_or(&w.name),
+                    w.service_account.as_deref(),
+                    &w.labels,
+                ),
+            });
+            for ip in &w.addresses {
+                by_pod.insert(ip.to_canonical(), Arc::clone(&pod));
+            }
+        }
         Self {
             by_vip,
+            by_pod,
+            pods: workloads.to_vec(),
             by_key,
             by_addr,
             trust_domain: trust_domain.to_owned(),
@@ -165,9 +260,35 @@ impl Services {
         &self.destinations
     }
 
-    /// The service port behind a CONNECT target (a VIP and port).
-    pub fn by_vip(&self, addr: SocketAddr) -> Option<&Target> {
-        self.by_vip.get(&(addr.ip().to_canonical(), addr.port()))
+    /// What a CONNECT target (a VIP and port, or a pod's address and
+    /// port) names: a service port first, else a pod this waypoint takes
+    /// workload traffic for.
+    pub fn target(&self, addr: SocketAddr) -> Option<Target> {
+        let ip = addr.ip().to_canonical();
+        if let Some(t) = self.by_vip.get(&(ip, addr.port())) {
+            return Some(t.clone());
+        }
+        let pod = self.by_pod.get(&ip)?;
+        Some(Target {
+            port: ServicePort {
+                port: addr.port(),
+                target_port: None,
+                protocol: pod.protocol,
+            },
+            addressed: Addressed::Pod(Arc::clone(pod)),
+        })
+    }
+
+    /// The backend of a request or stream to `pod` at `addr` (its own
+    /// address, as dialled).
+    pub fn pod_endpoint(pod: &PodTarget, addr: SocketAddr) -> Chosen {
+        Chosen {
+            addr: SocketAddr::new(addr.ip().to_canonical(), addr.port()),
+            hbone: pod.hbone,
+            http2: pod.protocol == PortProtocol::Http2,
+            labels: pod.labels.clone(),
+            dest: None,
+        }
     }
 
     /// Picks an endpoint of `service`:`port` (of `subset`) for `client`
@@ -224,7 +345,7 @@ impl Services {
             hbone: e.tunnel == TunnelProtocol::Hbone,
             http2,
             labels: self.endpoint_labels(svc, e),
-            dest,
+            dest: Some(dest),
         };
         Ok((chosen, pick))
     }
@@ -233,79 +354,110 @@ impl Services {
     /// consecutive 5xx and gateway errors, the destination's
     /// `outlierDetection`); logs an ejection.
     pub fn report(&self, balancer: &Balancer, chosen: &Chosen, result: TryResult) {
+        let Some(dest) = &chosen.dest else {
+            return;
+        };
         let outcome = match result {
             TryResult::Status(s) => HttpOutcome::of_status(s),
             TryResult::Failure => HttpOutcome::GatewayError,
         };
-        if balancer.http_result(&chosen.dest, chosen.addr, Instant::now(), outcome)
-            == Ejection::Ejected
-        {
-            tracing::warn!(destination = %chosen.dest.key, endpoint = %chosen.addr, "endpoint ejected by outlier detection");
+        if balancer.http_result(dest, chosen.addr, Instant::now(), outcome) == Ejection::Ejected {
+            tracing::warn!(destination = %dest.key, endpoint = %chosen.addr, "endpoint ejected by outlier detection");
         }
     }
 
-    /// Every HBONE endpoint's pod address (per service port) and how to
-    /// reach it; the identity is the pod's service account (`default` when
-    /// unnamed, as in Kubernetes) in the service's namespace.
-    pub fn hbone_targets(&self, trust_domain: &TrustDomain) -> HashMap<SocketAddr, HboneTarget> {
+    /// Every HBONE pod (service endpoints and the pods this waypoint takes
+    /// workload traffic for) by address, and how to reach it; the identity
+    /// is the pod's service account (`default` when unnamed, as in
+    /// Kubernetes) in its namespace.
+    pub fn hbone_targets(&self, trust_domain: &TrustDomain) -> HashMap<IpAddr, HboneTarget> {
         let mut targets = HashMap::new();
+        let mut add = |namespace: &str, sa: Option<&str>, address: IpAddr, port: Option<u16>| {
+            let sa = sa.unwrap_or("default");
+            let Ok(identity) = SpiffeId::new(trust_domain.clone(), namespace, sa) else {
+                tracing::warn!(%address, namespace, service_account = sa, "pod identity is not a valid SPIFFE ID; its requests fail");
+                return;
+            };
+            let hbone = SocketAddr::new(address, port.unwrap_or(HBONE_PORT));
+            targets.insert(address.to_canonical(), HboneTarget { hbone, identity });
+        };
         for svc in self.by_key.values() {
             for e in svc
                 .endpoints
                 .iter()
                 .filter(|e| e.tunnel == TunnelProtocol::Hbone)
             {
-                let sa = e.service_account.as_deref().unwrap_or("default");
-                let Ok(identity) = SpiffeId::new(trust_domain.clone(), &svc.namespace, sa) else {
-                    tracing::warn!(service = %svc.name, namespace = %svc.namespace, service_account = sa, "endpoint identity is not a valid SPIFFE ID; its requests fail");
-                    continue;
-                };
-                let hbone = SocketAddr::new(e.address, e.hbone_port.unwrap_or(HBONE_PORT));
-                for sp in &svc.ports {
-                    let pod_port = e.port.or(sp.target_port).unwrap_or(sp.port);
-                    let target = HboneTarget {
-                        hbone,
-                        identity: identity.clone(),
-                    };
-                    targets.insert(SocketAddr::new(e.address, pod_port), target);
-                }
+                add(
+                    &svc.namespace,
+                    e.service_account.as_deref(),
+                    e.address,
+                    e.hbone_port,
+                );
+            }
+        }
+        for w in self
+            .pods
+            .iter()
+            .filter(|w| w.tunnel == TunnelProtocol::Hbone)
+        {
+            for ip in &w.addresses {
+                add(
+                    &w.namespace,
+                    w.service_account.as_deref(),
+                    *ip,
+                    w.hbone_port,
+                );
             }
         }
         targets
     }
 
     fn endpoint_labels(&self, svc: &ServiceConfig, e: &EndpointConfig) -> PeerLabels {
-        let label = |keys: &[&str]| keys.iter().find_map(|k| e.labels.get(*k)).cloned();
-        let mut p = PeerLabels::unknown();
-        let workload = e.workload.clone().unwrap_or_else(|| p.workload.clone());
-        p.namespace = svc.namespace.clone();
-        if let Some(sa) = &e.service_account {
-            p.principal = format!(
-                "spiffe://{}/ns/{}/sa/{sa}",
-                self.trust_domain, svc.namespace
-            );
-        }
-        if let Some(app) = label(&["app", "app.kubernetes.io/name"]) {
-            p.app = app;
-        }
-        if let Some(v) = label(&["version", "app.kubernetes.io/version"]) {
-            p.version = v;
-        }
-        p.canonical_service = label(&[
-            "service.istio.io/canonical-name",
-            "app.kubernetes.io/name",
-            "app",
-        ])
-        .unwrap_or_else(|| workload.clone());
-        p.canonical_revision = label(&[
-            "service.istio.io/canonical-revision",
-            "app.kubernetes.io/version",
-            "version",
-        ])
-        .unwrap_or_else(|| "latest".to_owned());
-        p.workload = workload;
-        p
+        peer_labels(
+            &self.trust_domain,
+            &svc.namespace,
+            e.workload.as_deref().unwrap_or(UNKNOWN),
+            e.service_account.as_deref(),
+            &e.labels,
+        )
     }
+}
+
+/// The telemetry labels of a pod of `workload` in `namespace` running as
+/// `service_account`, from its `labels` (Istio's canonical-name rules).
+fn peer_labels(
+    trust_domain: &str,
+    namespace: &str,
+    workload: &str,
+    service_account: Option<&str>,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> PeerLabels {
+    let label = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k)).cloned();
+    let mut p = PeerLabels::unknown();
+    p.namespace = namespace.to_owned();
+    if let Some(sa) = service_account {
+        p.principal = format!("spiffe://{trust_domain}/ns/{namespace}/sa/{sa}");
+    }
+    if let Some(app) = label(&["app", "app.kubernetes.io/name"]) {
+        p.app = app;
+    }
+    if let Some(v) = label(&["version", "app.kubernetes.io/version"]) {
+        p.version = v;
+    }
+    p.canonical_service = label(&[
+        "service.istio.io/canonical-name",
+        "app.kubernetes.io/name",
+        "app",
+    ])
+    .unwrap_or_else(|| workload.to_owned());
+    p.canonical_revision = label(&[
+        "service.istio.io/canonical-revision",
+        "app.kubernetes.io/version",
+        "version",
+    ])
+    .unwrap_or_else(|| "latest".to_owned());
+    p.workload = workload.to_owned();
+    p
 }
 
 /// The `destination_service*` labels of a service.

@@ -97,6 +97,7 @@ impl Active {
     ) -> Self {
         let services = Services::new(
             &config.services,
+            &config.workloads,
             trust_domain.as_str(),
             &config.destination_rules(),
         );
@@ -165,7 +166,8 @@ fn compile_policies(
 impl Active {
     /// Decides a request (`request`; `None`: an opaque TCP stream) on
     /// `tunnel` by the AuthorizationPolicies attached to this waypoint or
-    /// to the service the client addressed.
+    /// to the service the client addressed (none for a pod addressed by
+    /// its own IP).
     pub fn authorize(
         &self,
         tunnel: &Tunnel,
@@ -179,11 +181,17 @@ impl Active {
             destination_ip: tunnel.vip.ip(),
             destination_port: tunnel.vip.port(),
         };
+        // A pod addressed by its own IP has no Service: only the policies
+        // attached to the waypoint (its Gateway, the GatewayClass) apply.
+        let (service_namespace, service_name) = tunnel
+            .target
+            .service()
+            .map_or(("", ""), |s| (s.namespace.as_str(), s.name.as_str()));
         let target = mesh_policy::WaypointTarget {
             waypoint_namespace: &self.gateway.0,
             waypoint_name: &self.gateway.1,
-            service_namespace: &tunnel.target.service.namespace,
-            service_name: &tunnel.target.service.name,
+            service_namespace,
+            service_name,
         };
         self.policies.evaluate(&target, &conn, request)
     }
@@ -240,9 +248,10 @@ impl Shared {
 /// The client side of one tunnel, as the HTTP proxy needs it.
 #[derive(Debug)]
 pub struct Tunnel {
-    /// The service port the client CONNECTed to.
+    /// The service port (or pod port) the client CONNECTed to.
     pub target: Target,
-    /// The address it CONNECTed to (the service VIP and port).
+    /// The address it CONNECTed to (the service VIP, or the pod's address,
+    /// and port).
     pub vip: SocketAddr,
     /// The tunnel's TCP peer.
     pub peer: SocketAddr,

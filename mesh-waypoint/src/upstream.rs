@@ -43,7 +43,7 @@ struct Inner {
     tls: Arc<MeshTls>,
     identity: SpiffeId,
     pool: Pool,
-    targets: RwLock<Arc<HashMap<SocketAddr, HboneTarget>>>,
+    targets: RwLock<Arc<HashMap<IpAddr, HboneTarget>>>,
 }
 
 /// The connector (cheap to clone).
@@ -65,7 +65,7 @@ impl HboneConnector {
     pub fn new(
         tls: Arc<MeshTls>,
         identity: SpiffeId,
-        targets: HashMap<SocketAddr, HboneTarget>,
+        targets: HashMap<IpAddr, HboneTarget>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -77,7 +77,7 @@ impl HboneConnector {
         }
     }
 
-    fn targets(&self) -> Arc<HashMap<SocketAddr, HboneTarget>> {
+    fn targets(&self) -> Arc<HashMap<IpAddr, HboneTarget>> {
         Arc::clone(
             &self
                 .inner
@@ -88,7 +88,7 @@ impl HboneConnector {
     }
 
     /// Replaces the HBONE endpoints (a configuration reload).
-    pub fn set_targets(&self, targets: HashMap<SocketAddr, HboneTarget>) {
+    pub fn set_targets(&self, targets: HashMap<IpAddr, HboneTarget>) {
         *self
             .inner
             .targets
@@ -132,7 +132,7 @@ impl HboneConnector {
     ) -> Result<HboneStream, UpstreamError> {
         let targets = Arc::clone(&inner.targets.read().unwrap_or_else(PoisonError::into_inner));
         let target = targets
-            .get(&pod)
+            .get(&pod.ip().to_canonical())
             .ok_or_else(|| UpstreamError::NotMeshed(pod.to_string()))?;
         let key = PoolKey {
             source: inner.identity.clone(),

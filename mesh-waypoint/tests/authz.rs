@@ -276,3 +276,116 @@ async fn a_request_istio_would_refuse_gets_400() {
     assert_eq!(lower.status, 400, "{lower:?}");
     assert_eq!(h2.get("/", &[]).await.status, 200);
 }
+
+/// Traffic addressed to a pod's own IP (the pod's waypoint takes workload
+/// traffic): the pod is the backend, no route applies, and of the
+/// policies only those attached to the waypoint itself do (a Service's
+/// policies are for traffic addressed to the Service), as in Istio. It is
+/// counted with the pod as destination and no destination service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_addressed_by_its_own_ip_gets_the_waypoints_policies_not_its_services() {
+    let (reviews, ratings, echo) = backends().await;
+    let ca = issuer();
+    // The pod `reviews-v1-0` at 127.0.0.1 (where every backend listens).
+    let pods = "\
+workloads:
+  - name: reviews-v1-0
+    namespace: default
+    addresses: [127.0.0.1]
+    workload: reviews-v1
+    serviceAccount: reviews
+    labels: { app: reviews, version: v1 }
+";
+    let text = format!("{}{pods}", config(reviews, ratings, echo, POLICIES));
+    let w = waypoint(ca.clone(), &text).await;
+    let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
+    let pod = SocketAddr::new([127, 0, 0, 1].into(), reviews.port());
+
+    let mut c = client.http(pod, false).await;
+    // The Service's ALLOW (GET /api/* only) does not apply to the pod...
+    let admin = send(&mut c, "GET", "/admin", &[]).await;
+    assert_eq!(
+        (admin.status.as_u16(), admin.body.as_str()),
+        (200, "reviews /admin 0")
+    );
+    // ...the Gateway's DENY does.
+    let blocked = send(&mut c, "GET", "/admin", &[("x-block", "yes")]).await;
+    assert_eq!(blocked.status, 403, "{blocked:?}");
+    // The same request to the Service is denied by the Service's ALLOW.
+    let mut s = client.http(vip(REVIEWS), false).await;
+    assert_eq!(send(&mut s, "GET", "/admin", &[]).await.status, 403);
+
+    // Opaque TCP to the pod: the Gateway's DENY has an HTTP condition,
+    // which fails safe for a stream (it denies it)...
+    let echo_pod = SocketAddr::new([127, 0, 0, 1].into(), echo.port());
+    let mut t = client.tunnel(echo_pod).await.expect("tunnel to the pod");
+    let _ = t.write_all(b"hello").await;
+    let mut back = [0u8; 5];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), t.read(&mut back))
+        .await
+        .expect("the denied stream was not closed");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?} {back:?}");
+    // ...and once that DENY is attached elsewhere, the echo Service's
+    // HTTP-only ALLOW does not apply to the pod: the stream is relayed to
+    // the pod's port (the same stream to the Service's VIP is not).
+    let elsewhere = POLICIES.replace(
+        "group: gateway.networking.k8s.io, name: waypoint }",
+        "group: gateway.networking.k8s.io, name: another-waypoint }",
+    );
+    let reloaded = WaypointConfig::parse(&format!(
+        "{}{pods}",
+        config(reviews, ratings, echo, &elsewhere)
+    ))
+    .expect("config");
+    w.shared.reload(&reloaded);
+    let mut t = client.tunnel(echo_pod).await.expect("tunnel to the pod");
+    t.write_all(b"hello").await.expect("write");
+    t.read_exact(&mut back).await.expect("echo from the pod");
+    assert_eq!(&back, b"hello");
+    let mut t = client.tunnel(vip(ECHO)).await.expect("tunnel");
+    let _ = t.write_all(b"hello").await;
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), t.read(&mut back))
+        .await
+        .expect("the denied stream was not closed");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?} {back:?}");
+
+    // An address that is neither a service of this waypoint nor one of its pods.
+    let r = client.tunnel(vip("127.0.0.2:80")).await;
+    assert_eq!(
+        r.err().as_deref(),
+        Some("CONNECT answered 503 Service Unavailable")
+    );
+
+    // Counted with the pod as the destination, and no service.
+    let is_pod_200 = |l: &std::collections::BTreeMap<String, String>| {
+        l.get("response_code").map(String::as_str) == Some("200")
+            && l.get("destination_workload").map(String::as_str) == Some("reviews-v1")
+    };
+    let metrics = wait_metrics(w.admin, |m| {
+        requests_total(m)
+            .iter()
+            .any(|(l, n)| is_pod_200(l) && *n == 1)
+    })
+    .await;
+    let (labels, _) = requests_total(&metrics)
+        .into_iter()
+        .find(|(l, _)| is_pod_200(l))
+        .expect("the pod's sample");
+    for (k, v) in [
+        ("reporter", "waypoint"),
+        ("destination_service", "unknown"),
+        ("destination_service_name", "unknown"),
+        ("destination_version", "v1"),
+        (
+            "destination_principal",
+            "spiffe://cluster.local/ns/default/sa/reviews",
+        ),
+        ("source_principal", CLIENT_ID),
+    ] {
+        assert_eq!(
+            labels.get(k).map(String::as_str),
+            Some(v),
+            "{k} in {labels:?}"
+        );
+    }
+}

@@ -389,18 +389,18 @@ impl Admin {
 
     /// Registers the `routes` part: the effective routing of the store's
     /// current route table with the proxy's balancer state (issue 11), and
-    /// the services whose traffic a waypoint routes instead (issue 12).
+    /// the services and pods whose traffic a waypoint routes instead (issue 12).
     pub fn register_routes(&self, store: &Store, balancer: Arc<crate::routing::Balancer>) {
         let s = store.clone();
         self.config_dump().register("routes", move || {
             let snap = s.current();
             let mut v = routes::routes_json(&snap.routes, &balancer, std::time::Instant::now());
             v["waypoints"] = routes::waypoints_json(&snap);
-            v["unsupported_pod_waypoints"] =
-                crate::state::pods_with_waypoint_label(&snap.workloads)
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect();
+            v["ignored_pod_waypoints"] = snap
+                .ignored_pod_waypoints()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
             v
         });
     }

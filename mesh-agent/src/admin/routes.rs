@@ -48,20 +48,28 @@ pub fn routes_json(table: &RouteTable, balancer: &Balancer, now: Instant) -> Val
     })
 }
 
-/// The services whose traffic goes through a waypoint (`istio.io/use-waypoint`):
-/// their routing (these routes included) is the waypoint's job, not the node's.
+/// The services and pods whose traffic goes through a waypoint
+/// (`istio.io/use-waypoint`, in force by the waypoint's
+/// `istio.io/waypoint-for`): their routing (these routes included) is the
+/// waypoint's job, not the node's.
 pub fn waypoints_json(snap: &crate::state::Snapshot) -> Value {
-    snap.services
-        .values()
-        .filter_map(|s| {
-            let w = s.waypoint.as_ref()?;
-            Some(json!({
-                "service": format!("{}/{}", s.namespace, s.name),
-                "waypoint": w.reference.to_string(),
-                "from": w.from.as_str(),
-            }))
-        })
-        .collect()
+    let services = snap.services.values().filter_map(|s| {
+        let w = snap.service_waypoint_in_force(s)?;
+        Some(json!({
+            "service": format!("{}/{}", s.namespace, s.name),
+            "waypoint": w.reference.to_string(),
+            "from": w.from.as_str(),
+        }))
+    });
+    let pods = snap.workloads.values().filter_map(|p| {
+        let w = snap.pod_waypoint_in_force(p)?;
+        Some(json!({
+            "pod": format!("{}/{}", p.namespace, p.name),
+            "waypoint": w.reference.to_string(),
+            "from": w.from.as_str(),
+        }))
+    });
+    services.chain(pods).collect()
 }
 
 #[cfg(test)]

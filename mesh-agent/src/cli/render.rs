@@ -341,20 +341,23 @@ pub fn routes(routes: &Value) -> String {
         }
     }
     for w in arr(routes, "waypoints") {
+        let what = match w.get("pod").and_then(Value::as_str) {
+            Some(pod) => format!("pod {pod}"),
+            None => s(w, "service"),
+        };
         out.push_str(&format!(
-            "{} -> waypoint {} (label on the {}): routed by the waypoint, not this node\n",
-            s(w, "service"),
+            "{what} -> waypoint {} (label on the {}): routed by the waypoint, not this node\n",
             s(w, "waypoint"),
             s(w, "from")
         ));
     }
-    let pods: Vec<String> = arr(routes, "unsupported_pod_waypoints")
+    let pods: Vec<String> = arr(routes, "ignored_pod_waypoints")
         .iter()
         .filter_map(|p| p.as_str().map(str::to_owned))
         .collect();
     if !pods.is_empty() {
         out.push_str(&format!(
-            "pods labelled istio.io/use-waypoint (not supported yet: traffic to their IPs goes directly): {}\n",
+            "pods whose istio.io/use-waypoint names a waypoint that does not take workload traffic (istio.io/waypoint-for), so traffic to their IPs goes directly: {}\n",
             pods.join(", ")
         ));
     }
@@ -745,10 +748,12 @@ ID  DIRECTION  SOURCE     SOURCE ADDR      DESTINATION     DESTINATION ADDR  PEE
         );
         assert_eq!(routes(&serde_json::json!({})), "no services\n");
         let w = routes(&serde_json::json!({"waypoints": [
-            {"service": "shop/web", "waypoint": "shop/wp", "from": "namespace"}]}));
+            {"service": "shop/web", "waypoint": "shop/wp", "from": "namespace"},
+            {"pod": "shop/db-0", "waypoint": "shop/wp", "from": "pod"}]}));
         assert_eq!(
             w,
-            "shop/web -> waypoint shop/wp (label on the namespace): routed by the waypoint, not this node\n"
+            "shop/web -> waypoint shop/wp (label on the namespace): routed by the waypoint, not this node\n\
+             pod shop/db-0 -> waypoint shop/wp (label on the pod): routed by the waypoint, not this node\n"
         );
     }
 }

@@ -119,7 +119,27 @@ async fn handle(
         && let Some(w) = snapshot.waypoint_for(svc, &ctx.key)
     {
         let w = w.reference.clone();
-        via_waypoint(&ctx, client, dst, &snapshot, svc, &w, &shared, &source_for).await;
+        let labels = Some(ServiceLabels::from_service(svc));
+        via_waypoint(
+            &ctx,
+            client,
+            dst,
+            &snapshot,
+            labels,
+            &w,
+            &shared,
+            &source_for,
+        )
+        .await;
+        return;
+    }
+    // A pod's own address, when the pod's waypoint takes workload traffic.
+    if service.is_none()
+        && let Some(pod) = snapshot.workload_by_ip(dst.ip())
+        && let Some(w) = snapshot.pod_waypoint_for(pod, &ctx.key)
+    {
+        let w = w.reference.clone();
+        via_waypoint(&ctx, client, dst, &snapshot, None, &w, &shared, &source_for).await;
         return;
     }
     let dst_service = service.map(ServiceLabels::from_service);
@@ -372,27 +392,27 @@ async fn handle(
     }
 }
 
-/// Carries a connection to `service` (dialled at `dst`, one of its
-/// VIP:ports) through its `waypoint`, as ztunnel does: an HBONE tunnel to
-/// one of the waypoint's pods (its address, port 15008, proving the pod's
-/// identity) with a `CONNECT` to `dst` itself. The service's routing
-/// (DestinationRule, VirtualService) is the waypoint's job, not the node's.
+/// Carries a connection dialled at `dst` (a service's VIP:port, whose
+/// labels are `dst_service`, or a pod's own address:port) through its
+/// `waypoint`, as ztunnel does: an HBONE tunnel to one of the waypoint's
+/// pods (its address, port 15008, proving the pod's identity) with a
+/// `CONNECT` to `dst` itself. The service's routing (DestinationRule,
+/// VirtualService) is the waypoint's job, not the node's.
 /// Fails closed: a waypoint that does not resolve or whose pods all fail
 /// resets the client (counted `waypoint_unavailable`, access-logged with
 /// the reason and the `waypoint`); the service's endpoints are never
 /// dialled instead.
-#[allow(clippy::too_many_arguments)] // one call site; the connection's context
+#[allow(clippy::too_many_arguments)] // the connection's context
 async fn via_waypoint(
     ctx: &Arc<PodContext>,
     client: TcpStream,
     dst: SocketAddr,
     snapshot: &crate::state::Snapshot,
-    service: &crate::state::Service,
+    dst_service: Option<ServiceLabels>,
     waypoint: &crate::state::WaypointRef,
     shared: &Arc<Shared>,
     source_for: &(dyn Fn(SocketAddr) -> SocketAddr + Sync),
 ) {
-    let dst_service = Some(ServiceLabels::from_service(service));
     let refuse = |attempt: Attempt, error: Error, client: TcpStream| {
         tracing::warn!(pod = %ctx.key, dst = %dst, waypoint = %waypoint, reason = %error, "waypoint unavailable; connection refused");
         let mut tracker = shared.telemetry.open(Connection {

@@ -27,9 +27,9 @@ pub use policies::{
 pub use routes::{compile_routes, log_routes};
 pub use waypoint::{
     GATEWAY_MANAGED_LABEL, GATEWAY_MANAGED_WAYPOINT, USE_WAYPOINT_LABEL,
-    USE_WAYPOINT_NAMESPACE_LABEL, USE_WAYPOINT_NONE, WAYPOINT_HBONE_PORT, Waypoint,
-    WaypointEndpoint, WaypointError, WaypointRef, WaypointSource, pods_with_waypoint_label,
-    service_waypoint,
+    USE_WAYPOINT_NAMESPACE_LABEL, USE_WAYPOINT_NONE, WAYPOINT_FOR_LABEL, WAYPOINT_HBONE_PORT,
+    Waypoint, WaypointEndpoint, WaypointError, WaypointFor, WaypointRef, WaypointSource,
+    pod_waypoint, service_waypoint,
 };
 
 /// What the agent knows about its node.
@@ -71,6 +71,10 @@ pub struct Workload {
     /// no netns here: the agent only needs its addresses and identity, to
     /// tunnel to it). `None`: a local pod.
     pub node: Option<String>,
+    /// The waypoint the pod's labels (or its namespace's) name
+    /// ([`pod_waypoint`]); whether traffic addressed to the pod goes
+    /// through it is [`Snapshot::pod_waypoint_in_force`].
+    pub waypoint: Option<Waypoint>,
 }
 
 impl Workload {
@@ -252,8 +256,12 @@ pub struct Service {
     /// Ready endpoints (from the service's EndpointSlices), sorted by address.
     pub endpoints: Vec<Endpoint>,
     /// The waypoint its traffic goes through (`istio.io/use-waypoint` on
-    /// the service or its namespace, [`service_waypoint`]), if any.
+    /// the service or its namespace, [`service_waypoint`]), if any; in
+    /// force as [`Snapshot::service_waypoint_in_force`] says.
     pub waypoint: Option<Waypoint>,
+    /// Which traffic this service takes when it is a waypoint's Service
+    /// (its `istio.io/waypoint-for` label, [`WaypointFor::from_labels`]).
+    pub waypoint_traffic: WaypointFor,
 }
 
 /// One port of a service.
@@ -491,7 +499,7 @@ impl Store {
     /// new generation. Publishes nothing (and returns the current generation)
     /// when nothing changed.
     pub fn publish(&self, node: NodeInfo, workloads: BTreeMap<WorkloadKey, Workload>) -> u64 {
-        let labelled = pods_with_waypoint_label(&self.tx.borrow().workloads);
+        let ignored = self.tx.borrow().ignored_pod_waypoints();
         let mut generation = 0;
         let mut recompiled = false;
         self.tx.send_if_modified(|current| {
@@ -527,7 +535,7 @@ impl Store {
         if recompiled {
             let current = self.current();
             log_routes(&current.routes, generation);
-            waypoint::report_pod_waypoints(&labelled, &current.workloads);
+            waypoint::report_ignored_pod_waypoints(&ignored, &current);
         }
         generation
     }
@@ -554,7 +562,7 @@ impl Store {
         };
         let fresh_routes =
             routes_inputs_differ(&self.tx.borrow(), &next).then(|| compile_next(&next));
-        let labelled = pods_with_waypoint_label(&self.tx.borrow().workloads);
+        let ignored = self.tx.borrow().ignored_pod_waypoints();
         let mut generation = 0;
         let mut applied = None;
         let mut routes_applied = None;
@@ -603,7 +611,7 @@ impl Store {
         }
         if let Some(routes) = routes_applied {
             log_routes(&routes, generation);
-            waypoint::report_pod_waypoints(&labelled, &self.current().workloads);
+            waypoint::report_ignored_pod_waypoints(&ignored, &self.current());
         }
         generation
     }
@@ -647,6 +655,7 @@ mod tests {
             exclude_inbound_ports: vec![],
             labels: BTreeMap::new(),
             node: None,
+            waypoint: None,
         }
     }
 

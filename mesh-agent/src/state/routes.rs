@@ -142,6 +142,7 @@ mod tests {
                 })
                 .collect(),
             waypoint: None,
+            waypoint_traffic: Default::default(),
         };
         let dr = serde_json::json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
             "metadata": {"name": "web", "namespace": "shop"},

@@ -18,11 +18,24 @@
 //! (which drops a waypoint whose Gateway never became ready), a reference
 //! that does not resolve fails closed: the proxy refuses the service's
 //! connections rather than send them around the waypoint.
+//!
+//! Which traffic a waypoint takes is its `istio.io/waypoint-for` label
+//! (`service`, the default; `workload`; `all`; `none`), which Istio reads
+//! on the waypoint's Gateway and its deployment controller copies to the
+//! Service it makes; the agent reads it on that Service. A service uses
+//! its waypoint only when the waypoint takes `service` traffic, a pod
+//! (traffic addressed to the pod's own IP) only when it takes `workload`
+//! traffic. A pod's waypoint comes from the pod's own label, else its
+//! namespace's, with the same `none` and `-namespace` rules. A reference
+//! that does not resolve fails closed when the object names it itself (a
+//! service's or pod's own label) and, for services, when their namespace
+//! does; a namespace's missing waypoint leaves its pods alone (Istio's
+//! default waypoint takes service traffic only).
 #![forbid(unsafe_code)]
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
-use super::{Service, ServiceKey, Snapshot, WorkloadKey};
+use super::{Service, ServiceKey, Snapshot, Workload, WorkloadKey};
 use crate::identity::{SpiffeId, TrustDomain};
 
 /// The label naming the waypoint of a namespace, service or pod.
@@ -35,6 +48,9 @@ pub const USE_WAYPOINT_NONE: &str = "none";
 pub const GATEWAY_MANAGED_LABEL: &str = "gateway.istio.io/managed";
 /// [`GATEWAY_MANAGED_LABEL`] value of a waypoint.
 pub const GATEWAY_MANAGED_WAYPOINT: &str = "istio.io-mesh-controller";
+/// The label (on a waypoint's Gateway, copied to its Service) saying which
+/// traffic the waypoint takes.
+pub const WAYPOINT_FOR_LABEL: &str = "istio.io/waypoint-for";
 /// The waypoint Service's port its pods take HBONE on.
 pub const WAYPOINT_HBONE_PORT: u16 = 15008;
 
@@ -68,16 +84,73 @@ impl WaypointRef {
 pub enum WaypointSource {
     /// The service's own label.
     Service,
-    /// The label of the service's namespace.
+    /// The pod's own label.
+    Pod,
+    /// The label of the service's or pod's namespace.
     Namespace,
 }
 
 impl WaypointSource {
-    /// `service` / `namespace`.
+    /// `service` / `pod` / `namespace`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Service => "service",
+            Self::Pod => "pod",
             Self::Namespace => "namespace",
+        }
+    }
+}
+
+/// Which traffic a waypoint takes (`istio.io/waypoint-for` on its Service).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WaypointFor {
+    /// Traffic addressed to a service (Istio's default).
+    #[default]
+    Service,
+    /// Traffic addressed to a pod's own IP.
+    Workload,
+    /// Both.
+    All,
+    /// Neither.
+    None,
+}
+
+impl WaypointFor {
+    /// The value of `labels`' `istio.io/waypoint-for`; no label is
+    /// `service`. A value Istio does not define is `None`, with a warning
+    /// naming `service`: a waypoint of unknown scope takes nothing rather
+    /// than traffic it was not meant for (its services fail closed through
+    /// [`Snapshot::service_waypoint_in_force`] only when missing).
+    pub fn from_labels(labels: &BTreeMap<String, String>, service: &ServiceKey) -> Self {
+        match labels.get(WAYPOINT_FOR_LABEL).map(String::as_str) {
+            None | Some("service") => Self::Service,
+            Some("workload") => Self::Workload,
+            Some("all") => Self::All,
+            Some("none") => Self::None,
+            Some(other) => {
+                tracing::warn!(service = %service, value = other, "istio.io/waypoint-for is not service, workload, all or none: the waypoint takes no traffic");
+                Self::None
+            }
+        }
+    }
+
+    /// Whether it takes traffic addressed to services.
+    pub fn services(self) -> bool {
+        matches!(self, Self::Service | Self::All)
+    }
+
+    /// Whether it takes traffic addressed to pods.
+    pub fn workloads(self) -> bool {
+        matches!(self, Self::Workload | Self::All)
+    }
+
+    /// `service` / `workload` / `all` / `none`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Service => "service",
+            Self::Workload => "workload",
+            Self::All => "all",
+            Self::None => "none",
         }
     }
 }
@@ -144,34 +217,36 @@ pub fn service_waypoint(
     (chosen.reference.service_key() != *key).then_some(chosen)
 }
 
-/// Local and remote pods that carry their own `istio.io/use-waypoint`
-/// (other than `none`), sorted. Such a label asks that traffic addressed
-/// to the pod's IP go through a waypoint (Istio: only when the waypoint
-/// takes `workload` traffic, `istio.io/waypoint-for`); the agent does not
-/// do this yet — only a service's traffic goes through its waypoint — so
-/// these pods are reported (`/config_dump` `routes.unsupported_pod_waypoints`
-/// and a warning when the set changes), never silently ignored.
-pub fn pods_with_waypoint_label(
-    workloads: &BTreeMap<WorkloadKey, super::Workload>,
-) -> Vec<WorkloadKey> {
-    workloads
-        .iter()
-        .filter(|(_, w)| {
-            w.labels
-                .get(USE_WAYPOINT_LABEL)
-                .is_some_and(|v| v != USE_WAYPOINT_NONE)
-        })
-        .map(|(k, _)| k.clone())
-        .collect()
+/// The waypoint a pod with `labels` in `namespace` (whose labels are
+/// `namespace_labels`; `None`: unknown) names, by the same precedence as
+/// [`service_waypoint`]: the pod's own label (`none` opts out), then its
+/// namespace's. Whether the waypoint takes the pod's traffic is decided
+/// with the snapshot ([`Snapshot::pod_waypoint_in_force`]).
+pub fn pod_waypoint(
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+) -> Option<Waypoint> {
+    match from_labels(labels, namespace) {
+        Err(()) => None,
+        Ok(Some(r)) => Some(Waypoint {
+            reference: r,
+            from: WaypointSource::Pod,
+        }),
+        Ok(None) => {
+            let r = from_labels(namespace_labels?, namespace).ok()??;
+            Some(Waypoint {
+                reference: r,
+                from: WaypointSource::Namespace,
+            })
+        }
+    }
 }
 
-/// Warns when the pods [`pods_with_waypoint_label`] finds in `after`
-/// differ from `before` (its earlier answer) and some remain.
-pub(super) fn report_pod_waypoints(
-    before: &[WorkloadKey],
-    after: &BTreeMap<WorkloadKey, super::Workload>,
-) {
-    let now = pods_with_waypoint_label(after);
+/// Warns when the pods [`Snapshot::ignored_pod_waypoints`] finds in
+/// `after` differ from `before` (its earlier answer) and some remain.
+pub(super) fn report_ignored_pod_waypoints(before: &[WorkloadKey], after: &Snapshot) {
+    let now = after.ignored_pod_waypoints();
     if now.is_empty() || now == before {
         return;
     }
@@ -179,7 +254,7 @@ pub(super) fn report_pod_waypoints(
     tracing::warn!(
         count = now.len(),
         pods = %shown.join(","),
-        "pods labelled istio.io/use-waypoint: not supported yet, connections addressed to these pods' IPs go to them directly, not through a waypoint (their services' traffic does go through the service's waypoint)"
+        "pods labelled istio.io/use-waypoint name a waypoint whose istio.io/waypoint-for does not take workload traffic: connections addressed to these pods' IPs go to them directly (label the waypoint istio.io/waypoint-for: workload or all)"
     );
 }
 
@@ -213,31 +288,117 @@ pub struct WaypointEndpoint {
 }
 
 impl Snapshot {
-    /// The waypoint `service`'s traffic goes through, unless `source` (the
-    /// connecting pod) is one of that waypoint's own pods (its traffic to
-    /// the service is the waypoint's second hop).
-    pub fn waypoint_for<'s>(
-        &self,
-        service: &'s Service,
-        source: &WorkloadKey,
-    ) -> Option<&'s Waypoint> {
+    /// Which traffic waypoint `w` takes; `None` when its Service is unknown.
+    fn waypoint_scope(&self, w: &WaypointRef) -> Option<WaypointFor> {
+        self.services
+            .get(&w.service_key())
+            .map(|s| s.waypoint_traffic)
+    }
+
+    /// The waypoint `service`'s traffic goes through, whoever connects: the
+    /// one its labels name, when that waypoint takes service traffic or
+    /// does not resolve (fails closed).
+    pub fn service_waypoint_in_force<'s>(&self, service: &'s Service) -> Option<&'s Waypoint> {
         let w = service.waypoint.as_ref()?;
-        let own = self
-            .services
+        self.waypoint_scope(&w.reference)
+            .is_none_or(WaypointFor::services)
+            .then_some(w)
+    }
+
+    /// The waypoint traffic addressed to `pod`'s own IP goes through,
+    /// whoever connects: the one its labels name, when that waypoint takes
+    /// workload traffic, or when the pod's own label names a waypoint that
+    /// does not resolve (fails closed; a namespace's missing waypoint
+    /// leaves the pod alone, see the module doc). Never for a waypoint's
+    /// own pods (labelled `gateway.istio.io/managed`, or behind the
+    /// waypoint's Service).
+    pub fn pod_waypoint_in_force<'w>(&self, pod: &'w Workload) -> Option<&'w Waypoint> {
+        let w = pod.waypoint.as_ref()?;
+        // A waypoint's own pods never go through a waypoint: it would loop.
+        let managed = pod.labels.get(GATEWAY_MANAGED_LABEL).map(String::as_str)
+            == Some(GATEWAY_MANAGED_WAYPOINT);
+        if managed || self.is_own_pod(w, &pod.key()) {
+            return None;
+        }
+        match self.waypoint_scope(&w.reference) {
+            Some(scope) => scope.workloads().then_some(w),
+            None => (w.from == WaypointSource::Pod).then_some(w),
+        }
+    }
+
+    /// Whether `source` is one of waypoint `w`'s own pods (its traffic is
+    /// the waypoint's second hop, which goes direct).
+    fn is_own_pod(&self, w: &Waypoint, source: &WorkloadKey) -> bool {
+        self.services
             .get(&w.reference.service_key())
             .is_some_and(|s| {
                 s.endpoints
                     .iter()
                     .any(|e| e.workload.as_ref() == Some(source))
-            });
-        (!own).then_some(w)
+            })
+    }
+
+    /// The waypoint `service`'s traffic from `source` (the connecting pod)
+    /// goes through ([`Snapshot::service_waypoint_in_force`]), unless
+    /// `source` is one of that waypoint's own pods.
+    pub fn waypoint_for<'s>(
+        &self,
+        service: &'s Service,
+        source: &WorkloadKey,
+    ) -> Option<&'s Waypoint> {
+        self.service_waypoint_in_force(service)
+            .filter(|w| !self.is_own_pod(w, source))
+    }
+
+    /// The waypoint traffic from `source` addressed to `pod`'s own IP goes
+    /// through ([`Snapshot::pod_waypoint_in_force`]), unless `source` is one
+    /// of that waypoint's own pods.
+    pub fn pod_waypoint_for<'w>(
+        &self,
+        pod: &'w Workload,
+        source: &WorkloadKey,
+    ) -> Option<&'w Waypoint> {
+        self.pod_waypoint_in_force(pod)
+            .filter(|w| !self.is_own_pod(w, source))
+    }
+
+    /// Pods whose own `istio.io/use-waypoint` names a waypoint that exists
+    /// but does not take workload traffic (Istio ignores such a label; the
+    /// agent reports it: `/config_dump` `routes.ignored_pod_waypoints` and
+    /// a warning when the set changes), sorted.
+    pub fn ignored_pod_waypoints(&self) -> Vec<WorkloadKey> {
+        self.workloads
+            .iter()
+            .filter(|(_, p)| {
+                p.waypoint.as_ref().is_some_and(|w| {
+                    w.from == WaypointSource::Pod
+                        && self
+                            .waypoint_scope(&w.reference)
+                            .is_some_and(|s| !s.workloads())
+                })
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Every waypoint some service or pod sends its traffic through.
+    pub fn waypoints_in_use(&self) -> std::collections::BTreeSet<&WaypointRef> {
+        let services = self
+            .services
+            .values()
+            .filter_map(|s| self.service_waypoint_in_force(s));
+        let pods = self
+            .workloads
+            .values()
+            .filter_map(|p| self.pod_waypoint_in_force(p));
+        services.chain(pods).map(|w| &w.reference).collect()
     }
 
     /// Whether the peer at `ip` proving `identity` is a waypoint: one of the
-    /// pods behind a waypoint some service uses, with that pod's identity
-    /// in `trust_domain`. A destination believes the `forwarded` header of
-    /// such a peer only (as ztunnel does): a waypoint carries other
-    /// workloads' connections.
+    /// pods behind a waypoint some service or pod uses, with that pod's
+    /// identity in `trust_domain`. A destination believes the `forwarded`
+    /// header of such a peer only (as ztunnel does): a waypoint carries
+    /// other workloads' connections.
     pub fn is_waypoint_pod(
         &self,
         ip: std::net::IpAddr,
@@ -251,14 +412,11 @@ impl Snapshot {
             return false;
         }
         let ip = ip.to_canonical();
-        self.services
-            .values()
-            .filter_map(|s| s.waypoint.as_ref())
-            .any(|w| {
-                self.services
-                    .get(&w.reference.service_key())
-                    .is_some_and(|wp| wp.endpoints.iter().any(|e| e.ip.to_canonical() == ip))
-            })
+        self.waypoints_in_use().into_iter().any(|w| {
+            self.services
+                .get(&w.service_key())
+                .is_some_and(|wp| wp.endpoints.iter().any(|e| e.ip.to_canonical() == ip))
+        })
     }
 
     /// The pods serving waypoint `w`, in endpoint order, with the identity
@@ -305,7 +463,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::state::{Endpoint, ServicePort, Workload};
+    use crate::state::{Endpoint, ServicePort};
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
@@ -460,6 +618,7 @@ mod tests {
                 })
                 .collect(),
             waypoint: None,
+            waypoint_traffic: WaypointFor::default(),
         }
     }
 
@@ -553,26 +712,172 @@ mod tests {
         assert!(!snap.is_waypoint_pod(ip("198.18.9.9"), &wp_id, &td));
     }
 
+    /// A pod of `shop` whose labels named waypoint `shop/wp` (by `from`).
+    fn pod_using(name: &str, sa: &str, ip: &str, from: WaypointSource) -> Workload {
+        let mut p = pod("shop", name, sa, ip);
+        p.waypoint = Some(Waypoint {
+            reference: wref("shop", "wp"),
+            from,
+        });
+        p
+    }
+
+    /// The waypoint's Service `shop/wp`: port 15008, its pod `wp-0`.
+    fn wp_service() -> Service {
+        service(
+            "shop",
+            "wp",
+            &[("mesh", 15008)],
+            &[("198.18.9.1", Some("wp-0"))],
+        )
+    }
+
+    fn with_scope(mut svc: Service, scope: &str) -> Service {
+        svc.waypoint_traffic = WaypointFor::from_labels(
+            &labels(&[(WAYPOINT_FOR_LABEL, scope)]),
+            &key(&svc.namespace, &svc.name),
+        );
+        svc
+    }
+
     #[test]
-    fn pods_with_their_own_waypoint_label_are_listed_as_unsupported() {
-        let mut labelled = pod("shop", "p1", "sa", "198.18.9.3");
-        labelled
-            .labels
-            .insert(USE_WAYPOINT_LABEL.into(), "wp".into());
-        let mut opted_out = pod("shop", "p2", "sa", "198.18.9.4");
-        opted_out
-            .labels
-            .insert(USE_WAYPOINT_LABEL.into(), "none".into());
-        let plain = pod("shop", "p3", "sa", "198.18.9.5");
-        let workloads = [labelled, opted_out, plain]
-            .into_iter()
-            .map(|w| (w.key(), w))
-            .collect();
-        let listed: Vec<String> = pods_with_waypoint_label(&workloads)
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        assert_eq!(listed, ["shop/p1"]);
+    fn waypoint_for_reads_istios_four_values_and_no_label_is_service() {
+        let k = key("shop", "wp");
+        let of = |v: Option<&str>| {
+            let l = v.map_or_else(BTreeMap::new, |v| labels(&[(WAYPOINT_FOR_LABEL, v)]));
+            WaypointFor::from_labels(&l, &k)
+        };
+        assert_eq!(of(None), WaypointFor::Service);
+        assert_eq!(of(Some("service")), WaypointFor::Service);
+        assert_eq!(of(Some("workload")), WaypointFor::Workload);
+        assert_eq!(of(Some("all")), WaypointFor::All);
+        assert_eq!(of(Some("none")), WaypointFor::None);
+        assert_eq!(
+            of(Some("Workload")),
+            WaypointFor::None,
+            "not a value: takes nothing"
+        );
+        assert!(WaypointFor::All.services() && WaypointFor::All.workloads());
+        assert!(!WaypointFor::Service.workloads() && !WaypointFor::Workload.services());
+    }
+
+    #[test]
+    fn a_pods_own_label_wins_over_its_namespace_and_none_opts_out() {
+        let ns = labels(&[(USE_WAYPOINT_LABEL, "ns-wp")]);
+        let chosen = |pod: &[(&str, &str)], ns: Option<&BTreeMap<String, String>>| {
+            pod_waypoint("shop", &labels(pod), ns).map(|w| (w.reference, w.from))
+        };
+        assert_eq!(chosen(&[], None), None);
+        assert_eq!(
+            chosen(&[], Some(&ns)),
+            Some((wref("shop", "ns-wp"), WaypointSource::Namespace))
+        );
+        assert_eq!(
+            chosen(
+                &[
+                    (USE_WAYPOINT_LABEL, "pod-wp"),
+                    (USE_WAYPOINT_NAMESPACE_LABEL, "infra")
+                ],
+                Some(&ns)
+            ),
+            Some((wref("infra", "pod-wp"), WaypointSource::Pod))
+        );
+        assert_eq!(chosen(&[(USE_WAYPOINT_LABEL, "none")], Some(&ns)), None);
+    }
+
+    #[test]
+    fn which_traffic_a_waypoint_takes_decides_whether_services_and_pods_use_it() {
+        let wp = wref("shop", "wp");
+        let mut web = service("shop", "web", &[("http", 80)], &[]);
+        web.waypoint = Some(Waypoint {
+            reference: wp.clone(),
+            from: WaypointSource::Namespace,
+        });
+        let db = pod_using("db-0", "db", "198.18.9.6", WaypointSource::Pod);
+        let cache = pod_using("cache-0", "cache", "198.18.9.7", WaypointSource::Namespace);
+        let wp_svc = wp_service();
+        let mut snap = Snapshot {
+            workloads: [(db.key(), db.clone()), (cache.key(), cache.clone())].into(),
+            ..Snapshot::default()
+        };
+        // Missing waypoint: the service and the pod that names it itself
+        // fail closed (keep it); the namespace's pods are left alone.
+        assert!(snap.service_waypoint_in_force(&web).is_some());
+        assert!(snap.pod_waypoint_in_force(&db).is_some());
+        assert!(snap.pod_waypoint_in_force(&cache).is_none());
+        assert!(snap.ignored_pod_waypoints().is_empty());
+        let cases = [
+            // (scope, service uses it, pods use it)
+            ("service", true, false),
+            ("workload", false, true),
+            ("all", true, true),
+            ("none", false, false),
+        ];
+        for (scope, services, pods) in cases {
+            snap.services
+                .insert(key("shop", "wp"), with_scope(wp_svc.clone(), scope));
+            assert_eq!(
+                snap.service_waypoint_in_force(&web).is_some(),
+                services,
+                "{scope}"
+            );
+            assert_eq!(snap.pod_waypoint_in_force(&db).is_some(), pods, "{scope}");
+            assert_eq!(
+                snap.pod_waypoint_in_force(&cache).is_some(),
+                pods,
+                "{scope}"
+            );
+            // A pod's own label naming a waypoint that does not take its
+            // traffic is reported; a namespace's is Istio's default.
+            let ignored: Vec<String> = snap
+                .ignored_pod_waypoints()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            let expected: &[&str] = if pods { &[] } else { &["shop/db-0"] };
+            assert_eq!(ignored, expected, "{scope}");
+            // The waypoint's own pod reaches the pod directly.
+            let own = WorkloadKey {
+                namespace: "shop".into(),
+                name: "wp-0".into(),
+            };
+            assert!(snap.pod_waypoint_for(&db, &own).is_none(), "{scope}");
+        }
+        // The waypoint's own pod, in the namespace that uses it, never goes
+        // through it; nor does a pod Istio marks as a waypoint's.
+        snap.services
+            .insert(key("shop", "wp"), with_scope(wp_svc.clone(), "all"));
+        let mut wp_pod = pod("shop", "wp-0", "wp", "198.18.9.1");
+        wp_pod.waypoint = cache.waypoint.clone();
+        assert!(snap.pod_waypoint_in_force(&wp_pod).is_none());
+        let mut managed = pod("shop", "other-wp-0", "wp", "198.18.9.2");
+        managed.waypoint = cache.waypoint.clone();
+        assert!(snap.pod_waypoint_in_force(&managed).is_some());
+        managed.labels.insert(
+            GATEWAY_MANAGED_LABEL.into(),
+            GATEWAY_MANAGED_WAYPOINT.into(),
+        );
+        assert!(snap.pod_waypoint_in_force(&managed).is_none());
+    }
+
+    #[test]
+    fn a_waypoint_only_pods_use_is_still_a_waypoint_peer() {
+        let td = TrustDomain::new("cluster.local").expect("td");
+        let wp_pod = pod("shop", "wp-0", "wp-sa", "198.18.9.1");
+        let db = pod_using("db-0", "db", "198.18.9.6", WaypointSource::Pod);
+        let wp_svc = wp_service();
+        let mut snap = Snapshot {
+            workloads: [(wp_pod.key(), wp_pod), (db.key(), db)].into(),
+            services: [(key("shop", "wp"), wp_svc.clone())].into(),
+            ..Snapshot::default()
+        };
+        let ip = "198.18.9.1".parse().expect("ip");
+        let wp_id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/wp-sa").expect("id");
+        // Takes service traffic only: the pod's label is not in force.
+        assert!(!snap.is_waypoint_pod(ip, &wp_id, &td));
+        snap.services
+            .insert(key("shop", "wp"), with_scope(wp_svc, "workload"));
+        assert!(snap.is_waypoint_pod(ip, &wp_id, &td));
     }
 
     #[test]

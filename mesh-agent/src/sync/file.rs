@@ -17,7 +17,7 @@
 //!     enrolled: true                        # default true
 //!     excludeOutboundPorts: [53]
 //!     excludeInboundPorts: [9100]
-//!     labels: {app: web}                    # optional (policy selectors)
+//!     labels: {app: web}                    # optional (selectors, istio.io/use-waypoint)
 //!   - name: db                              # a pod on another node: no netns,
 //!     node: node-2                          # known for its addresses and identity
 //!     ips: ["198.18.2.10"]
@@ -34,7 +34,8 @@
 //!     vips: ["198.18.200.1"]
 //!     ports: [{name: tcp, port: 80, targetPort: 8080}]
 //!     endpoints: [web]                      # pods of this file
-//!     labels: {istio.io/use-waypoint: none} # optional (waypoint enrollment)
+//!     labels: {istio.io/use-waypoint: none} # optional (waypoint enrollment; on a
+//!                                           # waypoint's Service: istio.io/waypoint-for)
 //! resources:                                # any object the agent reads, verbatim:
 //!   - apiVersion: networking.istio.io/v1    # AuthorizationPolicy, PeerAuthentication,
 //!     kind: DestinationRule                 # DestinationRule, VirtualService, TCPRoute
@@ -390,6 +391,8 @@ pub fn parse(path: &Path, text: &str) -> Result<WorkloadFile, FileError> {
                 exclude_inbound_ports: inb,
                 labels: pod.labels,
                 node: pod.node.filter(|_| remote),
+                // Set below, with the namespaces' labels.
+                waypoint: None,
             },
         );
     }
@@ -468,6 +471,10 @@ pub fn parse(path: &Path, text: &str) -> Result<WorkloadFile, FileError> {
         .into_iter()
         .map(|n| (n.name, n.labels))
         .collect();
+    for w in workloads.values_mut() {
+        w.waypoint =
+            crate::state::pod_waypoint(&w.namespace, &w.labels, namespaces.get(&w.namespace));
+    }
     let services = parse_services(model.services, &workloads, &owner_of_ip, &namespaces)
         .map_err(|(field, reason)| invalid(field, reason))?;
     Ok(WorkloadFile {
@@ -646,6 +653,7 @@ fn parse_services(
         }
         let waypoint =
             crate::state::service_waypoint(&key, &m.labels, namespaces.get(&m.namespace));
+        let waypoint_traffic = crate::state::WaypointFor::from_labels(&m.labels, &key);
         services.insert(
             key,
             Service {
@@ -655,6 +663,7 @@ fn parse_services(
                 ports,
                 endpoints,
                 waypoint,
+                waypoint_traffic,
             },
         );
     }

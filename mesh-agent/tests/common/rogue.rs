@@ -207,6 +207,15 @@ pub fn mesh_cert(mesh: &Mesh, service_account: &str) -> WorkloadCert {
         .expect("issue")
 }
 
+/// A two-worker runtime, for servers a test runs beside blocking calls.
+pub fn multi_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// A current-thread runtime for the async helpers.
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()

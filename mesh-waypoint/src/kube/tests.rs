@@ -59,6 +59,7 @@ fn service(
             })
             .collect(),
         waypoint,
+        waypoint_traffic: mesh_agent::state::WaypointFor::default(),
     };
     (key, svc)
 }
@@ -380,4 +381,59 @@ fn a_snapshot_without_labelled_services_configures_nothing() {
     );
     let c = config_from_snapshot(&snap, &me(), "istio-system");
     assert!(c.services.is_empty() && c.routes.is_empty() && c.policies.is_empty());
+}
+
+#[test]
+fn pods_are_fronted_when_this_waypoint_takes_workload_traffic() {
+    let ns_use: &[(&str, &str)] = &[(USE, "waypoint")];
+    let mk = |scope: Option<&str>| {
+        let mut wp = service("shop", "waypoint", "10.96.0.99", &[], &[], &[]);
+        if let Some(s) = scope {
+            wp.1.waypoint_traffic = mesh_agent::state::WaypointFor::from_labels(
+                &labels(&[("istio.io/waypoint-for", s)]),
+                &wp.0,
+            );
+        }
+        let mut db = pod("shop", "db-0", "10.1.0.5", "db", true, &[("app", "db")]);
+        db.waypoint = mesh_agent::state::pod_waypoint("shop", &db.labels, Some(&labels(ns_use)));
+        let mut own = pod(
+            "shop",
+            "cache-0",
+            "10.1.0.6",
+            "cache",
+            false,
+            &[(USE, "waypoint")],
+        );
+        own.waypoint = mesh_agent::state::pod_waypoint("shop", &own.labels, None);
+        let mut out = pod("shop", "out-0", "10.1.0.7", "out", true, &[(USE, "none")]);
+        out.waypoint = mesh_agent::state::pod_waypoint("shop", &out.labels, Some(&labels(ns_use)));
+        let web = service("shop", "web", "10.96.0.10", &[], ns_use, &[]);
+        config_from_snapshot(
+            &snapshot(vec![wp, web], vec![db, own, out]),
+            &me(),
+            "istio-system",
+        )
+    };
+    let pods = |c: &WaypointConfig| -> Vec<String> {
+        c.workloads
+            .iter()
+            .map(|w| format!("{}/{} {:?}", w.namespace, w.name, w.tunnel))
+            .collect()
+    };
+    // The default (service traffic): the service, no pod.
+    let c = mk(None);
+    assert!(pods(&c).is_empty());
+    assert_eq!(names(&c), [("shop/web".to_owned(), true)]);
+    // Workload traffic: the pods (by their label or their namespace's,
+    // `none` opting out), not the service.
+    let c = mk(Some("workload"));
+    assert_eq!(pods(&c), ["shop/cache-0 None", "shop/db-0 Hbone"]);
+    assert!(names(&c).is_empty(), "{:?}", names(&c));
+    let db = c.workloads.iter().find(|w| w.name == "db-0").expect("db");
+    assert_eq!(db.addresses, [ip("10.1.0.5")]);
+    assert_eq!(db.service_account.as_deref(), Some("db"));
+    // Both.
+    let c = mk(Some("all"));
+    assert_eq!(pods(&c).len(), 2);
+    assert_eq!(names(&c), [("shop/web".to_owned(), true)]);
 }

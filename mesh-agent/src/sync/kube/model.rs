@@ -405,6 +405,7 @@ pub fn build_services(
                 &svc.labels,
                 namespaces.get(&(String::new(), svc.namespace.clone())),
             );
+            let waypoint_traffic = crate::state::WaypointFor::from_labels(&svc.labels, &key);
             (
                 key,
                 Service {
@@ -414,6 +415,7 @@ pub fn build_services(
                     ports: svc.ports.clone(),
                     endpoints: endpoints.into_values().collect(),
                     waypoint,
+                    waypoint_traffic,
                 },
             )
         })

@@ -163,6 +163,13 @@ pub fn build(
             enrolled: e.enrolled,
             exclude_outbound_ports: pod.exclude_outbound_ports.clone(),
             exclude_inbound_ports: pod.exclude_inbound_ports.clone(),
+            waypoint: crate::state::pod_waypoint(
+                &pod.namespace,
+                &pod.labels,
+                objects
+                    .namespaces
+                    .get(&(String::new(), pod.namespace.clone())),
+            ),
             ..Workload::default()
         };
         if pod.node_name != cfg.node_name {
