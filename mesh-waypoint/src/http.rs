@@ -178,6 +178,12 @@ struct Finish {
     /// itself for a reason the status and flags do not tell (an RBAC
     /// denial has no response flag in Envoy).
     details: Option<String>,
+    /// A gRPC request (`content-type: application/grpc...`): counted with
+    /// `request_protocol="grpc"` and a `grpc_response_status`.
+    grpc: bool,
+    /// The response's `grpc-status` (its headers, for a trailers-only
+    /// answer, or its trailers).
+    grpc_status: Option<u32>,
 }
 
 impl Finish {
@@ -194,8 +200,12 @@ impl Finish {
             source: t.source.clone(),
             destination,
             destination_service: t.target.service_labels(),
-            protocol: "http",
+            protocol: if self.grpc { "grpc" } else { "http" },
             response_code: self.status.as_u16(),
+            grpc_response_status: self.grpc.then(|| {
+                self.grpc_status
+                    .unwrap_or_else(|| grpc_status_of_http(self.status))
+            }),
             response_flags: self.flags.as_str(),
         };
         let request_bytes = self.request_bytes.load(Ordering::Relaxed);
@@ -221,6 +231,7 @@ impl Finish {
             upstream = self.upstream.as_ref().map(|c| tracing::field::display(c.addr)),
             dst_workload = %labels.destination.workload,
             status = self.status.as_u16(),
+            grpc_status = labels.grpc_response_status,
             response_flags = self.flags.as_str(),
             request_bytes,
             response_bytes,
@@ -343,6 +354,12 @@ impl Body for Metered {
                 if let Some(d) = frame.data_ref() {
                     self.bytes += d.len() as u64;
                 }
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(f) = self.finish.as_mut()
+                    && let Some(code) = grpc_status(trailers)
+                {
+                    f.grpc_status = Some(code);
+                }
             }
             Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.done(),
             Poll::Pending => {}
@@ -356,6 +373,30 @@ impl Body for Metered {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The `grpc-status` in `headers`, if any and a number.
+fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The gRPC status a client derives from an HTTP status without one
+/// (gRPC's HTTP-to-gRPC status mapping): what a gRPC request the waypoint
+/// answered itself, or whose backend answered plain HTTP, ended with.
+fn grpc_status_of_http(status: StatusCode) -> u32 {
+    match status.as_u16() {
+        // OK without a grpc-status: the stream ended without one (UNKNOWN).
+        200 => 2,
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
     }
 }
 
@@ -498,6 +539,11 @@ async fn handle(
         version: parts.version,
         policy: None,
         details: None,
+        grpc: parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
+        grpc_status: None,
     };
     let answer = |mut finish: Finish, status: StatusCode, flags: Flags| {
         finish.status = status;
@@ -848,6 +894,7 @@ async fn forward(
         rule.response_headers.apply(&mut rparts.headers);
     }
     finish.status = rparts.status;
+    finish.grpc_status = grpc_status(&rparts.headers);
     let body = rbody.boxed();
     metered(Response::from_parts(rparts, body), finish)
 }

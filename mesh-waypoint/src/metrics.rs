@@ -35,6 +35,10 @@ pub struct RequestLabels {
     pub protocol: &'static str,
     /// The response's status code.
     pub response_code: u16,
+    /// A gRPC request's status (its response's `grpc-status`, else the
+    /// HTTP status mapped as gRPC clients do); `None` for other requests
+    /// (the label is then empty, as Istio's).
+    pub grpc_response_status: Option<u32>,
     /// Envoy's response flags (`-`, `UT`, `UF`, `NR`, `UH`).
     pub response_flags: &'static str,
 }
@@ -63,7 +67,10 @@ impl From<&RequestLabels> for Labels {
             ),
             request_protocol: l.protocol,
             response_code: l.response_code.to_string(),
-            grpc_response_status: String::new(),
+            grpc_response_status: l
+                .grpc_response_status
+                .map(|c| c.to_string())
+                .unwrap_or_default(),
             response_flags: l.response_flags,
             // The client's hop into the waypoint is always HBONE (mTLS).
             connection_security_policy: "mutual_tls",

@@ -567,8 +567,9 @@ routes:
     async fn grpc_unavailable_is_retried_when_retry_on_names_it() {
         let s = setup().await;
         let mut c = s.client.http(vip(API_VIP), false).await;
+        let grpc = [("content-type", "application/grpc")];
         for i in 0..5 {
-            let a = c.get("/grpc-unstable", &[]).await;
+            let a = c.get("/grpc-unstable", &grpc).await;
             assert_eq!(
                 a.headers.get("grpc-status").and_then(|v| v.to_str().ok()),
                 Some("0"),
@@ -579,13 +580,27 @@ routes:
         assert_eq!(s.v1_count.load(Ordering::SeqCst), 10);
         wait_metrics(s.admin, |m| retries(m, "attempted") == 5).await;
         // A route retrying on 5xx only passes the gRPC error on.
-        let a = c.get("/grpc-unstable-no-retry", &[]).await;
+        let a = c.get("/grpc-unstable-no-retry", &grpc).await;
         assert_eq!(
             a.headers.get("grpc-status").and_then(|v| v.to_str().ok()),
             Some("14"),
             "{a:?}"
         );
         assert_eq!(s.v1_count.load(Ordering::SeqCst), 11);
+        // Counted by their gRPC status (the trailers-only answers' headers).
+        let grpc_count = |m: &str, status: &str| {
+            requests_total(m)
+                .iter()
+                .filter(|(l, _)| {
+                    l["request_protocol"] == "grpc" && l["grpc_response_status"] == status
+                })
+                .map(|(_, n)| n)
+                .sum::<u64>()
+        };
+        wait_metrics(s.admin, |m| {
+            grpc_count(m, "0") == 5 && grpc_count(m, "14") == 1
+        })
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -953,7 +968,7 @@ async fn http2_backends_get_http2_from_http1_and_http2_clients() {
     use std::convert::Infallible;
 
     use bytes::Bytes;
-    use http_body_util::Full;
+    use http_body_util::{BodyExt, Full};
     use hyper_util::rt::{TokioExecutor, TokioIo};
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -972,7 +987,20 @@ async fn http2_backends_get_http2_from_http1_and_http2_clients() {
                             .unwrap_or("-")
                             .to_owned();
                         let text = format!("h2c {:?} te={te}", req.version());
-                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(text))))
+                        // A gRPC call ends with its status in trailers.
+                        let grpc = req
+                            .headers()
+                            .get("content-type")
+                            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                        let trailers = async move {
+                            grpc.then(|| {
+                                let mut t = http::HeaderMap::new();
+                                t.insert("grpc-status", http::HeaderValue::from_static("0"));
+                                Ok::<_, Infallible>(t)
+                            })
+                        };
+                        let body = Full::new(Bytes::from(text)).with_trailers(trailers);
+                        Ok::<_, Infallible>(http::Response::new(body))
                     },
                 );
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -1004,6 +1032,36 @@ services:
             "client http2={http2}: {a:?}"
         );
     }
+    // A gRPC call: counted as Istio counts it, request_protocol "grpc" and
+    // the grpc-status of the backend's trailers.
+    let mut c = client.http(vip("10.96.3.10:50051"), true).await;
+    let grpc = [("te", "trailers"), ("content-type", "application/grpc")];
+    assert_eq!(c.get("/svc/Method", &grpc).await.status, 200);
+    let m = wait_metrics(w.admin, |m| {
+        requests_total(m)
+            .iter()
+            .any(|(l, _)| l["request_protocol"] == "grpc")
+    })
+    .await;
+    let mut statuses: Vec<(String, String, u64)> = requests_total(&m)
+        .into_iter()
+        .map(|(l, n)| {
+            (
+                l["request_protocol"].clone(),
+                l["grpc_response_status"].clone(),
+                n,
+            )
+        })
+        .collect();
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [
+            ("grpc".to_owned(), "0".to_owned(), 1),
+            ("http".to_owned(), String::new(), 2),
+        ],
+        "{m}"
+    );
 }
 
 /// The backend gets the caller's trace with the waypoint's span as parent;
