@@ -262,13 +262,29 @@ pub fn tcp_socket(addr: &SocketAddr, mark: u32) -> io::Result<Socket> {
     Ok(sock)
 }
 
+/// The source ports a transparent delivery socket is bound to: Linux's
+/// default ephemeral range.
+const DELIVERY_PORTS: std::ops::RangeInclusive<u16> = 32768..=60999;
+/// Random ports tried at bind before giving up.
+const DELIVERY_BIND_TRIES: usize = 8;
+
 /// A socket for the agent to connect to `dst` from, in the calling thread's
 /// netns (a pod's). With `from`, the socket is bound to that address (the
 /// client's, not local to the pod) with `IP_TRANSPARENT`/`IPV6_TRANSPARENT`
 /// (`CAP_NET_ADMIN`) and carries [`mesh_common::DELIVERY_MARK`], whose
-/// replies the pod's delivery rule keeps in the pod; the bound address (its
-/// port chosen by the kernel) is returned with it. Without, it carries
-/// [`mesh_common::BYPASS_MARK`] and the kernel picks its source at connect.
+/// replies the pod's delivery rule keeps in the pod; the bound address is
+/// returned with it. Without, it carries [`mesh_common::BYPASS_MARK`] and
+/// the kernel picks its source at connect.
+///
+/// The delivery port is random, with `SO_REUSEADDR`, not the kernel's
+/// choice at `bind(from, 0)`: that choice scans the port range for a port
+/// no socket is bound to, and every earlier delivery from the same client
+/// address leaves a TIME_WAIT socket holding one. With thousands of them
+/// (a busy client) that scan took half of the agent's CPU. Sharing a port
+/// with other delivery sockets (all `SO_REUSEADDR`, their TIME_WAITs too)
+/// is safe: `connect` still refuses a 4-tuple in use (`EADDRNOTAVAIL`,
+/// which the caller retries on a new socket). The port is known before the
+/// `SYN`, as the `sk_lookup` exemption of the delivery tuple needs.
 pub fn connect_socket(
     dst: &SocketAddr,
     from: Option<IpAddr>,
@@ -282,12 +298,18 @@ pub fn connect_socket(
     } else {
         sock.set_ip_transparent_v4(true)?;
     }
-    sock.bind(&SocketAddr::new(from, 0).into())?;
-    let bound = sock
-        .local_addr()?
-        .as_socket()
-        .ok_or_else(|| io::Error::other("the bound address is not an IP address"))?;
-    Ok((sock, Some(bound)))
+    sock.set_reuse_address(true)?;
+    let mut in_use = None;
+    for _ in 0..DELIVERY_BIND_TRIES {
+        let bound = SocketAddr::new(from, fastrand::u16(DELIVERY_PORTS));
+        match sock.bind(&bound.into()) {
+            Ok(()) => return Ok((sock, Some(bound))),
+            // A listener (or a socket without SO_REUSEADDR) holds the port.
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => in_use = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(in_use.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse)))
 }
 
 /// The cookie of the network namespace a socket lives in (`SO_NETNS_COOKIE`, Linux 5.14).

@@ -45,6 +45,9 @@ use crate::{
 
 /// How long the agent waits for an upstream or delivery connect.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Transparent delivery sockets tried (each on a random port) before a
+/// delivery falls back to the pod's own address.
+const DELIVERY_TRIES: usize = 16;
 
 /// The ports the agent listens on inside every enrolled pod's netns
 /// (outbound capture, inbound plaintext, inbound HBONE). A connection the
@@ -147,19 +150,29 @@ impl PodContext {
             Err(why) => return (self.connect(dst).await, Err(why)),
             Ok(Some(client)) => client,
         };
-        let opened = self
-            .worker
-            .run(move || netns::connect_socket(&dst, Some(preserved)))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r);
-        match opened {
-            Ok((sock, bound)) => (self.connect_exempt(sock, dst, bound).await, Ok(())),
-            Err(e) => {
-                tracing::debug!(pod = %self.key, client = %preserved, error = %e, "cannot bind the client's address for delivery; delivering from the pod's");
-                (self.connect(dst).await, Err("transparent_bind_failed"))
+        for _ in 0..DELIVERY_TRIES {
+            let opened = self
+                .worker
+                .run(move || netns::connect_socket(&dst, Some(preserved)))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+            match opened {
+                Ok((sock, bound)) => match self.connect_exempt(sock, dst, bound).await {
+                    // The random port's 4-tuple is in use (a TIME_WAIT of an
+                    // earlier delivery to the same app): another port.
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                        tracing::debug!(pod = %self.key, client = %preserved, "delivery tuple in use; another port");
+                    }
+                    connected => return (connected, Ok(())),
+                },
+                Err(e) => {
+                    tracing::debug!(pod = %self.key, client = %preserved, error = %e, "cannot bind the client's address for delivery; delivering from the pod's");
+                    return (self.connect(dst).await, Err("transparent_bind_failed"));
+                }
             }
         }
+        (self.connect(dst).await, Err("transparent_port_in_use"))
     }
 
     /// Connects `sock` to `dst` with its cookie (and, bound to `from`, its
