@@ -12,7 +12,7 @@ mod routes;
 mod waypoint;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
@@ -183,6 +183,8 @@ pub struct Index(std::sync::OnceLock<Tables>);
 struct Tables {
     workloads: HashMap<IpAddr, WorkloadKey>,
     services: HashMap<IpAddr, ServiceKey>,
+    /// The pods behind the waypoints in use ([`Snapshot::is_waypoint_pod`]).
+    waypoint_pods: HashSet<IpAddr>,
 }
 
 impl Index {
@@ -203,6 +205,7 @@ impl Index {
                         .or_insert_with(|| k.clone());
                 }
             }
+            t.waypoint_pods = snap.waypoint_pod_ips();
             t
         })
     }

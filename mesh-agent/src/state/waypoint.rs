@@ -33,7 +33,10 @@
 //! default waypoint takes service traffic only).
 #![forbid(unsafe_code)]
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::{IpAddr, SocketAddr},
+};
 
 use super::{Service, ServiceKey, Snapshot, Workload, WorkloadKey};
 use crate::identity::{SpiffeId, TrustDomain};
@@ -143,16 +146,6 @@ impl WaypointFor {
     pub fn workloads(self) -> bool {
         matches!(self, Self::Workload | Self::All)
     }
-
-    /// `service` / `workload` / `all` / `none`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Service => "service",
-            Self::Workload => "workload",
-            Self::All => "all",
-            Self::None => "none",
-        }
-    }
 }
 
 /// The waypoint a service's traffic goes through.
@@ -186,6 +179,31 @@ fn from_labels(
     }))
 }
 
+/// The waypoint an object in `namespace` with `labels` names, its
+/// namespace having `namespace_labels` (`None`: unknown), by Istio's
+/// precedence: the object's own label (`from`; `none` opts out), then its
+/// namespace's (`none` there is the same as no label). Nothing for a
+/// waypoint's own objects (labelled `gateway.istio.io/managed`): it would
+/// loop.
+fn labelled_waypoint(
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+    from: WaypointSource,
+) -> Option<Waypoint> {
+    if labels.get(GATEWAY_MANAGED_LABEL).map(String::as_str) == Some(GATEWAY_MANAGED_WAYPOINT) {
+        return None;
+    }
+    match from_labels(labels, namespace) {
+        Err(()) => None,
+        Ok(Some(reference)) => Some(Waypoint { reference, from }),
+        Ok(None) => Some(Waypoint {
+            reference: from_labels(namespace_labels?, namespace).ok()??,
+            from: WaypointSource::Namespace,
+        }),
+    }
+}
+
 /// The waypoint of the service `key` with `labels`, in a namespace with
 /// `namespace_labels` (`None`: unknown namespace), by Istio's precedence
 /// (see the module doc).
@@ -194,25 +212,12 @@ pub fn service_waypoint(
     labels: &BTreeMap<String, String>,
     namespace_labels: Option<&BTreeMap<String, String>>,
 ) -> Option<Waypoint> {
-    if labels.get(GATEWAY_MANAGED_LABEL).map(String::as_str) == Some(GATEWAY_MANAGED_WAYPOINT) {
-        return None;
-    }
-    let chosen = match from_labels(labels, &key.namespace) {
-        Err(()) => return None,
-        Ok(Some(r)) => Waypoint {
-            reference: r,
-            from: WaypointSource::Service,
-        },
-        Ok(None) => {
-            let ns = namespace_labels?;
-            // A `none` on the namespace is the same as no label.
-            let r = from_labels(ns, &key.namespace).ok()??;
-            Waypoint {
-                reference: r,
-                from: WaypointSource::Namespace,
-            }
-        }
-    };
+    let chosen = labelled_waypoint(
+        &key.namespace,
+        labels,
+        namespace_labels,
+        WaypointSource::Service,
+    )?;
     // The waypoint's own Service in a namespace that uses it.
     (chosen.reference.service_key() != *key).then_some(chosen)
 }
@@ -220,27 +225,15 @@ pub fn service_waypoint(
 /// The waypoint a pod with `labels` in `namespace` (whose labels are
 /// `namespace_labels`; `None`: unknown) names, by the same precedence as
 /// [`service_waypoint`]: the pod's own label (`none` opts out), then its
-/// namespace's. Whether the waypoint takes the pod's traffic is decided
-/// with the snapshot ([`Snapshot::pod_waypoint_in_force`]).
+/// namespace's; none for a waypoint's own pods. Whether the waypoint takes
+/// the pod's traffic is decided with the snapshot
+/// ([`Snapshot::pod_waypoint_in_force`]).
 pub fn pod_waypoint(
     namespace: &str,
     labels: &BTreeMap<String, String>,
     namespace_labels: Option<&BTreeMap<String, String>>,
 ) -> Option<Waypoint> {
-    match from_labels(labels, namespace) {
-        Err(()) => None,
-        Ok(Some(r)) => Some(Waypoint {
-            reference: r,
-            from: WaypointSource::Pod,
-        }),
-        Ok(None) => {
-            let r = from_labels(namespace_labels?, namespace).ok()??;
-            Some(Waypoint {
-                reference: r,
-                from: WaypointSource::Namespace,
-            })
-        }
-    }
+    labelled_waypoint(namespace, labels, namespace_labels, WaypointSource::Pod)
 }
 
 /// Warns when the pods [`Snapshot::ignored_pod_waypoints`] finds in
@@ -309,15 +302,12 @@ impl Snapshot {
     /// whoever connects: the one its labels name, when that waypoint takes
     /// workload traffic, or when the pod's own label names a waypoint that
     /// does not resolve (fails closed; a namespace's missing waypoint
-    /// leaves the pod alone, see the module doc). Never for a waypoint's
-    /// own pods (labelled `gateway.istio.io/managed`, or behind the
-    /// waypoint's Service).
+    /// leaves the pod alone, see the module doc). Never for the pods
+    /// behind the waypoint's own Service (labelled ones have none at all,
+    /// [`pod_waypoint`]): it would loop.
     pub fn pod_waypoint_in_force<'w>(&self, pod: &'w Workload) -> Option<&'w Waypoint> {
         let w = pod.waypoint.as_ref()?;
-        // A waypoint's own pods never go through a waypoint: it would loop.
-        let managed = pod.labels.get(GATEWAY_MANAGED_LABEL).map(String::as_str)
-            == Some(GATEWAY_MANAGED_WAYPOINT);
-        if managed || self.is_own_pod(w, &pod.key()) {
+        if self.is_own_pod(w, &pod.key()) {
             return None;
         }
         match self.waypoint_scope(&w.reference) {
@@ -381,8 +371,9 @@ impl Snapshot {
             .collect()
     }
 
-    /// Every waypoint some service or pod sends its traffic through.
-    pub fn waypoints_in_use(&self) -> std::collections::BTreeSet<&WaypointRef> {
+    /// The addresses of the pods behind every waypoint some service or pod
+    /// sends its traffic through (built once per snapshot, in its index).
+    pub(super) fn waypoint_pod_ips(&self) -> HashSet<IpAddr> {
         let services = self
             .services
             .values()
@@ -391,7 +382,12 @@ impl Snapshot {
             .workloads
             .values()
             .filter_map(|p| self.pod_waypoint_in_force(p));
-        services.chain(pods).map(|w| &w.reference).collect()
+        let in_use: BTreeSet<&WaypointRef> = services.chain(pods).map(|w| &w.reference).collect();
+        in_use
+            .into_iter()
+            .filter_map(|w| self.services.get(&w.service_key()))
+            .flat_map(|wp| wp.endpoints.iter().map(|e| e.ip.to_canonical()))
+            .collect()
     }
 
     /// Whether the peer at `ip` proving `identity` is a waypoint: one of the
@@ -411,12 +407,10 @@ impl Snapshot {
         if pod.identity(trust_domain).ok().as_ref() != Some(identity) {
             return false;
         }
-        let ip = ip.to_canonical();
-        self.waypoints_in_use().into_iter().any(|w| {
-            self.services
-                .get(&w.service_key())
-                .is_some_and(|wp| wp.endpoints.iter().any(|e| e.ip.to_canonical() == ip))
-        })
+        self.index
+            .tables(self)
+            .waypoint_pods
+            .contains(&ip.to_canonical())
     }
 
     /// The pods serving waypoint `w`, in endpoint order, with the identity
@@ -704,6 +698,9 @@ mod tests {
             from: WaypointSource::Service,
         });
         snap.services.insert(key("shop", "web"), web);
+        // A changed snapshot is a new one (its index is built afresh), as
+        // the store publishes them.
+        let snap = snap.clone();
         assert!(snap.is_waypoint_pod(ip("198.18.9.1"), &wp_id, &td));
         // Another identity at the waypoint's address, the waypoint's
         // identity at another address, an unknown address: not a waypoint.
@@ -850,13 +847,15 @@ mod tests {
         let mut wp_pod = pod("shop", "wp-0", "wp", "198.18.9.1");
         wp_pod.waypoint = cache.waypoint.clone();
         assert!(snap.pod_waypoint_in_force(&wp_pod).is_none());
+        let ns = labels(&[(USE_WAYPOINT_LABEL, "wp")]);
         let mut managed = pod("shop", "other-wp-0", "wp", "198.18.9.2");
-        managed.waypoint = cache.waypoint.clone();
+        managed.waypoint = pod_waypoint("shop", &managed.labels, Some(&ns));
         assert!(snap.pod_waypoint_in_force(&managed).is_some());
         managed.labels.insert(
             GATEWAY_MANAGED_LABEL.into(),
             GATEWAY_MANAGED_WAYPOINT.into(),
         );
+        managed.waypoint = pod_waypoint("shop", &managed.labels, Some(&ns));
         assert!(snap.pod_waypoint_in_force(&managed).is_none());
     }
 
@@ -877,6 +876,8 @@ mod tests {
         assert!(!snap.is_waypoint_pod(ip, &wp_id, &td));
         snap.services
             .insert(key("shop", "wp"), with_scope(wp_svc, "workload"));
+        // A changed snapshot is a new one (its index is built afresh).
+        let snap = snap.clone();
         assert!(snap.is_waypoint_pod(ip, &wp_id, &td));
     }
 
