@@ -25,9 +25,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::{
     client::{BackendBody, ProxyBody},
-    l7::route::{Backend, RetryPolicy, Rule, Selection, ServiceKey},
+    l7::route::{Backend, RetryPolicy, Rule, Selection, grpc_status},
     metrics::RequestLabels,
-    services::{Addressed, Chosen, Client, NoEndpoint, PodTarget, Services, TryResult},
+    services::{Addressed, Chosen, Client, NoEndpoint, TryResult, Upstream},
     shared::{Shared, Tunnel},
     stream::Rewind,
 };
@@ -376,14 +376,6 @@ impl Body for Metered {
     }
 }
 
-/// The `grpc-status` in `headers`, if any and a number.
-fn grpc_status(headers: &HeaderMap) -> Option<u32> {
-    headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
-}
-
 /// The gRPC status a client derives from an HTTP status without one
 /// (gRPC's HTTP-to-gRPC status mapping): what a gRPC request the waypoint
 /// answered itself, or whose backend answered plain HTTP, ended with.
@@ -624,19 +616,9 @@ async fn handle(
     // A pod addressed by its own IP has no route: the pod is the backend.
     let service = match &target.addressed {
         Addressed::Service(service) => service,
-        Addressed::Pod(pod) => {
-            let pod = Arc::clone(pod);
-            return forward(
-                shared,
-                tunnel,
-                parts,
-                body,
-                upgrade,
-                finish,
-                None,
-                Upstream::Pod(pod),
-            )
-            .await;
+        Addressed::Pod(_) => {
+            let upstream = Upstream::of(target);
+            return forward(shared, tunnel, parts, body, upgrade, finish, None, upstream).await;
         }
     };
     let selection = active.routes.select(
@@ -707,28 +689,6 @@ async fn handle(
     };
     let rule = rule.cloned();
     forward(shared, tunnel, parts, body, upgrade, finish, rule, upstream).await
-}
-
-/// Where a request goes after routing.
-enum Upstream {
-    /// An endpoint of a service's port (of a subset), picked by the
-    /// routing engine.
-    Service {
-        service: ServiceKey,
-        port: u16,
-        subset: Option<Arc<str>>,
-    },
-    /// The pod the client addressed by its own IP.
-    Pod(Arc<PodTarget>),
-}
-
-impl std::fmt::Display for Upstream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Service { service, .. } => write!(f, "{service}"),
-            Self::Pod(p) => write!(f, "pod {}/{}", p.namespace, p.name),
-        }
-    }
 }
 
 /// Rewrites, retries, mirrors and sends the routed request (`rule`, if a
@@ -1042,25 +1002,11 @@ async fn send_with_retries(
     let mut retries = 0u32;
     let mut tried = Vec::new();
     loop {
-        let picked = match upstream {
-            Upstream::Service {
-                service,
-                port,
-                subset,
-            } => shared
+        let picked =
+            shared
                 .active()
                 .services
-                .endpoint(
-                    &shared.balancer,
-                    service,
-                    *port,
-                    subset.as_deref(),
-                    client,
-                    &tried,
-                )
-                .map(|(c, p)| (c, Some(p))),
-            Upstream::Pod(pod) => Ok((Services::pod_endpoint(pod, dialled), None)),
-        };
+                .pick(&shared.balancer, upstream, dialled, client, &tried);
         let (chosen, pick) = match picked {
             Ok(p) => p,
             Err(e) => return Try::NoEndpoint(e),

@@ -185,11 +185,7 @@ fn service_config(snap: &Snapshot, s: &mesh_agent::state::Service, fronted: bool
                 workload: pod.map(workload_name),
                 service_account: pod.map(|w| w.service_account.clone()),
                 labels: pod.map(|w| w.labels.clone()).unwrap_or_default(),
-                tunnel: if pod.is_some_and(|w| w.enrolled) {
-                    TunnelProtocol::Hbone
-                } else {
-                    TunnelProtocol::None
-                },
+                tunnel: pod.map_or(TunnelProtocol::None, tunnel_of),
                 hbone_port: None,
             }
         })
@@ -203,6 +199,16 @@ fn service_config(snap: &Snapshot, s: &mesh_agent::state::Service, fronted: bool
     }
 }
 
+/// How the waypoint reaches pod `w`: over HBONE when it is enrolled in
+/// the mesh (its agent requires mTLS), else in plaintext.
+fn tunnel_of(w: &Workload) -> TunnelProtocol {
+    if w.enrolled {
+        TunnelProtocol::Hbone
+    } else {
+        TunnelProtocol::None
+    }
+}
+
 /// A pod whose workload traffic this waypoint takes.
 fn workload_config(w: &Workload) -> WorkloadConfig {
     WorkloadConfig {
@@ -212,11 +218,7 @@ fn workload_config(w: &Workload) -> WorkloadConfig {
         workload: Some(workload_name(w)),
         service_account: Some(w.service_account.clone()),
         labels: w.labels.clone(),
-        tunnel: if w.enrolled {
-            TunnelProtocol::Hbone
-        } else {
-            TunnelProtocol::None
-        },
+        tunnel: tunnel_of(w),
         hbone_port: None,
         protocol: PortProtocol::Auto,
     }

@@ -25,7 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::{
     config::PortProtocol,
     metrics::peer_in,
-    services::{Addressed, Client, Services},
+    services::{Client, Upstream},
     shared::{Shared, Tunnel},
     stream::{PIPE, Rewind, pipe},
 };
@@ -344,7 +344,7 @@ async fn inner_stream(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: DuplexSt
 }
 
 /// An opaque stream's backend connection.
-enum Upstream {
+enum Relay {
     /// Plain TCP (an endpoint outside the mesh).
     Tcp(TcpStream),
     /// An HBONE stream to a meshed endpoint.
@@ -375,14 +375,11 @@ async fn tcp(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: Rewind) {
         namespace: &tunnel.source.namespace,
         ip: tunnel.peer.ip(),
     };
-    let picked = match &t.addressed {
-        Addressed::Service(service) => shared
+    let picked =
+        shared
             .active()
             .services
-            .endpoint(&shared.balancer, service, t.port.port, None, client, &[])
-            .map(|(c, p)| (c, Some(p))),
-        Addressed::Pod(pod) => Ok((Services::pod_endpoint(pod, tunnel.vip), None)),
-    };
+            .pick(&shared.balancer, &Upstream::of(t), tunnel.vip, client, &[]);
     // The pick counts the relay as an active connection until it ends.
     let (chosen, _pick) = match picked {
         Ok(p) => p,
@@ -405,14 +402,14 @@ async fn tcp(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: Rewind) {
                 .connector
                 .tcp(chosen.addr, tunnel.peer)
                 .await
-                .map(Upstream::Hbone)
+                .map(Relay::Hbone)
                 .map_err(|e| e.to_string())
         } else {
             TcpStream::connect(chosen.addr)
                 .await
                 .map(|s| {
                     let _ = s.set_nodelay(true);
-                    Upstream::Tcp(s)
+                    Relay::Tcp(s)
                 })
                 .map_err(|e| e.to_string())
         }
@@ -439,8 +436,8 @@ async fn tcp(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: Rewind) {
         Err(_) => return failed("the endpoint did not answer in time"),
     };
     let result = match &mut upstream {
-        Upstream::Tcp(s) => tokio::io::copy_bidirectional(&mut io, s).await,
-        Upstream::Hbone(s) => tokio::io::copy_bidirectional(&mut io, s).await,
+        Relay::Tcp(s) => tokio::io::copy_bidirectional(&mut io, s).await,
+        Relay::Hbone(s) => tokio::io::copy_bidirectional(&mut io, s).await,
     };
     let (sent, received) = result.as_ref().map_or((0, 0), |r| *r);
     tracing::info!(

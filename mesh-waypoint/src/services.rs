@@ -95,7 +95,55 @@ impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.addressed {
             Addressed::Service(s) => write!(f, "{s}"),
-            Addressed::Pod(p) => write!(f, "pod {}/{}", p.namespace, p.name),
+            Addressed::Pod(p) => write!(f, "{p}"),
+        }
+    }
+}
+
+impl std::fmt::Display for PodTarget {
+    /// `pod namespace/name`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pod {}/{}", self.namespace, self.name)
+    }
+}
+
+/// Where a request or stream goes once routed.
+#[derive(Clone, Debug)]
+pub enum Upstream {
+    /// An endpoint of a service's port (of a subset), picked by the
+    /// routing engine.
+    Service {
+        /// The service.
+        service: ServiceKey,
+        /// Its port.
+        port: u16,
+        /// The DestinationRule subset, if any.
+        subset: Option<Arc<str>>,
+    },
+    /// The pod the client addressed by its own IP.
+    Pod(Arc<PodTarget>),
+}
+
+impl Upstream {
+    /// Where a tunnel to `target` goes when no route applies: the service
+    /// port's endpoints, or the pod itself.
+    pub fn of(target: &Target) -> Self {
+        match &target.addressed {
+            Addressed::Service(service) => Self::Service {
+                service: service.clone(),
+                port: target.port.port,
+                subset: None,
+            },
+            Addressed::Pod(pod) => Self::Pod(Arc::clone(pod)),
+        }
+    }
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Service { service, .. } => write!(f, "{service}"),
+            Self::Pod(p) => write!(f, "{p}"),
         }
     }
 }
@@ -279,15 +327,35 @@ impl Services {
         })
     }
 
-    /// The backend of a request or stream to `pod` at `addr` (its own
-    /// address, as dialled).
-    pub fn pod_endpoint(pod: &PodTarget, addr: SocketAddr) -> Chosen {
-        Chosen {
-            addr: SocketAddr::new(addr.ip().to_canonical(), addr.port()),
-            hbone: pod.hbone,
-            http2: pod.protocol == PortProtocol::Http2,
-            labels: pod.labels.clone(),
-            dest: None,
+    /// The backend of a request or stream to `upstream`: a service
+    /// endpoint ([`Services::endpoint`], with its [`Pick`]), or the pod
+    /// addressed at `dialled` (its own address, as the client dialled it).
+    pub fn pick(
+        &self,
+        balancer: &Balancer,
+        upstream: &Upstream,
+        dialled: SocketAddr,
+        client: Client<'_>,
+        tried: &[SocketAddr],
+    ) -> Result<(Chosen, Option<Pick>), NoEndpoint> {
+        match upstream {
+            Upstream::Service {
+                service,
+                port,
+                subset,
+            } => self
+                .endpoint(balancer, service, *port, subset.as_deref(), client, tried)
+                .map(|(c, p)| (c, Some(p))),
+            Upstream::Pod(pod) => Ok((
+                Chosen {
+                    addr: SocketAddr::new(dialled.ip().to_canonical(), dialled.port()),
+                    hbone: pod.hbone,
+                    http2: pod.protocol == PortProtocol::Http2,
+                    labels: pod.labels.clone(),
+                    dest: None,
+                },
+                None,
+            )),
         }
     }
 

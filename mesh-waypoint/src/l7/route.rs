@@ -295,6 +295,15 @@ pub struct RetryOn {
     pub grpc: Vec<u32>,
 }
 
+/// The `grpc-status` in `headers` (a response's, or its trailers), if any
+/// and a number.
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
 impl RetryOn {
     /// Whether a response with `status` is retried.
     pub fn status(&self, status: u16) -> bool {
@@ -306,12 +315,7 @@ impl RetryOn {
     /// Whether a response with these headers is retried for its
     /// `grpc-status` (a gRPC error answered without a body).
     pub fn grpc_status(&self, headers: &http::HeaderMap) -> bool {
-        !self.grpc.is_empty()
-            && headers
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u32>().ok())
-                .is_some_and(|code| self.grpc.contains(&code))
+        !self.grpc.is_empty() && grpc_status(headers).is_some_and(|code| self.grpc.contains(&code))
     }
 
     /// Whether a per-try timeout is retried.
