@@ -1,15 +1,16 @@
 //! The byte relay: both directions at once, with half-close (a FIN on one side
 //! becomes a FIN on the other) and reset propagation (an error on either side
-//! resets both). Each direction owns one buffer that grows while reads fill it,
-//! so bulk transfers move large chunks and idle connections stay small; no
-//! allocation per byte or per read.
+//! resets both). Each direction takes a buffer only while its socket has
+//! data (an idle connection holds none) and doubles it while reads fill it,
+//! so bulk transfers move large chunks; reads go into the buffer's spare
+//! capacity, never zeroed first.
 
 use std::{io, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::AsyncWriteExt,
     net::{
         TcpStream,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
@@ -47,9 +48,21 @@ async fn pump(
     to: &mut OwnedWriteHalf,
     moved: &mut u64,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; INITIAL_BUFFER];
+    let mut buf = Vec::new();
+    let mut cap = INITIAL_BUFFER;
     loop {
-        let n = from.read(&mut buf).await?;
+        let n = loop {
+            if buf.capacity() > 0 {
+                match from.try_read_buf(&mut buf) {
+                    Ok(n) => break n,
+                    // Drained: hold no buffer while the connection is idle.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf = Vec::new(),
+                    Err(e) => return Err(e),
+                }
+            }
+            from.readable().await?;
+            buf.reserve_exact(cap);
+        };
         if n == 0 {
             // Half-close: pass the FIN on, as a graceful close (normal
             // linger) from here on.
@@ -57,10 +70,13 @@ async fn pump(
             to.shutdown().await?;
             return Ok(());
         }
-        to.write_all(&buf[..n]).await?;
+        to.write_all(&buf).await?;
         *moved += n as u64;
-        if n == buf.len() && buf.len() < MAX_BUFFER {
-            buf.resize(buf.len() * 2, 0);
+        buf.clear();
+        if n >= cap && cap < MAX_BUFFER {
+            // Full reads: a bulk transfer. Larger reads, fewer wake-ups.
+            cap *= 2;
+            buf = Vec::with_capacity(cap);
         }
     }
 }

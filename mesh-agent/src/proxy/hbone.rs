@@ -31,7 +31,7 @@ use bytes::{Bytes, BytesMut};
 use h2::{Ping, Reason, RecvStream, SendStream, client::SendRequest};
 use http::{Method, Request, Response, StatusCode};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
 };
 
@@ -686,15 +686,27 @@ pub async fn relay_h2(
     let _ = tcp.set_nodelay(true);
     // An agent death while the relay runs resets the app (see `copy::relay`).
     super::copy::abort_on_close(&tcp);
-    let (mut tr, mut tw) = tcp.into_split();
+    let (tr, mut tw) = tcp.into_split();
     let (mut sent, mut received) = (0u64, 0u64);
     let outcome = {
         let up = async {
-            let mut buf = BytesMut::with_capacity(INITIAL_BUFFER);
+            // As `copy::pump`: a buffer only while the socket has data.
+            let mut buf = BytesMut::new();
             let mut cap = INITIAL_BUFFER;
             loop {
-                buf.reserve(cap);
-                let n = tr.read_buf(&mut buf).await?;
+                let n = loop {
+                    if buf.capacity() > 0 {
+                        match tr.try_read_buf(&mut buf) {
+                            Ok(n) => break n,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                buf = BytesMut::new();
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    tr.readable().await?;
+                    buf.reserve(cap);
+                };
                 if n == 0 {
                     send.send_data(Bytes::new(), true)
                         .map_err(io::Error::other)?;
@@ -716,6 +728,7 @@ pub async fn relay_h2(
                     let part = chunk.split_to(granted.min(chunk.len()));
                     send.send_data(part, false).map_err(io::Error::other)?;
                 }
+                buf.reserve(cap);
             }
         };
         let down = async {

@@ -32,10 +32,7 @@ pub async fn serve(
             // From accept on, the agent dying resets the app (see copy::relay).
             super::copy::abort_on_close(&client);
             let task = handle(ctx.clone(), client, peer, shared.clone());
-            shared.spawn_tracked(async move {
-                let _permit = permit;
-                task.await
-            });
+            shared.spawn_tracked(task, permit);
         },
     )
     .await;

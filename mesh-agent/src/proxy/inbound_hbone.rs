@@ -42,10 +42,7 @@ pub async fn serve(
         &limits,
         |tcp, peer, permit| {
             let task = connection(ctx.clone(), tcp, peer, shared.clone(), cancel.clone());
-            shared.spawn_tracked(async move {
-                let _permit = permit;
-                task.await
-            });
+            shared.spawn_tracked(task, permit);
         },
     )
     .await;
@@ -176,10 +173,7 @@ async fn connection(
                 let open = activity.stream();
                 let (ctx, peer_id) = (ctx.clone(), peer_id.clone());
                 let task = stream(ctx, req, respond, peer, peer_id, shared.clone());
-                shared.spawn_tracked(async move {
-                    let _slots = (permit, open);
-                    task.await
-                });
+                shared.spawn_tracked(task, (permit, open));
             }
             Err(e) => {
                 tracing::debug!(pod = %ctx.key, src = %peer, error = %e, "HBONE connection ended");

@@ -259,15 +259,21 @@ impl Shared {
     /// Spawns a connection task counted in [`Shared::in_flight`] until it ends,
     /// so a stopping agent waits for it (connections it accepted but has not
     /// yet connected onwards included), not only for the open relays.
-    pub fn spawn_tracked<F>(&self, task: F)
+    /// `held` (the connection's limit permits) is released when it ends.
+    ///
+    /// The task is wrapped with `map`, not awaited inside an `async` block:
+    /// a block that owns a future and awaits it stores it twice (rustc keeps
+    /// the captured future and the awaited one apart), which doubled every
+    /// connection task's size (measured: 23 KiB for an outbound connection
+    /// whose future is 5.6 KiB).
+    pub fn spawn_tracked<F, H>(&self, task: F, held: H)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
+        H: Send + 'static,
     {
+        use futures::FutureExt as _;
         let guard = self.in_flight.enter();
-        tokio::spawn(async move {
-            let _guard = guard;
-            task.await;
-        });
+        tokio::spawn(task.map(move |()| drop((guard, held))));
     }
 }
 

@@ -47,10 +47,7 @@ pub async fn serve(
             // From accept on, the agent dying resets the app (see copy::relay).
             super::copy::abort_on_close(&client);
             let task = handle(ctx.clone(), client, peer, shared.clone());
-            shared.spawn_tracked(async move {
-                let _permit = permit;
-                task.await
-            });
+            shared.spawn_tracked(task, permit);
         },
     )
     .await;
@@ -120,7 +117,9 @@ async fn handle(
     {
         let w = w.reference.clone();
         let labels = Some(ServiceLabels::from_service(svc));
-        via_waypoint(
+        // Boxed, here and below: a connection task is as large as its
+        // largest state, and the relay's is what idle connections keep.
+        Box::pin(via_waypoint(
             &ctx,
             client,
             dst,
@@ -129,7 +128,7 @@ async fn handle(
             &w,
             &shared,
             &source_for,
-        )
+        ))
         .await;
         return;
     }
@@ -139,7 +138,17 @@ async fn handle(
         && let Some(w) = snapshot.pod_waypoint_for(pod, &ctx.key)
     {
         let w = w.reference.clone();
-        via_waypoint(&ctx, client, dst, &snapshot, None, &w, &shared, &source_for).await;
+        Box::pin(via_waypoint(
+            &ctx,
+            client,
+            dst,
+            &snapshot,
+            None,
+            &w,
+            &shared,
+            &source_for,
+        ))
+        .await;
         return;
     }
     let dst_service = service.map(ServiceLabels::from_service);
@@ -253,7 +262,9 @@ async fn handle(
                 .map_err(Error::NoCertificate),
             None => Ok(()),
         };
-        let open = async {
+        // Boxed: the connect phase's state (TLS and HTTP/2 handshakes) is
+        // larger than the relay's, which the task keeps for its whole life.
+        let open = Box::pin(async {
             match (&peer_id, &local) {
                 (Some(_), Some(dst_ctx)) => same_node::deliver(&ctx, dst_ctx, src, target, &shared)
                     .await
@@ -275,7 +286,7 @@ async fn handle(
                     .map(Upstream::Direct)
                     .map_err(|source| Error::Direct { target, source }),
             }
-        };
+        });
         // A routed destination's connectTimeout bounds the whole attempt
         // (TCP, and for a mesh peer the tunnel's handshake and CONNECT).
         let opened = match (certificate, &plan, &dest) {
