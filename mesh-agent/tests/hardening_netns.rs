@@ -447,3 +447,68 @@ fn in_kubernetes_mode_a_pod_whose_process_is_in_the_node_netns_is_refused() {
     drop(api);
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
 }
+
+/// The sockets a pod's worker makes ahead (so that a connection does not
+/// wait for a hop to the worker's thread) are made inside the pod's netns,
+/// never the agent's, whether spare or made on demand; a pod keeps no more
+/// than the bound per family, and they are refilled after a burst.
+#[test]
+fn sockets_made_ahead_for_a_pod_are_made_in_its_netns_and_bounded() {
+    use mesh_agent::datapath::netns::{self, NetnsWorker, SPARE_REFILL_AT, SPARE_SOCKETS};
+    use socket2::Domain;
+    common::require_root();
+    let mesh = Mesh::new(LabSpec::new().node(NodeSpec::new().pod(PodSpec::dual_stack("a"))));
+    let path = mesh.lab.pod("a").expect("pod a").netns_path();
+    let worker = NetnsWorker::spawn("a", &path).expect("worker in the pod's netns");
+    let cookie_of = |s: &socket2::Socket| netns::netns_cookie(s).expect("netns cookie");
+    let pod_cookie = worker
+        .run_blocking(|| {
+            let s = netns::tcp_socket(&"0.0.0.0:0".parse().expect("addr"), 0)?;
+            netns::netns_cookie(&s)
+        })
+        .expect("worker")
+        .expect("cookie in the pod");
+    let own = netns::tcp_socket(&"0.0.0.0:0".parse().expect("addr"), 0).expect("socket");
+    assert_ne!(pod_cookie, cookie_of(&own), "the pod has its own netns");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let mut held = Vec::new();
+    rt.block_on(async {
+        for domain in [Domain::IPV4, Domain::IPV6] {
+            for _ in 0..3 * SPARE_SOCKETS {
+                let s = worker.socket(domain).await.expect("socket");
+                assert_eq!(
+                    cookie_of(&s),
+                    pod_cookie,
+                    "a socket outside the pod's netns"
+                );
+                let spares = worker.spares();
+                assert!(spares.iter().all(|n| *n <= SPARE_SOCKETS), "{spares:?}");
+                held.push(s);
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    // Refilled after the burst: between the refill mark and the bound.
+    while worker.spares().iter().any(|n| *n <= SPARE_REFILL_AT) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "spares not refilled: {:?}",
+            worker.spares()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // A spare socket connects from the pod: an echo in the pod answers it
+    // on its loopback, which only the pod's netns reaches.
+    let listener = listener_in_netns(&path);
+    let to = listener.local_addr().expect("addr");
+    let s = rt
+        .block_on(worker.socket(Domain::IPV4))
+        .expect("spare socket");
+    s.set_nonblocking(false).expect("blocking");
+    s.connect(&to.into())
+        .expect("connect to the pod's loopback from a spare socket");
+    let (_accepted, from) = listener.accept().expect("accept");
+    assert!(from.ip().is_loopback(), "{from}");
+}

@@ -15,7 +15,7 @@ use std::{
         unix::fs::MetadataExt as _,
     },
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{Arc, Mutex, mpsc},
 };
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -169,6 +169,32 @@ type Job = Box<dyn FnOnce() + Send>;
 pub struct NetnsWorker {
     path: PathBuf,
     tx: mpsc::Sender<Job>,
+    spares: Arc<Mutex<Spares>>,
+}
+
+/// Sockets a worker keeps made in its netns, per family, so a connection
+/// takes one without waiting for the worker thread (a hop to another thread
+/// and back per connection, measured as a fifth of the agent's scheduler
+/// wake-ups under a connection storm). Filled on first use only, so a pod
+/// that never has a connection delivered or dialled from it holds none.
+#[derive(Default)]
+struct Spares {
+    /// `[IPv4, IPv6]` sockets: fresh, unbound, unmarked.
+    ready: [Vec<Socket>; 2],
+    /// Whether a refill is queued on the worker, per family.
+    refilling: [bool; 2],
+}
+
+/// Sockets made ahead per family: the bound on what an idle pod holds (two
+/// families: 16 descriptors).
+pub const SPARE_SOCKETS: usize = 8;
+/// A refill (up to [`SPARE_SOCKETS`]) is queued when this few are left, so
+/// a pod's spares settle between this and the bound.
+pub const SPARE_REFILL_AT: usize = 2;
+
+/// `[IPv4, IPv6]` index of a family.
+fn family_index(domain: Domain) -> usize {
+    usize::from(domain == Domain::IPV6)
 }
 
 impl NetnsWorker {
@@ -181,6 +207,18 @@ impl NetnsWorker {
     /// Starts a worker inside the netns `ns`, already opened from `path`
     /// (so that the namespace entered is the one that was checked).
     pub fn spawn_in(label: &str, path: &Path, ns: File) -> Result<Self, NetnsError> {
+        Self::start(label, path, Some(ns))
+    }
+
+    /// A worker that stays in the calling process's netns (tests of the
+    /// worker itself, without privileges).
+    #[cfg(test)]
+    fn here(label: &str) -> Result<Self, NetnsError> {
+        Self::start(label, Path::new("/proc/self/ns/net"), None)
+    }
+
+    /// Starts the thread, entering `ns` first when given.
+    fn start(label: &str, path: &Path, ns: Option<File>) -> Result<Self, NetnsError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
         let mut name = format!("ns-{label}");
@@ -188,7 +226,7 @@ impl NetnsWorker {
         std::thread::Builder::new()
             .name(name)
             .spawn(move || {
-                let entered = setns_net(&ns);
+                let entered = ns.as_ref().map_or(Ok(()), setns_net);
                 let ok = entered.is_ok();
                 let _ = ready_tx.send(entered);
                 drop(ns);
@@ -206,6 +244,7 @@ impl NetnsWorker {
             Ok(Ok(())) => Ok(Self {
                 path: path.to_owned(),
                 tx,
+                spares: Arc::default(),
             }),
             Ok(Err(source)) => Err(NetnsError::Enter {
                 path: path.to_owned(),
@@ -244,20 +283,90 @@ impl NetnsWorker {
         rx.await.map_err(|_| NetnsError::Stopped(self.path.clone()))
     }
 
+    /// A fresh TCP socket of `domain` (IPv4 or IPv6) inside the netns: a
+    /// spare when one is ready, else made on the worker thread. Taking one
+    /// queues a refill when few are left.
+    pub async fn socket(&self, domain: Domain) -> io::Result<Socket> {
+        let family = family_index(domain);
+        let (spare, refill) = {
+            let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
+            let spare = spares.ready[family].pop();
+            let refill = !spares.refilling[family] && spares.ready[family].len() <= SPARE_REFILL_AT;
+            if refill {
+                spares.refilling[family] = true;
+            }
+            (spare, refill)
+        };
+        if refill {
+            self.refill(domain);
+        }
+        match spare {
+            Some(sock) => Ok(sock),
+            None => self
+                .run(move || new_tcp_socket(domain))
+                .await
+                .map_err(io::Error::other)?,
+        }
+    }
+
+    /// Queues the making of `domain`'s spares up to [`SPARE_SOCKETS`] on the
+    /// worker thread; nobody waits for it.
+    fn refill(&self, domain: Domain) {
+        let family = family_index(domain);
+        let spares = Arc::clone(&self.spares);
+        let job = Box::new(move || {
+            let have = spares.lock().unwrap_or_else(|p| p.into_inner()).ready[family].len();
+            let mut made = Vec::with_capacity(SPARE_SOCKETS.saturating_sub(have));
+            for _ in have..SPARE_SOCKETS {
+                match new_tcp_socket(domain) {
+                    Ok(sock) => made.push(sock),
+                    Err(e) => {
+                        // Out of descriptors or memory: connections make
+                        // their own (and report the error) until it passes.
+                        tracing::debug!(error = %e, "cannot make spare sockets");
+                        break;
+                    }
+                }
+            }
+            let mut spares = spares.lock().unwrap_or_else(|p| p.into_inner());
+            spares.ready[family].append(&mut made);
+            spares.refilling[family] = false;
+        });
+        if self.tx.send(job).is_err() {
+            // The worker has stopped: no refill will come.
+            self.spares
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .refilling[family] = false;
+        }
+    }
+
+    /// Spare sockets ready, `[IPv4, IPv6]`.
+    pub fn spares(&self) -> [usize; 2] {
+        let spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
+        [spares.ready[0].len(), spares.ready[1].len()]
+    }
+
     /// The netns path.
     pub fn path(&self) -> &Path {
         &self.path
     }
 }
 
+/// A non-blocking TCP socket of `domain`, in the calling thread's netns.
+/// A socket stays in the netns it was made in, whichever thread uses it.
+fn new_tcp_socket(domain: Domain) -> io::Result<Socket> {
+    Socket::new(
+        domain,
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )
+}
+
 /// A non-blocking TCP socket of `addr`'s family, in the calling thread's
 /// netns, carrying `mark` (`SO_MARK`) so the kernel programs leave it alone.
 pub fn tcp_socket(addr: &SocketAddr, mark: u32) -> io::Result<Socket> {
-    let sock = Socket::new(
-        Domain::for_address(*addr),
-        Type::STREAM.nonblocking().cloexec(),
-        Some(Protocol::TCP),
-    )?;
+    let sock = new_tcp_socket(Domain::for_address(*addr))?;
     sock.set_mark(mark)?;
     Ok(sock)
 }
@@ -268,8 +377,9 @@ const DELIVERY_PORTS: std::ops::RangeInclusive<u16> = 32768..=60999;
 /// Random ports tried at bind before giving up.
 const DELIVERY_BIND_TRIES: usize = 8;
 
-/// A socket for the agent to connect to `dst` from, in the calling thread's
-/// netns (a pod's). With `from`, the socket is bound to that address (the
+/// Makes `sock`, a fresh socket of a pod's netns
+/// ([`NetnsWorker::socket`]), one for the agent to connect to `dst` from;
+/// any thread may call it. With `from`, the socket is bound to that address (the
 /// client's, not local to the pod) with `IP_TRANSPARENT`/`IPV6_TRANSPARENT`
 /// (`CAP_NET_ADMIN`) and carries [`mesh_common::DELIVERY_MARK`], whose
 /// replies the pod's delivery rule keeps in the pod; the bound address is
@@ -286,13 +396,15 @@ const DELIVERY_BIND_TRIES: usize = 8;
 /// which the caller retries on a new socket). The port is known before the
 /// `SYN`, as the `sk_lookup` exemption of the delivery tuple needs.
 pub fn connect_socket(
+    sock: Socket,
     dst: &SocketAddr,
     from: Option<IpAddr>,
 ) -> io::Result<(Socket, Option<SocketAddr>)> {
     let Some(from) = from else {
-        return Ok((tcp_socket(dst, mesh_common::BYPASS_MARK)?, None));
+        sock.set_mark(mesh_common::BYPASS_MARK)?;
+        return Ok((sock, None));
     };
-    let sock = tcp_socket(dst, mesh_common::DELIVERY_MARK)?;
+    sock.set_mark(mesh_common::DELIVERY_MARK)?;
     if dst.is_ipv6() {
         sock.set_ip_transparent_v6(true)?;
     } else {
@@ -354,6 +466,75 @@ pub fn listener(addr: SocketAddr, dual_stack: bool) -> io::Result<std::net::TcpL
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Polls `done` for up to 5 s.
+    fn eventually(mut done: impl FnMut() -> bool) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if done() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        done()
+    }
+
+    #[tokio::test]
+    async fn sockets_come_from_spares_made_ahead_and_bounded_per_family() {
+        let worker = NetnsWorker::here("spares").expect("worker");
+        // Nothing is made before the first use.
+        assert_eq!(worker.spares(), [0, 0]);
+        let first = worker.socket(Domain::IPV4).await.expect("socket");
+        assert!(
+            eventually(|| worker.spares() == [SPARE_SOCKETS, 0]),
+            "{:?}",
+            worker.spares()
+        );
+        // Fresh sockets: IPv4, non-blocking, not bound yet.
+        assert_eq!(first.domain().expect("domain"), Domain::IPV4);
+        assert!(first.nonblocking().expect("flag"));
+        let local = first
+            .local_addr()
+            .expect("local")
+            .as_socket()
+            .expect("inet");
+        assert_eq!(local.port(), 0);
+        // Taking them never lets the spares exceed the bound, refills come
+        // while they are taken, and four times the bound is served.
+        let mut taken = vec![first];
+        for _ in 0..4 * SPARE_SOCKETS {
+            taken.push(worker.socket(Domain::IPV4).await.expect("socket"));
+            let [v4, v6] = worker.spares();
+            assert!(v4 <= SPARE_SOCKETS && v6 == 0, "{v4} {v6}");
+        }
+        assert!(
+            eventually(|| worker.spares()[0] > SPARE_REFILL_AT),
+            "{:?}",
+            worker.spares()
+        );
+        // Every socket handed out is a distinct one.
+        let mut fds: Vec<_> = taken.iter().map(|s| s.as_raw_fd()).collect();
+        fds.sort_unstable();
+        fds.dedup();
+        assert_eq!(fds.len(), taken.len());
+        // The other family has its own spares.
+        let v6 = worker.socket(Domain::IPV6).await.expect("socket");
+        assert_eq!(v6.domain().expect("domain"), Domain::IPV6);
+        assert!(
+            eventually(|| worker.spares()[1] == SPARE_SOCKETS),
+            "{:?}",
+            worker.spares()
+        );
+        // A worker that has stopped still answers: an error, not a hang.
+        let stopped = NetnsWorker {
+            path: PathBuf::from("/gone"),
+            tx: mpsc::channel().0,
+            spares: Arc::default(),
+        };
+        let err = stopped.socket(Domain::IPV4).await.expect_err("stopped");
+        assert!(err.to_string().contains("has stopped"), "{err}");
+        assert_eq!(stopped.spares(), [0, 0]);
+    }
 
     #[test]
     fn a_netns_is_known_by_its_identity_whatever_the_path() {

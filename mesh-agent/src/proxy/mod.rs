@@ -27,6 +27,7 @@ use std::{
     time::Duration,
 };
 
+use socket2::Domain;
 use tokio::{net::TcpStream, runtime::Handle};
 use tokio_util::sync::CancellationToken;
 
@@ -96,11 +97,8 @@ impl PodContext {
     /// Connects to `dst` from a socket created inside the pod's netns,
     /// exempt from capture (its cookie in the agent's exemption map).
     pub async fn connect(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {
-        let (sock, _) = self
-            .worker
-            .run(move || netns::connect_socket(&dst, None))
-            .await
-            .map_err(std::io::Error::other)??;
+        let sock = self.worker.socket(Domain::for_address(dst)).await?;
+        let (sock, _) = netns::connect_socket(sock, &dst, None)?;
         self.connect_exempt(sock, dst, None).await
     }
 
@@ -153,10 +151,9 @@ impl PodContext {
         for _ in 0..DELIVERY_TRIES {
             let opened = self
                 .worker
-                .run(move || netns::connect_socket(&dst, Some(preserved)))
+                .socket(Domain::for_address(dst))
                 .await
-                .map_err(std::io::Error::other)
-                .and_then(|r| r);
+                .and_then(|sock| netns::connect_socket(sock, &dst, Some(preserved)));
             match opened {
                 Ok((sock, bound)) => match self.connect_exempt(sock, dst, bound).await {
                     // The random port's 4-tuple is in use (a TIME_WAIT of an
