@@ -128,7 +128,12 @@ fn loaded_streams_spread_over_pooled_tunnel_connections() {
         let text = mesh.metrics_text(0);
         let streams = gauge(&text, "mesh_pool_streams").unwrap_or(0);
         let connections = gauge(&text, "mesh_pool_connections").unwrap_or(0);
-        if streams >= STREAMS || std::time::Instant::now() > deadline {
+        // Both: while the extra connection is being dialled, the stream
+        // dialling it holds a fallback slot on the first one, so the
+        // streams can all be counted before the second connection is.
+        if (streams >= STREAMS && connections >= want_connections)
+            || std::time::Instant::now() > deadline
+        {
             break (connections, streams);
         }
         std::thread::sleep(Duration::from_millis(100));
