@@ -499,8 +499,8 @@ fn sockets_made_ahead_for_a_pod_are_made_in_its_netns_and_bounded() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    // A spare socket connects from the pod: an echo in the pod answers it
-    // on its loopback, which only the pod's netns reaches.
+    // A spare socket connects from the pod: a listener on the pod's
+    // loopback, which only the pod's netns reaches, accepts it.
     let listener = listener_in_netns(&path);
     let to = listener.local_addr().expect("addr");
     let s = rt

@@ -309,6 +309,17 @@ impl NetnsWorker {
         }
     }
 
+    /// A socket of the netns to connect to `dst` from, set up by
+    /// [`connect_socket`] (with `from`: bound to that address).
+    pub async fn connect_socket(
+        &self,
+        dst: SocketAddr,
+        from: Option<IpAddr>,
+    ) -> io::Result<(Socket, Option<SocketAddr>)> {
+        let sock = self.socket(Domain::for_address(dst)).await?;
+        connect_socket(sock, &dst, from)
+    }
+
     /// Queues the making of `domain`'s spares up to [`SPARE_SOCKETS`] on the
     /// worker thread; nobody waits for it.
     fn refill(&self, domain: Domain) {

@@ -1,11 +1,11 @@
 //! The byte relay: both directions at once, with half-close (a FIN on one side
 //! becomes a FIN on the other) and reset propagation (an error on either side
-//! resets both). Each direction takes a buffer only while its socket has
-//! data (an idle connection holds none) and doubles it while reads fill it,
-//! so bulk transfers move large chunks; reads go into the buffer's spare
-//! capacity, never zeroed first.
+//! resets both). Each direction reads through a [`Reader`]: no buffer while
+//! idle, larger reads during bulk transfers.
 
 use std::{io, time::Duration};
+
+use bytes::BytesMut;
 
 use tokio_util::sync::CancellationToken;
 
@@ -43,41 +43,65 @@ pub struct RelayResult {
     pub outcome: RelayOutcome,
 }
 
-async fn pump(
-    from: &mut OwnedReadHalf,
-    to: &mut OwnedWriteHalf,
-    moved: &mut u64,
-) -> io::Result<()> {
-    let mut buf = Vec::new();
-    let mut cap = INITIAL_BUFFER;
-    loop {
-        let n = loop {
-            if buf.capacity() > 0 {
-                match from.try_read_buf(&mut buf) {
-                    Ok(n) => break n,
-                    // Drained: hold no buffer while the connection is idle.
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf = Vec::new(),
+/// The read side of one relay direction, shared by the plaintext relay and
+/// the HBONE relay (`hbone::relay_h2`). It takes a buffer only once its
+/// socket is readable and gives it back when the socket is drained, so an
+/// idle direction holds none; it reads into the buffer's spare capacity,
+/// never zeroed first; and it doubles the buffer after full reads, up to
+/// [`MAX_BUFFER`], so bulk transfers move large chunks with fewer wake-ups.
+#[derive(Debug)]
+pub(crate) struct Reader {
+    buf: BytesMut,
+    cap: usize,
+}
+
+impl Reader {
+    pub(crate) fn new() -> Self {
+        Self {
+            buf: BytesMut::new(),
+            cap: INITIAL_BUFFER,
+        }
+    }
+
+    /// The next bytes `from` has, at least one; none at its FIN.
+    pub(crate) async fn read(&mut self, from: &OwnedReadHalf) -> io::Result<BytesMut> {
+        loop {
+            if self.buf.capacity() > 0 {
+                // A buffer is held: the socket had data last time; more may
+                // be waiting. (Reclaims the buffer once its last chunk is
+                // dropped.)
+                self.buf.reserve(self.cap);
+                match from.try_read_buf(&mut self.buf) {
+                    Ok(n) => {
+                        if n >= self.cap && self.cap < MAX_BUFFER {
+                            self.cap *= 2;
+                        }
+                        return Ok(self.buf.split());
+                    }
+                    // Drained: hold no buffer while the direction is idle.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.buf = BytesMut::new(),
                     Err(e) => return Err(e),
                 }
             }
             from.readable().await?;
-            buf.reserve_exact(cap);
-        };
-        if n == 0 {
+            self.buf.reserve(self.cap);
+        }
+    }
+}
+
+async fn pump(from: &OwnedReadHalf, to: &mut OwnedWriteHalf, moved: &mut u64) -> io::Result<()> {
+    let mut reader = Reader::new();
+    loop {
+        let chunk = reader.read(from).await?;
+        if chunk.is_empty() {
             // Half-close: pass the FIN on, as a graceful close (normal
             // linger) from here on.
             restore_linger(to.as_ref());
             to.shutdown().await?;
             return Ok(());
         }
-        to.write_all(&buf).await?;
-        *moved += n as u64;
-        buf.clear();
-        if n >= cap && cap < MAX_BUFFER {
-            // Full reads: a bulk transfer. Larger reads, fewer wake-ups.
-            cap *= 2;
-            buf = Vec::with_capacity(cap);
-        }
+        to.write_all(&chunk).await?;
+        *moved += chunk.len() as u64;
     }
 }
 
@@ -96,12 +120,12 @@ pub async fn relay(
     // the relay passes a FIN to it.
     abort_on_close(&client);
     abort_on_close(&server);
-    let (mut cr, mut cw) = client.into_split();
-    let (mut sr, mut sw) = server.into_split();
+    let (cr, mut cw) = client.into_split();
+    let (sr, mut sw) = server.into_split();
     let (mut sent, mut received) = (0u64, 0u64);
     let outcome = {
-        let up = pump(&mut cr, &mut sw, &mut sent);
-        let down = pump(&mut sr, &mut cw, &mut received);
+        let up = pump(&cr, &mut sw, &mut sent);
+        let down = pump(&sr, &mut cw, &mut received);
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
         loop {

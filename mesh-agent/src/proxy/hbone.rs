@@ -27,7 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use h2::{Ping, Reason, RecvStream, SendStream, client::SendRequest};
 use http::{Method, Request, Response, StatusCode};
 use tokio::{
@@ -672,9 +672,6 @@ pub fn forwarded_for(req: &Request<RecvStream>) -> Option<SocketAddr> {
     Some(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
 }
 
-const INITIAL_BUFFER: usize = 16 * 1024;
-const MAX_BUFFER: usize = 256 * 1024;
-
 /// Relays between a TCP stream and an HTTP/2 stream until both directions
 /// are closed; an error on either side resets both (TCP RST, `RST_STREAM`).
 pub async fn relay_h2(
@@ -690,32 +687,14 @@ pub async fn relay_h2(
     let (mut sent, mut received) = (0u64, 0u64);
     let outcome = {
         let up = async {
-            // As `copy::pump`: a buffer only while the socket has data.
-            let mut buf = BytesMut::new();
-            let mut cap = INITIAL_BUFFER;
+            let mut reader = super::copy::Reader::new();
             loop {
-                let n = loop {
-                    if buf.capacity() > 0 {
-                        match tr.try_read_buf(&mut buf) {
-                            Ok(n) => break n,
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                                buf = BytesMut::new();
-                            }
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    tr.readable().await?;
-                    buf.reserve(cap);
-                };
-                if n == 0 {
+                let mut chunk = reader.read(&tr).await?.freeze();
+                if chunk.is_empty() {
                     send.send_data(Bytes::new(), true)
                         .map_err(io::Error::other)?;
                     return io::Result::Ok(());
                 }
-                if n >= cap && cap < MAX_BUFFER {
-                    cap *= 2;
-                }
-                let mut chunk = buf.split().freeze();
                 sent += chunk.len() as u64;
                 while !chunk.is_empty() {
                     send.reserve_capacity(chunk.len());
@@ -728,7 +707,6 @@ pub async fn relay_h2(
                     let part = chunk.split_to(granted.min(chunk.len()));
                     send.send_data(part, false).map_err(io::Error::other)?;
                 }
-                buf.reserve(cap);
             }
         };
         let down = async {

@@ -27,7 +27,6 @@ use std::{
     time::Duration,
 };
 
-use socket2::Domain;
 use tokio::{net::TcpStream, runtime::Handle};
 use tokio_util::sync::CancellationToken;
 
@@ -35,10 +34,7 @@ pub use copy::{RelayOutcome, RelayResult, relay};
 pub use error::Error;
 
 use crate::{
-    datapath::{
-        Exemptions, OrigDstTable, ReplyRoutes,
-        netns::{self, NetnsWorker},
-    },
+    datapath::{Exemptions, OrigDstTable, ReplyRoutes, netns::NetnsWorker},
     identity::{MeshTls, SpiffeId},
     state::{Store, WorkloadKey},
     telemetry::{ConnectionTracker, PolicyDecision, Telemetry},
@@ -97,8 +93,7 @@ impl PodContext {
     /// Connects to `dst` from a socket created inside the pod's netns,
     /// exempt from capture (its cookie in the agent's exemption map).
     pub async fn connect(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {
-        let sock = self.worker.socket(Domain::for_address(dst)).await?;
-        let (sock, _) = netns::connect_socket(sock, &dst, None)?;
+        let (sock, _) = self.worker.connect_socket(dst, None).await?;
         self.connect_exempt(sock, dst, None).await
     }
 
@@ -149,11 +144,7 @@ impl PodContext {
             Ok(Some(client)) => client,
         };
         for _ in 0..DELIVERY_TRIES {
-            let opened = self
-                .worker
-                .socket(Domain::for_address(dst))
-                .await
-                .and_then(|sock| netns::connect_socket(sock, &dst, Some(preserved)));
+            let opened = self.worker.connect_socket(dst, Some(preserved)).await;
             match opened {
                 Ok((sock, bound)) => match self.connect_exempt(sock, dst, bound).await {
                     // The random port's 4-tuple is in use (a TIME_WAIT of an
