@@ -79,7 +79,10 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     }
     let acceptor = TlsAcceptor::from(shared.tls.server_config(me));
     let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(mut tls)) => {
+            hbone::size_tls_buffer(tls.get_mut().1);
+            tls
+        }
         Ok(Err(e)) => {
             tracing::warn!(src = %peer, reason = %describe_tls_error(&e), "HBONE handshake rejected");
             return;

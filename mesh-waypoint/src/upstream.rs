@@ -169,13 +169,14 @@ impl HboneConnector {
                 let config = inner
                     .tls
                     .client_config(&key.source, vec![key.destination.clone()]);
-                let tls = TlsConnector::from(config)
+                let mut tls = TlsConnector::from(config)
                     .connect(server_name(key.address.ip()), tcp)
                     .await
                     .map_err(|e| HboneError::Tls {
                         addr: key.address,
                         reason: describe_tls_error(&e),
                     })?;
+                hbone::size_tls_buffer(tls.get_mut().1);
                 hbone::client_handshake(Box::new(tls), key.address).await
             }
         };

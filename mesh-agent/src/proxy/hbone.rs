@@ -47,6 +47,22 @@ pub const STREAM_WINDOW: u32 = 4 << 20;
 pub const CONNECTION_WINDOW: u32 = 16 << 20;
 /// HTTP/2 max frame size (Istio's): 1 MiB.
 pub const MAX_FRAME: u32 = 1 << 20;
+/// Plaintext a tunnel's TLS connection takes ahead of its socket (rustls's
+/// default is 64 KiB): two of the largest chunks a relay reads
+/// (`copy::Reader`), so HTTP/2 hands a whole DATA frame to rustls in one
+/// write while the previous one is still in the socket. With 64 KiB the
+/// sender stalled each time the socket filled, and the tunnel sat idle
+/// between writes: one stream cross node moved ~6 Gb/s instead of ~8 in
+/// `cargo xtask bench`. It is held only while the socket is backed up, and
+/// bounds what one tunnel connection buffers.
+pub const TLS_SEND_BUFFER: usize = 512 * 1024;
+
+/// Sizes the send buffer of a tunnel's TLS connection (client or server
+/// side), before its HTTP/2 handshake: [`TLS_SEND_BUFFER`].
+pub fn size_tls_buffer<Data>(tls: &mut rustls::ConnectionCommon<Data>) {
+    tls.set_buffer_limit(Some(TLS_SEND_BUFFER));
+}
+
 /// Streams one pooled connection carries at most (or the peer's lower limit).
 pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
 /// How often an idle-looking tunnel connection is pinged.
