@@ -158,3 +158,106 @@ fn without_the_fast_path_same_node_traffic_takes_a_tunnel() {
     assert_eq!(counter(&mesh, "same_node_fast_path"), 0);
     assert!(counter(&mesh, "tunnel_connections_opened") >= 1);
 }
+
+/// TCP listen overflows in `pod`'s netns so far (`ListenOverflows` in
+/// `/proc/net/netstat`, which shows the reader's netns).
+fn listen_overflows(mesh: &Mesh, pod: &str) -> u64 {
+    let mut cat = std::process::Command::new("cat");
+    cat.arg("/proc/net/netstat");
+    let out = mesh
+        .lab
+        .run_in_pod(pod, cat)
+        .expect("read /proc/net/netstat");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut tcp_ext = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (
+        tcp_ext.next().expect("TcpExt names"),
+        tcp_ext.next().expect("TcpExt values"),
+    );
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "ListenOverflows")
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("ListenOverflows")
+}
+
+/// Connections in the accept-queue burst.
+const BURST: u64 = 24;
+
+/// A burst of [`BURST`] connections from `a` to an app in `c` that accepts
+/// nothing for its first 2 s and has a listen backlog of 2, each sending
+/// 64 bytes and holding for a second after the echo: the app's kernel
+/// overflows its accept queue, so it drops SYNs and handshakes' last ACKs,
+/// or answers with SYN cookies, until the app accepts. Checks that it did
+/// overflow (or the test proves nothing) and returns the client's report.
+fn accept_queue_burst(mesh: &mut Mesh) -> mesh_lab::app::ClientReport {
+    let overflows = listen_overflows(mesh, "c");
+    // Started last: it accepts nothing for 2 s from now.
+    mesh.echo_with(
+        "c",
+        &[7070],
+        &["--backlog", "2", "--accept-after-ms", "2000"],
+    );
+    let n = BURST.to_string();
+    let report = mesh.client(
+        "a",
+        &mesh.v4("c", 7070),
+        &[
+            "--conns",
+            &n,
+            "--concurrency",
+            &n,
+            "--bytes",
+            "64",
+            "--hold-ms",
+            "4000",
+            "--timeout-ms",
+            "30000",
+        ],
+    );
+    assert!(
+        listen_overflows(mesh, "c") > overflows,
+        "the app's accept queue never overflowed: the test proves nothing"
+    );
+    report
+}
+
+/// Without the mesh, the burst loses nothing: the clients' kernels retry
+/// until the app accepts. (What the mesh must match.)
+#[test]
+fn without_the_mesh_an_accept_queue_burst_loses_nothing() {
+    common::require_root();
+    let mut mesh = Mesh::new(
+        LabSpec::new().node(
+            NodeSpec::new()
+                .pod(PodSpec::new("a"))
+                .pod(PodSpec::new("c")),
+        ),
+    );
+    let report = accept_queue_burst(&mut mesh);
+    assert_eq!((report.ok, report.failed), (BURST, 0), "{report:?}");
+}
+
+/// Through the mesh, the burst loses nothing either. The agent's delivery
+/// connect completes when the app's kernel answers, but the app's side may
+/// not exist yet (a SYN cookie, or a last ACK dropped); until it does, the
+/// delivery's packets meet `sk_lookup` in the pod, which must leave them to
+/// the app, not steer them to the agent's own listener (which resets them):
+/// the delivery's tuple stays exempt for the connection's life.
+fn through_the_mesh_an_accept_queue_burst_loses_nothing(agent_flags: &[&str]) {
+    common::require_root();
+    let mut mesh = lab(agent_flags);
+    let report = accept_queue_burst(&mut mesh);
+    assert_eq!((report.ok, report.failed), (BURST, 0), "{report:?}");
+}
+
+#[test]
+fn fast_path_deliveries_survive_an_app_accept_queue_overflow() {
+    through_the_mesh_an_accept_queue_burst_loses_nothing(&[]);
+}
+
+#[test]
+fn tunnel_deliveries_survive_an_app_accept_queue_overflow() {
+    through_the_mesh_an_accept_queue_burst_loses_nothing(&["--same-node-fast-path=false"]);
+}

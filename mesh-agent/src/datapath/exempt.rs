@@ -9,9 +9,16 @@
 //!   delivery to the app alone (its source is the client's address, so it
 //!   would otherwise be steered back into the agent).
 //!
-//! Entries live while the connect is in flight: a [`Exemption`] removes
-//! them when dropped (cookies are never reused; a crashed agent's leftovers
-//! are evicted by the LRU maps).
+//! A socket's cookie is exempt while its connect is in flight; a delivery's
+//! tuple for the delivered connection's life ([`Exemption::into_delivery`]):
+//! the connect completes when the app's kernel answers, but the app's side
+//! may not exist yet (an overflowing accept queue answers with a SYN cookie,
+//! or drops the handshake's last ACK and waits for it again), and until it
+//! does the delivery's packets meet `sk_lookup`, which must leave them to
+//! the app. A guard removes its entries when dropped (cookies are never
+//! reused; a crashed agent's leftovers are evicted by the LRU maps, whose
+//! eviction of an established delivery's tuple is harmless: only packets no
+//! established socket takes meet `sk_lookup`).
 #![forbid(unsafe_code)]
 
 use std::{
@@ -37,6 +44,14 @@ pub struct Exemption {
     maps: Arc<Exemptions>,
     cookie: u64,
     delivery: Option<DeliveryKey>,
+}
+
+/// A delivery's tuple, exempt from `sk_lookup` while alive: held for the
+/// delivered connection's life.
+#[must_use = "the delivery's exemption ends when this is dropped"]
+pub struct DeliveryExemption {
+    maps: Arc<Exemptions>,
+    key: DeliveryKey,
 }
 
 impl Exemptions {
@@ -90,11 +105,29 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+impl Exemption {
+    /// Ends the socket's exemption (its connect is done) and keeps the
+    /// delivery tuple's, if it has one, for as long as the returned guard.
+    pub fn into_delivery(mut self) -> Option<DeliveryExemption> {
+        let key = self.delivery.take()?;
+        Some(DeliveryExemption {
+            maps: self.maps.clone(),
+            key,
+        })
+    }
+}
+
 impl Drop for Exemption {
     fn drop(&mut self) {
         let _ = lock(&self.maps.sockets).remove(&self.cookie);
         if let Some(key) = &self.delivery {
             let _ = lock(&self.maps.deliveries).remove(key);
         }
+    }
+}
+
+impl Drop for DeliveryExemption {
+    fn drop(&mut self) {
+        let _ = lock(&self.maps.deliveries).remove(&self.key);
     }
 }

@@ -32,7 +32,7 @@ mod reply_route;
 mod sys;
 
 pub use error::DatapathError;
-pub use exempt::{Exemption, Exemptions};
+pub use exempt::{DeliveryExemption, Exemption, Exemptions};
 pub use keys::{ip_from_key, ip_key};
 pub use load::{Datapath, DatapathConfig, LoadSummary, drive_kernel_log};
 pub use orig_dst::OrigDstTable;

@@ -95,6 +95,6 @@ async fn handle(ctx: Arc<PodContext>, client: TcpStream, peer: SocketAddr, share
             return;
         }
     };
-    let result = relay(client, app, &tracked.cancel).await;
+    let result = relay(client, app.stream, &tracked.cancel).await;
     tracker.close(result.sent, result.received, result.outcome.into());
 }

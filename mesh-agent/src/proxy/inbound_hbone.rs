@@ -309,11 +309,11 @@ async fn stream(
         Ok(s) => s,
         Err(e) => {
             tracker.close(0, 0, Error::StreamGone(e).into());
-            reset(app);
+            reset(app.stream);
             return;
         }
     };
-    let result = hbone::relay_h2(app, send, req.into_body(), &tracked.cancel).await;
+    let result = hbone::relay_h2(app.stream, send, req.into_body(), &tracked.cancel).await;
     // relay_h2 counts from the TCP side (the app): swap to client -> server.
     tracker.close(result.received, result.sent, result.outcome.into());
 }

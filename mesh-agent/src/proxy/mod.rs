@@ -34,7 +34,7 @@ pub use copy::{RelayOutcome, RelayResult, relay};
 pub use error::Error;
 
 use crate::{
-    datapath::{Exemptions, OrigDstTable, ReplyRoutes, netns::NetnsWorker},
+    datapath::{DeliveryExemption, Exemptions, OrigDstTable, ReplyRoutes, netns::NetnsWorker},
     identity::{MeshTls, SpiffeId},
     state::{Store, WorkloadKey},
     telemetry::{ConnectionTracker, PolicyDecision, Telemetry},
@@ -78,6 +78,17 @@ pub struct PodContext {
     pub reply_routes: ReplyRoutes,
 }
 
+/// A connection the agent opened to an app inside its pod
+/// ([`PodContext::deliver`]). One made from the client's address keeps its
+/// tuple exempt from `sk_lookup` while this lives (see `datapath::exempt`):
+/// keep it for the connection's life, and move only `stream` into the
+/// relay.
+pub struct AppConnection {
+    /// The connection.
+    pub stream: TcpStream,
+    _tuple: Option<DeliveryExemption>,
+}
+
 impl PodContext {
     /// Whether a connection made from this pod's netns to `dst` would land
     /// on one of the agent's own listeners in the pod (a port of
@@ -94,7 +105,7 @@ impl PodContext {
     /// exempt from capture (its cookie in the agent's exemption map).
     pub async fn connect(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {
         let (sock, _) = self.worker.connect_socket(dst, None).await?;
-        self.connect_exempt(sock, dst, None).await
+        Ok(self.connect_exempt(sock, dst, None).await?.stream)
     }
 
     /// Whether the app at `dst` can be delivered a connection from the
@@ -137,10 +148,16 @@ impl PodContext {
         &self,
         dst: SocketAddr,
         source: Result<Option<IpAddr>, &'static str>,
-    ) -> (std::io::Result<TcpStream>, Result<(), &'static str>) {
+    ) -> (std::io::Result<AppConnection>, Result<(), &'static str>) {
+        let from_pod = || async {
+            self.connect(dst).await.map(|stream| AppConnection {
+                stream,
+                _tuple: None,
+            })
+        };
         let preserved = match source {
-            Ok(None) => return (self.connect(dst).await, Ok(())),
-            Err(why) => return (self.connect(dst).await, Err(why)),
+            Ok(None) => return (from_pod().await, Ok(())),
+            Err(why) => return (from_pod().await, Err(why)),
             Ok(Some(client)) => client,
         };
         for _ in 0..DELIVERY_TRIES {
@@ -156,31 +173,38 @@ impl PodContext {
                 },
                 Err(e) => {
                     tracing::debug!(pod = %self.key, client = %preserved, error = %e, "cannot bind the client's address for delivery; delivering from the pod's");
-                    return (self.connect(dst).await, Err("transparent_bind_failed"));
+                    return (from_pod().await, Err("transparent_bind_failed"));
                 }
             }
         }
-        (self.connect(dst).await, Err("transparent_port_in_use"))
+        (from_pod().await, Err("transparent_port_in_use"))
     }
 
-    /// Connects `sock` to `dst` with its cookie (and, bound to `from`, its
-    /// delivery tuple) exempt from capture for the connect's duration.
+    /// Connects `sock` to `dst` with its cookie exempt from capture for the
+    /// connect's duration and, bound to `from`, its delivery tuple exempt
+    /// from `sk_lookup` for the connection's life.
     async fn connect_exempt(
         &self,
         sock: socket2::Socket,
         dst: SocketAddr,
         from: Option<SocketAddr>,
-    ) -> std::io::Result<TcpStream> {
+    ) -> std::io::Result<AppConnection> {
         let cookie = sock.cookie()?;
-        let _exempt = self.exempt.exempt(cookie, from.map(|f| (f, dst)))?;
+        let exempt = self.exempt.exempt(cookie, from.map(|f| (f, dst)))?;
         let sock = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
-        match tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst)).await {
-            Ok(r) => r,
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connect timed out",
-            )),
-        }
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect timed out",
+                ));
+            }
+        };
+        Ok(AppConnection {
+            stream,
+            _tuple: exempt.into_delivery(),
+        })
     }
 }
 

@@ -364,7 +364,7 @@ async fn handle(
                     inbound,
                 } = *delivered;
                 // A policy change that denies it cuts it, as at a tunnel's end.
-                let r = relay(stream, app, &tracked.cancel).await;
+                let r = relay(stream, app.stream, &tracked.cancel).await;
                 let outcome: crate::telemetry::Outcome = r.outcome.into();
                 drop(tracked);
                 inbound.close(r.sent, r.received, outcome.clone());

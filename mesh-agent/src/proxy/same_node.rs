@@ -22,8 +22,6 @@ use std::{
     sync::{Arc, PoisonError, RwLock},
 };
 
-use tokio::net::TcpStream;
-
 use super::{Error, PodContext, Shared, authorize, authz, hbone::HboneError, peer};
 use crate::telemetry::{Connection, ConnectionTracker, Direction, ProxyEvent, SecurityPolicy};
 
@@ -84,8 +82,9 @@ impl LocalPods {
 /// An allowed same-node connection, delivered: the app's socket, its
 /// registration for policy re-checks and its inbound telemetry.
 pub struct Delivered {
-    /// The connection to the app, inside the destination pod.
-    pub app: TcpStream,
+    /// The connection to the app, inside the destination pod (held until
+    /// the relay ends).
+    pub app: super::AppConnection,
     /// Cancelled when a policy change denies the connection.
     pub tracked: authz::Tracked,
     /// The destination side's report (closed by the caller with the relay's bytes).

@@ -40,6 +40,14 @@ enum Cmd {
         /// On accept, first write `peer=<client address as seen>\n`.
         #[arg(long)]
         greeting_peer: bool,
+        /// The listen backlog (default: the standard library's). A small
+        /// one with `--accept-after-ms` makes the kernel's accept queue
+        /// overflow, as on a busy server.
+        #[arg(long)]
+        backlog: Option<i32>,
+        /// Wait this long after listening before accepting anything.
+        #[arg(long, default_value_t = 0)]
+        accept_after_ms: u64,
     },
     /// Opens N connections (C at a time), sends a per-connection pattern,
     /// checks the echo byte for byte; prints one JSON report. Exit 1 if any failed.
@@ -160,7 +168,15 @@ fn main() -> ExitCode {
         Cmd::Echo {
             listen,
             greeting_peer,
-        } => echo(&listen, greeting_peer).map(|()| true),
+            backlog,
+            accept_after_ms,
+        } => echo(
+            &listen,
+            greeting_peer,
+            backlog,
+            Duration::from_millis(accept_after_ms),
+        )
+        .map(|()| true),
         Cmd::Client {
             connect,
             conns,
@@ -260,22 +276,49 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
 
 // ---------------------------------------------------------------- echo
 
-fn echo(listen: &[SocketAddr], greeting_peer: bool) -> Result<()> {
+fn echo(
+    listen: &[SocketAddr],
+    greeting_peer: bool,
+    backlog: Option<i32>,
+    accept_after: Duration,
+) -> Result<()> {
     let mut listeners = Vec::new();
     for addr in listen {
-        let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        let listener = match backlog {
+            None => TcpListener::bind(addr),
+            Some(backlog) => listen_with_backlog(*addr, backlog),
+        }
+        .with_context(|| format!("binding {addr}"))?;
         let local = listener
             .local_addr()
             .context("getsockname on the listener")?;
         print_line(&format!("listening {local}"))?;
         listeners.push(listener);
     }
+    thread::sleep(accept_after);
     thread::scope(|s| {
         for listener in &listeners {
             s.spawn(move || serve(listener, greeting_peer));
         }
     });
     Ok(())
+}
+
+/// A listener on `addr` (dual-stack for `[::]`, `SO_REUSEADDR` as the
+/// standard library's) with an explicit listen backlog.
+fn listen_with_backlog(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(false)?;
+    }
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(backlog)?;
+    Ok(sock.into())
 }
 
 fn serve(listener: &TcpListener, greeting_peer: bool) {
