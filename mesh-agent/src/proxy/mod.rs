@@ -104,8 +104,14 @@ impl PodContext {
     /// Connects to `dst` from a socket created inside the pod's netns,
     /// exempt from capture (its cookie in the agent's exemption map).
     pub async fn connect(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {
+        Ok(self.connect_from_pod(dst).await?.stream)
+    }
+
+    /// [`PodContext::connect`], as a delivery from the pod's own address
+    /// (nothing is held past the connect).
+    async fn connect_from_pod(&self, dst: SocketAddr) -> std::io::Result<AppConnection> {
         let (sock, _) = self.worker.connect_socket(dst, None).await?;
-        Ok(self.connect_exempt(sock, dst, None).await?.stream)
+        self.connect_exempt(sock, dst, None).await
     }
 
     /// Whether the app at `dst` can be delivered a connection from the
@@ -149,15 +155,9 @@ impl PodContext {
         dst: SocketAddr,
         source: Result<Option<IpAddr>, &'static str>,
     ) -> (std::io::Result<AppConnection>, Result<(), &'static str>) {
-        let from_pod = || async {
-            self.connect(dst).await.map(|stream| AppConnection {
-                stream,
-                _tuple: None,
-            })
-        };
         let preserved = match source {
-            Ok(None) => return (from_pod().await, Ok(())),
-            Err(why) => return (from_pod().await, Err(why)),
+            Ok(None) => return (self.connect_from_pod(dst).await, Ok(())),
+            Err(why) => return (self.connect_from_pod(dst).await, Err(why)),
             Ok(Some(client)) => client,
         };
         for _ in 0..DELIVERY_TRIES {
@@ -173,11 +173,17 @@ impl PodContext {
                 },
                 Err(e) => {
                     tracing::debug!(pod = %self.key, client = %preserved, error = %e, "cannot bind the client's address for delivery; delivering from the pod's");
-                    return (from_pod().await, Err("transparent_bind_failed"));
+                    return (
+                        self.connect_from_pod(dst).await,
+                        Err("transparent_bind_failed"),
+                    );
                 }
             }
         }
-        (from_pod().await, Err("transparent_port_in_use"))
+        (
+            self.connect_from_pod(dst).await,
+            Err("transparent_port_in_use"),
+        )
     }
 
     /// Connects `sock` to `dst` with its cookie exempt from capture for the
