@@ -19,6 +19,15 @@
 //! reused; a crashed agent's leftovers are evicted by the LRU maps, whose
 //! eviction of an established delivery's tuple is harmless: only packets no
 //! established socket takes meet `sk_lookup`).
+//!
+//! Two of the agent's connects can share a tuple: a delivery binds a random
+//! port, and when that port's tuple belongs to another delivery still in
+//! flight, its connect fails and it tries another port. The tuple's entry is
+//! counted per holder ([`Holders`]) and removed with the last one, so the
+//! failed attempt leaves the first delivery exempt. (Were the entry to go
+//! with the failed attempt, the first delivery's next SYN, sent again when
+//! its first met a full accept queue, would be steered into the agent and
+//! reset.)
 #![forbid(unsafe_code)]
 
 use std::{
@@ -35,7 +44,42 @@ use super::keys::ip_key;
 /// The agent's exemption maps.
 pub struct Exemptions {
     sockets: Mutex<HashMap<MapData, u64, u8>>,
-    deliveries: Mutex<HashMap<MapData, DeliveryKey, u8>>,
+    deliveries: Mutex<Deliveries>,
+}
+
+/// `DELIVERY_TUPLES` and who holds each of its entries, under one lock.
+struct Deliveries {
+    map: HashMap<MapData, DeliveryKey, u8>,
+    holders: Holders,
+}
+
+/// How many of the agent's exemptions hold each delivery tuple: an entry
+/// leaves the map with its last holder. Bounded by the agent's connects in
+/// flight and delivered connections (each holds one count).
+#[derive(Debug, Default)]
+pub(crate) struct Holders(std::collections::HashMap<DeliveryKey, u32>);
+
+impl Holders {
+    /// One more holder of `key`.
+    pub(crate) fn hold(&mut self, key: DeliveryKey) {
+        *self.0.entry(key).or_insert(0) += 1;
+    }
+
+    /// One holder of `key` fewer; whether it was the last (the entry must go).
+    pub(crate) fn release(&mut self, key: &DeliveryKey) -> bool {
+        match self.0.get_mut(key) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                self.0.remove(key);
+                true
+            }
+            // Not held: nothing of this agent's is left to exempt.
+            None => true,
+        }
+    }
 }
 
 /// Exempted while alive: removes its entries on drop.
@@ -62,7 +106,10 @@ impl Exemptions {
     ) -> Self {
         Self {
             sockets: Mutex::new(sockets),
-            deliveries: Mutex::new(deliveries),
+            deliveries: Mutex::new(Deliveries {
+                map: deliveries,
+                holders: Holders::default(),
+            }),
         }
     }
 
@@ -92,12 +139,25 @@ impl Exemptions {
             .map_err(io::Error::other)?;
         let mut guard = guard;
         if let Some(key) = key {
-            lock(&self.deliveries)
+            // Written even when already held: an entry the LRU map evicted
+            // comes back.
+            let mut deliveries = lock(&self.deliveries);
+            deliveries
+                .map
                 .insert(&key, &1, 0)
                 .map_err(io::Error::other)?;
+            deliveries.holders.hold(key);
             guard.delivery = Some(key);
         }
         Ok(guard)
+    }
+
+    /// Drops one hold on `key`'s entry, removing it with the last.
+    fn release(&self, key: &DeliveryKey) {
+        let mut deliveries = lock(&self.deliveries);
+        if deliveries.holders.release(key) {
+            let _ = deliveries.map.remove(key);
+        }
     }
 }
 
@@ -121,13 +181,45 @@ impl Drop for Exemption {
     fn drop(&mut self) {
         let _ = lock(&self.maps.sockets).remove(&self.cookie);
         if let Some(key) = &self.delivery {
-            let _ = lock(&self.maps.deliveries).remove(key);
+            self.maps.release(key);
         }
     }
 }
 
 impl Drop for DeliveryExemption {
     fn drop(&mut self) {
-        let _ = lock(&self.maps.deliveries).remove(&self.key);
+        self.maps.release(&self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(port: u16) -> DeliveryKey {
+        DeliveryKey {
+            local_port: 8080,
+            remote_port: port,
+            ..DeliveryKey::default()
+        }
+    }
+
+    #[test]
+    fn a_tuple_entry_goes_with_its_last_holder() {
+        let mut h = Holders::default();
+        h.hold(key(40000));
+        h.hold(key(40000));
+        h.hold(key(40001));
+        // The second connect that found the tuple in use gives up its hold:
+        // the first delivery keeps the entry.
+        assert!(!h.release(&key(40000)));
+        assert!(h.release(&key(40000)));
+        assert!(h.release(&key(40001)));
+        assert!(h.0.is_empty(), "{h:?}");
+    }
+
+    #[test]
+    fn releasing_an_unheld_tuple_removes_its_entry() {
+        assert!(Holders::default().release(&key(40000)));
     }
 }
