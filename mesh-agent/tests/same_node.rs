@@ -299,8 +299,9 @@ fn colliding_deliveries_lose_nothing(agent_flags: &[&str]) {
 }
 
 /// [`COLLIDING_BURST`] connections to an app with a listen backlog of 1024
-/// that accepts nothing for 0.5 s: most first SYNs are dropped and sent
-/// again a second later. Every connection must be served.
+/// that accepts nothing for 0.5 s: about half of the first SYNs meet a full
+/// accept queue and are sent again a second later, when it has room. Every
+/// connection must be served.
 fn large_burst_loses_nothing(mesh: &mut Mesh) {
     let report = burst(mesh, COLLIDING_BURST, "1024", "500");
     assert_eq!(
