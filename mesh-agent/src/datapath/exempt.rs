@@ -57,16 +57,16 @@ struct Deliveries {
 /// leaves the map with its last holder. Bounded by the agent's connects in
 /// flight and delivered connections (each holds one count).
 #[derive(Debug, Default)]
-pub(crate) struct Holders(std::collections::HashMap<DeliveryKey, u32>);
+struct Holders(std::collections::HashMap<DeliveryKey, u32>);
 
 impl Holders {
     /// One more holder of `key`.
-    pub(crate) fn hold(&mut self, key: DeliveryKey) {
+    fn hold(&mut self, key: DeliveryKey) {
         *self.0.entry(key).or_insert(0) += 1;
     }
 
     /// One holder of `key` fewer; whether it was the last (the entry must go).
-    pub(crate) fn release(&mut self, key: &DeliveryKey) -> bool {
+    fn release(&mut self, key: &DeliveryKey) -> bool {
         match self.0.get_mut(key) {
             Some(n) if *n > 1 => {
                 *n -= 1;
