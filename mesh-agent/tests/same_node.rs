@@ -212,23 +212,9 @@ fn burst(
         &[7070],
         &["--backlog", backlog, "--accept-after-ms", accept_after_ms],
     );
-    let n = conns.to_string();
-    let report = mesh.client(
-        "a",
-        &mesh.v4("c", 7070),
-        &[
-            "--conns",
-            &n,
-            "--concurrency",
-            &n,
-            "--bytes",
-            "64",
-            "--hold-ms",
-            "4000",
-            "--timeout-ms",
-            "30000",
-        ],
-    );
+    let args = mesh_lab::app::held_burst_args(conns, 4000);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let report = mesh.client("a", &mesh.v4("c", 7070), &args);
     assert!(
         listen_overflows(mesh, "c") > overflows,
         "the app's accept queue never overflowed: the test proves nothing"

@@ -192,6 +192,27 @@ impl ClientReport {
     }
 }
 
+/// The `client` flags for a held burst: `conns` connections opened at once,
+/// each sending 64 bytes and, after the echo, staying open `hold_ms` before
+/// it closes; a connection not served within 30 s fails as a timeout.
+pub fn held_burst_args(conns: u64, hold_ms: u64) -> Vec<String> {
+    let conns = conns.to_string();
+    [
+        "--conns",
+        &conns,
+        "--concurrency",
+        &conns,
+        "--bytes",
+        "64",
+        "--hold-ms",
+        &hold_ms.to_string(),
+        "--timeout-ms",
+        "30000",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 /// What `mesh-lab-app hold` prints.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HoldReport {

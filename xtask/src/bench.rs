@@ -329,23 +329,10 @@ fn memory_per_1000_connections(
     std::thread::sleep(Duration::from_secs(2));
     let before = rss_total()?;
     let fds_before: usize = agents.iter().map(|a| fds(a.pid())).sum();
-    let n = OPEN_CONNS.to_string();
     let mut client = Command::new(&bins.app);
-    client.args([
-        "client",
-        "--connect",
-        &labkit::addr(lab, to, 8080)?,
-        "--conns",
-        &n,
-        "--concurrency",
-        &n,
-        "--bytes",
-        "64",
-        "--hold-ms",
-        "15000",
-        "--timeout-ms",
-        "30000",
-    ]);
+    client
+        .args(["client", "--connect", &labkit::addr(lab, to, 8080)?])
+        .args(mesh_lab::app::held_burst_args(OPEN_CONNS, 15_000));
     let child = lab.spawn_in_pod(from, client)?;
     // Held: each connection is at least one descriptor in each agent. The
     // spare sockets the agents keep in the destination pods' netns (at most
