@@ -1,7 +1,9 @@
 //! `mesh-agent run`: wires the parts together. Start-up order: validate the
 //! workload file, load the datapath, publish the state, enroll pods, then
-//! watch the file. The data plane runs on a multi-thread runtime; the control
-//! loop (enrollment) on its own thread with a small runtime.
+//! watch the file. The pods' connections run on the proxy threads (one
+//! current-thread runtime each, `proxy::threads`); everything else (admin,
+//! sources, certificates) on the main runtime; the control loop
+//! (enrollment) on its own thread with a small runtime.
 #![forbid(unsafe_code)]
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -57,7 +59,13 @@ pub struct RunConfig {
     /// Deliver connections between two of this node's pods directly
     /// (`Proxy::set_same_node_fast_path`).
     pub same_node_fast_path: bool,
+    /// How many proxy threads serve the pods' connections (`None`: one per
+    /// CPU, up to [`DEFAULT_MAX_PROXY_THREADS`]).
+    pub proxy_threads: Option<usize>,
 }
+
+/// The most proxy threads the agent starts unless told otherwise.
+pub const DEFAULT_MAX_PROXY_THREADS: usize = 4;
 
 pub use crate::identity::IssuerConfig;
 
@@ -80,16 +88,21 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
             .unwrap_or_default(),
     };
     crate::datapath::check_privileges()?;
+    // The main runtime serves no pod connection (the proxy threads do):
+    // one worker is enough for the admin servers, sources and certificates.
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(
-            std::thread::available_parallelism()
-                .map_or(2, |n| n.get())
-                .min(4),
-        )
-        .thread_name("mesh-data")
+        .worker_threads(1)
+        .thread_name("mesh-main")
         .enable_all()
         .build()
-        .context("cannot start the data-plane runtime")?;
+        .context("cannot start the main runtime")?;
+    let threads = Arc::new(crate::proxy::threads::ProxyThreads::start(
+        cfg.proxy_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .min(DEFAULT_MAX_PROXY_THREADS)
+        }),
+    )?);
     // In the runtime: a remote issuer's client lives on it.
     let tls = {
         let _enter = runtime.enter();
@@ -162,6 +175,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         admin.telemetry().clone(),
         bounds.clone(),
         runtime.handle().clone(),
+        threads.clone(),
     );
     proxy.set_same_node_fast_path(cfg.same_node_fast_path);
     admin.register_routes(&store, proxy.balancer());
@@ -181,12 +195,13 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         });
     }
     {
-        let pool = proxy.pool();
+        let p = proxy.clone();
         admin.metrics().set_pool_source(move || {
-            let (connections, streams) = pool.occupancy();
+            let (connections, streams) = p.pool_occupancy();
             (connections as u64, streams as u64)
         });
     }
+    admin.set_info("proxy_threads", serde_json::json!(threads.len()));
     let in_flight = proxy.in_flight();
     let mut enroller = Enroller::new(PodMaps::new(dp)?, proxy);
     if let Some(kube) = &cfg.kube {
@@ -266,6 +281,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     log_counters(&cfg.pin_dir, &telemetry.counters);
     // The kernel state stays pinned so captured traffic fails closed until
     // the next agent.
+    threads.stop(Duration::from_secs(1));
     runtime.shutdown_timeout(Duration::from_secs(1));
     tracing::info!("agent stopped; datapath left pinned (fails closed until the next agent)");
     Ok(())

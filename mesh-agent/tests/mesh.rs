@@ -59,7 +59,8 @@ fn two_nodes(extra_agent_args: &[&str]) -> Mesh {
 
 #[test]
 fn cross_node_connections_are_tunnelled_and_pooled() {
-    let mesh = two_nodes(&[]);
+    // One proxy thread: each thread has its own pool (see the next test).
+    let mesh = two_nodes(&["--proxy-threads", "1"]);
     let before = mesh.counters(1);
     let c = mesh.v4("c", 8080);
     let sequential = mesh.client("a", &c, &["--conns", "20", "--bytes", "10000"]);
@@ -105,18 +106,21 @@ fn gauge(text: &str, name: &str) -> Option<u64> {
 
 #[test]
 fn loaded_streams_spread_over_pooled_tunnel_connections() {
-    let mesh = two_nodes(&[]);
+    // Two proxy threads per agent, each with its own listeners (one
+    // SO_REUSEPORT group per port: the kernel picks a thread per connection
+    // by a hash of its 4-tuple) and its own pool: a thread's streams to a
+    // peer share one TLS connection (its runtime has one thread, so the pool
+    // does not spread), and streams spread over the threads.
+    let mesh = two_nodes(&["--proxy-threads", "2"]);
+    let dump = mesh.config_dump(0);
+    assert_eq!(dump["agent"]["proxy_threads"], 2, "{dump}");
     let c = mesh.v4("c", 8080);
     let before = mesh.counters(1);
-    // Eight long-lived connections at once: more than one pooled connection
-    // takes before the pool spreads (4 streams), so the pool opens a second
-    // TLS connection when the agent has two worker threads or more (one per
-    // worker thread, at most: the agent runs min(CPUs, 4) workers), never more.
-    const STREAMS: u64 = 8;
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(4) as u64;
-    let want_connections = workers.min(2);
+    // 24 long-lived connections at once. All of them hash to one thread
+    // with probability 2 * 2^-24 (about 1 in 8 million), the one way this
+    // test could fail with the agent right.
+    const STREAMS: u64 = 24;
+    const THREADS: u64 = 2;
     let held: Vec<_> = (0..STREAMS)
         .map(|_| {
             let hold = mesh.hold_command(&c, 10_000, &[]);
@@ -128,22 +132,17 @@ fn loaded_streams_spread_over_pooled_tunnel_connections() {
         let text = mesh.metrics_text(0);
         let streams = gauge(&text, "mesh_pool_streams").unwrap_or(0);
         let connections = gauge(&text, "mesh_pool_connections").unwrap_or(0);
-        // Both: while the extra connection is being dialled, the stream
-        // dialling it holds a fallback slot on the first one, so the
-        // streams can all be counted before the second connection is.
-        if (streams >= STREAMS && connections >= want_connections)
-            || std::time::Instant::now() > deadline
-        {
+        if (streams >= STREAMS && connections >= THREADS) || std::time::Instant::now() > deadline {
             break (connections, streams);
         }
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(streams, STREAMS, "all held streams are pooled");
-    assert_eq!(connections, want_connections, "{workers} worker threads");
+    assert_eq!(connections, THREADS, "one TLS connection per proxy thread");
     // The destination saw as many TLS connections (sk_lookup hits on c's 15008).
     assert_eq!(
         delta(&before, &mesh.counters(1), "lookup_steered_hbone"),
-        want_connections
+        THREADS
     );
     for child in held {
         let report: HoldReport = {

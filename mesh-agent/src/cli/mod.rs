@@ -138,6 +138,10 @@ struct RunArgs {
     /// `false`: same-node traffic goes through an HBONE tunnel like any other.
     #[arg(long, env = "MESH_SAME_NODE_FAST_PATH", default_value_t = true, action = clap::ArgAction::Set)]
     same_node_fast_path: bool,
+    /// Threads serving the pods' connections, each with its own listeners
+    /// and tunnel connections (default: one per CPU, at most 4).
+    #[arg(long, env = "MESH_PROXY_THREADS", value_parser = clap::value_parser!(u16).range(1..=crate::proxy::threads::MAX_THREADS as i64))]
+    proxy_threads: Option<u16>,
 }
 
 /// Connection caps and HBONE deadlines (`mesh-agent run`). Caps left unset
@@ -253,6 +257,7 @@ pub fn main() -> ExitCode {
                 drain_timeout: args.drain_timeout,
                 limits: args.limits.overrides(),
                 same_node_fast_path: args.same_node_fast_path,
+                proxy_threads: args.proxy_threads.map(usize::from),
             })
         }
         Command::Ca(CaCommand::Init {

@@ -102,11 +102,10 @@ struct EnrolledPod<N> {
     netns_id: NetnsId,
     slot: u32,
     cancel: CancellationToken,
-    /// Duplicates of the listener fds, to shut them down synchronously on
-    /// un-enrollment (so a re-enrollment can bind the same ports at once).
-    listener_fds: Vec<std::net::TcpListener>,
-    /// The pod's reply path for transparent delivery (set up at enrollment).
-    reply_routes: crate::datapath::ReplyRoutes,
+    /// Duplicates of the listener fds (every proxy thread's), to shut them
+    /// down synchronously on un-enrollment (so a re-enrollment can bind the
+    /// same ports at once) and to serve them again on an update.
+    listeners: PodListeners,
     /// Keeps the pod's netns entered (its worker) while enrolled.
     netns: N,
 }
@@ -290,16 +289,7 @@ impl<K: PodKernel, P: PodProxy> Enroller<K, P> {
                 other: other.clone(),
             });
         }
-        let listener_fds = listeners
-            .outbound
-            .iter()
-            .chain([&listeners.inbound_plaintext, &listeners.inbound_hbone])
-            .map(std::net::TcpListener::try_clone)
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|source| EnrollError::Listener {
-                addr: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT),
-                source,
-            })?;
+        let kept = listeners.try_clone().map_err(listener_dup_error)?;
         let slot = self.free_slots.pop().ok_or(EnrollError::SlotsExhausted)?;
         let result = self
             .kernel
@@ -309,7 +299,6 @@ impl<K: PodKernel, P: PodProxy> Enroller<K, P> {
             self.free_slots.push(slot);
             return Err(e.into());
         }
-        let reply_routes = listeners.reply_routes.clone();
         let cancel = self.proxy.serve(w, &identity, cookie, &netns, listeners);
         Ok(EnrolledPod {
             workload: w.clone(),
@@ -318,8 +307,7 @@ impl<K: PodKernel, P: PodProxy> Enroller<K, P> {
             netns_id,
             slot,
             cancel,
-            listener_fds,
-            reply_routes,
+            listeners: kept,
             netns,
         })
     }
@@ -330,13 +318,7 @@ impl<K: PodKernel, P: PodProxy> Enroller<K, P> {
     /// queued connections are not lost.
     fn update(&mut self, pod: &mut EnrolledPod<P::Netns>, w: &Workload) -> Result<(), EnrollError> {
         let identity = w.identity(&self.proxy.trust_domain())?;
-        let listeners =
-            pod_listeners(&pod.listener_fds, pod.reply_routes.clone()).map_err(|source| {
-                EnrollError::Listener {
-                    addr: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT),
-                    source,
-                }
-            })?;
+        let listeners = pod.listeners.try_clone().map_err(listener_dup_error)?;
         self.kernel
             .publish(pod.slot, pod.cookie, &kernel_state(w), inbound(&listeners))?;
         pod.cancel.cancel();
@@ -357,7 +339,7 @@ impl<K: PodKernel, P: PodProxy> Enroller<K, P> {
         // (not when the tasks drop them) frees their ports at once.
         // Open connections finish on their own.
         pod.cancel.cancel();
-        for l in &pod.listener_fds {
+        for l in pod.listeners.iter() {
             let _ = socket2::SockRef::from(l).shutdown(std::net::Shutdown::Both);
         }
         self.free_slots.push(pod.slot);
@@ -375,7 +357,7 @@ impl<K: PodKernel, P: PodProxy> Enroller<K, P> {
             // Connections still in the accept queues move to the successor's
             // listeners (`tcp_migrate_req`, set at enrollment), not reset;
             // with no successor they are reset (fail closed).
-            for l in &pod.listener_fds {
+            for l in pod.listeners.iter() {
                 let _ = socket2::SockRef::from(l).shutdown(std::net::Shutdown::Both);
             }
         }
@@ -393,31 +375,15 @@ impl<K: PodKernel, P: PodProxy> Enroller<K, P> {
 /// The inbound listeners of `l`, as the datapath steers to them.
 fn inbound(l: &PodListeners) -> InboundSockets<'_> {
     InboundSockets {
-        plaintext: &l.inbound_plaintext,
-        hbone: &l.inbound_hbone,
+        plaintext: &l.first.inbound_plaintext,
+        hbone: &l.first.inbound_hbone,
     }
 }
 
-/// Fresh handles on a pod's listening sockets (duplicated fds, so the
-/// sockets live on when one set is dropped), in `listener_fds` order:
-/// outbound..., plaintext, HBONE.
-fn pod_listeners(
-    fds: &[std::net::TcpListener],
-    reply_routes: crate::datapath::ReplyRoutes,
-) -> std::io::Result<PodListeners> {
-    let mut dups = fds
-        .iter()
-        .map(std::net::TcpListener::try_clone)
-        .collect::<std::io::Result<Vec<_>>>()?;
-    let (Some(inbound_hbone), Some(inbound_plaintext)) = (dups.pop(), dups.pop()) else {
-        return Err(std::io::Error::other(
-            "the pod has fewer listeners than expected",
-        ));
-    };
-    Ok(PodListeners {
-        outbound: dups,
-        inbound_plaintext,
-        inbound_hbone,
-        reply_routes,
-    })
+/// The error for listener descriptors that could not be duplicated.
+fn listener_dup_error(source: std::io::Error) -> EnrollError {
+    EnrollError::Listener {
+        addr: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT),
+        source,
+    }
 }

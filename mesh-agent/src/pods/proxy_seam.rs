@@ -16,7 +16,7 @@ use super::EnrollError;
 use crate::{
     datapath::netns::{self, NetnsError, NetnsId, NetnsWorker},
     identity::{SpiffeId, TrustDomain},
-    proxy::{PodContext, PodListeners, Proxy},
+    proxy::{ListenerSet, PodContext, PodListeners, Proxy},
     state::Workload,
 };
 
@@ -67,7 +67,8 @@ impl PodProxy for Proxy {
             return Err(NetnsError::Changed(w.netns.clone()).into());
         }
         let worker = Arc::new(NetnsWorker::spawn_in(&w.name, &w.netns, ns)?);
-        let (listeners, cookie) = worker.run_blocking(open_listeners)??;
+        let threads = self.threads();
+        let (listeners, cookie) = worker.run_blocking(move || open_listeners(threads))??;
         Ok((worker, listeners, cookie))
     }
 
@@ -129,33 +130,56 @@ fn enable_accept_queue_migration() {
     }
 }
 
-/// Opens the pod's listeners; runs inside the pod's netns. Returns them with
-/// the netns cookie.
-fn open_listeners() -> Result<(PodListeners, u64), EnrollError> {
+/// Opens the pod's listeners, one set per proxy thread (`threads`, at
+/// least one); runs inside the pod's netns. Returns them with the netns
+/// cookie.
+fn open_listeners(threads: usize) -> Result<(PodListeners, u64), EnrollError> {
     enable_accept_queue_migration();
     let reply_routes = crate::datapath::route_replies_to_agent();
     if let Some(reason) = &reply_routes.reason {
         tracing::warn!(ipv4 = reply_routes.v4, ipv6 = reply_routes.v6, reason = %reason, "transparent delivery unavailable in the pod for a family; its apps see the pod's own address as the client's");
     }
+    let first = open_set(true)?;
+    let cookie =
+        netns::netns_cookie(&first.outbound[0]).map_err(|source| EnrollError::Listener {
+            addr: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT),
+            source,
+        })?;
+    // The first set decides whether the pod has IPv6; the others follow it.
+    let v6 = first.outbound.len() > 1;
+    let more = (1..threads)
+        .map(|_| open_set(v6))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((
+        PodListeners {
+            first,
+            more,
+            reply_routes,
+        },
+        cookie,
+    ))
+}
+
+/// One proxy thread's listeners (all `SO_REUSEPORT`: each port's sockets of
+/// all threads, and of a successor agent during an upgrade, form one
+/// group). `v6`: open the IPv6 outbound listener; for the first set, try it
+/// (IPv6 may be disabled in the pod: then there is nothing to capture on v6).
+fn open_set(v6: bool) -> Result<ListenerSet, EnrollError> {
     let open = |addr: SocketAddr, dual_stack: bool| {
         netns::listener(addr, dual_stack).map_err(|source| EnrollError::Listener { addr, source })
     };
-    let out4 = open(
+    let mut outbound = vec![open(
         SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT),
         false,
-    )?;
-    let cookie = netns::netns_cookie(&out4).map_err(|source| EnrollError::Listener {
-        addr: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT),
-        source,
-    })?;
-    let mut outbound = vec![out4];
-    // IPv6 may be disabled in the pod: then there is nothing to capture on v6.
-    match open(
-        SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT),
-        false,
-    ) {
-        Ok(l) => outbound.push(l),
-        Err(e) => tracing::debug!(error = %e, "no IPv6 outbound listener"),
+    )?];
+    if v6 {
+        match open(
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT),
+            false,
+        ) {
+            Ok(l) => outbound.push(l),
+            Err(e) => tracing::debug!(error = %e, "no IPv6 outbound listener"),
+        }
     }
     // One dual-stack socket is the sk_lookup target for both families. It
     // must be bound to the wildcard: binding a specific IPv6 address makes a
@@ -166,15 +190,9 @@ fn open_listeners() -> Result<(PodListeners, u64), EnrollError> {
         Ok(l) => Ok(l),
         Err(_) => open(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port), false),
     };
-    let inbound_plaintext = steered(INBOUND_PLAINTEXT_PORT)?;
-    let inbound_hbone = steered(INBOUND_HBONE_PORT)?;
-    Ok((
-        PodListeners {
-            outbound,
-            inbound_plaintext,
-            inbound_hbone,
-            reply_routes,
-        },
-        cookie,
-    ))
+    Ok(ListenerSet {
+        outbound,
+        inbound_plaintext: steered(INBOUND_PLAINTEXT_PORT)?,
+        inbound_hbone: steered(INBOUND_HBONE_PORT)?,
+    })
 }

@@ -17,6 +17,7 @@ use super::*;
 use crate::{
     datapath::DatapathError,
     identity::TrustDomain,
+    proxy::ListenerSet,
     state::{NodeInfo, Snapshot},
 };
 
@@ -134,9 +135,12 @@ impl PodProxy for Fakes {
             cookie
         });
         let listeners = PodListeners {
-            outbound: vec![loopback_listener()],
-            inbound_plaintext: loopback_listener(),
-            inbound_hbone: loopback_listener(),
+            first: ListenerSet {
+                outbound: vec![loopback_listener()],
+                inbound_plaintext: loopback_listener(),
+                inbound_hbone: loopback_listener(),
+            },
+            more: Vec::new(),
             reply_routes: Default::default(),
         };
         Ok(((), listeners, cookie))

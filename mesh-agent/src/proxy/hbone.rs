@@ -5,8 +5,10 @@
 //! - [`Pool`]: client HTTP/2 connections keyed by (source identity,
 //!   destination identity, destination address, source IP), many streams per
 //!   connection up to a limit, spread by load over up to one connection per
-//!   worker thread (each connection is driven by one task: bulk streams on
-//!   two connections use two cores), one connection attempt per key at a
+//!   worker thread of a multi-thread runtime (each connection is driven by
+//!   one task: bulk streams on two connections use two cores; the agent's
+//!   proxy threads are current-thread runtimes with a pool each, so there a
+//!   pool keeps one connection per key), one connection attempt per key at a
 //!   time (no storm when many streams start at once), broken connections
 //!   replaced without failing the request, idle ones released, PING
 //!   keep-alive.

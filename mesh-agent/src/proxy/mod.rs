@@ -17,6 +17,7 @@ mod inbound_hbone;
 pub mod limits;
 mod outbound;
 mod same_node;
+pub mod threads;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -221,16 +222,70 @@ fn is_agent_listener(pod_ips: &[IpAddr], dst: SocketAddr) -> bool {
         && (ip.is_loopback() || ip.is_unspecified() || pod_ips.contains(&ip))
 }
 
-/// The listeners opened inside a pod's netns.
-pub struct PodListeners {
+/// One proxy thread's listeners of a pod's ports.
+pub struct ListenerSet {
     /// Outbound capture: `127.0.0.1:15001` and, if the pod has IPv6, `[::1]:15001`.
     pub outbound: Vec<std::net::TcpListener>,
     /// Inbound plaintext (the `sk_lookup` target), dual-stack where possible.
     pub inbound_plaintext: std::net::TcpListener,
     /// Inbound HBONE (the `sk_lookup` target for port 15008), dual-stack where possible.
     pub inbound_hbone: std::net::TcpListener,
+}
+
+impl ListenerSet {
+    fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Self {
+            outbound: self
+                .outbound
+                .iter()
+                .map(std::net::TcpListener::try_clone)
+                .collect::<std::io::Result<_>>()?,
+            inbound_plaintext: self.inbound_plaintext.try_clone()?,
+            inbound_hbone: self.inbound_hbone.try_clone()?,
+        })
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &std::net::TcpListener> {
+        self.outbound
+            .iter()
+            .chain([&self.inbound_plaintext, &self.inbound_hbone])
+    }
+}
+
+/// The listeners opened inside a pod's netns: one [`ListenerSet`] per proxy
+/// thread (see [`threads`]), each port's sockets in one `SO_REUSEPORT`
+/// group, so the kernel spreads the pod's connections over the threads.
+pub struct PodListeners {
+    /// The first thread's set; its inbound sockets are the ones put in the
+    /// `sk_lookup` sockmap (the kernel's reuseport selection then picks
+    /// among the group).
+    pub first: ListenerSet,
+    /// The other threads' sets, in thread order.
+    pub more: Vec<ListenerSet>,
     /// The pod's reply path for transparent delivery, as set up at enrollment.
     pub reply_routes: ReplyRoutes,
+}
+
+impl PodListeners {
+    /// Duplicates every descriptor (the same sockets).
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Self {
+            first: self.first.try_clone()?,
+            more: self
+                .more
+                .iter()
+                .map(ListenerSet::try_clone)
+                .collect::<std::io::Result<_>>()?,
+            reply_routes: self.reply_routes.clone(),
+        })
+    }
+
+    /// Every listening socket of the pod.
+    pub fn iter(&self) -> impl Iterator<Item = &std::net::TcpListener> {
+        std::iter::once(&self.first)
+            .chain(&self.more)
+            .flat_map(ListenerSet::iter)
+    }
 }
 
 /// A seed for the balancer's random draws, different per agent (std's
@@ -252,8 +307,8 @@ pub struct Shared {
     pub store: Store,
     /// Certificates and TLS configurations.
     pub tls: Arc<MeshTls>,
-    /// Tunnel connections.
-    pub pool: Arc<hbone::Pool>,
+    /// Tunnel connections, one pool per proxy thread.
+    pub pools: Pools,
     /// Authorization of inbound connections.
     pub authz: Arc<authz::Authz>,
     /// Metrics, access log, the open-connection list and the proxy's
@@ -295,6 +350,43 @@ impl Shared {
     }
 }
 
+/// The tunnel pools, one per proxy thread: a thread dials and uses only its
+/// own, so a tunnel connection's driver runs on the thread whose relays feed
+/// it (see [`threads`]). On a current-thread runtime a pool keeps one
+/// connection per key (`hbone::Pool::spread`): the proxy threads, not the
+/// pools, spread a peer's streams over the cores.
+pub struct Pools(Vec<Arc<hbone::Pool>>);
+
+impl Pools {
+    /// `count` empty pools (at least one) counting into `counters`.
+    fn new(count: usize, counters: &Arc<crate::telemetry::ProxyCounters>) -> Self {
+        Self(
+            (0..count.max(1))
+                .map(|_| Arc::new(hbone::Pool::new(counters.clone())))
+                .collect(),
+        )
+    }
+
+    /// The calling proxy thread's pool (the first one on any other thread).
+    pub fn current(&self) -> &hbone::Pool {
+        &self.0[threads::current().unwrap_or(0) % self.0.len()]
+    }
+
+    /// Live connections and the streams they carry, over all pools.
+    pub fn occupancy(&self) -> (usize, usize) {
+        self.0.iter().fold((0, 0), |(c, s), pool| {
+            let (pc, ps) = pool.occupancy();
+            (c + pc, s + ps)
+        })
+    }
+
+    fn sweep(&self) {
+        for pool in &self.0 {
+            pool.sweep();
+        }
+    }
+}
+
 /// Counts the connection tasks of the proxy (accepted connections, tunnel
 /// connections and their streams) that have not finished.
 #[derive(Debug, Default)]
@@ -325,7 +417,11 @@ impl Drop for InFlightGuard {
 #[derive(Clone)]
 pub struct Proxy {
     shared: Arc<Shared>,
+    /// The agent's main runtime: policy re-checks, the pools' sweep,
+    /// certificate prefetches.
     handle: Handle,
+    /// Where the pods' listeners are served.
+    threads: Arc<threads::ProxyThreads>,
 }
 
 impl Proxy {
@@ -339,7 +435,8 @@ impl Proxy {
         self.shared.balancer.clone()
     }
 
-    /// A proxy that runs its tasks on `handle`.
+    /// A proxy serving pods on `threads`, its background tasks on `handle`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         orig_dst: Arc<OrigDstTable>,
         exempt: Arc<Exemptions>,
@@ -348,6 +445,7 @@ impl Proxy {
         telemetry: Telemetry,
         limits: Arc<limits::Bounds>,
         handle: Handle,
+        threads: Arc<threads::ProxyThreads>,
     ) -> Self {
         let authz = Arc::new(authz::Authz::new(store.clone()));
         let shared = Arc::new(Shared {
@@ -355,7 +453,7 @@ impl Proxy {
             exempt,
             store: store.clone(),
             tls,
-            pool: Arc::new(hbone::Pool::new(telemetry.counters.clone())),
+            pools: Pools::new(threads.len(), &telemetry.counters),
             authz: authz.clone(),
             telemetry,
             balancer: Arc::new(crate::routing::Balancer::with_seed(random_seed())),
@@ -373,15 +471,19 @@ impl Proxy {
                 authz.recheck(&snapshot.compiled);
             }
         });
-        let pool = shared.pool.clone();
+        let swept = shared.clone();
         handle.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tick.tick().await;
-                pool.sweep();
+                swept.pools.sweep();
             }
         });
-        Self { shared, handle }
+        Self {
+            shared,
+            handle,
+            threads,
+        }
     }
 
     /// Forgets certificates and TLS configurations of identities not in `keep`,
@@ -406,9 +508,15 @@ impl Proxy {
         self.shared.tls.trust_domain().clone()
     }
 
-    /// The tunnel pool.
-    pub fn pool(&self) -> Arc<hbone::Pool> {
-        self.shared.pool.clone()
+    /// Live tunnel connections and the streams they carry (all threads' pools).
+    pub fn pool_occupancy(&self) -> (usize, usize) {
+        self.shared.pools.occupancy()
+    }
+
+    /// How many proxy threads serve the pods (each pod has one
+    /// [`ListenerSet`] per thread).
+    pub fn threads(&self) -> usize {
+        self.threads.len()
     }
 
     /// The limits the proxy enforces, and their usage.
@@ -421,14 +529,14 @@ impl Proxy {
         self.shared.in_flight.clone()
     }
 
-    /// Starts accepting on a pod's listeners until `cancel` fires.
+    /// Starts accepting on a pod's listeners until `cancel` fires: each
+    /// [`ListenerSet`] on its proxy thread.
     pub fn serve_pod(
         &self,
         ctx: Arc<PodContext>,
         listeners: PodListeners,
         cancel: CancellationToken,
     ) {
-        let _guard = self.handle.enter();
         // Reachable by the same-node fast path while its listeners serve.
         self.shared.local.insert(&ctx);
         {
@@ -438,36 +546,47 @@ impl Proxy {
                 shared.local.remove(&ctx);
             });
         }
-        for l in listeners.outbound {
+        let sets = std::iter::once(listeners.first).chain(listeners.more);
+        for (index, set) in sets.enumerate() {
+            self.serve_set(self.threads.handle(index), &ctx, set, &cancel);
+        }
+    }
+
+    /// Serves one set of a pod's listeners on the runtime `handle`.
+    fn serve_set(
+        &self,
+        handle: &Handle,
+        ctx: &Arc<PodContext>,
+        set: ListenerSet,
+        cancel: &CancellationToken,
+    ) {
+        // Registering a listener with the reactor needs its runtime.
+        let _guard = handle.enter();
+        let shared = || self.shared.clone();
+        for l in set.outbound {
             match into_tokio(l) {
                 Ok(l) => {
-                    self.handle.spawn(outbound::serve(
-                        ctx.clone(),
-                        l,
-                        self.shared.clone(),
-                        cancel.clone(),
-                    ));
+                    handle.spawn(outbound::serve(ctx.clone(), l, shared(), cancel.clone()));
                 }
                 Err(e) => {
                     tracing::error!(pod = %ctx.key, error = %e, "cannot serve outbound listener")
                 }
             }
         }
-        match into_tokio(listeners.inbound_plaintext) {
+        match into_tokio(set.inbound_plaintext) {
             Ok(l) => {
-                self.handle.spawn(inbound::serve(
-                    ctx.clone(),
-                    l,
-                    self.shared.clone(),
-                    cancel.clone(),
-                ));
+                handle.spawn(inbound::serve(ctx.clone(), l, shared(), cancel.clone()));
             }
             Err(e) => tracing::error!(pod = %ctx.key, error = %e, "cannot serve inbound listener"),
         }
-        match into_tokio(listeners.inbound_hbone) {
+        match into_tokio(set.inbound_hbone) {
             Ok(l) => {
-                self.handle
-                    .spawn(inbound_hbone::serve(ctx, l, self.shared.clone(), cancel));
+                handle.spawn(inbound_hbone::serve(
+                    ctx.clone(),
+                    l,
+                    shared(),
+                    cancel.clone(),
+                ));
             }
             Err(e) => tracing::error!(pod = %ctx.key, error = %e, "cannot serve HBONE listener"),
         }
@@ -566,6 +685,26 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("socket address")
+    }
+
+    #[test]
+    fn each_proxy_thread_uses_its_own_pool() {
+        let counters = Arc::new(crate::telemetry::ProxyCounters::default());
+        let pools = Arc::new(Pools::new(2, &counters));
+        let threads = threads::ProxyThreads::start(2).expect("threads");
+        for i in 0..2 {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let p = pools.clone();
+            threads.handle(i).spawn(async move {
+                let _ = tx.send(std::ptr::from_ref(p.current()) as usize);
+            });
+            let used = rx.recv_timeout(Duration::from_secs(5)).expect("thread ran");
+            assert_eq!(used, Arc::as_ptr(&pools.0[i]) as usize, "thread {i}");
+        }
+        // Any other thread gets the first pool.
+        assert!(std::ptr::eq(pools.current(), &*pools.0[0]));
+        assert_eq!(pools.occupancy(), (0, 0));
+        threads.stop(Duration::from_secs(5));
     }
 
     #[test]

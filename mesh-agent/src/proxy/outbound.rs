@@ -642,7 +642,7 @@ async fn open_tunnel(
             hbone::client_handshake(Box::new(tls), key.address).await
         }
     };
-    let (response, send, guard) = shared.pool.send(&key, request, connect).await?;
+    let (response, send, guard) = shared.pools.current().send(&key, request, connect).await?;
     if response.status() != http::StatusCode::OK {
         return Err(HboneError::Status {
             target: dst,
