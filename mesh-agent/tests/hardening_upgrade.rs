@@ -51,8 +51,17 @@ fn endpoints(generation: usize) -> [String; 6] {
     ]
 }
 
+/// Starts generation `generation` of node `node`'s agent. Consecutive
+/// generations run different numbers of proxy threads (1, 2, 3, 1, ...): during
+/// an upgrade both agents' listeners of a port share one reuseport group,
+/// whatever each agent's count, and the old agent's queued connections
+/// migrate to any of the new one's.
 fn start_generation(mesh: &mut Mesh, node: usize, generation: usize) {
-    let args = endpoints(generation);
+    let mut args = endpoints(generation).to_vec();
+    args.extend([
+        "--proxy-threads".to_owned(),
+        (1 + generation % 3).to_string(),
+    ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     mesh.start_agent_with(node, &args);
 }
