@@ -202,6 +202,13 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         });
     }
     admin.set_info("proxy_threads", serde_json::json!(threads.len()));
+    {
+        let t = threads.clone();
+        admin.config_dump().register(
+            "proxy_threads",
+            move || serde_json::json!({ "inbound_tunnels": t.tunnels() }),
+        );
+    }
     let in_flight = proxy.in_flight();
     let mut enroller = Enroller::new(PodMaps::new(dp)?, proxy);
     if let Some(kube) = &cfg.kube {

@@ -144,6 +144,16 @@ fn loaded_streams_spread_over_pooled_tunnel_connections() {
         delta(&before, &mesh.counters(1), "lookup_steered_hbone"),
         THREADS
     );
+    // The destination agent serves them on different threads: it hands a
+    // new tunnel connection to its least-loaded thread (a hash would put
+    // both on one thread half the time).
+    let dump = mesh.config_dump(1);
+    assert_eq!(
+        dump["proxy_threads"]["inbound_tunnels"],
+        serde_json::json!([1, 1]),
+        "{}",
+        dump["proxy_threads"]
+    );
     for child in held {
         let report: HoldReport = {
             assert!(

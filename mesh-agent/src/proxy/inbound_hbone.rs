@@ -41,8 +41,33 @@ pub async fn serve(
         "hbone",
         &limits,
         |tcp, peer, permit| {
-            let task = connection(ctx.clone(), tcp, peer, shared.clone(), cancel.clone());
-            shared.spawn_tracked(task, permit);
+            // Before the handshake: on the thread serving the fewest tunnel
+            // connections (see `threads`), counted there for its life.
+            let here = super::threads::current().unwrap_or(0);
+            let load = shared.threads.hold(shared.threads.least_loaded(here));
+            if load.index() == here {
+                let task = connection(ctx.clone(), tcp, peer, shared.clone(), cancel.clone());
+                return shared.spawn_tracked(task, (permit, load));
+            }
+            // Moved: off this thread's reactor, onto the other's (two
+            // epoll_ctl calls, once per tunnel connection).
+            let tcp = match tcp.into_std() {
+                Ok(tcp) => tcp,
+                Err(e) => {
+                    tracing::warn!(pod = %ctx.key, src = %peer, error = %e, "HBONE connection dropped: cannot hand it to another proxy thread");
+                    return;
+                }
+            };
+            let (ctx, shared_task, cancel) = (ctx.clone(), shared.clone(), cancel.clone());
+            let task = async move {
+                match TcpStream::from_std(tcp) {
+                    Ok(tcp) => connection(ctx, tcp, peer, shared_task, cancel).await,
+                    Err(e) => {
+                        tracing::warn!(pod = %ctx.key, src = %peer, error = %e, "HBONE connection dropped: cannot hand it to another proxy thread");
+                    }
+                }
+            };
+            shared.spawn_tracked_on(shared.threads.handle(load.index()), task, (permit, load));
         },
     )
     .await;

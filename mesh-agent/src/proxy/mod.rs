@@ -309,6 +309,9 @@ pub struct Shared {
     pub tls: Arc<MeshTls>,
     /// Tunnel connections, one pool per proxy thread.
     pub pools: Pools,
+    /// The proxy threads (the inbound HBONE listener balances tunnel
+    /// connections over them).
+    pub threads: Arc<threads::ProxyThreads>,
     /// Authorization of inbound connections.
     pub authz: Arc<authz::Authz>,
     /// Metrics, access log, the open-connection list and the proxy's
@@ -347,6 +350,17 @@ impl Shared {
         use futures::FutureExt as _;
         let guard = self.in_flight.enter();
         tokio::spawn(task.map(move |()| drop((guard, held))));
+    }
+
+    /// [`Shared::spawn_tracked`] on the runtime `handle`.
+    pub fn spawn_tracked_on<F, H>(&self, handle: &Handle, task: F, held: H)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+        H: Send + 'static,
+    {
+        use futures::FutureExt as _;
+        let guard = self.in_flight.enter();
+        handle.spawn(task.map(move |()| drop((guard, held))));
     }
 }
 
@@ -420,8 +434,6 @@ pub struct Proxy {
     /// The agent's main runtime: policy re-checks, the pools' sweep,
     /// certificate prefetches.
     handle: Handle,
-    /// Where the pods' listeners are served.
-    threads: Arc<threads::ProxyThreads>,
 }
 
 impl Proxy {
@@ -454,6 +466,7 @@ impl Proxy {
             store: store.clone(),
             tls,
             pools: Pools::new(threads.len(), &telemetry.counters),
+            threads,
             authz: authz.clone(),
             telemetry,
             balancer: Arc::new(crate::routing::Balancer::with_seed(random_seed())),
@@ -479,11 +492,7 @@ impl Proxy {
                 swept.pools.sweep();
             }
         });
-        Self {
-            shared,
-            handle,
-            threads,
-        }
+        Self { shared, handle }
     }
 
     /// Forgets certificates and TLS configurations of identities not in `keep`,
@@ -516,7 +525,7 @@ impl Proxy {
     /// How many proxy threads serve the pods (each pod has one
     /// [`ListenerSet`] per thread).
     pub fn threads(&self) -> usize {
-        self.threads.len()
+        self.shared.threads.len()
     }
 
     /// The limits the proxy enforces, and their usage.
@@ -548,7 +557,7 @@ impl Proxy {
         }
         let sets = std::iter::once(listeners.first).chain(listeners.more);
         for (index, set) in sets.enumerate() {
-            self.serve_set(self.threads.handle(index), &ctx, set, &cancel);
+            self.serve_set(self.shared.threads.handle(index), &ctx, set, &cancel);
         }
     }
 

@@ -15,11 +15,20 @@
 //! selection runs after the lookup picked the group's socket in the
 //! sockmap). So connections spread over the threads, and one connection's
 //! work never moves.
+//!
+//! Inbound tunnel connections are the exception: a hash spreads few,
+//! long-lived connections badly (two peers' tunnels share one thread half
+//! the time, leaving a core idle), so the HBONE listener hands each new one
+//! to the thread serving the fewest ([`ProxyThreads::least_loaded`],
+//! counted by [`ProxyThreads::hold`]) before its TLS handshake.
 #![forbid(unsafe_code)]
 
 use std::{
     cell::Cell,
-    sync::{Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -59,6 +68,8 @@ pub enum ThreadsError {
 /// The running proxy threads. Stopped by [`ProxyThreads::stop`] (or on drop).
 pub struct ProxyThreads {
     handles: Vec<Handle>,
+    /// Tunnel connections each thread serves (see [`ProxyThreads::hold`]).
+    tunnels: Vec<AtomicUsize>,
     stop: CancellationToken,
     joins: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -70,6 +81,7 @@ impl ProxyThreads {
         let stop = CancellationToken::new();
         let mut threads = Self {
             handles: Vec::new(),
+            tunnels: Vec::new(),
             stop: stop.clone(),
             joins: Mutex::new(Vec::new()),
         };
@@ -107,6 +119,7 @@ impl ProxyThreads {
                 .unwrap_or_else(|_| Err(std::io::Error::other("the thread ended at start")))
                 .map_err(|source| ThreadsError::Start { index, source })?;
             threads.handles.push(handle);
+            threads.tunnels.push(AtomicUsize::new(0));
         }
         Ok(threads)
     }
@@ -124,6 +137,34 @@ impl ProxyThreads {
     /// The runtime of thread `index` (modulo the count).
     pub fn handle(&self, index: usize) -> &Handle {
         &self.handles[index % self.handles.len()]
+    }
+
+    /// The thread serving the fewest tunnel connections; `here` (the
+    /// caller's thread) on a tie, so that a connection moves only when that
+    /// evens the load.
+    pub fn least_loaded(&self, here: usize) -> usize {
+        let load = |i: usize| self.tunnels[i].load(Ordering::Acquire);
+        let here = here % self.tunnels.len();
+        (0..self.tunnels.len()).fold(here, |best, i| if load(i) < load(best) { i } else { best })
+    }
+
+    /// Counts a tunnel connection on thread `index` (modulo the count)
+    /// until the returned guard is dropped.
+    pub fn hold(self: &Arc<Self>, index: usize) -> ThreadLoad {
+        let index = index % self.tunnels.len();
+        self.tunnels[index].fetch_add(1, Ordering::AcqRel);
+        ThreadLoad {
+            threads: self.clone(),
+            index,
+        }
+    }
+
+    /// Tunnel connections each thread serves, in thread order.
+    pub fn tunnels(&self) -> Vec<usize> {
+        self.tunnels
+            .iter()
+            .map(|n| n.load(Ordering::Acquire))
+            .collect()
     }
 
     /// Stops every thread: their runtimes end, dropping what still runs on
@@ -144,6 +185,25 @@ impl ProxyThreads {
                 tracing::warn!("a proxy thread did not stop in time");
             }
         }
+    }
+}
+
+/// One tunnel connection counted on a thread ([`ProxyThreads::hold`]).
+pub struct ThreadLoad {
+    threads: Arc<ProxyThreads>,
+    index: usize,
+}
+
+impl ThreadLoad {
+    /// The thread the connection is counted on.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+}
+
+impl Drop for ThreadLoad {
+    fn drop(&mut self) {
+        self.threads.tunnels[self.index].fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -201,6 +261,32 @@ mod tests {
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
         );
         assert!(threads.joins.lock().expect("lock").is_empty());
+    }
+
+    #[test]
+    fn tunnels_go_to_the_least_loaded_thread_and_stay_where_a_move_gains_nothing() {
+        let threads = Arc::new(ProxyThreads::start(3).expect("threads"));
+        // All idle: the caller's own thread.
+        assert_eq!(threads.least_loaded(1), 1);
+        let a = threads.hold(threads.least_loaded(1));
+        assert_eq!(a.index(), 1);
+        // Thread 1 has one: the next goes to the lowest idle one.
+        let b = threads.hold(threads.least_loaded(1));
+        assert_eq!(b.index(), 0);
+        let c = threads.hold(threads.least_loaded(0));
+        assert_eq!(c.index(), 2);
+        assert_eq!(threads.tunnels(), [1, 1, 1]);
+        // Evenly loaded: stay.
+        assert_eq!(threads.least_loaded(2), 2);
+        // A tunnel ends: its thread is the least loaded again.
+        drop(a);
+        assert_eq!(threads.tunnels(), [1, 0, 1]);
+        assert_eq!(threads.least_loaded(2), 1);
+        drop((b, c));
+        assert_eq!(threads.tunnels(), [0, 0, 0]);
+        // Indexes wrap like `handle`'s.
+        assert_eq!(threads.hold(4).index(), 1);
+        threads.stop(Duration::from_secs(5));
     }
 
     #[test]
