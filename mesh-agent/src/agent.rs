@@ -204,10 +204,10 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     admin.set_info("proxy_threads", serde_json::json!(threads.len()));
     {
         let t = threads.clone();
-        admin.config_dump().register(
-            "proxy_threads",
-            move || serde_json::json!({ "inbound_tunnels": t.tunnels() }),
-        );
+        admin.config_dump().register("proxy_threads", move || {
+            let (tasks, tunnels): (Vec<usize>, Vec<usize>) = t.loads().into_iter().unzip();
+            serde_json::json!({ "connection_tasks": tasks, "inbound_tunnels": tunnels })
+        });
     }
     let in_flight = proxy.in_flight();
     let mut enroller = Enroller::new(PodMaps::new(dp)?, proxy);

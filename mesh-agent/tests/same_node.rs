@@ -159,6 +159,42 @@ fn without_the_fast_path_same_node_traffic_takes_a_tunnel() {
     assert!(counter(&mesh, "tunnel_connections_opened") >= 1);
 }
 
+/// A same-node tunnel's two ends are one agent's: its server side is handed
+/// to the proxy thread running the fewest connection tasks, so it does not
+/// share a core with its client side (where the kernel's hash alone would
+/// put it half the time, halving one stream's throughput).
+#[test]
+fn a_same_node_tunnels_server_side_runs_on_another_thread_than_its_client() {
+    common::require_root();
+    let mesh = lab(&["--same-node-fast-path=false", "--proxy-threads", "2"]);
+    let c = mesh.v4("c", 9090);
+    let hold = mesh.hold_command(&c, 4000, &[]);
+    let child = mesh.lab.spawn_in_pod("a", hold).expect("hold");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let threads = loop {
+        let dump = mesh.config_dump(0)["proxy_threads"].clone();
+        let tunnels: u64 = dump["inbound_tunnels"]
+            .as_array()
+            .map_or(0, |a| a.iter().filter_map(serde_json::Value::as_u64).sum());
+        if tunnels == 1 || std::time::Instant::now() > deadline {
+            break dump;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let tasks = |i: usize| threads["connection_tasks"][i].as_u64().unwrap_or(0);
+    let tunnel_thread = usize::from(threads["inbound_tunnels"][1] == 1);
+    assert_eq!(threads["inbound_tunnels"][tunnel_thread], 1, "{threads}");
+    // The tunnel's thread runs its connection and its stream; the other
+    // runs the client's outbound connection.
+    assert!(tasks(tunnel_thread) >= 2, "{threads}");
+    assert!(tasks(1 - tunnel_thread) >= 1, "{threads}");
+    let done = child
+        .wait_timeout(Duration::from_secs(20))
+        .expect("wait")
+        .expect("hold finished");
+    assert!(done.success(), "{:?}", child.log_contents());
+}
+
 /// TCP listen overflows in `pod`'s netns so far (`ListenOverflows` in
 /// `/proc/net/netstat`, which shows the reader's netns).
 fn listen_overflows(mesh: &Mesh, pod: &str) -> u64 {

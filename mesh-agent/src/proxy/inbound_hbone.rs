@@ -41,13 +41,14 @@ pub async fn serve(
         "hbone",
         &limits,
         |tcp, peer, permit| {
-            // Before the handshake: on the thread serving the fewest tunnel
-            // connections (see `threads`), counted there for its life.
+            // Before the handshake: on the thread running the fewest
+            // connection tasks (see `threads`).
             let here = super::threads::current().unwrap_or(0);
-            let load = shared.threads.hold(shared.threads.least_loaded(here));
-            if load.index() == here {
+            let tunnel = shared.threads.hold_tunnel(shared.threads.least_loaded(here));
+            let target = tunnel.index();
+            if target == here {
                 let task = connection(ctx.clone(), tcp, peer, shared.clone(), cancel.clone());
-                return shared.spawn_tracked(task, (permit, load));
+                return shared.spawn_tracked(task, (permit, tunnel));
             }
             // Moved: off this thread's reactor, onto the other's (two
             // epoll_ctl calls, once per tunnel connection).
@@ -67,7 +68,7 @@ pub async fn serve(
                     }
                 }
             };
-            shared.spawn_tracked_on(shared.threads.handle(load.index()), task, (permit, load));
+            shared.spawn_tracked_on(target, task, (permit, tunnel));
         },
     )
     .await;

@@ -349,18 +349,22 @@ impl Shared {
     {
         use futures::FutureExt as _;
         let guard = self.in_flight.enter();
-        tokio::spawn(task.map(move |()| drop((guard, held))));
+        let load = self.threads.hold(threads::current().unwrap_or(0));
+        tokio::spawn(task.map(move |()| drop((guard, load, held))));
     }
 
-    /// [`Shared::spawn_tracked`] on the runtime `handle`.
-    pub fn spawn_tracked_on<F, H>(&self, handle: &Handle, task: F, held: H)
+    /// [`Shared::spawn_tracked`] on proxy thread `index`.
+    pub fn spawn_tracked_on<F, H>(&self, index: usize, task: F, held: H)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
         H: Send + 'static,
     {
         use futures::FutureExt as _;
         let guard = self.in_flight.enter();
-        handle.spawn(task.map(move |()| drop((guard, held))));
+        let load = self.threads.hold(index);
+        self.threads
+            .handle(index)
+            .spawn(task.map(move |()| drop((guard, load, held))));
     }
 }
 

@@ -18,9 +18,11 @@
 //!
 //! Inbound tunnel connections are the exception: a hash spreads few,
 //! long-lived connections badly (two peers' tunnels share one thread half
-//! the time, leaving a core idle), so the HBONE listener hands each new one
-//! to the thread serving the fewest ([`ProxyThreads::least_loaded`],
-//! counted by [`ProxyThreads::hold`]) before its TLS handshake.
+//! the time, and a same-node tunnel shares its client's thread half the
+//! time, leaving a core idle), so the HBONE listener hands each new one to
+//! the thread running the fewest connection tasks
+//! ([`ProxyThreads::least_loaded`]; every task is counted by
+//! [`ProxyThreads::hold`]) before its TLS handshake.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -68,8 +70,8 @@ pub enum ThreadsError {
 /// The running proxy threads. Stopped by [`ProxyThreads::stop`] (or on drop).
 pub struct ProxyThreads {
     handles: Vec<Handle>,
-    /// Tunnel connections each thread serves (see [`ProxyThreads::hold`]).
-    tunnels: Vec<AtomicUsize>,
+    /// What each thread runs.
+    load: Vec<Load>,
     stop: CancellationToken,
     joins: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -81,7 +83,7 @@ impl ProxyThreads {
         let stop = CancellationToken::new();
         let mut threads = Self {
             handles: Vec::new(),
-            tunnels: Vec::new(),
+            load: Vec::new(),
             stop: stop.clone(),
             joins: Mutex::new(Vec::new()),
         };
@@ -119,7 +121,7 @@ impl ProxyThreads {
                 .unwrap_or_else(|_| Err(std::io::Error::other("the thread ended at start")))
                 .map_err(|source| ThreadsError::Start { index, source })?;
             threads.handles.push(handle);
-            threads.tunnels.push(AtomicUsize::new(0));
+            threads.load.push(Load::default());
         }
         Ok(threads)
     }
@@ -139,31 +141,53 @@ impl ProxyThreads {
         &self.handles[index % self.handles.len()]
     }
 
-    /// The thread serving the fewest tunnel connections; `here` (the
+    /// The thread running the fewest connection tasks; `here` (the
     /// caller's thread) on a tie, so that a connection moves only when that
     /// evens the load.
     pub fn least_loaded(&self, here: usize) -> usize {
-        let load = |i: usize| self.tunnels[i].load(Ordering::Acquire);
-        let here = here % self.tunnels.len();
-        (0..self.tunnels.len()).fold(here, |best, i| if load(i) < load(best) { i } else { best })
+        let tasks = |i: usize| self.load[i].tasks.load(Ordering::Acquire);
+        let here = here % self.load.len();
+        (0..self.load.len()).fold(
+            here,
+            |best, i| if tasks(i) < tasks(best) { i } else { best },
+        )
     }
 
-    /// Counts a tunnel connection on thread `index` (modulo the count)
-    /// until the returned guard is dropped.
+    /// Counts a connection task on thread `index` (modulo the count) until
+    /// the returned guard is dropped.
     pub fn hold(self: &Arc<Self>, index: usize) -> ThreadLoad {
-        let index = index % self.tunnels.len();
-        self.tunnels[index].fetch_add(1, Ordering::AcqRel);
+        self.count(index, Counted::Task)
+    }
+
+    /// Counts an inbound tunnel connection on thread `index` (shown in
+    /// [`ProxyThreads::loads`]; its task is counted by [`ProxyThreads::hold`]).
+    pub fn hold_tunnel(self: &Arc<Self>, index: usize) -> ThreadLoad {
+        self.count(index, Counted::Tunnel)
+    }
+
+    fn count(self: &Arc<Self>, index: usize, what: Counted) -> ThreadLoad {
+        let index = index % self.load.len();
+        self.load[index]
+            .counter(what)
+            .fetch_add(1, Ordering::AcqRel);
         ThreadLoad {
             threads: self.clone(),
             index,
+            what,
         }
     }
 
-    /// Tunnel connections each thread serves, in thread order.
-    pub fn tunnels(&self) -> Vec<usize> {
-        self.tunnels
+    /// Connection tasks and inbound tunnel connections of each thread, in
+    /// thread order.
+    pub fn loads(&self) -> Vec<(usize, usize)> {
+        self.load
             .iter()
-            .map(|n| n.load(Ordering::Acquire))
+            .map(|l| {
+                (
+                    l.tasks.load(Ordering::Acquire),
+                    l.tunnels.load(Ordering::Acquire),
+                )
+            })
             .collect()
     }
 
@@ -188,10 +212,36 @@ impl ProxyThreads {
     }
 }
 
-/// One tunnel connection counted on a thread ([`ProxyThreads::hold`]).
+/// What a thread runs.
+#[derive(Default)]
+struct Load {
+    /// Connection tasks (accepted connections, tunnel streams).
+    tasks: AtomicUsize,
+    /// Inbound tunnel connections.
+    tunnels: AtomicUsize,
+}
+
+impl Load {
+    fn counter(&self, what: Counted) -> &AtomicUsize {
+        match what {
+            Counted::Task => &self.tasks,
+            Counted::Tunnel => &self.tunnels,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Counted {
+    Task,
+    Tunnel,
+}
+
+/// One task or tunnel counted on a thread ([`ProxyThreads::hold`],
+/// [`ProxyThreads::hold_tunnel`]) until dropped.
 pub struct ThreadLoad {
     threads: Arc<ProxyThreads>,
     index: usize,
+    what: Counted,
 }
 
 impl ThreadLoad {
@@ -203,7 +253,9 @@ impl ThreadLoad {
 
 impl Drop for ThreadLoad {
     fn drop(&mut self) {
-        self.threads.tunnels[self.index].fetch_sub(1, Ordering::AcqRel);
+        self.threads.load[self.index]
+            .counter(self.what)
+            .fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -264,26 +316,27 @@ mod tests {
     }
 
     #[test]
-    fn tunnels_go_to_the_least_loaded_thread_and_stay_where_a_move_gains_nothing() {
+    fn connections_go_to_the_least_loaded_thread_and_stay_where_a_move_gains_nothing() {
         let threads = Arc::new(ProxyThreads::start(3).expect("threads"));
         // All idle: the caller's own thread.
         assert_eq!(threads.least_loaded(1), 1);
         let a = threads.hold(threads.least_loaded(1));
         assert_eq!(a.index(), 1);
-        // Thread 1 has one: the next goes to the lowest idle one.
+        // Thread 1 runs one: the next goes to the lowest idle one.
         let b = threads.hold(threads.least_loaded(1));
         assert_eq!(b.index(), 0);
         let c = threads.hold(threads.least_loaded(0));
         assert_eq!(c.index(), 2);
-        assert_eq!(threads.tunnels(), [1, 1, 1]);
+        // Tunnels are shown, not weighed (their tasks are).
+        let t = threads.hold_tunnel(2);
+        assert_eq!(threads.loads(), [(1, 0), (1, 0), (1, 1)]);
         // Evenly loaded: stay.
         assert_eq!(threads.least_loaded(2), 2);
-        // A tunnel ends: its thread is the least loaded again.
+        // A task ends: its thread is the least loaded again.
         drop(a);
-        assert_eq!(threads.tunnels(), [1, 0, 1]);
         assert_eq!(threads.least_loaded(2), 1);
-        drop((b, c));
-        assert_eq!(threads.tunnels(), [0, 0, 0]);
+        drop((b, c, t));
+        assert_eq!(threads.loads(), [(0, 0), (0, 0), (0, 0)]);
         // Indexes wrap like `handle`'s.
         assert_eq!(threads.hold(4).index(), 1);
         threads.stop(Duration::from_secs(5));
