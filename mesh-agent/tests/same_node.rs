@@ -173,10 +173,16 @@ fn a_same_node_tunnels_server_side_runs_on_another_thread_than_its_client() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let threads = loop {
         let dump = mesh.config_dump(0)["proxy_threads"].clone();
-        let tunnels: u64 = dump["inbound_tunnels"]
-            .as_array()
-            .map_or(0, |a| a.iter().filter_map(serde_json::Value::as_u64).sum());
-        if tunnels == 1 || std::time::Instant::now() > deadline {
+        let sum = |key: &str| -> u64 {
+            dump[key]
+                .as_array()
+                .map_or(0, |a| a.iter().filter_map(serde_json::Value::as_u64).sum())
+        };
+        // The client's connection, the tunnel's and its stream's: all three
+        // tasks counted (the stream's starts after the tunnel is counted).
+        if (sum("inbound_tunnels") == 1 && sum("connection_tasks") >= 3)
+            || std::time::Instant::now() > deadline
+        {
             break dump;
         }
         std::thread::sleep(Duration::from_millis(50));
