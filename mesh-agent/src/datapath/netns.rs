@@ -366,12 +366,18 @@ impl NetnsWorker {
 
 /// A non-blocking TCP socket of `domain`, in the calling thread's netns.
 /// A socket stays in the netns it was made in, whichever thread uses it.
+/// A non-blocking TCP socket with `TCP_NODELAY` (everything the agent
+/// sends is either a relay's chunk or an HTTP/2 frame it wants out at once).
+/// A listener's is inherited by the sockets it accepts, so neither those nor
+/// the agent's outgoing sockets need a `setsockopt` per connection.
 fn new_tcp_socket(domain: Domain) -> io::Result<Socket> {
-    Socket::new(
+    let sock = Socket::new(
         domain,
         Type::STREAM.nonblocking().cloexec(),
         Some(Protocol::TCP),
-    )
+    )?;
+    sock.set_tcp_nodelay(true)?;
+    Ok(sock)
 }
 
 /// A non-blocking TCP socket of `addr`'s family, in the calling thread's
@@ -488,6 +494,32 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         done()
+    }
+
+    /// The proxy relies on accepted sockets inheriting the listener's
+    /// `TCP_NODELAY` and zero linger (no `setsockopt` per connection).
+    #[test]
+    fn accepted_sockets_inherit_no_delay_and_zero_linger() {
+        let sock = new_tcp_socket(Domain::IPV4).expect("socket");
+        sock.set_linger(Some(std::time::Duration::ZERO))
+            .expect("linger");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        sock.bind(&any.into()).expect("bind");
+        sock.listen(8).expect("listen");
+        let addr = sock.local_addr().expect("local").as_socket().expect("inet");
+        let _client = std::net::TcpStream::connect(addr).expect("connect");
+        let listener: std::net::TcpListener = sock.into();
+        listener.set_nonblocking(false).expect("blocking");
+        let (accepted, _) = listener.accept().expect("accept");
+        let accepted = socket2::SockRef::from(&accepted);
+        assert!(accepted.tcp_nodelay().expect("nodelay"));
+        assert_eq!(
+            accepted.linger().expect("linger"),
+            Some(std::time::Duration::ZERO)
+        );
+        // And the agent's own outgoing sockets have no delay from the start.
+        let fresh = new_tcp_socket(Domain::IPV6).expect("socket");
+        assert!(fresh.tcp_nodelay().expect("nodelay"));
     }
 
     #[tokio::test]

@@ -190,9 +190,25 @@ fn open_set(v6: bool) -> Result<ListenerSet, EnrollError> {
         Ok(l) => Ok(l),
         Err(_) => open(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port), false),
     };
-    Ok(ListenerSet {
+    let set = ListenerSet {
         outbound,
         inbound_plaintext: steered(INBOUND_PLAINTEXT_PORT)?,
         inbound_hbone: steered(INBOUND_HBONE_PORT)?,
-    })
+    };
+    // A connection accepted on the outbound or plaintext port is relayed:
+    // from accept on, the agent dying must reset the app, not close it
+    // cleanly (see `proxy::copy::relay`). Zero linger on the listener is
+    // inherited by every socket it accepts. Not on the HBONE port: a tunnel
+    // connection closes gracefully (GOAWAY first).
+    for l in set.outbound.iter().chain([&set.inbound_plaintext]) {
+        socket2::SockRef::from(l)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .map_err(|source| EnrollError::Listener {
+                addr: l
+                    .local_addr()
+                    .unwrap_or_else(|_| SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0)),
+                source,
+            })?;
+    }
+    Ok(set)
 }

@@ -107,18 +107,20 @@ async fn pump(from: &OwnedReadHalf, to: &mut OwnedWriteHalf, moved: &mut u64) ->
 
 /// Relays between `client` and `server` until both directions are closed, or
 /// resets both when either fails.
+///
+/// `client` is a connection accepted on a pod's outbound or plaintext
+/// listener, so it already has zero linger and `TCP_NODELAY` (inherited
+/// from the listener: `pods::proxy_seam::open_set`); `server` is one the
+/// agent made (`TCP_NODELAY` from `datapath::netns`).
 pub async fn relay(
     client: TcpStream,
     server: TcpStream,
     cancel: &CancellationToken,
 ) -> RelayResult {
-    let _ = client.set_nodelay(true);
-    let _ = server.set_nodelay(true);
     // While the relay runs, a close of either socket is an abort: if the
     // agent dies, the kernel closes them with an RST, so neither app takes a
     // cut stream for a complete one. Each side gets normal linger back when
     // the relay passes a FIN to it.
-    abort_on_close(&client);
     abort_on_close(&server);
     let (cr, mut cw) = client.into_split();
     let (sr, mut sw) = server.into_split();

@@ -698,8 +698,9 @@ pub async fn relay_h2(
     mut recv: RecvStream,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> RelayResult {
-    let _ = tcp.set_nodelay(true);
-    // An agent death while the relay runs resets the app (see `copy::relay`).
+    // `tcp` has `TCP_NODELAY` (accepted from a pod listener or made by
+    // `datapath::netns`, both set it). An agent death while the relay runs
+    // resets the app (see `copy::relay`).
     super::copy::abort_on_close(&tcp);
     let (tr, mut tw) = tcp.into_split();
     let (mut sent, mut received) = (0u64, 0u64);

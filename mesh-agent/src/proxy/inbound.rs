@@ -29,8 +29,8 @@ pub async fn serve(
         &limits,
         |client, peer, permit| {
             shared.telemetry.count(ProxyEvent::InboundAccepted);
-            // From accept on, the agent dying resets the app (see copy::relay).
-            super::copy::abort_on_close(&client);
+            // From accept on, the agent dying resets the app (see
+            // copy::relay): `client` inherited zero linger from the listener.
             let task = handle(ctx.clone(), client, peer, shared.clone());
             shared.spawn_tracked(task, permit);
         },

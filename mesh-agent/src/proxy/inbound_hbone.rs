@@ -90,7 +90,7 @@ async fn connection(
         Err(_) => return reset(tcp),
     };
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
-    let _ = tcp.set_nodelay(true);
+    // `TCP_NODELAY` is inherited from the listener (`datapath::netns`).
     // The pod's certificate (issued on first use; cached otherwise). None:
     // the connection is dropped before TLS, as a handshake could only fail.
     match tokio::time::timeout_at(deadline, shared.tls.manager().fetch(&ctx.identity)).await {
