@@ -366,10 +366,10 @@ impl NetnsWorker {
 
 /// A non-blocking TCP socket of `domain`, in the calling thread's netns.
 /// A socket stays in the netns it was made in, whichever thread uses it.
-/// A non-blocking TCP socket with `TCP_NODELAY` (everything the agent
-/// sends is either a relay's chunk or an HTTP/2 frame it wants out at once).
-/// A listener's is inherited by the sockets it accepts, so neither those nor
-/// the agent's outgoing sockets need a `setsockopt` per connection.
+/// It has `TCP_NODELAY` (everything the agent sends is a relay's chunk or an
+/// HTTP/2 frame it wants out at once); a listener's is inherited by the
+/// sockets it accepts, so neither those nor the agent's outgoing sockets
+/// need a `setsockopt` per connection.
 fn new_tcp_socket(domain: Domain) -> io::Result<Socket> {
     let sock = Socket::new(
         domain,

@@ -347,10 +347,7 @@ impl Shared {
         F: std::future::Future<Output = ()> + Send + 'static,
         H: Send + 'static,
     {
-        use futures::FutureExt as _;
-        let guard = self.in_flight.enter();
-        let load = self.threads.hold(threads::current().unwrap_or(0));
-        tokio::spawn(task.map(move |()| drop((guard, load, held))));
+        tokio::spawn(self.tracked(threads::current().unwrap_or(0), task, held));
     }
 
     /// [`Shared::spawn_tracked`] on proxy thread `index`.
@@ -359,12 +356,26 @@ impl Shared {
         F: std::future::Future<Output = ()> + Send + 'static,
         H: Send + 'static,
     {
+        let task = self.tracked(index, task, held);
+        self.threads.handle(index).spawn(task);
+    }
+
+    /// `task`, counted in [`Shared::in_flight`] and on proxy thread `index`
+    /// until it ends, then dropping `held`.
+    fn tracked<F, H>(
+        &self,
+        index: usize,
+        task: F,
+        held: H,
+    ) -> impl std::future::Future<Output = ()> + Send + use<F, H>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+        H: Send + 'static,
+    {
         use futures::FutureExt as _;
         let guard = self.in_flight.enter();
         let load = self.threads.hold(index);
-        self.threads
-            .handle(index)
-            .spawn(task.map(move |()| drop((guard, load, held))));
+        task.map(move |()| drop((guard, load, held)))
     }
 }
 
