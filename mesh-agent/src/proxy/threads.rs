@@ -38,6 +38,8 @@ use std::{
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
+use crate::telemetry::log_batch;
+
 /// The most proxy threads an agent runs (its `--proxy-threads` bound).
 pub const MAX_THREADS: usize = 64;
 
@@ -93,8 +95,12 @@ impl ProxyThreads {
             let join = std::thread::Builder::new()
                 .name(format!("mesh-proxy-{index}"))
                 .spawn(move || {
+                    // Log lines go out in batches, when the thread is about
+                    // to wait for work (telemetry/log_batch.rs).
+                    log_batch::batch_this_thread();
                     let runtime = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
+                        .on_thread_park(log_batch::flush)
                         .build()
                     {
                         Ok(r) => r,
@@ -108,7 +114,10 @@ impl ProxyThreads {
                         runtime.block_on(stop.cancelled());
                     }
                     // Dropping the runtime drops the tasks still on it
-                    // (what the drain deadline left): their sockets close.
+                    // (what the drain deadline left): their sockets close,
+                    // and the lines they log are written here.
+                    drop(runtime);
+                    log_batch::flush();
                 })
                 .map_err(|source| ThreadsError::Start { index, source })?;
             threads
