@@ -235,8 +235,9 @@ fn print_rows(rows: &[Row]) {
         rows.iter()
             .map(|r| (r.scenario.as_str(), r.throughput.as_slice())),
     );
+    let runs = bench_datapath::RUNS;
     println!(
-        "latency: sockperf TCP ping-pong at {LATENCY_RATE} msg/s for {SECONDS} s, round trip; throughput: iperf3 -P 1/8/64 for {SECONDS} s each, the agents' cost from /proc/<pid> (both agents, per GB received); new conns: {CONNS} connections, 16 at a time, 64 B echoed each, the median of {CONN_SAMPLES} runs (to echo ports {ECHO_PORT}..)"
+        "latency: sockperf TCP ping-pong at {LATENCY_RATE} msg/s for {SECONDS} s, round trip; throughput: iperf3 -P 1/8/64 for {SECONDS} s each, the median of {runs} runs, the agents' cost from /proc/<pid> (both agents, per GB received); new conns: {CONNS} connections, 16 at a time, 64 B echoed each, the median of {CONN_SAMPLES} runs (to echo ports {ECHO_PORT}..)"
     );
 }
 
@@ -276,10 +277,7 @@ fn measure(
     let ip = lab.pod(server)?.ipv4().to_string();
     let timeout = Duration::from_secs(60);
 
-    let throughput = bench_datapath::STREAMS
-        .iter()
-        .map(|&n| bench_datapath::iperf(lab, "client", &ip, n, SECONDS, agents))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let throughput = bench_datapath::throughput(lab, "client", &ip, SECONDS, agents)?;
     let gbit = |streams: u32| {
         throughput
             .iter()

@@ -14,11 +14,16 @@ use serde::Serialize;
 /// Parallel stream counts of the throughput runs (iperf3 `-P`).
 pub const STREAMS: [u32; 3] = [1, 8, 64];
 
+/// Runs per stream count; a row reports the median one. Single runs of the
+/// same row were far apart here (no mesh, cross node, 8 streams: 19.5 to
+/// 43.7 Gb/s in four runs of the bench), and the goals are ratios of rows.
+pub const RUNS: usize = 3;
+
 /// The kernel's clock ticks per second in `/proc/<pid>/stat` (`USER_HZ`,
 /// 100 on every Linux ABI the lab runs on).
 const USER_HZ: f64 = 100.0;
 
-/// One throughput run.
+/// One throughput run (for a row: its median run).
 #[derive(Debug, Serialize)]
 pub struct Throughput {
     /// Parallel streams.
@@ -27,6 +32,35 @@ pub struct Throughput {
     pub gbit_s: f64,
     /// What the agents (both nodes' together) spent; `None` without the mesh.
     pub proxy: Option<Cost>,
+    /// Every run's `gbit_s`, in order (for a row's median run).
+    pub runs_gbit_s: Vec<f64>,
+}
+
+/// [`RUNS`] runs of each of [`STREAMS`], interleaved (1, 8, 64, 1, 8, 64, …)
+/// so that a slow spell of the machine falls on every count alike; for each
+/// count, the run with the median throughput.
+pub fn throughput(
+    lab: &Lab,
+    client: &str,
+    ip: &str,
+    seconds: &str,
+    agents: &[u32],
+) -> anyhow::Result<Vec<Throughput>> {
+    let mut runs: Vec<Vec<Throughput>> = STREAMS.iter().map(|_| Vec::new()).collect();
+    for _ in 0..RUNS {
+        for (i, &n) in STREAMS.iter().enumerate() {
+            runs[i].push(iperf(lab, client, ip, n, seconds, agents)?);
+        }
+    }
+    runs.into_iter()
+        .map(|mut of_count| {
+            let all: Vec<f64> = of_count.iter().map(|t| t.gbit_s).collect();
+            of_count.sort_by(|a, b| a.gbit_s.total_cmp(&b.gbit_s));
+            let mut median = of_count.swap_remove(of_count.len() / 2);
+            median.runs_gbit_s = all;
+            Ok(median)
+        })
+        .collect()
 }
 
 /// The agents' cost of one run, per GB (10^9 bytes) received by the server.
@@ -110,7 +144,7 @@ fn total(pids: &[u32]) -> anyhow::Result<Usage> {
 
 /// Runs `iperf3 -P streams` for `seconds` from `client` to `ip:5201` and
 /// measures `agents` (their pids; empty without the mesh) meanwhile.
-pub fn iperf(
+fn iperf(
     lab: &Lab,
     client: &str,
     ip: &str,
@@ -149,6 +183,7 @@ pub fn iperf(
         streams,
         gbit_s: bps / 1e9,
         proxy,
+        runs_gbit_s: Vec::new(),
     })
 }
 
