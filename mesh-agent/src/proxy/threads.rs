@@ -352,6 +352,48 @@ mod tests {
     }
 
     #[test]
+    fn a_threads_log_lines_go_out_together_once_it_has_nothing_left_to_do() {
+        use std::io::Write as _;
+        use tracing_subscriber::fmt::MakeWriter as _;
+
+        #[derive(Default)]
+        struct Writes(Mutex<Vec<String>>);
+        impl log_batch::Sink for Writes {
+            fn write_all(&self, bytes: &[u8]) {
+                self.0
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(String::from_utf8_lossy(bytes).into_owned());
+            }
+        }
+        let writes = |w: &Writes| w.0.lock().unwrap_or_else(PoisonError::into_inner).clone();
+
+        let sink = Arc::new(Writes::default());
+        let make = log_batch::Batched::to(sink.clone());
+        let threads = ProxyThreads::start(1).expect("threads");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let seen = sink.clone();
+        threads.handle(0).spawn(async move {
+            let _ = make.make_writer().write_all(b"one\n");
+            let _ = make.make_writer().write_all(b"two\n");
+            // Still working: nothing written yet.
+            let _ = tx.send(writes(&seen));
+        });
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)).expect("ran"),
+            Vec::<String>::new()
+        );
+        // The thread waits for work again: both lines, in one write.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while writes(&sink).is_empty() {
+            assert!(Instant::now() < deadline, "the lines were never written");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(writes(&sink), ["one\ntwo\n"]);
+        threads.stop(Duration::from_secs(5));
+    }
+
+    #[test]
     fn the_count_is_bounded() {
         let threads = ProxyThreads::start(0).expect("threads");
         assert_eq!(threads.len(), 1);
