@@ -111,7 +111,12 @@ impl ProxyThreads {
                     };
                     INDEX.with(|i| i.set(Some(index)));
                     if tx.send(Ok(runtime.handle().clone())).is_ok() {
-                        runtime.block_on(stop.cancelled());
+                        runtime.block_on(async {
+                            tokio::select! {
+                                () = stop.cancelled() => {}
+                                () = log_batch::flush_late() => {}
+                            }
+                        });
                     }
                     // Dropping the runtime drops the tasks still on it
                     // (what the drain deadline left): their sockets close,
@@ -390,6 +395,26 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(writes(&sink), ["one\ntwo\n"]);
+
+        // A thread that always has work ready never waits: its line still
+        // goes out, after `MAX_DELAY`.
+        let make = log_batch::Batched::to(sink.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let seen = sink.clone();
+        threads.handle(0).spawn(async move {
+            let _ = make.make_writer().write_all(b"busy\n");
+            let until = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < until && writes(&seen).len() < 2 {
+                tokio::task::yield_now().await;
+            }
+            let _ = tx.send(Instant::now() < until);
+        });
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(15)),
+            Ok(true),
+            "the busy thread's line was not written while it stayed busy"
+        );
+        assert_eq!(writes(&sink), ["one\ntwo\n", "busy\n"]);
         threads.stop(Duration::from_secs(5));
     }
 

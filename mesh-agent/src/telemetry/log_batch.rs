@@ -11,8 +11,11 @@
 //! - when the thread is about to wait for work ([`flush`], the proxy
 //!   threads' `on_thread_park` hook): an idle or lightly loaded agent's
 //!   lines go out as soon as the work that logged them is done, one by one;
-//! - when [`BATCH_BYTES`] have gathered: a thread that never waits (a
-//!   saturated agent) writes every few dozen lines;
+//! - when [`BATCH_BYTES`] have gathered: a busy thread writes every few
+//!   dozen lines;
+//! - [`MAX_DELAY`] after the first line of a batch ([`flush_late`], a task
+//!   on each proxy thread): a thread that always has work ready never
+//!   waits, and a line it logs among long transfers is not held longer;
 //! - when the thread ends, after its runtime.
 //!
 //! Lines keep their order per thread and each `write` carries whole lines
@@ -26,13 +29,19 @@ use std::{
     cell::RefCell,
     io::{self, Write},
     sync::Arc,
+    time::Duration,
 };
 
+use tokio::sync::Notify;
 use tracing_subscriber::fmt::MakeWriter;
 
 /// A thread's batch is written once it holds this many bytes (about fifty
 /// access-log lines), waiting or not.
 pub const BATCH_BYTES: usize = 32 * 1024;
+
+/// The longest a line waits in a batch while [`flush_late`] runs on its
+/// thread (plus the time the thread takes to get to it).
+pub const MAX_DELAY: Duration = Duration::from_millis(100);
 
 /// Where batched lines go: the process's log output.
 pub trait Sink: Send + Sync {
@@ -53,6 +62,8 @@ impl Sink for Stderr {
 struct Batch {
     bytes: Vec<u8>,
     sink: Option<Arc<dyn Sink>>,
+    /// Told when a line lands in an empty batch ([`flush_late`] waits on it).
+    started: Arc<Notify>,
 }
 
 impl Batch {
@@ -73,9 +84,12 @@ impl Batch {
             self.flush();
             self.sink = Some(sink.clone());
         }
+        let was_empty = self.bytes.is_empty();
         self.bytes.extend_from_slice(bytes);
         if self.bytes.len() >= BATCH_BYTES {
             self.flush();
+        } else if was_empty {
+            self.started.notify_one();
         }
     }
 }
@@ -99,9 +113,29 @@ pub fn batch_this_thread() {
             *b = Some(Batch {
                 bytes: Vec::with_capacity(BATCH_BYTES),
                 sink: None,
+                started: Arc::new(Notify::new()),
             });
         }
     });
+}
+
+/// Writes the calling thread's batch out [`MAX_DELAY`] after its first
+/// line, for as long as it runs (never returns; pending forever on a thread
+/// that does not batch). Run it on the thread's runtime: it sleeps while
+/// nothing is gathered.
+pub async fn flush_late() {
+    let started = BATCH
+        .try_with(|b| b.borrow().as_ref().map(|batch| batch.started.clone()))
+        .ok()
+        .flatten();
+    let Some(started) = started else {
+        return std::future::pending().await;
+    };
+    loop {
+        started.notified().await;
+        tokio::time::sleep(MAX_DELAY).await;
+        flush();
+    }
 }
 
 /// Writes out the calling thread's gathered lines (nothing on a thread
