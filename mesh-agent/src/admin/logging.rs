@@ -1,5 +1,4 @@
-//! Logging: `tracing` to stderr (batched on the proxy threads:
-//! [`log_batch`]), plain or JSON, level from `MESH_LOG` (or
+//! Logging: `tracing` to stderr, plain or JSON, level from `MESH_LOG` (or
 //! `RUST_LOG`), default `info`, changeable at runtime through the admin
 //! endpoint (`/logging`). Records of the kernel programs (aya-log, via the
 //! `log` crate) are bridged into `tracing` under the `mesh_ebpf` target.
@@ -21,7 +20,7 @@ use tracing_subscriber::{
     reload,
 };
 
-use crate::telemetry::{access_log::ACCESS_TARGET, log_batch};
+use crate::telemetry::access_log::ACCESS_TARGET;
 
 /// Log line format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -161,7 +160,7 @@ pub fn init(format: LogFormat) {
     let (filter, handle) = reload::Layer::new(initial_filter());
     let subscriber = tracing_subscriber::registry()
         .with(filter)
-        .with(output_layers(format, log_batch::Batched::stderr()));
+        .with(output_layers(format, std::io::stderr));
     if tracing::subscriber::set_global_default(subscriber).is_ok() {
         let _ = FILTER.set(LogControl::new(handle));
         let _ = tracing_log::LogTracer::init();

@@ -15,7 +15,6 @@
 pub mod access_log;
 pub mod connections;
 pub mod counters;
-pub mod log_batch;
 pub mod metrics;
 
 use std::time::{SystemTime, UNIX_EPOCH};
