@@ -311,7 +311,7 @@ fn measure(
                 .with_context(|| scenario.to_owned())
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let rate = median(&samples);
+    let rate = labkit::median_by(samples.clone(), |r| *r).unwrap_or(0.0);
     Ok(Row {
         scenario: scenario.to_owned(),
         throughput_gbit_s: gbit(1),
@@ -324,19 +324,6 @@ fn measure(
         connections_per_s: rate,
         connections_per_s_samples: samples,
     })
-}
-
-/// The median of `values` (the mean of the middle two for an even count); 0
-/// for none.
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let n = sorted.len();
-    match n {
-        0 => 0.0,
-        _ if n % 2 == 1 => sorted[n / 2],
-        _ => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
 }
 
 /// One performance goal of the data path: a meshed row's figure as a share

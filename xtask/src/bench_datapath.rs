@@ -11,6 +11,8 @@ use anyhow::Context as _;
 use mesh_lab::Lab;
 use serde::Serialize;
 
+use crate::labkit;
+
 /// Parallel stream counts of the throughput runs (iperf3 `-P`).
 pub const STREAMS: [u32; 3] = [1, 8, 64];
 
@@ -53,10 +55,10 @@ pub fn throughput(
         }
     }
     runs.into_iter()
-        .map(|mut of_count| {
+        .map(|of_count| {
             let all: Vec<f64> = of_count.iter().map(|t| t.gbit_s).collect();
-            of_count.sort_by(|a, b| a.gbit_s.total_cmp(&b.gbit_s));
-            let mut median = of_count.swap_remove(of_count.len() / 2);
+            let mut median =
+                labkit::median_by(of_count, |t| t.gbit_s).context("no throughput runs")?;
             median.runs_gbit_s = all;
             Ok(median)
         })

@@ -58,10 +58,7 @@ pub fn measure(bins: &Bins) -> anyhow::Result<RoutingRow> {
         rounds.push((plain, split));
     }
     lab.close()?;
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median = |v: Vec<f64>| labkit::median_by(v, |r| *r).unwrap_or(0.0);
     Ok(RoutingRow {
         plain_per_s: median(rounds.iter().map(|r| r.0).collect()),
         split_per_s: median(rounds.iter().map(|r| r.1).collect()),

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::{
     demo_l7::{DIRECT_VIP, WEB_VIP, WaypointLab},
-    labkit::Bins,
+    labkit::{self, Bins},
 };
 
 const REQUESTS: u64 = 5000;
@@ -78,11 +78,11 @@ pub fn measure(bins: &Bins) -> anyhow::Result<WaypointRow> {
     }
     let rounds: Vec<(f64, f64)> = reports.iter().map(|(d, t)| (d.per_s, t.per_s)).collect();
     let median = |pick: fn(&(HttpLoadReport, HttpLoadReport)) -> &HttpLoadReport| {
-        let mut v: Vec<&HttpLoadReport> = reports.iter().map(pick).collect();
-        v.sort_by(|a, b| a.per_s.total_cmp(&b.per_s));
-        row(v[v.len() / 2])
+        labkit::median_by(reports.iter().map(pick).collect(), |r| r.per_s)
+            .map(row)
+            .context("no waypoint rounds")
     };
-    let (direct, waypoint) = (median(|r| &r.0), median(|r| &r.1));
+    let (direct, waypoint) = (median(|r| &r.0)?, median(|r| &r.1)?);
 
     let idle = w.waypoint_rss_kib();
     let mut hold = Command::new("sh");

@@ -96,6 +96,15 @@ pub fn new_conns_per_s(
     Ok(report.ok as f64 / (report.elapsed_ms.max(1) as f64 / 1000.0))
 }
 
+/// The element of `values` whose `key` is the median (the upper middle
+/// one of an even count); `None` for none. The benches report the median
+/// of their rounds with it.
+pub fn median_by<T>(mut values: Vec<T>, key: impl Fn(&T) -> f64) -> Option<T> {
+    values.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    let middle = values.len() / 2;
+    (!values.is_empty()).then(|| values.swap_remove(middle))
+}
+
 /// Polls node `node`'s `mesh-agent routes --json` until `done` holds (20 s at most).
 pub fn wait_routes(
     lab: &Lab,
@@ -213,4 +222,20 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median_by;
+
+    #[test]
+    fn the_median_is_the_middle_element_by_key() {
+        assert_eq!(median_by(vec![3.0, 1.0, 2.0], |v| *v), Some(2.0));
+        // An even count: the upper middle one.
+        assert_eq!(median_by(vec![4.0, 1.0, 3.0, 2.0], |v| *v), Some(3.0));
+        assert_eq!(median_by(Vec::<f64>::new(), |v| *v), None);
+        // The element itself, picked by its key.
+        let runs = vec![("a", 9.0), ("b", 7.0), ("c", 8.0)];
+        assert_eq!(median_by(runs, |r| r.1), Some(("c", 8.0)));
+    }
 }
