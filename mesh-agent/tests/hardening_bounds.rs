@@ -78,7 +78,8 @@ fn start_agent(mesh: &Mesh, extra: &[&str], soft_nofile: Option<u64>) -> LabChil
             });
         }
     }
-    let agent = mesh.lab.spawn_in_node(0, cmd).expect("spawn agent");
+    let mut agent = mesh.lab.spawn_in_node(0, cmd).expect("spawn agent");
+    mesh.sync_agent_log(0, &mut agent, &["--admin-addr", ADMIN]);
     mesh.wait_started_agent_ready(0, &agent, extra);
     agent
 }

@@ -189,6 +189,8 @@ impl ChildShared {
 pub struct LabChild {
     shared: Arc<ChildShared>,
     log: Option<PathBuf>,
+    /// Run before the log is read ([`LabChild::set_log_sync`]).
+    log_sync: Option<LogSync>,
     stdin: Option<ChildStdin>,
     stdout: Option<ChildStdout>,
     stderr: Option<ChildStderr>,
@@ -204,11 +206,16 @@ impl std::fmt::Debug for LabChild {
     }
 }
 
+/// What makes a child write out the log lines it holds back (see
+/// [`LabChild::set_log_sync`]).
+pub type LogSync = Box<dyn Fn() + Send + Sync>;
+
 impl LabChild {
     pub(crate) fn new(shared: Arc<ChildShared>, pipes: Pipes, log: Option<PathBuf>) -> Self {
         Self {
             shared,
             log,
+            log_sync: None,
             stdin: pipes.stdin,
             stdout: pipes.stdout,
             stderr: pipes.stderr,
@@ -230,9 +237,22 @@ impl LabChild {
         self.log.as_deref()
     }
 
-    /// The whole log so far (lossy UTF-8).
+    /// Has [`LabChild::log_contents`] first call `sync`: for a program that
+    /// holds some lines back (the agent batches its access-log lines on its
+    /// proxy threads), `sync` asks it to write them out, so that a line
+    /// logged before an effect the test has seen is in the log read after.
+    /// Its failures (a child that has exited) are its own to ignore.
+    pub fn set_log_sync(&mut self, sync: LogSync) {
+        self.log_sync = Some(sync);
+    }
+
+    /// The whole log so far (lossy UTF-8), after the child has written out
+    /// what it held back ([`LabChild::set_log_sync`]).
     pub fn log_contents(&self) -> Result<String> {
         let path = self.require_log()?;
+        if let Some(sync) = &self.log_sync {
+            sync();
+        }
         let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }

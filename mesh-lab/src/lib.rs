@@ -106,7 +106,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 
-pub use child::{LabChild, LogMode, TERMINATE_GRACE};
+pub use child::{LabChild, LogMode, LogSync, TERMINATE_GRACE};
 pub use lab::{DEFAULT_RUN_TIMEOUT, KEEP_ENV, Lab};
 pub use registry::{SweepReport, sweep_stale};
 pub use spec::{LabSpec, MAX_NODES, MAX_POD_NAME_LEN, MAX_PODS_PER_NODE, NodeSpec, PodSpec};

@@ -1,4 +1,5 @@
-//! Logging: `tracing` to stderr, plain or JSON, level from `MESH_LOG` (or
+//! Logging: `tracing` to stderr (batched on the proxy threads:
+//! [`log_batch`]), plain or JSON, level from `MESH_LOG` (or
 //! `RUST_LOG`), default `info`, changeable at runtime through the admin
 //! endpoint (`/logging`). Records of the kernel programs (aya-log, via the
 //! `log` crate) are bridged into `tracing` under the `mesh_ebpf` target.
@@ -20,7 +21,7 @@ use tracing_subscriber::{
     reload,
 };
 
-use crate::telemetry::access_log::ACCESS_TARGET;
+use crate::telemetry::{access_log::ACCESS_TARGET, log_batch};
 
 /// Log line format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -160,7 +161,7 @@ pub fn init(format: LogFormat) {
     let (filter, handle) = reload::Layer::new(initial_filter());
     let subscriber = tracing_subscriber::registry()
         .with(filter)
-        .with(output_layers(format, std::io::stderr));
+        .with(output_layers(format, log_batch::Batched::stderr()));
     if tracing::subscriber::set_global_default(subscriber).is_ok() {
         let _ = FILTER.set(LogControl::new(handle));
         let _ = tracing_log::LogTracer::init();
@@ -223,6 +224,41 @@ mod tests {
             control.set("debug"),
             Err(LoggingError::NotReloadable)
         ));
+    }
+
+    #[test]
+    fn the_log_layers_batch_access_lines_and_write_the_rest_at_once() {
+        let _serial = crate::telemetry::log_batch::serial();
+        use std::sync::Arc;
+
+        use tracing_subscriber::layer::SubscriberExt as _;
+
+        use crate::telemetry::log_batch::{self, Batched, Writes};
+
+        let sink = Arc::new(Writes::default());
+        let seen = sink.clone();
+        std::thread::spawn(move || {
+            log_batch::batch_this_thread();
+            let subscriber = tracing_subscriber::registry()
+                .with(output_layers(LogFormat::Plain, Batched::to(sink)));
+            tracing::subscriber::with_default(subscriber, || {
+                tracing::info!(target: crate::telemetry::ACCESS_TARGET, "connection closed");
+                assert!(seen.taken().is_empty(), "the access line is gathered");
+                tracing::warn!("HBONE handshake rejected");
+                let written = seen.taken();
+                assert_eq!(written.len(), 2, "{written:?}");
+                assert!(
+                    written[0].contains("access: connection closed"),
+                    "{written:?}"
+                );
+                assert!(
+                    written[1].contains("HBONE handshake rejected"),
+                    "{written:?}"
+                );
+            });
+        })
+        .join()
+        .expect("thread");
     }
 }
 

@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | admin (`127.0.0.1:15000`) | `GET /config_dump` | the agent's configuration, JSON |
 //! | | `GET /logging`, `POST`/`PUT /logging?level=…` | read or change the log filter |
+//! | | `POST /logging/flush` | write out the access-log lines the proxy threads have gathered |
 //! | | `GET /stats` | kernel and proxy counters, JSON |
 //! | | `GET /connections` | open proxied connections, JSON |
 //! | | `GET /healthz/ready` | readiness, as on the readiness server |
@@ -26,7 +27,7 @@ use super::{
     logging::LogControl,
     readiness::{Readiness, ReadyState},
 };
-use crate::telemetry::{Telemetry, metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE};
+use crate::telemetry::{Telemetry, log_batch, metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE};
 
 /// How long a client may take to send its request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -104,7 +105,7 @@ pub fn admin_route(state: &AdminState, method: &Method, path: &str, query: Optio
             StatusCode::OK,
             TEXT,
             "mesh-agent admin\n  GET  /config_dump\n  GET  /stats\n  GET  /connections\n  \
-             GET  /logging\n  POST /logging?level=LEVEL\n  GET  /healthz/ready\n",
+             GET  /logging\n  POST /logging?level=LEVEL\n  POST /logging/flush\n  GET  /healthz/ready\n",
         ),
         "/config_dump" if get => Reply::json(StatusCode::OK, &state.config_dump.dump()),
         "/stats" if get => Reply::json(StatusCode::OK, &state.stats.dump()),
@@ -114,8 +115,15 @@ pub fn admin_route(state: &AdminState, method: &Method, path: &str, query: Optio
                 .unwrap_or(serde_json::Value::Null),
         ),
         "/logging" => logging(state, method, query),
+        // The access-log lines the proxy threads have gathered, written
+        // out now (telemetry/log_batch.rs): a reader that saw a connection
+        // counted as closed then finds its line in the log.
+        "/logging/flush" if method == Method::POST => Reply::json(
+            StatusCode::OK,
+            &serde_json::json!({ "flushed_bytes": log_batch::flush_all() }),
+        ),
         "/healthz/ready" if get => readiness_reply(&state.readiness),
-        "/" | "/config_dump" | "/stats" | "/connections" | "/healthz/ready" => {
+        "/" | "/config_dump" | "/stats" | "/connections" | "/healthz/ready" | "/logging/flush" => {
             Reply::method_not_allowed(method, path)
         }
         _ => Reply::not_found(path),

@@ -239,6 +239,19 @@ fn logging_reads_and_changes_the_filter() {
 }
 
 #[test]
+fn logging_flush_writes_out_the_gathered_access_lines_on_post_only() {
+    // flush_all would write out the batches other tests look at.
+    let _serial = crate::telemetry::log_batch::serial();
+    let (admin, _store) = admin();
+    let r = admin_route(admin.state(), &Method::POST, "/logging/flush", None);
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("json");
+    assert!(v["flushed_bytes"].is_u64(), "{v}");
+    let r = admin_route(admin.state(), &Method::GET, "/logging/flush", None);
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{}", r.body);
+}
+
+#[test]
 fn stats_connections_and_unknown_paths() {
     let (admin, _) = admin();
     let (status, stats) = get(&admin, "/stats");

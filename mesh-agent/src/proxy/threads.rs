@@ -38,6 +38,8 @@ use std::{
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
+use crate::telemetry::log_batch;
+
 /// The most proxy threads an agent runs (its `--proxy-threads` bound).
 pub const MAX_THREADS: usize = 64;
 
@@ -93,8 +95,12 @@ impl ProxyThreads {
             let join = std::thread::Builder::new()
                 .name(format!("mesh-proxy-{index}"))
                 .spawn(move || {
+                    // Log lines go out in batches, when the thread is about
+                    // to wait for work (telemetry/log_batch.rs).
+                    log_batch::batch_this_thread();
                     let runtime = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
+                        .on_thread_park(log_batch::flush)
                         .build()
                     {
                         Ok(r) => r,
@@ -105,10 +111,18 @@ impl ProxyThreads {
                     };
                     INDEX.with(|i| i.set(Some(index)));
                     if tx.send(Ok(runtime.handle().clone())).is_ok() {
-                        runtime.block_on(stop.cancelled());
+                        runtime.block_on(async {
+                            tokio::select! {
+                                () = stop.cancelled() => {}
+                                () = log_batch::flush_late() => {}
+                            }
+                        });
                     }
                     // Dropping the runtime drops the tasks still on it
-                    // (what the drain deadline left): their sockets close.
+                    // (what the drain deadline left): their sockets close,
+                    // and the lines they log are written here.
+                    drop(runtime);
+                    log_batch::flush();
                 })
                 .map_err(|source| ThreadsError::Start { index, source })?;
             threads
@@ -339,6 +353,59 @@ mod tests {
         assert_eq!(threads.loads(), [(0, 0), (0, 0), (0, 0)]);
         // Indexes wrap like `handle`'s.
         assert_eq!(threads.hold(4).index(), 1);
+        threads.stop(Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_threads_log_lines_go_out_together_once_it_has_nothing_left_to_do() {
+        let _serial = crate::telemetry::log_batch::serial();
+        use std::io::Write as _;
+
+        use crate::telemetry::log_batch::Writes;
+        let writes = Writes::seen;
+
+        let sink = Arc::new(Writes::default());
+        let make = log_batch::Batched::to(sink.clone());
+        let threads = ProxyThreads::start(1).expect("threads");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let seen = sink.clone();
+        threads.handle(0).spawn(async move {
+            let _ = make.writer(true).write_all(b"one\n");
+            let _ = make.writer(true).write_all(b"two\n");
+            // Still working: nothing written yet.
+            let _ = tx.send(writes(&seen));
+        });
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)).expect("ran"),
+            Vec::<String>::new()
+        );
+        // The thread waits for work again: both lines, in one write.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while writes(&sink).is_empty() {
+            assert!(Instant::now() < deadline, "the lines were never written");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(writes(&sink), ["one\ntwo\n"]);
+
+        // A thread that always has work ready never waits: its line still
+        // goes out, after `MAX_DELAY`.
+        let make = log_batch::Batched::to(sink.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let seen = sink.clone();
+        threads.handle(0).spawn(async move {
+            let _ = make.writer(true).write_all(b"busy\n");
+            let until = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < until && writes(&seen).len() < 2 {
+                tokio::task::yield_now().await;
+            }
+            let _ = tx.send(Instant::now() < until);
+        });
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(15)),
+            Ok(true),
+            "the busy thread's line was not written while it stayed busy"
+        );
+        assert_eq!(writes(&sink), ["one\ntwo\n", "busy\n"]);
         threads.stop(Duration::from_secs(5));
     }
 

@@ -15,6 +15,7 @@
 pub mod access_log;
 pub mod connections;
 pub mod counters;
+pub mod log_batch;
 pub mod metrics;
 
 use std::time::{SystemTime, UNIX_EPOCH};

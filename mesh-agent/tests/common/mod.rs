@@ -168,7 +168,8 @@ impl Mesh {
             .args(["--reload-interval-ms", "100"])
             .args(extra)
             .env("MESH_LOG", "info");
-        let agent = self.lab.spawn_in_node(node, cmd).expect("spawn agent");
+        let mut agent = self.lab.spawn_in_node(node, cmd).expect("spawn agent");
+        self.sync_agent_log(node, &mut agent, extra);
         self.endpoints[node] = Endpoints::from_flags(extra);
         self.agents[node] = Some(agent);
         self.wait_ready(node);
@@ -179,6 +180,19 @@ impl Mesh {
     /// within [`AGENT_TIMEOUT`] or exits first.
     pub fn wait_ready(&self, node: usize) {
         self.wait_agent_ready(node, self.agent(node), self.endpoints[node].readiness);
+    }
+
+    /// Makes every read of `agent`'s log (an agent in node `node`, started
+    /// with `flags`) first ask it to write out the access-log lines its
+    /// proxy threads gather (`POST /logging/flush` on its admin endpoint):
+    /// a test that saw a connection counted as closed then finds its line.
+    pub fn sync_agent_log(&self, node: usize, agent: &mut LabChild, flags: &[&str]) {
+        let netns = self.lab.node(node).expect("node").netns_path();
+        let admin = Endpoints::from_flags(flags).admin;
+        agent.set_log_sync(Box::new(move || {
+            // An agent that has exited holds nothing back.
+            let _ = try_in_netns(&netns, || client::request(admin, "POST", "/logging/flush"));
+        }));
     }
 
     /// Waits until `agent`, an agent the test started itself in node `node`
@@ -659,6 +673,22 @@ pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> T {
         })
         .join()
         .expect("thread in netns")
+    })
+}
+
+/// Runs `f` on a thread inside the network namespace at `netns`; `None` if
+/// that namespace cannot be entered (gone with its lab), without panicking.
+pub fn try_in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> Option<T> {
+    let ns = File::open(netns).ok()?;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: setns on a valid netns fd; only this scoped thread moves.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            (rc == 0).then(f)
+        })
+        .join()
+        .ok()
+        .flatten()
     })
 }
 
