@@ -289,6 +289,9 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // The kernel state stays pinned so captured traffic fails closed until
     // the next agent.
     threads.stop(Duration::from_secs(1));
+    // A proxy thread that did not stop in time still holds the access-log
+    // lines it gathered (a stopped one wrote them out as it ended).
+    crate::telemetry::log_batch::flush_all();
     runtime.shutdown_timeout(Duration::from_secs(1));
     tracing::info!("agent stopped; datapath left pinned (fails closed until the next agent)");
     Ok(())
