@@ -104,9 +104,11 @@ impl Batch {
 
 /// One batching thread's batch, shared with [`flush_all`]. Its lock is
 /// taken by its own thread for each line (uncontended but for a
-/// [`flush_all`]) and never while another is held but the registry's, by
-/// [`flush_all`] only: no lock order to break. A [`Sink`] only writes
-/// bytes, it never logs, so a line cannot re-enter the lock.
+/// [`flush_all`]), and by [`flush_all`] after it has let go of the
+/// registry's. The only lock taken inside it is the sink's own (stderr's),
+/// and never the other way round, so there is no lock order to break. A
+/// [`Sink`] only writes bytes, it never logs, so a line cannot re-enter
+/// the lock.
 struct Shared {
     batch: Mutex<Batch>,
     /// Told when a line lands in an empty batch ([`flush_late`] waits on it).
