@@ -1,5 +1,5 @@
-//! Logging: `tracing` to stderr (batched on the proxy threads:
-//! [`log_batch`]), plain or JSON, level from `MESH_LOG` (or
+//! Logging: `tracing` to stderr (the proxy threads' access-log lines in
+//! batches: [`log_batch`]), plain or JSON, level from `MESH_LOG` (or
 //! `RUST_LOG`), default `info`, changeable at runtime through the admin
 //! endpoint (`/logging`). Records of the kernel programs (aya-log, via the
 //! `log` crate) are bridged into `tracing` under the `mesh_ebpf` target.
@@ -229,18 +229,14 @@ mod tests {
     #[test]
     fn the_log_layers_batch_access_lines_and_write_the_rest_at_once() {
         let _serial = crate::telemetry::log_batch::serial();
-        use std::sync::Arc;
-
         use tracing_subscriber::layer::SubscriberExt as _;
 
-        use crate::telemetry::log_batch::{self, Batched, Writes};
+        use crate::telemetry::log_batch::{Writes, on_batching_thread};
 
-        let sink = Arc::new(Writes::default());
-        let seen = sink.clone();
-        std::thread::spawn(move || {
-            log_batch::batch_this_thread();
-            let subscriber = tracing_subscriber::registry()
-                .with(output_layers(LogFormat::Plain, Batched::to(sink)));
+        let (seen, make) = Writes::batched();
+        on_batching_thread(move || {
+            let subscriber =
+                tracing_subscriber::registry().with(output_layers(LogFormat::Plain, make));
             tracing::subscriber::with_default(subscriber, || {
                 tracing::info!(target: crate::telemetry::ACCESS_TARGET, "connection closed");
                 assert!(seen.taken().is_empty(), "the access line is gathered");
@@ -256,9 +252,7 @@ mod tests {
                     "{written:?}"
                 );
             });
-        })
-        .join()
-        .expect("thread");
+        });
     }
 }
 

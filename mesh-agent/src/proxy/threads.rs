@@ -364,8 +364,7 @@ mod tests {
         use crate::telemetry::log_batch::Writes;
         let writes = Writes::seen;
 
-        let sink = Arc::new(Writes::default());
-        let make = log_batch::Batched::to(sink.clone());
+        let (sink, make) = Writes::batched();
         let threads = ProxyThreads::start(1).expect("threads");
         let (tx, rx) = std::sync::mpsc::channel();
         let seen = sink.clone();

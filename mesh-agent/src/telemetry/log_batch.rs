@@ -66,7 +66,6 @@ impl Sink for Stderr {
 }
 
 /// A thread's gathered lines and the sink they are for.
-#[derive(Default)]
 struct Batch {
     bytes: Vec<u8>,
     sink: Option<Arc<dyn Sink>>,
@@ -327,17 +326,29 @@ impl Writes {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
+
+    /// A new test sink and a [`Batched`] writing to it.
+    pub(crate) fn batched() -> (Arc<Self>, Batched) {
+        let sink = Arc::new(Self::default());
+        (sink.clone(), Batched::to(sink))
+    }
+}
+
+/// Runs `f` on a new thread that batches ([`batch_this_thread`]), to its
+/// end (which writes out what it left gathered).
+#[cfg(test)]
+pub(crate) fn on_batching_thread(f: impl FnOnce() + Send + 'static) {
+    std::thread::spawn(move || {
+        batch_this_thread();
+        f();
+    })
+    .join()
+    .expect("batching thread");
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A test sink and a writer factory for it.
-    fn sink() -> (Arc<Writes>, Batched) {
-        let sink = Arc::new(Writes::default());
-        (sink.clone(), Batched::to(sink))
-    }
 
     /// An access-log line (batched on a batching thread).
     fn line(make: &Batched, text: &str) {
@@ -352,7 +363,7 @@ mod tests {
     #[test]
     fn a_thread_that_does_not_batch_writes_each_line_at_once() {
         let _serial = serial();
-        let (sink, make) = sink();
+        let (sink, make) = Writes::batched();
         std::thread::spawn(move || {
             line(&make, "a\n");
             line(&make, "b\n");
@@ -366,10 +377,9 @@ mod tests {
     #[test]
     fn a_batching_thread_writes_its_lines_together_on_flush_when_full_and_at_its_end() {
         let _serial = serial();
-        let (sink, make) = sink();
+        let (sink, make) = Writes::batched();
         let seen = sink.clone();
-        std::thread::spawn(move || {
-            batch_this_thread();
+        on_batching_thread(move || {
             line(&make, "a\n");
             line(&make, "b\n");
             assert!(seen.taken().is_empty(), "nothing before the flush");
@@ -384,26 +394,20 @@ mod tests {
             line(&make, &long);
             assert_eq!(seen.taken(), [long.repeat(2)]);
             line(&make, "last\n");
-        })
-        .join()
-        .expect("thread");
+        });
         assert_eq!(sink.taken(), ["last\n"], "the thread's end writes the rest");
     }
 
     #[test]
     fn lines_for_another_sink_do_not_mix() {
         let _serial = serial();
-        let (one, two) = (Arc::new(Writes::default()), Arc::new(Writes::default()));
-        let (m1, m2) = (Batched::to(one.clone()), Batched::to(two.clone()));
-        std::thread::spawn(move || {
-            batch_this_thread();
+        let ((one, m1), (two, m2)) = (Writes::batched(), Writes::batched());
+        on_batching_thread(move || {
             line(&m1, "1a\n");
             line(&m2, "2a\n");
             line(&m1, "1b\n");
             flush();
-        })
-        .join()
-        .expect("thread");
+        });
         assert_eq!(one.taken(), ["1a\n", "1b\n"]);
         assert_eq!(two.taken(), ["2a\n"]);
     }
@@ -411,10 +415,9 @@ mod tests {
     #[test]
     fn other_lines_are_written_at_once_after_what_the_thread_gathered() {
         let _serial = serial();
-        let (sink, make) = sink();
+        let (sink, make) = Writes::batched();
         let seen = sink.clone();
-        std::thread::spawn(move || {
-            batch_this_thread();
+        on_batching_thread(move || {
             line(&make, "access 1\n");
             other(&make, "refused\n");
             assert_eq!(
@@ -424,16 +427,14 @@ mod tests {
             );
             line(&make, "access 2\n");
             assert!(seen.taken().is_empty());
-        })
-        .join()
-        .expect("thread");
+        });
         assert_eq!(sink.taken(), ["access 2\n"]);
     }
 
     #[test]
     fn any_thread_can_write_out_every_threads_batch() {
         let _serial = serial();
-        let (sink, make) = sink();
+        let (sink, make) = Writes::batched();
         let (logged_tx, logged_rx) = std::sync::mpsc::channel();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let worker = std::thread::spawn(move || {

@@ -663,32 +663,29 @@ fn statuses(dump: &serde_json::Value) -> BTreeMap<String, String> {
 
 /// Runs `f` on a thread inside the network namespace at `netns`.
 pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> T {
-    let ns = File::open(netns).expect("open netns");
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            // SAFETY: setns on a valid netns fd; only this scoped thread moves.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("thread in netns")
-    })
+    run_in_netns(netns, f).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Runs `f` on a thread inside the network namespace at `netns`; `None` if
 /// that namespace cannot be entered (gone with its lab), without panicking.
 pub fn try_in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> Option<T> {
-    let ns = File::open(netns).ok()?;
+    run_in_netns(netns, f).ok()
+}
+
+/// [`in_netns`] and [`try_in_netns`]: what failed, if `f` did not run.
+fn run_in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> Result<T, String> {
+    let ns = File::open(netns).map_err(|e| format!("open netns {}: {e}", netns.display()))?;
     std::thread::scope(|s| {
         s.spawn(move || {
             // SAFETY: setns on a valid netns fd; only this scoped thread moves.
             let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            (rc == 0).then(f)
+            if rc != 0 {
+                return Err(format!("setns: {}", std::io::Error::last_os_error()));
+            }
+            Ok(f())
         })
         .join()
-        .ok()
-        .flatten()
+        .map_err(|_| "the thread in the netns panicked".to_owned())?
     })
 }
 
