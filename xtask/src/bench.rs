@@ -52,6 +52,11 @@ struct Row {
     connections_per_s: f64,
     /// Every connection-rate run of the row, in order.
     connections_per_s_samples: Vec<f64>,
+    /// The agents' CPU time (both, user + system) per connection over all
+    /// of the row's connection-rate runs, in microseconds (meshed rows).
+    /// What a connection costs the proxies, apart from how fast the load
+    /// generator, which shares the cores, can open them.
+    agent_cpu_us_per_connection: Option<f64>,
 }
 
 /// Runs the suite with the binaries in `bin_dir`; writes JSON into
@@ -235,6 +240,14 @@ fn print_rows(rows: &[Row]) {
         rows.iter()
             .map(|r| (r.scenario.as_str(), r.throughput.as_slice())),
     );
+    println!(
+        "\nagents' CPU per new connection (both agents, user + system, over every connection of the row's {CONN_SAMPLES} rate runs):"
+    );
+    for r in rows {
+        if let Some(us) = r.agent_cpu_us_per_connection {
+            println!("  {:<24} {us:>7.1} us", r.scenario);
+        }
+    }
     let runs = bench_datapath::RUNS;
     println!(
         "latency: sockperf TCP ping-pong at {LATENCY_RATE} msg/s for {SECONDS} s, round trip; throughput: iperf3 -P 1/8/64 for {SECONDS} s each, the median of {runs} runs, the agents' cost from /proc/<pid> (both agents, per GB received); new conns: {CONNS} connections, 16 at a time, 64 B echoed each, the median of {CONN_SAMPLES} runs (to echo ports {ECHO_PORT}..)"
@@ -305,12 +318,19 @@ fn measure(
     let p50 = percentile(&text, "50.000")?;
     let p99 = percentile(&text, "99.000")?;
 
+    let cpu_before = bench_datapath::cpu_seconds(agents)?;
     let samples = (ECHO_PORT..ECHO_PORT + CONN_SAMPLES)
         .map(|port| {
             labkit::new_conns_per_s(lab, bins, "client", &format!("{ip}:{port}"), CONNS)
                 .with_context(|| scenario.to_owned())
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // Every connection of the runs succeeded (`new_conns_per_s` fails otherwise).
+    let conns = f64::from(CONN_SAMPLES) * CONNS.parse::<f64>()?;
+    let agent_cpu_us_per_connection = (!agents.is_empty())
+        .then(|| bench_datapath::cpu_seconds(agents))
+        .transpose()?
+        .map(|after| (after - cpu_before) * 1e6 / conns);
     let rate = labkit::median_by(samples.clone(), |r| *r).unwrap_or(0.0);
     Ok(Row {
         scenario: scenario.to_owned(),
@@ -323,6 +343,7 @@ fn measure(
         latency_p99_us: p99,
         connections_per_s: rate,
         connections_per_s_samples: samples,
+        agent_cpu_us_per_connection,
     })
 }
 

@@ -133,6 +133,11 @@ fn usage(pid: u32) -> anyhow::Result<Usage> {
     })
 }
 
+/// The CPU seconds (user + system) that the processes `pids` have used so far.
+pub fn cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
+    Ok(total(pids)?.cpu_ticks as f64 / USER_HZ)
+}
+
 fn total(pids: &[u32]) -> anyhow::Result<Usage> {
     pids.iter().try_fold(Usage::default(), |acc, &pid| {
         let u = usage(pid)?;
