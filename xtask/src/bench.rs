@@ -325,12 +325,10 @@ fn measure(
                 .with_context(|| scenario.to_owned())
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let cpu = bench_datapath::cpu_seconds(agents)? - cpu_before;
     // Every connection of the runs succeeded (`new_conns_per_s` fails otherwise).
     let conns = f64::from(CONN_SAMPLES) * CONNS.parse::<f64>()?;
-    let agent_cpu_us_per_connection = (!agents.is_empty())
-        .then(|| bench_datapath::cpu_seconds(agents))
-        .transpose()?
-        .map(|after| (after - cpu_before) * 1e6 / conns);
+    let agent_cpu_us_per_connection = (!agents.is_empty()).then_some(cpu * 1e6 / conns);
     let rate = labkit::median_by(samples.clone(), |r| *r).unwrap_or(0.0);
     Ok(Row {
         scenario: scenario.to_owned(),
