@@ -3,12 +3,13 @@
 
 mod common;
 
-use std::time::Duration;
+use std::{process::Command, time::Duration};
 
 use common::Mesh;
 use mesh_lab::{
-    LabSpec, NodeSpec, PodSpec,
-    app::{HoldReport, ProbeOutcome},
+    LabChild, LabSpec, NodeSpec, PodSpec,
+    app::{FlowReport, HoldReport, ProbeOutcome},
+    lab_app_path,
 };
 
 /// Node 0: `a` (enrolled, namespace default), `b` (enrolled, namespace
@@ -103,6 +104,9 @@ fn peer_auth(name: &str, mode: &str) -> String {
     )
 }
 
+/// An ALLOW policy on c: only a's identity may reach it.
+const ONLY_A: &str = r#"{selector: {matchLabels: {app: c}}, action: ALLOW, rules: [{from: [{source: {principals: ["cluster.local/ns/default/sa/a"]}}]}]}"#;
+
 fn denied(o: &ProbeOutcome) -> bool {
     matches!(
         o,
@@ -112,11 +116,7 @@ fn denied(o: &ProbeOutcome) -> bool {
 
 #[test]
 fn allow_by_principal_and_deny_by_namespace() {
-    let policies = authz(
-        "only-a",
-        "default",
-        r#"{selector: {matchLabels: {app: c}}, action: ALLOW, rules: [{from: [{source: {principals: ["cluster.local/ns/default/sa/a"]}}]}]}"#,
-    );
+    let policies = authz("only-a", "default", ONLY_A);
     let mesh = mesh_with(&policies);
     let c = mesh.v4("c", 8080);
     assert_eq!(mesh.probe("a", &c, &[]), ProbeOutcome::Echoed);
@@ -146,6 +146,65 @@ fn allow_by_principal_and_deny_by_namespace() {
     assert!(denied(&b), "b (namespace shop) got {b}");
     mesh.wait_closed(1, 1);
     assert!(mesh.agent_log_count(1, "denied by AuthorizationPolicy default/no-shop") >= 1);
+}
+
+/// `mesh-lab-app flow` in `pod` with `args`: a server (`--listen`) is
+/// listening when this returns.
+fn flow(mesh: &Mesh, pod: &str, args: &[&str]) -> LabChild {
+    let mut cmd = Command::new(lab_app_path().expect("mesh-lab-app"));
+    cmd.arg("flow").args(args);
+    let child = mesh.lab.spawn_in_pod(pod, cmd).expect("spawn flow");
+    if args.contains(&"--listen") {
+        child
+            .wait_for_log("listening", Duration::from_secs(10))
+            .expect("flow server listening");
+    }
+    child
+}
+
+/// A tunnel stream carries its client's first bytes before the
+/// destination's agent answers its CONNECT (`hbone::EarlyData`): a denied
+/// client's bytes stop at that agent and never reach the app.
+#[test]
+fn a_denied_clients_first_bytes_never_reach_the_app() {
+    let policies = authz("only-a", "default", ONLY_A);
+    let mesh = mesh_with(&policies);
+    // c's app takes one connection and reports what it received.
+    let server = flow(&mesh, "c", &["--listen", "[::]:7070"]);
+    let to = mesh.v4("c", 7070);
+    // b writes as soon as its connect returns, so its bytes are normally in
+    // its agent's socket before c's agent answers the stream. Whether one
+    // was read in time is a race, so b tries until node 0 counts a stream
+    // that carried them: one in 20 tries is certain in practice (the answer
+    // takes a cross-node round trip and c's agent's policy check; the write
+    // is b's next instruction), and a miss fails loudly, not silently.
+    let early = || mesh.proxy_stats(0)["tunnel_streams_early_data"].as_u64();
+    assert_eq!(early(), Some(0), "the counter is served, and starts at 0");
+    let mut tries = 0;
+    while early() == Some(0) && tries < 20 {
+        tries += 1;
+        let b = flow(&mesh, "b", &["--connect", &to, "--send", "--bytes", "4096"]);
+        let _: FlowReport = common::final_report(&b, Duration::from_secs(30));
+        mesh.wait_closed(1, tries);
+    }
+    eprintln!("early data after {tries} tries: {:?}", early());
+    assert!(
+        early() > Some(0),
+        "no stream of b's {tries} carried early data"
+    );
+    // The first connection c's app accepts is a's, whole: none of b's.
+    let a = flow(&mesh, "a", &["--connect", &to, "--send", "--bytes", "1000"]);
+    let sent: FlowReport = common::final_report(&a, Duration::from_secs(30));
+    assert_eq!(sent.end, "sent", "{sent:?}");
+    let got: FlowReport = common::final_report(&server, Duration::from_secs(30));
+    assert_eq!(
+        got,
+        FlowReport {
+            bytes: 1000,
+            end: "eof".into()
+        },
+        "c's app accepted something of b's (denied) first"
+    );
 }
 
 #[test]

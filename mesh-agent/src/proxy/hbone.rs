@@ -334,12 +334,45 @@ impl Pool {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<Established, HboneError>>,
     {
+        self.send_early(key, request, None, connect).await
+    }
+
+    /// [`Pool::send`], with the client's first bytes sent on the stream
+    /// before the peer answers (see [`EarlyData`]): `early` is the client's
+    /// socket and what was read from it so far, kept for the next stream if
+    /// this one is retried or fails.
+    pub async fn send_early<F, Fut>(
+        &self,
+        key: &PoolKey,
+        request: Request<()>,
+        mut early: Option<(&TcpStream, &mut EarlyData)>,
+        connect: F,
+    ) -> Result<(Response<RecvStream>, SendStream<Bytes>, StreamGuard), HboneError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Established, HboneError>>,
+    {
         let mut last_error = None;
         for attempt in 1..=SEND_ATTEMPTS {
             // Retries never spread: they take a connection that exists.
             let (conn, guard) = self.checkout(key, &connect, attempt == 1).await?;
-            match send_on(&conn, &request, key.address).await {
+            let sent = send_on(
+                &conn,
+                &request,
+                key.address,
+                early
+                    .as_mut()
+                    .map(|(client, data)| (&**client, &mut **data)),
+            )
+            .await;
+            match sent {
                 Ok((response, send)) => {
+                    if early
+                        .as_ref()
+                        .is_some_and(|(_, data)| !data.data.is_empty())
+                    {
+                        self.counters.count(ProxyEvent::StreamEarlyData);
+                    }
                     return Ok((response, send, guard));
                 }
                 Err(e) => {
@@ -518,6 +551,7 @@ async fn send_on(
     conn: &PooledConn,
     request: &Request<()>,
     addr: SocketAddr,
+    early: Option<(&TcpStream, &mut EarlyData)>,
 ) -> Result<(Response<RecvStream>, SendStream<Bytes>), HboneError> {
     let h2_err = |source| HboneError::H2 { addr, source };
     let mut sender = conn.sender.clone().ready().await.map_err(h2_err)?;
@@ -531,9 +565,106 @@ async fn send_on(
         target: addr,
         status: StatusCode::BAD_REQUEST,
     })?;
-    let (response, send) = sender.send_request(req, false).map_err(h2_err)?;
-    let response = response.await.map_err(h2_err)?;
+    let (response, mut send) = sender.send_request(req, false).map_err(h2_err)?;
+    let response = match early {
+        Some((client, data)) => data.send_until_answered(client, &mut send, response).await,
+        None => response.await,
+    }
+    .map_err(h2_err)?;
     Ok((response, send))
+}
+
+/// The most a captured connection sends on its tunnel stream before the
+/// peer has answered: one read, the size of a relay's first read
+/// (`copy::Reader`).
+const EARLY_DATA_MAX: usize = 16 * 1024;
+
+/// A captured connection's first bytes, sent on its tunnel stream before the
+/// peer has answered the `CONNECT` instead of one tunnel round trip later:
+/// the first request of a client-speaks-first protocol (HTTP, TLS) reaches
+/// the destination that much sooner, and usually in the same TLS record as
+/// the `CONNECT`. ztunnel waits for the answer.
+///
+/// Only towards a node proxy (this agent, ztunnel): its HTTP/2 server holds a
+/// stream's data, within the stream's window, until it has authorized the
+/// stream and connected to the app. Nothing reaches an app before its
+/// policy allows the connection, and a refused stream's data is dropped
+/// with it. A waypoint (Envoy, in Istio) gets none.
+///
+/// At most one read of at most [`EARLY_DATA_MAX`] bytes, made only while
+/// the stream is unanswered: a server-speaks-first protocol waits for
+/// nothing. What was read is kept until the connection has an upstream: a
+/// retried stream, or the next endpoint, gets the same bytes first, through
+/// a tunnel ([`EarlyData::send_until_answered`]) or a plain socket
+/// ([`EarlyData::replay`]); the relay counts them ([`relay_h2`]).
+#[derive(Debug, Default)]
+pub struct EarlyData {
+    /// The bytes read.
+    data: Bytes,
+    /// The client was read (bytes, its FIN, or an error): no second read.
+    read: bool,
+    /// The read's error: the connection ends with it once it has an
+    /// upstream (reset), as if the relay had read it.
+    error: Option<io::Error>,
+}
+
+impl EarlyData {
+    /// Awaits the peer's answer to a stream's `CONNECT`, meanwhile sending on
+    /// the stream what was read from `client` before (a retry), or else, if
+    /// `client` has bytes before the answer comes, one read of them.
+    async fn send_until_answered(
+        &mut self,
+        client: &TcpStream,
+        send: &mut SendStream<Bytes>,
+        response: h2::client::ResponseFuture,
+    ) -> Result<Response<RecvStream>, h2::Error> {
+        if !self.data.is_empty() {
+            send.send_data(self.data.clone(), false)?;
+        }
+        if self.read || self.error.is_some() {
+            return response.await;
+        }
+        tokio::pin!(response);
+        tokio::select! {
+            biased;
+            answered = &mut response => return answered,
+            ready = client.readable() => {
+                if ready.is_err() {
+                    // No readiness to wait on: the relay reads instead.
+                    self.read = true;
+                    return response.await;
+                }
+            }
+        }
+        let mut buf = bytes::BytesMut::with_capacity(EARLY_DATA_MAX);
+        match client.try_read_buf(&mut buf) {
+            // The FIN, before any byte: the relay reads it again.
+            Ok(0) => self.read = true,
+            Ok(_) => {
+                self.read = true;
+                self.data = buf.freeze();
+                send.send_data(self.data.clone(), false)?;
+            }
+            // Readiness without bytes: the relay reads them.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                self.read = true;
+                self.error = Some(e);
+            }
+        }
+        response.await
+    }
+
+    /// Writes what was read to `to`, a plain upstream (an endpoint taken
+    /// after a tunnel attempt failed), before its relay starts; the bytes
+    /// written, or the client's read error.
+    pub async fn replay(self, to: &mut TcpStream) -> io::Result<u64> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        to.write_all(&self.data).await?;
+        Ok(self.data.len() as u64)
+    }
 }
 
 /// Drives a client connection: the HTTP/2 state machine plus PING keep-alive.
@@ -692,20 +823,32 @@ pub fn forwarded_for(req: &Request<RecvStream>) -> Option<SocketAddr> {
 
 /// Relays between a TCP stream and an HTTP/2 stream until both directions
 /// are closed; an error on either side resets both (TCP RST, `RST_STREAM`).
+///
+/// `early`: what was read from `tcp` and sent on `send` before the stream
+/// was answered ([`EarlyData`]), counted as sent; its read error ends the
+/// relay as a reset.
 pub async fn relay_h2(
     tcp: TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
     cancel: &tokio_util::sync::CancellationToken,
+    early: EarlyData,
 ) -> RelayResult {
     // `tcp` has `TCP_NODELAY` (accepted from a pod listener or made by
     // `datapath::netns`, both set it). An agent death while the relay runs
     // resets the app (see `copy::relay`).
     super::copy::abort_on_close(&tcp);
     let (tr, mut tw) = tcp.into_split();
-    let (mut sent, mut received) = (0u64, 0u64);
+    let EarlyData {
+        data: early, error, ..
+    } = early;
+    let (mut sent, mut received) = (early.len() as u64, 0u64);
+    drop(early);
     let outcome = {
         let up = async {
+            if let Some(e) = error {
+                return Err(e);
+            }
             let mut reader = super::copy::Reader::new();
             loop {
                 let mut chunk = reader.read(&tr).await?.freeze();
@@ -936,6 +1079,183 @@ mod tests {
         let held = open_streams(&pool, 3 * SPREAD_AT_STREAMS, false).await;
         assert_eq!(pool.occupancy(), (1, 3 * SPREAD_AT_STREAMS));
         drop(held);
+    }
+
+    /// A loopback TCP connection: (the app's end, the agent's end).
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = TcpStream::connect(addr).await.expect("connect");
+        let (agent, _) = listener.accept().await.expect("accept");
+        (app, agent)
+    }
+
+    /// What a gated test server saw of one stream.
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        /// The stream's first DATA, received before any answer.
+        Early(Bytes),
+        /// The rest of the stream's data, up to its end (answered streams).
+        Rest(Vec<u8>),
+    }
+
+    /// An in-memory tunnel connection whose server answers a stream only
+    /// once the stream's first DATA has arrived (so a client that waits for
+    /// the answer before sending waits forever), reporting what it saw on
+    /// `seen`; `refuse`: the answer is `REFUSED_STREAM`, else 200, then the
+    /// rest of the stream is read and the server ends its side.
+    async fn connect_gated(
+        seen: tokio::sync::mpsc::UnboundedSender<Seen>,
+        refuse: bool,
+    ) -> Result<Established, HboneError> {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        tokio::spawn(async move {
+            let Ok(mut conn) = server_handshake(server_io, 100).await else {
+                return;
+            };
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut body = req.into_body();
+                    let first = body.data().await.and_then(Result::ok).unwrap_or_default();
+                    let _ = body.flow_control().release_capacity(first.len());
+                    let _ = seen.send(Seen::Early(first));
+                    if refuse {
+                        respond.send_reset(Reason::REFUSED_STREAM);
+                        return;
+                    }
+                    let Ok(mut send) = respond.send_response(Response::new(()), false) else {
+                        return;
+                    };
+                    let mut rest = Vec::new();
+                    while let Some(Ok(data)) = body.data().await {
+                        let _ = body.flow_control().release_capacity(data.len());
+                        rest.extend_from_slice(&data);
+                    }
+                    let _ = seen.send(Seen::Rest(rest));
+                    let _ = send.send_data(Bytes::new(), true);
+                });
+            }
+        });
+        client_handshake(Box::new(client_io), test_key().address).await
+    }
+
+    /// Opens one stream on `pool` with `agent`'s early bytes (the server
+    /// may wait for them before it answers), within 10 s.
+    async fn open_early<F, Fut>(
+        pool: &Pool,
+        agent: &TcpStream,
+        early: &mut EarlyData,
+        connect: F,
+    ) -> (Response<RecvStream>, SendStream<Bytes>, StreamGuard)
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Established, HboneError>>,
+    {
+        let target: SocketAddr = "198.18.2.10:8080".parse().expect("addr");
+        let request = connect_request(target, "198.18.1.10:40000".parse().expect("addr"), "");
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            pool.send_early(&test_key(), request, Some((agent, early)), connect),
+        )
+        .await
+        .expect("answered in time")
+        .expect("stream opened")
+    }
+
+    #[tokio::test]
+    async fn a_clients_first_bytes_go_before_the_answer_and_count_as_sent() {
+        let (mut app, agent) = tcp_pair().await;
+        let first = b"GET / HTTP/1.1\r\nhost: c\r\n\r\n";
+        app.write_all(first).await.expect("write");
+        let pool = Pool::default();
+        let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let mut early = EarlyData::default();
+        // The server answers only once the first bytes have come.
+        let (response, send, _guard) = open_early(&pool, &agent, &mut early, || {
+            connect_gated(tx.clone(), false)
+        })
+        .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            seen.recv().await,
+            Some(Seen::Early(Bytes::from_static(first)))
+        );
+        assert_eq!(pool.counters().get(ProxyEvent::StreamEarlyData), 1);
+        // The relay goes on after them, and counts them as sent.
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let relay = tokio::spawn(async move {
+            relay_h2(agent, send, response.into_body(), &cancel, early).await
+        });
+        app.write_all(b"more").await.expect("write");
+        app.shutdown().await.expect("shutdown");
+        assert_eq!(seen.recv().await, Some(Seen::Rest(b"more".to_vec())));
+        let r = relay.await.expect("relay");
+        assert!(matches!(r.outcome, RelayOutcome::Closed), "{:?}", r.outcome);
+        assert_eq!(r.sent, (first.len() + 4) as u64);
+    }
+
+    #[tokio::test]
+    async fn a_refused_stream_gets_the_clients_first_bytes_again() {
+        let (mut app, agent) = tcp_pair().await;
+        app.write_all(b"hello").await.expect("write");
+        let pool = Pool::default();
+        let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let dialled = AtomicUsize::new(0);
+        let mut early = EarlyData::default();
+        // The second connection answers only once the bytes have come again.
+        let (response, _send, _guard) = open_early(&pool, &agent, &mut early, || {
+            // The first connection refuses the stream after its data.
+            let refuse = dialled.fetch_add(1, Ordering::SeqCst) == 0;
+            connect_gated(tx.clone(), refuse)
+        })
+        .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let hello = Some(Seen::Early(Bytes::from_static(b"hello")));
+        assert_eq!(seen.recv().await, hello);
+        assert_eq!(seen.recv().await, hello);
+        assert_eq!(pool.counters().get(ProxyEvent::StreamRetried), 1);
+        assert_eq!(pool.counters().get(ProxyEvent::StreamEarlyData), 1);
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_the_client_speaks_takes_nothing_from_it() {
+        let (_app, agent) = tcp_pair().await;
+        let pool = Pool::default();
+        let mut early = EarlyData::default();
+        let (response, _send, _guard) =
+            open_early(&pool, &agent, &mut early, || connect_to(Behaviour::Serve)).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(early.data.is_empty() && !early.read && early.error.is_none());
+        assert_eq!(pool.counters().get(ProxyEvent::StreamEarlyData), 0);
+    }
+
+    #[tokio::test]
+    async fn early_bytes_are_replayed_to_a_plain_upstream_or_end_it() {
+        let (mut server, mut upstream) = tcp_pair().await;
+        let early = EarlyData {
+            data: Bytes::from_static(b"first"),
+            read: true,
+            error: None,
+        };
+        assert_eq!(early.replay(&mut upstream).await.expect("replayed"), 5);
+        let mut got = [0u8; 5];
+        tokio::io::AsyncReadExt::read_exact(&mut server, &mut got)
+            .await
+            .expect("read");
+        assert_eq!(&got, b"first");
+        let failed = EarlyData {
+            data: Bytes::new(),
+            read: true,
+            error: Some(io::ErrorKind::ConnectionReset.into()),
+        };
+        let e = failed
+            .replay(&mut upstream)
+            .await
+            .expect_err("the client's error");
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
     }
 
     #[tokio::test]

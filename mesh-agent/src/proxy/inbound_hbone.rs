@@ -339,7 +339,14 @@ async fn stream(
             return;
         }
     };
-    let result = hbone::relay_h2(app.stream, send, req.into_body(), &tracked.cancel).await;
+    let result = hbone::relay_h2(
+        app.stream,
+        send,
+        req.into_body(),
+        &tracked.cancel,
+        hbone::EarlyData::default(),
+    )
+    .await;
     // relay_h2 counts from the TCP side (the app): swap to client -> server.
     tracker.close(result.received, result.sent, result.outcome.into());
 }

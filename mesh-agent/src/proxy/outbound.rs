@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Error, PodContext, Shared,
+    copy::{RelayOutcome, RelayResult},
     hbone::{self, HboneError, PoolKey},
     peer, relay, reset, same_node,
 };
@@ -172,6 +173,9 @@ async fn handle(
     let mut last_attempt: Option<Attempt> = None;
     let mut client = Some(client);
     let mut tried: Vec<SocketAddr> = Vec::new();
+    // The client's first bytes, once read for a tunnel attempt: every later
+    // attempt and the relay get them first.
+    let mut early = hbone::EarlyData::default();
     while tried.len() < MAX_ATTEMPTS {
         let Some(stream) = client.take() else { break };
         let (target, pick) = match &plan {
@@ -276,6 +280,7 @@ async fn handle(
                     src,
                     id.clone(),
                     &shared,
+                    Some((&stream, &mut early)),
                 )
                 .await
                 .map(Upstream::Tunnel)
@@ -350,11 +355,11 @@ async fn handle(
         let never = CancellationToken::new();
         let (sent, received, outcome) = match upstream {
             Upstream::Direct(tcp) => {
-                let r = relay(stream, tcp, &never).await;
+                let r = relay_plain(stream, tcp, early, &never).await;
                 (r.sent, r.received, r.outcome.into())
             }
             Upstream::Tunnel((response, send, _guard)) => {
-                let r = hbone::relay_h2(stream, send, response.into_body(), &never).await;
+                let r = hbone::relay_h2(stream, send, response.into_body(), &never, early).await;
                 (r.sent, r.received, r.outcome.into())
             }
             Upstream::Local(delivered) => {
@@ -364,7 +369,7 @@ async fn handle(
                     inbound,
                 } = *delivered;
                 // A policy change that denies it cuts it, as at a tunnel's end.
-                let r = relay(stream, app.stream, &tracked.cancel).await;
+                let r = relay_plain(stream, app.stream, early, &tracked.cancel).await;
                 let outcome: crate::telemetry::Outcome = r.outcome.into();
                 drop(tracked);
                 inbound.close(r.sent, r.received, outcome.clone());
@@ -476,7 +481,9 @@ async fn via_waypoint(
         .take(endpoints.len().min(MAX_ATTEMPTS))
     {
         let src = source_for(ep.addr);
-        match open_tunnel(ctx, dst, ep.addr, src, ep.identity.clone(), shared).await {
+        // No early data: a waypoint may be Envoy (Istio's), whose handling
+        // of data before its CONNECT answer is not ours to rely on.
+        match open_tunnel(ctx, dst, ep.addr, src, ep.identity.clone(), shared, None).await {
             Ok((response, send, _guard)) => {
                 let mut tracker = shared.telemetry.open(Connection {
                     direction: Direction::Outbound,
@@ -487,7 +494,14 @@ async fn via_waypoint(
                 });
                 tracker.set_waypoint(waypoint);
                 let never = CancellationToken::new();
-                let result = hbone::relay_h2(client, send, response.into_body(), &never).await;
+                let result = hbone::relay_h2(
+                    client,
+                    send,
+                    response.into_body(),
+                    &never,
+                    hbone::EarlyData::default(),
+                )
+                .await;
                 tracker.close(result.sent, result.received, result.outcome.into());
                 return;
             }
@@ -589,9 +603,39 @@ enum Upstream {
     ),
 }
 
+/// Relays `client` to a plain upstream (`server`: an endpoint outside the
+/// mesh, or an app on this node), writing first what a failed tunnel
+/// attempt read from the client (`early`), so no byte is lost.
+async fn relay_plain(
+    client: TcpStream,
+    mut server: TcpStream,
+    early: hbone::EarlyData,
+    cancel: &CancellationToken,
+) -> RelayResult {
+    match early.replay(&mut server).await {
+        Ok(replayed) => {
+            let mut r = relay(client, server, cancel).await;
+            r.sent += replayed;
+            r
+        }
+        Err(e) => {
+            reset(client);
+            reset(server);
+            RelayResult {
+                sent: 0,
+                received: 0,
+                outcome: RelayOutcome::Reset(e),
+            }
+        }
+    }
+}
+
 /// Opens an HBONE stream to `dst` (the `CONNECT` target) under the pod's
 /// identity, through a tunnel to `dial` (the peer's HBONE address: the
-/// destination pod's, or a waypoint's) that must prove `peer_id`.
+/// destination pod's, or a waypoint's) that must prove `peer_id`; with
+/// `early` (a destination pod's node proxy only), the client's first bytes
+/// go before the answer ([`hbone::EarlyData`]).
+#[allow(clippy::too_many_arguments)] // the connection's context
 async fn open_tunnel(
     ctx: &Arc<PodContext>,
     dst: SocketAddr,
@@ -599,6 +643,7 @@ async fn open_tunnel(
     src: SocketAddr,
     peer_id: SpiffeId,
     shared: &Arc<Shared>,
+    early: Option<(&TcpStream, &mut hbone::EarlyData)>,
 ) -> Result<
     (
         http::Response<h2::RecvStream>,
@@ -642,7 +687,11 @@ async fn open_tunnel(
             hbone::client_handshake(Box::new(tls), key.address).await
         }
     };
-    let (response, send, guard) = shared.pools.current().send(&key, request, connect).await?;
+    let (response, send, guard) = shared
+        .pools
+        .current()
+        .send_early(&key, request, early, connect)
+        .await?;
     if response.status() != http::StatusCode::OK {
         return Err(HboneError::Status {
             target: dst,

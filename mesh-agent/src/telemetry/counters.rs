@@ -25,6 +25,9 @@ pub enum ProxyEvent {
     /// A tunnel stream attempt was retried (GOAWAY, `REFUSED_STREAM`,
     /// broken connection).
     StreamRetried,
+    /// A tunnel stream carried its client's first bytes before the peer
+    /// answered its `CONNECT` (`hbone::EarlyData`).
+    StreamEarlyData,
     /// A connection between two pods of this node was delivered directly
     /// (the same-node fast path), not through an HBONE tunnel.
     SameNodeFastPath,
@@ -35,13 +38,14 @@ pub enum ProxyEvent {
 }
 
 impl ProxyEvent {
-    const ALL: [Self; 8] = [
+    const ALL: [Self; 9] = [
         Self::OutboundAccepted,
         Self::InboundAccepted,
         Self::NoOriginalDestination,
         Self::AgentPortRefused,
         Self::TunnelOpened,
         Self::StreamRetried,
+        Self::StreamEarlyData,
         Self::SameNodeFastPath,
         Self::WaypointUnavailable,
     ];
@@ -55,6 +59,7 @@ impl ProxyEvent {
             Self::AgentPortRefused => "agent_port_refused",
             Self::TunnelOpened => "tunnel_connections_opened",
             Self::StreamRetried => "tunnel_streams_retried",
+            Self::StreamEarlyData => "tunnel_streams_early_data",
             Self::SameNodeFastPath => "same_node_fast_path",
             Self::WaypointUnavailable => "waypoint_unavailable",
         }
@@ -124,6 +129,7 @@ impl ProxyCounters {
             ("bytes_received", v(&self.bytes_received)),
             e(ProxyEvent::TunnelOpened),
             e(ProxyEvent::StreamRetried),
+            e(ProxyEvent::StreamEarlyData),
             e(ProxyEvent::SameNodeFastPath),
             e(ProxyEvent::WaypointUnavailable),
         ]
