@@ -59,6 +59,9 @@ pub struct RunConfig {
     /// Deliver connections between two of this node's pods directly
     /// (`Proxy::set_same_node_fast_path`).
     pub same_node_fast_path: bool,
+    /// Send a client's first bytes before a tunnel stream is answered
+    /// (`Proxy::set_tunnel_early_data`).
+    pub tunnel_early_data: bool,
     /// How many proxy threads serve the pods' connections (`None`: one per
     /// CPU, up to [`DEFAULT_MAX_PROXY_THREADS`]).
     pub proxy_threads: Option<usize>,
@@ -178,6 +181,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         threads.clone(),
     );
     proxy.set_same_node_fast_path(cfg.same_node_fast_path);
+    proxy.set_tunnel_early_data(cfg.tunnel_early_data);
     admin.register_routes(&store, proxy.balancer());
     runtime.spawn(limits::trim_after_bursts(bounds.clone()));
     {

@@ -17,6 +17,11 @@ use mesh_lab::{
 /// the server, labels app=c), `q` (not enrolled). Echo servers on c (8080,
 /// 9090). `policies` (YAML list items) go to both agents.
 fn mesh_with(policies: &str) -> Mesh {
+    mesh_with_flags(policies, &[])
+}
+
+/// [`mesh_with`], node 0's agent started with `flags`.
+fn mesh_with_flags(policies: &str, flags: &[&str]) -> Mesh {
     let mut mesh = Mesh::new(
         LabSpec::new()
             .node(
@@ -33,7 +38,7 @@ fn mesh_with(policies: &str) -> Mesh {
     );
     write(&mesh, policies);
     mesh.echo("c", &[8080, 9090]);
-    mesh.start_agent(0);
+    mesh.start_agent_with(0, flags);
     mesh.start_agent(1);
     mesh
 }
@@ -204,6 +209,24 @@ fn a_denied_clients_first_bytes_never_reach_the_app() {
             end: "eof".into()
         },
         "c's app accepted something of b's (denied) first"
+    );
+}
+
+/// `--tunnel-early-data=false`: the agent waits for the answer before it
+/// relays a byte (what the test above counts never happens), and
+/// connections work as before.
+#[test]
+fn early_data_can_be_turned_off() {
+    let mesh = mesh_with_flags("", &["--tunnel-early-data=false"]);
+    let c = mesh.v4("c", 8080);
+    for _ in 0..5 {
+        assert_eq!(mesh.probe("a", &c, &[]), ProbeOutcome::Echoed);
+    }
+    let stats = mesh.proxy_stats(0);
+    assert_eq!(
+        stats["tunnel_streams_early_data"].as_u64(),
+        Some(0),
+        "{stats}"
     );
 }
 

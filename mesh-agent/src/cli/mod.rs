@@ -138,6 +138,12 @@ struct RunArgs {
     /// `false`: same-node traffic goes through an HBONE tunnel like any other.
     #[arg(long, env = "MESH_SAME_NODE_FAST_PATH", default_value_t = true, action = clap::ArgAction::Set)]
     same_node_fast_path: bool,
+    /// Send a client's first bytes on its tunnel stream before the
+    /// destination's node proxy answers the `CONNECT` (early data: one read,
+    /// up to 16 KiB, only while the answer is pending; never to a waypoint).
+    /// `false`: wait for the answer, as ztunnel does.
+    #[arg(long, env = "MESH_TUNNEL_EARLY_DATA", default_value_t = true, action = clap::ArgAction::Set)]
+    tunnel_early_data: bool,
     /// Threads serving the pods' connections, each with its own listeners
     /// and tunnel connections (default: one per CPU, at most 4).
     #[arg(long, env = "MESH_PROXY_THREADS", value_parser = clap::value_parser!(u16).range(1..=crate::proxy::threads::MAX_THREADS as i64))]
@@ -257,6 +263,7 @@ pub fn main() -> ExitCode {
                 drain_timeout: args.drain_timeout,
                 limits: args.limits.overrides(),
                 same_node_fast_path: args.same_node_fast_path,
+                tunnel_early_data: args.tunnel_early_data,
                 proxy_threads: args.proxy_threads.map(usize::from),
             })
         }

@@ -329,6 +329,9 @@ pub struct Shared {
     /// Whether connections between two of [`Shared::local`]'s pods are
     /// delivered directly rather than through an HBONE tunnel.
     pub same_node_fast_path: AtomicBool,
+    /// Whether a client's first bytes go on its tunnel stream before the
+    /// destination's node proxy answers (`hbone::EarlyData`).
+    pub tunnel_early_data: AtomicBool,
 }
 
 impl Shared {
@@ -489,6 +492,7 @@ impl Proxy {
             limits,
             local: same_node::LocalPods::default(),
             same_node_fast_path: AtomicBool::new(true),
+            tunnel_early_data: AtomicBool::new(true),
         });
         // Policy changes apply to new connections at once (decisions read
         // the snapshot's compiled policies); open ones are re-checked here.
@@ -525,6 +529,15 @@ impl Proxy {
     /// HBONE tunnel, and without TLS and HTTP/2 to the agent itself.
     pub fn set_same_node_fast_path(&self, on: bool) {
         self.shared.same_node_fast_path.store(on, Ordering::Relaxed);
+    }
+
+    /// Turns early data on tunnel streams on or off (on by default): with
+    /// it, a client's first bytes go on its stream to a destination pod's
+    /// node proxy before that proxy answers the `CONNECT`
+    /// (`hbone::EarlyData`); without it the agent waits for the answer, as
+    /// ztunnel does.
+    pub fn set_tunnel_early_data(&self, on: bool) {
+        self.shared.tunnel_early_data.store(on, Ordering::Relaxed);
     }
 
     /// The mesh's trust domain.

@@ -280,7 +280,10 @@ async fn handle(
                     src,
                     id.clone(),
                     &shared,
-                    Some((&stream, &mut early)),
+                    shared
+                        .tunnel_early_data
+                        .load(Ordering::Relaxed)
+                        .then_some((&stream, &mut early)),
                 )
                 .await
                 .map(Upstream::Tunnel)
