@@ -10,11 +10,7 @@ mod common;
 use std::{process::Command, time::Duration};
 
 use common::Mesh;
-use mesh_lab::{
-    LabChild, LabSpec, NodeSpec, PodSpec,
-    app::{ClientReport, FlowReport},
-    lab_app_path,
-};
+use mesh_lab::{LabChild, LabSpec, NodeSpec, PodSpec, app::ClientReport, lab_app_path};
 
 /// Two nodes: `a` and `b` on node 0, `c` on node 1, all enrolled; echo
 /// servers on `b` and `c` (8080). No agent runs yet.
@@ -154,41 +150,13 @@ fn upgrades_under_load_lose_no_connection_same_node_or_across_nodes() {
     );
 }
 
-/// Starts `flow --listen [::]:port` in `pod` (sending if `send`), waits until it listens.
-fn flow_server(mesh: &Mesh, pod: &str, port: u16, send: bool) -> LabChild {
-    let mut cmd = Command::new(lab_app_path().expect("mesh-lab-app"));
-    cmd.args(["flow", "--listen", &format!("[::]:{port}")]);
-    if send {
-        cmd.arg("--send");
-    }
-    let child = mesh.lab.spawn_in_pod(pod, cmd).expect("spawn flow server");
-    child
-        .wait_for_log("listening", Duration::from_secs(10))
-        .expect("flow server listening");
-    child
-}
-
-/// Starts `flow --connect to` in `pod` (sending if `send`).
-fn flow_client(mesh: &Mesh, pod: &str, to: &str, send: bool) -> LabChild {
-    let mut cmd = Command::new(lab_app_path().expect("mesh-lab-app"));
-    cmd.args(["flow", "--connect", to]);
-    if send {
-        cmd.arg("--send");
-    }
-    mesh.lab.spawn_in_pod(pod, cmd).expect("spawn flow client")
-}
-
-fn flow_report(child: &LabChild) -> FlowReport {
-    common::final_report(child, Duration::from_secs(30))
-}
-
 /// Waits until data moves through the mesh (the transfer is under way).
 fn transfer_under_way() {
     std::thread::sleep(Duration::from_millis(1000));
 }
 
 fn assert_reset(what: &str, child: &LabChild) {
-    let r = flow_report(child);
+    let r = common::flow_report(child);
     assert!(r.bytes > 0, "{what}: no data moved before the kill: {r:?}");
     assert_eq!(
         r.end, "reset",
@@ -201,10 +169,10 @@ fn assert_reset(what: &str, child: &LabChild) {
 fn a_killed_agent_resets_the_apps_on_its_side_same_node() {
     let mut mesh = two_nodes();
     mesh.start_agent(0);
-    let b_sends = flow_server(&mesh, "b", 7001, true);
-    let b_receives = flow_server(&mesh, "b", 7002, false);
-    let a_receives = flow_client(&mesh, "a", &mesh.v4("b", 7001), false);
-    let a_sends = flow_client(&mesh, "a", &mesh.v4("b", 7002), true);
+    let b_sends = mesh.flow("b", &["--listen", "[::]:7001", "--send"]);
+    let b_receives = mesh.flow("b", &["--listen", "[::]:7002"]);
+    let a_receives = mesh.flow("a", &["--connect", &mesh.v4("b", 7001)]);
+    let a_sends = mesh.flow("a", &["--connect", &mesh.v4("b", 7002), "--send"]);
     transfer_under_way();
     let agent = mesh.take_agent(0);
     agent.kill().expect("SIGKILL the agent");
@@ -212,7 +180,7 @@ fn a_killed_agent_resets_the_apps_on_its_side_same_node() {
     assert_reset("client app receiving", &a_receives);
     assert_reset("server app receiving", &b_receives);
     for sender in [&b_sends, &a_sends] {
-        let r = flow_report(sender);
+        let r = common::flow_report(sender);
         assert_ne!(r.end, "sent", "a sender finished: {r:?}");
     }
 }
@@ -223,21 +191,21 @@ fn a_killed_agent_resets_the_apps_on_its_side_across_nodes() {
     mesh.start_agent(0);
     mesh.start_agent(1);
     // Server side: c receives from a; node 1's agent dies.
-    let c_receives = flow_server(&mesh, "c", 7002, false);
-    let a_sends = flow_client(&mesh, "a", &mesh.v4("c", 7002), true);
+    let c_receives = mesh.flow("c", &["--listen", "[::]:7002"]);
+    let a_sends = mesh.flow("a", &["--connect", &mesh.v4("c", 7002), "--send"]);
     transfer_under_way();
     mesh.take_agent(1).kill().expect("SIGKILL node 1's agent");
     assert_reset("server app receiving (its agent killed)", &c_receives);
-    let r = flow_report(&a_sends);
+    let r = common::flow_report(&a_sends);
     assert_ne!(r.end, "sent", "the sender finished: {r:?}");
 
     // Client side: a receives from c; node 0's agent dies.
     mesh.start_agent(1);
-    let c_sends = flow_server(&mesh, "c", 7001, true);
-    let a_receives = flow_client(&mesh, "a", &mesh.v4("c", 7001), false);
+    let c_sends = mesh.flow("c", &["--listen", "[::]:7001", "--send"]);
+    let a_receives = mesh.flow("a", &["--connect", &mesh.v4("c", 7001)]);
     transfer_under_way();
     mesh.take_agent(0).kill().expect("SIGKILL node 0's agent");
     assert_reset("client app receiving (its agent killed)", &a_receives);
-    let r = flow_report(&c_sends);
+    let r = common::flow_report(&c_sends);
     assert_ne!(r.end, "sent", "the sender finished: {r:?}");
 }

@@ -3,13 +3,12 @@
 
 mod common;
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use common::Mesh;
 use mesh_lab::{
-    LabChild, LabSpec, NodeSpec, PodSpec,
+    LabSpec, NodeSpec, PodSpec,
     app::{FlowReport, HoldReport, ProbeOutcome},
-    lab_app_path,
 };
 
 /// Node 0: `a` (enrolled, namespace default), `b` (enrolled, namespace
@@ -153,20 +152,6 @@ fn allow_by_principal_and_deny_by_namespace() {
     assert!(mesh.agent_log_count(1, "denied by AuthorizationPolicy default/no-shop") >= 1);
 }
 
-/// `mesh-lab-app flow` in `pod` with `args`: a server (`--listen`) is
-/// listening when this returns.
-fn flow(mesh: &Mesh, pod: &str, args: &[&str]) -> LabChild {
-    let mut cmd = Command::new(lab_app_path().expect("mesh-lab-app"));
-    cmd.arg("flow").args(args);
-    let child = mesh.lab.spawn_in_pod(pod, cmd).expect("spawn flow");
-    if args.contains(&"--listen") {
-        child
-            .wait_for_log("listening", Duration::from_secs(10))
-            .expect("flow server listening");
-    }
-    child
-}
-
 /// A tunnel stream carries its client's first bytes before the
 /// destination's agent answers its CONNECT (`hbone::EarlyData`): a denied
 /// client's bytes stop at that agent and never reach the app.
@@ -175,7 +160,7 @@ fn a_denied_clients_first_bytes_never_reach_the_app() {
     let policies = authz("only-a", "default", ONLY_A);
     let mesh = mesh_with(&policies);
     // c's app takes one connection and reports what it received.
-    let server = flow(&mesh, "c", &["--listen", "[::]:7070"]);
+    let server = mesh.flow("c", &["--listen", "[::]:7070"]);
     let to = mesh.v4("c", 7070);
     // b writes as soon as its connect returns, so its bytes are normally in
     // its agent's socket before c's agent answers the stream. Whether one
@@ -188,8 +173,8 @@ fn a_denied_clients_first_bytes_never_reach_the_app() {
     let mut tries = 0;
     while early() == Some(0) && tries < 20 {
         tries += 1;
-        let b = flow(&mesh, "b", &["--connect", &to, "--send", "--bytes", "4096"]);
-        let _: FlowReport = common::final_report(&b, Duration::from_secs(30));
+        let b = mesh.flow("b", &["--connect", &to, "--send", "--bytes", "4096"]);
+        let _ = common::flow_report(&b);
         mesh.wait_closed(1, tries);
     }
     eprintln!("early data after {tries} tries: {:?}", early());
@@ -198,10 +183,10 @@ fn a_denied_clients_first_bytes_never_reach_the_app() {
         "no stream of b's {tries} carried early data"
     );
     // The first connection c's app accepts is a's, whole: none of b's.
-    let a = flow(&mesh, "a", &["--connect", &to, "--send", "--bytes", "1000"]);
-    let sent: FlowReport = common::final_report(&a, Duration::from_secs(30));
+    let a = mesh.flow("a", &["--connect", &to, "--send", "--bytes", "1000"]);
+    let sent = common::flow_report(&a);
     assert_eq!(sent.end, "sent", "{sent:?}");
-    let got: FlowReport = common::final_report(&server, Duration::from_secs(30));
+    let got = common::flow_report(&server);
     assert_eq!(
         got,
         FlowReport {

@@ -6,13 +6,12 @@
 
 mod common;
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use common::{Mesh, delta, rogue};
 use mesh_lab::{
-    LabChild, LabSpec, NodeSpec, PodSpec,
+    LabSpec, NodeSpec, PodSpec,
     app::{FlowReport, ProbeOutcome},
-    lab_app_path,
 };
 
 /// Node 0: `a`, `b` (enrolled, dual-stack), `x` (not enrolled) and `z` (in
@@ -266,35 +265,6 @@ fn thousands_of_short_connections_from_one_client_all_keep_its_address() {
     assert_eq!(mesh.agent_log_count(1, "source_preserved=false"), 0);
 }
 
-/// `mesh-lab-app flow` in `pod`: `--listen [::]:port` when `listen`, else
-/// `--connect` to `at`; sending `bytes` (unlimited when 0) when `send`.
-fn flow(mesh: &Mesh, pod: &str, at: &str, listen: bool, send: Option<u64>) -> LabChild {
-    let mut cmd = Command::new(lab_app_path().expect("mesh-lab-app"));
-    cmd.arg("flow");
-    if listen {
-        cmd.args(["--listen", at]);
-    } else {
-        cmd.args(["--connect", at]);
-    }
-    if let Some(bytes) = send {
-        cmd.arg("--send");
-        if bytes > 0 {
-            cmd.args(["--bytes", &bytes.to_string()]);
-        }
-    }
-    let child = mesh.lab.spawn_in_pod(pod, cmd).expect("spawn flow");
-    if listen {
-        child
-            .wait_for_log("listening", Duration::from_secs(10))
-            .expect("flow server listening");
-    }
-    child
-}
-
-fn flow_report(child: &LabChild) -> FlowReport {
-    common::final_report(child, Duration::from_secs(30))
-}
-
 /// A stream cut by its peer, as the app sees it.
 fn was_reset(r: &FlowReport) -> bool {
     r.end == "reset" || r.end == "broken_pipe"
@@ -322,9 +292,12 @@ fn half_closes_and_resets_cross_a_transparent_delivery() {
         // The client's FIN (after all its bytes) reaches the app, which
         // sees every byte and then a clean end of stream.
         let p = next();
-        let receiver = flow(&mesh, server, &format!("[::]:{p}"), true, None);
-        let sender = flow(&mesh, "a", &to(p), false, Some(BYTES));
-        let (s, r) = (flow_report(&sender), flow_report(&receiver));
+        let receiver = mesh.flow(server, &["--listen", &format!("[::]:{p}")]);
+        let sender = mesh.flow(
+            "a",
+            &["--connect", &to(p), "--send", "--bytes", &BYTES.to_string()],
+        );
+        let (s, r) = (common::flow_report(&sender), common::flow_report(&receiver));
         assert_eq!(
             (s.end.as_str(), s.bytes),
             ("sent", BYTES),
@@ -338,9 +311,18 @@ fn half_closes_and_resets_cross_a_transparent_delivery() {
 
         // The app's FIN reaches the client the same way.
         let p = next();
-        let sender = flow(&mesh, server, &format!("[::]:{p}"), true, Some(BYTES));
-        let receiver = flow(&mesh, "a", &to(p), false, None);
-        let (s, r) = (flow_report(&sender), flow_report(&receiver));
+        let sender = mesh.flow(
+            server,
+            &[
+                "--listen",
+                &format!("[::]:{p}"),
+                "--send",
+                "--bytes",
+                &BYTES.to_string(),
+            ],
+        );
+        let receiver = mesh.flow("a", &["--connect", &to(p)]);
+        let (s, r) = (common::flow_report(&sender), common::flow_report(&receiver));
         assert_eq!(
             (s.end.as_str(), s.bytes),
             ("sent", BYTES),
@@ -355,11 +337,11 @@ fn half_closes_and_resets_cross_a_transparent_delivery() {
         // The app dies mid-stream: the client sending to it sees a reset,
         // never a completed stream.
         let p = next();
-        let receiver = flow(&mesh, server, &format!("[::]:{p}"), true, None);
-        let sender = flow(&mesh, "a", &to(p), false, Some(0));
+        let receiver = mesh.flow(server, &["--listen", &format!("[::]:{p}")]);
+        let sender = mesh.flow("a", &["--connect", &to(p), "--send"]);
         std::thread::sleep(Duration::from_millis(500));
         receiver.kill().expect("SIGKILL the app");
-        let s = flow_report(&sender);
+        let s = common::flow_report(&sender);
         assert!(
             s.bytes > 0 && was_reset(&s),
             "{what}: client after the app died: {s:?}"
@@ -367,11 +349,11 @@ fn half_closes_and_resets_cross_a_transparent_delivery() {
 
         // The client dies mid-stream: the app sending to it sees a reset.
         let p = next();
-        let sender = flow(&mesh, server, &format!("[::]:{p}"), true, Some(0));
-        let receiver = flow(&mesh, "a", &to(p), false, None);
+        let sender = mesh.flow(server, &["--listen", &format!("[::]:{p}"), "--send"]);
+        let receiver = mesh.flow("a", &["--connect", &to(p)]);
         std::thread::sleep(Duration::from_millis(500));
         receiver.kill().expect("SIGKILL the client");
-        let s = flow_report(&sender);
+        let s = common::flow_report(&sender);
         assert!(
             s.bytes > 0 && was_reset(&s),
             "{what}: app after the client died: {s:?}"

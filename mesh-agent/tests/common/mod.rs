@@ -19,7 +19,7 @@ use mesh_agent::cli::client::{self, ClientError};
 
 use mesh_lab::{
     Lab, LabChild, LabSpec,
-    app::{ClientReport, ProbeOutcome},
+    app::{ClientReport, FlowReport, ProbeOutcome},
     lab_app_path,
 };
 
@@ -565,6 +565,21 @@ impl Mesh {
         ProbeOutcome::from_output(&out).expect("probe outcome")
     }
 
+    /// Starts `mesh-lab-app flow args…` in `pod` (a long-lived stream that
+    /// reports how it ended; see [`flow_report`]). With `--listen` it
+    /// returns once the app listens.
+    pub fn flow(&self, pod: &str, args: &[&str]) -> LabChild {
+        let mut cmd = Command::new(lab_app_path().expect("mesh-lab-app"));
+        cmd.arg("flow").args(args);
+        let child = self.lab.spawn_in_pod(pod, cmd).expect("spawn flow");
+        if args.contains(&"--listen") {
+            child
+                .wait_for_log("listening", Duration::from_secs(10))
+                .expect("flow app listening");
+        }
+        child
+    }
+
     /// `ip:port` of `pod`'s IPv4 address.
     pub fn v4(&self, pod: &str, port: u16) -> String {
         format!("{}:{port}", self.lab.pod(pod).expect("pod").ipv4())
@@ -711,6 +726,11 @@ pub fn final_report<T: serde::de::DeserializeOwned>(child: &LabChild, within: Du
         .find(|l| l.starts_with('{'))
         .unwrap_or_else(|| panic!("no report from {}: {log}", child.label()));
     serde_json::from_str(line).unwrap_or_else(|e| panic!("report {line}: {e}"))
+}
+
+/// The report of a [`Mesh::flow`] app, once it has ended (within 30 s).
+pub fn flow_report(child: &LabChild) -> FlowReport {
+    final_report(child, Duration::from_secs(30))
 }
 
 /// `after - before` for each counter named.
