@@ -621,7 +621,8 @@ impl EarlyData {
         if !self.data.is_empty() {
             send.send_data(self.data.clone(), false)?;
         }
-        if self.read || self.error.is_some() {
+        // An error is only ever kept with `read` set.
+        if self.read {
             return response.await;
         }
         tokio::pin!(response);
