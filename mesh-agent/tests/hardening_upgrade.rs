@@ -3,13 +3,16 @@
 //!   one) under a load of short connections loses none of them, same node
 //!   and across nodes (HBONE);
 //! - an agent killed mid-transfer surfaces as a reset to the apps on its
-//!   side, never as a clean end of stream.
+//!   side, never as a clean end of stream;
+//! - while two agents overlap, neither takes over nor removes the other's
+//!   delivery exemptions in the shared pinned maps.
 
 mod common;
 
-use std::{process::Command, time::Duration};
+use std::{io, net::SocketAddr, process::Command, time::Duration};
 
 use common::Mesh;
+use mesh_agent::datapath::{Datapath, DatapathConfig};
 use mesh_lab::{LabChild, LabSpec, NodeSpec, PodSpec, app::ClientReport, lab_app_path};
 
 /// Two nodes: `a` and `b` on node 0, `c` on node 1, all enrolled; echo
@@ -208,4 +211,64 @@ fn a_killed_agent_resets_the_apps_on_its_side_across_nodes() {
     assert_reset("client app receiving (its agent killed)", &a_receives);
     let r = common::flow_report(&c_sends);
     assert_ne!(r.end, "sent", "the sender finished: {r:?}");
+}
+
+/// During an upgrade both agents write the same pinned maps, each knowing
+/// only its own holders. A delivery tuple the old agent exempts (its connect
+/// to the app in flight) is not the new agent's: the new agent's attempt on
+/// the same tuple fails as a tuple in use, before any SYN, so its delivery
+/// takes another port, and the failed attempt leaves the old agent's entry
+/// in place (were it removed, the old delivery's retransmitted SYN would be
+/// steered back into an agent and reset). Both datapaths are loaded here,
+/// on one lab node's pins and cgroup, as two agents load them.
+#[test]
+fn overlapping_agents_never_remove_each_others_delivery_exemptions() {
+    common::require_root();
+    let mesh = two_nodes();
+    let cfg = DatapathConfig {
+        pin_dir: mesh.lab.pin_dir(0),
+        cgroup: mesh.lab.node(0).expect("node 0").cgroup_dir().to_owned(),
+        object: None,
+        kernel_log_level: 0,
+    };
+    let (old, _) = Datapath::load(&cfg).expect("the old agent's datapath");
+    let (new, _) = Datapath::load(&cfg).expect("the new agent's, on the same pins");
+    let client: SocketAddr = "10.99.0.2:40000".parse().expect("address");
+    let app: SocketAddr = "10.99.0.3:8080".parse().expect("address");
+    // Socket cookies far above any real socket's (the kernel counts up from 1).
+    let cookie = |n: u64| u64::MAX - n;
+    let held = old
+        .exempt
+        .exempt(cookie(1), Some((client, app)))
+        .expect("the old agent exempts its delivery's tuple");
+    // Twice: had the first failed attempt removed the entry, the second
+    // would have inserted its own and succeeded.
+    for n in [2, 3] {
+        let Err(e) = new.exempt.exempt(cookie(n), Some((client, app))) else {
+            panic!("the new agent took the old agent's delivery tuple (attempt {n})");
+        };
+        assert_eq!(
+            e.kind(),
+            io::ErrorKind::AddrNotAvailable,
+            "attempt {n}: {e}"
+        );
+    }
+    // The old agent's own second hold of its tuple still works (a retried
+    // connect of its own), and its entry goes with its last hold.
+    let again = old
+        .exempt
+        .exempt(cookie(4), Some((client, app)))
+        .expect("the old agent holds its own tuple again");
+    drop(again);
+    assert!(
+        new.exempt.exempt(cookie(5), Some((client, app))).is_err(),
+        "the old agent's entry went before its last hold"
+    );
+    drop(held);
+    let taken = new
+        .exempt
+        .exempt(cookie(6), Some((client, app)))
+        .expect("once the old delivery is done, its tuple is free for the new agent");
+    drop(taken);
+    drop((old, new));
 }

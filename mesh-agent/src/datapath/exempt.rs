@@ -28,6 +28,15 @@
 //! with the failed attempt, the first delivery's next SYN, sent again when
 //! its first met a full accept queue, would be steered into the agent and
 //! reset.)
+//!
+//! Two agents share the pinned maps while an upgrade overlaps them, and
+//! neither knows the other's holders. So the agent only ever removes an
+//! entry it inserted: a tuple's first hold inserts its entry only if the map
+//! has none (`BPF_NOEXIST`). An entry already there is another agent's
+//! delivery in flight (or a crashed agent's leftover, which the LRU map
+//! evicts in time); the attempt fails as a tuple in use
+//! ([`io::ErrorKind::AddrNotAvailable`], before any SYN) and the delivery
+//! takes another port, leaving that entry alone.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -36,10 +45,18 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use aya::maps::{HashMap, MapData};
+use aya::{
+    maps::{HashMap, MapData, MapError},
+    sys::SyscallError,
+};
 use mesh_common::DeliveryKey;
 
 use super::keys::ip_key;
+
+/// `bpf_map_update_elem` flags (`include/uapi/linux/bpf.h`): create or
+/// replace; create only (`EEXIST` if the key is there).
+const BPF_ANY: u64 = 0;
+const BPF_NOEXIST: u64 = 1;
 
 /// The agent's exemption maps.
 pub struct Exemptions {
@@ -60,6 +77,11 @@ struct Deliveries {
 struct Holders(std::collections::HashMap<DeliveryKey, u32>);
 
 impl Holders {
+    /// Whether this agent holds `key` (so its entry is this agent's).
+    fn holds(&self, key: &DeliveryKey) -> bool {
+        self.0.contains_key(key)
+    }
+
     /// One more holder of `key`.
     fn hold(&mut self, key: DeliveryKey) {
         *self.0.entry(key).or_insert(0) += 1;
@@ -139,13 +161,26 @@ impl Exemptions {
             .map_err(io::Error::other)?;
         let mut guard = guard;
         if let Some(key) = key {
-            // Written even when already held: an entry the LRU map evicted
-            // comes back.
             let mut deliveries = lock(&self.deliveries);
-            deliveries
-                .map
-                .insert(&key, &1, 0)
-                .map_err(io::Error::other)?;
+            // Already held: this agent's entry, written again so that one
+            // the LRU map evicted comes back. Else only into an empty slot.
+            let flags = if deliveries.holders.holds(&key) {
+                BPF_ANY
+            } else {
+                BPF_NOEXIST
+            };
+            match deliveries.map.insert(&key, &1, flags) {
+                Ok(()) => {}
+                Err(MapError::SyscallError(SyscallError { io_error, .. }))
+                    if io_error.kind() == io::ErrorKind::AlreadyExists =>
+                {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrNotAvailable,
+                        "the delivery tuple is exempted by another agent (an upgrade's overlap)",
+                    ));
+                }
+                Err(e) => return Err(io::Error::other(e)),
+            }
             deliveries.holders.hold(key);
             guard.delivery = Some(key);
         }

@@ -166,7 +166,8 @@ impl PodContext {
             match opened {
                 Ok((sock, bound)) => match self.connect_exempt(sock, dst, bound).await {
                     // The random port's 4-tuple is in use (a TIME_WAIT of an
-                    // earlier delivery to the same app): another port.
+                    // earlier delivery to the same app, or exempted by the
+                    // other agent of an upgrade's overlap): another port.
                     Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
                         tracing::debug!(pod = %self.key, client = %preserved, "delivery tuple in use; another port");
                     }
