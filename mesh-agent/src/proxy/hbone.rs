@@ -320,10 +320,12 @@ impl Pool {
 
     /// Opens a CONNECT stream for `request` on a pooled connection for `key`,
     /// establishing one with `connect` when none has room. A stream that
-    /// never reached the peer's application — the connection was found
-    /// broken or going away (GOAWAY: the peer is stopping, e.g. upgrading),
-    /// or the stream was refused (`REFUSED_STREAM`) — is retried, on another
-    /// or a new connection, up to [`SEND_ATTEMPTS`] times in all.
+    /// failed before it was answered — the connection was found broken or
+    /// going away (GOAWAY: the peer is stopping, e.g. upgrading), or the
+    /// stream was refused (`REFUSED_STREAM`) — is retried, on another or a
+    /// new connection, up to [`SEND_ATTEMPTS`] times in all; unless it
+    /// carried early data that the failure leaves in doubt (see
+    /// [`Pool::send_early`]).
     pub async fn send<F, Fut>(
         &self,
         key: &PoolKey,
@@ -341,6 +343,15 @@ impl Pool {
     /// before the peer answers (see [`EarlyData`]): `early` is the client's
     /// socket and what was read from it so far, kept for the next stream if
     /// this one is retried or fails.
+    ///
+    /// A stream that failed after carrying the bytes is retried only when
+    /// the failure proves the peer never processed it (`REFUSED_STREAM`, or
+    /// a graceful GOAWAY below it): after any other failure (the connection
+    /// broke, the peer reset the stream otherwise) the peer may already
+    /// have delivered them to the app, and sending them again would run the
+    /// client's request twice. Such a failure is returned as it is, with
+    /// [`EarlyData::in_doubt`] set, and counted
+    /// `tunnel_streams_failed_after_early_data`.
     pub async fn send_early<F, Fut>(
         &self,
         key: &PoolKey,
@@ -383,6 +394,11 @@ impl Pool {
                     conn.dead.store(true, Ordering::Release);
                     if conn.extra {
                         self.hold_spread(key);
+                    }
+                    if early.as_ref().is_some_and(|(_, data)| data.in_doubt) {
+                        self.counters.count(ProxyEvent::StreamFailedAfterEarlyData);
+                        tracing::debug!(conn = conn.id, attempt, error = %e, "tunnel stream failed after carrying the client's first bytes; not retried");
+                        return Err(e);
                     }
                     self.counters.count(ProxyEvent::StreamRetried);
                     tracing::debug!(conn = conn.id, attempt, error = %e, "tunnel stream not accepted; retrying on another connection");
@@ -596,7 +612,10 @@ const EARLY_DATA_MAX: usize = 16 * 1024;
 /// nothing. What was read is kept until the connection has an upstream: a
 /// retried stream, or the next endpoint, gets the same bytes first, through
 /// a tunnel ([`EarlyData::send_until_answered`]) or a plain socket
-/// ([`EarlyData::replay`]); the relay counts them ([`relay_h2`]).
+/// ([`EarlyData::replay`]); the relay counts them ([`relay_h2`]). Unless a
+/// stream that carried them failed without an answer that settles them
+/// ([`EarlyData::in_doubt`]): then no other stream or endpoint gets them,
+/// and the connection fails.
 #[derive(Debug, Default)]
 pub struct EarlyData {
     /// The bytes read.
@@ -606,9 +625,26 @@ pub struct EarlyData {
     /// The read's error: the connection ends with it once it has an
     /// upstream (reset), as if the relay had read it.
     error: Option<io::Error>,
+    /// The bytes went out on a stream that was neither answered nor shown
+    /// unprocessed: the destination's app may have them.
+    in_doubt: bool,
 }
 
 impl EarlyData {
+    /// Whether a stream that carried the bytes failed in a way that leaves
+    /// open whether the destination's app got them (the tunnel broke, or the
+    /// peer reset the stream other than with `REFUSED_STREAM`), or was given
+    /// up (a connect timeout) before its answer. The connection must then
+    /// fail: another stream or endpoint could run the client's request twice.
+    pub fn in_doubt(&self) -> bool {
+        self.in_doubt
+    }
+
+    /// Whether there is anything to replay (bytes or the read's error).
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty() && self.error.is_none()
+    }
+
     /// Awaits the peer's answer to a stream's `CONNECT`, meanwhile sending on
     /// the stream what was read from `client` before (a retry), or else, if
     /// `client` has bytes before the answer comes, one read of them.
@@ -620,20 +656,21 @@ impl EarlyData {
     ) -> Result<Response<RecvStream>, h2::Error> {
         if !self.data.is_empty() {
             send.send_data(self.data.clone(), false)?;
+            self.in_doubt = true;
         }
         // An error is only ever kept with `read` set.
         if self.read {
-            return response.await;
+            return self.settle(response.await);
         }
         tokio::pin!(response);
         tokio::select! {
             biased;
-            answered = &mut response => return answered,
+            answered = &mut response => return self.settle(answered),
             ready = client.readable() => {
                 if ready.is_err() {
                     // No readiness to wait on: the relay reads instead.
                     self.read = true;
-                    return response.await;
+                    return self.settle(response.await);
                 }
             }
         }
@@ -645,6 +682,7 @@ impl EarlyData {
                 self.read = true;
                 self.data = buf.freeze();
                 send.send_data(self.data.clone(), false)?;
+                self.in_doubt = true;
             }
             // Readiness without bytes: the relay reads them.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -653,7 +691,32 @@ impl EarlyData {
                 self.error = Some(e);
             }
         }
-        response.await
+        self.settle(response.await)
+    }
+
+    /// Settles the bytes sent on a stream by how it was answered: any answer
+    /// does (200: the relay goes on; a refusal: the peer did not connect the
+    /// app, before which neither this agent's inbound nor ztunnel passes a
+    /// stream's data on), and so does an error that proves the peer never
+    /// processed the stream (RFC 9113 §8.7): `REFUSED_STREAM`, or a graceful
+    /// GOAWAY whose last stream is below this one (h2 reports a GOAWAY's
+    /// `NO_ERROR` only to the streams above its last). Any other error
+    /// leaves them in doubt.
+    fn settle(
+        &mut self,
+        answered: Result<Response<RecvStream>, h2::Error>,
+    ) -> Result<Response<RecvStream>, h2::Error> {
+        let unprocessed = |e: &h2::Error| {
+            e.is_remote()
+                && ((e.is_reset() && e.reason() == Some(Reason::REFUSED_STREAM))
+                    || (e.is_go_away() && e.reason() == Some(Reason::NO_ERROR)))
+        };
+        match &answered {
+            Ok(_) => self.in_doubt = false,
+            Err(e) if unprocessed(e) => self.in_doubt = false,
+            Err(_) => {}
+        }
+        answered
     }
 
     /// Writes what was read to `to`, a plain upstream (an endpoint taken
@@ -1102,30 +1165,51 @@ mod tests {
         Rest(Vec<u8>),
     }
 
+    /// What a gated server does once a stream's first DATA has arrived.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Gate {
+        /// Answers 200, then reads the rest of the stream and ends its side.
+        Answer,
+        /// Resets the stream with `REFUSED_STREAM`.
+        Refuse,
+        /// Drops the whole connection without an answer: the tunnel breaks
+        /// after the bytes arrived.
+        Break,
+    }
+
     /// An in-memory tunnel connection whose server answers a stream only
     /// once the stream's first DATA has arrived (so a client that waits for
     /// the answer before sending waits forever), reporting what it saw on
-    /// `seen`; `refuse`: the answer is `REFUSED_STREAM`, else 200, then the
-    /// rest of the stream is read and the server ends its side.
+    /// `seen`, then acting as `gate`.
     async fn connect_gated(
         seen: tokio::sync::mpsc::UnboundedSender<Seen>,
-        refuse: bool,
+        gate: Gate,
     ) -> Result<Established, HboneError> {
         let (client_io, server_io) = tokio::io::duplex(1 << 20);
         tokio::spawn(async move {
             let Ok(mut conn) = server_handshake(server_io, 100).await else {
                 return;
             };
-            while let Some(Ok((req, mut respond))) = conn.accept().await {
-                let seen = seen.clone();
+            let broken = Arc::new(tokio::sync::Notify::new());
+            loop {
+                let (req, mut respond) = tokio::select! {
+                    next = conn.accept() => match next {
+                        Some(Ok(stream)) => stream,
+                        _ => return,
+                    },
+                    // Drops the connection and its I/O.
+                    () = broken.notified() => return,
+                };
+                let (seen, broken) = (seen.clone(), broken.clone());
                 tokio::spawn(async move {
                     let mut body = req.into_body();
                     let first = body.data().await.and_then(Result::ok).unwrap_or_default();
                     let _ = body.flow_control().release_capacity(first.len());
                     let _ = seen.send(Seen::Early(first));
-                    if refuse {
-                        respond.send_reset(Reason::REFUSED_STREAM);
-                        return;
+                    match gate {
+                        Gate::Refuse => return respond.send_reset(Reason::REFUSED_STREAM),
+                        Gate::Break => return broken.notify_one(),
+                        Gate::Answer => {}
                     }
                     let Ok(mut send) = respond.send_response(Response::new(()), false) else {
                         return;
@@ -1176,7 +1260,7 @@ mod tests {
         let mut early = EarlyData::default();
         // The server answers only once the first bytes have come.
         let (response, send, _guard) = open_early(&pool, &agent, &mut early, || {
-            connect_gated(tx.clone(), false)
+            connect_gated(tx.clone(), Gate::Answer)
         })
         .await;
         assert_eq!(response.status(), StatusCode::OK);
@@ -1199,26 +1283,88 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_refused_stream_gets_the_clients_first_bytes_again() {
+    async fn a_tunnel_that_breaks_after_the_first_bytes_is_not_retried() {
+        // The peer may have passed the bytes to its app before the tunnel
+        // broke: a retry would run the client's request twice.
+        let (mut app, agent) = tcp_pair().await;
+        app.write_all(b"POST /pay").await.expect("write");
+        let pool = Pool::default();
+        let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let dialled = AtomicUsize::new(0);
+        let mut early = EarlyData::default();
+        let target: SocketAddr = "198.18.2.10:8080".parse().expect("addr");
+        let request = connect_request(target, "198.18.1.10:40000".parse().expect("addr"), "");
+        let connect = || {
+            dialled.fetch_add(1, Ordering::SeqCst);
+            connect_gated(tx.clone(), Gate::Break)
+        };
+        let sent = tokio::time::timeout(
+            Duration::from_secs(10),
+            pool.send_early(&test_key(), request, Some((&agent, &mut early)), connect),
+        )
+        .await
+        .expect("failed in time");
+        assert!(sent.is_err(), "the broken stream was answered");
+        assert!(early.in_doubt(), "the bytes' fate is unknown");
+        assert_eq!(
+            seen.recv().await,
+            Some(Seen::Early(Bytes::from_static(b"POST /pay")))
+        );
+        drop(tx);
+        assert_eq!(seen.recv().await, None, "the bytes were sent again");
+        assert_eq!(dialled.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.counters().get(ProxyEvent::StreamRetried), 0);
+        assert_eq!(
+            pool.counters().get(ProxyEvent::StreamFailedAfterEarlyData),
+            1
+        );
+    }
+
+    /// Opens a stream with the early bytes `hello` whose first connection
+    /// turns it away unprocessed (`refuse`: `REFUSED_STREAM` once its data
+    /// has come; else a graceful GOAWAY, as from an upgrading peer), and
+    /// whose second answers only once the bytes have come again: the retry
+    /// gets them, settled.
+    async fn retried_with_the_first_bytes(refuse: bool) {
         let (mut app, agent) = tcp_pair().await;
         app.write_all(b"hello").await.expect("write");
         let pool = Pool::default();
         let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
         let dialled = AtomicUsize::new(0);
         let mut early = EarlyData::default();
-        // The second connection answers only once the bytes have come again.
         let (response, _send, _guard) = open_early(&pool, &agent, &mut early, || {
-            // The first connection refuses the stream after its data.
-            let refuse = dialled.fetch_add(1, Ordering::SeqCst) == 0;
-            connect_gated(tx.clone(), refuse)
+            let first = dialled.fetch_add(1, Ordering::SeqCst) == 0;
+            let tx = tx.clone();
+            async move {
+                match (first, refuse) {
+                    (true, true) => connect_gated(tx, Gate::Refuse).await,
+                    (true, false) => connect_to(Behaviour::GoAway).await,
+                    (false, _) => connect_gated(tx, Gate::Answer).await,
+                }
+            }
         })
         .await;
         assert_eq!(response.status(), StatusCode::OK);
+        assert!(!early.in_doubt());
         let hello = Some(Seen::Early(Bytes::from_static(b"hello")));
+        if refuse {
+            assert_eq!(seen.recv().await, hello, "the refusing server's");
+        }
         assert_eq!(seen.recv().await, hello);
-        assert_eq!(seen.recv().await, hello);
-        assert_eq!(pool.counters().get(ProxyEvent::StreamRetried), 1);
-        assert_eq!(pool.counters().get(ProxyEvent::StreamEarlyData), 1);
+        let count = |event| pool.counters().get(event);
+        assert_eq!(count(ProxyEvent::StreamRetried), 1);
+        assert_eq!(count(ProxyEvent::StreamEarlyData), 1);
+        assert_eq!(count(ProxyEvent::StreamFailedAfterEarlyData), 0);
+    }
+
+    #[tokio::test]
+    async fn a_refused_stream_gets_the_clients_first_bytes_again() {
+        retried_with_the_first_bytes(true).await;
+    }
+
+    #[tokio::test]
+    async fn a_graceful_goaway_leaves_the_first_bytes_for_the_next_connection() {
+        retried_with_the_first_bytes(false).await;
     }
 
     #[tokio::test]
@@ -1239,7 +1385,7 @@ mod tests {
         let early = EarlyData {
             data: Bytes::from_static(b"first"),
             read: true,
-            error: None,
+            ..EarlyData::default()
         };
         assert_eq!(early.replay(&mut upstream).await.expect("replayed"), 5);
         let mut got = [0u8; 5];
@@ -1248,9 +1394,9 @@ mod tests {
             .expect("read");
         assert_eq!(&got, b"first");
         let failed = EarlyData {
-            data: Bytes::new(),
             read: true,
             error: Some(io::ErrorKind::ConnectionReset.into()),
+            ..EarlyData::default()
         };
         let e = failed
             .replay(&mut upstream)

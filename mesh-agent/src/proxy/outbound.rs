@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Error, PodContext, Shared,
-    copy::{RelayOutcome, RelayResult},
+    copy::{self, RelayOutcome, RelayResult},
     hbone::{self, HboneError, PoolKey},
     peer, relay, reset, same_node,
 };
@@ -174,8 +174,10 @@ async fn handle(
     let mut client = Some(client);
     let mut tried: Vec<SocketAddr> = Vec::new();
     // The client's first bytes, once read for a tunnel attempt: every later
-    // attempt and the relay get them first.
+    // attempt and the relay get them first. Whether to read them is decided
+    // once per connection, so bytes read by one attempt go on every later one.
     let mut early = hbone::EarlyData::default();
+    let early_data = shared.tunnel_early_data.load(Ordering::Relaxed);
     while tried.len() < MAX_ATTEMPTS {
         let Some(stream) = client.take() else { break };
         let (target, pick) = match &plan {
@@ -280,10 +282,7 @@ async fn handle(
                     src,
                     id.clone(),
                     &shared,
-                    shared
-                        .tunnel_early_data
-                        .load(Ordering::Relaxed)
-                        .then_some((&stream, &mut early)),
+                    early_data.then_some((&stream, &mut early)),
                 )
                 .await
                 .map(Upstream::Tunnel)
@@ -335,6 +334,11 @@ async fn handle(
                 });
                 last_error = e;
                 client = Some(stream);
+                // The client's first bytes may have reached this endpoint's
+                // app: another endpoint must not get them too.
+                if early.in_doubt() {
+                    break;
+                }
                 continue;
             }
         };
@@ -615,19 +619,31 @@ async fn relay_plain(
     early: hbone::EarlyData,
     cancel: &CancellationToken,
 ) -> RelayResult {
-    match early.replay(&mut server).await {
+    let replayed = if early.is_empty() {
+        Ok(0)
+    } else {
+        // The replay is the relay's start: an agent death from here resets
+        // the app (as in `copy::relay`), and a revocation stops it.
+        copy::abort_on_close(&server);
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => Err(RelayOutcome::Revoked),
+            r = early.replay(&mut server) => r.map_err(RelayOutcome::Reset),
+        }
+    };
+    match replayed {
         Ok(replayed) => {
             let mut r = relay(client, server, cancel).await;
             r.sent += replayed;
             r
         }
-        Err(e) => {
+        Err(outcome) => {
             reset(client);
             reset(server);
             RelayResult {
                 sent: 0,
                 received: 0,
-                outcome: RelayOutcome::Reset(e),
+                outcome,
             }
         }
     }

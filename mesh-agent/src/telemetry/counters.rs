@@ -28,6 +28,11 @@ pub enum ProxyEvent {
     /// A tunnel stream carried its client's first bytes before the peer
     /// answered its `CONNECT` (`hbone::EarlyData`).
     StreamEarlyData,
+    /// A tunnel stream failed after carrying its client's first bytes and
+    /// before an answer that settles them: not retried, nor sent to another
+    /// endpoint, since the destination's app may have them (the client is
+    /// reset).
+    StreamFailedAfterEarlyData,
     /// A connection between two pods of this node was delivered directly
     /// (the same-node fast path), not through an HBONE tunnel.
     SameNodeFastPath,
@@ -38,7 +43,7 @@ pub enum ProxyEvent {
 }
 
 impl ProxyEvent {
-    const ALL: [Self; 9] = [
+    const ALL: [Self; 10] = [
         Self::OutboundAccepted,
         Self::InboundAccepted,
         Self::NoOriginalDestination,
@@ -46,6 +51,7 @@ impl ProxyEvent {
         Self::TunnelOpened,
         Self::StreamRetried,
         Self::StreamEarlyData,
+        Self::StreamFailedAfterEarlyData,
         Self::SameNodeFastPath,
         Self::WaypointUnavailable,
     ];
@@ -60,6 +66,7 @@ impl ProxyEvent {
             Self::TunnelOpened => "tunnel_connections_opened",
             Self::StreamRetried => "tunnel_streams_retried",
             Self::StreamEarlyData => "tunnel_streams_early_data",
+            Self::StreamFailedAfterEarlyData => "tunnel_streams_failed_after_early_data",
             Self::SameNodeFastPath => "same_node_fast_path",
             Self::WaypointUnavailable => "waypoint_unavailable",
         }
@@ -130,6 +137,7 @@ impl ProxyCounters {
             e(ProxyEvent::TunnelOpened),
             e(ProxyEvent::StreamRetried),
             e(ProxyEvent::StreamEarlyData),
+            e(ProxyEvent::StreamFailedAfterEarlyData),
             e(ProxyEvent::SameNodeFastPath),
             e(ProxyEvent::WaypointUnavailable),
         ]
