@@ -33,10 +33,18 @@
 //! neither knows the other's holders. So the agent only ever removes an
 //! entry it inserted: a tuple's first hold inserts its entry only if the map
 //! has none (`BPF_NOEXIST`). An entry already there is another agent's
-//! delivery in flight (or a crashed agent's leftover, which the LRU map
-//! evicts in time); the attempt fails as a tuple in use
-//! ([`io::ErrorKind::AddrNotAvailable`], before any SYN) and the delivery
-//! takes another port, leaving that entry alone.
+//! delivery in flight, or a crashed agent's leftover; the attempt fails as
+//! a tuple in use ([`io::ErrorKind::AddrNotAvailable`], before any SYN) and
+//! the delivery takes another port, leaving that entry alone. A leftover
+//! stays until the LRU map, once full, evicts it; until then its one tuple
+//! is skipped (and stays exempt, which is harmless: see above).
+//!
+//! What this does not cover: an upgrade from an agent older than this rule
+//! (it overwrites and removes entries as its own), and an entry the LRU map
+//! evicts while its delivery's connect is still in flight, so that another
+//! agent can insert the same tuple and lose it to the first one's release.
+//! Both need a tuple collision at the same moment, and both fail closed
+//! (the delivery's retransmitted SYN is reset), never open.
 #![forbid(unsafe_code)]
 
 use std::{
