@@ -1,7 +1,7 @@
 # The two commands: `make demo` runs the lab demo, `make test` the whole suite.
 # Both install what they need first (scripts/setup.sh, idempotent).
 # Lab tests and the demo need root (network namespaces, cgroups, eBPF).
-# `make check` (fmt, clippy, unit and root-free tests) runs as any user.
+# `make check` (fmt, clippy, rustdoc, unit and root-free tests) runs as any user.
 
 CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)

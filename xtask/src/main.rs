@@ -30,7 +30,7 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(name = "xtask")]
 enum Cmd {
-    /// Build the eBPF object into target/bpfel-unknown-none/<profile>/mesh-ebpf.
+    /// Build the eBPF object into `target/bpfel-unknown-none/<profile>/mesh-ebpf`.
     BuildEbpf {
         /// Build with the release profile.
         #[arg(long)]
@@ -132,7 +132,7 @@ fn lab_tests() -> anyhow::Result<Vec<String>> {
     Ok(found)
 }
 
-/// fmt, clippy, unit and doc tests, and the root-free integration tests.
+/// fmt, clippy, rustdoc, unit and doc tests, and the root-free integration tests.
 fn check() -> anyhow::Result<()> {
     run(
         "cargo fmt --check",
@@ -148,6 +148,14 @@ fn check() -> anyhow::Result<()> {
             "-D",
             "warnings",
         ]),
+    )?;
+    // Doc comments are checked like code: a broken intra-doc link, or one
+    // from a public item to a private one, fails the check.
+    run(
+        "cargo doc -D warnings",
+        cargo()
+            .args(["doc", "--workspace", "--no-deps"])
+            .env("RUSTDOCFLAGS", "-D warnings"),
     )?;
     run(
         "unit and doc tests",

@@ -5,7 +5,7 @@
 //! `log` crate) are bridged into `tracing` under the `mesh_ebpf` target.
 //!
 //! Two output layers share the filter: the access log (target
-//! [`ACCESS_TARGET`](crate::telemetry::access_log::ACCESS_TARGET)) is printed with its
+//! [`ACCESS_TARGET`]) is printed with its
 //! target, so its lines read `INFO access: connection closed …`; every other
 //! line is printed without one.
 

@@ -157,7 +157,7 @@ impl MeshTls {
     /// certificate (from the manager, per handshake), requires a client
     /// certificate chaining to the mesh root whose one URI SAN is a SPIFFE
     /// ID in our trust domain. Read the client's identity after the handshake
-    /// with [`peer_identity`]. Cached per identity.
+    /// with [`peer_identity`](super::peer::peer_identity). Cached per identity.
     pub fn server_config(&self, local: &SpiffeId) -> Arc<ServerConfig> {
         let mut servers = self.servers.lock().unwrap_or_else(PoisonError::into_inner);
         Arc::clone(servers.entry(local.clone()).or_insert_with(|| {

@@ -12,8 +12,9 @@
 //!   time (no storm when many streams start at once), broken connections
 //!   replaced without failing the request, idle ones released, PING
 //!   keep-alive.
-//! - [`serve_connection`]: the server side, one TLS connection of the
-//!   in-pod HBONE listener, answering each CONNECT as Istio does.
+//! - [`server_handshake`]: the server side's HTTP/2 handshake, for one TLS
+//!   connection of the in-pod HBONE listener (`proxy::inbound_hbone`
+//!   answers each CONNECT as Istio does).
 //! - [`relay_h2`]: bytes between a TCP stream and an HTTP/2 stream, with
 //!   flow control, half-close and reset propagation.
 
@@ -607,11 +608,11 @@ const EARLY_DATA_MAX: usize = 16 * 1024;
 /// policy allows the connection, and a refused stream's data is dropped
 /// with it. A waypoint (Envoy, in Istio) gets none.
 ///
-/// At most one read of at most [`EARLY_DATA_MAX`] bytes, made only while
+/// At most one read of at most 16 KiB (`EARLY_DATA_MAX`), made only while
 /// the stream is unanswered: a server-speaks-first protocol waits for
 /// nothing. What was read is kept until the connection has an upstream: a
 /// retried stream, or the next endpoint, gets the same bytes first, through
-/// a tunnel ([`EarlyData::send_until_answered`]) or a plain socket
+/// a tunnel (`EarlyData::send_until_answered`) or a plain socket
 /// ([`EarlyData::replay`]); the relay counts them ([`relay_h2`]). Unless a
 /// stream that carried them failed without an answer that settles them
 /// ([`EarlyData::in_doubt`]): then no other stream or endpoint gets them,
