@@ -26,7 +26,8 @@ use crate::{
 pub struct Subject {
     /// The verified peer identity (`spiffe://…`), `None` for plaintext.
     pub principal: Option<String>,
-    /// The client address (from `forwarded` for HBONE, the peer for plaintext).
+    /// The client address: the connection's peer (for HBONE, the tunnel's
+    /// TCP peer, never a header the peer sends).
     pub source_ip: IpAddr,
     /// The destination the client asked for.
     pub destination: SocketAddr,
@@ -56,6 +57,14 @@ impl Subject {
 struct Open {
     subject: Subject,
     cancel: CancellationToken,
+}
+
+/// A new connection's decision, with the compiled policies it was made
+/// with (for [`Authz::track`]).
+pub struct Checked {
+    /// The decision.
+    pub decision: Decision,
+    policies: Arc<CompiledPolicies>,
 }
 
 /// The authorizer.
@@ -99,28 +108,47 @@ impl Authz {
     }
 
     /// Decides a new connection (the caller reports the decision).
-    pub fn check(&self, subject: &Subject) -> Decision {
-        let decision = subject.decide(&self.store.current().compiled.store);
+    pub fn check(&self, subject: &Subject) -> Checked {
+        let policies = self.store.current().compiled.clone();
+        let decision = subject.decide(&policies.store);
         for audit in decision.audited_by() {
             tracing::info!(policy = %audit, dst_workload = %subject.workload, src = %subject.source_ip, "connection matched an AUDIT policy");
         }
-        decision
+        Checked { decision, policies }
     }
 
-    /// Registers an allowed connection for re-checks on policy changes.
-    pub fn track(self: &Arc<Self>, subject: Subject) -> Tracked {
+    /// Registers a connection `checked` allowed for re-checks on policy
+    /// changes. A change published after the decision may have been
+    /// re-checked before the connection was registered here; so once it is
+    /// registered, if other policies are in force than it was decided with,
+    /// it is decided again with them (and cancelled at once if denied).
+    /// Under the lock `recheck` walks with: either that walk sees this
+    /// connection, or its policies were published before this looks.
+    pub fn track(self: &Arc<Self>, subject: Subject, checked: Checked) -> Tracked {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
-        self.open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(
-                id,
-                Open {
-                    subject,
-                    cancel: cancel.clone(),
-                },
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = self.store.current().compiled.clone();
+        if !Arc::ptr_eq(&now, &checked.policies)
+            && let Decision::Deny { reason, .. } = subject.decide(&now.store)
+        {
+            tracing::info!(
+                dst_workload = %subject.workload,
+                src = %subject.source_ip,
+                dst = %subject.destination,
+                reason = %reason,
+                "connection denied by a policy change during its authorization"
             );
+            cancel.cancel();
+        }
+        open.insert(
+            id,
+            Open {
+                subject,
+                cancel: cancel.clone(),
+            },
+        );
+        drop(open);
         Tracked {
             authz: self.clone(),
             id,
@@ -189,8 +217,9 @@ mod tests {
     fn decides_with_the_published_policies_and_rechecks_on_change_only() {
         let store = Store::new();
         let authz = Arc::new(Authz::new(store.clone()));
-        assert!(authz.check(&subject()).is_allowed());
-        let tracked = authz.track(subject());
+        let checked = authz.check(&subject());
+        assert!(checked.decision.is_allowed());
+        let tracked = authz.track(subject(), checked);
         // A change that is not a policy change re-checks nothing.
         store.publish(Default::default(), Default::default());
         assert_eq!(authz.recheck(&store.current().compiled), 0);
@@ -200,11 +229,35 @@ mod tests {
             ..Default::default()
         });
         // New connections are decided with the published policies at once.
-        assert!(!authz.check(&subject()).is_allowed());
+        assert!(!authz.check(&subject()).decision.is_allowed());
         let compiled = store.current().compiled.clone();
         assert_eq!(authz.recheck(&compiled), 1);
         assert!(tracked.cancel.is_cancelled());
         // Applied once: the same policies again close nothing more.
         assert_eq!(authz.recheck(&compiled), 0);
+    }
+
+    #[test]
+    fn a_policy_change_during_authorization_still_reaches_the_connection() {
+        let store = Store::new();
+        let authz = Arc::new(Authz::new(store.clone()));
+        // Allowed with the policies of the moment...
+        let checked = authz.check(&subject());
+        assert!(checked.decision.is_allowed());
+        // ...then a deny-all is published and re-checked before the
+        // connection is registered: the re-check cannot see it.
+        store.publish_snapshot(Snapshot {
+            policies: deny_all(),
+            ..Default::default()
+        });
+        assert_eq!(authz.recheck(&store.current().compiled), 0);
+        let tracked = authz.track(subject(), checked);
+        assert!(
+            tracked.cancel.is_cancelled(),
+            "the connection outlived a deny-all"
+        );
+        // Decided with the policies in force: nothing to do again.
+        let checked = authz.check(&subject());
+        assert!(!checked.decision.is_allowed());
     }
 }

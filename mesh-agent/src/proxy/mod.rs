@@ -640,8 +640,8 @@ fn authorize(
     subject: authz::Subject,
     tracker: ConnectionTracker,
 ) -> Result<(authz::Tracked, ConnectionTracker), http::StatusCode> {
-    let decision = shared.authz.check(&subject);
-    if let Some(reason) = decision.deny_reason() {
+    let checked = shared.authz.check(&subject);
+    if let Some(reason) = checked.decision.deny_reason() {
         shared
             .telemetry
             .metrics
@@ -655,7 +655,7 @@ fn authorize(
         .telemetry
         .metrics
         .policy_decision(PolicyDecision::Allow);
-    Ok((shared.authz.track(subject), tracker))
+    Ok((shared.authz.track(subject, checked), tracker))
 }
 
 /// The telemetry view of a peer: its workload (if the state knows the
