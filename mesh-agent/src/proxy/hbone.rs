@@ -50,6 +50,12 @@ pub const STREAM_WINDOW: u32 = 4 << 20;
 pub const CONNECTION_WINDOW: u32 = 16 << 20;
 /// HTTP/2 max frame size (Istio's): 1 MiB.
 pub const MAX_FRAME: u32 = 1 << 20;
+/// The largest header block (decoded) a tunnel peer may send: 64 KiB, just
+/// above Envoy's default of 60 KiB. A `CONNECT` with Istio's headers takes
+/// well under 1 KiB; h2's default would let a peer make the agent decode
+/// and hold 16 MiB per stream. A larger request is answered 431, and the
+/// connection goes on.
+pub const MAX_HEADER_LIST: u32 = 64 << 10;
 /// Plaintext a tunnel's TLS connection takes ahead of its socket (rustls's
 /// default is 64 KiB): two of the largest chunks a relay reads
 /// (`copy::Reader`), so HTTP/2 hands a whole DATA frame to rustls in one
@@ -779,6 +785,7 @@ pub async fn client_handshake(
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
+        .max_header_list_size(MAX_HEADER_LIST)
         .max_concurrent_streams(0)
         .enable_push(false)
         .handshake(io)
@@ -838,6 +845,7 @@ pub async fn server_handshake<T: IoStream>(
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
+        .max_header_list_size(MAX_HEADER_LIST)
         .max_concurrent_streams(max_streams)
         .handshake(io)
         .await
@@ -1404,6 +1412,47 @@ mod tests {
             .await
             .expect_err("the client's error");
         assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_header_block_is_refused_and_the_connection_goes_on() {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let Ok(mut conn) = server_handshake(server_io, 100).await else {
+                return;
+            };
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                let _ = accepted_tx.send(req.headers().len());
+                respond_status(&mut respond, StatusCode::OK);
+            }
+        });
+        // A raw client: ours would never send such a request.
+        let (client, conn) = h2::client::handshake(client_io).await.expect("handshake");
+        tokio::spawn(conn);
+        let connect = |extra: usize| {
+            Request::builder()
+                .method(Method::CONNECT)
+                .uri("198.18.2.10:8080")
+                .header("x-padding", "x".repeat(extra))
+                .body(())
+                .expect("request")
+        };
+        let mut client = client.ready().await.expect("ready");
+        let (big, _) = client
+            .send_request(connect(MAX_HEADER_LIST as usize + 1), true)
+            .expect("sent");
+        let status = big.await.map(|r| r.status());
+        assert!(
+            matches!(status, Ok(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)),
+            "{status:?}"
+        );
+        let mut client = client.ready().await.expect("the connection goes on");
+        let (small, _) = client.send_request(connect(100), true).expect("sent");
+        assert_eq!(small.await.expect("answered").status(), StatusCode::OK);
+        // Only the small request reached the server's code.
+        assert_eq!(accepted.recv().await, Some(1));
+        assert!(accepted.try_recv().is_err());
     }
 
     #[tokio::test]
