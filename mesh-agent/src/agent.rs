@@ -320,6 +320,7 @@ fn resource_bounds(overrides: &crate::proxy::limits::LimitOverrides) -> Arc<Boun
             .map_or_else(|| "-".to_owned(), |n| n.to_string()),
         max_connections = l.max_connections,
         max_handshakes = l.max_handshakes,
+        max_handshakes_per_source = l.max_handshakes_per_source,
         max_connections_per_peer = l.max_connections_per_peer,
         max_streams_per_peer = l.max_streams_per_peer,
         max_streams_per_connection = l.max_streams_per_connection,

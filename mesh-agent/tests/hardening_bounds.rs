@@ -28,17 +28,18 @@ const METRICS: &str = "127.0.0.1:15020";
 /// A generous upper bound for anything a deadline of a few seconds closes.
 const CLOSE_WITHIN: Duration = Duration::from_secs(30);
 
-/// One node: `c` enrolled with an echo server on 8080, `x` not enrolled
-/// (the peer the test plays, from x's netns).
+/// One node: `c` enrolled with an echo server on 8080, `x` and `y` not
+/// enrolled (the peers the test plays, from their netns).
 fn lab() -> Mesh {
     let mut mesh = Mesh::new(
         LabSpec::new().node(
             NodeSpec::new()
                 .pod(PodSpec::new("c"))
-                .pod(PodSpec::new("x")),
+                .pod(PodSpec::new("x"))
+                .pod(PodSpec::new("y")),
         ),
     );
-    mesh.write_workloads(0, &[("c", true), ("x", false)]);
+    mesh.write_workloads(0, &[("c", true), ("x", false), ("y", false)]);
     mesh.echo("c", &[8080]);
     mesh
 }
@@ -154,6 +155,25 @@ async fn closed_within(mut io: impl AsyncRead + Unpin, within: Duration) -> bool
 struct Tunnel {
     sender: h2::client::SendRequest<Bytes>,
     driver: tokio::task::JoinHandle<()>,
+}
+
+/// Opens `n` idle TCP connections to `to` from `netns`; whether one of them
+/// was refused (reset before or after `connect` returned) within
+/// `CLOSE_WITHIN`. The others stay open while the returned set lives.
+async fn idle_connections(
+    netns: &Path,
+    to: SocketAddr,
+    n: usize,
+) -> (bool, tokio::task::JoinSet<bool>) {
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        match rogue::try_tcp_from(netns, to) {
+            Ok(tcp) => set.spawn(closed_within(tcp, Duration::from_secs(600))),
+            Err(_) => set.spawn(async { true }),
+        };
+    }
+    let first = tokio::time::timeout(CLOSE_WITHIN, set.join_next()).await;
+    (matches!(first, Ok(Some(Ok(true)))), set)
 }
 
 async fn tunnel(netns: &Path, to: SocketAddr, cert: &WorkloadCert) -> Result<Tunnel, String> {
@@ -356,20 +376,12 @@ fn hbone_connections_streams_and_handshakes_beyond_their_caps_are_refused_and_co
     // Three idle TCP connections to 15008 with room for two in the handshake
     // phase: one is refused at once (the others wait for a TLS handshake).
     rt.block_on(async {
-        let mut set = tokio::task::JoinSet::new();
-        for _ in 0..3 {
-            match rogue::try_tcp_from(&a.x_netns, a.hbone) {
-                Ok(tcp) => set.spawn(closed_within(tcp, Duration::from_secs(600))),
-                // Reset before connect() returned: refused too.
-                Err(_) => set.spawn(async { true }),
-            };
-        }
-        let first = tokio::time::timeout(CLOSE_WITHIN, set.join_next()).await;
+        let (refused, set) = idle_connections(&a.x_netns, a.hbone, 3).await;
         assert!(
-            matches!(first, Ok(Some(Ok(true)))),
+            refused,
             "no idle connection beyond the handshake cap was refused"
         );
-        set.abort_all();
+        drop(set);
     });
     assert_eq!(
         metric(&mesh, "mesh_limit_refused_total{limit=\"handshakes\"}"),
@@ -412,6 +424,55 @@ async fn echo(tcp: &mut tokio::net::TcpStream, msg: &[u8]) -> bool {
         tokio::time::timeout(CLOSE_WITHIN, tcp.read_exact(&mut buf)).await,
         Ok(Ok(_)) if buf == msg
     )
+}
+
+/// A client that opens connections to 15008 and never completes them needs
+/// no certificate. It may hold only its share of the handshake slots
+/// (`--max-handshakes-per-source`), so a client from another address still
+/// gets a tunnel.
+#[test]
+fn one_source_cannot_take_every_handshake_slot() {
+    let mesh = lab();
+    let _agent = start_agent(
+        &mesh,
+        &[
+            "--max-handshakes",
+            "4",
+            "--max-handshakes-per-source",
+            "2",
+            "--hbone-handshake-timeout",
+            "120s",
+        ],
+        None,
+    );
+    let a = addrs(&mesh);
+    let y_netns = mesh.lab.pod("y").expect("y").netns_path();
+    let cert = rogue::mesh_cert(&mesh, "y");
+    let rt = runtime();
+    rt.block_on(async {
+        // x: three idle connections; the third is refused at once (the
+        // node's cap of 4 would have taken it).
+        let (refused, set) = idle_connections(&a.x_netns, a.hbone, 3).await;
+        assert!(refused, "x's connection beyond its share was not refused");
+        // While x holds its two, y is served.
+        let t = tunnel(&y_netns, a.hbone, &cert).await.expect("y's tunnel");
+        let (status, _) = connect(&t, a.app).await.expect("y's stream");
+        assert_eq!(status, 200, "y was not served while x held its share");
+        drop(set);
+    });
+    assert_eq!(
+        metric(
+            &mesh,
+            "mesh_limit_refused_total{limit=\"handshakes_per_source\"}"
+        ),
+        1
+    );
+    assert_eq!(
+        metric(&mesh, "mesh_limit_refused_total{limit=\"handshakes\"}"),
+        0
+    );
+    let limits = limits_dump(&mesh);
+    assert_eq!(limits["limits"]["max_handshakes_per_source"], 2, "{limits}");
 }
 
 #[test]

@@ -66,7 +66,7 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let bounds = Arc::clone(&shared.bounds);
     let limits = bounds.limits().clone();
     // Held from accept to the first CONNECT: idle sockets cannot pile up.
-    let Ok(handshake) = bounds.handshake() else {
+    let Ok(handshake) = bounds.handshake(peer.ip()) else {
         return;
     };
     let mut handshake = Some(handshake);

@@ -161,6 +161,9 @@ struct LimitArgs {
     /// Inbound HBONE connections between accept and their first CONNECT.
     #[arg(long, env = "MESH_MAX_HANDSHAKES")]
     max_handshakes: Option<usize>,
+    /// Of those, from one source address (default: an eighth).
+    #[arg(long, env = "MESH_MAX_HANDSHAKES_PER_SOURCE")]
+    max_handshakes_per_source: Option<usize>,
     /// Concurrent inbound HBONE connections per peer identity.
     #[arg(long, env = "MESH_MAX_CONNECTIONS_PER_PEER")]
     max_connections_per_peer: Option<usize>,
@@ -187,6 +190,7 @@ impl LimitArgs {
         crate::proxy::limits::LimitOverrides {
             max_connections: self.max_connections,
             max_handshakes: self.max_handshakes,
+            max_handshakes_per_source: self.max_handshakes_per_source,
             max_connections_per_peer: self.max_connections_per_peer,
             max_streams_per_peer: self.max_streams_per_peer,
             max_streams_per_connection: self.max_streams_per_connection,

@@ -85,7 +85,7 @@ async fn connection(
     let bounds = shared.limits.clone();
     let limits = bounds.limits().clone();
     // Held from accept to the first CONNECT: idle sockets cannot pile up.
-    let mut handshake = match bounds.handshake() {
+    let mut handshake = match bounds.handshake(peer.ip()) {
         Ok(p) => Some(p),
         Err(_) => return reset(tcp),
     };

@@ -15,6 +15,7 @@
 use std::{
     collections::HashMap,
     hash::Hash,
+    net::IpAddr,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -56,6 +57,10 @@ pub struct Limits {
     /// Inbound HBONE connections in the handshake phase (from accept to the
     /// first CONNECT request), all pods together.
     pub max_handshakes: usize,
+    /// Of those, from one source address: a client that opens connections
+    /// and never completes them (no certificate needed) cannot take every
+    /// handshake slot of the node.
+    pub max_handshakes_per_source: usize,
     /// Concurrent inbound HBONE connections per peer identity.
     pub max_connections_per_peer: usize,
     /// Concurrent inbound HBONE streams per peer identity.
@@ -86,9 +91,13 @@ impl Limits {
     pub fn for_fd_limit(nofile: u64) -> Self {
         let usable = nofile.saturating_sub((nofile / 4).min(FD_RESERVE));
         let max_connections = usize::try_from(usable / 2).unwrap_or(usize::MAX).max(16);
+        let max_handshakes = (max_connections / 4).clamp(4, MAX_DEFAULT_HANDSHAKES);
         Self {
             max_connections,
-            max_handshakes: (max_connections / 4).clamp(4, MAX_DEFAULT_HANDSHAKES),
+            max_handshakes,
+            // An eighth: a source's pods, or a waypoint dialling every pod
+            // of the node at once after a restart, stay well under it.
+            max_handshakes_per_source: (max_handshakes / 8).max(2),
             max_connections_per_peer: DEFAULT_CONNECTIONS_PER_PEER.min(max_connections),
             max_streams_per_peer: (max_connections / 2).max(1),
             max_streams_per_connection: DEFAULT_STREAMS_PER_CONNECTION,
@@ -103,6 +112,10 @@ impl Limits {
         let set = |v: &mut usize, o: Option<usize>| *v = o.map_or(*v, |n| n.max(1));
         set(&mut self.max_connections, o.max_connections);
         set(&mut self.max_handshakes, o.max_handshakes);
+        set(
+            &mut self.max_handshakes_per_source,
+            o.max_handshakes_per_source,
+        );
         set(
             &mut self.max_connections_per_peer,
             o.max_connections_per_peer,
@@ -124,6 +137,7 @@ impl Limits {
         serde_json::json!({
             "max_connections": self.max_connections,
             "max_handshakes": self.max_handshakes,
+            "max_handshakes_per_source": self.max_handshakes_per_source,
             "max_connections_per_peer": self.max_connections_per_peer,
             "max_streams_per_peer": self.max_streams_per_peer,
             "max_streams_per_connection": self.max_streams_per_connection,
@@ -141,6 +155,8 @@ pub struct LimitOverrides {
     pub max_connections: Option<usize>,
     /// See [`Limits::max_handshakes`].
     pub max_handshakes: Option<usize>,
+    /// See [`Limits::max_handshakes_per_source`].
+    pub max_handshakes_per_source: Option<usize>,
     /// See [`Limits::max_connections_per_peer`].
     pub max_connections_per_peer: Option<usize>,
     /// See [`Limits::max_streams_per_peer`].
@@ -162,6 +178,8 @@ pub enum Refusal {
     Connections,
     /// [`Limits::max_handshakes`].
     Handshakes,
+    /// [`Limits::max_handshakes_per_source`].
+    SourceHandshakes,
     /// [`Limits::max_connections_per_peer`].
     PeerConnections,
     /// [`Limits::max_streams_per_peer`].
@@ -170,18 +188,21 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every refusal, in metric order.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::Connections,
         Self::Handshakes,
+        Self::SourceHandshakes,
         Self::PeerConnections,
         Self::PeerStreams,
     ];
 
-    /// The metric label: `connections`, `handshakes`, `peer_connections`, `peer_streams`.
+    /// The metric label: `connections`, `handshakes`,
+    /// `handshakes_per_source`, `peer_connections`, `peer_streams`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Connections => "connections",
             Self::Handshakes => "handshakes",
+            Self::SourceHandshakes => "handshakes_per_source",
             Self::PeerConnections => "peer_connections",
             Self::PeerStreams => "peer_streams",
         }
@@ -192,6 +213,7 @@ impl Refusal {
         match self {
             Self::Connections => "--max-connections",
             Self::Handshakes => "--max-handshakes",
+            Self::SourceHandshakes => "--max-handshakes-per-source",
             Self::PeerConnections => "--max-connections-per-peer",
             Self::PeerStreams => "--max-streams-per-peer",
         }
@@ -335,6 +357,14 @@ impl<K: Eq + Hash + Clone> Drop for KeyPermit<K> {
     }
 }
 
+/// What an inbound HBONE connection holds until its first CONNECT: a slot
+/// of the handshake cap and one of its source address's.
+#[derive(Debug)]
+pub struct HandshakePermit {
+    _source: KeyPermit<IpAddr>,
+    _global: Permit,
+}
+
 /// What an inbound HBONE stream holds: its peer's stream slot and a global
 /// connection slot.
 #[derive(Debug)]
@@ -351,12 +381,13 @@ pub struct Bounds {
     fd_limit: FdLimit,
     connections: Arc<Gate>,
     handshakes: Arc<Gate>,
+    source_handshakes: Arc<PerKey<IpAddr>>,
     peer_connections: Arc<PerKey<SpiffeId>>,
     peer_streams: Arc<PerKey<SpiffeId>>,
-    refused: [AtomicU64; 4],
+    refused: [AtomicU64; Refusal::ALL.len()],
     closed: [AtomicU64; 3],
     /// Milliseconds since `epoch` of the last refusal logged, per refusal.
-    last_logged: [AtomicU64; 4],
+    last_logged: [AtomicU64; Refusal::ALL.len()],
     epoch: Instant,
 }
 
@@ -388,6 +419,7 @@ impl Bounds {
         Self {
             connections: Gate::new(limits.max_connections),
             handshakes: Gate::new(limits.max_handshakes),
+            source_handshakes: PerKey::new(limits.max_handshakes_per_source),
             peer_connections: PerKey::new(limits.max_connections_per_peer),
             peer_streams: PerKey::new(limits.max_streams_per_peer),
             limits,
@@ -432,11 +464,20 @@ impl Bounds {
             .ok_or_else(|| self.refuse(Refusal::Connections))
     }
 
-    /// A slot of the handshake-phase cap.
-    pub fn handshake(&self) -> Result<Permit, Refusal> {
-        self.handshakes
+    /// A slot of the handshake-phase cap, and one of `source`'s.
+    pub fn handshake(&self, source: IpAddr) -> Result<HandshakePermit, Refusal> {
+        let source = self
+            .source_handshakes
+            .try_acquire(&source)
+            .ok_or_else(|| self.refuse(Refusal::SourceHandshakes))?;
+        let global = self
+            .handshakes
             .try_acquire()
-            .ok_or_else(|| self.refuse(Refusal::Handshakes))
+            .ok_or_else(|| self.refuse(Refusal::Handshakes))?;
+        Ok(HandshakePermit {
+            _source: source,
+            _global: global,
+        })
     }
 
     /// A slot of `peer`'s inbound HBONE connection cap.
@@ -475,6 +516,7 @@ impl Bounds {
         let as_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
         let (peers, _, most_conns) = self.peer_connections.usage();
         let (_, _, most_streams) = self.peer_streams.usage();
+        let (_, _, most_handshakes) = self.source_handshakes.usage();
         let l = &self.limits;
         Usage {
             in_use: vec![
@@ -487,6 +529,11 @@ impl Bounds {
                     "handshakes",
                     as_u64(self.handshakes.in_use()),
                     as_u64(l.max_handshakes),
+                ),
+                (
+                    "handshakes_per_source",
+                    as_u64(most_handshakes),
+                    as_u64(l.max_handshakes_per_source),
                 ),
                 (
                     "peer_connections",
@@ -659,7 +706,8 @@ mod tests {
     fn small() -> Limits {
         Limits {
             max_connections: 3,
-            max_handshakes: 2,
+            max_handshakes: 3,
+            max_handshakes_per_source: 2,
             max_connections_per_peer: 2,
             max_streams_per_peer: 2,
             ..Limits::default()
@@ -680,14 +728,25 @@ mod tests {
     }
 
     #[test]
-    fn handshakes_have_their_own_cap() {
+    fn handshakes_have_their_own_caps_overall_and_per_source() {
         let b = Bounds::new(small(), FdLimit::default());
-        let _h = [b.handshake().expect("1"), b.handshake().expect("2")];
-        assert_eq!(b.handshake().err(), Some(Refusal::Handshakes));
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let (x, y, z) = (ip("198.18.0.1"), ip("198.18.0.2"), ip("2001:db8::3"));
+        let _x = [b.handshake(x).expect("x1"), b.handshake(x).expect("x2")];
+        // One source cannot take every slot...
+        assert_eq!(b.handshake(x).err(), Some(Refusal::SourceHandshakes));
+        // ...so another still gets one, until the node's cap is reached.
+        let y1 = b.handshake(y).expect("another source is not affected");
+        assert_eq!(b.handshake(z).err(), Some(Refusal::Handshakes));
         // The global connection cap is separate.
         let _c = b.connection().expect("connection");
+        assert_eq!(b.refused(Refusal::SourceHandshakes), 1);
         assert_eq!(b.refused(Refusal::Handshakes), 1);
         assert_eq!(b.refused(Refusal::Connections), 0);
+        // A refusal by the node's cap kept nothing of z's.
+        drop(y1);
+        let _z = [b.handshake(z).expect("z1")];
+        assert_eq!(b.usage().in_use[2], ("handshakes_per_source", 2, 2));
     }
 
     #[test]
@@ -723,7 +782,7 @@ mod tests {
         drop(s1);
         assert_eq!(b.peer_streams.usage(), (2, 2, 1));
         let u = b.usage();
-        assert_eq!(u.refused[3], ("peer_streams", 1));
+        assert_eq!(u.refused[4], ("peer_streams", 1));
         assert_eq!(u.refused[0], ("connections", 1));
     }
 
