@@ -226,6 +226,43 @@ fn a_client_address_that_cannot_be_used_falls_back_without_failing_the_connectio
     check_addresses(&mesh, "a", &mesh.v4("c", 8080), &ip_of(&mesh.v4("a", 1)));
 }
 
+/// An HBONE peer whose certificate is another workload's than its
+/// address's (a known workload's address it should not have) is not
+/// believed as that address: the app sees the pod's own address, the agent
+/// says why, and the connection itself succeeds (policy went by the
+/// certificate).
+#[test]
+fn a_peer_proving_another_identity_than_its_address_is_not_believed() {
+    common::require_root();
+    let mesh = lab();
+    let c4 = mesh.lab.pod("c").expect("c").ipv4();
+    let x = mesh.lab.pod("x").expect("x").netns_path();
+    // x's address, a's certificate.
+    let cert = rogue::mesh_cert(&mesh, "a");
+    let rt = rogue::runtime();
+    let (status, line) = rt
+        .block_on(rogue::connect_read_line(
+            &x,
+            std::net::SocketAddr::new(c4.into(), 15008),
+            &cert,
+            std::net::SocketAddr::new(c4.into(), 8080),
+            &[],
+        ))
+        .expect("tunnel");
+    assert_eq!(status, 200);
+    let seen = line.strip_prefix("peer=").expect("greeting");
+    assert_eq!(ip_of(seen), c4.to_string(), "the app saw {seen}");
+    drop(rt);
+    mesh.wait_closed(1, 1);
+    assert_eq!(
+        mesh.agent_log_count(
+            1,
+            "source_preserved=false source_not_preserved=\"identity_mismatch\""
+        ),
+        1
+    );
+}
+
 /// Every delivery from one client address leaves a TIME_WAIT socket bound
 /// to that address in the server pod. Thousands of short connections from
 /// one client all keep its address, and none falls back to the pod's.

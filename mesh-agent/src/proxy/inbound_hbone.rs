@@ -310,10 +310,15 @@ async fn stream(
         }
         _ => peer.ip(),
     };
-    let source = if snapshot.workload_by_ip(client).is_some() {
-        ctx.delivery_source(client, target)
-    } else {
-        Err("client_not_a_known_workload")
+    // The tunnel's own peer must also prove its address's workload: a peer
+    // whose certificate is another's is at an address it should not have
+    // (a waypoint's named client was proven by the waypoint check above).
+    let source = match snapshot.workload_by_ip(client) {
+        Some(w) if client != peer.ip() || w.has_identity(&peer_id) => {
+            ctx.delivery_source(client, target)
+        }
+        Some(_) => Err("identity_mismatch"),
+        None => Err("client_not_a_known_workload"),
     };
     let (app, preserved) = ctx.deliver(target, source).await;
     tracker.set_source_preserved(preserved.is_ok(), preserved.err());

@@ -659,15 +659,21 @@ fn authorize(
 }
 
 /// The telemetry view of a peer: its workload (if the state knows the
-/// address) and its verified identity, which is reported even when the
-/// address is not a known workload's.
+/// address, and the peer's verified identity, if any, is that workload's)
+/// and its verified identity, which is reported even when the address is
+/// not a known workload's. A peer proving another identity than its
+/// address's workload (an address it should not have) is reported as an
+/// unknown workload: only its certificate is believed.
 fn peer(
     snapshot: &crate::state::Snapshot,
     addr: SocketAddr,
     identity: Option<&SpiffeId>,
 ) -> crate::telemetry::Peer {
+    let workload = snapshot
+        .workload_by_ip(addr.ip())
+        .filter(|w| identity.is_none_or(|id| w.has_identity(id)));
     let identity = identity.map(|id| id.to_string());
-    match snapshot.workload_by_ip(addr.ip()) {
+    match workload {
         Some(w) => crate::telemetry::Peer::from_workload(Some(addr), w, identity.as_deref()),
         None => crate::telemetry::Peer::unknown_with_identity(Some(addr), identity.as_deref()),
     }
@@ -789,5 +795,33 @@ mod tests {
         // Without a verified identity (plaintext) there is nothing to report.
         let p = peer(&snapshot, addr("198.18.9.9:40000"), None);
         assert_eq!(p.labels.principal, crate::telemetry::metrics::UNKNOWN);
+    }
+
+    #[test]
+    fn a_peer_proving_another_identity_than_its_addresss_workload_is_not_that_workload() {
+        use crate::state::{NodeInfo, Store, Workload};
+        let web = Workload {
+            name: "web-0".into(),
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            ips: vec!["198.18.9.9".parse().expect("ip")],
+            ..Workload::default()
+        };
+        let store = Store::new();
+        store.publish(NodeInfo::default(), [(web.key(), web)].into());
+        let snapshot = store.current();
+        let td = crate::identity::TrustDomain::new("cluster.local").expect("trust domain");
+        let own = SpiffeId::new(td.clone(), "shop", "web").expect("identity");
+        let other = SpiffeId::new(td, "shop", "intruder").expect("identity");
+        let at = addr("198.18.9.9:40000");
+        assert_eq!(peer(&snapshot, at, Some(&own)).labels.workload, "web-0");
+        let p = peer(&snapshot, at, Some(&other));
+        assert_eq!(p.labels.workload, crate::telemetry::metrics::UNKNOWN);
+        assert_eq!(
+            p.labels.principal,
+            "spiffe://cluster.local/ns/shop/sa/intruder"
+        );
+        // Plaintext: the address is all there is.
+        assert_eq!(peer(&snapshot, at, None).labels.workload, "web-0");
     }
 }

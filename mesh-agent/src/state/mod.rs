@@ -78,6 +78,12 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// Whether `id` (a verified identity, in the mesh's trust domain) is this
+    /// pod's: its namespace and service account.
+    pub fn has_identity(&self, id: &crate::identity::SpiffeId) -> bool {
+        id.namespace() == self.namespace && id.service_account() == self.service_account
+    }
+
     /// Whether the pod runs on `node` (this agent's node).
     pub fn is_local(&self, node: &NodeInfo) -> bool {
         self.node.as_deref().is_none_or(|n| n == node.name)
