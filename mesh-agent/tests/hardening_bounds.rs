@@ -136,6 +136,20 @@ async fn tls_from(netns: &Path, to: SocketAddr, cert: &WorkloadCert) -> Result<T
         .map_err(|e| format!("TLS handshake: {e}"))
 }
 
+/// mTLS to `to` from `netns` with `cert`, then the HTTP/2 preface and an
+/// empty SETTINGS frame, written by hand (a peer h2 would not play).
+async fn h2_preface(netns: &Path, to: SocketAddr, cert: &WorkloadCert) -> Tls {
+    let mut tls = tls_from(netns, to, cert).await.expect("mTLS");
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .expect("preface");
+    tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+        .await
+        .expect("settings");
+    tls.flush().await.expect("flush");
+    tls
+}
+
 /// Reads (and discards) until the peer closes; `true` if it did within `within`.
 async fn closed_within(mut io: impl AsyncRead + Unpin, within: Duration) -> bool {
     let mut buf = [0u8; 4096];
@@ -270,15 +284,7 @@ fn hbone_peers_that_stall_after_tls_or_the_preface_or_sit_idle_are_closed() {
 
     // The HTTP/2 preface and SETTINGS, then no request: closed.
     let stalled_after_preface = rt.block_on(async {
-        let mut tls = tls_from(&a.x_netns, a.hbone, &cert).await.expect("mTLS");
-        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-            .await
-            .expect("preface");
-        // An empty SETTINGS frame.
-        tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
-            .await
-            .expect("settings");
-        tls.flush().await.expect("flush");
+        let tls = h2_preface(&a.x_netns, a.hbone, &cert).await;
         closed_within(tls, CLOSE_WITHIN).await
     });
     assert!(
@@ -424,6 +430,80 @@ async fn echo(tcp: &mut tokio::net::TcpStream, msg: &[u8]) -> bool {
         tokio::time::timeout(CLOSE_WITHIN, tcp.read_exact(&mut buf)).await,
         Ok(Ok(_)) if buf == msg
     )
+}
+
+/// A raw HTTP/2 `HEADERS` frame opening stream `id` with a `CONNECT` to
+/// `to` (HPACK literals with indexed names: `:method`, `:authority`), the
+/// stream left open.
+fn connect_frame(id: u32, to: SocketAddr) -> Vec<u8> {
+    let authority = to.to_string();
+    let mut block = vec![0x02, 7];
+    block.extend_from_slice(b"CONNECT");
+    block.push(0x01);
+    block.push(u8::try_from(authority.len()).expect("short authority"));
+    block.extend_from_slice(authority.as_bytes());
+    let len = u32::try_from(block.len())
+        .expect("small block")
+        .to_be_bytes();
+    // Length (24 bits), type HEADERS, flags END_HEADERS, stream id.
+    let mut frame = vec![len[1], len[2], len[3], 0x1, 0x4];
+    frame.extend_from_slice(&id.to_be_bytes());
+    frame.extend_from_slice(&block);
+    frame
+}
+
+/// Reads frames (skipping the others) until one of `stream` (or, for
+/// stream 0, one of type `0x7`, a GOAWAY); its type.
+async fn next_frame_of(io: &mut (impl AsyncRead + Unpin), stream: u32) -> u8 {
+    loop {
+        let mut head = [0u8; 9];
+        io.read_exact(&mut head).await.expect("a frame");
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let kind = head[3];
+        let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        io.read_exact(&mut payload)
+            .await
+            .expect("a frame's payload");
+        if (stream != 0 && id == stream) || (stream == 0 && kind == 0x7) {
+            return kind;
+        }
+    }
+}
+
+/// When the agent stops (or the pod's connection is cancelled) it sends
+/// GOAWAY, and h2 lowers the GOAWAY's last stream id from the highest only
+/// once the peer answers its PING. A peer that never answers could go on
+/// opening streams on the stopping agent; past the GOAWAY's grace they are
+/// refused (`REFUSED_STREAM`), while its open stream goes on.
+#[test]
+fn new_streams_past_a_goaways_grace_are_refused_though_the_peer_ignores_its_ping() {
+    let mesh = lab();
+    let agent = start_agent(&mesh, &["--drain-timeout", "60s"], None);
+    let a = addrs(&mesh);
+    let cert = rogue::mesh_cert(&mesh, "x");
+    runtime().block_on(async {
+        let mut tls = h2_preface(&a.x_netns, a.hbone, &cert).await;
+        tls.write_all(&connect_frame(1, a.app))
+            .await
+            .expect("CONNECT");
+        tls.flush().await.expect("flush");
+        assert_eq!(next_frame_of(&mut tls, 1).await, 0x1, "stream 1 answered");
+        agent.signal(libc::SIGTERM).expect("SIGTERM");
+        let within = tokio::time::timeout(CLOSE_WITHIN, next_frame_of(&mut tls, 0)).await;
+        assert_eq!(within, Ok(0x7), "no GOAWAY after SIGTERM");
+        tokio::time::sleep(mesh_agent::proxy::limits::GOAWAY_GRACE + Duration::from_secs(1)).await;
+        tls.write_all(&connect_frame(3, a.app))
+            .await
+            .expect("CONNECT");
+        tls.flush().await.expect("flush");
+        // RST_STREAM (0x3), not HEADERS (0x1).
+        assert_eq!(
+            next_frame_of(&mut tls, 3).await,
+            0x3,
+            "a stream opened past the GOAWAY's grace was served"
+        );
+    });
 }
 
 /// A client that opens connections to 15008 and never completes them needs

@@ -159,16 +159,20 @@ async fn connection(
     // On cancel (the agent stops, an upgrade): GOAWAY, then keep accepting.
     // Streams the peer opened before it saw the GOAWAY are served; h2 ends
     // `accept` once the last one finishes. The peer's pool retries streams
-    // past the GOAWAY's last stream id on another connection.
-    let mut going_away = false;
+    // past the GOAWAY's last stream id on another connection. h2 lowers that
+    // id from the highest only once the peer answers the GOAWAY's PING; a
+    // peer that never does could go on opening streams, served with what
+    // this connection knew before the cancel. So past `GOAWAY_GRACE` a new
+    // stream is refused (`REFUSED_STREAM`: unprocessed, safe to retry).
+    let mut going_away: Option<Instant> = None;
     let activity = limits::Activity::new();
     let mut expired = false;
     loop {
         let idle = activity.deadline(&limits);
         let next = tokio::select! {
-            _ = cancel.cancelled(), if !going_away => {
+            _ = cancel.cancelled(), if going_away.is_none() => {
                 conn.graceful_shutdown();
-                going_away = true;
+                going_away = Some(Instant::now());
                 continue;
             }
             n = conn.accept() => n,
@@ -191,6 +195,11 @@ async fn connection(
         match next {
             Ok((req, mut respond)) => {
                 handshake.take();
+                if going_away.is_some_and(|at| at.elapsed() >= limits::GOAWAY_GRACE) {
+                    tracing::debug!(pod = %ctx.key, src = %peer, src_identity = %peer_id, "HBONE stream refused: the connection is going away");
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    continue;
+                }
                 let permit = match bounds.stream(&peer_id) {
                     Ok(p) => p,
                     Err(refusal) => {
