@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 pub use crate::state::DEFAULT_ROOT_NAMESPACE;
 use crate::{
     policy::{Connection, Decision, PolicyStore, WorkloadRef},
-    state::{CompiledPolicies, Store, WorkloadKey},
+    state::{CompiledPolicies, Snapshot, Store, WorkloadKey},
 };
 
 /// The attributes a decision is made on, owned (kept for re-checks).
@@ -156,20 +156,36 @@ impl Authz {
         }
     }
 
-    /// Re-checks the open connections when `compiled` (a snapshot's) are
-    /// not the policies they were last checked against, and closes those
-    /// now denied. Returns how many were closed.
-    pub fn recheck(&self, compiled: &Arc<CompiledPolicies>) -> usize {
-        {
+    /// Re-checks open connections against `snapshot` and closes those now
+    /// denied; how many were closed. A connection is decided again when the
+    /// compiled policies are not the ones open connections were last checked
+    /// against, or when its workload's labels (the policies' selectors) have
+    /// changed since its last decision: a pod relabelled into a DENY's
+    /// selector, or out of an ALLOW's, loses its open connections as it
+    /// would on a policy change.
+    pub fn recheck(&self, snapshot: &Snapshot) -> usize {
+        let compiled = &snapshot.compiled;
+        let policies_changed = {
             let mut applied = self.applied.lock().unwrap_or_else(PoisonError::into_inner);
-            if Arc::ptr_eq(&applied, compiled) {
-                return 0;
+            let changed = !Arc::ptr_eq(&applied, compiled);
+            if changed {
+                *applied = compiled.clone();
             }
-            *applied = compiled.clone();
-        }
-        let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+            changed
+        };
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         let mut closed = 0;
-        for conn in open.values() {
+        for conn in open.values_mut() {
+            let relabelled = match snapshot.workloads.get(&conn.subject.workload) {
+                Some(w) if w.labels != conn.subject.labels => {
+                    conn.subject.labels = w.labels.clone();
+                    true
+                }
+                _ => false,
+            };
+            if !(policies_changed || relabelled) || conn.cancel.is_cancelled() {
+                continue;
+            }
             if let Decision::Deny { reason, .. } = conn.subject.decide(&compiled.store) {
                 tracing::info!(
                     dst_workload = %conn.subject.workload,
@@ -177,6 +193,7 @@ impl Authz {
                     src_identity = conn.subject.principal.as_deref().unwrap_or("none"),
                     dst = %conn.subject.destination,
                     reason = %reason,
+                    relabelled,
                     "open connection closed by policy change"
                 );
                 conn.cancel.cancel();
@@ -222,7 +239,7 @@ mod tests {
         let tracked = authz.track(subject(), checked);
         // A change that is not a policy change re-checks nothing.
         store.publish(Default::default(), Default::default());
-        assert_eq!(authz.recheck(&store.current().compiled), 0);
+        assert_eq!(authz.recheck(&store.current()), 0);
 
         store.publish_snapshot(Snapshot {
             policies: deny_all(),
@@ -230,11 +247,11 @@ mod tests {
         });
         // New connections are decided with the published policies at once.
         assert!(!authz.check(&subject()).decision.is_allowed());
-        let compiled = store.current().compiled.clone();
-        assert_eq!(authz.recheck(&compiled), 1);
+        let snapshot = store.current();
+        assert_eq!(authz.recheck(&snapshot), 1);
         assert!(tracked.cancel.is_cancelled());
         // Applied once: the same policies again close nothing more.
-        assert_eq!(authz.recheck(&compiled), 0);
+        assert_eq!(authz.recheck(&snapshot), 0);
     }
 
     #[test]
@@ -250,7 +267,7 @@ mod tests {
             policies: deny_all(),
             ..Default::default()
         });
-        assert_eq!(authz.recheck(&store.current().compiled), 0);
+        assert_eq!(authz.recheck(&store.current()), 0);
         let tracked = authz.track(subject(), checked);
         assert!(
             tracked.cancel.is_cancelled(),
@@ -259,5 +276,40 @@ mod tests {
         // Decided with the policies in force: nothing to do again.
         let checked = authz.check(&subject());
         assert!(!checked.decision.is_allowed());
+    }
+
+    #[test]
+    fn a_pod_relabelled_into_a_denys_selector_loses_its_open_connections() {
+        use crate::state::Workload;
+        let yaml = "{apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: deny-db, namespace: shop}, spec: {selector: {matchLabels: {app: db}}, action: DENY, rules: [{}]}}";
+        let policies = Policies {
+            authorization: vec![serde_yaml::from_str(yaml).expect("test policy")],
+            peer_authentication: vec![],
+        };
+        let pod = |app: &str| Workload {
+            name: "web".into(),
+            namespace: "shop".into(),
+            labels: [("app".to_owned(), app.to_owned())].into(),
+            ..Workload::default()
+        };
+        let with = |w: Workload| Snapshot {
+            policies: policies.clone(),
+            workloads: [(w.key(), w)].into(),
+            ..Default::default()
+        };
+        let store = Store::new();
+        store.publish_snapshot(with(pod("web")));
+        let authz = Arc::new(Authz::new(store.clone()));
+        let subject = Subject {
+            labels: pod("web").labels,
+            ..subject()
+        };
+        let checked = authz.check(&subject);
+        assert!(checked.decision.is_allowed());
+        let tracked = authz.track(subject, checked);
+        // The same policies, the pod's labels changed: into the DENY.
+        store.publish_snapshot(with(pod("db")));
+        assert_eq!(authz.recheck(&store.current()), 1);
+        assert!(tracked.cancel.is_cancelled());
     }
 }

@@ -496,12 +496,13 @@ impl Proxy {
             tunnel_early_data: AtomicBool::new(true),
         });
         // Policy changes apply to new connections at once (decisions read
-        // the snapshot's compiled policies); open ones are re-checked here.
+        // the snapshot's compiled policies); open ones are re-checked here,
+        // and so are those of a pod whose labels changed.
         let mut changes = store.subscribe();
         handle.spawn(async move {
             while changes.changed().await.is_ok() {
                 let snapshot = changes.borrow_and_update().clone();
-                authz.recheck(&snapshot.compiled);
+                authz.recheck(&snapshot);
             }
         });
         let swept = shared.clone();
