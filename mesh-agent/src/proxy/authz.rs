@@ -59,6 +59,27 @@ struct Open {
     cancel: CancellationToken,
 }
 
+impl Open {
+    /// Decides the connection again with `store` and cancels it if that
+    /// denies it (logged with `cause`); whether it did.
+    fn redecide(&self, store: &PolicyStore, cause: &'static str) -> bool {
+        let Decision::Deny { reason, .. } = self.subject.decide(store) else {
+            return false;
+        };
+        tracing::info!(
+            dst_workload = %self.subject.workload,
+            src = %self.subject.source_ip,
+            src_identity = self.subject.principal.as_deref().unwrap_or("none"),
+            dst = %self.subject.destination,
+            reason = %reason,
+            cause,
+            "open connection closed by policy change"
+        );
+        self.cancel.cancel();
+        true
+    }
+}
+
 /// A new connection's decision, with the compiled policies it was made
 /// with (for [`Authz::track`]).
 pub struct Checked {
@@ -127,27 +148,16 @@ impl Authz {
     pub fn track(self: &Arc<Self>, subject: Subject, checked: Checked) -> Tracked {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
+        let conn = Open {
+            subject,
+            cancel: cancel.clone(),
+        };
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         let now = self.store.current().compiled.clone();
-        if !Arc::ptr_eq(&now, &checked.policies)
-            && let Decision::Deny { reason, .. } = subject.decide(&now.store)
-        {
-            tracing::info!(
-                dst_workload = %subject.workload,
-                src = %subject.source_ip,
-                dst = %subject.destination,
-                reason = %reason,
-                "connection denied by a policy change during its authorization"
-            );
-            cancel.cancel();
+        if !Arc::ptr_eq(&now, &checked.policies) {
+            conn.redecide(&now.store, "published_during_authorization");
         }
-        open.insert(
-            id,
-            Open {
-                subject,
-                cancel: cancel.clone(),
-            },
-        );
+        open.insert(id, conn);
         drop(open);
         Tracked {
             authz: self.clone(),
@@ -186,17 +196,8 @@ impl Authz {
             if !(policies_changed || relabelled) || conn.cancel.is_cancelled() {
                 continue;
             }
-            if let Decision::Deny { reason, .. } = conn.subject.decide(&compiled.store) {
-                tracing::info!(
-                    dst_workload = %conn.subject.workload,
-                    src = %conn.subject.source_ip,
-                    src_identity = conn.subject.principal.as_deref().unwrap_or("none"),
-                    dst = %conn.subject.destination,
-                    reason = %reason,
-                    relabelled,
-                    "open connection closed by policy change"
-                );
-                conn.cancel.cancel();
+            let cause = if relabelled { "relabelled" } else { "policies" };
+            if conn.redecide(&compiled.store, cause) {
                 closed += 1;
             }
         }
@@ -222,12 +223,19 @@ mod tests {
         }
     }
 
-    fn deny_all() -> Policies {
-        let yaml = "{apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: deny-all, namespace: shop}, spec: {action: DENY, rules: [{}]}}";
+    /// One AuthorizationPolicy in namespace `shop`: `name` with `spec`.
+    fn policy(name: &str, spec: &str) -> Policies {
+        let yaml = format!(
+            "{{apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {{name: {name}, namespace: shop}}, spec: {spec}}}"
+        );
         Policies {
-            authorization: vec![serde_yaml::from_str(yaml).expect("test policy")],
+            authorization: vec![serde_yaml::from_str(&yaml).expect("test policy")],
             peer_authentication: vec![],
         }
+    }
+
+    fn deny_all() -> Policies {
+        policy("deny-all", "{action: DENY, rules: [{}]}")
     }
 
     #[test]
@@ -281,11 +289,10 @@ mod tests {
     #[test]
     fn a_pod_relabelled_into_a_denys_selector_loses_its_open_connections() {
         use crate::state::Workload;
-        let yaml = "{apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: deny-db, namespace: shop}, spec: {selector: {matchLabels: {app: db}}, action: DENY, rules: [{}]}}";
-        let policies = Policies {
-            authorization: vec![serde_yaml::from_str(yaml).expect("test policy")],
-            peer_authentication: vec![],
-        };
+        let policies = policy(
+            "deny-db",
+            "{selector: {matchLabels: {app: db}}, action: DENY, rules: [{}]}",
+        );
         let pod = |app: &str| Workload {
             name: "web".into(),
             namespace: "shop".into(),
