@@ -404,7 +404,7 @@ impl Snapshot {
         let Some(pod) = self.workload_by_ip(ip) else {
             return false;
         };
-        if pod.identity(trust_domain).ok().as_ref() != Some(identity) {
+        if identity.trust_domain() != trust_domain || !pod.has_identity(identity) {
             return false;
         }
         self.index
