@@ -193,6 +193,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 in_use: u.in_use,
                 refused: u.refused,
                 closed: u.closed,
+                reduced: u.reduced,
                 peers: u.peers,
                 fd_limit: u.fd_limit,
             }
@@ -304,14 +305,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
 /// Raises the soft file-descriptor limit to the hard one (a proxy holds two
 /// descriptors per connection) and sizes the connection caps from it.
 fn resource_bounds(overrides: &crate::proxy::limits::LimitOverrides) -> Arc<Bounds> {
-    let fd_limit = match crate::process::raise_fd_limit() {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(error = %e, "file-descriptor limit not raised");
-            crate::process::fd_limit().unwrap_or_default()
-        }
-    };
-    let l = Limits::for_fd_limit(fd_limit.soft).with_overrides(overrides);
+    let (l, fd_limit) = Limits::for_this_process(overrides);
     tracing::info!(
         fd_limit = fd_limit.soft,
         fd_limit_hard = fd_limit.hard,
@@ -327,6 +321,8 @@ fn resource_bounds(overrides: &crate::proxy::limits::LimitOverrides) -> Arc<Boun
         handshake_timeout_s = l.handshake_timeout.as_secs_f64(),
         first_request_timeout_s = l.first_request_timeout.as_secs_f64(),
         idle_timeout_s = l.idle_timeout.as_secs_f64(),
+        max_tunnel_window_bytes = l.max_tunnel_window,
+        max_tunnel_window_bytes_per_peer = l.max_tunnel_window_per_peer,
         "resource limits"
     );
     Arc::new(Bounds::new(l, fd_limit))

@@ -452,23 +452,191 @@ fn connect_frame(id: u32, to: SocketAddr) -> Vec<u8> {
     frame
 }
 
+/// One HTTP/2 frame as read: type, flags, stream id, payload.
+struct Frame {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+async fn read_frame(io: &mut (impl AsyncRead + Unpin)) -> Frame {
+    let mut head = [0u8; 9];
+    io.read_exact(&mut head).await.expect("a frame");
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    io.read_exact(&mut payload)
+        .await
+        .expect("a frame's payload");
+    Frame {
+        kind: head[3],
+        flags: head[4],
+        stream: u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff,
+        payload,
+    }
+}
+
 /// Reads frames (skipping the others) until one of `stream` (or, for
 /// stream 0, one of type `0x7`, a GOAWAY); its type.
 async fn next_frame_of(io: &mut (impl AsyncRead + Unpin), stream: u32) -> u8 {
     loop {
-        let mut head = [0u8; 9];
-        io.read_exact(&mut head).await.expect("a frame");
-        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-        let kind = head[3];
-        let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-        let mut payload = vec![0u8; len];
-        io.read_exact(&mut payload)
-            .await
-            .expect("a frame's payload");
-        if (stream != 0 && id == stream) || (stream == 0 && kind == 0x7) {
-            return kind;
+        let f = read_frame(io).await;
+        if (stream != 0 && f.stream == stream) || (stream == 0 && f.kind == 0x7) {
+            return f.kind;
         }
     }
+}
+
+/// The connection window the agent granted on `tls` (just past the
+/// preface): HTTP/2's initial 65,535 bytes plus its `WINDOW_UPDATE`s on
+/// stream 0. h2 queues that update at the handshake and writes it in the
+/// same flush as its first PING answer, after it: everything it sent at
+/// the handshake has arrived once a second PING is answered.
+async fn granted_window(tls: &mut Tls) -> u64 {
+    let mut window = 65_535u64;
+    for _ in 0..2 {
+        // PING (type 6), 8 bytes of opaque data, stream 0.
+        tls.write_all(&[0, 0, 8, 0x6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8])
+            .await
+            .expect("PING");
+        tls.flush().await.expect("flush");
+        loop {
+            let f = read_frame(tls).await;
+            match (f.kind, f.stream) {
+                (0x8, 0) => {
+                    let inc = u32::from_be_bytes(f.payload[..4].try_into().expect("4 bytes"));
+                    window += u64::from(inc & 0x7fff_ffff);
+                }
+                (0x6, 0) if f.flags & 0x1 != 0 => break,
+                _ => {}
+            }
+        }
+    }
+    window
+}
+
+/// What a peer can make the agent buffer is the HTTP/2 windows it grants.
+/// They are leased from a budget (`--max-tunnel-window-bytes`) with a share
+/// per peer identity: past it a connection is still served, with HTTP/2's
+/// own 65,535 bytes, and counted; the leases return when the connections
+/// close.
+#[test]
+fn tunnel_windows_are_leased_from_a_budget_with_a_share_per_peer() {
+    const MIB: u64 = 1 << 20;
+    let mesh = lab();
+    let _agent = start_agent(
+        &mesh,
+        &[
+            "--max-tunnel-window-bytes",
+            &(3 * MIB).to_string(),
+            "--max-tunnel-window-bytes-per-peer",
+            &(2 * MIB).to_string(),
+        ],
+        None,
+    );
+    let a = addrs(&mesh);
+    let y_netns = mesh.lab.pod("y").expect("y").netns_path();
+    let (x_cert, y_cert) = (rogue::mesh_cert(&mesh, "x"), rogue::mesh_cert(&mesh, "y"));
+    let rt = runtime();
+    let held = rt.block_on(async {
+        // x's share (2 MiB) of its asked 16 MiB, then nothing more for x.
+        let mut x1 = h2_preface(&a.x_netns, a.hbone, &x_cert).await;
+        assert_eq!(granted_window(&mut x1).await, 2 * MIB);
+        let mut x2 = h2_preface(&a.x_netns, a.hbone, &x_cert).await;
+        assert_eq!(granted_window(&mut x2).await, 65_535);
+        // y: what is left of the budget.
+        let mut y1 = h2_preface(&y_netns, a.hbone, &y_cert).await;
+        assert_eq!(granted_window(&mut y1).await, MIB);
+        // The reduced connection is served.
+        x2.write_all(&connect_frame(1, a.app))
+            .await
+            .expect("CONNECT");
+        x2.flush().await.expect("flush");
+        assert_eq!(next_frame_of(&mut x2, 1).await, 0x1, "stream 1 answered");
+        (x1, x2, y1)
+    });
+    let in_use = |limit: &str| metric(&mesh, &format!("mesh_limit_in_use{{limit=\"{limit}\"}}"));
+    assert_eq!(in_use("tunnel_window_bytes"), 3 * MIB);
+    assert_eq!(in_use("tunnel_window_bytes_per_peer"), 2 * MIB);
+    // All three asked for 16 MiB.
+    assert_eq!(
+        metric(&mesh, "mesh_limit_reduced_total{limit=\"tunnel_window\"}"),
+        3
+    );
+    assert_eq!(
+        metric(&mesh, "mesh_limit_max{limit=\"tunnel_window_bytes\"}"),
+        3 * MIB
+    );
+    drop(held);
+    let deadline = Instant::now() + CLOSE_WITHIN;
+    while in_use("tunnel_window_bytes") != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the closed connections' windows never returned"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let limits = limits_dump(&mesh);
+    assert_eq!(
+        limits["limits"]["max_tunnel_window_bytes"],
+        3 * MIB,
+        "{limits}"
+    );
+    assert_eq!(limits["reduced"]["tunnel_window"], 3, "{limits}");
+}
+
+/// A peer that resets its stream while the agent connects to the app gets
+/// the stream's slots back at once, not after the connect timeout (10 s).
+/// The app's accept queue is full (backlog 0, one connection waiting), so
+/// the agent's SYN goes unanswered.
+#[test]
+fn a_stream_reset_during_the_apps_connect_frees_its_slot_at_once() {
+    let mesh = lab();
+    let c_netns = mesh.lab.pod("c").expect("c").netns_path();
+    let full: SocketAddr = SocketAddr::new(addrs(&mesh).app.ip(), 9090);
+    let listener = in_netns(&c_netns, || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::new("0.0.0.0".parse().expect("ip"), 9090).into())?;
+        s.listen(0)?;
+        std::io::Result::Ok(s)
+    })
+    .expect("a listener with backlog 0");
+    let _agent = start_agent(&mesh, &[], None);
+    let a = addrs(&mesh);
+    let cert = rogue::mesh_cert(&mesh, "x");
+    let peer_streams = || limits_dump(&mesh)["in_use"]["peer_streams"].as_u64();
+    runtime().block_on(async {
+        // Fills the accept queue: through the agent (plaintext, inbound),
+        // established and never accepted.
+        let _queued = rogue::try_tcp_from(&a.x_netns, full).expect("the queued connection");
+        let mut tls = h2_preface(&a.x_netns, a.hbone, &cert).await;
+        tls.write_all(&connect_frame(1, full))
+            .await
+            .expect("CONNECT");
+        tls.flush().await.expect("flush");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while peer_streams() != Some(1) {
+            assert!(Instant::now() < deadline, "the stream never held a slot");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // RST_STREAM (type 3) on stream 1, CANCEL (8).
+        tls.write_all(&[0, 0, 4, 0x3, 0, 0, 0, 0, 1, 0, 0, 0, 8])
+            .await
+            .expect("RST_STREAM");
+        tls.flush().await.expect("flush");
+        let reset_at = Instant::now();
+        // Half the connect timeout: without watching the reset, the slot
+        // is held for all of it.
+        while peer_streams() != Some(0) {
+            assert!(
+                reset_at.elapsed() < Duration::from_secs(5),
+                "the reset stream's slot is still held"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    drop(listener);
 }
 
 /// When the agent stops (or the pod's connection is cancelled) it sends

@@ -105,7 +105,8 @@ async fn serve(acceptor: tokio_rustls::TlsAcceptor, tcp: tokio::net::TcpStream, 
         .and_then(|c| peer_identity(c).ok())
         .map(|id| id.to_string())
         .unwrap_or_default();
-    let Ok(mut h2) = server_handshake(tls, 100).await else {
+    let Ok(mut h2) = server_handshake(tls, 100, mesh_agent::proxy::hbone::CONNECTION_WINDOW).await
+    else {
         return;
     };
     let mut streams = JoinSet::new();

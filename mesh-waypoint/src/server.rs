@@ -104,13 +104,15 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let Ok(_peer_slot) = bounds.peer_connection(&peer_id) else {
+    // Held for the connection's life: the peer's slot and the connection
+    // window it grants (what the peer can make this connection buffer).
+    let Ok(tunnel) = bounds.tunnel(&peer_id, hbone::CONNECTION_WINDOW) else {
         tracing::debug!(src = %peer, src_identity = %peer_id, "HBONE connection refused: the peer holds its maximum of connections");
         return;
     };
     let handshake_result = tokio::time::timeout_at(
         deadline,
-        hbone::server_handshake(tls, limits.max_streams_per_connection),
+        hbone::server_handshake(tls, limits.max_streams_per_connection, tunnel.window()),
     )
     .await;
     let mut conn = match handshake_result {

@@ -183,6 +183,15 @@ struct LimitArgs {
     /// (GOAWAY; default 60s, above the client pools' 30s).
     #[arg(long, env = "MESH_HBONE_IDLE_TIMEOUT", value_parser = parse_duration)]
     hbone_idle_timeout: Option<Duration>,
+    /// Bytes all tunnel peers together may send ahead of the apps reading
+    /// them (the HTTP/2 connection windows granted; default 1 GiB): what
+    /// they can make the agent buffer. A connection beyond it gets a smaller
+    /// window, at least HTTP/2's 65,535 bytes.
+    #[arg(long, env = "MESH_MAX_TUNNEL_WINDOW_BYTES")]
+    max_tunnel_window_bytes: Option<u64>,
+    /// Of those, one peer identity's connections (default: a quarter).
+    #[arg(long, env = "MESH_MAX_TUNNEL_WINDOW_BYTES_PER_PEER")]
+    max_tunnel_window_bytes_per_peer: Option<u64>,
 }
 
 impl LimitArgs {
@@ -197,6 +206,8 @@ impl LimitArgs {
             handshake_timeout: self.hbone_handshake_timeout,
             first_request_timeout: self.hbone_first_request_timeout,
             idle_timeout: self.hbone_idle_timeout,
+            max_tunnel_window: self.max_tunnel_window_bytes,
+            max_tunnel_window_per_peer: self.max_tunnel_window_bytes_per_peer,
         }
     }
 }

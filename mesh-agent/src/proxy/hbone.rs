@@ -835,15 +835,19 @@ fn traceparent() -> String {
     format!("00-{a:016x}{b:016x}-{:016x}-01", c | 1)
 }
 
-/// The server side of an HTTP/2 handshake with Istio's window settings,
-/// allowing the client `max_streams` concurrent streams.
+/// The server side of an HTTP/2 handshake with Istio's stream window,
+/// allowing the client `max_streams` concurrent streams and granting it a
+/// connection window of `window` bytes (Istio's is [`CONNECTION_WINDOW`];
+/// an inbound tunnel's comes from `limits::Bounds::tunnel`): what the client
+/// can make this connection buffer ahead of the streams' readers.
 pub async fn server_handshake<T: IoStream>(
     io: T,
     max_streams: u32,
+    window: u32,
 ) -> Result<h2::server::Connection<T, Bytes>, h2::Error> {
     h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_connection_window_size(window)
         .max_frame_size(MAX_FRAME)
         .max_header_list_size(MAX_HEADER_LIST)
         .max_concurrent_streams(max_streams)
@@ -1016,7 +1020,7 @@ mod tests {
     async fn connect_to(behaviour: Behaviour) -> Result<Established, HboneError> {
         let (client_io, server_io) = tokio::io::duplex(1 << 20);
         tokio::spawn(async move {
-            let Ok(mut conn) = server_handshake(server_io, 100).await else {
+            let Ok(mut conn) = server_handshake(server_io, 100, CONNECTION_WINDOW).await else {
                 return;
             };
             if let Behaviour::GoAway = behaviour {
@@ -1196,7 +1200,7 @@ mod tests {
     ) -> Result<Established, HboneError> {
         let (client_io, server_io) = tokio::io::duplex(1 << 20);
         tokio::spawn(async move {
-            let Ok(mut conn) = server_handshake(server_io, 100).await else {
+            let Ok(mut conn) = server_handshake(server_io, 100, CONNECTION_WINDOW).await else {
                 return;
             };
             let broken = Arc::new(tokio::sync::Notify::new());
@@ -1419,7 +1423,7 @@ mod tests {
         let (client_io, server_io) = tokio::io::duplex(1 << 20);
         let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
-            let Ok(mut conn) = server_handshake(server_io, 100).await else {
+            let Ok(mut conn) = server_handshake(server_io, 100, CONNECTION_WINDOW).await else {
                 return;
             };
             while let Some(Ok((req, mut respond))) = conn.accept().await {

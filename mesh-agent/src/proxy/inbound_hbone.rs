@@ -135,13 +135,15 @@ async fn connection(
             return;
         }
     };
-    let Ok(_peer_slot) = bounds.peer_connection(&peer_id) else {
+    // Held for the connection's life: the peer's slot and the connection
+    // window it grants (what the peer can make this connection buffer).
+    let Ok(tunnel) = bounds.tunnel(&peer_id, hbone::CONNECTION_WINDOW) else {
         tracing::debug!(pod = %ctx.key, src = %peer, src_identity = %peer_id, "HBONE connection refused: the peer holds its maximum of connections");
         return;
     };
     let handshake_result = tokio::time::timeout_at(
         deadline,
-        hbone::server_handshake(tls, limits.max_streams_per_connection),
+        hbone::server_handshake(tls, limits.max_streams_per_connection, tunnel.window()),
     )
     .await;
     let mut conn = match handshake_result {
@@ -329,7 +331,19 @@ async fn stream(
         Some(_) => Err("identity_mismatch"),
         None => Err("client_not_a_known_workload"),
     };
-    let (app, preserved) = ctx.deliver(target, source).await;
+    // A peer that resets the stream while the app is being connected (up
+    // to the connect timeout) takes back what the stream holds at once: the
+    // connect is dropped with its socket and exemptions.
+    let delivered = tokio::select! {
+        d = ctx.deliver(target, source) => Ok(d),
+        gone = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
+            Err(gone.map_or_else(|e| e, h2::Error::from))
+        }
+    };
+    let (app, preserved) = match delivered {
+        Ok(d) => d,
+        Err(e) => return tracker.close(0, 0, Error::StreamGone(e).into()),
+    };
     tracker.set_source_preserved(preserved.is_ok(), preserved.err());
     let app = match app {
         Ok(s) => s,

@@ -3,7 +3,9 @@
 //! connections may sit in the HBONE handshake phase, how many HBONE
 //! connections and streams one peer identity may hold, and how long an
 //! HBONE connection may take to hand-shake, to send its first request, and
-//! sit without streams.
+//! sit without streams; and how many bytes tunnel peers may send ahead of
+//! the apps reading them (the HTTP/2 windows the agent grants), all
+//! together and per peer identity.
 //!
 //! [`Limits`] is the configuration (with defaults sized from the process's
 //! file-descriptor limit); [`Bounds`] enforces it with RAII permits (a
@@ -46,6 +48,13 @@ pub const DEFAULT_CONNECTIONS_PER_PEER: usize = 1024;
 pub const MAX_DEFAULT_HANDSHAKES: usize = 4096;
 /// How long a connection closed by a deadline gets to take its GOAWAY.
 pub const GOAWAY_GRACE: Duration = Duration::from_secs(5);
+/// Default for [`Limits::max_tunnel_window`]: 1 GiB, 64 full (16 MiB)
+/// connection windows.
+pub const DEFAULT_TUNNEL_WINDOW: u64 = 1 << 30;
+/// HTTP/2's initial connection window (RFC 9113 6.9.2): what every tunnel
+/// connection grants its peer whatever the budget, as a connection window
+/// can only be raised from it.
+pub const H2_INITIAL_WINDOW: u32 = 65_535;
 
 /// The limits in force.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,6 +83,15 @@ pub struct Limits {
     pub first_request_timeout: Duration,
     /// How long an HBONE connection may carry no stream before it is closed.
     pub idle_timeout: Duration,
+    /// Bytes all inbound tunnel connections together may let their peers
+    /// send ahead of the apps reading them: the HTTP/2 connection windows
+    /// the agent grants beyond HTTP/2's own 65,535 bytes, which is what
+    /// peers can make it buffer. A connection is granted the full window
+    /// while this budget (and its peer's share) has it, else what is left,
+    /// at least 65,535 bytes; the grant returns when the connection ends.
+    pub max_tunnel_window: u64,
+    /// Of those, to the connections of one peer identity.
+    pub max_tunnel_window_per_peer: u64,
 }
 
 impl Default for Limits {
@@ -104,7 +122,26 @@ impl Limits {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             first_request_timeout: DEFAULT_FIRST_REQUEST_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_tunnel_window: DEFAULT_TUNNEL_WINDOW,
+            // A quarter: one identity filling its connections' windows
+            // leaves three quarters to every other peer.
+            max_tunnel_window_per_peer: DEFAULT_TUNNEL_WINDOW / 4,
         }
+    }
+
+    /// Raises this process's soft file-descriptor limit to the hard one (a
+    /// proxy holds two descriptors per connection) and sizes the limits
+    /// from it, with `overrides`; and the descriptor limit now in force.
+    pub fn for_this_process(overrides: &LimitOverrides) -> (Self, FdLimit) {
+        let fd_limit = match crate::process::raise_fd_limit() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "file-descriptor limit not raised");
+                crate::process::fd_limit().unwrap_or_default()
+            }
+        };
+        let limits = Self::for_fd_limit(fd_limit.soft).with_overrides(overrides);
+        (limits, fd_limit)
     }
 
     /// These limits with every value `overrides` sets replacing the default.
@@ -129,6 +166,10 @@ impl Limits {
             .first_request_timeout
             .unwrap_or(self.first_request_timeout);
         self.idle_timeout = o.idle_timeout.unwrap_or(self.idle_timeout);
+        self.max_tunnel_window = o.max_tunnel_window.unwrap_or(self.max_tunnel_window);
+        self.max_tunnel_window_per_peer = o
+            .max_tunnel_window_per_peer
+            .unwrap_or(self.max_tunnel_window_per_peer);
         self
     }
 
@@ -144,6 +185,8 @@ impl Limits {
             "handshake_timeout_s": self.handshake_timeout.as_secs_f64(),
             "first_request_timeout_s": self.first_request_timeout.as_secs_f64(),
             "idle_timeout_s": self.idle_timeout.as_secs_f64(),
+            "max_tunnel_window_bytes": self.max_tunnel_window,
+            "max_tunnel_window_bytes_per_peer": self.max_tunnel_window_per_peer,
         })
     }
 }
@@ -169,6 +212,10 @@ pub struct LimitOverrides {
     pub first_request_timeout: Option<Duration>,
     /// See [`Limits::idle_timeout`].
     pub idle_timeout: Option<Duration>,
+    /// See [`Limits::max_tunnel_window`].
+    pub max_tunnel_window: Option<u64>,
+    /// See [`Limits::max_tunnel_window_per_peer`].
+    pub max_tunnel_window_per_peer: Option<u64>,
 }
 
 /// Which cap refused a connection or stream.
@@ -365,6 +412,51 @@ pub struct HandshakePermit {
     _global: Permit,
 }
 
+/// The tunnel window budget: bytes granted in all, and per peer identity
+/// (an identity's entry goes with its last grant).
+#[derive(Debug, Default)]
+struct Windows {
+    granted: u64,
+    per_peer: HashMap<SpiffeId, u64>,
+}
+
+/// What an inbound HBONE connection holds once its peer is known: a slot of
+/// the peer's connection cap and its HTTP/2 connection window, leased from
+/// the tunnel window budget ([`Limits::max_tunnel_window`]) and returned
+/// when dropped.
+#[derive(Debug)]
+pub struct TunnelPermit {
+    _peer: KeyPermit<SpiffeId>,
+    windows: Arc<Mutex<Windows>>,
+    peer: SpiffeId,
+    leased: u64,
+    window: u32,
+}
+
+impl TunnelPermit {
+    /// The connection window to grant the peer (`h2`'s
+    /// `initial_connection_window_size`): at least [`H2_INITIAL_WINDOW`].
+    pub fn window(&self) -> u32 {
+        self.window
+    }
+}
+
+impl Drop for TunnelPermit {
+    fn drop(&mut self) {
+        if self.leased == 0 {
+            return;
+        }
+        let mut w = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
+        w.granted = w.granted.saturating_sub(self.leased);
+        if let Some(n) = w.per_peer.get_mut(&self.peer) {
+            *n = n.saturating_sub(self.leased);
+            if *n == 0 {
+                w.per_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
 /// What an inbound HBONE stream holds: its peer's stream slot and a global
 /// connection slot.
 #[derive(Debug)]
@@ -384,10 +476,14 @@ pub struct Bounds {
     source_handshakes: Arc<PerKey<IpAddr>>,
     peer_connections: Arc<PerKey<SpiffeId>>,
     peer_streams: Arc<PerKey<SpiffeId>>,
+    windows: Arc<Mutex<Windows>>,
     refused: [AtomicU64; Refusal::ALL.len()],
     closed: [AtomicU64; 3],
-    /// Milliseconds since `epoch` of the last refusal logged, per refusal.
-    last_logged: [AtomicU64; Refusal::ALL.len()],
+    /// Tunnel connections granted less than the window they asked for.
+    reduced: AtomicU64,
+    /// Milliseconds since `epoch` of the last refusal logged, per refusal,
+    /// and of the last reduced window logged.
+    last_logged: [AtomicU64; Refusal::ALL.len() + 1],
     epoch: Instant,
 }
 
@@ -407,6 +503,9 @@ pub struct Usage {
     pub refused: Vec<(&'static str, u64)>,
     /// (deadline, connections closed by it so far).
     pub closed: Vec<(&'static str, u64)>,
+    /// (limit, connections granted less than they asked for so far):
+    /// `tunnel_window`.
+    pub reduced: Vec<(&'static str, u64)>,
     /// Peer identities holding inbound HBONE connections.
     pub peers: u64,
     /// The soft file-descriptor limit.
@@ -422,10 +521,12 @@ impl Bounds {
             source_handshakes: PerKey::new(limits.max_handshakes_per_source),
             peer_connections: PerKey::new(limits.max_connections_per_peer),
             peer_streams: PerKey::new(limits.max_streams_per_peer),
+            windows: Arc::default(),
             limits,
             fd_limit,
             refused: Default::default(),
             closed: Default::default(),
+            reduced: AtomicU64::new(0),
             last_logged: Default::default(),
             epoch: Instant::now(),
         }
@@ -439,14 +540,7 @@ impl Bounds {
     fn refuse(&self, r: Refusal) -> Refusal {
         let i = r as usize;
         let n = self.refused[i].fetch_add(1, Ordering::Relaxed) + 1;
-        // At most one log line per cap and second: a flood must not flood the log.
-        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let last = self.last_logged[i].load(Ordering::Relaxed);
-        if (n == 1 || now.saturating_sub(last) >= 1000)
-            && self.last_logged[i]
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if self.log_due(i, n) {
             tracing::warn!(
                 limit = r.as_str(),
                 refused_total = n,
@@ -455,6 +549,17 @@ impl Bounds {
             );
         }
         r
+    }
+
+    /// Whether the `n`-th event of log slot `i` is logged: the first, then
+    /// at most one a second (a flood must not flood the log).
+    fn log_due(&self, i: usize, n: u64) -> bool {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last = self.last_logged[i].load(Ordering::Relaxed);
+        (n == 1 || now.saturating_sub(last) >= 1000)
+            && self.last_logged[i]
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// A slot of the global connection cap.
@@ -480,11 +585,53 @@ impl Bounds {
         })
     }
 
-    /// A slot of `peer`'s inbound HBONE connection cap.
-    pub fn peer_connection(&self, peer: &SpiffeId) -> Result<KeyPermit<SpiffeId>, Refusal> {
-        self.peer_connections
+    /// What an inbound HBONE connection of `peer` holds for its life: a slot
+    /// of the peer's connection cap, and the connection window it grants,
+    /// `want` bytes if the tunnel window budget and the peer's share of it
+    /// have them, else what they have left, at least [`H2_INITIAL_WINDOW`]
+    /// (counted and logged as reduced).
+    pub fn tunnel(&self, peer: &SpiffeId, want: u32) -> Result<TunnelPermit, Refusal> {
+        let slot = self
+            .peer_connections
             .try_acquire(peer)
-            .ok_or_else(|| self.refuse(Refusal::PeerConnections))
+            .ok_or_else(|| self.refuse(Refusal::PeerConnections))?;
+        let want = want.max(H2_INITIAL_WINDOW);
+        let (leased, window) = {
+            let mut w = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
+            let held = w.per_peer.get(peer).copied().unwrap_or(0);
+            let grant = u64::from(want)
+                .min(self.limits.max_tunnel_window.saturating_sub(w.granted))
+                .min(self.limits.max_tunnel_window_per_peer.saturating_sub(held));
+            match u32::try_from(grant) {
+                Ok(g) if g > H2_INITIAL_WINDOW => {
+                    w.granted += grant;
+                    *w.per_peer.entry(peer.clone()).or_insert(0) += grant;
+                    (grant, g)
+                }
+                _ => (0, H2_INITIAL_WINDOW),
+            }
+        };
+        if window < want {
+            let n = self.reduced.fetch_add(1, Ordering::Relaxed) + 1;
+            if self.log_due(Refusal::ALL.len(), n) {
+                tracing::warn!(
+                    limit = "tunnel_window",
+                    peer = %peer,
+                    window,
+                    wanted = want,
+                    reduced_total = n,
+                    flag = "--max-tunnel-window-bytes, --max-tunnel-window-bytes-per-peer",
+                    "tunnel connection granted a reduced window by a limit"
+                );
+            }
+        }
+        Ok(TunnelPermit {
+            _peer: slot,
+            windows: self.windows.clone(),
+            peer: peer.clone(),
+            leased,
+            window,
+        })
     }
 
     /// The slots an inbound HBONE stream of `peer` holds: one of the peer's
@@ -517,6 +664,10 @@ impl Bounds {
         let (peers, _, most_conns) = self.peer_connections.usage();
         let (_, _, most_streams) = self.peer_streams.usage();
         let (_, _, most_handshakes) = self.source_handshakes.usage();
+        let (window_granted, window_most) = {
+            let w = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
+            (w.granted, w.per_peer.values().copied().max().unwrap_or(0))
+        };
         let l = &self.limits;
         Usage {
             in_use: vec![
@@ -545,6 +696,12 @@ impl Bounds {
                     as_u64(most_streams),
                     as_u64(l.max_streams_per_peer),
                 ),
+                ("tunnel_window_bytes", window_granted, l.max_tunnel_window),
+                (
+                    "tunnel_window_bytes_per_peer",
+                    window_most,
+                    l.max_tunnel_window_per_peer,
+                ),
             ],
             refused: Refusal::ALL
                 .iter()
@@ -554,6 +711,7 @@ impl Bounds {
                 .iter()
                 .map(|e| (e.as_str(), self.closed[*e as usize].load(Ordering::Relaxed)))
                 .collect(),
+            reduced: vec![("tunnel_window", self.reduced.load(Ordering::Relaxed))],
             peers: as_u64(peers),
             fd_limit: self.fd_limit.soft,
         }
@@ -578,6 +736,7 @@ impl Bounds {
             "peers": u.peers,
             "refused": pairs(&u.refused),
             "closed": pairs(&u.closed),
+            "reduced": pairs(&u.reduced),
         })
     }
 }
@@ -753,10 +912,15 @@ mod tests {
     fn per_peer_caps_are_per_identity_and_the_map_shrinks_back() {
         let b = Bounds::new(small(), FdLimit::default());
         let (a, c) = (id("a"), id("c"));
-        let a1 = b.peer_connection(&a).expect("a1");
-        let a2 = b.peer_connection(&a).expect("a2");
-        assert_eq!(b.peer_connection(&a).err(), Some(Refusal::PeerConnections));
-        let c1 = b.peer_connection(&c).expect("another peer is not affected");
+        let a1 = b.tunnel(&a, H2_INITIAL_WINDOW).expect("a1");
+        let a2 = b.tunnel(&a, H2_INITIAL_WINDOW).expect("a2");
+        assert_eq!(
+            b.tunnel(&a, H2_INITIAL_WINDOW).err(),
+            Some(Refusal::PeerConnections)
+        );
+        let c1 = b
+            .tunnel(&c, H2_INITIAL_WINDOW)
+            .expect("another peer is not affected");
         assert_eq!(b.usage().peers, 2);
         drop((a1, a2, c1));
         assert_eq!(
@@ -810,6 +974,59 @@ mod tests {
         );
         assert_eq!(l.idle_timeout, Duration::from_secs(2));
         assert_eq!(l.max_handshakes, tiny.max_handshakes);
+    }
+
+    #[test]
+    fn tunnel_windows_come_from_a_budget_with_a_share_per_peer_and_return_on_drop() {
+        const MIB: u32 = 1 << 20;
+        let b = Bounds::new(
+            Limits {
+                max_connections_per_peer: 100,
+                max_tunnel_window: 10 * u64::from(MIB),
+                max_tunnel_window_per_peer: 6 * u64::from(MIB),
+                ..Limits::default()
+            },
+            FdLimit::default(),
+        );
+        let (a, c) = (id("a"), id("c"));
+        let used = |b: &Bounds| {
+            let u = b.usage();
+            let get = |name| {
+                u.in_use
+                    .iter()
+                    .find(|(k, _, _)| *k == name)
+                    .map(|(_, n, _)| *n)
+            };
+            (
+                get("tunnel_window_bytes"),
+                get("tunnel_window_bytes_per_peer"),
+                u.reduced[0].1,
+            )
+        };
+        // The peer's share: 4 + 2 MiB, then only HTTP/2's own window.
+        let a1 = b.tunnel(&a, 4 * MIB).expect("a1");
+        let a2 = b.tunnel(&a, 4 * MIB).expect("a2");
+        let a3 = b.tunnel(&a, 4 * MIB).expect("a3");
+        assert_eq!(
+            [a1.window(), a2.window(), a3.window()],
+            [4 * MIB, 2 * MIB, H2_INITIAL_WINDOW]
+        );
+        assert_eq!(used(&b), (Some(6 << 20), Some(6 << 20), 2));
+        // Another peer takes what is left of the budget: 4 MiB.
+        let c1 = b.tunnel(&c, 5 * MIB).expect("c1");
+        assert_eq!(c1.window(), 4 * MIB);
+        assert_eq!(used(&b), (Some(10 << 20), Some(6 << 20), 3));
+        // Below HTTP/2's own window nothing is leased, nor counted as reduced.
+        let small = b.tunnel(&c, 1000).expect("small");
+        assert_eq!(small.window(), H2_INITIAL_WINDOW);
+        assert_eq!(used(&b).2, 3);
+        // Returned on drop: a's share is free again, the map shrinks back.
+        drop((a1, a2, a3));
+        assert_eq!(used(&b), (Some(4 << 20), Some(4 << 20), 3));
+        assert_eq!(b.tunnel(&a, 4 * MIB).expect("a4").window(), 4 * MIB);
+        drop((c1, small));
+        assert_eq!(used(&b).0, Some(0));
+        assert!(b.windows.lock().expect("lock").per_peer.is_empty());
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! - The proxy's limits, read at scrape time once the agent registers them:
 //!   `mesh_limit_in_use{limit}`, `mesh_limit_max{limit}`,
 //!   `mesh_limit_refused_total{limit}`, `mesh_limit_closed_total{reason}`,
+//!   `mesh_limit_reduced_total{limit}`,
 //!   `mesh_limit_peers` and `mesh_fd_limit` (the soft `RLIMIT_NOFILE`).
 //! - Whatever else [`Metrics::register_collector`] adds: `admin` registers
 //!   the certificates' (`mesh_certificates`, `mesh_ca_expiry_seconds`, …)
@@ -411,6 +412,8 @@ pub struct LimitsReading {
     pub refused: Vec<(&'static str, u64)>,
     /// (deadline, connections closed by it so far).
     pub closed: Vec<(&'static str, u64)>,
+    /// (limit, connections granted less than they asked for so far).
+    pub reduced: Vec<(&'static str, u64)>,
     /// Peer identities holding inbound HBONE connections.
     pub peers: u64,
     /// The soft file-descriptor limit.
@@ -729,23 +732,31 @@ impl Collector for LimitsCollector {
         for (limit, _, max) in &r.in_use {
             gauge(*max).encode(m.encode_family(&[("limit", *limit)])?)?;
         }
-        let mut m = encoder.encode_descriptor(
-            "mesh_limit_refused",
-            "Connections and streams refused by a limit, by limit.",
-            None,
-            MetricType::Counter,
-        )?;
-        for (limit, n) in &r.refused {
-            ConstCounter::new(*n).encode(m.encode_family(&[("limit", *limit)])?)?;
-        }
-        let mut m = encoder.encode_descriptor(
-            "mesh_limit_closed",
-            "HBONE connections closed by a deadline, by deadline.",
-            None,
-            MetricType::Counter,
-        )?;
-        for (reason, n) in &r.closed {
-            ConstCounter::new(*n).encode(m.encode_family(&[("reason", *reason)])?)?;
+        let counters = [
+            (
+                "mesh_limit_refused",
+                "Connections and streams refused by a limit, by limit.",
+                "limit",
+                &r.refused,
+            ),
+            (
+                "mesh_limit_closed",
+                "HBONE connections closed by a deadline, by deadline.",
+                "reason",
+                &r.closed,
+            ),
+            (
+                "mesh_limit_reduced",
+                "Inbound tunnel connections granted a smaller HTTP/2 window than they asked for, by limit.",
+                "limit",
+                &r.reduced,
+            ),
+        ];
+        for (name, help, label, values) in counters {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (value, n) in values {
+                ConstCounter::new(*n).encode(m.encode_family(&[(label, *value)])?)?;
+            }
         }
         let m = encoder.encode_descriptor(
             "mesh_limit_peers",
@@ -922,6 +933,7 @@ mesh_policy_decisions_total{{result=\"deny\"}} 1\n\
             in_use: vec![("connections", 3, 10)],
             refused: vec![("connections", 2), ("peer_streams", 1)],
             closed: vec![("idle_timeout", 4)],
+            reduced: vec![("tunnel_window", 5)],
             peers: 1,
             fd_limit: 20000,
         });
@@ -932,6 +944,7 @@ mesh_policy_decisions_total{{result=\"deny\"}} 1\n\
             "mesh_limit_refused_total{limit=\"connections\"} 2\n",
             "mesh_limit_refused_total{limit=\"peer_streams\"} 1\n",
             "mesh_limit_closed_total{reason=\"idle_timeout\"} 4\n",
+            "mesh_limit_reduced_total{limit=\"tunnel_window\"} 5\n",
             "mesh_limit_peers 1\n",
             "mesh_fd_limit 20000\n",
         ] {

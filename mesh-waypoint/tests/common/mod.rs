@@ -466,7 +466,12 @@ pub async fn pod_agent(
                     .and_then(Result::ok)
                     .map_or_else(|| "none".to_owned(), |p| p.to_string());
                 seen.lock().expect("lock").connections += 1;
-                let Ok(mut conn) = mesh_agent::proxy::hbone::server_handshake(tls, 100).await
+                let Ok(mut conn) = mesh_agent::proxy::hbone::server_handshake(
+                    tls,
+                    100,
+                    mesh_agent::proxy::hbone::CONNECTION_WINDOW,
+                )
+                .await
                 else {
                     return;
                 };
