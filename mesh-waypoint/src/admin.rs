@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use mesh_agent::telemetry::metrics::CONTENT_TYPE;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -27,7 +27,11 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
                 let shared = Arc::clone(&shared);
                 async move { Ok::<_, Infallible>(answer(&shared, &req)) }
             });
+            // A client must send its request's head in time (hyper
+            // applies its header timeout only with a timer).
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(crate::http::HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(tcp), service)
                 .await;
         });

@@ -109,7 +109,11 @@ impl Proxy {
         connector.set_nodelay(true);
         let builder = |http2: bool| {
             let mut b = Client::builder(TokioExecutor::new());
-            b.pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            // The timer runs the pool's idle sweep: without it idle
+            // connections (and the tunnel streams under them) stay until
+            // their endpoint is used again.
+            b.pool_timer(hyper_util::rt::TokioTimer::new())
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
                 .pool_max_idle_per_host(POOL_MAX_IDLE_PER_ENDPOINT)
                 .http2_only(http2);
             b

@@ -23,6 +23,8 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
+use mesh_agent::proxy::limits::StreamPermit;
+
 use crate::{
     client::{BackendBody, ProxyBody},
     l7::route::{Backend, RetryPolicy, Rule, Selection, grpc_status},
@@ -42,6 +44,11 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// ...and dropped when a ping is not answered within this time.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The header naming the client's certificate to the backend.
+const XFCC: &str = "x-forwarded-client-cert";
+/// A mirrored request's exchange (sent, answered, its answer read and
+/// dropped) must end within this time (Envoy's default route timeout).
+pub const MIRROR_TIMEOUT: Duration = Duration::from_secs(15);
 /// Request bodies up to this size (known in advance) are kept for retries;
 /// larger or streamed bodies are sent once.
 pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
@@ -184,6 +191,9 @@ struct Finish {
     /// The response's `grpc-status` (its headers, for a trailers-only
     /// answer, or its trailers).
     grpc_status: Option<u32>,
+    /// A request multiplexed on an inner HTTP/2 connection: its own slots
+    /// of the agent's bounds until its response ends (see [`handle`]).
+    _slot: Option<StreamPermit>,
 }
 
 impl Finish {
@@ -432,29 +442,91 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The protocol an HTTP/1.1 request asks to switch to (`Connection:
-/// upgrade` with an `Upgrade` header, e.g. WebSocket), if any.
-fn upgrade_requested(headers: &HeaderMap) -> Option<HeaderValue> {
+/// What an HTTP/1.1 request's `Connection: upgrade` asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum UpgradeAsked {
+    /// No upgrade, or `h2c`: served as an ordinary request (the upgrade
+    /// headers are hop-by-hop and not forwarded), as Envoy does.
+    None,
+    /// WebSocket, the upgrade Istio's waypoints carry: forwarded.
+    WebSocket(HeaderValue),
+    /// Any other protocol: refused (403), as Envoy refuses an upgrade it
+    /// is not configured for; an opaque channel would take the requests
+    /// after it past routing and policy.
+    Other,
+}
+
+/// The upgrade an HTTP/1.1 request asks for (`Connection: upgrade` with an
+/// `Upgrade` header).
+fn upgrade_requested(headers: &HeaderMap) -> UpgradeAsked {
     let connection_upgrade = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    connection_upgrade
-        .then(|| headers.get(header::UPGRADE).cloned())
-        .flatten()
+    let Some(protocol) = headers.get(header::UPGRADE).filter(|_| connection_upgrade) else {
+        return UpgradeAsked::None;
+    };
+    let token = protocol.to_str().unwrap_or("").trim();
+    if token.eq_ignore_ascii_case("websocket") {
+        UpgradeAsked::WebSocket(protocol.clone())
+    } else if token.eq_ignore_ascii_case("h2c") {
+        UpgradeAsked::None
+    } else {
+        UpgradeAsked::Other
+    }
+}
+
+/// The one authority a request names, which policy, routing, the access
+/// log and the backend all see: the request target's (HTTP/1.1 absolute
+/// form, HTTP/2 `:authority`), else its `Host`. A request naming two cannot
+/// make a policy check one host while the backend serves another, so it
+/// gets 400 (Envoy's detail as the reason): two `Host` headers; an
+/// HTTP/2 `host` that is not its `:authority` (RFC 9113 8.3.1); userinfo
+/// in the authority. In HTTP/1.1 absolute form the target's authority
+/// replaces `Host` (RFC 9112 3.2.2).
+fn request_authority(parts: &mut http::request::Parts) -> Result<String, &'static str> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next().cloned();
+    if hosts.next().is_some() {
+        return Err("multiple_host_headers");
+    }
+    let Some(target) = parts.uri.authority().map(|a| a.as_str().to_owned()) else {
+        return match host {
+            Some(h) => h.to_str().map(str::to_owned).map_err(|_| "invalid_host"),
+            None => Ok(String::new()),
+        };
+    };
+    if target.contains('@') {
+        return Err("userinfo_in_authority");
+    }
+    match host {
+        Some(h) if h.as_bytes().eq_ignore_ascii_case(target.as_bytes()) => {}
+        None => {}
+        Some(_) if parts.version == http::Version::HTTP_2 => {
+            return Err("host_differs_from_authority");
+        }
+        Some(_) => {
+            let v = HeaderValue::from_str(&target).map_err(|_| "invalid_authority")?;
+            parts.headers.insert(header::HOST, v);
+        }
+    }
+    Ok(target)
 }
 
 /// Relays an upgraded connection (after a `101`) between the client and
-/// the backend until either side closes. The tunnel's own bounds (the
-/// agent's per-peer limits, its idle deadline) hold the whole stream.
+/// the backend until either side closes. It holds the tunnel, so the
+/// stream's slots of the agent's bounds (per-peer and global caps) and its
+/// connection's idle deadline count it until it ends.
 fn splice_upgrade(
     client: hyper::upgrade::OnUpgrade,
     backend: hyper::upgrade::OnUpgrade,
     service: String,
+    tunnel: Arc<Tunnel>,
 ) {
     tokio::spawn(async move {
+        let _tunnel = tunnel;
         let (client, backend) = match tokio::join!(client, backend) {
             (Ok(c), Ok(b)) => (c, b),
             (c, b) => {
@@ -493,23 +565,18 @@ async fn handle(
     // An HTTP/1.1 upgrade (WebSocket...): carried to the backend, never
     // retried, mirrored or sent as HTTP/2; the client's side of the
     // switched connection is taken before the request is consumed.
-    let upgrade = (req.version() == http::Version::HTTP_11)
-        .then(|| upgrade_requested(req.headers()))
-        .flatten()
-        .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
+    let asked = if req.version() == http::Version::HTTP_11 {
+        upgrade_requested(req.headers())
+    } else {
+        UpgradeAsked::None
+    };
+    let refuse_upgrade = asked == UpgradeAsked::Other;
+    let upgrade = match asked {
+        UpgradeAsked::WebSocket(protocol) => Some((protocol, hyper::upgrade::on(&mut req))),
+        UpgradeAsked::None | UpgradeAsked::Other => None,
+    };
     let (mut parts, body) = req.into_parts();
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
+    let authority = request_authority(&mut parts);
     let mut finish = Finish {
         shared: Arc::clone(&shared),
         tunnel: Arc::clone(&tunnel),
@@ -519,7 +586,7 @@ async fn handle(
             .uri
             .path_and_query()
             .map_or_else(|| "/".to_owned(), |p| p.to_string()),
-        authority: authority.clone(),
+        authority: authority.clone().unwrap_or_default(),
         route: "-".to_owned(),
         upstream: None,
         _pick: None,
@@ -536,6 +603,7 @@ async fn handle(
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
         grpc_status: None,
+        _slot: None,
     };
     let answer = |mut finish: Finish, status: StatusCode, flags: Flags| {
         finish.status = status;
@@ -557,6 +625,31 @@ async fn handle(
     {
         finish.details = Some("method_not_upper_case".into());
         return answer(finish, StatusCode::BAD_REQUEST, Flags::None);
+    }
+    // A tunnel stream's slots cover one request at a time (HTTP/1.1). The
+    // requests multiplexed on an inner HTTP/2 connection (up to
+    // MAX_INNER_STREAMS) each hold their own, a slot of the peer's stream
+    // cap and one of the global cap, so one tunnel stream cannot open a
+    // hundred backend connections past the bounds.
+    if parts.version == http::Version::HTTP_2 {
+        match shared.bounds.stream(&tunnel.peer_id) {
+            Ok(slot) => finish._slot = Some(slot),
+            Err(refusal) => {
+                finish.details = Some(format!("waypoint_limit_{}", refusal.as_str()));
+                return answer(finish, StatusCode::SERVICE_UNAVAILABLE, Flags::Overflow);
+            }
+        }
+    }
+    let authority = match authority {
+        Ok(a) => a,
+        Err(detail) => {
+            finish.details = Some(detail.into());
+            return answer(finish, StatusCode::BAD_REQUEST, Flags::None);
+        }
+    };
+    if refuse_upgrade {
+        finish.details = Some("upgrade_failed".into());
+        return answer(finish, StatusCode::FORBIDDEN, Flags::None);
     }
     let raw = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let Some(normalized) = mesh_policy::normalize_path(raw) else {
@@ -732,6 +825,14 @@ async fn forward(
         }
     }
     strip_hop_by_hop(&mut parts.headers);
+    // The client's certificate as the waypoint verified it, never as the
+    // client wrote it (Envoy's SANITIZE_SET): the backend's agent sees the
+    // waypoint's identity, so a client's own value would pass as proven.
+    parts.headers.remove(XFCC);
+    if let Ok(v) = HeaderValue::from_str(&format!("By={};URI={}", shared.identity, tunnel.peer_id))
+    {
+        parts.headers.insert(XFCC, v);
+    }
     if !parts.headers.contains_key(header::HOST)
         && let Ok(host) = HeaderValue::from_str(&authority)
     {
@@ -837,7 +938,12 @@ async fn forward(
         Some((_, client_side)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
             let backend_side = hyper::upgrade::on(&mut response);
             let protocol = response.headers().get(header::UPGRADE).cloned();
-            splice_upgrade(client_side, backend_side, upstream.to_string());
+            splice_upgrade(
+                client_side,
+                backend_side,
+                upstream.to_string(),
+                Arc::clone(&tunnel),
+            );
             protocol
         }
         _ => None,
@@ -952,13 +1058,20 @@ fn mirror(
     tokio::spawn(async move {
         let _permit = permit;
         let _pick = pick;
-        let outcome = match sent.await {
-            Ok(r) => {
-                // Drain the answer so that the connection goes back to the pool.
-                let _ = r.into_body().collect().await;
-                "sent"
+        // The answer is read and dropped frame by frame (the connection
+        // goes back to the pool), never held whole, and within
+        // MIRROR_TIMEOUT: a mirror answering slowly or without end cannot
+        // hold a slot of the mirror cap or its pick for longer.
+        let exchange = async {
+            let mut body = sent.await.map_err(|_| "failed")?.into_body();
+            while let Some(frame) = body.frame().await {
+                frame.map_err(|_| "failed")?;
             }
-            Err(_) => "failed",
+            Ok("sent")
+        };
+        let outcome = match tokio::time::timeout(MIRROR_TIMEOUT, exchange).await {
+            Ok(Ok(o) | Err(o)) => o,
+            Err(_) => "timeout",
         };
         shared.metrics.mirror(outcome);
     });
@@ -1089,5 +1202,73 @@ async fn send_with_retries(
             .map_or(25, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let step = base.saturating_mul(1 << (retries - 1).min(3));
         tokio::time::sleep(Duration::from_millis(fastrand::u64(step / 2..=step))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(version: http::Version, uri: &str, hosts: &[&str]) -> http::request::Parts {
+        let mut b = Request::builder().version(version).uri(uri);
+        for h in hosts {
+            b = b.header(header::HOST, *h);
+        }
+        b.body(()).expect("request").into_parts().0
+    }
+
+    #[test]
+    fn a_request_names_one_authority_for_policy_routing_and_the_backend() {
+        const HTTP_11: http::Version = http::Version::HTTP_11;
+        const HTTP_2: http::Version = http::Version::HTTP_2;
+        // Origin form: the Host header.
+        let mut p = parts(HTTP_11, "/a", &["web.shop"]);
+        assert_eq!(request_authority(&mut p), Ok("web.shop".to_owned()));
+        assert_eq!(
+            request_authority(&mut parts(HTTP_11, "/", &[])),
+            Ok(String::new())
+        );
+        // Absolute form: the target's authority, which replaces Host.
+        let mut p = parts(HTTP_11, "http://public.shop/", &["admin.shop"]);
+        assert_eq!(request_authority(&mut p), Ok("public.shop".to_owned()));
+        assert_eq!(p.headers[header::HOST], "public.shop");
+        assert_eq!(p.headers.get_all(header::HOST).iter().count(), 1);
+        // HTTP/2: a host that is not the :authority is malformed; the same
+        // host (any case) is not.
+        let mut p = parts(HTTP_2, "http://public.shop/", &["admin.shop"]);
+        assert_eq!(
+            request_authority(&mut p),
+            Err("host_differs_from_authority")
+        );
+        let mut p = parts(HTTP_2, "http://public.shop/", &["Public.Shop"]);
+        assert_eq!(request_authority(&mut p), Ok("public.shop".to_owned()));
+        // Two Host headers, userinfo.
+        let mut p = parts(HTTP_11, "/", &["public.shop", "admin.shop"]);
+        assert_eq!(request_authority(&mut p), Err("multiple_host_headers"));
+        let mut p = parts(HTTP_11, "http://x@admin.shop/", &[]);
+        assert_eq!(request_authority(&mut p), Err("userinfo_in_authority"));
+    }
+
+    #[test]
+    fn only_websocket_upgrades_are_carried() {
+        let asked = |upgrade: &str, connection: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::UPGRADE,
+                HeaderValue::from_str(upgrade).expect("value"),
+            );
+            h.insert(
+                header::CONNECTION,
+                HeaderValue::from_str(connection).expect("value"),
+            );
+            upgrade_requested(&h)
+        };
+        assert_eq!(
+            asked("WebSocket", "keep-alive, Upgrade"),
+            UpgradeAsked::WebSocket(HeaderValue::from_static("WebSocket"))
+        );
+        assert_eq!(asked("h2c", "Upgrade, HTTP2-Settings"), UpgradeAsked::None);
+        assert_eq!(asked("echo", "upgrade"), UpgradeAsked::Other);
+        assert_eq!(asked("websocket", "keep-alive"), UpgradeAsked::None);
     }
 }

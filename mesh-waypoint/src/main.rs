@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use mesh_agent::proxy::limits::{LimitOverrides, Limits};
 use mesh_agent::{
     identity::{IssuerArgs, IssuerConfig, Requester, SpiffeId, TrustDomain},
     state::{Store, WaypointRef},
@@ -122,19 +123,26 @@ async fn main() -> anyhow::Result<()> {
     }
     let describe = provider.describe();
     tracing::info!(identity = %identity, issuer = %describe.kind, endpoint = %describe.endpoint, "waypoint identity");
+    // As the agent: the soft RLIMIT_NOFILE raised to the hard limit, and
+    // the connection caps sized from it (not from an assumed 65 536).
+    let (limits, fd_limit) = Limits::for_this_process(&LimitOverrides::default());
+    tracing::info!(
+        fd_limit = fd_limit.soft,
+        max_connections = limits.max_connections,
+        "resource limits"
+    );
     let cancel = CancellationToken::new();
-    let running = match args.config.clone().filter(|_| !args.kube) {
-        Some(config_path) => {
-            let config = WaypointConfig::load(&config_path)?;
-            let running =
-                mesh_waypoint::start(identity, provider, &config, args.listen, args.admin).await?;
-            tokio::spawn(mesh_waypoint::watch_config(
-                Arc::clone(&running.shared),
-                config_path,
-                std::time::Duration::from_secs(2),
-            ));
-            running
-        }
+    // What the configuration comes from, and is followed in.
+    enum Source {
+        File(PathBuf),
+        Kube(Store, WaypointRef),
+    }
+    let mut _kube_source = None;
+    let (config, source) = match args.config.clone().filter(|_| !args.kube) {
+        Some(config_path) => (
+            WaypointConfig::load(&config_path)?,
+            Source::File(config_path),
+        ),
         None => {
             let me = WaypointRef {
                 namespace: args.waypoint_namespace.clone(),
@@ -143,28 +151,45 @@ async fn main() -> anyhow::Result<()> {
             let client = client(args.api_server.as_deref()).await?;
             let store = Store::with_root_namespace(&args.root_namespace);
             tracing::info!(waypoint = %me, "kubernetes mode: waiting for the first sync");
-            let _source = mesh_agent::sync::kube::start(
-                client,
-                KubeConfig::observer(),
-                store.clone(),
-                cancel.clone(),
-            )
-            .await?;
+            _kube_source = Some(
+                mesh_agent::sync::kube::start(
+                    client,
+                    KubeConfig::observer(),
+                    store.clone(),
+                    cancel.clone(),
+                )
+                .await?,
+            );
             let config = mesh_waypoint::kube::config_from_snapshot(
                 &store.current(),
                 &me,
                 store.root_namespace(),
             );
-            let running =
-                mesh_waypoint::start(identity, provider, &config, args.listen, args.admin).await?;
-            tokio::spawn(mesh_waypoint::kube::follow(
-                store,
-                Arc::clone(&running.shared),
-                me,
-                cancel.clone(),
-            ));
-            running
+            (config, Source::Kube(store, me))
         }
+    };
+    let running = mesh_waypoint::start_with_limits(
+        identity,
+        provider,
+        &config,
+        args.listen,
+        args.admin,
+        limits,
+    )
+    .await?;
+    let shared = Arc::clone(&running.shared);
+    match source {
+        Source::File(path) => tokio::spawn(mesh_waypoint::watch_config(
+            shared,
+            path,
+            std::time::Duration::from_secs(2),
+        )),
+        Source::Kube(store, me) => tokio::spawn(mesh_waypoint::kube::follow(
+            store,
+            shared,
+            me,
+            cancel.clone(),
+        )),
     };
     if let Some(endpoint) = &args.otlp_endpoint {
         running

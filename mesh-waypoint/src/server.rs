@@ -12,7 +12,7 @@ use mesh_agent::{
     identity::{SpiffeId, describe_tls_error, peer_identity},
     proxy::{
         hbone,
-        limits::{Activity, Expiry, GOAWAY_GRACE},
+        limits::{Activity, ActivityGuard, Expiry, GOAWAY_GRACE, StreamPermit},
     },
     telemetry::PeerLabels,
 };
@@ -157,13 +157,10 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
                     hbone::respond_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
                     continue;
                 };
-                let open = activity.stream();
+                let slots = (permit, activity.stream());
                 let shared = Arc::clone(&shared);
                 let peer_id = peer_id.clone();
-                tokio::spawn(async move {
-                    let _slots = (permit, open);
-                    stream(shared, req, respond, peer, peer_id).await;
-                });
+                tokio::spawn(stream(shared, req, respond, peer, peer_id, slots));
             }
             Err(e) => {
                 tracing::debug!(src = %peer, error = %e, "HBONE connection ended");
@@ -234,6 +231,7 @@ async fn stream(
     mut respond: h2::server::SendResponse<Bytes>,
     peer: SocketAddr,
     peer_id: SpiffeId,
+    slots: (StreamPermit, ActivityGuard),
 ) {
     let Ok(vip) = hbone::connect_target(&req) else {
         tracing::info!(src = %peer, src_identity = %peer_id, method = %req.method(), uri = %req.uri(), "tunnel refused: not a CONNECT to an address");
@@ -260,6 +258,7 @@ async fn stream(
         peer,
         peer_id,
         source,
+        slots,
     });
     inner_stream(shared, tunnel, inner).await;
 }

@@ -10,7 +10,7 @@ use std::{
 
 use mesh_agent::{
     identity::{MeshTls, SpiffeId, TrustDomain},
-    proxy::limits::{Bounds, Limits},
+    proxy::limits::{ActivityGuard, Bounds, Limits, StreamPermit},
     telemetry::PeerLabels,
 };
 
@@ -259,4 +259,9 @@ pub struct Tunnel {
     pub peer_id: SpiffeId,
     /// Its telemetry labels.
     pub source: PeerLabels,
+    /// The stream's slots of the agent's bounds (its peer's stream cap, the
+    /// global cap) and its mark on its connection's idle deadline: held as
+    /// long as anything serving the stream holds the tunnel, an upgraded
+    /// connection's relay included.
+    pub slots: (StreamPermit, ActivityGuard),
 }

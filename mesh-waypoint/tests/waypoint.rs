@@ -1273,6 +1273,66 @@ routes:
     }
 }
 
+/// Requests multiplexed on an inner HTTP/2 connection each hold a slot of
+/// the peer's stream cap while they are answered (one tunnel stream cannot
+/// carry a hundred backend connections past the bounds); the slot comes
+/// back with the answer. The backend gets the client's certificate as the
+/// waypoint verified it, never the client's own `x-forwarded-client-cert`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inner_http2_requests_hold_slots_of_the_peers_stream_cap() {
+    let b = backends().await;
+    let ca = issuer();
+    let limits = mesh_agent::proxy::limits::Limits {
+        max_streams_per_peer: 2,
+        ..Default::default()
+    };
+    let w = waypoint_with_limits(ca.clone(), &config(&b), limits).await;
+    let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
+    // The tunnel stream holds one slot, a request the other.
+    let mut c = client.http(vip(WEB_VIP), true).await;
+    let forged = (
+        "x-forwarded-client-cert",
+        "URI=spiffe://cluster.local/ns/default/sa/admin",
+    );
+    let a = c.get("/only-v1", &[forged]).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(
+        a.headers["x-echo-x-forwarded-client-cert"],
+        format!("By={WAYPOINT_ID};URI={CLIENT_ID}").as_str()
+    );
+    let HttpClient::H2(sender) = &c else {
+        panic!("an HTTP/2 client")
+    };
+    let mut hanging = sender.clone();
+    let req = http::Request::get("http://web.default.svc.cluster.local/hang")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let held = tokio::spawn(async move { hanging.send_request(req).await });
+    // While it hangs, the peer's two slots are taken.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = c.get("/only-v1", &[]).await;
+        if a.status == 503 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never refused: {a:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    held.abort();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = c.get("/only-v1", &[]).await;
+        if a.status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot never came back: {a:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The agent's connection bounds apply: a peer identity holding its maximum
 /// of HBONE connections gets no more, other identities are unaffected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1283,12 +1343,7 @@ async fn a_peer_at_its_connection_limit_is_refused_others_are_not() {
         max_connections_per_peer: 1,
         ..Default::default()
     };
-    let config = mesh_waypoint::config::WaypointConfig::parse(&config(&b)).expect("config");
-    let id = SpiffeId::parse(WAYPOINT_ID).expect("id");
-    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-    let w = mesh_waypoint::start_with_limits(id, ca.clone(), &config, any, any, limits)
-        .await
-        .expect("start");
+    let w = waypoint_with_limits(ca.clone(), &config(&b), limits).await;
     let client = MeshClient::new(ca.clone(), CLIENT_ID, w.hbone).await;
     let first = client.tunnel(vip(WEB_VIP)).await.expect("first tunnel");
     assert!(
@@ -1366,7 +1421,14 @@ async fn upgrade_backend() -> SocketAddr {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let head = read_head(&mut s).await.to_ascii_lowercase();
-                if !(head.contains("upgrade: echo") && head.contains("connection: upgrade")) {
+                // The client's certificate as the waypoint verified it, not
+                // the client's own claim.
+                let xfcc = format!("x-forwarded-client-cert: by={WAYPOINT_ID};uri={CLIENT_ID}\r\n");
+                if !(head.contains("upgrade: websocket")
+                    && head.contains("connection: upgrade")
+                    && head.contains(&xfcc)
+                    && !head.contains("sa/admin"))
+                {
                     let _ = s
                         .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
                         .await;
@@ -1374,7 +1436,7 @@ async fn upgrade_backend() -> SocketAddr {
                 }
                 let _ = s
                     .write_all(
-                        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+                        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
                     )
                     .await;
                 let (mut r, mut w) = s.split();
@@ -1383,6 +1445,17 @@ async fn upgrade_backend() -> SocketAddr {
         }
     });
     addr
+}
+
+/// Writes `message` on `io` and reads it back.
+async fn echo(io: &mut tokio::io::DuplexStream, message: &[u8]) {
+    io.write_all(message).await.expect("write");
+    let mut back = vec![0u8; message.len()];
+    tokio::time::timeout(Duration::from_secs(10), io.read_exact(&mut back))
+        .await
+        .expect("echo timed out")
+        .expect("echo");
+    assert_eq!(back, message);
 }
 
 /// Reads an HTTP head (up to the blank line) byte by byte.
@@ -1398,9 +1471,13 @@ async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
     String::from_utf8_lossy(&head).into_owned()
 }
 
-/// An HTTP/1.1 upgrade (WebSocket's mechanism) goes through the waypoint:
-/// the backend's 101 reaches the client with the Upgrade headers, and the
-/// bytes after it are relayed both ways; the request is counted with 101.
+/// An HTTP/1.1 WebSocket upgrade goes through the waypoint: the backend's
+/// 101 reaches the client with the Upgrade headers, and the bytes after it
+/// are relayed both ways; the request is counted with 101. The relay holds
+/// the tunnel stream's slot of the per-peer cap and keeps its connection
+/// from the idle deadline for as long as it lives. Another upgrade is
+/// refused (403, as Envoy); the backend gets the client's certificate as
+/// verified, never the client's own `x-forwarded-client-cert`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_upgrade_switches_protocols_end_to_end() {
     let backend = upgrade_backend().await;
@@ -1417,10 +1494,33 @@ services:
         backend.port()
     );
     let ca = issuer();
-    let w = waypoint(ca.clone(), &config).await;
+    let limits = mesh_agent::proxy::limits::Limits {
+        max_streams_per_peer: 1,
+        idle_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let w = waypoint_with_limits(ca.clone(), &config, limits).await;
+    let other = MeshClient::new(
+        ca.clone(),
+        "spiffe://cluster.local/ns/default/sa/other",
+        w.hbone,
+    )
+    .await;
+    let mut io = other.tunnel(vip("10.96.7.10:80")).await.expect("tunnel");
+    io.write_all(b"GET /chat HTTP/1.1\r\nhost: ws\r\nconnection: Upgrade\r\nupgrade: echo\r\n\r\n")
+        .await
+        .expect("request");
+    let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut io))
+        .await
+        .expect("no answer to the upgrade");
+    assert!(
+        head.to_ascii_lowercase().starts_with("http/1.1 403"),
+        "{head}"
+    );
+
     let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
     let mut io = client.tunnel(vip("10.96.7.10:80")).await.expect("tunnel");
-    io.write_all(b"GET /chat HTTP/1.1\r\nhost: ws\r\nconnection: Upgrade\r\nupgrade: echo\r\n\r\n")
+    io.write_all(b"GET /chat HTTP/1.1\r\nhost: ws\r\nconnection: Upgrade\r\nupgrade: websocket\r\nx-forwarded-client-cert: URI=spiffe://cluster.local/ns/default/sa/admin\r\n\r\n")
         .await
         .expect("request");
     let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut io))
@@ -1428,17 +1528,24 @@ services:
         .expect("no answer to the upgrade");
     let lower = head.to_ascii_lowercase();
     assert!(lower.starts_with("http/1.1 101"), "{head}");
-    assert!(lower.contains("upgrade: echo"), "{head}");
+    assert!(lower.contains("upgrade: websocket"), "{head}");
     assert!(lower.contains("connection: upgrade"), "{head}");
-    for message in [&b"ping"[..], &[0u8, 1, 2, 255][..], &vec![7u8; 100_000][..]] {
-        io.write_all(message).await.expect("write");
-        let mut back = vec![0u8; message.len()];
-        tokio::time::timeout(Duration::from_secs(10), io.read_exact(&mut back))
-            .await
-            .expect("echo timed out")
-            .expect("echo");
-        assert_eq!(back, message);
+    for message in [b"ping".to_vec(), vec![0u8, 1, 2, 255], vec![7u8; 100_000]] {
+        echo(&mut io, &message).await;
     }
+    // The upgraded stream holds the client's one stream slot.
+    assert_eq!(
+        client.tunnel(vip("10.96.7.10:80")).await.err().as_deref(),
+        Some("CONNECT answered 503 Service Unavailable"),
+        "a second stream while the upgraded one holds the peer's only slot"
+    );
+    // Past the idle deadline (1 s) and the GOAWAY's grace (5 s) it goes on:
+    // an open upgraded stream is not an idle connection.
+    tokio::time::sleep(
+        Duration::from_secs(1) + mesh_agent::proxy::limits::GOAWAY_GRACE + Duration::from_secs(1),
+    )
+    .await;
+    echo(&mut io, b"still there").await;
     let metrics = wait_metrics(w.admin, |m| m.contains("response_code=\"101\"")).await;
     assert!(
         requests_total(&metrics)

@@ -142,10 +142,20 @@ pub async fn echo_backend() -> SocketAddr {
 
 /// The waypoint, started in-process with `config` and a certificate of `ca`.
 pub async fn waypoint(ca: Arc<LocalCa>, config: &str) -> Running {
+    waypoint_with_limits(ca, config, mesh_agent::proxy::limits::Limits::default()).await
+}
+
+/// [`waypoint`] bounded by `limits`.
+pub async fn waypoint_with_limits(
+    ca: Arc<LocalCa>,
+    config: &str,
+    limits: mesh_agent::proxy::limits::Limits,
+) -> Running {
     let config = WaypointConfig::parse(config).expect("config");
     let id = SpiffeId::parse(WAYPOINT_ID).expect("id");
     let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-    mesh_waypoint::start(id, ca as Arc<dyn CertificateProvider>, &config, any, any)
+    let ca = ca as Arc<dyn CertificateProvider>;
+    mesh_waypoint::start_with_limits(id, ca, &config, any, any, limits)
         .await
         .expect("start")
 }
