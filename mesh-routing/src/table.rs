@@ -200,6 +200,11 @@ struct RuleSet {
     name: Arc<str>,
     namespace: String,
     export: Export,
+    /// In the service's namespace or the root namespace: a candidate for
+    /// every client it is exported to. A rule in another namespace applies
+    /// to its own namespace's clients only (Istio's lookup: the client's
+    /// namespace, the service's, the root namespace).
+    for_every_client: bool,
     whole: Vec<(u16, Arc<Dest>)>,
     subsets: HashMap<String, Vec<(u16, Arc<Dest>)>>,
 }
@@ -493,6 +498,8 @@ impl Compiler<'_> {
             name: rule_name.clone(),
             namespace: ns.into(),
             export: Export::parse(&spec.export_to, ns),
+            // Set once the root namespace's rank is known (`compile`).
+            for_every_client: false,
             whole,
             subsets: by_subset,
         };
@@ -1168,6 +1175,9 @@ pub fn compile(objects: Objects<'_>, services: Vec<ServiceInput>, opts: &Options
         let rank = |ns: &str| u8::from(ns != own) + u8::from(ns != root && ns != own);
         s.routes.sort_by_key(|r| rank(&r.namespace));
         s.rules.sort_by_key(|r| rank(&r.namespace));
+        for r in &mut s.rules {
+            r.for_every_client = rank(&r.namespace) < 2;
+        }
     }
     // Objects are not merged: where several route one service (or several
     // rules cover one host), one applies per client; say so on the others.
@@ -1187,6 +1197,16 @@ pub fn compile(objects: Objects<'_>, services: Vec<ServiceInput>, opts: &Options
                 message: format!(
                     "service {} is also routed by {}, which takes precedence for clients that see both (route objects are not merged)",
                     s.key, routes[0]
+                ),
+            }));
+        }
+        for other in s.rules.iter().filter(|r| !r.for_every_client) {
+            let (ns, name) = other.name.split_once('/').unwrap_or(("", &other.name));
+            shadowed.push((Kind::DestinationRule, ns.into(), name.into(), Warning {
+                field: "metadata.namespace".into(),
+                message: format!(
+                    "applies to the clients of namespace {} only: a DestinationRule for service {} applies to every client only from the service's namespace or the root namespace",
+                    other.namespace, s.key
                 ),
             }));
         }
@@ -1414,7 +1434,8 @@ impl RouteTable {
                 .ok_or(DestError::NoPort)
         };
         let rule = pick_visible(&s.rules, client_ns, |r| {
-            (r.namespace.as_str(), &r.export, true)
+            let candidate = r.for_every_client || r.namespace == client_ns;
+            (r.namespace.as_str(), &r.export, candidate)
         });
         match (subset, rule) {
             (None, None) => find(&s.plain),

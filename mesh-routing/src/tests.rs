@@ -1011,3 +1011,40 @@ spec:
         .unwrap();
     assert_eq!(r.route, None);
 }
+
+/// Istio looks a service's DestinationRule up in the client's namespace,
+/// the service's, and the root namespace. A rule in any other namespace
+/// cannot govern the service for every client (a tenant could set another
+/// tenant's connection limits, timeouts or ejection): it applies to its own
+/// namespace's clients only, and says so.
+#[test]
+fn a_destination_rule_from_a_third_namespace_applies_to_its_own_clients_only() {
+    let dr = |ns: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: r, namespace: {ns}}}\nspec:\n  host: web.shop.svc.cluster.local\n  trafficPolicy: {{connectionPool: {{tcp: {{maxConnections: 1}}}}}}\n"
+        )
+    };
+    let rule_for = |t: &RouteTable, client: &'static str| {
+        let r = t
+            .route(&Client::new(client).to("10.96.0.10:80"), 0)
+            .unwrap()
+            .unwrap();
+        r.dest.rule.as_deref().map(str::to_owned)
+    };
+    let t = table(&dr("evil"), "", "");
+    assert_eq!(rule_for(&t, "evil").as_deref(), Some("evil/r"));
+    assert_eq!(rule_for(&t, "shop"), None);
+    assert_eq!(rule_for(&t, "other"), None);
+    let o = t.report().get(Kind::DestinationRule, "evil", "r").unwrap();
+    assert!(
+        o.warnings
+            .iter()
+            .any(|w| w.message.contains("clients of namespace evil only")),
+        "{o:?}"
+    );
+    // From the root namespace (and the service's), for every client.
+    let t = table(&dr("istio-system"), "", "");
+    assert_eq!(rule_for(&t, "other").as_deref(), Some("istio-system/r"));
+    let t = table(&dr("shop"), "", "");
+    assert_eq!(rule_for(&t, "other").as_deref(), Some("shop/r"));
+}
