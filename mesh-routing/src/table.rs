@@ -80,15 +80,19 @@ pub struct Objects<'a> {
     pub tcp_routes: &'a [Value],
 }
 
-/// Namespaces an object is visible to.
+/// Namespaces an object is visible to (Istio's `exportTo`; a GAMMA
+/// consumer route's own namespace).
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Export {
+pub enum Export {
+    /// Every namespace (`*`, or no `exportTo`).
     All,
+    /// These namespaces only.
     Only(Vec<String>),
 }
 
 impl Export {
-    fn parse(list: &[String], own: &str) -> Self {
+    /// `exportTo` of an object in namespace `own`: `.` is `own`, `~` none.
+    pub fn parse(list: &[String], own: &str) -> Self {
         if list.is_empty() || list.iter().any(|n| n == "*") {
             return Self::All;
         }
@@ -99,7 +103,8 @@ impl Export {
                 .collect(),
         )
     }
-    fn visible_to(&self, ns: &str) -> bool {
+    /// Whether clients of namespace `ns` see the object.
+    pub fn visible_to(&self, ns: &str) -> bool {
         match self {
             Self::All => true,
             Self::Only(list) => list.iter().any(|n| n == ns),

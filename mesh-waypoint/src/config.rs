@@ -588,7 +588,11 @@ pub struct VirtualServiceSpec {
     /// The HTTP routes, first match wins.
     #[serde(default)]
     pub http: Vec<VsHttpRoute>,
-    /// `tcp`, `tls`, `exportTo` and anything else.
+    /// The namespaces whose clients see the routes (`.` its own, `*` or
+    /// absent: all).
+    #[serde(default)]
+    pub export_to: Vec<String>,
+    /// `tcp`, `tls` and anything else.
     #[serde(flatten)]
     pub other: Other,
 }

@@ -714,9 +714,11 @@ async fn handle(
             return forward(shared, tunnel, parts, body, upgrade, finish, None, upstream).await;
         }
     };
+    // The client's namespace from its verified identity (not its baggage).
     let selection = active.routes.select(
         service,
         target.port.port,
+        tunnel.peer_id.namespace(),
         &parts.method,
         &parts.uri,
         &parts.headers,

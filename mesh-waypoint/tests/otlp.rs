@@ -50,19 +50,6 @@ async fn collector() -> (
     (addr, rx)
 }
 
-fn backend_config(port: u16) -> String {
-    format!(
-        r#"
-services:
-  - name: web
-    namespace: default
-    addresses: [10.96.0.10]
-    ports: [{{ port: 80 }}]
-    endpoints: [{{ address: 127.0.0.1, port: {port}, workload: web-v1, serviceAccount: web, labels: {{ app: web, version: v1 }} }}]
-"#
-    )
-}
-
 const VIP: &str = "10.96.0.10:80";
 const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";

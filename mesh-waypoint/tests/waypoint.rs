@@ -1280,13 +1280,15 @@ routes:
 /// waypoint verified it, never the client's own `x-forwarded-client-cert`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inner_http2_requests_hold_slots_of_the_peers_stream_cap() {
-    let b = backends().await;
+    let v1 = http_backend("v1").await;
+    // No route: a request under /hang waits for the backend for ever.
+    let config = backend_config(v1.port());
     let ca = issuer();
     let limits = mesh_agent::proxy::limits::Limits {
         max_streams_per_peer: 2,
         ..Default::default()
     };
-    let w = waypoint_with_limits(ca.clone(), &config(&b), limits).await;
+    let w = waypoint_with_limits(ca.clone(), &config, limits).await;
     let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
     // The tunnel stream holds one slot, a request the other.
     let mut c = client.http(vip(WEB_VIP), true).await;
@@ -1307,7 +1309,10 @@ async fn inner_http2_requests_hold_slots_of_the_peers_stream_cap() {
     let req = http::Request::get("http://web.default.svc.cluster.local/hang")
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .expect("request");
-    let held = tokio::spawn(async move { hanging.send_request(req).await });
+    let held = tokio::spawn(async move {
+        hanging.ready().await.expect("h2 ready");
+        hanging.send_request(req).await
+    });
     // While it hangs, the peer's two slots are taken.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -1315,7 +1320,11 @@ async fn inner_http2_requests_hold_slots_of_the_peers_stream_cap() {
         if a.status == 503 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "never refused: {a:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never refused: {a:?}, hanging request ended: {}",
+            held.is_finished()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     held.abort();
@@ -1553,4 +1562,129 @@ services:
             .any(|(l, n)| l.get("response_code").map(String::as_str) == Some("101") && *n == 1),
         "{metrics}"
     );
+}
+
+/// GAMMA: an HTTPRoute in another namespace than its parent Service (a
+/// consumer route) routes the clients of its own namespace only; the
+/// producer route (in the Service's namespace) routes everyone else. A
+/// backend in another namespace than its route needs a ReferenceGrant,
+/// which the waypoint does not read: refused. A VirtualService routes the
+/// clients its `exportTo` names only. The client's namespace is its
+/// verified identity's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_from_other_namespaces_route_their_own_clients_only() {
+    let (v1, v2, thief) = (
+        http_backend("v1").await,
+        http_backend("v2").await,
+        http_backend("thief").await,
+    );
+    let config = format!(
+        r#"
+services:
+  - name: web
+    namespace: default
+    addresses: [10.96.8.10]
+    ports: [{{ port: 80 }}]
+    endpoints: [{{ address: 127.0.0.1, port: {v1}, workload: web-v1 }}]
+  - name: api
+    namespace: default
+    addresses: [10.96.8.11]
+    ports: [{{ port: 80 }}]
+    endpoints: [{{ address: 127.0.0.1, port: {v1}, workload: web-v1 }}]
+  - name: web-v2
+    namespace: default
+    ports: [{{ port: 80 }}]
+    endpoints: [{{ address: 127.0.0.1, port: {v2}, workload: web-v2 }}]
+  - name: collector
+    namespace: evil
+    ports: [{{ port: 80 }}]
+    endpoints: [{{ address: 127.0.0.1, port: {thief}, workload: thief }}]
+routes:
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: {{ name: web, namespace: default }}
+    spec:
+      parentRefs: [{{ group: "", kind: Service, name: web, port: 80 }}]
+      rules:
+        - matches: [{{ path: {{ type: PathPrefix, value: /cross }} }}]
+          backendRefs: [{{ name: collector, namespace: evil, port: 80 }}]
+        - backendRefs: [{{ name: web, port: 80 }}]
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: {{ name: steal, namespace: evil }}
+    spec:
+      parentRefs: [{{ group: "", kind: Service, name: web, namespace: default, port: 80 }}]
+      rules:
+        - matches: [{{ path: {{ type: PathPrefix, value: /account }} }}]
+          backendRefs: [{{ name: collector, port: 80 }}]
+  - apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {{ name: api, namespace: default }}
+    spec:
+      hosts: [api]
+      http:
+        - route: [{{ destination: {{ host: web-v2 }} }}]
+  - apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {{ name: mine, namespace: other }}
+    spec:
+      hosts: [api.default.svc.cluster.local]
+      exportTo: ["."]
+      http:
+        - route: [{{ destination: {{ host: web.default.svc.cluster.local }} }}]
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: {{ name: steal-api, namespace: evil }}
+    spec:
+      parentRefs: [{{ group: "", kind: Service, name: api, namespace: default, port: 80 }}]
+      rules:
+        - backendRefs: [{{ name: collector, port: 80 }}]
+"#,
+        v1 = v1.port(),
+        v2 = v2.port(),
+        thief = thief.port(),
+    );
+    let ca = issuer();
+    let w = waypoint(ca.clone(), &config).await;
+    let get = |id: &'static str, target: &'static str, path: &'static str| {
+        let ca = ca.clone();
+        async move {
+            let client = MeshClient::new(ca, id, w.hbone).await;
+            let mut c = client.http(vip(target), false).await;
+            c.get(path, &[]).await
+        }
+    };
+    let thief_id = "spiffe://cluster.local/ns/evil/sa/thief";
+    let other_id = "spiffe://cluster.local/ns/other/sa/app";
+    // The producer route for the Service's own clients and any other's,
+    // though the consumer route's match is the more specific...
+    let a = get(CLIENT_ID, "10.96.8.10:80", "/account").await;
+    assert_eq!((a.status.as_u16(), backend(&a)), (200, "v1"), "{a:?}");
+    let a = get(other_id, "10.96.8.10:80", "/account").await;
+    assert_eq!((a.status.as_u16(), backend(&a)), (200, "v1"), "{a:?}");
+    // ...the consumer route for its own namespace's.
+    let a = get(thief_id, "10.96.8.10:80", "/account").await;
+    assert_eq!((a.status.as_u16(), backend(&a)), (200, "thief"), "{a:?}");
+    // A backend in another namespace than the route: refused.
+    let a = get(CLIENT_ID, "10.96.8.10:80", "/cross").await;
+    assert_ne!(backend(&a), "thief", "{a:?}");
+    assert_eq!(a.status.as_u16(), 500, "{a:?}");
+    let dump = admin_get(w.admin, "/config_dump").await;
+    assert!(dump.contains("ReferenceGrant"), "{dump}");
+    // VirtualServices: `other`'s (exportTo ".") for `other`'s clients, the
+    // service's own for the rest; evil's consumer HTTPRoute on the same
+    // port routes evil's clients and takes neither away from the others.
+    for (id, expected) in [
+        (CLIENT_ID, "v2"),
+        ("spiffe://cluster.local/ns/third/sa/app", "v2"),
+        (other_id, "v1"),
+        (thief_id, "thief"),
+    ] {
+        let a = get(id, "10.96.8.11:80", "/").await;
+        assert_eq!(
+            (a.status.as_u16(), backend(&a)),
+            (200, expected),
+            "{id}: {a:?}"
+        );
+    }
 }

@@ -38,11 +38,19 @@ impl RouteTable {
             entries.sort_by(|a, b| b.m.rank().cmp(&a.m.rank()).then_with(|| a.tie.cmp(&b.tie)));
         }
         // Istio: HTTPRoutes and VirtualServices on one service port do not
-        // merge; the HTTPRoutes are used.
+        // merge; a producer HTTPRoute (every client sees it) is used. A
+        // consumer route, seen by its own namespace only, cannot take the
+        // VirtualServices from the others: `RouteTable::select` decides.
         let shadowed: Vec<(ServiceKey, u16)> = table
             .ordered
             .keys()
-            .filter(|k| table.ports.contains_key(*k))
+            .filter(|k| {
+                table.ports.get(*k).is_some_and(|entries| {
+                    entries
+                        .iter()
+                        .any(|e| e.visible == mesh_routing::Export::All)
+                })
+            })
             .cloned()
             .collect();
         for (svc, port) in shadowed {

@@ -24,6 +24,7 @@
 use std::{collections::HashMap, fmt, sync::Arc, time::Duration};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use mesh_routing::Export;
 use regex::Regex;
 use serde::Serialize;
 
@@ -533,8 +534,35 @@ impl Match {
 pub(crate) struct Entry {
     pub(crate) m: Match,
     pub(crate) rule: Arc<Rule>,
+    /// The route's namespace.
+    pub(crate) namespace: String,
+    /// The clients' namespaces that see it: all for a producer route (in
+    /// the Service's namespace), the route's own for a consumer route
+    /// (GAMMA); a VirtualService's `exportTo`.
+    pub(crate) visible: Export,
     /// (creationTimestamp, namespace/name, rule index): ascending wins ties.
     pub(crate) tie: (String, String, usize),
+}
+
+/// The `entries` clients of `client_ns` see, in order: only their own
+/// namespace's if it has any; `None` if they see none.
+fn visible_to<'a, 'n>(
+    entries: Option<&'a Vec<Entry>>,
+    client_ns: &'n str,
+) -> Option<std::iter::Peekable<impl Iterator<Item = &'a Entry> + use<'a, 'n>>> {
+    let entries = entries?;
+    let seen = move |e: &&Entry| e.visible.visible_to(client_ns);
+    let own = entries
+        .iter()
+        .filter(seen)
+        .any(|e| e.namespace == client_ns);
+    let mut visible = entries
+        .iter()
+        .filter(seen)
+        .filter(move |e| !own || e.namespace == client_ns)
+        .peekable();
+    visible.peek()?;
+    Some(visible)
 }
 
 /// What a request gets from the routes of its service port.
@@ -561,21 +589,32 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// The routing decision for a request to `service`:`port`.
+    /// The routing decision for a request to `service`:`port` from a client
+    /// of namespace `client_ns` (from its verified identity). Only routes
+    /// the client sees count: a consumer route (GAMMA: in another namespace
+    /// than the Service) routes its own namespace's clients only, and a
+    /// VirtualService the namespaces of its `exportTo`. Where the client's
+    /// own namespace has routes for the port, they replace the others for
+    /// it (as a consumer route overrides the producer's, and as Istio
+    /// prefers the client's namespace's VirtualService).
     pub fn select(
         &self,
         service: &ServiceKey,
         port: u16,
+        client_ns: &str,
         method: &Method,
         uri: &http::Uri,
         headers: &HeaderMap,
     ) -> Selection<'_> {
         let key = (service.clone(), port);
-        let Some(entries) = self.ports.get(&key).or_else(|| self.ordered.get(&key)) else {
+        // HTTPRoutes the client sees, else VirtualServices it sees (they do
+        // not merge), else the service itself.
+        let Some(mut visible) = visible_to(self.ports.get(&key), client_ns)
+            .or_else(|| visible_to(self.ordered.get(&key), client_ns))
+        else {
             return Selection::Default;
         };
-        entries
-            .iter()
+        visible
             .find(|e| e.m.matches(method, uri, headers))
             .map_or(Selection::NoMatch, |e| Selection::Rule(&e.rule))
     }
@@ -699,15 +738,29 @@ impl RouteTable {
                 );
                 continue;
             };
+            // GAMMA: a route in the Service's namespace (producer) routes
+            // every client; one in another namespace (consumer), the
+            // clients of its own namespace only.
+            let visible = if key.namespace == namespace {
+                Export::All
+            } else {
+                Export::Only(vec![namespace.clone()])
+            };
             match parent.port {
-                Some(p) if svc.ports.iter().any(|sp| sp.port == p) => parents.push((key, p)),
+                Some(p) if svc.ports.iter().any(|sp| sp.port == p) => {
+                    parents.push((key, p, visible));
+                }
                 Some(p) => self.report(
                     &id,
                     at,
                     format!("Service {key} has no port {p}"),
                     Effect::ParentNotAttached,
                 ),
-                None => parents.extend(svc.ports.iter().map(|sp| (key.clone(), sp.port))),
+                None => parents.extend(
+                    svc.ports
+                        .iter()
+                        .map(|sp| (key.clone(), sp.port, visible.clone())),
+                ),
             }
         }
         if parents.is_empty() {
@@ -724,13 +777,16 @@ impl RouteTable {
             let (rule, matches) = self.compile_rule(services, &id, &namespace, &at, index, spec);
             let rule = Arc::new(rule);
             for m in &matches {
-                for port in &parents {
+                for (service, port, visible) in &parents {
                     let entry = Entry {
                         m: match_clone(m),
                         rule: Arc::clone(&rule),
+                        namespace: namespace.clone(),
+                        visible: visible.clone(),
                         tie: (created.clone(), id.clone(), index),
                     };
-                    self.ports.entry(port.clone()).or_default().push(entry);
+                    let at = (service.clone(), *port);
+                    self.ports.entry(at).or_default().push(entry);
                 }
             }
         }
@@ -1200,6 +1256,14 @@ pub(crate) fn resolve_backend(
         namespace: b.namespace.clone().unwrap_or_else(|| namespace.to_owned()),
         name: b.name.clone(),
     };
+    // Gateway API: a backend in another namespace than the route's needs
+    // that namespace's ReferenceGrant, which this waypoint does not read:
+    // refused, so no route can send traffic into a namespace uninvited.
+    if key.namespace != namespace {
+        return Err(format!(
+            "backend Service {key} is in another namespace than the route: that needs a ReferenceGrant, which this waypoint does not support"
+        ));
+    }
     let Some(port) = b.port else {
         return Err(format!(
             "backendRef to Service {key} has no port (required for a Service)"
@@ -1334,7 +1398,14 @@ routes:
                 HeaderValue::from_str(v).expect("value"),
             );
         }
-        t.select(&web, 80, &Method::GET, &path.parse().expect("uri"), &h)
+        t.select(
+            &web,
+            80,
+            "default",
+            &Method::GET,
+            &path.parse().expect("uri"),
+            &h,
+        )
     }
 
     fn index(s: Selection<'_>) -> usize {
@@ -1448,7 +1519,7 @@ routes:
         let h = HeaderMap::new();
         let uri: http::Uri = "/".parse().expect("uri");
         assert!(matches!(
-            t.select(&web, 81, &Method::GET, &uri, &h),
+            t.select(&web, 81, "default", &Method::GET, &uri, &h),
             Selection::Default
         ));
         let c = WaypointConfig::parse(&CONFIG.replace(

@@ -209,6 +209,7 @@ pub(crate) fn add(table: &mut RouteTable, known: Known<'_>, vs: &VirtualService)
         return table.report(&id, "spec.hosts".into(), reason, Effect::RouteRejected);
     }
     table.accepted.push(id.clone());
+    let visible = mesh_routing::Export::parse(&vs.spec.export_to, &namespace);
     for (index, route) in vs.spec.http.iter().enumerate() {
         let at = format!("spec.http[{index}]");
         let (rule, matches) = compile_route(table, known, &id, &namespace, &at, index, route);
@@ -218,6 +219,8 @@ pub(crate) fn add(table: &mut RouteTable, known: Known<'_>, vs: &VirtualService)
                 table.ordered.entry(port.clone()).or_default().push(Entry {
                     m: match_clone(m),
                     rule: Arc::clone(&rule),
+                    namespace: namespace.clone(),
+                    visible: visible.clone(),
                     tie: (String::new(), id.clone(), index),
                 });
             }

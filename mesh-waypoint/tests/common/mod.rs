@@ -514,3 +514,18 @@ pub async fn pod_agent(
     });
     (addr, log)
 }
+
+/// One service, `default/web` (VIP 10.96.0.10, port 80), no routes, over
+/// the backend at 127.0.0.1:`port`.
+pub fn backend_config(port: u16) -> String {
+    format!(
+        r#"
+services:
+  - name: web
+    namespace: default
+    addresses: [10.96.0.10]
+    ports: [{{ port: 80 }}]
+    endpoints: [{{ address: 127.0.0.1, port: {port}, workload: web-v1, serviceAccount: web, labels: {{ app: web, version: v1 }} }}]
+"#
+    )
+}
