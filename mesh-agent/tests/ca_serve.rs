@@ -382,6 +382,54 @@ async fn forged_or_misused_tokens_are_refused_with_a_reason() {
     server.shutdown().await.unwrap();
 }
 
+/// A pod on a node (every pod-bound token names its node) spends its own
+/// budget, not its node agent's; a source whose tokens keep failing
+/// authentication is paused before each costs the API server a
+/// TokenReview.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_pod_cannot_spend_its_agents_budget_nor_a_bad_token_the_api() {
+    let ca = mesh_ca("tenant-limits");
+    let api = cluster().await;
+    let server = serve(&ca, &api, |cfg| {
+        cfg.rate_per_node = 0.001;
+        cfg.rate_burst = 2;
+    })
+    .await;
+    let dir = Tmp::new("tenant-limits-token");
+    let path = token(&dir, "cart");
+    let c = client(&ca, server.local_addr(), &path);
+    let cart = id("shop", "cart");
+    ask(&c, &cart, false, MAX_TTL).await.unwrap();
+    ask(&c, &cart, false, MAX_TTL).await.unwrap();
+    let e = ask(&c, &cart, false, MAX_TTL).await.unwrap_err();
+    assert!(
+        matches!(&e, CaClientError::RateLimited { message, .. } if message.contains("node/node-a/sa/shop/cart")),
+        "{e}"
+    );
+    // The agent on the same node still has its whole budget.
+    std::fs::write(&path, "agent-a").unwrap();
+    ask(&c, &cart, true, MAX_TTL).await.unwrap();
+    // Two tokens the API refuses, then the source is paused unheard.
+    let reviews = "POST /apis/authentication.k8s.io/v1/tokenreviews";
+    std::fs::write(&path, "nobody").unwrap();
+    let before = api.count(reviews);
+    for _ in 0..2 {
+        let e = ask(&c, &cart, false, MAX_TTL).await.unwrap_err();
+        assert!(matches!(e, CaClientError::Unauthenticated { .. }), "{e}");
+    }
+    let e = ask(&c, &cart, false, MAX_TTL).await.unwrap_err();
+    assert!(
+        matches!(&e, CaClientError::RateLimited { message, .. } if message.contains("source/127.0.0.1")),
+        "{e}"
+    );
+    assert_eq!(
+        api.count(reviews) - before,
+        2,
+        "a paused source cost a TokenReview"
+    );
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_limit_is_per_node_and_an_api_outage_fails_closed() {
     let ca = mesh_ca("limits");

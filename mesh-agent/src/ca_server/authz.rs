@@ -82,10 +82,13 @@ impl Caller {
         })
     }
 
-    /// The rate-limit key: the token's node, else its pod, else the account.
+    /// The rate-limit key: the token's node and account, else its pod, else
+    /// the account. Every pod-bound token names its node (Kubernetes 1.30+):
+    /// by the node alone, any pod on it could spend the node agent's budget
+    /// and stop the node's certificates.
     pub fn limit_key(&self) -> String {
         match (&self.node_name, &self.pod_name) {
-            (Some(node), _) => format!("node/{node}"),
+            (Some(node), _) => format!("node/{node}/sa/{}", self.service_account),
             (None, Some(pod)) => format!("pod/{}/{pod}", self.service_account.namespace),
             (None, None) => format!("sa/{}", self.service_account),
         }
@@ -555,7 +558,7 @@ mod tests {
         );
         let caller = caller_from_review(&status, "istio-ca").unwrap();
         assert_eq!(caller, agent_on(Some("node-a")));
-        assert_eq!(caller.limit_key(), "node/node-a");
+        assert_eq!(caller.limit_key(), "node/node-a/sa/mesh-system/mesh-agent");
 
         let e = caller_from_review(&status, "other").unwrap_err();
         assert!(matches!(e, Refusal::WrongAudience { .. }), "{e}");

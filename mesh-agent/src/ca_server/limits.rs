@@ -90,6 +90,23 @@ impl RateLimiter {
     }
 }
 
+impl RateLimiter {
+    /// Whether `key`'s bucket has a token at `now` (none taken), or how
+    /// long until it has one. A key without a bucket has a full one.
+    pub fn ready(&self, key: &str, now: Instant) -> Result<(), Duration> {
+        let buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(b) = buckets.get(key) else {
+            return Ok(());
+        };
+        let tokens = refill(b, self.rate, self.burst, now);
+        if tokens >= 1.0 {
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - tokens) / self.rate))
+        }
+    }
+}
+
 fn refill(b: &Bucket, rate: f64, burst: f64, now: Instant) -> f64 {
     let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
     (b.tokens + elapsed * rate).min(burst)
@@ -104,8 +121,10 @@ mod tests {
         let limiter = RateLimiter::new(2.0, 3);
         let t0 = Instant::now();
         for _ in 0..3 {
+            limiter.ready("node/a", t0).unwrap();
             limiter.check("node/a", t0).unwrap();
         }
+        assert!(limiter.ready("node/a", t0).is_err(), "ready takes nothing");
         let wait = limiter.check("node/a", t0).unwrap_err();
         assert_eq!(wait, Duration::from_millis(500));
         // Another node has its own bucket.

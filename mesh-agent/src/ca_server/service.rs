@@ -28,7 +28,10 @@ use crate::identity::{SignError, SignedCsr, fmt_time};
 pub struct CaService {
     cfg: Arc<CaServerConfig>,
     api: KubeApi,
+    /// Per node and account (see `Caller::limit_key`).
     limiter: RateLimiter,
+    /// Failed authentications per source address.
+    auth_failures: RateLimiter,
     in_flight: Arc<Semaphore>,
 }
 
@@ -46,6 +49,7 @@ impl CaService {
     pub fn new(cfg: Arc<CaServerConfig>, api: KubeApi) -> Self {
         Self {
             limiter: RateLimiter::new(cfg.rate_per_node, cfg.rate_burst),
+            auth_failures: RateLimiter::new(cfg.rate_per_node, cfg.rate_burst),
             in_flight: Arc::new(Semaphore::new(cfg.max_concurrent_requests.max(1))),
             cfg,
             api,
@@ -62,6 +66,15 @@ impl CaService {
         }
     }
 
+    fn rate_limited(&self, key: String, wait: Duration) -> Refusal {
+        Refusal::RateLimited {
+            key,
+            rate: self.cfg.rate_per_node,
+            burst: self.cfg.rate_burst,
+            retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
     async fn handle(
         &self,
         token: Option<String>,
@@ -73,23 +86,37 @@ impl CaService {
             audit.identity.clone_from(id);
         }
         let token = token.ok_or(Refusal::NoToken)?;
+        // A source whose tokens keep failing authentication is paused before
+        // they cost the API server a TokenReview each: its failures draw on
+        // a bucket of the per-node rate and burst (success draws nothing).
+        let source = audit
+            .peer
+            .map(|p| format!("source/{}", p.ip().to_canonical()));
+        if let Some(key) = &source
+            && let Err(wait) = self.auth_failures.ready(key, Instant::now())
+        {
+            return Err(self.rate_limited(key.clone(), wait));
+        }
         let _permit = Arc::clone(&self.in_flight)
             .try_acquire_owned()
             .map_err(|_| Refusal::Busy {
                 limit: self.cfg.max_concurrent_requests,
             })?;
         let review = self.api.token_review(&token, &self.cfg.audience).await?;
-        let caller = authz::caller_from_review(&review, &self.cfg.audience)?;
+        let caller = match authz::caller_from_review(&review, &self.cfg.audience) {
+            Ok(c) => c,
+            Err(refused) => {
+                if let Some(key) = &source {
+                    let _ = self.auth_failures.check(key, Instant::now());
+                }
+                return Err(refused);
+            }
+        };
         audit.caller.clone_from(&caller.username);
         audit.node = caller.node().to_owned();
         let key = caller.limit_key();
         if let Err(wait) = self.limiter.check(&key, Instant::now()) {
-            return Err(Refusal::RateLimited {
-                key,
-                rate: self.cfg.rate_per_node,
-                burst: self.cfg.rate_burst,
-                retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
-            });
+            return Err(self.rate_limited(key, wait));
         }
         let plan = authz::plan(
             &caller,

@@ -40,7 +40,9 @@ pub struct CaServeArgs {
     /// The shortest certificate validity granted (shorter requests get this).
     #[arg(long, env = "MESH_CA_MIN_CERT_TTL", default_value = "10m", value_parser = super::parse_duration)]
     min_cert_ttl: Duration,
-    /// Certificate requests per second per node (beyond the burst: RESOURCE_EXHAUSTED).
+    /// Certificate requests per second per node and service account (beyond
+    /// the burst: RESOURCE_EXHAUSTED); also the rate at which a source
+    /// address's failed authentications are allowed before it is paused.
     #[arg(long, env = "MESH_CA_RATE_PER_NODE", default_value_t = 5.0)]
     rate_per_node: f64,
     /// Requests a node may make at once above the rate (a restarted agent asks for all its pods).
