@@ -113,6 +113,7 @@ pub use balancer::{Balancer, Ejection, EndpointStatus, HttpOutcome, Pick, PickEr
 pub use policy::{DEFAULT_CONNECT_TIMEOUT, Lb, MAX_EJECTION_TIME, Outlier, Policy};
 pub use report::{Kind, ObjectReport, Report, Status, Warning};
 pub use table::{
-    Dest, EndpointInput, Export, Invalid, NEEDS_L7, Objects, Options, Request, RouteError,
-    RouteTable, RouteView, Routed, ServiceInput, ServiceView, WeightView, compile, validate,
+    Dest, EndpointInput, Export, Invalid, MAX_SUBSETS, NEEDS_L7, Objects, Options, Request,
+    RouteError, RouteTable, RouteView, Routed, ServiceInput, ServiceView, WeightView, compile,
+    validate,
 };

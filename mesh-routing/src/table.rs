@@ -6,7 +6,7 @@
 //! routes in the mesh.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
@@ -80,14 +80,18 @@ pub struct Objects<'a> {
     pub tcp_routes: &'a [Value],
 }
 
+/// The most subsets a DestinationRule may define.
+pub const MAX_SUBSETS: usize = 256;
+
 /// Namespaces an object is visible to (Istio's `exportTo`; a GAMMA
 /// consumer route's own namespace).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Export {
     /// Every namespace (`*`, or no `exportTo`).
     All,
-    /// These namespaces only.
-    Only(Vec<String>),
+    /// These namespaces only (a set: looked up on every new connection,
+    /// whatever the length of an object's list).
+    Only(BTreeSet<String>),
 }
 
 impl Export {
@@ -103,11 +107,16 @@ impl Export {
                 .collect(),
         )
     }
+
+    /// Visible to namespace `ns` only.
+    pub fn only(ns: &str) -> Self {
+        Self::Only(BTreeSet::from([ns.to_owned()]))
+    }
     /// Whether clients of namespace `ns` see the object.
     pub fn visible_to(&self, ns: &str) -> bool {
         match self {
             Self::All => true,
-            Self::Only(list) => list.iter().any(|n| n == ns),
+            Self::Only(set) => set.contains(ns),
         }
     }
 }
@@ -196,7 +205,8 @@ struct RouteSet {
     export: Export,
     /// A TCPRoute attached to one port of the service.
     port: Option<u16>,
-    rules: Vec<Rule>,
+    /// Shared by every service the object names (compiled once).
+    rules: Arc<[Rule]>,
 }
 
 /// The destinations one DestinationRule gives one service.
@@ -431,16 +441,26 @@ impl Compiler<'_> {
             Some(tp) => Some(level(tp, "spec.trafficPolicy", &mut w).map_err(Self::rejected)?),
             None => None,
         };
+        // Each subset keeps its own endpoints per port: bounded, so one
+        // object cannot make every node's compilation hold subsets x ports
+        // x endpoints without end.
+        if spec.subsets.len() > MAX_SUBSETS {
+            return Err(Self::rejected((
+                "spec.subsets".into(),
+                format!(
+                    "{} subsets: at most {MAX_SUBSETS} are supported",
+                    spec.subsets.len()
+                ),
+            )));
+        }
         let mut subsets = Vec::new();
+        let mut names = HashSet::new();
         for (i, s) in spec.subsets.iter().enumerate() {
             let at = format!("spec.subsets[{i}]");
             if s.name.is_empty() {
                 return Err(Self::rejected((format!("{at}.name"), "missing".into())));
             }
-            if subsets
-                .iter()
-                .any(|(n, _, _): &(String, _, _)| *n == s.name)
-            {
+            if !names.insert(s.name.as_str()) {
                 return Err(Self::rejected((
                     format!("{at}.name"),
                     format!("subset {:?} is defined twice", s.name),
@@ -645,15 +665,23 @@ impl Compiler<'_> {
             });
         }
         let export = Export::parse(&spec.export_to, ns);
+        // One compiled copy of the rules for every host: an object naming
+        // a service many times costs one entry, not one copy each.
+        let rules: Arc<[Rule]> = rules.into();
+        let mut named = HashSet::new();
         for (i, host) in spec.hosts.iter().enumerate() {
             match self.host(host, ns) {
+                Ok(svc) if !named.insert(svc) => w.push(Warning {
+                    field: format!("spec.hosts[{i}]"),
+                    message: format!("{host:?} names a service an earlier host names: ignored"),
+                }),
                 Ok(svc) => {
                     let set = RouteSet {
                         name: route_name.clone(),
                         namespace: ns.into(),
                         export: export.clone(),
                         port: None,
-                        rules: rules_clone(&rules),
+                        rules: Arc::clone(&rules),
                     };
                     self.services[svc].routes.push(set);
                 }
@@ -723,7 +751,7 @@ impl Compiler<'_> {
                     if pns == ns {
                         Export::All
                     } else {
-                        Export::Only(vec![ns.to_string()])
+                        Export::only(ns)
                     },
                 )),
                 None => w.push(Warning {
@@ -827,7 +855,7 @@ impl Compiler<'_> {
                 namespace: ns.into(),
                 export,
                 port,
-                rules: vec![Rule {
+                rules: Arc::new([Rule {
                     matches: Vec::new(),
                     dests: dests
                         .iter()
@@ -837,39 +865,12 @@ impl Compiler<'_> {
                         })
                         .collect(),
                     total,
-                }],
+                }]),
             };
             self.services[svc].routes.push(set);
         }
         Ok(w)
     }
-}
-
-fn rules_clone(rules: &[Rule]) -> Vec<Rule> {
-    rules
-        .iter()
-        .map(|r| Rule {
-            matches: r
-                .matches
-                .iter()
-                .map(|m| Match {
-                    port: m.port,
-                    subnets: m.subnets.clone(),
-                    source_labels: m.source_labels.clone(),
-                    source_namespace: m.source_namespace.clone(),
-                })
-                .collect(),
-            dests: r
-                .dests
-                .iter()
-                .map(|d| Weighted {
-                    weight: d.weight,
-                    target: d.target.clone(),
-                })
-                .collect(),
-            total: r.total,
-        })
-        .collect()
 }
 
 fn port16(n: u32) -> Result<u16, String> {
@@ -1488,7 +1489,7 @@ impl RouteTable {
                         port: r.port,
                         export_to: match &r.export {
                             Export::All => vec!["*".into()],
-                            Export::Only(l) => l.clone(),
+                            Export::Only(l) => l.iter().cloned().collect(),
                         },
                         rules: r
                             .rules

@@ -1048,3 +1048,48 @@ fn a_destination_rule_from_a_third_namespace_applies_to_its_own_clients_only() {
     let t = table(&dr("shop"), "", "");
     assert_eq!(rule_for(&t, "other").as_deref(), Some("shop/r"));
 }
+
+/// One object cannot make compilation cost grow with more than its size:
+/// a VirtualService naming one service many times routes it once (one
+/// shared copy of its rules, the repeats reported), and a DestinationRule
+/// with more than MAX_SUBSETS subsets (each holds endpoints per port) is
+/// rejected, visibly.
+#[test]
+fn repeated_hosts_and_too_many_subsets_cost_nothing_and_are_reported() {
+    let hosts = vec!["web"; 5000].join(", ");
+    let vs = split(100, 0).replace("  hosts: [web]", &format!("  hosts: [{hosts}]"));
+    let t = table(SUBSETS, &vs, "");
+    let o = t
+        .report()
+        .get(Kind::VirtualService, "shop", "web-split")
+        .unwrap();
+    assert_eq!(o.status, Status::Applied);
+    assert_eq!(
+        o.warnings
+            .iter()
+            .filter(|w| w.message.contains("an earlier host names"))
+            .count(),
+        4999
+    );
+    let r = t
+        .route(&Client::new("shop").to("10.96.0.10:80"), 0)
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.dest.subset.as_deref(), Some("v1"));
+    let subsets: Vec<String> = (0..=crate::MAX_SUBSETS)
+        .map(|i| format!("  - {{name: s{i}, labels: {{version: v1}}}}"))
+        .collect();
+    let dr = format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: many, namespace: shop}}\nspec:\n  host: web\n  subsets:\n{}\n",
+        subsets.join("\n")
+    );
+    let t = table(&dr, "", "");
+    let o = t
+        .report()
+        .get(Kind::DestinationRule, "shop", "many")
+        .unwrap();
+    assert!(
+        matches!(&o.status, Status::Rejected { reason, .. } if reason.contains("at most 256")),
+        "{o:?}"
+    );
+}

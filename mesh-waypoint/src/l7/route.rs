@@ -744,7 +744,7 @@ impl RouteTable {
             let visible = if key.namespace == namespace {
                 Export::All
             } else {
-                Export::Only(vec![namespace.clone()])
+                Export::only(&namespace)
             };
             match parent.port {
                 Some(p) if svc.ports.iter().any(|sp| sp.port == p) => {

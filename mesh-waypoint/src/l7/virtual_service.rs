@@ -204,6 +204,9 @@ pub(crate) fn add(table: &mut RouteTable, known: Known<'_>, vs: &VirtualService)
         };
         ports.extend(svc.ports.iter().map(|p| (key.clone(), p.port)));
     }
+    // A service named by several hosts gets the rules once.
+    ports.sort();
+    ports.dedup();
     if ports.is_empty() {
         let reason = "no host is a Service of this waypoint";
         return table.report(&id, "spec.hosts".into(), reason, Effect::RouteRejected);
