@@ -430,6 +430,42 @@ async fn a_tenant_pod_cannot_spend_its_agents_budget_nor_a_bad_token_the_api() {
     server.shutdown().await.unwrap();
 }
 
+/// Holding a connection needs no certificate: one source address holds at
+/// most its share (`max_connections_per_source`); beyond, a connection is
+/// closed at once, and a freed slot serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_holds_at_most_its_share_of_connections() {
+    use tokio::io::AsyncReadExt;
+    let ca = mesh_ca("per-source");
+    let api = cluster().await;
+    let server = serve(&ca, &api, |cfg| cfg.max_connections_per_source = 2).await;
+    let addr = server.local_addr();
+    let idle = || tokio::net::TcpStream::connect(addr);
+    let (first, _second) = (idle().await.unwrap(), idle().await.unwrap());
+    let mut third = idle().await.unwrap();
+    let mut buf = [0u8; 16];
+    // At once: well within the TLS handshake deadline (10 s) that would
+    // close it anyway.
+    let closed = tokio::time::timeout(Duration::from_secs(3), third.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "a connection beyond the source's share was kept: {closed:?}"
+    );
+    // Freed: a client of the same source is served again.
+    drop(first);
+    let dir = Tmp::new("per-source-token");
+    let c = client(&ca, addr, &token(&dir, "agent-a"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ask(&c, &id("shop", "cart"), true, MAX_TTL).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the freed slot never served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_limit_is_per_node_and_an_api_outage_fails_closed() {
     let ca = mesh_ca("limits");

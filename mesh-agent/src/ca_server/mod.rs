@@ -49,6 +49,9 @@ pub const DEFAULT_DNS_NAME: &str = "mesh-ca.mesh-system.svc";
 pub const DEFAULT_AUDIENCE: &str = "istio-ca";
 /// The default trusted node agent account.
 pub const DEFAULT_NODE_SERVICE_ACCOUNT: &str = "mesh-system/mesh-agent";
+/// Default open connections per source address: an agent (or a waypoint)
+/// keeps one; a source holding idle connections cannot take the others'.
+pub const DEFAULT_CONNECTIONS_PER_SOURCE: usize = 32;
 
 /// How the CA server runs.
 #[derive(Debug, Clone)]
@@ -77,6 +80,8 @@ pub struct CaServerConfig {
     pub max_concurrent_requests: usize,
     /// Open connections (beyond: new ones are closed).
     pub max_connections: usize,
+    /// Of those, from one source address (an agent keeps one).
+    pub max_connections_per_source: usize,
     /// Deadline of each Kubernetes API call.
     pub api_timeout: Duration,
     /// Validity of the server's own certificate (re-signed at half-life).
@@ -103,6 +108,7 @@ impl CaServerConfig {
             rate_burst: 200,
             max_concurrent_requests: 64,
             max_connections: 4096,
+            max_connections_per_source: DEFAULT_CONNECTIONS_PER_SOURCE,
             api_timeout: Duration::from_secs(5),
             serving_cert_ttl: Duration::from_secs(24 * 3600),
         }
@@ -188,7 +194,13 @@ pub async fn start(cfg: CaServerConfig, client: kube::Client) -> Result<CaServer
     )
     .map_err(ServeError::ServingCert)?;
     let tls = tls::server_config(cert).map_err(ServeError::Tls)?;
-    let rx = tls::accept_loop(listener, tls, cfg.max_connections, cancel.clone());
+    let rx = tls::accept_loop(
+        listener,
+        tls,
+        cfg.max_connections,
+        cfg.max_connections_per_source,
+        cancel.clone(),
+    );
     let incoming = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });

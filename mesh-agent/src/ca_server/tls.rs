@@ -25,7 +25,7 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
-use super::limits::HANDSHAKE_TIMEOUT;
+use super::limits::{HANDSHAKE_TIMEOUT, SourceSlot, SourceSlots};
 use crate::identity::{ALPN_H2, MeshCa, SignError, crypto_provider};
 
 /// How soon a failed re-signing of the serving certificate is retried.
@@ -119,6 +119,7 @@ pub struct TlsConn {
     io: TlsStream<TcpStream>,
     peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
+    _source: SourceSlot,
 }
 
 impl Connected for TlsConn {
@@ -169,18 +170,22 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// Accepts on `listener` until `cancel`: at most `max_connections` open
-/// (beyond, new ones are closed at once), each handshake under a deadline
-/// in its own task; finished ones go to the returned channel.
+/// Accepts on `listener` until `cancel`: at most `max_connections` open,
+/// and `per_source` from one address (beyond, new ones are closed at once:
+/// no certificate is needed to hold a connection, so one source must not
+/// take every agent's), each handshake under a deadline in its own task;
+/// finished ones go to the returned channel.
 pub fn accept_loop(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     max_connections: usize,
+    per_source: usize,
     cancel: CancellationToken,
 ) -> mpsc::Receiver<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
     let slots = Arc::new(Semaphore::new(max_connections.max(1)));
+    let sources = SourceSlots::new(per_source);
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -194,6 +199,10 @@ pub fn accept_loop(
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
+            };
+            let Some(source) = sources.take(peer.ip().to_canonical()) else {
+                tracing::debug!(%peer, per_source, "CA server connection limit per source reached; connection closed");
+                continue;
             };
             let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
                 tracing::warn!(%peer, max_connections, "CA server connection limit reached; connection closed");
@@ -210,6 +219,7 @@ pub fn accept_loop(
                                 io,
                                 peer,
                                 _permit: permit,
+                                _source: source,
                             }))
                             .await;
                     }

@@ -54,6 +54,9 @@ pub struct CaServeArgs {
     /// Open client connections (beyond: new ones are closed).
     #[arg(long, env = "MESH_CA_MAX_CONNECTIONS", default_value_t = 4096)]
     max_connections: usize,
+    /// Of those, from one source address (an agent keeps one).
+    #[arg(long, env = "MESH_CA_MAX_CONNECTIONS_PER_SOURCE", default_value_t = crate::ca_server::DEFAULT_CONNECTIONS_PER_SOURCE)]
+    max_connections_per_source: usize,
     /// Deadline of each Kubernetes API call (TokenReview, pod lookups).
     #[arg(long, env = "MESH_CA_API_TIMEOUT", default_value = "5s", value_parser = super::parse_duration)]
     api_timeout: Duration,
@@ -84,6 +87,7 @@ impl CaServeArgs {
         cfg.rate_burst = self.rate_burst.max(1);
         cfg.max_concurrent_requests = self.max_concurrent_requests.max(1);
         cfg.max_connections = self.max_connections.max(1);
+        cfg.max_connections_per_source = self.max_connections_per_source.max(1);
         cfg.api_timeout = self.api_timeout;
         Ok(cfg)
     }
