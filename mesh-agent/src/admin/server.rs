@@ -31,6 +31,8 @@ use crate::telemetry::{Telemetry, log_batch, metrics::CONTENT_TYPE as METRICS_CO
 
 /// How long a client may take to send its request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Open connections per admin listener (admin, metrics, readiness).
+pub const MAX_CONNECTIONS: usize = 64;
 
 const JSON: &str = "application/json";
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -242,10 +244,15 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 /// Serves `route` on `listener` until the task is dropped (the runtime
-/// shuts down). Each connection runs in its own task.
+/// shuts down). Each connection runs in its own task, at most
+/// [`MAX_CONNECTIONS`] at once per listener: beyond, a connection is closed
+/// at once. The metrics listener is reachable by any pod of the cluster; a
+/// flood of connections must not take the agent's descriptors or its
+/// control runtime, nor the readiness listener, which has its own.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, route: Route) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
@@ -253,8 +260,13 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, route: Route) 
                 continue;
             }
         };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::debug!(%peer, max = MAX_CONNECTIONS, "admin connection closed: too many open");
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let reply = route(&state, req.method(), req.uri().path(), req.uri().query());
                 let head = req.method() == Method::HEAD;

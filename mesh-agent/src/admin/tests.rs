@@ -404,3 +404,49 @@ fn servers_answer_over_http_and_the_cli_reads_them() {
     assert_eq!(status, 400, "{body}");
     runtime.shutdown_background();
 }
+
+/// A flood of connections to an admin listener takes at most its slots:
+/// one beyond is closed at once, a freed slot serves again.
+#[tokio::test]
+async fn an_admin_listener_holds_at_most_its_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (admin, _store) = admin();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(super::server::serve(
+        listener,
+        admin.state().clone(),
+        metrics_route,
+    ));
+    let mut held = Vec::new();
+    for _ in 0..super::server::MAX_CONNECTIONS {
+        held.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    // Each held connection has its task before the next is accepted.
+    let mut extra = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut buf = [0u8; 64];
+    let closed =
+        tokio::time::timeout(std::time::Duration::from_secs(3), extra.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0) | Err(_))), "{closed:?}");
+    held.pop();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("request");
+        let mut reply = Vec::new();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), s.read_to_end(&mut reply))
+            .await;
+        if reply.starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the freed slot never served"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
