@@ -274,11 +274,40 @@ pub enum Detected {
     Tcp,
 }
 
+/// The longest request line (with the empty lines before it) detection
+/// reads before it calls a stream with an unknown method TCP.
+pub const MAX_DETECT_LINE: usize = 8 * 1024;
+
 /// Decides from `prefix` when it can (None: more bytes are needed).
+///
+/// HTTP/1: empty lines before the request line are skipped (RFC 9112 2.2,
+/// as servers do); one of the nine common methods and a space decides at
+/// once; any other upper-case method (PROPFIND, QUERY, ...) needs its whole
+/// request line to end in `HTTP/1.0` or `HTTP/1.1`, so a text protocol
+/// such as Redis's `SET k v` stays TCP. A client cannot make an HTTP
+/// request pass as TCP, which would skip routing and the HTTP telemetry.
 pub fn detect(prefix: &[u8]) -> Option<Detected> {
+    // Undecided so far: more bytes, unless the bound is reached.
+    let more = || (prefix.len() >= MAX_DETECT_LINE).then_some(Detected::Tcp);
     let n = prefix.len().min(H2_PREFACE.len());
     if prefix[..n] == H2_PREFACE[..n] {
         return (prefix.len() >= H2_PREFACE.len()).then_some(Detected::Http2);
+    }
+    let mut rest = prefix;
+    loop {
+        if let Some(r) = rest
+            .strip_prefix(b"\r\n")
+            .or_else(|| rest.strip_prefix(b"\n"))
+        {
+            rest = r;
+        } else if rest == b"\r" {
+            return more();
+        } else {
+            break;
+        }
+    }
+    if rest.is_empty() {
+        return more();
     }
     // An HTTP/1 request line starts with a method token and a space.
     const METHODS: [&[u8]; 9] = [
@@ -292,17 +321,37 @@ pub fn detect(prefix: &[u8]) -> Option<Detected> {
         b"TRACE ",
         b"CONNECT ",
     ];
-    let mut undecided = false;
-    for m in METHODS {
-        let n = prefix.len().min(m.len());
-        if prefix[..n] == m[..n] {
-            if prefix.len() >= m.len() {
-                return Some(Detected::Http1);
-            }
-            undecided = true;
-        }
+    if METHODS.iter().any(|m| rest.starts_with(m)) {
+        return Some(Detected::Http1);
     }
-    if undecided { None } else { Some(Detected::Tcp) }
+    // Any other method and a space: the whole line decides. Methods are
+    // upper case in practice (WebDAV's, QUERY; the waypoint refuses
+    // others, as Istio), so a client-first protocol's lower-case greeting
+    // is TCP at once instead of waiting for the detection deadline.
+    let token = rest.iter().take_while(|b| is_method_char(**b)).count();
+    match rest.get(token) {
+        _ if token > MAX_METHOD => return Some(Detected::Tcp),
+        None if token > 0 => return more(),
+        Some(b' ') if token > 0 => {}
+        _ => return Some(Detected::Tcp),
+    }
+    let Some(end) = rest.iter().position(|b| *b == b'\n') else {
+        return more();
+    };
+    let line = rest[..end].strip_suffix(b"\r").unwrap_or(&rest[..end]);
+    if line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0") {
+        Some(Detected::Http1)
+    } else {
+        Some(Detected::Tcp)
+    }
+}
+
+/// The longest method detection takes for one.
+const MAX_METHOD: usize = 24;
+
+/// A character of an upper-case method token.
+fn is_method_char(b: u8) -> bool {
+    b.is_ascii_uppercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_')
 }
 
 async fn inner_stream(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: DuplexStream) {
@@ -311,15 +360,18 @@ async fn inner_stream(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: DuplexSt
         Detected::Tcp
     } else {
         let sniff = async {
-            let mut byte = [0u8; 32];
+            // Whatever is read is put back in front of the stream.
+            let mut chunk = [0u8; 1024];
             loop {
                 if let Some(d) = detect(&prefix) {
                     return d;
                 }
-                let want = H2_PREFACE.len() - prefix.len().min(H2_PREFACE.len());
-                match io.read(&mut byte[..want.max(1)]).await {
+                let want = MAX_DETECT_LINE
+                    .saturating_sub(prefix.len())
+                    .clamp(1, chunk.len());
+                match io.read(&mut chunk[..want]).await {
                     Ok(0) | Err(_) => return Detected::Tcp,
-                    Ok(n) => prefix.extend_from_slice(&byte[..n]),
+                    Ok(n) => prefix.extend_from_slice(&chunk[..n]),
                 }
             }
         };
@@ -471,7 +523,28 @@ mod tests {
         assert_eq!(detect(H2_PREFACE), Some(Detected::Http2));
         assert_eq!(detect(b"P"), None);
         assert_eq!(detect(b"\x16\x03\x01"), Some(Detected::Tcp));
-        assert_eq!(detect(b"GETX"), Some(Detected::Tcp));
-        assert_eq!(detect(b"PRI * HTTP/1.1"), Some(Detected::Tcp));
+        assert_eq!(detect(b"GETX"), None, "an extension method, so far");
+        assert_eq!(detect(b"GETX\x00"), Some(Detected::Tcp));
+        assert_eq!(detect(b"PRI * HTTP/1.1"), None);
+        // Empty lines before the request line, other methods.
+        assert_eq!(detect(b"\r\n\r\nGET / HTTP/1.1\r\n"), Some(Detected::Http1));
+        assert_eq!(detect(b"\r\n\r"), None);
+        assert_eq!(detect(b"PROPFIND /dav HTTP/1.1\r\n"), Some(Detected::Http1));
+        assert_eq!(detect(b"QUERY /q HTTP/1.0\n"), Some(Detected::Http1));
+        assert_eq!(detect(b"PROPFIND /dav"), None);
+        // A text protocol's command line is not HTTP.
+        assert_eq!(detect(b"SET key value\r\n"), Some(Detected::Tcp));
+        assert_eq!(detect(b"PING\r\n"), Some(Detected::Tcp));
+        assert_eq!(
+            detect(b"hello"),
+            Some(Detected::Tcp),
+            "no wait for a greeting"
+        );
+        assert_eq!(detect(&[b'A'; 25]), Some(Detected::Tcp));
+        // Bounded: a line without end is TCP past MAX_DETECT_LINE.
+        let mut long = b"PROPFIND /".to_vec();
+        long.resize(MAX_DETECT_LINE, b'a');
+        assert_eq!(detect(&long), Some(Detected::Tcp));
+        assert_eq!(detect(&vec![b'\n'; MAX_DETECT_LINE]), Some(Detected::Tcp));
     }
 }

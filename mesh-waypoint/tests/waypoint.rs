@@ -1280,7 +1280,7 @@ routes:
 /// waypoint verified it, never the client's own `x-forwarded-client-cert`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inner_http2_requests_hold_slots_of_the_peers_stream_cap() {
-    let v1 = http_backend("v1").await;
+    let (v1, received) = counted_backend("v1").await;
     // No route: a request under /hang waits for the backend for ever.
     let config = backend_config(v1.port());
     let ca = issuer();
@@ -1313,20 +1313,19 @@ async fn inner_http2_requests_hold_slots_of_the_peers_stream_cap() {
         hanging.ready().await.expect("h2 ready");
         hanging.send_request(req).await
     });
-    // While it hangs, the peer's two slots are taken.
+    // Once the backend has it, the hanging request holds the peer's
+    // second slot: the next request is refused.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let a = c.get("/only-v1", &[]).await;
-        if a.status == 503 {
-            break;
-        }
+    while received.load(std::sync::atomic::Ordering::SeqCst) < 2 {
         assert!(
-            std::time::Instant::now() < deadline,
-            "never refused: {a:?}, hanging request ended: {}",
-            held.is_finished()
+            std::time::Instant::now() < deadline && !held.is_finished(),
+            "the hanging request never reached the backend"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let a = c.get("/only-v1", &[]).await;
+    assert_eq!(a.status, 503, "{a:?}");
+    assert!(!held.is_finished(), "the hanging request ended");
     held.abort();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -1686,5 +1685,28 @@ routes:
             (200, expected),
             "{id}: {a:?}"
         );
+    }
+}
+
+/// A request cannot pass as opaque TCP (skipping routing and the HTTP
+/// telemetry) by starting with empty lines or using a method outside the
+/// common nine: both are detected as HTTP and routed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_with_empty_lines_first_or_other_methods_are_http() {
+    let s = setup().await;
+    for request in [
+        &b"\r\n\r\nGET /x HTTP/1.1\r\nhost: web\r\nx-canary: true\r\nconnection: close\r\n\r\n"[..],
+        &b"PROPFIND /x HTTP/1.1\r\nhost: web\r\nx-canary: true\r\nconnection: close\r\n\r\n"[..],
+    ] {
+        let mut io = s.client.tunnel(vip(WEB_VIP)).await.expect("tunnel");
+        io.write_all(request).await.expect("request");
+        let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut io))
+            .await
+            .expect("no answer");
+        let lower = head.to_ascii_lowercase();
+        // Routed by the HTTPRoute (x-canary: v2; the service's own
+        // endpoint, where a TCP relay would go, is v1).
+        assert!(lower.starts_with("http/1.1 200"), "{head}");
+        assert!(lower.contains("x-backend: v2"), "{head}");
     }
 }
