@@ -83,6 +83,10 @@ struct RunArgs {
     /// collector (`http://host:4317`); off when absent.
     #[arg(long)]
     otlp_endpoint: Option<String>,
+    /// A tunnel stream moving no byte either way this long is reset
+    /// (Istio's TCP idle timeout; `90s`, `30m`, `1h`).
+    #[arg(long, env = "MESH_WAYPOINT_STREAM_IDLE_TIMEOUT", default_value = "1h", value_parser = mesh_agent::cli::parse_duration)]
+    stream_idle_timeout: std::time::Duration,
 }
 
 #[tokio::main]
@@ -191,6 +195,9 @@ async fn main() -> anyhow::Result<()> {
             cancel.clone(),
         )),
     };
+    running
+        .shared
+        .set_stream_idle_timeout(args.stream_idle_timeout);
     if let Some(endpoint) = &args.otlp_endpoint {
         running
             .shared

@@ -251,7 +251,8 @@ async fn stream(
         }
     };
     let (inner, outer) = tokio::io::duplex(PIPE);
-    tokio::spawn(pipe(outer, send, req.into_body()));
+    let idle = shared.stream_idle_timeout();
+    tokio::spawn(pipe(outer, send, req.into_body(), Some(idle)));
     let tunnel = Arc::new(Tunnel {
         target,
         vip,

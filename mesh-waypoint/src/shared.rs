@@ -5,7 +5,11 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, OnceLock, PoisonError, RwLock},
+    sync::{
+        Arc, OnceLock, PoisonError, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use mesh_agent::{
@@ -45,7 +49,14 @@ pub struct Shared {
     pub balancer: mesh_routing::Balancer,
     /// The OTLP span export, once [`Shared::export_spans`] started it.
     pub spans: OnceLock<SpanSink>,
+    /// A tunnel stream moving no byte either way this long is reset
+    /// (milliseconds; see [`Shared::set_stream_idle_timeout`]).
+    stream_idle_ms: AtomicU64,
 }
+
+/// Default of [`Shared::stream_idle_timeout`]: 1 h, Istio's idle timeout
+/// for TCP (Envoy's `idle_timeout`).
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The services and routes in force, and which configuration they came from.
 #[derive(Debug)]
@@ -84,8 +95,28 @@ impl Shared {
             bounds: Arc::new(Bounds::new(limits, mesh_agent::process::FdLimit::default())),
             balancer: mesh_routing::Balancer::default(),
             spans: OnceLock::new(),
+            stream_idle_ms: AtomicU64::new(millis(DEFAULT_STREAM_IDLE_TIMEOUT)),
         }
     }
+
+    /// How long a tunnel stream may move no byte in either direction before
+    /// it is reset: a request or upgraded connection whose client stopped
+    /// reading (or writing) cannot hold its slots, its backend connection
+    /// and its destination's `maxConnections` share for ever.
+    pub fn stream_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.stream_idle_ms.load(Ordering::Relaxed))
+    }
+
+    /// Sets [`Self::stream_idle_timeout`] for the streams opened from now on
+    /// (`--stream-idle-timeout`; at least 1 ms).
+    pub fn set_stream_idle_timeout(&self, idle: Duration) {
+        self.stream_idle_ms
+            .store(millis(idle).max(1), Ordering::Relaxed);
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Active {

@@ -5,7 +5,9 @@
 use std::{
     io,
     pin::Pin,
+    sync::atomic::{AtomicU64, Ordering},
     task::{Context, Poll},
+    time::{Duration, Instant},
 };
 
 use bytes::{Bytes, BytesMut};
@@ -16,9 +18,24 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream
 pub(crate) const PIPE: usize = 64 * 1024;
 
 /// Copies between the HBONE stream and the in-memory pipe until both
-/// directions end; an error resets the HTTP/2 stream.
-pub(crate) async fn pipe(io: DuplexStream, mut send: SendStream<Bytes>, mut recv: RecvStream) {
+/// directions end; an error resets the HTTP/2 stream, and so does `idle`,
+/// if given, without a byte moved either way (everything inside the
+/// stream, HTTP or TCP, goes through here: the inner side sees its pipe
+/// close).
+pub(crate) async fn pipe(
+    io: DuplexStream,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+    idle: Option<Duration>,
+) {
     let (mut r, mut w) = tokio::io::split(io);
+    let start = Instant::now();
+    // Milliseconds from `start` of the last byte moved.
+    let last = AtomicU64::new(0);
+    let moved = || {
+        let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        last.store(ms, Ordering::Relaxed);
+    };
     let up = async {
         let mut buf = BytesMut::with_capacity(16 * 1024);
         loop {
@@ -37,6 +54,7 @@ pub(crate) async fn pipe(io: DuplexStream, mut send: SendStream<Bytes>, mut recv
                     .map_err(io::Error::other)?;
                 let part = chunk.split_to(granted.min(chunk.len()));
                 send.send_data(part, false).map_err(io::Error::other)?;
+                moved();
             }
         }
     };
@@ -44,12 +62,34 @@ pub(crate) async fn pipe(io: DuplexStream, mut send: SendStream<Bytes>, mut recv
         while let Some(data) = recv.data().await {
             let data = data.map_err(io::Error::other)?;
             w.write_all(&data).await?;
+            moved();
             let _ = recv.flow_control().release_capacity(data.len());
         }
         w.shutdown().await
     };
-    let (a, b) = tokio::join!(up, down);
-    if let Err(e) = a.and(b) {
+    let watchdog = async {
+        let Some(idle) = idle else {
+            return std::future::pending().await;
+        };
+        loop {
+            let since = Duration::from_millis(last.load(Ordering::Relaxed));
+            let Some(at) = since.checked_add(idle).and_then(|d| start.checked_add(d)) else {
+                return std::future::pending().await;
+            };
+            if Instant::now() >= at {
+                return idle;
+            }
+            tokio::time::sleep_until(at.into()).await;
+        }
+    };
+    let ended = tokio::select! {
+        (a, b) = async { tokio::join!(up, down) } => a.and(b),
+        idle = watchdog => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no byte either way for {} s", idle.as_secs_f64()),
+        )),
+    };
+    if let Err(e) = ended {
         tracing::debug!(error = %e, "tunnel stream reset");
         send.send_reset(h2::Reason::CANCEL);
     }

@@ -201,7 +201,8 @@ impl HboneConnector {
         let recv = response.into_body();
         tokio::spawn(async move {
             let _slot = guard;
-            crate::stream::pipe(theirs, send, recv).await;
+            // The client's tunnel stream governs idleness (its pipe).
+            crate::stream::pipe(theirs, send, recv, None).await;
         });
         Ok(HboneStream(TokioIo::new(ours)))
     }

@@ -1710,3 +1710,29 @@ async fn requests_with_empty_lines_first_or_other_methods_are_http() {
         assert!(lower.contains("x-backend: v2"), "{head}");
     }
 }
+
+/// A tunnel stream that moves no byte either way for the stream idle
+/// timeout is reset (the backend connection with it); one that keeps
+/// moving bytes is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tunnel_stream_is_reset_a_busy_one_is_not() {
+    let s = setup().await;
+    s.waypoint
+        .shared
+        .set_stream_idle_timeout(Duration::from_millis(800));
+    let mut busy = s.client.tunnel(vip(ECHO_VIP)).await.expect("tunnel");
+    let mut idle = s.client.tunnel(vip(ECHO_VIP)).await.expect("tunnel");
+    echo(&mut idle, b"ping").await;
+    // 2.4 s: three idle timeouts; the busy stream moves a byte every 200 ms.
+    for _ in 0..12 {
+        echo(&mut busy, b"x").await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut buf = [0u8; 8];
+    let closed = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "the idle stream is still open: {closed:?}"
+    );
+    echo(&mut busy, b"still there").await;
+}
