@@ -272,7 +272,19 @@ impl SyncLoop {
         self.locations = locations;
 
         let before = self.store.current().generation;
-        let generation = self.store.publish_snapshot(built.snapshot);
+        // Compiling the policies and routes takes time proportional to the
+        // cluster's objects: off mesh-main's one worker, which also runs
+        // certificate rotation, the admin servers and policy re-checks.
+        let store = self.store.clone();
+        let published =
+            tokio::task::spawn_blocking(move || store.publish_snapshot(built.snapshot)).await;
+        let generation = match published {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "publishing the Kubernetes state failed; the last published state stays in force");
+                return;
+            }
+        };
         if !self.published {
             self.published = true;
             let snap = self.store.current();
