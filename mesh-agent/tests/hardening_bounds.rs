@@ -602,14 +602,20 @@ fn a_stream_reset_during_the_apps_connect_frees_its_slot_at_once() {
         std::io::Result::Ok(s)
     })
     .expect("a listener with backlog 0");
+    // Fills the accept queue before the agent runs: established on
+    // loopback, never accepted, so the agent's SYN is never answered.
+    let _queued = in_netns(&c_netns, || {
+        std::net::TcpStream::connect_timeout(
+            &SocketAddr::new("127.0.0.1".parse().expect("ip"), 9090),
+            Duration::from_secs(5),
+        )
+    })
+    .expect("the queued connection");
     let _agent = start_agent(&mesh, &[], None);
     let a = addrs(&mesh);
     let cert = rogue::mesh_cert(&mesh, "x");
     let peer_streams = || limits_dump(&mesh)["in_use"]["peer_streams"].as_u64();
     runtime().block_on(async {
-        // Fills the accept queue: through the agent (plaintext, inbound),
-        // established and never accepted.
-        let _queued = rogue::try_tcp_from(&a.x_netns, full).expect("the queued connection");
         let mut tls = h2_preface(&a.x_netns, a.hbone, &cert).await;
         tls.write_all(&connect_frame(1, full))
             .await

@@ -494,7 +494,13 @@ fn request_authority(parts: &mut http::request::Parts) -> Result<String, &'stati
     }
     let Some(target) = parts.uri.authority().map(|a| a.as_str().to_owned()) else {
         return match host {
-            Some(h) => h.to_str().map(str::to_owned).map_err(|_| "invalid_host"),
+            Some(h) => match h.to_str() {
+                Ok(h) if h.contains('@') => Err("userinfo_in_authority"),
+                Ok(h) => Ok(h.to_owned()),
+                Err(_) => Err("invalid_host"),
+            },
+            // RFC 9112 3.2: an HTTP/1.1 request without Host is refused.
+            None if parts.version == http::Version::HTTP_11 => Err("missing_host"),
             None => Ok(String::new()),
         };
     };
@@ -1228,8 +1234,15 @@ mod tests {
         assert_eq!(request_authority(&mut p), Ok("web.shop".to_owned()));
         assert_eq!(
             request_authority(&mut parts(HTTP_11, "/", &[])),
+            Err("missing_host")
+        );
+        let http_10 = http::Version::HTTP_10;
+        assert_eq!(
+            request_authority(&mut parts(http_10, "/", &[])),
             Ok(String::new())
         );
+        let mut p = parts(HTTP_11, "/", &["x@admin.shop"]);
+        assert_eq!(request_authority(&mut p), Err("userinfo_in_authority"));
         // Absolute form: the target's authority, which replaces Host.
         let mut p = parts(HTTP_11, "http://public.shop/", &["admin.shop"]);
         assert_eq!(request_authority(&mut p), Ok("public.shop".to_owned()));

@@ -244,13 +244,15 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 /// Serves `route` on `listener` until the task is dropped (the runtime
-/// shuts down). Each connection runs in its own task, at most
-/// [`MAX_CONNECTIONS`] at once per listener: beyond, a connection is closed
-/// at once. The metrics listener is reachable by any pod of the cluster; a
-/// flood of connections must not take the agent's descriptors or its
-/// control runtime, nor the readiness listener, which has its own.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, route: Route) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+/// shuts down). Each connection runs in its own task, at most `max` at
+/// once ([`MAX_CONNECTIONS`] for the admin and metrics listeners): beyond,
+/// a connection is closed at once. The metrics listener is reachable by
+/// any pod of the cluster; a flood of connections must not take the
+/// agent's descriptors or its control runtime. The readiness listener is
+/// not capped: 64 connections from any pod would keep kubelet's probe out
+/// and mark the agent not ready (its answer is a flag, cheap to give).
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, route: Route, max: usize) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(a) => a,

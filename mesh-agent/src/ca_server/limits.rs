@@ -142,18 +142,11 @@ impl RateLimiter {
 }
 
 impl RateLimiter {
-    /// Whether `key`'s bucket has a token at `now` (none taken), or how
-    /// long until it has one. A key without a bucket has a full one.
-    pub fn ready(&self, key: &str, now: Instant) -> Result<(), Duration> {
-        let buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(b) = buckets.get(key) else {
-            return Ok(());
-        };
-        let tokens = refill(b, self.rate, self.burst, now);
-        if tokens >= 1.0 {
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - tokens) / self.rate))
+    /// Gives back a token [`Self::check`] took from `key` (up to the burst).
+    pub fn give_back(&self, key: &str) {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = buckets.get_mut(key) {
+            b.tokens = (b.tokens + 1.0).min(self.burst);
         }
     }
 }
@@ -186,11 +179,12 @@ mod tests {
         let limiter = RateLimiter::new(2.0, 3);
         let t0 = Instant::now();
         for _ in 0..3 {
-            limiter.ready("node/a", t0).unwrap();
             limiter.check("node/a", t0).unwrap();
         }
-        assert!(limiter.ready("node/a", t0).is_err(), "ready takes nothing");
         let wait = limiter.check("node/a", t0).unwrap_err();
+        limiter.give_back("node/a");
+        limiter.check("node/a", t0).unwrap();
+        limiter.check("node/a", t0).unwrap_err();
         assert_eq!(wait, Duration::from_millis(500));
         // Another node has its own bucket.
         limiter.check("node/b", t0).unwrap();

@@ -87,13 +87,15 @@ impl CaService {
         }
         let token = token.ok_or(Refusal::NoToken)?;
         // A source whose tokens keep failing authentication is paused before
-        // they cost the API server a TokenReview each: its failures draw on
-        // a bucket of the per-node rate and burst (success draws nothing).
+        // they cost the API server a TokenReview each: each request takes a
+        // token of its source's bucket (the per-node rate and burst) before
+        // the review, so concurrent ones cannot pass together, and gets it
+        // back when it authenticates.
         let source = audit
             .peer
             .map(|p| format!("source/{}", p.ip().to_canonical()));
         if let Some(key) = &source
-            && let Err(wait) = self.auth_failures.ready(key, Instant::now())
+            && let Err(wait) = self.auth_failures.check(key, Instant::now())
         {
             return Err(self.rate_limited(key.clone(), wait));
         }
@@ -102,16 +104,19 @@ impl CaService {
             .map_err(|_| Refusal::Busy {
                 limit: self.cfg.max_concurrent_requests,
             })?;
-        let review = self.api.token_review(&token, &self.cfg.audience).await?;
-        let caller = match authz::caller_from_review(&review, &self.cfg.audience) {
-            Ok(c) => c,
-            Err(refused) => {
-                if let Some(key) = &source {
-                    let _ = self.auth_failures.check(key, Instant::now());
-                }
-                return Err(refused);
+        // An API failure is not the caller's: its token comes back too.
+        let give_back = || {
+            if let Some(key) = &source {
+                self.auth_failures.give_back(key);
             }
         };
+        let review = self
+            .api
+            .token_review(&token, &self.cfg.audience)
+            .await
+            .inspect_err(|_| give_back())?;
+        let caller = authz::caller_from_review(&review, &self.cfg.audience)?;
+        give_back();
         audit.caller.clone_from(&caller.username);
         audit.node = caller.node().to_owned();
         let key = caller.limit_key();

@@ -85,8 +85,9 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Bytes all inbound tunnel connections together may let their peers
     /// send ahead of the apps reading them: the HTTP/2 connection windows
-    /// the agent grants beyond HTTP/2's own 65,535 bytes, which is what
-    /// peers can make it buffer. A connection is granted the full window
+    /// the agent grants above HTTP/2's own 65,535 bytes (a grant above it
+    /// is leased whole; one of 65,535 leases nothing), which is what peers
+    /// can make it buffer. A connection is granted the full window
     /// while this budget (and its peer's share) has it, else what is left,
     /// at least 65,535 bytes; the grant returns when the connection ends.
     pub max_tunnel_window: u64,
