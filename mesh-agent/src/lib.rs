@@ -12,6 +12,7 @@ pub mod ca_server;
 pub mod cli;
 pub mod datapath;
 pub mod identity;
+pub mod keyed;
 pub mod pods;
 pub mod process;
 pub mod proxy;

@@ -382,6 +382,13 @@ async fn forged_or_misused_tokens_are_refused_with_a_reason() {
     server.shutdown().await.unwrap();
 }
 
+/// Two requests at once, then one every ~17 minutes: the third request of
+/// a key in a test is over the limit however slow the machine.
+fn two_then_limited(cfg: &mut CaServerConfig) {
+    cfg.rate_per_node = 0.001;
+    cfg.rate_burst = 2;
+}
+
 /// A pod on a node (every pod-bound token names its node) spends its own
 /// budget, not its node agent's; a source whose tokens keep failing
 /// authentication is paused before each costs the API server a
@@ -390,11 +397,7 @@ async fn forged_or_misused_tokens_are_refused_with_a_reason() {
 async fn a_tenant_pod_cannot_spend_its_agents_budget_nor_a_bad_token_the_api() {
     let ca = mesh_ca("tenant-limits");
     let api = cluster().await;
-    let server = serve(&ca, &api, |cfg| {
-        cfg.rate_per_node = 0.001;
-        cfg.rate_burst = 2;
-    })
-    .await;
+    let server = serve(&ca, &api, two_then_limited).await;
     let dir = Tmp::new("tenant-limits-token");
     let path = token(&dir, "cart");
     let c = client(&ca, server.local_addr(), &path);
@@ -470,13 +473,7 @@ async fn one_source_holds_at_most_its_share_of_connections() {
 async fn the_rate_limit_is_per_node_and_an_api_outage_fails_closed() {
     let ca = mesh_ca("limits");
     let api = cluster().await;
-    // 2 at once, then one every ~17 minutes: the third request of a node in
-    // this test is over the limit however slow the machine.
-    let server = serve(&ca, &api, |cfg| {
-        cfg.rate_per_node = 0.001;
-        cfg.rate_burst = 2;
-    })
-    .await;
+    let server = serve(&ca, &api, two_then_limited).await;
     let dir = Tmp::new("limits-token");
     let path = token(&dir, "agent-a");
     let c = client(&ca, server.local_addr(), &path);

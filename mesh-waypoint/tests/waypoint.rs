@@ -1259,16 +1259,19 @@ routes:
     // The held request ends (its client goes away): the slot is free again.
     held.abort();
     let _ = held.await;
+    answered_ok_within_10s(&mut c, "/", "the slot was never released").await;
+}
+
+/// GETs `path` until it is answered 200, for at most 10 s (panics with
+/// `what` and the last answer beyond).
+async fn answered_ok_within_10s(c: &mut HttpClient, path: &str, what: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let a = c.get("/", &[]).await;
+        let a = c.get(path, &[]).await;
         if a.status == 200 {
-            break;
+            return;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the slot was never released: {a:?}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {a:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -1327,18 +1330,7 @@ async fn inner_http2_requests_hold_slots_of_the_peers_stream_cap() {
     assert_eq!(a.status, 503, "{a:?}");
     assert!(!held.is_finished(), "the hanging request ended");
     held.abort();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let a = c.get("/only-v1", &[]).await;
-        if a.status == 200 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the slot never came back: {a:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    answered_ok_within_10s(&mut c, "/only-v1", "the slot never came back").await;
 }
 
 /// The agent's connection bounds apply: a peer identity holding its maximum

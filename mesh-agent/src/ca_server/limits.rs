@@ -2,8 +2,7 @@
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
-    sync::{Arc, Mutex},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -26,56 +25,6 @@ pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(30 * 60);
 /// How many rate-limit buckets are kept (distinct nodes); beyond it, idle
 /// (full) buckets are dropped, and if none is, new callers are refused.
 pub const MAX_BUCKETS: usize = 100_000;
-
-/// Open connections per source address, with a maximum.
-#[derive(Debug)]
-pub struct SourceSlots {
-    max: usize,
-    open: Mutex<HashMap<IpAddr, usize>>,
-}
-
-/// One open connection of a source, freed when dropped.
-#[derive(Debug)]
-pub struct SourceSlot {
-    slots: Arc<SourceSlots>,
-    source: IpAddr,
-}
-
-impl SourceSlots {
-    /// At most `max` (at least 1) open connections per source.
-    pub fn new(max: usize) -> Arc<Self> {
-        Arc::new(Self {
-            max: max.max(1),
-            open: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// A slot of `source`'s, or `None` when it holds its maximum.
-    pub fn take(self: &Arc<Self>, source: IpAddr) -> Option<SourceSlot> {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let n = open.entry(source).or_insert(0);
-        if *n >= self.max {
-            return None;
-        }
-        *n += 1;
-        Some(SourceSlot {
-            slots: Arc::clone(self),
-            source,
-        })
-    }
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut open = self.slots.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = open.get_mut(&self.source) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                open.remove(&self.source);
-            }
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -159,20 +108,6 @@ fn refill(b: &Bucket, rate: f64, burst: f64, now: Instant) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_source_holds_at_most_its_connection_slots_and_frees_them() {
-        let slots = SourceSlots::new(2);
-        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        let a1 = slots.take(a).unwrap();
-        let _a2 = slots.take(a).unwrap();
-        assert!(slots.take(a).is_none());
-        let _b1 = slots.take(b).expect("another source is not affected");
-        drop(a1);
-        let _a3 = slots.take(a).expect("freed on drop");
-        drop((_a2, _a3));
-        assert!(!slots.open.lock().unwrap().contains_key(&a));
-    }
 
     #[test]
     fn a_burst_then_the_rate_per_key() {

@@ -4,7 +4,7 @@
 
 use std::{
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{Arc, RwLock},
     task::{Context, Poll},
@@ -25,8 +25,9 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
-use super::limits::{HANDSHAKE_TIMEOUT, SourceSlot, SourceSlots};
+use super::limits::HANDSHAKE_TIMEOUT;
 use crate::identity::{ALPN_H2, MeshCa, SignError, crypto_provider};
+use crate::keyed::{KeyPermit, PerKey};
 
 /// How soon a failed re-signing of the serving certificate is retried.
 const RETRY: Duration = Duration::from_secs(30);
@@ -119,7 +120,7 @@ pub struct TlsConn {
     io: TlsStream<TcpStream>,
     peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
-    _source: SourceSlot,
+    _source: KeyPermit<IpAddr>,
 }
 
 impl Connected for TlsConn {
@@ -185,7 +186,7 @@ pub fn accept_loop(
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
     let slots = Arc::new(Semaphore::new(max_connections.max(1)));
-    let sources = SourceSlots::new(per_source);
+    let sources = PerKey::new(per_source.max(1));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -200,7 +201,7 @@ pub fn accept_loop(
                     continue;
                 }
             };
-            let Some(source) = sources.take(peer.ip().to_canonical()) else {
+            let Some(source) = sources.try_acquire(&peer.ip().to_canonical()) else {
                 tracing::debug!(%peer, per_source, "CA server connection limit per source reached; connection closed");
                 continue;
             };

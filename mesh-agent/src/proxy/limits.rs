@@ -16,7 +16,6 @@
 
 use std::{
     collections::HashMap,
-    hash::Hash,
     net::IpAddr,
     sync::{
         Arc, Mutex, PoisonError,
@@ -27,7 +26,8 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::{identity::SpiffeId, process::FdLimit};
+pub use crate::keyed::KeyPermit;
+use crate::{identity::SpiffeId, keyed::PerKey, process::FdLimit};
 
 /// File descriptors kept out of the connection budget (listeners, netns
 /// handles, maps, the admin servers), at most.
@@ -338,70 +338,6 @@ pub struct Permit(Arc<Gate>);
 impl Drop for Permit {
     fn drop(&mut self) {
         self.0.in_use.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Slots in use per key, with a maximum per key. A key's entry is removed
-/// when its last slot is freed, so the map holds only keys in use.
-#[derive(Debug)]
-struct PerKey<K: Eq + Hash> {
-    in_use: Mutex<HashMap<K, usize>>,
-    max: usize,
-}
-
-impl<K: Eq + Hash + Clone> PerKey<K> {
-    fn new(max: usize) -> Arc<Self> {
-        Arc::new(Self {
-            in_use: Mutex::new(HashMap::new()),
-            max,
-        })
-    }
-
-    fn try_acquire(self: &Arc<Self>, key: &K) -> Option<KeyPermit<K>> {
-        let mut map = self.in_use.lock().unwrap_or_else(PoisonError::into_inner);
-        let n = map.entry(key.clone()).or_insert(0);
-        if *n >= self.max {
-            if *n == 0 {
-                map.remove(key);
-            }
-            return None;
-        }
-        *n += 1;
-        Some(KeyPermit {
-            set: self.clone(),
-            key: key.clone(),
-        })
-    }
-
-    fn release(&self, key: &K) {
-        let mut map = self.in_use.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = map.get_mut(key) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                map.remove(key);
-            }
-        }
-    }
-
-    /// (keys in use, slots in use, the most any key holds).
-    fn usage(&self) -> (usize, usize, usize) {
-        let map = self.in_use.lock().unwrap_or_else(PoisonError::into_inner);
-        let total = map.values().sum();
-        let most = map.values().copied().max().unwrap_or(0);
-        (map.len(), total, most)
-    }
-}
-
-/// One slot of a per-key cap, freed when dropped.
-#[derive(Debug)]
-pub struct KeyPermit<K: Eq + Hash + Clone> {
-    set: Arc<PerKey<K>>,
-    key: K,
-}
-
-impl<K: Eq + Hash + Clone> Drop for KeyPermit<K> {
-    fn drop(&mut self) {
-        self.set.release(&self.key);
     }
 }
 
@@ -929,7 +865,7 @@ mod tests {
             0,
             "no entry stays for a peer holding nothing"
         );
-        assert!(b.peer_streams.in_use.lock().expect("lock").is_empty());
+        assert_eq!(b.peer_streams.usage().0, 0, "the map holds no key");
     }
 
     #[test]
