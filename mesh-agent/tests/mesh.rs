@@ -139,6 +139,14 @@ fn loaded_streams_spread_over_pooled_tunnel_connections() {
     };
     assert_eq!(streams, STREAMS, "all held streams are pooled");
     assert_eq!(connections, THREADS, "one TLS connection per proxy thread");
+    // Each of them leased the window it grants the destination node (Istio's
+    // 16 MiB) from node 0's tunnel window budget: what a destination can
+    // make the agent buffer is bounded on the client side too.
+    assert_eq!(
+        mesh.metric(0, "mesh_limit_in_use", &["limit=\"tunnel_window_bytes\""]),
+        THREADS << 24,
+        "node 0's outbound tunnels' windows"
+    );
     // The destination saw as many TLS connections (sk_lookup hits on c's 15008).
     assert_eq!(
         delta(&before, &mesh.counters(1), "lookup_steered_hbone"),

@@ -85,14 +85,20 @@ impl Shared {
     ) -> Self {
         let active = Active::build(config, &identity, tls.trust_domain(), 1);
         let targets = active.services.hbone_targets(tls.trust_domain());
-        let hbone = HboneConnector::new(Arc::clone(&tls), identity.clone(), targets);
+        let bounds = Arc::new(Bounds::new(limits, mesh_agent::process::FdLimit::default()));
+        let hbone = HboneConnector::new(
+            Arc::clone(&tls),
+            identity.clone(),
+            Arc::clone(&bounds),
+            targets,
+        );
         Self {
             proxy: Proxy::new(hbone),
             identity,
             tls,
             active: RwLock::new(Arc::new(active)),
             metrics: Metrics::new(),
-            bounds: Arc::new(Bounds::new(limits, mesh_agent::process::FdLimit::default())),
+            bounds,
             balancer: mesh_routing::Balancer::default(),
             spans: OnceLock::new(),
             stream_idle_ms: AtomicU64::new(millis(DEFAULT_STREAM_IDLE_TIMEOUT)),

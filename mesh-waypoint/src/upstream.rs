@@ -21,7 +21,10 @@ use hyper_util::{
 };
 use mesh_agent::{
     identity::{MeshTls, SpiffeId, describe_tls_error, server_name},
-    proxy::hbone::{self, HboneError, Pool, PoolKey},
+    proxy::{
+        hbone::{self, HboneError, Pool, PoolKey},
+        limits::Bounds,
+    },
 };
 use tokio::{io::DuplexStream, net::TcpStream};
 use tokio_rustls::TlsConnector;
@@ -42,6 +45,8 @@ pub enum UpstreamError {
 struct Inner {
     tls: Arc<MeshTls>,
     identity: SpiffeId,
+    /// The tunnel window budget the pool's connections lease from.
+    bounds: Arc<Bounds>,
     pool: Pool,
     targets: RwLock<Arc<HashMap<IpAddr, HboneTarget>>>,
 }
@@ -61,16 +66,19 @@ impl std::fmt::Debug for HboneConnector {
 }
 
 impl HboneConnector {
-    /// Tunnels as `identity` (certificates and verification from `tls`) to `targets`.
+    /// Tunnels as `identity` (certificates and verification from `tls`) to
+    /// `targets`, each connection's window leased from `bounds`.
     pub fn new(
         tls: Arc<MeshTls>,
         identity: SpiffeId,
+        bounds: Arc<Bounds>,
         targets: HashMap<IpAddr, HboneTarget>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 tls,
                 identity,
+                bounds,
                 pool: Pool::default(),
                 targets: RwLock::new(Arc::new(targets)),
             }),
@@ -177,7 +185,10 @@ impl HboneConnector {
                         reason: describe_tls_error(&e),
                     })?;
                 hbone::size_tls_buffer(tls.get_mut().1);
-                hbone::client_handshake(Box::new(tls), key.address).await
+                let lease = inner
+                    .bounds
+                    .window(&key.destination, hbone::CONNECTION_WINDOW);
+                hbone::client_handshake(Box::new(tls), key.address, lease).await
             }
         };
         inner

@@ -184,8 +184,9 @@ struct LimitArgs {
     #[arg(long, env = "MESH_HBONE_IDLE_TIMEOUT", value_parser = parse_duration)]
     hbone_idle_timeout: Option<Duration>,
     /// Bytes all tunnel peers together may send ahead of the apps reading
-    /// them (the HTTP/2 connection windows granted; default 1 GiB): what
-    /// they can make the agent buffer. A connection beyond it gets a smaller
+    /// them (the HTTP/2 connection windows granted, on inbound tunnels and
+    /// the agent's own outbound ones; default 1 GiB): what they can make the
+    /// agent buffer. A connection beyond it gets a smaller
     /// window, at least HTTP/2's 65,535 bytes.
     #[arg(long, env = "MESH_MAX_TUNNEL_WINDOW_BYTES")]
     max_tunnel_window_bytes: Option<u64>,

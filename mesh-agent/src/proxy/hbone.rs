@@ -38,7 +38,10 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::copy::{RelayOutcome, RelayResult};
+use super::{
+    copy::{RelayOutcome, RelayResult},
+    limits::WindowLease,
+};
 use crate::{
     identity::SpiffeId,
     telemetry::{ProxyCounters, ProxyEvent},
@@ -256,12 +259,15 @@ pub struct Pool {
     counters: Arc<ProxyCounters>,
 }
 
-/// A freshly established tunnel connection: the request handle and the
-/// future that drives the connection (the pool spawns it).
-pub type Established = (
-    SendRequest<Bytes>,
-    h2::client::Connection<Box<dyn IoStream>, Bytes>,
-);
+/// A freshly established tunnel connection ([`client_handshake`]).
+pub struct Established {
+    /// The request handle.
+    sender: SendRequest<Bytes>,
+    /// The future that drives the connection (the pool spawns it).
+    connection: h2::client::Connection<Box<dyn IoStream>, Bytes>,
+    /// The window the connection grants its peer, held until its driver ends.
+    lease: WindowLease,
+}
 
 /// The byte stream under a tunnel connection (TLS over TCP).
 pub trait IoStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -512,7 +518,11 @@ impl Pool {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<Established, HboneError>>,
     {
-        let (sender, connection) = connect().await?;
+        let Established {
+            sender,
+            connection,
+            lease,
+        } = connect().await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let limit = sender
             .current_max_send_streams()
@@ -528,7 +538,7 @@ impl Pool {
             extra,
         });
         self.counters.count(ProxyEvent::TunnelOpened);
-        tokio::spawn(drive(connection, dead, key.address, id));
+        tokio::spawn(drive(connection, dead, key.address, id, lease));
         tracing::debug!(conn = id, peer = %key.address, source = %key.source, destination = %key.destination, "tunnel connection established");
         let guard = conn.try_reserve().ok_or(HboneError::Status {
             target: key.address,
@@ -744,6 +754,7 @@ async fn drive(
     dead: Arc<AtomicBool>,
     peer: SocketAddr,
     id: u64,
+    _lease: WindowLease,
 ) {
     let ping_pong = connection.ping_pong();
     let keepalive = async move {
@@ -776,21 +787,31 @@ async fn drive(
     dead.store(true, Ordering::Release);
 }
 
-/// The client side of an HTTP/2 handshake with Istio's window settings.
+/// The client side of an HTTP/2 handshake with Istio's stream window,
+/// granting the peer the connection window `lease` holds (Istio's is
+/// [`CONNECTION_WINDOW`]; it comes from `limits::Bounds::window`, like an
+/// inbound tunnel's): what the peer can make this connection buffer ahead
+/// of the streams' readers. The lease is held until the connection ends.
 pub async fn client_handshake(
     io: Box<dyn IoStream>,
     addr: SocketAddr,
+    lease: WindowLease,
 ) -> Result<Established, HboneError> {
-    h2::client::Builder::new()
+    let (sender, connection) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_connection_window_size(lease.window())
         .max_frame_size(MAX_FRAME)
         .max_header_list_size(MAX_HEADER_LIST)
         .max_concurrent_streams(0)
         .enable_push(false)
         .handshake(io)
         .await
-        .map_err(|source| HboneError::H2 { addr, source })
+        .map_err(|source| HboneError::H2 { addr, source })?;
+    Ok(Established {
+        sender,
+        connection,
+        lease,
+    })
 }
 
 /// The CONNECT request for `target` with the headers Istio sends.
@@ -1005,6 +1026,106 @@ mod tests {
         }
     }
 
+    /// Istio's connection window, leased from a default budget.
+    fn test_lease() -> WindowLease {
+        crate::proxy::limits::Bounds::default().window(&test_key().destination, CONNECTION_WINDOW)
+    }
+
+    /// The client side grants its peer the window its lease holds, never
+    /// more (a destination node can make the agent buffer no more than the
+    /// budget lets it), and the lease returns when the connection ends.
+    #[tokio::test]
+    async fn a_client_connection_grants_the_leased_window_and_returns_it() {
+        // Under h2's send buffer (400 KiB), which also caps what the
+        // server side can reserve.
+        const SHARE: u32 = 256 << 10;
+        let bounds = crate::proxy::limits::Bounds::new(
+            crate::proxy::limits::Limits {
+                max_tunnel_window: 4 * u64::from(SHARE),
+                max_tunnel_window_per_peer: u64::from(SHARE),
+                ..crate::proxy::limits::Limits::default()
+            },
+            crate::process::FdLimit::default(),
+        );
+        let windows_in_use = |b: &crate::proxy::limits::Bounds| {
+            b.usage()
+                .in_use
+                .iter()
+                .find(|(k, _, _)| *k == "tunnel_window_bytes")
+                .map(|(_, n, _)| *n)
+        };
+        // What the server may send on one stream: at most the stream's
+        // window (4 MiB) and the connection's.
+        let sendable = |window: u32| {
+            let bounds = &bounds;
+            async move {
+                let lease = bounds.window(&test_key().destination, window);
+                let (client_io, server_io) = tokio::io::duplex(1 << 20);
+                let server = tokio::spawn(async move {
+                    let mut conn = server_handshake(server_io, 100, CONNECTION_WINDOW)
+                        .await
+                        .expect("server handshake");
+                    let (_req, mut respond) =
+                        conn.accept().await.expect("a stream").expect("a request");
+                    let mut send = respond
+                        .send_response(Response::new(()), false)
+                        .expect("response");
+                    send.reserve_capacity(2 * SHARE as usize);
+                    let capacity = std::future::poll_fn(|cx| {
+                        // Drives the connection until the capacity is assigned.
+                        let _ = conn.poll_closed(cx);
+                        send.poll_capacity(cx)
+                    })
+                    .await;
+                    (capacity.and_then(Result::ok), conn)
+                });
+                let established = client_handshake(Box::new(client_io), test_key().address, lease)
+                    .await
+                    .expect("client handshake");
+                let Established {
+                    sender,
+                    connection,
+                    lease,
+                } = established;
+                let driver = tokio::spawn(drive(
+                    connection,
+                    Arc::default(),
+                    test_key().address,
+                    1,
+                    lease,
+                ));
+                let mut sender = sender.ready().await.expect("ready");
+                let request = connect_request(
+                    "198.18.2.10:8080".parse().expect("addr"),
+                    "198.18.1.10:40000".parse().expect("addr"),
+                    "",
+                );
+                let (_response, _send) = sender.send_request(request, false).expect("request");
+                let (capacity, conn) = server.await.expect("server task");
+                (capacity, conn, driver)
+            }
+        };
+        // The peer's share of the 16 MiB asked for.
+        let (first, conn1, driver1) = sendable(CONNECTION_WINDOW).await;
+        assert_eq!(first, Some(SHARE as usize));
+        assert_eq!(windows_in_use(&bounds), Some(u64::from(SHARE)));
+        // Nothing left of the share: HTTP/2's own window.
+        let (second, conn2, driver2) = sendable(CONNECTION_WINDOW).await;
+        assert_eq!(
+            second,
+            Some(crate::proxy::limits::H2_INITIAL_WINDOW as usize)
+        );
+        // The leases return when the connections end.
+        drop((conn1, conn2));
+        for driver in [driver1, driver2] {
+            tokio::time::timeout(Duration::from_secs(10), driver)
+                .await
+                .expect("the driver ends with its connection")
+                .expect("driver task");
+        }
+        assert_eq!(windows_in_use(&bounds), Some(0));
+    }
+
     /// How a test server treats the streams of its connection.
     #[derive(Clone, Copy)]
     enum Behaviour {
@@ -1033,7 +1154,7 @@ mod tests {
                 }
             }
         });
-        client_handshake(Box::new(client_io), test_key().address).await
+        client_handshake(Box::new(client_io), test_key().address, test_lease()).await
     }
 
     /// Sends one CONNECT through a fresh pool whose n-th connection behaves
@@ -1237,7 +1358,7 @@ mod tests {
                 });
             }
         });
-        client_handshake(Box::new(client_io), test_key().address).await
+        client_handshake(Box::new(client_io), test_key().address, test_lease()).await
     }
 
     /// Opens one stream on `pool` with `agent`'s early bytes (the server

@@ -83,8 +83,9 @@ pub struct Limits {
     pub first_request_timeout: Duration,
     /// How long an HBONE connection may carry no stream before it is closed.
     pub idle_timeout: Duration,
-    /// Bytes all inbound tunnel connections together may let their peers
-    /// send ahead of the apps reading them: the HTTP/2 connection windows
+    /// Bytes all tunnel connections together (inbound, and the pools'
+    /// outbound ones) may let their peers send ahead of the apps reading
+    /// them: the HTTP/2 connection windows
     /// the agent grants above HTTP/2's own 65,535 bytes (a grant above it
     /// is leased whole; one of 65,535 leases nothing), which is what peers
     /// can make it buffer. A connection is granted the full window
@@ -357,20 +358,20 @@ struct Windows {
     per_peer: HashMap<SpiffeId, u64>,
 }
 
-/// What an inbound HBONE connection holds once its peer is known: a slot of
-/// the peer's connection cap and its HTTP/2 connection window, leased from
-/// the tunnel window budget ([`Limits::max_tunnel_window`]) and returned
-/// when dropped.
+/// An HTTP/2 connection window a tunnel connection grants its peer, leased
+/// from the tunnel window budget ([`Limits::max_tunnel_window`]) and
+/// returned when dropped: held for the connection's life, by both sides of
+/// a tunnel (what a peer can send ahead of the apps reading it is what it
+/// can make the agent buffer, whichever side dialled).
 #[derive(Debug)]
-pub struct TunnelPermit {
-    _peer: KeyPermit<SpiffeId>,
+pub struct WindowLease {
     windows: Arc<Mutex<Windows>>,
     peer: SpiffeId,
     leased: u64,
     window: u32,
 }
 
-impl TunnelPermit {
+impl WindowLease {
     /// The connection window to grant the peer (`h2`'s
     /// `initial_connection_window_size`): at least [`H2_INITIAL_WINDOW`].
     pub fn window(&self) -> u32 {
@@ -378,7 +379,7 @@ impl TunnelPermit {
     }
 }
 
-impl Drop for TunnelPermit {
+impl Drop for WindowLease {
     fn drop(&mut self) {
         if self.leased == 0 {
             return;
@@ -391,6 +392,21 @@ impl Drop for TunnelPermit {
                 w.per_peer.remove(&self.peer);
             }
         }
+    }
+}
+
+/// What an inbound HBONE connection holds once its peer is known: a slot of
+/// the peer's connection cap and the window it grants ([`WindowLease`]).
+#[derive(Debug)]
+pub struct TunnelPermit {
+    _peer: KeyPermit<SpiffeId>,
+    lease: WindowLease,
+}
+
+impl TunnelPermit {
+    /// The connection window to grant the peer: [`WindowLease::window`].
+    pub fn window(&self) -> u32 {
+        self.lease.window()
     }
 }
 
@@ -523,15 +539,25 @@ impl Bounds {
     }
 
     /// What an inbound HBONE connection of `peer` holds for its life: a slot
-    /// of the peer's connection cap, and the connection window it grants,
-    /// `want` bytes if the tunnel window budget and the peer's share of it
-    /// have them, else what they have left, at least [`H2_INITIAL_WINDOW`]
-    /// (counted and logged as reduced).
+    /// of the peer's connection cap, and the connection window it grants
+    /// ([`Self::window`]).
     pub fn tunnel(&self, peer: &SpiffeId, want: u32) -> Result<TunnelPermit, Refusal> {
         let slot = self
             .peer_connections
             .try_acquire(peer)
             .ok_or_else(|| self.refuse(Refusal::PeerConnections))?;
+        Ok(TunnelPermit {
+            _peer: slot,
+            lease: self.window(peer, want),
+        })
+    }
+
+    /// The connection window a tunnel connection with `peer` grants it, for
+    /// the connection's life, inbound or outbound: `want` bytes if the
+    /// tunnel window budget and the peer's share of it have them, else what
+    /// they have left, at least [`H2_INITIAL_WINDOW`] (counted and logged as
+    /// reduced). Never refused: HTTP/2's own window is always granted.
+    pub fn window(&self, peer: &SpiffeId, want: u32) -> WindowLease {
         let want = want.max(H2_INITIAL_WINDOW);
         let (leased, window) = {
             let mut w = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
@@ -562,13 +588,12 @@ impl Bounds {
                 );
             }
         }
-        Ok(TunnelPermit {
-            _peer: slot,
+        WindowLease {
             windows: self.windows.clone(),
             peer: peer.clone(),
             leased,
             window,
-        })
+        }
     }
 
     /// The slots an inbound HBONE stream of `peer` holds: one of the peer's

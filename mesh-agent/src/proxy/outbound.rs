@@ -703,7 +703,10 @@ async fn open_tunnel(
                     reason: crate::identity::describe_tls_error(&e),
                 })?;
             hbone::size_tls_buffer(tls.get_mut().1);
-            hbone::client_handshake(Box::new(tls), key.address).await
+            let lease = shared
+                .limits
+                .window(&key.destination, hbone::CONNECTION_WINDOW);
+            hbone::client_handshake(Box::new(tls), key.address, lease).await
         }
     };
     let (response, send, guard) = shared
