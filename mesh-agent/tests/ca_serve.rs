@@ -469,11 +469,38 @@ async fn one_source_holds_at_most_its_share_of_connections() {
     server.shutdown().await.unwrap();
 }
 
+/// A caller repeating a valid token (a flood from one pod) costs the API
+/// server one TokenReview, and meets its rate limit unreviewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_token_costs_one_token_review() {
+    let ca = mesh_ca("review-cache");
+    let api = cluster().await;
+    let server = serve(&ca, &api, two_then_limited).await;
+    let dir = Tmp::new("review-cache-token");
+    let c = client(&ca, server.local_addr(), &token(&dir, "cart"));
+    let cart = id("shop", "cart");
+    let reviews = "POST /apis/authentication.k8s.io/v1/tokenreviews";
+    let before = api.count(reviews);
+    ask(&c, &cart, false, MAX_TTL).await.unwrap();
+    ask(&c, &cart, false, MAX_TTL).await.unwrap();
+    for _ in 0..5 {
+        let e = ask(&c, &cart, false, MAX_TTL).await.unwrap_err();
+        assert!(matches!(e, CaClientError::RateLimited { .. }), "{e}");
+    }
+    assert_eq!(api.count(reviews) - before, 1, "one review for one token");
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_limit_is_per_node_and_an_api_outage_fails_closed() {
     let ca = mesh_ca("limits");
     let api = cluster().await;
-    let server = serve(&ca, &api, two_then_limited).await;
+    // Every request reviewed: the outage below meets the TokenReview.
+    let server = serve(&ca, &api, |cfg| {
+        two_then_limited(cfg);
+        cfg.token_review_cache = Duration::ZERO;
+    })
+    .await;
     let dir = Tmp::new("limits-token");
     let path = token(&dir, "agent-a");
     let c = client(&ca, server.local_addr(), &path);

@@ -24,6 +24,7 @@
 pub mod authz;
 mod kube_api;
 pub mod limits;
+mod reviewed;
 mod service;
 mod tls;
 
@@ -52,6 +53,9 @@ pub const DEFAULT_NODE_SERVICE_ACCOUNT: &str = "mesh-system/mesh-agent";
 /// Default open connections per source address: an agent (or a waypoint)
 /// keeps one; a source holding idle connections cannot take the others'.
 pub const DEFAULT_CONNECTIONS_PER_SOURCE: usize = 32;
+/// Default of [`CaServerConfig::token_review_cache`]: the API server's own
+/// cache of successful token authentications keeps them as long.
+pub const DEFAULT_TOKEN_REVIEW_CACHE: Duration = Duration::from_secs(10);
 
 /// How the CA server runs.
 #[derive(Debug, Clone)]
@@ -84,6 +88,9 @@ pub struct CaServerConfig {
     pub max_connections_per_source: usize,
     /// Deadline of each Kubernetes API call.
     pub api_timeout: Duration,
+    /// How long a token the API server authenticated is taken as reviewed
+    /// without asking again (zero: every request is reviewed).
+    pub token_review_cache: Duration,
     /// Validity of the server's own certificate (re-signed at half-life).
     pub serving_cert_ttl: Duration,
 }
@@ -110,6 +117,7 @@ impl CaServerConfig {
             max_connections: 4096,
             max_connections_per_source: DEFAULT_CONNECTIONS_PER_SOURCE,
             api_timeout: Duration::from_secs(5),
+            token_review_cache: DEFAULT_TOKEN_REVIEW_CACHE,
             serving_cert_ttl: Duration::from_secs(24 * 3600),
         }
     }

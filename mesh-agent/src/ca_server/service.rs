@@ -16,6 +16,7 @@ use super::CaServerConfig;
 use super::authz::{self, Plan, Refusal};
 use super::kube_api::KubeApi;
 use super::limits::RateLimiter;
+use super::reviewed::Reviewed;
 use super::tls::PeerAddr;
 use crate::identity::istio_ca::IMPERSONATED_IDENTITY;
 use crate::identity::istio_ca::proto::{
@@ -32,6 +33,8 @@ pub struct CaService {
     limiter: RateLimiter,
     /// Failed authentications per source address.
     auth_failures: RateLimiter,
+    /// Tokens reviewed a moment ago.
+    reviewed: Reviewed,
     in_flight: Arc<Semaphore>,
 }
 
@@ -42,6 +45,9 @@ struct Audit {
     caller: String,
     node: String,
     identity: String,
+    /// How the caller was authenticated: `api` (a TokenReview) or
+    /// `cached` (one made a moment ago for the same token).
+    review: &'static str,
 }
 
 impl CaService {
@@ -50,6 +56,7 @@ impl CaService {
         Self {
             limiter: RateLimiter::new(cfg.rate_per_node, cfg.rate_burst),
             auth_failures: RateLimiter::new(cfg.rate_per_node, cfg.rate_burst),
+            reviewed: Reviewed::new(cfg.token_review_cache),
             in_flight: Arc::new(Semaphore::new(cfg.max_concurrent_requests.max(1))),
             cfg,
             api,
@@ -75,6 +82,36 @@ impl CaService {
         }
     }
 
+    /// Authenticates `token` by TokenReview. A source whose tokens keep
+    /// failing authentication is paused before they cost the API server a
+    /// TokenReview each: each review takes a token of its source's bucket
+    /// (the per-node rate and burst) first, so concurrent ones cannot pass
+    /// together, and gets it back when it authenticates.
+    async fn review(&self, token: &str, audit: &Audit) -> Result<authz::Caller, Refusal> {
+        let source = audit
+            .peer
+            .map(|p| format!("source/{}", p.ip().to_canonical()));
+        if let Some(key) = &source
+            && let Err(wait) = self.auth_failures.check(key, Instant::now())
+        {
+            return Err(self.rate_limited(key.clone(), wait));
+        }
+        // An API failure is not the caller's: its token comes back too.
+        let give_back = || {
+            if let Some(key) = &source {
+                self.auth_failures.give_back(key);
+            }
+        };
+        let review = self
+            .api
+            .token_review(token, &self.cfg.audience)
+            .await
+            .inspect_err(|_| give_back())?;
+        let caller = authz::caller_from_review(&review, &self.cfg.audience)?;
+        give_back();
+        Ok(caller)
+    }
+
     async fn handle(
         &self,
         token: Option<String>,
@@ -86,37 +123,23 @@ impl CaService {
             audit.identity.clone_from(id);
         }
         let token = token.ok_or(Refusal::NoToken)?;
-        // A source whose tokens keep failing authentication is paused before
-        // they cost the API server a TokenReview each: each request takes a
-        // token of its source's bucket (the per-node rate and burst) before
-        // the review, so concurrent ones cannot pass together, and gets it
-        // back when it authenticates.
-        let source = audit
-            .peer
-            .map(|p| format!("source/{}", p.ip().to_canonical()));
-        if let Some(key) = &source
-            && let Err(wait) = self.auth_failures.check(key, Instant::now())
-        {
-            return Err(self.rate_limited(key.clone(), wait));
-        }
         let _permit = Arc::clone(&self.in_flight)
             .try_acquire_owned()
             .map_err(|_| Refusal::Busy {
                 limit: self.cfg.max_concurrent_requests,
             })?;
-        // An API failure is not the caller's: its token comes back too.
-        let give_back = || {
-            if let Some(key) = &source {
-                self.auth_failures.give_back(key);
+        let caller = match self.reviewed.get(&token, Instant::now()) {
+            Some(caller) => {
+                audit.review = "cached";
+                caller
+            }
+            None => {
+                audit.review = "api";
+                let caller = self.review(&token, audit).await?;
+                self.reviewed.insert(&token, &caller, Instant::now());
+                caller
             }
         };
-        let review = self
-            .api
-            .token_review(&token, &self.cfg.audience)
-            .await
-            .inspect_err(|_| give_back())?;
-        let caller = authz::caller_from_review(&review, &self.cfg.audience)?;
-        give_back();
         audit.caller.clone_from(&caller.username);
         audit.node = caller.node().to_owned();
         let key = caller.limit_key();
@@ -205,6 +228,7 @@ impl IstioCertificateService for CaService {
                     caller = %audit.caller,
                     node = %audit.node,
                     identity = %audit.identity,
+                    review = audit.review,
                     serial = %signed.serial_hex,
                     not_after = %fmt_time(signed.not_after),
                     "certificate issued"
@@ -219,6 +243,7 @@ impl IstioCertificateService for CaService {
                     caller = %audit.caller,
                     node = %audit.node,
                     identity = %audit.identity,
+                    review = audit.review,
                     reason_kind = refusal.kind(),
                     reason = %refusal,
                     "certificate refused"

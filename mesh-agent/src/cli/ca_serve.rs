@@ -60,6 +60,11 @@ pub struct CaServeArgs {
     /// Deadline of each Kubernetes API call (TokenReview, pod lookups).
     #[arg(long, env = "MESH_CA_API_TIMEOUT", default_value = "5s", value_parser = super::parse_duration)]
     api_timeout: Duration,
+    /// How long a token the API server authenticated is taken as reviewed
+    /// without a new TokenReview (a token revoked meanwhile is honoured that
+    /// long, as by the API server's own cache); 0s reviews every request.
+    #[arg(long, env = "MESH_CA_TOKEN_REVIEW_CACHE", default_value = "10s", value_parser = super::parse_duration)]
+    token_review_cache: Duration,
     /// The API server URL, spoken to in plain HTTP without authentication
     /// (`kubectl proxy`, tests). Default: the in-cluster service account, else KUBECONFIG.
     #[arg(long, env = "MESH_API_SERVER")]
@@ -89,6 +94,7 @@ impl CaServeArgs {
         cfg.max_connections = self.max_connections.max(1);
         cfg.max_connections_per_source = self.max_connections_per_source.max(1);
         cfg.api_timeout = self.api_timeout;
+        cfg.token_review_cache = self.token_review_cache;
         Ok(cfg)
     }
 }
