@@ -1,6 +1,6 @@
 //! The admin endpoint: `/healthz/ready`, `/metrics` (OpenMetrics text of the
 //! request metrics) and `/config_dump` (services, accepted routes, and every
-//! unsupported route field with its effect).
+//! unsupported route field with its effect; the bounds and their usage).
 
 use std::{convert::Infallible, sync::Arc};
 
@@ -111,6 +111,10 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     "warnings": active.policy_report.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 },
                 "tracing": shared.spans.get().map(crate::otlp::SpanSink::dump),
+                // The agent's bounds as the agent shows them: the limits,
+                // the descriptor limit they were sized from, the usage.
+                "limits": shared.bounds.to_json(),
+                "stream_idle_timeout_ms": u64::try_from(shared.stream_idle_timeout().as_millis()).unwrap_or(u64::MAX),
             });
             text(
                 StatusCode::OK,

@@ -483,9 +483,10 @@ fn upgrade_requested(headers: &HeaderMap) -> UpgradeAsked {
 /// form, HTTP/2 `:authority`), else its `Host`. A request naming two cannot
 /// make a policy check one host while the backend serves another, so it
 /// gets 400 (Envoy's detail as the reason): two `Host` headers; an
-/// HTTP/2 `host` that is not its `:authority` (RFC 9113 8.3.1); userinfo
-/// in the authority. In HTTP/1.1 absolute form the target's authority
-/// replaces `Host` (RFC 9112 3.2.2).
+/// HTTP/2 `host` that is not its `:authority` (RFC 9113 8.3.1, compared
+/// as URIs by [`same_authority`]: `web:80` is `web`); userinfo in the
+/// authority. In HTTP/1.1 absolute form the target's authority replaces a
+/// different `Host` (RFC 9112 3.2.2).
 fn request_authority(parts: &mut http::request::Parts) -> Result<String, &'static str> {
     let mut hosts = parts.headers.get_all(header::HOST).iter();
     let host = hosts.next().cloned();
@@ -508,7 +509,7 @@ fn request_authority(parts: &mut http::request::Parts) -> Result<String, &'stati
         return Err("userinfo_in_authority");
     }
     match host {
-        Some(h) if h.as_bytes().eq_ignore_ascii_case(target.as_bytes()) => {}
+        Some(h) if same_authority(h.as_bytes(), &target, parts.uri.scheme()) => {}
         None => {}
         Some(_) if parts.version == http::Version::HTTP_2 => {
             return Err("host_differs_from_authority");
@@ -519,6 +520,43 @@ fn request_authority(parts: &mut http::request::Parts) -> Result<String, &'stati
         }
     }
     Ok(target)
+}
+
+/// Whether `host` and `target` name the same authority (RFC 9110 4.2.3,
+/// as URIs are compared): the host case-insensitively, and a missing or
+/// empty port as the scheme's default (80 for `http`, and for a request
+/// without a scheme, the waypoint's inner HTTP being plaintext; 443 for
+/// `https`). `web:80` and `Web` are the same authority for `http`.
+fn same_authority(host: &[u8], target: &str, scheme: Option<&http::uri::Scheme>) -> bool {
+    if host.eq_ignore_ascii_case(target.as_bytes()) {
+        return true;
+    }
+    let default = match scheme.map(http::uri::Scheme::as_str) {
+        None | Some("http") => Some(80),
+        Some("https") => Some(443),
+        Some(_) => None,
+    };
+    // (host, port): the port as the default when absent or empty.
+    let split = |a: &[u8]| -> Option<(String, Option<u16>)> {
+        let a = std::str::from_utf8(a).ok()?;
+        // An IPv6 literal's colons are inside its brackets.
+        let (name, port) = match a.rfind(':') {
+            Some(i) if !a[i..].contains(']') => (&a[..i], &a[i + 1..]),
+            _ => (a, ""),
+        };
+        let port = if port.is_empty() {
+            default
+        } else if port.bytes().all(|b| b.is_ascii_digit()) {
+            Some(port.parse().ok()?)
+        } else {
+            return None;
+        };
+        (!name.is_empty()).then(|| (name.to_ascii_lowercase(), port))
+    };
+    match (split(host), split(target.as_bytes())) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
 }
 
 /// Relays an upgraded connection (after a `101`) between the client and
@@ -1257,6 +1295,39 @@ mod tests {
         );
         let mut p = parts(HTTP_2, "http://public.shop/", &["Public.Shop"]);
         assert_eq!(request_authority(&mut p), Ok("public.shop".to_owned()));
+        // Compared as URIs (RFC 9110 4.2.3): the scheme's default port may
+        // be written or not, on either side, the host in any case.
+        let mut p = parts(HTTP_2, "http://web:80/", &["web"]);
+        assert_eq!(request_authority(&mut p), Ok("web:80".to_owned()));
+        let mut p = parts(HTTP_2, "http://web/", &["WEB:80"]);
+        assert_eq!(request_authority(&mut p), Ok("web".to_owned()));
+        let mut p = parts(HTTP_2, "http://web:/", &["web:80"]);
+        assert_eq!(request_authority(&mut p), Ok("web:".to_owned()));
+        let mut p = parts(HTTP_2, "https://web:443/", &["web"]);
+        assert_eq!(request_authority(&mut p), Ok("web:443".to_owned()));
+        let mut p = parts(HTTP_2, "http://[fd00::1]:80/", &["[FD00::1]"]);
+        assert_eq!(request_authority(&mut p), Ok("[fd00::1]:80".to_owned()));
+        // Another port, or another scheme's default, is another authority.
+        for (uri, host) in [
+            ("http://web:8080/", "web"),
+            ("http://web:443/", "web"),
+            ("https://web:80/", "web"),
+            ("http://web/", "web:8080"),
+            ("http://web/", "web:x"),
+            ("http://[fd00::1]/", "[fd00::1]:8080"),
+            ("http://web:80/", "webb"),
+        ] {
+            let mut p = parts(HTTP_2, uri, &[host]);
+            assert_eq!(
+                request_authority(&mut p),
+                Err("host_differs_from_authority"),
+                "{uri} with host {host}"
+            );
+        }
+        // HTTP/1.1 absolute form: the same authority keeps its Host.
+        let mut p = parts(HTTP_11, "http://web:80/", &["web"]);
+        assert_eq!(request_authority(&mut p), Ok("web:80".to_owned()));
+        assert_eq!(p.headers[header::HOST], "web");
         // Two Host headers, userinfo.
         let mut p = parts(HTTP_11, "/", &["public.shop", "admin.shop"]);
         assert_eq!(request_authority(&mut p), Err("multiple_host_headers"));

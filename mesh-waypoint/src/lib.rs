@@ -56,6 +56,7 @@ use mesh_agent::{
 };
 use tokio::{net::TcpListener, task::JoinHandle};
 
+pub use crate::shared::Settings;
 use crate::{config::WaypointConfig, shared::Shared};
 
 /// Why the waypoint cannot start.
@@ -159,7 +160,7 @@ pub async fn watch_config(
     }
 }
 
-/// [`start_with_limits`] with the agent's default limits.
+/// [`start_with`] with the default [`Settings`].
 pub async fn start(
     identity: SpiffeId,
     provider: Arc<dyn CertificateProvider>,
@@ -167,12 +168,18 @@ pub async fn start(
     listen: SocketAddr,
     admin: SocketAddr,
 ) -> Result<Running, StartError> {
-    start_with_limits(identity, provider, config, listen, admin, Limits::default()).await
+    start_with(
+        identity,
+        provider,
+        config,
+        listen,
+        admin,
+        Settings::default(),
+    )
+    .await
 }
 
-/// Starts a waypoint with `identity`, certificates from `provider`, serving
-/// `config`, with HBONE on `listen` and the admin endpoint on `admin`,
-/// bounded by `limits` (the agent's: connections, per-peer caps, deadlines).
+/// [`start_with`] bounded by `limits`, the other settings the defaults.
 pub async fn start_with_limits(
     identity: SpiffeId,
     provider: Arc<dyn CertificateProvider>,
@@ -180,6 +187,25 @@ pub async fn start_with_limits(
     listen: SocketAddr,
     admin: SocketAddr,
     limits: Limits,
+) -> Result<Running, StartError> {
+    let settings = Settings {
+        limits,
+        ..Settings::default()
+    };
+    start_with(identity, provider, config, listen, admin, settings).await
+}
+
+/// Starts a waypoint with `identity`, certificates from `provider`, serving
+/// `config`, with HBONE on `listen` and the admin endpoint on `admin`,
+/// bounded by `settings` (the agent's limits: connections, per-peer caps,
+/// deadlines; the stream idle timeout) from its first connection on.
+pub async fn start_with(
+    identity: SpiffeId,
+    provider: Arc<dyn CertificateProvider>,
+    config: &WaypointConfig,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    settings: Settings,
 ) -> Result<Running, StartError> {
     let trust_domain = provider.trust_domain().clone();
     if identity.trust_domain() != &trust_domain {
@@ -192,7 +218,7 @@ pub async fn start_with_limits(
     // Its own certificate is asked for now (a remote CA: before the first
     // client waits for it); a failure is retried per handshake, fail closed.
     tls.manager().prefetch([&identity]);
-    let shared = Arc::new(Shared::new(identity, tls, config, limits));
+    let shared = Arc::new(Shared::new(identity, tls, config, settings));
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await

@@ -172,13 +172,19 @@ async fn main() -> anyhow::Result<()> {
             (config, Source::Kube(store, me))
         }
     };
-    let running = mesh_waypoint::start_with_limits(
+    // Every setting in force before the first connection is accepted.
+    let settings = mesh_waypoint::Settings {
+        limits,
+        fd_limit,
+        stream_idle_timeout: args.stream_idle_timeout,
+    };
+    let running = mesh_waypoint::start_with(
         identity,
         provider,
         &config,
         args.listen,
         args.admin,
-        limits,
+        settings,
     )
     .await?;
     let shared = Arc::clone(&running.shared);
@@ -195,9 +201,6 @@ async fn main() -> anyhow::Result<()> {
             cancel.clone(),
         )),
     };
-    running
-        .shared
-        .set_stream_idle_timeout(args.stream_idle_timeout);
     if let Some(endpoint) = &args.otlp_endpoint {
         running
             .shared

@@ -14,6 +14,7 @@ use std::{
 
 use mesh_agent::{
     identity::{MeshTls, SpiffeId, TrustDomain},
+    process::FdLimit,
     proxy::limits::{ActivityGuard, Bounds, Limits, StreamPermit},
     telemetry::PeerLabels,
 };
@@ -58,6 +59,28 @@ pub struct Shared {
 /// for TCP (Envoy's `idle_timeout`).
 pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// What bounds a waypoint from its first connection on (its command line).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The agent's caps and deadlines (connections, streams, handshakes).
+    pub limits: Limits,
+    /// The file-descriptor limit `limits` were sized from, as reported in
+    /// `/config_dump` `limits.fd_limit` (`Limits::for_this_process`'s).
+    pub fd_limit: FdLimit,
+    /// The first [`Shared::stream_idle_timeout`] (`--stream-idle-timeout`).
+    pub stream_idle_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            fd_limit: FdLimit::default(),
+            stream_idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
+        }
+    }
+}
+
 /// The services and routes in force, and which configuration they came from.
 #[derive(Debug)]
 pub struct Active {
@@ -76,16 +99,17 @@ pub struct Active {
 }
 
 impl Shared {
-    /// Everything a waypoint with `identity` serving `config` needs.
+    /// Everything a waypoint with `identity` serving `config`, bounded by
+    /// `settings`, needs.
     pub fn new(
         identity: SpiffeId,
         tls: Arc<MeshTls>,
         config: &WaypointConfig,
-        limits: Limits,
+        settings: Settings,
     ) -> Self {
         let active = Active::build(config, &identity, tls.trust_domain(), 1);
         let targets = active.services.hbone_targets(tls.trust_domain());
-        let bounds = Arc::new(Bounds::new(limits, mesh_agent::process::FdLimit::default()));
+        let bounds = Arc::new(Bounds::new(settings.limits, settings.fd_limit));
         let hbone = HboneConnector::new(
             Arc::clone(&tls),
             identity.clone(),
@@ -101,7 +125,7 @@ impl Shared {
             bounds,
             balancer: mesh_routing::Balancer::default(),
             spans: OnceLock::new(),
-            stream_idle_ms: AtomicU64::new(millis(DEFAULT_STREAM_IDLE_TIMEOUT)),
+            stream_idle_ms: AtomicU64::new(millis(settings.stream_idle_timeout).max(1)),
         }
     }
 

@@ -1728,3 +1728,43 @@ async fn an_idle_tunnel_stream_is_reset_a_busy_one_is_not() {
     );
     echo(&mut busy, b"still there").await;
 }
+
+/// The settings a waypoint starts with are in force from its first
+/// stream (the stream idle timeout is not the default for a moment) and
+/// shown in `/config_dump`, with the file-descriptor limit its caps were
+/// sized from (not 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_settings_apply_from_the_first_stream_and_are_shown() {
+    let b = backends().await;
+    let ca = issuer();
+    let fd_limit = mesh_agent::process::FdLimit {
+        soft: 4096,
+        hard: 8192,
+        raised_from: Some(1024),
+    };
+    let settings = mesh_waypoint::Settings {
+        limits: mesh_agent::proxy::limits::Limits::for_fd_limit(fd_limit.soft),
+        fd_limit,
+        stream_idle_timeout: Duration::from_millis(800),
+    };
+    let max_connections = settings.limits.max_connections;
+    let w = waypoint_with(ca.clone(), &config(&b), settings).await;
+    let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
+    let mut first = client.tunnel(vip(ECHO_VIP)).await.expect("tunnel");
+    echo(&mut first, b"ping").await;
+    let mut buf = [0u8; 8];
+    let closed = tokio::time::timeout(Duration::from_secs(5), first.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "the first stream did not get the idle timeout: {closed:?}"
+    );
+    let dump: serde_json::Value =
+        serde_json::from_str(&admin_get(w.admin, "/config_dump").await).expect("json");
+    assert_eq!(dump["stream_idle_timeout_ms"], 800, "{dump}");
+    assert_eq!(dump["limits"]["fd_limit"]["soft"], 4096, "{dump}");
+    assert_eq!(dump["limits"]["fd_limit"]["raised_from"], 1024, "{dump}");
+    assert_eq!(
+        dump["limits"]["limits"]["max_connections"], max_connections,
+        "{dump}"
+    );
+}

@@ -151,11 +151,24 @@ pub async fn waypoint_with_limits(
     config: &str,
     limits: mesh_agent::proxy::limits::Limits,
 ) -> Running {
+    let settings = mesh_waypoint::Settings {
+        limits,
+        ..Default::default()
+    };
+    waypoint_with(ca, config, settings).await
+}
+
+/// [`waypoint`] started with `settings`.
+pub async fn waypoint_with(
+    ca: Arc<LocalCa>,
+    config: &str,
+    settings: mesh_waypoint::Settings,
+) -> Running {
     let config = WaypointConfig::parse(config).expect("config");
     let id = SpiffeId::parse(WAYPOINT_ID).expect("id");
     let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
     let ca = ca as Arc<dyn CertificateProvider>;
-    mesh_waypoint::start_with_limits(id, ca, &config, any, any, limits)
+    mesh_waypoint::start_with(id, ca, &config, any, any, settings)
         .await
         .expect("start")
 }
