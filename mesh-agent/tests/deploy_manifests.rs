@@ -1888,9 +1888,16 @@ fn waypoint_holds_no_ca_key_runs_non_root_and_asks_the_issuer_for_itself() {
         .find(|p| p.name.as_deref() == Some("metrics"))
         .expect("metrics port")
         .container_port;
+    // The pod IP serves probes and metrics; the configuration dump (the
+    // admin listener, its default) stays on loopback.
+    assert_eq!(
+        flag(args, "metrics"),
+        Some(format!("0.0.0.0:{admin_port}").as_str())
+    );
     assert_eq!(
         flag(args, "admin"),
-        Some(format!("0.0.0.0:{admin_port}").as_str())
+        None,
+        "the admin listener's default is loopback"
     );
     for probe in [&c.readiness_probe, &c.liveness_probe] {
         let get = probe

@@ -1,50 +1,52 @@
-//! The admin endpoint: `/healthz/ready`, `/metrics` (OpenMetrics text of the
-//! request metrics) and `/config_dump` (services, accepted routes, and every
-//! unsupported route field with its effect; the bounds and their usage).
+//! The admin endpoints. The admin listener (`--admin`, loopback by
+//! default, as Envoy's admin port) serves `/healthz/ready`, `/metrics`
+//! (OpenMetrics text of the request metrics) and `/config_dump` (services,
+//! accepted routes, and every unsupported route field with its effect;
+//! policies; the bounds and their usage). The metrics listener
+//! (`--metrics`, reachable by Prometheus and the kubelet, so by any pod)
+//! serves only `/healthz/ready` and `/metrics`: the configuration dump
+//! tells whoever asks which policies guard which services. Each listener
+//! holds at most [`MAX_CONNECTIONS`] connections (the agent's admin
+//! server).
 
-use std::{convert::Infallible, sync::Arc};
+use std::sync::Arc;
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use mesh_agent::telemetry::metrics::CONTENT_TYPE;
+use http::{Method, StatusCode};
+use mesh_agent::{
+    admin::server::{self, Reply},
+    telemetry::metrics::CONTENT_TYPE,
+};
 use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::shared::{Active, Shared};
 
-/// Serves the admin endpoints on `listener` forever.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
-        let shared = Arc::clone(&shared);
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let shared = Arc::clone(&shared);
-                async move { Ok::<_, Infallible>(answer(&shared, &req)) }
-            });
-            // A client must send its request's head in time (hyper
-            // applies its header timeout only with a timer).
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(crate::http::HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
-    }
+/// The most connections each admin listener holds at once (beyond, closed
+/// at once): a flood from a pod takes neither descriptors nor the runtime.
+pub const MAX_CONNECTIONS: usize = server::MAX_CONNECTIONS;
+
+/// What a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoints {
+    /// Everything: readiness, metrics and the configuration dump.
+    Admin,
+    /// Readiness and metrics only.
+    Metrics,
 }
 
-fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    if let Ok(v) = content_type.parse() {
-        r.headers_mut().insert(header::CONTENT_TYPE, v);
-    }
-    r
+/// Serves `endpoints` on `listener` until the task is dropped.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener, endpoints: Endpoints) {
+    server::serve_with(listener, MAX_CONNECTIONS, move |method, path, _query| {
+        if method != Method::GET && method != Method::HEAD {
+            return Reply::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "GET or HEAD\n",
+            );
+        }
+        answer(&shared, path, endpoints)
+    })
+    .await;
 }
 
 /// Every destination (service port, subset) with its effective policy and
@@ -82,18 +84,18 @@ fn destinations(shared: &Shared, active: &Active) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    match req.uri().path() {
-        "/healthz/ready" => text(StatusCode::OK, "text/plain", "ready\n".into()),
+fn answer(shared: &Shared, path: &str, endpoints: Endpoints) -> Reply {
+    match path {
+        "/healthz/ready" => Reply::new(StatusCode::OK, "text/plain", "ready\n"),
         "/metrics" => match shared.metrics.encode() {
-            Ok(m) => text(StatusCode::OK, CONTENT_TYPE, m),
-            Err(_) => text(
+            Ok(m) => Reply::new(StatusCode::OK, CONTENT_TYPE, m),
+            Err(_) => Reply::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "text/plain",
-                "cannot encode the metrics\n".into(),
+                "cannot encode the metrics\n",
             ),
         },
-        "/config_dump" => {
+        "/config_dump" if endpoints == Endpoints::Admin => {
             let active = shared.active();
             let dump = json!({
                 "identity": shared.identity.to_string(),
@@ -116,12 +118,12 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 "limits": shared.bounds.to_json(),
                 "stream_idle_timeout_ms": u64::try_from(shared.stream_idle_timeout().as_millis()).unwrap_or(u64::MAX),
             });
-            text(
+            Reply::new(
                 StatusCode::OK,
                 "application/json",
                 serde_json::to_string_pretty(&dump).unwrap_or_default(),
             )
         }
-        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        _ => Reply::new(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }

@@ -106,6 +106,21 @@ impl Drop for Running {
 }
 
 impl Running {
+    /// Also serves readiness and metrics only (not the configuration dump)
+    /// on `addr`, for Prometheus and the kubelet; its address.
+    pub async fn serve_metrics(&mut self, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+        let listen = |source| StartError::Listen { addr, source };
+        let listener = TcpListener::bind(addr).await.map_err(listen)?;
+        let local = listener.local_addr().map_err(listen)?;
+        self.tasks.push(tokio::spawn(admin::serve(
+            Arc::clone(&self.shared),
+            listener,
+            admin::Endpoints::Metrics,
+        )));
+        tracing::info!(metrics = %local, "waypoint metrics listening");
+        Ok(local)
+    }
+
     /// Waits until the listeners stop (they do not, unless aborted).
     pub async fn wait(mut self) {
         for t in std::mem::take(&mut self.tasks) {
@@ -240,7 +255,11 @@ pub async fn start_with(
     );
     let tasks = vec![
         tokio::spawn(server::serve(Arc::clone(&shared), hbone)),
-        tokio::spawn(admin::serve(Arc::clone(&shared), admin_listener)),
+        tokio::spawn(admin::serve(
+            Arc::clone(&shared),
+            admin_listener,
+            admin::Endpoints::Admin,
+        )),
         tokio::spawn(sweep(Arc::clone(&shared))),
     ];
     tracing::info!(hbone = %hbone_addr, admin = %admin_addr, "waypoint listening");

@@ -35,9 +35,14 @@ struct RunArgs {
     /// The HBONE listener.
     #[arg(long, default_value = "0.0.0.0:15008")]
     listen: SocketAddr,
-    /// The admin listener (/healthz/ready, /metrics, /config_dump).
-    #[arg(long, default_value = "127.0.0.1:15020")]
+    /// The admin listener (/healthz/ready, /metrics, /config_dump): keep it
+    /// on loopback, the dump shows the policies guarding each service.
+    #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
+    /// A listener for /healthz/ready and /metrics only (Prometheus and the
+    /// kubelet's probe; `0.0.0.0:15020` in a cluster).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
     /// The waypoint's SPIFFE identity (its service account's). Default:
     /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
     #[arg(long)]
@@ -178,7 +183,7 @@ async fn main() -> anyhow::Result<()> {
         fd_limit,
         stream_idle_timeout: args.stream_idle_timeout,
     };
-    let running = mesh_waypoint::start_with(
+    let mut running = mesh_waypoint::start_with(
         identity,
         provider,
         &config,
@@ -187,6 +192,9 @@ async fn main() -> anyhow::Result<()> {
         settings,
     )
     .await?;
+    if let Some(addr) = args.metrics {
+        running.serve_metrics(addr).await?;
+    }
     let shared = Arc::clone(&running.shared);
     match source {
         Source::File(path) => tokio::spawn(mesh_waypoint::watch_config(

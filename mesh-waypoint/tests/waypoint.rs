@@ -296,6 +296,63 @@ async fn request_redirect_answers_with_a_location_and_no_backend() {
     assert_eq!(a.headers.get("x-backend"), None);
 }
 
+/// The metrics listener (reachable by any pod in a cluster) serves
+/// readiness and metrics, never the configuration dump, which names the
+/// policies guarding each service; each admin listener holds at most its
+/// cap of connections, and a freed slot serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_listener_serves_no_config_dump_and_listeners_are_capped() {
+    let mut s = setup().await;
+    let metrics = s
+        .waypoint
+        .serve_metrics("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("metrics listener");
+    assert_eq!(admin_get(metrics, "/healthz/ready").await, "ready\n");
+    assert!(admin_get(metrics, "/metrics").await.contains("# EOF"));
+    assert_eq!(admin_get(metrics, "/config_dump").await, "not found\n");
+    let dump: serde_json::Value =
+        serde_json::from_str(&admin_get(s.waypoint.admin, "/config_dump").await).expect("json");
+    assert!(dump["identity"].is_string(), "{dump}");
+
+    // The cap: idle connections up to it are held, the next is closed.
+    let mut held = Vec::new();
+    for _ in 0..mesh_waypoint::admin::MAX_CONNECTIONS {
+        held.push(
+            tokio::net::TcpStream::connect(metrics)
+                .await
+                .expect("connect"),
+        );
+    }
+    let is_closed = |mut c: tokio::net::TcpStream| async move {
+        let mut buf = [0u8; 1];
+        // Within the 10 s request-head deadline that would close it anyway.
+        let r = tokio::time::timeout(Duration::from_secs(3), c.read(&mut buf)).await;
+        matches!(r, Ok(Ok(0) | Err(_)))
+    };
+    let beyond = tokio::net::TcpStream::connect(metrics)
+        .await
+        .expect("connect");
+    assert!(
+        is_closed(beyond).await,
+        "a connection beyond the cap was held"
+    );
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let probe = tokio::net::TcpStream::connect(metrics)
+            .await
+            .expect("connect");
+        if !is_closed(probe).await {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the freed slot never served"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsupported_filters_answer_500_and_are_listed_in_config_dump() {
     let s = setup().await;

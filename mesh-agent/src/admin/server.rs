@@ -66,7 +66,8 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn new(status: StatusCode, content_type: &'static str, body: impl Into<String>) -> Self {
+    /// A reply with `status`, `content_type` and `body`.
+    pub fn new(status: StatusCode, content_type: &'static str, body: impl Into<String>) -> Self {
         Self {
             status,
             content_type,
@@ -252,6 +253,21 @@ fn percent_decode(s: &str) -> Option<String> {
 /// not capped: 64 connections from any pod would keep kubelet's probe out
 /// and mark the agent not ready (its answer is a flag, cheap to give).
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, route: Route, max: usize) {
+    serve_with(listener, max, move |method, path, query| {
+        route(&state, method, path, query)
+    })
+    .await;
+}
+
+/// Serves the replies of `answer` (method, path, query) on `listener` as
+/// [`serve`] does: HTTP/1.1, a connection per task, at most `max` at once
+/// (beyond, closed at once), a request head within 10 s; `HEAD` answered
+/// without the body. For the waypoint's admin listeners too.
+pub async fn serve_with<F>(listener: TcpListener, max: usize, answer: F)
+where
+    F: Fn(&Method, &str, Option<&str>) -> Reply + Send + Sync + 'static,
+{
+    let answer = Arc::new(answer);
     let slots = Arc::new(tokio::sync::Semaphore::new(max));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -263,14 +279,14 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, route: Route, 
             }
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            tracing::debug!(%peer, max = MAX_CONNECTIONS, "admin connection closed: too many open");
+            tracing::debug!(%peer, max, "admin connection closed: too many open");
             continue;
         };
-        let state = state.clone();
+        let answer = Arc::clone(&answer);
         tokio::spawn(async move {
             let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let reply = route(&state, req.method(), req.uri().path(), req.uri().query());
+                let reply = answer(req.method(), req.uri().path(), req.uri().query());
                 let head = req.method() == Method::HEAD;
                 async move { Ok::<_, Infallible>(into_response(reply, head)) }
             });
