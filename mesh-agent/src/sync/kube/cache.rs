@@ -2,9 +2,12 @@
 //! atomically: objects listed after a restart are buffered and replace the
 //! live set only when the list is complete, so a relist that fails half-way
 //! (an outage) leaves the last good set in force, and objects deleted while
-//! the watch was down disappear when the relist completes.
+//! the watch was down disappear when the relist completes. The live set is
+//! shared ([`KindCache::shared`]) with a snapshot build running off the
+//! sync task; the task applies no event while it waits for that build, so
+//! nothing is copied.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use super::model::ObjKey;
 
@@ -26,7 +29,7 @@ pub enum KindEvent<T> {
 /// The live objects of one kind.
 #[derive(Debug)]
 pub struct KindCache<T> {
-    live: BTreeMap<ObjKey, T>,
+    live: Arc<BTreeMap<ObjKey, T>>,
     relist: Option<BTreeMap<ObjKey, T>>,
     synced: bool,
 }
@@ -34,17 +37,23 @@ pub struct KindCache<T> {
 impl<T> Default for KindCache<T> {
     fn default() -> Self {
         Self {
-            live: BTreeMap::new(),
+            live: Arc::default(),
             relist: None,
             synced: false,
         }
     }
 }
 
-impl<T: PartialEq> KindCache<T> {
+impl<T: PartialEq + Clone> KindCache<T> {
     /// The live objects.
     pub fn live(&self) -> &BTreeMap<ObjKey, T> {
         &self.live
+    }
+
+    /// The live objects, shared: a later event copies them first if they
+    /// are still held (copy on write).
+    pub fn shared(&self) -> Arc<BTreeMap<ObjKey, T>> {
+        Arc::clone(&self.live)
     }
 
     /// Whether a list has completed at least once.
@@ -58,7 +67,9 @@ impl<T: PartialEq> KindCache<T> {
         self.synced = true;
         self.relist = None;
         let changed = !self.live.is_empty();
-        self.live.clear();
+        if changed {
+            self.live = Arc::default();
+        }
         changed
     }
 
@@ -77,18 +88,24 @@ impl<T: PartialEq> KindCache<T> {
                 let listed = self.relist.take().unwrap_or_default();
                 let first = !self.synced;
                 self.synced = true;
-                let changed = listed != self.live;
-                self.live = listed;
+                let changed = listed != *self.live;
+                self.live = Arc::new(listed);
                 changed || first
             }
             KindEvent::Apply(key, obj) => {
                 if self.live.get(&key) == Some(&obj) {
                     return false;
                 }
-                self.live.insert(key, obj);
+                Arc::make_mut(&mut self.live).insert(key, obj);
                 true
             }
-            KindEvent::Delete(key) => self.live.remove(&key).is_some(),
+            KindEvent::Delete(key) => {
+                if !self.live.contains_key(&key) {
+                    return false;
+                }
+                Arc::make_mut(&mut self.live).remove(&key);
+                true
+            }
         }
     }
 }
@@ -134,5 +151,24 @@ mod tests {
         assert!(!c.apply(KindEvent::InitDone));
         assert!(c.mark_absent());
         assert!(c.live().is_empty() && c.synced());
+    }
+
+    #[test]
+    fn a_shared_live_set_is_never_changed_under_its_holder() {
+        let mut c: KindCache<u32> = KindCache::default();
+        c.apply(KindEvent::Init);
+        c.apply(KindEvent::InitApply(k("a"), 1));
+        c.apply(KindEvent::InitDone);
+        let held = c.shared();
+        assert!(c.apply(KindEvent::Apply(k("a"), 2)));
+        assert!(c.apply(KindEvent::Apply(k("b"), 3)));
+        assert_eq!(held.get(&k("a")), Some(&1));
+        assert_eq!(held.len(), 1);
+        assert_eq!(c.live().get(&k("a")), Some(&2));
+        // Not held any more: changed in place.
+        drop(held);
+        let before = Arc::as_ptr(&c.shared());
+        assert!(c.apply(KindEvent::Delete(k("b"))));
+        assert_eq!(Arc::as_ptr(&c.shared()), before);
     }
 }

@@ -2,7 +2,7 @@
 //! watch events applied to them, and their contents lent to the snapshot
 //! builder.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use super::{
     cache::{KindCache, KindEvent},
@@ -101,15 +101,41 @@ impl Caches {
         self.pods.live()
     }
 
-    /// The live objects, for the snapshot builder.
+    /// The live objects, shared (not copied) with a snapshot build that
+    /// runs off the sync task.
+    pub fn shared(&self) -> SharedObjects {
+        SharedObjects {
+            pods: self.pods.shared(),
+            namespaces: self.namespaces.shared(),
+            services: self.services.shared(),
+            slices: self.slices.shared(),
+            nodes: self.node.shared(),
+            raw: self.raw.iter().map(|(k, c)| (*k, c.shared())).collect(),
+        }
+    }
+}
+
+/// The live objects of every kind at one moment, held by a snapshot build.
+#[derive(Clone, Debug)]
+pub struct SharedObjects {
+    pods: Arc<BTreeMap<ObjKey, PodFacts>>,
+    namespaces: Arc<BTreeMap<ObjKey, BTreeMap<String, String>>>,
+    services: Arc<BTreeMap<ObjKey, ServiceFacts>>,
+    slices: Arc<BTreeMap<ObjKey, SliceFacts>>,
+    nodes: Arc<BTreeMap<ObjKey, Vec<IpAddr>>>,
+    raw: BTreeMap<Kind, Arc<BTreeMap<ObjKey, serde_json::Value>>>,
+}
+
+impl SharedObjects {
+    /// The objects, for the snapshot builder.
     pub fn objects(&self) -> Objects<'_> {
         Objects {
-            pods: self.pods.live(),
-            namespaces: self.namespaces.live(),
-            services: self.services.live(),
-            slices: self.slices.live(),
-            nodes: self.node.live(),
-            raw: self.raw.iter().map(|(k, c)| (*k, c.live())).collect(),
+            pods: &self.pods,
+            namespaces: &self.namespaces,
+            services: &self.services,
+            slices: &self.slices,
+            nodes: &self.nodes,
+            raw: self.raw.iter().map(|(k, m)| (*k, &**m)).collect(),
         }
     }
 }

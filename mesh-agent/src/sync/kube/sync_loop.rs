@@ -257,29 +257,33 @@ impl SyncLoop {
     }
 
     async fn publish(&mut self) {
-        let wanted = snapshot::to_locate(&self.caches.objects(), &self.cfg);
+        // One set of objects for the pods' locations and the build. This
+        // task applies no event until the build is done, so the caches lend
+        // them uncopied.
+        let objects = self.caches.shared();
+        let wanted = snapshot::to_locate(&objects.objects(), &self.cfg);
         let locations = self.locate(wanted).await;
-        let built = snapshot::build(
-            &self.caches.objects(),
-            &self.cfg,
-            &locations,
-            &self.decisions,
-        );
-        for change in &built.changes {
-            self.log(change);
-        }
-        self.decisions = built.decisions;
-        self.locations = locations;
-
+        // Building and publishing (which compiles the policies and routes)
+        // take time proportional to the cluster's objects: off mesh-main's
+        // one worker, which also runs certificate rotation, the admin
+        // servers and policy re-checks.
+        let (cfg, previous, store) = (self.cfg.clone(), self.decisions.clone(), self.store.clone());
         let before = self.store.current().generation;
-        // Compiling the policies and routes takes time proportional to the
-        // cluster's objects: off mesh-main's one worker, which also runs
-        // certificate rotation, the admin servers and policy re-checks.
-        let store = self.store.clone();
-        let published =
-            tokio::task::spawn_blocking(move || store.publish_snapshot(built.snapshot)).await;
+        let published = tokio::task::spawn_blocking(move || {
+            let built = snapshot::build(&objects.objects(), &cfg, &locations, &previous);
+            for change in &built.changes {
+                Self::log(&cfg, change);
+            }
+            let generation = store.publish_snapshot(built.snapshot);
+            (built.decisions, locations, generation)
+        })
+        .await;
         let generation = match published {
-            Ok(g) => g,
+            Ok((decisions, locations, generation)) => {
+                self.decisions = decisions;
+                self.locations = locations;
+                generation
+            }
             Err(e) => {
                 tracing::error!(error = %e, "publishing the Kubernetes state failed; the last published state stays in force");
                 return;
@@ -308,7 +312,9 @@ impl SyncLoop {
         }
     }
 
-    fn log(&self, change: &Change) {
+    /// Logs what a build decided, before its snapshot is published (so a
+    /// change is in the log by the time anything acts on it).
+    fn log(cfg: &KubeConfig, change: &Change) {
         match change {
             Change::Decided {
                 pod,
@@ -323,7 +329,7 @@ impl SyncLoop {
             Change::Waiting { pod, uid } => tracing::info!(
                 pod = %pod,
                 uid = %uid,
-                proc_root = %self.cfg.proc_root.display(),
+                proc_root = %cfg.proc_root.display(),
                 "no process of the pod found on this node yet; will enroll it once found"
             ),
             Change::Found { pod, pid } => {
