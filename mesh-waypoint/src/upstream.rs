@@ -185,6 +185,8 @@ impl HboneConnector {
                         reason: describe_tls_error(&e),
                     })?;
                 hbone::size_tls_buffer(tls.get_mut().1);
+                // The waypoint is every tunnel's client: the share is the
+                // destination's, so one backend identity takes at most it.
                 let lease = inner
                     .bounds
                     .window(&key.destination, hbone::CONNECTION_WINDOW);

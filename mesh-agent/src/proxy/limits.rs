@@ -552,11 +552,14 @@ impl Bounds {
         })
     }
 
-    /// The connection window a tunnel connection with `peer` grants it, for
-    /// the connection's life, inbound or outbound: `want` bytes if the
-    /// tunnel window budget and the peer's share of it have them, else what
-    /// they have left, at least [`H2_INITIAL_WINDOW`] (counted and logged as
-    /// reduced). Never refused: HTTP/2's own window is always granted.
+    /// The connection window a tunnel connection grants its peer, for the
+    /// connection's life, inbound or outbound, counted against `peer`'s
+    /// share (the identity that decides how much of it is used: an inbound
+    /// tunnel's peer; for the agent's outbound tunnels the local client's,
+    /// whose app opens them and reads them or not): `want` bytes if the
+    /// tunnel window budget and that share have them, else what they have
+    /// left, at least [`H2_INITIAL_WINDOW`] (counted and logged as reduced).
+    /// Never refused: HTTP/2's own window is always granted.
     pub fn window(&self, peer: &SpiffeId, want: u32) -> WindowLease {
         let want = want.max(H2_INITIAL_WINDOW);
         let (leased, window) = {

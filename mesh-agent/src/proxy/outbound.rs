@@ -703,9 +703,10 @@ async fn open_tunnel(
                     reason: crate::identity::describe_tls_error(&e),
                 })?;
             hbone::size_tls_buffer(tls.get_mut().1);
-            let lease = shared
-                .limits
-                .window(&key.destination, hbone::CONNECTION_WINDOW);
+            // The share is the local client's: its app opens these tunnels
+            // and decides whether their data is read, so one tenant cannot
+            // take the whole budget (inbound tunnels lease from it too).
+            let lease = shared.limits.window(&key.source, hbone::CONNECTION_WINDOW);
             hbone::client_handshake(Box::new(tls), key.address, lease).await
         }
     };
