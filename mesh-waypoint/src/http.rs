@@ -560,9 +560,10 @@ fn same_authority(host: &[u8], target: &str, scheme: Option<&http::uri::Scheme>)
 }
 
 /// Relays an upgraded connection (after a `101`) between the client and
-/// the backend until either side closes. It holds the tunnel, so the
-/// stream's slots of the agent's bounds (per-peer and global caps) and its
-/// connection's idle deadline count it until it ends.
+/// the backend until either side closes, or the tunnel stream is reset
+/// (then the backend connection is dropped at once). It holds the tunnel,
+/// so the stream's slots of the agent's bounds (per-peer and global caps)
+/// and its connection's idle deadline count it until it ends.
 fn splice_upgrade(
     client: hyper::upgrade::OnUpgrade,
     backend: hyper::upgrade::OnUpgrade,
@@ -570,21 +571,31 @@ fn splice_upgrade(
     tunnel: Arc<Tunnel>,
 ) {
     tokio::spawn(async move {
-        let _tunnel = tunnel;
-        let (client, backend) = match tokio::join!(client, backend) {
-            (Ok(c), Ok(b)) => (c, b),
-            (c, b) => {
-                tracing::debug!(
-                    service,
-                    client = c.is_ok(),
-                    backend = b.is_ok(),
-                    "upgrade not completed"
-                );
-                return;
-            }
+        let relay = async {
+            let (client, backend) = match tokio::join!(client, backend) {
+                (Ok(c), Ok(b)) => (c, b),
+                (c, b) => {
+                    tracing::debug!(
+                        service,
+                        client = c.is_ok(),
+                        backend = b.is_ok(),
+                        "upgrade not completed"
+                    );
+                    return None;
+                }
+            };
+            let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
+            Some(tokio::io::copy_bidirectional(&mut client, &mut backend).await)
         };
-        let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
-        match tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+        let relayed = tokio::select! {
+            r = relay => r,
+            () = tunnel.reset.cancelled() => Some(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "the tunnel stream was reset",
+            ))),
+        };
+        let Some(relayed) = relayed else { return };
+        match relayed {
             Ok((up, down)) => {
                 tracing::debug!(
                     service,

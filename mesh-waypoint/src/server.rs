@@ -21,6 +21,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::PortProtocol,
@@ -252,7 +253,16 @@ async fn stream(
     };
     let (inner, outer) = tokio::io::duplex(PIPE);
     let idle = shared.stream_idle_timeout();
-    tokio::spawn(pipe(outer, send, req.into_body(), Some(idle)));
+    let reset = CancellationToken::new();
+    let on_reset = reset.clone();
+    tokio::spawn(async move {
+        if pipe(outer, send, req.into_body(), Some(idle))
+            .await
+            .is_err()
+        {
+            on_reset.cancel();
+        }
+    });
     let tunnel = Arc::new(Tunnel {
         target,
         vip,
@@ -260,6 +270,7 @@ async fn stream(
         peer_id,
         source,
         slots,
+        reset,
     });
     inner_stream(shared, tunnel, inner).await;
 }
@@ -492,9 +503,21 @@ async fn tcp(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: Rewind) {
         Ok(Err(e)) => return failed(&e),
         Err(_) => return failed("the endpoint did not answer in time"),
     };
-    let result = match &mut upstream {
-        Relay::Tcp(s) => tokio::io::copy_bidirectional(&mut io, s).await,
-        Relay::Hbone(s) => tokio::io::copy_bidirectional(&mut io, s).await,
+    let copy = async {
+        match &mut upstream {
+            Relay::Tcp(s) => tokio::io::copy_bidirectional(&mut io, s).await,
+            Relay::Hbone(s) => tokio::io::copy_bidirectional(&mut io, s).await,
+        }
+    };
+    // A reset tunnel stream ends the relay: the backend connection is
+    // dropped even when the backend never speaks (the pipe's half-close
+    // only ends the direction toward it).
+    let result = tokio::select! {
+        r = copy => r,
+        () = tunnel.reset.cancelled() => Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "the tunnel stream was reset",
+        )),
     };
     let (sent, received) = result.as_ref().map_or((0, 0), |r| *r);
     tracing::info!(

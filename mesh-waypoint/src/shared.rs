@@ -19,6 +19,8 @@ use mesh_agent::{
     telemetry::PeerLabels,
 };
 
+use tokio_util::sync::CancellationToken;
+
 use crate::{
     client::Proxy,
     config::WaypointConfig,
@@ -325,4 +327,10 @@ pub struct Tunnel {
     /// long as anything serving the stream holds the tunnel, an upgraded
     /// connection's relay included.
     pub slots: (StreamPermit, ActivityGuard),
+    /// Cancelled when the tunnel stream is reset (an error, or no byte
+    /// either way for the stream idle timeout): a relay serving it (TCP,
+    /// an upgraded connection) ends at once and drops its backend
+    /// connection, which the pipe's half-close alone would leave open for
+    /// as long as the backend says nothing.
+    pub reset: CancellationToken,
 }

@@ -21,13 +21,15 @@ pub(crate) const PIPE: usize = 64 * 1024;
 /// directions end; an error resets the HTTP/2 stream, and so does `idle`,
 /// if given, without a byte moved either way (everything inside the
 /// stream, HTTP or TCP, goes through here: the inner side sees its pipe
-/// close).
+/// close). Returns why it reset the stream: the inner side's relays
+/// must then end too (a half-closed pipe does not end a relay whose
+/// backend says nothing).
 pub(crate) async fn pipe(
     io: DuplexStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
     idle: Option<Duration>,
-) {
+) -> io::Result<()> {
     let (mut r, mut w) = tokio::io::split(io);
     let start = Instant::now();
     // Milliseconds from `start` of the last byte moved.
@@ -89,10 +91,11 @@ pub(crate) async fn pipe(
             format!("no byte either way for {} s", idle.as_secs_f64()),
         )),
     };
-    if let Err(e) = ended {
+    if let Err(e) = &ended {
         tracing::debug!(error = %e, "tunnel stream reset");
         send.send_reset(h2::Reason::CANCEL);
     }
+    ended
 }
 
 /// A stream with bytes already read from it put back in front.

@@ -215,7 +215,8 @@ impl HboneConnector {
         tokio::spawn(async move {
             let _slot = guard;
             // The client's tunnel stream governs idleness (its pipe).
-            crate::stream::pipe(theirs, send, recv, None).await;
+            // Its relay ends with the client's (its end of `theirs`).
+            let _ = crate::stream::pipe(theirs, send, recv, None).await;
         });
         Ok(HboneStream(TokioIo::new(ours)))
     }

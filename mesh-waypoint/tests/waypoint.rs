@@ -1825,3 +1825,149 @@ async fn start_settings_apply_from_the_first_stream_and_are_shown() {
         "{dump}"
     );
 }
+
+/// A backend that never says anything and never closes a connection: it
+/// reads what it gets (with `upgrade`, a request head, answered with a
+/// WebSocket 101 first) and holds the socket.
+async fn silent_backend(upgrade: bool) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if upgrade {
+                    read_head(&mut s).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
+                        .await;
+                }
+                let mut sink = [0u8; 1024];
+                while let Ok(n) = s.read(&mut sink).await
+                    && n > 0
+                {}
+                // Half-closed by the waypoint: held open, silent.
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A tunnel stream from `client` to `target`, if it gets one within
+/// `within` (a peer at its stream cap is answered 503 until a slot frees).
+async fn tunnel_within(
+    client: &MeshClient,
+    target: SocketAddr,
+    within: Duration,
+) -> Option<tokio::io::DuplexStream> {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(io) = client.tunnel(target).await {
+            return Some(io);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// The active count of `service`'s endpoint in `/config_dump`, once it is
+/// `want` (polled for up to 5 s; the last count otherwise).
+async fn endpoint_active(admin: SocketAddr, service: &str, want: u64) -> Option<u64> {
+    let mut last = None;
+    for _ in 0..50 {
+        let dump: serde_json::Value =
+            serde_json::from_str(&admin_get(admin, "/config_dump").await).expect("json");
+        last = dump["destinations"].as_array().and_then(|ds| {
+            ds.iter()
+                .find(|d| d["destination"].as_str() == Some(service))
+                .and_then(|d| d["endpoints"][0]["active"].as_u64())
+        });
+        if last == Some(want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last
+}
+
+/// A TCP relay and an upgraded (WebSocket) relay whose tunnel stream the
+/// idle timeout resets end with it, though their backend never speaks:
+/// the stream's slot of the peer's cap (1 here) and the backend's
+/// connection count are released within a bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_stream_ends_its_tcp_and_upgraded_relays_though_the_backend_is_silent() {
+    let (tcp, ws) = (silent_backend(false).await, silent_backend(true).await);
+    let config = format!(
+        r#"
+services:
+  - name: quiet
+    namespace: default
+    addresses: [10.96.8.10]
+    ports: [{{ port: 7000, protocol: tcp }}]
+    endpoints: [{{ address: 127.0.0.1, port: {}, workload: quiet }}]
+  - name: ws
+    namespace: default
+    addresses: [10.96.8.11]
+    ports: [{{ port: 80, protocol: http }}]
+    endpoints: [{{ address: 127.0.0.1, port: {}, workload: ws }}]
+"#,
+        tcp.port(),
+        ws.port()
+    );
+    let ca = issuer();
+    let settings = mesh_waypoint::Settings {
+        limits: mesh_agent::proxy::limits::Limits {
+            max_streams_per_peer: 1,
+            ..Default::default()
+        },
+        stream_idle_timeout: Duration::from_millis(800),
+        ..Default::default()
+    };
+    let w = waypoint_with(ca.clone(), &config, settings).await;
+    let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
+
+    let mut io = client.tunnel(vip("10.96.8.10:7000")).await.expect("tunnel");
+    io.write_all(b"\x00opaque").await.expect("write");
+    assert_eq!(
+        endpoint_active(w.admin, "default/quiet:7000", 1).await,
+        Some(1)
+    );
+    // Reset at 800 ms: the relay ends, its pick and its slot with it.
+    assert_eq!(
+        endpoint_active(w.admin, "default/quiet:7000", 0).await,
+        Some(0),
+        "the TCP relay outlived its reset stream"
+    );
+    drop(io);
+
+    // The slot is free once the relay (then the probe's stream) is reset.
+    let mut io = tunnel_within(&client, vip("10.96.8.11:80"), Duration::from_secs(5))
+        .await
+        .expect("the TCP relay still holds the reset stream's slot");
+    io.write_all(
+        b"GET /chat HTTP/1.1\r\nhost: ws\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\r\n",
+    )
+    .await
+    .expect("request");
+    let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut io))
+        .await
+        .expect("no answer to the upgrade");
+    assert!(
+        head.to_ascii_lowercase().starts_with("http/1.1 101"),
+        "{head}"
+    );
+    assert_eq!(
+        client.tunnel(vip("10.96.8.11:80")).await.err().as_deref(),
+        Some("CONNECT answered 503 Service Unavailable"),
+        "the upgraded relay holds the slot while it lives"
+    );
+    assert!(
+        tunnel_within(&client, vip("10.96.8.11:80"), Duration::from_secs(5))
+            .await
+            .is_some(),
+        "the upgraded relay still holds the reset stream's slot"
+    );
+    drop(io);
+}
