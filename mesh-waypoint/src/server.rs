@@ -34,7 +34,8 @@ use crate::{
 /// Connecting to an endpoint for a TCP relay must finish within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A tunnel whose client sends nothing within this time is treated as TCP
-/// (a server-first protocol); HTTP clients speak first.
+/// (a server-first protocol); HTTP clients speak first. One that sent the
+/// start of what could be a request line is HTTP ([`undecided`]).
 pub const DETECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -287,20 +288,29 @@ pub enum Detected {
 }
 
 /// The longest request line (with the empty lines before it) detection
-/// reads before it calls a stream with an unknown method TCP.
+/// reads; a stream still undecided at this length is HTTP (see [`detect`]).
 pub const MAX_DETECT_LINE: usize = 8 * 1024;
 
 /// Decides from `prefix` when it can (None: more bytes are needed).
 ///
 /// HTTP/1: empty lines before the request line are skipped (RFC 9112 2.2,
 /// as servers do); one of the nine common methods and a space decides at
-/// once; any other upper-case method (PROPFIND, QUERY, ...) needs its whole
-/// request line to end in `HTTP/1.0` or `HTTP/1.1`, so a text protocol
-/// such as Redis's `SET k v` stays TCP. A client cannot make an HTTP
-/// request pass as TCP, which would skip routing and the HTTP telemetry.
+/// once. Any other method token (RFC 9110 `tchar`s, in any case: a
+/// backend may take `get` or a long extension method where the waypoint
+/// answers 400 or applies its policy) and a space needs its whole request
+/// line to end in an HTTP/1 version (`HTTP/1.0`, `HTTP/1.1`, in any
+/// case), so a text protocol such as Redis's `SET k v` or memcached's
+/// `get k` stays TCP. What starts otherwise (a byte that is not a token
+/// character, a token ended by anything but a space: TLS, binary
+/// protocols, `PING\r\n`) is TCP at once.
+///
+/// A stream that could still be a request line at [`MAX_DETECT_LINE`] is
+/// HTTP: its parser answers or closes it. A client cannot make an HTTP
+/// request pass as TCP, which would skip routing, the policies' HTTP
+/// fields and the HTTP telemetry; see also [`undecided`].
 pub fn detect(prefix: &[u8]) -> Option<Detected> {
     // Undecided so far: more bytes, unless the bound is reached.
-    let more = || (prefix.len() >= MAX_DETECT_LINE).then_some(Detected::Tcp);
+    let more = || (prefix.len() >= MAX_DETECT_LINE).then_some(Detected::Http1);
     let n = prefix.len().min(H2_PREFACE.len());
     if prefix[..n] == H2_PREFACE[..n] {
         return (prefix.len() >= H2_PREFACE.len()).then_some(Detected::Http2);
@@ -336,14 +346,10 @@ pub fn detect(prefix: &[u8]) -> Option<Detected> {
     if METHODS.iter().any(|m| rest.starts_with(m)) {
         return Some(Detected::Http1);
     }
-    // Any other method and a space: the whole line decides. Methods are
-    // upper case in practice (WebDAV's, QUERY; the waypoint refuses
-    // others, as Istio), so a client-first protocol's lower-case greeting
-    // is TCP at once instead of waiting for the detection deadline.
-    let token = rest.iter().take_while(|b| is_method_char(**b)).count();
+    // Any other method, in any case, and a space: the whole line decides.
+    let token = rest.iter().take_while(|b| is_token_char(**b)).count();
     match rest.get(token) {
-        _ if token > MAX_METHOD => return Some(Detected::Tcp),
-        None if token > 0 => return more(),
+        None => return more(),
         Some(b' ') if token > 0 => {}
         _ => return Some(Detected::Tcp),
     }
@@ -351,19 +357,42 @@ pub fn detect(prefix: &[u8]) -> Option<Detected> {
         return more();
     };
     let line = rest[..end].strip_suffix(b"\r").unwrap_or(&rest[..end]);
-    if line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0") {
-        Some(Detected::Http1)
+    Some(if ends_with_http1_version(line) {
+        Detected::Http1
     } else {
-        Some(Detected::Tcp)
+        Detected::Tcp
+    })
+}
+
+/// What a stream that [`detect`] could not decide is when no more bytes
+/// come in time (the client waits, or ended its side): TCP when it sent
+/// nothing (a server-first protocol: the server speaks first), HTTP
+/// otherwise (a partial request line; the HTTP parser answers 400 or
+/// closes it), never TCP to a backend that would finish the line.
+pub fn undecided(prefix: &[u8]) -> Detected {
+    if prefix.is_empty() {
+        Detected::Tcp
+    } else {
+        Detected::Http1
     }
 }
 
-/// The longest method detection takes for one.
-const MAX_METHOD: usize = 24;
+/// Whether a request line ends in ` HTTP/1.<digit>` (any case; spaces
+/// after it are tolerated, as lenient servers do).
+fn ends_with_http1_version(line: &[u8]) -> bool {
+    let line = line.trim_ascii_end();
+    let Some(at) = line.len().checked_sub(b" HTTP/1.x".len()) else {
+        return false;
+    };
+    let (head, version) = line.split_at(at);
+    !head.is_empty()
+        && version[..b" HTTP/1.".len()].eq_ignore_ascii_case(b" HTTP/1.")
+        && version[b" HTTP/1.".len()].is_ascii_digit()
+}
 
-/// A character of an upper-case method token.
-fn is_method_char(b: u8) -> bool {
-    b.is_ascii_uppercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_')
+/// A character of a method token (RFC 9110 5.6.2 `tchar`).
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 async fn inner_stream(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: DuplexStream) {
@@ -376,20 +405,22 @@ async fn inner_stream(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: DuplexSt
             let mut chunk = [0u8; 1024];
             loop {
                 if let Some(d) = detect(&prefix) {
-                    return d;
+                    return Some(d);
                 }
                 let want = MAX_DETECT_LINE
                     .saturating_sub(prefix.len())
                     .clamp(1, chunk.len());
                 match io.read(&mut chunk[..want]).await {
-                    Ok(0) | Err(_) => return Detected::Tcp,
+                    Ok(0) | Err(_) => return None,
                     Ok(n) => prefix.extend_from_slice(&chunk[..n]),
                 }
             }
         };
-        tokio::time::timeout(DETECT_TIMEOUT, sniff)
-            .await
-            .unwrap_or(Detected::Tcp)
+        // The client's side ended, or the deadline passed, undecided.
+        match tokio::time::timeout(DETECT_TIMEOUT, sniff).await {
+            Ok(Some(d)) => d,
+            Ok(None) | Err(_) => undecided(&prefix),
+        }
     };
     let http_only = matches!(
         tunnel.target.port.protocol,
@@ -559,16 +590,55 @@ mod tests {
         // A text protocol's command line is not HTTP.
         assert_eq!(detect(b"SET key value\r\n"), Some(Detected::Tcp));
         assert_eq!(detect(b"PING\r\n"), Some(Detected::Tcp));
-        assert_eq!(
-            detect(b"hello"),
-            Some(Detected::Tcp),
-            "no wait for a greeting"
-        );
-        assert_eq!(detect(&[b'A'; 25]), Some(Detected::Tcp));
-        // Bounded: a line without end is TCP past MAX_DETECT_LINE.
+        // A greeting without a space or line end yet could still be a
+        // method: it waits (the deadline makes it HTTP, see `undecided`).
+        assert_eq!(detect(b"hello"), None);
+        assert_eq!(detect(b"hello\r\n"), Some(Detected::Tcp));
+        assert_eq!(detect(b"hello world\r\n"), Some(Detected::Tcp));
+        assert_eq!(detect(&[b'A'; 25]), None, "a long method, so far");
+        // Methods in any case are HTTP (the waypoint answers 400 to a
+        // lower-case one), as any token a server could take for one.
+        assert_eq!(detect(b"get / HTTP/1.1\r\n"), Some(Detected::Http1));
+        assert_eq!(detect(b"Get /x HTTP/1.0\n"), Some(Detected::Http1));
+        assert_eq!(detect(b"get / http/1.1 \r\n"), Some(Detected::Http1));
+        assert_eq!(detect(b"M-SEARCH * HTTP/1.1\r\n"), Some(Detected::Http1));
+        let mut long_method = vec![b'A'; 100];
+        long_method.extend_from_slice(b" / HTTP/1.1\r\n");
+        assert_eq!(detect(&long_method), Some(Detected::Http1));
+        assert_eq!(detect(b"get / HTTP/1."), None);
+        assert_eq!(detect(b"get /"), None);
+        // Memcached's and other text commands are not HTTP lines.
+        assert_eq!(detect(b"get key\r\n"), Some(Detected::Tcp));
+        assert_eq!(detect(b"get / HTTP/2.0\r\n"), Some(Detected::Tcp));
+        assert_eq!(detect(b"SSH-2.0-OpenSSH_9.6\r\n"), Some(Detected::Tcp));
+        assert_eq!(detect(b" GET / HTTP/1.1\r\n"), Some(Detected::Tcp));
+        assert_eq!(detect(b"*1\r\n$4\r\nPING\r\n"), Some(Detected::Tcp));
+        // Bounded: a line still undecided at MAX_DETECT_LINE is HTTP.
         let mut long = b"PROPFIND /".to_vec();
         long.resize(MAX_DETECT_LINE, b'a');
-        assert_eq!(detect(&long), Some(Detected::Tcp));
-        assert_eq!(detect(&vec![b'\n'; MAX_DETECT_LINE]), Some(Detected::Tcp));
+        assert_eq!(detect(&long), Some(Detected::Http1));
+        let mut long = b"get /".to_vec();
+        long.resize(MAX_DETECT_LINE, b'a');
+        assert_eq!(detect(&long), Some(Detected::Http1));
+        assert_eq!(detect(&vec![b'A'; MAX_DETECT_LINE]), Some(Detected::Http1));
+        assert_eq!(
+            detect(&vec![b'\n'; MAX_DETECT_LINE]),
+            Some(Detected::Http1),
+            "servers skip any number of empty lines before a request"
+        );
+        // A binary stream is decided at its first bytes, whatever follows.
+        let mut binary = vec![0x16, 0x03, 0x01];
+        binary.resize(MAX_DETECT_LINE, b'a');
+        assert_eq!(detect(&binary), Some(Detected::Tcp));
+    }
+
+    #[test]
+    fn undecided_streams_are_http_unless_the_client_said_nothing() {
+        // A server-first protocol: the client waits for the server.
+        assert_eq!(undecided(b""), Detected::Tcp);
+        // A partial request line stalled until the deadline (or ended).
+        assert_eq!(undecided(b"get /admin HTTP/1."), Detected::Http1);
+        assert_eq!(undecided(b"PROPFIND"), Detected::Http1);
+        assert_eq!(undecided(b"\r\n"), Detected::Http1);
     }
 }

@@ -316,10 +316,11 @@ workloads:
     assert_eq!(send(&mut s, "GET", "/admin", &[]).await.status, 403);
 
     // Opaque TCP to the pod: the Gateway's DENY has an HTTP condition,
-    // which fails safe for a stream (it denies it)...
+    // which fails safe for a stream (it denies it)... (A line: a lone
+    // word could still start a request line, which detection waits for.)
     let echo_pod = SocketAddr::new([127, 0, 0, 1].into(), echo.port());
     let mut t = client.tunnel(echo_pod).await.expect("tunnel to the pod");
-    let _ = t.write_all(b"hello").await;
+    let _ = t.write_all(b"hello\n").await;
     let mut back = [0u8; 5];
     let read = tokio::time::timeout(std::time::Duration::from_secs(10), t.read(&mut back))
         .await
@@ -339,11 +340,11 @@ workloads:
     .expect("config");
     w.shared.reload(&reloaded);
     let mut t = client.tunnel(echo_pod).await.expect("tunnel to the pod");
-    t.write_all(b"hello").await.expect("write");
+    t.write_all(b"hello\n").await.expect("write");
     t.read_exact(&mut back).await.expect("echo from the pod");
     assert_eq!(&back, b"hello");
     let mut t = client.tunnel(vip(ECHO)).await.expect("tunnel");
-    let _ = t.write_all(b"hello").await;
+    let _ = t.write_all(b"hello\n").await;
     let read = tokio::time::timeout(std::time::Duration::from_secs(10), t.read(&mut back))
         .await
         .expect("the denied stream was not closed");

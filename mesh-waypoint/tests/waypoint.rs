@@ -1771,7 +1771,10 @@ async fn an_idle_tunnel_stream_is_reset_a_busy_one_is_not() {
         .set_stream_idle_timeout(Duration::from_millis(800));
     let mut busy = s.client.tunnel(vip(ECHO_VIP)).await.expect("tunnel");
     let mut idle = s.client.tunnel(vip(ECHO_VIP)).await.expect("tunnel");
-    echo(&mut idle, b"ping").await;
+    // Lines: a lone word could still start a request line, which
+    // detection waits for.
+    echo(&mut idle, b"ping\n").await;
+    echo(&mut busy, b"ping\n").await;
     // 2.4 s: three idle timeouts; the busy stream moves a byte every 200 ms.
     for _ in 0..12 {
         echo(&mut busy, b"x").await;
@@ -1808,7 +1811,7 @@ async fn start_settings_apply_from_the_first_stream_and_are_shown() {
     let w = waypoint_with(ca.clone(), &config(&b), settings).await;
     let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
     let mut first = client.tunnel(vip(ECHO_VIP)).await.expect("tunnel");
-    echo(&mut first, b"ping").await;
+    echo(&mut first, b"ping\n").await;
     let mut buf = [0u8; 8];
     let closed = tokio::time::timeout(Duration::from_secs(5), first.read(&mut buf)).await;
     assert!(
@@ -1970,4 +1973,84 @@ services:
         "the upgraded relay still holds the reset stream's slot"
     );
     drop(io);
+}
+
+/// Streams that start as an HTTP/1 request line in any case are HTTP,
+/// though the method is lower case, unusual and its line over the
+/// detection bound, or the line stalls past the detection deadline:
+/// none reaches a backend as TCP, past routing and policy (a TCP relay
+/// would reach web-v1, the service's own endpoint; the route sends
+/// `x-canary` to v2, and the waypoint answers a lower-case method 400).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_lines_in_any_case_long_or_stalled_are_http() {
+    let s = setup().await;
+    let ask = |head: Vec<u8>, stall: Option<(usize, Duration)>| {
+        let client = &s.client;
+        async move {
+            let mut io = client.tunnel(vip(WEB_VIP)).await.expect("tunnel");
+            let (first, rest) = head.split_at(stall.map_or(head.len(), |(at, _)| at));
+            io.write_all(first).await.expect("request");
+            if let Some((_, wait)) = stall {
+                tokio::time::sleep(wait).await;
+            }
+            io.write_all(rest).await.expect("request");
+            tokio::time::timeout(Duration::from_secs(10), read_head(&mut io))
+                .await
+                .expect("no answer")
+                .to_ascii_lowercase()
+        }
+    };
+    let canary = "\r\nhost: web\r\nx-canary: true\r\nconnection: close\r\n\r\n";
+    let lower = ask(format!("get /x HTTP/1.1{canary}").into_bytes(), None);
+    let long_line = format!(
+        "PROPFIND /{} HTTP/1.1{canary}",
+        "a".repeat(mesh_waypoint::server::MAX_DETECT_LINE + 1024)
+    );
+    let long = ask(long_line.into_bytes(), None);
+    // Stalled mid-line past the detection deadline.
+    let stall = (
+        "PROPFIND /x HTTP/1.".len(),
+        mesh_waypoint::server::DETECT_TIMEOUT + Duration::from_millis(500),
+    );
+    let stalled = ask(
+        format!("PROPFIND /x HTTP/1.1{canary}").into_bytes(),
+        Some(stall),
+    );
+    let (lower, long, stalled) = tokio::join!(lower, long, stalled);
+    assert!(lower.starts_with("http/1.1 400"), "{lower}");
+    for head in [long, stalled] {
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(head.contains("x-backend: v2"), "{head}");
+    }
+}
+
+/// A server-first protocol (the client sends nothing until the server's
+/// greeting) is still relayed as TCP after the detection deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_first_protocol_is_relayed_as_tcp() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let greeter = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(b"220 ready\r\n").await;
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let ca = issuer();
+    let w = waypoint(ca.clone(), &backend_config(greeter.port())).await;
+    let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
+    let mut io = client.tunnel(vip(WEB_VIP)).await.expect("tunnel");
+    let mut greeting = [0u8; 11];
+    let within = mesh_waypoint::server::DETECT_TIMEOUT + Duration::from_secs(5);
+    tokio::time::timeout(within, io.read_exact(&mut greeting))
+        .await
+        .expect("no greeting")
+        .expect("greeting");
+    assert_eq!(&greeting, b"220 ready\r\n");
+    echo(&mut io, b"HELO me\r\n").await;
 }
