@@ -10,7 +10,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
@@ -23,14 +23,14 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use mesh_agent::proxy::limits::StreamPermit;
+use mesh_agent::proxy::limits::{GOAWAY_GRACE, StreamPermit};
 
 use crate::{
     client::{BackendBody, ProxyBody},
     l7::route::{Backend, RetryPolicy, Rule, Selection, grpc_status},
     metrics::RequestLabels,
     services::{Addressed, Chosen, Client, NoEndpoint, TryResult, Upstream},
-    shared::{Shared, Tunnel},
+    shared::{Shared, Tunnel, millis},
     stream::Rewind,
 };
 
@@ -86,21 +86,58 @@ impl Body for CountedBody {
 }
 
 /// Serves HTTP on one tunnel stream until the client closes it.
+///
+/// An HTTP/1.1 connection is timed out by the tunnel stream's pipe (no
+/// byte either way for the stream idle timeout). An inner HTTP/2
+/// connection moves bytes while idle (its pings), so it is timed out here,
+/// with the same timeout: a response body producing nothing while the
+/// client uploads nothing is dropped (`IdleBody`: its backend response,
+/// pick and slots with it), and the connection is closed once it has had
+/// no request in progress for that long.
 pub async fn serve(shared: Arc<Shared>, tunnel: Arc<Tunnel>, io: Rewind, http2: bool) {
     let io = TokioIo::new(io);
-    let service = hyper::service::service_fn(move |req| {
-        let (shared, tunnel) = (Arc::clone(&shared), Arc::clone(&tunnel));
-        async move { Ok::<_, Infallible>(handle(shared, tunnel, req).await) }
-    });
     let result = if http2 {
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let idle = shared.stream_idle_timeout();
+        let peer = tunnel.peer;
+        let requests = Arc::new(tokio::sync::watch::Sender::new(InnerRequests {
+            active: 0,
+            since: Instant::now(),
+        }));
+        let mut quiet = requests.subscribe();
+        let service = hyper::service::service_fn(move |req| {
+            let (shared, tunnel) = (Arc::clone(&shared), Arc::clone(&tunnel));
+            let in_flight = InFlight::new(&requests);
+            let uploaded = Arc::new(AtomicU64::new(0));
+            async move {
+                let response = handle(shared, tunnel, req, Arc::clone(&uploaded)).await;
+                Ok::<_, Infallible>(IdleBody::watch(response, in_flight, uploaded, idle))
+            }
+        });
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_concurrent_streams(MAX_INNER_STREAMS)
             .keep_alive_interval(Some(KEEPALIVE_INTERVAL))
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .serve_connection(io, service)
-            .await
+            .serve_connection(io, service);
+        let mut conn = std::pin::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            () = no_request_for(&mut quiet, idle) => {
+                tracing::debug!(src = %peer, idle_ms = millis(idle), "inner HTTP/2 connection closed: no request for the stream idle timeout");
+                conn.as_mut().graceful_shutdown();
+                // Streams whose body was dropped may wait for a client
+                // that does not read: the grace bounds them.
+                tokio::time::timeout(GOAWAY_GRACE, conn.as_mut())
+                    .await
+                    .unwrap_or(Ok(()))
+            }
+        }
     } else {
+        let service = hyper::service::service_fn(move |req| {
+            let (shared, tunnel) = (Arc::clone(&shared), Arc::clone(&tunnel));
+            let uploaded = Arc::new(AtomicU64::new(0));
+            async move { Ok::<_, Infallible>(handle(shared, tunnel, req, uploaded).await) }
+        });
         hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
@@ -110,6 +147,206 @@ pub async fn serve(shared: Arc<Shared>, tunnel: Arc<Tunnel>, io: Rewind, http2: 
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "HTTP connection on a tunnel ended with an error");
+    }
+}
+
+/// The requests in progress on an inner HTTP/2 connection, and since when
+/// their count is what it is.
+#[derive(Clone, Copy, Debug)]
+struct InnerRequests {
+    active: usize,
+    since: Instant,
+}
+
+/// One request of an inner HTTP/2 connection, in progress from its
+/// arrival until its response body ends, is dropped, or is timed out.
+#[derive(Debug)]
+struct InFlight(Arc<tokio::sync::watch::Sender<InnerRequests>>);
+
+impl InFlight {
+    fn new(requests: &Arc<tokio::sync::watch::Sender<InnerRequests>>) -> Self {
+        // Only the first request wakes the connection's idle timer.
+        requests.send_if_modified(|r| {
+            r.active += 1;
+            r.since = Instant::now();
+            r.active == 1
+        });
+        Self(Arc::clone(requests))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // Only the last one does (its end starts the idle time).
+        self.0.send_if_modified(|r| {
+            r.active = r.active.saturating_sub(1);
+            r.since = Instant::now();
+            r.active == 0
+        });
+    }
+}
+
+/// Returns once no request has been in progress for `idle`.
+async fn no_request_for(
+    requests: &mut tokio::sync::watch::Receiver<InnerRequests>,
+    idle: Duration,
+) {
+    loop {
+        let now = *requests.borrow_and_update();
+        let quiet_at = now.since.checked_add(idle).filter(|_| now.active == 0);
+        let quiet = async {
+            match quiet_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = quiet => return,
+            changed = requests.changed() => {
+                // The connection's service holds the sender: never gone
+                // while the connection is served.
+                if changed.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+        }
+    }
+}
+
+/// Why a response body on an inner HTTP/2 connection ended early.
+#[derive(Debug, thiserror::Error)]
+enum InnerBodyError {
+    /// The backend's response failed.
+    #[error(transparent)]
+    Backend(#[from] hyper::Error),
+    /// Nothing moved either way for the stream idle timeout (in ms): the
+    /// response was dropped and its stream is reset.
+    #[error("no byte either way for {0} ms: the response was dropped")]
+    Idle(u64),
+}
+
+/// What an [`IdleBody`] and its watchdog share.
+struct Watched {
+    /// The response and its mark on the connection's requests; taken by
+    /// the watchdog when idle.
+    body: Option<(ProxyBody, InFlight)>,
+    /// When the body last produced a frame.
+    last: Instant,
+    /// The task waiting on the body, woken when the watchdog takes it.
+    waker: Option<std::task::Waker>,
+}
+
+/// A response body on an inner HTTP/2 connection, dropped by its watchdog
+/// after the stream idle timeout without a frame produced or a request
+/// byte received: hyper's HTTP/2 server keeps a stream whose client stops
+/// reading for ever (it waits for flow-control capacity), and its
+/// connection's pings keep the tunnel stream's pipe from idling; dropping
+/// the body releases the backend response, the endpoint pick and the
+/// request's slots. The stream is then reset when hyper polls the body
+/// again, or closed with its idle connection.
+struct IdleBody {
+    watched: Arc<std::sync::Mutex<Watched>>,
+    idle: Duration,
+    /// Dropped with the body: stops the watchdog.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl IdleBody {
+    /// `response` with its body watched for `idle`; `uploaded` counts the
+    /// request body's bytes (an upload in progress is not idle).
+    fn watch(
+        response: Response<ProxyBody>,
+        in_flight: InFlight,
+        uploaded: Arc<AtomicU64>,
+        idle: Duration,
+    ) -> Response<Self> {
+        let (parts, body) = response.into_parts();
+        let watched = Arc::new(std::sync::Mutex::new(Watched {
+            body: Some((body, in_flight)),
+            last: Instant::now(),
+            waker: None,
+        }));
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let dog = Arc::downgrade(&watched);
+        tokio::spawn(async move {
+            let mut seen = uploaded.load(Ordering::Relaxed);
+            let mut at = Instant::now().checked_add(idle);
+            loop {
+                let Some(deadline) = at else { return };
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    () = tokio::time::sleep_until(deadline.into()) => {}
+                }
+                let Some(watched) = dog.upgrade() else { return };
+                let now = Instant::now();
+                let bytes = uploaded.load(Ordering::Relaxed);
+                if bytes != seen {
+                    seen = bytes;
+                    at = now.checked_add(idle);
+                    continue;
+                }
+                let mut w = watched.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(next) = w.last.checked_add(idle)
+                    && next > now
+                {
+                    at = Some(next);
+                    continue;
+                }
+                let (body, waker) = (w.body.take(), w.waker.take());
+                drop(w);
+                drop(body);
+                if let Some(waker) = waker {
+                    waker.wake();
+                }
+                tracing::debug!(
+                    idle_ms = millis(idle),
+                    "inner HTTP/2 response dropped: no byte either way for the stream idle timeout"
+                );
+                return;
+            }
+        });
+        Response::from_parts(
+            parts,
+            Self {
+                watched,
+                idle,
+                _stop: stop,
+            },
+        )
+    }
+}
+
+impl Body for IdleBody {
+    type Data = Bytes;
+    type Error = InnerBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, InnerBodyError>>> {
+        let mut w = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some((body, _)) = w.body.as_mut() else {
+            return Poll::Ready(Some(Err(InnerBodyError::Idle(millis(self.idle)))));
+        };
+        let polled = Pin::new(body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(_))) => w.last = Instant::now(),
+            Poll::Pending => w.waker = Some(cx.waker().clone()),
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {}
+        }
+        polled.map(|f| f.map(|r| r.map_err(InnerBodyError::Backend)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let w = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
+        w.body.as_ref().is_some_and(|(b, _)| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let w = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
+        w.body
+            .as_ref()
+            .map_or_else(SizeHint::default, |(b, _)| b.size_hint())
     }
 }
 
@@ -611,10 +848,13 @@ fn splice_upgrade(
     });
 }
 
+/// Answers one request; `request_bytes` counts its body's bytes as they
+/// are sent to the backend.
 async fn handle(
     shared: Arc<Shared>,
     tunnel: Arc<Tunnel>,
     mut req: Request<Incoming>,
+    request_bytes: Arc<AtomicU64>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     // An HTTP/1.1 upgrade (WebSocket...): carried to the backend, never
@@ -647,7 +887,7 @@ async fn handle(
         _pick: None,
         status: StatusCode::OK,
         flags: Flags::None,
-        request_bytes: Arc::new(AtomicU64::new(0)),
+        request_bytes,
         span: crate::trace::Span::start(&parts.headers),
         wall_start: std::time::SystemTime::now(),
         version: parts.version,

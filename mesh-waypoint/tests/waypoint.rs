@@ -2054,3 +2054,165 @@ async fn a_server_first_protocol_is_relayed_as_tcp() {
     assert_eq!(&greeting, b"220 ready\r\n");
     echo(&mut io, b"HELO me\r\n").await;
 }
+
+/// A backend answering `/big` with an endless body (it notes when its
+/// connection is closed under it), `/upload` with its response head at
+/// once and `ok` once the (chunked) request body has ended, and anything
+/// else with `ok`.
+async fn streaming_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let noted = std::sync::Arc::clone(&closed);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let noted = std::sync::Arc::clone(&noted);
+            tokio::spawn(async move {
+                loop {
+                    let head = read_head(&mut s).await;
+                    if head.is_empty() {
+                        return;
+                    }
+                    if head.contains("/upload") {
+                        let start = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                        if s.write_all(start).await.is_err() {
+                            return;
+                        }
+                        let mut body = Vec::new();
+                        let mut buf = [0u8; 1024];
+                        while !body.ends_with(b"0\r\n\r\n") {
+                            match s.read(&mut buf).await {
+                                Ok(n) if n > 0 => body.extend_from_slice(&buf[..n]),
+                                _ => return,
+                            }
+                        }
+                        if s.write_all(b"2\r\nok\r\n0\r\n\r\n").await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    if !head.contains("/big") {
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(ok).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    let big = b"HTTP/1.1 200 OK\r\ncontent-length: 1099511627776\r\n\r\n";
+                    let chunk = vec![0u8; 16 * 1024];
+                    let mut written = s.write_all(big).await;
+                    while written.is_ok() {
+                        written = s.write_all(&chunk).await;
+                    }
+                    noted.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                }
+            });
+        }
+    });
+    (addr, closed)
+}
+
+/// A request body of the HTTP/2 test client.
+type Upload = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, std::convert::Infallible>;
+
+/// Inside a tunnel, HTTP/2 moves bytes while idle (pings), so the tunnel
+/// stream's idle timeout never fires on it: a response whose client stops
+/// reading is dropped after the stream idle timeout (its backend
+/// connection closed) while the connection keeps serving other requests,
+/// and the connection is closed once it carries no request for that long,
+/// though its client keeps pinging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inner_http2_stalled_responses_and_idle_connections_are_timed_out() {
+    let (backend, closed) = streaming_backend().await;
+    let config = format!(
+        r#"
+services:
+  - name: stream
+    namespace: default
+    addresses: [10.96.9.10]
+    ports: [{{ port: 80, protocol: http }}]
+    endpoints: [{{ address: 127.0.0.1, port: {}, workload: stream }}]
+"#,
+        backend.port()
+    );
+    let ca = issuer();
+    let settings = mesh_waypoint::Settings {
+        stream_idle_timeout: Duration::from_millis(800),
+        ..Default::default()
+    };
+    let w = waypoint_with(ca.clone(), &config, settings).await;
+    let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
+    let io =
+        hyper_util::rt::TokioIo::new(client.tunnel(vip("10.96.9.10:80")).await.expect("tunnel"));
+    // The client pings every 200 ms: bytes always move in the tunnel.
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(200))
+            .keep_alive_while_idle(true)
+            .handshake::<_, Upload>(io)
+            .await
+            .expect("h2");
+    let conn = tokio::spawn(conn);
+    let get = |path: &str| {
+        http::Request::get(format!("http://stream.default{path}"))
+            .body(Upload::new(http_body_util::Empty::new()))
+            .expect("request")
+    };
+    let stalled = sender.send_request(get("/big")).await.expect("big");
+    assert_eq!(stalled.status(), 200);
+    // 2.4 s (three idle timeouts) of requests every 200 ms: served.
+    for _ in 0..12 {
+        let r = sender
+            .send_request(get("/small"))
+            .await
+            .expect("busy request");
+        use http_body_util::BodyExt;
+        let body = r.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(&body[..], b"ok");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for _ in 0..50 {
+        if closed.load(std::sync::atomic::Ordering::SeqCst) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        closed.load(std::sync::atomic::Ordering::SeqCst),
+        "the unread response's backend connection is still open"
+    );
+    // A response silent while its request uploads (a byte every 200 ms for
+    // 2.4 s) is not idle: it ends when the backend answers.
+    let chunks = futures::stream::unfold(0, |sent| async move {
+        if sent == 12 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let frame = hyper::body::Frame::data(bytes::Bytes::from_static(b"x"));
+        Some((Ok::<_, std::convert::Infallible>(frame), sent + 1))
+    });
+    let upload = http::Request::post("http://stream.default/upload")
+        .body(Upload::new(http_body_util::StreamBody::new(chunks)))
+        .expect("request");
+    let answer = sender.send_request(upload).await.expect("upload");
+    let body = http_body_util::BodyExt::collect(answer.into_body()).await;
+    assert_eq!(
+        body.expect("the uploading request's response was dropped")
+            .to_bytes(),
+        &b"ok"[..]
+    );
+    // No request from now on: closed after the idle timeout and, for the
+    // stalled stream, the GOAWAY's grace.
+    let within = Duration::from_millis(800) + mesh_agent::proxy::limits::GOAWAY_GRACE;
+    let ended = tokio::time::timeout(within + Duration::from_secs(3), conn)
+        .await
+        .expect("the idle inner HTTP/2 connection is still open")
+        .expect("join");
+    // Closed by the waypoint (GOAWAY, or the stream's end under it).
+    let _ = ended;
+    drop(stalled);
+}
