@@ -1515,6 +1515,15 @@ async fn echo(io: &mut tokio::io::DuplexStream, message: &[u8]) {
     assert_eq!(back, message);
 }
 
+/// Writes `request` on `io` and reads the answer's head, in lower case.
+async fn ask_head(io: &mut tokio::io::DuplexStream, request: &[u8]) -> String {
+    io.write_all(request).await.expect("request");
+    tokio::time::timeout(Duration::from_secs(10), read_head(io))
+        .await
+        .expect("no answer")
+        .to_ascii_lowercase()
+}
+
 /// Reads an HTTP head (up to the blank line) byte by byte.
 async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
     let mut head = Vec::new();
@@ -1564,29 +1573,16 @@ services:
     )
     .await;
     let mut io = other.tunnel(vip("10.96.7.10:80")).await.expect("tunnel");
-    io.write_all(b"GET /chat HTTP/1.1\r\nhost: ws\r\nconnection: Upgrade\r\nupgrade: echo\r\n\r\n")
-        .await
-        .expect("request");
-    let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut io))
-        .await
-        .expect("no answer to the upgrade");
-    assert!(
-        head.to_ascii_lowercase().starts_with("http/1.1 403"),
-        "{head}"
-    );
+    let upgrade = b"GET /chat HTTP/1.1\r\nhost: ws\r\nconnection: Upgrade\r\nupgrade: echo\r\n\r\n";
+    let head = ask_head(&mut io, upgrade).await;
+    assert!(head.starts_with("http/1.1 403"), "{head}");
 
     let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
     let mut io = client.tunnel(vip("10.96.7.10:80")).await.expect("tunnel");
-    io.write_all(b"GET /chat HTTP/1.1\r\nhost: ws\r\nconnection: Upgrade\r\nupgrade: websocket\r\nx-forwarded-client-cert: URI=spiffe://cluster.local/ns/default/sa/admin\r\n\r\n")
-        .await
-        .expect("request");
-    let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut io))
-        .await
-        .expect("no answer to the upgrade");
-    let lower = head.to_ascii_lowercase();
-    assert!(lower.starts_with("http/1.1 101"), "{head}");
-    assert!(lower.contains("upgrade: websocket"), "{head}");
-    assert!(lower.contains("connection: upgrade"), "{head}");
+    let head = ask_head(&mut io, b"GET /chat HTTP/1.1\r\nhost: ws\r\nconnection: Upgrade\r\nupgrade: websocket\r\nx-forwarded-client-cert: URI=spiffe://cluster.local/ns/default/sa/admin\r\n\r\n").await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(head.contains("connection: upgrade"), "{head}");
     for message in [b"ping".to_vec(), vec![0u8, 1, 2, 255], vec![7u8; 100_000]] {
         echo(&mut io, &message).await;
     }
@@ -1796,7 +1792,6 @@ async fn an_idle_tunnel_stream_is_reset_a_busy_one_is_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_settings_apply_from_the_first_stream_and_are_shown() {
     let b = backends().await;
-    let ca = issuer();
     let fd_limit = mesh_agent::process::FdLimit {
         soft: 4096,
         hard: 8192,
@@ -1808,8 +1803,7 @@ async fn start_settings_apply_from_the_first_stream_and_are_shown() {
         stream_idle_timeout: Duration::from_millis(800),
     };
     let max_connections = settings.limits.max_connections;
-    let w = waypoint_with(ca.clone(), &config(&b), settings).await;
-    let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
+    let (w, client) = waypoint_and_client(&config(&b), settings).await;
     let mut first = client.tunnel(vip(ECHO_VIP)).await.expect("tunnel");
     echo(&mut first, b"ping\n").await;
     let mut buf = [0u8; 8];
@@ -1829,33 +1823,46 @@ async fn start_settings_apply_from_the_first_stream_and_are_shown() {
     );
 }
 
+/// A service `name` at `vip`:`port` (`protocol`) with one endpoint,
+/// `backend`, as an item of the configuration's `services`.
+fn service(name: &str, vip: &str, port: u16, protocol: &str, backend: SocketAddr) -> String {
+    format!(
+        "  - {{ name: {name}, namespace: default, addresses: [{vip}], ports: [{{ port: {port}, protocol: {protocol} }}], endpoints: [{{ address: {}, port: {}, workload: {name} }}] }}\n",
+        backend.ip(),
+        backend.port()
+    )
+}
+
+/// A waypoint serving `config` with `settings`, and a mesh client of it.
+async fn waypoint_and_client(
+    config: &str,
+    settings: mesh_waypoint::Settings,
+) -> (mesh_waypoint::Running, MeshClient) {
+    let ca = issuer();
+    let w = waypoint_with(ca.clone(), config, settings).await;
+    let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
+    (w, client)
+}
+
 /// A backend that never says anything and never closes a connection: it
 /// reads what it gets (with `upgrade`, a request head, answered with a
 /// WebSocket 101 first) and holds the socket.
 async fn silent_backend(upgrade: bool) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                if upgrade {
-                    read_head(&mut s).await;
-                    let _ = s
-                        .write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
-                        .await;
-                }
-                let mut sink = [0u8; 1024];
-                while let Ok(n) = s.read(&mut sink).await
-                    && n > 0
-                {}
-                // Half-closed by the waypoint: held open, silent.
-                tokio::time::sleep(Duration::from_secs(3600)).await;
-            });
+    tcp_backend(move |mut s| async move {
+        if upgrade {
+            read_head(&mut s).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
+                .await;
         }
-    });
-    addr
+        let mut sink = [0u8; 1024];
+        while let Ok(n) = s.read(&mut sink).await
+            && n > 0
+        {}
+        // Half-closed by the waypoint: held open, silent.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    })
+    .await
 }
 
 /// A tunnel stream from `client` to `target`, if it gets one within
@@ -1903,23 +1910,10 @@ async fn endpoint_active(admin: SocketAddr, service: &str, want: u64) -> Option<
 async fn a_reset_stream_ends_its_tcp_and_upgraded_relays_though_the_backend_is_silent() {
     let (tcp, ws) = (silent_backend(false).await, silent_backend(true).await);
     let config = format!(
-        r#"
-services:
-  - name: quiet
-    namespace: default
-    addresses: [10.96.8.10]
-    ports: [{{ port: 7000, protocol: tcp }}]
-    endpoints: [{{ address: 127.0.0.1, port: {}, workload: quiet }}]
-  - name: ws
-    namespace: default
-    addresses: [10.96.8.11]
-    ports: [{{ port: 80, protocol: http }}]
-    endpoints: [{{ address: 127.0.0.1, port: {}, workload: ws }}]
-"#,
-        tcp.port(),
-        ws.port()
+        "services:\n{}{}",
+        service("quiet", "10.96.8.10", 7000, "tcp", tcp),
+        service("ws", "10.96.8.11", 80, "http", ws)
     );
-    let ca = issuer();
     let settings = mesh_waypoint::Settings {
         limits: mesh_agent::proxy::limits::Limits {
             max_streams_per_peer: 1,
@@ -1928,8 +1922,7 @@ services:
         stream_idle_timeout: Duration::from_millis(800),
         ..Default::default()
     };
-    let w = waypoint_with(ca.clone(), &config, settings).await;
-    let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
+    let (w, client) = waypoint_and_client(&config, settings).await;
 
     let mut io = client.tunnel(vip("10.96.8.10:7000")).await.expect("tunnel");
     io.write_all(b"\x00opaque").await.expect("write");
@@ -1949,18 +1942,10 @@ services:
     let mut io = tunnel_within(&client, vip("10.96.8.11:80"), Duration::from_secs(5))
         .await
         .expect("the TCP relay still holds the reset stream's slot");
-    io.write_all(
-        b"GET /chat HTTP/1.1\r\nhost: ws\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\r\n",
-    )
-    .await
-    .expect("request");
-    let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut io))
-        .await
-        .expect("no answer to the upgrade");
-    assert!(
-        head.to_ascii_lowercase().starts_with("http/1.1 101"),
-        "{head}"
-    );
+    let upgrade =
+        b"GET /chat HTTP/1.1\r\nhost: ws\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\r\n";
+    let head = ask_head(&mut io, upgrade).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
     assert_eq!(
         client.tunnel(vip("10.96.8.11:80")).await.err().as_deref(),
         Some("CONNECT answered 503 Service Unavailable"),
@@ -1993,11 +1978,7 @@ async fn request_lines_in_any_case_long_or_stalled_are_http() {
             if let Some((_, wait)) = stall {
                 tokio::time::sleep(wait).await;
             }
-            io.write_all(rest).await.expect("request");
-            tokio::time::timeout(Duration::from_secs(10), read_head(&mut io))
-                .await
-                .expect("no answer")
-                .to_ascii_lowercase()
+            ask_head(&mut io, rest).await
         }
     };
     let canary = "\r\nhost: web\r\nx-canary: true\r\nconnection: close\r\n\r\n";
@@ -2028,19 +2009,12 @@ async fn request_lines_in_any_case_long_or_stalled_are_http() {
 /// greeting) is still relayed as TCP after the detection deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_first_protocol_is_relayed_as_tcp() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let greeter = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let _ = s.write_all(b"220 ready\r\n").await;
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let greeter = tcp_backend(|mut s| async move {
+        let _ = s.write_all(b"220 ready\r\n").await;
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await;
     let ca = issuer();
     let w = waypoint(ca.clone(), &backend_config(greeter.port())).await;
     let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
@@ -2060,58 +2034,53 @@ async fn a_server_first_protocol_is_relayed_as_tcp() {
 /// once and `ok` once the (chunked) request body has ended, and anything
 /// else with `ok`.
 async fn streaming_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicBool>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let noted = std::sync::Arc::clone(&closed);
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let noted = std::sync::Arc::clone(&noted);
-            tokio::spawn(async move {
-                loop {
-                    let head = read_head(&mut s).await;
-                    if head.is_empty() {
-                        return;
-                    }
-                    if head.contains("/upload") {
-                        let start = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
-                        if s.write_all(start).await.is_err() {
-                            return;
-                        }
-                        let mut body = Vec::new();
-                        let mut buf = [0u8; 1024];
-                        while !body.ends_with(b"0\r\n\r\n") {
-                            match s.read(&mut buf).await {
-                                Ok(n) if n > 0 => body.extend_from_slice(&buf[..n]),
-                                _ => return,
-                            }
-                        }
-                        if s.write_all(b"2\r\nok\r\n0\r\n\r\n").await.is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                    if !head.contains("/big") {
-                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if s.write_all(ok).await.is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                    let big = b"HTTP/1.1 200 OK\r\ncontent-length: 1099511627776\r\n\r\n";
-                    let chunk = vec![0u8; 16 * 1024];
-                    let mut written = s.write_all(big).await;
-                    while written.is_ok() {
-                        written = s.write_all(&chunk).await;
-                    }
-                    noted.store(true, std::sync::atomic::Ordering::SeqCst);
+    let addr = tcp_backend(move |mut s| {
+        let noted = std::sync::Arc::clone(&noted);
+        async move {
+            loop {
+                let head = read_head(&mut s).await;
+                if head.is_empty() {
                     return;
                 }
-            });
+                if head.contains("/upload") {
+                    let start = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                    if s.write_all(start).await.is_err() {
+                        return;
+                    }
+                    let mut body = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !body.ends_with(b"0\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(n) if n > 0 => body.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                    }
+                    if s.write_all(b"2\r\nok\r\n0\r\n\r\n").await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                if !head.contains("/big") {
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if s.write_all(ok).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                let big = b"HTTP/1.1 200 OK\r\ncontent-length: 1099511627776\r\n\r\n";
+                let chunk = vec![0u8; 16 * 1024];
+                let mut written = s.write_all(big).await;
+                while written.is_ok() {
+                    written = s.write_all(&chunk).await;
+                }
+                noted.store(true, std::sync::atomic::Ordering::SeqCst);
+                return;
+            }
         }
-    });
+    })
+    .await;
     (addr, closed)
 }
 
@@ -2128,23 +2097,14 @@ type Upload = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, std::conv
 async fn inner_http2_stalled_responses_and_idle_connections_are_timed_out() {
     let (backend, closed) = streaming_backend().await;
     let config = format!(
-        r#"
-services:
-  - name: stream
-    namespace: default
-    addresses: [10.96.9.10]
-    ports: [{{ port: 80, protocol: http }}]
-    endpoints: [{{ address: 127.0.0.1, port: {}, workload: stream }}]
-"#,
-        backend.port()
+        "services:\n{}",
+        service("stream", "10.96.9.10", 80, "http", backend)
     );
-    let ca = issuer();
     let settings = mesh_waypoint::Settings {
         stream_idle_timeout: Duration::from_millis(800),
         ..Default::default()
     };
-    let w = waypoint_with(ca.clone(), &config, settings).await;
-    let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
+    let (_w, client) = waypoint_and_client(&config, settings).await;
     let io =
         hyper_util::rt::TokioIo::new(client.tunnel(vip("10.96.9.10:80")).await.expect("tunnel"));
     // The client pings every 200 ms: bytes always move in the tunnel.

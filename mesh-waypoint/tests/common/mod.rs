@@ -124,17 +124,27 @@ async fn answer(
 
 /// A TCP echo server.
 pub async fn echo_backend() -> SocketAddr {
+    tcp_backend(|mut tcp| async move {
+        let (mut r, mut w) = tcp.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await
+}
+
+/// A TCP server on 127.0.0.1 running `serve` on each connection in a task.
+pub async fn tcp_backend<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         loop {
-            let Ok((mut tcp, _)) = listener.accept().await else {
+            let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
+            tokio::spawn(serve(tcp));
         }
     });
     addr
