@@ -499,7 +499,7 @@ async fn tcp(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut io: Rewind) {
             shared
                 .proxy
                 .connector
-                .tcp(chosen.addr, tunnel.peer)
+                .tcp(chosen.addr, tunnel.peer, tunnel.reset.clone())
                 .await
                 .map(Relay::Hbone)
                 .map_err(|e| e.to_string())

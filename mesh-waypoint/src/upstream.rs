@@ -28,6 +28,7 @@ use mesh_agent::{
 };
 use tokio::{io::DuplexStream, net::TcpStream};
 use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
 
 use crate::services::HboneTarget;
 
@@ -111,13 +112,15 @@ impl HboneConnector {
 
     /// An opaque TCP stream to `pod` over HBONE carrying `client`'s
     /// connection: its `forwarded` names the client, which the pod's agent
-    /// believes from a waypoint (the app sees the client's address).
+    /// believes from a waypoint (the app sees the client's address); reset
+    /// when `reset` (the client's tunnel stream's) is cancelled.
     pub async fn tcp(
         &self,
         pod: SocketAddr,
         client: SocketAddr,
+        reset: CancellationToken,
     ) -> Result<DuplexStream, UpstreamError> {
-        let stream = Self::stream(Arc::clone(&self.inner), pod, Some(client)).await?;
+        let stream = Self::stream(Arc::clone(&self.inner), pod, Some((client, reset))).await?;
         Ok(stream.0.into_inner())
     }
 
@@ -132,11 +135,13 @@ impl HboneConnector {
     }
 
     /// A CONNECT stream to `pod`, naming `client` in `forwarded` when it
-    /// carries one client's connection.
+    /// carries one client's connection, and then reset with the client's
+    /// tunnel stream (its token): a silent backend would otherwise keep
+    /// the stream half-closed once the relay is gone.
     async fn stream(
         inner: Arc<Inner>,
         pod: SocketAddr,
-        client: Option<SocketAddr>,
+        client: Option<(SocketAddr, CancellationToken)>,
     ) -> Result<HboneStream, UpstreamError> {
         let targets = Arc::clone(&inner.targets.read().unwrap_or_else(PoisonError::into_inner));
         let target = targets
@@ -158,7 +163,7 @@ impl HboneConnector {
             .method(Method::CONNECT)
             .uri(pod.to_string())
             .header("baggage", baggage);
-        if let Some(client) = client {
+        if let Some((client, _)) = &client {
             request = request.header("forwarded", format!("for=\"{client}\""));
         }
         let request = request
@@ -212,11 +217,25 @@ impl HboneConnector {
         }
         let (ours, theirs) = tokio::io::duplex(crate::stream::PIPE);
         let recv = response.into_body();
+        let reset = client.map(|(_, reset)| reset);
         tokio::spawn(async move {
             let _slot = guard;
-            // The client's tunnel stream governs idleness (its pipe).
-            // Its relay ends with the client's (its end of `theirs`).
-            let _ = crate::stream::pipe(theirs, send, recv, None).await;
+            // The client's tunnel stream governs idleness (its pipe), and
+            // its reset resets this stream (dropped unfinished: h2 sends
+            // RST_STREAM), before the relay's end could half-close it.
+            let relay = crate::stream::pipe(theirs, send, recv, None);
+            match reset {
+                Some(reset) => {
+                    tokio::select! {
+                        biased;
+                        () = reset.cancelled() => {}
+                        _ = relay => {}
+                    }
+                }
+                None => {
+                    let _ = relay.await;
+                }
+            }
         });
         Ok(HboneStream(TokioIo::new(ours)))
     }

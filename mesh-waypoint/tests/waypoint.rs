@@ -1803,7 +1803,7 @@ async fn start_settings_apply_from_the_first_stream_and_are_shown() {
         stream_idle_timeout: Duration::from_millis(800),
     };
     let max_connections = settings.limits.max_connections;
-    let (w, client) = waypoint_and_client(&config(&b), settings).await;
+    let (w, client) = waypoint_and_client(issuer(), &config(&b), settings).await;
     let mut first = client.tunnel(vip(ECHO_VIP)).await.expect("tunnel");
     echo(&mut first, b"ping\n").await;
     let mut buf = [0u8; 8];
@@ -1833,12 +1833,13 @@ fn service(name: &str, vip: &str, port: u16, protocol: &str, backend: SocketAddr
     )
 }
 
-/// A waypoint serving `config` with `settings`, and a mesh client of it.
+/// A waypoint serving `config` with `settings`, and a mesh client of it
+/// (both with certificates of `ca`).
 async fn waypoint_and_client(
+    ca: std::sync::Arc<mesh_agent::identity::LocalCa>,
     config: &str,
     settings: mesh_waypoint::Settings,
 ) -> (mesh_waypoint::Running, MeshClient) {
-    let ca = issuer();
     let w = waypoint_with(ca.clone(), config, settings).await;
     let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
     (w, client)
@@ -1909,10 +1910,37 @@ async fn endpoint_active(admin: SocketAddr, service: &str, want: u64) -> Option<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_stream_ends_its_tcp_and_upgraded_relays_though_the_backend_is_silent() {
     let (tcp, ws) = (silent_backend(false).await, silent_backend(true).await);
+    // A meshed endpoint's agent that notes how each stream ended: reset,
+    // or half-closed (its request body ended) and left open.
+    let ca = issuer();
+    let ends = std::sync::Arc::new(std::sync::Mutex::new(Vec::<&str>::new()));
+    let noted = std::sync::Arc::clone(&ends);
+    let (agent, _) = pod_agent_with(
+        ca.clone(),
+        "spiffe://cluster.local/ns/default/sa/db",
+        move |mut recv, send| {
+            let noted = std::sync::Arc::clone(&noted);
+            tokio::spawn(async move {
+                let _silent = send;
+                let end = loop {
+                    match recv.data().await {
+                        Some(Ok(d)) => {
+                            let _ = recv.flow_control().release_capacity(d.len());
+                        }
+                        Some(Err(_)) => break "reset",
+                        None => break "half-closed",
+                    }
+                };
+                noted.lock().expect("lock").push(end);
+            });
+        },
+    )
+    .await;
     let config = format!(
-        "services:\n{}{}",
+        "services:\n{}{}  - {{ name: meshed, namespace: default, addresses: [10.96.8.12], ports: [{{ port: 7000, protocol: tcp }}], endpoints: [{{ address: 127.0.0.1, port: 1, tunnel: hbone, hbonePort: {}, serviceAccount: db, workload: meshed }}] }}\n",
         service("quiet", "10.96.8.10", 7000, "tcp", tcp),
-        service("ws", "10.96.8.11", 80, "http", ws)
+        service("ws", "10.96.8.11", 80, "http", ws),
+        agent.port()
     );
     let settings = mesh_waypoint::Settings {
         limits: mesh_agent::proxy::limits::Limits {
@@ -1922,7 +1950,7 @@ async fn a_reset_stream_ends_its_tcp_and_upgraded_relays_though_the_backend_is_s
         stream_idle_timeout: Duration::from_millis(800),
         ..Default::default()
     };
-    let (w, client) = waypoint_and_client(&config, settings).await;
+    let (w, client) = waypoint_and_client(ca, &config, settings).await;
 
     let mut io = client.tunnel(vip("10.96.8.10:7000")).await.expect("tunnel");
     io.write_all(b"\x00opaque").await.expect("write");
@@ -1957,6 +1985,21 @@ async fn a_reset_stream_ends_its_tcp_and_upgraded_relays_though_the_backend_is_s
             .is_some(),
         "the upgraded relay still holds the reset stream's slot"
     );
+    drop(io);
+
+    // To a meshed endpoint, the relay's HBONE stream is reset with the
+    // client's, not half-closed and left to a silent backend.
+    let mut io = tunnel_within(&client, vip("10.96.8.12:7000"), Duration::from_secs(5))
+        .await
+        .expect("a stream to the meshed service");
+    io.write_all(b"\x00opaque").await.expect("write");
+    for _ in 0..50 {
+        if !ends.lock().expect("lock").is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(*ends.lock().expect("lock"), ["reset"]);
     drop(io);
 }
 
@@ -2104,7 +2147,7 @@ async fn inner_http2_stalled_responses_and_idle_connections_are_timed_out() {
         stream_idle_timeout: Duration::from_millis(800),
         ..Default::default()
     };
-    let (_w, client) = waypoint_and_client(&config, settings).await;
+    let (_w, client) = waypoint_and_client(issuer(), &config, settings).await;
     let io =
         hyper_util::rt::TokioIo::new(client.tunnel(vip("10.96.9.10:80")).await.expect("tunnel"));
     // The client pings every 200 ms: bytes always move in the tunnel.

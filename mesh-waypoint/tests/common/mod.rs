@@ -473,6 +473,30 @@ pub async fn pod_agent(
     pod_id: &str,
     backend: SocketAddr,
 ) -> (SocketAddr, Arc<std::sync::Mutex<AgentLog>>) {
+    pod_agent_with(ca, pod_id, move |recv, send| {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(pipe(theirs, send, recv));
+        tokio::spawn(async move {
+            let mut ours = ours;
+            if let Ok(mut app) = tokio::net::TcpStream::connect(backend).await {
+                let _ = tokio::io::copy_bidirectional(&mut ours, &mut app).await;
+            }
+        });
+    })
+    .await
+}
+
+/// [`pod_agent`] handing each answered stream (its request body and its
+/// response's send half) to `serve`.
+pub async fn pod_agent_with<F>(
+    ca: Arc<LocalCa>,
+    pod_id: &str,
+    serve: F,
+) -> (SocketAddr, Arc<std::sync::Mutex<AgentLog>>)
+where
+    F: Fn(h2::RecvStream, h2::SendStream<Bytes>) + Send + Sync + 'static,
+{
+    let serve = Arc::new(serve);
     let tls = Arc::new(MeshTls::new(Arc::new(CertManager::new(ca))).expect("tls"));
     let id = SpiffeId::parse(pod_id).expect("id");
     tls.manager().fetch(&id).await.expect("pod certificate");
@@ -487,6 +511,7 @@ pub async fn pod_agent(
             };
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config(&id));
             let seen = Arc::clone(&seen);
+            let serve = Arc::clone(&serve);
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
@@ -523,14 +548,7 @@ pub async fn pod_agent(
                     let Ok(send) = respond.send_response(Response::new(()), false) else {
                         continue;
                     };
-                    let (ours, theirs) = tokio::io::duplex(64 * 1024);
-                    tokio::spawn(pipe(theirs, send, req.into_body()));
-                    tokio::spawn(async move {
-                        let mut ours = ours;
-                        if let Ok(mut app) = tokio::net::TcpStream::connect(backend).await {
-                            let _ = tokio::io::copy_bidirectional(&mut ours, &mut app).await;
-                        }
-                    });
+                    serve(req.into_body(), send);
                 }
             });
         }
