@@ -408,8 +408,10 @@ fn half_closes_and_resets_cross_a_transparent_delivery() {
 fn a_waypoints_forwarded_client_is_believed_and_nobody_elses() {
     common::require_root();
     // Node 1 knows `w` (a pod of node 0, not enrolled) as the pods behind
-    // the waypoint `w` that the service `svc` uses; `x` is a pod that is no
-    // waypoint. Both claim, in `forwarded`, to carry a's connection.
+    // the waypoint `w` that the service `svc` (of `c`) uses; `x` is the pod
+    // behind another waypoint, `xw`, of another service (any namespace can
+    // make one of its own pods): not `c`'s. Both claim, in `forwarded`, to
+    // carry a's connection.
     let mut mesh = Mesh::new(
         LabSpec::new()
             .node(
@@ -432,7 +434,9 @@ fn a_waypoints_forwarded_client_is_believed_and_nobody_elses() {
     );
     n1.push_str(
         "services:\n  - name: svc\n    vips: [\"198.18.200.1\"]\n    ports: [{name: tcp, port: 80, targetPort: 8080}]\n    endpoints: [c]\n    labels: {istio.io/use-waypoint: w}\n\
-         \x20 - name: w\n    vips: [\"198.18.200.9\"]\n    ports: [{name: mesh, port: 15008}]\n    endpoints: [w]\n",
+         \x20 - name: w\n    vips: [\"198.18.200.9\"]\n    ports: [{name: mesh, port: 15008}]\n    endpoints: [w]\n\
+         \x20 - name: other\n    vips: [\"198.18.200.2\"]\n    ports: [{name: tcp, port: 80, targetPort: 8080}]\n    endpoints: [a]\n    labels: {istio.io/use-waypoint: xw}\n\
+         \x20 - name: xw\n    vips: [\"198.18.200.8\"]\n    ports: [{name: mesh, port: 15008}]\n    endpoints: [x]\n",
     );
     mesh.write_workload_text(0, &n0);
     mesh.write_workload_text(1, &n1);
@@ -464,7 +468,8 @@ fn a_waypoints_forwarded_client_is_believed_and_nobody_elses() {
     };
     // The waypoint's client is the app's client.
     assert_eq!(seen_from("w", &forwarded), a4);
-    // Anyone else's claim is ignored: the app sees the peer itself.
+    // Anyone else's claim is ignored, another service's waypoint's too:
+    // the app sees the peer itself.
     assert_eq!(seen_from("x", &forwarded), ip_of(&mesh.v4("x", 1)));
     // A waypoint naming an address that is no known workload: the peer.
     let w4 = ip_of(&mesh.v4("w", 1));

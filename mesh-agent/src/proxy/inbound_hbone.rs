@@ -307,15 +307,21 @@ async fn stream(
     };
     // The app sees the tunnel's TCP peer as the client when it is a known
     // workload's address (never an address the peer only claims), except
-    // from a waypoint: its verified identity and address are a waypoint
-    // pod's, and its `forwarded` names the known workload whose connection
-    // it carries (ztunnel's rule). Policy and telemetry keep the peer.
+    // from the destination's own waypoint: its verified identity and
+    // address are a pod's of a waypoint carrying traffic to this pod (its
+    // own, or a service's it serves), and its `forwarded` names the known
+    // workload whose connection it carries (ztunnel's rule). Policy and telemetry keep the peer.
     // (An agent's `forwarded` names its own TCP source: nothing to check.)
     let client = match claimed {
         Some(c)
             if c.ip() != peer.ip().to_canonical()
                 && snapshot.workload_by_ip(c.ip()).is_some()
-                && snapshot.is_waypoint_pod(peer.ip(), &peer_id, shared.tls.trust_domain()) =>
+                && snapshot.is_waypoint_of(
+                    peer.ip(),
+                    &peer_id,
+                    shared.tls.trust_domain(),
+                    target.ip(),
+                ) =>
         {
             c.ip()
         }

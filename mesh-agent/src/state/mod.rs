@@ -12,7 +12,7 @@ mod routes;
 mod waypoint;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
@@ -189,8 +189,9 @@ pub struct Index(std::sync::OnceLock<Tables>);
 struct Tables {
     workloads: HashMap<IpAddr, WorkloadKey>,
     services: HashMap<IpAddr, ServiceKey>,
-    /// The pods behind the waypoints in use ([`Snapshot::is_waypoint_pod`]).
-    waypoint_pods: HashSet<IpAddr>,
+    /// The waypoints carrying traffic to each destination address
+    /// ([`Snapshot::is_waypoint_of`]).
+    waypoints_by_destination: HashMap<IpAddr, BTreeSet<waypoint::WaypointRef>>,
 }
 
 impl Index {
@@ -211,7 +212,7 @@ impl Index {
                         .or_insert_with(|| k.clone());
                 }
             }
-            t.waypoint_pods = snap.waypoint_pod_ips();
+            t.waypoints_by_destination = snap.waypoints_by_destination();
             t
         })
     }

@@ -34,7 +34,7 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
 };
 
@@ -371,35 +371,49 @@ impl Snapshot {
             .collect()
     }
 
-    /// The addresses of the pods behind every waypoint some service or pod
-    /// sends its traffic through (built once per snapshot, in its index).
-    pub(super) fn waypoint_pod_ips(&self) -> HashSet<IpAddr> {
-        let services = self
-            .services
-            .values()
-            .filter_map(|s| self.service_waypoint_in_force(s));
-        let pods = self
-            .workloads
-            .values()
-            .filter_map(|p| self.pod_waypoint_in_force(p));
-        let in_use: BTreeSet<&WaypointRef> = services.chain(pods).map(|w| &w.reference).collect();
-        in_use
-            .into_iter()
-            .filter_map(|w| self.services.get(&w.service_key()))
-            .flat_map(|wp| wp.endpoints.iter().map(|e| e.ip.to_canonical()))
-            .collect()
+    /// For each destination address, the waypoints that carry traffic to
+    /// it: its pod's own waypoint and those of the services it is an
+    /// endpoint of (built once per snapshot, in its index).
+    pub(super) fn waypoints_by_destination(&self) -> HashMap<IpAddr, BTreeSet<WaypointRef>> {
+        let mut by_dst: HashMap<IpAddr, BTreeSet<WaypointRef>> = HashMap::new();
+        for s in self.services.values() {
+            let Some(w) = self.service_waypoint_in_force(s) else {
+                continue;
+            };
+            for e in &s.endpoints {
+                by_dst
+                    .entry(e.ip.to_canonical())
+                    .or_default()
+                    .insert(w.reference.clone());
+            }
+        }
+        for p in self.workloads.values() {
+            let Some(w) = self.pod_waypoint_in_force(p) else {
+                continue;
+            };
+            for ip in &p.ips {
+                by_dst
+                    .entry(ip.to_canonical())
+                    .or_default()
+                    .insert(w.reference.clone());
+            }
+        }
+        by_dst
     }
 
-    /// Whether the peer at `ip` proving `identity` is a waypoint: one of the
-    /// pods behind a waypoint some service or pod uses, with that pod's
-    /// identity in `trust_domain`. A destination believes the `forwarded`
-    /// header of such a peer only (as ztunnel does): a waypoint carries
-    /// other workloads' connections.
-    pub fn is_waypoint_pod(
+    /// Whether the peer at `ip` proving `identity` is a waypoint of
+    /// destination `dst`: one of the pods behind a waypoint that carries
+    /// traffic to `dst` (its pod's own, or that of a service it is an
+    /// endpoint of), with that pod's identity in `trust_domain`. A
+    /// destination believes the `forwarded` header of such a peer only (as
+    /// ztunnel's `check_from_waypoint`): the waypoint of another service,
+    /// which any namespace can make of its own pods, names no client here.
+    pub fn is_waypoint_of(
         &self,
-        ip: std::net::IpAddr,
+        ip: IpAddr,
         identity: &SpiffeId,
         trust_domain: &TrustDomain,
+        dst: IpAddr,
     ) -> bool {
         let Some(pod) = self.workload_by_ip(ip) else {
             return false;
@@ -407,10 +421,18 @@ impl Snapshot {
         if identity.trust_domain() != trust_domain || !pod.has_identity(identity) {
             return false;
         }
+        let ip = ip.to_canonical();
         self.index
             .tables(self)
-            .waypoint_pods
-            .contains(&ip.to_canonical())
+            .waypoints_by_destination
+            .get(&dst.to_canonical())
+            .is_some_and(|refs| {
+                refs.iter().any(|w| {
+                    self.services
+                        .get(&w.service_key())
+                        .is_some_and(|wp| wp.endpoints.iter().any(|e| e.ip.to_canonical() == ip))
+                })
+            })
     }
 
     /// The pods serving waypoint `w`, in endpoint order, with the identity
@@ -685,8 +707,9 @@ mod tests {
                 &[("198.18.9.1", Some("wp-0"))],
             ),
         );
+        let web_ip = ip("198.18.9.5");
         // A waypoint's Service that no service uses carries nobody's traffic.
-        assert!(!snap.is_waypoint_pod(ip("198.18.9.1"), &wp_id, &td));
+        assert!(!snap.is_waypoint_of(ip("198.18.9.1"), &wp_id, &td, web_ip));
         let mut web = service(
             "shop",
             "web",
@@ -701,12 +724,47 @@ mod tests {
         // A changed snapshot is a new one (its index is built afresh), as
         // the store publishes them.
         let snap = snap.clone();
-        assert!(snap.is_waypoint_pod(ip("198.18.9.1"), &wp_id, &td));
+        assert!(snap.is_waypoint_of(ip("198.18.9.1"), &wp_id, &td, web_ip));
         // Another identity at the waypoint's address, the waypoint's
         // identity at another address, an unknown address: not a waypoint.
-        assert!(!snap.is_waypoint_pod(ip("198.18.9.1"), &web_id, &td));
-        assert!(!snap.is_waypoint_pod(ip("198.18.9.5"), &wp_id, &td));
-        assert!(!snap.is_waypoint_pod(ip("198.18.9.9"), &wp_id, &td));
+        assert!(!snap.is_waypoint_of(ip("198.18.9.1"), &web_id, &td, web_ip));
+        assert!(!snap.is_waypoint_of(ip("198.18.9.5"), &wp_id, &td, web_ip));
+        assert!(!snap.is_waypoint_of(ip("198.18.9.9"), &wp_id, &td, web_ip));
+    }
+
+    /// Any namespace can make a waypoint of its own pod (a Service on
+    /// 15008 and a label naming it): that waypoint's `forwarded` is
+    /// believed only by the destinations it carries traffic to.
+    #[test]
+    fn a_waypoint_is_believed_by_its_own_destinations_only() {
+        let td = TrustDomain::new("cluster.local").expect("td");
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let evil_wp = pod("t", "evil-0", "evil", "198.18.8.1");
+        let victim = pod("shop", "db-0", "db", "198.18.9.7");
+        let mut snap = Snapshot {
+            workloads: [(evil_wp.key(), evil_wp), (victim.key(), victim)].into(),
+            ..Snapshot::default()
+        };
+        snap.services.insert(
+            key("t", "wp"),
+            service(
+                "t",
+                "wp",
+                &[("mesh", 15008)],
+                &[("198.18.8.1", Some("evil-0"))],
+            ),
+        );
+        let mut front = service("t", "front", &[("http", 80)], &[("198.18.8.9", None)]);
+        front.waypoint = Some(Waypoint {
+            reference: wref("t", "wp"),
+            from: WaypointSource::Service,
+        });
+        snap.services.insert(key("t", "front"), front);
+        let snap = snap.clone();
+        let evil_id = SpiffeId::parse("spiffe://cluster.local/ns/t/sa/evil").expect("id");
+        // A waypoint in use, of the tenant's own service only.
+        assert!(snap.is_waypoint_of(ip("198.18.8.1"), &evil_id, &td, ip("198.18.8.9")));
+        assert!(!snap.is_waypoint_of(ip("198.18.8.1"), &evil_id, &td, ip("198.18.9.7")));
     }
 
     /// A pod of `shop` whose labels named waypoint `shop/wp` (by `from`).
@@ -871,14 +929,15 @@ mod tests {
             ..Snapshot::default()
         };
         let ip = "198.18.9.1".parse().expect("ip");
+        let db_ip = "198.18.9.6".parse().expect("ip");
         let wp_id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/wp-sa").expect("id");
         // Takes service traffic only: the pod's label is not in force.
-        assert!(!snap.is_waypoint_pod(ip, &wp_id, &td));
+        assert!(!snap.is_waypoint_of(ip, &wp_id, &td, db_ip));
         snap.services
             .insert(key("shop", "wp"), with_scope(wp_svc, "workload"));
         // A changed snapshot is a new one (its index is built afresh).
         let snap = snap.clone();
-        assert!(snap.is_waypoint_pod(ip, &wp_id, &td));
+        assert!(snap.is_waypoint_of(ip, &wp_id, &td, db_ip));
     }
 
     #[test]
