@@ -49,6 +49,9 @@ pub struct RunConfig {
     pub cert_ttl: Duration,
     /// Istio's root namespace: policies there apply mesh-wide.
     pub root_namespace: String,
+    /// The `exportTo` of VirtualServices that set none (Istio's
+    /// `defaultVirtualServiceExportTo`).
+    pub default_virtual_service_export_to: Vec<String>,
     /// How long a stopping agent keeps serving its open connections.
     pub drain_timeout: Duration,
     /// Where the admin, metrics and readiness endpoints listen.
@@ -160,7 +163,8 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         runtime.spawn(crate::datapath::drive_kernel_log(logger));
     }
 
-    let store = Store::with_root_namespace(&cfg.root_namespace);
+    let store = Store::with_root_namespace(&cfg.root_namespace)
+        .with_default_virtual_service_export_to(cfg.default_virtual_service_export_to.clone());
     if let Some(file) = file {
         sync::file::publish(&store, file);
     }

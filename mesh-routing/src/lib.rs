@@ -68,7 +68,8 @@
 //! - Several objects for one service: the one in the client's namespace,
 //!   else the service's namespace, else the root namespace, else the first
 //!   by namespace/name, among those whose `exportTo` includes the client's
-//!   namespace.
+//!   namespace (a VirtualService without one: `Options::
+//!   default_virtual_service_export_to`, Istio's `defaultVirtualServiceExportTo`).
 //! - Policy merge as Istio's `MergeTrafficPolicy`: subset settings replace
 //!   the rule's setting by setting; a matching `portLevelSettings` entry
 //!   replaces all of them (what it leaves out takes the default).

@@ -32,6 +32,11 @@ pub struct Options {
     /// Istio's root namespace (its DestinationRules apply mesh-wide, after
     /// the client's and the service's own).
     pub root_namespace: String,
+    /// The `exportTo` of a VirtualService that sets none (Istio's mesh
+    /// option `defaultVirtualServiceExportTo`, by default `["*"]`: every
+    /// namespace). `["."]` keeps a tenant's VirtualService for another
+    /// namespace's host to its own clients.
+    pub default_virtual_service_export_to: Vec<String>,
 }
 
 impl Default for Options {
@@ -39,6 +44,7 @@ impl Default for Options {
         Self {
             cluster_domain: "cluster.local".into(),
             root_namespace: "istio-system".into(),
+            default_virtual_service_export_to: vec!["*".into()],
         }
     }
 }
@@ -664,7 +670,11 @@ impl Compiler<'_> {
                 total,
             });
         }
-        let export = Export::parse(&spec.export_to, ns);
+        let export = if spec.export_to.is_empty() {
+            Export::parse(&self.opts.default_virtual_service_export_to, ns)
+        } else {
+            Export::parse(&spec.export_to, ns)
+        };
         // One compiled copy of the rules for every host: an object naming
         // a service many times costs one entry, not one copy each.
         let rules: Arc<[Rule]> = rules.into();

@@ -58,6 +58,10 @@ fn services() -> Vec<ServiceInput> {
 }
 
 fn table(drs: &str, vss: &str, trs: &str) -> RouteTable {
+    table_with(drs, vss, trs, &Options::default())
+}
+
+fn table_with(drs: &str, vss: &str, trs: &str, opts: &Options) -> RouteTable {
     let (d, v, t) = (yaml(drs), yaml(vss), yaml(trs));
     compile(
         Objects {
@@ -66,7 +70,7 @@ fn table(drs: &str, vss: &str, trs: &str) -> RouteTable {
             tcp_routes: &t,
         },
         services(),
-        &Options::default(),
+        opts,
     )
 }
 
@@ -509,6 +513,46 @@ fn export_to_dot_hides_the_objects_from_other_namespaces() {
         .unwrap()
         .unwrap();
     assert_eq!(r.route.as_deref(), Some("VirtualService/shop/web-split"));
+}
+
+/// Istio's `defaultVirtualServiceExportTo`: with `["."]`, a tenant's
+/// VirtualService without `exportTo` for another namespace's host routes
+/// its own clients only, not the host's namespace nor any other; with the
+/// default (`*`) it routes every client, as Istio's sidecars do.
+#[test]
+fn the_default_export_of_virtual_services_is_an_option() {
+    let theirs = split(100, 0)
+        .replace("web-split, namespace: shop", "theirs, namespace: t")
+        .replace("[web]", "[web.shop]")
+        .replace("host: web,", "host: web.shop,");
+    let compile = |default: &[&str]| {
+        let opts = Options {
+            default_virtual_service_export_to: default.iter().map(|s| (*s).to_owned()).collect(),
+            ..Options::default()
+        };
+        table_with(SUBSETS, &theirs, "", &opts)
+    };
+    let routed = |t: &RouteTable, ns: &'static str| {
+        t.route(&Client::new(ns).to("10.96.0.10:80"), 0)
+            .unwrap()
+            .unwrap()
+            .route
+    };
+    let everyone = compile(&["*"]);
+    for ns in ["t", "shop", "other"] {
+        assert_eq!(
+            routed(&everyone, ns).as_deref(),
+            Some("VirtualService/t/theirs"),
+            "{ns}"
+        );
+    }
+    let own = compile(&["."]);
+    assert_eq!(
+        routed(&own, "t").as_deref(),
+        Some("VirtualService/t/theirs")
+    );
+    assert_eq!(routed(&own, "shop"), None);
+    assert_eq!(routed(&own, "other"), None);
 }
 
 #[test]

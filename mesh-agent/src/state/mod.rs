@@ -419,6 +419,8 @@ pub struct Store {
     tx: Arc<watch::Sender<Arc<Snapshot>>>,
     /// Istio's root namespace, which policies are compiled for.
     root_namespace: Arc<str>,
+    /// What routing objects are compiled with (the root namespace too).
+    route_options: Arc<mesh_routing::Options>,
     /// Inputs the sources refused.
     rejections: Arc<std::sync::Mutex<Rejections>>,
     /// Kinds a source cannot read (counted as empty).
@@ -449,9 +451,26 @@ impl Store {
         Self {
             tx: Arc::new(tx),
             root_namespace: root_namespace.into(),
+            route_options: Arc::new(mesh_routing::Options {
+                root_namespace: root_namespace.into(),
+                ..mesh_routing::Options::default()
+            }),
             rejections: Arc::default(),
             missing: Arc::default(),
         }
+    }
+
+    /// This store with `exportTo` as the default of VirtualServices that set
+    /// none (Istio's `defaultVirtualServiceExportTo`; `*` by default, `.`
+    /// keeps a namespace's VirtualServices to its own clients). Set before
+    /// the first publication.
+    #[must_use]
+    pub fn with_default_virtual_service_export_to(mut self, export_to: Vec<String>) -> Self {
+        self.route_options = Arc::new(mesh_routing::Options {
+            default_virtual_service_export_to: export_to,
+            ..(*self.route_options).clone()
+        });
+        self
     }
 
     /// Replaces the kinds the source cannot read (sorted, as given).
@@ -526,7 +545,7 @@ impl Store {
                     &current.routing,
                     &current.services,
                     &workloads,
-                    &self.root_namespace,
+                    &self.route_options,
                 ))
             };
             *current = Arc::new(Snapshot {
@@ -567,7 +586,7 @@ impl Store {
                 &next.routing,
                 &next.services,
                 &next.workloads,
-                &self.root_namespace,
+                &self.route_options,
             ))
         };
         let fresh_routes =

@@ -14,13 +14,14 @@ use crate::routing::{EndpointInput, Objects, Options, RouteTable, ServiceInput, 
 use super::{RoutingObjects, Service, ServiceKey, Workload, WorkloadKey};
 
 /// Compiles `routing` against `services`, with each endpoint's pod labels
-/// from `workloads` (by the endpoint's pod, else by its address), for
-/// Istio's `root_namespace`.
+/// from `workloads` (by the endpoint's pod, else by its address), with the
+/// mesh's `options` (Istio's root namespace, the default `exportTo` of
+/// VirtualServices).
 pub fn compile_routes(
     routing: &RoutingObjects,
     services: &BTreeMap<ServiceKey, Service>,
     workloads: &BTreeMap<WorkloadKey, Workload>,
-    root_namespace: &str,
+    options: &Options,
 ) -> RouteTable {
     let mut by_ip: HashMap<IpAddr, &Workload> = HashMap::new();
     for w in workloads.values() {
@@ -65,10 +66,7 @@ pub fn compile_routes(
             tcp_routes: &routing.tcp_routes,
         },
         inputs,
-        &Options {
-            root_namespace: root_namespace.into(),
-            ..Options::default()
-        },
+        options,
     )
 }
 
@@ -180,7 +178,7 @@ mod tests {
             &snap.routing,
             &snap.services,
             &snap.workloads,
-            "istio-system",
+            &Options::default(),
         );
         let vs = &t.report().objects[1];
         assert_eq!(vs.status, Status::Applied);
@@ -197,6 +195,37 @@ mod tests {
             r.dest.endpoints,
             vec!["198.18.1.12:8080".parse().expect("addr")]
         );
+    }
+
+    /// `--default-virtual-service-export-to .`: the store compiles with it,
+    /// so a VirtualService without `exportTo` routes its own namespace's
+    /// clients only.
+    #[test]
+    fn the_store_compiles_with_the_default_virtual_service_export() {
+        let labels = BTreeMap::new();
+        let routed = |store: &Store, ns: &'static str| {
+            let req = crate::routing::Request {
+                destination: "198.18.200.1:80".parse().expect("addr"),
+                source: "198.18.1.10".parse().expect("addr"),
+                source_namespace: ns,
+                source_labels: &labels,
+            };
+            store
+                .current()
+                .routes
+                .route(&req, 0)
+                .expect("a service")
+                .expect("routed")
+                .route
+                .clone()
+        };
+        let everyone = Store::new();
+        everyone.publish_snapshot(snapshot((0, 100)));
+        assert!(routed(&everyone, "other").is_some());
+        let own = Store::new().with_default_virtual_service_export_to(vec![".".into()]);
+        own.publish_snapshot(snapshot((0, 100)));
+        assert!(routed(&own, "shop").is_some());
+        assert_eq!(routed(&own, "other"), None);
     }
 
     #[test]
