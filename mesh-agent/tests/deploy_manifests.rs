@@ -583,6 +583,7 @@ fn agent_rbac_is_read_only() {
             "authorizationpolicies.security.istio.io",
             "destinationrules.networking.istio.io",
             "endpointslices.discovery.k8s.io",
+            "gateways.gateway.networking.k8s.io",
             "httproutes.gateway.networking.k8s.io",
             "namespaces.",
             "nodes.",
@@ -1729,9 +1730,13 @@ fn rbac_on_routing_objects_is_read_only() {
         }
     }
     let read: BTreeSet<String> = ["get", "list", "watch"].map(str::to_owned).into();
+    // Gateways too: who may bind to a waypoint (their CRD comes with the
+    // Gateway API, which a cluster with waypoints has installed).
     let want: BTreeMap<String, BTreeSet<String>> = ROUTING_CRDS
         .iter()
-        .map(|(name, ..)| ((*name).to_owned(), read.clone()))
+        .map(|(name, ..)| *name)
+        .chain(["gateways.gateway.networking.k8s.io"])
+        .map(|name| (name.to_owned(), read.clone()))
         .collect();
     assert_eq!(verbs, want, "exactly get/list/watch on the routing kinds");
     // Nothing else of those groups (no wildcard, no other kind).

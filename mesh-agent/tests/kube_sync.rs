@@ -889,6 +889,32 @@ async fn waypoint_labels_arrive_follow_changes_and_resolve_to_the_waypoint_pod()
             store.current().waypoint_endpoints(&edge, &td),
             Err(mesh_agent::state::WaypointError::Missing(_))
         ));
+        // Across namespaces, and infra/edge has no Gateway allowing shop:
+        // the binding is refused (no waypoint) and reported.
+        let in_force = |s: &mesh_agent::state::Snapshot| {
+            s.services
+                .get(&web)
+                .is_some_and(|svc| s.service_waypoint_in_force(svc).is_some())
+        };
+        assert!(!in_force(&store.current()), "no Gateway: refused");
+        assert_eq!(
+            store
+                .current()
+                .refused_waypoint_bindings()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["service shop/web -> infra/edge"]
+        );
+        // The Gateway is read: its HBONE listener allows every namespace.
+        server.apply(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"namespace": "infra", "name": "edge"},
+            "spec": {"gatewayClassName": "istio-waypoint", "listeners": [{"name": "mesh",
+                "port": 15008, "protocol": "HBONE", "allowedRoutes": {"namespaces": {"from": "All"}}}]}
+        }));
+        wait_for(store, "the Gateway allows shop", in_force).await;
+        assert!(store.current().refused_waypoint_bindings().is_empty());
         // A pod's own label (traffic to its IP) names a waypoint that takes
         // service traffic only (no istio.io/waypoint-for): listed as ignored.
         server.apply(objects::pod(

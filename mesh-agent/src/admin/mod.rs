@@ -404,6 +404,11 @@ impl Admin {
                 .iter()
                 .map(ToString::to_string)
                 .collect();
+            v["refused_waypoint_bindings"] = snap
+                .refused_waypoint_bindings()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
             v
         });
     }

@@ -26,10 +26,11 @@ pub use policies::{
 };
 pub use routes::{compile_routes, log_routes};
 pub use waypoint::{
-    GATEWAY_MANAGED_LABEL, GATEWAY_MANAGED_WAYPOINT, USE_WAYPOINT_LABEL,
-    USE_WAYPOINT_NAMESPACE_LABEL, USE_WAYPOINT_NONE, WAYPOINT_FOR_LABEL, WAYPOINT_HBONE_PORT,
-    Waypoint, WaypointEndpoint, WaypointError, WaypointFor, WaypointRef, WaypointSource,
-    pod_waypoint, service_waypoint,
+    AllowedNamespaces, GATEWAY_MANAGED_LABEL, GATEWAY_MANAGED_WAYPOINT, NamespaceSelector,
+    RefusedBinding, SelectorRequirement, USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL,
+    USE_WAYPOINT_NONE, WAYPOINT_FOR_LABEL, WAYPOINT_HBONE_PORT, Waypoint, WaypointEndpoint,
+    WaypointError, WaypointFor, WaypointGateway, WaypointRef, WaypointSource, pod_waypoint,
+    service_waypoint, waypoint_gateways,
 };
 
 /// What the agent knows about its node.
@@ -151,6 +152,12 @@ pub struct Snapshot {
     /// puts here is replaced), shared between generations while `routing`,
     /// `services` and `workloads` do not change.
     pub routes: Arc<crate::routing::RouteTable>,
+    /// Waypoint Gateways (`gateway.networking.k8s.io/v1`), by name and
+    /// namespace: who may bind to a waypoint across namespaces
+    /// ([`Snapshot::binding_allowed`]).
+    pub waypoint_gateways: BTreeMap<waypoint::WaypointRef, waypoint::WaypointGateway>,
+    /// Namespace labels by namespace (for a Gateway's namespace selector).
+    pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
     /// Address indexes, built on first use (a snapshot never changes).
     pub index: Index,
 }
@@ -167,6 +174,8 @@ impl PartialEq for Snapshot {
             compiled: _,
             routing,
             routes: _,
+            waypoint_gateways,
+            namespace_labels,
             index: _,
         } = self;
         *generation == other.generation
@@ -175,6 +184,8 @@ impl PartialEq for Snapshot {
             && *services == other.services
             && *policies == other.policies
             && *routing == other.routing
+            && *waypoint_gateways == other.waypoint_gateways
+            && *namespace_labels == other.namespace_labels
     }
 }
 impl Eq for Snapshot {}
@@ -529,6 +540,7 @@ impl Store {
     /// when nothing changed.
     pub fn publish(&self, node: NodeInfo, workloads: BTreeMap<WorkloadKey, Workload>) -> u64 {
         let ignored = self.tx.borrow().ignored_pod_waypoints();
+        let refused = self.tx.borrow().refused_waypoint_bindings();
         let mut generation = 0;
         let mut recompiled = false;
         self.tx.send_if_modified(|current| {
@@ -557,6 +569,8 @@ impl Store {
                 compiled: current.compiled.clone(),
                 routing: current.routing.clone(),
                 routes,
+                waypoint_gateways: current.waypoint_gateways.clone(),
+                namespace_labels: current.namespace_labels.clone(),
                 index: Index::default(),
             });
             true
@@ -566,6 +580,7 @@ impl Store {
             log_routes(&current.routes, generation);
             waypoint::report_ignored_pod_waypoints(&ignored, &current);
         }
+        waypoint::report_refused_bindings(&refused, &self.current());
         generation
     }
 
@@ -592,6 +607,7 @@ impl Store {
         let fresh_routes =
             routes_inputs_differ(&self.tx.borrow(), &next).then(|| compile_next(&next));
         let ignored = self.tx.borrow().ignored_pod_waypoints();
+        let refused = self.tx.borrow().refused_waypoint_bindings();
         let mut generation = 0;
         let mut applied = None;
         let mut routes_applied = None;
@@ -602,6 +618,8 @@ impl Store {
                 && current.workloads == next.workloads
                 && current.services == next.services
                 && current.routing == next.routing
+                && current.waypoint_gateways == next.waypoint_gateways
+                && current.namespace_labels == next.namespace_labels
             {
                 generation = current.generation;
                 return false;
@@ -642,6 +660,7 @@ impl Store {
             log_routes(&routes, generation);
             waypoint::report_ignored_pod_waypoints(&ignored, &self.current());
         }
+        waypoint::report_refused_bindings(&refused, &self.current());
         generation
     }
 }

@@ -251,6 +251,198 @@ pub(super) fn report_ignored_pod_waypoints(before: &[WorkloadKey], after: &Snaps
     );
 }
 
+/// Which namespaces may bind their services and pods to a waypoint: the
+/// `allowedRoutes.namespaces` of its Gateway's HBONE listener (Istio's
+/// `makeWaypointSelector`; absent, `Same`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum AllowedNamespaces {
+    /// The waypoint's own namespace only (Gateway API's default).
+    #[default]
+    Same,
+    /// Every namespace.
+    All,
+    /// Namespaces whose labels the selector matches.
+    Selector(NamespaceSelector),
+}
+
+/// A Kubernetes label selector on Namespace labels (`matchLabels` and
+/// `matchExpressions`, all ANDed).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamespaceSelector {
+    /// `matchLabels`.
+    pub match_labels: BTreeMap<String, String>,
+    /// `matchExpressions`.
+    pub match_expressions: Vec<SelectorRequirement>,
+}
+
+/// One `matchExpressions` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SelectorRequirement {
+    /// The label key.
+    pub key: String,
+    /// `In`, `NotIn`, `Exists`, `DoesNotExist` (anything else matches nothing).
+    pub operator: String,
+    /// The values (`In`/`NotIn`).
+    pub values: Vec<String>,
+}
+
+impl NamespaceSelector {
+    /// Whether `labels` satisfy every term (Kubernetes' semantics; an
+    /// unknown operator matches nothing, failing closed).
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|r| {
+                let value = labels.get(&r.key);
+                match r.operator.as_str() {
+                    "In" => value.is_some_and(|v| r.values.contains(v)),
+                    "NotIn" => value.is_none_or(|v| !r.values.contains(v)),
+                    "Exists" => value.is_some(),
+                    "DoesNotExist" => value.is_none(),
+                    _ => false,
+                }
+            })
+    }
+}
+
+/// What the agent keeps of a waypoint's Gateway
+/// (`gateway.networking.k8s.io/v1`): who may bind to it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WaypointGateway {
+    /// `spec.gatewayClassName`.
+    pub class: String,
+    /// The HBONE listener's `allowedRoutes.namespaces`.
+    pub allowed: AllowedNamespaces,
+}
+
+/// The Gateway API's name for the HBONE listener's protocol.
+const HBONE_PROTOCOL: &str = "HBONE";
+/// At most this many selector terms are kept per Gateway (more: the
+/// selector matches nothing).
+const MAX_SELECTOR_TERMS: usize = 64;
+
+/// The Gateways among `objects` (`gateway.networking.k8s.io/v1` Gateway
+/// JSON, as served or as a file's `resources:`), by name and namespace; an
+/// object without both is skipped. See [`WaypointGateway::from_json`].
+pub fn waypoint_gateways(objects: &[serde_json::Value]) -> BTreeMap<WaypointRef, WaypointGateway> {
+    objects
+        .iter()
+        .filter_map(|o| {
+            let meta = o.get("metadata")?;
+            let reference = WaypointRef {
+                namespace: meta.get("namespace")?.as_str()?.to_owned(),
+                name: meta.get("name")?.as_str()?.to_owned(),
+            };
+            Some((reference, WaypointGateway::from_json(o)))
+        })
+        .collect()
+}
+
+impl WaypointGateway {
+    /// What a Gateway object says (Istio's `makeAllowedRoutes` for the
+    /// default binding): the `allowedRoutes.namespaces` of its listener of
+    /// protocol `HBONE` (the waypoint's, port 15008); no such listener, no
+    /// `allowedRoutes` or no `from` is `Same`. A malformed selector, or an
+    /// unknown `from`, admits no other namespace.
+    pub fn from_json(gateway: &serde_json::Value) -> Self {
+        let spec = gateway.get("spec");
+        let class = spec
+            .and_then(|s| s.get("gatewayClassName"))
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let listener = spec
+            .and_then(|s| s.get("listeners"))
+            .and_then(serde_json::Value::as_array)
+            .and_then(|ls| {
+                ls.iter().find(|l| {
+                    l.get("protocol").and_then(serde_json::Value::as_str) == Some(HBONE_PROTOCOL)
+                })
+            });
+        let namespaces = listener
+            .and_then(|l| l.get("allowedRoutes"))
+            .and_then(|a| a.get("namespaces"));
+        let from = namespaces
+            .and_then(|n| n.get("from"))
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("Same");
+        let allowed = match from {
+            "All" => AllowedNamespaces::All,
+            "Selector" => namespaces
+                .and_then(|n| n.get("selector"))
+                .and_then(NamespaceSelector::from_json)
+                .map_or(AllowedNamespaces::Same, AllowedNamespaces::Selector),
+            _ => AllowedNamespaces::Same,
+        };
+        Self { class, allowed }
+    }
+}
+
+impl NamespaceSelector {
+    /// A `metav1.LabelSelector`; `None` when malformed or over
+    /// [`MAX_SELECTOR_TERMS`].
+    fn from_json(v: &serde_json::Value) -> Option<Self> {
+        let mut sel = Self::default();
+        if let Some(labels) = v.get("matchLabels") {
+            for (k, val) in labels.as_object()? {
+                sel.match_labels.insert(k.clone(), val.as_str()?.to_owned());
+            }
+        }
+        if let Some(exprs) = v.get("matchExpressions") {
+            for e in exprs.as_array()? {
+                let values = match e.get("values") {
+                    None => Vec::new(),
+                    Some(vs) => vs
+                        .as_array()?
+                        .iter()
+                        .map(|x| x.as_str().map(str::to_owned))
+                        .collect::<Option<Vec<_>>>()?,
+                };
+                sel.match_expressions.push(SelectorRequirement {
+                    key: e.get("key")?.as_str()?.to_owned(),
+                    operator: e.get("operator")?.as_str()?.to_owned(),
+                    values,
+                });
+            }
+        }
+        (sel.match_labels.len() + sel.match_expressions.len() <= MAX_SELECTOR_TERMS).then_some(sel)
+    }
+}
+
+/// A binding (a service's or pod's waypoint) the waypoint's Gateway does
+/// not allow, treated as no waypoint (Istio's `AttachmentDenied`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RefusedBinding {
+    /// `service` or `pod`.
+    pub kind: &'static str,
+    /// `namespace/name` of the service or pod.
+    pub object: String,
+    /// The waypoint it names.
+    pub waypoint: WaypointRef,
+}
+
+impl std::fmt::Display for RefusedBinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} -> {}", self.kind, self.object, self.waypoint)
+    }
+}
+
+/// Warns when the bindings [`Snapshot::refused_waypoint_bindings`] finds in
+/// `after` differ from `before` (its earlier answer) and some remain.
+pub(super) fn report_refused_bindings(before: &[RefusedBinding], after: &Snapshot) {
+    let now = after.refused_waypoint_bindings();
+    if now.is_empty() || now == before {
+        return;
+    }
+    let shown: Vec<String> = now.iter().take(10).map(ToString::to_string).collect();
+    tracing::warn!(
+        count = now.len(),
+        bindings = %shown.join(","),
+        "istio.io/use-waypoint names a waypoint in another namespace whose Gateway's HBONE listener does not allow this namespace (allowedRoutes.namespaces): no waypoint is used"
+    );
+}
+
 /// Why a waypoint reference does not resolve to a pod to tunnel to.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum WaypointError {
@@ -293,6 +485,9 @@ impl Snapshot {
     /// does not resolve (fails closed).
     pub fn service_waypoint_in_force<'s>(&self, service: &'s Service) -> Option<&'s Waypoint> {
         let w = service.waypoint.as_ref()?;
+        if !self.binding_allowed(&w.reference, &service.namespace) {
+            return None;
+        }
         self.waypoint_scope(&w.reference)
             .is_none_or(WaypointFor::services)
             .then_some(w)
@@ -307,6 +502,9 @@ impl Snapshot {
     /// [`pod_waypoint`]): it would loop.
     pub fn pod_waypoint_in_force<'w>(&self, pod: &'w Workload) -> Option<&'w Waypoint> {
         let w = pod.waypoint.as_ref()?;
+        if !self.binding_allowed(&w.reference, &pod.namespace) {
+            return None;
+        }
         if self.is_own_pod(w, &pod.key()) {
             return None;
         }
@@ -314,6 +512,54 @@ impl Snapshot {
             Some(scope) => scope.workloads().then_some(w),
             None => (w.from == WaypointSource::Pod).then_some(w),
         }
+    }
+
+    /// Whether an object in `namespace` may use waypoint `w` (Istio's
+    /// `AllowsAttachmentFromNamespace`): always in the waypoint's own
+    /// namespace (with or without a Gateway object); from another only when
+    /// the waypoint's Gateway is known and its HBONE listener's
+    /// `allowedRoutes.namespaces` admits `namespace` (`All`, or a
+    /// `Selector` matching its labels). An unknown Gateway admits no other
+    /// namespace: a tenant cannot borrow another namespace's waypoint and
+    /// its identity.
+    pub fn binding_allowed(&self, w: &WaypointRef, namespace: &str) -> bool {
+        if w.namespace == namespace {
+            return true;
+        }
+        match self.waypoint_gateways.get(w).map(|g| &g.allowed) {
+            None | Some(AllowedNamespaces::Same) => false,
+            Some(AllowedNamespaces::All) => true,
+            Some(AllowedNamespaces::Selector(sel)) => {
+                let empty = BTreeMap::new();
+                sel.matches(self.namespace_labels.get(namespace).unwrap_or(&empty))
+            }
+        }
+    }
+
+    /// Services and pods whose waypoint binding
+    /// [`Snapshot::binding_allowed`] refuses (they use no waypoint), sorted:
+    /// `/config_dump` `routes.refused_waypoint_bindings` and a warning when
+    /// the set changes.
+    pub fn refused_waypoint_bindings(&self) -> Vec<RefusedBinding> {
+        let services = self.services.values().filter_map(|s| {
+            let w = s.waypoint.as_ref()?;
+            (!self.binding_allowed(&w.reference, &s.namespace)).then(|| RefusedBinding {
+                kind: "service",
+                object: format!("{}/{}", s.namespace, s.name),
+                waypoint: w.reference.clone(),
+            })
+        });
+        let pods = self.workloads.values().filter_map(|p| {
+            let w = p.waypoint.as_ref()?;
+            (!self.binding_allowed(&w.reference, &p.namespace)).then(|| RefusedBinding {
+                kind: "pod",
+                object: format!("{}/{}", p.namespace, p.name),
+                waypoint: w.reference.clone(),
+            })
+        });
+        let mut out: Vec<RefusedBinding> = services.chain(pods).collect();
+        out.sort();
+        out
     }
 
     /// Whether `source` is one of waypoint `w`'s own pods (its traffic is
@@ -967,5 +1213,132 @@ mod tests {
         };
         assert!(snap.waypoint_for(&web, &client).is_some());
         assert!(snap.waypoint_for(&web, &waypoint_pod).is_none());
+    }
+
+    /// A service `ns/name` and a pod `ns/p` both labelled with waypoint
+    /// `victim/wp` (whose Service exists), in a snapshot with `gateway`.
+    fn bound_across(ns: &str, gateway: Option<serde_json::Value>) -> Snapshot {
+        let r = wref("victim", "wp");
+        let mut svc = service(ns, "front", &[("http", 80)], &[]);
+        svc.waypoint = Some(Waypoint {
+            reference: r.clone(),
+            from: WaypointSource::Service,
+        });
+        let mut p = pod(ns, "p", "sa", "198.18.7.1");
+        p.waypoint = Some(Waypoint {
+            reference: r.clone(),
+            from: WaypointSource::Pod,
+        });
+        let wp = with_scope(service("victim", "wp", &[("mesh", 15008)], &[]), "all");
+        Snapshot {
+            services: [(key(ns, "front"), svc), (r.service_key(), wp)].into(),
+            workloads: [(p.key(), p)].into(),
+            waypoint_gateways: waypoint_gateways(&gateway.into_iter().collect::<Vec<_>>()),
+            namespace_labels: [
+                ("t".to_owned(), labels(&[("tenant", "trusted")])),
+                ("u".to_owned(), labels(&[("tenant", "other")])),
+            ]
+            .into(),
+            ..Snapshot::default()
+        }
+    }
+
+    fn gateway(allowed: Option<serde_json::Value>) -> serde_json::Value {
+        let mut listener = serde_json::json!({"name": "mesh", "port": 15008, "protocol": "HBONE"});
+        if let Some(a) = allowed {
+            listener["allowedRoutes"] = a;
+        }
+        serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {"namespace": "victim", "name": "wp"},
+            "spec": {"gatewayClassName": "istio-waypoint", "listeners": [listener]},
+        })
+    }
+
+    /// Whether the service and the pod of [`bound_across`] are bound.
+    fn bound(snap: &Snapshot, ns: &str) -> (bool, bool) {
+        let svc = &snap.services[&key(ns, "front")];
+        let p = &snap.workloads[&WorkloadKey {
+            namespace: ns.into(),
+            name: "p".into(),
+        }];
+        let s = snap.service_waypoint_in_force(svc).is_some();
+        let w = snap.pod_waypoint_in_force(p).is_some();
+        assert_eq!(
+            snap.refused_waypoint_bindings().len(),
+            usize::from(!s) + usize::from(!w),
+            "refused bindings are reported"
+        );
+        (s, w)
+    }
+
+    #[test]
+    fn a_cross_namespace_binding_needs_the_waypoint_gateways_consent() {
+        // No Gateway object: only same-namespace bindings.
+        assert_eq!(bound(&bound_across("t", None), "t"), (false, false));
+        // A Gateway without allowedRoutes, or `from` absent: Same.
+        assert_eq!(
+            bound(&bound_across("t", Some(gateway(None))), "t"),
+            (false, false)
+        );
+        let from = |v: serde_json::Value| Some(gateway(Some(serde_json::json!({"namespaces": v}))));
+        assert_eq!(
+            bound(&bound_across("t", from(serde_json::json!({}))), "t"),
+            (false, false)
+        );
+        assert_eq!(
+            bound(
+                &bound_across("t", from(serde_json::json!({"from": "Same"}))),
+                "t"
+            ),
+            (false, false)
+        );
+        assert_eq!(
+            bound(
+                &bound_across("t", from(serde_json::json!({"from": "All"}))),
+                "t"
+            ),
+            (true, true)
+        );
+        // `All` on a listener that is not the HBONE one does not count.
+        let mut other = gateway(None);
+        other["spec"]["listeners"]
+            .as_array_mut()
+            .expect("listeners")
+            .push(
+                serde_json::json!({"name": "h", "port": 80, "protocol": "HTTP",
+                "allowedRoutes": {"namespaces": {"from": "All"}}}),
+            );
+        assert_eq!(bound(&bound_across("t", Some(other)), "t"), (false, false));
+        // Selector: matchLabels and matchExpressions on the namespace's labels.
+        let sel = from(serde_json::json!({"from": "Selector", "selector": {
+            "matchLabels": {"tenant": "trusted"}}}));
+        assert_eq!(bound(&bound_across("t", sel.clone()), "t"), (true, true));
+        assert_eq!(bound(&bound_across("u", sel), "u"), (false, false));
+        assert_eq!(
+            bound(
+                &bound_across(
+                    "nolabels",
+                    from(serde_json::json!({"from": "Selector", "selector": {
+            "matchLabels": {"tenant": "trusted"}}}))
+                ),
+                "nolabels"
+            ),
+            (false, false)
+        );
+        let expr = from(serde_json::json!({"from": "Selector", "selector": {
+            "matchExpressions": [{"key": "tenant", "operator": "In", "values": ["trusted", "x"]}]}}));
+        assert_eq!(bound(&bound_across("t", expr.clone()), "t"), (true, true));
+        assert_eq!(bound(&bound_across("u", expr), "u"), (false, false));
+        // A malformed selector admits nobody else.
+        let bad = from(serde_json::json!({"from": "Selector", "selector": {"matchLabels": ["x"]}}));
+        assert_eq!(bound(&bound_across("t", bad), "t"), (false, false));
+        // Same namespace: bound with or without a Gateway.
+        assert_eq!(bound(&bound_across("victim", None), "victim"), (true, true));
+        assert_eq!(
+            bound(&bound_across("victim", Some(gateway(None))), "victim"),
+            (true, true)
+        );
     }
 }

@@ -236,6 +236,10 @@ pub struct WorkloadFile {
     /// would serve them (storage version, schema defaults, namespace set),
     /// sorted by namespace and name.
     pub routing: RoutingObjects,
+    /// The Gateways of `resources:` (who may bind to a waypoint).
+    pub waypoint_gateways: BTreeMap<crate::state::WaypointRef, crate::state::WaypointGateway>,
+    /// The namespaces' labels (`namespaces:`).
+    pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl WorkloadFile {
@@ -457,12 +461,14 @@ pub fn parse(path: &Path, text: &str) -> Result<WorkloadFile, FileError> {
         }
     }
     let mut routing_objects = RoutingObjects::default();
+    let mut gateways = Vec::new();
     // Sorted by kind, namespace and name, as the Kubernetes source keeps them.
     for ((kind, _, _), (_, value)) in routing {
         match kind {
             ResourceKind::DestinationRule => routing_objects.destination_rules.push(value),
             ResourceKind::VirtualService => routing_objects.virtual_services.push(value),
             ResourceKind::TcpRoute => routing_objects.tcp_routes.push(value),
+            ResourceKind::Gateway => gateways.push(value),
             ResourceKind::AuthorizationPolicy | ResourceKind::PeerAuthentication => {}
         }
     }
@@ -487,6 +493,8 @@ pub fn parse(path: &Path, text: &str) -> Result<WorkloadFile, FileError> {
         policies,
         policy_documents,
         routing: routing_objects,
+        waypoint_gateways: crate::state::waypoint_gateways(&gateways),
+        namespace_labels: namespaces,
     })
 }
 
@@ -698,6 +706,8 @@ pub fn publish(store: &Store, file: WorkloadFile) -> u64 {
         policies: file.policies,
         services: file.services,
         routing: file.routing,
+        waypoint_gateways: file.waypoint_gateways,
+        namespace_labels: file.namespace_labels,
         ..Snapshot::default()
     })
 }
@@ -935,6 +945,32 @@ pods:
 
     fn with_resources(resources: &str) -> String {
         format!("node:\n  name: n\nresources:\n{resources}")
+    }
+
+    /// A Gateway of `resources:` says who may bind to its waypoint.
+    #[test]
+    fn resources_read_a_waypoints_gateway() {
+        let text = with_resources(
+            "  - apiVersion: gateway.networking.k8s.io/v1\n    kind: Gateway\n    metadata: {name: wp, namespace: victim}\n    spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE, allowedRoutes: {namespaces: {from: All}}}]}\n\
+             \x20 - apiVersion: gateway.networking.k8s.io/v1\n    kind: Gateway\n    metadata: {name: own}\n    spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}\n",
+        );
+        let f = parse(Path::new("w.yaml"), &text).expect("valid resources");
+        let gw = |ns: &str, name: &str| {
+            f.waypoint_gateways
+                .get(&crate::state::WaypointRef {
+                    namespace: ns.into(),
+                    name: name.into(),
+                })
+                .map(|g| g.allowed.clone())
+        };
+        assert_eq!(
+            gw("victim", "wp"),
+            Some(crate::state::AllowedNamespaces::All)
+        );
+        assert_eq!(
+            gw("default", "own"),
+            Some(crate::state::AllowedNamespaces::Same)
+        );
     }
 
     /// `resources:` takes every kind the agent reads, verbatim; policies

@@ -31,16 +31,20 @@ pub enum ResourceKind {
     VirtualService,
     /// `gateway.networking.k8s.io` TCPRoute.
     TcpRoute,
+    /// `gateway.networking.k8s.io` Gateway (read for who may bind to a
+    /// waypoint: its HBONE listener's `allowedRoutes`).
+    Gateway,
 }
 
 impl ResourceKind {
     /// Every kind, in the order error messages list them.
-    pub const ALL: [ResourceKind; 5] = [
+    pub const ALL: [ResourceKind; 6] = [
         ResourceKind::AuthorizationPolicy,
         ResourceKind::PeerAuthentication,
         ResourceKind::DestinationRule,
         ResourceKind::VirtualService,
         ResourceKind::TcpRoute,
+        ResourceKind::Gateway,
     ];
 
     /// The object's `kind`.
@@ -51,6 +55,7 @@ impl ResourceKind {
             ResourceKind::DestinationRule => "DestinationRule",
             ResourceKind::VirtualService => "VirtualService",
             ResourceKind::TcpRoute => "TCPRoute",
+            ResourceKind::Gateway => "Gateway",
         }
     }
 
@@ -61,7 +66,7 @@ impl ResourceKind {
                 "security.istio.io"
             }
             ResourceKind::DestinationRule | ResourceKind::VirtualService => "networking.istio.io",
-            ResourceKind::TcpRoute => "gateway.networking.k8s.io",
+            ResourceKind::TcpRoute | ResourceKind::Gateway => "gateway.networking.k8s.io",
         }
     }
 
@@ -76,6 +81,7 @@ impl ResourceKind {
                 &["v1", "v1beta1", "v1alpha3"]
             }
             ResourceKind::TcpRoute => &["v1alpha2"],
+            ResourceKind::Gateway => &["v1", "v1beta1"],
         }
     }
 
@@ -85,11 +91,15 @@ impl ResourceKind {
         format!("{}/{}", self.group(), self.versions()[0])
     }
 
-    /// Whether it is a traffic-management object (`Snapshot.routing`).
+    /// Whether it is a traffic-management object (`Snapshot.routing`) or a
+    /// Gateway (`Snapshot.waypoint_gateways`): admitted by [`admit_routing`].
     pub fn is_routing(self) -> bool {
         matches!(
             self,
-            ResourceKind::DestinationRule | ResourceKind::VirtualService | ResourceKind::TcpRoute
+            ResourceKind::DestinationRule
+                | ResourceKind::VirtualService
+                | ResourceKind::TcpRoute
+                | ResourceKind::Gateway
         )
     }
 
@@ -284,6 +294,8 @@ pub fn admit_routing(kind: ResourceKind, mut object: Value) -> Result<Value, Pro
         ResourceKind::DestinationRule => destination_rule_schema(spec)?,
         ResourceKind::VirtualService => virtual_service_schema(spec)?,
         ResourceKind::TcpRoute => tcp_route_schema(spec)?,
+        // Only its listeners' allowedRoutes are read, leniently.
+        ResourceKind::Gateway => return Ok(object),
         ResourceKind::AuthorizationPolicy | ResourceKind::PeerAuthentication => {
             return Err(Problem::new(
                 "kind",

@@ -82,10 +82,12 @@ pub enum Res {
     TcpRoutes,
     /// gateway.networking.k8s.io/v1 httproutes
     HttpRoutes,
+    /// gateway.networking.k8s.io/v1 gateways
+    Gateways,
 }
 
 impl Res {
-    const ALL: [Res; 11] = [
+    const ALL: [Res; 12] = [
         Res::Pods,
         Res::Namespaces,
         Res::Services,
@@ -97,6 +99,7 @@ impl Res {
         Res::VirtualServices,
         Res::TcpRoutes,
         Res::HttpRoutes,
+        Res::Gateways,
     ];
 
     fn path(self) -> &'static str {
@@ -112,6 +115,7 @@ impl Res {
             Res::VirtualServices => "/apis/networking.istio.io/v1/virtualservices",
             Res::TcpRoutes => "/apis/gateway.networking.k8s.io/v1alpha2/tcproutes",
             Res::HttpRoutes => "/apis/gateway.networking.k8s.io/v1/httproutes",
+            Res::Gateways => "/apis/gateway.networking.k8s.io/v1/gateways",
         }
     }
 
@@ -122,7 +126,7 @@ impl Res {
             Res::AuthorizationPolicies | Res::PeerAuthentications => "security.istio.io/v1",
             Res::DestinationRules | Res::VirtualServices => "networking.istio.io/v1",
             Res::TcpRoutes => "gateway.networking.k8s.io/v1alpha2",
-            Res::HttpRoutes => "gateway.networking.k8s.io/v1",
+            Res::HttpRoutes | Res::Gateways => "gateway.networking.k8s.io/v1",
         }
     }
 
@@ -139,6 +143,7 @@ impl Res {
             Res::VirtualServices => "VirtualService",
             Res::TcpRoutes => "TCPRoute",
             Res::HttpRoutes => "HTTPRoute",
+            Res::Gateways => "Gateway",
         }
     }
 

@@ -141,6 +141,22 @@ fn only_the_services_labelled_for_this_waypoint_are_fronted() {
         ],
         vec![],
     );
+    let mut snap = snap;
+    // web/api binds across namespaces: only when this waypoint's Gateway
+    // allows web (no Gateway object, or one without allowedRoutes: Same).
+    let own = [("shop/reviews".to_owned(), true)];
+    let c = config_from_snapshot(&snap, &me(), "istio-system");
+    assert_eq!(names(&c), own, "no Gateway: same namespace only");
+    let gateway = |allowed: serde_json::Value| {
+        json!({"kind": "Gateway", "metadata": {"namespace": "shop", "name": "waypoint"},
+            "spec": {"gatewayClassName": "istio-waypoint", "listeners": [
+                {"name": "mesh", "port": 15008, "protocol": "HBONE", "allowedRoutes": allowed}]}})
+    };
+    snap.waypoint_gateways = mesh_agent::state::waypoint_gateways(&[gateway(json!({}))]);
+    let c = config_from_snapshot(&snap, &me(), "istio-system");
+    assert_eq!(names(&c), own, "no allowedRoutes.namespaces: Same");
+    snap.waypoint_gateways =
+        mesh_agent::state::waypoint_gateways(&[gateway(json!({"namespaces": {"from": "All"}}))]);
     let c = config_from_snapshot(&snap, &me(), "istio-system");
     assert_eq!(
         names(&c),

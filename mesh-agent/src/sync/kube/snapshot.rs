@@ -234,6 +234,12 @@ pub fn build(
             tcp_routes: objects.raw(Kind::TcpRoutes),
             http_routes: objects.raw(Kind::HttpRoutes),
         },
+        waypoint_gateways: crate::state::waypoint_gateways(&objects.raw(Kind::Gateways)),
+        namespace_labels: objects
+            .namespaces
+            .iter()
+            .map(|((_, name), labels)| (name.clone(), labels.clone()))
+            .collect(),
         ..Default::default()
     };
     Built {
@@ -266,6 +272,7 @@ mod tests {
         virtual_services: BTreeMap<ObjKey, serde_json::Value>,
         tcp_routes: BTreeMap<ObjKey, serde_json::Value>,
         http_routes: BTreeMap<ObjKey, serde_json::Value>,
+        gateways: BTreeMap<ObjKey, serde_json::Value>,
     }
 
     impl Fixture {
@@ -283,6 +290,7 @@ mod tests {
                     (Kind::VirtualServices, &self.virtual_services),
                     (Kind::TcpRoutes, &self.tcp_routes),
                     (Kind::HttpRoutes, &self.http_routes),
+                    (Kind::Gateways, &self.gateways),
                 ]
                 .into(),
             }
@@ -677,6 +685,34 @@ mod tests {
         assert_eq!(svc.endpoints[0].workload, Some(key("shop", "web-0")));
         assert_eq!(built.snapshot.policies.authorization.len(), 1);
         assert!(built.snapshot.policies.peer_authentication.is_empty());
+    }
+
+    /// Gateways and namespace labels reach the snapshot: a cross-namespace
+    /// waypoint binding is decided with them.
+    #[test]
+    fn gateways_and_namespace_labels_decide_cross_namespace_waypoints() {
+        let mut f = Fixture::default();
+        f.namespace("t", &[("tenant", "trusted")]);
+        f.gateways.insert(
+            ("victim".into(), "wp".into()),
+            serde_json::json!({"kind": "Gateway", "metadata": {"namespace": "victim", "name": "wp"},
+                "spec": {"gatewayClassName": "istio-waypoint", "listeners": [{"name": "mesh", "port": 15008,
+                "protocol": "HBONE", "allowedRoutes": {"namespaces": {"from": "Selector",
+                "selector": {"matchLabels": {"tenant": "trusted"}}}}}]}}),
+        );
+        let built = build(
+            &f.objects(),
+            &cfg(),
+            &BTreeMap::new(),
+            &Decisions::default(),
+        );
+        let w = crate::state::WaypointRef {
+            namespace: "victim".into(),
+            name: "wp".into(),
+        };
+        assert!(built.snapshot.waypoint_gateways.contains_key(&w));
+        assert!(built.snapshot.binding_allowed(&w, "t"));
+        assert!(!built.snapshot.binding_allowed(&w, "other"));
     }
 
     #[test]

@@ -46,11 +46,13 @@ pub enum Kind {
     TcpRoutes,
     /// `gateway.networking.k8s.io/v1` HTTPRoute (the waypoint's routes).
     HttpRoutes,
+    /// `gateway.networking.k8s.io/v1` Gateway (who may bind to a waypoint).
+    Gateways,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Pods,
         Kind::Namespaces,
         Kind::Services,
@@ -62,6 +64,7 @@ impl Kind {
         Kind::VirtualServices,
         Kind::TcpRoutes,
         Kind::HttpRoutes,
+        Kind::Gateways,
     ];
 
     /// The resource name, as in RBAC rules and logs.
@@ -78,6 +81,7 @@ impl Kind {
             Kind::VirtualServices => "virtualservices.networking.istio.io",
             Kind::TcpRoutes => "tcproutes.gateway.networking.k8s.io",
             Kind::HttpRoutes => "httproutes.gateway.networking.k8s.io",
+            Kind::Gateways => "gateways.gateway.networking.k8s.io",
         }
     }
 
@@ -93,6 +97,7 @@ impl Kind {
                 | Kind::VirtualServices
                 | Kind::TcpRoutes
                 | Kind::HttpRoutes
+                | Kind::Gateways
         )
     }
 }

@@ -57,7 +57,7 @@ impl RawKind {
 }
 
 /// The custom resources kept raw: one row per kind.
-pub const RAW_KINDS: [RawKind; 6] = [
+pub const RAW_KINDS: [RawKind; 7] = [
     RawKind {
         kind: Kind::AuthorizationPolicies,
         group: "security.istio.io",
@@ -99,6 +99,13 @@ pub const RAW_KINDS: [RawKind; 6] = [
         version: "v1",
         name: "HTTPRoute",
         plural: "httproutes",
+    },
+    RawKind {
+        kind: Kind::Gateways,
+        group: "gateway.networking.k8s.io",
+        version: "v1",
+        name: "Gateway",
+        plural: "gateways",
     },
 ];
 
