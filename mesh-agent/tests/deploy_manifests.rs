@@ -1886,31 +1886,40 @@ fn waypoint_holds_no_ca_key_runs_non_root_and_asks_the_issuer_for_itself() {
     );
     assert!(sc.capabilities.as_ref().is_some_and(|c| c.add.is_none()));
     // Probes on readiness, metrics port named, resources bounded.
-    let admin_port = c
-        .ports
-        .iter()
-        .flatten()
-        .find(|p| p.name.as_deref() == Some("metrics"))
-        .expect("metrics port")
-        .container_port;
-    // The pod IP serves probes and metrics; the configuration dump (the
-    // admin listener, its default) stays on loopback.
+    let port = |name: &str| {
+        c.ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("port {name}"))
+            .container_port
+    };
+    // The pod IP serves metrics (capped) and readiness (uncapped, for the
+    // kubelet); the configuration dump (the admin listener, its default)
+    // stays on loopback.
     assert_eq!(
         flag(args, "metrics"),
-        Some(format!("0.0.0.0:{admin_port}").as_str())
+        Some(format!("0.0.0.0:{}", port("metrics")).as_str())
+    );
+    assert_eq!(
+        flag(args, "readiness"),
+        Some(format!("0.0.0.0:{}", port("health")).as_str())
     );
     assert_eq!(
         flag(args, "admin"),
         None,
         "the admin listener's default is loopback"
     );
+    // Both probes on the uncapped readiness listener: on the capped
+    // metrics port, any pod holding its 64 connections would get the
+    // waypoint marked unready and restarted.
     for probe in [&c.readiness_probe, &c.liveness_probe] {
         let get = probe
             .as_ref()
             .and_then(|p| p.http_get.as_ref())
             .expect("HTTP probe");
         assert_eq!(get.path.as_deref(), Some("/healthz/ready"));
-        assert_eq!(get.port, IntOrString::String("metrics".into()));
+        assert_eq!(get.port, IntOrString::String("health".into()));
     }
     let resources = c.resources.as_ref().expect("resources");
     assert!(resources.requests.is_some() && resources.limits.is_some());

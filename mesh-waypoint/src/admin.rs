@@ -5,9 +5,13 @@
 //! policies; the bounds and their usage). The metrics listener
 //! (`--metrics`, reachable by Prometheus and the kubelet, so by any pod)
 //! serves only `/healthz/ready` and `/metrics`: the configuration dump
-//! tells whoever asks which policies guard which services. Each listener
-//! holds at most [`MAX_CONNECTIONS`] connections (the agent's admin
-//! server).
+//! tells whoever asks which policies guard which services. Each of those
+//! listeners holds at most [`MAX_CONNECTIONS`] connections (the agent's
+//! admin server). The readiness listener (`--readiness`, the kubelet's
+//! probes) serves only `/healthz/ready` and is not capped, as the agent's:
+//! any pod could otherwise hold the capped listener's connections, keep
+//! the kubelet's probe out, and have the waypoint marked unready and
+//! restarted. Its answer is a constant, cheap to give.
 
 use std::sync::Arc;
 
@@ -32,11 +36,17 @@ pub enum Endpoints {
     Admin,
     /// Readiness and metrics only.
     Metrics,
+    /// Readiness only, uncapped (the kubelet's probes).
+    Readiness,
 }
 
 /// Serves `endpoints` on `listener` until the task is dropped.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, endpoints: Endpoints) {
-    server::serve_with(listener, MAX_CONNECTIONS, move |method, path, _query| {
+    let max = match endpoints {
+        Endpoints::Admin | Endpoints::Metrics => MAX_CONNECTIONS,
+        Endpoints::Readiness => tokio::sync::Semaphore::MAX_PERMITS,
+    };
+    server::serve_with(listener, max, move |method, path, _query| {
         if method != Method::GET && method != Method::HEAD {
             return Reply::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -87,7 +97,7 @@ fn destinations(shared: &Shared, active: &Active) -> Vec<serde_json::Value> {
 fn answer(shared: &Shared, path: &str, endpoints: Endpoints) -> Reply {
     match path {
         "/healthz/ready" => Reply::new(StatusCode::OK, "text/plain", "ready\n"),
-        "/metrics" => match shared.metrics.encode() {
+        "/metrics" if endpoints != Endpoints::Readiness => match shared.metrics.encode() {
             Ok(m) => Reply::new(StatusCode::OK, CONTENT_TYPE, m),
             Err(_) => Reply::new(
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -107,17 +107,33 @@ impl Drop for Running {
 
 impl Running {
     /// Also serves readiness and metrics only (not the configuration dump)
-    /// on `addr`, for Prometheus and the kubelet; its address.
+    /// on `addr`, for Prometheus; its address. At most
+    /// [`admin::MAX_CONNECTIONS`] connections at once.
     pub async fn serve_metrics(&mut self, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+        self.serve_endpoints(addr, admin::Endpoints::Metrics).await
+    }
+
+    /// Also serves readiness only on `addr`, for the kubelet's probes, with
+    /// no connection cap (see [`admin`]); its address.
+    pub async fn serve_readiness(&mut self, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+        self.serve_endpoints(addr, admin::Endpoints::Readiness)
+            .await
+    }
+
+    async fn serve_endpoints(
+        &mut self,
+        addr: SocketAddr,
+        endpoints: admin::Endpoints,
+    ) -> Result<SocketAddr, StartError> {
         let listen = |source| StartError::Listen { addr, source };
         let listener = TcpListener::bind(addr).await.map_err(listen)?;
         let local = listener.local_addr().map_err(listen)?;
         self.tasks.push(tokio::spawn(admin::serve(
             Arc::clone(&self.shared),
             listener,
-            admin::Endpoints::Metrics,
+            endpoints,
         )));
-        tracing::info!(metrics = %local, "waypoint metrics listening");
+        tracing::info!(listener = %local, endpoints = ?endpoints, "waypoint admin endpoints listening");
         Ok(local)
     }
 

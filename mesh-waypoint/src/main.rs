@@ -39,10 +39,15 @@ struct RunArgs {
     /// on loopback, the dump shows the policies guarding each service.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
-    /// A listener for /healthz/ready and /metrics only (Prometheus and the
-    /// kubelet's probe; `0.0.0.0:15020` in a cluster).
+    /// A listener for /healthz/ready and /metrics only, at most 64
+    /// connections (Prometheus; `0.0.0.0:15020` in a cluster).
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// A listener for /healthz/ready only, with no connection cap (the
+    /// kubelet's probes; `0.0.0.0:15021` in a cluster): a pod holding the
+    /// metrics listener's connections cannot get the waypoint restarted.
+    #[arg(long)]
+    readiness: Option<SocketAddr>,
     /// The waypoint's SPIFFE identity (its service account's). Default:
     /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
     #[arg(long)]
@@ -194,6 +199,9 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     if let Some(addr) = args.metrics {
         running.serve_metrics(addr).await?;
+    }
+    if let Some(addr) = args.readiness {
+        running.serve_readiness(addr).await?;
     }
     let shared = Arc::clone(&running.shared);
     match source {

@@ -9,7 +9,10 @@ use std::{net::SocketAddr, time::Duration};
 
 use common::*;
 use mesh_agent::identity::SpiffeId;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 
 const WEB_VIP: &str = "10.96.0.10:80";
 const ECHO_VIP: &str = "10.96.0.11:7000";
@@ -296,6 +299,41 @@ async fn request_redirect_answers_with_a_location_and_no_backend() {
     assert_eq!(a.headers.get("x-backend"), None);
 }
 
+/// Whether the server closed `c` (it was over the cap) rather than
+/// holding it, waiting for a request.
+async fn is_closed(mut c: TcpStream) -> bool {
+    let mut buf = [0u8; 1];
+    // Within the 10 s request-head deadline that would close it anyway.
+    let r = tokio::time::timeout(Duration::from_secs(3), c.read(&mut buf)).await;
+    matches!(r, Ok(Ok(0) | Err(_)))
+}
+
+/// Waits until a new connection to `addr` is held (a slot is free: the
+/// server frees a slot when its task sees the close, which can come after
+/// the next accept).
+async fn wait_held(addr: SocketAddr) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let probe = TcpStream::connect(addr).await.expect("connect");
+        if !is_closed(probe).await {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the freed slot never served"
+        );
+    }
+}
+
+/// `n` connections to `addr`, held open.
+async fn hold(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    held
+}
+
 /// The metrics listener (reachable by any pod in a cluster) serves
 /// readiness and metrics, never the configuration dump, which names the
 /// policies guarding each service; each admin listener holds at most its
@@ -308,49 +346,53 @@ async fn the_metrics_listener_serves_no_config_dump_and_listeners_are_capped() {
         .serve_metrics("127.0.0.1:0".parse().expect("addr"))
         .await
         .expect("metrics listener");
+    // The cap first, on a listener no one has used: each held connection
+    // has a slot. Idle connections up to the cap are held, the next is
+    // closed.
+    let mut held = hold(metrics, mesh_waypoint::admin::MAX_CONNECTIONS).await;
+    let beyond = TcpStream::connect(metrics).await.expect("connect");
+    assert!(
+        is_closed(beyond).await,
+        "a connection beyond the cap was held"
+    );
+    // Freeing one held connection's slot lets a new one in (after the
+    // server sees the close).
+    drop(held.pop());
+    wait_held(metrics).await;
+    // The rest, once the held connections' slots are free.
+    drop(held);
+    wait_held(metrics).await;
     assert_eq!(admin_get(metrics, "/healthz/ready").await, "ready\n");
     assert!(admin_get(metrics, "/metrics").await.contains("# EOF"));
     assert_eq!(admin_get(metrics, "/config_dump").await, "not found\n");
     let dump: serde_json::Value =
         serde_json::from_str(&admin_get(s.waypoint.admin, "/config_dump").await).expect("json");
     assert!(dump["identity"].is_string(), "{dump}");
+}
 
-    // The cap: idle connections up to it are held, the next is closed.
-    let mut held = Vec::new();
-    for _ in 0..mesh_waypoint::admin::MAX_CONNECTIONS {
-        held.push(
-            tokio::net::TcpStream::connect(metrics)
-                .await
-                .expect("connect"),
-        );
-    }
-    let is_closed = |mut c: tokio::net::TcpStream| async move {
-        let mut buf = [0u8; 1];
-        // Within the 10 s request-head deadline that would close it anyway.
-        let r = tokio::time::timeout(Duration::from_secs(3), c.read(&mut buf)).await;
-        matches!(r, Ok(Ok(0) | Err(_)))
-    };
-    let beyond = tokio::net::TcpStream::connect(metrics)
+/// The readiness listener (the kubelet's probes) answers however many
+/// connections a pod holds open on it: capped like the metrics listener,
+/// a pod holding 64 would get the waypoint marked unready and restarted.
+/// It serves readiness only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readiness_listener_is_not_capped_and_serves_readiness_only() {
+    let mut s = setup().await;
+    let readiness = s
+        .waypoint
+        .serve_readiness("127.0.0.1:0".parse().expect("addr"))
         .await
-        .expect("connect");
-    assert!(
-        is_closed(beyond).await,
-        "a connection beyond the cap was held"
-    );
-    drop(held.pop());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let probe = tokio::net::TcpStream::connect(metrics)
-            .await
-            .expect("connect");
-        if !is_closed(probe).await {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the freed slot never served"
-        );
-    }
+        .expect("readiness listener");
+    let held = hold(readiness, 2 * mesh_waypoint::admin::MAX_CONNECTIONS).await;
+    let probe = tokio::time::timeout(
+        Duration::from_secs(5),
+        admin_get(readiness, "/healthz/ready"),
+    )
+    .await
+    .expect("readiness answered with the held connections open");
+    assert_eq!(probe, "ready\n");
+    assert_eq!(admin_get(readiness, "/metrics").await, "not found\n");
+    assert_eq!(admin_get(readiness, "/config_dump").await, "not found\n");
+    drop(held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -854,7 +896,7 @@ mod binary {
         let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().expect("addr");
         let mut ready = false;
         for _ in 0..200 {
-            if tokio::net::TcpStream::connect(admin).await.is_ok()
+            if TcpStream::connect(admin).await.is_ok()
                 && admin_get(admin, "/healthz/ready").await == "ready\n"
             {
                 ready = true;
