@@ -518,8 +518,8 @@ async fn granted_window(tls: &mut Tls) -> u64 {
 /// What a peer can make the agent buffer is the HTTP/2 windows it grants.
 /// They are leased from a budget (`--max-tunnel-window-bytes`) with a share
 /// per peer identity: past it a connection is still served, with HTTP/2's
-/// own 65,535 bytes, and counted; the leases return when the connections
-/// close.
+/// own 65,535 bytes, and counted, and grows as the budget frees; the
+/// leases return when the connections close.
 #[test]
 fn tunnel_windows_are_leased_from_a_budget_with_a_share_per_peer() {
     const MIB: u64 = 1 << 20;
@@ -553,7 +553,24 @@ fn tunnel_windows_are_leased_from_a_budget_with_a_share_per_peer() {
             .expect("CONNECT");
         x2.flush().await.expect("flush");
         assert_eq!(next_frame_of(&mut x2, 1).await, 0x1, "stream 1 answered");
-        (x1, x2, y1)
+        // x1 closes: its 2 MiB return, and the reduced x2 grows (a
+        // WINDOW_UPDATE on the connection), not held at 64 KiB for life. y1,
+        // reduced too, may take its 1 MiB more first: x2 then has the 1 MiB
+        // left of the budget, else its share's 2 MiB.
+        drop(x1);
+        let grown = tokio::time::timeout(CLOSE_WITHIN, async {
+            loop {
+                let f = read_frame(&mut x2).await;
+                if (f.kind, f.stream) == (0x8, 0) {
+                    let inc = u32::from_be_bytes(f.payload[..4].try_into().expect("4 bytes"));
+                    return 65_535 + u64::from(inc & 0x7fff_ffff);
+                }
+            }
+        })
+        .await
+        .expect("the reduced connection's window grew once x1 closed");
+        assert!(grown == MIB || grown == 2 * MIB, "x2 grew to {grown}");
+        (x2, y1)
     });
     let in_use = |limit: &str| metric(&mesh, &format!("mesh_limit_in_use{{limit=\"{limit}\"}}"));
     assert_eq!(in_use("tunnel_window_bytes"), 3 * MIB);

@@ -20,14 +20,13 @@ use hyper_util::{
     rt::TokioIo,
 };
 use mesh_agent::{
-    identity::{MeshTls, SpiffeId, describe_tls_error, server_name},
+    identity::{MeshTls, SpiffeId},
     proxy::{
         hbone::{self, HboneError, Pool, PoolKey},
         limits::Bounds,
     },
 };
 use tokio::{io::DuplexStream, net::TcpStream};
-use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 use crate::services::HboneTarget;
@@ -179,23 +178,18 @@ impl HboneConnector {
                     }
                 })?;
                 let _ = tcp.set_nodelay(true);
-                let config = inner
-                    .tls
-                    .client_config(&key.source, vec![key.destination.clone()]);
-                let mut tls = TlsConnector::from(config)
-                    .connect(server_name(key.address.ip()), tcp)
-                    .await
-                    .map_err(|e| HboneError::Tls {
-                        addr: key.address,
-                        reason: describe_tls_error(&e),
-                    })?;
-                hbone::size_tls_buffer(tls.get_mut().1);
                 // The waypoint is every tunnel's client: the share is the
                 // destination's, so one backend identity takes at most it.
-                let lease = inner
-                    .bounds
-                    .window(&key.destination, hbone::CONNECTION_WINDOW);
-                hbone::client_handshake(Box::new(tls), key.address, lease).await
+                let spread = inner.pool.spread();
+                hbone::dial_tunnel(
+                    tcp,
+                    &inner.tls,
+                    &key,
+                    &inner.bounds,
+                    &key.destination,
+                    spread,
+                )
+                .await
             }
         };
         inner

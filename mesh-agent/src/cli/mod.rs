@@ -198,11 +198,12 @@ struct LimitArgs {
     /// Bytes all tunnel peers together may send ahead of the apps reading
     /// them (the HTTP/2 connection windows granted, on inbound tunnels and
     /// the agent's own outbound ones; default 1 GiB): what they can make the
-    /// agent buffer. A connection beyond it gets a smaller
-    /// window, at least HTTP/2's 65,535 bytes.
+    /// agent buffer. A connection beyond it gets a smaller window, at least
+    /// HTTP/2's 65,535 bytes, which grows back as the budget frees.
     #[arg(long, env = "MESH_MAX_TUNNEL_WINDOW_BYTES")]
     max_tunnel_window_bytes: Option<u64>,
-    /// Of those, one peer identity's connections (default: a quarter).
+    /// Of those, one share's (default: a quarter): an inbound tunnel's peer
+    /// identity, an outbound tunnel's local client identity.
     #[arg(long, env = "MESH_MAX_TUNNEL_WINDOW_BYTES_PER_PEER")]
     max_tunnel_window_bytes_per_peer: Option<u64>,
 }

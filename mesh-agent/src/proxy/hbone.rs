@@ -40,10 +40,10 @@ use tokio::{
 
 use super::{
     copy::{RelayOutcome, RelayResult},
-    limits::WindowLease,
+    limits::{Bounds, WindowLease},
 };
 use crate::{
-    identity::SpiffeId,
+    identity::{MeshTls, SpiffeId, describe_tls_error, server_name},
     telemetry::{ProxyCounters, ProxyEvent},
 };
 
@@ -754,7 +754,7 @@ async fn drive(
     dead: Arc<AtomicBool>,
     peer: SocketAddr,
     id: u64,
-    _lease: WindowLease,
+    mut lease: WindowLease,
 ) {
     let ping_pong = connection.ping_pong();
     let keepalive = async move {
@@ -776,13 +776,19 @@ async fn drive(
             }
         }
     };
-    tokio::select! {
-        r = &mut connection => {
-            if let Err(e) = r {
-                tracing::debug!(conn = id, %peer, error = %e, "tunnel connection ended");
+    tokio::pin!(keepalive);
+    loop {
+        tokio::select! {
+            r = &mut connection => {
+                if let Err(e) = r {
+                    tracing::debug!(conn = id, %peer, error = %e, "tunnel connection ended");
+                }
+                break;
             }
+            () = &mut keepalive => break,
+            // A window reduced by the budget grows back as it frees.
+            window = lease.grown() => connection.set_target_window_size(window),
         }
-        _ = keepalive => {}
     }
     dead.store(true, Ordering::Release);
 }
@@ -812,6 +818,44 @@ pub async fn client_handshake(
         connection,
         lease,
     })
+}
+
+/// The connection window an outbound tunnel connection asks for when the
+/// pool spreads a key's streams over `spread` connections: Istio's
+/// [`CONNECTION_WINDOW`] shared among them (the spread is for the workers'
+/// parallelism; the path to one peer needs one connection window), at
+/// least one [`STREAM_WINDOW`] so a stream is never held by its
+/// connection's window. A budget share then holds as many peers' tunnels
+/// at 8 workers as at 1.
+pub fn connection_window(spread: usize) -> u32 {
+    let spread = u32::try_from(spread.max(1)).unwrap_or(u32::MAX);
+    (CONNECTION_WINDOW / spread).max(STREAM_WINDOW)
+}
+
+/// Dials a tunnel connection over `tcp` (connected to `key.address`): mTLS
+/// as `key.source`, the server proven to be `key.destination`, then the
+/// HTTP/2 handshake granting the connection window leased from `bounds`
+/// against `share` ([`Bounds::window`], [`connection_window`] of `spread`).
+/// The agent's outbound tunnels and the waypoint's upstream ones.
+pub async fn dial_tunnel(
+    tcp: TcpStream,
+    tls: &MeshTls,
+    key: &PoolKey,
+    bounds: &Bounds,
+    share: &SpiffeId,
+    spread: usize,
+) -> Result<Established, HboneError> {
+    let config = tls.client_config(&key.source, vec![key.destination.clone()]);
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(server_name(key.address.ip()), tcp)
+        .await
+        .map_err(|e| HboneError::Tls {
+            addr: key.address,
+            reason: describe_tls_error(&e),
+        })?;
+    size_tls_buffer(tls.get_mut().1);
+    let lease = bounds.window(share, connection_window(spread));
+    client_handshake(Box::new(tls), key.address, lease).await
 }
 
 /// The CONNECT request for `target` with the headers Istio sends.
@@ -1031,11 +1075,29 @@ mod tests {
         crate::proxy::limits::Bounds::default().window(&test_key().destination, CONNECTION_WINDOW)
     }
 
+    /// Streams spread over more connections share one connection window,
+    /// never less than a stream's.
+    #[test]
+    fn the_connection_window_is_shared_by_the_spread() {
+        let w: Vec<u32> = [0, 1, 2, 4, 8].into_iter().map(connection_window).collect();
+        assert_eq!(
+            w,
+            [
+                CONNECTION_WINDOW,
+                CONNECTION_WINDOW,
+                CONNECTION_WINDOW / 2,
+                STREAM_WINDOW,
+                STREAM_WINDOW
+            ]
+        );
+    }
+
     /// The client side grants its peer the window its lease holds, never
     /// more (a destination node can make the agent buffer no more than the
-    /// budget lets it), and the lease returns when the connection ends.
+    /// budget lets it), and the lease returns when the connection ends; a
+    /// connection granted less grows its window when the budget frees.
     #[tokio::test]
-    async fn a_client_connection_grants_the_leased_window_and_returns_it() {
+    async fn a_client_connection_grants_the_leased_window_grows_it_and_returns_it() {
         // Under h2's send buffer (400 KiB), which also caps what the
         // server side can reserve.
         const SHARE: u32 = 256 << 10;
@@ -1077,7 +1139,7 @@ mod tests {
                         send.poll_capacity(cx)
                     })
                     .await;
-                    (capacity.and_then(Result::ok), conn)
+                    (capacity.and_then(Result::ok), conn, send)
                 });
                 let established = client_handshake(Box::new(client_io), test_key().address, lease)
                     .await
@@ -1100,29 +1162,54 @@ mod tests {
                     "198.18.1.10:40000".parse().expect("addr"),
                     "",
                 );
-                let (_response, _send) = sender.send_request(request, false).expect("request");
-                let (capacity, conn) = server.await.expect("server task");
-                (capacity, conn, driver)
+                // The client's stream stays open as long as the server's.
+                let client = sender.send_request(request, false).expect("request");
+                let (capacity, conn, send) = server.await.expect("server task");
+                (capacity, conn, (send, client), driver)
             }
         };
         // The peer's share of the 16 MiB asked for.
-        let (first, conn1, driver1) = sendable(CONNECTION_WINDOW).await;
+        let (first, conn1, _send1, driver1) = sendable(CONNECTION_WINDOW).await;
         assert_eq!(first, Some(SHARE as usize));
         assert_eq!(windows_in_use(&bounds), Some(u64::from(SHARE)));
         // Nothing left of the share: HTTP/2's own window.
-        let (second, conn2, driver2) = sendable(CONNECTION_WINDOW).await;
+        let (second, mut conn2, (mut send2, client2), driver2) = sendable(CONNECTION_WINDOW).await;
         assert_eq!(
             second,
             Some(crate::proxy::limits::H2_INITIAL_WINDOW as usize)
         );
+        // The first connection ends: its lease returns, and the second
+        // connection's grows into the share (a WINDOW_UPDATE its peer sees).
+        drop(conn1);
+        tokio::time::timeout(Duration::from_secs(10), driver1)
+            .await
+            .expect("the driver ends with its connection")
+            .expect("driver task");
+        let grown = tokio::time::timeout(
+            Duration::from_secs(10),
+            std::future::poll_fn(|cx| {
+                let _ = conn2.poll_closed(cx);
+                loop {
+                    match send2.poll_capacity(cx) {
+                        std::task::Poll::Ready(Some(Ok(c))) if c < SHARE as usize => continue,
+                        std::task::Poll::Ready(c) => {
+                            return std::task::Poll::Ready(c.and_then(Result::ok));
+                        }
+                        std::task::Poll::Pending => return std::task::Poll::Pending,
+                    }
+                }
+            }),
+        )
+        .await
+        .expect("the reduced window grew once the budget freed");
+        assert_eq!(grown, Some(SHARE as usize));
+        assert_eq!(windows_in_use(&bounds), Some(u64::from(SHARE)));
         // The leases return when the connections end.
-        drop((conn1, conn2));
-        for driver in [driver1, driver2] {
-            tokio::time::timeout(Duration::from_secs(10), driver)
-                .await
-                .expect("the driver ends with its connection")
-                .expect("driver task");
-        }
+        drop((conn2, send2, client2));
+        tokio::time::timeout(Duration::from_secs(10), driver2)
+            .await
+            .expect("the driver ends with its connection")
+            .expect("driver task");
         assert_eq!(windows_in_use(&bounds), Some(0));
     }
 

@@ -137,7 +137,7 @@ async fn connection(
     };
     // Held for the connection's life: the peer's slot and the connection
     // window it grants (what the peer can make this connection buffer).
-    let Ok(tunnel) = bounds.tunnel(&peer_id, hbone::CONNECTION_WINDOW) else {
+    let Ok(mut tunnel) = bounds.tunnel(&peer_id, hbone::CONNECTION_WINDOW) else {
         tracing::debug!(pod = %ctx.key, src = %peer, src_identity = %peer_id, "HBONE connection refused: the peer holds its maximum of connections");
         return;
     };
@@ -179,6 +179,11 @@ async fn connection(
             }
             n = conn.accept() => n,
             _ = activity.changed() => continue,
+            // A window reduced by the budget grows back as it frees.
+            window = tunnel.grown() => {
+                conn.set_target_window_size(window);
+                continue;
+            }
             _ = sleep_until(idle.map(|(at, _)| at)) => {
                 // Re-checked: a stream may have opened since.
                 match activity.deadline(&limits) {

@@ -350,25 +350,44 @@ pub struct HandshakePermit {
     _global: Permit,
 }
 
-/// The tunnel window budget: bytes granted in all, and per peer identity
-/// (an identity's entry goes with its last grant).
+/// The tunnel window budget: bytes granted in all, and per share (an
+/// identity's entry goes with its last grant).
 #[derive(Debug, Default)]
 struct Windows {
     granted: u64,
     per_peer: HashMap<SpiffeId, u64>,
 }
 
+/// The budget and the wake-up of the connections granted less than they
+/// asked for, each time a lease returns bytes to it.
+#[derive(Debug, Default)]
+struct WindowBudget {
+    windows: Mutex<Windows>,
+    freed: Notify,
+}
+
+impl WindowBudget {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Windows> {
+        self.windows.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// An HTTP/2 connection window a tunnel connection grants its peer, leased
 /// from the tunnel window budget ([`Limits::max_tunnel_window`]) and
 /// returned when dropped: held for the connection's life, by both sides of
 /// a tunnel (what a peer can send ahead of the apps reading it is what it
-/// can make the agent buffer, whichever side dialled).
+/// can make the agent buffer, whichever side dialled). A lease granted
+/// less than it asked for grows back towards it as other leases return
+/// their bytes ([`Self::grown`]): a connection opened while the budget was
+/// short is not held to HTTP/2's 64 KiB for its whole life.
 #[derive(Debug)]
 pub struct WindowLease {
-    windows: Arc<Mutex<Windows>>,
+    budget: Arc<WindowBudget>,
+    limits: (u64, u64),
     peer: SpiffeId,
     leased: u64,
     window: u32,
+    wanted: u32,
 }
 
 impl WindowLease {
@@ -377,6 +396,56 @@ impl WindowLease {
     pub fn window(&self) -> u32 {
         self.window
     }
+
+    /// Whether the lease holds less than it asked for.
+    pub fn reduced(&self) -> bool {
+        self.window < self.wanted
+    }
+
+    /// Takes what the budget and the share have free now, up to the window
+    /// asked for; the new window if it grew.
+    fn try_grow(&mut self) -> Option<u32> {
+        if !self.reduced() {
+            return None;
+        }
+        let (max_total, max_share) = self.limits;
+        let mut w = self.budget.lock();
+        let held = w.per_peer.get(&self.peer).copied().unwrap_or(0);
+        let target = u64::from(self.wanted)
+            .min(self.leased + max_total.saturating_sub(w.granted))
+            .min(self.leased + max_share.saturating_sub(held));
+        let window = u32::try_from(target).ok()?;
+        if window <= self.window {
+            return None;
+        }
+        let more = target - self.leased;
+        w.granted += more;
+        *w.per_peer.entry(self.peer.clone()).or_insert(0) += more;
+        self.leased = target;
+        self.window = window;
+        Some(window)
+    }
+
+    /// Waits until the lease has grown (other leases returned bytes to the
+    /// budget and this one took them); its new window, for `h2`'s
+    /// `set_target_window_size`. Pending for ever once the lease holds what
+    /// it asked for. Cancel-safe: select on it in the connection's loop.
+    pub async fn grown(&mut self) -> u32 {
+        loop {
+            let budget = Arc::clone(&self.budget);
+            let freed = budget.freed.notified();
+            tokio::pin!(freed);
+            // Registered before looking, so a return in between wakes it.
+            freed.as_mut().enable();
+            if !self.reduced() {
+                return std::future::pending().await;
+            }
+            if let Some(window) = self.try_grow() {
+                return window;
+            }
+            freed.await;
+        }
+    }
 }
 
 impl Drop for WindowLease {
@@ -384,14 +453,17 @@ impl Drop for WindowLease {
         if self.leased == 0 {
             return;
         }
-        let mut w = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
-        w.granted = w.granted.saturating_sub(self.leased);
-        if let Some(n) = w.per_peer.get_mut(&self.peer) {
-            *n = n.saturating_sub(self.leased);
-            if *n == 0 {
-                w.per_peer.remove(&self.peer);
+        {
+            let mut w = self.budget.lock();
+            w.granted = w.granted.saturating_sub(self.leased);
+            if let Some(n) = w.per_peer.get_mut(&self.peer) {
+                *n = n.saturating_sub(self.leased);
+                if *n == 0 {
+                    w.per_peer.remove(&self.peer);
+                }
             }
         }
+        self.budget.freed.notify_waiters();
     }
 }
 
@@ -407,6 +479,11 @@ impl TunnelPermit {
     /// The connection window to grant the peer: [`WindowLease::window`].
     pub fn window(&self) -> u32 {
         self.lease.window()
+    }
+
+    /// The window, once grown: [`WindowLease::grown`].
+    pub async fn grown(&mut self) -> u32 {
+        self.lease.grown().await
     }
 }
 
@@ -429,7 +506,7 @@ pub struct Bounds {
     source_handshakes: Arc<PerKey<IpAddr>>,
     peer_connections: Arc<PerKey<SpiffeId>>,
     peer_streams: Arc<PerKey<SpiffeId>>,
-    windows: Arc<Mutex<Windows>>,
+    windows: Arc<WindowBudget>,
     refused: [AtomicU64; Refusal::ALL.len()],
     closed: [AtomicU64; 3],
     /// Tunnel connections granted less than the window they asked for.
@@ -553,25 +630,27 @@ impl Bounds {
     }
 
     /// The connection window a tunnel connection grants its peer, for the
-    /// connection's life, inbound or outbound, counted against `peer`'s
-    /// share (the identity that decides how much of it is used: an inbound
+    /// connection's life, inbound or outbound, counted against `share`
+    /// (the identity that decides how much of it is used: an inbound
     /// tunnel's peer; for the agent's outbound tunnels the local client's,
-    /// whose app opens them and reads them or not): `want` bytes if the
-    /// tunnel window budget and that share have them, else what they have
-    /// left, at least [`H2_INITIAL_WINDOW`] (counted and logged as reduced).
-    /// Never refused: HTTP/2's own window is always granted.
-    pub fn window(&self, peer: &SpiffeId, want: u32) -> WindowLease {
+    /// whose app opens them and reads them or not; for the waypoint's, the
+    /// destination's): `want` bytes if the tunnel window budget and that
+    /// share have them, else what they have left, at least
+    /// [`H2_INITIAL_WINDOW`] (counted and logged as reduced; the lease grows
+    /// back as bytes return, [`WindowLease::grown`]). Never refused:
+    /// HTTP/2's own window is always granted.
+    pub fn window(&self, share: &SpiffeId, want: u32) -> WindowLease {
         let want = want.max(H2_INITIAL_WINDOW);
         let (leased, window) = {
-            let mut w = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
-            let held = w.per_peer.get(peer).copied().unwrap_or(0);
+            let mut w = self.windows.lock();
+            let held = w.per_peer.get(share).copied().unwrap_or(0);
             let grant = u64::from(want)
                 .min(self.limits.max_tunnel_window.saturating_sub(w.granted))
                 .min(self.limits.max_tunnel_window_per_peer.saturating_sub(held));
             match u32::try_from(grant) {
                 Ok(g) if g > H2_INITIAL_WINDOW => {
                     w.granted += grant;
-                    *w.per_peer.entry(peer.clone()).or_insert(0) += grant;
+                    *w.per_peer.entry(share.clone()).or_insert(0) += grant;
                     (grant, g)
                 }
                 _ => (0, H2_INITIAL_WINDOW),
@@ -582,20 +661,25 @@ impl Bounds {
             if self.log_due(Refusal::ALL.len(), n) {
                 tracing::warn!(
                     limit = "tunnel_window",
-                    peer = %peer,
+                    share = %share,
                     window,
                     wanted = want,
                     reduced_total = n,
                     flag = "--max-tunnel-window-bytes, --max-tunnel-window-bytes-per-peer",
-                    "tunnel connection granted a reduced window by a limit"
+                    "tunnel connection granted a reduced window by a limit; it grows back as the budget frees"
                 );
             }
         }
         WindowLease {
-            windows: self.windows.clone(),
-            peer: peer.clone(),
+            budget: self.windows.clone(),
+            limits: (
+                self.limits.max_tunnel_window,
+                self.limits.max_tunnel_window_per_peer,
+            ),
+            peer: share.clone(),
             leased,
             window,
+            wanted: want,
         }
     }
 
@@ -630,7 +714,7 @@ impl Bounds {
         let (_, _, most_streams) = self.peer_streams.usage();
         let (_, _, most_handshakes) = self.source_handshakes.usage();
         let (window_granted, window_most) = {
-            let w = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
+            let w = self.windows.lock();
             (w.granted, w.per_peer.values().copied().max().unwrap_or(0))
         };
         let l = &self.limits;
@@ -991,7 +1075,52 @@ mod tests {
         assert_eq!(b.tunnel(&a, 4 * MIB).expect("a4").window(), 4 * MIB);
         drop((c1, small));
         assert_eq!(used(&b).0, Some(0));
-        assert!(b.windows.lock().expect("lock").per_peer.is_empty());
+        assert!(b.windows.lock().per_peer.is_empty());
+    }
+
+    /// A lease granted less than it asked for grows as other leases return
+    /// bytes, within its share, up to what it asked for, and no further.
+    #[tokio::test]
+    async fn a_reduced_lease_grows_as_the_budget_frees_within_its_share() {
+        const MIB: u32 = 1 << 20;
+        let b = Bounds::new(
+            Limits {
+                max_tunnel_window: 4 * u64::from(MIB),
+                max_tunnel_window_per_peer: 3 * u64::from(MIB),
+                ..Limits::default()
+            },
+            FdLimit::default(),
+        );
+        let (a, c) = (id("a"), id("c"));
+        let a1 = b.window(&a, 2 * MIB);
+        let c1 = b.window(&c, 2 * MIB);
+        let mut a2 = b.window(&a, 2 * MIB);
+        assert_eq!(a2.window(), H2_INITIAL_WINDOW);
+        assert!(a2.reduced());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), a2.grown())
+                .await
+                .is_err(),
+            "nothing was freed"
+        );
+        // 2 MiB free in the budget, 1 MiB left of a's share.
+        drop(c1);
+        let grown = tokio::time::timeout(Duration::from_secs(1), a2.grown()).await;
+        assert_eq!(grown, Ok(MIB));
+        // a's share frees: up to what it asked for.
+        drop(a1);
+        let grown = tokio::time::timeout(Duration::from_secs(1), a2.grown()).await;
+        assert_eq!(grown, Ok(2 * MIB));
+        assert!(!a2.reduced());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), a2.grown())
+                .await
+                .is_err(),
+            "it holds what it asked for"
+        );
+        assert_eq!(b.windows.lock().granted, 2 * u64::from(MIB));
+        drop(a2);
+        assert_eq!(b.windows.lock().granted, 0);
     }
 
     #[test]

@@ -14,7 +14,6 @@ use std::{
 
 use mesh_common::INBOUND_HBONE_PORT;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -692,22 +691,11 @@ async fn open_tunnel(
                     addr: key.address,
                     source,
                 })?;
-            let config = shared
-                .tls
-                .client_config(&key.source, vec![key.destination.clone()]);
-            let mut tls = TlsConnector::from(config)
-                .connect(crate::identity::server_name(key.address.ip()), tcp)
-                .await
-                .map_err(|e| HboneError::Tls {
-                    addr: key.address,
-                    reason: crate::identity::describe_tls_error(&e),
-                })?;
-            hbone::size_tls_buffer(tls.get_mut().1);
             // The share is the local client's: its app opens these tunnels
             // and decides whether their data is read, so one tenant cannot
             // take the whole budget (inbound tunnels lease from it too).
-            let lease = shared.limits.window(&key.source, hbone::CONNECTION_WINDOW);
-            hbone::client_handshake(Box::new(tls), key.address, lease).await
+            let spread = shared.pools.current().spread();
+            hbone::dial_tunnel(tcp, &shared.tls, &key, &shared.limits, &key.source, spread).await
         }
     };
     let (response, send, guard) = shared
