@@ -97,6 +97,9 @@ struct RunArgs {
     /// (Istio's TCP idle timeout; `90s`, `30m`, `1h`).
     #[arg(long, env = "MESH_WAYPOINT_STREAM_IDLE_TIMEOUT", default_value = "1h", value_parser = mesh_agent::cli::parse_duration)]
     stream_idle_timeout: std::time::Duration,
+    /// Routing options (as the node agent's).
+    #[command(flatten)]
+    routing: mesh_agent::cli::RoutingArgs,
 }
 
 #[tokio::main]
@@ -187,6 +190,7 @@ async fn main() -> anyhow::Result<()> {
         limits,
         fd_limit,
         stream_idle_timeout: args.stream_idle_timeout,
+        default_virtual_service_export_to: args.routing.default_virtual_service_export_to,
     };
     let mut running = mesh_waypoint::start_with(
         identity,

@@ -55,6 +55,8 @@ pub struct Shared {
     /// A tunnel stream moving no byte either way this long is reset
     /// (milliseconds; see [`Shared::set_stream_idle_timeout`]).
     stream_idle_ms: AtomicU64,
+    /// [`Settings::default_virtual_service_export_to`], for every reload.
+    default_export_to: Vec<String>,
 }
 
 /// Default of [`Shared::stream_idle_timeout`]: 1 h, Istio's idle timeout
@@ -71,6 +73,10 @@ pub struct Settings {
     pub fd_limit: FdLimit,
     /// The first [`Shared::stream_idle_timeout`] (`--stream-idle-timeout`).
     pub stream_idle_timeout: Duration,
+    /// The `exportTo` of a VirtualService that sets none (Istio's
+    /// `defaultVirtualServiceExportTo`, `--default-virtual-service-export-to`):
+    /// `*` (Istio's default) or `.` (its own namespace's clients only).
+    pub default_virtual_service_export_to: Vec<String>,
 }
 
 impl Default for Settings {
@@ -79,6 +85,7 @@ impl Default for Settings {
             limits: Limits::default(),
             fd_limit: FdLimit::default(),
             stream_idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
+            default_virtual_service_export_to: vec!["*".to_owned()],
         }
     }
 }
@@ -109,7 +116,8 @@ impl Shared {
         config: &WaypointConfig,
         settings: Settings,
     ) -> Self {
-        let active = Active::build(config, &identity, tls.trust_domain(), 1);
+        let default_export_to = settings.default_virtual_service_export_to;
+        let active = Active::build(config, &identity, tls.trust_domain(), &default_export_to, 1);
         let targets = active.services.hbone_targets(tls.trust_domain());
         let bounds = Arc::new(Bounds::new(settings.limits, settings.fd_limit));
         let hbone = HboneConnector::new(
@@ -128,6 +136,7 @@ impl Shared {
             balancer: mesh_routing::Balancer::default(),
             spans: OnceLock::new(),
             stream_idle_ms: AtomicU64::new(millis(settings.stream_idle_timeout).max(1)),
+            default_export_to,
         }
     }
 
@@ -157,6 +166,7 @@ impl Active {
         config: &WaypointConfig,
         identity: &SpiffeId,
         trust_domain: &TrustDomain,
+        default_export_to: &[String],
         generation: u64,
     ) -> Self {
         let services = Services::new(
@@ -169,6 +179,7 @@ impl Active {
             &config.services,
             services.destinations(),
             &config.route_objects(),
+            default_export_to,
         );
         let (policies, policy_report) = compile_policies(config);
         for e in &policy_report.errors {
@@ -275,6 +286,7 @@ impl Shared {
             config,
             &self.identity,
             self.tls.trust_domain(),
+            &self.default_export_to,
             slot.generation + 1,
         );
         self.proxy

@@ -1843,6 +1843,7 @@ async fn start_settings_apply_from_the_first_stream_and_are_shown() {
         limits: mesh_agent::proxy::limits::Limits::for_fd_limit(fd_limit.soft),
         fd_limit,
         stream_idle_timeout: Duration::from_millis(800),
+        ..mesh_waypoint::Settings::default()
     };
     let max_connections = settings.limits.max_connections;
     let (w, client) = waypoint_and_client(issuer(), &config(&b), settings).await;

@@ -126,18 +126,8 @@ struct RunArgs {
     /// Istio's root namespace: AuthorizationPolicy/PeerAuthentication there apply mesh-wide.
     #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = crate::proxy::authz::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
-    /// The `exportTo` of a VirtualService that sets none (Istio's mesh
-    /// option `defaultVirtualServiceExportTo`): `*` (every namespace, Istio's
-    /// default) or `.` (its own namespace's clients: in a multi-tenant
-    /// cluster, a tenant's VirtualService for another namespace's service
-    /// then routes only the tenant's own connections); comma-separated.
-    #[arg(
-        long,
-        env = "MESH_DEFAULT_VIRTUAL_SERVICE_EXPORT_TO",
-        value_delimiter = ',',
-        default_value = "*"
-    )]
-    default_virtual_service_export_to: Vec<String>,
+    #[command(flatten)]
+    routing: RoutingArgs,
     /// On SIGTERM, how long open connections keep being served (new ones go
     /// to the next agent) before the agent exits (`30s`, `2m`).
     #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
@@ -289,7 +279,7 @@ pub fn main() -> ExitCode {
                 trust_domain: args.trust_domain,
                 cert_ttl: args.cert_ttl,
                 root_namespace: args.root_namespace,
-                default_virtual_service_export_to: args.default_virtual_service_export_to,
+                default_virtual_service_export_to: args.routing.default_virtual_service_export_to,
                 drain_timeout: args.drain_timeout,
                 limits: args.limits.overrides(),
                 same_node_fast_path: args.same_node_fast_path,
@@ -352,4 +342,23 @@ fn stats(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Routing options the agent and the waypoint share (`mesh-waypoint run`
+/// flattens them too).
+#[derive(clap::Args, Clone, Debug)]
+pub struct RoutingArgs {
+    /// The `exportTo` of a VirtualService that sets none (Istio's mesh
+    /// option `defaultVirtualServiceExportTo`): `*` (every namespace, Istio's
+    /// default) or `.` (its own namespace's clients: in a multi-tenant
+    /// cluster, a tenant's VirtualService for another namespace's service
+    /// then routes only the tenant's own connections); comma-separated.
+    /// The waypoint takes the same flag.
+    #[arg(
+        long,
+        env = "MESH_DEFAULT_VIRTUAL_SERVICE_EXPORT_TO",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
+    pub default_virtual_service_export_to: Vec<String>,
 }

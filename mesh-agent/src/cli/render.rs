@@ -288,6 +288,14 @@ pub fn policies(policies: &Value) -> String {
     )
 }
 
+/// Appends `what: a, b, c` for the strings of `part[key]`, if any.
+fn list_line(out: &mut String, part: &Value, key: &str, what: &str) {
+    let items: Vec<&str> = arr(part, key).iter().filter_map(Value::as_str).collect();
+    if !items.is_empty() {
+        out.push_str(&format!("{what}: {}\n", items.join(", ")));
+    }
+}
+
 /// `mesh-agent routes`: the routes part of the config dump — per service
 /// its routes (weight → destination), then its destinations (balancing,
 /// endpoints, ejected ones marked), then every routing object's fate.
@@ -351,16 +359,18 @@ pub fn routes(routes: &Value) -> String {
             s(w, "from")
         ));
     }
-    let pods: Vec<String> = arr(routes, "ignored_pod_waypoints")
-        .iter()
-        .filter_map(|p| p.as_str().map(str::to_owned))
-        .collect();
-    if !pods.is_empty() {
-        out.push_str(&format!(
-            "pods whose istio.io/use-waypoint names a waypoint that does not take workload traffic (istio.io/waypoint-for), so traffic to their IPs goes directly: {}\n",
-            pods.join(", ")
-        ));
-    }
+    list_line(
+        &mut out,
+        routes,
+        "ignored_pod_waypoints",
+        "pods whose istio.io/use-waypoint names a waypoint that does not take workload traffic (istio.io/waypoint-for), so traffic to their IPs goes directly",
+    );
+    list_line(
+        &mut out,
+        routes,
+        "refused_waypoint_bindings",
+        "waypoint bindings refused (the waypoint's Gateway does not allow routes from their namespace: allowedRoutes), so their traffic goes directly",
+    );
     let objects = arr(routes, "objects");
     if !objects.is_empty() {
         let rows: Vec<Vec<String>> = objects
@@ -663,6 +673,24 @@ last failure: spiffe://cluster.local/ns/shop/sa/cart at 2026-11-25T00:00:00Z: th
 "
         );
         assert_eq!(issuer(&Value::Null), "");
+    }
+
+    #[test]
+    fn routes_name_the_refused_waypoint_bindings() {
+        let routes = json!({
+            "refused_waypoint_bindings": [
+                "service tenant/web -> shop/waypoint",
+                "pod tenant/api-1 -> shop/waypoint"
+            ]
+        });
+        assert!(
+            super::routes(&routes).contains(
+                "so their traffic goes directly: service tenant/web -> shop/waypoint, pod tenant/api-1 -> shop/waypoint\n"
+            ),
+            "{}",
+            super::routes(&routes)
+        );
+        assert!(!super::routes(&json!({})).contains("refused"));
     }
 
     #[test]

@@ -10,16 +10,20 @@ use crate::config::{RouteObject, ServiceConfig};
 impl RouteTable {
     /// Compiles `routes` against the known `services` and their
     /// `destinations` (DestinationRules are the routing engine's: their
-    /// problems are reported from its report).
+    /// problems are reported from its report); a VirtualService without
+    /// `exportTo` is exported to `default_export_to` (Istio's
+    /// `defaultVirtualServiceExportTo`).
     pub fn build(
         services: &[ServiceConfig],
         destinations: &mesh_routing::RouteTable,
         routes: &[RouteObject],
+        default_export_to: &[String],
     ) -> Self {
         let mut table = Self::default();
         let known = virtual_service::Known {
             services,
             destinations,
+            default_export_to,
         };
         for route in routes {
             match route {

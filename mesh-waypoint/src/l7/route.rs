@@ -1383,7 +1383,12 @@ routes:
 
     fn table() -> RouteTable {
         let c = WaypointConfig::parse(CONFIG).expect("config");
-        RouteTable::build(&c.services, &no_destination_rules(), &c.route_objects())
+        RouteTable::build(
+            &c.services,
+            &no_destination_rules(),
+            &c.route_objects(),
+            &["*".into()],
+        )
     }
 
     fn pick<'a>(t: &'a RouteTable, path: &str, headers: &[(&str, &str)]) -> Selection<'a> {
@@ -1460,7 +1465,12 @@ routes:
             "- matches: [{ path: { type: Exact, value: /api/exact } }]\n          filters: [{ type: RequestMirror, requestMirror: { backendRef: { name: v2, port: 80 }, percent: 25 } }]",
         ))
         .expect("config");
-        let t = RouteTable::build(&c.services, &no_destination_rules(), &c.route_objects());
+        let t = RouteTable::build(
+            &c.services,
+            &no_destination_rules(),
+            &c.route_objects(),
+            &["*".into()],
+        );
         let Selection::Rule(rule) = pick(&t, "/api/exact", &[]) else {
             panic!("no rule")
         };
@@ -1474,6 +1484,51 @@ routes:
             subset: None,
         };
         assert_eq!(rule.mirrors, vec![(v2, 0.25)]);
+    }
+
+    /// A VirtualService without `exportTo` takes the default
+    /// (`--default-virtual-service-export-to`): `*` routes every namespace's
+    /// clients, `.` only its own namespace's (a tenant's VirtualService for
+    /// another namespace's service then routes the tenant's clients only).
+    #[test]
+    fn a_virtual_service_without_export_to_takes_the_default() {
+        let c = WaypointConfig::parse(
+            r#"
+services:
+  - { name: web, namespace: default, addresses: [10.96.0.1], ports: [{port: 80}] }
+  - { name: v2, namespace: default, ports: [{port: 80}] }
+routes:
+  - apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: { name: mine, namespace: tenant }
+    spec:
+      hosts: [web.default.svc.cluster.local]
+      http:
+        - route: [{ destination: { host: v2.default.svc.cluster.local } }]
+"#,
+        )
+        .expect("config");
+        let web = ServiceKey {
+            namespace: "default".into(),
+            name: "web".into(),
+        };
+        let uri: http::Uri = "/".parse().expect("uri");
+        let routed = |default: &str, client: &str| {
+            let t = RouteTable::build(
+                &c.services,
+                &no_destination_rules(),
+                &c.route_objects(),
+                &[default.to_owned()],
+            );
+            matches!(
+                t.select(&web, 80, client, &Method::GET, &uri, &HeaderMap::new()),
+                Selection::Rule(_)
+            )
+        };
+        assert!(routed("*", "default"));
+        assert!(routed("*", "tenant"));
+        assert!(!routed(".", "default"), "another namespace's clients");
+        assert!(routed(".", "tenant"));
     }
 
     #[test]
@@ -1527,7 +1582,12 @@ routes:
             "- matches: [{ path: { type: PathPrefix, value: /x } }]",
         ))
         .expect("config");
-        let t = RouteTable::build(&c.services, &no_destination_rules(), &c.route_objects());
+        let t = RouteTable::build(
+            &c.services,
+            &no_destination_rules(),
+            &c.route_objects(),
+            &["*".into()],
+        );
         assert!(matches!(pick(&t, "/nothing", &[]), Selection::NoMatch));
     }
 

@@ -167,6 +167,8 @@ pub(crate) struct Known<'a> {
     pub services: &'a [ServiceConfig],
     /// Their compiled destinations.
     pub destinations: &'a mesh_routing::RouteTable,
+    /// The `exportTo` of a VirtualService that sets none.
+    pub default_export_to: &'a [String],
 }
 
 /// Adds `vs`'s HTTP routes to `table`.
@@ -212,7 +214,12 @@ pub(crate) fn add(table: &mut RouteTable, known: Known<'_>, vs: &VirtualService)
         return table.report(&id, "spec.hosts".into(), reason, Effect::RouteRejected);
     }
     table.accepted.push(id.clone());
-    let visible = mesh_routing::Export::parse(&vs.spec.export_to, &namespace);
+    let export_to = if vs.spec.export_to.is_empty() {
+        known.default_export_to
+    } else {
+        &vs.spec.export_to
+    };
+    let visible = mesh_routing::Export::parse(export_to, &namespace);
     for (index, route) in vs.spec.http.iter().enumerate() {
         let at = format!("spec.http[{index}]");
         let (rule, matches) = compile_route(table, known, &id, &namespace, &at, index, route);
