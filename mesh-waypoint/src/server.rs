@@ -138,7 +138,7 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             n = conn.accept() => n,
             _ = activity.changed() => continue,
             // A window reduced by the budget grows back as it frees.
-            window = tunnel.grown() => {
+            window = tunnel.grown(), if tunnel.reduced() => {
                 conn.set_target_window_size(window);
                 continue;
             }

@@ -180,14 +180,14 @@ impl HboneConnector {
                 let _ = tcp.set_nodelay(true);
                 // The waypoint is every tunnel's client: the share is the
                 // destination's, so one backend identity takes at most it.
-                let spread = inner.pool.spread();
+                let window = inner.pool.window_for(&key);
                 hbone::dial_tunnel(
                     tcp,
                     &inner.tls,
                     &key,
                     &inner.bounds,
                     &key.destination,
-                    spread,
+                    window,
                 )
                 .await
             }

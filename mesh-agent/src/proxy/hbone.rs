@@ -308,6 +308,23 @@ impl Pool {
             .clamp(1, MAX_SPREAD)
     }
 
+    /// The connection window a new tunnel connection for `key` asks for:
+    /// Istio's [`CONNECTION_WINDOW`] for the key's first (most keys never
+    /// have another, and one connection must not be throttled for a spread
+    /// it does not use); an extra one, dialled to spread the key's streams
+    /// over the workers, asks for [`connection_window`] of the spread.
+    pub fn window_for(&self, key: &PoolKey) -> u32 {
+        let conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        let live = conns
+            .get(key)
+            .is_some_and(|list| list.iter().any(|c| !c.dead.load(Ordering::Acquire)));
+        if live {
+            connection_window(self.spread())
+        } else {
+            CONNECTION_WINDOW
+        }
+    }
+
     /// A stream slot on the least-loaded live connection for `key`, and
     /// whether another connection is wanted: all of the key's connections
     /// carry at least [`SPREAD_AT_STREAMS`] streams and there are fewer
@@ -787,7 +804,7 @@ async fn drive(
             }
             () = &mut keepalive => break,
             // A window reduced by the budget grows back as it frees.
-            window = lease.grown() => connection.set_target_window_size(window),
+            window = lease.grown(), if lease.reduced() => connection.set_target_window_size(window),
         }
     }
     dead.store(true, Ordering::Release);
@@ -820,13 +837,13 @@ pub async fn client_handshake(
     })
 }
 
-/// The connection window an outbound tunnel connection asks for when the
-/// pool spreads a key's streams over `spread` connections: Istio's
-/// [`CONNECTION_WINDOW`] shared among them (the spread is for the workers'
-/// parallelism; the path to one peer needs one connection window), at
-/// least one [`STREAM_WINDOW`] so a stream is never held by its
-/// connection's window. A budget share then holds as many peers' tunnels
-/// at 8 workers as at 1.
+/// The connection window an extra outbound tunnel connection asks for when
+/// the pool spreads a key's streams over `spread` connections: Istio's
+/// [`CONNECTION_WINDOW`] divided among them (the spread is for the workers'
+/// parallelism, not for a larger window to one peer), at least one
+/// [`STREAM_WINDOW`] so a stream is never held by its connection's window.
+/// A key's first connection asks for the whole [`CONNECTION_WINDOW`]
+/// ([`Pool::window_for`]).
 pub fn connection_window(spread: usize) -> u32 {
     let spread = u32::try_from(spread.max(1)).unwrap_or(u32::MAX);
     (CONNECTION_WINDOW / spread).max(STREAM_WINDOW)
@@ -834,8 +851,8 @@ pub fn connection_window(spread: usize) -> u32 {
 
 /// Dials a tunnel connection over `tcp` (connected to `key.address`): mTLS
 /// as `key.source`, the server proven to be `key.destination`, then the
-/// HTTP/2 handshake granting the connection window leased from `bounds`
-/// against `share` ([`Bounds::window`], [`connection_window`] of `spread`).
+/// HTTP/2 handshake granting `window` ([`Pool::window_for`]), leased from
+/// `bounds` against `share` ([`Bounds::window`]).
 /// The agent's outbound tunnels and the waypoint's upstream ones.
 pub async fn dial_tunnel(
     tcp: TcpStream,
@@ -843,7 +860,7 @@ pub async fn dial_tunnel(
     key: &PoolKey,
     bounds: &Bounds,
     share: &SpiffeId,
-    spread: usize,
+    window: u32,
 ) -> Result<Established, HboneError> {
     let config = tls.client_config(&key.source, vec![key.destination.clone()]);
     let mut tls = tokio_rustls::TlsConnector::from(config)
@@ -854,7 +871,7 @@ pub async fn dial_tunnel(
             reason: describe_tls_error(&e),
         })?;
     size_tls_buffer(tls.get_mut().1);
-    let lease = bounds.window(share, connection_window(spread));
+    let lease = bounds.window(share, window);
     client_handshake(Box::new(tls), key.address, lease).await
 }
 
@@ -1302,10 +1319,14 @@ mod tests {
     async fn loaded_streams_spread_over_one_connection_per_worker() {
         let pool = Pool::default();
         assert_eq!(pool.spread(), 2);
+        // The key's first connection asks for Istio's whole window.
+        assert_eq!(pool.window_for(&test_key()), CONNECTION_WINDOW);
         // The first SPREAD_AT_STREAMS streams share one connection; the next
         // one opens a second, and the least-loaded takes the rest.
         let mut held = open_streams(&pool, SPREAD_AT_STREAMS, false).await;
         assert_eq!(pool.occupancy(), (1, SPREAD_AT_STREAMS));
+        // An extra one, to spread over the workers, asks for its part.
+        assert_eq!(pool.window_for(&test_key()), CONNECTION_WINDOW / 2);
         held.extend(open_streams(&pool, SPREAD_AT_STREAMS, false).await);
         assert_eq!(pool.occupancy(), (2, 2 * SPREAD_AT_STREAMS));
         // Never more connections than worker threads, however many streams.

@@ -15,7 +15,7 @@
 //! HTTP 503 for an HBONE stream), never queued.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     sync::{
         Arc, Mutex, PoisonError,
@@ -351,19 +351,39 @@ pub struct HandshakePermit {
 }
 
 /// The tunnel window budget: bytes granted in all, and per share (an
-/// identity's entry goes with its last grant).
+/// identity's entry goes with its last grant), and the leases granted less
+/// than they asked for, waiting for bytes, per share in arrival order.
 #[derive(Debug, Default)]
 struct Windows {
     granted: u64,
     per_peer: HashMap<SpiffeId, u64>,
+    waiting: HashMap<SpiffeId, BTreeMap<u64, Waiting>>,
+    next_waiter: u64,
+    /// Wake-ups sent to waiting leases, for tests: one per grant handed.
+    wakes: u64,
 }
 
-/// The budget and the wake-up of the connections granted less than they
-/// asked for, each time a lease returns bytes to it.
-#[derive(Debug, Default)]
+/// A reduced lease's place in the queue: what it still misses, the bytes
+/// handed to it (already counted as granted) that it has not taken yet,
+/// and its wake-up.
+#[derive(Debug)]
+struct Waiting {
+    missing: u64,
+    handed: u64,
+    wake: Arc<Notify>,
+}
+
+/// The least a waiting lease is handed at once (unless it misses less):
+/// freed bytes go to few leases in large steps, not to every reduced
+/// connection a byte at a time.
+const GROW_STEP: u64 = 256 * 1024;
+
+/// The budget and its limits (total, per share).
+#[derive(Debug)]
 struct WindowBudget {
     windows: Mutex<Windows>,
-    freed: Notify,
+    max_total: u64,
+    max_share: u64,
 }
 
 impl WindowBudget {
@@ -372,22 +392,70 @@ impl WindowBudget {
     }
 }
 
+impl Windows {
+    /// Hands the free part of the budget to the waiting leases, oldest
+    /// first within a share, each share within its own limit, and wakes
+    /// only those handed bytes. A share at its limit is skipped at once,
+    /// so what a lease's return costs is bounded by the shares waiting,
+    /// not the connections: a peer holding thousands of reduced
+    /// connections makes nobody else's return walk or wake them.
+    fn hand_out(&mut self, max_total: u64, max_share: u64) {
+        let Self {
+            granted,
+            per_peer,
+            waiting,
+            wakes,
+            ..
+        } = self;
+        for (share, queue) in waiting.iter_mut() {
+            let free = max_total.saturating_sub(*granted);
+            if free == 0 {
+                break;
+            }
+            let held = per_peer.get(share).copied().unwrap_or(0);
+            let mut room = free.min(max_share.saturating_sub(held));
+            let mut given = 0;
+            for w in queue.values_mut() {
+                let need = w.missing - w.handed;
+                if need == 0 {
+                    continue;
+                }
+                let give = need.min(room);
+                if give < need.min(GROW_STEP) {
+                    break;
+                }
+                w.handed += give;
+                room -= give;
+                given += give;
+                *wakes += 1;
+                w.wake.notify_one();
+            }
+            if given > 0 {
+                *granted += given;
+                *per_peer.entry(share.clone()).or_insert(0) += given;
+            }
+        }
+    }
+}
+
 /// An HTTP/2 connection window a tunnel connection grants its peer, leased
 /// from the tunnel window budget ([`Limits::max_tunnel_window`]) and
 /// returned when dropped: held for the connection's life, by both sides of
 /// a tunnel (what a peer can send ahead of the apps reading it is what it
 /// can make the agent buffer, whichever side dialled). A lease granted
-/// less than it asked for grows back towards it as other leases return
-/// their bytes ([`Self::grown`]): a connection opened while the budget was
-/// short is not held to HTTP/2's 64 KiB for its whole life.
+/// less than it asked for waits in its share's queue and grows back
+/// towards it as other leases return their bytes ([`Self::grown`]): a
+/// connection opened while the budget was short is not held to HTTP/2's
+/// 64 KiB for its whole life.
 #[derive(Debug)]
 pub struct WindowLease {
     budget: Arc<WindowBudget>,
-    limits: (u64, u64),
     peer: SpiffeId,
     leased: u64,
     window: u32,
     wanted: u32,
+    /// The lease's place in its share's queue while reduced.
+    waiting: Option<(u64, Arc<Notify>)>,
 }
 
 impl WindowLease {
@@ -402,68 +470,81 @@ impl WindowLease {
         self.window < self.wanted
     }
 
-    /// Takes what the budget and the share have free now, up to the window
-    /// asked for; the new window if it grew.
-    fn try_grow(&mut self) -> Option<u32> {
-        if !self.reduced() {
-            return None;
-        }
-        let (max_total, max_share) = self.limits;
+    /// Takes the bytes handed to the lease since it last looked; the new
+    /// window if it grew. Leaves the queue once it holds what it asked for.
+    fn take_handed(&mut self) -> Option<u32> {
+        let (id, _) = self.waiting.as_ref()?;
+        let id = *id;
         let mut w = self.budget.lock();
-        let held = w.per_peer.get(&self.peer).copied().unwrap_or(0);
-        let target = u64::from(self.wanted)
-            .min(self.leased + max_total.saturating_sub(w.granted))
-            .min(self.leased + max_share.saturating_sub(held));
-        let window = u32::try_from(target).ok()?;
-        if window <= self.window {
+        let queue = w.waiting.get_mut(&self.peer)?;
+        let entry = queue.get_mut(&id)?;
+        let handed = std::mem::take(&mut entry.handed);
+        entry.missing -= handed;
+        let done = entry.missing == 0;
+        if done {
+            queue.remove(&id);
+            if queue.is_empty() {
+                w.waiting.remove(&self.peer);
+            }
+        }
+        drop(w);
+        if done {
+            self.waiting = None;
+        }
+        if handed == 0 {
             return None;
         }
-        let more = target - self.leased;
-        w.granted += more;
-        *w.per_peer.entry(self.peer.clone()).or_insert(0) += more;
-        self.leased = target;
-        self.window = window;
-        Some(window)
+        self.leased += handed;
+        self.window = u32::try_from(self.leased)
+            .unwrap_or(u32::MAX)
+            .max(H2_INITIAL_WINDOW);
+        Some(self.window)
     }
 
     /// Waits until the lease has grown (other leases returned bytes to the
-    /// budget and this one took them); its new window, for `h2`'s
-    /// `set_target_window_size`. Pending for ever once the lease holds what
-    /// it asked for. Cancel-safe: select on it in the connection's loop.
+    /// budget and they were handed to this one); its new window, for
+    /// `h2`'s `set_target_window_size`. Pending for ever once the lease
+    /// holds what it asked for. Cancel-safe: select on it in the
+    /// connection's loop (guarded by [`Self::reduced`]).
     pub async fn grown(&mut self) -> u32 {
         loop {
-            let budget = Arc::clone(&self.budget);
-            let freed = budget.freed.notified();
-            tokio::pin!(freed);
-            // Registered before looking, so a return in between wakes it.
-            freed.as_mut().enable();
-            if !self.reduced() {
+            let Some((_, wake)) = self.waiting.clone() else {
                 return std::future::pending().await;
-            }
-            if let Some(window) = self.try_grow() {
+            };
+            if let Some(window) = self.take_handed() {
                 return window;
             }
-            freed.await;
+            // A hand-out after the look above left a permit: no wake-up
+            // is lost.
+            wake.notified().await;
         }
     }
 }
 
 impl Drop for WindowLease {
     fn drop(&mut self) {
-        if self.leased == 0 {
-            return;
-        }
+        let mut w = self.budget.lock();
+        // Bytes handed but not taken were granted too.
+        let mut back = self.leased;
+        if let Some((id, _)) = self.waiting.take()
+            && let Some(queue) = w.waiting.get_mut(&self.peer)
         {
-            let mut w = self.budget.lock();
-            w.granted = w.granted.saturating_sub(self.leased);
-            if let Some(n) = w.per_peer.get_mut(&self.peer) {
-                *n = n.saturating_sub(self.leased);
-                if *n == 0 {
-                    w.per_peer.remove(&self.peer);
-                }
+            back += queue.remove(&id).map_or(0, |e| e.handed);
+            if queue.is_empty() {
+                w.waiting.remove(&self.peer);
             }
         }
-        self.budget.freed.notify_waiters();
+        if back == 0 {
+            return;
+        }
+        w.granted = w.granted.saturating_sub(back);
+        if let Some(n) = w.per_peer.get_mut(&self.peer) {
+            *n = n.saturating_sub(back);
+            if *n == 0 {
+                w.per_peer.remove(&self.peer);
+            }
+        }
+        w.hand_out(self.budget.max_total, self.budget.max_share);
     }
 }
 
@@ -479,6 +560,11 @@ impl TunnelPermit {
     /// The connection window to grant the peer: [`WindowLease::window`].
     pub fn window(&self) -> u32 {
         self.lease.window()
+    }
+
+    /// Whether the window is less than asked for: [`WindowLease::reduced`].
+    pub fn reduced(&self) -> bool {
+        self.lease.reduced()
     }
 
     /// The window, once grown: [`WindowLease::grown`].
@@ -551,7 +637,11 @@ impl Bounds {
             source_handshakes: PerKey::new(limits.max_handshakes_per_source),
             peer_connections: PerKey::new(limits.max_connections_per_peer),
             peer_streams: PerKey::new(limits.max_streams_per_peer),
-            windows: Arc::default(),
+            windows: Arc::new(WindowBudget {
+                windows: Mutex::default(),
+                max_total: limits.max_tunnel_window,
+                max_share: limits.max_tunnel_window_per_peer,
+            }),
             limits,
             fd_limit,
             refused: Default::default(),
@@ -641,20 +731,36 @@ impl Bounds {
     /// HTTP/2's own window is always granted.
     pub fn window(&self, share: &SpiffeId, want: u32) -> WindowLease {
         let want = want.max(H2_INITIAL_WINDOW);
-        let (leased, window) = {
+        let (leased, window, waiting) = {
             let mut w = self.windows.lock();
             let held = w.per_peer.get(share).copied().unwrap_or(0);
             let grant = u64::from(want)
                 .min(self.limits.max_tunnel_window.saturating_sub(w.granted))
                 .min(self.limits.max_tunnel_window_per_peer.saturating_sub(held));
-            match u32::try_from(grant) {
+            let (leased, window) = match u32::try_from(grant) {
                 Ok(g) if g > H2_INITIAL_WINDOW => {
                     w.granted += grant;
                     *w.per_peer.entry(share.clone()).or_insert(0) += grant;
                     (grant, g)
                 }
                 _ => (0, H2_INITIAL_WINDOW),
-            }
+            };
+            // Reduced: queue for the bytes returned from now on.
+            let waiting = (window < want).then(|| {
+                let id = w.next_waiter;
+                w.next_waiter += 1;
+                let wake = Arc::new(Notify::new());
+                w.waiting.entry(share.clone()).or_default().insert(
+                    id,
+                    Waiting {
+                        missing: u64::from(want) - leased,
+                        handed: 0,
+                        wake: wake.clone(),
+                    },
+                );
+                (id, wake)
+            });
+            (leased, window, waiting)
         };
         if window < want {
             let n = self.reduced.fetch_add(1, Ordering::Relaxed) + 1;
@@ -672,14 +778,11 @@ impl Bounds {
         }
         WindowLease {
             budget: self.windows.clone(),
-            limits: (
-                self.limits.max_tunnel_window,
-                self.limits.max_tunnel_window_per_peer,
-            ),
             peer: share.clone(),
             leased,
             window,
             wanted: want,
+            waiting,
         }
     }
 
@@ -1069,13 +1172,15 @@ mod tests {
         let small = b.tunnel(&c, 1000).expect("small");
         assert_eq!(small.window(), H2_INITIAL_WINDOW);
         assert_eq!(used(&b).2, 3);
-        // Returned on drop: a's share is free again, the map shrinks back.
+        // Returned on drop: a's share is free again, the map shrinks back;
+        // c1, reduced, was handed the MiB it missed.
         drop((a1, a2, a3));
-        assert_eq!(used(&b), (Some(4 << 20), Some(4 << 20), 3));
+        assert_eq!(used(&b), (Some(5 << 20), Some(5 << 20), 3));
         assert_eq!(b.tunnel(&a, 4 * MIB).expect("a4").window(), 4 * MIB);
         drop((c1, small));
         assert_eq!(used(&b).0, Some(0));
         assert!(b.windows.lock().per_peer.is_empty());
+        assert!(b.windows.lock().waiting.is_empty());
     }
 
     /// A lease granted less than it asked for grows as other leases return
@@ -1121,6 +1226,53 @@ mod tests {
         assert_eq!(b.windows.lock().granted, 2 * u64::from(MIB));
         drop(a2);
         assert_eq!(b.windows.lock().granted, 0);
+    }
+
+    /// Returned bytes wake only the leases they are handed to, oldest
+    /// first, in steps: a share at its limit is neither woken nor walked
+    /// however many leases of other shares come and go.
+    #[tokio::test]
+    async fn returned_bytes_wake_only_the_leases_they_are_handed_to() {
+        const MIB: u32 = 1 << 20;
+        let b = Bounds::new(
+            Limits {
+                max_tunnel_window: 8 * u64::from(MIB),
+                max_tunnel_window_per_peer: 2 * u64::from(MIB),
+                ..Limits::default()
+            },
+            FdLimit::default(),
+        );
+        let (a, c) = (id("a"), id("c"));
+        let a_full = b.window(&a, 2 * MIB);
+        let mut waiting: Vec<WindowLease> = (0..100).map(|_| b.window(&a, 2 * MIB)).collect();
+        assert!(waiting.iter().all(WindowLease::reduced));
+        // Another share's connections come and go: a's share is full.
+        for _ in 0..200 {
+            drop(b.window(&c, 2 * MIB));
+        }
+        assert_eq!(b.windows.lock().wakes, 0, "nothing a's waiters could take");
+        // a's share frees: its 2 MiB go to the oldest waiter, one wake-up.
+        drop(a_full);
+        assert_eq!(b.windows.lock().wakes, 1);
+        let first = tokio::time::timeout(Duration::from_secs(1), waiting[0].grown()).await;
+        assert_eq!(first, Ok(2 * MIB));
+        for later in &mut waiting[1..4] {
+            assert!(
+                tokio::time::timeout(Duration::from_millis(10), later.grown())
+                    .await
+                    .is_err(),
+                "only the oldest was handed the bytes"
+            );
+        }
+        // The grown lease returns them: the next waiter, and only it.
+        waiting.remove(0);
+        assert_eq!(b.windows.lock().wakes, 2);
+        let next = tokio::time::timeout(Duration::from_secs(1), waiting[0].grown()).await;
+        assert_eq!(next, Ok(2 * MIB));
+        // Waiters that go return what they were handed and leave the queue.
+        drop(waiting);
+        let w = b.windows.lock();
+        assert_eq!((w.granted, w.per_peer.len(), w.waiting.len()), (0, 0, 0));
     }
 
     #[test]

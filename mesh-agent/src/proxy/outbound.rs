@@ -694,8 +694,8 @@ async fn open_tunnel(
             // The share is the local client's: its app opens these tunnels
             // and decides whether their data is read, so one tenant cannot
             // take the whole budget (inbound tunnels lease from it too).
-            let spread = shared.pools.current().spread();
-            hbone::dial_tunnel(tcp, &shared.tls, &key, &shared.limits, &key.source, spread).await
+            let window = shared.pools.current().window_for(&key);
+            hbone::dial_tunnel(tcp, &shared.tls, &key, &shared.limits, &key.source, window).await
         }
     };
     let (response, send, guard) = shared
