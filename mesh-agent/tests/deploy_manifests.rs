@@ -1894,8 +1894,8 @@ fn waypoint_holds_no_ca_key_runs_non_root_and_asks_the_issuer_for_itself() {
             .unwrap_or_else(|| panic!("port {name}"))
             .container_port
     };
-    // The pod IP serves metrics (capped) and readiness (uncapped, for the
-    // kubelet); the configuration dump (the admin listener, its default)
+    // The pod IP serves metrics (capped) and readiness (capped per source
+    // address, for the kubelet); the configuration dump (the admin listener, its default)
     // stays on loopback.
     assert_eq!(
         flag(args, "metrics"),
@@ -1910,8 +1910,8 @@ fn waypoint_holds_no_ca_key_runs_non_root_and_asks_the_issuer_for_itself() {
         None,
         "the admin listener's default is loopback"
     );
-    // Both probes on the uncapped readiness listener: on the capped
-    // metrics port, any pod holding its 64 connections would get the
+    // Both probes on the readiness listener: on the metrics port, capped
+    // in all, any pod holding its 64 connections would get the
     // waypoint marked unready and restarted.
     for probe in [&c.readiness_probe, &c.liveness_probe] {
         let get = probe

@@ -8,16 +8,17 @@
 //! tells whoever asks which policies guard which services. Each of those
 //! listeners holds at most [`MAX_CONNECTIONS`] connections (the agent's
 //! admin server). The readiness listener (`--readiness`, the kubelet's
-//! probes) serves only `/healthz/ready` and is not capped, as the agent's:
-//! any pod could otherwise hold the capped listener's connections, keep
-//! the kubelet's probe out, and have the waypoint marked unready and
-//! restarted. Its answer is a constant, cheap to give.
+//! probes) serves only `/healthz/ready` within the agent's readiness caps
+//! ([`ListenerCaps::READINESS`]: few connections per source address, many
+//! in all, one request each, its head within 2 s): one pod cannot keep the
+//! kubelet's probe out and have the waypoint marked unready and restarted,
+//! nor take its descriptors.
 
 use std::sync::Arc;
 
 use http::{Method, StatusCode};
 use mesh_agent::{
-    admin::server::{self, Reply},
+    admin::server::{self, ListenerCaps, Reply},
     telemetry::metrics::CONTENT_TYPE,
 };
 use serde_json::json;
@@ -36,17 +37,18 @@ pub enum Endpoints {
     Admin,
     /// Readiness and metrics only.
     Metrics,
-    /// Readiness only, uncapped (the kubelet's probes).
+    /// Readiness only (the kubelet's probes), within
+    /// [`ListenerCaps::READINESS`].
     Readiness,
 }
 
 /// Serves `endpoints` on `listener` until the task is dropped.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, endpoints: Endpoints) {
-    let max = match endpoints {
-        Endpoints::Admin | Endpoints::Metrics => MAX_CONNECTIONS,
-        Endpoints::Readiness => tokio::sync::Semaphore::MAX_PERMITS,
+    let caps = match endpoints {
+        Endpoints::Admin | Endpoints::Metrics => ListenerCaps::ADMIN,
+        Endpoints::Readiness => ListenerCaps::READINESS,
     };
-    server::serve_with(listener, max, move |method, path, _query| {
+    server::serve_with(listener, caps, move |method, path, _query| {
         if method != Method::GET && method != Method::HEAD {
             return Reply::new(
                 StatusCode::METHOD_NOT_ALLOWED,

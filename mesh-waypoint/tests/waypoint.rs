@@ -370,19 +370,44 @@ async fn the_metrics_listener_serves_no_config_dump_and_listeners_are_capped() {
     assert!(dump["identity"].is_string(), "{dump}");
 }
 
-/// The readiness listener (the kubelet's probes) answers however many
-/// connections a pod holds open on it: capped like the metrics listener,
-/// a pod holding 64 would get the waypoint marked unready and restarted.
-/// It serves readiness only.
+/// A connection to `addr` from the loopback address `source`.
+async fn connect_from(source: [u8; 4], addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from((source, 0)))
+        .expect("bind a loopback source");
+    socket.connect(addr).await.expect("connect")
+}
+
+/// The readiness listener (the kubelet's probes) answers the kubelet
+/// however many connections pods hold open on it: capped in all like the
+/// metrics listener, a pod holding 64 would get the waypoint marked
+/// unready and restarted. Instead it caps each source address (4), holds
+/// a connection at most 2 s without a request head and serves one request
+/// per connection, so a slot is never held long. It serves readiness only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_readiness_listener_is_not_capped_and_serves_readiness_only() {
+async fn the_readiness_listener_is_capped_per_source_and_serves_readiness_only() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = setup().await;
     let readiness = s
         .waypoint
         .serve_readiness("127.0.0.1:0".parse().expect("addr"))
         .await
         .expect("readiness listener");
-    let held = hold(readiness, 2 * mesh_waypoint::admin::MAX_CONNECTIONS).await;
+    // 32 other sources hold 4 connections each: more than the metrics
+    // listener's whole cap.
+    let mut held = Vec::new();
+    for i in 0..32u8 {
+        for _ in 0..4 {
+            held.push(connect_from([127, 0, 1, i + 1], readiness).await);
+        }
+    }
+    // One source's fifth connection is closed at once.
+    let beyond = connect_from([127, 0, 1, 1], readiness).await;
+    assert!(
+        is_closed(beyond).await,
+        "a fifth connection from one source was held"
+    );
     let probe = tokio::time::timeout(
         Duration::from_secs(5),
         admin_get(readiness, "/healthz/ready"),
@@ -390,9 +415,24 @@ async fn the_readiness_listener_is_not_capped_and_serves_readiness_only() {
     .await
     .expect("readiness answered with the held connections open");
     assert_eq!(probe, "ready\n");
+    // Held connections that send nothing are closed after 2 s (the 3 s of
+    // `is_closed` run from here; they were opened before).
+    assert!(
+        is_closed(held.pop().expect("held")).await,
+        "an idle connection outlived the request-head deadline"
+    );
+    drop(held);
+    // One request per connection: the server closes after answering.
+    let mut c = connect_from([127, 0, 2, 1], readiness).await;
+    c.write_all(b"GET /healthz/ready HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("request");
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut reply)).await;
+    assert!(read.is_ok(), "the connection stayed open after its answer");
+    assert!(reply.starts_with(b"HTTP/1.1 200"), "{reply:?}");
     assert_eq!(admin_get(readiness, "/metrics").await, "not found\n");
     assert_eq!(admin_get(readiness, "/config_dump").await, "not found\n");
-    drop(held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

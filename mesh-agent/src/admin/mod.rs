@@ -307,19 +307,19 @@ impl Admin {
             admin,
             self.state.clone(),
             server::admin_route,
-            server::MAX_CONNECTIONS,
+            server::ListenerCaps::ADMIN,
         ));
         handle.spawn(server::serve(
             metrics,
             self.state.clone(),
             server::metrics_route,
-            server::MAX_CONNECTIONS,
+            server::ListenerCaps::ADMIN,
         ));
         handle.spawn(server::serve(
             ready,
             self.state.clone(),
             server::readiness_route,
-            tokio::sync::Semaphore::MAX_PERMITS,
+            server::ListenerCaps::READINESS,
         ));
         let listeners = Listeners {
             admin: admin_addr,

@@ -13,7 +13,7 @@
 //! | metrics (pod IP or `127.0.0.1`, `:15020`) | `GET /metrics` (`/stats/prometheus`) | Prometheus, OpenMetrics text |
 //! | readiness (`0.0.0.0:15021`) | `GET /healthz/ready` | 200 when ready, 503 before |
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{convert::Infallible, net::IpAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -27,12 +27,54 @@ use super::{
     logging::LogControl,
     readiness::{Readiness, ReadyState},
 };
+use crate::keyed::PerKey;
 use crate::telemetry::{Telemetry, log_batch, metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE};
 
 /// How long a client may take to send its request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Open connections per admin listener (admin, metrics, readiness).
+/// Open connections per admin and metrics listener.
 pub const MAX_CONNECTIONS: usize = 64;
+
+/// What one admin listener holds at most, and how long a connection may
+/// hold a slot without asking anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerCaps {
+    /// Open connections in all; beyond, a connection is closed at once.
+    pub total: usize,
+    /// Open connections per source address; beyond, closed at once.
+    pub per_source: usize,
+    /// How long a client may take to send its request head.
+    pub header_timeout: Duration,
+    /// Whether a connection may carry more than one request.
+    pub keep_alive: bool,
+}
+
+impl ListenerCaps {
+    /// The admin and metrics listeners: [`MAX_CONNECTIONS`] in all, a
+    /// request head within 10 s. The metrics listener is reachable by any
+    /// pod: a flood must not take the agent's descriptors or its control
+    /// runtime.
+    pub const ADMIN: Self = Self {
+        total: MAX_CONNECTIONS,
+        per_source: MAX_CONNECTIONS,
+        header_timeout: HEADER_TIMEOUT,
+        keep_alive: true,
+    };
+
+    /// The readiness listener, the kubelet's probes, reachable by any pod:
+    /// 4 connections per source address (the kubelet's probes from one
+    /// address need at most 3 at once), 1024 in all, one request each and
+    /// its head within 2 s, so a slot is held about 2 s at most. Capped
+    /// like the metrics listener, one pod holding 64 connections would
+    /// keep the probe out and get the agent (or the waypoint) marked
+    /// unready; uncapped, it could take the process's descriptors.
+    pub const READINESS: Self = Self {
+        total: 1024,
+        per_source: 4,
+        header_timeout: Duration::from_secs(2),
+        keep_alive: false,
+    };
+}
 
 const JSON: &str = "application/json";
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -245,30 +287,33 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 /// Serves `route` on `listener` until the task is dropped (the runtime
-/// shuts down). Each connection runs in its own task, at most `max` at
-/// once ([`MAX_CONNECTIONS`] for the admin and metrics listeners): beyond,
-/// a connection is closed at once. The metrics listener is reachable by
-/// any pod of the cluster; a flood of connections must not take the
-/// agent's descriptors or its control runtime. The readiness listener is
-/// not capped: 64 connections from any pod would keep kubelet's probe out
-/// and mark the agent not ready (its answer is a flag, cheap to give).
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, route: Route, max: usize) {
-    serve_with(listener, max, move |method, path, query| {
+/// shuts down). Each connection runs in its own task, within `caps`
+/// ([`ListenerCaps::ADMIN`] for the admin and metrics listeners,
+/// [`ListenerCaps::READINESS`] for the readiness one): beyond, a
+/// connection is closed at once.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    route: Route,
+    caps: ListenerCaps,
+) {
+    serve_with(listener, caps, move |method, path, query| {
         route(&state, method, path, query)
     })
     .await;
 }
 
 /// Serves the replies of `answer` (method, path, query) on `listener` as
-/// [`serve`] does: HTTP/1.1, a connection per task, at most `max` at once
-/// (beyond, closed at once), a request head within 10 s; `HEAD` answered
-/// without the body. For the waypoint's admin listeners too.
-pub async fn serve_with<F>(listener: TcpListener, max: usize, answer: F)
+/// [`serve`] does: HTTP/1.1, a connection per task, within `caps` (beyond,
+/// closed at once); `HEAD` answered without the body. For the waypoint's
+/// admin listeners too.
+pub async fn serve_with<F>(listener: TcpListener, caps: ListenerCaps, answer: F)
 where
     F: Fn(&Method, &str, Option<&str>) -> Reply + Send + Sync + 'static,
 {
     let answer = Arc::new(answer);
-    let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    let slots = Arc::new(tokio::sync::Semaphore::new(caps.total));
+    let per_source = PerKey::<IpAddr>::new(caps.per_source);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(a) => a,
@@ -279,12 +324,16 @@ where
             }
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            tracing::debug!(%peer, max, "admin connection closed: too many open");
+            tracing::debug!(%peer, max = caps.total, "admin connection closed: too many open");
+            continue;
+        };
+        let Some(source_slot) = per_source.try_acquire(&peer.ip().to_canonical()) else {
+            tracing::debug!(%peer, max = caps.per_source, "admin connection closed: too many open from its address");
             continue;
         };
         let answer = Arc::clone(&answer);
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, source_slot);
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let reply = answer(req.method(), req.uri().path(), req.uri().query());
                 let head = req.method() == Method::HEAD;
@@ -292,7 +341,8 @@ where
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
+                .header_read_timeout(caps.header_timeout)
+                .keep_alive(caps.keep_alive)
                 .serve_connection(TokioIo::new(stream), service);
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "admin connection ended with an error");

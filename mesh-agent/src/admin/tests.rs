@@ -419,7 +419,7 @@ async fn an_admin_listener_holds_at_most_its_connections() {
         listener,
         admin.state().clone(),
         metrics_route,
-        super::server::MAX_CONNECTIONS,
+        super::server::ListenerCaps::ADMIN,
     ));
     let mut held = Vec::new();
     for _ in 0..super::server::MAX_CONNECTIONS {
