@@ -193,7 +193,8 @@ struct LimitArgs {
     #[arg(long, env = "MESH_MAX_TUNNEL_WINDOW_BYTES")]
     max_tunnel_window_bytes: Option<u64>,
     /// Of those, one share's (default: a quarter): an inbound tunnel's peer
-    /// identity, an outbound tunnel's local client identity.
+    /// identity, an outbound tunnel's local client identity (the two
+    /// directions counted apart).
     #[arg(long, env = "MESH_MAX_TUNNEL_WINDOW_BYTES_PER_PEER")]
     max_tunnel_window_bytes_per_peer: Option<u64>,
 }

@@ -350,14 +350,28 @@ pub struct HandshakePermit {
     _global: Permit,
 }
 
+/// Which side of a tunnel a window share is for: the peer identities of
+/// inbound tunnels and the identities outbound ones are counted against
+/// have separate shares, so that an identity's traffic in one direction
+/// (for the waypoint: the clients calling a destination) cannot use up
+/// what the same identity's tunnels in the other direction are granted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Side {
+    Inbound,
+    Outbound,
+}
+
+/// A window share: a side and an identity.
+type ShareKey = (Side, SpiffeId);
+
 /// The tunnel window budget: bytes granted in all, and per share (an
-/// identity's entry goes with its last grant), and the leases granted less
-/// than they asked for, waiting for bytes, per share in arrival order.
+/// entry goes with its last grant), and the leases granted less than they
+/// asked for, waiting for bytes, per share in arrival order.
 #[derive(Debug, Default)]
 struct Windows {
     granted: u64,
-    per_peer: HashMap<SpiffeId, u64>,
-    waiting: HashMap<SpiffeId, BTreeMap<u64, Waiting>>,
+    per_peer: HashMap<ShareKey, u64>,
+    waiting: HashMap<ShareKey, BTreeMap<u64, Waiting>>,
     next_waiter: u64,
     /// Wake-ups sent to waiting leases, for tests: one per grant handed.
     wakes: u64,
@@ -450,7 +464,7 @@ impl Windows {
 #[derive(Debug)]
 pub struct WindowLease {
     budget: Arc<WindowBudget>,
-    peer: SpiffeId,
+    peer: ShareKey,
     leased: u64,
     window: u32,
     wanted: u32,
@@ -715,25 +729,31 @@ impl Bounds {
             .ok_or_else(|| self.refuse(Refusal::PeerConnections))?;
         Ok(TunnelPermit {
             _peer: slot,
-            lease: self.window(peer, want),
+            lease: self.lease((Side::Inbound, peer.clone()), want),
         })
     }
 
-    /// The connection window a tunnel connection grants its peer, for the
-    /// connection's life, inbound or outbound, counted against `share`
-    /// (the identity that decides how much of it is used: an inbound
-    /// tunnel's peer; for the agent's outbound tunnels the local client's,
-    /// whose app opens them and reads them or not; for the waypoint's, the
-    /// destination's): `want` bytes if the tunnel window budget and that
-    /// share have them, else what they have left, at least
-    /// [`H2_INITIAL_WINDOW`] (counted and logged as reduced; the lease grows
-    /// back as bytes return, [`WindowLease::grown`]). Never refused:
-    /// HTTP/2's own window is always granted.
+    /// The connection window an outbound tunnel connection grants its
+    /// peer, for the connection's life, counted against `share`'s outbound
+    /// share (the identity that decides how much of it is used: for the
+    /// agent's outbound tunnels the local client's, whose app opens them
+    /// and reads them or not; for the waypoint's, the destination's; an
+    /// inbound tunnel's is its peer's inbound share, [`Self::tunnel`]):
+    /// `want` bytes if the tunnel window budget and that share have them,
+    /// else what they have left, at least [`H2_INITIAL_WINDOW`] (counted
+    /// and logged as reduced; the lease grows back as bytes return,
+    /// [`WindowLease::grown`]). Never refused: HTTP/2's own window is
+    /// always granted.
     pub fn window(&self, share: &SpiffeId, want: u32) -> WindowLease {
+        self.lease((Side::Outbound, share.clone()), want)
+    }
+
+    /// A window lease of `want` bytes against `share`: [`Self::window`].
+    fn lease(&self, share: ShareKey, want: u32) -> WindowLease {
         let want = want.max(H2_INITIAL_WINDOW);
         let (leased, window, waiting) = {
             let mut w = self.windows.lock();
-            let held = w.per_peer.get(share).copied().unwrap_or(0);
+            let held = w.per_peer.get(&share).copied().unwrap_or(0);
             let grant = u64::from(want)
                 .min(self.limits.max_tunnel_window.saturating_sub(w.granted))
                 .min(self.limits.max_tunnel_window_per_peer.saturating_sub(held));
@@ -767,7 +787,8 @@ impl Bounds {
             if self.log_due(Refusal::ALL.len(), n) {
                 tracing::warn!(
                     limit = "tunnel_window",
-                    share = %share,
+                    share = %share.1,
+                    side = ?share.0,
                     window,
                     wanted = want,
                     reduced_total = n,
@@ -778,7 +799,7 @@ impl Bounds {
         }
         WindowLease {
             budget: self.windows.clone(),
-            peer: share.clone(),
+            peer: share,
             leased,
             window,
             wanted: want,
@@ -1183,19 +1204,46 @@ mod tests {
         assert!(b.windows.lock().waiting.is_empty());
     }
 
+    /// Bounds with a tunnel window budget of `total` MiB, `share` MiB each.
+    fn window_budget(total: u64, share: u64) -> Bounds {
+        Bounds::new(
+            Limits {
+                max_tunnel_window: total << 20,
+                max_tunnel_window_per_peer: share << 20,
+                ..Limits::default()
+            },
+            FdLimit::default(),
+        )
+    }
+
+    /// An identity's inbound tunnels and the outbound ones counted against
+    /// it have separate shares: the waypoint's clients calling a
+    /// destination cannot use up the window of the destination's own
+    /// tunnels to the waypoint.
+    #[test]
+    fn inbound_and_outbound_shares_of_one_identity_are_separate() {
+        const MIB: u32 = 1 << 20;
+        let b = window_budget(8, 2);
+        let a = id("a");
+        let outbound = b.window(&a, 2 * MIB);
+        let inbound = b.tunnel(&a, 2 * MIB).expect("tunnel");
+        assert_eq!([outbound.window(), inbound.window()], [2 * MIB, 2 * MIB]);
+        assert!(
+            b.window(&a, 2 * MIB).reduced(),
+            "the outbound share is full"
+        );
+        assert!(
+            b.tunnel(&a, 2 * MIB).expect("tunnel").lease.reduced(),
+            "the inbound share is full"
+        );
+    }
+
     /// A lease granted less than it asked for grows as other leases return
     /// bytes, within its share, up to what it asked for, and no further.
     #[tokio::test]
     async fn a_reduced_lease_grows_as_the_budget_frees_within_its_share() {
         const MIB: u32 = 1 << 20;
-        let b = Bounds::new(
-            Limits {
-                max_tunnel_window: 4 * u64::from(MIB),
-                max_tunnel_window_per_peer: 3 * u64::from(MIB),
-                ..Limits::default()
-            },
-            FdLimit::default(),
-        );
+        let b = window_budget(4, 3);
         let (a, c) = (id("a"), id("c"));
         let a1 = b.window(&a, 2 * MIB);
         let c1 = b.window(&c, 2 * MIB);
@@ -1234,14 +1282,7 @@ mod tests {
     #[tokio::test]
     async fn returned_bytes_wake_only_the_leases_they_are_handed_to() {
         const MIB: u32 = 1 << 20;
-        let b = Bounds::new(
-            Limits {
-                max_tunnel_window: 8 * u64::from(MIB),
-                max_tunnel_window_per_peer: 2 * u64::from(MIB),
-                ..Limits::default()
-            },
-            FdLimit::default(),
-        );
+        let b = window_budget(8, 2);
         let (a, c) = (id("a"), id("c"));
         let a_full = b.window(&a, 2 * MIB);
         let mut waiting: Vec<WindowLease> = (0..100).map(|_| b.window(&a, 2 * MIB)).collect();
