@@ -373,6 +373,9 @@ pub enum Flags {
     FaultInjected,
     /// The destination is at its `maxConnections` (`UO`).
     Overflow,
+    /// Nothing moved for the stream idle timeout before the answer
+    /// (`SI`, with 408).
+    StreamIdle,
 }
 
 impl Flags {
@@ -389,6 +392,68 @@ impl Flags {
             Self::DelayInjected => "DI",
             Self::FaultInjected => "FI",
             Self::Overflow => "UO",
+            Self::StreamIdle => "SI",
+        }
+    }
+}
+
+/// How waiting for a request's answer ended.
+#[derive(Debug)]
+enum Waited<T> {
+    /// The tries ended with this.
+    Answered(T),
+    /// The route's timeout passed first.
+    RouteTimeout,
+    /// Nothing moved for the stream idle timeout: no answer from the
+    /// backend, no request byte from the client.
+    StreamIdle,
+}
+
+/// Waits for `tries`, at most the route timeout `route` (Istio's default:
+/// none), and no longer than `idle` (the stream idle timeout) without a
+/// request byte from the client (`uploaded` counts them): a backend that
+/// never answers, on a route without a timeout, holds the request, its
+/// slots and its endpoint pick no longer than Envoy's
+/// `stream_idle_timeout` would (the waypoint answers 408, flag `SI`).
+/// Upload progress is looked at once per `idle`: the request is dropped
+/// between one and two `idle`s after the client's last byte. An inner
+/// HTTP/1.1 request's tunnel stream is timed out by its pipe too; an
+/// inner HTTP/2 one's is not (its pings keep the stream busy): this is
+/// what bounds it.
+async fn wait_for_answer<F: Future>(
+    tries: F,
+    route: Option<Duration>,
+    uploaded: &AtomicU64,
+    idle: Duration,
+) -> Waited<F::Output> {
+    let start = tokio::time::Instant::now();
+    let deadline = route.and_then(|t| start.checked_add(t));
+    let mut tries = std::pin::pin!(tries);
+    let mut seen = uploaded.load(Ordering::Relaxed);
+    let mut idle_at = start.checked_add(idle);
+    loop {
+        let wake = match (deadline, idle_at) {
+            (Some(d), Some(i)) => Some(d.min(i)),
+            (d, i) => d.or(i),
+        };
+        let Some(wake) = wake else {
+            return Waited::Answered(tries.await);
+        };
+        tokio::select! {
+            outcome = tries.as_mut() => return Waited::Answered(outcome),
+            () = tokio::time::sleep_until(wake) => {}
+        }
+        let now = tokio::time::Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            return Waited::RouteTimeout;
+        }
+        if idle_at.is_some_and(|i| now >= i) {
+            let n = uploaded.load(Ordering::Relaxed);
+            if n == seen {
+                return Waited::StreamIdle;
+            }
+            seen = n;
+            idle_at = now.checked_add(idle);
         }
     }
 }
@@ -1192,15 +1257,24 @@ async fn forward(
         streamed,
         (&mut last, &mut last_pick),
     );
-    let outcome = match rule.and_then(|r| r.timeout) {
-        Some(t) => tokio::time::timeout(t, tries).await.ok(),
-        None => Some(tries.await),
-    };
-    // The endpoint of the last try, even when the route timeout cut it.
+    let waited = wait_for_answer(
+        tries,
+        rule.and_then(|r| r.timeout),
+        &finish.request_bytes,
+        shared.stream_idle_timeout(),
+    )
+    .await;
+    // The endpoint of the last try, even when a timeout cut it.
     finish.upstream = last;
     finish._pick = last_pick;
-    let Some(outcome) = outcome else {
-        return answer(finish, StatusCode::GATEWAY_TIMEOUT, Flags::Timeout);
+    let outcome = match waited {
+        Waited::Answered(outcome) => outcome,
+        Waited::RouteTimeout => {
+            return answer(finish, StatusCode::GATEWAY_TIMEOUT, Flags::Timeout);
+        }
+        Waited::StreamIdle => {
+            return answer(finish, StatusCode::REQUEST_TIMEOUT, Flags::StreamIdle);
+        }
     };
     let response = match outcome {
         Try::Response(r) => r,

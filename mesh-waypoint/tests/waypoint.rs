@@ -1415,15 +1415,15 @@ async fn answered_ok_within_10s(c: &mut HttpClient, path: &str, what: &str) {
     }
 }
 
-/// Requests multiplexed on an inner HTTP/2 connection each hold a slot of
-/// the peer's stream cap while they are answered (one tunnel stream cannot
-/// carry a hundred backend connections past the bounds); the slot comes
-/// back with the answer. The backend gets the client's certificate as the
-/// waypoint verified it, never the client's own `x-forwarded-client-cert`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inner_http2_requests_hold_slots_of_the_peers_stream_cap() {
+/// A waypoint whose peers hold at most 2 streams, serving `web` (no route:
+/// a request under `/hang` waits for the backend for ever), its client,
+/// and the count of requests the backend received.
+async fn two_stream_waypoint() -> (
+    mesh_waypoint::Running,
+    MeshClient,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
     let (v1, received) = counted_backend("v1").await;
-    // No route: a request under /hang waits for the backend for ever.
     let config = backend_config(v1.port());
     let ca = issuer();
     let limits = mesh_agent::proxy::limits::Limits {
@@ -1432,6 +1432,44 @@ async fn inner_http2_requests_hold_slots_of_the_peers_stream_cap() {
     };
     let w = waypoint_with_limits(ca.clone(), &config, limits).await;
     let client = MeshClient::new(ca, CLIENT_ID, w.hbone).await;
+    (w, client, received)
+}
+
+/// An inner HTTP/2 connection to `target` through a tunnel of `client`,
+/// pinging every 200 ms (bytes always move in the tunnel), and the task
+/// driving it.
+async fn pinging_h2<B>(
+    client: &MeshClient,
+    target: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<B>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+)
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let io = hyper_util::rt::TokioIo::new(client.tunnel(target).await.expect("tunnel"));
+    let (sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(200))
+            .keep_alive_while_idle(true)
+            .handshake::<_, B>(io)
+            .await
+            .expect("h2");
+    (sender, tokio::spawn(conn))
+}
+
+/// Requests multiplexed on an inner HTTP/2 connection each hold a slot of
+/// the peer's stream cap while they are answered (one tunnel stream cannot
+/// carry a hundred backend connections past the bounds); the slot comes
+/// back with the answer. The backend gets the client's certificate as the
+/// waypoint verified it, never the client's own `x-forwarded-client-cert`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inner_http2_requests_hold_slots_of_the_peers_stream_cap() {
+    let (_w, client, received) = two_stream_waypoint().await;
     // The tunnel stream holds one slot, a request the other.
     let mut c = client.http(vip(WEB_VIP), true).await;
     let forged = (
@@ -1470,6 +1508,47 @@ async fn inner_http2_requests_hold_slots_of_the_peers_stream_cap() {
     assert!(!held.is_finished(), "the hanging request ended");
     held.abort();
     answered_ok_within_10s(&mut c, "/only-v1", "the slot never came back").await;
+}
+
+/// A request a backend never answers, on a route without a timeout (as
+/// Istio's default), sent on an inner HTTP/2 connection (whose pings keep
+/// the tunnel stream from idling) is answered 408 with Envoy's `SI` flag
+/// once nothing moved for the stream idle timeout, not held for ever with
+/// its slot; the slot comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_never_answered_ends_at_the_stream_idle_timeout() {
+    let (w, client, _received) = two_stream_waypoint().await;
+    w.shared.set_stream_idle_timeout(Duration::from_millis(800));
+    let (mut sender, _conn) =
+        pinging_h2::<http_body_util::Empty<bytes::Bytes>>(&client, vip(WEB_VIP)).await;
+    let get = |path: &str| {
+        http::Request::get(format!("http://web.default.svc.cluster.local{path}"))
+            .body(http_body_util::Empty::new())
+            .expect("request")
+    };
+    let started = std::time::Instant::now();
+    let a = tokio::time::timeout(Duration::from_secs(10), sender.send_request(get("/hang")))
+        .await
+        .expect("the hanging request was held past 10 s")
+        .expect("an answer");
+    assert_eq!(a.status(), 408, "{a:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "answered before the idle timeout"
+    );
+    let m = wait_metrics(w.admin, |m| {
+        requests_total(m)
+            .iter()
+            .any(|(l, _)| l["response_code"] == "408" && l["response_flags"] == "SI")
+    })
+    .await;
+    assert!(m.contains("response_flags=\"SI\""), "{m}");
+    // Its slot is back: the tunnel stream and one request fit again.
+    let b = sender
+        .send_request(get("/only-v1"))
+        .await
+        .expect("the slot never came back");
+    assert_eq!(b.status(), 200, "{b:?}");
 }
 
 /// The agent's connection bounds apply: a peer identity holding its maximum
@@ -2231,18 +2310,7 @@ async fn inner_http2_stalled_responses_and_idle_connections_are_timed_out() {
         ..Default::default()
     };
     let (_w, client) = waypoint_and_client(issuer(), &config, settings).await;
-    let io =
-        hyper_util::rt::TokioIo::new(client.tunnel(vip("10.96.9.10:80")).await.expect("tunnel"));
-    // The client pings every 200 ms: bytes always move in the tunnel.
-    let (mut sender, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .timer(hyper_util::rt::TokioTimer::new())
-            .keep_alive_interval(Duration::from_millis(200))
-            .keep_alive_while_idle(true)
-            .handshake::<_, Upload>(io)
-            .await
-            .expect("h2");
-    let conn = tokio::spawn(conn);
+    let (mut sender, conn) = pinging_h2::<Upload>(&client, vip("10.96.9.10:80")).await;
     let get = |path: &str| {
         http::Request::get(format!("http://stream.default{path}"))
             .body(Upload::new(http_body_util::Empty::new()))
