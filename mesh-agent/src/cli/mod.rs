@@ -194,7 +194,7 @@ struct LimitArgs {
     max_tunnel_window_bytes: Option<u64>,
     /// Of those, one share's (default: a quarter): an inbound tunnel's peer
     /// identity, an outbound tunnel's local client identity (the two
-    /// directions counted apart).
+    /// directions counted apart: an identity can hold this in each).
     #[arg(long, env = "MESH_MAX_TUNNEL_WINDOW_BYTES_PER_PEER")]
     max_tunnel_window_bytes_per_peer: Option<u64>,
 }

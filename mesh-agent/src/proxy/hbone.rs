@@ -840,10 +840,11 @@ pub async fn client_handshake(
 /// The connection window an extra outbound tunnel connection asks for when
 /// the pool spreads a key's streams over `spread` connections: Istio's
 /// [`CONNECTION_WINDOW`] divided among them (the spread is for the workers'
-/// parallelism, not for a larger window to one peer), at least one
+/// parallelism, not for a much larger window to one peer), at least one
 /// [`STREAM_WINDOW`] so a stream is never held by its connection's window.
 /// A key's first connection asks for the whole [`CONNECTION_WINDOW`]
-/// ([`Pool::window_for`]).
+/// ([`Pool::window_for`]): a key spread over 2 workers asks for 24 MiB in
+/// all, over [`MAX_SPREAD`] 44 MiB.
 pub fn connection_window(spread: usize) -> u32 {
     let spread = u32::try_from(spread.max(1)).unwrap_or(u32::MAX);
     (CONNECTION_WINDOW / spread).max(STREAM_WINDOW)

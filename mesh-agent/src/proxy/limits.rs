@@ -92,7 +92,10 @@ pub struct Limits {
     /// while this budget (and its peer's share) has it, else what is left,
     /// at least 65,535 bytes; the grant returns when the connection ends.
     pub max_tunnel_window: u64,
-    /// Of those, to the connections of one peer identity.
+    /// Of those, to the connections of one share: one identity in one
+    /// direction (an inbound tunnel's peer; the identity an outbound
+    /// tunnel is counted against). An identity can hold this in each
+    /// direction.
     pub max_tunnel_window_per_peer: u64,
 }
 
@@ -366,12 +369,15 @@ type ShareKey = (Side, SpiffeId);
 
 /// The tunnel window budget: bytes granted in all, and per share (an
 /// entry goes with its last grant), and the leases granted less than they
-/// asked for, waiting for bytes, per share in arrival order.
+/// asked for, waiting for bytes, per share in arrival order, with the
+/// shares in the order of their oldest waiter (`heads`: each waiting
+/// share's first waiter's id).
 #[derive(Debug, Default)]
 struct Windows {
     granted: u64,
     per_peer: HashMap<ShareKey, u64>,
     waiting: HashMap<ShareKey, BTreeMap<u64, Waiting>>,
+    heads: BTreeMap<u64, ShareKey>,
     next_waiter: u64,
     /// Wake-ups sent to waiting leases, for tests: one per grant handed.
     wakes: u64,
@@ -407,29 +413,65 @@ impl WindowBudget {
 }
 
 impl Windows {
-    /// Hands the free part of the budget to the waiting leases, oldest
-    /// first within a share, each share within its own limit, and wakes
-    /// only those handed bytes. A share at its limit is skipped at once,
-    /// so what a lease's return costs is bounded by the shares waiting,
-    /// not the connections: a peer holding thousands of reduced
-    /// connections makes nobody else's return walk or wake them.
+    /// Queues a reduced lease of `share`; its id.
+    fn enqueue(&mut self, share: &ShareKey, waiting: Waiting) -> u64 {
+        let id = self.next_waiter;
+        self.next_waiter += 1;
+        let queue = self.waiting.entry(share.clone()).or_default();
+        if queue.is_empty() {
+            self.heads.insert(id, share.clone());
+        }
+        queue.insert(id, waiting);
+        id
+    }
+
+    /// Takes the lease `id` out of `share`'s queue.
+    fn dequeue(&mut self, share: &ShareKey, id: u64) -> Option<Waiting> {
+        let queue = self.waiting.get_mut(share)?;
+        let entry = queue.remove(&id)?;
+        if self.heads.remove(&id).is_some() {
+            match queue.first_key_value() {
+                Some((next, _)) => {
+                    self.heads.insert(*next, share.clone());
+                }
+                None => {
+                    self.waiting.remove(share);
+                }
+            }
+        }
+        Some(entry)
+    }
+
+    /// Hands the free part of the budget to the waiting leases: shares in
+    /// the order of their oldest waiter (no share is always served first),
+    /// oldest first within a share, each share within its own limit; wakes
+    /// only the leases handed bytes. A share at its limit is passed over
+    /// without looking at its queue, so what a lease's return costs grows
+    /// with the shares waiting, not the connections: a peer holding
+    /// thousands of reduced connections makes nobody else's return walk or
+    /// wake them.
     fn hand_out(&mut self, max_total: u64, max_share: u64) {
         let Self {
             granted,
             per_peer,
             waiting,
+            heads,
             wakes,
             ..
         } = self;
-        for (share, queue) in waiting.iter_mut() {
+        for share in heads.values() {
             let free = max_total.saturating_sub(*granted);
             if free == 0 {
                 break;
             }
             let held = per_peer.get(share).copied().unwrap_or(0);
             let mut room = free.min(max_share.saturating_sub(held));
+            let Some(queue) = waiting.get_mut(share).filter(|_| room > 0) else {
+                continue;
+            };
             let mut given = 0;
             for w in queue.values_mut() {
+                // Handed all it misses, not yet taken by its connection.
                 let need = w.missing - w.handed;
                 if need == 0 {
                     continue;
@@ -490,21 +532,14 @@ impl WindowLease {
         let (id, _) = self.waiting.as_ref()?;
         let id = *id;
         let mut w = self.budget.lock();
-        let queue = w.waiting.get_mut(&self.peer)?;
-        let entry = queue.get_mut(&id)?;
+        let entry = w.waiting.get_mut(&self.peer)?.get_mut(&id)?;
         let handed = std::mem::take(&mut entry.handed);
         entry.missing -= handed;
-        let done = entry.missing == 0;
-        if done {
-            queue.remove(&id);
-            if queue.is_empty() {
-                w.waiting.remove(&self.peer);
-            }
-        }
-        drop(w);
-        if done {
+        if entry.missing == 0 {
+            w.dequeue(&self.peer, id);
             self.waiting = None;
         }
+        drop(w);
         if handed == 0 {
             return None;
         }
@@ -540,25 +575,27 @@ impl Drop for WindowLease {
         let mut w = self.budget.lock();
         // Bytes handed but not taken were granted too.
         let mut back = self.leased;
+        let mut left_queue = false;
         if let Some((id, _)) = self.waiting.take()
-            && let Some(queue) = w.waiting.get_mut(&self.peer)
+            && let Some(entry) = w.dequeue(&self.peer, id)
         {
-            back += queue.remove(&id).map_or(0, |e| e.handed);
-            if queue.is_empty() {
-                w.waiting.remove(&self.peer);
+            back += entry.handed;
+            left_queue = true;
+        }
+        if back > 0 {
+            w.granted = w.granted.saturating_sub(back);
+            if let Some(n) = w.per_peer.get_mut(&self.peer) {
+                *n = n.saturating_sub(back);
+                if *n == 0 {
+                    w.per_peer.remove(&self.peer);
+                }
             }
         }
-        if back == 0 {
-            return;
+        // A waiter that leaves may have been holding up smaller ones
+        // behind it: hand out again even when it returns nothing.
+        if back > 0 || left_queue {
+            w.hand_out(self.budget.max_total, self.budget.max_share);
         }
-        w.granted = w.granted.saturating_sub(back);
-        if let Some(n) = w.per_peer.get_mut(&self.peer) {
-            *n = n.saturating_sub(back);
-            if *n == 0 {
-                w.per_peer.remove(&self.peer);
-            }
-        }
-        w.hand_out(self.budget.max_total, self.budget.max_share);
     }
 }
 
@@ -767,11 +804,9 @@ impl Bounds {
             };
             // Reduced: queue for the bytes returned from now on.
             let waiting = (window < want).then(|| {
-                let id = w.next_waiter;
-                w.next_waiter += 1;
                 let wake = Arc::new(Notify::new());
-                w.waiting.entry(share.clone()).or_default().insert(
-                    id,
+                let id = w.enqueue(
+                    &share,
                     Waiting {
                         missing: u64::from(want) - leased,
                         handed: 0,
@@ -1214,6 +1249,49 @@ mod tests {
             },
             FdLimit::default(),
         )
+    }
+
+    /// Bytes returned go to the shares in the order their oldest waiter
+    /// came, not in the order a hash map keeps them: no share is always
+    /// served first.
+    #[test]
+    fn returned_bytes_go_to_the_shares_oldest_waiter_first() {
+        const MIB: u32 = 1 << 20;
+        let b = window_budget(4, 4);
+        let full = b.window(&id("x"), 4 * MIB);
+        let mut waiting: Vec<WindowLease> = (0..20)
+            .map(|i| b.window(&id(&format!("s{i}")), MIB))
+            .collect();
+        drop(full);
+        let handed: Vec<bool> = waiting
+            .iter_mut()
+            .map(|lease| lease.take_handed().is_some())
+            .collect();
+        let first_four: Vec<bool> = (0..20).map(|i| i < 4).collect();
+        assert_eq!(handed, first_four);
+    }
+
+    /// A waiter that leaves, even holding nothing, lets the smaller ones
+    /// behind it take what is free, at once.
+    #[test]
+    fn a_waiter_leaving_hands_its_place_on() {
+        const KIB: u32 = 1 << 10;
+        let b = window_budget(1, 1);
+        let a = id("a");
+        let held = b.window(&a, 900 * KIB);
+        let freed = b.window(&a, 70 * KIB);
+        // 54 KiB free: both wait, holding nothing.
+        let big = b.window(&a, 1024 * KIB);
+        let mut small = b.window(&a, 80 * KIB);
+        assert_eq!((big.leased, small.leased), (0, 0));
+        // 124 KiB free: less than the big one's step, so the queue waits.
+        drop(freed);
+        assert_eq!(small.take_handed(), None);
+        drop(big);
+        assert_eq!(small.take_handed(), Some(80 * KIB));
+        drop((held, small));
+        let w = b.windows.lock();
+        assert_eq!((w.granted, w.waiting.len(), w.heads.len()), (0, 0, 0));
     }
 
     /// An identity's inbound tunnels and the outbound ones counted against
