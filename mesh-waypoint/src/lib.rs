@@ -113,8 +113,8 @@ impl Running {
         self.serve_endpoints(addr, admin::Endpoints::Metrics).await
     }
 
-    /// Also serves readiness only on `addr`, for the kubelet's probes, with
-    /// no connection cap (see [`admin`]); its address.
+    /// Also serves readiness only on `addr`, for the kubelet's probes,
+    /// capped per source address (see [`admin`]); its address.
     pub async fn serve_readiness(&mut self, addr: SocketAddr) -> Result<SocketAddr, StartError> {
         self.serve_endpoints(addr, admin::Endpoints::Readiness)
             .await

@@ -43,7 +43,7 @@ struct RunArgs {
     /// connections (Prometheus; `0.0.0.0:15020` in a cluster).
     #[arg(long)]
     metrics: Option<SocketAddr>,
-    /// A listener for /healthz/ready only, with no connection cap (the
+    /// A listener for /healthz/ready only, capped per source address (the
     /// kubelet's probes; `0.0.0.0:15021` in a cluster): a pod holding the
     /// metrics listener's connections cannot get the waypoint restarted.
     #[arg(long)]

@@ -47,32 +47,43 @@ pub struct ListenerCaps {
     pub header_timeout: Duration,
     /// Whether a connection may carry more than one request.
     pub keep_alive: bool,
+    /// How long a connection may live, however it is used: a client
+    /// reading its answer slowly (a zero receive window) frees its slot
+    /// then too.
+    pub max_lifetime: Duration,
 }
 
 impl ListenerCaps {
     /// The admin and metrics listeners: [`MAX_CONNECTIONS`] in all, a
-    /// request head within 10 s. The metrics listener is reachable by any
-    /// pod: a flood must not take the agent's descriptors or its control
-    /// runtime.
+    /// request head within 10 s, a connection for at most 60 s (Prometheus
+    /// reconnects). The metrics listener is reachable by any pod: a flood
+    /// must not take the agent's descriptors or its control runtime.
     pub const ADMIN: Self = Self {
         total: MAX_CONNECTIONS,
         per_source: MAX_CONNECTIONS,
         header_timeout: HEADER_TIMEOUT,
         keep_alive: true,
+        max_lifetime: Duration::from_secs(60),
     };
 
     /// The readiness listener, the kubelet's probes, reachable by any pod:
-    /// 4 connections per source address (the kubelet's probes from one
-    /// address need at most 3 at once), 1024 in all, one request each and
-    /// its head within 2 s, so a slot is held about 2 s at most. Capped
-    /// like the metrics listener, one pod holding 64 connections would
-    /// keep the probe out and get the agent (or the waypoint) marked
-    /// unready; uncapped, it could take the process's descriptors.
+    /// 4 connections per source address (an IPv6 /64 counts as one; the
+    /// kubelet's probes from the node's address need at most 3 at once),
+    /// 4096 in all, one request each and its head within 2 s, 10 s at
+    /// most in all, so a slot is held about 2 s by a client that asks
+    /// nothing. Capped like the metrics listener, one pod holding 64
+    /// connections would keep the probe out and get the agent (or the
+    /// waypoint) marked unready; uncapped, it could take the process's
+    /// descriptors. What is left: a tenant with a thousand pods each
+    /// reconnecting as fast as it is closed can fill the total, and the
+    /// node's own address is shared by the host-network pods and
+    /// processes of the node, which can take its 4 slots.
     pub const READINESS: Self = Self {
-        total: 1024,
+        total: 4096,
         per_source: 4,
         header_timeout: Duration::from_secs(2),
         keep_alive: false,
+        max_lifetime: Duration::from_secs(10),
     };
 }
 
@@ -327,7 +338,7 @@ where
             tracing::debug!(%peer, max = caps.total, "admin connection closed: too many open");
             continue;
         };
-        let Some(source_slot) = per_source.try_acquire(&peer.ip().to_canonical()) else {
+        let Some(source_slot) = per_source.try_acquire(&source_key(peer.ip())) else {
             tracing::debug!(%peer, max = caps.per_source, "admin connection closed: too many open from its address");
             continue;
         };
@@ -344,10 +355,29 @@ where
                 .header_read_timeout(caps.header_timeout)
                 .keep_alive(caps.keep_alive)
                 .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "admin connection ended with an error");
+            match tokio::time::timeout(caps.max_lifetime, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "admin connection ended with an error");
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, max_lifetime_s = caps.max_lifetime.as_secs(), "admin connection closed: it lived its longest");
+                }
             }
         });
+    }
+}
+
+/// What a source address is counted as: an IPv4 address (v4-mapped ones
+/// included) as itself, an IPv6 address by its /64, which one host (or
+/// pod) may hold all of.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !u128::from(u64::MAX);
+            IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
     }
 }
 
@@ -369,4 +399,19 @@ fn into_response(reply: Reply, head: bool) -> Response<Full<Bytes>> {
         headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(len));
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_counted_by_address_and_ipv6_by_its_64() {
+        let key = |s: &str| source_key(s.parse().expect("ip"));
+        assert_eq!(key("10.0.0.7"), key("10.0.0.7"));
+        assert_ne!(key("10.0.0.7"), key("10.0.0.8"));
+        assert_eq!(key("::ffff:10.0.0.7"), key("10.0.0.7"));
+        assert_eq!(key("fd00:1:2:3::1"), key("fd00:1:2:3:ffff::9"));
+        assert_ne!(key("fd00:1:2:3::1"), key("fd00:1:2:4::1"));
+    }
 }

@@ -335,6 +335,21 @@ fn query_params_are_percent_decoded() {
     assert_eq!(query_param("level=%zz", "level"), None);
 }
 
+/// The three listeners started on loopback ports of their own.
+fn on_loopback(admin: &Admin, handle: &tokio::runtime::Handle) -> Listeners {
+    let loopback = "127.0.0.1:0".parse().expect("addr");
+    admin
+        .start(
+            &AdminConfig {
+                admin_addr: loopback,
+                metrics_addr: loopback,
+                readiness_addr: loopback,
+            },
+            handle,
+        )
+        .expect("start")
+}
+
 #[test]
 fn servers_answer_over_http_and_the_cli_reads_them() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -343,17 +358,7 @@ fn servers_answer_over_http_and_the_cli_reads_them() {
         .build()
         .expect("runtime");
     let (admin, _store) = admin();
-    let loopback = "127.0.0.1:0".parse().expect("addr");
-    let listeners = admin
-        .start(
-            &AdminConfig {
-                admin_addr: loopback,
-                metrics_addr: loopback,
-                readiness_addr: loopback,
-            },
-            runtime.handle(),
-        )
-        .expect("start");
+    let listeners = on_loopback(&admin, runtime.handle());
     // A second agent on the same addresses fails with the flag to change.
     let err = admin
         .start(
@@ -450,4 +455,39 @@ async fn an_admin_listener_holds_at_most_its_connections() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// The agent's readiness listener holds 4 connections per source address
+/// (a fifth is closed at once) and answers the others: one pod cannot keep
+/// the kubelet's probe out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readiness_listener_caps_each_source_address() {
+    use tokio::io::AsyncReadExt;
+    let (admin, _store) = admin();
+    let listeners = on_loopback(&admin, &tokio::runtime::Handle::current());
+    let from = |source: [u8; 4]| async move {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(std::net::SocketAddr::from((source, 0)))
+            .expect("bind a loopback source");
+        socket.connect(listeners.readiness).await.expect("connect")
+    };
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(from([127, 0, 3, 1]).await);
+    }
+    let mut fifth = from([127, 0, 3, 1]).await;
+    let mut buf = [0u8; 1];
+    // Well inside the 2 s request-head deadline that closes idle ones.
+    let closed =
+        tokio::time::timeout(std::time::Duration::from_millis(300), fifth.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0) | Err(_))), "{closed:?}");
+    let (status, body) = tokio::task::spawn_blocking(move || {
+        crate::cli::client::get(listeners.readiness, "/healthz/ready")
+    })
+    .await
+    .expect("join")
+    .expect("readiness");
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    drop(held);
 }
