@@ -114,8 +114,7 @@ async fn cluster() -> FakeApiServer {
         "agent-a-other-audience",
         agent("mesh-agent-a", "uid-agent-a", Some("node-a"), "kubernetes"),
     );
-    api.add_token(
-        "cart",
+    let cart = || {
         TokenUser::bound(
             "shop",
             "cart",
@@ -123,9 +122,24 @@ async fn cluster() -> FakeApiServer {
             "uid-cart-1",
             Some("node-a"),
             AUDIENCE,
-        ),
-    );
+        )
+    };
+    api.add_token("cart", cart());
+    api.add_token(&jwt("cart"), cart());
     api
+}
+
+/// A JWT-shaped token named `name` expiring in 2100 (the CA server keeps a
+/// review only of a token whose `exp` it can read; the fake API server
+/// knows tokens by their whole text, signature or not).
+fn jwt(name: &str) -> String {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    format!(
+        "{}.{}.{name}",
+        b64(r#"{"alg":"RS256","kid":"test"}"#),
+        b64(&format!(r#"{{"exp":4102444800,"sub":"{name}"}}"#))
+    )
 }
 
 /// The mesh CA, and the directory holding its files (`dir/ca`).
@@ -477,7 +491,7 @@ async fn a_repeated_token_costs_one_token_review() {
     let api = cluster().await;
     let server = serve(&ca, &api, two_then_limited).await;
     let dir = Tmp::new("review-cache-token");
-    let c = client(&ca, server.local_addr(), &token(&dir, "cart"));
+    let c = client(&ca, server.local_addr(), &token(&dir, &jwt("cart")));
     let cart = id("shop", "cart");
     let reviews = "POST /apis/authentication.k8s.io/v1/tokenreviews";
     let before = api.count(reviews);
@@ -488,6 +502,47 @@ async fn a_repeated_token_costs_one_token_review() {
         assert!(matches!(e, CaClientError::RateLimited { .. }), "{e}");
     }
     assert_eq!(api.count(reviews) - before, 1, "one review for one token");
+    // A token without a readable expiry is reviewed each time: how long
+    // it may be believed is unknown.
+    let opaque = client(&ca, server.local_addr(), &token(&dir, "agent-a"));
+    let before = api.count(reviews);
+    for _ in 0..2 {
+        ask(&opaque, &cart, true, MAX_TTL).await.unwrap();
+    }
+    assert_eq!(api.count(reviews) - before, 2);
+    server.shutdown().await.unwrap();
+}
+
+/// Requests with one token arriving together, before any review of it is
+/// kept (an agent asking for all its pods at start), cost one TokenReview:
+/// they wait for the first one's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_requests_with_a_token_share_one_review() {
+    let ca = mesh_ca("review-shared");
+    let api = cluster().await;
+    let server = serve(&ca, &api, |_| {}).await;
+    let dir = Tmp::new("review-shared-token");
+    let c = client(&ca, server.local_addr(), &token(&dir, &jwt("cart")));
+    let cart = id("shop", "cart");
+    let reviews = "POST /apis/authentication.k8s.io/v1/tokenreviews";
+    let before = api.count(reviews);
+    // The review takes long enough for all eight to arrive meanwhile.
+    api.set_delay(Duration::from_millis(1500));
+    let asks: Vec<_> = (0..8)
+        .map(|_| {
+            let (c, cart) = (c.clone(), cart.clone());
+            tokio::spawn(async move { ask(&c, &cart, false, MAX_TTL).await })
+        })
+        .collect();
+    for a in asks {
+        a.await.unwrap().expect("issued");
+    }
+    assert_eq!(
+        api.count(reviews) - before,
+        1,
+        "one review for eight requests"
+    );
+    api.set_delay(Duration::ZERO);
     server.shutdown().await.unwrap();
 }
 

@@ -89,7 +89,8 @@ pub struct CaServerConfig {
     /// Deadline of each Kubernetes API call.
     pub api_timeout: Duration,
     /// How long a token the API server authenticated is taken as reviewed
-    /// without asking again (zero: every request is reviewed).
+    /// without asking again, from when the review was asked, never past the
+    /// token's `exp` (zero: every request is reviewed, none shared).
     pub token_review_cache: Duration,
     /// Validity of the server's own certificate (re-signed at half-life).
     pub serving_cert_ttl: Duration,

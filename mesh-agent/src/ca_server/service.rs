@@ -16,7 +16,7 @@ use super::CaServerConfig;
 use super::authz::{self, Plan, Refusal};
 use super::kube_api::KubeApi;
 use super::limits::RateLimiter;
-use super::reviewed::Reviewed;
+use super::reviewed::{Answer, Lookup, Reviewed};
 use super::tls::PeerAddr;
 use crate::identity::istio_ca::IMPERSONATED_IDENTITY;
 use crate::identity::istio_ca::proto::{
@@ -45,8 +45,9 @@ struct Audit {
     caller: String,
     node: String,
     identity: String,
-    /// How the caller was authenticated: `api` (a TokenReview) or
-    /// `cached` (one made a moment ago for the same token).
+    /// How the caller was authenticated: `api` (a TokenReview), `cached`
+    /// (one made a moment ago for the same token) or `shared` (another
+    /// request's review of the same token, made at the same time).
     review: &'static str,
 }
 
@@ -112,6 +113,38 @@ impl CaService {
         Ok(caller)
     }
 
+    /// The caller `token` is: a review kept a moment ago, the answer of
+    /// one another request of the same token is asking, or a review of its
+    /// own (when that other one fails, the waiters ask again, one of them
+    /// first).
+    async fn authenticate(&self, token: &str, audit: &mut Audit) -> Result<authz::Caller, Refusal> {
+        loop {
+            match self.reviewed.lookup(token, Instant::now()) {
+                Lookup::Cached(caller) => {
+                    audit.review = "cached";
+                    return Ok(caller);
+                }
+                Lookup::Shared(mut waiting) => {
+                    let answer = waiting
+                        .wait_for(|a| !matches!(a, Answer::Pending))
+                        .await
+                        .map(|a| a.clone());
+                    if let Ok(Answer::Reviewed(caller)) = answer {
+                        audit.review = "shared";
+                        return Ok(caller);
+                    }
+                }
+                Lookup::Lead(flight) => {
+                    audit.review = "api";
+                    let asked = Instant::now();
+                    let caller = self.review(token, audit).await?;
+                    flight.reviewed(token, &caller, asked);
+                    return Ok(caller);
+                }
+            }
+        }
+    }
+
     async fn handle(
         &self,
         token: Option<String>,
@@ -128,18 +161,7 @@ impl CaService {
             .map_err(|_| Refusal::Busy {
                 limit: self.cfg.max_concurrent_requests,
             })?;
-        let caller = match self.reviewed.get(&token, Instant::now()) {
-            Some(caller) => {
-                audit.review = "cached";
-                caller
-            }
-            None => {
-                audit.review = "api";
-                let caller = self.review(&token, audit).await?;
-                self.reviewed.insert(&token, &caller, Instant::now());
-                caller
-            }
-        };
+        let caller = self.authenticate(&token, audit).await?;
         audit.caller.clone_from(&caller.username);
         audit.node = caller.node().to_owned();
         let key = caller.limit_key();

@@ -61,8 +61,10 @@ pub struct CaServeArgs {
     #[arg(long, env = "MESH_CA_API_TIMEOUT", default_value = "5s", value_parser = super::parse_duration)]
     api_timeout: Duration,
     /// How long a token the API server authenticated is taken as reviewed
-    /// without a new TokenReview (a token revoked meanwhile is honoured that
-    /// long, as by the API server's own cache); 0s reviews every request.
+    /// without a new TokenReview, from when the review was asked and never
+    /// past the token's `exp` (a token revoked meanwhile is honoured that
+    /// long, as by the API server's own cache); requests with one token
+    /// arriving together share one review. 0s reviews every request.
     #[arg(long, env = "MESH_CA_TOKEN_REVIEW_CACHE", default_value = "10s", value_parser = super::parse_duration)]
     token_review_cache: Duration,
     /// The API server URL, spoken to in plain HTTP without authentication
