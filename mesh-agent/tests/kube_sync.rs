@@ -964,3 +964,42 @@ async fn waypoint_labels_arrive_follow_changes_and_resolve_to_the_waypoint_pod()
     })
     .await;
 }
+
+/// A tenant updating an object in a loop (here every 20 ms for 0.6 s)
+/// makes the node rebuild its state (compile every policy and route,
+/// re-decide open connections) a few times, not once per update: changes
+/// are published after 100 ms without another, at most 1 s after the
+/// first, as istiod debounces its pushes. The last update is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_updates_is_published_a_few_times_not_once_each() {
+    bounded(async {
+        let server = FakeApiServer::start().await;
+        let proc = FakeProc::new("debounce");
+        seed(&server, &proc);
+        let run = harness::start(&server, harness::config(NODE, &proc.root)).await;
+        let store = &run.store;
+        let before = store.current().generation;
+        for i in 0..30 {
+            let action = if i % 2 == 0 { "DENY" } else { "AUDIT" };
+            server.apply(objects::authorization_policy("shop", "allow-cart", action));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        server.apply(objects::authorization_policy("shop", "allow-cart", "ALLOW"));
+        let action = |s: &mesh_agent::state::Snapshot| {
+            s.policies
+                .authorization
+                .first()
+                .map(|p| p["spec"]["action"].clone())
+        };
+        let snap = wait_for(store, "the last update published", |s| {
+            s.generation > before && action(s) == Some(json!("ALLOW"))
+        })
+        .await;
+        let publications = snap.generation - before;
+        assert!(
+            publications <= 4,
+            "{publications} publications for 31 updates"
+        );
+    })
+    .await;
+}

@@ -28,6 +28,13 @@ pub struct KubeConfig {
     pub backoff_max: Duration,
     /// Server-side timeout of each watch request, in seconds (`None`: kube's 290).
     pub watch_timeout_secs: Option<u32>,
+    /// A change is published once no other came for this long (istiod's
+    /// `PILOT_DEBOUNCE_AFTER`, 100 ms): a burst of updates is one build.
+    pub debounce_quiet: Duration,
+    /// ... and at most this long after the first change not yet published
+    /// (istiod's `PILOT_DEBOUNCE_MAX` is 10 s; 1 s here): an object updated
+    /// in a loop delays nothing longer.
+    pub debounce_max: Duration,
 }
 
 /// The node name of a source that watches on no node's behalf (the
@@ -45,7 +52,8 @@ impl KubeConfig {
     }
 
     /// Defaults for `node_name`: `/proc`, `/sys/fs/cgroup`, `kube-system`
-    /// excluded, rediscovery every 2 s, backoff 800 ms to 30 s (client-go's).
+    /// excluded, rediscovery every 2 s, backoff 800 ms to 30 s (client-go's),
+    /// publications debounced 100 ms, at most 1 s.
     pub fn new(node_name: impl Into<String>) -> Self {
         Self {
             node_name: node_name.into(),
@@ -57,6 +65,8 @@ impl KubeConfig {
             backoff_min: Duration::from_millis(800),
             backoff_max: Duration::from_secs(30),
             watch_timeout_secs: None,
+            debounce_quiet: Duration::from_millis(100),
+            debounce_max: Duration::from_secs(1),
         }
     }
 }

@@ -27,6 +27,60 @@ use crate::{
 /// How often start-up reports which kinds are still not listed.
 const STARTUP_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
+/// When the changes not yet published are due, as istiod debounces its
+/// pushes: once no change came for `quiet`, and at most `max` after the
+/// first. A tenant updating an object in a loop makes the node rebuild
+/// (compile every policy and route, re-decide every open connection) at
+/// most once per `max`, not once per update. A failed publication is
+/// tried again at the time [`Self::failed`] is given, changes or not.
+#[derive(Debug)]
+pub(super) struct Debounce {
+    quiet: Duration,
+    max: Duration,
+    /// The first and the last change not yet published.
+    pending: Option<(Instant, Instant)>,
+    retry_at: Option<Instant>,
+}
+
+impl Debounce {
+    pub(super) fn new(quiet: Duration, max: Duration) -> Self {
+        Self {
+            quiet,
+            max,
+            pending: None,
+            retry_at: None,
+        }
+    }
+
+    /// A change at `now`.
+    pub(super) fn changed(&mut self, now: Instant) {
+        let first = self.pending.map_or(now, |(first, _)| first);
+        self.pending = Some((first, now));
+    }
+
+    /// When to publish: `None` while nothing waits.
+    pub(super) fn due(&self) -> Option<Instant> {
+        if let Some(at) = self.retry_at {
+            return Some(at);
+        }
+        let (first, last) = self.pending?;
+        let quiet = last.checked_add(self.quiet).unwrap_or(last);
+        let max = first.checked_add(self.max).unwrap_or(first);
+        Some(quiet.min(max))
+    }
+
+    /// Everything was published.
+    pub(super) fn published(&mut self) {
+        self.pending = None;
+        self.retry_at = None;
+    }
+
+    /// Publishing failed: try again at `at`.
+    pub(super) fn failed(&mut self, at: Instant) {
+        self.retry_at = Some(at);
+    }
+}
+
 /// The loop's state.
 pub struct SyncLoop {
     client: Client,
@@ -92,9 +146,13 @@ impl SyncLoop {
         let mut rediscover = tokio::time::interval(self.cfg.rediscover_interval);
         rediscover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut probe_backoff = Backoff::new(self.cfg.backoff_min, self.cfg.backoff_max);
+        let mut publish_backoff = Backoff::new(self.cfg.backoff_min, self.cfg.backoff_max);
+        let mut debounce = Debounce::new(self.cfg.debounce_quiet, self.cfg.debounce_max);
         let mut next_probe = tokio::time::Instant::now();
         loop {
             let probing = !self.failing.is_empty();
+            let due = debounce.due();
+            let mut publish_now = false;
             let mut dirty = tokio::select! {
                 _ = cancel.cancelled() => break,
                 msg = rx.recv() => match msg {
@@ -110,6 +168,10 @@ impl SyncLoop {
                     }
                     false
                 }
+                () = sleep_until_due(due), if due.is_some() => {
+                    publish_now = true;
+                    false
+                }
             };
             // Coalesce a burst (a relist) into one publication.
             while let Ok(msg) = rx.try_recv() {
@@ -122,8 +184,18 @@ impl SyncLoop {
                 self.report_startup();
                 continue;
             }
-            if dirty || !self.published {
-                self.publish().await;
+            // The first publication makes the agent ready: at once. Later
+            // ones are debounced.
+            if dirty {
+                debounce.changed(Instant::now());
+            }
+            if publish_now || !self.published {
+                if self.publish().await {
+                    debounce.published();
+                    publish_backoff.reset();
+                } else {
+                    debounce.failed(Instant::now() + publish_backoff.next_delay());
+                }
             }
         }
     }
@@ -256,7 +328,10 @@ impl SyncLoop {
         );
     }
 
-    async fn publish(&mut self) {
+    /// Builds and publishes a snapshot of the caches; whether it was
+    /// published (a build that panicked is logged, the last published state
+    /// stays in force, and the caller tries again).
+    async fn publish(&mut self) -> bool {
         // One set of objects for the pods' locations and the build. This
         // task applies no event until the build is done, so the caches lend
         // them uncopied.
@@ -285,8 +360,8 @@ impl SyncLoop {
                 generation
             }
             Err(e) => {
-                tracing::error!(error = %e, "publishing the Kubernetes state failed; the last published state stays in force");
-                return;
+                tracing::error!(error = %e, "publishing the Kubernetes state failed; the last published state stays in force, retrying");
+                return false;
             }
         };
         if !self.published {
@@ -310,6 +385,7 @@ impl SyncLoop {
         } else if generation != before {
             tracing::debug!(generation, "kubernetes state published");
         }
+        true
     }
 
     /// Logs what a build decided, before its snapshot is published (so a
@@ -376,5 +452,55 @@ impl SyncLoop {
                 BTreeMap::new()
             }
         }
+    }
+}
+
+/// Sleeps until `due` (a `std` instant), or for ever without one.
+async fn sleep_until_due(due: Option<Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn changes_are_published_after_a_quiet_time_and_at_most_max_after_the_first() {
+        let mut d = Debounce::new(100 * MS, 1000 * MS);
+        let t0 = Instant::now();
+        assert_eq!(d.due(), None, "nothing waits");
+        d.changed(t0);
+        assert_eq!(d.due(), Some(t0 + 100 * MS));
+        // A change every 50 ms: never 100 ms of quiet, due 1 s after the
+        // first all the same.
+        for i in 1..=30u32 {
+            d.changed(t0 + 50 * MS * i);
+        }
+        assert_eq!(d.due(), Some(t0 + 1000 * MS));
+        d.published();
+        assert_eq!(d.due(), None);
+        // The next burst starts its own 1 s.
+        let t1 = t0 + 2000 * MS;
+        d.changed(t1);
+        d.changed(t1 + 60 * MS);
+        assert_eq!(d.due(), Some(t1 + 160 * MS));
+    }
+
+    #[test]
+    fn a_failed_publication_is_retried_at_its_time_changes_or_not() {
+        let mut d = Debounce::new(100 * MS, 1000 * MS);
+        let t0 = Instant::now();
+        d.changed(t0);
+        d.failed(t0 + 800 * MS);
+        assert_eq!(d.due(), Some(t0 + 800 * MS));
+        d.changed(t0 + 900 * MS);
+        assert_eq!(d.due(), Some(t0 + 800 * MS), "the retry's time holds");
+        d.published();
+        assert_eq!(d.due(), None);
     }
 }
