@@ -7,6 +7,7 @@
 //! the raw policies, so readers (the proxy's authorization) only decide.
 #![forbid(unsafe_code)]
 
+mod findings;
 mod policies;
 mod routes;
 mod waypoint;
@@ -24,7 +25,8 @@ pub use policies::{
     CompiledPolicies, DEFAULT_ROOT_NAMESPACE, Finding, PolicyDocument, PolicyReport,
     compile_policies, rejects_policy,
 };
-pub use routes::{compile_routes, log_routes};
+pub use routes::compile_routes;
+use routes::log_routes;
 pub use waypoint::{
     AllowedNamespaces, GATEWAY_MANAGED_LABEL, GATEWAY_MANAGED_WAYPOINT, NamespaceSelector,
     RefusedBinding, SelectorRequirement, USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL,
@@ -436,6 +438,8 @@ pub struct Store {
     rejections: Arc<std::sync::Mutex<Rejections>>,
     /// Kinds a source cannot read (counted as empty).
     missing: Arc<std::sync::Mutex<Vec<MissingKind>>>,
+    /// Compile findings already logged (each is logged when it appears).
+    logged: Arc<findings::LoggedFindings>,
 }
 
 impl Default for Store {
@@ -468,6 +472,7 @@ impl Store {
             }),
             rejections: Arc::default(),
             missing: Arc::default(),
+            logged: Arc::default(),
         }
     }
 
@@ -577,7 +582,7 @@ impl Store {
         });
         if recompiled {
             let current = self.current();
-            log_routes(&current.routes, generation);
+            log_routes(&current.routes, generation, &self.logged);
             waypoint::report_ignored_pod_waypoints(&ignored, &current);
         }
         waypoint::report_refused_bindings(&refused, &self.current());
@@ -654,10 +659,10 @@ impl Store {
             true
         });
         if let Some(compiled) = applied {
-            compiled.log(generation);
+            compiled.log(generation, &self.logged);
         }
         if let Some(routes) = routes_applied {
-            log_routes(&routes, generation);
+            log_routes(&routes, generation, &self.logged);
             waypoint::report_ignored_pod_waypoints(&ignored, &self.current());
         }
         waypoint::report_refused_bindings(&refused, &self.current());

@@ -147,15 +147,22 @@ impl CompiledPolicies {
         self.store.authorization_policy_count() + self.store.peer_authentication_count()
     }
 
-    /// Logs the report and a summary (once per change, by the store that
-    /// published them, at `generation`).
-    pub fn log(&self, generation: u64) {
+    /// Logs the report's findings the last compile did not have, and a
+    /// summary (once per change, by the store that published them, at
+    /// `generation`).
+    pub(super) fn log(&self, generation: u64, logged: &super::findings::LoggedFindings) {
+        let mut pass = logged.pass("policies");
         for e in &self.report.errors {
-            tracing::error!(error = %e, "{}", log_message(&e.finding));
+            if pass.fresh(format!("error {e}")) {
+                tracing::error!(error = %e, "{}", log_message(&e.finding));
+            }
         }
         for w in &self.report.warnings {
-            tracing::warn!(warning = %w, "policy enforced more strictly than written");
+            if pass.fresh(format!("warning {w}")) {
+                tracing::warn!(warning = %w, "policy enforced more strictly than written");
+            }
         }
+        drop(pass);
         tracing::info!(
             generation,
             authorization_policies = self.store.authorization_policy_count(),

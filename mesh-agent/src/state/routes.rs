@@ -72,28 +72,42 @@ pub fn compile_routes(
 
 /// Logs a table's report (once per compile, by the store that published
 /// it, at `generation`): each rejected or not-applied object and each
-/// ignored field, then a summary.
-pub fn log_routes(table: &RouteTable, generation: u64) {
+/// ignored field the last compile did not report, then a summary.
+pub(super) fn log_routes(
+    table: &RouteTable,
+    generation: u64,
+    logged: &super::findings::LoggedFindings,
+) {
     let report = table.report();
     let mut applied = 0usize;
+    let mut pass = logged.pass("routes");
     for o in &report.objects {
         let object = o.object();
         match &o.status {
             Status::Applied => applied += 1,
             Status::Rejected { field, reason } => {
-                tracing::error!(%object, field = %field, %reason, "routing object rejected");
+                if pass.fresh(format!("rejected {object} {field} {reason}")) {
+                    tracing::error!(%object, field = %field, %reason, "routing object rejected");
+                }
             }
             Status::NeedsL7 { reason } => {
-                tracing::warn!(%object, %reason, "routing object needs L7 (waypoint): not applied");
+                if pass.fresh(format!("needs-l7 {object} {reason}")) {
+                    tracing::warn!(%object, %reason, "routing object needs L7 (waypoint): not applied");
+                }
             }
             Status::NotApplied { reason } => {
-                tracing::warn!(%object, %reason, "routing object not applied");
+                if pass.fresh(format!("not-applied {object} {reason}")) {
+                    tracing::warn!(%object, %reason, "routing object not applied");
+                }
             }
         }
         for w in &o.warnings {
-            tracing::warn!(%object, field = %w.field, reason = %w.message, "routing field not applied");
+            if pass.fresh(format!("field {object} {} {}", w.field, w.message)) {
+                tracing::warn!(%object, field = %w.field, reason = %w.message, "routing field not applied");
+            }
         }
     }
+    drop(pass);
     if !report.objects.is_empty() {
         tracing::info!(
             generation,
