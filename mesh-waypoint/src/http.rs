@@ -414,7 +414,8 @@ enum Waited<T> {
 /// request byte from the client (`uploaded` counts them): a backend that
 /// never answers, on a route without a timeout, holds the request, its
 /// slots and its endpoint pick no longer than Envoy's
-/// `stream_idle_timeout` would (the waypoint answers 408, flag `SI`).
+/// `stream_idle_timeout` would (the waypoint answers 408, flag `SI`). The
+/// same bounds a small body being read whole for retries or mirrors.
 /// Upload progress is looked at once per `idle`: the request is dropped
 /// between one and two `idle`s after the client's last byte. An inner
 /// HTTP/1.1 request's tunnel stream is timed out by its pipe too; an
@@ -1226,9 +1227,18 @@ async fn forward(
         _ => &[][..],
     };
     let (replay, streamed) = if (policy.attempts > 0 || !mirrors.is_empty()) && small {
-        match counted.collect().await {
-            Ok(c) => (Some(c.to_bytes()), None),
-            Err(_) => return answer(finish, StatusCode::BAD_REQUEST, Flags::None),
+        // A client that stops sending its (small) body is bounded by the
+        // stream idle timeout too.
+        let uploaded = Arc::clone(&finish.request_bytes);
+        let idle = shared.stream_idle_timeout();
+        match wait_for_answer(counted.collect(), None, &uploaded, idle).await {
+            Waited::Answered(Ok(c)) => (Some(c.to_bytes()), None),
+            Waited::Answered(Err(_)) => {
+                return answer(finish, StatusCode::BAD_REQUEST, Flags::None);
+            }
+            Waited::StreamIdle | Waited::RouteTimeout => {
+                return answer(finish, StatusCode::REQUEST_TIMEOUT, Flags::StreamIdle);
+            }
         }
     } else {
         (None, Some(counted))

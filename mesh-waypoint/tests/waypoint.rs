@@ -1525,11 +1525,11 @@ async fn inner_http2_requests_hold_slots_of_the_peers_stream_cap() {
 async fn a_request_never_answered_ends_at_the_stream_idle_timeout() {
     let (w, client, _received) = two_stream_waypoint().await;
     w.shared.set_stream_idle_timeout(Duration::from_millis(800));
-    let (mut sender, _conn) =
-        pinging_h2::<http_body_util::Empty<bytes::Bytes>>(&client, vip(WEB_VIP)).await;
+    type Either = http_body_util::Either<http_body_util::Empty<bytes::Bytes>, Stalled>;
+    let (mut sender, _conn) = pinging_h2::<Either>(&client, vip(WEB_VIP)).await;
     let get = |path: &str| {
         http::Request::get(format!("http://web.default.svc.cluster.local{path}"))
-            .body(http_body_util::Empty::new())
+            .body(Either::Left(http_body_util::Empty::new()))
             .expect("request")
     };
     let started = std::time::Instant::now();
@@ -1555,6 +1555,36 @@ async fn a_request_never_answered_ends_at_the_stream_idle_timeout() {
         .await
         .expect("the slot never came back");
     assert_eq!(b.status(), 200, "{b:?}");
+    // A small body (read whole, for retries) that never comes ends the
+    // same way.
+    let post = http::Request::post("http://web.default.svc.cluster.local/only-v1")
+        .header("content-length", "10")
+        .body(Either::Right(Stalled))
+        .expect("request");
+    let c = tokio::time::timeout(Duration::from_secs(10), sender.send_request(post))
+        .await
+        .expect("the stalled upload was held past 10 s")
+        .expect("an answer");
+    assert_eq!(c.status(), 408, "{c:?}");
+}
+
+/// A request body that says it has 10 bytes and never sends one.
+struct Stalled;
+
+impl hyper::body::Body for Stalled {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::task::Poll::Pending
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(10)
+    }
 }
 
 /// The agent's connection bounds apply: a peer identity holding its maximum
