@@ -761,3 +761,36 @@ async fn the_binary_serves_with_its_flags_and_stops_on_sigterm() {
     };
     assert!(status.success(), "{status}");
 }
+
+/// When the review the others wait for fails (here: an API outage), the
+/// waiting requests each ask for themselves at once, and all fail within
+/// about one API deadline, not one deadline after another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_on_a_failed_review_fail_together_not_in_turn() {
+    let ca = mesh_ca("review-shared-fail");
+    let api = cluster().await;
+    let server = serve(&ca, &api, |cfg| cfg.api_timeout = Duration::from_secs(2)).await;
+    let dir = Tmp::new("review-shared-fail-token");
+    let c = client(&ca, server.local_addr(), &token(&dir, &jwt("cart")));
+    let cart = id("shop", "cart");
+    api.set_delay(Duration::from_secs(30));
+    let started = std::time::Instant::now();
+    let asks: Vec<_> = (0..4)
+        .map(|_| {
+            let (c, cart) = (c.clone(), cart.clone());
+            tokio::spawn(async move { ask(&c, &cart, false, MAX_TTL).await })
+        })
+        .collect();
+    for a in asks {
+        let e = a.await.unwrap().unwrap_err();
+        assert!(matches!(e, CaClientError::Unavailable { .. }), "{e}");
+    }
+    // In turn, the last would fail after 4 deadlines (8 s).
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    api.set_delay(Duration::ZERO);
+    server.shutdown().await.unwrap();
+}

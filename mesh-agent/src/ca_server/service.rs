@@ -115,34 +115,39 @@ impl CaService {
 
     /// The caller `token` is: a review kept a moment ago, the answer of
     /// one another request of the same token is asking, or a review of its
-    /// own (when that other one fails, the waiters ask again, one of them
-    /// first).
+    /// own (also when that other one fails: the waiters then ask each for
+    /// itself, at once).
     async fn authenticate(&self, token: &str, audit: &mut Audit) -> Result<authz::Caller, Refusal> {
-        loop {
-            match self.reviewed.lookup(token, Instant::now()) {
-                Lookup::Cached(caller) => {
-                    audit.review = "cached";
-                    return Ok(caller);
-                }
-                Lookup::Shared(mut waiting) => {
-                    let answer = waiting
-                        .wait_for(|a| !matches!(a, Answer::Pending))
-                        .await
-                        .map(|a| a.clone());
-                    if let Ok(Answer::Reviewed(caller)) = answer {
-                        audit.review = "shared";
-                        return Ok(caller);
-                    }
-                }
-                Lookup::Lead(flight) => {
-                    audit.review = "api";
-                    let asked = Instant::now();
-                    let caller = self.review(token, audit).await?;
-                    flight.reviewed(token, &caller, asked);
-                    return Ok(caller);
-                }
+        let flight = match self.reviewed.lookup(token, Instant::now()) {
+            Lookup::Cached(caller) => {
+                audit.review = "cached";
+                return Ok(caller);
             }
+            Lookup::Shared(mut waiting) => {
+                let answer = waiting
+                    .wait_for(|a| !matches!(a, Answer::Pending))
+                    .await
+                    .map(|a| a.clone());
+                if let Ok(Answer::Reviewed(caller)) = answer {
+                    audit.review = "shared";
+                    return Ok(caller);
+                }
+                // The shared review failed (an outage, a refused token) or
+                // was given up: each waiter asks for itself, all at once,
+                // not one after another (an outage would then cost the last
+                // of K waiters K API deadlines).
+                None
+            }
+            Lookup::Lead(flight) => Some(flight),
+        };
+        audit.review = "api";
+        let asked = Instant::now();
+        let caller = self.review(token, audit).await?;
+        match flight {
+            Some(flight) => flight.reviewed(token, &caller, asked),
+            None => self.reviewed.insert(token, &caller, asked),
         }
+        Ok(caller)
     }
 
     async fn handle(
