@@ -359,9 +359,12 @@ impl Admin {
         let s = store.clone();
         self.config_dump().register("policies", move || {
             let snap = s.current();
+            let report = &snap.compiled.report;
             json!({
                 "authorization": snap.policies.authorization,
                 "peer_authentication": snap.policies.peer_authentication,
+                "errors": report.errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "warnings": report.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
             })
         });
         let s = store.clone();

@@ -126,7 +126,25 @@ fn config_dump_lists_workloads_with_their_enrollment() {
     assert_eq!(dump["certificates"], serde_json::json!([]));
     assert_eq!(
         dump["policies"],
-        serde_json::json!({"authorization": [], "peer_authentication": []})
+        serde_json::json!({"authorization": [], "peer_authentication": [], "errors": [], "warnings": []})
+    );
+    // A policy not honoured as written is listed with its finding (the
+    // log names a new one once).
+    let bad: serde_json::Value = serde_json::json!({
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "bad", "namespace": "shop"},
+        "spec": {"action": "NOPE"},
+    });
+    let mut next = (*store.current()).clone();
+    next.policies.authorization = vec![bad];
+    store.publish_snapshot(next);
+    let (_, dump) = get(&admin, "/config_dump");
+    let errors = dump["policies"]["errors"].as_array().expect("errors");
+    assert_eq!(errors.len(), 1, "{dump}");
+    assert!(
+        errors[0].as_str().is_some_and(|e| e.contains("bad")),
+        "{dump}"
     );
     // The enrolled-pods gauge follows the pass.
     let metrics = metrics_route(admin.state(), &Method::GET, "/metrics", None);
