@@ -223,6 +223,25 @@ async fn ask(
     Ok((cert, der))
 }
 
+/// `n` requests for `want` (not impersonating) sent at once; their results.
+async fn ask_together(
+    client: &IstioCaClient,
+    want: &SpiffeId,
+    n: usize,
+) -> Vec<Result<(), CaClientError>> {
+    let asks: Vec<_> = (0..n)
+        .map(|_| {
+            let (c, want) = (client.clone(), want.clone());
+            tokio::spawn(async move { ask(&c, &want, false, MAX_TTL).await.map(|_| ()) })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for a in asks {
+        results.push(a.await.expect("the request task"));
+    }
+    results
+}
+
 fn verifies_to_root(chain: &[rustls::pki_types::CertificateDer<'static>], ca: &Ca) {
     let root = &ca.ca.roots()[0];
     assert_eq!(
@@ -528,14 +547,8 @@ async fn concurrent_first_requests_with_a_token_share_one_review() {
     let before = api.count(reviews);
     // The review takes long enough for all eight to arrive meanwhile.
     api.set_delay(Duration::from_millis(1500));
-    let asks: Vec<_> = (0..8)
-        .map(|_| {
-            let (c, cart) = (c.clone(), cart.clone());
-            tokio::spawn(async move { ask(&c, &cart, false, MAX_TTL).await })
-        })
-        .collect();
-    for a in asks {
-        a.await.unwrap().expect("issued");
+    for r in ask_together(&c, &cart, 8).await {
+        r.expect("issued");
     }
     assert_eq!(
         api.count(reviews) - before,
@@ -775,14 +788,8 @@ async fn waiters_on_a_failed_review_fail_together_not_in_turn() {
     let cart = id("shop", "cart");
     api.set_delay(Duration::from_secs(30));
     let started = std::time::Instant::now();
-    let asks: Vec<_> = (0..4)
-        .map(|_| {
-            let (c, cart) = (c.clone(), cart.clone());
-            tokio::spawn(async move { ask(&c, &cart, false, MAX_TTL).await })
-        })
-        .collect();
-    for a in asks {
-        let e = a.await.unwrap().unwrap_err();
+    for r in ask_together(&c, &cart, 4).await {
+        let e = r.unwrap_err();
         assert!(matches!(e, CaClientError::Unavailable { .. }), "{e}");
     }
     // In turn, the last would fail after 4 deadlines (8 s).

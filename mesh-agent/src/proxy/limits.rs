@@ -792,8 +792,8 @@ impl Bounds {
             let mut w = self.windows.lock();
             let held = w.per_peer.get(&share).copied().unwrap_or(0);
             let grant = u64::from(want)
-                .min(self.limits.max_tunnel_window.saturating_sub(w.granted))
-                .min(self.limits.max_tunnel_window_per_peer.saturating_sub(held));
+                .min(self.windows.max_total.saturating_sub(w.granted))
+                .min(self.windows.max_share.saturating_sub(held));
             let (leased, window) = match u32::try_from(grant) {
                 Ok(g) if g > H2_INITIAL_WINDOW => {
                     w.granted += grant;
