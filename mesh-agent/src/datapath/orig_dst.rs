@@ -2,25 +2,26 @@
 //! kernel files them (map `ORIG_DST_BY_TUPLE`), read by the proxy.
 #![forbid(unsafe_code)]
 
-use std::{net::SocketAddr, sync::Mutex, time::Duration};
+use std::{net::SocketAddr, os::fd::AsFd, time::Duration};
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::{HashMap, IterableMap, MapData};
 use mesh_common::{OrigDst, TupleKey};
 
-use super::keys::{ip_from_key, ip_key};
+use super::{
+    keys::{ip_from_key, ip_key},
+    sys,
+};
 
 /// The kernel's record of original destinations, keyed by the redirected
 /// client's (netns, address, port).
 pub struct OrigDstTable {
-    map: Mutex<HashMap<MapData, TupleKey, OrigDst>>,
+    map: HashMap<MapData, TupleKey, OrigDst>,
 }
 
 impl OrigDstTable {
     /// The table over the loaded map.
     pub(super) fn new(map: HashMap<MapData, TupleKey, OrigDst>) -> Self {
-        Self {
-            map: Mutex::new(map),
-        }
+        Self { map }
     }
 
     /// Takes (reads and deletes) the original destination of the client
@@ -43,12 +44,16 @@ impl OrigDstTable {
         None
     }
 
+    /// One `BPF_MAP_LOOKUP_AND_DELETE_ELEM`: no lock, one syscall per
+    /// connection. An error (none is expected on a supported kernel) is
+    /// logged and taken as "not filed": the connection is refused.
     fn take_now(&self, key: &TupleKey) -> Option<SocketAddr> {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let orig = map.get(key, 0).ok()?;
-        if let Err(e) = map.remove(key) {
-            tracing::debug!(error = %e, "original destination already gone");
+        match sys::map_take::<TupleKey, OrigDst>(self.map.map().fd().as_fd(), key) {
+            Ok(orig) => orig.map(|o| SocketAddr::new(ip_from_key(&o.addr), o.port)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read an original destination");
+                None
+            }
         }
-        Some(SocketAddr::new(ip_from_key(&orig.addr), orig.port))
     }
 }

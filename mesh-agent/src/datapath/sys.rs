@@ -14,6 +14,31 @@ use aya::programs::ProgramType;
 
 use super::error::DatapathError;
 
+/// The `bpf(2)` syscall: command `cmd` over `attr`; the result (an fd for
+/// commands that make one, else 0) or the OS error.
+///
+/// # Safety
+/// `attr` must be the `union bpf_attr` member `cmd` reads, zero-padded, and
+/// every pointer in it must point at live memory of the size the command
+/// reads or writes there.
+unsafe fn bpf<A>(cmd: libc::c_long, attr: &A) -> io::Result<libc::c_long> {
+    // SAFETY: the kernel reads `size_of::<A>()` bytes of the live `attr`;
+    // the pointers in it are the caller's promise.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_ref(attr),
+            size_of::<A>() as u32,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
 /// `BPF_OBJ_GET`: opens a pinned bpffs object.
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     const BPF_OBJ_GET: libc::c_long = 7;
@@ -34,19 +59,8 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
         path_fd: 0,
         _pad: 0,
     };
-    // SAFETY: the bpf syscall reads `size_of::<ObjGetAttr>()` bytes of a live,
-    // zero-padded attr whose path pointer outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            std::ptr::from_ref(&attr),
-            size_of::<ObjGetAttr>() as u32,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: a zero-padded attr whose path pointer outlives the call.
+    let fd = unsafe { bpf(BPF_OBJ_GET, &attr) }?;
     // SAFETY: the kernel returned a fresh fd that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -67,21 +81,45 @@ pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()>
         flags: 0,
         old_prog_fd: 0,
     };
-    // SAFETY: the bpf syscall reads the live attr of the size given; both
-    // fds are borrowed for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            std::ptr::from_ref(&attr),
-            size_of::<LinkUpdateAttr>() as u32,
-        )
+    // SAFETY: an attr without pointers; both fds are borrowed for the call.
+    unsafe { bpf(BPF_LINK_UPDATE, &attr) }.map(drop)
+}
+
+/// The `union bpf_attr` member of the `BPF_MAP_*_ELEM` commands.
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (hash maps: Linux 5.14): reads the
+/// value at `key` and deletes it in one call, so a hot path pays one
+/// syscall where aya's `get` and `remove` pay two. `Ok(None)`: no such key.
+pub fn map_take<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    let mut value = std::mem::MaybeUninit::<V>::uninit();
+    let attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
     };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
+    // SAFETY: the kernel reads `size_of::<K>()` bytes at the live key and
+    // writes at most the map's value size into `value`; the map was created
+    // with `K` and `V` (their sizes checked by aya when it was typed), so
+    // that is `size_of::<V>()`.
+    match unsafe { bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &attr) } {
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        Err(e) => return Err(e),
     }
+    // SAFETY: the call succeeded, so the kernel wrote the whole value; `V`
+    // is `Pod` (any bytes are a valid `V`).
+    Ok(Some(unsafe { value.assume_init() }))
 }
 
 /// Capabilities the datapath needs, by number (linux/capability.h).
@@ -274,4 +312,56 @@ fn probe_transparent_delivery() -> [(&'static str, bool); 4] {
                 && sysctl("/proc/sys/net/ipv4/fwmark_reflect"),
         ),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `map_take` over a real kernel hash map (needs `CAP_BPF`: root): the
+    /// value comes back once, then the key is gone; a missing key is `None`.
+    #[test]
+    fn map_take_reads_and_deletes_in_one_call() {
+        #[repr(C)]
+        struct CreateAttr {
+            map_type: u32,
+            key_size: u32,
+            value_size: u32,
+            max_entries: u32,
+            map_flags: u32,
+        }
+        const BPF_MAP_CREATE: libc::c_long = 0;
+        const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+        const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+        let create = CreateAttr {
+            map_type: BPF_MAP_TYPE_LRU_HASH,
+            key_size: 8,
+            value_size: 16,
+            max_entries: 16,
+            map_flags: 0,
+        };
+        // SAFETY: an attr without pointers.
+        let fd = unsafe { bpf(BPF_MAP_CREATE, &create) }
+            .unwrap_or_else(|e| panic!("BPF_MAP_CREATE: {e}: this test needs root (CAP_BPF)"));
+        // SAFETY: the kernel returned a fresh fd that we now own.
+        let map = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let key: u64 = 7;
+        let value: [u64; 2] = [0x1122_3344_5566_7788, 42];
+        let update = MapElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            _pad: 0,
+            key: std::ptr::from_ref(&key) as u64,
+            value: std::ptr::from_ref(&value) as u64,
+            flags: 0,
+        };
+        // SAFETY: key and value are live locals of the map's sizes.
+        unsafe { bpf(BPF_MAP_UPDATE_ELEM, &update) }.expect("update");
+        let map = std::os::fd::AsFd::as_fd(&map);
+        let taken: Option<[u64; 2]> = map_take(map, &key).expect("take");
+        assert_eq!(taken, Some(value));
+        let again: Option<[u64; 2]> = map_take(map, &key).expect("take again");
+        assert_eq!(again, None, "the first take deletes");
+        let other: Option<[u64; 2]> = map_take(map, &8u64).expect("missing key");
+        assert_eq!(other, None);
+    }
 }
