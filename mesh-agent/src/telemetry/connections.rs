@@ -18,7 +18,7 @@ use super::{
     counters::{ProxyCounters, ProxyEvent},
     metrics::{
         ConnectionLabels, Metrics, PeerLabels, Reporter, ResponseFlags, RouteEvent, SecurityPolicy,
-        ServiceLabels, UNKNOWN,
+        ServiceLabels, TcpSeries, UNKNOWN,
     },
 };
 use crate::state::Workload;
@@ -268,10 +268,10 @@ impl Telemetry {
     /// A connection opened: counts it (`istio_tcp_connections_opened_total`)
     /// and lists it until the tracker is closed or dropped.
     pub fn open(&self, conn: Connection) -> ConnectionTracker {
-        self.metrics
-            .connection_opened(&conn.labels(ResponseFlags::None));
+        let series = self.metrics.open_series(conn.labels(ResponseFlags::None));
         ConnectionTracker {
             guard: Some(self.connections.track(&conn)),
+            series: Some(series),
             telemetry: self.clone(),
             conn,
             start: Instant::now(),
@@ -298,6 +298,8 @@ pub struct ConnectionTracker {
     conn: Connection,
     start: Instant,
     guard: Option<ConnectionGuard>,
+    /// Its `istio_tcp_*` labels, built once when it opened.
+    series: Option<TcpSeries>,
     forwarded_for: Option<String>,
     source_preserved: Option<(bool, Option<&'static str>)>,
     route: Option<String>,
@@ -357,10 +359,11 @@ impl ConnectionTracker {
         let Some(guard) = self.guard.take() else {
             return;
         };
-        let labels = self.conn.labels(outcome.response_flags());
-        self.telemetry
-            .metrics
-            .connection_closed(&labels, sent, received);
+        if let Some(series) = self.series.take() {
+            self.telemetry
+                .metrics
+                .close_series(series, outcome.response_flags(), sent, received);
+        }
         let counters = &self.telemetry.counters;
         counters.closed(matches!(outcome, Outcome::Closed), sent, received);
         if let Outcome::Failed(f) = &outcome

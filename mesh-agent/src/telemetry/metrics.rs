@@ -291,28 +291,39 @@ impl IstioPeerLabels {
         d: &PeerLabels,
         svc: Option<&ServiceLabels>,
     ) -> Self {
-        let svc_field = |f: fn(&ServiceLabels) -> &String| {
-            svc.map_or_else(|| UNKNOWN.to_owned(), |s| f(s).clone())
+        Self::from_owned(reporter, s.clone(), d.clone(), svc.cloned())
+    }
+
+    /// [`Self::new`], moving the labels in instead of copying them.
+    pub fn from_owned(
+        reporter: &'static str,
+        s: PeerLabels,
+        d: PeerLabels,
+        svc: Option<ServiceLabels>,
+    ) -> Self {
+        let (service, service_name, service_namespace) = match svc {
+            Some(svc) => (svc.host, svc.name, svc.namespace),
+            None => (UNKNOWN.to_owned(), UNKNOWN.to_owned(), UNKNOWN.to_owned()),
         };
         Self {
             reporter,
-            source_workload: s.workload.clone(),
-            source_workload_namespace: s.namespace.clone(),
-            source_principal: s.principal.clone(),
-            source_app: s.app.clone(),
-            source_version: s.version.clone(),
-            source_canonical_service: s.canonical_service.clone(),
-            source_canonical_revision: s.canonical_revision.clone(),
-            destination_workload: d.workload.clone(),
-            destination_workload_namespace: d.namespace.clone(),
-            destination_principal: d.principal.clone(),
-            destination_app: d.app.clone(),
-            destination_version: d.version.clone(),
-            destination_service: svc_field(|s| &s.host),
-            destination_service_name: svc_field(|s| &s.name),
-            destination_service_namespace: svc_field(|s| &s.namespace),
-            destination_canonical_service: d.canonical_service.clone(),
-            destination_canonical_revision: d.canonical_revision.clone(),
+            source_workload: s.workload,
+            source_workload_namespace: s.namespace,
+            source_principal: s.principal,
+            source_app: s.app,
+            source_version: s.version,
+            source_canonical_service: s.canonical_service,
+            source_canonical_revision: s.canonical_revision,
+            destination_workload: d.workload,
+            destination_workload_namespace: d.namespace,
+            destination_principal: d.principal,
+            destination_app: d.app,
+            destination_version: d.version,
+            destination_service: service,
+            destination_service_name: service_name,
+            destination_service_namespace: service_namespace,
+            destination_canonical_service: d.canonical_service,
+            destination_canonical_revision: d.canonical_revision,
         }
     }
 }
@@ -327,14 +338,14 @@ struct TcpLabels {
     connection_security_policy: &'static str,
 }
 
-impl From<&ConnectionLabels> for TcpLabels {
-    fn from(l: &ConnectionLabels) -> Self {
+impl From<ConnectionLabels> for TcpLabels {
+    fn from(l: ConnectionLabels) -> Self {
         Self {
-            peers: IstioPeerLabels::new(
+            peers: IstioPeerLabels::from_owned(
                 l.reporter.as_str(),
-                &l.source,
-                &l.destination,
-                l.destination_service.as_ref(),
+                l.source,
+                l.destination,
+                l.destination_service,
             ),
             request_protocol: "tcp",
             response_flags: l.response_flags.as_str(),
@@ -342,6 +353,15 @@ impl From<&ConnectionLabels> for TcpLabels {
         }
     }
 }
+
+/// The `istio_tcp_*` label set of one connection, built when it opens and
+/// kept by its tracker until it closes: closing sets its response flags
+/// instead of building the label set again (a connection's labels are
+/// some twenty strings, and the same-node path opens two trackers per
+/// connection, so building them once each halves the allocations the
+/// metrics cost per connection).
+#[derive(Debug)]
+pub struct TcpSeries(TcpLabels);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
@@ -562,7 +582,15 @@ impl Metrics {
 
     /// Counts an opened connection.
     pub fn connection_opened(&self, l: &ConnectionLabels) {
-        self.tcp_opened.get_or_create(&TcpLabels::from(l)).inc();
+        self.open_series(l.clone());
+    }
+
+    /// Counts an opened connection labelled `l`; the series is to be given
+    /// to [`Self::close_series`] when it closes.
+    pub fn open_series(&self, l: ConnectionLabels) -> TcpSeries {
+        let labels = TcpLabels::from(l);
+        self.tcp_opened.get_or_create(&labels).inc();
+        TcpSeries(labels)
     }
 
     /// Counts a closed connection and its bytes: `sent` from the client to
@@ -571,7 +599,25 @@ impl Metrics {
     /// (`istio_tcp_sent_bytes_total`). These are the relay's `sent` and
     /// `received`.
     pub fn connection_closed(&self, l: &ConnectionLabels, sent: u64, received: u64) {
-        let labels = TcpLabels::from(l);
+        self.close_series(
+            TcpSeries(TcpLabels::from(l.clone())),
+            l.response_flags,
+            sent,
+            received,
+        );
+    }
+
+    /// [`Self::connection_closed`] for the series [`Self::open_series`]
+    /// returned, now with `response_flags`.
+    pub fn close_series(
+        &self,
+        series: TcpSeries,
+        response_flags: ResponseFlags,
+        sent: u64,
+        received: u64,
+    ) {
+        let mut labels = series.0;
+        labels.response_flags = response_flags.as_str();
         self.tcp_closed.get_or_create(&labels).inc();
         self.add_bytes_labels(&labels, sent, received);
     }
@@ -580,7 +626,7 @@ impl Metrics {
     /// reported periodically); same directions as [`Self::connection_closed`],
     /// which must then be given only the bytes not yet added.
     pub fn add_bytes(&self, l: &ConnectionLabels, sent: u64, received: u64) {
-        self.add_bytes_labels(&TcpLabels::from(l), sent, received);
+        self.add_bytes_labels(&TcpLabels::from(l.clone()), sent, received);
     }
 
     fn add_bytes_labels(&self, labels: &TcpLabels, sent: u64, received: u64) {
