@@ -9,7 +9,7 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
-    time::{Instant, SystemTime},
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use super::unix;
@@ -128,8 +128,11 @@ pub struct OpenConnection {
     pub age_ms: u64,
 }
 
+/// An open connection: the tracker's own [`Connection`], shared, so that
+/// listing it costs the connection nothing; `/connections` builds its
+/// [`OpenConnection`] when asked.
 struct Entry {
-    conn: OpenConnection,
+    conn: Arc<Connection>,
     since: Instant,
 }
 
@@ -155,23 +158,14 @@ impl std::fmt::Debug for ConnectionRegistry {
 
 impl ConnectionRegistry {
     /// Lists `conn` until the returned guard drops.
-    pub fn track(&self, conn: &Connection) -> ConnectionGuard {
+    pub fn track(&self, conn: &Arc<Connection>) -> ConnectionGuard {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         inner.next_id += 1;
         let id = inner.next_id;
         inner.open.insert(
             id,
             Entry {
-                conn: OpenConnection {
-                    id,
-                    direction: conn.direction,
-                    src: conn.src.endpoint(),
-                    dst: conn.dst.endpoint(),
-                    dst_service: conn.dst_service.as_ref().map(|s| s.host.clone()),
-                    security_policy: conn.security_policy.as_str().to_owned(),
-                    opened_at: unix(SystemTime::now()),
-                    age_ms: 0,
-                },
+                conn: Arc::clone(conn),
                 since: Instant::now(),
             },
         );
@@ -200,10 +194,20 @@ impl ConnectionRegistry {
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         inner
             .open
-            .values()
-            .map(|e| OpenConnection {
-                age_ms: u64::try_from(e.since.elapsed().as_millis()).unwrap_or(u64::MAX),
-                ..e.conn.clone()
+            .iter()
+            .map(|(&id, e)| {
+                let age = e.since.elapsed();
+                let conn = &e.conn;
+                OpenConnection {
+                    id,
+                    direction: conn.direction,
+                    src: conn.src.endpoint(),
+                    dst: conn.dst.endpoint(),
+                    dst_service: conn.dst_service.as_ref().map(|s| s.host.clone()),
+                    security_policy: conn.security_policy.as_str().to_owned(),
+                    opened_at: unix(SystemTime::now().checked_sub(age).unwrap_or(UNIX_EPOCH)),
+                    age_ms: u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
+                }
             })
             .collect()
     }
@@ -269,6 +273,7 @@ impl Telemetry {
     /// and lists it until the tracker is closed or dropped.
     pub fn open(&self, conn: Connection) -> ConnectionTracker {
         let series = self.metrics.open_series(conn.labels(ResponseFlags::None));
+        let conn = Arc::new(conn);
         ConnectionTracker {
             guard: Some(self.connections.track(&conn)),
             series: Some(series),
@@ -295,7 +300,7 @@ impl Telemetry {
 #[derive(Debug)]
 pub struct ConnectionTracker {
     telemetry: Telemetry,
-    conn: Connection,
+    conn: Arc<Connection>,
     start: Instant,
     guard: Option<ConnectionGuard>,
     /// Its `istio_tcp_*` labels, built once when it opened.
@@ -444,6 +449,14 @@ mod tests {
         assert_eq!(listed[0].src.namespace.as_deref(), Some("default"));
         assert_eq!(listed[0].src.identity, None);
         assert_eq!(listed[0].dst.workload, None);
+        assert_eq!(listed[0].security_policy, "none");
+        assert_eq!(listed[0].dst.addr, conn.dst.addr);
+        let now = unix(SystemTime::now());
+        assert!(
+            (now - 2..=now).contains(&listed[0].opened_at),
+            "opened at {}, now {now}",
+            listed[0].opened_at
+        );
         t.close(10, 20, Outcome::Closed);
         assert!(telemetry.connections.is_empty());
         let text = telemetry.metrics.encode().expect("encode");
