@@ -20,7 +20,7 @@ type Selected<T> = Vec<(BTreeMap<String, String>, T)>;
 
 /// Policies of one level (the mesh, or one namespace): those without a
 /// selector, and those with one, indexed by one of their labels.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Bucket<T> {
     wide: Vec<T>,
     /// label key -> label value -> policies.
@@ -94,7 +94,7 @@ impl<T> Bucket<T> {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct NamespacePolicies {
     authz: Bucket<Arc<CompiledAuthz>>,
     /// The namespace-wide PeerAuthentication in force (oldest).
@@ -109,7 +109,13 @@ struct NamespacePolicies {
 /// Build a new store from each full snapshot of the policies
 /// ([`PolicyStore::build`]) and swap it in (e.g. behind an `ArcSwap`);
 /// then re-evaluate open connections.
-#[derive(Debug, Clone)]
+///
+/// Two stores are equal when they decide every connection alike: same
+/// policies (names, rules, order, attachment), nothing of the objects'
+/// metadata beyond that. An agent compares a freshly compiled store with
+/// the one in force, so that an edit which changes nothing enforced (a
+/// label, an annotation, a re-apply) re-checks no open connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyStore {
     root_namespace: String,
     /// Root-namespace AuthorizationPolicies: without selector for every

@@ -154,7 +154,7 @@ impl Authz {
         };
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         let now = self.store.current().compiled.clone();
-        if !Arc::ptr_eq(&now, &checked.policies) {
+        if !same_policies(&now, &checked.policies) {
             conn.redecide(&now.store, "published_during_authorization");
         }
         open.insert(id, conn);
@@ -167,24 +167,23 @@ impl Authz {
     }
 
     /// Re-checks open connections against `snapshot` and closes those now
-    /// denied; how many were closed. A connection is decided again when the
-    /// compiled policies are not the ones open connections were last checked
-    /// against, or when its workload's labels (the policies' selectors) have
-    /// changed since its last decision: a pod relabelled into a DENY's
-    /// selector, or out of an ALLOW's, loses its open connections as it
-    /// would on a policy change.
-    pub fn recheck(&self, snapshot: &Snapshot) -> usize {
+    /// denied. A connection is decided again when the compiled policies
+    /// differ in content from the ones open connections were last checked
+    /// against (an edit that changes nothing enforced — a label, an
+    /// annotation, a re-apply — re-decides nothing), or when its workload's
+    /// labels (the policies' selectors) have changed since its last
+    /// decision: a pod relabelled into a DENY's selector, or out of an
+    /// ALLOW's, loses its open connections as it would on a policy change.
+    pub fn recheck(&self, snapshot: &Snapshot) -> Rechecked {
         let compiled = &snapshot.compiled;
         let policies_changed = {
             let mut applied = self.applied.lock().unwrap_or_else(PoisonError::into_inner);
-            let changed = !Arc::ptr_eq(&applied, compiled);
-            if changed {
-                *applied = compiled.clone();
-            }
+            let changed = !same_policies(&applied, compiled);
+            *applied = compiled.clone();
             changed
         };
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut closed = 0;
+        let mut done = Rechecked::default();
         for conn in open.values_mut() {
             let relabelled = match snapshot.workloads.get(&conn.subject.workload) {
                 Some(w) if w.labels != conn.subject.labels => {
@@ -197,12 +196,28 @@ impl Authz {
                 continue;
             }
             let cause = if relabelled { "relabelled" } else { "policies" };
+            done.decided += 1;
             if conn.redecide(&compiled.store, cause) {
-                closed += 1;
+                done.closed += 1;
             }
         }
-        closed
+        done
     }
+}
+
+/// What [`Authz::recheck`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Rechecked {
+    /// Open connections decided again.
+    pub decided: usize,
+    /// Of those, the ones now denied and closed.
+    pub closed: usize,
+}
+
+/// Whether `a` and `b` decide every connection alike: the same compiled
+/// policies, or equal ones (compared only when they are not the same).
+fn same_policies(a: &Arc<CompiledPolicies>, b: &Arc<CompiledPolicies>) -> bool {
+    Arc::ptr_eq(a, b) || a.store == b.store
 }
 
 #[cfg(test)]
@@ -247,7 +262,7 @@ mod tests {
         let tracked = authz.track(subject(), checked);
         // A change that is not a policy change re-checks nothing.
         store.publish(Default::default(), Default::default());
-        assert_eq!(authz.recheck(&store.current()), 0);
+        assert_eq!(authz.recheck(&store.current()).closed, 0);
 
         store.publish_snapshot(Snapshot {
             policies: deny_all(),
@@ -256,10 +271,67 @@ mod tests {
         // New connections are decided with the published policies at once.
         assert!(!authz.check(&subject()).decision.is_allowed());
         let snapshot = store.current();
-        assert_eq!(authz.recheck(&snapshot), 1);
+        assert_eq!(authz.recheck(&snapshot).closed, 1);
         assert!(tracked.cancel.is_cancelled());
         // Applied once: the same policies again close nothing more.
-        assert_eq!(authz.recheck(&snapshot), 0);
+        assert_eq!(authz.recheck(&snapshot), Rechecked::default());
+    }
+
+    /// An edit that changes nothing enforced (the object's labels and
+    /// annotations, as a tenant's apply loop would) compiles to an equal
+    /// store: open connections are not decided again. A change of a rule is.
+    #[test]
+    fn an_edit_that_changes_nothing_enforced_rechecks_nothing() {
+        let allow = |meta: &str| {
+            let yaml = format!(
+                "{{apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {{name: allow-front, namespace: shop{meta}}}, spec: {{action: ALLOW, rules: [{{from: [{{source: {{principals: [cluster.local/ns/shop/sa/front]}}}}]}}]}}}}"
+            );
+            Policies {
+                authorization: vec![serde_yaml::from_str(&yaml).expect("test policy")],
+                peer_authentication: vec![],
+            }
+        };
+        let store = Store::new();
+        store.publish_snapshot(Snapshot {
+            policies: allow(""),
+            ..Default::default()
+        });
+        let authz = Arc::new(Authz::new(store.clone()));
+        let checked = authz.check(&subject());
+        assert!(checked.decision.is_allowed());
+        let tracked = authz.track(subject(), checked);
+        assert_eq!(authz.recheck(&store.current()), Rechecked::default());
+        let before = store.current().compiled.clone();
+        for n in 0..3 {
+            store.publish_snapshot(Snapshot {
+                policies: allow(&format!(
+                    ", resourceVersion: '{n}', labels: {{edit: e{n}}}, annotations: {{note: n{n}}}"
+                )),
+                ..Default::default()
+            });
+            let now = store.current();
+            assert!(
+                !Arc::ptr_eq(&before, &now.compiled),
+                "the edit was compiled anew"
+            );
+            assert_eq!(authz.recheck(&now), Rechecked::default(), "edit {n}");
+        }
+        // A rule changes: every open connection is decided again.
+        store.publish_snapshot(Snapshot {
+            policies: policy(
+                "allow-front",
+                "{action: ALLOW, rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/other]}}]}]}",
+            ),
+            ..Default::default()
+        });
+        assert_eq!(
+            authz.recheck(&store.current()),
+            Rechecked {
+                decided: 1,
+                closed: 1
+            }
+        );
+        assert!(tracked.cancel.is_cancelled());
     }
 
     #[test]
@@ -275,7 +347,7 @@ mod tests {
             policies: deny_all(),
             ..Default::default()
         });
-        assert_eq!(authz.recheck(&store.current()), 0);
+        assert_eq!(authz.recheck(&store.current()).closed, 0);
         let tracked = authz.track(subject(), checked);
         assert!(
             tracked.cancel.is_cancelled(),
@@ -316,7 +388,7 @@ mod tests {
         let tracked = authz.track(subject, checked);
         // The same policies, the pod's labels changed: into the DENY.
         store.publish_snapshot(with(pod("db")));
-        assert_eq!(authz.recheck(&store.current()), 1);
+        assert_eq!(authz.recheck(&store.current()).closed, 1);
         assert!(tracked.cancel.is_cancelled());
     }
 }
