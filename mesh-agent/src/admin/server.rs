@@ -414,4 +414,72 @@ mod tests {
         assert_eq!(key("fd00:1:2:3::1"), key("fd00:1:2:3:ffff::9"));
         assert_ne!(key("fd00:1:2:3::1"), key("fd00:1:2:4::1"));
     }
+
+    /// Sends a GET of `path` on a fresh connection to `addr`.
+    async fn ask(addr: std::net::SocketAddr, path: &str) -> tokio::net::TcpStream {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        s
+    }
+
+    /// A client that asks for a large answer and never reads it (a zero
+    /// receive window) holds its slot only for `max_lifetime`: with one
+    /// slot in all, a second client is closed at once while it lives, and
+    /// served once it has been cut.
+    #[tokio::test]
+    async fn a_connection_that_never_reads_its_answer_frees_its_slot_at_its_lifetime() {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let caps = ListenerCaps {
+            total: 1,
+            per_source: 1,
+            header_timeout: Duration::from_secs(5),
+            keep_alive: true,
+            max_lifetime: Duration::from_millis(1500),
+        };
+        let server = tokio::spawn(serve_with(listener, caps, |_, path, _| {
+            // Far more than loopback's socket buffers hold.
+            let body = if path == "/big" {
+                "x".repeat(64 << 20)
+            } else {
+                "ok".to_owned()
+            };
+            Reply::new(StatusCode::OK, "text/plain", body)
+        }));
+        let _stalled = ask(addr, "/big").await;
+        // Give the server time to accept it and fill the buffers.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let mut refused = ask(addr, "/small").await;
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(1), refused.read(&mut buf))
+            .await
+            .expect("a client beyond the cap is closed at once")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "no answer beyond the cap");
+        // Past the stalled connection's lifetime its slot is free again.
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+        let mut served = ask(addr, "/small").await;
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), async {
+            while !answer.ends_with(b"ok") {
+                let n = served.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                answer.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "the new client's answer never ended");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "the freed slot serves a new client: {answer:?}"
+        );
+        server.abort();
+    }
 }
