@@ -1590,6 +1590,86 @@ async fn send_with_retries(
 mod tests {
     use super::*;
 
+    /// What [`wait_for_answer`] returned for a backend answering after
+    /// `answer_after` while the client uploads a byte every `upload_every`
+    /// (never: `None`), with the stream idle timeout 1 s and the route
+    /// timeout `route`; and when (paused time: exact, never flaky).
+    async fn waited(
+        answer_after: Duration,
+        upload_every: Option<Duration>,
+        route: Option<Duration>,
+    ) -> (&'static str, Duration) {
+        let uploaded = Arc::new(AtomicU64::new(0));
+        let uploader = upload_every.map(|every| {
+            let uploaded = Arc::clone(&uploaded);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    uploaded.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        });
+        let start = tokio::time::Instant::now();
+        let tries = tokio::time::sleep(answer_after);
+        let what = match wait_for_answer(tries, route, &uploaded, Duration::from_secs(1)).await {
+            Waited::Answered(()) => "answered",
+            Waited::RouteTimeout => "route_timeout",
+            Waited::StreamIdle => "stream_idle",
+        };
+        if let Some(u) = uploader {
+            u.abort();
+        }
+        (what, start.elapsed())
+    }
+
+    /// A client uploading steadily, however slowly within the idle
+    /// timeout, is waited for as long as it takes (here 30 idle timeouts);
+    /// one that stops is dropped between one and two idle timeouts after
+    /// its last byte; the route timeout bounds both.
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_slow_upload_is_waited_for_and_a_stalled_one_is_not() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        let (what, took) = waited(s(30), Some(ms(900)), None).await;
+        assert_eq!((what, took), ("answered", s(30)));
+        // Nothing uploaded, no answer: idle at the first look.
+        let (what, took) = waited(s(30), None, None).await;
+        assert_eq!((what, took), ("stream_idle", s(1)));
+        // An answer within the idle timeout needs no upload.
+        let (what, took) = waited(ms(999), None, None).await;
+        assert_eq!((what, took), ("answered", ms(999)));
+        // The route timeout ends a steady upload too.
+        let (what, took) = waited(s(30), Some(ms(500)), Some(s(5))).await;
+        assert_eq!((what, took), ("route_timeout", s(5)));
+    }
+
+    /// A client that uploads for a while, then stalls, is dropped between
+    /// one and two idle timeouts after its last byte.
+    #[tokio::test(start_paused = true)]
+    async fn an_upload_that_stalls_is_dropped_after_the_idle_timeout() {
+        let uploaded = Arc::new(AtomicU64::new(0));
+        let feeder = {
+            let uploaded = Arc::clone(&uploaded);
+            tokio::spawn(async move {
+                for _ in 0..10 {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    uploaded.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let start = tokio::time::Instant::now();
+        let tries = tokio::time::sleep(Duration::from_secs(60));
+        let waited = wait_for_answer(tries, None, &uploaded, Duration::from_secs(1)).await;
+        assert!(matches!(waited, Waited::StreamIdle));
+        // The last byte came at 5 s.
+        let took = start.elapsed();
+        assert!(
+            (Duration::from_secs(6)..=Duration::from_secs(7)).contains(&took),
+            "{took:?}"
+        );
+        feeder.abort();
+    }
+
     fn parts(version: http::Version, uri: &str, hosts: &[&str]) -> http::request::Parts {
         let mut b = Request::builder().version(version).uri(uri);
         for h in hosts {
