@@ -2,9 +2,9 @@
 //! kernel files them (map `ORIG_DST_BY_TUPLE`), read by the proxy.
 #![forbid(unsafe_code)]
 
-use std::{net::SocketAddr, os::fd::AsFd, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
-use aya::maps::{HashMap, IterableMap, MapData};
+use aya::maps::{HashMap, MapData};
 use mesh_common::{OrigDst, TupleKey};
 
 use super::{
@@ -27,7 +27,8 @@ impl OrigDstTable {
     /// Takes (reads and deletes) the original destination of the client
     /// `peer` accepted on the outbound listener of netns `netns_cookie`.
     /// The kernel files it before the client's handshake completes; a short
-    /// retry covers the rare case of the agent being faster.
+    /// retry covers the rare case of the agent being faster. One
+    /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` per try: one syscall, no lock.
     pub async fn take(&self, netns_cookie: u64, peer: SocketAddr) -> Option<SocketAddr> {
         let key = TupleKey {
             netns_cookie,
@@ -36,24 +37,18 @@ impl OrigDstTable {
             _pad: [0; 6],
         };
         for attempt in 0..10u32 {
-            if let Some(orig) = self.take_now(&key) {
-                return Some(orig);
+            match sys::map_take(&self.map, &key) {
+                Ok(Some(o)) => return Some(SocketAddr::new(ip_from_key(&o.addr), o.port)),
+                Ok(None) => {}
+                // An error (not expected on a supported kernel) would not
+                // pass by waiting: the connection is refused at once.
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read an original destination");
+                    return None;
+                }
             }
             tokio::time::sleep(Duration::from_millis(1 << attempt.min(5))).await;
         }
         None
-    }
-
-    /// One `BPF_MAP_LOOKUP_AND_DELETE_ELEM`: no lock, one syscall per
-    /// connection. An error (none is expected on a supported kernel) is
-    /// logged and taken as "not filed": the connection is refused.
-    fn take_now(&self, key: &TupleKey) -> Option<SocketAddr> {
-        match sys::map_take::<TupleKey, OrigDst>(self.map.map().fd().as_fd(), key) {
-            Ok(orig) => orig.map(|o| SocketAddr::new(ip_from_key(&o.addr), o.port)),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read an original destination");
-                None
-            }
-        }
     }
 }

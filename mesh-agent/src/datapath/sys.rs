@@ -98,20 +98,28 @@ struct MapElemAttr {
 /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (hash maps: Linux 5.14): reads the
 /// value at `key` and deletes it in one call, so a hot path pays one
 /// syscall where aya's `get` and `remove` pay two. `Ok(None)`: no such key.
-pub fn map_take<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
+/// The map is aya's typed one, whose key and value sizes aya checked
+/// against `K` and `V` when it was typed: the kernel writes no more than
+/// a `V`.
+pub fn map_take<K: aya::Pod, V: aya::Pod>(
+    map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+    key: &K,
+) -> io::Result<Option<V>> {
+    use aya::maps::IterableMap;
+    use std::os::fd::AsFd;
     const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
     let mut value = std::mem::MaybeUninit::<V>::uninit();
     let attr = MapElemAttr {
-        map_fd: map.as_raw_fd() as u32,
+        map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
         _pad: 0,
         key: std::ptr::from_ref(key) as u64,
         value: value.as_mut_ptr() as u64,
         flags: 0,
     };
-    // SAFETY: the kernel reads `size_of::<K>()` bytes at the live key and
-    // writes at most the map's value size into `value`; the map was created
-    // with `K` and `V` (their sizes checked by aya when it was typed), so
-    // that is `size_of::<V>()`.
+    // SAFETY: the kernel reads the map's key size, `size_of::<K>()`, at the
+    // live key and writes the map's value size, `size_of::<V>()` (both
+    // checked by aya when the map was typed), into `value`; the map's fd is
+    // borrowed for the call.
     match unsafe { bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &attr) } {
         Ok(_) => {}
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
@@ -344,11 +352,11 @@ mod tests {
         let fd = unsafe { bpf(BPF_MAP_CREATE, &create) }
             .unwrap_or_else(|e| panic!("BPF_MAP_CREATE: {e}: this test needs root (CAP_BPF)"));
         // SAFETY: the kernel returned a fresh fd that we now own.
-        let map = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
         let key: u64 = 7;
         let value: [u64; 2] = [0x1122_3344_5566_7788, 42];
         let update = MapElemAttr {
-            map_fd: map.as_raw_fd() as u32,
+            map_fd: fd.as_raw_fd() as u32,
             _pad: 0,
             key: std::ptr::from_ref(&key) as u64,
             value: std::ptr::from_ref(&value) as u64,
@@ -356,7 +364,21 @@ mod tests {
         };
         // SAFETY: key and value are live locals of the map's sizes.
         unsafe { bpf(BPF_MAP_UPDATE_ELEM, &update) }.expect("update");
-        let map = std::os::fd::AsFd::as_fd(&map);
+        let data = aya::maps::MapData::from_fd(fd).expect("map data");
+        let map: aya::maps::HashMap<_, u64, [u64; 2]> = aya::maps::Map::from_map_data(data)
+            .and_then(aya::maps::HashMap::try_from)
+            .expect("typed as u64 -> [u64; 2]");
+        // A map typed with another value size is refused by aya, so
+        // map_take never meets one.
+        use aya::maps::IterableMap;
+        let dup = std::os::fd::AsFd::as_fd(map.map().fd())
+            .try_clone_to_owned()
+            .expect("dup");
+        let wrong = aya::maps::MapData::from_fd(dup)
+            .and_then(aya::maps::Map::from_map_data)
+            .and_then(aya::maps::HashMap::<_, u64, u64>::try_from);
+        assert!(wrong.is_err(), "a map typed with the wrong value size");
+        let map = &map;
         let taken: Option<[u64; 2]> = map_take(map, &key).expect("take");
         assert_eq!(taken, Some(value));
         let again: Option<[u64; 2]> = map_take(map, &key).expect("take again");

@@ -191,6 +191,7 @@ impl ConnectionRegistry {
 
     /// The open connections, oldest first.
     pub fn list(&self) -> Vec<OpenConnection> {
+        let now = SystemTime::now();
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         inner
             .open
@@ -205,7 +206,7 @@ impl ConnectionRegistry {
                     dst: conn.dst.endpoint(),
                     dst_service: conn.dst_service.as_ref().map(|s| s.host.clone()),
                     security_policy: conn.security_policy.as_str().to_owned(),
-                    opened_at: unix(SystemTime::now().checked_sub(age).unwrap_or(UNIX_EPOCH)),
+                    opened_at: unix(now.checked_sub(age).unwrap_or(UNIX_EPOCH)),
                     age_ms: u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
                 }
             })
