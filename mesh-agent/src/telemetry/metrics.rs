@@ -580,11 +580,6 @@ impl Metrics {
         self.registry.register_collector(collector);
     }
 
-    /// Counts an opened connection.
-    pub fn connection_opened(&self, l: &ConnectionLabels) {
-        self.open_series(l.clone());
-    }
-
     /// Counts an opened connection labelled `l`; the series is to be given
     /// to [`Self::close_series`] when it closes.
     pub fn open_series(&self, l: ConnectionLabels) -> TcpSeries {
@@ -593,22 +588,12 @@ impl Metrics {
         TcpSeries(labels)
     }
 
-    /// Counts a closed connection and its bytes: `sent` from the client to
-    /// the server (`istio_tcp_received_bytes_total`, as Istio counts it from
-    /// the server's view), `received` from the server to the client
+    /// Counts the connection [`Self::open_series`] returned `series` for as
+    /// closed, with `response_flags`, and its bytes: `sent` from the client
+    /// to the server (`istio_tcp_received_bytes_total`, as Istio counts it
+    /// from the server's view), `received` from the server to the client
     /// (`istio_tcp_sent_bytes_total`). These are the relay's `sent` and
     /// `received`.
-    pub fn connection_closed(&self, l: &ConnectionLabels, sent: u64, received: u64) {
-        self.close_series(
-            TcpSeries(TcpLabels::from(l.clone())),
-            l.response_flags,
-            sent,
-            received,
-        );
-    }
-
-    /// [`Self::connection_closed`] for the series [`Self::open_series`]
-    /// returned, now with `response_flags`.
     pub fn close_series(
         &self,
         series: TcpSeries,
@@ -619,21 +604,10 @@ impl Metrics {
         let mut labels = series.0;
         labels.response_flags = response_flags.as_str();
         self.tcp_closed.get_or_create(&labels).inc();
-        self.add_bytes_labels(&labels, sent, received);
-    }
-
-    /// Adds bytes of a connection that is still open (for long connections
-    /// reported periodically); same directions as [`Self::connection_closed`],
-    /// which must then be given only the bytes not yet added.
-    pub fn add_bytes(&self, l: &ConnectionLabels, sent: u64, received: u64) {
-        self.add_bytes_labels(&TcpLabels::from(l.clone()), sent, received);
-    }
-
-    fn add_bytes_labels(&self, labels: &TcpLabels, sent: u64, received: u64) {
         // Always create both series, so a connection that moved no bytes
         // still shows up as 0 next to its open/close counts.
-        self.tcp_received.get_or_create(labels).inc_by(sent);
-        self.tcp_sent.get_or_create(labels).inc_by(received);
+        self.tcp_received.get_or_create(&labels).inc_by(sent);
+        self.tcp_sent.get_or_create(&labels).inc_by(received);
     }
 
     /// Sets the number of enrolled pods.
@@ -878,10 +852,9 @@ request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"mutua
         // admin::collectors checks what its collectors add after this.
         let m = Metrics::new();
         let l = labels();
-        m.connection_opened(&l);
-        m.connection_opened(&l);
-        m.connection_closed(&l, 100, 2048);
-        m.connection_closed(&l, 5, 0);
+        let (a, b) = (m.open_series(l.clone()), m.open_series(l.clone()));
+        m.close_series(a, ResponseFlags::None, 100, 2048);
+        m.close_series(b, ResponseFlags::None, 5, 0);
         m.set_enrolled_pods(2);
         m.policy_decision(PolicyDecision::Deny);
         let stream = m.pool_stream();
@@ -925,12 +898,11 @@ mesh_policy_decisions_total{{result=\"deny\"}} 1\n\
     fn response_flags_and_reporter_make_separate_series() {
         let m = Metrics::new();
         let mut l = labels();
-        m.connection_closed(&l, 0, 0);
-        l.response_flags = ResponseFlags::Denied;
+        m.close_series(m.open_series(l.clone()), ResponseFlags::None, 0, 0);
         l.reporter = Reporter::Destination;
         l.security_policy = SecurityPolicy::None;
         l.destination_service = None;
-        m.connection_closed(&l, 0, 0);
+        m.close_series(m.open_series(l), ResponseFlags::Denied, 0, 0);
         let text = m.encode().expect("encode");
         let closed: Vec<&str> = text
             .lines()
