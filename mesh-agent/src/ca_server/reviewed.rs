@@ -15,9 +15,10 @@
 //!
 //! Reviews of one token asked at the same time are one review: the first
 //! request asks ([`Lookup::Lead`]), the others wait for its answer
-//! ([`Lookup::Shared`]); if it fails or is cancelled, each asks for itself. Bounded: at most [`MAX_ENTRIES`] tokens kept and as many
-//! reviews in flight, of tokens of at most [`MAX_TOKEN_BYTES`]; past that,
-//! reviews are neither kept nor shared.
+//! ([`Lookup::Shared`]); if it fails or is cancelled, each asks for itself.
+//! Bounded: at most [`MAX_ENTRIES`] tokens kept and as many reviews in
+//! flight, of tokens of at most [`MAX_TOKEN_BYTES`]; past that, reviews are
+//! neither kept nor shared.
 
 use std::{
     collections::HashMap,
