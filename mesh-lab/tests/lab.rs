@@ -327,6 +327,30 @@ fn two_nodes_echo_then_everything_is_removed() -> Result<()> {
     Ok(())
 }
 
+/// `mesh-lab-app forward` (the bench's plain relay rows) relays each
+/// connection byte for byte, both ways, across nodes.
+#[test]
+fn forward_relays_byte_for_byte() -> Result<()> {
+    assert_root();
+    let lab = Lab::new(two_node_spec())?;
+    let (b, c) = (lab.pod("b")?.ipv4(), lab.pod("c")?.ipv4());
+    let server = lab.spawn_in_pod("c", app(&["echo", "--listen", &format!("{c}:7100")]))?;
+    server.wait_for_log("listening", WAIT)?;
+    let relay = lab.spawn_in_pod(
+        "b",
+        app(&[
+            "forward",
+            "--listen",
+            &format!("{b}:7100"),
+            "--to",
+            &c.to_string(),
+        ]),
+    )?;
+    relay.wait_for_log(&format!("listening {b}:7100"), WAIT)?;
+    run_client(&lab, "a", format!("{b}:7100").parse()?, &[])?;
+    lab.close()
+}
+
 #[test]
 fn two_labs_at_once_are_isolated() -> Result<()> {
     assert_root();

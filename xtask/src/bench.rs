@@ -3,7 +3,9 @@
 //! request/response latency at a fixed rate (sockperf ping-pong),
 //! new-connection rate (mesh-lab-app) and the agent's memory per open
 //! connection, for the same pods without the mesh (baseline) and through it,
-//! same node and cross node. Prints a table; writes `target/bench.json`.
+//! same node and cross node, and for plain TCP relays in the mesh's place
+//! (what any proxy pays); issue 13's goals in paired rounds
+//! (`bench_goals`). Prints a table; writes `target/bench.json`.
 //! Numbers, not assertions: nothing here fails on speed.
 #![forbid(unsafe_code)]
 
@@ -18,6 +20,7 @@ use serde::Serialize;
 
 use crate::{
     bench_datapath::{self, Throughput},
+    bench_goals,
     labkit::{self, Bins},
 };
 
@@ -34,6 +37,21 @@ const CONNS: &str = "2000";
 const CONN_SAMPLES: u16 = 3;
 /// The first echo server's port (also the memory measurement's).
 const ECHO_PORT: u16 = 8080;
+/// The row of one plain TCP relay on the server's node (no mesh).
+const RELAY_ONE: &str = "relay, cross node";
+/// The row of two plain TCP relays, one on each node (no mesh).
+const RELAY_TWO: &str = "relay x2, cross node";
+
+/// The echo servers' ports: the rows' connection-rate runs, then the
+/// goals' paired rounds, one port per run.
+fn echo_ports() -> std::ops::Range<u16> {
+    ECHO_PORT..ECHO_PORT + CONN_SAMPLES + bench_goals::ROUNDS
+}
+
+/// The ports the relays relay: iperf3, sockperf and the echo servers.
+fn relayed_ports() -> Vec<u16> {
+    [5201, 11111].into_iter().chain(echo_ports()).collect()
+}
 
 #[derive(Debug, Serialize)]
 struct Row {
@@ -66,11 +84,19 @@ pub fn run(bin_dir: &Path, target_dir: &Path, datapath_only: bool) -> anyhow::Re
     let bins = Bins::in_dir(bin_dir)?;
     let lab = Lab::new(
         LabSpec::new()
-            .node(NodeSpec::with_pods(["client", "local"]))
-            .node(NodeSpec::with_pods(["remote"])),
+            .node(NodeSpec::with_pods([
+                "client",
+                "local",
+                "relay-a",
+                "bare-client",
+                "bare-local",
+            ]))
+            .node(NodeSpec::with_pods(["remote", "relay-b", "bare-remote"])),
     )?;
     let mut servers = Vec::new();
-    for pod in ["local", "remote"] {
+    // The bare pods are never enrolled: the goals' paired rounds measure
+    // them beside the meshed ones while the agents run (`bench_goals`).
+    for pod in ["local", "remote", "bare-local", "bare-remote"] {
         let ip = lab.pod(pod)?.ipv4().to_string();
         let mut iperf = Command::new("iperf3");
         iperf.args(["-s", "-p", "5201", "-B", &ip]);
@@ -78,7 +104,7 @@ pub fn run(bin_dir: &Path, target_dir: &Path, datapath_only: bool) -> anyhow::Re
         let mut sockperf = Command::new("sockperf");
         sockperf.args(["server", "--tcp", "-i", &ip, "-p", "11111"]);
         servers.push(lab.spawn_in_pod(pod, sockperf)?);
-        for port in ECHO_PORT..ECHO_PORT + CONN_SAMPLES {
+        for port in echo_ports() {
             servers.push(labkit::echo(&lab, &bins, pod, port)?);
         }
     }
@@ -97,8 +123,51 @@ pub fn run(bin_dir: &Path, target_dir: &Path, datapath_only: bool) -> anyhow::Re
         &[("remote", false)],
         &[("client", false), ("local", false)],
     )?;
-    rows.push(measure(&lab, &bins, "no mesh, same node", "local", &[])?);
-    rows.push(measure(&lab, &bins, "no mesh, cross node", "remote", &[])?);
+    rows.push(measure(
+        &lab,
+        &bins,
+        "no mesh, same node",
+        "client",
+        "local",
+        &[],
+    )?);
+    rows.push(measure(
+        &lab,
+        &bins,
+        "no mesh, cross node",
+        "client",
+        "remote",
+        &[],
+    )?);
+    // What any proxy pays, with nothing of the mesh: plain TCP relays
+    // (`mesh-lab-app forward`) between pods that are never enrolled, one on
+    // the server's node, then one on each node. They stay up for the goals'
+    // paired rounds.
+    let ports = relayed_ports();
+    let relay_b = labkit::forward(
+        &lab,
+        &bins,
+        "relay-b",
+        &ports,
+        lab.pod("bare-remote")?.ipv4(),
+    )?;
+    rows.push(measure(
+        &lab,
+        &bins,
+        RELAY_ONE,
+        "bare-client",
+        "relay-b",
+        &[relay_b.pid()],
+    )?);
+    let relay_a = labkit::forward(&lab, &bins, "relay-a", &ports, lab.pod("relay-b")?.ipv4())?;
+    rows.push(measure(
+        &lab,
+        &bins,
+        RELAY_TWO,
+        "bare-client",
+        "relay-a",
+        &[relay_a.pid(), relay_b.pid()],
+    )?);
 
     labkit::write_workloads(
         &lab,
@@ -118,12 +187,31 @@ pub fn run(bin_dir: &Path, target_dir: &Path, datapath_only: bool) -> anyhow::Re
     ];
     let idle_rss = labkit::rss_kib(agents[0].pid());
     let pids = [agents[0].pid(), agents[1].pid()];
-    rows.push(measure(&lab, &bins, "mesh, same node", "local", &pids)?);
-    rows.push(measure(&lab, &bins, "mesh, cross node", "remote", &pids)?);
+    rows.push(measure(
+        &lab,
+        &bins,
+        "mesh, same node",
+        "client",
+        "local",
+        &pids,
+    )?);
+    rows.push(measure(
+        &lab,
+        &bins,
+        "mesh, cross node",
+        "client",
+        "remote",
+        &pids,
+    )?);
     let same_1000 = memory_per_1000_connections(&lab, &bins, &agents, "client", "local")?;
     let per_1000 = memory_per_1000_connections(&lab, &bins, &agents, "client", "remote")?;
-    rows[2].agent_kib_per_1000_open_connections = Some(same_1000);
-    rows[3].agent_kib_per_1000_open_connections = Some(per_1000);
+    for r in &mut rows {
+        if r.scenario == "mesh, same node" {
+            r.agent_kib_per_1000_open_connections = Some(same_1000);
+        } else if r.scenario == "mesh, cross node" {
+            r.agent_kib_per_1000_open_connections = Some(per_1000);
+        }
+    }
     // The same pods through an HBONE tunnel to the agent itself (the
     // same-node fast path off): what the fast path saves, in this run.
     agents[0].terminate()?;
@@ -134,6 +222,7 @@ pub fn run(bin_dir: &Path, target_dir: &Path, datapath_only: bool) -> anyhow::Re
         &lab,
         &bins,
         "mesh, same node, tunnel",
+        "client",
         "local",
         &tunnel_pids,
     )?);
@@ -144,6 +233,19 @@ pub fn run(bin_dir: &Path, target_dir: &Path, datapath_only: bool) -> anyhow::Re
         .get("connect_redirected")
         .copied()
         .unwrap_or(0);
+    let goals = bench_goals::measure(
+        &lab,
+        &bins,
+        &bench_goals::Pods {
+            meshed: ["client", "local", "remote"],
+            bare: ["bare-client", "bare-local", "bare-remote"],
+            relay: "relay-a",
+            first_echo_port: ECHO_PORT + CONN_SAMPLES,
+            seconds: SECONDS,
+            conns: CONNS,
+        },
+    )?;
+    drop((relay_a, relay_b));
     if datapath_only {
         for agent in agents {
             agent.terminate()?;
@@ -151,8 +253,7 @@ pub fn run(bin_dir: &Path, target_dir: &Path, datapath_only: bool) -> anyhow::Re
         drop(servers);
         lab.close()?;
         print_rows(&rows);
-        let goals = goals(&rows);
-        print_goals(&goals);
+        bench_goals::print(&goals);
         let json = serde_json::json!({ "rows": rows, "goals": goals, "agent_rss_kib": { "idle": idle_rss, "node0": rss[0], "node1": rss[1] }, "agent_kib_per_1000_open_connections": per_1000 });
         let path = target_dir.join("bench.json");
         std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
@@ -166,8 +267,7 @@ pub fn run(bin_dir: &Path, target_dir: &Path, datapath_only: bool) -> anyhow::Re
     let waypoint = crate::bench_waypoint::measure(&bins)?;
 
     print_rows(&rows);
-    let goals = goals(&rows);
-    print_goals(&goals);
+    bench_goals::print(&goals);
     let kib =
         |v: Option<u64>| v.map_or("?".to_owned(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
     println!(
@@ -241,7 +341,7 @@ fn print_rows(rows: &[Row]) {
             .map(|r| (r.scenario.as_str(), r.throughput.as_slice())),
     );
     println!(
-        "\nagents' CPU per new connection (both agents, user + system, over every connection of the row's {CONN_SAMPLES} rate runs):"
+        "\nproxies' CPU per new connection (both agents, or the relays of a relay row; user + system, over every connection of the row's {CONN_SAMPLES} rate runs):"
     );
     for r in rows {
         if let Some(us) = r.agent_cpu_us_per_connection {
@@ -283,6 +383,7 @@ fn measure(
     lab: &Lab,
     bins: &Bins,
     scenario: &str,
+    from: &str,
     server: &str,
     agents: &[u32],
 ) -> anyhow::Result<Row> {
@@ -290,7 +391,7 @@ fn measure(
     let ip = lab.pod(server)?.ipv4().to_string();
     let timeout = Duration::from_secs(60);
 
-    let throughput = bench_datapath::throughput(lab, "client", &ip, SECONDS, agents)?;
+    let throughput = bench_datapath::throughput(lab, from, &ip, SECONDS, agents)?;
     let gbit = |streams: u32| {
         throughput
             .iter()
@@ -312,7 +413,7 @@ fn measure(
         LATENCY_RATE,
         "--full-rtt",
     ]);
-    let out = lab.run_in_pod_timeout("client", sockperf, timeout)?;
+    let out = lab.run_in_pod_timeout(from, sockperf, timeout)?;
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     let p50 = percentile(&text, "50.000")?;
@@ -321,7 +422,7 @@ fn measure(
     let cpu_before = bench_datapath::cpu_seconds(agents)?;
     let samples = (ECHO_PORT..ECHO_PORT + CONN_SAMPLES)
         .map(|port| {
-            labkit::new_conns_per_s(lab, bins, "client", &format!("{ip}:{port}"), CONNS)
+            labkit::new_conns_per_s(lab, bins, from, &format!("{ip}:{port}"), CONNS)
                 .with_context(|| scenario.to_owned())
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -343,69 +444,6 @@ fn measure(
         connections_per_s_samples: samples,
         agent_cpu_us_per_connection,
     })
-}
-
-/// One performance goal of the data path: a meshed row's figure as a share
-/// of the same figure without the mesh.
-#[derive(Debug, Serialize)]
-struct Goal {
-    what: &'static str,
-    /// Meshed / not meshed, in percent.
-    percent: f64,
-    /// The goal, in percent.
-    at_least_percent: f64,
-    met: bool,
-}
-
-/// The data path's goals (issue 13), from this run's rows.
-fn goals(rows: &[Row]) -> Vec<Goal> {
-    let row = |name: &str| rows.iter().find(|r| r.scenario == name);
-    let goal = |what, meshed: &str, bare: &str, at_least_percent: f64, f: fn(&Row) -> f64| {
-        let (m, b) = (row(meshed)?, row(bare)?);
-        let percent = f(m) / f(b).max(f64::MIN_POSITIVE) * 100.0;
-        Some(Goal {
-            what,
-            percent,
-            at_least_percent,
-            met: percent >= at_least_percent,
-        })
-    };
-    let (same, bare_same) = ("mesh, same node", "no mesh, same node");
-    let (cross, bare_cross) = ("mesh, cross node", "no mesh, cross node");
-    [
-        goal("cross node, 1 stream", cross, bare_cross, 50.0, |r| {
-            r.throughput_gbit_s
-        }),
-        goal("cross node, 8 streams", cross, bare_cross, 35.0, |r| {
-            r.throughput_8_gbit_s
-        }),
-        goal("same node, 1 stream", same, bare_same, 70.0, |r| {
-            r.throughput_gbit_s
-        }),
-        goal("same node, new conns", same, bare_same, 75.0, |r| {
-            r.connections_per_s
-        }),
-        goal("cross node, new conns", cross, bare_cross, 75.0, |r| {
-            r.connections_per_s
-        }),
-    ]
-    .into_iter()
-    .flatten()
-    .collect()
-}
-
-/// Prints [`goals`].
-fn print_goals(goals: &[Goal]) {
-    println!("\ngoals, meshed as a share of no mesh in this run:");
-    for g in goals {
-        println!(
-            "  {:<24} {:>5.1} %  (goal >= {:.0} %: {})",
-            g.what,
-            g.percent,
-            g.at_least_percent,
-            if g.met { "met" } else { "not met" }
-        );
-    }
 }
 
 /// Idle connections held open for the memory measurement.

@@ -18,7 +18,9 @@ pub const STREAMS: [u32; 3] = [1, 8, 64];
 
 /// Runs per stream count; a row reports the median one. Single runs of the
 /// same row were far apart here (no mesh, cross node, 8 streams: 19.5 to
-/// 43.7 Gb/s in four runs of the bench), and the goals are ratios of rows.
+/// 43.7 Gb/s in four runs of the bench; it runs at about 18 or about
+/// 40 Gb/s, seldom between). The goals are measured apart, in paired
+/// rounds (`bench_goals`).
 pub const RUNS: usize = 3;
 
 /// The kernel's clock ticks per second in `/proc/<pid>/stat` (`USER_HZ`,
@@ -63,6 +65,18 @@ pub fn throughput(
             Ok(median)
         })
         .collect()
+}
+
+/// One iperf3 run of `streams` parallel streams from `client` to `ip`:
+/// what the server received, in Gb/s.
+pub fn gbit_s(
+    lab: &Lab,
+    client: &str,
+    ip: &str,
+    streams: u32,
+    seconds: &str,
+) -> anyhow::Result<f64> {
+    Ok(iperf(lab, client, ip, streams, seconds, &[])?.gbit_s)
 }
 
 /// The agents' cost of one run, per GB (10^9 bytes) received by the server.
@@ -198,7 +212,7 @@ fn iperf(
 pub fn print_costs<'a>(rows: impl Iterator<Item = (&'a str, &'a [Throughput])>) {
     println!(
         "\n{:<22} {:>7} {:>10} {:>10} {:>14} {:>14} {:>10}",
-        "agents' cost", "streams", "Gb/s", "CPU s/GB", "faults/GB", "ctx sw/GB", "cores"
+        "proxies' cost", "streams", "Gb/s", "CPU s/GB", "faults/GB", "ctx sw/GB", "cores"
     );
     for (scenario, runs) in rows {
         for t in runs {

@@ -203,6 +203,30 @@ pub fn echo(lab: &Lab, bins: &Bins, pod: &str, port: u16) -> anyhow::Result<LabC
     Ok(child)
 }
 
+/// A plain TCP relay (`mesh-lab-app forward`) in `pod`: each of `ports` of
+/// the pod's IPv4 address to the same port of `to`. Returns once it listens
+/// on all of them.
+pub fn forward(
+    lab: &Lab,
+    bins: &Bins,
+    pod: &str,
+    ports: &[u16],
+    to: std::net::Ipv4Addr,
+) -> anyhow::Result<LabChild> {
+    let ip = lab.pod(pod)?.ipv4();
+    let mut cmd = Command::new(&bins.app);
+    cmd.arg("forward");
+    for port in ports {
+        cmd.arg("--listen").arg(format!("{ip}:{port}"));
+    }
+    cmd.arg("--to").arg(to.to_string());
+    let child = lab.spawn_in_pod(pod, cmd)?;
+    if let Some(last) = ports.last() {
+        child.wait_for_log(&format!("listening {ip}:{last}"), Duration::from_secs(10))?;
+    }
+    Ok(child)
+}
+
 /// One probe connection from `from` to `to`.
 pub fn probe(lab: &Lab, bins: &Bins, from: &str, to: &str) -> anyhow::Result<ProbeOutcome> {
     let mut cmd = Command::new(&bins.app);

@@ -11,6 +11,7 @@
 
 mod bench;
 mod bench_datapath;
+mod bench_goals;
 mod bench_routing;
 mod bench_waypoint;
 mod canary;

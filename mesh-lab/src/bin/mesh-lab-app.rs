@@ -49,6 +49,22 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         accept_after_ms: u64,
     },
+    /// A plain TCP relay: each connection accepted on a `--listen` address
+    /// is relayed, byte for byte and half-close for half-close, to the same
+    /// port of `--to`. No TLS, no HTTP/2, no policy: `cargo xtask bench`
+    /// measures it as the least any proxy that terminates a connection and
+    /// opens another pays. Prints `listening <addr>` once per listener.
+    Forward {
+        /// Address to listen on (repeatable).
+        #[arg(long = "listen", required = true)]
+        listen: Vec<SocketAddr>,
+        /// Where to relay to: this address, at the listener's port.
+        #[arg(long)]
+        to: std::net::IpAddr,
+        /// Worker threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// Opens N connections (C at a time), sends a per-connection pattern,
     /// checks the echo byte for byte; prints one JSON report. Exit 1 if any failed.
     Client {
@@ -177,6 +193,11 @@ fn main() -> ExitCode {
             Duration::from_millis(accept_after_ms),
         )
         .map(|()| true),
+        Cmd::Forward {
+            listen,
+            to,
+            threads,
+        } => forward(&listen, to, threads).map(|()| true),
         Cmd::Client {
             connect,
             conns,
@@ -340,6 +361,98 @@ fn serve(listener: &TcpListener, greeting_peer: bool) {
             }
         }
     }
+}
+
+/// Each relay direction's buffer. The agent's relay reads 16 KiB at first
+/// and up to 256 KiB on a busy connection; 64 KiB is near the agent's
+/// bulk reads and stays on the heap (glibc maps 128 KiB and more one by
+/// one, which would make the relay's new connections look dearer than
+/// they are).
+const FORWARD_BUFFER: usize = 64 * 1024;
+
+/// The relay's shape is the agent's: one current-thread runtime per core,
+/// each with its own `SO_REUSEPORT` listeners, so that a connection and its
+/// relay stay on one thread.
+fn forward(listen: &[SocketAddr], to: std::net::IpAddr, threads: Option<usize>) -> Result<()> {
+    let threads = threads.unwrap_or_else(|| thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut workers = Vec::new();
+    for _ in 0..threads.max(1) {
+        let listeners = listen
+            .iter()
+            .map(|addr| reuseport_listener(*addr).with_context(|| format!("binding {addr}")))
+            .collect::<Result<Vec<_>>>()?;
+        workers.push(thread::spawn(move || forward_thread(listeners, to)));
+    }
+    for addr in listen {
+        println!("listening {addr}");
+    }
+    io::stdout().flush()?;
+    for worker in workers {
+        worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("a relay thread panicked"))??;
+    }
+    Ok(())
+}
+
+fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    Ok(sock.into())
+}
+
+fn forward_thread(listeners: Vec<TcpListener>, to: std::net::IpAddr) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a relay thread's runtime")?;
+    runtime.block_on(async {
+        let tasks = tokio::task::LocalSet::new();
+        for listener in listeners {
+            let target = SocketAddr::new(to, listener.local_addr()?.port());
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            tasks.spawn_local(async move {
+                loop {
+                    let Ok((inbound, _)) = listener.accept().await else {
+                        // Out of descriptors, say: wait instead of spinning.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    };
+                    tokio::task::spawn_local(async move {
+                        // Said, so that a bench row's failed connections
+                        // have a cause in the relay's log.
+                        if let Err(e) = relay(inbound, target).await {
+                            eprintln!("relay to {target}: {e}");
+                        }
+                    });
+                }
+            });
+        }
+        tasks.await;
+        Ok(())
+    })
+}
+
+async fn relay(mut inbound: tokio::net::TcpStream, target: SocketAddr) -> io::Result<()> {
+    inbound.set_nodelay(true)?;
+    let mut outbound = tokio::net::TcpStream::connect(target).await?;
+    outbound.set_nodelay(true)?;
+    tokio::io::copy_bidirectional_with_sizes(
+        &mut inbound,
+        &mut outbound,
+        FORWARD_BUFFER,
+        FORWARD_BUFFER,
+    )
+    .await
+    .map(|_| ())
 }
 
 fn echo_conn(mut stream: TcpStream, peer: SocketAddr, greeting_peer: bool) -> io::Result<()> {
