@@ -1,5 +1,6 @@
 //! `mesh-lab-app`: the application that runs inside lab pods — an echo
-//! server, a checking client, a one-shot probe and a long-lived connection.
+//! server, a checking client, a one-shot probe, a long-lived connection
+//! and a plain TCP relay (the bench's floor).
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
