@@ -60,7 +60,8 @@ struct Row {
     throughput_gbit_s: f64,
     throughput_8_gbit_s: f64,
     throughput_64_gbit_s: f64,
-    /// Every stream count, with the agents' cost per GB when meshed.
+    /// Every stream count, with the proxies' cost per GB (the agents', or a
+    /// relay row's relays').
     throughput: Vec<Throughput>,
     /// Both agents' RSS growth per 1 000 idle connections held (meshed rows).
     agent_kib_per_1000_open_connections: Option<f64>,
@@ -70,8 +71,10 @@ struct Row {
     connections_per_s: f64,
     /// Every connection-rate run of the row, in order.
     connections_per_s_samples: Vec<f64>,
-    /// The agents' CPU time (both, user + system) per connection over all
-    /// of the row's connection-rate runs, in microseconds (meshed rows).
+    /// The proxies' CPU time (both agents, or a relay row's relays; user +
+    /// system) per connection over all of the row's connection-rate runs,
+    /// in microseconds (meshed and relay rows; the name is kept for
+    /// `bench.json`'s readers).
     /// What a connection costs the proxies, apart from how fast the load
     /// generator, which shares the cores, can open them.
     agent_cpu_us_per_connection: Option<f64>,
@@ -350,7 +353,7 @@ fn print_rows(rows: &[Row]) {
     }
     let runs = bench_datapath::RUNS;
     println!(
-        "latency: sockperf TCP ping-pong at {LATENCY_RATE} msg/s for {SECONDS} s, round trip; throughput: iperf3 -P 1/8/64 for {SECONDS} s each, the median of {runs} runs, the agents' cost from /proc/<pid> (both agents, per GB received); new conns: {CONNS} connections, 16 at a time, 64 B echoed each, the median of {CONN_SAMPLES} runs (to echo ports {ECHO_PORT}..)"
+        "latency: sockperf TCP ping-pong at {LATENCY_RATE} msg/s for {SECONDS} s, round trip; throughput: iperf3 -P 1/8/64 for {SECONDS} s each, the median of {runs} runs, the proxies' cost from /proc/<pid> (both agents, or a relay row's relays, per GB received); new conns: {CONNS} connections, 16 at a time, 64 B echoed each, the median of {CONN_SAMPLES} runs (to echo ports {ECHO_PORT}..)"
     );
 }
 
@@ -377,21 +380,22 @@ fn micro_bench(krate: &str, title: &str) -> anyhow::Result<String> {
     Ok(lines)
 }
 
-/// One row: `client` to `server`, with `agents` (pids; empty without the
-/// mesh) measured during the throughput runs.
+/// One row: `from` to `server`, with `proxies` (pids: the agents, or a
+/// relay row's relays; empty without either) measured during the
+/// throughput and connection-rate runs.
 fn measure(
     lab: &Lab,
     bins: &Bins,
     scenario: &str,
     from: &str,
     server: &str,
-    agents: &[u32],
+    proxies: &[u32],
 ) -> anyhow::Result<Row> {
     eprintln!("==> {scenario}");
     let ip = lab.pod(server)?.ipv4().to_string();
     let timeout = Duration::from_secs(60);
 
-    let throughput = bench_datapath::throughput(lab, from, &ip, SECONDS, agents)?;
+    let throughput = bench_datapath::throughput(lab, from, &ip, SECONDS, proxies)?;
     let gbit = |streams: u32| {
         throughput
             .iter()
@@ -419,17 +423,17 @@ fn measure(
     let p50 = percentile(&text, "50.000")?;
     let p99 = percentile(&text, "99.000")?;
 
-    let cpu_before = bench_datapath::cpu_seconds(agents)?;
+    let cpu_before = bench_datapath::cpu_seconds(proxies)?;
     let samples = (ECHO_PORT..ECHO_PORT + CONN_SAMPLES)
         .map(|port| {
             labkit::new_conns_per_s(lab, bins, from, &format!("{ip}:{port}"), CONNS)
                 .with_context(|| scenario.to_owned())
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let cpu = bench_datapath::cpu_seconds(agents)? - cpu_before;
+    let cpu = bench_datapath::cpu_seconds(proxies)? - cpu_before;
     // Every connection of the runs succeeded (`new_conns_per_s` fails otherwise).
     let conns = f64::from(CONN_SAMPLES) * CONNS.parse::<f64>()?;
-    let agent_cpu_us_per_connection = (!agents.is_empty()).then_some(cpu * 1e6 / conns);
+    let agent_cpu_us_per_connection = (!proxies.is_empty()).then_some(cpu * 1e6 / conns);
     let rate = labkit::median_by(samples.clone(), |r| *r).unwrap_or(0.0);
     Ok(Row {
         scenario: scenario.to_owned(),

@@ -34,7 +34,8 @@ pub struct Throughput {
     pub streams: u32,
     /// Received by the server, all streams together.
     pub gbit_s: f64,
-    /// What the agents (both nodes' together) spent; `None` without the mesh.
+    /// What the proxies spent (both nodes' agents together, or a relay
+    /// row's relays); `None` without either.
     pub proxy: Option<Cost>,
     /// Every run's `gbit_s`, in order (for a row's median run).
     pub runs_gbit_s: Vec<f64>,
