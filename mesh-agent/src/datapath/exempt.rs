@@ -53,13 +53,10 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use aya::{
-    maps::{HashMap, MapData, MapError},
-    sys::SyscallError,
-};
+use aya::maps::{HashMap, MapData};
 use mesh_common::DeliveryKey;
 
-use super::keys::ip_key;
+use super::{keys::ip_key, sys};
 
 /// `bpf_map_update_elem` flags (`include/uapi/linux/bpf.h`): create or
 /// replace; create only (`EEXIST` if the key is there).
@@ -67,15 +64,28 @@ const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
 
 /// The agent's exemption maps.
+///
+/// Both are written through shared references (`sys::map_insert`,
+/// `sys::map_delete`): the kernel serialises a map's updates, so the
+/// proxy threads take no lock for a cookie. A tuple's holder count and its
+/// entry change together under the lock of the tuple's shard, so the two
+/// threads wait on each other only for tuples of one shard (a lock over
+/// every tuple was a contended futex wait in one of four same-node
+/// connections under a connection storm).
 pub struct Exemptions {
-    sockets: Mutex<HashMap<MapData, u64, u8>>,
-    deliveries: Mutex<Deliveries>,
+    sockets: HashMap<MapData, u64, u8>,
+    deliveries: HashMap<MapData, DeliveryKey, u8>,
+    holders: [Mutex<Holders>; HOLDER_SHARDS],
 }
 
-/// `DELIVERY_TUPLES` and who holds each of its entries, under one lock.
-struct Deliveries {
-    map: HashMap<MapData, DeliveryKey, u8>,
-    holders: Holders,
+/// Locks over the delivery tuples' holder counts; a tuple's shard is picked
+/// by its client port (random per delivery), so concurrent deliveries
+/// rarely share one.
+const HOLDER_SHARDS: usize = 16;
+
+/// The shard of `key`'s holder count.
+fn shard(key: &DeliveryKey) -> usize {
+    usize::from(key.remote_port) % HOLDER_SHARDS
 }
 
 /// How many of the agent's exemptions hold each delivery tuple: an entry
@@ -135,11 +145,9 @@ impl Exemptions {
         deliveries: HashMap<MapData, DeliveryKey, u8>,
     ) -> Self {
         Self {
-            sockets: Mutex::new(sockets),
-            deliveries: Mutex::new(Deliveries {
-                map: deliveries,
-                holders: Holders::default(),
-            }),
+            sockets,
+            deliveries,
+            holders: std::array::from_fn(|_| Mutex::default()),
         }
     }
 
@@ -164,32 +172,28 @@ impl Exemptions {
             cookie,
             delivery: None,
         };
-        lock(&self.sockets)
-            .insert(&cookie, &1, 0)
-            .map_err(io::Error::other)?;
+        sys::map_insert(&self.sockets, &cookie, &1, BPF_ANY)?;
         let mut guard = guard;
         if let Some(key) = key {
-            let mut deliveries = lock(&self.deliveries);
+            let mut holders = lock(&self.holders[shard(&key)]);
             // Already held: this agent's entry, written again so that one
             // the LRU map evicted comes back. Else only into an empty slot.
-            let flags = if deliveries.holders.holds(&key) {
+            let flags = if holders.holds(&key) {
                 BPF_ANY
             } else {
                 BPF_NOEXIST
             };
-            match deliveries.map.insert(&key, &1, flags) {
+            match sys::map_insert(&self.deliveries, &key, &1, flags) {
                 Ok(()) => {}
-                Err(MapError::SyscallError(SyscallError { io_error, .. }))
-                    if io_error.kind() == io::ErrorKind::AlreadyExists =>
-                {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                     return Err(io::Error::new(
                         io::ErrorKind::AddrNotAvailable,
                         "the delivery tuple is exempted by another agent (an upgrade's overlap)",
                     ));
                 }
-                Err(e) => return Err(io::Error::other(e)),
+                Err(e) => return Err(e),
             }
-            deliveries.holders.hold(key);
+            holders.hold(key);
             guard.delivery = Some(key);
         }
         Ok(guard)
@@ -197,9 +201,9 @@ impl Exemptions {
 
     /// Drops one hold on `key`'s entry, removing it with the last.
     fn release(&self, key: &DeliveryKey) {
-        let mut deliveries = lock(&self.deliveries);
-        if deliveries.holders.release(key) {
-            let _ = deliveries.map.remove(key);
+        let mut holders = lock(&self.holders[shard(key)]);
+        if holders.release(key) {
+            let _ = sys::map_delete(&self.deliveries, key);
         }
     }
 }
@@ -222,7 +226,7 @@ impl Exemption {
 
 impl Drop for Exemption {
     fn drop(&mut self) {
-        let _ = lock(&self.maps.sockets).remove(&self.cookie);
+        let _ = sys::map_delete(&self.maps.sockets, &self.cookie);
         if let Some(key) = &self.delivery {
             self.maps.release(key);
         }

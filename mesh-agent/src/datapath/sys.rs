@@ -130,6 +130,58 @@ pub fn map_take<K: aya::Pod, V: aya::Pod>(
     Ok(Some(unsafe { value.assume_init() }))
 }
 
+/// `BPF_MAP_UPDATE_ELEM` on aya's typed hash `map` through a shared
+/// reference: the kernel serialises updates of one map itself, so callers
+/// on several threads need no lock around it (aya's `insert` takes `&mut`).
+/// `flags`: `BPF_ANY` (0) or `BPF_NOEXIST` (1); a key already there under
+/// `BPF_NOEXIST` is `io::ErrorKind::AlreadyExists`.
+pub fn map_insert<K: aya::Pod, V: aya::Pod>(
+    map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+    key: &K,
+    value: &V,
+    flags: u64,
+) -> io::Result<()> {
+    use aya::maps::IterableMap;
+    use std::os::fd::AsFd;
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    let attr = MapElemAttr {
+        map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_ref(value) as u64,
+        flags,
+    };
+    // SAFETY: the kernel reads the map's key and value sizes (checked by
+    // aya against `K` and `V` when the map was typed) at the live `key` and
+    // `value`; the map's fd is borrowed for the call.
+    unsafe { bpf(BPF_MAP_UPDATE_ELEM, &attr) }.map(drop)
+}
+
+/// `BPF_MAP_DELETE_ELEM` on aya's typed hash `map` through a shared
+/// reference (see [`map_insert`]); whether the key was there.
+pub fn map_delete<K: aya::Pod, V: aya::Pod>(
+    map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+    key: &K,
+) -> io::Result<bool> {
+    use aya::maps::IterableMap;
+    use std::os::fd::AsFd;
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    let attr = MapElemAttr {
+        map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: 0,
+        flags: 0,
+    };
+    // SAFETY: the kernel reads the map's key size (checked by aya against
+    // `K`) at the live `key`; the map's fd is borrowed for the call.
+    match unsafe { bpf(BPF_MAP_DELETE_ELEM, &attr) } {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Capabilities the datapath needs, by number (linux/capability.h).
 const NEEDED_CAPS: [(u32, &str); 4] = [
     (12, "CAP_NET_ADMIN"),
