@@ -245,14 +245,88 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-async fn stream(
+/// One tunnel stream, from its `CONNECT` to its end: [`open_stream`]
+/// decides and delivers, then [`OpenStream::relay`] relays.
+pub(super) async fn stream(
+    ctx: Arc<PodContext>,
+    req: Request<RecvStream>,
+    respond: h2::server::SendResponse<Bytes>,
+    peer: SocketAddr,
+    peer_id: SpiffeId,
+    shared: Arc<Shared>,
+) {
+    // Boxed, and freed before the relay: a task is as large as its largest
+    // state for its whole life, and the decision and delivery take more
+    // than an open stream needs (issue 13: memory per connection).
+    // The relay's future is made inside the block, so that the
+    // `OpenStream` it took is not kept beside it while it runs.
+    let relay = {
+        let Some(open) = Box::pin(open_stream(ctx, req, respond, peer, peer_id, &shared)).await
+        else {
+            return;
+        };
+        open.relay()
+    };
+    relay.await;
+}
+
+/// An authorized stream with its app connected and its `200` sent: what
+/// its relay needs.
+struct OpenStream {
+    /// The app's connection (and its delivery's exemption, kept for the
+    /// connection's life).
+    app: super::AppConnection,
+    send: h2::SendStream<Bytes>,
+    body: RecvStream,
+    /// Policy's hold: a change that denies the connection cancels it.
+    tracked: super::authz::Tracked,
+    tracker: crate::telemetry::ConnectionTracker,
+}
+
+impl OpenStream {
+    /// Relays until both sides are done, then reports the connection.
+    /// Not an `async fn`, which would move `self` into a local beside the
+    /// argument it keeps: the block uses `self`'s fields in place.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep `self` twice in the task"
+    )]
+    fn relay(self) -> impl std::future::Future<Output = ()> {
+        async move {
+            // Whole, not field by field (an async block captures only the
+            // fields it uses): the delivery's exemption and the policy's
+            // hold must live until the relay ends.
+            let super::AppConnection {
+                stream,
+                _tuple: _exempt,
+            } = self.app;
+            let tracked = self.tracked;
+            let result = hbone::relay_h2(
+                stream,
+                self.send,
+                self.body,
+                &tracked.cancel,
+                hbone::EarlyData::default(),
+            )
+            .await;
+            // relay_h2 counts from the TCP side (the app): swap to client -> server.
+            self.tracker
+                .close(result.received, result.sent, result.outcome.into());
+        }
+    }
+}
+
+/// Decides a tunnel stream (its target, policy, the app's source address)
+/// and connects the app; `None` when it was refused or failed, answered
+/// and reported here.
+async fn open_stream(
     ctx: Arc<PodContext>,
     req: Request<RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
     peer: SocketAddr,
     peer_id: SpiffeId,
-    shared: Arc<Shared>,
-) {
+    shared: &Shared,
+) -> Option<OpenStream> {
     let start = Instant::now();
     shared.telemetry.count(ProxyEvent::InboundAccepted);
     // The source is the tunnel's TCP peer, as ztunnel has it: policy and
@@ -281,14 +355,17 @@ async fn stream(
             method: req.method().clone(),
             uri: req.uri().clone(),
         };
-        return refuse(&mut respond, bad);
+        refuse(&mut respond, bad);
+        return None;
     };
     if !ctx.ips.contains(&target.ip()) {
-        return refuse(&mut respond, Error::TargetNotThePod(target));
+        refuse(&mut respond, Error::TargetNotThePod(target));
+        return None;
     }
     // Delivering to the agent's own port would come back into the agent: a loop.
     if ctx.is_agent_listener(target) {
-        return refuse(&mut respond, Error::AgentPort(target));
+        refuse(&mut respond, Error::AgentPort(target));
+        return None;
     }
     let snapshot = shared.store.current();
     let mut tracker = shared.telemetry.open(Connection {
@@ -306,9 +383,12 @@ async fn stream(
         workload: ctx.key.clone(),
         labels: ctx.labels.clone(),
     };
-    let (tracked, mut tracker) = match super::authorize(&shared, subject, tracker) {
+    let (tracked, mut tracker) = match super::authorize(shared, subject, tracker) {
         Ok(allowed) => allowed,
-        Err(status) => return hbone::respond_status(&mut respond, status),
+        Err(status) => {
+            hbone::respond_status(&mut respond, status);
+            return None;
+        }
     };
     // The app sees the tunnel's TCP peer as the client when it is a known
     // workload's address (never an address the peer only claims), except
@@ -353,7 +433,10 @@ async fn stream(
     };
     let (app, preserved) = match delivered {
         Ok(d) => d,
-        Err(e) => return tracker.close(0, 0, Error::StreamGone(e).into()),
+        Err(e) => {
+            tracker.close(0, 0, Error::StreamGone(e).into());
+            return None;
+        }
     };
     tracker.set_source_preserved(preserved.is_ok(), preserved.err());
     let app = match app {
@@ -363,7 +446,7 @@ async fn stream(
             let status = unreachable.connect_status();
             tracker.close(0, 0, unreachable.into());
             hbone::respond_status(&mut respond, status);
-            return;
+            return None;
         }
     };
     let response = Response::builder()
@@ -375,17 +458,14 @@ async fn stream(
         Err(e) => {
             tracker.close(0, 0, Error::StreamGone(e).into());
             reset(app.stream);
-            return;
+            return None;
         }
     };
-    let result = hbone::relay_h2(
-        app.stream,
+    Some(OpenStream {
+        app,
         send,
-        req.into_body(),
-        &tracked.cancel,
-        hbone::EarlyData::default(),
-    )
-    .await;
-    // relay_h2 counts from the TCP side (the app): swap to client -> server.
-    tracker.close(result.received, result.sent, result.outcome.into());
+        body: req.into_body(),
+        tracked,
+        tracker,
+    })
 }

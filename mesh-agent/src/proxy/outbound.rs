@@ -74,17 +74,113 @@ struct Attempt {
     peer_id: Option<SpiffeId>,
 }
 
-async fn handle(
+/// One captured connection, from accept to close: [`open`] finds and opens
+/// its upstream, then [`Opened::relay`] relays until both sides are done.
+pub(super) async fn handle(
     ctx: Arc<PodContext>,
     client: TcpStream,
     peer_addr: SocketAddr,
     shared: Arc<Shared>,
 ) {
+    // Boxed, and freed before the relay: a task is as large as its largest
+    // state for its whole life, and the routing, attempts and handshakes
+    // take twice what an open connection needs (issue 13: memory per
+    // connection).
+    // The relay's future is made inside the block, so that the `Opened` it
+    // took is not kept beside it while it runs.
+    let relay = {
+        let Some(opened) = Box::pin(open(ctx, client, peer_addr, &shared)).await else {
+            return;
+        };
+        opened.relay()
+    };
+    relay.await;
+}
+
+/// A captured connection with its upstream open: what its relay needs and
+/// nothing of the routing and attempts that found it.
+struct Opened {
+    /// The app's connection.
+    client: TcpStream,
+    upstream: Upstream,
+    /// The client's first bytes, if a tunnel attempt read them.
+    early: hbone::EarlyData,
+    tracker: crate::telemetry::ConnectionTracker,
+    /// The balancer's pick (the endpoint's and destination's connection
+    /// counts), held for the connection's life: a routing change never
+    /// cuts it.
+    pick: Option<crate::routing::Pick>,
+}
+
+impl Opened {
+    /// Relays until both sides are done, then reports the connection.
+    /// Not an `async fn`, which would move `self` into a local beside the
+    /// argument it keeps: the block uses `self`'s fields in place. It uses
+    /// every field whole (an async block captures only the fields it uses,
+    /// and drops the rest when it is made): the upstream's guards live
+    /// until the relay ends.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep `self` twice in the task"
+    )]
+    fn relay(self) -> impl std::future::Future<Output = ()> {
+        async move {
+            let never = CancellationToken::new();
+            let (sent, received, outcome) = match self.upstream {
+                Upstream::Direct(tcp) => {
+                    let r = relay_plain(self.client, tcp, self.early, &never).await;
+                    (r.sent, r.received, r.outcome.into())
+                }
+                Upstream::Tunnel((response, send, _guard)) => {
+                    let r = hbone::relay_h2(
+                        self.client,
+                        send,
+                        response.into_body(),
+                        &never,
+                        self.early,
+                    )
+                    .await;
+                    (r.sent, r.received, r.outcome.into())
+                }
+                Upstream::Local(delivered) => {
+                    // A policy change that denies it cuts it, as at a tunnel's end.
+                    let r = relay_plain(
+                        self.client,
+                        delivered.app.stream,
+                        self.early,
+                        &delivered.tracked.cancel,
+                    )
+                    .await;
+                    let outcome: crate::telemetry::Outcome = r.outcome.into();
+                    let same_node::Delivered {
+                        tracked, inbound, ..
+                    } = *delivered;
+                    drop(tracked);
+                    inbound.close(r.sent, r.received, outcome.clone());
+                    (r.sent, r.received, outcome)
+                }
+            };
+            // Released before the close is counted: whoever sees the close sees the count drop.
+            drop(self.pick);
+            self.tracker.close(sent, received, outcome);
+        }
+    }
+}
+
+/// Finds and opens the upstream of a captured connection (routing, the
+/// attempts over endpoints, the tunnel or same-node delivery); `None` when
+/// it was refused or nothing took it, reported and reset here.
+async fn open(
+    ctx: Arc<PodContext>,
+    client: TcpStream,
+    peer_addr: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Option<Opened> {
     let Some(dst) = shared.orig_dst.take(ctx.netns_cookie, peer_addr).await else {
         shared.telemetry.refused(&Error::NoOriginalDestination);
         tracing::warn!(pod = %ctx.key, client = %peer_addr, "no original destination for captured connection; resetting it");
         reset(client);
-        return;
+        return None;
     };
     let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
     if is_loop(&ctx, dst) {
@@ -96,7 +192,7 @@ async fn handle(
         shared.telemetry.refused(&refused);
         tracing::warn!(pod = %ctx.key, dst = %dst, reason = %refused, "refusing to proxy to a loopback or capture address");
         reset(client);
-        return;
+        return None;
     }
     // The client's port: the source port of every upstream attempt's report.
     let client_port = peer_addr.port();
@@ -126,11 +222,11 @@ async fn handle(
             &snapshot,
             labels,
             &w,
-            &shared,
+            shared,
             &source_for,
         ))
         .await;
-        return;
+        return None;
     }
     // A pod's own address, when the pod's waypoint takes workload traffic.
     if service.is_none()
@@ -145,17 +241,17 @@ async fn handle(
             &snapshot,
             None,
             &w,
-            &shared,
+            shared,
             &source_for,
         ))
         .await;
-        return;
+        return None;
     }
     let dst_service = service.map(ServiceLabels::from_service);
     // A service VIP:port goes through its route (match, weighted
     // destination, subset, endpoint pick); any other address (a pod IP, a
     // destination outside the mesh) is dialled as it is.
-    let plan = plan(&ctx, &snapshot, &shared, dst, source_for(dst).ip());
+    let plan = plan(&ctx, &snapshot, shared, dst, source_for(dst).ip());
     let (route, dest) = match &plan {
         Plan::Routed(r) | Plan::Passthrough(r) => (r.route.clone(), Some(r.dest.clone())),
         Plan::Failed(e) => (e.route().cloned(), None),
@@ -271,7 +367,7 @@ async fn handle(
         // larger than the relay's, which the task keeps for its whole life.
         let open = Box::pin(async {
             match (&peer_id, &local) {
-                (Some(_), Some(dst_ctx)) => same_node::deliver(&ctx, dst_ctx, src, target, &shared)
+                (Some(_), Some(dst_ctx)) => same_node::deliver(&ctx, dst_ctx, src, target, shared)
                     .await
                     .map(|d| Upstream::Local(Box::new(d))),
                 (Some(id), None) => open_tunnel(
@@ -280,7 +376,7 @@ async fn handle(
                     SocketAddr::new(target.ip(), INBOUND_HBONE_PORT),
                     src,
                     id.clone(),
-                    &shared,
+                    shared,
                     early_data.then_some((&stream, &mut early)),
                 )
                 .await
@@ -356,36 +452,13 @@ async fn handle(
             },
         });
         label_route(&mut tracker);
-        // The pick (the endpoint's and destination's connection counts) is
-        // held for the connection's life; a routing change never cuts it.
-        let never = CancellationToken::new();
-        let (sent, received, outcome) = match upstream {
-            Upstream::Direct(tcp) => {
-                let r = relay_plain(stream, tcp, early, &never).await;
-                (r.sent, r.received, r.outcome.into())
-            }
-            Upstream::Tunnel((response, send, _guard)) => {
-                let r = hbone::relay_h2(stream, send, response.into_body(), &never, early).await;
-                (r.sent, r.received, r.outcome.into())
-            }
-            Upstream::Local(delivered) => {
-                let same_node::Delivered {
-                    app,
-                    tracked,
-                    inbound,
-                } = *delivered;
-                // A policy change that denies it cuts it, as at a tunnel's end.
-                let r = relay_plain(stream, app.stream, early, &tracked.cancel).await;
-                let outcome: crate::telemetry::Outcome = r.outcome.into();
-                drop(tracked);
-                inbound.close(r.sent, r.received, outcome.clone());
-                (r.sent, r.received, outcome)
-            }
-        };
-        // Released before the close is counted: whoever sees the close sees the count drop.
-        drop(pick);
-        tracker.close(sent, received, outcome);
-        return;
+        return Some(Opened {
+            client: stream,
+            upstream,
+            early,
+            tracker,
+            pick,
+        });
     }
     // Nothing took the connection: report it as what was tried (an mTLS
     // attempt to the identity the endpoint had to prove, from the client's
@@ -412,6 +485,7 @@ async fn handle(
     if let Some(stream) = client {
         reset(stream);
     }
+    None
 }
 
 /// Carries a connection dialled at `dst` (a service's VIP:port, whose

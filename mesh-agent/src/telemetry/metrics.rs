@@ -354,14 +354,25 @@ impl From<ConnectionLabels> for TcpLabels {
     }
 }
 
-/// The `istio_tcp_*` label set of one connection, built when it opens and
-/// kept by its tracker until it closes: closing sets its response flags
-/// instead of building the label set again (a connection's labels are
-/// some twenty strings, and the same-node path opens two trackers per
-/// connection, so building them once each halves the allocations the
-/// metrics cost per connection).
+/// The `istio_tcp_*` series of one connection, found when it opens and
+/// kept by its tracker until it closes. Connections with the same labels
+/// share it ([`Metrics::open_series`]): a label set is some twenty
+/// strings, so an open connection keeps a pointer instead of its own copy
+/// (issue 13: memory per connection), and a clean close counts through the
+/// handles without hashing the labels again.
 #[derive(Debug)]
-pub struct TcpSeries(TcpLabels);
+pub struct TcpSeries(Arc<TcpCounters>);
+
+/// The counters of one `istio_tcp_*` label set without response flags.
+#[derive(Debug)]
+struct TcpCounters {
+    labels: TcpLabels,
+    opened: Counter,
+    /// `closed`, `received` and `sent`: made at the first clean close, so
+    /// that a label set shows closes and bytes once one has closed, as
+    /// before the series were shared.
+    closed: std::sync::OnceLock<[Counter; 3]>,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
@@ -452,6 +463,9 @@ pub struct Metrics {
     tcp_closed: Family<TcpLabels, Counter>,
     tcp_sent: Family<TcpLabels, Counter>,
     tcp_received: Family<TcpLabels, Counter>,
+    /// Every label set's shared series, by its labels (as many as the
+    /// families above have label sets: nothing is ever removed from either).
+    tcp_series: RwLock<std::collections::HashMap<TcpLabels, Arc<TcpCounters>>>,
     enrolled_pods: Gauge,
     enrollment_failed: Gauge,
     pool_connections: Gauge,
@@ -562,6 +576,7 @@ impl Metrics {
             tcp_closed,
             tcp_sent,
             tcp_received,
+            tcp_series: RwLock::default(),
             enrolled_pods,
             enrollment_failed,
             pool_connections,
@@ -584,8 +599,30 @@ impl Metrics {
     /// to [`Self::close_series`] when it closes.
     pub fn open_series(&self, l: ConnectionLabels) -> TcpSeries {
         let labels = TcpLabels::from(l);
-        self.tcp_opened.get_or_create(&labels).inc();
-        TcpSeries(labels)
+        let shared = self
+            .tcp_series
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&labels)
+            .cloned();
+        let series = shared.unwrap_or_else(|| {
+            let mut all = self
+                .tcp_series
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let opened = self.tcp_opened.get_or_create(&labels).clone();
+            all.entry(labels.clone())
+                .or_insert_with(|| {
+                    Arc::new(TcpCounters {
+                        labels,
+                        opened,
+                        closed: std::sync::OnceLock::new(),
+                    })
+                })
+                .clone()
+        });
+        series.opened.inc();
+        TcpSeries(series)
     }
 
     /// Counts the connection [`Self::open_series`] returned `series` for as
@@ -601,13 +638,28 @@ impl Metrics {
         sent: u64,
         received: u64,
     ) {
-        let mut labels = series.0;
-        labels.response_flags = response_flags.as_str();
-        self.tcp_closed.get_or_create(&labels).inc();
-        // Always create both series, so a connection that moved no bytes
-        // still shows up as 0 next to its open/close counts.
-        self.tcp_received.get_or_create(&labels).inc_by(sent);
-        self.tcp_sent.get_or_create(&labels).inc_by(received);
+        let counters = |labels: &TcpLabels| {
+            // Always create both byte series, so a connection that moved no
+            // bytes still shows up as 0 next to its open/close counts.
+            [
+                self.tcp_closed.get_or_create(labels).clone(),
+                self.tcp_received.get_or_create(labels).clone(),
+                self.tcp_sent.get_or_create(labels).clone(),
+            ]
+        };
+        let count = |[closed, received_bytes, sent_bytes]: &[Counter; 3]| {
+            closed.inc();
+            received_bytes.inc_by(sent);
+            sent_bytes.inc_by(received);
+        };
+        let series = &series.0;
+        if response_flags.as_str() == series.labels.response_flags {
+            count(series.closed.get_or_init(|| counters(&series.labels)));
+        } else {
+            let mut labels = series.labels.clone();
+            labels.response_flags = response_flags.as_str();
+            count(&counters(&labels));
+        }
     }
 
     /// Sets the number of enrolled pods.
@@ -892,6 +944,40 @@ mesh_policy_decisions_total{{result=\"deny\"}} 1\n\
 # EOF\n"
         );
         assert_eq!(m.encode().expect("encode"), expected);
+    }
+
+    #[test]
+    fn connections_with_the_same_labels_share_one_series() {
+        let m = Metrics::new();
+        let (a, b) = (m.open_series(labels()), m.open_series(labels()));
+        assert!(Arc::ptr_eq(&a.0, &b.0), "one shared series");
+        let closed = |text: &str, flags: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("istio_tcp_connections_closed_total")
+                        && l.contains(&format!("response_flags=\"{flags}\""))
+                })
+                .map(|l| l.rsplit(' ').next().unwrap_or_default().to_owned())
+        };
+        // Open only: opened counts both, and no close or byte series shows.
+        let text = m.encode().expect("encode");
+        assert!(text.contains(&format!("istio_tcp_connections_opened_total{SERIES} 2")));
+        assert_eq!(closed(&text, "-"), None, "{text}");
+        assert!(!text.contains("istio_tcp_sent_bytes_total{"), "{text}");
+        // A denied close counts in its own series, not the shared one's.
+        m.close_series(a, ResponseFlags::Denied, 0, 0);
+        let text = m.encode().expect("encode");
+        assert_eq!(closed(&text, "DENY").as_deref(), Some("1"), "{text}");
+        assert_eq!(closed(&text, "-"), None, "{text}");
+        // A clean close counts through the shared handles.
+        m.close_series(b, ResponseFlags::None, 7, 9);
+        let c = m.open_series(labels());
+        m.close_series(c, ResponseFlags::None, 1, 1);
+        let text = m.encode().expect("encode");
+        assert_eq!(closed(&text, "-").as_deref(), Some("2"), "{text}");
+        assert!(text.contains(&format!("istio_tcp_received_bytes_total{SERIES} 8")));
+        assert!(text.contains(&format!("istio_tcp_sent_bytes_total{SERIES} 10")));
+        assert!(text.contains(&format!("istio_tcp_connections_opened_total{SERIES} 3")));
     }
 
     #[test]
