@@ -673,10 +673,73 @@ fn peer(
     let workload = snapshot
         .workload_by_ip(addr.ip())
         .filter(|w| identity.is_none_or(|id| w.has_identity(id)));
-    let identity = identity.map(|id| id.to_string());
     match workload {
-        Some(w) => crate::telemetry::Peer::from_workload(Some(addr), w, identity.as_deref()),
-        None => crate::telemetry::Peer::unknown_with_identity(Some(addr), identity.as_deref()),
+        Some(w) => {
+            let labels = PeerLabelCache::get(snapshot.generation, addr.ip(), identity, || {
+                let principal = identity.map(ToString::to_string);
+                crate::telemetry::PeerLabels::from_workload(w, principal.as_deref())
+            });
+            crate::telemetry::Peer::with_labels(Some(addr), w, labels)
+        }
+        None => {
+            let identity = identity.map(ToString::to_string);
+            crate::telemetry::Peer::unknown_with_identity(Some(addr), identity.as_deref())
+        }
+    }
+}
+
+/// The calling proxy thread's peer labels of the current snapshot's
+/// workloads, by address and verified identity: built once per workload
+/// and snapshot, shared by its connections' trackers. Emptied when the
+/// snapshot changes (labels, names, identities), so it holds at most two
+/// entries (with and without an identity) per workload connected with.
+#[derive(Default)]
+struct PeerLabelCache {
+    generation: u64,
+    by_ip: std::collections::HashMap<IpAddr, Vec<CachedLabels>>,
+}
+
+/// A workload's labels as seen with one verified identity (or none).
+type CachedLabels = (Option<SpiffeId>, Arc<crate::telemetry::PeerLabels>);
+
+thread_local! {
+    static PEER_LABELS: std::cell::RefCell<PeerLabelCache> = std::cell::RefCell::default();
+}
+
+impl PeerLabelCache {
+    /// The labels of the workload at `ip` seen with `identity`, built by
+    /// `build` unless this thread has them for snapshot `generation`.
+    fn get(
+        generation: u64,
+        ip: IpAddr,
+        identity: Option<&SpiffeId>,
+        build: impl FnOnce() -> crate::telemetry::PeerLabels,
+    ) -> Arc<crate::telemetry::PeerLabels> {
+        let mut build = Some(build);
+        let mut make = || {
+            Arc::new(
+                build
+                    .take()
+                    .map_or_else(crate::telemetry::PeerLabels::unknown, |b| b()),
+            )
+        };
+        PEER_LABELS
+            .try_with(|cache| {
+                let mut cache = cache.borrow_mut();
+                if cache.generation != generation {
+                    cache.generation = generation;
+                    cache.by_ip.clear();
+                }
+                let entries = cache.by_ip.entry(ip).or_default();
+                if let Some((_, labels)) = entries.iter().find(|(id, _)| id.as_ref() == identity) {
+                    return labels.clone();
+                }
+                let labels = make();
+                entries.push((identity.cloned(), labels.clone()));
+                labels
+            })
+            // Only while the thread ends: built, not kept.
+            .unwrap_or_else(|_| make())
     }
 }
 
@@ -760,6 +823,31 @@ mod tests {
             inbound <= 2048,
             "inbound tunnel stream task: {inbound} bytes"
         );
+    }
+
+    /// A workload's labels are built once per thread, snapshot and
+    /// identity, and shared by its connections after that.
+    #[test]
+    fn peer_labels_are_built_once_per_snapshot_and_identity() {
+        let td = crate::identity::TrustDomain::new("cluster.local").expect("trust domain");
+        let id = SpiffeId::new(td, "default", "a").expect("id");
+        let ip: IpAddr = "198.18.1.10".parse().expect("ip");
+        let built = std::cell::Cell::new(0);
+        let get = |generation: u64, identity: Option<&SpiffeId>| {
+            PeerLabelCache::get(generation, ip, identity, || {
+                built.set(built.get() + 1);
+                crate::telemetry::PeerLabels::unknown()
+            })
+        };
+        let first = get(7, Some(&id));
+        assert!(Arc::ptr_eq(&first, &get(7, Some(&id))));
+        assert_eq!(built.get(), 1);
+        // Without the identity: labels of their own (no principal).
+        assert!(!Arc::ptr_eq(&first, &get(7, None)));
+        assert_eq!(built.get(), 2);
+        // A new snapshot may have changed the workload: built again.
+        assert!(!Arc::ptr_eq(&first, &get(8, Some(&id))));
+        assert_eq!(built.get(), 3);
     }
 
     #[test]

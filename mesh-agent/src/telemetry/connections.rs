@@ -30,9 +30,16 @@ pub struct Peer {
     pub addr: Option<SocketAddr>,
     /// The pod's name, when the address is a known workload's.
     pub pod: Option<String>,
-    /// Metric labels (workload, namespace, principal, app, …).
-    pub labels: PeerLabels,
+    /// Metric labels (workload, namespace, principal, app, …), shared by
+    /// the connections of one peer (`proxy::peer` keeps them per thread
+    /// and snapshot): an open connection holds a pointer, not some ten
+    /// strings of its own.
+    pub labels: Arc<PeerLabels>,
 }
+
+/// The labels of a peer the agent knows nothing about, shared.
+static UNKNOWN_PEER: std::sync::LazyLock<Arc<PeerLabels>> =
+    std::sync::LazyLock::new(|| Arc::new(PeerLabels::unknown()));
 
 impl Peer {
     /// A peer known only by its address (every label `unknown`).
@@ -40,7 +47,7 @@ impl Peer {
         Self {
             addr,
             pod: None,
-            labels: PeerLabels::unknown(),
+            labels: UNKNOWN_PEER.clone(),
         }
     }
 
@@ -51,17 +58,25 @@ impl Peer {
     pub fn unknown_with_identity(addr: Option<SocketAddr>, identity: Option<&str>) -> Self {
         let mut peer = Self::unknown(addr);
         if let Some(id) = identity {
-            peer.labels.principal = id.to_owned();
+            let mut labels = PeerLabels::unknown();
+            labels.principal = id.to_owned();
+            peer.labels = Arc::new(labels);
         }
         peer
     }
 
     /// A known workload at `addr`, with its authenticated identity if any.
     pub fn from_workload(addr: Option<SocketAddr>, w: &Workload, identity: Option<&str>) -> Self {
+        Self::with_labels(addr, w, Arc::new(PeerLabels::from_workload(w, identity)))
+    }
+
+    /// A known workload at `addr` whose labels (from
+    /// [`PeerLabels::from_workload`]) are already built.
+    pub fn with_labels(addr: Option<SocketAddr>, w: &Workload, labels: Arc<PeerLabels>) -> Self {
         Self {
             addr,
             pod: Some(w.name.clone()),
-            labels: PeerLabels::from_workload(w, identity),
+            labels,
         }
     }
 
@@ -98,8 +113,8 @@ impl Connection {
                 Direction::Outbound => Reporter::Source,
                 Direction::Inbound => Reporter::Destination,
             },
-            source: self.src.labels.clone(),
-            destination: self.dst.labels.clone(),
+            source: (*self.src.labels).clone(),
+            destination: (*self.dst.labels).clone(),
             destination_service: self.dst_service.clone(),
             security_policy: self.security_policy,
             response_flags,
