@@ -95,6 +95,28 @@ struct MapElemAttr {
     flags: u64,
 }
 
+impl MapElemAttr {
+    /// The attr for `key` in aya's typed hash `map`, with `value` (a
+    /// pointer to a `V`, or 0 for none) and `flags`. The map's fd is
+    /// borrowed: the attr must not outlive `map`.
+    fn new<K: aya::Pod, V: aya::Pod>(
+        map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+        key: &K,
+        value: u64,
+        flags: u64,
+    ) -> Self {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        Self {
+            map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
+            _pad: 0,
+            key: std::ptr::from_ref(key) as u64,
+            value,
+            flags,
+        }
+    }
+}
+
 /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (hash maps: Linux 5.14): reads the
 /// value at `key` and deletes it in one call, so a hot path pays one
 /// syscall where aya's `get` and `remove` pay two. `Ok(None)`: no such key.
@@ -105,17 +127,9 @@ pub fn map_take<K: aya::Pod, V: aya::Pod>(
     map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
     key: &K,
 ) -> io::Result<Option<V>> {
-    use aya::maps::IterableMap;
-    use std::os::fd::AsFd;
     const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
     let mut value = std::mem::MaybeUninit::<V>::uninit();
-    let attr = MapElemAttr {
-        map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
-        _pad: 0,
-        key: std::ptr::from_ref(key) as u64,
-        value: value.as_mut_ptr() as u64,
-        flags: 0,
-    };
+    let attr = MapElemAttr::new(map, key, value.as_mut_ptr() as u64, 0);
     // SAFETY: the kernel reads the map's key size, `size_of::<K>()`, at the
     // live key and writes the map's value size, `size_of::<V>()` (both
     // checked by aya when the map was typed), into `value`; the map's fd is
@@ -141,16 +155,8 @@ pub fn map_insert<K: aya::Pod, V: aya::Pod>(
     value: &V,
     flags: u64,
 ) -> io::Result<()> {
-    use aya::maps::IterableMap;
-    use std::os::fd::AsFd;
     const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-    let attr = MapElemAttr {
-        map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
-        _pad: 0,
-        key: std::ptr::from_ref(key) as u64,
-        value: std::ptr::from_ref(value) as u64,
-        flags,
-    };
+    let attr = MapElemAttr::new(map, key, std::ptr::from_ref(value) as u64, flags);
     // SAFETY: the kernel reads the map's key and value sizes (checked by
     // aya against `K` and `V` when the map was typed) at the live `key` and
     // `value`; the map's fd is borrowed for the call.
@@ -163,16 +169,8 @@ pub fn map_delete<K: aya::Pod, V: aya::Pod>(
     map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
     key: &K,
 ) -> io::Result<bool> {
-    use aya::maps::IterableMap;
-    use std::os::fd::AsFd;
     const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-    let attr = MapElemAttr {
-        map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
-        _pad: 0,
-        key: std::ptr::from_ref(key) as u64,
-        value: 0,
-        flags: 0,
-    };
+    let attr = MapElemAttr::new(map, key, 0, 0);
     // SAFETY: the kernel reads the map's key size (checked by aya against
     // `K`) at the live `key`; the map's fd is borrowed for the call.
     match unsafe { bpf(BPF_MAP_DELETE_ELEM, &attr) } {
