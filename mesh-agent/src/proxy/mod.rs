@@ -715,31 +715,27 @@ impl PeerLabelCache {
         identity: Option<&SpiffeId>,
         build: impl FnOnce() -> crate::telemetry::PeerLabels,
     ) -> Arc<crate::telemetry::PeerLabels> {
-        let mut build = Some(build);
-        let mut make = || {
-            Arc::new(
-                build
-                    .take()
-                    .map_or_else(crate::telemetry::PeerLabels::unknown, |b| b()),
-            )
-        };
-        PEER_LABELS
-            .try_with(|cache| {
-                let mut cache = cache.borrow_mut();
-                if cache.generation != generation {
-                    cache.generation = generation;
-                    cache.by_ip.clear();
-                }
-                let entries = cache.by_ip.entry(ip).or_default();
-                if let Some((_, labels)) = entries.iter().find(|(id, _)| id.as_ref() == identity) {
-                    return labels.clone();
-                }
-                let labels = make();
-                entries.push((identity.cloned(), labels.clone()));
-                labels
-            })
-            // Only while the thread ends: built, not kept.
-            .unwrap_or_else(|_| make())
+        let cached = PEER_LABELS.try_with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if cache.generation != generation {
+                cache.generation = generation;
+                cache.by_ip.clear();
+            }
+            let entries = cache.by_ip.get(&ip)?;
+            let (_, labels) = entries.iter().find(|(id, _)| id.as_ref() == identity)?;
+            Some(labels.clone())
+        });
+        if let Ok(Some(labels)) = cached {
+            return labels;
+        }
+        let labels = Arc::new(build());
+        // Not kept while the thread ends.
+        let _ = PEER_LABELS.try_with(|cache| {
+            let mut cache = cache.borrow_mut();
+            let entries = cache.by_ip.entry(ip).or_default();
+            entries.push((identity.cloned(), labels.clone()));
+        });
+        labels
     }
 }
 
