@@ -107,15 +107,15 @@ pub struct Connection {
 }
 
 impl Connection {
-    fn labels(&self, response_flags: ResponseFlags) -> ConnectionLabels {
+    fn labels(&self, response_flags: ResponseFlags) -> ConnectionLabels<'_> {
         ConnectionLabels {
             reporter: match self.direction {
                 Direction::Outbound => Reporter::Source,
                 Direction::Inbound => Reporter::Destination,
             },
-            source: (*self.src.labels).clone(),
-            destination: (*self.dst.labels).clone(),
-            destination_service: self.dst_service.clone(),
+            source: &self.src.labels,
+            destination: &self.dst.labels,
+            destination_service: self.dst_service.as_ref(),
             security_policy: self.security_policy,
             response_flags,
         }

@@ -239,21 +239,63 @@ impl ServiceLabels {
     }
 }
 
-/// Everything the TCP metrics of one connection are labelled with.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct ConnectionLabels {
+/// Everything the TCP metrics of one connection are labelled with,
+/// borrowed from the connection: finding its shared series copies nothing
+/// ([`Metrics::open_series`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionLabels<'a> {
     /// Which side reports.
     pub reporter: Reporter,
     /// The client.
-    pub source: PeerLabels,
+    pub source: &'a PeerLabels,
     /// The server.
-    pub destination: PeerLabels,
+    pub destination: &'a PeerLabels,
     /// The service the client dialled, if it dialled a service address.
-    pub destination_service: Option<ServiceLabels>,
+    pub destination_service: Option<&'a ServiceLabels>,
     /// mTLS or plaintext.
     pub security_policy: SecurityPolicy,
     /// Why it ended abnormally, if it did.
     pub response_flags: ResponseFlags,
+}
+
+/// The values of an `istio_tcp_*` label set in its encoding's order: what
+/// the shared series are hashed and compared by, whether the labels are
+/// borrowed ([`ConnectionLabels::values`]) or a series' own
+/// ([`TcpLabels::values`]).
+type TcpLabelValues<'a> = [&'a str; 21];
+
+impl<'a> ConnectionLabels<'a> {
+    /// The label values [`TcpLabels`] made from these would have.
+    fn values(&self) -> TcpLabelValues<'a> {
+        let (s, d) = (self.source, self.destination);
+        let (service, service_name, service_namespace) = match self.destination_service {
+            Some(svc) => (svc.host.as_str(), svc.name.as_str(), svc.namespace.as_str()),
+            None => (UNKNOWN, UNKNOWN, UNKNOWN),
+        };
+        [
+            self.reporter.as_str(),
+            &s.workload,
+            &s.namespace,
+            &s.principal,
+            &s.app,
+            &s.version,
+            &s.canonical_service,
+            &s.canonical_revision,
+            &d.workload,
+            &d.namespace,
+            &d.principal,
+            &d.app,
+            &d.version,
+            service,
+            service_name,
+            service_namespace,
+            &d.canonical_service,
+            &d.canonical_revision,
+            TCP_PROTOCOL,
+            self.response_flags.as_str(),
+            self.security_policy.as_str(),
+        ]
+    }
 }
 
 /// The labels every Istio standard metric carries, in Istio's names and
@@ -291,39 +333,29 @@ impl IstioPeerLabels {
         d: &PeerLabels,
         svc: Option<&ServiceLabels>,
     ) -> Self {
-        Self::from_owned(reporter, s.clone(), d.clone(), svc.cloned())
-    }
-
-    /// [`Self::new`], moving the labels in instead of copying them.
-    pub fn from_owned(
-        reporter: &'static str,
-        s: PeerLabels,
-        d: PeerLabels,
-        svc: Option<ServiceLabels>,
-    ) -> Self {
         let (service, service_name, service_namespace) = match svc {
-            Some(svc) => (svc.host, svc.name, svc.namespace),
+            Some(svc) => (svc.host.clone(), svc.name.clone(), svc.namespace.clone()),
             None => (UNKNOWN.to_owned(), UNKNOWN.to_owned(), UNKNOWN.to_owned()),
         };
         Self {
             reporter,
-            source_workload: s.workload,
-            source_workload_namespace: s.namespace,
-            source_principal: s.principal,
-            source_app: s.app,
-            source_version: s.version,
-            source_canonical_service: s.canonical_service,
-            source_canonical_revision: s.canonical_revision,
-            destination_workload: d.workload,
-            destination_workload_namespace: d.namespace,
-            destination_principal: d.principal,
-            destination_app: d.app,
-            destination_version: d.version,
+            source_workload: s.workload.clone(),
+            source_workload_namespace: s.namespace.clone(),
+            source_principal: s.principal.clone(),
+            source_app: s.app.clone(),
+            source_version: s.version.clone(),
+            source_canonical_service: s.canonical_service.clone(),
+            source_canonical_revision: s.canonical_revision.clone(),
+            destination_workload: d.workload.clone(),
+            destination_workload_namespace: d.namespace.clone(),
+            destination_principal: d.principal.clone(),
+            destination_app: d.app.clone(),
+            destination_version: d.version.clone(),
             destination_service: service,
             destination_service_name: service_name,
             destination_service_namespace: service_namespace,
-            destination_canonical_service: d.canonical_service,
-            destination_canonical_revision: d.canonical_revision,
+            destination_canonical_service: d.canonical_service.clone(),
+            destination_canonical_revision: d.canonical_revision.clone(),
         }
     }
 }
@@ -338,19 +370,52 @@ struct TcpLabels {
     connection_security_policy: &'static str,
 }
 
-impl From<ConnectionLabels> for TcpLabels {
-    fn from(l: ConnectionLabels) -> Self {
+/// The `request_protocol` of every `istio_tcp_*` series.
+const TCP_PROTOCOL: &str = "tcp";
+
+impl From<ConnectionLabels<'_>> for TcpLabels {
+    fn from(l: ConnectionLabels<'_>) -> Self {
         Self {
-            peers: IstioPeerLabels::from_owned(
+            peers: IstioPeerLabels::new(
                 l.reporter.as_str(),
                 l.source,
                 l.destination,
                 l.destination_service,
             ),
-            request_protocol: "tcp",
+            request_protocol: TCP_PROTOCOL,
             response_flags: l.response_flags.as_str(),
             connection_security_policy: l.security_policy.as_str(),
         }
+    }
+}
+
+impl TcpLabels {
+    /// Its values, in the order [`ConnectionLabels::values`] gives them.
+    fn values(&self) -> TcpLabelValues<'_> {
+        let p = &self.peers;
+        [
+            p.reporter,
+            &p.source_workload,
+            &p.source_workload_namespace,
+            &p.source_principal,
+            &p.source_app,
+            &p.source_version,
+            &p.source_canonical_service,
+            &p.source_canonical_revision,
+            &p.destination_workload,
+            &p.destination_workload_namespace,
+            &p.destination_principal,
+            &p.destination_app,
+            &p.destination_version,
+            &p.destination_service,
+            &p.destination_service_name,
+            &p.destination_service_namespace,
+            &p.destination_canonical_service,
+            &p.destination_canonical_revision,
+            self.request_protocol,
+            self.response_flags,
+            self.connection_security_policy,
+        ]
     }
 }
 
@@ -463,9 +528,13 @@ pub struct Metrics {
     tcp_closed: Family<TcpLabels, Counter>,
     tcp_sent: Family<TcpLabels, Counter>,
     tcp_received: Family<TcpLabels, Counter>,
-    /// Every label set's shared series, by its labels (as many as the
-    /// families above have label sets: nothing is ever removed from either).
-    tcp_series: RwLock<std::collections::HashMap<TcpLabels, Arc<TcpCounters>>>,
+    /// Every label set's shared series, hashed by its label values with
+    /// [`Self::series_hasher`] (as many as the families above have label
+    /// sets: nothing is ever removed from either). A table, not a map: a
+    /// connection looks its series up by borrowed labels, and each series
+    /// keeps its labels once.
+    tcp_series: RwLock<hashbrown::HashTable<Arc<TcpCounters>>>,
+    series_hasher: std::hash::RandomState,
     enrolled_pods: Gauge,
     enrollment_failed: Gauge,
     pool_connections: Gauge,
@@ -577,6 +646,7 @@ impl Metrics {
             tcp_sent,
             tcp_received,
             tcp_series: RwLock::default(),
+            series_hasher: std::hash::RandomState::new(),
             enrolled_pods,
             enrollment_failed,
             pool_connections,
@@ -596,30 +666,38 @@ impl Metrics {
     }
 
     /// Counts an opened connection labelled `l`; the series is to be given
-    /// to [`Self::close_series`] when it closes.
-    pub fn open_series(&self, l: ConnectionLabels) -> TcpSeries {
-        let labels = TcpLabels::from(l);
+    /// to [`Self::close_series`] when it closes. Labels are copied only for
+    /// a label set seen for the first time.
+    pub fn open_series(&self, l: ConnectionLabels<'_>) -> TcpSeries {
+        use std::hash::BuildHasher as _;
+        let values = l.values();
+        let hash = self.series_hasher.hash_one(values);
+        let same = |c: &Arc<TcpCounters>| c.labels.values() == values;
         let shared = self
             .tcp_series
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(&labels)
+            .find(hash, same)
             .cloned();
         let series = shared.unwrap_or_else(|| {
             let mut all = self
                 .tcp_series
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
-            let opened = self.tcp_opened.get_or_create(&labels).clone();
-            all.entry(labels.clone())
-                .or_insert_with(|| {
-                    Arc::new(TcpCounters {
+            let rehash = |c: &Arc<TcpCounters>| self.series_hasher.hash_one(c.labels.values());
+            match all.entry(hash, same, rehash) {
+                hashbrown::hash_table::Entry::Occupied(found) => found.get().clone(),
+                hashbrown::hash_table::Entry::Vacant(slot) => {
+                    let labels = TcpLabels::from(l);
+                    let opened = self.tcp_opened.get_or_create(&labels).clone();
+                    let counters = Arc::new(TcpCounters {
                         labels,
                         opened,
                         closed: std::sync::OnceLock::new(),
-                    })
-                })
-                .clone()
+                    });
+                    slot.insert(counters).get().clone()
+                }
+            }
         });
         series.opened.inc();
         TcpSeries(series)
@@ -866,9 +944,15 @@ mod tests {
         }
     }
 
-    fn labels() -> ConnectionLabels {
-        ConnectionLabels {
-            reporter: Reporter::Source,
+    /// The peers and service of [`labels`].
+    struct Owned {
+        source: PeerLabels,
+        destination: PeerLabels,
+        service: ServiceLabels,
+    }
+
+    fn owned() -> Owned {
+        Owned {
             source: PeerLabels::from_workload(&pod("a", &[]), None),
             destination: PeerLabels::from_workload(
                 &pod(
@@ -881,11 +965,20 @@ mod tests {
                 ),
                 Some("spiffe://cluster.local/ns/default/sa/web"),
             ),
-            destination_service: Some(ServiceLabels {
+            service: ServiceLabels {
                 host: "web.default.svc.cluster.local".into(),
                 name: "web".into(),
                 namespace: "default".into(),
-            }),
+            },
+        }
+    }
+
+    fn labels(o: &Owned) -> ConnectionLabels<'_> {
+        ConnectionLabels {
+            reporter: Reporter::Source,
+            source: &o.source,
+            destination: &o.destination,
+            destination_service: Some(&o.service),
             security_policy: SecurityPolicy::MutualTls,
             response_flags: ResponseFlags::None,
         }
@@ -903,8 +996,9 @@ request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"mutua
     fn encodes_a_known_sequence_exactly() {
         // admin::collectors checks what its collectors add after this.
         let m = Metrics::new();
-        let l = labels();
-        let (a, b) = (m.open_series(l.clone()), m.open_series(l.clone()));
+        let o = owned();
+        let l = labels(&o);
+        let (a, b) = (m.open_series(l), m.open_series(l));
         m.close_series(a, ResponseFlags::None, 100, 2048);
         m.close_series(b, ResponseFlags::None, 5, 0);
         m.set_enrolled_pods(2);
@@ -949,7 +1043,8 @@ mesh_policy_decisions_total{{result=\"deny\"}} 1\n\
     #[test]
     fn connections_with_the_same_labels_share_one_series() {
         let m = Metrics::new();
-        let (a, b) = (m.open_series(labels()), m.open_series(labels()));
+        let o = owned();
+        let (a, b) = (m.open_series(labels(&o)), m.open_series(labels(&o)));
         assert!(Arc::ptr_eq(&a.0, &b.0), "one shared series");
         let closed = |text: &str, flags: &str| {
             text.lines()
@@ -971,7 +1066,7 @@ mesh_policy_decisions_total{{result=\"deny\"}} 1\n\
         assert_eq!(closed(&text, "-"), None, "{text}");
         // A clean close counts through the shared handles.
         m.close_series(b, ResponseFlags::None, 7, 9);
-        let c = m.open_series(labels());
+        let c = m.open_series(labels(&o));
         m.close_series(c, ResponseFlags::None, 1, 1);
         let text = m.encode().expect("encode");
         assert_eq!(closed(&text, "-").as_deref(), Some("2"), "{text}");
@@ -980,11 +1075,95 @@ mesh_policy_decisions_total{{result=\"deny\"}} 1\n\
         assert!(text.contains(&format!("istio_tcp_connections_opened_total{SERIES} 3")));
     }
 
+    /// Field `i` of seven.
+    fn peer_field(p: &mut PeerLabels, i: usize) -> &mut String {
+        match i {
+            0 => &mut p.workload,
+            1 => &mut p.namespace,
+            2 => &mut p.principal,
+            3 => &mut p.app,
+            4 => &mut p.version,
+            5 => &mut p.canonical_service,
+            _ => &mut p.canonical_revision,
+        }
+    }
+
+    #[test]
+    fn series_are_found_by_borrowed_labels_and_each_label_tells_them_apart() {
+        // Label sets that differ from `labels` in one value each: every
+        // peer label, every service label, no service, the reporter, the
+        // security policy and the response flags.
+        let mut owned_sets = Vec::new();
+        for i in 0..7 {
+            for source in [true, false] {
+                let mut o = owned();
+                let p = if source {
+                    &mut o.source
+                } else {
+                    &mut o.destination
+                };
+                peer_field(p, i).push_str("-x");
+                owned_sets.push(o);
+            }
+        }
+        for i in 0..3 {
+            let mut o = owned();
+            let svc = &mut o.service;
+            [&mut svc.host, &mut svc.name, &mut svc.namespace][i].push_str("-x");
+            owned_sets.push(o);
+        }
+        let base_owned = owned();
+        let base = labels(&base_owned);
+        let mut sets: Vec<ConnectionLabels<'_>> = owned_sets.iter().map(labels).collect();
+        sets.push(ConnectionLabels {
+            destination_service: None,
+            ..base
+        });
+        sets.push(ConnectionLabels {
+            reporter: Reporter::Destination,
+            ..base
+        });
+        sets.push(ConnectionLabels {
+            security_policy: SecurityPolicy::None,
+            ..base
+        });
+        sets.push(ConnectionLabels {
+            response_flags: ResponseFlags::Denied,
+            ..base
+        });
+        sets.push(base);
+
+        let m = Metrics::new();
+        let mut series: Vec<TcpSeries> = Vec::new();
+        for l in &sets {
+            // The borrowed values are the ones the series keeps.
+            assert_eq!(TcpLabels::from(*l).values(), l.values(), "{l:?}");
+            let s = m.open_series(*l);
+            assert!(
+                series.iter().all(|other| !Arc::ptr_eq(&other.0, &s.0)),
+                "{l:?} found another set's series"
+            );
+            series.push(s);
+        }
+        // Each set finds its own series again.
+        for (l, s) in sets.iter().zip(&series) {
+            assert!(Arc::ptr_eq(&m.open_series(*l).0, &s.0), "{l:?}");
+        }
+        let text = m.encode().expect("encode");
+        let opened = text
+            .lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+            .collect::<Vec<_>>();
+        assert_eq!(opened.len(), sets.len(), "{text}");
+        assert!(opened.iter().all(|l| l.ends_with(" 2")), "{text}");
+    }
+
     #[test]
     fn response_flags_and_reporter_make_separate_series() {
         let m = Metrics::new();
-        let mut l = labels();
-        m.close_series(m.open_series(l.clone()), ResponseFlags::None, 0, 0);
+        let o = owned();
+        let mut l = labels(&o);
+        m.close_series(m.open_series(l), ResponseFlags::None, 0, 0);
         l.reporter = Reporter::Destination;
         l.security_policy = SecurityPolicy::None;
         l.destination_service = None;
