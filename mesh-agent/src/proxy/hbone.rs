@@ -987,6 +987,11 @@ pub fn forwarded_for(req: &Request<RecvStream>) -> Option<SocketAddr> {
 /// `early`: what was read from `tcp` and sent on `send` before the stream
 /// was answered ([`EarlyData`]), counted as sent; its read error ends the
 /// relay as a reset.
+///
+/// `tcp` must have zero linger already, so that an agent death while the
+/// relay runs resets the app (see `copy::relay`): a connection accepted on
+/// a pod's listener inherits it from the listener; the caller gives it to
+/// one the agent made (`copy::abort_on_close`).
 pub async fn relay_h2(
     tcp: TcpStream,
     mut send: SendStream<Bytes>,
@@ -995,9 +1000,7 @@ pub async fn relay_h2(
     early: EarlyData,
 ) -> RelayResult {
     // `tcp` has `TCP_NODELAY` (accepted from a pod listener or made by
-    // `datapath::netns`, both set it). An agent death while the relay runs
-    // resets the app (see `copy::relay`).
-    super::copy::abort_on_close(&tcp);
+    // `datapath::netns`, both set it) and zero linger (above).
     let (tr, mut tw) = tcp.into_split();
     let EarlyData {
         data: early, error, ..

@@ -301,6 +301,8 @@ impl OpenStream {
                 _tuple: _exempt,
             } = self.app;
             let tracked = self.tracked;
+            // The agent made `stream`: an agent death from here resets the app.
+            super::copy::abort_on_close(&stream);
             let result = hbone::relay_h2(
                 stream,
                 self.send,
