@@ -3,7 +3,7 @@
 //!   one) under a load of short connections loses none of them, same node
 //!   and across nodes (HBONE);
 //! - an agent killed mid-transfer surfaces as a reset to the apps on its
-//!   side, never as a clean end of stream;
+//!   side (HBONE or plaintext), never as a clean end of stream;
 //! - while two agents overlap, neither takes over nor removes the other's
 //!   delivery exemptions in the shared pinned maps.
 
@@ -271,4 +271,19 @@ fn overlapping_agents_never_remove_each_others_delivery_exemptions() {
         .expect("once the old delivery is done, its tuple is free for the new agent");
     drop(taken);
     drop((old, new));
+}
+
+#[test]
+fn a_killed_agent_resets_the_app_of_a_plaintext_delivery() {
+    let mut mesh = two_nodes();
+    // No agent on node 1: c's connection reaches b's agent in plaintext
+    // (PERMISSIVE), which delivers it to b with a plain relay.
+    mesh.start_agent(0);
+    let b_receives = mesh.flow("b", &["--listen", "[::]:7003"]);
+    let c_sends = mesh.flow("c", &["--connect", &mesh.v4("b", 7003), "--send"]);
+    transfer_under_way();
+    mesh.take_agent(0).kill().expect("SIGKILL node 0's agent");
+    assert_reset("server app receiving a plaintext delivery", &b_receives);
+    let r = common::flow_report(&c_sends);
+    assert_ne!(r.end, "sent", "the sender finished: {r:?}");
 }

@@ -108,20 +108,20 @@ async fn pump(from: &OwnedReadHalf, to: &mut OwnedWriteHalf, moved: &mut u64) ->
 /// Relays between `client` and `server` until both directions are closed, or
 /// resets both when either fails.
 ///
+/// While the relay runs, a close of either socket is an abort: if the agent
+/// dies, the kernel closes them with an RST, so neither app takes a cut
+/// stream for a complete one. So both must have zero linger already:
 /// `client` is a connection accepted on a pod's outbound or plaintext
-/// listener, so it already has zero linger and `TCP_NODELAY` (inherited
-/// from the listener: `pods::proxy_seam::open_set`); `server` is one the
-/// agent made (`TCP_NODELAY` from `datapath::netns`).
+/// listener, which inherited it (and `TCP_NODELAY`) from the listener
+/// (`pods::proxy_seam::open_set`); `server` is one the agent made
+/// (`TCP_NODELAY` from `datapath::netns`), given it by the caller with
+/// `abort_on_close` when the agent's use of it began. Each side gets
+/// normal linger back when the relay passes a FIN to it.
 pub async fn relay(
     client: TcpStream,
     server: TcpStream,
     cancel: &CancellationToken,
 ) -> RelayResult {
-    // While the relay runs, a close of either socket is an abort: if the
-    // agent dies, the kernel closes them with an RST, so neither app takes a
-    // cut stream for a complete one. Each side gets normal linger back when
-    // the relay passes a FIN to it.
-    abort_on_close(&server);
     let (cr, mut cw) = client.into_split();
     let (sr, mut sw) = server.into_split();
     let (mut sent, mut received) = (0u64, 0u64);

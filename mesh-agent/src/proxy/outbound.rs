@@ -692,12 +692,12 @@ async fn relay_plain(
     early: hbone::EarlyData,
     cancel: &CancellationToken,
 ) -> RelayResult {
+    // From here an agent death resets the app (see `copy::relay`).
+    copy::abort_on_close(&server);
     let replayed = if early.is_empty() {
         Ok(0)
     } else {
-        // The replay is the relay's start: an agent death from here resets
-        // the app (as in `copy::relay`), and a revocation stops it.
-        copy::abort_on_close(&server);
+        // The replay is the relay's start: a revocation stops it.
         tokio::select! {
             biased;
             () = cancel.cancelled() => Err(RelayOutcome::Revoked),
