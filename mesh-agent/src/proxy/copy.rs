@@ -9,13 +9,7 @@ use bytes::BytesMut;
 
 use tokio_util::sync::CancellationToken;
 
-use tokio::{
-    io::AsyncWriteExt,
-    net::{
-        TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
-};
+use tokio::net::TcpStream;
 
 const INITIAL_BUFFER: usize = 16 * 1024;
 const MAX_BUFFER: usize = 256 * 1024;
@@ -64,7 +58,13 @@ impl Reader {
     }
 
     /// The next bytes `from` has, at least one; none at its FIN.
-    pub(crate) async fn read(&mut self, from: &OwnedReadHalf) -> io::Result<BytesMut> {
+    ///
+    /// It waits for readiness with `poll_read_ready`, whose waker lives in
+    /// the socket's registration, not in the future: a connection task
+    /// keeps no readiness future of its own (issue 13, memory per
+    /// connection). Only this direction's reader may wait for `from`'s
+    /// readability.
+    pub(crate) async fn read(&mut self, from: &TcpStream) -> io::Result<BytesMut> {
         loop {
             if self.buf.capacity() > 0 {
                 // A buffer is held: the socket had data last time; more may
@@ -83,24 +83,68 @@ impl Reader {
                     Err(e) => return Err(e),
                 }
             }
-            from.readable().await?;
+            std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
             self.buf.reserve(self.cap);
         }
     }
 }
 
-async fn pump(from: &OwnedReadHalf, to: &mut OwnedWriteHalf, moved: &mut u64) -> io::Result<()> {
+/// Writes all of `buf` to `to`, waiting for writability with
+/// `poll_write_ready` (as [`Reader::read`] waits to read: no readiness
+/// future kept). Only one writer may wait for `to`'s writability.
+pub(crate) async fn write_all(to: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        std::future::poll_fn(|cx| to.poll_write_ready(cx)).await?;
+        match to.try_write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            // Not writable after all: readiness is cleared, wait again.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Passes a FIN on to `to` (half-close), as a graceful close (normal
+/// linger) from here on.
+pub(crate) fn pass_fin(to: &TcpStream) -> io::Result<()> {
+    restore_linger(to);
+    socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)
+}
+
+/// Runs a relay's two directions until both are done (`Closed`), either
+/// fails (`Reset`) or `cancel` fires (`Revoked`). The caller keeps them
+/// pinned where they are, so they are not moved into this future too.
+pub(crate) async fn both_directions(
+    mut up: std::pin::Pin<&mut impl Future<Output = io::Result<()>>>,
+    mut down: std::pin::Pin<&mut impl Future<Output = io::Result<()>>>,
+    cancel: &CancellationToken,
+) -> RelayOutcome {
+    let (mut up_done, mut down_done) = (false, false);
+    loop {
+        let r = tokio::select! {
+            r = &mut up, if !up_done => { up_done = true; r }
+            r = &mut down, if !down_done => { down_done = true; r }
+            _ = cancel.cancelled() => return RelayOutcome::Revoked,
+        };
+        if let Err(e) = r {
+            return RelayOutcome::Reset(e);
+        }
+        if up_done && down_done {
+            return RelayOutcome::Closed;
+        }
+    }
+}
+
+async fn pump(from: &TcpStream, to: &TcpStream, moved: &mut u64) -> io::Result<()> {
     let mut reader = Reader::new();
     loop {
         let chunk = reader.read(from).await?;
         if chunk.is_empty() {
-            // Half-close: pass the FIN on, as a graceful close (normal
-            // linger) from here on.
-            restore_linger(to.as_ref());
-            to.shutdown().await?;
-            return Ok(());
+            return pass_fin(to);
         }
-        to.write_all(&chunk).await?;
+        write_all(to, &chunk).await?;
         *moved += chunk.len() as u64;
     }
 }
@@ -117,45 +161,37 @@ async fn pump(from: &OwnedReadHalf, to: &mut OwnedWriteHalf, moved: &mut u64) ->
 /// (`TCP_NODELAY` from `datapath::netns`), given it by the caller with
 /// `abort_on_close` when the agent's use of it began. Each side gets
 /// normal linger back when the relay passes a FIN to it.
-pub async fn relay(
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep its arguments twice in the connection's task"
+)]
+pub fn relay(
     client: TcpStream,
     server: TcpStream,
     cancel: &CancellationToken,
-) -> RelayResult {
-    let (cr, mut cw) = client.into_split();
-    let (sr, mut sw) = server.into_split();
-    let (mut sent, mut received) = (0u64, 0u64);
-    let outcome = {
-        let up = pump(&cr, &mut sw, &mut sent);
-        let down = pump(&sr, &mut cw, &mut received);
-        tokio::pin!(up, down);
-        let (mut up_done, mut down_done) = (false, false);
-        loop {
-            let r = tokio::select! {
-                r = &mut up, if !up_done => { up_done = true; r }
-                r = &mut down, if !down_done => { down_done = true; r }
-                _ = cancel.cancelled() => break RelayOutcome::Revoked,
-            };
-            if let Err(e) = r {
-                break RelayOutcome::Reset(e);
-            }
-            if up_done && down_done {
-                break RelayOutcome::Closed;
+) -> impl Future<Output = RelayResult> + '_ {
+    async move {
+        // Not split: each direction reads one socket and writes the other
+        // through shared references, waiting on the sockets' own readiness.
+        let (mut sent, mut received) = (0u64, 0u64);
+        let outcome = {
+            let up = pump(&client, &server, &mut sent);
+            let down = pump(&server, &client, &mut received);
+            tokio::pin!(up, down);
+            both_directions(up, down, cancel).await
+        };
+        if !matches!(outcome, RelayOutcome::Closed) {
+            // Reset both sides: linger 0 turns the close (when they are dropped
+            // below) into an RST.
+            for side in [&client, &server] {
+                let _ = socket2::SockRef::from(side).set_linger(Some(Duration::ZERO));
             }
         }
-    };
-    if !matches!(outcome, RelayOutcome::Closed) {
-        // Reset both sides: linger 0 turns the close into an RST, and
-        // `forget` keeps the write halves from sending a FIN on drop first.
-        for half in [cw, sw] {
-            let _ = socket2::SockRef::from(half.as_ref()).set_linger(Some(Duration::ZERO));
-            half.forget();
+        RelayResult {
+            sent,
+            received,
+            outcome,
         }
-    }
-    RelayResult {
-        sent,
-        received,
-        outcome,
     }
 }
 

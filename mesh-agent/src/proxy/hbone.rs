@@ -992,88 +992,81 @@ pub fn forwarded_for(req: &Request<RecvStream>) -> Option<SocketAddr> {
 /// relay runs resets the app (see `copy::relay`): a connection accepted on
 /// a pod's listener inherits it from the listener; the caller gives it to
 /// one the agent made (`copy::abort_on_close`).
-pub async fn relay_h2(
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep its arguments twice in the connection's task"
+)]
+pub fn relay_h2(
     tcp: TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
     cancel: &tokio_util::sync::CancellationToken,
     early: EarlyData,
-) -> RelayResult {
-    // `tcp` has `TCP_NODELAY` (accepted from a pod listener or made by
-    // `datapath::netns`, both set it) and zero linger (above).
-    let (tr, mut tw) = tcp.into_split();
+) -> impl Future<Output = RelayResult> + '_ {
     let EarlyData {
         data: early, error, ..
     } = early;
-    let (mut sent, mut received) = (early.len() as u64, 0u64);
+    let early_len = early.len() as u64;
     drop(early);
-    let outcome = {
-        let up = async {
-            if let Some(e) = error {
-                return Err(e);
-            }
-            let mut reader = super::copy::Reader::new();
-            loop {
-                let mut chunk = reader.read(&tr).await?.freeze();
-                if chunk.is_empty() {
-                    send.send_data(Bytes::new(), true)
-                        .map_err(io::Error::other)?;
-                    return io::Result::Ok(());
+    async move {
+        // `tcp` has `TCP_NODELAY` (accepted from a pod listener or made by
+        // `datapath::netns`, both set it) and zero linger (above).
+        // Not split: the reader waits on its readability and the writer on its
+        // writability (`copy::Reader`, `copy::write_all`).
+        let (mut sent, mut received) = (early_len, 0u64);
+        let outcome = {
+            let up = async {
+                if let Some(e) = error {
+                    return Err(e);
                 }
-                sent += chunk.len() as u64;
-                while !chunk.is_empty() {
-                    send.reserve_capacity(chunk.len());
-                    let granted = std::future::poll_fn(|cx| send.poll_capacity(cx))
-                        .await
-                        .ok_or_else(|| {
-                            io::Error::new(io::ErrorKind::BrokenPipe, "tunnel stream closed")
-                        })?
-                        .map_err(io::Error::other)?;
-                    let part = chunk.split_to(granted.min(chunk.len()));
-                    send.send_data(part, false).map_err(io::Error::other)?;
+                let mut reader = super::copy::Reader::new();
+                loop {
+                    let mut chunk = reader.read(&tcp).await?.freeze();
+                    if chunk.is_empty() {
+                        send.send_data(Bytes::new(), true)
+                            .map_err(io::Error::other)?;
+                        return io::Result::Ok(());
+                    }
+                    sent += chunk.len() as u64;
+                    while !chunk.is_empty() {
+                        send.reserve_capacity(chunk.len());
+                        let granted = std::future::poll_fn(|cx| send.poll_capacity(cx))
+                            .await
+                            .ok_or_else(|| {
+                                io::Error::new(io::ErrorKind::BrokenPipe, "tunnel stream closed")
+                            })?
+                            .map_err(io::Error::other)?;
+                        let part = chunk.split_to(granted.min(chunk.len()));
+                        send.send_data(part, false).map_err(io::Error::other)?;
+                    }
                 }
-            }
-        };
-        let down = async {
-            while let Some(data) = recv.data().await {
-                let data = data.map_err(io::Error::other)?;
-                let n = data.len();
-                tw.write_all(&data).await?;
-                received += n as u64;
-                recv.flow_control()
-                    .release_capacity(n)
-                    .map_err(io::Error::other)?;
-            }
-            // The peer's FIN: pass it on as a graceful close.
-            super::copy::restore_linger(tw.as_ref());
-            tw.shutdown().await?;
-            io::Result::Ok(())
-        };
-        tokio::pin!(up, down);
-        let (mut up_done, mut down_done) = (false, false);
-        loop {
-            let r = tokio::select! {
-                r = &mut up, if !up_done => { up_done = true; r }
-                r = &mut down, if !down_done => { down_done = true; r }
-                _ = cancel.cancelled() => break RelayOutcome::Revoked,
             };
-            if let Err(e) = r {
-                break RelayOutcome::Reset(e);
-            }
-            if up_done && down_done {
-                break RelayOutcome::Closed;
-            }
+            let down = async {
+                while let Some(data) = recv.data().await {
+                    let data = data.map_err(io::Error::other)?;
+                    let n = data.len();
+                    super::copy::write_all(&tcp, &data).await?;
+                    received += n as u64;
+                    recv.flow_control()
+                        .release_capacity(n)
+                        .map_err(io::Error::other)?;
+                }
+                // The peer's FIN: pass it on as a graceful close.
+                super::copy::pass_fin(&tcp)
+            };
+            tokio::pin!(up, down);
+            super::copy::both_directions(up, down, cancel).await
+        };
+        if !matches!(outcome, RelayOutcome::Closed) {
+            send.send_reset(Reason::CANCEL);
+            // Linger 0: dropping `tcp` below resets the app.
+            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
         }
-    };
-    if !matches!(outcome, RelayOutcome::Closed) {
-        send.send_reset(Reason::CANCEL);
-        let _ = socket2::SockRef::from(tw.as_ref()).set_linger(Some(Duration::ZERO));
-        tw.forget();
-    }
-    RelayResult {
-        sent,
-        received,
-        outcome,
+        RelayResult {
+            sent,
+            received,
+            outcome,
+        }
     }
 }
 
