@@ -183,9 +183,8 @@ pub fn relay(
         if !matches!(outcome, RelayOutcome::Closed) {
             // Reset both sides: linger 0 turns the close (when they are dropped
             // below) into an RST.
-            for side in [&client, &server] {
-                let _ = socket2::SockRef::from(side).set_linger(Some(Duration::ZERO));
-            }
+            abort_on_close(&client);
+            abort_on_close(&server);
         }
         RelayResult {
             sent,

@@ -1059,8 +1059,8 @@ pub fn relay_h2(
         };
         if !matches!(outcome, RelayOutcome::Closed) {
             send.send_reset(Reason::CANCEL);
-            // Linger 0: dropping `tcp` below resets the app.
-            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+            // Dropping `tcp` below resets the app.
+            super::copy::abort_on_close(&tcp);
         }
         RelayResult {
             sent,
