@@ -255,19 +255,8 @@ pub(super) async fn stream(
     peer_id: SpiffeId,
     shared: Arc<Shared>,
 ) {
-    // `open_stream` is boxed and freed before the relay: a task is as
-    // large as its largest state for its whole life, and the decision and
-    // delivery take more than an open stream needs (issue 13: memory per
-    // connection). The relay's future is made inside the block, so that
-    // the `OpenStream` it took is not kept beside it.
-    let relay = {
-        let Some(open) = Box::pin(open_stream(ctx, req, respond, peer, peer_id, &shared)).await
-        else {
-            return;
-        };
-        open.relay()
-    };
-    relay.await;
+    let open = Box::pin(open_stream(ctx, req, respond, peer, peer_id, &shared));
+    super::open_then_relay(open, OpenStream::relay).await;
 }
 
 /// An authorized stream with its app connected and its `200` sent: what

@@ -82,19 +82,9 @@ pub(super) async fn handle(
     peer_addr: SocketAddr,
     shared: Arc<Shared>,
 ) {
-    // `open` is boxed and freed before the relay: a task is as large as
-    // its largest state for its whole life, and the routing, attempts and
-    // handshakes take twice what an open connection needs (issue 13:
-    // memory per connection). The relay's future is made inside the
-    // block, so that the `Opened` it took is not kept beside it. (A
-    // connection through a waypoint relays inside `open`, boxed, as before.)
-    let relay = {
-        let Some(opened) = Box::pin(open(ctx, client, peer_addr, &shared)).await else {
-            return;
-        };
-        opened.relay()
-    };
-    relay.await;
+    // (A connection through a waypoint relays inside `open`, boxed.)
+    let open = Box::pin(open(ctx, client, peer_addr, &shared));
+    super::open_then_relay(open, Opened::relay).await;
 }
 
 /// A captured connection with its upstream open: what its relay needs and
