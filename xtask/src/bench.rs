@@ -34,9 +34,9 @@ const CONNS: &str = "2000";
 /// a connect's port from about 14 000 per destination address and port
 /// before it has to search them; one port for all runs would make the
 /// meshed rows, which come later, pay for that search.
-const CONN_SAMPLES: u16 = 3;
+pub(crate) const CONN_SAMPLES: u16 = 3;
 /// The first echo server's port (also the memory measurement's).
-const ECHO_PORT: u16 = 8080;
+pub(crate) const ECHO_PORT: u16 = 8080;
 /// The row of one plain TCP relay on the server's node (no mesh).
 const RELAY_ONE: &str = "relay, cross node";
 /// The row of two plain TCP relays, one on each node (no mesh).
@@ -54,30 +54,30 @@ fn relayed_ports() -> Vec<u16> {
 }
 
 #[derive(Debug, Serialize)]
-struct Row {
-    scenario: String,
+pub(crate) struct Row {
+    pub(crate) scenario: String,
     /// One stream.
-    throughput_gbit_s: f64,
-    throughput_8_gbit_s: f64,
-    throughput_64_gbit_s: f64,
+    pub(crate) throughput_gbit_s: f64,
+    pub(crate) throughput_8_gbit_s: f64,
+    pub(crate) throughput_64_gbit_s: f64,
     /// Every stream count, with the proxies' cost per GB (the agents', or a
     /// relay row's relays').
-    throughput: Vec<Throughput>,
+    pub(crate) throughput: Vec<Throughput>,
     /// Both agents' RSS growth per 1 000 idle connections held (meshed rows).
-    agent_kib_per_1000_open_connections: Option<f64>,
-    latency_p50_us: f64,
-    latency_p99_us: f64,
+    pub(crate) agent_kib_per_1000_open_connections: Option<f64>,
+    pub(crate) latency_p50_us: f64,
+    pub(crate) latency_p99_us: f64,
     /// The median of `connections_per_s_samples`.
-    connections_per_s: f64,
+    pub(crate) connections_per_s: f64,
     /// Every connection-rate run of the row, in order.
-    connections_per_s_samples: Vec<f64>,
+    pub(crate) connections_per_s_samples: Vec<f64>,
     /// The proxies' CPU time (both agents, or a relay row's relays; user +
     /// system) per connection over all of the row's connection-rate runs,
     /// in microseconds (meshed and relay rows; the name is kept for
     /// `bench.json`'s readers).
     /// What a connection costs the proxies, apart from how fast the load
     /// generator, which shares the cores, can open them.
-    agent_cpu_us_per_connection: Option<f64>,
+    pub(crate) agent_cpu_us_per_connection: Option<f64>,
 }
 
 /// Runs the suite with the binaries in `bin_dir`; writes JSON into
@@ -96,22 +96,14 @@ pub fn run(bin_dir: &Path, target_dir: &Path, datapath_only: bool) -> anyhow::Re
             ]))
             .node(NodeSpec::with_pods(["remote", "relay-b", "bare-remote"])),
     )?;
-    let mut servers = Vec::new();
     // The bare pods are never enrolled: the goals' paired rounds measure
     // them beside the meshed ones while the agents run (`bench_goals`).
-    for pod in ["local", "remote", "bare-local", "bare-remote"] {
-        let ip = lab.pod(pod)?.ipv4().to_string();
-        let mut iperf = Command::new("iperf3");
-        iperf.args(["-s", "-p", "5201", "-B", &ip]);
-        servers.push(lab.spawn_in_pod(pod, iperf)?);
-        let mut sockperf = Command::new("sockperf");
-        sockperf.args(["server", "--tcp", "-i", &ip, "-p", "11111"]);
-        servers.push(lab.spawn_in_pod(pod, sockperf)?);
-        for port in echo_ports() {
-            servers.push(labkit::echo(&lab, &bins, pod, port)?);
-        }
-    }
-    std::thread::sleep(Duration::from_millis(500));
+    let servers = serve(
+        &lab,
+        &bins,
+        &["local", "remote", "bare-local", "bare-remote"],
+        echo_ports(),
+    )?;
 
     let mut rows = Vec::new();
     labkit::write_workloads(
@@ -172,22 +164,7 @@ pub fn run(bin_dir: &Path, target_dir: &Path, datapath_only: bool) -> anyhow::Re
         &[relay_a.pid(), relay_b.pid()],
     )?);
 
-    labkit::write_workloads(
-        &lab,
-        0,
-        &[("client", true), ("local", true)],
-        &[("remote", true)],
-    )?;
-    labkit::write_workloads(
-        &lab,
-        1,
-        &[("remote", true)],
-        &[("client", true), ("local", true)],
-    )?;
-    let mut agents = [
-        labkit::start_agent(&lab, &bins, 0)?,
-        labkit::start_agent(&lab, &bins, 1)?,
-    ];
+    let mut agents = start_meshed(&lab, &bins)?;
     let idle_rss = labkit::rss_kib(agents[0].pid());
     let pids = [agents[0].pid(), agents[1].pid()];
     rows.push(measure(
@@ -206,8 +183,8 @@ pub fn run(bin_dir: &Path, target_dir: &Path, datapath_only: bool) -> anyhow::Re
         "remote",
         &pids,
     )?);
-    let same_1000 = memory_per_1000_connections(&lab, &bins, &agents, "client", "local")?;
-    let per_1000 = memory_per_1000_connections(&lab, &bins, &agents, "client", "remote")?;
+    let same_1000 = memory_per_1000_connections(&lab, &bins, &pids, "client", "local")?;
+    let per_1000 = memory_per_1000_connections(&lab, &bins, &pids, "client", "remote")?;
     for r in &mut rows {
         if r.scenario == "mesh, same node" {
             r.agent_kib_per_1000_open_connections = Some(same_1000);
@@ -311,6 +288,52 @@ pub fn run(bin_dir: &Path, target_dir: &Path, datapath_only: bool) -> anyhow::Re
     Ok(())
 }
 
+/// The servers every row measures against, in each of `pods`: iperf3 on
+/// 5201, sockperf on 11111 and an echo server on each of `echo_ports`.
+pub(crate) fn serve(
+    lab: &Lab,
+    bins: &Bins,
+    pods: &[&str],
+    echo_ports: std::ops::Range<u16>,
+) -> anyhow::Result<Vec<LabChild>> {
+    let mut servers = Vec::new();
+    for &pod in pods {
+        let ip = lab.pod(pod)?.ipv4().to_string();
+        let mut iperf = Command::new("iperf3");
+        iperf.args(["-s", "-p", "5201", "-B", &ip]);
+        servers.push(lab.spawn_in_pod(pod, iperf)?);
+        let mut sockperf = Command::new("sockperf");
+        sockperf.args(["server", "--tcp", "-i", &ip, "-p", "11111"]);
+        servers.push(lab.spawn_in_pod(pod, sockperf)?);
+        for port in echo_ports.clone() {
+            servers.push(labkit::echo(lab, bins, pod, port)?);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(servers)
+}
+
+/// Enrols `client` and `local` (node 0) and `remote` (node 1), and starts
+/// both nodes' agents.
+pub(crate) fn start_meshed(lab: &Lab, bins: &Bins) -> anyhow::Result<[LabChild; 2]> {
+    labkit::write_workloads(
+        lab,
+        0,
+        &[("client", true), ("local", true)],
+        &[("remote", true)],
+    )?;
+    labkit::write_workloads(
+        lab,
+        1,
+        &[("remote", true)],
+        &[("client", true), ("local", true)],
+    )?;
+    Ok([
+        labkit::start_agent(lab, bins, 0)?,
+        labkit::start_agent(lab, bins, 1)?,
+    ])
+}
+
 /// Prints the throughput/latency/connection table and the agents' cost table.
 fn print_rows(rows: &[Row]) {
     println!();
@@ -383,7 +406,7 @@ fn micro_bench(krate: &str, title: &str) -> anyhow::Result<String> {
 /// One row: `from` to `server`, with `proxies` (pids: the agents, or a
 /// relay row's relays; empty without either) measured during the
 /// throughput and connection-rate runs.
-fn measure(
+pub(crate) fn measure(
     lab: &Lab,
     bins: &Bins,
     scenario: &str,
@@ -453,29 +476,29 @@ fn measure(
 /// Idle connections held open for the memory measurement.
 const OPEN_CONNS: u64 = 2000;
 
-/// Memory per 1 000 open connections: the agents' RSS growth (both nodes:
-/// each connection crosses both) while `OPEN_CONNS` idle connections from
+/// Memory per 1 000 open connections: the RSS growth of the `proxies`
+/// (both nodes' agents: each connection crosses both) while `OPEN_CONNS` idle connections from
 /// `from` to `to`'s echo server are held open through the mesh, divided by
 /// the number of connections, times 1 000. In KiB.
-fn memory_per_1000_connections(
+pub(crate) fn memory_per_1000_connections(
     lab: &Lab,
     bins: &Bins,
-    agents: &[mesh_lab::LabChild],
+    proxies: &[u32],
     from: &str,
     to: &str,
 ) -> anyhow::Result<f64> {
     eprintln!("==> memory per 1 000 open connections");
     let fds = |pid: u32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
     let rss_total = || -> anyhow::Result<u64> {
-        agents
+        proxies
             .iter()
-            .map(|a| labkit::rss_kib(a.pid()).context("agent RSS"))
+            .map(|&pid| labkit::rss_kib(pid).context("proxy RSS"))
             .sum()
     };
     // Settle first: the previous runs' connections are gone.
     std::thread::sleep(Duration::from_secs(2));
     let before = rss_total()?;
-    let fds_before: usize = agents.iter().map(|a| fds(a.pid())).sum();
+    let fds_before: usize = proxies.iter().map(|&pid| fds(pid)).sum();
     let mut client = Command::new(&bins.app);
     client
         .args(["client", "--connect", &labkit::addr(lab, to, ECHO_PORT)?])
@@ -489,7 +512,7 @@ fn memory_per_1000_connections(
     const SPARE_SOCKETS_SLACK: usize = 2 * 2 * 8;
     let want = (fds_before + 2 * usize::try_from(OPEN_CONNS)?).saturating_sub(SPARE_SOCKETS_SLACK);
     let deadline = std::time::Instant::now() + Duration::from_secs(12);
-    while agents.iter().map(|a| fds(a.pid())).sum::<usize>() < want {
+    while proxies.iter().map(|&pid| fds(pid)).sum::<usize>() < want {
         if std::time::Instant::now() > deadline {
             bail!("the {OPEN_CONNS} connections did not all open through the mesh");
         }

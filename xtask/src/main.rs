@@ -7,6 +7,7 @@
 //! - `test`: `check`, then every test, including the lab tests (root).
 //! - `demo`: the lab demo (root).
 //! - `bench`: the benchmark suite (root).
+//! - `bench-ztunnel`: the agent beside a ztunnel binary you built (root).
 //! - `lab-clean`: remove lab leftovers of killed runs.
 
 mod bench;
@@ -14,6 +15,7 @@ mod bench_datapath;
 mod bench_goals;
 mod bench_routing;
 mod bench_waypoint;
+mod bench_ztunnel;
 mod canary;
 mod demo;
 mod demo_l7;
@@ -54,6 +56,17 @@ enum Cmd {
         /// connection rate, memory): no upgrades, routing or micro-benchmarks.
         #[arg(long)]
         datapath_only: bool,
+    },
+    /// The agent beside Istio's ztunnel in the bench's lab (issue 13's
+    /// comparison); ztunnel is not installed by anything here (README,
+    /// "Performance").
+    BenchZtunnel {
+        /// A ztunnel binary built with `--features testing` (its fake CA).
+        #[arg(long)]
+        ztunnel: std::path::PathBuf,
+        /// Rounds; each alternates which side goes first.
+        #[arg(long, default_value_t = 4)]
+        rounds: usize,
     },
     /// Remove lab namespaces, cgroups and pins whose owner process is gone.
     LabClean,
@@ -307,6 +320,19 @@ fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
                 &root().join("target/release"),
                 &root().join("target"),
                 datapath_only,
+            )?;
+        }
+        Cmd::BenchZtunnel { ztunnel, rounds } => {
+            require_root("the benchmarks")?;
+            run(
+                "cargo build",
+                cargo().args(["build", "--release", "--workspace", "--bins"]),
+            )?;
+            bench_ztunnel::run(
+                &labkit::Bins::in_dir(&root().join("target/release"))?,
+                &ztunnel,
+                &root().join("target"),
+                rounds,
             )?;
         }
         Cmd::Fuzz { seconds } => {

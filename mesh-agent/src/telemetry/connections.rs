@@ -107,7 +107,10 @@ pub struct Connection {
 }
 
 impl Connection {
-    fn labels(&self, response_flags: ResponseFlags) -> ConnectionLabels<'_> {
+    /// The labels of the series the connection is counted in when it opens:
+    /// no response flags yet (a connection that ends badly moves to its
+    /// flags' series then, `Metrics::close_series`).
+    fn opened_labels(&self) -> ConnectionLabels<'_> {
         ConnectionLabels {
             reporter: match self.direction {
                 Direction::Outbound => Reporter::Source,
@@ -117,7 +120,7 @@ impl Connection {
             destination: &self.dst.labels,
             destination_service: self.dst_service.as_ref(),
             security_policy: self.security_policy,
-            response_flags,
+            response_flags: ResponseFlags::None,
         }
     }
 }
@@ -288,7 +291,7 @@ impl Telemetry {
     /// A connection opened: counts it (`istio_tcp_connections_opened_total`)
     /// and lists it until the tracker is closed or dropped.
     pub fn open(&self, conn: Connection) -> ConnectionTracker {
-        let series = self.metrics.open_series(conn.labels(ResponseFlags::None));
+        let series = self.metrics.open_series(conn.opened_labels());
         let conn = Arc::new(conn);
         ConnectionTracker {
             guard: Some(self.connections.track(&conn)),

@@ -1,0 +1,504 @@
+//! `cargo xtask bench-ztunnel --ztunnel <binary>`: the agent beside Istio's
+//! ztunnel in the bench's lab, the comparison issue 13's targets are stated
+//! in. Nothing here installs ztunnel: build it yourself (README,
+//! "Performance") with `--features testing`, for its fake CA.
+//!
+//! Each side gets its own pods on the same two lab nodes, never both at
+//! once in a path:
+//! - **the agent**: `client`, `local` (node 0) and `remote` (node 1),
+//!   enrolled, one agent per node, as `cargo xtask bench` runs them;
+//! - **ztunnel**: `zclient`, `zlocal` and `zremote`, one ztunnel per pod in
+//!   its dedicated mode (`PROXY_MODE=dedicated`, 2 workers, its default
+//!   build's allocator and crypto as built), traffic steered to its outbound
+//!   port by an iptables rule in the pod like the one in ztunnel's own
+//!   namespaced tests (`scripts/ztunnel-redirect.sh`), HBONE mTLS to the
+//!   destination pod's ztunnel with certificates from its fake CA;
+//! - **no mesh**: `bare-client`, `bare-local` and `bare-remote`, for the
+//!   latency each proxy adds.
+//!
+//! Rounds alternate which side goes first; each round measures every row
+//! with the bench's own `measure` (iperf3 1/8/64 streams with the proxies'
+//! CPU per GB, sockperf latency, connection rate with the proxies' CPU per
+//! connection) and memory per open connection. The table gives, for each
+//! figure, the median over the rounds of the round's agent / ztunnel ratio,
+//! with the lowest and highest. Numbers, not assertions.
+#![forbid(unsafe_code)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+use mesh_lab::{Lab, LabChild, LabSpec, NodeSpec};
+use serde::Serialize;
+
+use crate::{
+    bench::{self, CONN_SAMPLES, ECHO_PORT, Row},
+    labkit::{self, Bins},
+};
+
+/// ztunnel's `PACKET_MARK` on its own sockets, which the redirect rule
+/// skips (ztunnel's default in-pod mark, `0x539`).
+const ZTUNNEL_MARK: &str = "1337";
+
+/// ztunnel's outbound (captured) port.
+const ZTUNNEL_OUTBOUND_PORT: &str = "15001";
+
+/// ztunnel's readiness endpoint, from inside its pod.
+const ZTUNNEL_READY: &str = "http://127.0.0.1:15021/healthz/ready";
+
+/// ztunnel's Prometheus endpoint, from inside its pod.
+const ZTUNNEL_METRICS: &str = "http://127.0.0.1:15020/metrics";
+
+/// Which proxies carry a row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+enum Side {
+    /// No proxy: the bare pods.
+    NoMesh,
+    /// The agents.
+    Agent,
+    /// One ztunnel per pod.
+    Ztunnel,
+}
+
+impl Side {
+    /// The (client, same-node server, cross-node server) pods of this side.
+    fn pods(self) -> [&'static str; 3] {
+        match self {
+            Side::NoMesh => ["bare-client", "bare-local", "bare-remote"],
+            Side::Agent => ["client", "local", "remote"],
+            Side::Ztunnel => ["zclient", "zlocal", "zremote"],
+        }
+    }
+}
+
+/// One round's rows.
+#[derive(Debug, Serialize)]
+struct Round {
+    /// Which side went first.
+    first: Side,
+    /// (side, same-node row, cross-node row).
+    rows: Vec<(Side, Row, Row)>,
+    /// (side, same node, cross node) memory per 1 000 open connections, KiB.
+    memory_kib_per_1000: Vec<(Side, f64, f64)>,
+}
+
+/// Runs `rounds` rounds and prints the comparison; writes
+/// `target_dir/bench-ztunnel.json`.
+pub fn run(bins: &Bins, ztunnel: &Path, target_dir: &Path, rounds: usize) -> anyhow::Result<()> {
+    if !ztunnel.is_file() {
+        bail!(
+            "{} is not a file: build ztunnel with `--features testing` (README, \"Performance\")",
+            ztunnel.display()
+        );
+    }
+    let lab = Lab::new(
+        LabSpec::new()
+            .node(NodeSpec::with_pods([
+                "client",
+                "local",
+                "zclient",
+                "zlocal",
+                "bare-client",
+                "bare-local",
+            ]))
+            .node(NodeSpec::with_pods(["remote", "zremote", "bare-remote"])),
+    )?;
+    let server_pods: Vec<&str> = [Side::NoMesh, Side::Agent, Side::Ztunnel]
+        .iter()
+        .flat_map(|side| side.pods()[1..].to_vec())
+        .collect();
+    let servers = bench::serve(
+        &lab,
+        bins,
+        &server_pods,
+        ECHO_PORT..ECHO_PORT + CONN_SAMPLES,
+    )?;
+    let agents = bench::start_meshed(&lab, bins)?;
+    let config = write_ztunnel_config(&lab)?;
+    let ztunnels = Side::Ztunnel
+        .pods()
+        .iter()
+        .map(|pod| start_ztunnel(&lab, ztunnel, pod, &config))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    check_ztunnel_tunnels(&lab, bins)?;
+
+    let agent_pids = [agents[0].pid(), agents[1].pid()];
+    // (same node, cross node): the client's ztunnel and the server's.
+    let zt_pids = [
+        [ztunnels[0].pid(), ztunnels[1].pid()],
+        [ztunnels[0].pid(), ztunnels[2].pid()],
+    ];
+    let mut all = Vec::new();
+    for r in 0..rounds {
+        let order = if r % 2 == 0 {
+            [Side::Agent, Side::Ztunnel]
+        } else {
+            [Side::Ztunnel, Side::Agent]
+        };
+        eprintln!("==> round {} of {rounds}: {:?} first", r + 1, order[0]);
+        let mut round = Round {
+            first: order[0],
+            rows: Vec::new(),
+            memory_kib_per_1000: Vec::new(),
+        };
+        for side in [Side::NoMesh, order[0], order[1]] {
+            let [client, local, remote] = side.pods();
+            let (same_pids, cross_pids): (&[u32], &[u32]) = match side {
+                Side::NoMesh => (&[], &[]),
+                Side::Agent => (&agent_pids, &agent_pids),
+                Side::Ztunnel => (&zt_pids[0], &zt_pids[1]),
+            };
+            let same = bench::measure(
+                &lab,
+                bins,
+                &format!("{side:?}, same node"),
+                client,
+                local,
+                same_pids,
+            )?;
+            let cross = bench::measure(
+                &lab,
+                bins,
+                &format!("{side:?}, cross node"),
+                client,
+                remote,
+                cross_pids,
+            )?;
+            if side != Side::NoMesh {
+                let same_kib =
+                    bench::memory_per_1000_connections(&lab, bins, same_pids, client, local)?;
+                let cross_kib =
+                    bench::memory_per_1000_connections(&lab, bins, cross_pids, client, remote)?;
+                round.memory_kib_per_1000.push((side, same_kib, cross_kib));
+            }
+            round.rows.push((side, same, cross));
+        }
+        print_round(&round);
+        all.push(round);
+    }
+    for z in ztunnels {
+        z.terminate()?;
+    }
+    for a in agents {
+        a.terminate()?;
+    }
+    drop(servers);
+    lab.close()?;
+
+    print_comparison(&all);
+    let path = target_dir.join("bench-ztunnel.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&all)?)?;
+    println!("written to {}", path.display());
+    Ok(())
+}
+
+/// ztunnel's local config (`LOCAL_XDS_PATH`): the three ztunnel pods as
+/// HBONE workloads, each its own service account. Returns its path.
+fn write_ztunnel_config(lab: &Lab) -> anyhow::Result<PathBuf> {
+    let mut text = String::from("workloads:\n");
+    for (pod, node) in Side::Ztunnel.pods().iter().zip(["node0", "node0", "node1"]) {
+        let ip = lab.pod(pod)?.ipv4();
+        text.push_str(&format!(
+            "- uid: cluster1//v1/Pod/default/{pod}\n  name: {pod}\n  namespace: default\n  serviceAccount: {pod}\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  node: {node}\n  network: \"\"\n  services: {{}}\n"
+        ));
+    }
+    text.push_str("policies: []\nservices: []\n");
+    let path = lab.scratch_path("ztunnel-config.yaml");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+/// Steers `pod`'s outgoing TCP (but ztunnel's own, by its mark, and
+/// loopback) to ztunnel's outbound port, then starts ztunnel in the pod in
+/// dedicated mode and waits for it to be ready.
+fn start_ztunnel(lab: &Lab, bin: &Path, pod: &str, config: &Path) -> anyhow::Result<LabChild> {
+    let mut rule = Command::new("iptables");
+    rule.args([
+        "-w",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "!",
+        "-o",
+        "lo",
+        "-m",
+        "mark",
+        "!",
+        "--mark",
+        "0x539/0xfff",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        ZTUNNEL_OUTBOUND_PORT,
+    ]);
+    let out = lab.run_in_pod(pod, rule)?;
+    if !out.status.success() {
+        bail!(
+            "iptables in {pod}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let node = if pod == "zremote" { "node1" } else { "node0" };
+    let mut cmd = Command::new(bin);
+    cmd.env("PROXY_MODE", "dedicated")
+        .env("PROXY_WORKLOAD_INFO", format!("default/{pod}/{pod}"))
+        .env("PACKET_MARK", ZTUNNEL_MARK)
+        .env("FAKE_CA", "true")
+        .env("XDS_ADDRESS", "")
+        .env("LOCAL_XDS_PATH", config)
+        .env("ENABLE_ORIG_SRC", "false")
+        .env("ZTUNNEL_WORKER_THREADS", "2")
+        .env("NODE_NAME", node)
+        // No DNS proxy: nothing here resolves names.
+        .env("ISTIO_META_DNS_CAPTURE", "false");
+    let child = lab.spawn_in_pod(pod, cmd)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if curl(lab, pod, ZTUNNEL_READY).is_ok() {
+            return Ok(child);
+        }
+        if Instant::now() > deadline {
+            let log = child
+                .log_path()
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            bail!(
+                "ztunnel in {pod} was not ready in 30 s; its log ends:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `curl -sf url` from inside `pod`: the body, or an error.
+fn curl(lab: &Lab, pod: &str, url: &str) -> anyhow::Result<String> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sf", "--max-time", "2", url]);
+    let out = lab.run_in_pod(pod, cmd)?;
+    if !out.status.success() {
+        bail!("curl {url} in {pod}: {}", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// One connection from `zclient` to each of its servers, then proof from
+/// the servers' ztunnels that both arrived over mutual TLS: a comparison
+/// against ztunnel passing traffic in the clear would be worth nothing.
+fn check_ztunnel_tunnels(lab: &Lab, bins: &Bins) -> anyhow::Result<()> {
+    for server in ["zlocal", "zremote"] {
+        let outcome = labkit::probe(lab, bins, "zclient", &labkit::addr(lab, server, ECHO_PORT)?)?;
+        if outcome != mesh_lab::app::ProbeOutcome::Echoed {
+            bail!("zclient could not reach {server} through ztunnel: {outcome:?}");
+        }
+        let metrics = curl(lab, server, ZTUNNEL_METRICS)?;
+        let opened: f64 = metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("istio_tcp_connections_opened_total{")
+                    && l.contains("reporter=\"destination\"")
+                    && l.contains("connection_security_policy=\"mutual_tls\"")
+            })
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        if opened < 1.0 {
+            bail!("{server}'s ztunnel counted no mutual-TLS connection in:\n{metrics}");
+        }
+    }
+    Ok(())
+}
+
+/// One round's absolute figures.
+fn print_round(round: &Round) {
+    println!("\nround ({:?} first)", round.first);
+    println!(
+        "{:<24} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>11}",
+        "row", "1 stream", "8", "64", "p50 us", "conns/s", "CPU us/c", "CPU s/GB 8"
+    );
+    for (_, same, cross) in &round.rows {
+        for row in [same, cross] {
+            println!(
+                "{:<24} {:>9.2} {:>9.2} {:>9.2} {:>9.1} {:>10.0} {:>10} {:>11}",
+                row.scenario,
+                row.throughput_gbit_s,
+                row.throughput_8_gbit_s,
+                row.throughput_64_gbit_s,
+                row.latency_p50_us,
+                row.connections_per_s,
+                row.agent_cpu_us_per_connection
+                    .map_or("-".into(), |c| format!("{c:.1}")),
+                cpu_per_gb(row, 8).map_or("-".into(), |c| format!("{c:.2}")),
+            );
+        }
+    }
+    for (side, same, cross) in &round.memory_kib_per_1000 {
+        println!(
+            "{side:?}: KiB per 1 000 open connections: same node {same:.0}, cross node {cross:.0}"
+        );
+    }
+}
+
+/// The proxies' CPU seconds per GB of the row's `streams` run.
+fn cpu_per_gb(row: &Row, streams: u32) -> Option<f64> {
+    row.throughput
+        .iter()
+        .find(|t| t.streams == streams)?
+        .proxy
+        .as_ref()
+        .map(|c| c.cpu_s_per_gb)
+}
+
+/// A figure of one round's row, for one node placement.
+type Figure = fn(&Round, Side, bool) -> Option<f64>;
+
+/// The row of `side` in `round`: same node, or cross node.
+fn row(round: &Round, side: Side, cross: bool) -> Option<&Row> {
+    round
+        .rows
+        .iter()
+        .find(|(s, _, _)| *s == side)
+        .map(|(_, same, x)| if cross { x } else { same })
+}
+
+/// The agent / ztunnel ratio of `figure` in each round: median, lowest,
+/// highest.
+fn ratios(rounds: &[Round], cross: bool, figure: Figure) -> Option<(f64, f64, f64)> {
+    let mut r: Vec<f64> = rounds
+        .iter()
+        .filter_map(|round| {
+            let a = figure(round, Side::Agent, cross)?;
+            let z = figure(round, Side::Ztunnel, cross)?;
+            (z > 0.0).then_some(a / z)
+        })
+        .collect();
+    if r.is_empty() {
+        return None;
+    }
+    r.sort_by(f64::total_cmp);
+    Some((r[r.len() / 2], r[0], r[r.len() - 1]))
+}
+
+/// The comparison table's figures, by name.
+fn figures() -> [(&'static str, Figure); 10] {
+    [
+        ("throughput, 1 stream", |r, s, c| {
+            row(r, s, c).map(|x| x.throughput_gbit_s)
+        }),
+        ("throughput, 8 streams", |r, s, c| {
+            row(r, s, c).map(|x| x.throughput_8_gbit_s)
+        }),
+        ("throughput, 64 streams", |r, s, c| {
+            row(r, s, c).map(|x| x.throughput_64_gbit_s)
+        }),
+        ("new connections per second", |r, s, c| {
+            row(r, s, c).map(|x| x.connections_per_s)
+        }),
+        ("proxies' CPU per new connection", |r, s, c| {
+            row(r, s, c)?.agent_cpu_us_per_connection
+        }),
+        ("latency added to a round trip (p50)", |r, s, c| {
+            let base = row(r, Side::NoMesh, c)?.latency_p50_us;
+            Some((row(r, s, c)?.latency_p50_us - base).max(0.0))
+        }),
+        ("CPU seconds per GB, 1 stream", |r, s, c| {
+            cpu_per_gb(row(r, s, c)?, 1)
+        }),
+        ("CPU seconds per GB, 8 streams", |r, s, c| {
+            cpu_per_gb(row(r, s, c)?, 8)
+        }),
+        ("CPU seconds per GB, 64 streams", |r, s, c| {
+            cpu_per_gb(row(r, s, c)?, 64)
+        }),
+        ("memory per open connection", |r, s, c| {
+            r.memory_kib_per_1000
+                .iter()
+                .find(|(side, _, _)| *side == s)
+                .map(|&(_, same, cross)| if c { cross } else { same })
+        }),
+    ]
+}
+
+/// The comparison table: each figure as agent / ztunnel.
+fn print_comparison(rounds: &[Round]) {
+    println!(
+        "\nagent / ztunnel, median of {} rounds' ratios (lowest-highest)",
+        rounds.len()
+    );
+    println!("{:<38} {:>24} {:>24}", "", "cross node", "same node");
+    for (name, figure) in figures() {
+        let cell = |cross: bool| {
+            ratios(rounds, cross, figure).map_or("-".to_owned(), |(m, lo, hi)| {
+                format!("{m:.2}x ({lo:.2}-{hi:.2})")
+            })
+        };
+        println!("{name:<38} {:>24} {:>24}", cell(true), cell(false));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Figure, Round, Row, Side, figures, ratios};
+
+    fn a_row(conns_per_s: f64, p50: f64) -> Row {
+        Row {
+            scenario: String::new(),
+            throughput_gbit_s: 0.0,
+            throughput_8_gbit_s: 0.0,
+            throughput_64_gbit_s: 0.0,
+            throughput: Vec::new(),
+            agent_kib_per_1000_open_connections: None,
+            latency_p50_us: p50,
+            latency_p99_us: 0.0,
+            connections_per_s: conns_per_s,
+            connections_per_s_samples: Vec::new(),
+            agent_cpu_us_per_connection: None,
+        }
+    }
+
+    /// A round whose cross-node rows have these (connections/s, p50) for
+    /// no mesh, the agent and ztunnel.
+    fn a_round(none: (f64, f64), agent: (f64, f64), zt: (f64, f64)) -> Round {
+        let side = |s: Side, (c, p): (f64, f64)| (s, a_row(0.0, 0.0), a_row(c, p));
+        Round {
+            first: Side::Agent,
+            rows: vec![
+                side(Side::NoMesh, none),
+                side(Side::Agent, agent),
+                side(Side::Ztunnel, zt),
+            ],
+            memory_kib_per_1000: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn each_round_gives_one_ratio_and_the_table_takes_their_median() {
+        let rounds = [
+            a_round((10.0, 80.0), (6.0, 180.0), (4.0, 180.0)),
+            a_round((10.0, 80.0), (5.0, 130.0), (5.0, 180.0)),
+            a_round((10.0, 80.0), (4.5, 280.0), (3.0, 180.0)),
+        ];
+        let figure = |name: &str| {
+            figures()
+                .into_iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, f)| f)
+                .expect("a figure of the table")
+        };
+        let rate = figure("new connections per second");
+        assert_eq!(ratios(&rounds, true, rate), Some((1.5, 1.0, 1.5)));
+        // Added latency: each side's p50 less the same round's no-mesh p50
+        // (100 µs for ztunnel in each round; the agent adds 100, 50, 200).
+        let added = figure("latency added to a round trip (p50)");
+        assert_eq!(ratios(&rounds, true, added), Some((1.0, 0.5, 2.0)));
+        // A figure ztunnel lacks gives no ratio rather than a division by 0.
+        let none: Figure = |_, _, _| None;
+        assert_eq!(ratios(&rounds, true, none), None);
+    }
+}
