@@ -30,7 +30,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
+use bytes::{BufMut as _, Bytes};
 use h2::{Ping, Reason, RecvStream, SendStream, client::SendRequest};
 use http::{Method, Request, Response, StatusCode};
 use tokio::{
@@ -629,6 +629,26 @@ async fn send_on(
 /// (`copy::Reader`).
 const EARLY_DATA_MAX: usize = 16 * 1024;
 
+thread_local! {
+    /// Each thread's buffer for the early reads of the connections it
+    /// opens. The bytes are copied out at their size, so a connection in
+    /// setup holds what its client sent rather than a 16 KiB buffer: in a
+    /// burst of new connections (thousands opened at once), that buffer was
+    /// most of what each connection held until its tunnel answered.
+    static EARLY_READ: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One read of at most [`EARLY_DATA_MAX`] bytes from `client`, copied out
+/// at its size; empty at the client's FIN.
+fn read_early(client: &TcpStream) -> io::Result<Bytes> {
+    EARLY_READ.with_borrow_mut(|buf| {
+        buf.clear();
+        buf.reserve(EARLY_DATA_MAX);
+        let n = client.try_read_buf(&mut (&mut *buf).limit(EARLY_DATA_MAX))?;
+        Ok(Bytes::copy_from_slice(&buf[..n]))
+    })
+}
+
 /// A captured connection's first bytes, sent on its tunnel stream before the
 /// peer has answered the `CONNECT` instead of one tunnel round trip later:
 /// the first request of a client-speaks-first protocol (HTTP, TLS) reaches
@@ -708,13 +728,12 @@ impl EarlyData {
                 }
             }
         }
-        let mut buf = bytes::BytesMut::with_capacity(EARLY_DATA_MAX);
-        match client.try_read_buf(&mut buf) {
+        match read_early(client) {
             // The FIN, before any byte: the relay reads it again.
-            Ok(0) => self.read = true,
-            Ok(_) => {
+            Ok(data) if data.is_empty() => self.read = true,
+            Ok(data) => {
                 self.read = true;
-                self.data = buf.freeze();
+                self.data = data;
                 send.send_data(self.data.clone(), false)?;
                 self.in_doubt = true;
             }
@@ -1519,6 +1538,40 @@ mod tests {
         let r = relay.await.expect("relay");
         assert!(matches!(r.outcome, RelayOutcome::Closed), "{:?}", r.outcome);
         assert_eq!(r.sent, (first.len() + 4) as u64);
+    }
+
+    #[tokio::test]
+    async fn an_early_read_holds_only_the_bytes_it_read() {
+        let (mut app, agent) = tcp_pair().await;
+        let first = b"GET / HTTP/1.1\r\nhost: c\r\n\r\n";
+        app.write_all(first).await.expect("write");
+        agent.readable().await.expect("readable");
+        let data = read_early(&agent).expect("read");
+        assert_eq!(&data[..], first);
+        // Its own allocation, of its size: not a 16 KiB read buffer.
+        let held = data.try_into_mut().expect("not shared").capacity();
+        assert_eq!(held, first.len());
+        // At most EARLY_DATA_MAX per read; the rest stays for the relay.
+        let big = vec![7u8; EARLY_DATA_MAX + 4096];
+        app.write_all(&big).await.expect("write");
+        let mut got = 0;
+        while got < big.len() {
+            agent.readable().await.expect("readable");
+            match read_early(&agent) {
+                Ok(d) => {
+                    assert!(!d.is_empty() && d.len() <= EARLY_DATA_MAX, "{}", d.len());
+                    assert!(d.iter().all(|b| *b == 7));
+                    got += d.len();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+        assert_eq!(got, big.len());
+        // The client's FIN: nothing.
+        app.shutdown().await.expect("shutdown");
+        agent.readable().await.expect("readable");
+        assert!(read_early(&agent).expect("fin").is_empty());
     }
 
     #[tokio::test]
