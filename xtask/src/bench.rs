@@ -477,9 +477,10 @@ pub(crate) fn measure(
 const OPEN_CONNS: u64 = 2000;
 
 /// Memory per 1 000 open connections: the RSS growth of the `proxies`
-/// (both nodes' agents: each connection crosses both) while `OPEN_CONNS` idle connections from
-/// `from` to `to`'s echo server are held open through the mesh, divided by
-/// the number of connections, times 1 000. In KiB.
+/// (both nodes' agents: each connection crosses both) while `OPEN_CONNS`
+/// idle connections from `from` to `to`'s echo server are held open
+/// through the mesh, divided by the number of connections, times 1 000.
+/// In KiB.
 pub(crate) fn memory_per_1000_connections(
     lab: &Lab,
     bins: &Bins,

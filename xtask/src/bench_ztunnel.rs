@@ -1,7 +1,7 @@
 //! `cargo xtask bench-ztunnel --ztunnel <binary>`: the agent beside Istio's
 //! ztunnel in the bench's lab, the comparison issue 13's targets are stated
-//! in. Nothing here installs ztunnel: build it yourself (README,
-//! "Performance") with `--features testing`, for its fake CA.
+//! in. Nothing here installs ztunnel: build it yourself with `--features
+//! testing`, for its fake CA (the README's comparison with ztunnel says how).
 //!
 //! Each side gets its own pods on the same two lab nodes, never both at
 //! once in a path:
@@ -40,8 +40,8 @@ use crate::{
 };
 
 /// ztunnel's `PACKET_MARK` on its own sockets, which the redirect rule
-/// skips (ztunnel's default in-pod mark, `0x539`).
-const ZTUNNEL_MARK: &str = "1337";
+/// skips (ztunnel's default in-pod mark).
+const ZTUNNEL_MARK: u32 = 0x539;
 
 /// ztunnel's outbound (captured) port.
 const ZTUNNEL_OUTBOUND_PORT: &str = "15001";
@@ -90,7 +90,7 @@ struct Round {
 pub fn run(bins: &Bins, ztunnel: &Path, target_dir: &Path, rounds: usize) -> anyhow::Result<()> {
     if !ztunnel.is_file() {
         bail!(
-            "{} is not a file: build ztunnel with `--features testing` (README, \"Performance\")",
+            "{} is not a file: build ztunnel with `--features testing` (README: how it compares with Istio's ztunnel)",
             ztunnel.display()
         );
     }
@@ -199,8 +199,9 @@ pub fn run(bins: &Bins, ztunnel: &Path, target_dir: &Path, rounds: usize) -> any
 /// HBONE workloads, each its own service account. Returns its path.
 fn write_ztunnel_config(lab: &Lab) -> anyhow::Result<PathBuf> {
     let mut text = String::from("workloads:\n");
-    for (pod, node) in Side::Ztunnel.pods().iter().zip(["node0", "node0", "node1"]) {
+    for pod in Side::Ztunnel.pods() {
         let ip = lab.pod(pod)?.ipv4();
+        let node = node_name(lab, pod)?;
         text.push_str(&format!(
             "- uid: cluster1//v1/Pod/default/{pod}\n  name: {pod}\n  namespace: default\n  serviceAccount: {pod}\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  node: {node}\n  network: \"\"\n  services: {{}}\n"
         ));
@@ -211,10 +212,17 @@ fn write_ztunnel_config(lab: &Lab) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The name of the lab node `pod` runs on (ztunnel's `NODE_NAME` and its
+/// workloads' `node`).
+fn node_name<'a>(lab: &'a Lab, pod: &str) -> anyhow::Result<&'a str> {
+    Ok(lab.node(lab.pod(pod)?.node())?.name())
+}
+
 /// Steers `pod`'s outgoing TCP (but ztunnel's own, by its mark, and
 /// loopback) to ztunnel's outbound port, then starts ztunnel in the pod in
 /// dedicated mode and waits for it to be ready.
 fn start_ztunnel(lab: &Lab, bin: &Path, pod: &str, config: &Path) -> anyhow::Result<LabChild> {
+    let skip_marked = format!("{ZTUNNEL_MARK:#x}/0xfff");
     let mut rule = Command::new("iptables");
     rule.args([
         "-w",
@@ -231,7 +239,7 @@ fn start_ztunnel(lab: &Lab, bin: &Path, pod: &str, config: &Path) -> anyhow::Res
         "mark",
         "!",
         "--mark",
-        "0x539/0xfff",
+        &skip_marked,
         "-j",
         "REDIRECT",
         "--to-ports",
@@ -244,17 +252,16 @@ fn start_ztunnel(lab: &Lab, bin: &Path, pod: &str, config: &Path) -> anyhow::Res
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let node = if pod == "zremote" { "node1" } else { "node0" };
     let mut cmd = Command::new(bin);
     cmd.env("PROXY_MODE", "dedicated")
         .env("PROXY_WORKLOAD_INFO", format!("default/{pod}/{pod}"))
-        .env("PACKET_MARK", ZTUNNEL_MARK)
+        .env("PACKET_MARK", ZTUNNEL_MARK.to_string())
         .env("FAKE_CA", "true")
         .env("XDS_ADDRESS", "")
         .env("LOCAL_XDS_PATH", config)
         .env("ENABLE_ORIG_SRC", "false")
         .env("ZTUNNEL_WORKER_THREADS", "2")
-        .env("NODE_NAME", node)
+        .env("NODE_NAME", node_name(lab, pod)?)
         // No DNS proxy: nothing here resolves names.
         .env("ISTIO_META_DNS_CAPTURE", "false");
     let child = lab.spawn_in_pod(pod, cmd)?;
@@ -263,15 +270,16 @@ fn start_ztunnel(lab: &Lab, bin: &Path, pod: &str, config: &Path) -> anyhow::Res
         if curl(lab, pod, ZTUNNEL_READY).is_ok() {
             return Ok(child);
         }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "ztunnel in {pod} exited ({status}); its log ends:\n{}",
+                child.log_tail(20)
+            );
+        }
         if Instant::now() > deadline {
-            let log = child
-                .log_path()
-                .and_then(|p| std::fs::read_to_string(p).ok())
-                .unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
             bail!(
                 "ztunnel in {pod} was not ready in 30 s; its log ends:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                child.log_tail(20)
             );
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -58,8 +58,8 @@ enum Cmd {
         datapath_only: bool,
     },
     /// The agent beside Istio's ztunnel in the bench's lab (issue 13's
-    /// comparison); ztunnel is not installed by anything here (README,
-    /// "Performance").
+    /// comparison); ztunnel is not installed by anything here (the README's
+    /// comparison with ztunnel says how to build it).
     BenchZtunnel {
         /// A ztunnel binary built with `--features testing` (its fake CA).
         #[arg(long)]
@@ -203,6 +203,15 @@ fn cargo() -> Command {
     cmd
 }
 
+/// The release build of every binary, which the demo and the benchmarks run
+/// (`target/release`).
+fn build_release() -> anyhow::Result<()> {
+    run(
+        "cargo build",
+        cargo().args(["build", "--release", "--workspace", "--bins"]),
+    )
+}
+
 fn run(step: &str, cmd: &mut Command) -> anyhow::Result<()> {
     let start = Instant::now();
     eprintln!("==> {step}");
@@ -304,18 +313,12 @@ fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Demo => {
             require_root("the demo")?;
-            run(
-                "cargo build",
-                cargo().args(["build", "--release", "--workspace", "--bins"]),
-            )?;
+            build_release()?;
             demo::run(&root().join("target/release"))?;
         }
         Cmd::Bench { datapath_only } => {
             require_root("the benchmarks")?;
-            run(
-                "cargo build",
-                cargo().args(["build", "--release", "--workspace", "--bins"]),
-            )?;
+            build_release()?;
             bench::run(
                 &root().join("target/release"),
                 &root().join("target"),
@@ -324,10 +327,7 @@ fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::BenchZtunnel { ztunnel, rounds } => {
             require_root("the benchmarks")?;
-            run(
-                "cargo build",
-                cargo().args(["build", "--release", "--workspace", "--bins"]),
-            )?;
+            build_release()?;
             bench_ztunnel::run(
                 &labkit::Bins::in_dir(&root().join("target/release"))?,
                 &ztunnel,
