@@ -359,3 +359,42 @@ fn tunnel_deliveries_sharing_a_tuple_lose_nothing() {
 fn without_the_mesh_a_large_accept_queue_burst_loses_nothing() {
     large_burst_loses_nothing(&mut without_the_mesh());
 }
+
+/// A bulk same-node connection moves by `splice(2)`, so the agent copies
+/// none of its bytes (issue 13): a GiB goes each way byte-exact, the
+/// spliced directions are counted in `/stats`, and a DENY still cuts such
+/// a connection in the middle of its transfer.
+#[test]
+fn a_bulk_fast_path_connection_is_spliced_byte_exact_and_a_deny_cuts_it() {
+    common::require_root();
+    let mesh = lab(&[]);
+    let fast = counter(&mesh, "same_node_fast_path");
+    let gib = (1u64 << 30).to_string();
+    let report = mesh.client(
+        "a",
+        &mesh.v4("c", 9090),
+        &["--bytes", &gib, "--timeout-ms", "60000"],
+    );
+    assert_eq!((report.ok, report.failed), (1, 0), "{report:?}");
+    assert_eq!(report.bytes_received, 1 << 30);
+    mesh.wait_closed(0, 1);
+    assert_eq!(counter(&mesh, "same_node_fast_path") - fast, 1);
+    // Both directions carried a GiB: both moved by splice.
+    assert_eq!(counter(&mesh, "relay_directions_spliced"), 2);
+    assert_eq!(counter(&mesh, "relay_directions_without_pipe"), 0);
+
+    // An endless upload from a to c, cut by a DENY while it is spliced.
+    let receiver = mesh.flow("c", &["--listen", "[::]:7002"]);
+    let sender = mesh.flow("a", &["--connect", &mesh.v4("c", 7002), "--send"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    mesh.write_workload_text_applied(0, &workloads(&mesh, DENY_A));
+    let sent = common::flow_report(&sender);
+    let received = common::flow_report(&receiver);
+    assert!(
+        sent.end != "sent" && received.end != "eof" && received.bytes >= 1 << 20,
+        "the upload survived the DENY: sent {sent:?}, received {received:?}"
+    );
+    assert!(mesh.agent_log_count(0, "open connection closed by policy change") >= 1);
+    mesh.wait_closed(0, 1);
+    assert_eq!(counter(&mesh, "relay_directions_spliced"), 3);
+}

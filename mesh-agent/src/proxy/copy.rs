@@ -1,7 +1,8 @@
 //! The byte relay: both directions at once, with half-close (a FIN on one side
 //! becomes a FIN on the other) and reset propagation (an error on either side
 //! resets both). Each direction reads through a [`Reader`]: no buffer while
-//! idle, larger reads during bulk transfers.
+//! idle, larger reads during bulk transfers; a plaintext direction's bulk
+//! transfer moves by `splice(2)` (`super::splice`).
 
 use std::{io, time::Duration};
 
@@ -10,6 +11,9 @@ use bytes::BytesMut;
 use tokio_util::sync::CancellationToken;
 
 use tokio::net::TcpStream;
+
+use super::splice::{Lease, Spliced};
+use crate::telemetry::{ConnectionTracker, ProxyEvent};
 
 const INITIAL_BUFFER: usize = 16 * 1024;
 const MAX_BUFFER: usize = 256 * 1024;
@@ -35,6 +39,47 @@ pub struct RelayResult {
     pub received: u64,
     /// How it ended.
     pub outcome: RelayOutcome,
+    /// How its directions moved their bulk transfers.
+    pub splicing: Splicing,
+}
+
+/// How a plaintext relay's directions moved their bulk transfers (none
+/// for a tunnel relay, whose bytes go through TLS).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Splicing {
+    /// Directions that moved by `splice(2)`, through a pipe.
+    pub spliced: u8,
+    /// Bulk directions that could not get a pipe and kept copying.
+    pub without_pipe: u8,
+}
+
+impl Splicing {
+    /// Counts them in `/stats` (`relay_directions_spliced`,
+    /// `relay_directions_without_pipe`) as `tracker`'s connection's.
+    pub(crate) fn count(self, tracker: &ConnectionTracker) {
+        for _ in 0..self.spliced {
+            tracker.count(ProxyEvent::RelaySpliced);
+        }
+        for _ in 0..self.without_pipe {
+            tracker.count(ProxyEvent::RelayWithoutPipe);
+        }
+    }
+
+    fn of(directions: [&Moved; 2]) -> Self {
+        let count = |f: fn(&Moved) -> bool| directions.iter().filter(|d| f(d)).count() as u8;
+        Self {
+            spliced: count(|d| d.spliced),
+            without_pipe: count(|d| d.without_pipe),
+        }
+    }
+}
+
+/// What one direction moved, and how.
+#[derive(Debug, Default)]
+struct Moved {
+    bytes: u64,
+    spliced: bool,
+    without_pipe: bool,
 }
 
 /// The read side of one relay direction, shared by the plaintext relay and
@@ -137,15 +182,46 @@ pub(crate) async fn both_directions(
     }
 }
 
-async fn pump(from: &TcpStream, to: &TcpStream, moved: &mut u64) -> io::Result<()> {
+async fn pump(from: &TcpStream, to: &TcpStream, moved: &mut Moved) -> io::Result<()> {
     let mut reader = Reader::new();
+    // After a full read (a bulk transfer), the direction moves by splice(2),
+    // without copying through the agent, unless it cannot get a pipe.
+    let mut bulk = false;
     loop {
+        if bulk && !moved.without_pipe {
+            match Lease::take() {
+                Ok(lease) => {
+                    moved.spliced = true;
+                    // Boxed: only bulk directions pay for its state, not
+                    // every connection's task (issue 13, memory).
+                    let spliced = super::splice::pump(from, to, lease, &mut moved.bytes);
+                    match Box::pin(spliced).await? {
+                        Spliced::Fin => return Ok(()),
+                        Spliced::Drained => {
+                            std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
+                            continue;
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "no pipe for a bulk relay direction; it keeps copying");
+                    moved.without_pipe = true;
+                }
+            }
+        }
         let chunk = reader.read(from).await?;
         if chunk.is_empty() {
             return pass_fin(to);
         }
         write_all(to, &chunk).await?;
-        *moved += chunk.len() as u64;
+        moved.bytes += chunk.len() as u64;
+        if !bulk && chunk.len() >= INITIAL_BUFFER {
+            bulk = true;
+            if !moved.without_pipe {
+                // Its buffer is not needed while the direction splices.
+                reader = Reader::new();
+            }
+        }
     }
 }
 
@@ -173,7 +249,7 @@ pub fn relay(
     async move {
         // Not split: each direction reads one socket and writes the other
         // through shared references, waiting on the sockets' own readiness.
-        let (mut sent, mut received) = (0u64, 0u64);
+        let (mut sent, mut received) = (Moved::default(), Moved::default());
         let outcome = {
             let up = pump(&client, &server, &mut sent);
             let down = pump(&server, &client, &mut received);
@@ -187,9 +263,10 @@ pub fn relay(
             abort_on_close(&server);
         }
         RelayResult {
-            sent,
-            received,
+            sent: sent.bytes,
+            received: received.bytes,
             outcome,
+            splicing: Splicing::of([&sent, &received]),
         }
     }
 }
@@ -206,5 +283,168 @@ pub(crate) fn abort_on_close(stream: &TcpStream) {
 pub(crate) fn restore_linger(stream: &TcpStream) {
     if let Err(e) = socket2::SockRef::from(stream).set_linger(None) {
         tracing::debug!(error = %e, "cannot restore linger on a relayed socket");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    use super::*;
+    use crate::proxy::splice::tests::{NO_PIPES, spare_pipes};
+
+    /// `len` bytes of a pattern that repeats only every 251 bytes, so a
+    /// lost, repeated or reordered chunk shows.
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| ((i % 251) as u8).wrapping_add(seed))
+            .collect()
+    }
+
+    /// Two connected pairs over loopback: (the client's end, the relay's
+    /// client side) and (the relay's server side, the server's end).
+    async fn pairs() -> ((TcpStream, TcpStream), (TcpStream, TcpStream)) {
+        let mut pairs = Vec::new();
+        for _ in 0..2 {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("address");
+            let (outer, inner) = tokio::join!(TcpStream::connect(addr), listener.accept());
+            pairs.push((outer.expect("connect"), inner.expect("accept").0));
+        }
+        let (server_side, server_end) = pairs.pop().expect("pair");
+        let (client_end, client_side) = pairs.pop().expect("pair");
+        ((client_end, client_side), (server_side, server_end))
+    }
+
+    /// Sends `up` bytes from the client's end and `down` bytes from the
+    /// server's end at the same time, each followed by its FIN; each end
+    /// reads the other's bytes to their FIN and checks every byte.
+    async fn transfer(up: usize, down: usize) -> RelayResult {
+        let ((client_end, client_side), (server_side, server_end)) = pairs().await;
+        let cancel = CancellationToken::new();
+        let (result, (), ()) = tokio::join!(
+            relay(client_side, server_side, &cancel),
+            exchange(client_end, (up, 1), (down, 2)),
+            exchange(server_end, (down, 2), (up, 1)),
+        );
+        result
+    }
+
+    /// Writes `send`'s pattern and a FIN while reading to the peer's FIN,
+    /// which must bring `expect`'s pattern.
+    async fn exchange(end: TcpStream, send: (usize, u8), expect: (usize, u8)) {
+        let (mut read, mut write) = end.into_split();
+        let writing = async move {
+            write
+                .write_all(&pattern(send.0, send.1))
+                .await
+                .expect("send");
+            write.shutdown().await.expect("FIN");
+        };
+        let reading = async move {
+            let mut got = Vec::new();
+            read.read_to_end(&mut got).await.expect("read");
+            assert!(
+                got == pattern(expect.0, expect.1),
+                "bytes differ ({} received)",
+                got.len()
+            );
+        };
+        tokio::join!(writing, reading);
+    }
+
+    /// A bulk transfer each way moves by splice(2) after its first full
+    /// read, with every byte in order and each FIN passed on after the
+    /// bytes before it; the pipes are this thread's spares afterwards, so
+    /// they were made, used and left empty.
+    #[tokio::test]
+    async fn a_bulk_relay_moves_by_splice_and_keeps_every_byte() {
+        assert_eq!(spare_pipes(), 0);
+        let result = transfer(24 << 20, 9 << 20).await;
+        assert!(matches!(result.outcome, RelayOutcome::Closed), "{result:?}");
+        assert_eq!((result.sent, result.received), (24 << 20, 9 << 20));
+        let both = Splicing {
+            spliced: 2,
+            without_pipe: 0,
+        };
+        assert_eq!(result.splicing, both);
+        // One pipe per direction at most; fewer when a drained direction
+        // gave its pipe back before the other took one.
+        let made = spare_pipes();
+        assert!((1..=2).contains(&made), "{made} pipes");
+        // The next bulk relay on this thread takes the spares.
+        let result = transfer(1 << 20, 1 << 20).await;
+        assert!(matches!(result.outcome, RelayOutcome::Closed), "{result:?}");
+        assert!(
+            (made..=2).contains(&spare_pipes()),
+            "{} pipes",
+            spare_pipes()
+        );
+    }
+
+    /// Small exchanges never fill a read: no pipe is made for them.
+    #[tokio::test]
+    async fn a_short_exchange_makes_no_pipe() {
+        let result = transfer(64, 200).await;
+        assert!(matches!(result.outcome, RelayOutcome::Closed), "{result:?}");
+        assert_eq!((result.sent, result.received), (64, 200));
+        assert_eq!(result.splicing, Splicing::default());
+        assert_eq!(spare_pipes(), 0);
+    }
+
+    /// Without pipes (out of file descriptors) a bulk relay keeps copying,
+    /// and still loses nothing.
+    #[tokio::test]
+    async fn without_pipes_a_bulk_relay_keeps_copying() {
+        NO_PIPES.set(true);
+        let result = transfer(8 << 20, 3 << 20).await;
+        NO_PIPES.set(false);
+        assert!(matches!(result.outcome, RelayOutcome::Closed), "{result:?}");
+        assert_eq!((result.sent, result.received), (8 << 20, 3 << 20));
+        let neither = Splicing {
+            spliced: 0,
+            without_pipe: 2,
+        };
+        assert_eq!(result.splicing, neither);
+        assert_eq!(spare_pipes(), 0);
+    }
+
+    /// A reset of the server's end in the middle of a spliced transfer
+    /// resets the relay and the client's end.
+    #[tokio::test]
+    async fn a_reset_during_a_spliced_transfer_resets_the_client() {
+        let ((mut client_end, client_side), (server_side, mut server_end)) = pairs().await;
+        let cancel = CancellationToken::new();
+        let client = async move {
+            let chunk = pattern(1 << 20, 1);
+            // Sends until the relay's reset reaches it.
+            for _ in 0..1024 {
+                if client_end.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+            panic!("the client's end was never reset");
+        };
+        let server = async move {
+            let mut buf = vec![0; 1 << 20];
+            let mut got = 0;
+            while got < 4 << 20 {
+                got += server_end.read(&mut buf).await.expect("bytes");
+            }
+            socket2::SockRef::from(&server_end)
+                .set_linger(Some(Duration::ZERO))
+                .expect("linger");
+            drop(server_end);
+        };
+        let (result, (), ()) =
+            tokio::join!(relay(client_side, server_side, &cancel), client, server);
+        assert!(
+            matches!(result.outcome, RelayOutcome::Reset(_)),
+            "{result:?}"
+        );
+        assert!(result.sent >= 4 << 20, "{result:?}");
     }
 }

@@ -1085,6 +1085,7 @@ pub fn relay_h2(
             sent,
             received,
             outcome,
+            splicing: super::copy::Splicing::default(),
         }
     }
 }

@@ -17,6 +17,7 @@ mod inbound_hbone;
 pub mod limits;
 mod outbound;
 mod same_node;
+mod splice;
 pub mod threads;
 
 use std::{
@@ -31,7 +32,7 @@ use std::{
 use tokio::{net::TcpStream, runtime::Handle};
 use tokio_util::sync::CancellationToken;
 
-pub use copy::{RelayOutcome, RelayResult, relay};
+pub use copy::{RelayOutcome, RelayResult, Splicing, relay};
 pub use error::Error;
 
 use crate::{

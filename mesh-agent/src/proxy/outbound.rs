@@ -119,6 +119,7 @@ impl Opened {
             let (sent, received, outcome) = match self.upstream {
                 Upstream::Direct(tcp) => {
                     let r = relay_plain(self.client, tcp, self.early, &never).await;
+                    r.splicing.count(&self.tracker);
                     (r.sent, r.received, r.outcome.into())
                 }
                 Upstream::Tunnel((response, send, _guard)) => {
@@ -141,6 +142,7 @@ impl Opened {
                         &delivered.tracked.cancel,
                     )
                     .await;
+                    r.splicing.count(&self.tracker);
                     let outcome: crate::telemetry::Outcome = r.outcome.into();
                     let same_node::Delivered {
                         tracked, inbound, ..
@@ -707,6 +709,7 @@ async fn relay_plain(
                 sent: 0,
                 received: 0,
                 outcome,
+                splicing: copy::Splicing::default(),
             }
         }
     }

@@ -338,6 +338,11 @@ impl ConnectionTracker {
         self.waypoint = Some(waypoint.to_string());
     }
 
+    /// Counts `event` for this connection (`/stats`).
+    pub fn count(&self, event: ProxyEvent) {
+        self.telemetry.count(event);
+    }
+
     /// The connection.
     pub fn connection(&self) -> &Connection {
         &self.conn

@@ -40,10 +40,16 @@ pub enum ProxyEvent {
     /// waypoint is missing, has no ready pod or could not be reached
     /// (fail closed: never sent around the waypoint).
     WaypointUnavailable,
+    /// A plaintext relay direction (same-node fast path, passthrough,
+    /// plaintext inbound) moved a bulk transfer by `splice(2)`.
+    RelaySpliced,
+    /// A plaintext relay direction's bulk transfer kept copying: it could
+    /// not get a pipe (the agent out of file descriptors).
+    RelayWithoutPipe,
 }
 
 impl ProxyEvent {
-    const ALL: [Self; 10] = [
+    const ALL: [Self; 12] = [
         Self::OutboundAccepted,
         Self::InboundAccepted,
         Self::NoOriginalDestination,
@@ -54,6 +60,8 @@ impl ProxyEvent {
         Self::StreamFailedAfterEarlyData,
         Self::SameNodeFastPath,
         Self::WaypointUnavailable,
+        Self::RelaySpliced,
+        Self::RelayWithoutPipe,
     ];
 
     /// The counter's name in `/stats`.
@@ -69,6 +77,8 @@ impl ProxyEvent {
             Self::StreamFailedAfterEarlyData => "tunnel_streams_failed_after_early_data",
             Self::SameNodeFastPath => "same_node_fast_path",
             Self::WaypointUnavailable => "waypoint_unavailable",
+            Self::RelaySpliced => "relay_directions_spliced",
+            Self::RelayWithoutPipe => "relay_directions_without_pipe",
         }
     }
 
@@ -121,7 +131,8 @@ impl ProxyCounters {
     /// `inbound_accepted`, `completed`, `failed`, `no_original_destination`,
     /// `agent_port_refused`, `bytes_sent` (client to server),
     /// `bytes_received` (server to client), then the tunnel pool's, then
-    /// `same_node_fast_path` and `waypoint_unavailable`.
+    /// `same_node_fast_path`, `waypoint_unavailable`,
+    /// `relay_directions_spliced` and `relay_directions_without_pipe`.
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
         let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let e = |event: ProxyEvent| (event.as_str(), self.get(event));
@@ -140,6 +151,8 @@ impl ProxyCounters {
             e(ProxyEvent::StreamFailedAfterEarlyData),
             e(ProxyEvent::SameNodeFastPath),
             e(ProxyEvent::WaypointUnavailable),
+            e(ProxyEvent::RelaySpliced),
+            e(ProxyEvent::RelayWithoutPipe),
         ]
     }
 
