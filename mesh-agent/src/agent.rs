@@ -65,6 +65,8 @@ pub struct RunConfig {
     /// Send a client's first bytes before a tunnel stream is answered
     /// (`Proxy::set_tunnel_early_data`).
     pub tunnel_early_data: bool,
+    /// Plaintext relays splice bulk transfers (`Proxy::set_relay_splice`).
+    pub relay_splice: bool,
     /// How many proxy threads serve the pods' connections (`None`: one per
     /// CPU, up to [`DEFAULT_MAX_PROXY_THREADS`]).
     pub proxy_threads: Option<usize>,
@@ -186,6 +188,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     );
     proxy.set_same_node_fast_path(cfg.same_node_fast_path);
     proxy.set_tunnel_early_data(cfg.tunnel_early_data);
+    proxy.set_relay_splice(cfg.relay_splice);
     admin.register_routes(&store, proxy.balancer());
     runtime.spawn(limits::trim_after_bursts(bounds.clone()));
     {

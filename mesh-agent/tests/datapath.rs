@@ -116,6 +116,38 @@ fn inbound_on_any_port_is_steered_and_a_closed_port_is_refused_not_hung() {
     assert_eq!(delta(&before, &after, "connect_not_enrolled"), 3);
 }
 
+/// The other plaintext relays splice their bulk transfers too (issue 13):
+/// passthrough from an enrolled pod to one outside the mesh, and plaintext
+/// inbound from outside the mesh to an enrolled pod. 64 MiB each way,
+/// byte-exact, both directions spliced.
+#[test]
+fn passthrough_and_plaintext_inbound_splice_their_bulk_transfers() {
+    let mesh = one_node();
+    let mib64 = (64u64 << 20).to_string();
+    let spliced = || mesh.proxy_stats(0)["relay_directions_spliced"].as_u64();
+    assert_eq!(spliced(), Some(0));
+    for (from, to) in [("a", "d"), ("c", "b")] {
+        let report = mesh.client(
+            from,
+            &mesh.v4(to, 8080),
+            &["--bytes", &mib64, "--timeout-ms", "30000"],
+        );
+        assert_eq!(
+            (report.ok, report.failed),
+            (1, 0),
+            "{from} to {to}: {report:?}"
+        );
+        assert_eq!(report.bytes_received, 64 << 20, "{from} to {to}");
+    }
+    mesh.wait_closed(0, 2);
+    assert_eq!(spliced(), Some(4));
+    assert_eq!(
+        mesh.proxy_stats(0)["relay_directions_without_pipe"].as_u64(),
+        Some(0)
+    );
+    assert_eq!(mesh.proxy_stats(0)["same_node_fast_path"], 0);
+}
+
 #[test]
 fn unenrolled_pods_are_untouched() {
     let mesh = one_node();

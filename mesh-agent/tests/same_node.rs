@@ -398,3 +398,23 @@ fn a_bulk_fast_path_connection_is_spliced_byte_exact_and_a_deny_cuts_it() {
     mesh.wait_closed(0, 1);
     assert_eq!(counter(&mesh, "relay_directions_spliced"), 3);
 }
+
+/// `--relay-splice=false`: the same kind of bulk connection is copied
+/// through the agent, byte-exact, and no direction is counted as spliced.
+#[test]
+fn with_relay_splice_off_a_bulk_fast_path_connection_is_copied() {
+    common::require_root();
+    let mesh = lab(&["--relay-splice=false"]);
+    let bytes = (64u64 << 20).to_string();
+    let report = mesh.client(
+        "a",
+        &mesh.v4("c", 9090),
+        &["--bytes", &bytes, "--timeout-ms", "30000"],
+    );
+    assert_eq!((report.ok, report.failed), (1, 0), "{report:?}");
+    assert_eq!(report.bytes_received, 64 << 20);
+    mesh.wait_closed(0, 1);
+    assert_eq!(counter(&mesh, "same_node_fast_path"), 1);
+    assert_eq!(counter(&mesh, "relay_directions_spliced"), 0);
+    assert_eq!(counter(&mesh, "relay_directions_without_pipe"), 0);
+}

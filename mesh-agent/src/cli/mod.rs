@@ -146,6 +146,12 @@ struct RunArgs {
     /// `false`: wait for the answer, as ztunnel does.
     #[arg(long, env = "MESH_TUNNEL_EARLY_DATA", default_value_t = true, action = clap::ArgAction::Set)]
     tunnel_early_data: bool,
+    /// Plaintext relays (the same-node fast path, passthrough, plaintext
+    /// inbound) move a bulk transfer by `splice(2)`, socket to pipe to
+    /// socket, without copying its bytes through the agent.
+    /// `false`: they copy every byte through the agent.
+    #[arg(long, env = "MESH_RELAY_SPLICE", default_value_t = true, action = clap::ArgAction::Set)]
+    relay_splice: bool,
     /// Threads serving the pods' connections, each with its own listeners
     /// and tunnel connections (default: one per CPU, at most 4).
     #[arg(long, env = "MESH_PROXY_THREADS", value_parser = clap::value_parser!(u16).range(1..=crate::proxy::threads::MAX_THREADS as i64))]
@@ -285,6 +291,7 @@ pub fn main() -> ExitCode {
                 limits: args.limits.overrides(),
                 same_node_fast_path: args.same_node_fast_path,
                 tunnel_early_data: args.tunnel_early_data,
+                relay_splice: args.relay_splice,
                 proxy_threads: args.proxy_threads.map(usize::from),
             })
         }

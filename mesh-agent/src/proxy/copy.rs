@@ -74,6 +74,30 @@ impl Splicing {
     }
 }
 
+/// Whether a plaintext relay's bulk transfers move by `splice(2)`
+/// (`--relay-splice`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Splice {
+    /// A direction's bulk transfer moves socket to pipe to socket.
+    Bulk,
+    /// Every byte is copied through the agent.
+    Never,
+}
+
+impl Splice {
+    /// The agent's setting, as `shared` has it now.
+    pub(crate) fn from_setting(shared: &super::Shared) -> Self {
+        if shared
+            .relay_splice
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            Self::Bulk
+        } else {
+            Self::Never
+        }
+    }
+}
+
 /// What one direction moved, and how.
 #[derive(Debug, Default)]
 struct Moved {
@@ -182,13 +206,18 @@ pub(crate) async fn both_directions(
     }
 }
 
-async fn pump(from: &TcpStream, to: &TcpStream, moved: &mut Moved) -> io::Result<()> {
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    moved: &mut Moved,
+    splice: Splice,
+) -> io::Result<()> {
     let mut reader = Reader::new();
     // After a full read (a bulk transfer), the direction moves by splice(2),
     // without copying through the agent, unless it cannot get a pipe.
     let mut bulk = false;
     loop {
-        if bulk && !moved.without_pipe {
+        if bulk && splice == Splice::Bulk && !moved.without_pipe {
             match Lease::take() {
                 Ok(lease) => {
                     moved.spliced = true;
@@ -217,7 +246,7 @@ async fn pump(from: &TcpStream, to: &TcpStream, moved: &mut Moved) -> io::Result
         moved.bytes += chunk.len() as u64;
         if !bulk && chunk.len() >= INITIAL_BUFFER {
             bulk = true;
-            if !moved.without_pipe {
+            if splice == Splice::Bulk && !moved.without_pipe {
                 // Its buffer is not needed while the direction splices.
                 reader = Reader::new();
             }
@@ -245,14 +274,15 @@ pub fn relay(
     client: TcpStream,
     server: TcpStream,
     cancel: &CancellationToken,
+    splice: Splice,
 ) -> impl Future<Output = RelayResult> + '_ {
     async move {
         // Not split: each direction reads one socket and writes the other
         // through shared references, waiting on the sockets' own readiness.
         let (mut sent, mut received) = (Moved::default(), Moved::default());
         let outcome = {
-            let up = pump(&client, &server, &mut sent);
-            let down = pump(&server, &client, &mut received);
+            let up = pump(&client, &server, &mut sent, splice);
+            let down = pump(&server, &client, &mut received, splice);
             tokio::pin!(up, down);
             both_directions(up, down, cancel).await
         };
@@ -322,11 +352,11 @@ mod tests {
     /// Sends `up` bytes from the client's end and `down` bytes from the
     /// server's end at the same time, each followed by its FIN; each end
     /// reads the other's bytes to their FIN and checks every byte.
-    async fn transfer(up: usize, down: usize) -> RelayResult {
+    async fn transfer(up: usize, down: usize, splice: Splice) -> RelayResult {
         let ((client_end, client_side), (server_side, server_end)) = pairs().await;
         let cancel = CancellationToken::new();
         let (result, (), ()) = tokio::join!(
-            relay(client_side, server_side, &cancel),
+            relay(client_side, server_side, &cancel, splice),
             exchange(client_end, (up, 1), (down, 2)),
             exchange(server_end, (down, 2), (up, 1)),
         );
@@ -363,7 +393,7 @@ mod tests {
     #[tokio::test]
     async fn a_bulk_relay_moves_by_splice_and_keeps_every_byte() {
         assert_eq!(spare_pipes(), 0);
-        let result = transfer(24 << 20, 9 << 20).await;
+        let result = transfer(24 << 20, 9 << 20, Splice::Bulk).await;
         assert!(matches!(result.outcome, RelayOutcome::Closed), "{result:?}");
         assert_eq!((result.sent, result.received), (24 << 20, 9 << 20));
         let both = Splicing {
@@ -376,7 +406,7 @@ mod tests {
         let made = spare_pipes();
         assert!((1..=2).contains(&made), "{made} pipes");
         // The next bulk relay on this thread takes the spares.
-        let result = transfer(1 << 20, 1 << 20).await;
+        let result = transfer(1 << 20, 1 << 20, Splice::Bulk).await;
         assert!(matches!(result.outcome, RelayOutcome::Closed), "{result:?}");
         assert!(
             (made..=2).contains(&spare_pipes()),
@@ -388,7 +418,7 @@ mod tests {
     /// Small exchanges never fill a read: no pipe is made for them.
     #[tokio::test]
     async fn a_short_exchange_makes_no_pipe() {
-        let result = transfer(64, 200).await;
+        let result = transfer(64, 200, Splice::Bulk).await;
         assert!(matches!(result.outcome, RelayOutcome::Closed), "{result:?}");
         assert_eq!((result.sent, result.received), (64, 200));
         assert_eq!(result.splicing, Splicing::default());
@@ -400,7 +430,7 @@ mod tests {
     #[tokio::test]
     async fn without_pipes_a_bulk_relay_keeps_copying() {
         NO_PIPES.set(true);
-        let result = transfer(8 << 20, 3 << 20).await;
+        let result = transfer(8 << 20, 3 << 20, Splice::Bulk).await;
         NO_PIPES.set(false);
         assert!(matches!(result.outcome, RelayOutcome::Closed), "{result:?}");
         assert_eq!((result.sent, result.received), (8 << 20, 3 << 20));
@@ -409,6 +439,17 @@ mod tests {
             without_pipe: 2,
         };
         assert_eq!(result.splicing, neither);
+        assert_eq!(spare_pipes(), 0);
+    }
+
+    /// With splicing off (`--relay-splice=false`) a bulk relay copies
+    /// every byte, and makes no pipe.
+    #[tokio::test]
+    async fn with_splicing_off_a_bulk_relay_copies() {
+        let result = transfer(8 << 20, 3 << 20, Splice::Never).await;
+        assert!(matches!(result.outcome, RelayOutcome::Closed), "{result:?}");
+        assert_eq!((result.sent, result.received), (8 << 20, 3 << 20));
+        assert_eq!(result.splicing, Splicing::default());
         assert_eq!(spare_pipes(), 0);
     }
 
@@ -439,8 +480,11 @@ mod tests {
                 .expect("linger");
             drop(server_end);
         };
-        let (result, (), ()) =
-            tokio::join!(relay(client_side, server_side, &cancel), client, server);
+        let (result, (), ()) = tokio::join!(
+            relay(client_side, server_side, &cancel, Splice::Bulk),
+            client,
+            server
+        );
         assert!(
             matches!(result.outcome, RelayOutcome::Reset(_)),
             "{result:?}"

@@ -97,7 +97,13 @@ async fn handle(ctx: Arc<PodContext>, client: TcpStream, peer: SocketAddr, share
     };
     // The agent made `app.stream`: an agent death from here resets the app.
     super::copy::abort_on_close(&app.stream);
-    let result = relay(client, app.stream, &tracked.cancel).await;
+    let result = relay(
+        client,
+        app.stream,
+        &tracked.cancel,
+        super::copy::Splice::from_setting(&shared),
+    )
+    .await;
     result.splicing.count(&tracker);
     tracker.close(result.sent, result.received, result.outcome.into());
 }

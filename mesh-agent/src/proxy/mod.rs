@@ -32,7 +32,7 @@ use std::{
 use tokio::{net::TcpStream, runtime::Handle};
 use tokio_util::sync::CancellationToken;
 
-pub use copy::{RelayOutcome, RelayResult, Splicing, relay};
+pub use copy::{RelayOutcome, RelayResult, Splice, Splicing, relay};
 pub use error::Error;
 
 use crate::{
@@ -334,6 +334,9 @@ pub struct Shared {
     /// Whether a client's first bytes go on its tunnel stream before the
     /// destination's node proxy answers (`hbone::EarlyData`).
     pub tunnel_early_data: AtomicBool,
+    /// Whether plaintext relays move bulk transfers by `splice(2)`
+    /// (`splice`), rather than copying them through the agent.
+    pub relay_splice: AtomicBool,
 }
 
 impl Shared {
@@ -495,6 +498,7 @@ impl Proxy {
             local: same_node::LocalPods::default(),
             same_node_fast_path: AtomicBool::new(true),
             tunnel_early_data: AtomicBool::new(true),
+            relay_splice: AtomicBool::new(true),
         });
         // Policy changes apply to new connections at once (decisions read
         // the snapshot's compiled policies); open ones are re-checked here,
@@ -541,6 +545,13 @@ impl Proxy {
     /// ztunnel does.
     pub fn set_tunnel_early_data(&self, on: bool) {
         self.shared.tunnel_early_data.store(on, Ordering::Relaxed);
+    }
+
+    /// Turns splicing in plaintext relays on or off (on by default): with
+    /// it, a direction's bulk transfer moves socket to pipe to socket
+    /// (`splice`); without it every byte is copied through the agent.
+    pub fn set_relay_splice(&self, on: bool) {
+        self.shared.relay_splice.store(on, Ordering::Relaxed);
     }
 
     /// The mesh's trust domain.

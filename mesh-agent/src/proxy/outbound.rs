@@ -100,6 +100,8 @@ struct Opened {
     /// counts), held for the connection's life: a routing change never
     /// cuts it.
     pick: Option<crate::routing::Pick>,
+    /// Whether a plain relay splices bulk transfers (`--relay-splice`).
+    splice: copy::Splice,
 }
 
 impl Opened {
@@ -118,7 +120,7 @@ impl Opened {
             let never = CancellationToken::new();
             let (sent, received, outcome) = match self.upstream {
                 Upstream::Direct(tcp) => {
-                    let r = relay_plain(self.client, tcp, self.early, &never).await;
+                    let r = relay_plain(self.client, tcp, self.early, &never, self.splice).await;
                     r.splicing.count(&self.tracker);
                     (r.sent, r.received, r.outcome.into())
                 }
@@ -140,6 +142,7 @@ impl Opened {
                         delivered.app.stream,
                         self.early,
                         &delivered.tracked.cancel,
+                        self.splice,
                     )
                     .await;
                     r.splicing.count(&self.tracker);
@@ -450,6 +453,7 @@ async fn open(
             early,
             tracker,
             pick,
+            splice: copy::Splice::from_setting(shared),
         });
     }
     // Nothing took the connection: report it as what was tried (an mTLS
@@ -683,6 +687,7 @@ async fn relay_plain(
     mut server: TcpStream,
     early: hbone::EarlyData,
     cancel: &CancellationToken,
+    splice: copy::Splice,
 ) -> RelayResult {
     // From here an agent death resets the app (see `copy::relay`).
     copy::abort_on_close(&server);
@@ -698,7 +703,7 @@ async fn relay_plain(
     };
     match replayed {
         Ok(replayed) => {
-            let mut r = relay(client, server, cancel).await;
+            let mut r = relay(client, server, cancel, splice).await;
             r.sent += replayed;
             r
         }
