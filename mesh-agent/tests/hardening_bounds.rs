@@ -797,4 +797,8 @@ fn the_agent_raises_its_file_descriptor_limit_and_reports_it() {
         .as_u64()
         .expect("max_connections");
     assert!(max > 0 && 2 * max < hard, "{limits}");
+    // The plaintext relays' pipes take an eighth of what the caps leave.
+    let reserve = (hard / 4).min(4096);
+    assert_eq!(limits["max_pipes"], reserve / 16, "{limits}");
+    assert!(2 * max + 2 * (reserve / 16) <= hard, "{limits}");
 }

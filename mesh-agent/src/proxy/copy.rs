@@ -78,7 +78,8 @@ impl Splicing {
 /// (`--relay-splice`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Splice {
-    /// A direction's bulk transfer moves socket to pipe to socket.
+    /// A direction's bulk transfer moves socket to pipe to socket, while
+    /// the agent's pipes are under their bound (`limits::Bounds::max_pipes`).
     Bulk,
     /// Every byte is copied through the agent.
     Never,
@@ -324,7 +325,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::proxy::splice::tests::{NO_PIPES, spare_pipes};
+    use crate::proxy::splice::tests::{MAX_PIPES, spare_pipes};
 
     /// `len` bytes of a pattern that repeats only every 251 bytes, so a
     /// lost, repeated or reordered chunk shows.
@@ -425,13 +426,13 @@ mod tests {
         assert_eq!(spare_pipes(), 0);
     }
 
-    /// Without pipes (out of file descriptors) a bulk relay keeps copying,
-    /// and still loses nothing.
+    /// Without pipes (the agent's bound on them reached) a bulk relay
+    /// keeps copying, and still loses nothing.
     #[tokio::test]
     async fn without_pipes_a_bulk_relay_keeps_copying() {
-        NO_PIPES.set(true);
+        MAX_PIPES.set(Some(0));
         let result = transfer(8 << 20, 3 << 20, Splice::Bulk).await;
-        NO_PIPES.set(false);
+        MAX_PIPES.set(None);
         assert!(matches!(result.outcome, RelayOutcome::Closed), "{result:?}");
         assert_eq!((result.sent, result.received), (8 << 20, 3 << 20));
         let neither = Splicing {

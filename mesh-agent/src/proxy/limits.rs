@@ -925,6 +925,16 @@ impl Bounds {
         }
     }
 
+    /// How many pipes the plaintext relays may hold open at once
+    /// (`super::splice`; two descriptors each): an eighth of the
+    /// descriptors [`Limits::for_fd_limit`] keeps out of the connection
+    /// budget, so that connections splicing at once cannot take the
+    /// listeners' and the agent's own. 256 for a limit of 16 384 or more.
+    pub fn max_pipes(&self) -> usize {
+        let reserve = (self.fd_limit.soft / 4).min(FD_RESERVE);
+        usize::try_from(reserve / 16).unwrap_or(usize::MAX)
+    }
+
     /// The limits, the descriptor limit and the usage, as JSON (`/config_dump`).
     pub fn to_json(&self) -> serde_json::Value {
         let u = self.usage();
@@ -938,6 +948,7 @@ impl Bounds {
         serde_json::json!({
             "limits": self.limits.to_json(),
             "fd_limit": self.fd_limit.to_json(),
+            "max_pipes": self.max_pipes(),
             "in_use": serde_json::Value::Object(
                 u.in_use.iter().map(|(k, n, _)| ((*k).to_owned(), (*n).into())).collect()
             ),

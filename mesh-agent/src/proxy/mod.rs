@@ -483,6 +483,7 @@ impl Proxy {
         threads: Arc<threads::ProxyThreads>,
     ) -> Self {
         let authz = Arc::new(authz::Authz::new(store.clone()));
+        splice::bound_pipes(limits.max_pipes());
         let shared = Arc::new(Shared {
             orig_dst,
             exempt,

@@ -7,7 +7,9 @@
 //! [`super::copy`]'s relay switches a direction here after a full read (a
 //! bulk transfer); request/response traffic never fills a read and keeps
 //! copying, so a short connection makes no pipe. A direction that cannot
-//! get a pipe (the process out of file descriptors) keeps copying.
+//! get a pipe keeps copying: the agent's pipes are bounded
+//! (`limits::Bounds::max_pipes`, an eighth of the descriptors kept out of
+//! the connection budget), and the process may be out of descriptors.
 //!
 //! A direction holds a pipe only while its socket has bytes: drained, it
 //! gives the pipe back, as the copying reader gives back its buffer. Each
@@ -15,7 +17,12 @@
 //! pipe that still holds bytes when its direction ends (a reset, a revoked
 //! connection) is closed with them, never reused.
 
-use std::{cell::RefCell, io, os::fd::OwnedFd};
+use std::{
+    cell::RefCell,
+    io,
+    os::fd::OwnedFd,
+    sync::atomic::{AtomicUsize, Ordering},
+};
 
 use rustix::pipe::{PipeFlags, SpliceFlags};
 use tokio::{io::Interest, net::TcpStream};
@@ -40,6 +47,38 @@ thread_local! {
     static SPARE: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Pipes open in the process, in use or spare.
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+
+/// How many pipes may be open at once ([`bound_pipes`]; until then, what
+/// `limits::Bounds::max_pipes` gives for 16 384 descriptors or more).
+static MAX_PIPES: AtomicUsize = AtomicUsize::new(256);
+
+/// Sets how many pipes the process may hold open at once
+/// (`limits::Bounds::max_pipes`).
+pub(crate) fn bound_pipes(max: usize) {
+    MAX_PIPES.store(max, Ordering::Relaxed);
+}
+
+fn max_pipes() -> usize {
+    #[cfg(test)]
+    if let Some(max) = tests::MAX_PIPES.get() {
+        return max;
+    }
+    MAX_PIPES.load(Ordering::Relaxed)
+}
+
+/// Why a direction has no pipe (it keeps copying).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum NoPipe {
+    /// The agent holds as many pipes as its bound allows.
+    #[error("the agent holds its {0} pipes already; raise the file-descriptor limit for more")]
+    Bound(usize),
+    /// The kernel refused one.
+    #[error("cannot make a pipe: {0}; is the process out of file descriptors?")]
+    Os(#[from] io::Error),
+}
+
 /// A pipe's two ends and its capacity.
 #[derive(Debug)]
 struct Pipe {
@@ -49,22 +88,38 @@ struct Pipe {
 }
 
 impl Pipe {
-    fn new() -> io::Result<Self> {
-        #[cfg(test)]
-        if tests::NO_PIPES.get() {
-            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+    /// A new pipe, if fewer than [`max_pipes`] are open.
+    fn new() -> Result<Self, NoPipe> {
+        let max = max_pipes();
+        if OPEN.fetch_add(1, Ordering::Relaxed) >= max {
+            OPEN.fetch_sub(1, Ordering::Relaxed);
+            return Err(NoPipe::Bound(max));
         }
-        let (read, write) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+        Self::open().inspect_err(|_| {
+            OPEN.fetch_sub(1, Ordering::Relaxed);
+        })
+    }
+
+    fn open() -> Result<Self, NoPipe> {
+        let (read, write) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)
+            .map_err(io::Error::from)?;
         // The default is 64 KiB; a larger pipe moves a bulk transfer in
         // fewer calls. Refused the larger size (`pipe-max-size` lowered, a
         // limit on pipe pages), the pipe works at the size it has.
         let capacity = rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE)
-            .or_else(|_| rustix::pipe::fcntl_getpipe_size(&write))?;
+            .or_else(|_| rustix::pipe::fcntl_getpipe_size(&write))
+            .map_err(io::Error::from)?;
         Ok(Self {
             read,
             write,
             capacity,
         })
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        OPEN.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -78,8 +133,9 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
-    /// An empty pipe: one of this thread's spares, or a new one.
-    pub(crate) fn take() -> io::Result<Self> {
+    /// An empty pipe: one of this thread's spares, or a new one if the
+    /// process holds fewer than its bound.
+    pub(crate) fn take() -> Result<Self, NoPipe> {
         let pipe = match SPARE.with(|s| s.borrow_mut().pop()) {
             Some(pipe) => pipe,
             None => Pipe::new()?,
@@ -180,9 +236,9 @@ pub(crate) mod tests {
     use std::cell::Cell;
 
     thread_local! {
-        /// Set by a test: this thread cannot make pipes (as when the
-        /// process is out of file descriptors).
-        pub(crate) static NO_PIPES: Cell<bool> = const { Cell::new(false) };
+        /// Set by a test: this thread's bound on pipes, in place of the
+        /// process's (which other tests share).
+        pub(crate) static MAX_PIPES: Cell<Option<usize>> = const { Cell::new(None) };
     }
 
     /// How many empty pipes this thread keeps.
@@ -195,6 +251,10 @@ pub(crate) mod tests {
     /// is closed, so no direction ever starts with another's bytes.
     #[test]
     fn only_empty_pipes_are_kept() {
+        // No new pipe beyond the bound.
+        MAX_PIPES.set(Some(0));
+        assert!(matches!(super::Lease::take(), Err(super::NoPipe::Bound(0))));
+        MAX_PIPES.set(None);
         let leases: Vec<_> = (0..super::SPARE_PIPES + 2)
             .map(|_| super::Lease::take().expect("pipe"))
             .collect();
