@@ -106,13 +106,19 @@ impl Default for Limits {
     }
 }
 
+/// The descriptors of a soft limit of `nofile` kept out of the connection
+/// budget: a quarter, at most [`FD_RESERVE`].
+fn fd_reserve(nofile: u64) -> u64 {
+    (nofile / 4).min(FD_RESERVE)
+}
+
 impl Limits {
     /// Defaults sized from the soft `RLIMIT_NOFILE`: a reserve (a quarter, at
     /// most [`FD_RESERVE`]) stays free for listeners and the agent itself,
     /// and every proxied connection is counted as two descriptors (the peer's
     /// socket and the agent's own to the app or upstream).
     pub fn for_fd_limit(nofile: u64) -> Self {
-        let usable = nofile.saturating_sub((nofile / 4).min(FD_RESERVE));
+        let usable = nofile.saturating_sub(fd_reserve(nofile));
         let max_connections = usize::try_from(usable / 2).unwrap_or(usize::MAX).max(16);
         let max_handshakes = (max_connections / 4).clamp(4, MAX_DEFAULT_HANDSHAKES);
         Self {
@@ -931,8 +937,7 @@ impl Bounds {
     /// budget, so that connections splicing at once cannot take the
     /// listeners' and the agent's own. 256 for a limit of 16 384 or more.
     pub fn max_pipes(&self) -> usize {
-        let reserve = (self.fd_limit.soft / 4).min(FD_RESERVE);
-        usize::try_from(reserve / 16).unwrap_or(usize::MAX)
+        usize::try_from(fd_reserve(self.fd_limit.soft) / 16).unwrap_or(usize::MAX)
     }
 
     /// The limits, the descriptor limit and the usage, as JSON (`/config_dump`).
