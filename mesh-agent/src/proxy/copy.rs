@@ -318,7 +318,7 @@ pub(crate) fn restore_linger(stream: &TcpStream) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpListener,
@@ -335,18 +335,20 @@ mod tests {
             .collect()
     }
 
-    /// Two connected pairs over loopback: (the client's end, the relay's
-    /// client side) and (the relay's server side, the server's end).
+    /// A loopback TCP connection: (the app's end, the agent's end).
+    pub(crate) async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = TcpStream::connect(addr).await.expect("connect");
+        let (agent, _) = listener.accept().await.expect("accept");
+        (app, agent)
+    }
+
+    /// Two loopback connections: (the client's end, the relay's client
+    /// side) and (the relay's server side, the server's end).
     async fn pairs() -> ((TcpStream, TcpStream), (TcpStream, TcpStream)) {
-        let mut pairs = Vec::new();
-        for _ in 0..2 {
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let addr = listener.local_addr().expect("address");
-            let (outer, inner) = tokio::join!(TcpStream::connect(addr), listener.accept());
-            pairs.push((outer.expect("connect"), inner.expect("accept").0));
-        }
-        let (server_side, server_end) = pairs.pop().expect("pair");
-        let (client_end, client_side) = pairs.pop().expect("pair");
+        let (client_end, client_side) = tcp_pair().await;
+        let (server_end, server_side) = tcp_pair().await;
         ((client_end, client_side), (server_side, server_end))
     }
 

@@ -1093,6 +1093,7 @@ pub fn relay_h2(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::copy::tests::tcp_pair;
 
     fn test_key() -> PoolKey {
         let td = crate::identity::TrustDomain::new("cluster.local").expect("trust domain");
@@ -1402,17 +1403,6 @@ mod tests {
         let held = open_streams(&pool, 3 * SPREAD_AT_STREAMS, false).await;
         assert_eq!(pool.occupancy(), (1, 3 * SPREAD_AT_STREAMS));
         drop(held);
-    }
-
-    /// A loopback TCP connection: (the app's end, the agent's end).
-    async fn tcp_pair() -> (TcpStream, TcpStream) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let app = TcpStream::connect(addr).await.expect("connect");
-        let (agent, _) = listener.accept().await.expect("accept");
-        (app, agent)
     }
 
     /// What a gated test server saw of one stream.
