@@ -216,9 +216,9 @@ async fn pump(
     let mut reader = Reader::new();
     // After a full read (a bulk transfer), the direction moves by splice(2),
     // without copying through the agent, unless it cannot get a pipe.
-    let mut bulk = false;
+    let (mut bulk, mut may_splice) = (false, splice == Splice::Bulk);
     loop {
-        if bulk && splice == Splice::Bulk && !moved.without_pipe {
+        if bulk && may_splice {
             match Lease::take() {
                 Ok(lease) => {
                     moved.spliced = true;
@@ -236,6 +236,7 @@ async fn pump(
                 Err(error) => {
                     tracing::debug!(%error, "no pipe for a bulk relay direction; it keeps copying");
                     moved.without_pipe = true;
+                    may_splice = false;
                 }
             }
         }
@@ -247,7 +248,7 @@ async fn pump(
         moved.bytes += chunk.len() as u64;
         if !bulk && chunk.len() >= INITIAL_BUFFER {
             bulk = true;
-            if splice == Splice::Bulk && !moved.without_pipe {
+            if may_splice {
                 // Its buffer is not needed while the direction splices.
                 reader = Reader::new();
             }
