@@ -48,9 +48,10 @@ fn echo_ports() -> std::ops::Range<u16> {
     ECHO_PORT..ECHO_PORT + CONN_SAMPLES + bench_goals::ROUNDS
 }
 
-/// The ports the relays relay: iperf3, sockperf and the echo servers.
-fn relayed_ports() -> Vec<u16> {
-    [5201, 11111].into_iter().chain(echo_ports()).collect()
+/// The ports a relay row's relays relay: iperf3, sockperf and the echo
+/// servers on `echo`.
+pub(crate) fn relayed_ports(echo: std::ops::Range<u16>) -> Vec<u16> {
+    [5201, 11111].into_iter().chain(echo).collect()
 }
 
 #[derive(Debug, Serialize)]
@@ -138,7 +139,7 @@ pub fn run(bin_dir: &Path, target_dir: &Path, datapath_only: bool) -> anyhow::Re
     // (`mesh-lab-app forward`) between pods that are never enrolled, one on
     // the server's node, then one on each node. They stay up for the goals'
     // paired rounds.
-    let ports = relayed_ports();
+    let ports = relayed_ports(echo_ports());
     let relay_b = labkit::forward(
         &lab,
         &bins,
@@ -187,9 +188,9 @@ pub fn run(bin_dir: &Path, target_dir: &Path, datapath_only: bool) -> anyhow::Re
     let per_1000 = memory_per_1000_connections(&lab, &bins, &pids, "client", "remote")?;
     for r in &mut rows {
         if r.scenario == "mesh, same node" {
-            r.agent_kib_per_1000_open_connections = Some(same_1000);
+            r.agent_kib_per_1000_open_connections = same_1000;
         } else if r.scenario == "mesh, cross node" {
-            r.agent_kib_per_1000_open_connections = Some(per_1000);
+            r.agent_kib_per_1000_open_connections = per_1000;
         }
     }
     // The same pods through an HBONE tunnel to the agent itself (the
@@ -257,7 +258,9 @@ pub fn run(bin_dir: &Path, target_dir: &Path, datapath_only: bool) -> anyhow::Re
         kib(rss[1])
     );
     println!(
-        "agent memory per 1 000 open connections (both agents): same node {same_1000:.0} KiB, cross node {per_1000:.0} KiB ({OPEN_CONNS} idle connections held)"
+        "agent memory per 1 000 open connections (both agents): same node {} KiB, cross node {} KiB ({OPEN_CONNS} idle connections held)",
+        kib_per_1000(same_1000),
+        kib_per_1000(per_1000)
     );
     println!(
         "routing: new conns to a plain service {:.0}/s, to a 50/50 split service (DestinationRule + VirtualService) {:.0}/s ({:+.1} %; medians of {} alternating rounds: {})",
@@ -358,8 +361,7 @@ fn print_rows(rows: &[Row]) {
             r.latency_p50_us,
             r.latency_p99_us,
             r.connections_per_s,
-            r.agent_kib_per_1000_open_connections
-                .map_or("-".to_owned(), |k| format!("{k:.0}"))
+            kib_per_1000(r.agent_kib_per_1000_open_connections)
         );
     }
     bench_datapath::print_costs(
@@ -473,6 +475,12 @@ pub(crate) fn measure(
     })
 }
 
+/// A [`memory_per_1000_connections`] figure for a table: "-" when the run
+/// could not resolve it.
+pub(crate) fn kib_per_1000(kib: Option<f64>) -> String {
+    kib.map_or("-".to_owned(), |k| format!("{k:.0}"))
+}
+
 /// Idle connections held open for the memory measurement.
 const OPEN_CONNS: u64 = 2000;
 
@@ -480,14 +488,16 @@ const OPEN_CONNS: u64 = 2000;
 /// (both nodes' agents: each connection crosses both) while `OPEN_CONNS`
 /// idle connections from `from` to `to`'s echo server are held open
 /// through the mesh, divided by the number of connections, times 1 000.
-/// In KiB.
+/// In KiB; `None` when the RSS did not grow: the proxies held the
+/// connections in memory their allocators kept from earlier runs, which
+/// this run cannot tell apart (a 0 would read as "free").
 pub(crate) fn memory_per_1000_connections(
     lab: &Lab,
     bins: &Bins,
     proxies: &[u32],
     from: &str,
     to: &str,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Option<f64>> {
     eprintln!("==> memory per 1 000 open connections");
     let fds = |pid: u32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
     let rss_total = || -> anyhow::Result<u64> {
@@ -524,7 +534,7 @@ pub(crate) fn memory_per_1000_connections(
     if child.wait_timeout(Duration::from_secs(60))?.is_none() {
         bail!("the memory client did not finish");
     }
-    Ok(held.saturating_sub(before) as f64 / OPEN_CONNS as f64 * 1000.0)
+    Ok((held > before).then(|| (held - before) as f64 / OPEN_CONNS as f64 * 1000.0))
 }
 
 /// `---> percentile 99.000 =   62.318` from sockperf's output, in microseconds.

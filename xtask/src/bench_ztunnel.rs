@@ -14,14 +14,21 @@
 //!   namespaced tests (`scripts/ztunnel-redirect.sh`), HBONE mTLS to the
 //!   destination pod's ztunnel with certificates from its fake CA;
 //! - **no mesh**: `bare-client`, `bare-local` and `bare-remote`, for the
-//!   latency each proxy adds.
+//!   latency each proxy adds;
+//! - **two plain TCP relays**, cross node only: `bare-client` to `relay-a`
+//!   (node 0), on to `relay-b` (node 1), on to `bare-remote`, as the
+//!   bench's `relay x2` row (`mesh-lab-app forward`: read and write, no TLS,
+//!   HTTP/2, policy or telemetry). Any pair of user-space proxies in the
+//!   path pays at least what these pay, so their ratio to ztunnel is the
+//!   floor of what the agent's can reach on this machine.
 //!
 //! Rounds alternate which side goes first; each round measures every row
 //! with the bench's own `measure` (iperf3 1/8/64 streams with the proxies'
 //! CPU per GB, sockperf latency, connection rate with the proxies' CPU per
 //! connection) and memory per open connection. The table gives, for each
 //! figure, the median over the rounds of the round's agent / ztunnel ratio,
-//! with the lowest and highest. Numbers, not assertions.
+//! with the lowest and highest, and beside the cross-node one the same for
+//! the two relays. Numbers, not assertions.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -61,15 +68,21 @@ enum Side {
     Agent,
     /// One ztunnel per pod.
     Ztunnel,
+    /// Two plain TCP relays, one per node (cross node only).
+    Relays,
 }
 
 impl Side {
     /// The (client, same-node server, cross-node server) pods of this side.
+    /// The relays' client connects to the first relay to reach
+    /// `bare-remote`; between pods of one node no relay is in the path, so
+    /// their same-node pair is the no-mesh one (never measured twice).
     fn pods(self) -> [&'static str; 3] {
         match self {
             Side::NoMesh => ["bare-client", "bare-local", "bare-remote"],
             Side::Agent => ["client", "local", "remote"],
             Side::Ztunnel => ["zclient", "zlocal", "zremote"],
+            Side::Relays => ["bare-client", "bare-local", "relay-a"],
         }
     }
 }
@@ -81,8 +94,11 @@ struct Round {
     first: Side,
     /// (side, same-node row, cross-node row).
     rows: Vec<(Side, Row, Row)>,
-    /// (side, same node, cross node) memory per 1 000 open connections, KiB.
-    memory_kib_per_1000: Vec<(Side, f64, f64)>,
+    /// The two relays' row (cross node).
+    relays: Row,
+    /// (side, same node, cross node) memory per 1 000 open connections, KiB
+    /// (`None`: not resolved by the run).
+    memory_kib_per_1000: Vec<(Side, Option<f64>, Option<f64>)>,
 }
 
 /// Runs `rounds` rounds and prints the comparison; writes
@@ -103,19 +119,31 @@ pub fn run(bins: &Bins, ztunnel: &Path, target_dir: &Path, rounds: usize) -> any
                 "zlocal",
                 "bare-client",
                 "bare-local",
+                "relay-a",
             ]))
-            .node(NodeSpec::with_pods(["remote", "zremote", "bare-remote"])),
+            .node(NodeSpec::with_pods([
+                "remote",
+                "zremote",
+                "bare-remote",
+                "relay-b",
+            ])),
     )?;
     let server_pods: Vec<&str> = [Side::NoMesh, Side::Agent, Side::Ztunnel]
         .iter()
         .flat_map(|side| side.pods()[1..].to_vec())
         .collect();
-    let servers = bench::serve(
+    let echo_ports = ECHO_PORT..ECHO_PORT + CONN_SAMPLES;
+    let servers = bench::serve(&lab, bins, &server_pods, echo_ports.clone())?;
+    let ports = bench::relayed_ports(echo_ports);
+    let relay_b = labkit::forward(
         &lab,
         bins,
-        &server_pods,
-        ECHO_PORT..ECHO_PORT + CONN_SAMPLES,
+        "relay-b",
+        &ports,
+        lab.pod("bare-remote")?.ipv4(),
     )?;
+    let relay_a = labkit::forward(&lab, bins, "relay-a", &ports, lab.pod("relay-b")?.ipv4())?;
+    let relay_pids = [relay_a.pid(), relay_b.pid()];
     let agents = bench::start_meshed(&lab, bins)?;
     let config = write_ztunnel_config(&lab)?;
     let ztunnels = Side::Ztunnel
@@ -139,15 +167,25 @@ pub fn run(bins: &Bins, ztunnel: &Path, target_dir: &Path, rounds: usize) -> any
             [Side::Ztunnel, Side::Agent]
         };
         eprintln!("==> round {} of {rounds}: {:?} first", r + 1, order[0]);
+        let [client, _, first_relay] = Side::Relays.pods();
+        let relays = bench::measure(
+            &lab,
+            bins,
+            "two relays, cross node",
+            client,
+            first_relay,
+            &relay_pids,
+        )?;
         let mut round = Round {
             first: order[0],
             rows: Vec::new(),
+            relays,
             memory_kib_per_1000: Vec::new(),
         };
         for side in [Side::NoMesh, order[0], order[1]] {
             let [client, local, remote] = side.pods();
             let (same_pids, cross_pids): (&[u32], &[u32]) = match side {
-                Side::NoMesh => (&[], &[]),
+                Side::NoMesh | Side::Relays => (&[], &[]),
                 Side::Agent => (&agent_pids, &agent_pids),
                 Side::Ztunnel => (&zt_pids[0], &zt_pids[1]),
             };
@@ -185,7 +223,7 @@ pub fn run(bins: &Bins, ztunnel: &Path, target_dir: &Path, rounds: usize) -> any
     for a in agents {
         a.terminate()?;
     }
-    drop(servers);
+    drop((relay_a, relay_b, servers));
     lab.close()?;
 
     print_comparison(&all);
@@ -330,25 +368,26 @@ fn print_round(round: &Round) {
         "{:<24} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>11}",
         "row", "1 stream", "8", "64", "p50 us", "conns/s", "CPU us/c", "CPU s/GB 8"
     );
-    for (_, same, cross) in &round.rows {
-        for row in [same, cross] {
-            println!(
-                "{:<24} {:>9.2} {:>9.2} {:>9.2} {:>9.1} {:>10.0} {:>10} {:>11}",
-                row.scenario,
-                row.throughput_gbit_s,
-                row.throughput_8_gbit_s,
-                row.throughput_64_gbit_s,
-                row.latency_p50_us,
-                row.connections_per_s,
-                row.agent_cpu_us_per_connection
-                    .map_or("-".into(), |c| format!("{c:.1}")),
-                cpu_per_gb(row, 8).map_or("-".into(), |c| format!("{c:.2}")),
-            );
-        }
-    }
-    for (side, same, cross) in &round.memory_kib_per_1000 {
+    let rows = round.rows.iter().flat_map(|(_, same, cross)| [same, cross]);
+    for row in rows.chain([&round.relays]) {
         println!(
-            "{side:?}: KiB per 1 000 open connections: same node {same:.0}, cross node {cross:.0}"
+            "{:<24} {:>9.2} {:>9.2} {:>9.2} {:>9.1} {:>10.0} {:>10} {:>11}",
+            row.scenario,
+            row.throughput_gbit_s,
+            row.throughput_8_gbit_s,
+            row.throughput_64_gbit_s,
+            row.latency_p50_us,
+            row.connections_per_s,
+            row.agent_cpu_us_per_connection
+                .map_or("-".into(), |c| format!("{c:.1}")),
+            cpu_per_gb(row, 8).map_or("-".into(), |c| format!("{c:.2}")),
+        );
+    }
+    for &(side, same, cross) in &round.memory_kib_per_1000 {
+        println!(
+            "{side:?}: KiB per 1 000 open connections: same node {}, cross node {}",
+            bench::kib_per_1000(same),
+            bench::kib_per_1000(cross)
         );
     }
 }
@@ -366,8 +405,12 @@ fn cpu_per_gb(row: &Row, streams: u32) -> Option<f64> {
 /// A figure of one round's row, for one node placement.
 type Figure = fn(&Round, Side, bool) -> Option<f64>;
 
-/// The row of `side` in `round`: same node, or cross node.
+/// The row of `side` in `round`: same node, or cross node (the relays have
+/// only the latter).
 fn row(round: &Round, side: Side, cross: bool) -> Option<&Row> {
+    if side == Side::Relays {
+        return cross.then_some(&round.relays);
+    }
     round
         .rows
         .iter()
@@ -375,13 +418,13 @@ fn row(round: &Round, side: Side, cross: bool) -> Option<&Row> {
         .map(|(_, same, x)| if cross { x } else { same })
 }
 
-/// The agent / ztunnel ratio of `figure` in each round: median, lowest,
+/// The `side` / ztunnel ratio of `figure` in each round: median, lowest,
 /// highest.
-fn ratios(rounds: &[Round], cross: bool, figure: Figure) -> Option<(f64, f64, f64)> {
+fn ratios(rounds: &[Round], side: Side, cross: bool, figure: Figure) -> Option<(f64, f64, f64)> {
     let mut r: Vec<f64> = rounds
         .iter()
         .filter_map(|round| {
-            let a = figure(round, Side::Agent, cross)?;
+            let a = figure(round, side, cross)?;
             let z = figure(round, Side::Ztunnel, cross)?;
             (z > 0.0).then_some(a / z)
         })
@@ -428,25 +471,35 @@ fn figures() -> [(&'static str, Figure); 10] {
             r.memory_kib_per_1000
                 .iter()
                 .find(|(side, _, _)| *side == s)
-                .map(|&(_, same, cross)| if c { cross } else { same })
+                .and_then(|&(_, same, cross)| if c { cross } else { same })
         }),
     ]
 }
 
-/// The comparison table: each figure as agent / ztunnel.
+/// The comparison table: each figure as agent / ztunnel, and beside the
+/// cross-node one the two relays / ztunnel (what no pair of user-space
+/// proxies gets below on this machine).
 fn print_comparison(rounds: &[Round]) {
     println!(
-        "\nagent / ztunnel, median of {} rounds' ratios (lowest-highest)",
+        "\nagent / ztunnel, median of {} rounds' ratios (lowest-highest); last column: two plain TCP relays / ztunnel, cross node",
         rounds.len()
     );
-    println!("{:<38} {:>24} {:>24}", "", "cross node", "same node");
+    println!(
+        "{:<38} {:>24} {:>24} {:>24}",
+        "", "cross node", "same node", "two relays, cross"
+    );
     for (name, figure) in figures() {
-        let cell = |cross: bool| {
-            ratios(rounds, cross, figure).map_or("-".to_owned(), |(m, lo, hi)| {
+        let cell = |side: Side, cross: bool| {
+            ratios(rounds, side, cross, figure).map_or("-".to_owned(), |(m, lo, hi)| {
                 format!("{m:.2}x ({lo:.2}-{hi:.2})")
             })
         };
-        println!("{name:<38} {:>24} {:>24}", cell(true), cell(false));
+        println!(
+            "{name:<38} {:>24} {:>24} {:>24}",
+            cell(Side::Agent, true),
+            cell(Side::Agent, false),
+            cell(Side::Relays, true)
+        );
     }
 }
 
@@ -471,8 +524,8 @@ mod tests {
     }
 
     /// A round whose cross-node rows have these (connections/s, p50) for
-    /// no mesh, the agent and ztunnel.
-    fn a_round(none: (f64, f64), agent: (f64, f64), zt: (f64, f64)) -> Round {
+    /// no mesh, the agent and ztunnel; its two relays have `relays`.
+    fn a_round(none: (f64, f64), agent: (f64, f64), zt: (f64, f64), relays: (f64, f64)) -> Round {
         let side = |s: Side, (c, p): (f64, f64)| (s, a_row(0.0, 0.0), a_row(c, p));
         Round {
             first: Side::Agent,
@@ -481,32 +534,91 @@ mod tests {
                 side(Side::Agent, agent),
                 side(Side::Ztunnel, zt),
             ],
+            relays: a_row(relays.0, relays.1),
             memory_kib_per_1000: Vec::new(),
         }
     }
 
+    fn figure(name: &str) -> Figure {
+        figures()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, f)| f)
+            .expect("a figure of the table")
+    }
+
     #[test]
     fn each_round_gives_one_ratio_and_the_table_takes_their_median() {
+        let relays = (8.0, 170.0);
         let rounds = [
-            a_round((10.0, 80.0), (6.0, 180.0), (4.0, 180.0)),
-            a_round((10.0, 80.0), (5.0, 130.0), (5.0, 180.0)),
-            a_round((10.0, 80.0), (4.5, 280.0), (3.0, 180.0)),
+            a_round((10.0, 80.0), (6.0, 180.0), (4.0, 180.0), relays),
+            a_round((10.0, 80.0), (5.0, 130.0), (5.0, 180.0), relays),
+            a_round((10.0, 80.0), (4.5, 280.0), (3.0, 180.0), relays),
         ];
-        let figure = |name: &str| {
-            figures()
-                .into_iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, f)| f)
-                .expect("a figure of the table")
-        };
         let rate = figure("new connections per second");
-        assert_eq!(ratios(&rounds, true, rate), Some((1.5, 1.0, 1.5)));
+        assert_eq!(
+            ratios(&rounds, Side::Agent, true, rate),
+            Some((1.5, 1.0, 1.5))
+        );
         // Added latency: each side's p50 less the same round's no-mesh p50
         // (100 µs for ztunnel in each round; the agent adds 100, 50, 200).
         let added = figure("latency added to a round trip (p50)");
-        assert_eq!(ratios(&rounds, true, added), Some((1.0, 0.5, 2.0)));
+        assert_eq!(
+            ratios(&rounds, Side::Agent, true, added),
+            Some((1.0, 0.5, 2.0))
+        );
         // A figure ztunnel lacks gives no ratio rather than a division by 0.
         let none: Figure = |_, _, _| None;
-        assert_eq!(ratios(&rounds, true, none), None);
+        assert_eq!(ratios(&rounds, Side::Agent, true, none), None);
+    }
+
+    #[test]
+    fn the_relays_column_is_the_relays_over_ztunnel_cross_node_only() {
+        // ztunnel 4, 5, 3 connections/s and 100 µs added in each round; the
+        // relays 8/s and 90 µs added, whatever the agent does.
+        let rounds = [
+            a_round((10.0, 80.0), (6.0, 180.0), (4.0, 180.0), (8.0, 170.0)),
+            a_round((10.0, 80.0), (5.0, 130.0), (5.0, 180.0), (8.0, 170.0)),
+            a_round((10.0, 80.0), (4.5, 280.0), (3.0, 180.0), (8.0, 170.0)),
+        ];
+        let rate = figure("new connections per second");
+        let (median, lowest, highest) =
+            ratios(&rounds, Side::Relays, true, rate).expect("a cross-node ratio");
+        assert_eq!(median, 2.0);
+        assert_eq!(lowest, 1.6);
+        assert!((highest - 8.0 / 3.0).abs() < 1e-9);
+        let added = figure("latency added to a round trip (p50)");
+        assert_eq!(
+            ratios(&rounds, Side::Relays, true, added),
+            Some((0.9, 0.9, 0.9))
+        );
+        // No relay is in a same-node path: no ratio, not the no-mesh row's.
+        assert_eq!(ratios(&rounds, Side::Relays, false, rate), None);
+    }
+
+    #[test]
+    fn a_memory_figure_a_round_could_not_resolve_is_left_out_not_taken_as_zero() {
+        let relays = (8.0, 170.0);
+        let mut rounds = [
+            a_round((10.0, 80.0), (6.0, 180.0), (4.0, 180.0), relays),
+            a_round((10.0, 80.0), (6.0, 180.0), (4.0, 180.0), relays),
+        ];
+        rounds[0].memory_kib_per_1000 = vec![
+            (Side::Agent, None, Some(7000.0)),
+            (Side::Ztunnel, Some(9000.0), Some(7000.0)),
+        ];
+        rounds[1].memory_kib_per_1000 = vec![
+            (Side::Agent, Some(3000.0), Some(7700.0)),
+            (Side::Ztunnel, Some(10000.0), Some(7000.0)),
+        ];
+        let memory = figure("memory per open connection");
+        assert_eq!(
+            ratios(&rounds, Side::Agent, false, memory),
+            Some((0.3, 0.3, 0.3))
+        );
+        let (median, lowest, highest) =
+            ratios(&rounds, Side::Agent, true, memory).expect("both rounds' ratios");
+        assert_eq!(lowest, 1.0);
+        assert!((highest - 1.1).abs() < 1e-9 && median == highest);
     }
 }

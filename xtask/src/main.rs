@@ -58,8 +58,9 @@ enum Cmd {
         datapath_only: bool,
     },
     /// The agent beside Istio's ztunnel in the bench's lab (issue 13's
-    /// comparison); ztunnel is not installed by anything here (the README's
-    /// comparison with ztunnel says how to build it).
+    /// comparison), with two plain TCP relays as the floor any proxy pays;
+    /// ztunnel is not installed by anything here (the README's comparison
+    /// with ztunnel says how to build it).
     BenchZtunnel {
         /// A ztunnel binary built with `--features testing` (its fake CA).
         #[arg(long)]
