@@ -523,10 +523,11 @@ mod tests {
         }
     }
 
-    /// A round whose cross-node rows have these (connections/s, p50) for
-    /// no mesh, the agent and ztunnel; its two relays have `relays`.
+    /// A round whose rows, same node and cross node alike, have these
+    /// (connections/s, p50) for no mesh, the agent and ztunnel; its two
+    /// relays have `relays`.
     fn a_round(none: (f64, f64), agent: (f64, f64), zt: (f64, f64), relays: (f64, f64)) -> Round {
-        let side = |s: Side, (c, p): (f64, f64)| (s, a_row(0.0, 0.0), a_row(c, p));
+        let side = |s: Side, (c, p): (f64, f64)| (s, a_row(c, p), a_row(c, p));
         Round {
             first: Side::Agent,
             rows: vec![
@@ -592,7 +593,12 @@ mod tests {
             ratios(&rounds, Side::Relays, true, added),
             Some((0.9, 0.9, 0.9))
         );
-        // No relay is in a same-node path: no ratio, not the no-mesh row's.
+        // No relay is in a same-node path: no ratio, not the no-mesh row's
+        // (which has one: 2.5x).
+        assert_eq!(
+            ratios(&rounds, Side::NoMesh, false, rate),
+            Some((2.5, 2.0, 10.0 / 3.0))
+        );
         assert_eq!(ratios(&rounds, Side::Relays, false, rate), None);
     }
 
