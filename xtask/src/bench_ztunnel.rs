@@ -76,7 +76,7 @@ impl Side {
     /// The (client, same-node server, cross-node server) pods of this side.
     /// The relays' client connects to the first relay to reach
     /// `bare-remote`; between pods of one node no relay is in the path, so
-    /// their same-node pair is the no-mesh one (never measured twice).
+    /// their same-node pair is the no-mesh one (not measured as theirs).
     fn pods(self) -> [&'static str; 3] {
         match self {
             Side::NoMesh => ["bare-client", "bare-local", "bare-remote"],
@@ -185,7 +185,10 @@ pub fn run(bins: &Bins, ztunnel: &Path, target_dir: &Path, rounds: usize) -> any
         for side in [Side::NoMesh, order[0], order[1]] {
             let [client, local, remote] = side.pods();
             let (same_pids, cross_pids): (&[u32], &[u32]) = match side {
-                Side::NoMesh | Side::Relays => (&[], &[]),
+                Side::NoMesh => (&[], &[]),
+                // (Measured above, cross node only: no relay is in a
+                // same-node path.)
+                Side::Relays => (&[], &relay_pids),
                 Side::Agent => (&agent_pids, &agent_pids),
                 Side::Ztunnel => (&zt_pids[0], &zt_pids[1]),
             };
