@@ -123,21 +123,10 @@ fn inbound_on_any_port_is_steered_and_a_closed_port_is_refused_not_hung() {
 #[test]
 fn passthrough_and_plaintext_inbound_splice_their_bulk_transfers() {
     let mesh = one_node();
-    let mib64 = (64u64 << 20).to_string();
     let spliced = || mesh.proxy_stats(0)["relay_directions_spliced"].as_u64();
     assert_eq!(spliced(), Some(0));
     for (from, to) in [("a", "d"), ("c", "b")] {
-        let report = mesh.client(
-            from,
-            &mesh.v4(to, 8080),
-            &["--bytes", &mib64, "--timeout-ms", "30000"],
-        );
-        assert_eq!(
-            (report.ok, report.failed),
-            (1, 0),
-            "{from} to {to}: {report:?}"
-        );
-        assert_eq!(report.bytes_received, 64 << 20, "{from} to {to}");
+        mesh.bulk_exact(from, &mesh.v4(to, 8080), 64 << 20, 30_000, &[]);
     }
     mesh.wait_closed(0, 2);
     assert_eq!(spliced(), Some(4));

@@ -186,14 +186,7 @@ fn loaded_streams_spread_over_pooled_tunnel_connections() {
 #[test]
 fn a_gibibyte_crosses_nodes_byte_exact() {
     let mesh = two_nodes(&[]);
-    let gib = (1u64 << 30).to_string();
-    let report = mesh.client(
-        "a",
-        &mesh.v4("c", 8080),
-        &["--bytes", &gib, "--timeout-ms", "60000"],
-    );
-    assert_eq!((report.ok, report.failed), (1, 0), "{report:?}");
-    assert_eq!(report.bytes_received, 1 << 30);
+    mesh.bulk_exact("a", &mesh.v4("c", 8080), 1 << 30, 60_000, &[]);
 }
 
 /// Runs tcpdump on the inter-node wire while `traffic` runs; returns the capture.

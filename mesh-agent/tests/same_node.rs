@@ -369,14 +369,7 @@ fn a_bulk_fast_path_connection_is_spliced_byte_exact_and_a_deny_cuts_it() {
     common::require_root();
     let mesh = lab(&[]);
     let fast = counter(&mesh, "same_node_fast_path");
-    let gib = (1u64 << 30).to_string();
-    let report = mesh.client(
-        "a",
-        &mesh.v4("c", 9090),
-        &["--bytes", &gib, "--timeout-ms", "60000"],
-    );
-    assert_eq!((report.ok, report.failed), (1, 0), "{report:?}");
-    assert_eq!(report.bytes_received, 1 << 30);
+    mesh.bulk_exact("a", &mesh.v4("c", 9090), 1 << 30, 60_000, &[]);
     mesh.wait_closed(0, 1);
     assert_eq!(counter(&mesh, "same_node_fast_path") - fast, 1);
     // Both directions carried a GiB: both moved by splice.
@@ -405,14 +398,7 @@ fn a_bulk_fast_path_connection_is_spliced_byte_exact_and_a_deny_cuts_it() {
 fn with_relay_splice_off_a_bulk_fast_path_connection_is_copied() {
     common::require_root();
     let mesh = lab(&["--relay-splice=false"]);
-    let bytes = (64u64 << 20).to_string();
-    let report = mesh.client(
-        "a",
-        &mesh.v4("c", 9090),
-        &["--bytes", &bytes, "--timeout-ms", "30000"],
-    );
-    assert_eq!((report.ok, report.failed), (1, 0), "{report:?}");
-    assert_eq!(report.bytes_received, 64 << 20);
+    mesh.bulk_exact("a", &mesh.v4("c", 9090), 64 << 20, 30_000, &[]);
     mesh.wait_closed(0, 1);
     assert_eq!(counter(&mesh, "same_node_fast_path"), 1);
     assert_eq!(counter(&mesh, "relay_directions_spliced"), 0);

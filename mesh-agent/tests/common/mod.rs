@@ -532,6 +532,30 @@ impl Mesh {
         ClientReport::from_output(&out).expect("client report")
     }
 
+    /// One bulk connection from `from` to `to`'s echo server: sends `bytes`
+    /// (and `extra` client arguments) within `timeout_ms`, and asserts that
+    /// it succeeded and every byte came back.
+    pub fn bulk_exact(
+        &self,
+        from: &str,
+        to: &str,
+        bytes: u64,
+        timeout_ms: u64,
+        extra: &[&str],
+    ) -> ClientReport {
+        let (bytes_arg, timeout_arg) = (bytes.to_string(), timeout_ms.to_string());
+        let mut args = vec!["--bytes", &bytes_arg, "--timeout-ms", &timeout_arg];
+        args.extend_from_slice(extra);
+        let report = self.client(from, to, &args);
+        assert_eq!(
+            (report.ok, report.failed),
+            (1, 0),
+            "{from} to {to}: {report:?}"
+        );
+        assert_eq!(report.bytes_received, bytes, "{from} to {to}");
+        report
+    }
+
     /// A `mesh-lab-app hold` command: one connection to `to`, a message
     /// every 100 ms for `duration_ms`, plus `extra` arguments.
     pub fn hold_command(&self, to: &str, duration_ms: u64, extra: &[&str]) -> Command {
