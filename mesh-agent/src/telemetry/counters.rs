@@ -44,7 +44,8 @@ pub enum ProxyEvent {
     /// plaintext inbound) moved a bulk transfer by `splice(2)`.
     RelaySpliced,
     /// A plaintext relay direction's bulk transfer kept copying: it could
-    /// not get a pipe (the agent out of file descriptors).
+    /// not get a pipe (the agent's bound on pipes reached, or the process
+    /// out of file descriptors).
     RelayWithoutPipe,
 }
 
